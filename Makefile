@@ -1,0 +1,34 @@
+# dbre: the commands a newcomer runs. Every target works on a fresh clone.
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test bench lint typecheck clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PY) -m venv $(VENV) || python3 -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
+	@command -v sqldiff >/dev/null 2>&1 || echo "note: sqldiff not found (apt-get install sqlite3-tools); tests that use it fall back to a row comparison"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python -m dbre.demo
+
+lint: $(STAMP)
+	$(BIN)/ruff check dbre tasks flows deployments tests benchmarks
+
+typecheck: $(STAMP)
+	$(BIN)/mypy dbre
+
+test: $(STAMP) lint typecheck
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks $(BENCH_ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
