@@ -1,0 +1,25 @@
+"""Blob stores: where a repository's objects live (a local directory or an S3 bucket prefix)."""
+
+from __future__ import annotations
+
+from dbre.storage.base import AlreadyExists, NotFound, PermanentError, StorageError, Store, TransientError
+
+__all__ = ["AlreadyExists", "NotFound", "PermanentError", "StorageError", "Store", "TransientError", "open_store"]
+
+
+def open_store(url: str) -> Store:
+    """Open the store a repository URL names: ``s3://bucket/prefix`` or a local directory path.
+
+    The S3 backend (and boto3) is imported only when an ``s3://`` URL is used.
+    """
+    if url.startswith("s3://"):
+        from dbre.storage.s3 import S3Store
+
+        return S3Store.from_url(url)
+    if "://" in url:
+        from dbre.errors import UsageError
+
+        raise UsageError(f"repository {url!r}: unsupported scheme", "use a local path or s3://bucket/prefix")
+    from dbre.storage.local import LocalStore
+
+    return LocalStore(url)

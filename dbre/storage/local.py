@@ -1,0 +1,139 @@
+"""A store in a local directory: each key a file, every write temp-file + fsync + rename."""
+
+from __future__ import annotations
+
+import errno
+import os
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+
+from dbre.storage.base import AlreadyExists, NotFound, PermanentError, StorageError, TransientError
+
+_TMP = ".tmp"  # temp files live here, never under a key's own folder, so list() never sees them
+
+
+def _os_error(op: str, key: str, err: OSError) -> StorageError:
+    if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return PermanentError(f"{op} {key}: disk full ({err.strerror})", "free space on the repository disk")
+    if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return PermanentError(f"{op} {key}: {err.strerror}", "check the repository's permissions")
+    if err.errno in (errno.EAGAIN, errno.EINTR, errno.EBUSY):
+        return TransientError(f"{op} {key}: {err.strerror}")
+    return PermanentError(f"{op} {key}: {err.strerror or err}")
+
+
+class LocalStore:
+    """Objects as files under ``root``. Safe against kill -9: a file appears only by rename."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root).expanduser().absolute()
+        self.url = str(self.root)
+
+    def __repr__(self) -> str:
+        return f"LocalStore({self.url!r})"
+
+    def _path(self, key: str) -> Path:
+        if not key or key.startswith("/") or ".." in key.split("/"):
+            raise PermanentError(f"invalid key {key!r}")
+        return self.root / key
+
+    def put(self, key: str, data: bytes, *, if_absent: bool = False) -> None:
+        path = self._path(key)
+        tmpdir = self.root / _TMP
+        tmp = tmpdir / f"{secrets.token_hex(8)}"
+        try:
+            tmpdir.mkdir(parents=True, exist_ok=True)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            if if_absent:
+                # link() fails if the name exists: an atomic create-if-absent on POSIX
+                try:
+                    os.link(tmp, path)
+                except FileExistsError:
+                    raise AlreadyExists(f"put {key}: already exists") from None
+            else:
+                os.replace(tmp, path)
+            _fsync_dir(path.parent)
+        except StorageError:
+            raise
+        except OSError as err:
+            raise _os_error("put", key, err) from err
+        finally:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+
+    def get(self, key: str) -> bytes:
+        try:
+            return self._path(key).read_bytes()
+        except FileNotFoundError:
+            raise NotFound(f"get {key}: not found") from None
+        except IsADirectoryError:
+            raise NotFound(f"get {key}: not found") from None
+        except OSError as err:
+            raise _os_error("get", key, err) from err
+
+    def get_range(self, key: str, offset: int, length: int) -> bytes:
+        try:
+            with open(self._path(key), "rb") as f:
+                return os.pread(f.fileno(), length, offset)
+        except FileNotFoundError:
+            raise NotFound(f"get {key}: not found") from None
+        except OSError as err:
+            raise _os_error("get", key, err) from err
+
+    def list(self, prefix: str = "") -> Iterator[str]:
+        base = self.root
+        # walk only the deepest folder the prefix names
+        folder, _, _ = prefix.rpartition("/")
+        start = base / folder if folder else base
+        if not start.is_dir():
+            return
+        for dirpath, dirnames, filenames in os.walk(start):
+            rel = os.path.relpath(dirpath, base)
+            if rel == _TMP or rel.startswith(_TMP + os.sep):
+                dirnames[:] = []
+                continue
+            dirnames[:] = [d for d in dirnames if not (rel == "." and d == _TMP)]
+            for name in filenames:
+                key = name if rel == "." else f"{rel.replace(os.sep, '/')}/{name}"
+                if key.startswith(prefix):
+                    yield key
+
+    def delete(self, key: str) -> None:
+        try:
+            os.unlink(self._path(key))
+        except FileNotFoundError:
+            pass
+        except OSError as err:
+            raise _os_error("delete", key, err) from err
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def clean_temp(self) -> int:
+        """Remove temp files left by writers killed mid-put; returns how many."""
+        tmpdir = self.root / _TMP
+        count = 0
+        if tmpdir.is_dir():
+            for f in tmpdir.iterdir():
+                f.unlink(missing_ok=True)
+                count += 1
+        return count
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
