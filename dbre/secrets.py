@@ -22,5 +22,5 @@ class Secret:
     def __bool__(self) -> bool:
         return bool(self._value)
 
-    def __reduce__(self) -> object:  # never pickle a secret into a result store
+    def __reduce__(self) -> str | tuple[object, ...]:  # never pickle a secret into a result store
         raise TypeError("a Secret cannot be pickled")

@@ -1,0 +1,367 @@
+"""The backup engine: stream one consistent snapshot's pages into packs, deduplicated by content.
+
+SQLite's backup API copies the source, inside one read transaction, into a database whose
+file lives in an in-process VFS (`_SinkVFS`): every page arrives in ``xWrite`` with no temp file.
+Each page is hashed; pages the parent snapshot already has are referenced, new ones are batched,
+sealed (zstd, checksum or AES-GCM) on worker threads and appended to packs. The manifest is
+written last, with a conditional put: until then the snapshot does not exist.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import apsw
+
+from dbre.errors import SourceError
+from dbre.repository.crypto import page_hash
+from dbre.repository.manifest import (
+    RECORD,
+    RUN_PAGES,
+    Manifest,
+    RunRef,
+    TableStats,
+    check_db_name,
+    iso,
+    new_snapshot_id,
+    now_utc,
+)
+from dbre.repository.pack import PackWriter
+from dbre.repository.repo import TOOL, Repository
+from dbre.repository.tables import table_stats
+from dbre.sources.base import Source
+
+BATCH_BYTES = 1024 * 1024  # pages are sealed in batches of about this size
+MAX_IN_FLIGHT = 6  # sealed batches waiting to be appended: bounds memory
+ZERO_LOCATION = bytes(16) + bytes(14)  # pack id, offset, length, slot of a page never written
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class BackupResult:
+    manifest: Manifest
+    pages_added: int
+    bytes_added: int
+    seconds: float
+
+    def summary(self) -> dict[str, Any]:
+        m = self.manifest
+        return {
+            "id": m.id,
+            "db": m.db,
+            "taken_at": m.taken_at,
+            "parent": m.parent,
+            "pages": m.page_count,
+            "page_size": m.page_size,
+            "size": m.size,
+            "pages_added": self.pages_added,
+            "bytes_added": self.bytes_added,
+            "seconds": round(self.seconds, 3),
+        }
+
+
+def load_records(repo: Repository, manifest: Manifest) -> list[bytes]:
+    """The page records of a snapshot, in page order (each RECORD.size bytes)."""
+    out: list[bytes] = []
+    size = RECORD.size
+    for run in manifest.runs:
+        raw = repo.read_blob(run.pack, run.offset, run.length)
+        if len(raw) != run.pages * size:
+            from dbre.errors import IntegrityError
+
+            raise IntegrityError(f"snapshot {manifest.id}: page-map run {run.hash[:12]} has the wrong length")
+        out.extend(raw[i : i + size] for i in range(0, len(raw), size))
+    return out
+
+
+class _PageSink:
+    """Receives pages from the backup, dedups them against the parent, batches the new ones."""
+
+    def __init__(self, repo: Repository, writer: PackWriter, parent: list[bytes], page_size: int,
+                 page_count: int, progress: Progress | None) -> None:
+        self.sealer = repo.sealer
+        self.writer = writer
+        self.parent = parent
+        self.parent_by_hash: dict[bytes, bytes] | None = None
+        self.page_size = page_size
+        self.page_count = page_count
+        self.progress = progress
+        self.records: list[bytes | tuple[bytes, int, int] | None] = [None] * page_count
+        self.new_pages: dict[bytes, tuple[int, int]] = {}
+        self.batch = bytearray()
+        self.batch_hashes: list[bytes] = []
+        self.batch_no = 0
+        self.batch_cap = max(1, BATCH_BYTES // page_size)
+        self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="dbre-seal")
+        self.in_flight: list[tuple[int, list[bytes], Future[bytes]]] = []
+        self.locations: dict[int, bytes] = {}
+        self.pages_seen = 0
+        self.pages_added = 0
+
+    def page(self, offset: int, data: bytes) -> None:
+        ps = self.page_size
+        if len(data) != ps or offset % ps:
+            raise SourceError(f"backup: unexpected write of {len(data)} bytes at {offset}")
+        index = offset // ps
+        if index >= self.page_count:
+            return
+        h = page_hash(data)
+        self.pages_seen += 1
+        if self.progress and not self.pages_seen % 4096:
+            self.progress(self.pages_seen, self.page_count)
+        if index < len(self.parent):
+            if self.parent[index][:16] == h:
+                self.records[index] = self.parent[index]
+                return
+        if self.parent:
+            if self.parent_by_hash is None:
+                self.parent_by_hash = {r[:16]: r for r in self.parent}
+            moved = self.parent_by_hash.get(h)
+            if moved is not None:
+                self.records[index] = moved
+                return
+        where = self.new_pages.get(h)
+        if where is None:
+            where = (self.batch_no, len(self.batch_hashes))
+            self.new_pages[h] = where
+            self.batch += data
+            self.batch_hashes.append(h)
+            self.pages_added += 1
+            if len(self.batch_hashes) >= self.batch_cap:
+                self._submit()
+        self.records[index] = (h, where[0], where[1])
+
+    def _submit(self) -> None:
+        if not self.batch_hashes:
+            return
+        fut = self.pool.submit(self.sealer.seal, bytes(self.batch))
+        self.in_flight.append((self.batch_no, self.batch_hashes, fut))
+        self.batch_no += 1
+        self.batch = bytearray()
+        self.batch_hashes = []
+        self._drain(MAX_IN_FLIGHT)
+
+    def _drain(self, keep: int) -> None:
+        while len(self.in_flight) > keep or (self.in_flight and self.in_flight[0][2].done()):
+            no, hashes, fut = self.in_flight.pop(0)
+            pack_id, off, length = self.writer.add(b"d", fut.result(), hashes)
+            self.locations[no] = bytes.fromhex(pack_id) + off.to_bytes(8, "little") + length.to_bytes(4, "little")
+
+    def finish(self) -> list[bytes]:
+        self._submit()
+        self._drain(0)
+        self.pool.shutdown()
+        out: list[bytes] = []
+        zero = None
+        for rec in self.records:
+            if isinstance(rec, bytes):
+                out.append(rec)
+            elif rec is None:
+                # a page SQLite never writes (the lock-byte page of a database over 1 GiB)
+                if zero is None:
+                    zero = page_hash(bytes(self.page_size)) + ZERO_LOCATION
+                out.append(zero)
+            else:
+                h, no, slot = rec
+                out.append(h + self.locations[no] + slot.to_bytes(2, "little"))
+        return out
+
+    def abort(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+class _SinkFile:
+    def __init__(self, sink: _PageSink | None) -> None:
+        self.sink = sink
+        self.size = 0
+        self.first = b""  # page 1, the only page the pager may read back (to update the header)
+
+    def xRead(self, amount: int, offset: int) -> bytes:
+        return self.first[offset : offset + amount]
+
+    def xWrite(self, data: bytes, offset: int) -> None:
+        page = bytes(data)
+        if self.sink is not None:
+            self.sink.page(offset, page)
+        if offset == 0:
+            self.first = page
+        self.size = max(self.size, offset + len(page))
+
+    def xFileSize(self) -> int:
+        return self.size
+
+    def xTruncate(self, newsize: int) -> None:
+        self.size = newsize
+
+    def xSync(self, flags: int) -> None:
+        pass
+
+    def xClose(self) -> None:
+        pass
+
+    def xLock(self, level: int) -> None:
+        pass
+
+    def xUnlock(self, level: int) -> None:
+        pass
+
+    def xCheckReservedLock(self) -> bool:
+        return False
+
+    def xFileControl(self, op: int, ptr: int) -> bool:
+        return False
+
+    def xSectorSize(self) -> int:
+        return 4096
+
+    def xDeviceCharacteristics(self) -> int:
+        return 0
+
+
+class _SinkVFS(apsw.VFS):
+    """A VFS whose main database file hands each written page to a sink; other files vanish."""
+
+    def __init__(self, sink: _PageSink) -> None:
+        self.sink = sink
+        self.vfs_name = f"dbre-sink-{secrets.token_hex(6)}"
+        super().__init__(self.vfs_name, "")
+
+    def xOpen(self, name: object, flags: list[int]) -> _SinkFile:  # type: ignore[override]
+        main = bool(flags[0] & apsw.SQLITE_OPEN_MAIN_DB)
+        return _SinkFile(self.sink if main else None)
+
+    def xAccess(self, pathname: str, flags: int) -> bool:
+        return False
+
+    def xDelete(self, filename: str, syncdir: bool) -> None:
+        pass
+
+    def xFullPathname(self, name: str) -> str:
+        return name
+
+
+def _pragma(conn: apsw.Connection, name: str) -> Any:
+    row = conn.execute(f"PRAGMA {name}").fetchone()
+    return row[0] if row else None
+
+
+def backup(
+    repo: Repository,
+    source: Source,
+    db: str | None = None,
+    *,
+    checksums: bool = True,
+    progress: Progress | None = None,
+) -> BackupResult:
+    """Take one snapshot of ``source`` into ``repo`` as database ``db`` (default: source.name)."""
+    db = check_db_name(db or source.name)
+    started = time.perf_counter()
+    with repo.lock(f"backup {db}"):
+        snaps = repo.snapshots(db)
+        parent_manifest = snaps[-1] if snaps else None
+        with source.connect() as conn:
+            try:
+                conn.execute("BEGIN")
+                page_size = int(_pragma(conn, "page_size"))
+                page_count = int(_pragma(conn, "page_count"))  # starts the read transaction
+                parent: list[bytes] = []
+                if parent_manifest is not None and parent_manifest.page_size == page_size:
+                    parent = load_records(repo, parent_manifest)
+                taken_at = now_utc()
+                schema = [
+                    {"type": r[0], "name": r[1], "tbl_name": r[2], "sql": r[3]}
+                    for r in conn.execute("SELECT type, name, tbl_name, sql FROM sqlite_schema ORDER BY rowid")
+                ]
+                user_version = int(_pragma(conn, "user_version"))
+                encoding = str(_pragma(conn, "encoding"))
+                journal_mode = str(_pragma(conn, "journal_mode"))
+                writer = PackWriter(repo.store, repo.sealer)
+                sink = _PageSink(repo, writer, parent, page_size, page_count, progress)
+                try:
+                    _copy_pages(conn, sink)
+                    stats = table_stats(conn, checksums)
+                    records = sink.finish()
+                except BaseException:
+                    sink.abort()
+                    writer.abort()
+                    raise
+            except apsw.Error as err:
+                raise SourceError(f"backup of {db}: {err}", "check that the source is a healthy database") from err
+            finally:
+                if conn.in_transaction:
+                    conn.execute("COMMIT")
+        try:
+            runs = _write_runs(records, parent_manifest, parent, writer, repo)
+            packs = writer.finish()
+        except BaseException:
+            writer.abort()
+            raise
+        if progress:
+            progress(page_count, page_count)
+        all_packs = sorted({r[16:32].hex() for r in records if r[16:32] != bytes(16)} | {r.pack for r in runs})
+        manifest = Manifest(
+            id=new_snapshot_id(),
+            db=db,
+            taken_at=iso(taken_at),
+            page_size=page_size,
+            page_count=page_count,
+            runs=runs,
+            packs=all_packs,
+            parent=parent_manifest.id if parent_manifest else None,
+            tool=TOOL,
+            source=source.identity(),
+            schema=schema,
+            tables={k: TableStats(rows=v[0], checksum=v[1]) for k, v in stats.items()},
+            user_version=user_version,
+            encoding=encoding,
+            journal_mode=journal_mode,
+        )
+        seconds = time.perf_counter() - started
+        manifest.stats = {
+            "pages_added": sink.pages_added,
+            "bytes_added": writer.bytes_written,
+            "packs_added": len(packs),
+            "seconds": round(seconds, 3),
+        }
+        manifest_bytes = repo.write_manifest(manifest)
+    return BackupResult(manifest, sink.pages_added, writer.bytes_written + manifest_bytes, seconds)
+
+
+def _copy_pages(conn: apsw.Connection, sink: _PageSink) -> None:
+    vfs = _SinkVFS(sink)
+    try:
+        dest = apsw.Connection(f"dbre-sink-{secrets.token_hex(4)}.db", vfs=vfs.vfs_name)
+        try:
+            dest.execute("PRAGMA journal_mode=OFF; PRAGMA synchronous=OFF; PRAGMA cache_size=-16384")
+            with dest.backup("main", conn, "main") as b:
+                # one step: a stepped backup restarts whenever another connection writes
+                b.step(-1)
+        finally:
+            dest.close()
+    finally:
+        vfs.unregister()
+
+
+def _write_runs(records: list[bytes], parent_manifest: Manifest | None, parent: list[bytes],
+                writer: PackWriter, repo: Repository) -> list[RunRef]:
+    """Group records into runs; a run identical to the parent's at the same place is reused."""
+    from dbre.repository.crypto import page_hash as run_hash
+
+    parent_runs = parent_manifest.runs if parent_manifest and parent else []
+    runs: list[RunRef] = []
+    for i, start in enumerate(range(0, len(records), RUN_PAGES)):
+        raw = b"".join(records[start : start + RUN_PAGES])
+        h = run_hash(raw).hex()
+        if i < len(parent_runs) and parent_runs[i].hash == h:
+            runs.append(parent_runs[i])
+            continue
+        pack_id, off, length = writer.add(b"r", repo.sealer.seal(raw), [bytes.fromhex(h)])
+        runs.append(RunRef(hash=h, pack=pack_id, offset=off, length=length,
+                           pages=min(RUN_PAGES, len(records) - start)))
+    return runs

@@ -1,0 +1,126 @@
+"""The snapshot manifest: what a restore must reproduce, written last to make a backup visible."""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+import struct
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from dbre.errors import UsageError
+
+# A page record in a run: page hash, pack id, blob offset and length in the pack, slot in the blob.
+RECORD = struct.Struct("<16s16sQIH")
+RUN_PAGES = 4096  # pages per run: an unchanged 16 MiB stretch (4 KiB pages) costs nothing next time
+
+_DB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def check_db_name(name: str) -> str:
+    if not _DB_NAME.match(name):
+        raise UsageError(
+            f"database name {name!r} is not allowed",
+            "use letters, digits, '.', '_' and '-' (pass --db NAME)",
+        )
+    return name
+
+
+def new_snapshot_id() -> str:
+    return secrets.token_hex(8)
+
+
+def now_utc() -> datetime:
+    return datetime.now(UTC)
+
+
+def iso(t: datetime) -> str:
+    return t.astimezone(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def parse_time(text: str) -> datetime:
+    """Parse an ISO-8601 time; a time without a zone is taken as UTC."""
+    try:
+        t = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise UsageError(
+            f"cannot parse time {text!r}", "use ISO-8601, e.g. 2026-11-27T03:00:00Z"
+        ) from None
+    return t if t.tzinfo else t.replace(tzinfo=UTC)
+
+
+@dataclass
+class RunRef:
+    """Where one run of page records is stored: a blob in a pack."""
+
+    hash: str
+    pack: str
+    offset: int
+    length: int
+    pages: int
+
+
+@dataclass
+class TableStats:
+    rows: int
+    checksum: str | None = None
+
+
+@dataclass
+class Manifest:
+    """One snapshot of one database."""
+
+    id: str
+    db: str
+    taken_at: str
+    page_size: int
+    page_count: int
+    runs: list[RunRef]
+    packs: list[str]
+    parent: str | None = None
+    tool: str = ""
+    source: dict[str, Any] = field(default_factory=dict)
+    run_pages: int = RUN_PAGES
+    schema: list[dict[str, Any]] = field(default_factory=list)
+    tables: dict[str, TableStats] = field(default_factory=dict)
+    user_version: int = 0
+    encoding: str = "UTF-8"
+    journal_mode: str = ""
+    stats: dict[str, Any] = field(default_factory=dict)
+    format: int = 1
+
+    @property
+    def time(self) -> datetime:
+        return parse_time(self.taken_at)
+
+    @property
+    def size(self) -> int:
+        return self.page_size * self.page_count
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), separators=(",", ":"), sort_keys=True).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> Manifest:
+        d = json.loads(raw)
+        d["runs"] = [RunRef(**r) for r in d["runs"]]
+        d["tables"] = {k: TableStats(**v) for k, v in d.get("tables", {}).items()}
+        return cls(**d)
+
+    def summary(self) -> dict[str, Any]:
+        """The fields `dbre snapshots --json` prints."""
+        return {
+            "id": self.id,
+            "db": self.db,
+            "taken_at": self.taken_at,
+            "parent": self.parent,
+            "pages": self.page_count,
+            "page_size": self.page_size,
+            "size": self.size,
+            "pages_added": self.stats.get("pages_added", 0),
+            "bytes_added": self.stats.get("bytes_added", 0),
+            "seconds": self.stats.get("seconds"),
+            "tables": len(self.tables),
+        }

@@ -1,0 +1,132 @@
+"""Packs: many sealed blobs in one object, with a sealed index of their contents at the end.
+
+Layout: blob* | sealed index | u32 index length | b"DBREPK01". The index lists each blob's
+kind (b"d" page batch, b"r" page-map run), offset, length and content hashes, so a pack can be
+checked on its own (`dbre verify --read-data`).
+"""
+
+from __future__ import annotations
+
+import secrets
+import struct
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+from dbre.errors import IntegrityError
+from dbre.repository.crypto import Sealer
+from dbre.repository.repo import pack_key
+from dbre.storage import Store
+
+MAGIC = b"DBREPK01"
+PACK_TARGET = 32 * 1024 * 1024
+_ENTRY = struct.Struct("<cQII")  # kind, offset, length, number of hashes that follow
+_TAIL = struct.Struct("<I8s")
+
+
+@dataclass
+class BlobInfo:
+    kind: bytes
+    offset: int
+    length: int
+    hashes: list[bytes]
+
+
+def encode_index(blobs: list[BlobInfo]) -> bytes:
+    parts = []
+    for b in blobs:
+        parts.append(_ENTRY.pack(b.kind, b.offset, b.length, len(b.hashes)))
+        parts.extend(b.hashes)
+    return b"".join(parts)
+
+
+def decode_index(raw: bytes) -> list[BlobInfo]:
+    out, pos = [], 0
+    while pos < len(raw):
+        kind, offset, length, n = _ENTRY.unpack_from(raw, pos)
+        pos += _ENTRY.size
+        hashes = [raw[pos + 16 * i : pos + 16 * (i + 1)] for i in range(n)]
+        pos += 16 * n
+        out.append(BlobInfo(kind, offset, length, hashes))
+    return out
+
+
+def read_pack_index(data: bytes, sealer: Sealer, key: str) -> list[BlobInfo]:
+    """The index of a whole pack held in memory; IntegrityError if the pack is damaged."""
+    if len(data) < _TAIL.size or data[-8:] != MAGIC:
+        raise IntegrityError(f"{key}: not a pack or truncated (bad trailer)")
+    (n, _) = _TAIL.unpack_from(data, len(data) - _TAIL.size)
+    start = len(data) - _TAIL.size - n
+    if start < 0:
+        raise IntegrityError(f"{key}: truncated (index length past start)")
+    return decode_index(sealer.unseal(data[start : len(data) - _TAIL.size], f"{key} index"))
+
+
+class PackWriter:
+    """Appends sealed blobs to the current pack and uploads full packs in the background.
+
+    ``add`` returns (pack id, offset, length) at once; the pack becomes durable only after
+    ``finish`` returns. Packs are named by random ids and never overwritten, so a crash leaves
+    at worst an unreferenced pack (removed by prune), never a damaged snapshot.
+    """
+
+    def __init__(
+        self, store: Store, sealer: Sealer, target: int = PACK_TARGET, on_upload: Callable[[int], None] | None = None
+    ) -> None:
+        self.store = store
+        self.sealer = sealer
+        self.target = target
+        self.on_upload = on_upload
+        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="dbre-upload")
+        self._pending: list[Future[None]] = []
+        self.packs: list[str] = []
+        self.bytes_written = 0
+        self._new()
+
+    def _new(self) -> None:
+        self._id = secrets.token_hex(16)
+        self._buf = bytearray()
+        self._blobs: list[BlobInfo] = []
+
+    def add(self, kind: bytes, sealed: bytes, hashes: list[bytes]) -> tuple[str, int, int]:
+        offset = len(self._buf)
+        self._buf += sealed
+        self._blobs.append(BlobInfo(kind, offset, len(sealed), hashes))
+        where = (self._id, offset, len(sealed))
+        if len(self._buf) >= self.target:
+            self._flush()
+        return where
+
+    def _flush(self) -> None:
+        if not self._blobs:
+            return
+        index = self.sealer.seal(encode_index(self._blobs))
+        self._buf += index
+        self._buf += _TAIL.pack(len(index), MAGIC)
+        data, pack_id = bytes(self._buf), self._id
+        self.packs.append(pack_id)
+        self.bytes_written += len(data)
+        # at most two uploads in flight: memory stays bounded by a few packs
+        while len([f for f in self._pending if not f.done()]) >= 2:
+            self._pending[0].result()
+            self._pending = [f for f in self._pending if not f.done()]
+        self._pending.append(self._pool.submit(self._upload, pack_id, data))
+        self._new()
+
+    def _upload(self, pack_id: str, data: bytes) -> None:
+        self.store.put(pack_key(pack_id), data)
+        if self.on_upload:
+            self.on_upload(len(data))
+
+    def finish(self) -> list[str]:
+        """Upload the last pack and wait for every upload; re-raises the first upload error."""
+        try:
+            self._flush()
+            for f in self._pending:
+                f.result()
+        finally:
+            self._pool.shutdown(wait=True)
+        return self.packs
+
+    def abort(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)

@@ -1,0 +1,1 @@
+"""Restore: plan which blobs a snapshot needs, then write them into a new file atomically."""

@@ -1,0 +1,511 @@
+"""A remote libSQL database (sqld or Turso) as a backup source.
+
+Two ways to get a consistent local copy, both yielding an apsw connection to a SQLite file:
+
+- ``replica``: an embedded replica (``libsql_experimental``) kept in a persistent cache
+  directory and synced from the server's replication log, so the second backup transfers only
+  the frames written since the first. The replica is a normal SQLite file in WAL mode; the
+  ``-client_wal_index`` file next to it records how far it has synced (keep it).
+- ``dump``: ``GET /dump`` streams the database as SQL text; it is loaded into a fresh temporary
+  file. Always a full transfer, but it works wherever the HTTP API does.
+
+``auto`` tries the replica and falls back to the dump when the replica path fails for any reason
+other than a refused token or an unreachable server (those would fail the dump too).
+
+URLs: ``libsql://host`` means ``https://host`` (``?tls=0`` for plain HTTP, as in the libSQL
+clients), ``ws(s)://`` means ``http(s)://``. A token may come as ``?authToken=`` in the URL;
+it never appears in ``identity()``, ``repr()`` or an error message.
+
+The replica cache lives in ``$DBRE_CACHE_DIR/replicas/<key>/`` (default
+``${XDG_CACHE_HOME:-~/.cache}/dbre``), one directory per server URL and namespace, guarded by a
+file lock so two processes never sync the same replica at once.
+"""
+
+from __future__ import annotations
+
+import base64
+import errno
+import fcntl
+import hashlib
+import http.client
+import json
+import logging
+import os
+import re
+import shutil
+import socket
+import ssl
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import IO, Any
+from urllib.parse import parse_qsl, urlencode, urlsplit
+
+import apsw
+
+from dbre.errors import SourceError
+from dbre.secrets import Secret
+
+__all__ = ["RemoteLibsqlSource", "token_from_env", "default_cache_root"]
+
+log = logging.getLogger(__name__)
+
+METHODS = ("auto", "replica", "dump")
+TOKEN_ENV_VARS = ("LIBSQL_AUTH_TOKEN", "TURSO_AUTH_TOKEN")
+_TOKEN_HINT = "check LIBSQL_AUTH_TOKEN / TURSO_AUTH_TOKEN"
+_REACH_HINT = "check the URL and that the server is up"
+_SECRET_QUERY_KEYS = {"authtoken", "auth_token", "token", "jwt"}
+_SNAPSHOT_RETRIES = 4
+_DUMP_CHUNK = 1 << 20  # execute the dump in batches of about this many characters
+
+_libsql_module: Any = None
+
+
+def token_from_env(environ: dict[str, str] | None = None) -> Secret | None:
+    """The token in ``LIBSQL_AUTH_TOKEN``, else ``TURSO_AUTH_TOKEN``, else None."""
+    env = os.environ if environ is None else environ
+    for var in TOKEN_ENV_VARS:
+        value = env.get(var, "").strip()
+        if value:
+            return Secret(value)
+    return None
+
+
+def default_cache_root() -> Path:
+    """``$DBRE_CACHE_DIR``, else ``$XDG_CACHE_HOME/dbre``, else ``~/.cache/dbre``."""
+    env = os.environ.get("DBRE_CACHE_DIR")
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg) if xdg and Path(xdg).is_absolute() else Path.home() / ".cache"
+    return base / "dbre"
+
+
+def _libsql() -> Any:
+    """Import libsql_experimental with its Rust logging off (it logs every retry to stderr).
+
+    It reads RUST_LOG once, at import; a RUST_LOG set by the user wins.
+    """
+    global _libsql_module
+    if _libsql_module is None:
+        had = "RUST_LOG" in os.environ
+        if not had:
+            os.environ["RUST_LOG"] = "off"
+        try:
+            import libsql_experimental
+
+            _libsql_module = libsql_experimental
+        finally:
+            if not had:
+                os.environ.pop("RUST_LOG", None)
+    return _libsql_module
+
+
+class _ReplicaUnavailable(Exception):
+    """The replica path failed in a way the dump may not: fall back (auto) or report (replica)."""
+
+
+class RemoteLibsqlSource:
+    """A libSQL database behind sqld or Turso.
+
+    ``last_method`` is the method the last ``connect()`` used (``replica`` or ``dump``),
+    ``last_seconds`` how long its sync or download took, ``last_fallback_reason`` why ``auto``
+    fell back to the dump (None if it did not).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        token: Secret | None = None,
+        *,
+        cache_dir: Path | None = None,
+        method: str = "auto",
+        namespace: str | None = None,
+        timeout: float = 60.0,
+        lock_timeout: float = 600.0,
+    ) -> None:
+        if method not in METHODS:
+            raise SourceError(f"unknown remote source method {method!r}", f"use one of {', '.join(METHODS)}")
+        parts = urlsplit(url.strip())
+        scheme = parts.scheme.lower()
+        if scheme not in ("libsql", "http", "https", "ws", "wss"):
+            raise SourceError(
+                f"unsupported URL scheme {scheme!r}", "use libsql://, https://, http://, wss:// or ws://"
+            )
+        try:
+            host, port = parts.hostname, parts.port
+        except ValueError as err:
+            raise SourceError("bad port in the source URL", "check the URL") from err
+        if not host:
+            raise SourceError("the source URL has no host", "check the URL, e.g. libsql://mydb-org.turso.io")
+        query = parse_qsl(parts.query, keep_blank_values=True)
+        url_token = next((v for k, v in query if k.lower() in _SECRET_QUERY_KEYS and v), None)
+        public_query = [(k, v) for k, v in query if k.lower() not in _SECRET_QUERY_KEYS]
+        tls = dict((k.lower(), v) for k, v in public_query).get("tls")
+
+        if scheme == "libsql":
+            http_scheme = "http" if tls == "0" else "https"
+        elif scheme in ("http", "ws"):
+            http_scheme = "http"
+        else:
+            http_scheme = "https"
+        hostport = f"[{host}]" if ":" in host else host
+        if port:
+            hostport += f":{port}"
+        path = parts.path.rstrip("/")
+
+        self.url = f"{scheme}://{hostport}{path}" + (f"?{urlencode(public_query)}" if public_query else "")
+        self.base_url = f"{http_scheme}://{hostport}{path}"
+        if isinstance(token, str):  # be forgiving: never keep a plain string around
+            token = Secret(token)
+        self._token: Secret | None = token if token else (Secret(url_token) if url_token else None)
+        self.namespace = namespace or None
+        self.method = method
+        self.timeout = timeout
+        self.lock_timeout = lock_timeout
+        self.cache_root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_root()
+        raw_name = self.namespace or (f"{host}-{port}" if port else host)
+        self.name = re.sub(r"[^A-Za-z0-9._-]+", "-", raw_name).strip("-.") or "libsql"
+        key_src = self.base_url + (f"#ns={self.namespace}" if self.namespace else "")
+        self.cache_key = hashlib.sha256(key_src.encode()).hexdigest()[:16]
+
+        self.last_method: str | None = None
+        self.last_seconds: float | None = None
+        self.last_fallback_reason: str | None = None
+
+    # ------------------------------------------------------------------ protocol
+
+    def identity(self) -> dict[str, Any]:
+        ident: dict[str, Any] = {"kind": "libsql", "url": self.url}
+        if self.namespace:
+            ident["namespace"] = self.namespace
+        return ident
+
+    def __repr__(self) -> str:
+        tok = "set" if self._token else "none"
+        ns = f", namespace={self.namespace!r}" if self.namespace else ""
+        return f"RemoteLibsqlSource({self.url!r}{ns}, method={self.method!r}, token={tok})"
+
+    @property
+    def replica_dir(self) -> Path:
+        return self.cache_root / "replicas" / self.cache_key
+
+    @property
+    def replica_path(self) -> Path:
+        return self.replica_dir / "replica.db"
+
+    @contextmanager
+    def connect(self) -> Iterator[apsw.Connection]:
+        with ExitStack() as stack:
+            conn: apsw.Connection | None = None
+            self.last_fallback_reason = None
+            if self.method in ("auto", "replica"):
+                try:
+                    conn = self._open_replica(stack)
+                except _ReplicaUnavailable as err:
+                    reason = self._scrub(str(err))
+                    if self.method == "replica":
+                        raise SourceError(
+                            f"source {self.url}: embedded replica sync failed: {reason}",
+                            "try --method dump, or check the server's replication endpoint",
+                        ) from None
+                    self.last_fallback_reason = reason
+                    log.warning("source %s: embedded replica failed (%s); falling back to /dump",
+                                self.url, reason)
+            if conn is None:
+                conn = self._open_dump(stack)
+            yield conn
+
+    # ------------------------------------------------------------------ replica
+
+    def _open_replica(self, stack: ExitStack) -> apsw.Connection:
+        if self.namespace:
+            raise _ReplicaUnavailable(
+                "an embedded replica addresses a namespace only by hostname (<namespace>.<host>)"
+            )
+        rdir = self.replica_dir
+        try:
+            rdir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            lock = stack.enter_context(open(rdir / "lock", "a+"))
+        except OSError as err:
+            raise SourceError(
+                f"source {self.url}: cannot use the replica cache {rdir}: {err.strerror}",
+                "check DBRE_CACHE_DIR and its permissions",
+            ) from None
+        self._lock(lock)
+        self._write_meta()
+
+        started = time.monotonic()
+        self._sync()
+        self.last_seconds = time.monotonic() - started
+        log.info("source %s: replica synced in %.2fs", self.url, self.last_seconds)
+
+        conn = self._open_file(self.replica_path)
+        stack.callback(conn.close)
+        self.last_method = "replica"
+        return conn
+
+    def _lock(self, lock: IO[str]) -> None:
+        deadline = time.monotonic() + self.lock_timeout
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except OSError as err:
+                if err.errno not in (errno.EAGAIN, errno.EACCES):
+                    raise
+            if time.monotonic() > deadline:
+                raise SourceError(
+                    f"source {self.url}: the replica cache {self.replica_dir} is locked by another process",
+                    "wait for the other backup of this database to finish",
+                )
+            time.sleep(0.2)
+
+    def _write_meta(self) -> None:
+        meta = {"url": self.url, "base_url": self.base_url, "namespace": self.namespace,
+                "last_used": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        try:
+            (self.replica_dir / "source.json").write_text(json.dumps(meta, indent=1) + "\n")
+        except OSError:
+            pass
+
+    def _wipe_replica(self) -> None:
+        for p in self.replica_dir.glob("replica.db*"):
+            try:
+                if p.is_dir():
+                    shutil.rmtree(p)
+                else:
+                    p.unlink()
+            except OSError:
+                pass
+
+    def _sync(self) -> None:
+        libsql = _libsql()
+        token = self._token_str()
+        wiped = False
+        attempt = 0
+        while True:
+            attempt += 1
+            lconn = None
+            try:
+                lconn = libsql.connect(str(self.replica_path), sync_url=self.base_url, auth_token=token)
+                lconn.sync()
+                return
+            except Exception as err:  # libsql_experimental raises ValueError for everything
+                msg = self._scrub(" ".join(str(err).split()))
+                low = msg.lower()
+                if re.search(r"snapshot.{0,3}not.{0,3}found", low) and attempt <= _SNAPSHOT_RETRIES:
+                    log.info("source %s: %s; retrying sync (%d)", self.url, msg, attempt)
+                    time.sleep(0.3 * attempt)
+                    continue
+                if "tcp connect error" in low or "dns error" in low or "connection refused" in low:
+                    raise self._unreachable(_after_colon(msg)) from None
+                if "unauthenticated" in low or "handshake" in low or "401" in low or "403" in low:
+                    self._probe_auth()  # raises SourceError when the token is refused
+                    raise _ReplicaUnavailable(msg) from None
+                if "error trying to connect" in low:
+                    hint = ("is it plain HTTP? use http:// or libsql://...?tls=0"
+                            if self.base_url.startswith("https") else _REACH_HINT)
+                    raise SourceError(
+                        f"source {self.url}: connection failed: {_after_colon(msg)}", hint
+                    ) from None
+                if not wiped:  # a damaged or foreign replica: start it over once
+                    log.warning("source %s: replica sync failed (%s); resyncing from scratch", self.url, msg)
+                    wiped = True
+                    if lconn is not None:
+                        _close_quietly(lconn)
+                        lconn = None
+                    self._wipe_replica()
+                    continue
+                raise _ReplicaUnavailable(msg) from None
+            finally:
+                if lconn is not None:
+                    _close_quietly(lconn)
+
+    def _probe_auth(self) -> None:
+        """A tiny authenticated request, to tell a refused token from other replica failures."""
+        body = json.dumps({"baton": None, "requests": [{"type": "close"}]}).encode()
+        req = urllib.request.Request(self.base_url + "/v2/pipeline", data=body, headers=self._headers())
+        try:
+            with urllib.request.urlopen(req, timeout=min(self.timeout, 15.0)) as resp:
+                resp.read()
+        except urllib.error.HTTPError as err:
+            if err.code in (401, 403):
+                raise self._auth_error(err.code) from None
+        except (urllib.error.URLError, OSError):
+            pass  # not an auth answer; let the caller decide
+
+    # ------------------------------------------------------------------ dump
+
+    def _open_dump(self, stack: ExitStack) -> apsw.Connection:
+        tmp_parent = self.cache_root / "tmp"
+        try:
+            tmp_parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            tmpdir = Path(tempfile.mkdtemp(prefix="dump-", dir=tmp_parent))
+        except OSError:
+            tmpdir = Path(tempfile.mkdtemp(prefix="dbre-dump-"))
+        stack.callback(shutil.rmtree, tmpdir, True)
+        path = tmpdir / "dump.db"
+
+        started = time.monotonic()
+        req = urllib.request.Request(self.base_url + "/dump", headers=self._headers())
+        try:
+            resp = urllib.request.urlopen(req, timeout=self.timeout)
+        except urllib.error.HTTPError as err:
+            raise self._http_error(err) from None
+        except (urllib.error.URLError, OSError) as err:
+            raise self._net_error(err) from None
+        with resp:
+            conn = apsw.Connection(str(path))
+            try:
+                self._load_dump(conn, resp)
+            except BaseException:
+                conn.close()
+                raise
+        stack.callback(conn.close)
+        self.last_seconds = time.monotonic() - started
+        self.last_method = "dump"
+        log.info("source %s: /dump loaded in %.2fs", self.url, self.last_seconds)
+        return conn
+
+    def _load_dump(self, conn: apsw.Connection, resp: http.client.HTTPResponse) -> None:
+        conn.execute("PRAGMA journal_mode=OFF; PRAGMA synchronous=OFF")
+        buf: list[str] = []
+        size = 0
+        seen_any = False
+
+        def run(text: str) -> None:
+            try:
+                for _row in conn.execute(text):
+                    pass
+            except apsw.Error as err:
+                raise SourceError(
+                    f"source {self.url}: the /dump SQL did not load: {self._scrub(str(err))}",
+                    "try --method replica, or check the server version",
+                ) from None
+
+        try:
+            for raw in resp:
+                seen_any = True
+                line = raw.decode("utf-8")
+                buf.append(line)
+                size += len(line)
+                if size >= _DUMP_CHUNK and line.rstrip().endswith(";"):
+                    text = "".join(buf)
+                    if apsw.complete(text):
+                        run(text)
+                        buf, size = [], 0
+        except UnicodeDecodeError:
+            raise SourceError(f"source {self.url}: /dump is not UTF-8 SQL", "check the URL") from None
+        except (http.client.HTTPException, OSError) as err:
+            raise SourceError(
+                f"source {self.url}: /dump broke off: {self._scrub(str(err)) or type(err).__name__}",
+                "retry; check the network and the server's logs",
+            ) from None
+        text = "".join(buf)
+        if text.strip():
+            if not apsw.complete(text):
+                raise SourceError(f"source {self.url}: /dump ended mid-statement", "retry the backup")
+            run(text)
+        if not seen_any:
+            raise SourceError(f"source {self.url}: /dump returned nothing", "check the URL and the server")
+        if conn.in_transaction:
+            raise SourceError(
+                f"source {self.url}: /dump ended before its COMMIT (truncated)", "retry the backup"
+            )
+
+    # ------------------------------------------------------------------ helpers
+
+    def _token_str(self) -> str:
+        if not self._token:
+            return ""
+        value = self._token.reveal()
+        return value.decode() if isinstance(value, bytes) else value
+
+    def _headers(self) -> dict[str, str]:
+        headers = {"Content-Type": "application/json", "User-Agent": "dbre"}
+        tok = self._token_str()
+        if tok:
+            headers["Authorization"] = f"Bearer {tok}"
+        if self.namespace:
+            headers["x-namespace-bin"] = base64.b64encode(self.namespace.encode()).decode().rstrip("=")
+        return headers
+
+    def _scrub(self, text: str) -> str:
+        tok = self._token_str()
+        if tok and tok in text:
+            text = text.replace(tok, "**redacted**")
+        text = " ".join(text.split())
+        return text if len(text) <= 300 else text[:297] + "..."
+
+    def _open_file(self, path: Path) -> apsw.Connection:
+        """Open the synced replica for reading; read-only if SQLite allows it for this WAL file."""
+        last: Exception | None = None
+        for flags in (apsw.SQLITE_OPEN_READONLY, apsw.SQLITE_OPEN_READWRITE):
+            try:
+                conn = apsw.Connection(str(path), flags=flags)
+                conn.set_busy_timeout(10_000)
+                conn.execute("SELECT count(*) FROM sqlite_schema").fetchall()
+                if flags == apsw.SQLITE_OPEN_READWRITE:
+                    conn.execute("PRAGMA query_only=ON")
+                return conn
+            except apsw.Error as err:
+                last = err
+        raise _ReplicaUnavailable(f"cannot open the synced replica file: {last}")
+
+    def _auth_error(self, code: int | None = None) -> SourceError:
+        what = f"refused the token (HTTP {code})" if self._token else "requires a token and none was given"
+        if code is not None and not self._token:
+            what = f"requires a token and none was given (HTTP {code})"
+        return SourceError(f"source {self.url}: the server {what}", _TOKEN_HINT)
+
+    def _unreachable(self, reason: str) -> SourceError:
+        return SourceError(f"source {self.url}: cannot reach the server: {reason}", _REACH_HINT)
+
+    def _http_error(self, err: urllib.error.HTTPError) -> SourceError:
+        if err.code in (401, 403):
+            return self._auth_error(err.code)
+        try:
+            detail = err.read(500).decode("utf-8", "replace")
+            detail = json.loads(detail).get("error", detail) if detail.startswith("{") else detail
+        except (OSError, ValueError, AttributeError):
+            detail = ""
+        detail = self._scrub(str(detail)) or (err.reason if isinstance(err.reason, str) else "")
+        if err.code == 404:
+            hint = ("check the namespace exists" if self.namespace
+                    else "check the URL names a database; the server may not offer /dump")
+            return SourceError(f"source {self.url}: /dump not found (HTTP 404): {detail}", hint)
+        return SourceError(f"source {self.url}: /dump failed with HTTP {err.code}: {detail}",
+                           "check the server's logs; retry later")
+
+    def _net_error(self, err: BaseException) -> SourceError:
+        reason: Any = err.reason if isinstance(err, urllib.error.URLError) else err
+        if isinstance(reason, ssl.SSLError):
+            hint = ("is it plain HTTP? use http:// or libsql://...?tls=0"
+                    if self.base_url.startswith("https") else _REACH_HINT)
+            return SourceError(f"source {self.url}: TLS handshake failed: {reason.reason or reason}", hint)
+        if isinstance(reason, socket.gaierror):
+            return self._unreachable(f"unknown host ({reason.strerror})")
+        if isinstance(reason, TimeoutError | socket.timeout):
+            return self._unreachable(f"no answer within {self.timeout:g}s")
+        if isinstance(reason, OSError) and reason.strerror:
+            return self._unreachable(reason.strerror)
+        return self._unreachable(self._scrub(str(reason)) or type(reason).__name__)
+
+
+def _after_colon(msg: str) -> str:
+    """``sync error: error trying to connect: tcp connect error: Connection refused (os error 111)``
+    -> ``Connection refused (os error 111)``"""
+    tail = msg.rsplit(": ", 1)[-1]
+    return tail or msg
+
+
+def _close_quietly(conn: Any) -> None:
+    try:
+        conn.close()
+    except Exception:  # closing after a failure must not mask it
+        pass

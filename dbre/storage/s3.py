@@ -1,0 +1,254 @@
+"""A store under a prefix of an S3 bucket (AWS or any S3-compatible service), through boto3.
+
+This is the only module that imports boto3/botocore: every SDK exception is turned here into
+``NotFound``, ``AlreadyExists``, ``TransientError`` or ``PermanentError`` with a message
+"op key: cause" and a hint. Credentials come from the usual AWS chain (env, config files,
+instance roles) and never appear in messages or reprs; the endpoint comes from
+``AWS_ENDPOINT_URL`` unless one is given.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from typing import Any
+from urllib.parse import urlsplit
+
+import boto3
+import botocore.config
+import botocore.exceptions
+
+from dbre.errors import UsageError
+from dbre.storage.base import AlreadyExists, NotFound, PermanentError, StorageError, TransientError
+
+_HINT_BUCKET = "create the bucket or fix the repository URL"
+_HINT_CREDENTIALS = "check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or the AWS profile in use"
+_HINT_DENIED = "grant the credentials s3:GetObject, s3:PutObject, s3:DeleteObject and s3:ListBucket"
+_HINT_ENDPOINT = "check AWS_ENDPOINT_URL and that the server is up"
+
+_NOT_FOUND = {"NoSuchKey", "404", "NotFound"}
+_BAD_CREDENTIALS = {
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "ExpiredToken",
+    "InvalidToken",
+    "TokenRefreshRequired",
+    "AuthorizationHeaderMalformed",
+    "InvalidClientTokenId",
+}
+_DENIED = {"AccessDenied", "AllAccessDisabled", "AccountProblem", "403"}
+# Retryable codes a server may send with a 4xx status; any 5xx is retryable too. A 409
+# ConditionalRequestConflict means a concurrent operation kept S3 from evaluating If-None-Match:
+# nothing was written and AWS documents that the write should be retried.
+_TRANSIENT = {
+    "SlowDown",
+    "Throttling",
+    "ThrottlingException",
+    "ThrottledException",
+    "RequestThrottled",
+    "RequestLimitExceeded",
+    "TooManyRequestsException",
+    "BandwidthLimitExceeded",
+    "RequestTimeout",
+    "RequestTimeoutException",
+    "InternalError",
+    "ServiceUnavailable",
+    "OperationAborted",
+    "ConditionalRequestConflict",
+}
+# Anything shaped like an AWS access key id is cut from server messages, should one echo it.
+_ACCESS_KEY_ID = re.compile(r"\b(?:AKIA|ASIA|AIDA|AROA)[A-Z0-9]{12,}\b")
+
+
+class S3Store:
+    """Objects under ``s3://bucket/prefix``: key ``k`` is the S3 object ``prefix/k``.
+
+    S3 puts are atomic, so there are no temp objects; ``put(if_absent=True)`` uses
+    ``If-None-Match: *``, which AWS and moto enforce (some other S3-compatible servers ignore it).
+    """
+
+    def __init__(
+        self,
+        bucket: str,
+        prefix: str = "",
+        *,
+        endpoint_url: str | None = None,
+        max_attempts: int = 3,
+        connect_timeout: float = 5,
+        read_timeout: float = 60,
+    ) -> None:
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        self._base = f"{self.prefix}/" if self.prefix else ""
+        self.url = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
+        config = botocore.config.Config(
+            retries={"mode": "standard", "max_attempts": max_attempts},
+            connect_timeout=connect_timeout,
+            read_timeout=read_timeout,
+            max_pool_connections=16,
+        )
+        try:
+            # a session of our own: boto3's default session is not safe to share across threads
+            session = boto3.session.Session()
+            self._client: Any = session.client("s3", endpoint_url=endpoint_url, config=config)
+        except (botocore.exceptions.BotoCoreError, ValueError) as err:
+            raise PermanentError(
+                f"open {self.url}: cannot set up the S3 client ({type(err).__name__})",
+                "check AWS_ENDPOINT_URL, AWS_PROFILE and the AWS config files",
+            ) from err
+
+    @classmethod
+    def from_url(cls, url: str, *, endpoint_url: str | None = None, **options: Any) -> S3Store:
+        """Open ``s3://bucket`` or ``s3://bucket/prefix``; ``endpoint_url`` overrides AWS_ENDPOINT_URL."""
+        parts = urlsplit(url)
+        if parts.scheme != "s3" or not parts.netloc or parts.query or parts.fragment:
+            raise UsageError(f"repository {url!r}: not an S3 URL", "use s3://bucket/prefix")
+        return cls(parts.netloc, parts.path, endpoint_url=endpoint_url, **options)
+
+    def __repr__(self) -> str:
+        return f"S3Store({self.url!r})"
+
+    def _key(self, key: str) -> str:
+        if not key or key.startswith("/") or ".." in key.split("/"):
+            raise PermanentError(f"invalid key {key!r}")
+        return self._base + key
+
+    def put(self, key: str, data: bytes, *, if_absent: bool = False) -> None:
+        args: dict[str, Any] = {"Bucket": self.bucket, "Key": self._key(key), "Body": data}
+        if if_absent:
+            args["IfNoneMatch"] = "*"
+        try:
+            self._client.put_object(**args)
+        except botocore.exceptions.ClientError as err:
+            if if_absent and (_code(err) == "PreconditionFailed" or _status(err) == 412):
+                raise AlreadyExists(f"put {key}: already exists") from None
+            raise self._error("put", key, err) from err
+        except botocore.exceptions.BotoCoreError as err:
+            raise self._error("put", key, err) from err
+
+    def get(self, key: str) -> bytes:
+        try:
+            response = self._client.get_object(Bucket=self.bucket, Key=self._key(key))
+            return bytes(response["Body"].read())
+        except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as err:
+            raise self._error("get", key, err) from err
+
+    def get_range(self, key: str, offset: int, length: int) -> bytes:
+        if offset < 0 or length < 0:
+            raise PermanentError(f"get {key}: invalid range (offset {offset}, length {length})")
+        if length == 0:
+            if not self.exists(key):
+                raise NotFound(f"get {key}: not found")
+            return b""
+        try:
+            response = self._client.get_object(
+                Bucket=self.bucket, Key=self._key(key), Range=f"bytes={offset}-{offset + length - 1}"
+            )
+            return bytes(response["Body"].read())
+        except botocore.exceptions.ClientError as err:
+            if _code(err) == "InvalidRange" or _status(err) == 416:
+                return b""  # the object exists (else NoSuchKey) and ends before offset
+            raise self._error("get", key, err) from err
+        except botocore.exceptions.BotoCoreError as err:
+            raise self._error("get", key, err) from err
+
+    def list(self, prefix: str = "") -> Iterator[str]:
+        skip = len(self._base)
+        try:
+            pages = self._client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=self._base + prefix
+            )
+            for page in pages:
+                for obj in page.get("Contents", ()):
+                    name = obj["Key"][skip:]
+                    if name and not name.endswith("/"):  # "folder" markers made by consoles are not ours
+                        yield name
+        except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as err:
+            raise self._error("list", prefix, err) from err
+
+    def delete(self, key: str) -> None:
+        try:
+            self._client.delete_object(Bucket=self.bucket, Key=self._key(key))
+        except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as err:
+            error = self._error("delete", key, err)
+            if not isinstance(error, NotFound):
+                raise error from err
+
+    def exists(self, key: str) -> bool:
+        # A one-byte GET rather than HEAD: a HEAD's 404 has no body, so a missing bucket would
+        # look like a missing key; GET says NoSuchBucket.
+        try:
+            self._client.get_object(Bucket=self.bucket, Key=self._key(key), Range="bytes=0-0")["Body"].read()
+            return True
+        except botocore.exceptions.ClientError as err:
+            if _code(err) == "InvalidRange" or _status(err) == 416:
+                return True  # an empty object
+            error = self._error("exists", key, err)
+            if isinstance(error, NotFound):
+                return False
+            raise error from err
+        except botocore.exceptions.BotoCoreError as err:
+            raise self._error("exists", key, err) from err
+
+    def _error(self, op: str, key: str, err: Exception) -> StorageError:
+        """Map a botocore exception to a store error; the message never carries SDK text verbatim."""
+        where = f"{op} {key}" if key else op
+        if isinstance(err, botocore.exceptions.ClientError):
+            code, status = _code(err), _status(err)
+            detail = _server_message(err)
+            if code in _NOT_FOUND:
+                return NotFound(f"{where}: not found")
+            if code == "NoSuchBucket":
+                return PermanentError(f"{where}: bucket {self.bucket!r} does not exist", _HINT_BUCKET)
+            if code in _BAD_CREDENTIALS:
+                return PermanentError(f"{where}: credentials rejected ({code})", _HINT_CREDENTIALS)
+            if code in _DENIED:
+                return PermanentError(f"{where}: access denied to {self.url}", _HINT_DENIED)
+            if code in _TRANSIENT or status >= 500 or status == 429:
+                return TransientError(f"{where}: server busy or failing ({code or status}{detail})")
+            return PermanentError(f"{where}: refused by the server ({code or status}{detail})")
+        if isinstance(err, botocore.exceptions.SSLError):
+            return PermanentError(
+                f"{where}: TLS error talking to the S3 endpoint",
+                "check AWS_ENDPOINT_URL's certificate (AWS_CA_BUNDLE)",
+            )
+        if isinstance(err, botocore.exceptions.ConnectTimeoutError | botocore.exceptions.ReadTimeoutError):
+            return TransientError(f"{where}: S3 endpoint timed out", _HINT_ENDPOINT)
+        if isinstance(
+            err,
+            botocore.exceptions.ConnectionError
+            | botocore.exceptions.HTTPClientError
+            | botocore.exceptions.IncompleteReadError,
+        ):
+            return TransientError(
+                f"{where}: cannot reach the S3 endpoint ({type(err).__name__})", _HINT_ENDPOINT
+            )
+        if isinstance(
+            err, botocore.exceptions.NoCredentialsError | botocore.exceptions.PartialCredentialsError
+        ):
+            return PermanentError(f"{where}: no usable AWS credentials", _HINT_CREDENTIALS)
+        if isinstance(err, botocore.exceptions.CredentialRetrievalError):
+            return PermanentError(f"{where}: cannot load AWS credentials", _HINT_CREDENTIALS)
+        if isinstance(err, botocore.exceptions.ParamValidationError):
+            return PermanentError(f"{where}: invalid request (bad bucket name or key?)", _HINT_BUCKET)
+        return PermanentError(f"{where}: S3 client error ({type(err).__name__})")
+
+
+def _code(err: botocore.exceptions.ClientError) -> str:
+    return str(err.response.get("Error", {}).get("Code", ""))
+
+
+def _status(err: botocore.exceptions.ClientError) -> int:
+    try:
+        return int(err.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
+    except (TypeError, ValueError):
+        return 0
+
+
+def _server_message(err: botocore.exceptions.ClientError) -> str:
+    """The server's own short message, if any, with anything like an access key id cut out."""
+    message = str(err.response.get("Error", {}).get("Message", "")).strip()
+    if not message:
+        return ""
+    message = _ACCESS_KEY_ID.sub("<key id>", message)
+    return f": {message[:200]}"
