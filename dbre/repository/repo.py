@@ -5,6 +5,7 @@ Object layout (docs/FORMAT.md has the full description):
   packs/<id[:2]>/<id>       packs of sealed blobs: page batches and page-map runs
   snapshots/<db>/<id>       sealed manifest, written last with a conditional put
   locks/<id>                plain JSON lock records
+  records/<kind>/<db>/<id>  sealed JSON records: drills, verification runs, audits
 """
 
 from __future__ import annotations
@@ -224,6 +225,32 @@ class Repository:
         self.store.put(snapshot_key(manifest.db, manifest.id), data, if_absent=True)
         self._manifests[(manifest.db, manifest.id)] = manifest
         return len(data)
+
+    # -- records: drills, verification runs, audits ----------------------------------------------
+
+    def put_record(self, kind: str, db: str, record: dict[str, Any]) -> str:
+        """Store a small JSON record (e.g. kind "drills") so any machine can report on it.
+
+        Records are sealed like manifests and named by time then a random suffix, so listing
+        them gives time order. Returns the record id.
+        """
+        check_db_name(db)
+        if not kind.isidentifier():
+            raise UsageError(f"record kind {kind!r} is not allowed")
+        rec_id = f"{now_utc().strftime('%Y%m%dT%H%M%S%fZ')}-{secrets.token_hex(4)}"
+        data = self.sealer.seal(json.dumps(record, default=str).encode())
+        self.store.put(f"records/{kind}/{db}/{rec_id}", data, if_absent=True)
+        return rec_id
+
+    def records(self, kind: str, db: str | None = None) -> list[dict[str, Any]]:
+        """Every record of ``kind`` (for ``db``), oldest first; each gets its "record_id"."""
+        prefix = f"records/{kind}/{db}/" if db else f"records/{kind}/"
+        out = []
+        for key in sorted(self.store.list(prefix), key=lambda k: k.rsplit("/", 1)[1]):
+            rec = json.loads(self.sealer.unseal(self.store.get(key), key))
+            rec["record_id"] = key.rsplit("/", 1)[1]
+            out.append(rec)
+        return out
 
     # -- packs -----------------------------------------------------------------------------------
 
