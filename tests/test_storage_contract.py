@@ -1,0 +1,418 @@
+"""The Store contract, checked against every backend; then S3-specific failures and RetryingStore.
+
+The S3 cases run against a real moto_server (see tests/conftest.py), never behind a flag.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from dbre.errors import UsageError
+from dbre.storage import open_store
+from dbre.storage.base import AlreadyExists, NotFound, PermanentError, StorageError, Store, TransientError
+from dbre.storage.retry import RetryingStore
+from dbre.storage.s3 import S3Store
+from tests.conftest import MotoServer, free_port, unique_bucket_name
+
+# --------------------------------------------------------------------------- the contract
+
+
+def test_store_satisfies_protocol(store: Store) -> None:
+    assert isinstance(store, Store)
+    assert store.url
+
+
+def test_put_get_roundtrip(store: Store) -> None:
+    store.put("packs/ab/ab12", b"pack bytes")
+    store.put("config", b"{}")
+    assert store.get("packs/ab/ab12") == b"pack bytes"
+    assert store.get("config") == b"{}"
+
+
+def test_get_missing_raises_not_found(store: Store) -> None:
+    with pytest.raises(NotFound):
+        store.get("snapshots/missing")
+    with pytest.raises(NotFound):
+        store.get_range("snapshots/missing", 0, 10)
+
+
+def test_get_range(store: Store) -> None:
+    data = bytes(range(100))
+    store.put("blob", data)
+    assert store.get_range("blob", 10, 20) == data[10:30]
+    assert store.get_range("blob", 0, 1) == data[:1]
+    assert store.get_range("blob", 90, 10) == data[90:]
+    assert store.get_range("blob", 95, 50) == data[95:]  # fewer bytes only at the end
+    assert store.get_range("blob", 100, 10) == b""
+    assert store.get_range("blob", 500, 10) == b""
+    assert store.get_range("blob", 10, 0) == b""
+
+
+def test_list_by_prefix(store: Store) -> None:
+    keys = ["packs/ab/1", "packs/ab/2", "packs/ac/3", "packs/b/4", "snapshots/s1", "config"]
+    for key in keys:
+        store.put(key, b"x")
+    assert sorted(store.list()) == sorted(keys)
+    assert sorted(store.list("packs/")) == ["packs/ab/1", "packs/ab/2", "packs/ac/3", "packs/b/4"]
+    assert sorted(store.list("packs/a")) == ["packs/ab/1", "packs/ab/2", "packs/ac/3"]  # not a folder
+    assert sorted(store.list("packs/ab/")) == ["packs/ab/1", "packs/ab/2"]
+    assert sorted(store.list("sn")) == ["snapshots/s1"]
+    assert list(store.list("locks/")) == []
+    assert list(store.list("nothing")) == []
+
+
+def test_list_never_shows_keys_being_written(store: Store) -> None:
+    """While a writer keeps putting objects, every listed key is complete and readable."""
+    payload = os.urandom(256 * 1024)
+    wanted = {f"packs/p{i}" for i in range(12)}
+    done = threading.Event()
+    errors: list[BaseException] = []
+
+    def writer() -> None:
+        try:
+            for key in sorted(wanted):
+                store.put(key, payload)
+        except BaseException as err:  # reported by the main thread
+            errors.append(err)
+        finally:
+            done.set()
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    while not done.is_set():
+        for key in store.list():
+            assert key in wanted, f"unexpected key {key!r} listed"
+            assert store.get(key) == payload
+    thread.join()
+    assert not errors
+    assert set(store.list()) == wanted
+
+
+def test_delete_is_idempotent(store: Store) -> None:
+    store.put("locks/l1", b"lock")
+    store.delete("locks/l1")
+    assert not store.exists("locks/l1")
+    with pytest.raises(NotFound):
+        store.get("locks/l1")
+    assert list(store.list("locks/")) == []
+    store.delete("locks/l1")
+    store.delete("never/written")
+
+
+def test_exists(store: Store) -> None:
+    assert not store.exists("packs/ab/1")
+    store.put("packs/ab/1", b"x")
+    assert store.exists("packs/ab/1")
+    assert not store.exists("packs/ab")  # a prefix of keys is not a key
+    assert not store.exists("packs/ab/12")
+
+
+def test_conditional_put_keeps_first_content(store: Store) -> None:
+    store.put("snapshots/s1", b"first", if_absent=True)
+    with pytest.raises(AlreadyExists):
+        store.put("snapshots/s1", b"second", if_absent=True)
+    assert store.get("snapshots/s1") == b"first"
+
+
+def _race_conditional_puts(store: Store, key: str, payloads: list[bytes]) -> tuple[list[bytes], int]:
+    """Start one thread per payload, all putting ``key`` if absent at once; (winners, losers)."""
+    barrier = threading.Barrier(len(payloads))
+    winners: list[bytes] = []
+    losers: list[bytes] = []
+    errors: list[BaseException] = []
+
+    def racer(data: bytes) -> None:
+        barrier.wait()
+        try:
+            store.put(key, data, if_absent=True)
+            winners.append(data)
+        except AlreadyExists:
+            losers.append(data)
+        except BaseException as err:  # reported by the main thread
+            errors.append(err)
+
+    threads = [threading.Thread(target=racer, args=(data,)) for data in payloads]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    return winners, len(losers)
+
+
+def test_racing_conditional_puts_exactly_one_wins(store: Store) -> None:
+    for round_ in range(5):
+        key = f"snapshots/race-{round_}"
+        winners, losers = _race_conditional_puts(store, key, [bytes([n]) * 64 * 1024 for n in (1, 2)])
+        assert len(winners) == 1 and losers == 1, f"round {round_}: {len(winners)} winners"
+        assert store.get(key) == winners[0]
+
+
+def test_plain_put_overwrites(store: Store) -> None:
+    store.put("index/i1", b"old", if_absent=True)
+    store.put("index/i1", b"new")
+    assert store.get("index/i1") == b"new"
+    store.put("index/i1", b"newer")
+    assert store.get("index/i1") == b"newer"
+    assert list(store.list("index/")) == ["index/i1"]
+
+
+def test_empty_object(store: Store) -> None:
+    store.put("empty", b"")
+    assert store.get("empty") == b""
+    assert store.get_range("empty", 0, 10) == b""
+    assert store.exists("empty")
+    assert list(store.list("emp")) == ["empty"]
+
+
+def test_five_megabyte_object(store: Store) -> None:
+    data = os.urandom(5 * 1024 * 1024)
+    store.put("packs/big", data)
+    assert store.get("packs/big") == data
+    assert store.get_range("packs/big", len(data) - 100, 1000) == data[-100:]
+    assert store.get_range("packs/big", 1_000_000, 4096) == data[1_000_000:1_004_096]
+
+
+@pytest.mark.parametrize("key", ["", "/abs", "../up", "a/../b", "a/.."])
+def test_invalid_keys_rejected(store: Store, key: str) -> None:
+    with pytest.raises(PermanentError):
+        store.put(key, b"x")
+    with pytest.raises(PermanentError):
+        store.get(key)
+
+
+# --------------------------------------------------------------------------- S3 specifics
+
+
+def _assert_clean(err: BaseException) -> None:
+    """A store error from our own hierarchy, with no SDK text and no secret in it."""
+    assert type(err).__module__.startswith("dbre.")
+    for text in (str(err), repr(err)):
+        assert "testing" not in text  # the session's fake access key and secret
+        assert "botocore" not in text and "ClientError" not in text
+
+
+def test_s3_url_parsing(moto_server: str) -> None:
+    assert S3Store.from_url("s3://bucket").url == "s3://bucket"
+    store = S3Store.from_url("s3://bucket/a/b/")
+    assert (store.bucket, store.prefix, store.url) == ("bucket", "a/b", "s3://bucket/a/b")
+    assert isinstance(open_store("s3://bucket/p"), S3Store)
+    for bad in ("s3://", "s3:///p", "s3://b/p?x=1"):
+        with pytest.raises(UsageError):
+            S3Store.from_url(bad)
+
+
+def test_s3_prefixes_are_isolated(s3_bucket: str) -> None:
+    """Keys are relative to the URL's prefix; a sibling prefix that extends it stays apart."""
+    one = S3Store.from_url(f"s3://{s3_bucket}/repo")
+    other = S3Store.from_url(f"s3://{s3_bucket}/repo2")
+    whole = S3Store.from_url(f"s3://{s3_bucket}")
+    one.put("config", b"1")
+    other.put("config", b"2")
+    assert list(one.list()) == ["config"]
+    assert one.get("config") == b"1"
+    assert sorted(whole.list()) == ["repo/config", "repo2/config"]
+
+
+def test_s3_missing_bucket_is_permanent_with_hint(moto_server: str) -> None:
+    store = S3Store.from_url(f"s3://{unique_bucket_name('dbre-missing')}/repo")
+    operations: dict[str, Callable[[], object]] = {
+        "put": lambda: store.put("config", b"x"),
+        "get": lambda: store.get("config"),
+        "list": lambda: list(store.list()),
+        "exists": lambda: store.exists("config"),
+        "delete": lambda: store.delete("config"),
+    }
+    for op, call in operations.items():
+        with pytest.raises(PermanentError) as info:
+            call()
+        assert info.value.message.startswith(op)
+        assert "create the bucket" in info.value.hint
+        _assert_clean(info.value)
+
+
+def test_s3_unreachable_endpoint_is_transient(moto_server: str) -> None:
+    store = S3Store.from_url("s3://bucket/repo", endpoint_url=f"http://127.0.0.1:{free_port()}")
+    started = time.monotonic()
+    for call in (lambda: store.put("config", b"x"), lambda: store.get("config"), lambda: list(store.list())):
+        with pytest.raises(TransientError) as info:
+            call()
+        assert "AWS_ENDPOINT_URL" in info.value.hint
+        _assert_clean(info.value)
+    assert time.monotonic() - started < 10
+
+
+def test_s3_rejected_credentials_are_permanent(
+    spawn_moto: Callable[..., MotoServer], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # moto accepts any credentials unless INITIAL_NO_AUTH_ACTION_COUNT says otherwise
+    server = spawn_moto(env={"INITIAL_NO_AUTH_ACTION_COUNT": "0"})
+    key_id, secret = "AKIAZZZZZZZZZZZZZZZZ", "not-the-secret-0123456789"
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", key_id)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
+    store = S3Store.from_url("s3://bucket/repo", endpoint_url=server.endpoint)
+    with pytest.raises(PermanentError) as info:
+        store.put("config", b"x")
+    assert "AWS_ACCESS_KEY_ID" in info.value.hint
+    for text in (str(info.value), repr(info.value), repr(store)):
+        assert key_id not in text and secret not in text
+
+
+@pytest.mark.parametrize(
+    ("code", "status", "expected", "hint"),
+    [
+        ("SlowDown", 503, TransientError, ""),
+        ("InternalError", 500, TransientError, ""),
+        ("ConditionalRequestConflict", 409, TransientError, ""),
+        ("AccessDenied", 403, PermanentError, "s3:PutObject"),
+        ("SignatureDoesNotMatch", 403, PermanentError, "AWS_SECRET_ACCESS_KEY"),
+        ("NoSuchBucket", 404, PermanentError, "create the bucket"),
+        ("InvalidArgument", 400, PermanentError, ""),
+    ],
+)
+def test_s3_error_codes_map_to_store_errors(
+    moto_server: str, code: str, status: int, expected: type[StorageError], hint: str
+) -> None:
+    """Server answers moto does not produce on demand, injected with botocore's own Stubber."""
+    from botocore.stub import Stubber
+
+    store = S3Store.from_url("s3://bucket/repo")
+    with Stubber(store._client) as stubber:
+        stubber.add_client_error("put_object", service_error_code=code, http_status_code=status)
+        with pytest.raises(expected) as info:
+            store.put("config", b"x", if_absent=True)
+    assert info.type is expected
+    assert info.value.message.startswith("put config: ")
+    assert hint in info.value.hint
+
+
+# --------------------------------------------------------------------------- RetryingStore
+
+
+def test_retrying_store_rides_out_a_server_restart(
+    spawn_moto: Callable[..., MotoServer], caplog: pytest.LogCaptureFixture
+) -> None:
+    bucket = unique_bucket_name()
+    server = spawn_moto(buckets=[bucket])  # a restarted moto has lost its state: recreate the bucket
+    s3 = S3Store.from_url(f"s3://{bucket}/repo", endpoint_url=server.endpoint)
+    store = RetryingStore(s3, attempts=30, base_delay=0.1, max_delay=0.4)
+    store.put("before", b"1")
+    server.stop()
+    restarted = threading.Event()
+
+    def restart() -> None:
+        time.sleep(1.0)
+        server.start()
+        restarted.set()
+
+    thread = threading.Thread(target=restart)
+    thread.start()
+    try:
+        with caplog.at_level(logging.INFO, logger="dbre.storage.retry"):
+            store.put("snapshots/s1", b"manifest")
+    finally:
+        thread.join()
+    assert restarted.is_set()
+    assert any("retrying" in record.getMessage() for record in caplog.records)
+    assert store.get("snapshots/s1") == b"manifest"
+
+
+class _FlakyStore:
+    """A Store whose operations fail with the given errors, in order, before they succeed."""
+
+    url = "flaky://"
+
+    def __init__(self, *failures: Exception) -> None:
+        self.failures = list(failures)
+        self.calls = 0
+        self.data: dict[str, bytes] = {}
+
+    def _maybe_fail(self) -> None:
+        self.calls += 1
+        if self.failures:
+            raise self.failures.pop(0)
+
+    def put(self, key: str, data: bytes, *, if_absent: bool = False) -> None:
+        self._maybe_fail()
+        if if_absent and key in self.data:
+            raise AlreadyExists(f"put {key}: already exists")
+        self.data[key] = data
+
+    def get(self, key: str) -> bytes:
+        self._maybe_fail()
+        return self.data[key]
+
+    def get_range(self, key: str, offset: int, length: int) -> bytes:
+        self._maybe_fail()
+        return self.data[key][offset : offset + length]
+
+    def list(self, prefix: str = "") -> Iterator[str]:
+        for n, key in enumerate(sorted(self.data)):
+            if n == 1:
+                self._maybe_fail()  # fail mid-listing, after one key went out
+            yield key
+
+    def delete(self, key: str) -> None:
+        self._maybe_fail()
+        self.data.pop(key, None)
+
+    def exists(self, key: str) -> bool:
+        self._maybe_fail()
+        return key in self.data
+
+
+def test_retry_transient_until_success() -> None:
+    sleeps: list[float] = []
+    inner = _FlakyStore(*(TransientError(f"put k: busy {n}") for n in range(3)))
+    store = RetryingStore(inner, attempts=4, base_delay=0.1, sleep=sleeps.append)
+    assert isinstance(store, Store)
+    store.put("k", b"v")
+    assert inner.calls == 4
+    assert inner.data == {"k": b"v"}
+    assert len(sleeps) == 3
+    for n, delay in enumerate(sleeps):
+        assert 0.1 * 2**n / 2 <= delay <= 0.1 * 2**n
+
+
+def test_retry_gives_up_after_attempts() -> None:
+    sleeps: list[float] = []
+    inner = _FlakyStore(*(TransientError("get k: busy") for _ in range(10)))
+    store = RetryingStore(inner, attempts=5, sleep=sleeps.append)
+    with pytest.raises(TransientError, match="gave up after 5 attempts"):
+        store.get("k")
+    assert inner.calls == 5
+    assert len(sleeps) == 4
+
+
+@pytest.mark.parametrize(
+    "error", [PermanentError("get k: denied"), NotFound("get k: not found"), AlreadyExists("put k: exists")]
+)
+def test_retry_never_repeats_other_errors(error: Exception) -> None:
+    sleeps: list[float] = []
+    inner = _FlakyStore(error)
+    store = RetryingStore(inner, attempts=5, sleep=sleeps.append)
+    with pytest.raises(type(error)):
+        store.get("k")
+    assert inner.calls == 1
+    assert sleeps == []
+
+
+def test_retry_conditional_put_reports_possible_own_write() -> None:
+    inner = _FlakyStore(TransientError("put k: connection reset"))
+    inner.data["k"] = b"v"  # as if the failed attempt had reached the store
+    store = RetryingStore(inner, sleep=lambda _: None)
+    with pytest.raises(AlreadyExists, match="own earlier write"):
+        store.put("k", b"v", if_absent=True)
+
+
+def test_retry_list_resumes_without_duplicates() -> None:
+    inner = _FlakyStore(TransientError("list: busy"))
+    inner.data = {"a": b"", "b": b"", "c": b""}
+    store = RetryingStore(inner, sleep=lambda _: None)
+    assert list(store.list()) == ["a", "b", "c"]
