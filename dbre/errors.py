@@ -19,6 +19,9 @@ class DbreError(Exception):
     def __str__(self) -> str:
         return f"{self.message} ({self.hint})" if self.hint else self.message
 
+    def __reduce__(self) -> tuple[type, tuple[str, str]]:  # keep the hint across pickling (Prefect)
+        return (self.__class__, (self.message, self.hint))
+
 
 class UsageError(DbreError):
     """Bad input from the user: a wrong option, an unknown name, an unparseable time (exit 2)."""
