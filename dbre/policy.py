@@ -1,0 +1,392 @@
+"""The policy file: which databases, repositories, targets, retention, schedules and alerts there are.
+
+An installation has one policy (YAML, see docs/policy.example.yaml). ``load_policy(path)`` parses and
+validates it into a ``Policy`` or raises ``UsageError`` with one line naming the offending field.
+Secrets never appear in it: keys and tokens are references, ``env:NAME`` (an environment
+variable) or ``prefect-secret:BLOCK`` (a Prefect Secret block), resolved by whoever runs the work
+(the CLI or the Prefect tasks), never here. A literal value in such a field is refused.
+"""
+
+from __future__ import annotations
+
+import re
+import zoneinfo
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import parse_qsl, urlsplit
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    NonNegativeInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from dbre.errors import UsageError
+from dbre.repository.manifest import check_db_name
+from dbre.repository.retention import KeepPolicy
+
+# -- value types ---------------------------------------------------------------------------------
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)\s*(w|d|h|m|s)")
+_UNIT_SECONDS = {"w": 604800, "d": 86400, "h": 3600, "m": 60, "s": 1}
+
+
+def parse_duration(value: object) -> int:
+    """Seconds in a duration such as ``90s``, ``15m``, ``1h``, ``1h30m``, ``2d``, ``1w`` (or a bare number
+    of seconds). Raises ValueError on anything else, or on zero."""
+    if isinstance(value, bool):
+        raise ValueError("not a duration")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str):
+        text = value.strip().lower().replace(" ", "")
+        if text.isdigit():
+            seconds = float(text)
+        else:
+            parts = _DURATION_PART.findall(text)
+            if not parts or "".join(n + u for n, u in parts) != text:
+                raise ValueError(f"cannot parse duration {value!r} (use e.g. 30s, 15m, 1h, 1h30m, 1d)")
+            seconds = sum(float(n) * _UNIT_SECONDS[u] for n, u in parts)
+    else:
+        raise ValueError("not a duration (use e.g. 30s, 15m, 1h, 1d)")
+    if seconds <= 0:
+        raise ValueError("must be longer than zero")
+    return int(round(seconds))
+
+
+def format_duration(seconds: float) -> str:
+    """``3600`` -> ``1h``, ``5400`` -> ``1h30m``, ``45`` -> ``45s``."""
+    rest = int(round(seconds))
+    if rest <= 0:
+        return "0s"
+    out = []
+    for unit in ("d", "h", "m", "s"):
+        n, rest = divmod(rest, _UNIT_SECONDS[unit])
+        if n:
+            out.append(f"{n}{unit}")
+    return "".join(out)
+
+
+ENV_REF = re.compile(r"^env:([A-Za-z_][A-Za-z0-9_]*)$")
+BLOCK_REF = re.compile(r"^prefect-secret:([a-z0-9][a-z0-9-]*)$")
+SECRET_REF_HINT = "write env:VARIABLE or prefect-secret:BLOCK-NAME"
+
+
+def check_secret_ref(value: str) -> str:
+    """Accept ``env:NAME`` or ``prefect-secret:BLOCK``; refuse anything else as a literal secret.
+
+    The message never repeats the value: it may be the very secret that must not be printed."""
+    value = value.strip()
+    if ENV_REF.match(value) or BLOCK_REF.match(value):
+        return value
+    if value.startswith(("env:", "prefect-secret:")):
+        raise ValueError(f"malformed secret reference ({SECRET_REF_HINT}; block names are lowercase, digits, '-')")
+    raise ValueError(f"a literal secret is not allowed in the policy file; {SECRET_REF_HINT}")
+
+
+def _check_url_or_ref(value: str) -> str:
+    value = value.strip()
+    if value.startswith(("env:", "prefect-secret:")):
+        return check_secret_ref(value)
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError("must be an http(s) URL or a reference (env:VARIABLE or prefect-secret:BLOCK-NAME)")
+    return value
+
+
+_SECRET_QUERY_KEYS = {"authtoken", "auth_token", "token", "jwt", "password", "secret"}
+
+
+def _no_credentials_in_url(value: str) -> str:
+    """Refuse URLs that carry credentials (user:password@ or a token in the query string)."""
+    value = value.strip()
+    if not value:
+        raise ValueError("must not be empty")
+    if "://" in value:
+        parts = urlsplit(value)
+        if parts.username or parts.password:
+            raise ValueError("credentials in the URL are not allowed; use auth_token or the AWS environment")
+        if any(k.lower() in _SECRET_QUERY_KEYS for k, _ in parse_qsl(parts.query)):
+            raise ValueError("a token in the URL is not allowed; put it in auth_token as env:VARIABLE")
+    return value
+
+
+def _check_timezone(value: str) -> str:
+    try:
+        zoneinfo.ZoneInfo(value)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        raise ValueError(f"unknown time zone {value!r} (use an IANA name such as UTC or Europe/Berlin)") from None
+    return value
+
+
+_CRON_FIELD = re.compile(r"^(\*|[0-9A-Za-z]+(-[0-9A-Za-z]+)?)(/\d+)?(,(\*|[0-9A-Za-z]+(-[0-9A-Za-z]+)?)(/\d+)?)*$")
+
+
+def _check_cron(value: str) -> str:
+    fields = value.split()
+    if len(fields) != 5 or not all(_CRON_FIELD.match(f) for f in fields):
+        raise ValueError(f"not a 5-field cron expression: {value!r} (e.g. '0 * * * *' for hourly)")
+    return " ".join(fields)
+
+
+def _check_db_name(value: str) -> str:
+    try:
+        return check_db_name(value)
+    except UsageError as err:
+        raise ValueError(err.message) from None
+
+
+Duration = Annotated[int, BeforeValidator(parse_duration)]
+SecretRef = Annotated[str, AfterValidator(check_secret_ref)]
+UrlOrSecretRef = Annotated[str, AfterValidator(_check_url_or_ref)]
+Location = Annotated[str, AfterValidator(_no_credentials_in_url)]
+TimeZone = Annotated[str, AfterValidator(_check_timezone)]
+CronText = Annotated[str, AfterValidator(_check_cron)]
+DbName = Annotated[str, AfterValidator(_check_db_name)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# -- sections ------------------------------------------------------------------------------------
+
+
+class Tier(StrEnum):
+    """How much the business depends on a database: orders drills, reports and alert urgency."""
+
+    critical = "critical"
+    high = "high"
+    standard = "standard"
+    low = "low"
+
+
+class DatabasePolicy(_Model):
+    """One database to protect."""
+
+    name: DbName
+    source: Location = Field(description="A file path, or a libsql:// / http(s):// / ws(s):// URL")
+    auth_token: SecretRef | None = Field(default=None, description="Token: env:VAR or prefect-secret:BLOCK")
+    tier: Tier = Tier.standard
+    rpo: Duration = Field(description="Recovery point objective, e.g. 1h: the most data one may lose")
+    rto: Duration = Field(description="Recovery time objective, e.g. 15m: the longest a restore may take")
+    checksums: bool = True
+    expectations: str | None = Field(default=None, description="Folder of Great Expectations suites for this database")
+    owner: str | None = None
+
+
+class Repositories(_Model):
+    """Where snapshots go: the primary repository and offsite copies (the fourth layer)."""
+
+    primary: Location
+    offsite: list[Location] = Field(default_factory=list)
+    encryption_key: SecretRef | None = None
+
+    @field_validator("offsite", mode="before")
+    @classmethod
+    def _one_or_many(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
+
+
+class Retention(_Model):
+    """Which snapshots to keep, in restic's terms; ``prune`` then frees the space of the rest."""
+
+    keep_last: NonNegativeInt = 0
+    keep_hourly: NonNegativeInt = 0
+    keep_daily: NonNegativeInt = 0
+    keep_weekly: NonNegativeInt = 0
+    keep_monthly: NonNegativeInt = 0
+    keep_yearly: NonNegativeInt = 0
+    prune: bool = True
+
+    @model_validator(mode="after")
+    def _some_rule(self) -> Retention:
+        if not any((self.keep_last, self.keep_hourly, self.keep_daily, self.keep_weekly, self.keep_monthly,
+                    self.keep_yearly)):
+            raise ValueError("keeps nothing: set at least one keep_* above zero")
+        return self
+
+    def keep_policy(self) -> KeepPolicy:
+        return KeepPolicy(self.keep_last, self.keep_hourly, self.keep_daily, self.keep_weekly,
+                          self.keep_monthly, self.keep_yearly)
+
+
+class Schedule(_Model):
+    """When one workflow runs: a cron expression in a time zone (the section's default if unset)."""
+
+    cron: CronText
+    timezone: TimeZone | None = None
+    enabled: bool = True
+
+
+WORKFLOWS = ("backup_hourly", "backup_nightly", "verify_weekly", "drill_monthly", "report_quarterly")
+
+
+class Schedules(_Model):
+    """One schedule per scheduled workflow; restore has none (it runs on demand)."""
+
+    timezone: TimeZone = "UTC"
+    backup_hourly: Schedule = Schedule(cron="0 * * * *")
+    backup_nightly: Schedule = Schedule(cron="30 1 * * *")
+    verify_weekly: Schedule = Schedule(cron="0 4 * * 0")
+    drill_monthly: Schedule = Schedule(cron="0 3 1 * *")
+    report_quarterly: Schedule = Schedule(cron="0 6 1 1,4,7,10 *")
+
+    @model_validator(mode="after")
+    def _fill_timezones(self) -> Schedules:
+        for name in WORKFLOWS:
+            sched: Schedule = getattr(self, name)
+            if sched.timezone is None:
+                setattr(self, name, sched.model_copy(update={"timezone": self.timezone}))
+        return self
+
+    def items(self) -> list[tuple[str, Schedule]]:
+        return [(name, getattr(self, name)) for name in WORKFLOWS]
+
+
+class Drills(_Model):
+    """Recovery drills: how often, what to restore, when a missing drill becomes a warning."""
+
+    cadence: Literal["weekly", "monthly", "quarterly"] = "monthly"
+    target: Literal["newest", "random"] = "newest"
+    warn_after_days: int = Field(default=90, ge=1)
+    scratch_dir: str | None = None
+
+
+AlertEvent = Literal["backup_failure", "backup_delay", "storage_capacity", "verify_failure", "drill_failure",
+                     "drill_missed"]
+ALERT_EVENTS: tuple[AlertEvent, ...] = ("backup_failure", "backup_delay", "storage_capacity", "verify_failure",
+                                        "drill_failure", "drill_missed")
+
+
+class AlertChannel(_Model):
+    """Where alerts go: a webhook (Slack, Teams, a pager) or a Prefect notification block."""
+
+    name: str = Field(min_length=1)
+    kind: Literal["webhook", "prefect-block"] = "webhook"
+    url: UrlOrSecretRef | None = Field(default=None, description="Webhook URL, or a reference to it")
+    block: str | None = Field(default=None, description="Name of a Prefect notification block (kind prefect-block)")
+    events: list[AlertEvent] = Field(default_factory=lambda: list(ALERT_EVENTS))
+
+    @model_validator(mode="after")
+    def _target(self) -> AlertChannel:
+        if self.kind == "webhook" and not self.url:
+            raise ValueError("a webhook channel needs url")
+        if self.kind == "prefect-block" and not self.block:
+            raise ValueError("a prefect-block channel needs block")
+        return self
+
+
+class Fleet(_Model):
+    """How a fleet backup fans out: concurrent backups per run, the task runner, a global limit."""
+
+    max_concurrency: int = Field(default=4, ge=1, le=1024)
+    task_runner: Literal["thread", "dask"] = "thread"
+    dask_address: str | None = Field(default=None, description="A running Dask scheduler; unset starts a local cluster")
+    concurrency_limit: str | None = Field(default="dbre-backup", description="Global limit shared by runs")
+    concurrency_limit_slots: int = Field(default=8, ge=1)
+
+
+class Policy(_Model):
+    """A whole installation's policy."""
+
+    version: Literal[1] = 1
+    repositories: Repositories
+    databases: list[DatabasePolicy] = Field(min_length=1)
+    retention: Retention
+    schedules: Schedules = Schedules()
+    drills: Drills = Drills()
+    alerts: list[AlertChannel] = Field(default_factory=list)
+    fleet: Fleet = Fleet()
+
+    @field_validator("databases")
+    @classmethod
+    def _unique_names(cls, dbs: list[DatabasePolicy]) -> list[DatabasePolicy]:
+        seen: set[str] = set()
+        for db in dbs:
+            if db.name in seen:
+                raise ValueError(f"database {db.name!r} appears twice")
+            seen.add(db.name)
+        return dbs
+
+    def database(self, name: str) -> DatabasePolicy:
+        for db in self.databases:
+            if db.name == name:
+                return db
+        known = ", ".join(d.name for d in self.databases)
+        raise UsageError(f"database {name!r} is not in the policy", f"known databases: {known}")
+
+    def select(self, names: list[str] | None) -> list[DatabasePolicy]:
+        """The named databases (all when ``names`` is empty), in policy order."""
+        if not names:
+            return list(self.databases)
+        return [self.database(n) for n in names]
+
+
+# -- loading -------------------------------------------------------------------------------------
+
+
+def _where(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part.startswith(("function-", "literal[")) or "[" in part:
+            continue  # pydantic's name for a validator or a union member, not a field
+        else:
+            out += f".{part}" if out else part
+    return out or "(top level)"
+
+
+def _describe(err: ValidationError) -> str:
+    """One line from a ValidationError: field path and reason of the first problem, then a count.
+
+    Built from ``loc`` and ``msg`` only: pydantic's own text repeats the input, which may be a secret."""
+    errors = err.errors(include_url=False, include_input=False)
+    first = errors[0]
+    msg = str(first["msg"]).removeprefix("Value error, ").removeprefix("Assertion failed, ")
+    if first["type"] == "missing":
+        msg = "is required"
+    elif first["type"] == "extra_forbidden":
+        msg = "is not a known field"
+    line = f"{_where(first['loc'])}: {msg}"
+    if len(errors) > 1:
+        line += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
+    return line
+
+
+def parse_policy(data: Any, origin: str = "policy") -> Policy:
+    """Validate already-parsed YAML/JSON data into a Policy; ``origin`` names it in errors."""
+    if not isinstance(data, dict):
+        raise UsageError(f"{origin}: the policy must be a mapping of sections", "see docs/policy.example.yaml")
+    try:
+        return Policy.model_validate(data)
+    except ValidationError as err:
+        raise UsageError(f"{origin}: {_describe(err)}", "see docs/policy.example.yaml") from None
+
+
+def load_policy(path: str | Path) -> Policy:
+    """Read and validate a policy file; UsageError with one line (file, field, reason) if it is wrong."""
+    p = Path(path).expanduser()
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UsageError(f"policy {p}: no such file", "pass the path of the policy file (DBRE_POLICY)") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise UsageError(f"policy {p}: cannot read it ({err})", "check the file") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or err.__class__.__name__
+        raise UsageError(f"policy {p}: invalid YAML{where}: {problem}", "fix the YAML syntax") from None
+    return parse_policy(data, f"policy {p}")
