@@ -222,7 +222,14 @@ class Repository:
     def write_manifest(self, manifest: Manifest) -> int:
         """Commit a snapshot: the conditional put of its manifest is the last write of a backup."""
         data = self.sealer.seal(manifest.to_json())
-        self.store.put(snapshot_key(manifest.db, manifest.id), data, if_absent=True)
+        key = snapshot_key(manifest.db, manifest.id)
+        try:
+            self.store.put(key, data, if_absent=True)
+        except AlreadyExists:
+            # a retried put may find its own first attempt; anything else is a real conflict
+            if self.store.get(key) != data:
+                raise
+
         self._manifests[(manifest.db, manifest.id)] = manifest
         return len(data)
 

@@ -10,12 +10,15 @@ __all__ = ["AlreadyExists", "NotFound", "PermanentError", "StorageError", "Store
 def open_store(url: str) -> Store:
     """Open the store a repository URL names: ``s3://bucket/prefix`` or a local directory path.
 
-    The S3 backend (and boto3) is imported only when an ``s3://`` URL is used.
+    The S3 backend (and botocore) is imported only when an ``s3://`` URL is used; it is wrapped
+    in ``RetryingStore`` so that transient failures (throttling, 5xx, a dropped connection) are
+    retried with backoff.
     """
     if url.startswith("s3://"):
+        from dbre.storage.retry import RetryingStore
         from dbre.storage.s3 import S3Store
 
-        return S3Store.from_url(url)
+        return RetryingStore(S3Store.from_url(url))
     if "://" in url:
         from dbre.errors import UsageError
 
