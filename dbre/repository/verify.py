@@ -47,8 +47,11 @@ class VerifyReport:
 
 
 def verify(repo: Repository, db: str | None = None, *, read_data: bool = False,
-           progress: Progress | None = None) -> VerifyReport:
-    """Check the snapshots (of ``db``); with ``read_data`` read and check every pack they use."""
+           progress: Progress | None = None, packs_filter: Callable[[str], bool] | None = None) -> VerifyReport:
+    """Check the snapshots (of ``db``); with ``read_data`` read and check every pack they use.
+
+    ``packs_filter(pack_id)`` limits ``read_data`` to the packs it accepts (a rotating subset, see
+    ``dbre.validate.subset``); manifests and page maps are always checked in full."""
     report = VerifyReport()
     present = repo.pack_ids()
     # blobs each pack must hold, as (offset, length) -> snapshots that need it
@@ -80,7 +83,7 @@ def verify(repo: Repository, db: str | None = None, *, read_data: bool = False,
             needed[run.pack].add((run.offset, run.length))
     report.packs = len(users)
     if read_data:
-        targets = sorted(p for p in users if p in present)
+        targets = sorted(p for p in users if p in present and (packs_filter is None or packs_filter(p)))
         for i, pack in enumerate(targets):
             _read_pack(repo, pack, needed.get(pack, set()), users[pack], report)
             if progress:
