@@ -181,6 +181,10 @@ class DatabasePolicy(_Model):
     checksums: bool = True
     expectations: str | None = Field(default=None, description="Folder of Great Expectations suites for this database")
     owner: str | None = None
+    # -- read by the requirements report (dbre.report.requirements) --
+    critical_tables: list[str] = Field(default_factory=list, description="Tables whose loss stops the business")
+    compliance: list[str] = Field(default_factory=list, description="Regulations and contracts, e.g. 'GDPR: ...'")
+    min_retention: Duration | None = Field(default=None, description="Shortest retention a regulation allows, e.g. 1y")
 
 
 class Repositories(_Model):
@@ -295,6 +299,27 @@ class Fleet(_Model):
     concurrency_limit_slots: int = Field(default=8, ge=1)
 
 
+# -- sections read by the requirements report and the documents it writes ------------------------
+
+
+class Contact(_Model):
+    """A person or rota the runbook lists: who to call, how, and when they answer."""
+
+    role: str = Field(min_length=1, description="e.g. primary on-call, DBA, tech lead, escalation")
+    name: str = Field(min_length=1)
+    reach: str = Field(default="", description="How to reach them: phone, Slack channel, e-mail, pager")
+    hours: str = Field(default="24/7", description="When they answer, e.g. 24/7 or business hours")
+
+
+class Costs(_Model):
+    """Storage prices for the cost projection; defaults are S3 Standard in us-east-1 (GB = 2^30 bytes)."""
+
+    storage_gb_month: float = Field(default=0.023, ge=0)
+    put_per_1000: float = Field(default=0.005, ge=0, description="PUT, COPY, POST and LIST requests")
+    get_per_1000: float = Field(default=0.0004, ge=0, description="GET and all other requests")
+    currency: str = "USD"
+
+
 class Policy(_Model):
     """A whole installation's policy."""
 
@@ -306,6 +331,9 @@ class Policy(_Model):
     drills: Drills = Drills()
     alerts: list[AlertChannel] = Field(default_factory=list)
     fleet: Fleet = Fleet()
+    contacts: list[Contact] = Field(default_factory=list)
+    compliance: list[str] = Field(default_factory=list, description="Installation-wide regulations and contracts")
+    costs: Costs = Costs()
 
     @field_validator("databases")
     @classmethod
