@@ -170,6 +170,9 @@ def backup(
         from dbre.sources import open_source
 
         src = open_source(source, _token())
+        check = getattr(src, "check", None)
+        if check is not None:
+            check()  # a missing or non-SQLite file fails before a repository is created for it
         repository = Repository.open_or_init(repo, _key(key_file))
         with _progress("backup", not json_out) as bar:
             result = run_backup(repository, src, db, checksums=checksums, progress=bar)
