@@ -1,0 +1,521 @@
+"""Backup health per database: the seed's metrics, the alerts they raise, Prometheus text, webhooks.
+
+Metrics (targets and warning levels from the seed's table):
+  backup success rate   target 100 %, warn below 99 %. Two sources, in this order:
+                        1. records of kind "backups" ({"ok": bool, ...}, see ``record_backup``) that
+                           the backup flow writes for every attempt, failed ones included;
+                        2. without such records, snapshots against the expected schedule: each
+                           complete interval of the policy's backup crons (hourly and nightly)
+                           that holds a snapshot counts as a success. Only the span in which the
+                           retention keeps every snapshot is counted (older intervals would look
+                           missed because retention forgot them on purpose).
+                        ``backup_success_basis`` says which one a figure comes from.
+  RPO attainment        share of the window in which the newest restorable point was no older
+                        than the RPO (from snapshot times, over the same span as above).
+  RTO attainment        share of the last 12 drills whose time to a validated restore met the RTO.
+  drill frequency       days since the last passed drill; warn after ``drills.warn_after_days`` (90).
+  storage               bytes used (exact for a local repository or a store offering ``usage()``,
+                        else estimated from the bytes each kept snapshot added), bytes added per
+                        day over the last 7 days, and days until a quota fills at that pace.
+Alerts: backup_failure, backup_delay (newest restorable point older than the RPO),
+storage_capacity (over ``storage_threshold`` of the quota), drill_missed, drill_failure. Any
+alert makes ``dbre status`` exit 1 and the status flow fail, with one line per alert.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import math
+import os
+import urllib.error
+import urllib.request
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from dbre.errors import DbreError
+from dbre.repository.manifest import Manifest, iso, now_utc, parse_time
+from dbre.repository.repo import Repository
+
+if TYPE_CHECKING:
+    from dbre.policy import Policy
+
+SUCCESS_WARN = 0.99
+DRILL_WARN_DAYS = 90
+RTO_DRILLS = 12  # RTO attainment over this many recent drills (a year of monthly drills)
+GROWTH_DAYS = 7
+DEFAULT_WINDOW = timedelta(days=30)
+BACKUPS_KIND = "backups"
+
+
+def record_backup(repo: Repository, db: str, *, ok: bool, started_at: datetime, seconds: float | None = None,
+                  snapshot: str | None = None, error: str | None = None) -> str:
+    """Note one backup attempt (kind "backups"): what the success rate counts. Returns the record id."""
+    return repo.put_record(BACKUPS_KIND, db, {"ok": ok, "started_at": iso(started_at), "seconds": seconds,
+                                               "snapshot": snapshot, "error": error})
+
+
+# -- what the metrics are measured against -------------------------------------------------------
+
+
+@dataclass
+class Expectations:
+    """Targets for one database: from the policy, or defaults that never alert on RPO/RTO."""
+
+    rpo_seconds: float | None = None
+    rto_seconds: float | None = None
+    drill_warn_days: float = DRILL_WARN_DAYS
+    schedules: list[tuple[str, str]] = field(default_factory=list)  # (cron, time zone) of backups
+    dense_seconds: float | None = None  # how far back retention keeps every scheduled snapshot
+
+    @classmethod
+    def from_policy(cls, policy: Policy | None, db: str) -> Expectations:
+        if policy is None:
+            return cls()
+        entry = next((d for d in policy.databases if d.name == db), None)
+        schedules = [(s.cron, s.timezone or policy.schedules.timezone)
+                     for name, s in policy.schedules.items() if name.startswith("backup_") and s.enabled]
+        interval = _shortest_interval(schedules)
+        r = policy.retention
+        dense = None
+        if interval:
+            spans = [r.keep_last * interval]
+            for keep, bucket in ((r.keep_hourly, 3600), (r.keep_daily, 86400), (r.keep_weekly, 7 * 86400),
+                                 (r.keep_monthly, 30 * 86400), (r.keep_yearly, 365 * 86400)):
+                if interval * 1.01 >= bucket:  # one kept per bucket is every snapshot only if one is taken
+                    spans.append(keep * bucket)
+            dense = max(spans) or None
+        return cls(rpo_seconds=float(entry.rpo) if entry else None, rto_seconds=float(entry.rto) if entry else None,
+                   drill_warn_days=float(policy.drills.warn_after_days), schedules=schedules, dense_seconds=dense)
+
+
+def _shortest_interval(schedules: list[tuple[str, str]]) -> float | None:
+    best = None
+    for cron, tz in schedules:
+        times = _fire_times(cron, tz, now_utc() - timedelta(days=2), now_utc())
+        gaps = [(b - a).total_seconds() for a, b in zip(times, times[1:], strict=False)]
+        if gaps:
+            best = min(best or math.inf, min(gaps))
+    return best
+
+
+def _fire_times(cron: str, tz: str, start: datetime, end: datetime) -> list[datetime]:
+    """When a cron fires between ``start`` and ``end`` (UTC datetimes), in UTC."""
+    from zoneinfo import ZoneInfo
+
+    from cronsim import CronSim  # a small pure-Python cron evaluator (installed with Prefect)
+
+    zone = ZoneInfo(tz)
+    out = []
+    for t in CronSim(cron, start.astimezone(zone)):
+        t_utc = t.astimezone(start.tzinfo)
+        if t_utc > end:
+            break
+        out.append(t_utc)
+    return out
+
+
+# -- results -------------------------------------------------------------------------------------
+
+
+@dataclass
+class Alert:
+    event: str  # backup_failure | backup_delay | storage_capacity | drill_missed | drill_failure
+    severity: str  # critical | warning
+    message: str
+    db: str | None = None
+
+
+@dataclass
+class DatabaseStatus:
+    db: str
+    snapshots: int = 0
+    newest_snapshot_at: str | None = None
+    newest_restorable_age_seconds: float | None = None
+    size_bytes: int | None = None
+    rpo_target_seconds: float | None = None
+    rto_target_seconds: float | None = None
+    backup_success_rate: float | None = None
+    backup_success_basis: str | None = None  # "records" | "schedule"
+    backups_expected: int | None = None
+    backups_succeeded: int | None = None
+    backups_failed: int | None = None
+    rpo_attainment: float | None = None
+    rto_attainment: float | None = None
+    drills: int = 0
+    last_drill_at: str | None = None
+    last_drill_passed: bool | None = None
+    last_drill_rto_seconds: float | None = None
+    last_successful_drill_at: str | None = None
+    days_since_successful_drill: float | None = None
+    storage_bytes: int | None = None
+    added_bytes_per_day: float | None = None
+    window_start: str | None = None
+    alerts: list[Alert] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.alerts
+
+
+@dataclass
+class Status:
+    repository: str
+    generated_at: str
+    databases: list[DatabaseStatus]
+    storage_bytes: int
+    storage_exact: bool
+    quota_bytes: int | None = None
+    storage_threshold: float | None = None
+    days_until_quota: float | None = None
+    alerts: list[Alert] = field(default_factory=list)
+
+    @property
+    def all_alerts(self) -> list[Alert]:
+        return self.alerts + [a for d in self.databases for a in d.alerts]
+
+    @property
+    def ok(self) -> bool:
+        return not self.all_alerts
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["ok"] = self.ok
+        d["alerts"] = [asdict(a) for a in self.all_alerts]
+        for db in d["databases"]:
+            db.pop("alerts", None)
+        return d
+
+
+# -- computing -----------------------------------------------------------------------------------
+
+
+def compute_status(repo: Repository, *, policy: Policy | None = None, dbs: list[str] | None = None,
+                   now: datetime | None = None, window: timedelta = DEFAULT_WINDOW, quota_bytes: int | None = None,
+                   storage_threshold: float = 0.8) -> Status:
+    """Status of every database in the repository (and every database the policy lists)."""
+    now = now or now_utc()
+    names = set(repo.databases())
+    if policy is not None:
+        names |= {d.name for d in policy.databases}
+    if dbs:
+        names = set(dbs)
+    storage, exact, per_db = storage_used(repo)
+    statuses = [database_status(repo, db, Expectations.from_policy(policy, db), now=now, window=window,
+                                storage=per_db.get(db))
+                for db in sorted(names)]
+    status = Status(repository=repo.url, generated_at=iso(now), databases=statuses, storage_bytes=storage,
+                    storage_exact=exact, quota_bytes=quota_bytes,
+                    storage_threshold=storage_threshold if quota_bytes else None)
+    growth = sum(s.added_bytes_per_day or 0.0 for s in statuses)
+    if quota_bytes:
+        if growth > 0:
+            status.days_until_quota = round(max(0.0, quota_bytes - storage) / growth, 1)
+        used = storage / quota_bytes
+        if used >= storage_threshold:
+            status.alerts.append(Alert(
+                "storage_capacity", "critical" if used >= 1 else "warning",
+                f"repository {repo.url} uses {_size(storage)} of its {_size(quota_bytes)} quota ({used:.0%}, "
+                f"threshold {storage_threshold:.0%})" + (f"; full in {status.days_until_quota:.0f} days at the "
+                                                         f"current pace" if status.days_until_quota else "")))
+    return status
+
+
+def database_status(repo: Repository, db: str, exp: Expectations, *, now: datetime, window: timedelta,
+                    storage: int | None = None) -> DatabaseStatus:
+    st = DatabaseStatus(db=db, rpo_target_seconds=exp.rpo_seconds, rto_target_seconds=exp.rto_seconds,
+                        storage_bytes=storage)
+    snaps = [m for m in repo.snapshots(db) if m.time <= now]
+    st.snapshots = len(snaps)
+    if snaps:
+        newest = snaps[-1]
+        st.newest_snapshot_at = newest.taken_at
+        st.newest_restorable_age_seconds = round((now - newest.time).total_seconds(), 3)
+        st.size_bytes = newest.size
+        recent = [m for m in snaps if m.time >= now - timedelta(days=GROWTH_DAYS)]
+        st.added_bytes_per_day = round(sum(int(m.stats.get("bytes_added", 0)) for m in recent) / GROWTH_DAYS, 1)
+    start = now - window
+    if exp.dense_seconds:
+        start = max(start, now - timedelta(seconds=exp.dense_seconds))
+    if snaps:
+        start = max(start, snaps[0].time)
+    st.window_start = iso(start)
+    _backup_rate(repo, st, exp, snaps, start, now)
+    if exp.rpo_seconds and snaps:
+        st.rpo_attainment = rpo_attainment([m.time for m in snaps], exp.rpo_seconds, start, now)
+    _drills(repo, st, exp, snaps, now)
+    _alerts(st, exp)
+    return st
+
+
+def _backup_rate(repo: Repository, st: DatabaseStatus, exp: Expectations, snaps: list[Manifest],
+                 start: datetime, now: datetime) -> None:
+    attempts = [r for r in repo.records(BACKUPS_KIND, st.db) if _time(r.get("started_at")) is not None]
+    in_window = [r for r in attempts if start <= _time(r["started_at"]) <= now]  # type: ignore[operator]
+    if in_window:
+        ok = sum(1 for r in in_window if r.get("ok"))
+        st.backup_success_basis = "records"
+        st.backups_expected = len(in_window)
+        st.backups_succeeded = ok
+        st.backups_failed = len(in_window) - ok
+        st.backup_success_rate = round(ok / len(in_window), 4)
+        last = attempts[-1]
+        if not last.get("ok"):
+            st.alerts.append(Alert("backup_failure", "critical",
+                                   f"{st.db}: the last backup ({last.get('started_at')}) failed: "
+                                   f"{last.get('error') or 'no reason recorded'}", st.db))
+        return
+    if not exp.schedules or not snaps:
+        return
+    slots = sorted({t for cron, tz in exp.schedules for t in _fire_times(cron, tz, start, now)})
+    times = [m.time for m in snaps]
+    expected = hit = 0
+    for a, b in zip(slots, slots[1:], strict=False):  # complete intervals only
+        expected += 1
+        i = bisect.bisect_left(times, a)
+        if i < len(times) and times[i] < b:
+            hit += 1
+    if expected:
+        st.backup_success_basis = "schedule"
+        st.backups_expected = expected
+        st.backups_succeeded = hit
+        st.backups_failed = expected - hit
+        st.backup_success_rate = round(hit / expected, 4)
+
+
+def rpo_attainment(times: list[datetime], rpo_seconds: float, start: datetime, end: datetime) -> float | None:
+    """Share of [start, end] in which the newest snapshot at or before each moment was at most RPO old."""
+    span = (end - start).total_seconds()
+    if span <= 0:
+        return None
+    times = sorted(times)
+    bad = 0.0
+    for i, t in enumerate(times):
+        nxt = times[i + 1] if i + 1 < len(times) else end
+        late_from = max(t + timedelta(seconds=rpo_seconds), start)
+        late_to = min(nxt, end)
+        if late_to > late_from:
+            bad += (late_to - late_from).total_seconds()
+    first = times[0] if times else end
+    if first > start:  # before the first snapshot nothing was restorable
+        bad += (min(first, end) - start).total_seconds()
+    return round(max(0.0, 1 - bad / span), 4)
+
+
+def _drills(repo: Repository, st: DatabaseStatus, exp: Expectations, snaps: list[Manifest], now: datetime) -> None:
+    drills = [r for r in repo.records("drills", st.db) if _time(r.get("started_at")) is not None]
+    st.drills = len(drills)
+    if drills:
+        last = drills[-1]
+        st.last_drill_at = last["started_at"]
+        st.last_drill_passed = bool(last.get("passed"))
+        st.last_drill_rto_seconds = last.get("rto_seconds")
+        recent = drills[-RTO_DRILLS:]
+        st.rto_attainment = round(sum(1 for r in recent if r.get("rto_met")) / len(recent), 4)
+        if not last.get("passed"):
+            why = "; ".join((last.get("failures") or [])[:3]) or "see its report"
+            st.alerts.append(Alert("drill_failure", "critical",
+                                   f"{st.db}: the last drill ({last['started_at']}) failed: {why}", st.db))
+    passed = [r for r in drills if r.get("passed")]
+    if passed:
+        st.last_successful_drill_at = passed[-1]["started_at"]
+        st.days_since_successful_drill = round((now - _time(passed[-1]["started_at"])).total_seconds()  # type: ignore[operator]
+                                               / 86400, 2)
+        if st.days_since_successful_drill > exp.drill_warn_days:
+            st.alerts.append(Alert("drill_missed", "warning",
+                                   f"{st.db}: no drill has passed for {st.days_since_successful_drill:.0f} days "
+                                   f"(warn after {exp.drill_warn_days:.0f})", st.db))
+    elif snaps and (now - snaps[0].time).total_seconds() > exp.drill_warn_days * 86400:
+        st.alerts.append(Alert("drill_missed", "warning",
+                               f"{st.db}: backed up since {snaps[0].taken_at[:10]} and no drill has ever passed "
+                               f"(warn after {exp.drill_warn_days:.0f} days)", st.db))
+
+
+def _alerts(st: DatabaseStatus, exp: Expectations) -> None:
+    if st.snapshots == 0:
+        st.alerts.append(Alert("backup_delay", "critical", f"{st.db}: no snapshot in the repository", st.db))
+    elif exp.rpo_seconds and (st.newest_restorable_age_seconds or 0) > exp.rpo_seconds:
+        st.alerts.append(Alert("backup_delay", "critical",
+                               f"{st.db}: the newest restorable point is {_dur(st.newest_restorable_age_seconds)} "
+                               f"old, over the RPO of {_dur(exp.rpo_seconds)} (snapshot {st.newest_snapshot_at})",
+                               st.db))
+    if st.backup_success_rate is not None and st.backup_success_rate < SUCCESS_WARN \
+            and not any(a.event == "backup_failure" for a in st.alerts):
+        what = "attempts failed" if st.backup_success_basis == "records" else "scheduled backups missing"
+        st.alerts.append(Alert("backup_failure", "warning",
+                               f"{st.db}: backup success rate {st.backup_success_rate:.1%} since "
+                               f"{(st.window_start or '')[:16]} ({st.backups_failed} of {st.backups_expected} "
+                               f"{what}; warn below {SUCCESS_WARN:.0%})", st.db))
+
+
+def _time(text: Any) -> datetime | None:
+    if not text:
+        return None
+    try:
+        return parse_time(str(text))
+    except DbreError:
+        return None
+
+
+def _dur(seconds: float | None) -> str:
+    s = float(seconds or 0)
+    if s >= 2 * 86400:
+        return f"{s / 86400:.1f} days"
+    if s >= 2 * 3600:
+        return f"{s / 3600:.1f} h"
+    if s >= 120:
+        return f"{s / 60:.0f} min"
+    return f"{s:.0f} s"
+
+
+def _size(n: float) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(value) < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} TiB"
+
+
+# -- storage -------------------------------------------------------------------------------------
+
+
+def storage_used(repo: Repository) -> tuple[int, bool, dict[str, int]]:
+    """(bytes used, exact?, bytes added by each database's kept snapshots).
+
+    Exact when the store can say (a ``usage()`` method returning bytes, or a local directory);
+    otherwise the sum of what the kept snapshots added, a lower bound that misses packs of
+    forgotten snapshots still shared by kept ones."""
+    per_db: dict[str, int] = {}
+    for m in repo.snapshots():
+        per_db[m.db] = per_db.get(m.db, 0) + int(m.stats.get("bytes_added", 0))
+    store: Any = repo.store
+    inner = getattr(store, "store", None)  # RetryingStore wraps the backend
+    for s in (store, inner):
+        usage = getattr(s, "usage", None)
+        if callable(usage):
+            return int(usage()), True, per_db
+        root = getattr(s, "root", None)
+        if isinstance(root, Path) and root.is_dir():
+            total = 0
+            for dirpath, _, files in os.walk(root):
+                for f in files:
+                    try:
+                        total += (Path(dirpath) / f).stat().st_size
+                    except OSError:
+                        continue  # removed meanwhile (a prune, a temp file renamed)
+            return total, True, per_db
+    return sum(per_db.values()), False, per_db
+
+
+# -- output --------------------------------------------------------------------------------------
+
+
+def _labels(**kv: Any) -> str:
+    parts = []
+    for k, v in kv.items():
+        text = str(v).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+        parts.append(f'{k}="{text}"')
+    return "{" + ",".join(parts) + "}"
+
+
+_HELP = {
+    "dbre_backup_success_ratio": ("gauge", "Share of backups that succeeded in the window (target 1, warn < 0.99)"),
+    "dbre_rpo_attainment_ratio": ("gauge", "Share of the window in which the newest restorable point met the RPO"),
+    "dbre_rto_attainment_ratio": ("gauge", "Share of the last 12 drills that met the RTO"),
+    "dbre_newest_restorable_age_seconds": ("gauge", "Age of the newest restorable point"),
+    "dbre_rpo_target_seconds": ("gauge", "RPO from the policy"),
+    "dbre_rto_target_seconds": ("gauge", "RTO from the policy"),
+    "dbre_last_drill_rto_seconds": ("gauge", "Time to a validated restore in the last drill"),
+    "dbre_last_drill_passed": ("gauge", "1 when the last drill passed"),
+    "dbre_days_since_successful_drill": ("gauge", "Days since the last drill that passed (warn after 90)"),
+    "dbre_snapshots": ("gauge", "Snapshots kept in the repository"),
+    "dbre_database_size_bytes": ("gauge", "Size of the database in its newest snapshot"),
+    "dbre_storage_added_bytes_per_day": ("gauge", "Bytes added to the repository per day over the last 7 days"),
+    "dbre_repository_storage_bytes": ("gauge", "Bytes the repository uses"),
+    "dbre_repository_quota_bytes": ("gauge", "Storage quota of the repository"),
+    "dbre_alert": ("gauge", "1 for each active alert"),
+    "dbre_status_timestamp_seconds": ("gauge", "When this status was computed"),
+}
+
+
+def prometheus_text(status: Status) -> str:
+    """The status in Prometheus text exposition format (for a node-exporter textfile collector)."""
+    series: dict[str, list[str]] = {name: [] for name in _HELP}
+
+    def add(name: str, labels: dict[str, Any], value: float | int | bool | None) -> None:
+        if value is None:
+            return
+        series[name].append(f"{name}{_labels(**labels)} {float(value):.6g}")
+
+    repo = {"repository": status.repository}
+    for d in status.databases:
+        lab = {**repo, "db": d.db}
+        add("dbre_backup_success_ratio", lab, d.backup_success_rate)
+        add("dbre_rpo_attainment_ratio", lab, d.rpo_attainment)
+        add("dbre_rto_attainment_ratio", lab, d.rto_attainment)
+        add("dbre_newest_restorable_age_seconds", lab, d.newest_restorable_age_seconds)
+        add("dbre_rpo_target_seconds", lab, d.rpo_target_seconds)
+        add("dbre_rto_target_seconds", lab, d.rto_target_seconds)
+        add("dbre_last_drill_rto_seconds", lab, d.last_drill_rto_seconds)
+        add("dbre_last_drill_passed", lab, None if d.last_drill_passed is None else int(d.last_drill_passed))
+        add("dbre_days_since_successful_drill", lab, d.days_since_successful_drill)
+        add("dbre_snapshots", lab, d.snapshots)
+        add("dbre_database_size_bytes", lab, d.size_bytes)
+        add("dbre_storage_added_bytes_per_day", lab, d.added_bytes_per_day)
+    add("dbre_repository_storage_bytes", {**repo, "exact": str(status.storage_exact).lower()}, status.storage_bytes)
+    add("dbre_repository_quota_bytes", repo, status.quota_bytes)
+    for a in status.all_alerts:
+        add("dbre_alert", {**repo, "db": a.db or "", "event": a.event, "severity": a.severity}, 1)
+    add("dbre_status_timestamp_seconds", repo, parse_time(status.generated_at).timestamp())
+    out = []
+    for name, lines in series.items():
+        if lines:
+            kind, help_text = _HELP[name]
+            out += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", *lines]
+    return "\n".join(out) + "\n"
+
+
+def write_prometheus(path: str | os.PathLike[str], status: Status) -> None:
+    """Write the textfile atomically: the collector never reads half a file."""
+    p = Path(path)
+    tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
+    tmp.write_text(prometheus_text(status))
+    os.replace(tmp, p)
+
+
+def alert_payload(status: Status, alerts: list[Alert] | None = None) -> dict[str, Any]:
+    """The JSON a webhook receives: a one-line summary, each alert, and where they come from."""
+    alerts = status.all_alerts if alerts is None else alerts
+    worst = "critical" if any(a.severity == "critical" for a in alerts) else "warning"
+    return {
+        "source": "dbre",
+        "repository": status.repository,
+        "generated_at": status.generated_at,
+        "severity": worst if alerts else "ok",
+        "text": f"dbre: {len(alerts)} alert{'s' if len(alerts) != 1 else ''} for {status.repository}: "
+                + "; ".join(a.message for a in alerts[:5]) if alerts else f"dbre: {status.repository} is healthy",
+        "alerts": [asdict(a) for a in alerts],
+    }
+
+
+class NotifyError(DbreError):
+    """A notification could not be delivered."""
+
+
+def send_webhook(url: str, payload: dict[str, Any], *, timeout: float = 10.0) -> int:
+    """POST ``payload`` as JSON to ``url``; returns the HTTP status, NotifyError when it fails.
+
+    The URL is never printed (a webhook URL usually embeds its token)."""
+    req = urllib.request.Request(url, data=json.dumps(payload, default=str).encode(), method="POST",
+                                 headers={"Content-Type": "application/json", "User-Agent": "dbre"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310 - the URL is the user's
+            return int(resp.status)
+    except urllib.error.HTTPError as err:
+        raise NotifyError(f"webhook: the server answered HTTP {err.code}", "check the webhook URL") from None
+    except (urllib.error.URLError, OSError) as err:
+        reason = getattr(err, "reason", err)
+        raise NotifyError(f"webhook: cannot reach it ({reason})", "check the webhook URL and the network") from None

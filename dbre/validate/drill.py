@@ -1,0 +1,265 @@
+"""Recovery drills: restore a snapshot to scratch, validate it, measure RTO and RPO, keep a record.
+
+The measures, as the drill record states them:
+  RPO  the age of the newest restorable point when the drill starts: the data an incident at
+       that moment would lose (the newest snapshot's time; PITR will move it closer to now).
+  RTO  wall time from the start of the drill to a *validated* restore: choosing the snapshot,
+       restoring every page (each checked against its hash), integrity_check,
+       foreign_key_check, the schema and restore-equivalence checks, and the GX suites.
+Both are compared with the policy's targets; the drill passes when every check passes and both
+targets are met. The record goes into the repository (kind "drills") so any machine can report.
+
+A drill runs as steps (``begin_drill``, ``restore_step``, ``check_step``, ``expectations_step``,
+``finish_drill``) so a Prefect flow can make each a task; ``run_drill`` runs them in order.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import socket
+import tempfile
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from dbre import __version__
+from dbre.errors import DbreError, UsageError
+from dbre.repository.manifest import Manifest, check_db_name, iso, now_utc, parse_time
+from dbre.repository.repo import Repository
+from dbre.restore.full import apply_restore, plan_restore
+from dbre.validate.checks import CheckResult, failed, run_checks
+from dbre.validate.suites import Suite, load_suites, prewarm, suites_dir_for
+
+if TYPE_CHECKING:
+    from dbre.policy import Policy
+    from dbre.validate.suites import SuiteRun
+
+RECORD_KIND = "drills"
+
+
+@dataclass
+class DrillTargets:
+    """The objectives a drill is measured against; None means no target (never fails)."""
+
+    rpo_seconds: float | None = None
+    rto_seconds: float | None = None
+
+    @classmethod
+    def from_policy(cls, policy: Policy | None, db: str) -> DrillTargets:
+        if policy is None:
+            return cls()
+        entry = policy.database(db)
+        return cls(rpo_seconds=float(entry.rpo), rto_seconds=float(entry.rto))
+
+
+@dataclass
+class Drill:
+    """A drill in progress: what was chosen, when it started, what each step found."""
+
+    db: str
+    repository: str
+    target: str
+    snapshot: Manifest
+    newest: Manifest
+    started_at: datetime
+    started: float  # time.monotonic() at the start: RTO is measured on this clock
+    scratch: Path
+    restored: Path
+    restore_seconds: float | None = None
+    checks_seconds: float | None = None
+    checks: list[CheckResult] = field(default_factory=list)
+    suite_run: SuiteRun | None = None
+    error: str | None = None
+
+    @property
+    def rpo_seconds(self) -> float:
+        return max(0.0, (self.started_at - newest_restorable_point(self.newest)).total_seconds())
+
+    def all_checks(self) -> list[CheckResult]:
+        return self.checks + (self.suite_run.checks() if self.suite_run else [])
+
+
+def newest_restorable_point(newest: Manifest) -> datetime:
+    """The newest moment a restore can reach: the newest snapshot's time (until PITR exists)."""
+    return newest.time
+
+
+def pick_snapshot(repo: Repository, db: str, target: str = "newest", *, seed: int | None = None) -> Manifest:
+    """``newest``, ``random`` (any snapshot of ``db``), or an ISO time (the newest at or before it)."""
+    snaps = repo.require_db(db)
+    if target == "newest":
+        return snaps[-1]
+    if target == "random":
+        return random.Random(seed).choice(snaps)
+    try:
+        at = parse_time(target)
+    except UsageError:
+        raise UsageError(f"drill target {target!r} is not newest, random or a time",
+                         "e.g. --target newest, --target random or --target 2026-11-01T00:00:00Z") from None
+    return repo.find_snapshot(db, at=at)
+
+
+def begin_drill(repo: Repository, db: str, target: str = "newest", *, scratch_dir: str | os.PathLike[str] | None = None,
+                seed: int | None = None) -> Drill:
+    """Start the clock, pick the snapshot, note the newest restorable point, make the scratch folder."""
+    check_db_name(db)
+    started_at = now_utc()
+    started = time.monotonic()
+    snaps = repo.require_db(db)
+    snapshot = pick_snapshot(repo, db, target, seed=seed)
+    if scratch_dir is not None:
+        Path(scratch_dir).mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f"dbre-drill-{db}-", dir=scratch_dir))
+    return Drill(db=db, repository=repo.url, target=target, snapshot=snapshot, newest=snaps[-1],
+                 started_at=started_at, started=started, scratch=scratch, restored=scratch / f"{db}.db")
+
+
+def restore_step(repo: Repository, drill: Drill) -> float:
+    """Restore the drill's snapshot into scratch (every page checked against its hash)."""
+    with repo.lock(f"drill {drill.db}"):  # shared: keeps a prune from removing packs mid-restore
+        plan = plan_restore(repo, drill.db, drill.restored, snapshot=drill.snapshot.id)
+        result = apply_restore(repo, plan)
+    drill.restore_seconds = result.seconds
+    return result.seconds
+
+
+def check_step(drill: Drill) -> list[CheckResult]:
+    """integrity_check, foreign_key_check, schema and restore-equivalence against the manifest."""
+    t = time.perf_counter()
+    drill.checks = run_checks(drill.restored, drill.snapshot)
+    drill.checks_seconds = time.perf_counter() - t
+    return drill.checks
+
+
+def drill_suites(expectations: str | os.PathLike[str], db: str) -> list[Suite]:
+    """The suites of ``db`` under ``expectations`` (``DIR/<db>/`` or ``DIR``); UsageError if there are none."""
+    folder = suites_dir_for(expectations, db)
+    suites = load_suites(folder)
+    if not suites:
+        raise UsageError(f"no expectation suites in {folder}",
+                         f"write some with `dbre expectations profile SOURCE --out {folder}`")
+    return suites
+
+
+def expectations_step(drill: Drill, suites: list[Suite],
+                      data_docs_dir: str | os.PathLike[str] | None = None) -> SuiteRun:
+    """Run the GX suites on the restored file."""
+    from dbre.validate.suites import run_suites
+
+    drill.suite_run = run_suites(drill.restored, suites, snapshot_time=drill.snapshot.time,
+                                 data_docs_dir=data_docs_dir)
+    return drill.suite_run
+
+
+def finish_drill(repo: Repository, drill: Drill, targets: DrillTargets, *, keep_scratch: bool = False,
+                 write: bool = True) -> dict[str, Any]:
+    """Stop the clock, compare with the targets, write the drill record, remove scratch."""
+    rto = time.monotonic() - drill.started
+    finished_at = now_utc()
+    if not keep_scratch:
+        shutil.rmtree(drill.scratch, ignore_errors=True)
+    record = drill_record(drill, targets, rto, finished_at)
+    if write:
+        record["record_id"] = repo.put_record(RECORD_KIND, drill.db, record)
+    return record
+
+
+def drill_record(drill: Drill, targets: DrillTargets, rto: float, finished_at: datetime) -> dict[str, Any]:
+    checks = drill.all_checks()
+    bad = failed(checks)
+    rpo = drill.rpo_seconds
+    # a failed restore or check means the restore was not validated: no RTO was achieved
+    validated = drill.error is None and not bad
+    rto_met = validated and (targets.rto_seconds is None or rto <= targets.rto_seconds)
+    rpo_met = targets.rpo_seconds is None or rpo <= targets.rpo_seconds
+    failures = []
+    if drill.error:
+        failures.append(f"drill: {drill.error}")
+    failures += [c.describe() for c in bad]
+    if validated and not rto_met:
+        failures.append(f"RTO target missed: {rto:.1f} s to a validated restore, target {targets.rto_seconds:.0f} s")
+    if not rpo_met:
+        failures.append(f"RPO target missed: newest restorable point {rpo:.0f} s old, target "
+                        f"{targets.rpo_seconds:.0f} s")
+    gx = drill.suite_run.summary() if drill.suite_run else None
+    m = drill.snapshot
+    return {
+        "kind": "drill",
+        "db": drill.db,
+        "repository": drill.repository,
+        "target": drill.target,
+        "snapshot": m.id,
+        "snapshot_taken_at": m.taken_at,
+        "newest_snapshot": drill.newest.id,
+        "newest_restorable_at": iso(newest_restorable_point(drill.newest)),
+        "started_at": iso(drill.started_at),
+        "finished_at": iso(finished_at),
+        "rto_seconds": round(rto, 3),
+        "rpo_seconds": round(rpo, 3),
+        "rto_target_seconds": targets.rto_seconds,
+        "rpo_target_seconds": targets.rpo_seconds,
+        "rto_met": rto_met,
+        "rpo_met": rpo_met,
+        "validated": validated,
+        "passed": validated and rto_met and rpo_met,
+        "phases": {
+            "restore_seconds": _round(drill.restore_seconds),
+            "checks_seconds": _round(drill.checks_seconds),
+            "expectations_seconds": gx["seconds"] if gx else None,
+            "gx_import_seconds": gx["import_seconds"] if gx else None,
+        },
+        "size": m.size,
+        "tables": len(m.tables),
+        "rows": sum(t.rows for t in m.tables.values()),
+        "checks": {"total": len(checks), "failed": len(bad)},
+        "failed_checks": [c.to_dict() for c in bad],
+        "failures": failures,
+        "expectations": gx,
+        "error": drill.error,
+        "host": socket.gethostname(),
+        "tool": f"dbre {__version__}",
+    }
+
+
+def _round(v: float | None) -> float | None:
+    return None if v is None else round(v, 3)
+
+
+@dataclass
+class DrillOutcome:
+    """What ``run_drill`` returns: the record as stored, and the full results for a report."""
+
+    record: dict[str, Any]
+    checks: list[CheckResult]
+    suite_run: SuiteRun | None
+
+
+def run_drill(repo: Repository, db: str, *, target: str = "newest", targets: DrillTargets | None = None,
+              expectations: str | os.PathLike[str] | None = None, scratch_dir: str | os.PathLike[str] | None = None,
+              data_docs_dir: str | os.PathLike[str] | None = None, seed: int | None = None,
+              keep_scratch: bool = False, write: bool = True) -> DrillOutcome:
+    """A whole drill. A restore or validation that fails is recorded as a failed drill, not raised;
+    bad options (unknown database, unreadable suites) raise UsageError before the clock matters."""
+    suites = drill_suites(expectations, db) if expectations is not None else None
+    drill = begin_drill(repo, db, target, scratch_dir=scratch_dir, seed=seed)
+    if suites is not None:
+        prewarm()  # after the clock started: importing GX is part of the time to a validated restore
+    try:
+        try:
+            restore_step(repo, drill)
+            check_step(drill)
+            if suites is not None:
+                expectations_step(drill, suites, data_docs_dir)
+        except UsageError:
+            raise
+        except DbreError as err:
+            drill.error = str(err)
+        record = finish_drill(repo, drill, targets or DrillTargets(), keep_scratch=keep_scratch, write=write)
+    finally:
+        if not keep_scratch:
+            shutil.rmtree(drill.scratch, ignore_errors=True)
+    return DrillOutcome(record, drill.all_checks(), drill.suite_run)
