@@ -413,6 +413,292 @@ def unlock(
     _run(go)
 
 
+# -- verification: drills, expectations, weekly validation, status (dbre.validate, dbre.metrics) ------
+
+expectations_app = typer.Typer(help="Great Expectations suites: starter suites from a live database.",
+                               no_args_is_help=True)
+app.add_typer(expectations_app, name="expectations")
+
+PolicyOpt = Annotated[
+    Path | None, typer.Option("--policy", help="Policy file: RPO/RTO targets, drills, alerts (or set DBRE_POLICY).")
+]
+ExpectationsOpt = Annotated[
+    Path | None,
+    typer.Option("--expectations", help="GX suites: expectations/ (its <db>/ folder is used) or one db's folder."),
+]
+ScratchOpt = Annotated[Path | None, typer.Option("--scratch-dir", help="Where checked restores go (then removed).")]
+
+
+def _policy(path: Path | None) -> Any:
+    from dbre.policy import load_policy
+
+    env = os.environ.get("DBRE_POLICY")
+    chosen = path or (Path(env) if env else None)
+    return load_policy(chosen) if chosen else None
+
+
+@expectations_app.command("profile")
+def expectations_profile(
+    source: Annotated[str, typer.Argument(help="A database file, or libsql:// / http(s):// / ws(s):// URL.")],
+    out: Annotated[Path, typer.Option("--out", help="Folder for the suites, e.g. expectations/NAME/.")],
+    db: DbOpt = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace suites that already exist.")] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Write a starter suite per table of SOURCE (keys, NOT NULL, foreign keys, value sets, ranges, freshness)."""
+
+    def go() -> None:
+        from dbre.repository.manifest import check_db_name
+        from dbre.sources import open_source
+        from dbre.validate.profile import profile_database, write_suites
+
+        src = open_source(source, _token())
+        name = check_db_name(db or src.name)
+        with src.connect() as conn:
+            suites = profile_database(conn, name)
+        written = write_suites(suites, out, overwrite=overwrite)
+        summary = {"db": name, "out": str(out), "tables": len(suites), "written": [str(p) for p in written],
+                   "kept": len(suites) - len(written),
+                   "expectations": sum(len(s["expectations"]) for s in suites.values())}
+        if json_out:
+            _print_json(summary)
+            return
+        print(f"wrote {len(written)} suites ({summary['expectations']} expectations over {len(suites)} tables) "
+              f"to {out}" + (f"; kept {summary['kept']} existing (--overwrite replaces them)" if summary["kept"]
+                             else ""))
+
+    _run(go)
+
+
+@app.command()
+def drill(
+    repo: RepoOpt,
+    db: Annotated[str, typer.Option("--db", help="Database name in the repository.")],
+    expectations: ExpectationsOpt = None,
+    policy: PolicyOpt = None,
+    target: Annotated[str, typer.Option("--target", help="newest, random, or an ISO time.")] = "newest",
+    report_dir: Annotated[Path | None, typer.Option("--report-dir", help="Write the drill report here.")] = None,
+    scratch_dir: ScratchOpt = None,
+    data_docs: Annotated[bool, typer.Option("--data-docs/--no-data-docs",
+                                            help="Also build GX Data Docs into the report folder.")] = True,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the drill record as JSON.")] = False,
+    key_file: KeyFileOpt = None,
+) -> None:
+    """Recovery drill: restore to scratch, validate, measure RTO and RPO; exit 1 naming every failure."""
+
+    def go() -> None:
+        import secrets
+        import shutil
+
+        from dbre.repository.manifest import check_db_name
+        from dbre.repository.repo import Repository
+        from dbre.validate.drill import DrillTargets, run_drill
+
+        check_db_name(db)
+        pol = _policy(policy)
+        targets = DrillTargets.from_policy(pol, db)
+        suites = expectations
+        if suites is None and pol is not None and pol.database(db).expectations:
+            suites = Path(pol.database(db).expectations)
+        scratch = scratch_dir or (Path(pol.drills.scratch_dir) if pol and pol.drills.scratch_dir else None)
+        repository = Repository.open(repo, _key(key_file))
+        docs_tmp = None
+        if report_dir is not None and data_docs and suites is not None:
+            report_dir.mkdir(parents=True, exist_ok=True)
+            docs_tmp = report_dir / f".data-docs-{secrets.token_hex(4)}"
+        try:
+            outcome = run_drill(repository, db, target=target, targets=targets, expectations=suites,
+                                scratch_dir=scratch, data_docs_dir=docs_tmp)
+            record = outcome.record
+            if report_dir is not None:
+                from dbre.report.drill import report_folder, write_drill_report
+
+                folder = report_folder(report_dir, record)
+                folder.mkdir(parents=True, exist_ok=True)
+                if docs_tmp is not None and docs_tmp.exists():
+                    shutil.rmtree(folder / "data-docs", ignore_errors=True)
+                    docs_tmp.rename(folder / "data-docs")
+                paths = write_drill_report(report_dir, record, repository.records("drills", db), outcome.checks,
+                                           outcome.suite_run)
+                record = {**record, "report": paths["html"], "report_markdown": paths["markdown"]}
+        finally:
+            if docs_tmp is not None:
+                shutil.rmtree(docs_tmp, ignore_errors=True)
+        if json_out:
+            _print_json(record)
+        else:
+            from dbre.report.drill import seconds_text
+
+            def vs(key: str) -> str:
+                t = record[f"{key}_target_seconds"]
+                met = record[f"{key}_met"]
+                return f"{seconds_text(record[f'{key}_seconds'])}" + (
+                    f" (target {seconds_text(t)}: {'met' if met else 'MISSED'})" if t is not None else "")
+
+            verdict = "passed" if record["passed"] else "FAILED"
+            print(f"drill of {db} {verdict}: snapshot {record['snapshot']} taken {record['snapshot_taken_at']}; "
+                  f"RTO {vs('rto')}; RPO {vs('rpo')}; {record['checks']['total'] - record['checks']['failed']}/"
+                  f"{record['checks']['total']} checks passed")
+            if record.get("report"):
+                print(f"report: {record['report']}")
+        if not record["passed"]:
+            for f in record["failures"]:
+                print(f"dbre: drill of {db}: {f}", file=sys.stderr)
+            raise typer.Exit(1)
+
+    _run(go)
+
+
+@app.command("validate")
+def validate_repository_cmd(
+    repo: RepoOpt,
+    db: Annotated[list[str] | None, typer.Option("--db", help="Database(s) to restore-check (default: all).")] = None,
+    read_data_subset: Annotated[str | None, typer.Option(
+        "--read-data-subset", help="Read the packs of bucket n of m (n/m); default: this week's bucket.")] = None,
+    cycle_weeks: Annotated[int, typer.Option("--cycle-weeks", help="Every pack is read once in this many weeks.")] = 4,
+    expectations: ExpectationsOpt = None,
+    scratch_dir: ScratchOpt = None,
+    json_out: JsonOpt = False,
+    key_file: KeyFileOpt = None,
+) -> None:
+    """Weekly integrity validation: verify, read a rotating subset of packs, restore-check each newest snapshot."""
+
+    def go() -> None:
+        from dbre.repository.repo import Repository
+        from dbre.validate.integrity import validate_repository
+        from dbre.validate.subset import parse_subset
+
+        subset = parse_subset(read_data_subset) if read_data_subset else None
+        repository = Repository.open(repo, _key(key_file))
+        with _progress("read packs", not json_out) as bar:
+            out = validate_repository(repository, dbs=db or None, subset=subset, cycle_weeks=cycle_weeks,
+                                      expectations=expectations, scratch_dir=scratch_dir, progress=bar)
+        if json_out:
+            _print_json(out)
+        else:
+            v = out["verify"]
+            print(f"verify: {v['snapshots']} snapshots, {v['packs']} packs; read subset {out['read_data_subset']}: "
+                  f"{v['packs_read']} packs ({human(v['bytes_read'])}); {len(v['problems'])} problems")
+            for r in out["databases"]:
+                gx = r["expectations"]
+                print(f"{r['db']}: snapshot {r['snapshot']} restored in {r['restore_seconds']:.2f} s; "
+                      f"{r['checks']['total'] - r['checks']['failed']}/{r['checks']['total']} checks passed"
+                      + (f" ({gx['expectations']} GX expectations)" if gx else "")
+                      + ("" if r["passed"] else " - FAILED"))
+        if not out["ok"]:
+            for p in out["verify"]["problems"]:
+                print(f"dbre: DAMAGED {p['object']}: {p['detail']}", file=sys.stderr)
+            for r in out["databases"]:
+                for c in r["failed_checks"]:
+                    where = f"{c['table']}.{c['column']}" if c.get("table") and c.get("column") else (
+                        c.get("table") or "database")
+                    print(f"dbre: {r['db']}: {c['check']} on {where}: {c['detail']}", file=sys.stderr)
+                if r["error"]:
+                    print(f"dbre: {r['db']}: {r['error']}", file=sys.stderr)
+            raise typer.Exit(1)
+
+    _run(go)
+
+
+def _webhook_urls(webhook: str | None, pol: Any) -> list[tuple[str, str, list[str] | None]]:
+    """(name, url, events) of the webhooks to notify; env:NAME references are read here, at the edge."""
+    def resolve(ref: str) -> str | None:
+        if ref.startswith("env:"):
+            return os.environ.get(ref[4:]) or None
+        return None if ref.startswith("prefect-secret:") else ref  # blocks are for the status flow
+
+    out: list[tuple[str, str, list[str] | None]] = []
+    if webhook:
+        url = resolve(webhook)
+        if not url:
+            raise UsageError("--webhook: the environment variable it names is not set", "export it or pass a URL")
+        out.append(("--webhook", url, None))
+    for ch in (pol.alerts if pol is not None else []):
+        if ch.kind == "webhook" and ch.url:
+            url = resolve(ch.url)
+            if url:
+                out.append((ch.name, url, list(ch.events)))
+    return out
+
+
+@app.command()
+def status(
+    repo: RepoOpt,
+    policy: PolicyOpt = None,
+    db: Annotated[list[str] | None, typer.Option("--db", help="Only these databases (default: all).")] = None,
+    prom: Annotated[Path | None, typer.Option("--prom", help="Also write Prometheus text format to this file.")] = None,
+    quota: Annotated[str | None, typer.Option("--quota", help="Storage quota of the repository, e.g. 50GiB.")] = None,
+    storage_threshold: Annotated[float, typer.Option("--storage-threshold",
+                                                     help="Alert above this share of the quota.")] = 0.8,
+    window: Annotated[str, typer.Option("--window", help="Period for success rate and RPO attainment.")] = "30d",
+    webhook: Annotated[str | None, typer.Option("--webhook", help="POST alerts as JSON to a URL (env:NAME).")] = None,
+    json_out: JsonOpt = False,
+    key_file: KeyFileOpt = None,
+) -> None:
+    """Backup health per database: success rate, RPO/RTO attainment, drills, storage; exit 1 on any alert."""
+
+    def go() -> None:
+        from datetime import timedelta
+
+        from dbre.metrics import NotifyError, alert_payload, compute_status, parse_size, send_webhook, write_prometheus
+        from dbre.policy import parse_duration
+        from dbre.repository.repo import Repository
+
+        try:
+            span = timedelta(seconds=parse_duration(window))
+        except ValueError as err:
+            raise UsageError(f"--window: {err}", "e.g. --window 30d") from None
+        quota_bytes = parse_size(quota) if quota else None
+        if not 0 < storage_threshold <= 1:
+            raise UsageError("--storage-threshold must be in (0, 1]", "e.g. 0.8 for 80 %")
+        pol = _policy(policy)
+        hooks = _webhook_urls(webhook, pol)
+        repository = Repository.open(repo, _key(key_file))
+        st = compute_status(repository, policy=pol, dbs=db or None, window=span, quota_bytes=quota_bytes,
+                            storage_threshold=storage_threshold)
+        if prom is not None:
+            write_prometheus(prom, st)
+        alerts = st.all_alerts
+        notified = []
+        for name, url, events in hooks if alerts else []:
+            mine = [a for a in alerts if events is None or a.event in events]
+            if not mine:
+                continue
+            try:
+                send_webhook(url, alert_payload(st, mine))
+                notified.append(name)
+            except NotifyError as err:
+                print(f"dbre: alert channel {name}: {err}", file=sys.stderr)
+        if json_out:
+            _print_json({**st.to_dict(), "notified": notified})
+        else:
+            def pct(v: float | None) -> str:
+                return "-" if v is None else f"{v:.1%}"
+
+            from dbre.report.drill import seconds_text
+
+            rows = [[d.db, d.snapshots, seconds_text(d.newest_restorable_age_seconds), pct(d.backup_success_rate),
+                     pct(d.rpo_attainment), pct(d.rto_attainment),
+                     "-" if d.days_since_successful_drill is None else f"{d.days_since_successful_drill:.0f} d",
+                     human(d.storage_bytes), human(d.added_bytes_per_day) + "/d", "ok" if d.ok else "ALERT"]
+                    for d in st.databases]
+            _table(f"status of {st.repository}", ["db", "snapshots", "newest point age", "backup success",
+                                                   "RPO attained", "RTO attained", "since drill", "stored",
+                                                   "growth", "state"], rows)
+            total = human(st.storage_bytes) + ("" if st.storage_exact else " (estimated)")
+            if st.quota_bytes:
+                total += f" of {human(st.quota_bytes)} ({st.storage_bytes / st.quota_bytes:.0%})"
+            print(f"storage: {total}")
+            if notified:
+                print(f"notified: {', '.join(notified)}")
+        for a in alerts:
+            print(f"dbre: ALERT {a.event} ({a.severity}): {a.message}", file=sys.stderr)
+        if alerts:
+            raise typer.Exit(1)
+
+    _run(go)
+
+
 def main() -> None:
     """Entry point of the `dbre` script: click's standalone mode gives usage errors exit 2."""
     app()

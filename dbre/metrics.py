@@ -519,3 +519,19 @@ def send_webhook(url: str, payload: dict[str, Any], *, timeout: float = 10.0) ->
     except (urllib.error.URLError, OSError) as err:
         reason = getattr(err, "reason", err)
         raise NotifyError(f"webhook: cannot reach it ({reason})", "check the webhook URL and the network") from None
+
+
+_SIZE = {"": 1, "b": 1, "kb": 1000, "mb": 1000**2, "gb": 1000**3, "tb": 1000**4,
+         "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4}
+
+
+def parse_size(text: str) -> int:
+    """``"10GiB"`` -> 10737418240, ``"500MB"`` -> 500000000, ``"4096"`` -> 4096; UsageError otherwise."""
+    import re
+
+    from dbre.errors import UsageError
+
+    m = re.match(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$", text)
+    if not m or m.group(2).lower() not in _SIZE or float(m.group(1)) <= 0:
+        raise UsageError(f"cannot parse size {text!r}", "use e.g. 500MB, 10GiB or a number of bytes")
+    return int(float(m.group(1)) * _SIZE[m.group(2).lower()])
