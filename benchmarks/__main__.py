@@ -1,0 +1,91 @@
+"""`python -m benchmarks`: build (or reuse) the databases, measure, print the table, write results.json.
+
+    python -m benchmarks                   # 100 MiB and 1 GiB, medians of 3 runs
+    python -m benchmarks --quick           # 100 MiB, 1 run: a smoke test
+    python -m benchmarks --profile         # also a cProfile of one backup of the largest database
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+
+from rich.console import Console
+
+from benchmarks import dataset, report, run
+
+
+def _sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--sizes takes MiB numbers separated by commas, not {text!r}") from None
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError("--sizes needs at least one size of 1 MiB or more")
+    return sizes
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", type=_sizes, default=[100, 1024], help="database sizes in MiB (default 100,1024)")
+    p.add_argument("--runs", type=int, default=3, help="measured runs per size; the figures are medians (default 3)")
+    p.add_argument("--warmup", type=int, default=1, help="warm-up runs thrown away first (default 1)")
+    p.add_argument("--quick", action="store_true", help="100 MiB only, 1 run: a smoke test")
+    p.add_argument("--out", type=Path, default=Path("bench-output"),
+                   help="cache and results folder (default ./bench-output)")
+    p.add_argument("--profile", action="store_true", help="also profile one full backup of the largest database")
+    p.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
+    p.add_argument("--size-mb", type=int, help=argparse.SUPPRESS)  # tiny databases for the tests
+    args = p.parse_args(argv)
+    if args.quick:
+        args.sizes, args.runs = [100], 1
+    if args.size_mb:
+        args.sizes = [args.size_mb]
+    if args.runs < 1 or args.warmup < 0:
+        p.error("--runs must be at least 1 and --warmup at least 0")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=150)  # a log file or a pipe: do not wrap the table at 80 columns
+    out: Path = args.out.absolute()
+    out.mkdir(parents=True, exist_ok=True)
+    doc: dict[str, object] = {
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": run.machine(out),
+        "config": {"sizes_mib": args.sizes, "runs": args.runs, "warmup": args.warmup, "quick": args.quick},
+        "targets": {k: {"limit": v[0], "label": v[1]} for k, v in run.TARGETS.items()},
+        "results": [],
+    }
+    results: list[dict[str, object]] = []
+    databases = []
+    for size in args.sizes:
+        db = dataset.ensure(out / "data", size, log=console.print)
+        databases.append(db)
+        console.print(f"measuring {size} MiB ({db.bytes / 1024**2:.0f} MiB on disk), "
+                      f"{args.warmup} warm-up + {args.runs} runs")
+        results.append(run.measure(db, out / "work", args.runs, args.warmup, console.print))
+        doc["results"] = results
+        (out / "results.json").write_text(json.dumps(doc, indent=1))  # partial results survive a crash
+    if args.profile:
+        largest = max(databases, key=lambda d: d.bytes)
+        console.print(f"cProfile of one full backup of {largest.size_mib} MiB (top functions by own time):")
+        text = run.profile_backup(largest, out / "work")
+        doc["profile"] = text
+        console.print(text, markup=False, highlight=False)
+    (out / "results.json").write_text(json.dumps(doc, indent=1))
+    report.print_table(doc, console)
+    console.print(f"results: {out / 'results.json'}")
+    missed = [c for r in results for c in r["checks"].values() if not c["pass"]]  # type: ignore[attr-defined]
+    return 1 if args.strict and missed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,210 @@
+"""The measurement rounds: anchors and dbre interleaved, round after round, medians at the end.
+
+Every round measures everything once, in the same order, so background noise hits anchors and
+dbre alike. The first ``warmup`` rounds are thrown away (the page cache cannot be dropped
+without root; instead every file is read once before it is measured). Outputs are deleted
+after each measurement, so no round profits from another's files.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from benchmarks.dataset import BenchDatabase
+from benchmarks.pages import compare
+from benchmarks.worker import run_child
+
+DB_NAME = "bench"
+MB = 1_000_000
+
+# the targets of the performance section of the backup-engine issue: (ratio key, limit, label)
+TARGETS: dict[str, tuple[float, str]] = {
+    "full_vs_sqlite_backup": (1.5, "full backup time / sqlite3 .backup time"),
+    "incremental_vs_full": (0.35, "incremental backup time / full backup time"),
+    "incremental_bytes_vs_changed_pages": (0.6, "bytes added / bytes of changed pages"),
+    "restore_vs_cp_fsync": (2.5, "restore time / (cp + fsync) time"),
+    "backup_rss_mb": (300.0, "peak RSS of backup (MB)"),
+    "restore_rss_mb": (300.0, "peak RSS of restore (MB)"),
+}
+
+Log = Callable[[str], None]
+
+
+def _rm(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        for suffix in ("", "-wal", "-shm", "-journal"):
+            Path(str(path) + suffix).unlink(missing_ok=True)
+
+
+def _tree_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def sqlite_backup(src: Path, out: Path) -> float:
+    """The anchor: the sqlite3 CLI's .backup into a new file (wall time of the command)."""
+    _rm(out)
+    started = time.perf_counter()
+    subprocess.run(["sqlite3", str(src), f".backup '{out}'"], check=True, capture_output=True)
+    seconds = time.perf_counter() - started
+    _rm(out)
+    return seconds
+
+
+def cp_fsync(src: Path, out: Path) -> float:
+    """The anchor: `cp` of the database file, then fsync of the copy."""
+    _rm(out)
+    started = time.perf_counter()
+    subprocess.run(["cp", str(src), str(out)], check=True)
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    seconds = time.perf_counter() - started
+    _rm(out)
+    return seconds
+
+
+def one_round(db: BenchDatabase, work: Path) -> dict[str, dict[str, Any]]:
+    """Measure everything once; each value is a dict with at least ``seconds``."""
+    out: dict[str, dict[str, Any]] = {}
+    out["sqlite_backup"] = {"seconds": sqlite_backup(db.base, work / "anchor.db")}
+    out["cp_fsync"] = {"seconds": cp_fsync(db.base, work / "copy.db")}
+
+    repo = work / "repo"
+    _rm(repo)
+    out["full_backup"] = run_child(["backup", "--repo", str(repo), "--source", str(db.base), "--db", DB_NAME])
+    before = _tree_bytes(repo)
+    incr = run_child(["backup", "--repo", str(repo), "--source", str(db.updated), "--db", DB_NAME])
+    incr["repo_bytes_added"] = _tree_bytes(repo) - before
+    out["incremental_backup"] = incr
+
+    target = work / "restored.db"
+    _rm(target)
+    rest = run_child(["restore", "--repo", str(repo), "--db", DB_NAME, "--to", str(target)])
+    rest["size_ok"] = target.stat().st_size == db.updated.stat().st_size
+    out["restore"] = rest
+    _rm(target)
+    _rm(repo)
+
+    repo_c = work / "repo-checksums"
+    _rm(repo_c)
+    out["full_backup_checksums"] = run_child(["backup", "--repo", str(repo_c), "--source", str(db.base),
+                                              "--db", DB_NAME, "--checksums"])
+    _rm(repo_c)
+    return out
+
+
+def measure(db: BenchDatabase, work: Path, runs: int, warmup: int, log: Log) -> dict[str, Any]:
+    work.mkdir(parents=True, exist_ok=True)
+    diff = compare(db.base, db.updated, db.page_size)
+    rounds: list[dict[str, dict[str, Any]]] = []
+    for i in range(warmup + runs):
+        label = "warm-up" if i < warmup else f"run {i - warmup + 1}/{runs}"
+        started = time.perf_counter()
+        r = one_round(db, work)
+        log(f"  {db.size_mib} MiB {label}: " + ", ".join(f"{k} {v['seconds']:.2f}s" for k, v in r.items())
+            + f" ({time.perf_counter() - started:.0f} s)")
+        if i >= warmup:
+            rounds.append(r)
+
+    def med(key: str, field: str = "seconds") -> float:
+        return float(statistics.median(r[key][field] for r in rounds))
+
+    keys = ["sqlite_backup", "cp_fsync", "full_backup", "full_backup_checksums", "incremental_backup", "restore"]
+    seconds = {k: med(k) for k in keys}
+    incr_bytes = med("incremental_backup", "repo_bytes_added")
+    rss = {k: max(r[k]["rss_bytes"] for r in rounds) / MB
+           for k in ("full_backup", "full_backup_checksums", "incremental_backup", "restore")}
+    ratios = {
+        "full_vs_sqlite_backup": seconds["full_backup"] / seconds["sqlite_backup"],
+        "full_checksums_vs_sqlite_backup": seconds["full_backup_checksums"] / seconds["sqlite_backup"],
+        "incremental_vs_full": seconds["incremental_backup"] / seconds["full_backup"],
+        "incremental_bytes_vs_changed_pages": incr_bytes / max(1, diff.changed_page_bytes),
+        "subpage_delta_vs_changed_pages": diff.subpage_delta_zstd_bytes / max(1, diff.changed_page_bytes),
+        "page_minimum_vs_changed_pages": diff.changed_pages_zstd_bytes / max(1, diff.changed_page_bytes),
+        "restore_vs_cp_fsync": seconds["restore"] / seconds["cp_fsync"],
+        "backup_rss_mb": max(rss["full_backup"], rss["full_backup_checksums"], rss["incremental_backup"]),
+        "restore_rss_mb": rss["restore"],
+    }
+    checks = {k: {"value": round(ratios[k], 3), "target": limit, "pass": ratios[k] <= limit, "label": label}
+              for k, (limit, label) in TARGETS.items()}
+    return {
+        "size_mib": db.size_mib,
+        "db": {"bytes": db.bytes, "page_size": db.page_size, "pages": db.bytes // db.page_size, "rows": db.rows,
+               "updated_bytes": db.updated.stat().st_size},
+        "seconds": seconds,
+        "bytes": {
+            "full_backup_added": med("full_backup", "bytes_added"),
+            "incremental_added": incr_bytes,  # on-disk growth of the repository
+            "incremental_added_reported": med("incremental_backup", "bytes_added"),  # what dbre says
+            "changed_page_bytes": diff.changed_page_bytes,
+            "changed_pages_zstd": diff.changed_pages_zstd_bytes,
+            "subpage_delta_zstd": diff.subpage_delta_zstd_bytes,
+            "differing_bytes": diff.differing_bytes,
+        },
+        "pages": diff.as_dict(),
+        "rss_mb": {k: round(v, 1) for k, v in rss.items()},
+        "restore_size_ok": all(r["restore"]["size_ok"] for r in rounds),
+        "ratios": {k: round(v, 4) for k, v in ratios.items()},
+        "checks": checks,
+        "samples": {k: [round(r[k]["seconds"], 4) for r in rounds] for k in keys},
+    }
+
+
+def profile_backup(db: BenchDatabase, work: Path, lines: int = 25) -> str:
+    """cProfile of one full backup (checksums off) of ``db``: the top functions by own time."""
+    repo, out = work / "repo-profile", work / f"profile-{db.size_mib}mib.txt"
+    _rm(repo)
+    run_child(["backup", "--repo", str(repo), "--source", str(db.base), "--db", DB_NAME,
+               "--profile", str(out), "--profile-lines", str(lines)])
+    _rm(repo)
+    return out.read_text()
+
+
+def _first(path: str, key: str) -> str | None:
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith(key):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        return None
+    return None
+
+
+def machine(out_dir: Path) -> dict[str, Any]:
+    import apsw
+
+    def cmd(*args: str) -> str | None:
+        try:
+            return subprocess.run(args, capture_output=True, text=True, check=True).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            return None
+
+    mem = _first("/proc/meminfo", "MemTotal")  # "24683656 kB"
+    if mem and mem.endswith("kB"):
+        mem = f"{int(mem.split()[0]) / 1024**2:.1f} GiB RAM"
+    return {
+        "cpu": _first("/proc/cpuinfo", "model name") or platform.processor(),
+        "cores": os.cpu_count(),
+        "memory": mem,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "sqlite3_cli": (cmd("sqlite3", "--version") or "").split(" ")[0] or None,
+        "apsw_sqlite": apsw.sqlite_lib_version(),
+        "filesystem": cmd("stat", "-f", "-c", "%T", str(out_dir)),
+        "loadavg_start": os.getloadavg()[0],
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+    }

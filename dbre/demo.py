@@ -1,0 +1,401 @@
+"""`make demo`: the main job end to end on a sample shop database, through the `dbre` CLI.
+
+    python -m dbre.demo [--out DIR]      # DIR defaults to ./demo-output, emptied first
+
+Builds a ~50 MB WAL-mode database (customers, products, orders, order_items, with foreign keys
+and indexes), backs it up into a local-directory repository, changes rows, backs up again
+(incrementally), lists the snapshots, verifies every byte, restores the newest snapshot and
+compares it with the source (sqldiff when installed, else per-table row counts and content
+checksums), then restores the first snapshot and shows it holds the rows of before the changes.
+
+Each step is one function taking the shared ``DemoContext``; the steps that call `dbre`
+(backup, snapshots, verify, restore) are the ones to swap for flow runs once the Prefect flows
+exist. Exit status 0 when every step passed, 1 when one failed (the rest are skipped).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import random
+import shlex
+import shutil
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+DB_NAME = "shop"
+MARKER = ".dbre-demo"  # only a folder holding this is emptied at the start of a run
+SEED = 7
+
+SCHEMA = """
+PRAGMA journal_mode=WAL;
+PRAGMA foreign_keys=ON;
+CREATE TABLE customers (
+    id INTEGER PRIMARY KEY,
+    name TEXT NOT NULL,
+    email TEXT NOT NULL UNIQUE,
+    city TEXT NOT NULL,
+    address TEXT NOT NULL,
+    created_at TEXT NOT NULL
+);
+CREATE TABLE products (
+    id INTEGER PRIMARY KEY,
+    sku TEXT NOT NULL UNIQUE,
+    name TEXT NOT NULL,
+    description TEXT NOT NULL,
+    price_cents INTEGER NOT NULL CHECK (price_cents > 0)
+);
+CREATE TABLE orders (
+    id INTEGER PRIMARY KEY,
+    customer_id INTEGER NOT NULL REFERENCES customers(id),
+    status TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    ship_to TEXT NOT NULL,
+    note TEXT
+);
+CREATE INDEX orders_customer ON orders(customer_id);
+CREATE INDEX orders_status ON orders(status, created_at);
+CREATE TABLE order_items (
+    order_id INTEGER NOT NULL REFERENCES orders(id) ON DELETE CASCADE,
+    line INTEGER NOT NULL,
+    product_id INTEGER NOT NULL REFERENCES products(id),
+    quantity INTEGER NOT NULL,
+    price_cents INTEGER NOT NULL,
+    PRIMARY KEY (order_id, line)
+);
+CREATE INDEX order_items_product ON order_items(product_id);
+"""
+TABLES = ("customers", "products", "orders", "order_items")
+STATUSES = ("new", "paid", "shipped", "delivered", "returned")
+
+
+class DemoError(Exception):
+    """A step failed; the message says which check and why."""
+
+
+@dataclass
+class DemoContext:
+    """What the steps share: where things are, and what earlier steps found."""
+
+    out: Path
+    dbre: list[str]
+    db_file: str = "shop.db"
+    repo: str = "repo"
+    counts_first: dict[str, int] = field(default_factory=dict)  # rows when the full backup ran
+    counts_now: dict[str, int] = field(default_factory=dict)  # rows after the writes
+    snapshots: list[dict[str, Any]] = field(default_factory=list)  # backup --json outputs, in order
+
+    @property
+    def db_path(self) -> Path:
+        return self.out / self.db_file
+
+
+@dataclass
+class StepReport:
+    lines: list[str] = field(default_factory=list)
+
+    def add(self, line: str) -> None:
+        self.lines.append(line)
+
+
+def human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def dbre_command() -> list[str]:
+    """The installed `dbre` script beside this interpreter, else the module."""
+    script = Path(sys.executable).parent / "dbre"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "dbre.cli"]
+
+
+def run_dbre(ctx: DemoContext, report: StepReport, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run one `dbre` command in the demo folder, as a user would; DemoError on a non-zero exit."""
+    report.add(f"[dim]$ dbre {shlex.join(args)}[/]")
+    env = {**os.environ, "COLUMNS": "140"}  # room for the snapshots table when not on a terminal
+    proc = subprocess.run([*ctx.dbre, *args], cwd=ctx.out, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise DemoError(f"`dbre {args[0]}` exited {proc.returncode}: {proc.stderr.strip() or proc.stdout.strip()}")
+    return proc
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA foreign_keys=ON")
+    return conn
+
+
+def row_counts(path: Path) -> dict[str, int]:
+    conn = _connect(path)
+    try:
+        return {t: int(conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0]) for t in TABLES}
+    finally:
+        conn.close()
+
+
+def table_digests(path: Path) -> dict[str, str]:
+    """Per table: sha256 over every row, in primary-key order (a comparison that needs no sqldiff)."""
+    conn = _connect(path)
+    out = {}
+    try:
+        for t in TABLES:
+            order = "order_id, line" if t == "order_items" else "id"
+            h = hashlib.sha256()
+            for row in conn.execute(f"SELECT * FROM {t} ORDER BY {order}"):
+                h.update(repr(row).encode())
+            out[t] = h.hexdigest()
+    finally:
+        conn.close()
+    return out
+
+
+# -- the steps -----------------------------------------------------------------------------------
+
+
+def build_sample_database(ctx: DemoContext, report: StepReport) -> None:
+    """A shop: 40k customers, 3k products, 125k orders with about 310k order lines, WAL mode."""
+    rng = random.Random(SEED)
+    words = ["".join(rng.choices("abcdefghijklmnopqrstuvwxyz", k=rng.randint(3, 9))) for _ in range(1500)]
+    cities = [w.capitalize() for w in words[:200]]
+    days = [f"2024-{m:02d}-{d:02d} {h:02d}:{mi:02d}" for m in range(1, 13) for d in range(1, 29)
+            for h, mi in ((9, 5), (13, 40), (18, 15))]
+    choices, choice = rng.choices, rng.choice
+
+    def text(k: int) -> str:
+        return " ".join(choices(words, k=k))
+
+    n_customers, n_products, n_orders = 40_000, 3_000, 125_000
+    prices = [rng.randrange(199, 99_999) for _ in range(n_products)]
+    conn = _connect(ctx.db_path)
+    conn.executescript(SCHEMA)
+    conn.execute("PRAGMA synchronous=OFF")  # a sample: nothing to lose if the machine dies mid-build
+    conn.execute("BEGIN")
+    conn.executemany("INSERT INTO customers VALUES (?,?,?,?,?,?)", (
+        (i, f"{choice(words).capitalize()} {choice(words).capitalize()}", f"customer{i}@example.com",
+         choice(cities), f"{i % 997 + 1} {text(3)} street, {choice(cities)}", choice(days))
+        for i in range(1, n_customers + 1)))
+    conn.executemany("INSERT INTO products VALUES (?,?,?,?,?)", (
+        (i, f"SKU-{i:06d}", text(3).title(), text(150 + i % 100), prices[i - 1]) for i in range(1, n_products + 1)))
+    conn.executemany("INSERT INTO orders VALUES (?,?,?,?,?,?)", (
+        (i, rng.randrange(1, n_customers + 1), choice(STATUSES), choice(days),
+         f"{i % 997 + 1} {text(3)} street, {choice(cities)}", text(5 + i % 20) if i % 5 < 3 else None)
+        for i in range(1, n_orders + 1)))
+
+    def items() -> Any:
+        for o in range(1, n_orders + 1):
+            for line in range(1, o % 4 + 2):
+                p = rng.randrange(n_products)
+                yield (o, line, p + 1, line % 3 + 1, prices[p])
+
+    conn.executemany("INSERT INTO order_items VALUES (?,?,?,?,?)", items())
+    conn.execute("COMMIT")
+    conn.close()
+    ctx.counts_first = row_counts(ctx.db_path)
+    size = ctx.db_path.stat().st_size + _wal_size(ctx.db_path)
+    report.add(f"{ctx.db_path.name}: {human(size)}, WAL mode; "
+               + ", ".join(f"{t} {n:,}" for t, n in ctx.counts_first.items()))
+
+
+def _wal_size(path: Path) -> int:
+    wal = Path(str(path) + "-wal")
+    return wal.stat().st_size if wal.exists() else 0
+
+
+def full_backup(ctx: DemoContext, report: StepReport) -> None:
+    """The first backup of the database: a full snapshot into a new local repository."""
+    _backup(ctx, report, "full")
+
+
+def _backup(ctx: DemoContext, report: StepReport, kind: str) -> None:
+    proc = run_dbre(ctx, report, "backup", ctx.db_file, "--repo", ctx.repo, "--db", DB_NAME, "--json")
+    s = json.loads(proc.stdout)
+    if (s["parent"] is None) != (kind == "full"):
+        raise DemoError(f"expected a {kind} backup, got parent={s['parent']}")
+    ctx.snapshots.append(s)
+    report.add(f"snapshot {s['id']} ({kind}): {s['pages']:,} pages, {human(s['size'])}; added {s['pages_added']:,} "
+               f"pages, {human(s['bytes_added'])} to the repository in {s['seconds']:.2f} s")
+
+
+def write_changes(ctx: DemoContext, report: StepReport) -> None:
+    """What a day of business does: status updates, a cancelled batch deleted, new customers and orders."""
+    rng = random.Random(SEED + 1)
+    conn = _connect(ctx.db_path)
+    conn.execute("BEGIN")
+    top = ctx.counts_first["orders"]
+    updated = conn.executemany("UPDATE orders SET status='shipped' WHERE id=?",
+                               [(i,) for i in rng.sample(range(1, top + 1), 400)]).rowcount
+    gone = [(i,) for i in rng.sample(range(1, top + 1), 100)]
+    deleted_items = conn.executemany("DELETE FROM order_items WHERE order_id=?", gone).rowcount
+    deleted = conn.executemany("DELETE FROM orders WHERE id=?", gone).rowcount
+    c0 = ctx.counts_first["customers"]
+    conn.executemany("INSERT INTO customers VALUES (?,?,?,?,?,?)", (
+        (c0 + i, f"New Customer {i}", f"new{i}@example.com", "Springfield", f"{i} Evergreen Terrace",
+         "2025-01-02 09:00") for i in range(1, 1001)))
+    new_orders = [(top + i, c0 + rng.randint(1, 1000), "new", "2025-01-02 10:00", f"{i} Evergreen Terrace", None)
+                  for i in range(1, 2001)]
+    conn.executemany("INSERT INTO orders VALUES (?,?,?,?,?,?)", new_orders)
+    conn.executemany("INSERT INTO order_items VALUES (?,?,?,?,?)",
+                     [(o[0], 1, rng.randint(1, ctx.counts_first["products"]), 1, 999) for o in new_orders])
+    conn.execute("COMMIT")
+    conn.close()
+    ctx.counts_now = row_counts(ctx.db_path)
+    report.add(f"updated the status of {updated:,} orders, deleted {deleted} orders ({deleted_items:,} order lines), "
+               f"inserted 1,000 customers and 2,000 orders with their lines")
+    report.add("rows now: " + ", ".join(f"{t} {n:,}" for t, n in ctx.counts_now.items()))
+
+
+def incremental_backup(ctx: DemoContext, report: StepReport) -> None:
+    """The second backup: only the pages that changed are stored."""
+    _backup(ctx, report, "incremental")
+    full, incr = ctx.snapshots[0], ctx.snapshots[-1]
+    share = incr["bytes_added"] / max(1, full["bytes_added"])
+    report.add(f"the incremental added {share:.0%} of what the full backup did")
+
+
+def list_snapshots(ctx: DemoContext, report: StepReport) -> None:
+    """`dbre snapshots`: the repository now holds both snapshots, the second with the first as parent."""
+    proc = run_dbre(ctx, report, "snapshots", "--repo", ctx.repo, "--db", DB_NAME)
+    report.lines.extend("  " + line for line in proc.stdout.rstrip().splitlines())
+    listed = json.loads(run_dbre(ctx, report, "snapshots", "--repo", ctx.repo, "--db", DB_NAME, "--json").stdout)
+    report.lines.pop()  # the --json call is the demo's own check, not worth showing
+    ids = [s["id"] for s in listed]
+    if ids != [s["id"] for s in ctx.snapshots]:
+        raise DemoError(f"snapshots lists {ids}, expected {[s['id'] for s in ctx.snapshots]}")
+
+
+def verify_repository(ctx: DemoContext, report: StepReport) -> None:
+    """`dbre verify --read-data`: every manifest, page map and pack read back and checked."""
+    proc = run_dbre(ctx, report, "verify", "--repo", ctx.repo, "--read-data")
+    report.add(proc.stdout.strip())
+
+
+def restore_latest(ctx: DemoContext, report: StepReport) -> None:
+    """Restore the newest snapshot to a new file."""
+    _restore(ctx, report, "restored-latest.db")
+
+
+def _restore(ctx: DemoContext, report: StepReport, target: str, snapshot: str | None = None) -> None:
+    args = ["restore", "--repo", ctx.repo, "--db", DB_NAME, "--to", target, "--json"]
+    if snapshot:
+        args[5:5] = ["--snapshot", snapshot]
+    s = json.loads(run_dbre(ctx, report, *args).stdout)
+    report.add(f"snapshot {s['snapshot']} -> {target}: {human(s['size'])} in {s['seconds']:.2f} s")
+
+
+def compare_with_source(ctx: DemoContext, report: StepReport) -> None:
+    """The restored file must equal the source: sqldiff, or row counts and content digests."""
+    restored = ctx.out / "restored-latest.db"
+    conn = sqlite3.connect(restored)
+    try:
+        integrity = conn.execute("PRAGMA integrity_check").fetchone()[0]
+        fk = conn.execute("PRAGMA foreign_key_check").fetchall()
+    finally:
+        conn.close()
+    if integrity != "ok" or fk:
+        raise DemoError(f"restored file fails its checks: integrity_check={integrity!r}, "
+                        f"{len(fk)} foreign-key violations")
+    report.add("integrity_check ok, foreign_key_check ok")
+    sqldiff = shutil.which("sqldiff")
+    if sqldiff:
+        report.add(f"[dim]$ sqldiff {ctx.db_file} {restored.name}[/]")
+        proc = subprocess.run([sqldiff, ctx.db_file, restored.name], cwd=ctx.out, capture_output=True, text=True)
+        if proc.returncode != 0 or proc.stdout.strip():
+            lines = proc.stdout.strip().splitlines()
+            raise DemoError(f"sqldiff found differences ({len(lines)} lines), e.g. {lines[:3]} {proc.stderr.strip()}")
+        report.add("comparison passed: sqldiff finds no difference between the source and the restored file")
+        return
+    src, dst = table_digests(ctx.db_path), table_digests(restored)
+    counts = row_counts(restored)
+    if src != dst or counts != ctx.counts_now:
+        bad = [t for t in TABLES if src[t] != dst[t]]
+        raise DemoError(f"restored file differs from the source in {bad or 'row counts'}")
+    report.add("comparison passed: every table has the same rows and content digest as the source "
+               "(sqldiff not installed)")
+
+
+def restore_first(ctx: DemoContext, report: StepReport) -> None:
+    """Restore the first (full) snapshot: it holds the rows from before the changes."""
+    _restore(ctx, report, "restored-first.db", ctx.snapshots[0]["id"])
+    counts = row_counts(ctx.out / "restored-first.db")
+    for t in TABLES:
+        report.add(f"{t:12} first snapshot {counts[t]:>8,}   now {ctx.counts_now[t]:>8,}   "
+                   f"({ctx.counts_now[t] - counts[t]:+,})")
+    if counts != ctx.counts_first:
+        raise DemoError(f"first snapshot has rows {counts}, expected {ctx.counts_first}")
+    if counts == ctx.counts_now:
+        raise DemoError("first snapshot has the same row counts as now: the writes are missing from the test")
+    report.add("row counts match the database as it was at the first backup, as expected")
+
+
+Step = Callable[[DemoContext, StepReport], None]
+
+STEPS: list[tuple[str, Step]] = [
+    ("build a sample database", build_sample_database),
+    ("full backup", full_backup),
+    ("write changes (update, delete, insert)", write_changes),
+    ("incremental backup", incremental_backup),
+    ("list snapshots", list_snapshots),
+    ("verify every byte of the repository", verify_repository),
+    ("restore the newest snapshot to a new file", restore_latest),
+    ("compare the restored file with the source", compare_with_source),
+    ("restore the first snapshot", restore_first),
+]
+
+
+def run(out: Path, console: Console) -> bool:
+    """Run every step in order; False (and the rest skipped) as soon as one fails."""
+    if out.exists() and any(out.iterdir()):
+        if not (out / MARKER).exists():
+            console.print(f"[bold red]{out} exists and is not a demo folder[/] (no {MARKER} in it): "
+                          "pass --out with a new or empty folder")
+            return False
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).write_text("made by python -m dbre.demo; emptied on every run\n")
+    ctx = DemoContext(out=out.absolute(), dbre=dbre_command())
+    console.print(f"[bold]dbre demo[/] in {out}/ (database {ctx.db_file}, repository {ctx.repo}/)")
+    started = time.perf_counter()
+    for number, (title, step) in enumerate(STEPS, 1):
+        report = StepReport()
+        t0 = time.perf_counter()
+        try:
+            step(ctx, report)
+        except Exception as err:  # noqa: BLE001 - any failure ends the demo with one clear line
+            console.print(f"[bold red]{number}. {title}: FAILED[/] ({time.perf_counter() - t0:.2f} s)")
+            for line in report.lines:
+                console.print(f"     {line}", highlight=False)
+            console.print(f"     [red]{type(err).__name__}: {err}[/]", highlight=False)
+            return False
+        console.print(f"[bold green]{number}. {title}[/] ({time.perf_counter() - t0:.2f} s)")
+        for line in report.lines:
+            console.print(f"     {line}", highlight=False, soft_wrap=True)
+    repo_bytes = sum(f.stat().st_size for f in (ctx.out / ctx.repo).rglob("*") if f.is_file())
+    console.print(f"[bold green]demo passed[/]: all {len(STEPS)} steps in {time.perf_counter() - started:.1f} s; "
+                  f"repository {human(repo_bytes)} for 2 snapshots of a {human(ctx.db_path.stat().st_size)} database")
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m dbre.demo", description="Run dbre's main job end to end.")
+    parser.add_argument("--out", type=Path, default=Path("demo-output"),
+                        help="working folder, emptied first (default ./demo-output)")
+    args = parser.parse_args(argv)
+    console = Console() if sys.stdout.isatty() else Console(width=140)
+    return 0 if run(args.out, console) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
