@@ -5,7 +5,11 @@ Two ways to get a consistent local copy, both yielding an apsw connection to a S
 - ``replica``: an embedded replica (``libsql_experimental``) kept in a persistent cache
   directory and synced from the server's replication log, so the second backup transfers only
   the frames written since the first. The replica is a normal SQLite file in WAL mode; the
-  ``-client_wal_index`` file next to it records how far it has synced (keep it).
+  ``-client_wal_index`` file next to it records how far it has synced (keep it). The sync runs
+  in a short-lived child process (libsql_experimental holds the GIL for the whole sync and has
+  no timeout); ``sync_timeout`` bounds it. A first sync replays every transaction in the
+  server's log since its last compaction, one commit (two fsyncs) at a time: a log of many
+  small transactions makes the first sync slow, later syncs cost only what changed.
 - ``dump``: ``GET /dump`` streams the database as SQL text; it is loaded into a fresh temporary
   file. Always a full transfer, but it works wherever the HTTP API does.
 
@@ -35,6 +39,8 @@ import re
 import shutil
 import socket
 import ssl
+import subprocess
+import sys
 import tempfile
 import time
 import urllib.error
@@ -62,7 +68,24 @@ _SECRET_QUERY_KEYS = {"authtoken", "auth_token", "token", "jwt"}
 _SNAPSHOT_RETRIES = 4
 _DUMP_CHUNK = 1 << 20  # execute the dump in batches of about this many characters
 
-_libsql_module: Any = None
+# The sync runs in a child process: libsql_experimental holds the GIL for the whole of sync()
+# (every other thread of this process, Prefect's included, would stop), has no timeout of its own,
+# and logs its retries to stderr. The token goes over stdin, never on a command line.
+_SYNC_CHILD = r"""
+import json, sys
+req = json.loads(sys.stdin.readline())
+try:
+    import libsql_experimental
+    conn = libsql_experimental.connect(req["path"], sync_url=req["url"], auth_token=req["token"])
+    try:
+        conn.sync()
+    finally:
+        conn.close()
+    out = {"ok": True}
+except Exception as err:
+    out = {"ok": False, "error": str(err), "type": type(err).__name__}
+sys.stdout.write(json.dumps(out) + "\n")
+"""
 
 
 def token_from_env(environ: dict[str, str] | None = None) -> Secret | None:
@@ -83,26 +106,6 @@ def default_cache_root() -> Path:
     xdg = os.environ.get("XDG_CACHE_HOME")
     base = Path(xdg) if xdg and Path(xdg).is_absolute() else Path.home() / ".cache"
     return base / "dbre"
-
-
-def _libsql() -> Any:
-    """Import libsql_experimental with its Rust logging off (it logs every retry to stderr).
-
-    It reads RUST_LOG once, at import; a RUST_LOG set by the user wins.
-    """
-    global _libsql_module
-    if _libsql_module is None:
-        had = "RUST_LOG" in os.environ
-        if not had:
-            os.environ["RUST_LOG"] = "off"
-        try:
-            import libsql_experimental
-
-            _libsql_module = libsql_experimental
-        finally:
-            if not had:
-                os.environ.pop("RUST_LOG", None)
-    return _libsql_module
 
 
 class _ReplicaUnavailable(Exception):
@@ -127,6 +130,7 @@ class RemoteLibsqlSource:
         namespace: str | None = None,
         timeout: float = 60.0,
         lock_timeout: float = 600.0,
+        sync_timeout: float | None = 3600.0,
     ) -> None:
         if method not in METHODS:
             raise SourceError(f"unknown remote source method {method!r}", f"use one of {', '.join(METHODS)}")
@@ -167,6 +171,7 @@ class RemoteLibsqlSource:
         self.method = method
         self.timeout = timeout
         self.lock_timeout = lock_timeout
+        self.sync_timeout = sync_timeout
         self.cache_root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_root()
         raw_name = self.namespace or (f"{host}-{port}" if port else host)
         self.name = re.sub(r"[^A-Za-z0-9._-]+", "-", raw_name).strip("-.") or "libsql"
@@ -283,48 +288,71 @@ class RemoteLibsqlSource:
             except OSError:
                 pass
 
+    def _sync_once(self) -> str | None:
+        """One sync in a child process; None on success, else libsql's error message."""
+        env = dict(os.environ)
+        env.setdefault("RUST_LOG", "off")
+        request = json.dumps({"path": str(self.replica_path), "url": self.base_url, "token": self._token_str()})
+        try:
+            proc = subprocess.run(
+                [sys.executable, "-c", _SYNC_CHILD],
+                input=request + "\n",
+                stdout=subprocess.PIPE,
+                # a RUST_LOG of the user's shows libsql's own log; else keep stderr for a panic
+                stderr=None if "RUST_LOG" in os.environ else subprocess.PIPE,
+                text=True,
+                timeout=self.sync_timeout,
+                env=env,
+                check=False,
+            )
+        except subprocess.TimeoutExpired:
+            raise SourceError(
+                f"source {self.url}: the replica sync did not finish within {self.sync_timeout:g}s",
+                "check the network and the server; raise the sync timeout for a first sync of a big database",
+            ) from None
+        except OSError as err:
+            raise _ReplicaUnavailable(f"cannot start the sync process: {err.strerror}") from None
+        lines = proc.stdout.strip().splitlines()
+        try:
+            result = json.loads(lines[-1]) if lines else {}
+        except ValueError:
+            result = {}
+        if result.get("ok") and proc.returncode == 0:
+            return None
+        if "error" in result:
+            return str(result["error"]) or str(result.get("type", "error"))
+        tail = " ".join((proc.stderr or "").strip().splitlines()[-3:])  # e.g. a Rust panic
+        return f"sync process exited with status {proc.returncode}: {tail}"
+
     def _sync(self) -> None:
-        libsql = _libsql()
-        token = self._token_str()
         wiped = False
         attempt = 0
         while True:
             attempt += 1
-            lconn = None
-            try:
-                lconn = libsql.connect(str(self.replica_path), sync_url=self.base_url, auth_token=token)
-                lconn.sync()
+            error = self._sync_once()
+            if error is None:
                 return
-            except Exception as err:  # libsql_experimental raises ValueError for everything
-                msg = self._scrub(" ".join(str(err).split()))
-                low = msg.lower()
-                if re.search(r"snapshot.{0,3}not.{0,3}found", low) and attempt <= _SNAPSHOT_RETRIES:
-                    log.info("source %s: %s; retrying sync (%d)", self.url, msg, attempt)
-                    time.sleep(0.3 * attempt)
-                    continue
-                if "tcp connect error" in low or "dns error" in low or "connection refused" in low:
-                    raise self._unreachable(_after_colon(msg)) from None
-                if "unauthenticated" in low or "handshake" in low or "401" in low or "403" in low:
-                    self._probe_auth()  # raises SourceError when the token is refused
-                    raise _ReplicaUnavailable(msg) from None
-                if "error trying to connect" in low:
-                    hint = ("is it plain HTTP? use http:// or libsql://...?tls=0"
-                            if self.base_url.startswith("https") else _REACH_HINT)
-                    raise SourceError(
-                        f"source {self.url}: connection failed: {_after_colon(msg)}", hint
-                    ) from None
-                if not wiped:  # a damaged or foreign replica: start it over once
-                    log.warning("source %s: replica sync failed (%s); resyncing from scratch", self.url, msg)
-                    wiped = True
-                    if lconn is not None:
-                        _close_quietly(lconn)
-                        lconn = None
-                    self._wipe_replica()
-                    continue
-                raise _ReplicaUnavailable(msg) from None
-            finally:
-                if lconn is not None:
-                    _close_quietly(lconn)
+            msg = self._scrub(error)
+            low = msg.lower()
+            if re.search(r"snapshot.{0,3}not.{0,3}found", low) and attempt <= _SNAPSHOT_RETRIES:
+                log.info("source %s: %s; retrying sync (%d)", self.url, msg, attempt)
+                time.sleep(0.3 * attempt)
+                continue
+            if "tcp connect error" in low or "dns error" in low or "connection refused" in low:
+                raise self._unreachable(_after_colon(msg))
+            if "unauthenticated" in low or "handshake" in low or "401" in low or "403" in low:
+                self._probe_auth()  # raises SourceError when the token is refused
+                raise _ReplicaUnavailable(msg)
+            if "error trying to connect" in low:
+                hint = ("is it plain HTTP? use http:// or libsql://...?tls=0"
+                        if self.base_url.startswith("https") else _REACH_HINT)
+                raise SourceError(f"source {self.url}: connection failed: {_after_colon(msg)}", hint)
+            if not wiped:  # a damaged or foreign replica: start it over once
+                log.warning("source %s: replica sync failed (%s); resyncing from scratch", self.url, msg)
+                wiped = True
+                self._wipe_replica()
+                continue
+            raise _ReplicaUnavailable(msg)
 
     def _probe_auth(self) -> None:
         """A tiny authenticated request, to tell a refused token from other replica failures."""
@@ -343,6 +371,7 @@ class RemoteLibsqlSource:
 
     def _open_dump(self, stack: ExitStack) -> apsw.Connection:
         tmp_parent = self.cache_root / "tmp"
+        _remove_stale(tmp_parent, "dump-*", max_age=86400)  # left by a killed process
         try:
             tmp_parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             tmpdir = Path(tempfile.mkdtemp(prefix="dump-", dir=tmp_parent))
@@ -504,8 +533,11 @@ def _after_colon(msg: str) -> str:
     return tail or msg
 
 
-def _close_quietly(conn: Any) -> None:
+def _remove_stale(parent: Path, pattern: str, max_age: float) -> None:
+    cutoff = time.time() - max_age
     try:
-        conn.close()
-    except Exception:  # closing after a failure must not mask it
+        for p in parent.glob(pattern):
+            if p.stat().st_mtime < cutoff:
+                shutil.rmtree(p, ignore_errors=True)
+    except OSError:
         pass
