@@ -12,6 +12,7 @@ Great Expectations results become rows of the same shape (check "gx.<expectation
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -150,13 +151,21 @@ def run_checks(path: str | os.PathLike[str], manifest: Manifest) -> list[CheckRe
     conn = open_restored(path)
     try:
         return [
-            *integrity_check(conn),
-            *foreign_key_check(conn),
-            *schema_check(conn, manifest),
-            *equivalence_check(conn, manifest),
+            *_guard("integrity_check", lambda: integrity_check(conn)),
+            *_guard("foreign_key_check", lambda: foreign_key_check(conn)),
+            *_guard("schema", lambda: schema_check(conn, manifest)),
+            *_guard("row_count", lambda: equivalence_check(conn, manifest)),
         ]
     finally:
         conn.close()
+
+
+def _guard(check: str, fn: Callable[[], list[CheckResult]]) -> list[CheckResult]:
+    """A check SQLite cannot even run (a malformed file) fails, naming SQLite's error, instead of raising."""
+    try:
+        return fn()
+    except apsw.Error as err:
+        return [CheckResult(check, False, detail=f"SQLite error: {err}")]
 
 
 def failed(results: list[CheckResult]) -> list[CheckResult]:

@@ -19,7 +19,7 @@ from dbre.repository.manifest import iso, now_utc
 from dbre.repository.repo import Repository
 from dbre.repository.verify import verify
 from dbre.validate.checks import failed
-from dbre.validate.drill import begin_drill, check_step, drill_suites, expectations_step, restore_step
+from dbre.validate.drill import begin_drill, drill_suites, restore_step, validate_step
 from dbre.validate.subset import subset_filter, subset_for_week
 
 RECORD_KIND = "verifications"
@@ -71,9 +71,7 @@ def _restore_check(repo: Repository, db: str, suites: Any, scratch_dir: str | os
     try:
         try:
             restore_step(repo, drill)
-            check_step(drill)
-            if suites:
-                expectations_step(drill, suites)
+            validate_step(drill, suites)
         except UsageError:
             raise
         except DbreError as err:

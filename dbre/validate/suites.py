@@ -163,6 +163,7 @@ class SuiteRun:
     parameters: dict[str, Any] = field(default_factory=dict)
     results: list[dict[str, Any]] = field(default_factory=list)
     data_docs: str | None = None
+    context: Any = field(default=None, repr=False, compare=False)  # the GX context, for Data Docs afterwards
 
     @property
     def success(self) -> bool:
@@ -230,12 +231,13 @@ def _quiet_gx() -> Any:
     return gx
 
 
-def run_suites(db_path: str | os.PathLike[str], suites: list[Suite], *, snapshot_time: datetime,
-               data_docs_dir: str | os.PathLike[str] | None = None) -> SuiteRun:
-    """Run ``suites`` on the SQLite file at ``db_path``; a missing table fails its suite, named."""
+def run_suites(db_path: str | os.PathLike[str], suites: list[Suite], *, snapshot_time: datetime) -> SuiteRun:
+    """Run ``suites`` on the SQLite file at ``db_path``; a missing table fails its suite, named.
+
+    Data Docs are not built here (they take seconds and are not part of validating a restore):
+    call ``build_data_docs`` afterwards."""
     t0 = time.perf_counter()
     gx = _quiet_gx()
-    from great_expectations.checkpoint import UpdateDataDocsAction
     from great_expectations.core.expectation_suite import ExpectationSuite
     from great_expectations.data_context.types.base import ProgressBarsConfig
 
@@ -269,20 +271,9 @@ def run_suites(db_path: str | os.PathLike[str], suites: list[Suite], *, snapshot
         definitions.append(context.validation_definitions.add(
             gx.ValidationDefinition(name=f"validate-{i}", data=batch, suite=suite)))
     results: list[dict[str, Any]] = []
-    docs: str | None = None
     if definitions:
-        actions = []
-        if data_docs_dir is not None:
-            docs_dir = Path(data_docs_dir).absolute()
-            context.add_data_docs_site(site_name="dbre", site_config={
-                "class_name": "SiteBuilder",
-                "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(docs_dir)},
-                "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
-            })
-            actions.append(UpdateDataDocsAction(name="data_docs", site_names=["dbre"]))
-            docs = str(docs_dir / "index.html")
         checkpoint = context.checkpoints.add(gx.Checkpoint(
-            name="dbre-validate", validation_definitions=definitions, actions=actions, result_format="SUMMARY"))
+            name="dbre-validate", validation_definitions=definitions, result_format="SUMMARY"))
         try:
             run = checkpoint.run(expectation_parameters=params)
         finally:
@@ -295,7 +286,25 @@ def run_suites(db_path: str | os.PathLike[str], suites: list[Suite], *, snapshot
                 outcomes.append(_outcome(d["suite_name"], s.table, r))
     order = {name: i for i, name in enumerate(by_suite)}
     outcomes.sort(key=lambda o: (order.get(o.suite, -1), o.success, o.column or "", o.expectation))
-    return SuiteRun(outcomes, time.perf_counter() - t0, import_seconds, str(gx.__version__), params, results, docs)
+    return SuiteRun(outcomes, time.perf_counter() - t0, import_seconds, str(gx.__version__), params, results,
+                    context=context)
+
+
+def build_data_docs(run: SuiteRun, out_dir: str | os.PathLike[str]) -> str | None:
+    """GX's own Data Docs for a finished run, into ``out_dir``; returns index.html's path (None if no run).
+
+    Offline they render unstyled: their CSS and JS come from CDNs."""
+    if run.context is None or not run.results:
+        return None
+    docs_dir = Path(out_dir).absolute()
+    run.context.add_data_docs_site(site_name="dbre", site_config={
+        "class_name": "SiteBuilder",
+        "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(docs_dir)},
+        "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+    })
+    run.context.build_data_docs(site_names=["dbre"])
+    run.data_docs = str(docs_dir / "index.html")
+    return run.data_docs
 
 
 def _outcome(suite: str, table: str, r: dict[str, Any]) -> ExpectationOutcome:
