@@ -145,7 +145,10 @@ def _table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
                      no_wrap=True)
     for r in rows:
         t.add_row(*[str(x) for x in r])
-    Console().print(t)
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=1000)  # piped or logged: never cut ids and names down to 80 columns
+    console.print(t)
 
 
 # -- commands ------------------------------------------------------------------------------------
