@@ -77,22 +77,28 @@ def history_chart(history: list[dict[str, Any]]) -> bytes:
     for ax, key, target_key, label in ((axes[0], "rto_seconds", "rto_target_seconds", "RTO"),
                                        (axes[1], "rpo_seconds", "rpo_target_seconds", "RPO")):
         values = [float(r.get(key) or 0.0) for r in history]
-        unit, scale = _unit([*values, *(float(r.get(target_key) or 0.0) for r in history)])
+        known = [float(r[target_key]) for r in history if r.get(target_key) is not None]
+        top = max(values) if values else 0.0
+        # a target far above every value would flatten the points to the axis: name it instead of drawing it
+        on_scale = bool(known) and max(known) <= 3 * max(top, 1e-9)
+        unit, scale = _unit([*values, *(known if on_scale else [])])
         ys = [v / scale for v in values]
         ax.plot(times, ys, color="#4a6fa5", linewidth=1.2, zorder=1)
         colors = ["#2e8540" if r.get("passed") else "#c0392b" for r in history]
         ax.scatter(times, ys, c=colors, s=28, zorder=2)
-        targets = [r.get(target_key) for r in history]
-        known = [float(t) for t in targets if t is not None]
-        if known:
+        if on_scale:
+            targets = [r.get(target_key) for r in history]
             if len(set(known)) == 1:
                 ax.axhline(known[-1] / scale, color="#888888", linestyle="--", linewidth=1, label="target")
             else:
                 ax.step(times, [float(t) / scale if t is not None else float("nan") for t in targets], where="post",
                         color="#888888", linestyle="--", linewidth=1, label="target")
             ax.legend(loc="upper left", fontsize=8, frameon=False)
+        elif known:
+            ax.text(0.01, 0.97, f"target {seconds_text(known[-1])} (far above every drill)", transform=ax.transAxes,
+                    fontsize=8, color="#616e7c", va="top")
         ax.set_ylabel(f"{label} ({unit})")
-        ax.set_ylim(bottom=0)
+        ax.set_ylim(bottom=0, top=max(ys + [known[-1] / scale if on_scale else 0.0]) * 1.2 or 1)
         ax.grid(axis="y", color="#e5e5e5")
         for side in ("top", "right"):
             ax.spines[side].set_visible(False)
@@ -178,7 +184,7 @@ def _context(record: dict[str, Any], history: list[dict[str, Any]], checks: list
             ("restore (every page checked)", "restore_seconds"),
             ("SQLite and manifest checks", "checks_seconds"),
             ("Great Expectations suites", "expectations_seconds"),
-            ("of which importing GX", "gx_import_seconds")) if phases.get(key) is not None],
+            ("of which importing GX", "gx_import_seconds")) if (phases.get(key) or 0) >= 0.01],
         "checks": [c.to_dict() | {"where": c.where} for c in checks if not c.check.startswith("gx.")],
         "suites": suites,
         "gx": suite_run.summary() if suite_run else None,
@@ -216,8 +222,10 @@ def render_markdown(record: dict[str, Any], history: list[dict[str, Any]], check
 
 
 def report_folder(report_dir: str | os.PathLike[str], record: dict[str, Any]) -> Path:
+    """``DIR/drill-<db>-<start time>[-<record suffix>]``: one folder per drill, in time order."""
     stamp = parse_time(record["started_at"]).strftime("%Y%m%dT%H%M%SZ")
-    return Path(report_dir) / f"drill-{record['db']}-{stamp}"
+    suffix = f"-{record['record_id'].rsplit('-', 1)[-1]}" if record.get("record_id") else ""
+    return Path(report_dir) / f"drill-{record['db']}-{stamp}{suffix}"
 
 
 def write_drill_report(report_dir: str | os.PathLike[str], record: dict[str, Any], history: list[dict[str, Any]],

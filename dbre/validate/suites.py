@@ -136,6 +136,8 @@ class ExpectationOutcome:
             detail = f"could not run: {self.error}"
         elif self.success:
             detail = "ok"
+            if isinstance(self.observed, int | float | str) and not isinstance(self.observed, bool):
+                detail = f"ok (observed {self.observed!r})"
         elif self.unexpected_count is not None:
             detail = f"{self.unexpected_count} unexpected values"
             if self.sample:

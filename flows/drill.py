@@ -1,0 +1,78 @@
+"""Recovery drill (monthly): for each database, restore to scratch, validate, measure RTO and RPO
+against the policy, store the drill record, render the report; the run fails naming every failure."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow, get_run_logger
+
+from dbre.report.drill import seconds_text
+from flows.common import RunFailed, load, md_table, publish, repos
+from tasks.validate import (
+    drill_report,
+    load_drill_suites,
+    record_drill,
+    restore_to_scratch,
+    start_drill,
+    validate_restore,
+)
+
+
+@flow(name="dbre-drill", persist_result=False)
+def drill_flow(databases: list[str] | None = None, policy: str | None = None, repo: str | None = None,
+               key: str | None = None, target: str | None = None, expectations: str | None = None,
+               report_dir: str | None = None, scratch_dir: str | None = None, data_docs: bool = True
+               ) -> list[dict[str, Any]]:
+    """Drill each database (the named ones, else the policy's). ``target``: newest, random or an ISO time
+    (default: the policy's). ``expectations``: the GX suites folder (default: each database's in the policy)."""
+    log = get_run_logger()
+    pol = load(policy)
+    r = repos(pol, repo, None, key)
+    if databases:
+        names = list(databases)
+    elif pol is not None:
+        names = [d.name for d in pol.databases]
+    else:
+        from dbre.errors import UsageError
+
+        raise UsageError("no databases to drill", "pass databases, or a policy")
+    records = []
+    for db in names:
+        entry = next((d for d in pol.databases if d.name == db), None) if pol else None
+        suites_dir = expectations or (entry.expectations if entry else None)
+        suites = load_drill_suites(suites_dir, db) if suites_dir else None
+        drill = start_drill(r.primary, db, r.key, target or (pol.drills.target if pol else "newest"),
+                            scratch_dir or (pol.drills.scratch_dir if pol else None), warm_gx=bool(suites))
+        drill = restore_to_scratch(r.primary, drill, r.key)
+        drill = validate_restore(drill, suites)
+        record = record_drill(r.primary, drill, r.key, float(entry.rpo) if entry else None,
+                              float(entry.rto) if entry else None)
+        if report_dir:
+            paths = drill_report(r.primary, drill, record, report_dir, r.key, data_docs)
+            record = {**record, "report": paths["html"]}
+        log.info("drill of %s %s: RTO %s, RPO %s", db, "passed" if record["passed"] else "FAILED",
+                 seconds_text(record["rto_seconds"]), seconds_text(record["rpo_seconds"]))
+        records.append(record)
+    _publish(records)
+    bad = [rec for rec in records if not rec["passed"]]
+    if bad:
+        raise RunFailed(f"{len(bad)} of {len(records)} drills failed: "
+                        + "; ".join(f"{rec['db']}: " + "; ".join(rec["failures"]) for rec in bad))
+    return records
+
+
+def _publish(records: list[dict[str, Any]]) -> None:
+    rows = [{"db": rec["db"], "snapshot": rec["snapshot"], "RTO": seconds_text(rec["rto_seconds"]),
+             "RTO target": seconds_text(rec["rto_target_seconds"]), "RPO": seconds_text(rec["rpo_seconds"]),
+             "RPO target": seconds_text(rec["rpo_target_seconds"]),
+             "checks": f"{rec['checks']['total'] - rec['checks']['failed']}/{rec['checks']['total']}",
+             "result": "passed" if rec["passed"] else "FAILED"} for rec in records]
+    md = ["# Recovery drill", "",
+          f"{sum(1 for rec in records if rec['passed'])} of {len(records)} databases restored, validated and "
+          "within their RTO and RPO.", "", md_table(rows, list(rows[0]) if rows else ["db"]), ""]
+    for rec in records:
+        if rec["failures"]:
+            md += [f"## {rec['db']}: why it failed", "", *[f"- {f}" for f in rec["failures"]], ""]
+    links = [(rec["report"], f"drill report {rec['db']}") for rec in records if rec.get("report")]
+    publish("drill", "\n".join(md), rows, links, description="recovery drill")

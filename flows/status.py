@@ -1,0 +1,78 @@
+"""Backup health: per database, success rate, RPO/RTO attainment, drills and storage; Prometheus text;
+alerts sent to the policy's channels (webhooks, Prefect notification blocks); the run fails on any alert."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow
+
+from dbre.metrics import Alert, Status, parse_size
+from dbre.policy import parse_duration
+from dbre.report.drill import seconds_text
+from flows.common import RunFailed, human, load, md_table, outcome, publish, repos
+from tasks.validate import compute_repository_status, notify_block, notify_webhook
+
+
+@flow(name="dbre-status", persist_result=False)
+def status_flow(policy: str | None = None, repo: str | None = None, key: str | None = None,
+                quota: str | None = None, storage_threshold: float = 0.8, window: str = "30d",
+                prom: str | None = None, webhook: str | None = None, notify: bool = True) -> dict[str, Any]:
+    """Compute the status of every database; ``prom`` writes a node-exporter textfile; ``webhook`` (a URL or a
+    reference, env:NAME / prefect-secret:BLOCK) gets every alert, the policy's channels the events they list."""
+    pol = load(policy)
+    r = repos(pol, repo, None, key)
+    status: Status = compute_repository_status(r.primary, r.key, pol, parse_duration(window),
+                                               parse_size(quota) if quota else None, storage_threshold, prom)
+    alerts = status.all_alerts
+    sent, failed = [], []
+    if alerts and notify:
+        channels: list[tuple[str, str, str, list[str] | None]] = []  # (name, kind, target, events)
+        if webhook:
+            channels.append(("webhook", "webhook", webhook, None))
+        for ch in pol.alerts if pol else []:
+            channels.append((ch.name, ch.kind, ch.url or ch.block or "", list(ch.events)))
+        for name, kind, target, events in channels:
+            mine = [a for a in alerts if events is None or a.event in events]
+            if not mine:
+                continue
+            if kind == "webhook":
+                state = notify_webhook.with_options(task_run_name=f"notify {name}")(name, target, status, mine,
+                                                                                    return_state=True)
+            else:
+                state = notify_block(target, status, mine, return_state=True)
+            ok, res = outcome(state)
+            (sent if ok else failed).append(name if ok else f"{name}: {res}")
+    _publish(status, alerts, sent, failed)
+    if alerts:
+        raise RunFailed(f"{len(alerts)} alerts: " + "; ".join(f"{a.event}: {a.message}" for a in alerts)
+                        + (f" (notification failed: {'; '.join(failed)})" if failed else ""))
+    return status.to_dict()
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{v:.1%}"
+
+
+def _days(v: float | None) -> str:
+    return "-" if v is None else f"{v:.0f}"
+
+
+def _publish(status: Status, alerts: list[Alert], sent: list[str], failed: list[str]) -> None:
+    rows = [{"db": d.db, "snapshots": d.snapshots, "newest point age": seconds_text(d.newest_restorable_age_seconds),
+             "backup success": _pct(d.backup_success_rate), "RPO attained": _pct(d.rpo_attainment),
+             "RTO attained": _pct(d.rto_attainment),
+             "days since drill": _days(d.days_since_successful_drill),
+             "stored": human(d.storage_bytes), "state": "ok" if d.ok else "ALERT"} for d in status.databases]
+    md = [f"# Backup health of `{status.repository}`", "",
+          f"Storage: {human(status.storage_bytes)}" + ("" if status.storage_exact else " (estimated)")
+          + (f" of {human(status.quota_bytes)}" if status.quota_bytes else ""), ""]
+    if rows:
+        md += [md_table(rows, list(rows[0])), ""]
+    if alerts:
+        md += ["## Alerts", "", *[f"- **{a.event}** ({a.severity}): {a.message}" for a in alerts], ""]
+    if sent:
+        md.append(f"Notified: {', '.join(sent)}.")
+    if failed:
+        md.append(f"Notification failed: {'; '.join(failed)}.")
+    publish("status", "\n".join(md), rows, description="backup health")
