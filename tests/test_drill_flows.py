@@ -1,0 +1,107 @@
+"""The drill and status flows under a real (temporary) Prefect API: artifacts, failed runs with reasons,
+notifications. One ``prefect_test_harness`` for the module (it takes ~15 s to start)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import apsw
+import pytest
+
+from dbre.metrics import record_backup
+from dbre.repository.backup import backup
+from dbre.repository.manifest import now_utc
+from dbre.repository.repo import Repository
+from dbre.sources import open_source
+from dbre.validate.profile import profile_database, write_suites
+from tests.test_status import receiver  # noqa: F401 - the webhook receiver fixture
+from tests.test_validate import make_shop
+
+
+@pytest.fixture(scope="module")
+def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    home = tmp_path_factory.mktemp("prefect-home")
+    saved = {k: os.environ.get(k) for k in ("PREFECT_HOME", "PREFECT_SERVER_ANALYTICS_ENABLED",
+                                            "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS")}
+    os.environ.update({"PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+                       "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90"})
+    from prefect.testing.utilities import prefect_test_harness
+
+    try:
+        with prefect_test_harness(server_startup_timeout=90):
+            yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> dict[str, Any]:
+    src = make_shop(tmp_path / "shop.db", customers=300, orders=1500)
+    repo = tmp_path / "repo"
+    backup(Repository.open_or_init(str(repo)), open_source(str(src)), "shop")
+    with apsw.Connection(str(src)) as conn:
+        write_suites(profile_database(conn, "shop"), tmp_path / "expectations" / "shop")
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(json.dumps({
+        "version": 1, "repositories": {"primary": str(repo)},
+        "databases": [{"name": "shop", "source": str(src), "rpo": "1h", "rto": "10m",
+                       "expectations": str(tmp_path / "expectations")}],
+        "retention": {"keep_last": 5}, "drills": {"scratch_dir": str(tmp_path / "scratch")}}))
+    return {"src": src, "repo": repo, "policy": str(policy), "reports": tmp_path / "reports", "dir": tmp_path}
+
+
+def _artifacts(key: str) -> list[Any]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        return list(client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key]))))
+
+
+def test_drill_flow_passes_and_publishes(prefect_api: None, site: dict[str, Any]) -> None:
+    from flows.drill import drill_flow
+
+    (rec,) = drill_flow(policy=site["policy"], report_dir=str(site["reports"]))
+    assert rec["passed"] and rec["rto_target_seconds"] == 600 and rec["expectations"]["failed"] == 0
+    assert Path(rec["report"]).exists() and (Path(rec["report"]).parent / "data-docs" / "index.html").exists()
+    assert Repository.open(str(site["repo"])).records("drills", "shop")[-1]["record_id"] == rec["record_id"]
+    summary = _artifacts("drill-summary")
+    assert summary and "1 of 1 databases restored, validated" in summary[0].data
+    assert list((site["dir"] / "scratch").iterdir()) == []
+
+
+def test_drill_flow_fails_naming_table_and_column(prefect_api: None, site: dict[str, Any]) -> None:
+    from flows.common import RunFailed
+    from flows.drill import drill_flow
+
+    conn = sqlite3.connect(site["src"])
+    conn.execute("UPDATE customers SET country = NULL WHERE id % 3 = 0")
+    conn.commit()
+    conn.close()
+    backup(Repository.open(str(site["repo"])), open_source(str(site["src"])), "shop")
+    with pytest.raises(RunFailed, match=r"shop: gx\.expect_column_values_to_not_be_null on customers\.country"):
+        drill_flow(policy=site["policy"])
+
+
+def test_status_flow_fails_on_alerts_and_notifies(prefect_api: None, site: dict[str, Any],
+                                                  receiver: dict[str, Any]) -> None:  # noqa: F811
+    from flows.common import RunFailed
+    from flows.status import status_flow
+
+    prom = site["dir"] / "textfile" / "dbre.prom"
+    healthy = status_flow(policy=site["policy"], prom=str(prom), webhook=receiver["url"])
+    assert healthy["ok"] and prom.exists() and receiver["got"] == []
+    record_backup(Repository.open(str(site["repo"])), "shop", ok=False, started_at=now_utc(), error="no space left")
+    with pytest.raises(RunFailed, match="backup_failure: shop: the last backup .* failed: no space left"):
+        status_flow(policy=site["policy"], webhook=receiver["url"] + "/x")
+    (got,) = receiver["got"]
+    assert got["path"] == "/x" and got["body"]["alerts"][0]["event"] == "backup_failure"
