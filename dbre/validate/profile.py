@@ -6,7 +6,8 @@ orphans), the column set. From the data, one aggregate query per column: a row-c
 around today's count, not-null for nullable columns that hold no NULL (marked "observed"),
 value sets for low-cardinality columns, ranges for numeric columns, and freshness for
 timestamp-like columns (the newest value no older than a window before the snapshot time, via
-the ``snapshot_minus_<N>d`` suite parameter, see ``dbre.validate.suites``). Every generated
+the ``snapshot_minus_<N>d`` suite parameter, see ``dbre.validate.suites``; a column whose newest
+value is already months old is not being written to, and gets none: ``meta.dbre.no_freshness``). Every generated
 expectation carries ``meta.dbre.basis`` ("declared" or "observed") so a person can see which to
 loosen. The suites are plain GX 1.x JSON; nothing here imports GX.
 """
@@ -29,6 +30,7 @@ from dbre.validate.suites import suite_file_name
 
 LOW_CARDINALITY = 12  # at most this many distinct values (and each seen 3+ times on average) -> a value set
 ROW_BAND = (0.9, 2.0)  # row-count band: 90% to 200% of today's count
+STALE_DAYS = 90  # a timestamp column whose newest value is older than this gets no freshness expectation
 _TIMESTAMP_NAME = re.compile(r"(_at|_on|_time|_ts|_date|^date|^time|timestamp|updated|created)$", re.I)
 _ISO_DATE = re.compile(r"^\d{4}-\d{2}-\d{2}")
 _SKIP_TABLES = re.compile(r"^(sqlite_|_litestream_|libsql_)")
@@ -172,6 +174,7 @@ def profile_table(conn: apsw.Connection, db: str, table: str, *, now: datetime |
                          f"every {table}.{col} refers to a row of {ref}", check="foreign_key", column=col,
                          references=ref))
     fresh: list[dict[str, Any]] = []
+    stale: list[dict[str, Any]] = []
     for c in cols:
         name = c["name"]
         if c["notnull"]:
@@ -187,6 +190,9 @@ def profile_table(conn: apsw.Connection, db: str, table: str, *, now: datetime |
         epoch = _epoch_unit(p["max"])
         if is_time and (epoch or (isinstance(p["max"], str) and _ISO_DATE.match(p["max"]))):
             age = _age_days(p["max"], epoch, now)
+            if age is not None and age > STALE_DAYS:
+                stale.append({"column": name, "newest": p["max"], "age_days": round(age)})
+                continue
             if age is not None:
                 days = max(2, math.ceil(age * 2))
                 param = f"snapshot_minus_{days}d{epoch or ''}"
@@ -223,7 +229,8 @@ def profile_table(conn: apsw.Connection, db: str, table: str, *, now: datetime |
                           "profiled_at": now.isoformat(timespec="seconds"),
                           "generated_by": f"dbre {__version__} expectations profile",
                           "notes": "A starter suite: edit freely. Expectations with basis 'observed' describe the "
-                                   "data on the day it was profiled; loosen or remove those that are not rules."}},
+                                   "data on the day it was profiled; loosen or remove those that are not rules.",
+                          **({"no_freshness": stale} if stale else {})}},
     }
 
 
