@@ -484,3 +484,29 @@ def test_cli_bad_input_is_one_line(hist: History, tmp_path: Path) -> None:
     assert_one_line_error(missing, 1, "no repository")
     bad = cli("report", "requirements", "--repo", hist.repo, "--out", tmp_path / "o", "--price-gb-month", "-1")
     assert_one_line_error(bad, 2, "price")
+
+
+def test_without_policy_or_live_source_or_snapshots(hist: History, tmp_path: Path) -> None:
+    # no policy, no live source: rows and schema from the newest manifests, retention assumed
+    bare = analyze(Repository.open(str(hist.repo)), None, None, now=hist.now, restore_throughput=1e8,
+                   expectations_dir=None)
+    shop = next(d for d in bare.databases if d.name == "shop")
+    assert not shop.inventory.live and shop.tables and shop.tables[0].inventory.table_bytes is None
+    assert _table(hist, "shop", "customers").rows == next(t for t in shop.tables if t.name == "customers").rows
+    assert next(t for t in shop.tables if t.name == "customers").inventory.referenced_by == ["orders", "reviews"]
+    assert shop.storage is not None and shop.storage.retention_assumed
+    assert {c.status for c in shop.checks if c.target in ("RPO", "RTO")} == {"no target"}
+    write_documents(bare, tmp_path / "bare")
+    # a database in the policy that was never backed up
+    ghost = tmp_path / "ghost.db"
+    apsw.Connection(str(ghost)).execute("CREATE TABLE t(x)")
+    policy = tmp_path / "p.yaml"
+    policy.write_text(f"version: 1\nrepositories: {{primary: {tmp_path / 'r'}}}\nretention: {{keep_last: 3}}\n"
+                      f"databases: [{{name: ghost, source: {ghost}, rpo: 1h, rto: 1h}}]\n")
+    empty = Repository.open_or_init(str(tmp_path / "r"))
+    report = analyze(empty, {"ghost": LocalFileSource(ghost)}, load_policy(policy), expectations_dir=None)
+    (d,) = report.databases
+    assert d.storage is None and d.restore.basis == "none"
+    assert {c.target: c.status for c in d.checks}["RPO"] == NOT_MET
+    write_documents(report, tmp_path / "ghost-docs", load_policy(policy))
+    assert "ghost" in (tmp_path / "ghost-docs" / "recovery-runbook.md").read_text()

@@ -166,6 +166,11 @@ def action_command(rec: Recommendation, inst: Installation, report: Requirements
     return None
 
 
+def who(contacts: list[dict[str, Any]], role_pattern: str) -> str | None:
+    """The name of the first contact whose role matches (case-insensitive regex), or None."""
+    return next((str(c["name"]) for c in contacts if re.search(role_pattern, str(c.get("role", "")), re.I)), None)
+
+
 def tiers_in(report: RequirementsReport) -> list[tuple[str, list[DatabaseReport]]]:
     """Databases grouped by tier, most critical first (databases without a tier last)."""
     groups: list[tuple[str, list[DatabaseReport]]] = []
@@ -201,7 +206,7 @@ def _env() -> Any:
     env.filters.update(secs=fmt_seconds, size=fmt_bytes, pct=pct, num=num, cell=cell, q=q, date=date,
                        status_class=status_class, status_icon=status_icon)
     env.tests["search"] = lambda value, pattern: re.search(pattern, str(value or "")) is not None
-    env.globals.update(money=money, action_command=action_command, tiers_in=tiers_in, dr_strategy=dr_strategy,
+    env.globals.update(who=who, money=money, action_command=action_command, tiers_in=tiers_in, dr_strategy=dr_strategy,
                        TIER_GUIDANCE=TIER_GUIDANCE, TIER_MEANING=TIER_MEANING, MET=MET, AT_RISK=AT_RISK,
                        NOT_MET=NOT_MET, NO_TARGET=NO_TARGET)
     return env

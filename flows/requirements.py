@@ -1,0 +1,75 @@
+"""Requirements report (quarterly): measure every database, check the policy's targets, project storage
+and cost, write the report, backup policy, recovery runbook and DR plan, and publish them as artifacts."""
+
+from __future__ import annotations
+
+import os
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger
+
+from dbre.report.requirements import MET, NO_TARGET, RequirementsReport, fmt_bytes
+from dbre.report.requirements_docs import action_command, installation
+from flows.common import POLICY_ENV, load, md_table, publish, repos
+from tasks.report import analyze_requirements, cli_commands, write_requirements_documents
+
+DOCUMENTS = [("report.html", "requirements report (HTML)"), ("report.md", "requirements report (Markdown)"),
+             ("backup-policy.md", "backup policy"), ("recovery-runbook.md", "recovery runbook"),
+             ("dr-plan.md", "disaster-recovery plan")]
+
+
+@flow(name="dbre-requirements-report", persist_result=False)
+def requirements_report_flow(out_dir: str = "reports/requirements", policy: str | None = None,
+                             repo: str | None = None, key: str | None = None, sources: dict[str, str] | None = None,
+                             expectations: str | None = "expectations", storage_gb_month: float | None = None,
+                             put_per_1000: float | None = None, get_per_1000: float | None = None,
+                             restore_throughput: float | None = None, dated: bool = True) -> dict[str, Any]:
+    """Analyse every database (the policy's, given ``sources`` {name: path or URL}, and those in the
+    repository) and write the documents into ``out_dir`` (a dated subfolder unless ``dated`` is false).
+    Prices default to the policy's ``costs``; ``restore_throughput`` (bytes/s) skips the restore probe."""
+    log = get_run_logger()
+    pol = load(policy)
+    policy_path = policy or os.environ.get(POLICY_ENV) or None
+    r = repos(pol, repo, None, key)
+    prices = {k: v for k, v in (("storage_gb_month", storage_gb_month), ("put_per_1000", put_per_1000),
+                                ("get_per_1000", get_per_1000)) if v is not None}
+    report = analyze_requirements(r.primary, r.key, policy_path, sources, expectations, prices or None,
+                                  restore_throughput)
+    target = Path(out_dir) / datetime.now(UTC).strftime("%Y-%m-%d") if dated else Path(out_dir)
+    paths = write_requirements_documents(report, str(target), policy_path)
+    counts = report.status_counts()
+    log.info("requirements of %d databases: %d targets met, %d at risk, %d not met; documents in %s",
+             len(report.databases), counts[MET], counts["at risk"], counts["not met"], target)
+    _publish(report, paths, pol)
+    return {"out_dir": str(target), "files": paths, "targets": counts,
+            "recommendations": len(report.recommendations)}
+
+
+def _publish(report: RequirementsReport, paths: dict[str, str], pol: Any) -> None:
+    counts = report.status_counts()
+    stor = [d.storage for d in report.databases if d.storage]
+    cur = report.prices.currency
+    rows = [{"db": c.db, "target": c.target, "objective": c.objective, "measured": c.measured, "status": c.status,
+             "reason": c.reason} for d in report.databases for c in d.checks]
+    inst = installation(report, pol, cli_commands())
+    md = ["# Backup and recovery requirements", "",
+          f"Repository `{report.repository}`: {len(report.databases)} databases, "
+          f"{sum(len(d.tables) for d in report.databases)} tables, "
+          f"{fmt_bytes(sum(d.size for d in report.databases))} now, "
+          f"{fmt_bytes(sum(d.size_trend.projected for d in report.databases))} projected in 12 months.", "",
+          f"**Targets**: {counts[MET]} met, {counts['at risk']} at risk, {counts['not met']} not met"
+          + (f", {counts[NO_TARGET]} without a target" if counts[NO_TARGET] else "") + ".", "",
+          f"**Storage** under the retention policy: {cur} {sum(s.total_month_now for s in stor):.4f}/month now, "
+          f"{cur} {sum(s.total_month_12m for s in stor):.4f}/month in 12 months.", "",
+          "## Targets against measurements", "",
+          md_table([x for x in rows if x["status"] != MET] or rows,
+                   ["db", "target", "objective", "measured", "status", "reason"]), "",
+          "## Recommendations", ""]
+    for i, rec in enumerate(report.recommendations, 1):
+        cmd = action_command(rec, inst, report)
+        md.append(f"{i}. **{rec.db or 'installation'} · {rec.area}**: {rec.text}" + (f" — `{cmd}`" if cmd else ""))
+    md += ["", "Documents: " + ", ".join(f"`{paths[name]}`" for name, _ in DOCUMENTS if name in paths)]
+    links = [(paths[name], text) for name, text in DOCUMENTS if name in paths]
+    publish("requirements", "\n".join(md), rows, links, description="requirements report")
