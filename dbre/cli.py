@@ -484,6 +484,12 @@ def drill(
     scratch_dir: ScratchOpt = None,
     data_docs: Annotated[bool, typer.Option("--data-docs/--no-data-docs",
                                             help="Also build GX Data Docs into the report folder.")] = True,
+    namespace_admin: Annotated[str | None, typer.Option(
+        "--namespace-admin", help="sqld admin API: also load the restore into a new namespace there.")] = None,
+    namespace_url: Annotated[str | None, typer.Option(
+        "--namespace-url", help="sqld's HTTP URL, to check the namespace (token: LIBSQL_AUTH_TOKEN).")] = None,
+    namespace: Annotated[str | None, typer.Option("--namespace", help="Its name (default drill-<db>-<time>).")] = None,
+    keep_namespace: Annotated[bool, typer.Option("--keep-namespace", help="Keep it after the drill.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print the drill record as JSON.")] = False,
     key_file: KeyFileOpt = None,
 ) -> None:
@@ -504,6 +510,17 @@ def drill(
         if suites is None and pol is not None and pol.database(db).expectations:
             suites = Path(pol.database(db).expectations)
         scratch = scratch_dir or (Path(pol.drills.scratch_dir) if pol and pol.drills.scratch_dir else None)
+        ns_target = None
+        if namespace_admin or namespace_url:
+            if not (namespace_admin and namespace_url):
+                raise UsageError("--namespace-admin and --namespace-url go together", "pass both, or neither")
+            import time
+
+            from dbre.validate.namespace import NamespaceTarget
+
+            ns_target = NamespaceTarget(namespace_admin, namespace_url,
+                                        namespace or f"drill-{db}-{time.strftime('%Y%m%d%H%M%S')}".replace(".", "-"),
+                                        _token(), keep_namespace)
         repository = Repository.open(repo, _key(key_file))
         docs_tmp = None
         if report_dir is not None and data_docs and suites is not None:
@@ -511,7 +528,7 @@ def drill(
             docs_tmp = report_dir / f".data-docs-{secrets.token_hex(4)}"
         try:
             outcome = run_drill(repository, db, target=target, targets=targets, expectations=suites,
-                                scratch_dir=scratch, data_docs_dir=docs_tmp)
+                                scratch_dir=scratch, data_docs_dir=docs_tmp, namespace=ns_target)
             record = outcome.record
             if report_dir is not None:
                 from dbre.report.drill import report_folder, write_drill_report

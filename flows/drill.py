@@ -22,10 +22,13 @@ from tasks.validate import (
 @flow(name="dbre-drill", persist_result=False)
 def drill_flow(databases: list[str] | None = None, policy: str | None = None, repo: str | None = None,
                key: str | None = None, target: str | None = None, expectations: str | None = None,
-               report_dir: str | None = None, scratch_dir: str | None = None, data_docs: bool = True
+               report_dir: str | None = None, scratch_dir: str | None = None, data_docs: bool = True,
+               namespace_admin: str | None = None, namespace_url: str | None = None, token: str | None = None
                ) -> list[dict[str, Any]]:
     """Drill each database (the named ones, else the policy's). ``target``: newest, random or an ISO time
-    (default: the policy's). ``expectations``: the GX suites folder (default: each database's in the policy)."""
+    (default: the policy's). ``expectations``: the GX suites folder (default: each database's in the policy).
+    ``namespace_admin`` and ``namespace_url`` (sqld's admin API and HTTP URL; ``token`` a reference) also load
+    each restore into a new namespace ``drill-<db>-<time>``, left for inspection."""
     log = get_run_logger()
     pol = load(policy)
     r = repos(pol, repo, None, key)
@@ -45,7 +48,7 @@ def drill_flow(databases: list[str] | None = None, policy: str | None = None, re
         drill = start_drill(r.primary, db, r.key, target or (pol.drills.target if pol else "newest"),
                             scratch_dir or (pol.drills.scratch_dir if pol else None), warm_gx=bool(suites))
         drill = restore_to_scratch(r.primary, drill, r.key)
-        drill = validate_restore(drill, suites)
+        drill = validate_restore(drill, suites, namespace_admin, namespace_url, token)
         record = record_drill(r.primary, drill, r.key, float(entry.rpo) if entry else None,
                               float(entry.rto) if entry else None)
         if report_dir:

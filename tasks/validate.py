@@ -9,6 +9,7 @@ runs from ``start drill`` to the end of ``validate restore``.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -23,13 +24,15 @@ from dbre.validate.drill import (
     begin_drill,
     drill_suites,
     finish_drill,
+    namespace_step,
     restore_step,
     validate_step,
 )
 from dbre.validate.integrity import validate_repository
+from dbre.validate.namespace import NamespaceTarget
 from dbre.validate.suites import Suite, build_data_docs, prewarm
 from tasks.retry import HOUR, NO_RESULTS, TASK_OPTIONS
-from tasks.secrets import resolve_key, resolve_secret
+from tasks.secrets import resolve_key, resolve_secret, resolve_token
 
 
 @task(name="load suites", task_run_name="load suites of {db}", timeout_seconds=60, **NO_RESULTS)
@@ -62,15 +65,23 @@ def restore_to_scratch(repo: str, drill: Drill, key: str | None = None) -> Drill
 
 
 @task(name="validate restore", task_run_name="validate {drill.db}", timeout_seconds=6 * HOUR, **NO_RESULTS)
-def validate_restore(drill: Drill, suites: list[Suite] | None = None) -> Drill:
-    """integrity_check, foreign_key_check, schema, restore-equivalence, and the GX suites."""
+def validate_restore(drill: Drill, suites: list[Suite] | None = None, namespace_admin: str | None = None,
+                     namespace_url: str | None = None, token: str | None = None) -> Drill:
+    """integrity_check, foreign_key_check, schema, restore-equivalence, the GX suites; with ``namespace_admin``
+    and ``namespace_url`` also load the restore into a new sqld namespace and count its rows there (kept)."""
     if drill.error is None:
         try:
             validate_step(drill, suites)
+            if namespace_admin and namespace_url:
+                target = NamespaceTarget(namespace_admin, namespace_url,
+                                         f"drill-{drill.db}-{drill.started_at:%Y%m%d%H%M%S}".replace(".", "-"),
+                                         resolve_token(token), keep=True)
+                namespace_step(drill, target)
         except UsageError:
             raise
         except DbreError as err:
             drill.error = str(err)
+    drill.ended = time.monotonic()
     return drill
 
 

@@ -18,8 +18,9 @@ from dbre.repository.backup import backup
 from dbre.repository.repo import Repository, pack_key
 from dbre.sources import open_source
 from dbre.validate.drill import DrillTargets, pick_snapshot, run_drill
+from dbre.validate.namespace import NamespaceTarget
 from dbre.validate.profile import profile_database, write_suites
-from tests.sqld import SqldServer, sqld  # noqa: F401 - the session fixture
+from tests.sqld import SqldServer, sqld, sqld_namespaces  # noqa: F401 - the session fixtures
 from tests.test_validate import make_shop
 
 DOCS_IMG = Path(__file__).resolve().parent.parent / "docs" / "img"
@@ -153,6 +154,22 @@ def test_drill_against_s3_with_a_real_sqld_source(sqld: SqldServer, s3_repo_url:
     assert rec["repository"].startswith("s3://") and rec["expectations"]["suites"] == 2
     assert Repository.open(s3_repo_url).records("drills", "remote")[-1]["snapshot"] == rec["snapshot"]
     assert list((tmp_path / "scratch").iterdir()) == []
+
+
+def test_drill_into_a_new_sqld_namespace(sqld_namespaces: SqldServer, shop: dict[str, Path]) -> None:  # noqa: F811
+    repo = Repository.open(str(shop["repo"]))
+    assert sqld_namespaces.admin_url
+    target = NamespaceTarget(sqld_namespaces.admin_url, sqld_namespaces.url, "drill-shop-1")
+    rec = run_drill(repo, "shop", targets=DrillTargets(3600, 600), namespace=target).record
+    assert rec["passed"], rec["failures"]
+    assert rec["namespace"]["namespace"] == "drill-shop-1" and rec["namespace"]["deleted"]
+    assert rec["phases"]["namespace_seconds"] > 0 and rec["checks"]["total"] >= 9  # 2 namespace row counts
+    with pytest.raises(Exception):  # noqa: B017 - gone: sqld answers with an HTTP error
+        sqld_namespaces.execute("SELECT count(*) FROM orders", namespace="drill-shop-1")
+    target = NamespaceTarget(sqld_namespaces.admin_url, sqld_namespaces.url, "drill-shop-2", keep=True)
+    rec = run_drill(repo, "shop", namespace=target).record
+    assert sqld_namespaces.execute("SELECT count(*) FROM orders", namespace="drill-shop-2") == [[4000]]
+    sqld_namespaces.delete_namespace("drill-shop-2")
 
 
 def _screenshot(html: Path, out: Path, height: int = 1000) -> None:

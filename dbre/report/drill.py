@@ -184,7 +184,9 @@ def _context(record: dict[str, Any], history: list[dict[str, Any]], checks: list
             ("restore (every page checked)", "restore_seconds"),
             ("SQLite and manifest checks", "checks_seconds"),
             ("Great Expectations suites", "expectations_seconds"),
-            ("of which importing GX", "gx_import_seconds")) if (phases.get(key) or 0) >= 0.01],
+            ("of which importing GX", "gx_import_seconds"),
+            ("load into a new sqld namespace and count its rows", "namespace_seconds"))
+            if (phases.get(key) or 0) >= 0.01],
         "checks": [c.to_dict() | {"where": c.where} for c in checks if not c.check.startswith("gx.")],
         "suites": suites,
         "gx": suite_run.summary() if suite_run else None,

@@ -37,6 +37,7 @@ from dbre.validate.suites import Suite, load_suites, prewarm, suites_dir_for
 
 if TYPE_CHECKING:
     from dbre.policy import Policy
+    from dbre.validate.namespace import NamespaceResult, NamespaceTarget
     from dbre.validate.suites import SuiteRun
 
 RECORD_KIND = "drills"
@@ -74,7 +75,9 @@ class Drill:
     checks_seconds: float | None = None
     checks: list[CheckResult] = field(default_factory=list)
     suite_run: SuiteRun | None = None
+    namespace: NamespaceResult | None = None
     error: str | None = None
+    ended: float | None = None  # time.monotonic() when validation ended: the RTO's end
 
     @property
     def rpo_seconds(self) -> float:
@@ -168,10 +171,19 @@ def validate_step(drill: Drill, suites: list[Suite] | None) -> None:
             checks.result()
 
 
+def namespace_step(drill: Drill, target: NamespaceTarget) -> NamespaceResult:
+    """Load the restored file into a new sqld namespace and check its row counts (remote databases)."""
+    from dbre.validate.namespace import load_into_namespace
+
+    drill.namespace = load_into_namespace(drill.restored, drill.snapshot, target, drill.scratch)
+    drill.checks += drill.namespace.checks
+    return drill.namespace
+
+
 def finish_drill(repo: Repository, drill: Drill, targets: DrillTargets, *, keep_scratch: bool = False,
                  write: bool = True) -> dict[str, Any]:
     """Stop the clock, compare with the targets, write the drill record, remove scratch."""
-    rto = time.monotonic() - drill.started
+    rto = (drill.ended or time.monotonic()) - drill.started
     finished_at = now_utc()
     if not keep_scratch:
         shutil.rmtree(drill.scratch, ignore_errors=True)
@@ -224,7 +236,9 @@ def drill_record(drill: Drill, targets: DrillTargets, rto: float, finished_at: d
             "checks_seconds": _round(drill.checks_seconds),
             "expectations_seconds": gx["seconds"] if gx else None,
             "gx_import_seconds": gx["import_seconds"] if gx else None,
+            "namespace_seconds": _round(drill.namespace.seconds) if drill.namespace else None,
         },
+        "namespace": drill.namespace.summary() if drill.namespace else None,
         "size": m.size,
         "tables": len(m.tables),
         "rows": sum(t.rows for t in m.tables.values()),
@@ -254,7 +268,8 @@ class DrillOutcome:
 def run_drill(repo: Repository, db: str, *, target: str = "newest", targets: DrillTargets | None = None,
               expectations: str | os.PathLike[str] | None = None, scratch_dir: str | os.PathLike[str] | None = None,
               data_docs_dir: str | os.PathLike[str] | None = None, seed: int | None = None,
-              keep_scratch: bool = False, write: bool = True) -> DrillOutcome:
+              keep_scratch: bool = False, write: bool = True, namespace: NamespaceTarget | None = None
+              ) -> DrillOutcome:
     """A whole drill. A restore or validation that fails is recorded as a failed drill, not raised;
     bad options (unknown database, unreadable suites) raise UsageError before the clock matters."""
     suites = drill_suites(expectations, db) if expectations is not None else None
@@ -265,10 +280,17 @@ def run_drill(repo: Repository, db: str, *, target: str = "newest", targets: Dri
         try:
             restore_step(repo, drill)
             validate_step(drill, suites)
+            if namespace is not None:
+                namespace_step(drill, namespace)
         except UsageError:
             raise
         except DbreError as err:
             drill.error = str(err)
+        drill.ended = time.monotonic()
+        if drill.namespace is not None and namespace is not None and not namespace.keep:
+            from dbre.validate.namespace import delete_namespace
+
+            drill.namespace.deleted = delete_namespace(namespace)  # before the record, after the clock
         record = finish_drill(repo, drill, targets or DrillTargets(), keep_scratch=keep_scratch, write=write)
         if data_docs_dir is not None and drill.suite_run is not None:
             from dbre.validate.suites import build_data_docs
