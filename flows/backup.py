@@ -1,0 +1,56 @@
+"""Backup one database: a snapshot (incremental against its newest one), then the offsite copies."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow, get_run_logger
+
+from dbre.errors import UsageError
+from flows.common import RunFailed, human, load, md_table, outcome, publish, repos
+from tasks.backup import backup_database, copy_to_offsite
+
+
+@flow(name="dbre-backup", flow_run_name="backup {db}", persist_result=False)
+def backup_flow(db: str, source: str | None = None, policy: str | None = None, repo: str | None = None,
+                offsite: list[str] | None = None, copy_offsite: bool = True, key: str | None = None,
+                token: str | None = None, checksums: bool | None = None) -> dict[str, Any]:
+    """Back up ``db`` (from ``source`` or the policy) into the primary repository, then copy it offsite.
+
+    Every backup is incremental forever: only pages not already in the repository are stored, so
+    a "full" backup is just a backup. Parameters override the policy; ``key`` and ``token`` are
+    references (env:NAME or prefect-secret:BLOCK), never values."""
+    log = get_run_logger()
+    pol = load(policy)
+    entry = None
+    if pol is not None:  # an explicit source may name a database the policy does not list
+        entry = pol.database(db) if source is None else next((d for d in pol.databases if d.name == db), None)
+    src = source or (entry.source if entry else None)
+    if not src:
+        raise UsageError(f"no source for database {db!r}", "pass source, or list the database in the policy")
+    r = repos(pol, repo, offsite, key)
+    snap = backup_database(db, src, r.primary, r.key, token or (entry.auth_token if entry else None),
+                           checksums if checksums is not None else (entry.checksums if entry else True))
+    log.info("snapshot %s of %s: %s, %s added", snap["id"], db, human(snap["size"]), human(snap["bytes_added"]))
+    copies = []
+    for target in r.offsite if copy_offsite else []:
+        ok, res = outcome(copy_to_offsite(r.primary, target, r.key, db, return_state=True))
+        copies.append(res if ok else {"offsite": target, "error": res})
+    failed = [c for c in copies if "error" in c]
+    rows = [{"step": "backup", "repository": r.primary, "snapshot": snap["id"],
+             "kind": "incremental" if snap["parent"] else "first", "size": human(snap["size"]),
+             "added": human(snap["bytes_added"]), "seconds": snap["seconds"], "result": "ok"}]
+    rows += [{"step": "copy", "repository": c["offsite"], "snapshot": snap["id"],
+              "added": human(c.get("bytes_copied")), "result": c.get("error", "ok")} for c in copies]
+    md = [f"# Backup of `{db}`", "",
+          f"Snapshot **{snap['id']}** taken {snap['taken_at']}: {snap['pages']} pages, {human(snap['size'])}; "
+          f"{snap['pages_added']} new pages ({human(snap['bytes_added'])}) in {snap['seconds']:.2f} s.", ""]
+    if copies:
+        md += [f"Offsite copies: {len(copies) - len(failed)} of {len(copies)} up to date.", ""]
+    md.append(md_table(rows, ["step", "repository", "snapshot", "kind", "size", "added", "seconds", "result"]))
+    publish(f"backup-{db}", "\n".join(md), rows, [(u, f"repository {u}") for u in [r.primary, *r.offsite]],
+            description=f"backup of {db}")
+    if failed:
+        raise RunFailed(f"backup of {db} succeeded but {len(failed)} offsite copies failed: "
+                        + "; ".join(f"{c['offsite']}: {c['error']}" for c in failed))
+    return {"snapshot": snap, "copies": copies}

@@ -1,0 +1,56 @@
+"""Retention on demand: forget snapshots the keep-policy does not keep, then prune, in every repository.
+
+The nightly fleet backup does the same after its copies; this flow is for a one-off run (or a
+dry run to see what a new policy would remove)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow
+
+from dbre.errors import UsageError
+from dbre.repository.retention import KeepPolicy
+from flows.common import RunFailed, load, md_table, outcome, publish, repos
+from tasks.retention import forget_snapshots, prune_repository
+
+
+@flow(name="dbre-retention", persist_result=False)
+def retention_flow(databases: list[str] | None = None, policy: str | None = None, repo: str | None = None,
+                   offsite: list[str] | None = None, key: str | None = None, keep_last: int | None = None,
+                   keep_hourly: int | None = None, keep_daily: int | None = None, keep_weekly: int | None = None,
+                   keep_monthly: int | None = None, keep_yearly: int | None = None, prune: bool = True,
+                   dry_run: bool = False) -> dict[str, Any]:
+    """Apply retention to the primary and every offsite repository; keep_* parameters replace the policy's."""
+    pol = load(policy)
+    r = repos(pol, repo, offsite, key)
+    given = {"last": keep_last, "hourly": keep_hourly, "daily": keep_daily, "weekly": keep_weekly,
+             "monthly": keep_monthly, "yearly": keep_yearly}
+    if any(v is not None for v in given.values()):
+        keep = KeepPolicy(**{k: v or 0 for k, v in given.items()})
+    elif pol is not None:
+        keep = pol.retention.keep_policy()
+    else:
+        raise UsageError("no retention rule given", "pass keep_* parameters or a policy with a retention section")
+    keep.check()
+    names = databases or ([d.name for d in pol.databases] if pol else None)
+    steps: list[dict[str, Any]] = []
+    for target in [r.primary, *r.offsite]:
+        ok, res = outcome(forget_snapshots(target, vars(keep), names, dry_run, r.key, return_state=True))
+        steps.append({"step": "forget", "repository": target, "result": "ok" if ok else res,
+                      "forgotten": res["forgotten"] if ok else None, "kept": res["kept"] if ok else None})
+        if ok and prune:
+            ok, res = outcome(prune_repository(target, dry_run, r.key, return_state=True))
+            steps.append({"step": "prune", "repository": target, "result": "ok" if ok else res,
+                          "packs_deleted": res["delete_packs"] if ok else None,
+                          "packs_kept": res["keep_packs"] if ok else None})
+    rules = ", ".join(f"keep {k} {v}" for k, v in vars(keep).items() if v)
+    md = [f"# Retention{' (dry run)' if dry_run else ''}", "", f"Rules: {rules}.", "",
+          md_table(steps, ["step", "repository", "forgotten", "kept", "packs_deleted", "packs_kept", "result"])]
+    publish("retention", "\n".join(md), steps, [(u, f"repository {u}") for u in [r.primary, *r.offsite]],
+            description="retention")
+    failed = [s for s in steps if s["result"] != "ok"]
+    if failed:
+        raise RunFailed("retention failed: " + "; ".join(f"{s['step']} {s['repository']}: {s['result']}"
+                                                          for s in failed))
+    return {"dry_run": dry_run, "steps": steps}

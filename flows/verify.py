@@ -1,0 +1,64 @@
+"""Integrity validation (weekly): verify the repository, then restore each database's newest snapshot
+to scratch and check it (integrity_check, foreign_key_check, row counts and checksums vs the manifest)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from flows.common import RunFailed, human, load, md_table, outcome, publish, repos
+from tasks.backup import list_snapshots
+from tasks.verify import restore_check, verify_repository
+
+
+@flow(name="dbre-verify", persist_result=False, task_runner=ThreadPoolTaskRunner(max_workers=2))
+def verify_flow(databases: list[str] | None = None, policy: str | None = None, repo: str | None = None,
+                key: str | None = None, read_data: bool = False, restore: bool = True,
+                scratch_dir: str | None = None) -> dict[str, Any]:
+    """Check every snapshot and pack (with ``read_data`` every byte), and prove the newest snapshot of
+    each database (the named ones, else the policy's, else all in the repository) restores correctly."""
+    pol = load(policy)
+    r = repos(pol, repo, None, key)
+    ok, report = outcome(verify_repository(r.primary, r.key, None, read_data, return_state=True))
+    if not ok:
+        report = {"ok": False, "problems": [{"object": r.primary, "detail": report}], "snapshots": 0, "packs": 0}
+    names = databases or ([d.name for d in pol.databases] if pol else None)
+    if names is None:
+        names = sorted({s["db"] for s in list_snapshots(r.primary, r.key)})
+    scratch = scratch_dir or (pol.drills.scratch_dir if pol else None)
+    checks: list[dict[str, Any]] = []
+    if restore:
+        futures = [restore_check.submit(r.primary, db, r.key, None, scratch) for db in names]
+        for db, future in zip(names, futures, strict=True):
+            future.wait()
+            done, res = outcome(future.state)
+            checks.append(res if done else {"db": db, "ok": False, "problems": [res]})
+    _publish(r.primary, report, checks, read_data)
+    bad = [c for c in checks if not c["ok"]]
+    if not report["ok"] or bad:
+        what = [f"{p['object']}: {p['detail']}" for p in report["problems"][:5]]
+        what += [f"{c['db']}: {'; '.join(c['problems'][:3])}" for c in bad]
+        raise RunFailed(f"verification failed ({len(report['problems'])} repository problems, {len(bad)} of "
+                        f"{len(checks)} restore checks failed): " + "; ".join(what))
+    return {"repository": report, "checks": checks}
+
+
+def _publish(primary: str, report: dict[str, Any], checks: list[dict[str, Any]], read_data: bool) -> None:
+    ok_checks = sum(1 for c in checks if c["ok"])
+    md = [f"# Integrity validation of `{primary}`", "",
+          f"- Repository: {'ok' if report['ok'] else '**damaged**'} ({report['snapshots']} snapshots, "
+          f"{report['packs']} packs" + (f", read {report.get('packs_read', 0)} packs, "
+                                         f"{human(report.get('bytes_read', 0))}" if read_data else "") + ")",
+          f"- Restore checks: {ok_checks} of {len(checks)} databases restored and passed", ""]
+    md += [f"- DAMAGED {p['object']}: {p['detail']}" for p in report["problems"]]
+    table = [{"db": c["db"], "snapshot": c.get("snapshot"), "taken_at": c.get("taken_at"), "size": c.get("size"),
+              "tables": c.get("tables"), "restore_seconds": c.get("restore_seconds"),
+              "check_seconds": c.get("check_seconds"), "result": "ok" if c["ok"] else "; ".join(c["problems"])}
+             for c in checks]
+    if table:
+        md += ["", md_table([{**t, "size": human(t["size"])} for t in table],
+                            ["db", "snapshot", "taken_at", "size", "tables", "restore_seconds", "check_seconds",
+                             "result"])]
+    publish("verify", "\n".join(md), table, [(primary, f"repository {primary}")], description="integrity validation")

@@ -1,0 +1,50 @@
+"""Backup tasks: one snapshot of a database, the same under a global concurrency limit, the offsite copy."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import Any
+
+from prefect import task
+from prefect.concurrency.sync import concurrency
+
+from dbre.repository.backup import backup
+from dbre.repository.copy import apply_copy, plan_copy
+from dbre.repository.repo import Repository
+from dbre.sources import open_source
+from tasks.retry import HOUR, TASK_OPTIONS
+from tasks.secrets import resolve_key, resolve_token
+
+
+@task(name="backup", task_run_name="backup {db}", timeout_seconds=2 * HOUR, **TASK_OPTIONS)
+def backup_database(db: str, source: str, repo: str, key: str | None = None, token: str | None = None,
+                    checksums: bool = True) -> dict[str, Any]:
+    """Take one snapshot of ``source`` into ``repo`` as ``db``; returns the snapshot's summary."""
+    repository = Repository.open_or_init(repo, resolve_key(key))
+    return backup(repository, open_source(source, resolve_token(token)), db, checksums=checksums).summary()
+
+
+@task(name="backup (limited)", task_run_name="backup {db}", timeout_seconds=2 * HOUR, **TASK_OPTIONS)
+def backup_database_limited(db: str, source: str, repo: str, key: str | None = None, token: str | None = None,
+                            checksums: bool = True, limit: str | None = None) -> dict[str, Any]:
+    """``backup_database`` holding a slot of the Prefect global concurrency limit ``limit`` (if any)."""
+    with concurrency(limit, occupy=1, strict=False) if limit else nullcontext():
+        return backup_database.fn(db, source, repo, key, token, checksums)
+
+
+@task(name="copy to offsite", task_run_name="copy to {offsite}", timeout_seconds=6 * HOUR, **TASK_OPTIONS)
+def copy_to_offsite(repo: str, offsite: str, key: str | None = None, db: str | None = None) -> dict[str, Any]:
+    """Copy snapshots (of ``db``) not yet in ``offsite`` there; returns what was copied."""
+    secret = resolve_key(key)
+    src = Repository.open(repo, secret)
+    dst = Repository.init_copy_of(src, offsite, secret)
+    plan = plan_copy(src, dst, db)
+    copied = apply_copy(src, dst, plan)
+    return {"offsite": dst.url, "snapshots_copied": len(plan.snapshots), "packs_copied": len(plan.packs),
+            "bytes_copied": copied, "already_there": plan.already}
+
+
+@task(name="list snapshots", task_run_name="list snapshots", timeout_seconds=HOUR, **TASK_OPTIONS)
+def list_snapshots(repo: str, key: str | None = None, db: str | None = None) -> list[dict[str, Any]]:
+    """Summaries of the snapshots (of ``db``) in ``repo``, oldest first."""
+    return [m.summary() for m in Repository.open(repo, resolve_key(key)).snapshots(db)]
