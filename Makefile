@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench lint typecheck clean
+.PHONY: install demo test bench lint typecheck clean serve
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -32,3 +32,9 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+
+# A local Prefect server (UI at http://127.0.0.1:$(PREFECT_PORT)) serving every deployment from one
+# process, no work pool; Ctrl-C stops both. DBRE_POLICY names the policy file the flows use.
+PREFECT_PORT ?= 4200
+serve: $(STAMP)
+	PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/python deployments/serve.py --start-server --port $(PREFECT_PORT)
