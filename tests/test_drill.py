@@ -7,6 +7,7 @@ import json
 import shutil
 import sqlite3
 import subprocess
+from datetime import timedelta
 from pathlib import Path
 
 import apsw
@@ -15,6 +16,7 @@ from typer.testing import CliRunner
 
 from dbre.cli import app
 from dbre.repository.backup import backup
+from dbre.repository.manifest import iso, now_utc
 from dbre.repository.repo import Repository, pack_key
 from dbre.sources import open_source
 from dbre.validate.drill import DrillTargets, pick_snapshot, run_drill
@@ -188,8 +190,13 @@ def test_report_screenshots(shop: dict[str, Path]) -> None:
     repo = Repository.open(str(shop["repo"]))
     from dbre.report.drill import write_drill_report
 
-    for _ in range(2):  # some history for the chart
-        run_drill(repo, "shop", targets=DrillTargets(3600, 600))
+    now = now_utc()
+    for k, (rto, rpo, passed) in enumerate([(95.0, 1500, True), (130.0, 2900, True), (88.0, 4100, False),
+                                            (102.0, 1200, True), (76.0, 2400, True)]):  # five monthly drills
+        repo.put_record("drills", "shop", {
+            "started_at": iso(now - timedelta(days=30 * (5 - k))), "snapshot": "0" * 16, "rto_seconds": rto,
+            "rpo_seconds": rpo, "rto_target_seconds": 600, "rpo_target_seconds": 3600, "passed": passed,
+            "rto_met": True, "rpo_met": passed, "failures": [] if passed else ["RPO target missed"]})
     ok = run_drill(repo, "shop", expectations=shop["expectations"], targets=DrillTargets(3600, 600))
     paths = write_drill_report(shop["reports"], ok.record, repo.records("drills", "shop"), ok.checks, ok.suite_run)
     _screenshot(Path(paths["html"]), DOCS_IMG / "drill-report.png", 2600)

@@ -186,7 +186,7 @@ def _context(record: dict[str, Any], history: list[dict[str, Any]], checks: list
             ("Great Expectations suites", "expectations_seconds"),
             ("of which importing GX", "gx_import_seconds"),
             ("load into a new sqld namespace and count its rows", "namespace_seconds"))
-            if (phases.get(key) or 0) >= 0.01],
+            if phases.get(key) is not None and (key != "gx_import_seconds" or phases[key] >= 0.05)],
         "checks": [c.to_dict() | {"where": c.where} for c in checks if not c.check.startswith("gx.")],
         "suites": suites,
         "gx": suite_run.summary() if suite_run else None,
