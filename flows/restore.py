@@ -119,8 +119,8 @@ def _publish(request: RestoreRequest, plan: dict[str, Any], result: dict[str, An
     else:
         head = [f"# Restore of `{request.database}`", "", f"Restored {what} in {result['seconds']:.2f} s."]
         if request.validate_result:
-            head += ["", "Validation: " + ("integrity_check, foreign_key_check, row counts and checksums match the "
-                                           "manifest." if not problems else "**failed**")]
+            passed = "integrity_check, foreign_key_check, schema, row counts and checksums match the manifest."
+            head += ["", "Validation: " + (passed if not problems else "**failed**")]
             head += [f"- {p}" for p in problems]
     if tried:
         head += ["", "Repositories that could not serve it:"] + [f"- {t}" for t in tried]

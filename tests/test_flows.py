@@ -339,9 +339,9 @@ def test_restore_check_names_what_differs_from_the_manifest(tmp_path: Path) -> N
     conn.commit()
     conn.close()
     problems = integrity_problems(src, manifest)
-    assert any(p.startswith("foreign_key_check:") for p in problems)
-    assert "table customers: 49 rows, manifest says 50" in problems
-    assert "table orders: content checksum differs from the manifest" in problems
+    assert "foreign_key_check on orders.customer_id: 10 rows refer to missing rows of customers" in problems
+    assert "row_count on customers: 1 rows missing: expected 50, found 49" in problems
+    assert any(p.startswith("checksum on orders: content differs from the backup") for p in problems)
 
 
 # --------------------------------------------------------------------------- retries and secrets
