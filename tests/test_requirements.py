@@ -428,7 +428,7 @@ def test_documents_are_written_with_this_installations_commands(hist: History) -
     assert {"report.md", "report.html", "backup-policy.md", "recovery-runbook.md", "dr-plan.md", "charts"} <= names
     runbook = (hist.out / "recovery-runbook.md").read_text()
     repo = str(hist.repo)
-    assert f'dbre restore --repo {repo} --db "$DB" --at "$BEFORE" --to {hist.root}/scratch/$DB-before.db' in runbook
+    assert f'dbre restore --repo {repo} --db "$DB" --at "$BEFORE" --to "{hist.root}/scratch/$DB-before.db"' in runbook
     assert f"export DB=shop SRC={hist.shop}" in runbook
     assert f"dbre restore --repo {hist.offsite} --db \"$DB\"" in runbook
     assert "| DBA | Dana Reyes | dana@example.com | business hours |" in runbook

@@ -138,6 +138,13 @@ def money(value: float | None, currency: str = "USD", exact: bool = False) -> st
     return f"{symbol}{text}" if symbol else f"{text} {currency}"
 
 
+def code_html(text: str) -> Any:
+    """HTML of a sentence whose `backticked` parts are code (everything else escaped)."""
+    from markupsafe import Markup, escape
+
+    return Markup(re.sub(r"`([^`]+)`", r"<code>\1</code>", str(escape(text))))
+
+
 def status_class(status: str) -> str:
     return {MET: "met", AT_RISK: "risk", NOT_MET: "notmet", NO_TARGET: "none"}.get(status, "none")
 
@@ -182,14 +189,21 @@ def tiers_in(report: RequirementsReport) -> list[tuple[str, list[DatabaseReport]
 
 
 def dr_strategy(d: DatabaseReport) -> tuple[str, str]:
-    """The seed's DR site model for an RTO: (hot/warm/cold, why)."""
-    if d.rto is None:
-        return "cold", "no RTO set"
-    if d.rto < 3600:
-        return "warm", "RTO under an hour: keep a standby restored from the newest snapshot and replay to it"
-    if d.rto <= 4 * 3600:
-        return "warm", "RTO of hours: restore from the repository with a practised, scripted procedure"
-    return "cold", "RTO over four hours: restore from the (offsite) repository on demand"
+    """The seed's DR site model for a database's RTO and measured restore time: (hot/warm/cold, why)."""
+    rto, restore = d.rto, d.restore.seconds
+    if rto is None:
+        return "cold", "no RTO set: restore from the repository on demand"
+    took = "no restore measured"
+    if restore is not None:
+        took = f"a restore takes {fmt_seconds(restore)} ({d.restore.basis})"
+    if rto < 3600:
+        if restore is not None and restore <= rto / 2:
+            return "warm", (f"RTO under an hour and {took}: a practised restore from the repository fits; "
+                            "keep a standby host ready to receive it")
+        return "hot", f"RTO under an hour and {took}: a continuous replica with failover; restores are the fallback"
+    if rto <= 4 * 3600:
+        return "warm", f"RTO of hours, {took}: a scripted restore onto a prepared standby host"
+    return "cold", f"RTO over four hours, {took}: restore from the (offsite) repository on demand"
 
 
 def _env() -> Any:
@@ -203,8 +217,8 @@ def _env() -> Any:
         keep_trailing_newline=True,
         undefined=jinja2.StrictUndefined,
     )
-    env.filters.update(secs=fmt_seconds, size=fmt_bytes, pct=pct, num=num, cell=cell, q=q, date=date,
-                       status_class=status_class, status_icon=status_icon)
+    env.filters.update(code_html=code_html, secs=fmt_seconds, size=fmt_bytes, pct=pct, num=num, cell=cell, q=q,
+                       date=date, status_class=status_class, status_icon=status_icon)
     env.tests["search"] = lambda value, pattern: re.search(pattern, str(value or "")) is not None
     env.globals.update(who=who, money=money, action_command=action_command, tiers_in=tiers_in, dr_strategy=dr_strategy,
                        TIER_GUIDANCE=TIER_GUIDANCE, TIER_MEANING=TIER_MEANING, MET=MET, AT_RISK=AT_RISK,
