@@ -105,3 +105,22 @@ def test_status_flow_fails_on_alerts_and_notifies(prefect_api: None, site: dict[
         status_flow(policy=site["policy"], webhook=receiver["url"] + "/x")
     (got,) = receiver["got"]
     assert got["path"] == "/x" and got["body"]["alerts"][0]["event"] == "backup_failure"
+
+
+def test_status_flow_notifies_through_a_prefect_block(prefect_api: None, site: dict[str, Any],
+                                                      receiver: dict[str, Any]) -> None:  # noqa: F811
+    from prefect.blocks.notifications import CustomWebhookNotificationBlock
+
+    from flows.common import RunFailed
+    from flows.status import status_flow
+
+    CustomWebhookNotificationBlock(name="ops", url=receiver["url"] + "/block", allow_private_urls=True,
+                                   json_data={"subject": "{{subject}}", "body": "{{body}}"}).save("ops-hook")
+    policy = json.loads(Path(site["policy"]).read_text())
+    policy["alerts"] = [{"name": "ops", "kind": "prefect-block", "block": "ops-hook", "events": ["backup_failure"]}]
+    Path(site["policy"]).write_text(json.dumps(policy))
+    record_backup(Repository.open(str(site["repo"])), "shop", ok=False, started_at=now_utc(), error="quota exceeded")
+    with pytest.raises(RunFailed, match="backup_failure"):
+        status_flow(policy=site["policy"])
+    (got,) = receiver["got"]
+    assert got["path"] == "/block" and "backup_failure: shop: the last backup" in got["body"]["body"]
