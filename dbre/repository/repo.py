@@ -200,15 +200,20 @@ class Repository:
         """The snapshot an ID prefix names, or the newest at or before ``at``, or the newest."""
         if snap_id and at:
             raise UsageError("--snapshot and --at were both given", "pass one of them")
-        snaps = self.require_db(db)
         if snap_id:
-            hits = [m for m in snaps if m.id.startswith(snap_id)]
-            if len(hits) != 1:
-                why = "no snapshot" if not hits else f"{len(hits)} snapshots"
+            # read only the manifest asked for: a damaged sibling must not block this restore
+            check_db_name(db)
+            refs = self.list_snapshot_refs(db)
+            if not refs:
+                self.require_db(db)  # raises, naming the known databases
+            hit_refs = [r for r in refs if r.id.startswith(snap_id)]
+            if len(hit_refs) != 1:
+                why = "no snapshot" if not hit_refs else f"{len(hit_refs)} snapshots"
                 raise UsageError(
                     f"{why} of {db!r} with id {snap_id!r}", "list them with `dbre snapshots`"
                 )
-            return hits[0]
+            return self.load_manifest(db, hit_refs[0].id)
+        snaps = self.require_db(db)
         if at is not None:
             before = [m for m in snaps if m.time <= at]
             if not before:
