@@ -28,6 +28,7 @@ from tests.dbfactory import (
     assert_one_line_error,
     cli,
     dbre_env,
+    integrity,
     make_db,
     pack_files,
     run_dbre,
@@ -216,6 +217,22 @@ def test_truncated_manifest(world: World) -> None:
     assert "Traceback" not in verified.stderr
     assert_one_line_error(restored, 1, manifest.name)
     assert not target.exists()
+
+
+def test_damaged_manifest_does_not_block_the_others(world: World) -> None:
+    """One damaged manifest must not keep a restore by id of another snapshot from working."""
+    second = cli("backup", world.src, "--repo", world.repo, "--json")
+    assert second.returncode == 0, second
+    damaged = world.repo / "snapshots" / "src" / world.snap_id
+    damaged.write_bytes(damaged.read_bytes()[:40])
+    target = world.tmp / "out.db"
+    r = run_dbre(*restore_args(world, target, "--snapshot", json.loads(second.stdout)["id"]))
+    assert r.returncode == 0, r
+    assert integrity(target) == "ok"
+    # asking for the damaged one by id names it
+    r = cli(*restore_args(world, world.tmp / "bad.db", "--snapshot", world.snap_id[:6]))
+    assert_one_line_error(r, 1, world.snap_id)
+    assert not (world.tmp / "bad.db").exists()
 
 
 def test_damaged_config(world: World) -> None:
