@@ -775,8 +775,9 @@ def report_requirements(
     def go() -> None:
         from dataclasses import replace
 
-        from dbre.report.requirements import MET, NO_TARGET, Prices, analyze, fmt_bytes
+        from dbre.report.requirements import analyze
         from dbre.report.requirements_docs import write_documents
+        from dbre.report.requirements_model import MET, NO_TARGET, Prices, fmt_bytes
         from dbre.repository.repo import Repository
 
         for opt, value in (("--price-gb-month", price_gb_month), ("--price-put", price_put),

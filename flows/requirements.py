@@ -10,8 +10,8 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-from dbre.report.requirements import MET, NO_TARGET, RequirementsReport, fmt_bytes
 from dbre.report.requirements_docs import action_command, installation
+from dbre.report.requirements_model import MET, NO_TARGET, RequirementsReport, fmt_bytes
 from flows.common import POLICY_ENV, load, md_table, publish, repos
 from tasks.report import analyze_requirements, cli_commands, write_requirements_documents
 

@@ -13,7 +13,8 @@ from typing import Any
 from prefect import task
 
 from dbre.policy import load_policy
-from dbre.report.requirements import Prices, RequirementsReport, analyze
+from dbre.report.requirements import analyze
+from dbre.report.requirements_model import Prices, RequirementsReport
 from dbre.repository.repo import Repository
 from dbre.sources import open_source
 from tasks.retry import HOUR, NO_RESULTS, TASK_OPTIONS

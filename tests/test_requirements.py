@@ -23,17 +23,9 @@ import pytest
 import dbre.repository.backup as backup_mod
 from dbre.policy import load_policy
 from dbre.report.inventory import classify_column_name, sniff_column, sniff_value
-from dbre.report.requirements import (
-    AT_RISK,
-    MET,
-    NOT_MET,
-    Prices,
-    RequirementsReport,
-    analyze,
-    fit_trend,
-    kept_ages,
-)
+from dbre.report.requirements import analyze, fit_trend, kept_ages
 from dbre.report.requirements_docs import write_documents
+from dbre.report.requirements_model import AT_RISK, MET, NOT_MET, Prices, RequirementsReport
 from dbre.repository.copy import apply_copy, plan_copy
 from dbre.repository.repo import Repository
 from dbre.repository.retention import KeepPolicy
@@ -46,7 +38,7 @@ STEP_DAYS = 3  # shop: a snapshot every 3 days...
 SKIPPED_STEPS = {50, 51, 90, 91}  # ...except four missed backups: two 9-day gaps
 LEDGER_EVERY = 2  # ledger: a snapshot every second step (6 days)
 YEAR_STEPS = 122
-PER_STEP = {"customers": 15, "orders": 30, "order_items": 30, "reviews": 10, "events": 40}
+PER_STEP = {"customers": 15, "orders": 20, "order_items": 20, "reviews": 10, "events": 15}
 
 SHOP_SCHEMA = """
 CREATE TABLE customers(id INTEGER PRIMARY KEY, full_name TEXT, email TEXT, phone TEXT, birth_date TEXT, city TEXT);
@@ -139,11 +131,13 @@ def build_history(root: Path) -> History:
     # do not see each other's WAL commits reliably
     s = apsw.Connection(str(shop))
     s.execute("PRAGMA journal_mode=WAL").fetchall()
+    s.execute("PRAGMA synchronous=OFF")
     s.execute(SHOP_SCHEMA)
     _write(s, "INSERT INTO settings VALUES (?, ?)", [(f"key{i}", "on") for i in range(20)])
     _write(s, "INSERT INTO products(title, price) VALUES (?, ?)", [(f"Widget {i}", 9.5 + i) for i in range(150)])
     g = apsw.Connection(str(ledger))
     g.execute("PRAGMA journal_mode=WAL").fetchall()
+    g.execute("PRAGMA synchronous=OFF")
     g.execute(LEDGER_SCHEMA)
     _write(g, "INSERT INTO accounts(owner, iban) VALUES (?, ?)",
            [(f"Owner {i}", f"DE{i:02d} 3704 0044 0532 0130 00") for i in range(30)])
@@ -201,12 +195,15 @@ def build_history(root: Path) -> History:
 
 @pytest.fixture(scope="module")
 def hist(tmp_path_factory: pytest.TempPathFactory) -> History:
-    """The year of history, the analysis of it, and its documents in ``out`` (built once, ~20 s)."""
+    """The year of history, the analysis of it, and its documents in ``out`` (built once, ~15 s)."""
     root = tmp_path_factory.mktemp("requirements")
     (root / "expectations" / "shop").mkdir(parents=True)
     (root / "expectations" / "shop" / "orders.json").write_text(json.dumps(
         {"name": "orders", "expectations": [], "meta": {"dbre": {"table": "orders"}}}))
-    return build_history(root)
+    with pytest.MonkeyPatch.context() as mp:
+        # 180 backups into a local store fsync a few thousand files: durability is not under test here
+        mp.setattr("dbre.storage.local.os.fsync", lambda fd: None)
+        return build_history(root)
 
 
 def _db(h: History, name: str) -> Any:

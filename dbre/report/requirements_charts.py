@@ -10,11 +10,11 @@ import io
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
-from dbre.report.requirements import fmt_bytes
+from dbre.report.requirements_model import fmt_bytes
 from dbre.repository.manifest import parse_time
 
 if TYPE_CHECKING:
-    from dbre.report.requirements import DatabaseReport, RequirementsReport
+    from dbre.report.requirements_model import DatabaseReport, RequirementsReport
 
 STATUS_COLORS = {"met": "#2e7d32", "at risk": "#ef8f00", "not met": "#c62828", "no target": "#78909c"}
 DATA_COLOR, INDEX_COLOR, TREND_COLOR = "#1f5fa8", "#8fb8e8", "#c2185b"

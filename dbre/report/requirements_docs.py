@@ -19,7 +19,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dbre.report.requirements import (
+from dbre.report.requirements_model import (
     AT_RISK,
     MET,
     NO_TARGET,
