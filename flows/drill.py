@@ -46,7 +46,7 @@ def drill_flow(databases: list[str] | None = None, policy: str | None = None, re
         suites_dir = expectations or (entry.expectations if entry else None)
         suites = load_drill_suites(suites_dir, db) if suites_dir else None
         drill = start_drill(r.primary, db, r.key, target or (pol.drills.target if pol else "newest"),
-                            scratch_dir or (pol.drills.scratch_dir if pol else None), warm_gx=bool(suites))
+                            scratch_dir or (pol.drills.scratch_dir if pol else None))
         drill = restore_to_scratch(r.primary, drill, r.key)
         drill = validate_restore(drill, suites, namespace_admin, namespace_url, token)
         record = record_drill(r.primary, drill, r.key, float(entry.rpo) if entry else None,

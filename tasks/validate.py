@@ -30,7 +30,7 @@ from dbre.validate.drill import (
 )
 from dbre.validate.integrity import validate_repository
 from dbre.validate.namespace import NamespaceTarget
-from dbre.validate.suites import Suite, build_data_docs, prewarm
+from dbre.validate.suites import Suite, build_data_docs
 from tasks.retry import HOUR, NO_RESULTS, TASK_OPTIONS
 from tasks.secrets import resolve_key, resolve_secret, resolve_token
 
@@ -42,13 +42,10 @@ def load_drill_suites(expectations: str, db: str) -> list[Suite]:
 
 
 @task(name="start drill", task_run_name="start drill of {db}", timeout_seconds=HOUR, **NO_RESULTS)
-def start_drill(repo: str, db: str, key: str | None = None, target: str = "newest", scratch_dir: str | None = None,
-                warm_gx: bool = False) -> Drill:
+def start_drill(repo: str, db: str, key: str | None = None, target: str = "newest",
+                scratch_dir: str | None = None) -> Drill:
     """Start the clock, choose the snapshot, note the newest restorable point (RPO), make scratch."""
-    drill = begin_drill(Repository.open(repo, resolve_key(key)), db, target, scratch_dir=scratch_dir)
-    if warm_gx:
-        prewarm()
-    return drill
+    return begin_drill(Repository.open(repo, resolve_key(key)), db, target, scratch_dir=scratch_dir)
 
 
 @task(name="restore to scratch", task_run_name="restore {drill.db} to scratch", timeout_seconds=6 * HOUR,

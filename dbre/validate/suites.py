@@ -19,7 +19,6 @@ import json
 import logging
 import os
 import re
-import sys
 import time
 import urllib.parse
 from dataclasses import asdict, dataclass, field
@@ -216,14 +215,6 @@ def _error_of(exception_info: dict[str, Any]) -> str | None:
             msg = str(info.get("exception_message") or "raised an exception")
             return msg.splitlines()[0][:300]
     return None
-
-
-def prewarm() -> None:
-    """Start importing GX on a background thread: a drill overlaps its seconds of imports with the restore."""
-    import threading
-
-    if "great_expectations" not in sys.modules:
-        threading.Thread(target=_quiet_gx, name="dbre-gx-import", daemon=True).start()
 
 
 def _quiet_gx() -> Any:
