@@ -22,6 +22,8 @@ def _size_label(r: dict[str, Any]) -> str:
 
 def _mark(check: dict[str, Any], fmt: str) -> str:
     value = format(check["value"], fmt)
+    if float(value) == check["target"]:  # 0.351 must not read "0.35 FAIL" against <= 0.35
+        value = format(check["value"], ".3f")
     return f"{value} [green]PASS[/]" if check["pass"] else f"{value} [bold red]FAIL[/]"
 
 
@@ -29,7 +31,8 @@ def table(doc: dict[str, Any]) -> Table:
     results = doc["results"]
     m = doc["machine"]
     t = Table(title=f"dbre benchmarks: medians of {doc['config']['runs']} runs after "
-                    f"{doc['config']['warmup']} warm-up", title_justify="left",
+                    f"{doc['config']['warmup']} warm-up (time ratios: median of the per-run ratios)",
+              title_justify="left",
               caption=f"{m['cpu']}, {m['cores']} cores, {m['memory']}, {m['filesystem']}; Python {m['python']}, "
                       f"sqlite3 CLI {m['sqlite3_cli']}, apsw SQLite {m['apsw_sqlite']}; load {m['loadavg_start']:.1f}",
               caption_justify="left")

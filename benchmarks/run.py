@@ -127,14 +127,19 @@ def measure(db: BenchDatabase, work: Path, runs: int, warmup: int, log: Log) -> 
     incr_bytes = med("incremental_backup", "repo_bytes_added")
     rss = {k: max(r[k]["rss_bytes"] for r in rounds) / MB
            for k in ("full_backup", "full_backup_checksums", "incremental_backup", "restore")}
+    def paired(num: str, den: str) -> float:
+        # the ratio within each round, then the median: anchor and dbre ran seconds apart, so a
+        # machine that gets busier or quieter between rounds moves both sides of each ratio
+        return float(statistics.median(r[num]["seconds"] / r[den]["seconds"] for r in rounds))
+
     ratios = {
-        "full_vs_sqlite_backup": seconds["full_backup"] / seconds["sqlite_backup"],
-        "full_checksums_vs_sqlite_backup": seconds["full_backup_checksums"] / seconds["sqlite_backup"],
-        "incremental_vs_full": seconds["incremental_backup"] / seconds["full_backup"],
+        "full_vs_sqlite_backup": paired("full_backup", "sqlite_backup"),
+        "full_checksums_vs_sqlite_backup": paired("full_backup_checksums", "sqlite_backup"),
+        "incremental_vs_full": paired("incremental_backup", "full_backup"),
         "incremental_bytes_vs_changed_pages": incr_bytes / max(1, diff.changed_page_bytes),
         "subpage_delta_vs_changed_pages": diff.subpage_delta_zstd_bytes / max(1, diff.changed_page_bytes),
         "page_minimum_vs_changed_pages": diff.changed_pages_zstd_bytes / max(1, diff.changed_page_bytes),
-        "restore_vs_cp_fsync": seconds["restore"] / seconds["cp_fsync"],
+        "restore_vs_cp_fsync": paired("restore", "cp_fsync"),
         "backup_rss_mb": max(rss["full_backup"], rss["full_backup_checksums"], rss["incremental_backup"]),
         "restore_rss_mb": rss["restore"],
     }

@@ -41,7 +41,9 @@ def test_demo_refuses_to_empty_a_folder_it_did_not_make(tmp_path: Path) -> None:
 
 def test_benchmark_smoke(tmp_path: Path) -> None:
     out = tmp_path / "bench-output"
-    proc = _run(["-m", "benchmarks", "--quick", "--size-mb", "20", "--out", str(out)], tmp_path, timeout=150)
+    # no warm-up round: this checks that the benchmark runs, not what it measures
+    proc = _run(["-m", "benchmarks", "--quick", "--size-mb", "20", "--warmup", "0", "--out", str(out)], tmp_path,
+                timeout=150)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     doc = json.loads((out / "results.json").read_text())
     assert {"created", "machine", "config", "targets", "results"} <= doc.keys()
