@@ -34,7 +34,7 @@ from tests.dbfactory import (
     snapshot_files,
 )
 
-KILLS = 8
+KILLS = 6
 FINGERPRINT = "SELECT count(*), sum(n), max(id), sum(length(payload)) FROM items"
 # Runs the CLI with every store delete slowed down, so a kill can land between two deletes.
 SLOW_DELETES = (
