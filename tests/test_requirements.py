@@ -354,6 +354,10 @@ def test_rto_from_drills_else_estimated(hist: History) -> None:
 
 def test_retention_and_offsite_checks(hist: History) -> None:
     assert _check(hist, "shop", "retention").status == NOT_MET  # keep_last 10 + 12 monthly < 365 days
+    rec = next(r for r in _db(hist, "shop").recommendations if r.area == "retention")
+    assert "keep_monthly: 14" in rec.text
+    longer = kept_ages(3 * 86400, KeepPolicy(last=10, monthly=14))
+    assert max(longer) >= 365  # the advice is enough
     assert _check(hist, "ledger", "retention").status == "no target"
     assert _check(hist, "shop", "offsite copy").status == MET
 

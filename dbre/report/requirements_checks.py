@@ -5,6 +5,7 @@ recommendations that follow from the checks and the evidence.
 
 from __future__ import annotations
 
+import math
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -286,6 +287,20 @@ def db_recommendations(d: DatabaseReport, pdb: DatabasePolicy | None, policy: Po
                                   f"restores take {fmt_seconds(d.restore.seconds)} against an RTO of "
                                   f"{fmt_seconds(d.rto)}: restore onto local disk near the repository, keep a warm "
                                   "standby copy restored nightly, split the database, or agree a longer RTO"))
+    retention_check = by_target.get("retention")
+    minimum = getattr(pdb, "min_retention", None) if pdb is not None else None
+    if retention_check and retention_check.status == NOT_MET and minimum and policy is not None:
+        keep = policy.retention.keep_policy()
+        days = minimum / DAY
+        # the oldest monthly (yearly) point kept by N is at least N-2 whole months (years) old
+        if days <= 3 * 366:
+            change = f"keep_monthly: {max(keep.monthly, math.ceil(days / 30.44) + 2)}"
+        else:
+            change = f"keep_yearly: {max(keep.yearly, math.ceil(days / 365.25) + 2)}"
+        window = f"keep {d.storage.window_days:.0f} days" if d.storage else "keep too little"
+        out.append(Recommendation(d.name, "retention",
+                                  f"the rules {window} but {fmt_seconds(minimum)} are required: set retention "
+                                  f"{change} (it applies to every database; the cost table shows what it adds)"))
     drill_check = by_target.get("drill frequency")
     if drill_check and drill_check.status != MET:
         out.append(Recommendation(d.name, "drills", f"{drill_check.reason}: run a recovery drill and keep the "
