@@ -161,8 +161,13 @@ def backup(
     db: DbOpt = None,
     json_out: JsonOpt = False,
     checksums: Annotated[
-        bool, typer.Option("--checksums/--no-checksums", help="Record per-table content checksums.")
-    ] = True,
+        bool | None,
+        typer.Option(
+            "--checksums/--no-checksums",
+            help="Record per-table content checksums (default: for databases up to 256 MiB).",
+            show_default=False,
+        ),
+    ] = None,
     key_file: KeyFileOpt = None,
 ) -> None:
     """Take a snapshot of SOURCE into the repository (created on first use)."""

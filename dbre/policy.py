@@ -178,7 +178,9 @@ class DatabasePolicy(_Model):
     tier: Tier = Tier.standard
     rpo: Duration = Field(description="Recovery point objective, e.g. 1h: the most data one may lose")
     rto: Duration = Field(description="Recovery time objective, e.g. 15m: the longest a restore may take")
-    checksums: bool = True
+    checksums: bool | None = Field(
+        default=None, description="Per-table content checksums in each snapshot; default: up to 256 MiB"
+    )
     expectations: str | None = Field(default=None, description="Folder of Great Expectations suites for this database")
     owner: str | None = None
     # -- read by the requirements report (dbre.report.requirements) --

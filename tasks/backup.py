@@ -18,7 +18,7 @@ from tasks.secrets import resolve_key, resolve_token
 
 @task(name="backup", task_run_name="backup {db}", timeout_seconds=2 * HOUR, **TASK_OPTIONS)
 def backup_database(db: str, source: str, repo: str, key: str | None = None, token: str | None = None,
-                    checksums: bool = True) -> dict[str, Any]:
+                    checksums: bool | None = None) -> dict[str, Any]:
     """Take one snapshot of ``source`` into ``repo`` as ``db``; returns the snapshot's summary."""
     repository = Repository.open_or_init(repo, resolve_key(key))
     return backup(repository, open_source(source, resolve_token(token)), db, checksums=checksums).summary()

@@ -39,6 +39,7 @@ from dbre.sources.base import Source
 BATCH_BYTES = 1024 * 1024  # pages are sealed in batches of about this size
 MAX_IN_FLIGHT = 6  # sealed batches waiting to be appended: bounds memory
 ZERO_LOCATION = bytes(16) + bytes(14)  # pack id, offset, length, slot of a page never written
+CHECKSUM_AUTO_BYTES = 256 * 1024 * 1024  # table checksums by default up to this database size
 
 Progress = Callable[[int, int], None]
 
@@ -88,6 +89,7 @@ class _PageSink:
         self.sealer = repo.sealer
         self.writer = writer
         self.parent = parent
+        self.parent_hashes = [r[:16] for r in parent]
         self.parent_by_hash: dict[bytes, bytes] | None = None
         self.page_size = page_size
         self.page_count = page_count
@@ -105,21 +107,22 @@ class _PageSink:
         self.pages_added = 0
 
     def page(self, offset: int, data: bytes) -> None:
+        # the hot path: one call per page, so every attribute lookup here counts
         ps = self.page_size
-        if len(data) != ps or offset % ps:
-            raise SourceError(f"backup: unexpected write of {len(data)} bytes at {offset}")
         index = offset // ps
+        if len(data) != ps or index * ps != offset:
+            raise SourceError(f"backup: unexpected write of {len(data)} bytes at {offset}")
         if index >= self.page_count:
             return
         h = page_hash(data)
         self.pages_seen += 1
-        if self.progress and not self.pages_seen % 4096:
+        if self.progress is not None and not self.pages_seen & 4095:
             self.progress(self.pages_seen, self.page_count)
-        if index < len(self.parent):
-            if self.parent[index][:16] == h:
-                self.records[index] = self.parent[index]
-                return
-        if self.parent:
+        parent_hashes = self.parent_hashes
+        if index < len(parent_hashes) and parent_hashes[index] == h:
+            self.records[index] = self.parent[index]
+            return
+        if parent_hashes:
             if self.parent_by_hash is None:
                 self.parent_by_hash = {r[:16]: r for r in self.parent}
             moved = self.parent_by_hash.get(h)
@@ -186,12 +189,13 @@ class _SinkFile:
         return self.first[offset : offset + amount]
 
     def xWrite(self, data: bytes, offset: int) -> None:
-        page = bytes(data)
         if self.sink is not None:
-            self.sink.page(offset, page)
+            self.sink.page(offset, data)
         if offset == 0:
-            self.first = page
-        self.size = max(self.size, offset + len(page))
+            self.first = data
+        end = offset + len(data)
+        if end > self.size:
+            self.size = end
 
     def xFileSize(self) -> int:
         return self.size
@@ -256,23 +260,31 @@ def backup(
     source: Source,
     db: str | None = None,
     *,
-    checksums: bool = True,
+    checksums: bool | None = None,
     progress: Progress | None = None,
 ) -> BackupResult:
-    """Take one snapshot of ``source`` into ``repo`` as database ``db`` (default: source.name)."""
+    """Take one snapshot of ``source`` into ``repo`` as database ``db`` (default: source.name).
+
+    ``checksums``: record per-table content checksums (True), row counts only (False), or
+    checksums when the database is at most ``CHECKSUM_AUTO_BYTES`` (None, the default): the
+    checksum pass reads every row in Python, about 1 s per 100 MiB.
+    """
     db = check_db_name(db or source.name)
     started = time.perf_counter()
     with repo.lock(f"backup {db}"):
         snaps = repo.snapshots(db)
         parent_manifest = snaps[-1] if snaps else None
+        # read the parent's page map before the read transaction: in rollback mode writers wait
+        parent_records = load_records(repo, parent_manifest) if parent_manifest is not None else []
         with source.connect() as conn:
             try:
                 conn.execute("BEGIN")
                 page_size = int(_pragma(conn, "page_size"))
                 page_count = int(_pragma(conn, "page_count"))  # starts the read transaction
-                parent: list[bytes] = []
-                if parent_manifest is not None and parent_manifest.page_size == page_size:
-                    parent = load_records(repo, parent_manifest)
+                same_size = parent_manifest is not None and parent_manifest.page_size == page_size
+                parent = parent_records if same_size else []
+                if checksums is None:
+                    checksums = page_size * page_count <= CHECKSUM_AUTO_BYTES
                 taken_at = now_utc()
                 schema = [
                     {"type": r[0], "name": r[1], "tbl_name": r[2], "sql": r[3]}

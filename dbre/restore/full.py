@@ -150,11 +150,17 @@ def apply_restore(repo: Repository, plan: RestorePlan, progress: Progress | None
                 if len(piece) != b.length:
                     raise IntegrityError(f"packs/{b.pack}: truncated at {b.offset}")
                 raw = repo.sealer.unseal(piece, f"packs/{b.pack}@{b.offset}")
-                for index, slot, h in b.pages:
-                    page = raw[slot * ps : (slot + 1) * ps]
-                    if page_hash(page) != h:
+                pages = b.pages
+                start = 0
+                # pages that are consecutive both in the blob and in the file go in one write
+                for i in range(len(pages)):
+                    index, slot, h = pages[i]
+                    if page_hash(raw[slot * ps : (slot + 1) * ps]) != h:
                         raise IntegrityError(f"packs/{b.pack}@{b.offset}: page {index + 1} does not match its hash")
-                    os.pwrite(fd, page, index * ps)
+                    if i + 1 == len(pages) or pages[i + 1][0] != index + 1 or pages[i + 1][1] != slot + 1:
+                        first_index, first_slot, _ = pages[start]
+                        os.pwrite(fd, raw[first_slot * ps : (slot + 1) * ps], first_index * ps)
+                        start = i + 1
             return len(data)
 
         spans = _spans(plan.blobs)
