@@ -1,6 +1,6 @@
 """Shared pytest fixtures and helpers for the whole test suite, grouped by what they provide.
 
-Sections: helpers (ports), S3 (a real moto_server), stores (one fixture per backend).
+Sections: Prefect (the session harness), helpers (ports), S3 (a real moto_server), stores (one per backend).
 Add new fixtures under a section of their own; keep each fixture's docstring saying what it
 yields and how long it lives.
 """
@@ -23,6 +23,10 @@ import pytest
 
 from dbre.storage.base import Store
 from dbre.storage.local import LocalStore
+
+# Prefect reads its settings (PREFECT_HOME, ...) when first imported: set them before anything
+# else, and share one test harness across the session (it takes 15-60 s to start).
+from tests.prefect_fixtures import prefect_harness  # noqa: F401, I001
 
 # --------------------------------------------------------------------------- helpers
 

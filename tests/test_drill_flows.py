@@ -1,10 +1,9 @@
 """The drill and status flows under a real (temporary) Prefect API: artifacts, failed runs with reasons,
-notifications. One ``prefect_test_harness`` for the module (it takes ~15 s to start)."""
+notifications, under the session's one ``prefect_test_harness``."""
 
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,23 +23,9 @@ from tests.test_validate import make_shop
 
 
 @pytest.fixture(scope="module")
-def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    home = tmp_path_factory.mktemp("prefect-home")
-    saved = {k: os.environ.get(k) for k in ("PREFECT_HOME", "PREFECT_SERVER_ANALYTICS_ENABLED",
-                                            "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS")}
-    os.environ.update({"PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-                       "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90"})
-    from prefect.testing.utilities import prefect_test_harness
-
-    try:
-        with prefect_test_harness(server_startup_timeout=90):
-            yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+def prefect_api(prefect_harness: None) -> Iterator[None]:
+    """The session's one Prefect harness (tests/prefect_fixtures.py, through conftest)."""
+    yield
 
 
 @pytest.fixture
