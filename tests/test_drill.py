@@ -4,6 +4,7 @@ sqld as the source; failures named with table and column; targets; the report, s
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sqlite3
 import subprocess
@@ -25,6 +26,7 @@ from dbre.validate.profile import profile_database, write_suites
 from tests.sqld import SqldServer, sqld, sqld_namespaces  # noqa: F401 - the session fixtures
 from tests.test_validate import make_shop
 
+# screenshots replace the README's only when asked (DBRE_UPDATE_SCREENSHOTS=1): a test run leaves the tree clean
 DOCS_IMG = Path(__file__).resolve().parent.parent / "docs" / "img"
 
 
@@ -177,7 +179,7 @@ def test_drill_into_a_new_sqld_namespace(sqld_namespaces: SqldServer, shop: dict
 def _screenshot(html: Path, out: Path, height: int = 1000) -> None:
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
     if browser is None:
-        pytest.skip("chromium is not installed")
+        pytest.fail("chromium is not installed (apt-get install chromium; .ci/run installs it)")
     out.parent.mkdir(parents=True, exist_ok=True)
     subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                     "--virtual-time-budget=5000", f"--window-size=1400,{height}", f"--screenshot={out}",
@@ -185,8 +187,9 @@ def _screenshot(html: Path, out: Path, height: int = 1000) -> None:
     assert out.stat().st_size > 20_000  # a rendered page, not a blank one
 
 
-def test_report_screenshots(shop: dict[str, Path]) -> None:
+def test_report_screenshots(shop: dict[str, Path], tmp_path: Path) -> None:
     """docs/img/drill-report.png (a passing drill with history) and drill-report-failed.png (named failures)."""
+    img = DOCS_IMG if os.environ.get("DBRE_UPDATE_SCREENSHOTS") == "1" else tmp_path
     repo = Repository.open(str(shop["repo"]))
     from dbre.report.drill import write_drill_report
 
@@ -199,7 +202,7 @@ def test_report_screenshots(shop: dict[str, Path]) -> None:
             "rto_met": True, "rpo_met": passed, "failures": [] if passed else ["RPO target missed"]})
     ok = run_drill(repo, "shop", expectations=shop["expectations"], targets=DrillTargets(3600, 600))
     paths = write_drill_report(shop["reports"], ok.record, repo.records("drills", "shop"), ok.checks, ok.suite_run)
-    _screenshot(Path(paths["html"]), DOCS_IMG / "drill-report.png", 2600)
+    _screenshot(Path(paths["html"]), img / "drill-report.png", 2600)
     conn = sqlite3.connect(shop["src"])
     conn.execute("UPDATE orders SET status = 'lost' WHERE id % 11 = 0")
     conn.execute("UPDATE customers SET country = NULL WHERE id % 5 = 0")
@@ -210,4 +213,4 @@ def test_report_screenshots(shop: dict[str, Path]) -> None:
     assert not bad.record["passed"]
     paths = write_drill_report(shop["reports"], bad.record, repo.records("drills", "shop"), bad.checks,
                                bad.suite_run)
-    _screenshot(Path(paths["html"]), DOCS_IMG / "drill-report-failed.png", 1400)
+    _screenshot(Path(paths["html"]), img / "drill-report-failed.png", 1400)
