@@ -23,17 +23,17 @@ from tasks.verify import check_restored
 
 
 class RestoreRequest(BaseModel):
-    """What to restore, from when, and where to: the form the UI shows for a restore run."""
+    """What to restore, from when, and where to. A dry run shows the plan only: untick dry_run to restore."""
 
     model_config = ConfigDict(extra="forbid")
 
     database: str = Field(description="Database name in the repository, e.g. orders", min_length=1)
-    snapshot: str | None = Field(default=None, description="Snapshot id or a unique prefix (empty: the newest)")
+    snapshot: str = Field(default="", description="Snapshot id or a unique prefix (empty: the newest)")
     at: datetime | None = Field(default=None, description="Or: restore the newest snapshot at or before this time")
     scenario: Literal["whole", "table", "rows"] = Field(
         default="whole", description="whole: the database to a new file; table: chosen tables; rows: rows by WHERE")
     tables: list[str] = Field(default_factory=list, description="Tables to restore (scenarios table and rows)")
-    where: str | None = Field(default=None, description="SQL WHERE selecting the rows to restore (scenario rows)")
+    where: str = Field(default="", description="SQL WHERE selecting the rows to restore (scenario rows)")
     target: str = Field(description="Path of the restored database file (whole), or the live database (table, rows)",
                         min_length=1)
     force: bool = Field(default=False, description="Replace an existing file at the target (whole)")
@@ -70,7 +70,7 @@ def restore_flow(request: RestoreRequest, policy: str | None = None, repo: str |
     check_supported(request.scenario)
     pol = load(policy)
     r = repos(pol, repo, None, key)
-    args = {"db": request.database, "target": request.target, "snapshot": request.snapshot, "at": request.at,
+    args = {"db": request.database, "target": request.target, "snapshot": request.snapshot or None, "at": request.at,
             "force": request.force, "key": r.key}
     plan, tried = None, []
     for candidate in [r.primary, *r.offsite]:
