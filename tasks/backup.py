@@ -26,7 +26,7 @@ def backup_database(db: str, source: str, repo: str, key: str | None = None, tok
 
 @task(name="backup (limited)", task_run_name="backup {db}", timeout_seconds=2 * HOUR, **TASK_OPTIONS)
 def backup_database_limited(db: str, source: str, repo: str, key: str | None = None, token: str | None = None,
-                            checksums: bool = True, limit: str | None = None) -> dict[str, Any]:
+                            checksums: bool | None = None, limit: str | None = None) -> dict[str, Any]:
     """``backup_database`` holding a slot of the Prefect global concurrency limit ``limit`` (if any)."""
     with concurrency(limit, occupy=1, strict=False) if limit else nullcontext():
         return backup_database.fn(db, source, repo, key, token, checksums)

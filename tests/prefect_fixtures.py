@@ -1,7 +1,7 @@
 """Prefect for tests: its environment, set before Prefect is first imported, and one harness per session.
 
-Import this module before anything that imports prefect (test modules do ``from
-tests.prefect_fixtures import prefect_harness`` first). Prefect reads PREFECT_HOME and its other
+tests/conftest.py imports this module first of all, so every test can use the ``prefect_harness``
+fixture; test modules import the helpers below from here. Prefect reads PREFECT_HOME and its other
 settings when it is imported; the retry delays of dbre's tasks (DBRE_TASK_RETRY_DELAYS) are read
 when tasks/retry.py is imported, and are a second or two here so retry tests stay quick.
 """

@@ -4,7 +4,7 @@ Flows run against local repositories and a real S3-compatible server (moto_serve
 test stops its own moto_server and starts it again while a backup task is failing.
 """
 
-from tests.prefect_fixtures import artifacts_of, prefect_harness, task_runs_named, wait_for  # noqa: F401, I001
+from tests.prefect_fixtures import artifacts_of, task_runs_named, wait_for  # noqa: I001 - sets Prefect's env first
 
 # isort: split
 
@@ -42,7 +42,7 @@ from tasks.retry import is_transient, retry_on_transient
 from tasks.secrets import resolve_key, resolve_secret
 from tasks.verify import check_restored, restore_check, verify_repository
 
-pytestmark = pytest.mark.usefixtures("prefect_harness")  # one harness for the session, started on first use
+pytestmark = pytest.mark.usefixtures("prefect_harness")  # the session's one harness (conftest), started on first use
 
 # --------------------------------------------------------------------------- helpers
 

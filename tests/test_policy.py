@@ -60,7 +60,7 @@ def test_minimal_policy_gets_defaults() -> None:
     policy = parse_policy(MINIMAL)
     assert policy.repositories.offsite == []
     assert all(s.timezone == "UTC" for _, s in policy.schedules.items())
-    assert policy.databases[0].checksums is True
+    assert policy.databases[0].checksums is None  # dbre decides by the database's size
     assert [d.name for d in policy.select(None)] == ["orders"]
 
 
