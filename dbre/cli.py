@@ -83,6 +83,8 @@ def _token() -> Secret | None:
 def _run(fn: Callable[[], T]) -> T:
     try:
         return fn()
+    except typer.Exit:
+        raise
     except DbreError as err:
         if _state["debug"]:
             raise
@@ -209,19 +211,27 @@ def snapshots(repo: RepoOpt, db: DbOpt = None, json_out: JsonOpt = False, key_fi
         if db:
             check_db_name(db)
             repository.require_db(db)
-        snaps = repository.snapshots(db)
+        damaged: list[tuple[str, str]] = []
+        snaps = repository.snapshots(db, damaged=damaged)
+        for key, why in damaged:
+            print(f"dbre: {why} (listed without {key}; run `dbre verify`)", file=sys.stderr)
         if json_out:
             _print_json([m.summary() for m in snaps])
-            return
-        rows = [
-            [m.id, m.db, m.taken_at.replace("T", " ")[:19], m.page_count, human(m.size),
-             human(m.stats.get("bytes_added")), m.parent[:8] if m.parent else "full"]
-            for m in snaps
-        ]
-        _table(f"{len(snaps)} snapshots in {repository.url}",
-               ["id", "db", "taken at (UTC)", "pages", "size", "added", "parent"], rows)
+        else:
+            _snapshot_table(repository.url, snaps)
+        if damaged:
+            raise typer.Exit(1)
 
     _run(go)
+
+
+def _snapshot_table(url: str, snaps: list[Any]) -> None:
+    rows = [
+        [m.id, m.db, m.taken_at.replace("T", " ")[:19], m.page_count, human(m.size),
+         human(m.stats.get("bytes_added")), m.parent[:8] if m.parent else "full"]
+        for m in snaps
+    ]
+    _table(f"{len(snaps)} snapshots in {url}", ["id", "db", "taken at (UTC)", "pages", "size", "added", "parent"], rows)
 
 
 @app.command()

@@ -272,7 +272,8 @@ def backup(
     db = check_db_name(db or source.name)
     started = time.perf_counter()
     with repo.lock(f"backup {db}"):
-        snaps = repo.snapshots(db)
+        # a damaged manifest must not stop the next backup: the newest readable one is the parent
+        snaps = repo.snapshots(db, damaged=[])
         parent_manifest = snaps[-1] if snaps else None
         # read the parent's page map before the read transaction: in rollback mode writers wait
         parent_records = load_records(repo, parent_manifest) if parent_manifest is not None else []
@@ -341,8 +342,10 @@ def backup(
             "packs_added": len(packs),
             "seconds": round(seconds, 3),
         }
-        manifest_bytes = repo.write_manifest(manifest)
-    return BackupResult(manifest, sink.pages_added, writer.bytes_written + manifest_bytes, seconds)
+        repo.write_manifest(manifest)
+    # bytes_added counts packs (pages and page-map runs), as the manifest's stats do; the manifest
+    # itself (a few hundred bytes) is not counted, so `backup --json` and `snapshots` agree
+    return BackupResult(manifest, sink.pages_added, writer.bytes_written, seconds)
 
 
 def _copy_pages(conn: apsw.Connection, sink: _PageSink) -> None:

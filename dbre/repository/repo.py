@@ -179,9 +179,20 @@ class Repository:
         self._manifests[(db, snap_id)] = manifest
         return manifest
 
-    def snapshots(self, db: str | None = None) -> list[Manifest]:
-        """Every snapshot (of ``db``), oldest first."""
-        out = [self.load_manifest(r.db, r.id) for r in self.list_snapshot_refs(db)]
+    def snapshots(self, db: str | None = None, *, damaged: list[tuple[str, str]] | None = None) -> list[Manifest]:
+        """Every snapshot (of ``db``), oldest first.
+
+        A manifest that cannot be read raises, unless ``damaged`` is given: then it is skipped and
+        (key, reason) appended there, so a listing can still show the healthy snapshots.
+        """
+        out = []
+        for r in self.list_snapshot_refs(db):
+            try:
+                out.append(self.load_manifest(r.db, r.id))
+            except RepositoryError as err:
+                if damaged is None:
+                    raise
+                damaged.append((snapshot_key(r.db, r.id), err.message))
         out.sort(key=lambda m: (m.taken_at, m.id))
         return out
 
