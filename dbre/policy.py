@@ -175,6 +175,8 @@ class DatabasePolicy(_Model):
     name: DbName
     source: Location = Field(description="A file path, or a libsql:// / http(s):// / ws(s):// URL")
     auth_token: SecretRef | None = Field(default=None, description="Token: env:VAR or prefect-secret:BLOCK")
+    namespace: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$",
+                                  description="Namespace on a sqld run with --enable-namespaces (source is its URL)")
     tier: Tier = Tier.standard
     rpo: Duration = Field(description="Recovery point objective, e.g. 1h: the most data one may lose")
     rto: Duration = Field(description="Recovery time objective, e.g. 15m: the longest a restore may take")

@@ -30,7 +30,8 @@ def backup_flow(db: str, source: str | None = None, policy: str | None = None, r
         raise UsageError(f"no source for database {db!r}", "pass source, or list the database in the policy")
     r = repos(pol, repo, offsite, key)
     snap = backup_database(db, src, r.primary, r.key, token or (entry.auth_token if entry else None),
-                           checksums if checksums is not None else (entry.checksums if entry else None))
+                           checksums if checksums is not None else (entry.checksums if entry else None),
+                           entry.namespace if entry else None)
     log.info("snapshot %s of %s: %s, %s added", snap["id"], db, human(snap["size"]), human(snap["bytes_added"]))
     copies = []
     for target in r.offsite if copy_offsite else []:

@@ -66,8 +66,8 @@ def ensure_concurrency_limit(name: str, slots: int) -> int:
 def back_up_all(jobs: list[dict[str, Any]], repo: str, key: str | None, limit: str | None,
                 count: int) -> list[dict[str, Any]]:
     """Submit one backup task per database and wait for all; a failure is a row, not an exception."""
-    futures = [backup_database_limited.submit(j["db"], j["source"], repo, key, j["token"], j["checksums"], limit)
-               for j in jobs]
+    futures = [backup_database_limited.submit(j["db"], j["source"], repo, key, j["token"], j["checksums"],
+                                              j["namespace"], limit) for j in jobs]
     rows = []
     for job, future in zip(jobs, futures, strict=True):
         future.wait()
@@ -96,7 +96,8 @@ def fleet_backup_flow(databases: list[str] | None = None, policy: str | None = N
     if limit:
         slots = ensure_concurrency_limit(limit, pol.fleet.concurrency_limit_slots)
         log.info("global concurrency limit %r: %d slots", limit, slots)
-    jobs = [{"db": d.name, "source": d.source, "token": d.auth_token, "checksums": d.checksums} for d in dbs]
+    jobs = [{"db": d.name, "source": d.source, "token": d.auth_token, "checksums": d.checksums,
+             "namespace": d.namespace} for d in dbs]
     runner = make_task_runner(kind, workers, pol.fleet.dask_address or os.environ.get(DASK_ADDRESS_ENV))
     rows = back_up_all.with_options(task_runner=runner)(jobs, r.primary, r.key, limit, len(jobs))
     failed = [row for row in rows if row["status"] != "ok"]

@@ -11,25 +11,32 @@ from prefect.concurrency.sync import concurrency
 from dbre.repository.backup import backup
 from dbre.repository.copy import apply_copy, plan_copy
 from dbre.repository.repo import Repository
-from dbre.sources import open_source
+from dbre.sources import Source, open_source
+from dbre.sources.remote import RemoteLibsqlSource
 from tasks.retry import HOUR, TASK_OPTIONS
 from tasks.secrets import resolve_key, resolve_token
 
 
 @task(name="backup", task_run_name="backup {db}", timeout_seconds=2 * HOUR, **TASK_OPTIONS)
 def backup_database(db: str, source: str, repo: str, key: str | None = None, token: str | None = None,
-                    checksums: bool | None = None) -> dict[str, Any]:
-    """Take one snapshot of ``source`` into ``repo`` as ``db``; returns the snapshot's summary."""
+                    checksums: bool | None = None, namespace: str | None = None) -> dict[str, Any]:
+    """Take one snapshot of ``source`` (a ``namespace`` of it) into ``repo`` as ``db``; returns its summary."""
     repository = Repository.open_or_init(repo, resolve_key(key))
-    return backup(repository, open_source(source, resolve_token(token)), db, checksums=checksums).summary()
+    if namespace:
+        # sqld addresses a namespace by Host header: only /dump can, an embedded replica cannot
+        src: Source = RemoteLibsqlSource(source, resolve_token(token), namespace=namespace, method="dump")
+    else:
+        src = open_source(source, resolve_token(token))
+    return backup(repository, src, db, checksums=checksums).summary()
 
 
 @task(name="backup (limited)", task_run_name="backup {db}", timeout_seconds=2 * HOUR, **TASK_OPTIONS)
 def backup_database_limited(db: str, source: str, repo: str, key: str | None = None, token: str | None = None,
-                            checksums: bool | None = None, limit: str | None = None) -> dict[str, Any]:
+                            checksums: bool | None = None, namespace: str | None = None,
+                            limit: str | None = None) -> dict[str, Any]:
     """``backup_database`` holding a slot of the Prefect global concurrency limit ``limit`` (if any)."""
     with concurrency(limit, occupy=1, strict=False) if limit else nullcontext():
-        return backup_database.fn(db, source, repo, key, token, checksums)
+        return backup_database.fn(db, source, repo, key, token, checksums, namespace)
 
 
 @task(name="copy to offsite", task_run_name="copy to {offsite}", timeout_seconds=6 * HOUR, **TASK_OPTIONS)

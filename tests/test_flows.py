@@ -41,6 +41,7 @@ from tasks.retention import forget_snapshots, prune_repository
 from tasks.retry import is_transient, retry_on_transient
 from tasks.secrets import resolve_key, resolve_secret
 from tasks.verify import check_restored, restore_check, verify_repository
+from tests.sqld import SqldServer, sqld_namespaces  # noqa: F401 - the session's sqld with namespaces
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")  # the session's one harness (conftest), started on first use
 
@@ -280,6 +281,31 @@ def test_fleet_backup_on_a_dask_task_runner(tmp_path: Path,
     result = fleet_backup_flow(policy=policy, task_runner="dask", max_concurrency=2, concurrency_limit="")
     assert result["backups"] == 3 and result["failed"] == 0
     assert Repository.open(str(tmp_path / "repo")).databases() == sorted(dbs)
+
+
+def test_fleet_backup_of_sqld_namespaces(tmp_path: Path, sqld_namespaces: SqldServer) -> None:  # noqa: F811
+    """A realistic fleet: one sqld, a namespace per tenant (Turso's database-per-tenant pattern)."""
+    names = [f"flow-ns-{i}" for i in range(3)]
+    for i, ns in enumerate(names):
+        sqld_namespaces.create_namespace(ns)
+        sqld_namespaces.pipeline(["CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT)",
+                                  *[("INSERT INTO t(v) VALUES (?)", [f"{ns}-{j}" * (i + 1)]) for j in range(50)]],
+                                 namespace=ns)
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(yaml.safe_dump({
+        "repositories": {"primary": str(tmp_path / "repo")},
+        "databases": [{"name": ns, "source": sqld_namespaces.url, "namespace": ns, "rpo": "1h", "rto": "1h"}
+                      for ns in names],
+        "retention": {"keep_last": 3},
+    }))
+    assert fleet_backup_flow(policy=str(policy), max_concurrency=3, concurrency_limit="")["failed"] == 0
+    target = tmp_path / "tenant-2.db"
+    restore_whole.fn(str(tmp_path / "repo"), names[2], str(target))
+    conn = sqlite3.connect(target)
+    try:
+        assert conn.execute("SELECT count(*), min(v) FROM t").fetchone() == (50, f"{names[2]}-0" * 3)
+    finally:
+        conn.close()
 
 
 # --------------------------------------------------------------------------- retention

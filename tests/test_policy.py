@@ -123,6 +123,7 @@ def test_webhook_accepts_url_or_reference() -> None:
         ("fleet.max_concurrency", 0, "fleet.max_concurrency: Input should be greater than or equal to 1"),
         ("fleet.task_runner", "ray", "fleet.task_runner: Input should be 'thread' or 'dask'"),
         ("version", 2, "version: Input should be 1"),
+        ("databases.0.namespace", "bad ns!", "databases[0].namespace: String should match pattern"),
     ],
 )
 def test_invalid_fields_are_named(path: str, value: Any, expected: str) -> None:
