@@ -16,16 +16,20 @@ from dbre.repository.repo import Repository
 from dbre.repository.verify import verify
 from dbre.restore.full import apply_restore, plan_restore
 from dbre.validate.checks import failed, run_checks
+from dbre.validate.subset import subset_filter
 from tasks.retry import HOUR, TASK_OPTIONS
 from tasks.secrets import resolve_key
 
 
 @task(name="verify repository", task_run_name="verify {repo}", timeout_seconds=6 * HOUR, **TASK_OPTIONS)
-def verify_repository(repo: str, key: str | None = None, db: str | None = None,
-                      read_data: bool = False) -> dict[str, Any]:
-    """``dbre verify`` (of ``db``): every manifest and page map, with ``read_data`` every pack byte."""
+def verify_repository(repo: str, key: str | None = None, db: str | None = None, read_data: bool = False,
+                      subset: tuple[int, int] | None = None) -> dict[str, Any]:
+    """``dbre verify`` (of ``db``): every manifest and page map; with ``read_data`` every byte of the packs
+    (of bucket n of m, when ``subset`` is (n, m))."""
     repository = Repository.open(repo, resolve_key(key))
-    return {"repository": repository.url, **verify(repository, db, read_data=read_data).summary()}
+    packs = subset_filter(*subset) if read_data and subset and subset[1] > 1 else None
+    return {"repository": repository.url, "read_data_subset": f"{subset[0]}/{subset[1]}" if packs else None,
+            **verify(repository, db, read_data=read_data, packs_filter=packs).summary()}
 
 
 @task(name="restore check", task_run_name="restore check of {db}", timeout_seconds=6 * HOUR, **TASK_OPTIONS)

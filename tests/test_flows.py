@@ -225,8 +225,10 @@ def test_verify_flow_passes_then_names_a_missing_pack(tmp_path: Path) -> None:
     repo = str(tmp_path / "repo")
     for name, n in (("alpha", 300), ("beta", 700)):
         backup_database.fn(name, str(make_db(tmp_path / f"{name}.db", n)), repo)
-    good = verify_flow(repo=repo, return_state=True)
+    good = verify_flow(repo=repo, cycle_weeks=1, return_state=True)  # a one-week cycle reads every pack
     assert good.is_completed(), good.message
+    report = good.result()["repository"]
+    assert report["ok"] and report["packs_read"] == report["packs"] > 0
     checks = good.result()["checks"]
     assert [c["db"] for c in checks] == ["alpha", "beta"] and all(c["ok"] and c["tables"] == 2 for c in checks)
     table = json.loads(by_kind(artifacts_of(good.state_details.flow_run_id))["table"][0].data)
@@ -345,6 +347,8 @@ def test_tasks_run_directly_through_fn(tmp_path: Path) -> None:
     restored = restore_whole.fn(offsite, "direct", str(tmp_path / "out.db"))
     assert content(tmp_path / "out.db") == content(src) and restored["size"] == snap["size"]
     assert verify_repository.fn(repo, read_data=True)["ok"]
+    half = verify_repository.fn(repo, read_data=True, subset=(1, 2))
+    assert half["ok"] and half["read_data_subset"] == "1/2" and half["packs_read"] <= half["packs"]
     check = restore_check.fn(repo, "direct", scratch_dir=str(tmp_path / "scratch"))
     assert check["ok"] and check["problems"] == [] and list((tmp_path / "scratch").iterdir()) == []
     assert forget_snapshots.fn(repo, {"last": 1}, ["direct", "never-backed-up"])["forgotten"] == 0
