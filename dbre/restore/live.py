@@ -1,0 +1,239 @@
+"""What table and row restores share: a scratch copy of a snapshot, the live database, audit records.
+
+A table or row restore never reads the repository while it writes to the live database: the
+snapshot is first restored whole (every page checked) into a scratch folder, then attached to
+the live connection, and rows move between the two inside one SQLite transaction.
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+import re
+import shutil
+import socket
+import tempfile
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import apsw
+
+from dbre.errors import DbreError, RestoreError, UsageError
+from dbre.repository.manifest import Manifest, check_db_name, iso, now_utc
+from dbre.repository.repo import TOOL, Repository
+from dbre.repository.tables import qident
+from dbre.restore.full import apply_restore, plan_restore
+
+BUSY_TIMEOUT_MS = 10_000  # wait this long for other writers of the live database
+SNAPSHOT_SCHEMA = "dbre_snapshot"  # the name the scratch copy is attached under
+_MAGIC = b"SQLite format 3\x00"
+# one SQL token: blanks, a comment, a quoted name or string (whole, or to the end when unclosed),
+# a word, or one other character
+SQL_TOKEN = re.compile(r"""\s+ | --[^\n]* | /\*.*?(?:\*/|$) | "(?:[^"]|"")*"? | `(?:[^`]|``)*`? | \[[^\]]*\]?
+                           | '(?:[^']|'')*'? | \w+ | .""", re.S | re.X)
+_REMOTE = ("libsql://", "http://", "https://", "ws://", "wss://")
+
+
+def is_remote(live: str | os.PathLike[str]) -> bool:
+    return str(live).startswith(_REMOTE)
+
+
+def check_live_file(live: str | os.PathLike[str], operation: str) -> Path:
+    """The live database's path, once it is known to be a SQLite file; UsageError otherwise."""
+    if is_remote(live):
+        raise UsageError(f"{operation}: remote databases are not supported yet ({_redact(str(live))})",
+                         "restore the whole database to a file with `dbre restore`, or give a local file")
+    path = Path(live).expanduser().absolute()
+    if not path.is_file():
+        raise UsageError(f"{operation}: live database {path} is not a file", "check --live")
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if head != _MAGIC:
+        raise UsageError(f"{operation}: {path} is not a SQLite database", "check --live")
+    return path
+
+
+def _redact(url: str) -> str:
+    return url.split("?", 1)[0]
+
+
+@dataclass
+class Scratch:
+    """A snapshot restored into a private temp folder; ``close()`` removes it."""
+
+    manifest: Manifest
+    folder: Path
+    path: Path
+
+    def close(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+    def connect(self) -> apsw.Connection:
+        return apsw.Connection(str(self.path), flags=apsw.SQLITE_OPEN_READWRITE)
+
+
+def restore_to_scratch(repo: Repository, db: str, *, snapshot: str | None = None, at: datetime | None = None,
+                       scratch_dir: str | os.PathLike[str] | None = None) -> Scratch:
+    """Restore the snapshot (an id prefix, the newest at ``at``, or the newest) into a temp folder."""
+    check_db_name(db)
+    manifest = repo.find_snapshot(db, snapshot, at)
+    if scratch_dir is not None:
+        Path(scratch_dir).mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix=f"dbre-scratch-{db}-", dir=scratch_dir))
+    scratch = Scratch(manifest, folder, folder / f"{db}.db")
+    try:
+        with repo.lock(f"restore {db} to scratch"):  # shared: keeps a prune from removing packs mid-restore
+            apply_restore(repo, plan_restore(repo, db, scratch.path, snapshot=manifest.id))
+        conn = scratch.connect()
+        try:
+            # a rollback-journal copy can be attached read-only; a WAL one would need its -shm
+            conn.execute("PRAGMA journal_mode=DELETE")
+        finally:
+            conn.close()
+    except BaseException:
+        scratch.close()
+        raise
+    return scratch
+
+
+def open_live(path: Path) -> apsw.Connection:
+    """A read-write connection to the live file that waits for other writers up to BUSY_TIMEOUT_MS."""
+    try:
+        conn = apsw.Connection(str(path), flags=apsw.SQLITE_OPEN_READWRITE | apsw.SQLITE_OPEN_URI)
+        conn.set_busy_timeout(BUSY_TIMEOUT_MS)
+    except apsw.Error as err:
+        raise RestoreError(f"live database {path}: cannot open ({err})", "check the file and its permissions") from err
+    return conn
+
+
+def attach_snapshot(conn: apsw.Connection, scratch: Scratch) -> None:
+    """Attach the scratch copy read-only as ``dbre_snapshot`` (outside any transaction)."""
+    uri = scratch.path.as_uri() + "?mode=ro"
+    conn.execute(f"ATTACH DATABASE ? AS {SNAPSHOT_SCHEMA}", (uri,))
+
+
+@contextmanager
+def write_transaction(live: Path, scratch: Scratch) -> Iterator[apsw.Connection]:
+    """A live connection with foreign keys off (checked by hand), the snapshot attached, BEGIN IMMEDIATE.
+
+    Commits when the block ends normally, rolls back otherwise."""
+    conn = open_live(live)
+    try:
+        conn.execute("PRAGMA foreign_keys=OFF")  # a DROP TABLE must not cascade into other tables
+        attach_snapshot(conn, scratch)
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+            conn.execute("COMMIT")
+        except BaseException:
+            rollback(conn)
+            raise
+    except apsw.BusyError as err:
+        raise RestoreError(f"live database {live} stayed locked by another writer ({err})",
+                           "try again when it is quieter; nothing was changed") from err
+    finally:
+        conn.close()
+
+
+def stored_columns(conn: apsw.Connection, table: str, schema: str = "main") -> list[str]:
+    """The columns a row stores (generated columns left out), in table order."""
+    rows = conn.execute("SELECT name, hidden FROM pragma_table_xinfo(?, ?) ORDER BY cid", (table, schema))
+    return [str(r[0]) for r in rows if r[1] == 0]
+
+
+def rowid_alias(columns: Iterable[str]) -> str | None:
+    """A name for the rowid that no column shadows, or None when all three are columns."""
+    taken = {c.lower() for c in columns}
+    return next((a for a in ("rowid", "_rowid_", "oid") if a not in taken), None)
+
+
+def has_rowid(conn: apsw.Connection, table: str, schema: str = "main") -> bool:
+    row = conn.execute("SELECT wr FROM pragma_table_list WHERE schema=? AND name=?", (schema, table)).fetchone()
+    return row is not None and not row[0]
+
+
+def table_names(conn: apsw.Connection, schema: str = "main") -> dict[str, str]:
+    """Ordinary tables of ``schema`` by lower-cased name (SQLite names are case-insensitive)."""
+    rows = conn.execute("SELECT name FROM pragma_table_list WHERE schema=? AND type='table' "
+                        "AND name NOT LIKE 'sqlite\\_%' ESCAPE '\\'", (schema,))
+    return {str(r[0]).lower(): str(r[0]) for r in rows}
+
+
+def referencing_tables(conn: apsw.Connection, parents: Iterable[str]) -> set[str]:
+    """Tables of main whose foreign keys point at any of ``parents``."""
+    wanted = {p.lower() for p in parents}
+    out = set()
+    for name in table_names(conn).values():
+        for (parent,) in conn.execute("SELECT \"table\" FROM pragma_foreign_key_list(?, 'main')", (name,)):
+            if str(parent).lower() in wanted:
+                out.add(name)
+    return out
+
+
+def fk_violations(conn: apsw.Connection, tables: Iterable[str]) -> dict[str, int]:
+    """``PRAGMA foreign_key_check`` violations per table of main (tables that do not exist are skipped)."""
+    names = table_names(conn)
+    out = {}
+    for t in sorted(set(tables), key=str.lower):
+        name = names.get(t.lower())
+        if name is not None:
+            (n,) = conn.execute("SELECT count(*) FROM pragma_foreign_key_check(?, 'main')", (name,)).fetchone()  # type: ignore[misc]
+            out[name] = int(n)
+    return out
+
+
+def new_fk_violations(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+    return {t: n - before.get(t, 0) for t, n in after.items() if n > before.get(t, 0)}
+
+
+def fk_message(new: dict[str, int]) -> str:
+    return ", ".join(f"{n} in {qident(t)}" for t, n in sorted(new.items()))
+
+
+def rollback(conn: apsw.Connection) -> None:
+    if not conn.in_transaction:
+        return
+    try:
+        conn.execute("ROLLBACK")
+    except apsw.Error:
+        pass  # SQLite rolled back already (e.g. after an I/O error)
+
+
+def actor() -> str:
+    """Who runs this, for the audit record: the OS user on this host."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = f"uid {os.getuid()}"
+    return f"{user}@{socket.gethostname()}"
+
+
+def write_audit(repo: Repository, db: str, record: dict[str, Any], who: str | None = None) -> str:
+    """Store the audit record of a change to a live database; returns its id.
+
+    The change is committed by then: a failure here is reported as such, never as a failed restore.
+    """
+    full = {"time": iso(now_utc()), "who": who or actor(), "tool": TOOL, **record}
+    try:
+        return repo.put_record("audits", db, full)
+    except DbreError as err:
+        raise DbreError(f"{record.get('operation')}: applied to {record.get('live')}, but the audit record "
+                        f"could not be written ({err.message})", "the change stands; note it by hand") from err
+    except OSError as err:
+        raise DbreError(f"{record.get('operation')}: applied to {record.get('live')}, but the audit record "
+                        f"could not be written ({err})", "the change stands; note it by hand") from err
+
+
+def show_value(v: Any, width: int = 40) -> str:
+    """A short display form of a stored value: NULL, numbers, text cut at ``width``, blobs as x'..'."""
+    if v is None:
+        return "NULL"
+    if isinstance(v, bytes):
+        text = "x'" + v[: width // 2].hex() + ("…'" if len(v) > width // 2 else "'")
+        return text
+    text = str(v)
+    return text if len(text) <= width else text[: width - 1] + "…"

@@ -1,0 +1,377 @@
+"""Table-level restore: chosen tables of a snapshot back into the live database, as copies or in place.
+
+``rename`` mode creates ``<table><suffix>`` beside the live table (its indexes renamed the same
+way, no triggers: they would fire on the copy); ``replace`` mode drops the live table and
+recreates it with the snapshot's indexes and triggers, after a safety snapshot of the live
+database, so the replace can be undone. Either way the work is one transaction on the live
+file: the rows are copied with the snapshot attached, foreign keys are checked afterwards
+(``PRAGMA foreign_key_check``) and the transaction rolls back on a new violation.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import apsw
+
+from dbre.errors import DbreError, RestoreError, UsageError
+from dbre.repository.manifest import Manifest, check_db_name
+from dbre.repository.repo import Repository
+from dbre.repository.tables import qident
+from dbre.restore.live import (
+    SNAPSHOT_SCHEMA,
+    SQL_TOKEN,
+    Scratch,
+    check_live_file,
+    fk_message,
+    fk_violations,
+    has_rowid,
+    new_fk_violations,
+    referencing_tables,
+    restore_to_scratch,
+    rowid_alias,
+    stored_columns,
+    table_names,
+    write_audit,
+    write_transaction,
+)
+
+MODES = ("rename", "replace")
+OPERATION = "restore-table"
+
+
+@dataclass
+class TableAction:
+    """What happens to one table: ``table`` in the snapshot becomes ``target`` in the live database."""
+
+    table: str
+    target: str
+    snapshot_rows: int
+    live_rows: int | None  # rows the live ``target`` holds now; None when there is no such table
+    statements: list[str]  # CREATE TABLE, then its indexes and triggers, as they will run
+    skipped: list[str] = field(default_factory=list)  # schema objects not recreated, and why
+    sequence: int | None = None  # the snapshot's sqlite_sequence value (AUTOINCREMENT tables)
+
+    @property
+    def action(self) -> str:
+        if self.target != self.table:
+            return "create copy"
+        return "recreate (dropped in live)" if self.live_rows is None else "replace"
+
+    def describe(self) -> dict[str, Any]:
+        return {"table": self.table, "target": self.target, "action": self.action,
+                "snapshot_rows": self.snapshot_rows, "live_rows": self.live_rows,
+                "statements": self.statements, "skipped": self.skipped}
+
+
+@dataclass
+class TableRestorePlan:
+    """A table restore worked out and ready to apply; holds the scratch copy until applied or closed."""
+
+    repo: Repository
+    db: str
+    live: Path
+    mode: str
+    scratch: Scratch
+    actions: list[TableAction]
+
+    @property
+    def manifest(self) -> Manifest:
+        return self.scratch.manifest
+
+    def describe(self) -> dict[str, Any]:
+        m = self.manifest
+        return {"operation": OPERATION, "db": self.db, "live": str(self.live), "mode": self.mode,
+                "snapshot": m.id, "taken_at": m.taken_at, "safety_snapshot": self.mode == "replace",
+                "tables": [a.describe() for a in self.actions]}
+
+    def close(self) -> None:
+        self.scratch.close()
+
+    def __enter__(self) -> TableRestorePlan:
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
+
+
+@dataclass
+class TableRestoreResult:
+    plan: TableRestorePlan
+    safety_snapshot: str | None
+    audit_record: str
+    seconds: float
+
+    def summary(self) -> dict[str, Any]:
+        return {**self.plan.describe(), "safety_snapshot": self.safety_snapshot, "audit_record": self.audit_record,
+                "seconds": round(self.seconds, 3)}
+
+
+def plan_table_restore(repo: Repository, db: str, live_path: str | os.PathLike[str], tables: list[str], *,
+                       snapshot: str | None = None, at: datetime | None = None, mode: str = "rename",
+                       suffix: str = "_restored", scratch_dir: str | os.PathLike[str] | None = None
+                       ) -> TableRestorePlan:
+    """Restore the snapshot to scratch and work out every statement; the live database is only read."""
+    check_db_name(db)
+    if mode not in MODES:
+        raise UsageError(f"{OPERATION}: mode {mode!r} is not one of {', '.join(MODES)}")
+    if not tables:
+        raise UsageError(f"{OPERATION}: no table given", "pass --table NAME")
+    if snapshot and at:
+        raise UsageError("--snapshot and --at were both given", "pass one of them")
+    if mode == "rename" and not suffix:
+        raise UsageError(f"{OPERATION}: an empty suffix would replace the live table", "pass --replace to do that")
+    live = check_live_file(live_path, OPERATION)
+    _precheck_manifest(repo.find_snapshot(db, snapshot, at), tables)  # a typo fails before the restore
+    scratch = restore_to_scratch(repo, db, snapshot=snapshot, at=at, scratch_dir=scratch_dir)
+    try:
+        src = scratch.connect()
+        try:
+            conn = apsw.Connection(str(live), flags=apsw.SQLITE_OPEN_READONLY)
+            try:
+                actions = [_plan_table(src, conn, t, mode, suffix) for t in _resolve(src, scratch.manifest, tables)]
+            finally:
+                conn.close()
+        finally:
+            src.close()
+        targets = [a.target.lower() for a in actions]
+        if len(set(targets)) != len(targets):
+            raise UsageError(f"{OPERATION}: a table was named twice", "name each table once")
+    except BaseException:
+        scratch.close()
+        raise
+    return TableRestorePlan(repo, db, live, mode, scratch, actions)
+
+
+def _precheck_manifest(manifest: Manifest, tables: list[str]) -> None:
+    known = {s["name"].lower() for s in manifest.schema if s.get("type") == "table"}
+    if not known:
+        return  # an old manifest without the schema: the scratch copy decides
+    missing = [t for t in tables if t.lower() not in known]
+    if missing:
+        raise _unknown(manifest, missing, sorted(s["name"] for s in manifest.schema if s.get("type") == "table"))
+
+
+def _unknown(manifest: Manifest, missing: list[str], known: list[str]) -> UsageError:
+    names = ", ".join(k for k in known if not k.startswith("sqlite_")) or "none"
+    return UsageError(f"{OPERATION}: no table {', '.join(map(repr, missing))} in snapshot {manifest.id} of "
+                      f"{manifest.db}", f"its tables: {names}")
+
+
+def _resolve(src: apsw.Connection, manifest: Manifest, tables: list[str]) -> list[str]:
+    """The snapshot's own spelling of each table name; UsageError for unknown or unsupported ones."""
+    names = table_names(src)
+    missing = [t for t in tables if t.lower() not in names]
+    if missing:
+        virtual = {str(r[0]).lower() for r in src.execute("SELECT name FROM pragma_table_list WHERE type='virtual'")}
+        if any(t.lower() in virtual for t in missing):
+            raise UsageError(f"{OPERATION}: virtual tables (e.g. FTS) cannot be restored one by one",
+                             "restore the whole database to a new file with `dbre restore`")
+        raise _unknown(manifest, missing, sorted(names.values()))
+    return [names[t.lower()] for t in tables]
+
+
+def _plan_table(src: apsw.Connection, live: apsw.Connection, table: str, mode: str, suffix: str) -> TableAction:
+    schema = src.execute("SELECT type, name, sql FROM sqlite_schema WHERE tbl_name=? AND sql IS NOT NULL "
+                         "ORDER BY type='trigger', type='index', rowid", (table,)).fetchall()
+    table_sql = next(str(s[2]) for s in schema if s[0] == "table")
+    indexes = [(str(s[1]), str(s[2])) for s in schema if s[0] == "index"]
+    triggers = [(str(s[1]), str(s[2])) for s in schema if s[0] == "trigger"]
+    (rows,) = src.execute(f"SELECT count(*) FROM {qident(table)}").fetchone()  # type: ignore[misc]
+    sequence = None
+    if src.execute("SELECT 1 FROM sqlite_schema WHERE name='sqlite_sequence'").fetchone():
+        seq = src.execute("SELECT seq FROM sqlite_sequence WHERE name=?", (table,)).fetchone()
+        sequence = int(seq[0]) if seq else None
+    live_objects = {str(r[0]).lower(): (str(r[1]), str(r[2]), str(r[0]))
+                    for r in live.execute("SELECT name, type, tbl_name FROM sqlite_schema")}
+
+    if mode == "replace":
+        target, skipped = table, []
+        statements = [table_sql, *(sql for _, sql in indexes), *(sql for _, sql in triggers)]
+        existing = live_objects.get(table.lower())
+        if existing is not None and existing[0] != "table":
+            raise UsageError(f"{OPERATION}: {table!r} is a {existing[0]} in the live database, not a table",
+                             "drop or rename it first, or restore under a new name (without --replace)")
+        for name, _ in [*indexes, *triggers]:
+            other = live_objects.get(name.lower())
+            if other is not None and other[1].lower() != table.lower():
+                raise UsageError(f"{OPERATION}: the live database has a {other[0]} {name!r} on {other[1]!r}, "
+                                 f"the name of a {table!r} index or trigger in the snapshot",
+                                 "rename it first, or restore under a new name (without --replace)")
+    else:
+        target = table + suffix
+        statements = _renamed(table_sql, indexes, table, target, suffix)
+        skipped = [f"trigger {name} (a trigger on the copy would fire on writes to it)" for name, _ in triggers]
+        for name in [target, *(n + suffix for n, _ in indexes)]:
+            if name.lower() in live_objects:
+                raise UsageError(f"{OPERATION}: {name!r} already exists in the live database",
+                                 "drop it, or pass another --suffix")
+    live_rows = None
+    if target.lower() in live_objects:
+        (n,) = live.execute(f"SELECT count(*) FROM {qident(target)}").fetchone()  # type: ignore[misc]
+        live_rows = int(n)
+    return TableAction(table, target, int(rows), live_rows, statements, skipped, sequence)
+
+
+def _renamed(table_sql: str, indexes: list[tuple[str, str]], table: str, target: str, suffix: str) -> list[str]:
+    """The table's CREATE statements for its copy: SQLite's own ALTER TABLE ... RENAME rewrites the
+    table (a foreign key to itself included) and the ON clause of its indexes; index names get the suffix."""
+    mem = apsw.Connection(":memory:")
+    try:
+        mem.execute(table_sql)
+        for _, sql in indexes:
+            mem.execute(sql)
+        mem.execute(f"ALTER TABLE {qident(table)} RENAME TO {qident(target)}")
+        new_table = str(mem.execute("SELECT sql FROM sqlite_schema WHERE type='table' AND name=?",
+                                    (target,)).fetchone()[0])  # type: ignore[index]
+        new_indexes = [_rename_index(str(mem.execute("SELECT sql FROM sqlite_schema WHERE type='index' AND name=?",
+                                                     (name,)).fetchone()[0]), name + suffix)  # type: ignore[index]
+                       for name, _ in indexes]
+    except apsw.Error as err:
+        raise RestoreError(f"{OPERATION}: cannot rename {table!r} to {target!r} ({err})",
+                           "restore it in place with --replace, or the whole database with `dbre restore`") from err
+    finally:
+        mem.close()
+    return [new_table, *new_indexes]
+
+
+
+
+def _rename_index(sql: str, new_name: str) -> str:
+    """``CREATE [UNIQUE] INDEX [IF NOT EXISTS] name ON ...`` with ``name`` replaced."""
+    words = [(m.start(), m.end(), m.group()) for m in SQL_TOKEN.finditer(sql)
+             if not m.group().isspace() and not m.group().startswith(("--", "/*"))]
+    i = next(i for i, w in enumerate(words) if w[2].upper() == "INDEX") + 1
+    if [w[2].upper() for w in words[i:i + 3]] == ["IF", "NOT", "EXISTS"]:
+        i += 3
+    start, end, _ = words[i]
+    return sql[:start] + qident(new_name) + sql[end:]
+
+
+class _SafetySource:
+    """The live file as a backup source whose manifest says why the snapshot was taken."""
+
+    def __init__(self, path: Path, purpose: str) -> None:
+        from dbre.sources.local import LocalFileSource
+
+        self._inner = LocalFileSource(path)
+        self.name = self._inner.name
+        self.purpose = purpose
+
+    def identity(self) -> dict[str, Any]:
+        return {**self._inner.identity(), "purpose": self.purpose}
+
+    def connect(self) -> AbstractContextManager[apsw.Connection]:
+        return self._inner.connect()
+
+
+def safety_snapshot(repo: Repository, db: str, live: Path, purpose: str) -> str:
+    """Snapshot the live database into ``repo`` under its own name ``db``; returns the snapshot id."""
+    from dbre.repository.backup import backup
+
+    try:
+        return backup(repo, _SafetySource(live, purpose), db).manifest.id
+    except DbreError as err:
+        raise RestoreError(f"{purpose}: the safety snapshot of {live} failed ({err.message})",
+                           "nothing was changed; fix the repository and try again") from err
+
+
+def apply_table_restore(plan: TableRestorePlan, *, force_safety: bool = False, allow_fk_violations: bool = False,
+                        who: str | None = None) -> TableRestoreResult:
+    """Do what the plan says in one transaction on the live file, then write the audit record.
+
+    ``replace`` always takes a safety snapshot of the live database first (inside the write
+    transaction, so it holds exactly what gets replaced); ``force_safety`` takes one in
+    ``rename`` mode too. The scratch copy is removed at the end, whatever happens.
+    """
+    started = time.perf_counter()
+    safety: str | None = None
+    try:
+        with write_transaction(plan.live, plan.scratch) as conn:
+            _recheck(conn, plan)
+            if plan.mode == "replace" or force_safety:
+                # we hold the write lock: the snapshot sees exactly the state this restore replaces
+                safety = safety_snapshot(plan.repo, plan.db, plan.live,
+                                         f"{OPERATION} {plan.mode} of {', '.join(a.table for a in plan.actions)}")
+            targets = [a.target for a in plan.actions]
+            related = referencing_tables(conn, targets) | set(targets)
+            before = fk_violations(conn, related)
+            for action in plan.actions:
+                _restore_one(conn, action, plan.mode)
+            new = new_fk_violations(before, fk_violations(conn, related | referencing_tables(conn, targets)))
+            if new and not allow_fk_violations:
+                raise RestoreError(f"{OPERATION}: the restored tables break foreign keys ({fk_message(new)} new "
+                                   f"violations); rolled back, nothing was changed",
+                                   "restore the tables they reference too, or allow the violations")
+    except apsw.Error as err:
+        raise RestoreError(f"{OPERATION} into {plan.live}: {err}; rolled back, nothing was changed") from err
+    finally:
+        plan.close()
+    record = {**plan.describe(), "safety_snapshot": safety, "undo": _undo_hint(plan, safety),
+              "foreign_key_violations_allowed": allow_fk_violations}
+    audit = write_audit(plan.repo, plan.db, record, who)
+    return TableRestoreResult(plan, safety, audit, time.perf_counter() - started)
+
+
+def _undo_hint(plan: TableRestorePlan, safety: str | None) -> str:
+    if plan.mode == "rename":
+        return "drop " + ", ".join(a.target for a in plan.actions)
+    tables = " ".join(f"--table {a.table}" for a in plan.actions)
+    return f"dbre restore-table --db {plan.db} --snapshot {safety} {tables} --replace --apply"
+
+
+def _recheck(conn: apsw.Connection, plan: TableRestorePlan) -> None:
+    """The live database still looks as the plan found it (names taken or free)."""
+    names = table_names(conn)
+    for a in plan.actions:
+        exists = a.target.lower() in names
+        if plan.mode == "rename" and exists:
+            raise RestoreError(f"{OPERATION}: {a.target!r} was created in the live database after the plan",
+                               "plan again")
+        if plan.mode == "replace" and exists != (a.live_rows is not None):
+            raise RestoreError(f"{OPERATION}: {a.target!r} was {'created' if exists else 'dropped'} in the live "
+                               "database after the plan", "plan again")
+
+
+def _restore_one(conn: apsw.Connection, action: TableAction, mode: str) -> None:
+    live_seq = None
+    if mode == "replace" and action.live_rows is not None:
+        if _has_sequence_table(conn):
+            row = conn.execute("SELECT seq FROM main.sqlite_sequence WHERE name=?", (action.target,)).fetchone()
+            live_seq = int(row[0]) if row else None
+        conn.execute(f"DROP TABLE main.{qident(action.target)}")
+    create_table, *rest = action.statements
+    conn.execute(create_table)
+    cols = stored_columns(conn, action.target)
+    names = [qident(c) for c in cols]
+    alias = rowid_alias(cols) if has_rowid(conn, action.target) else None
+    if alias:
+        names.insert(0, alias)
+    col_list = ", ".join(names)
+    before = conn.total_changes()
+    conn.execute(f"INSERT INTO main.{qident(action.target)} ({col_list}) "
+                 f"SELECT {col_list} FROM {SNAPSHOT_SCHEMA}.{qident(action.table)}")
+    copied = conn.total_changes() - before
+    if copied != action.snapshot_rows:
+        raise RestoreError(f"{OPERATION}: copied {copied} rows of {action.table!r}, the snapshot has "
+                           f"{action.snapshot_rows}; rolled back")
+    for sql in rest:  # indexes after the rows (faster), triggers last (they must not fire on the copy)
+        conn.execute(sql)
+    seq = max((s for s in (action.sequence, live_seq) if s is not None), default=None)
+    if seq is not None:
+        # keep AUTOINCREMENT from handing out ids the table used before (in the snapshot or in live)
+        updated = conn.execute("UPDATE main.sqlite_sequence SET seq=max(seq, ?) WHERE name=? RETURNING 1",
+                               (seq, action.target)).fetchall()
+        if not updated:
+            conn.execute("INSERT INTO main.sqlite_sequence(name, seq) VALUES (?, ?)", (action.target, seq))
+
+
+def _has_sequence_table(conn: apsw.Connection) -> bool:
+    return conn.execute("SELECT 1 FROM main.sqlite_schema WHERE name='sqlite_sequence'").fetchone() is not None
