@@ -280,6 +280,152 @@ def restore(
     _run(go)
 
 
+# -- table and row restores into a live database (plan shown by default; --apply does it) -------
+
+LiveOpt = Annotated[str, typer.Option("--live", help="The live database file to restore into.")]
+SnapshotOpt = Annotated[str | None, typer.Option("--snapshot", help="Snapshot id (or a unique prefix).")]
+AtOpt = Annotated[str | None, typer.Option("--at", help="ISO-8601 time: the newest snapshot at or before it.")]
+ApplyOpt = Annotated[bool, typer.Option("--apply", help="Do it (default: show the plan and change nothing).")]
+AllowFkOpt = Annotated[bool, typer.Option("--allow-fk-violations",
+                                          help="Commit even when foreign_key_check finds new violations.")]
+
+
+def _when(snapshot: str | None, at: str | None) -> Any:
+    from dbre.repository.manifest import parse_time
+
+    when = parse_time(at) if at else None
+    if snapshot and when:
+        raise UsageError("--snapshot and --at were both given", "pass one of them")
+    return when
+
+
+@app.command("restore-table")
+def restore_table(
+    repo: RepoOpt,
+    db: Annotated[str, typer.Option("--db", help="Database name in the repository.")],
+    live: LiveOpt,
+    table: Annotated[list[str], typer.Option("--table", help="Table to restore (repeat for more).")],
+    snapshot: SnapshotOpt = None,
+    at: AtOpt = None,
+    replace: Annotated[bool, typer.Option("--replace", help="Drop the live table and recreate it from the snapshot "
+                                          "(a safety snapshot of the live database is taken first).")] = False,
+    suffix: Annotated[str, typer.Option("--suffix", help="Without --replace, the copy is named TABLE+SUFFIX.")
+                      ] = "_restored",
+    apply: ApplyOpt = False,
+    allow_fk_violations: AllowFkOpt = False,
+    json_out: JsonOpt = False,
+    key_file: KeyFileOpt = None,
+) -> None:
+    """Restore tables of a snapshot into the live database: as TABLE_restored, or in place with --replace."""
+
+    def go() -> None:
+        from dbre.repository.manifest import check_db_name
+        from dbre.repository.repo import Repository
+        from dbre.restore.table import apply_table_restore, plan_table_restore
+
+        check_db_name(db)
+        when = _when(snapshot, at)
+        repository = Repository.open(repo, _key(key_file))
+        plan = plan_table_restore(repository, db, live, table, snapshot=snapshot, at=when,
+                                  mode="replace" if replace else "rename", suffix=suffix)
+        with plan:
+            d = plan.describe()
+            if not apply:
+                if json_out:
+                    _print_json({"dry_run": True, **d})
+                    return
+                print(f"restore of {', '.join(table)} into {d['live']} from snapshot {d['snapshot']} "
+                      f"(taken {d['taken_at']}) (dry run)")
+                _table(f"{d['mode']} mode", ["table", "action", "as", "rows", "live rows"],
+                       [[a["table"], a["action"], a["target"], a["snapshot_rows"],
+                         "-" if a["live_rows"] is None else a["live_rows"]] for a in d["tables"]])
+                for a in d["tables"]:
+                    for stmt in a["statements"]:
+                        print(stmt + ";")
+                    for why in a["skipped"]:
+                        print(f"-- not created: {why}")
+                if replace:
+                    print("a safety snapshot of the live database is taken first")
+                print("dry run: nothing changed; pass --apply to restore")
+                return
+            result = apply_table_restore(plan, allow_fk_violations=allow_fk_violations)
+        s = result.summary()
+        if json_out:
+            _print_json(s)
+            return
+        for a in s["tables"]:
+            verb = "restored as" if a["target"] != a["table"] else "replaced"
+            print(f"{a['table']}: {verb} {a['target']} ({a['snapshot_rows']} rows from snapshot {s['snapshot']})")
+        if s["safety_snapshot"]:
+            print(f"safety snapshot {s['safety_snapshot']} of the live database taken first; to undo: "
+                  f"dbre restore-table --repo {repo} --db {db} --live {live} --snapshot {s['safety_snapshot']} "
+                  + " ".join(f"--table {a['table']}" for a in s["tables"]) + " --replace --apply")
+        print(f"audit record {s['audit_record']}")
+
+    _run(go)
+
+
+@app.command("repair-rows")
+def repair_rows(
+    repo: RepoOpt,
+    db: Annotated[str, typer.Option("--db", help="Database name in the repository.")],
+    live: LiveOpt,
+    table: Annotated[str, typer.Option("--table", help="The table to repair.")],
+    where: Annotated[str, typer.Option("--where", help='SQL expression selecting the rows, e.g. "id IN (1,2,3)".')],
+    snapshot: SnapshotOpt = None,
+    at: AtOpt = None,
+    delete_extra: Annotated[bool, typer.Option("--delete-extra", help="Also delete selected rows that are only "
+                                               "in the live database.")] = False,
+    max_rows: Annotated[int, typer.Option("--max-rows", help="Refuse selections larger than this.")] = 1_000_000,
+    preview: Annotated[int, typer.Option("--preview", help="Rows of each kind to show.")] = 10,
+    fire_triggers: Annotated[bool, typer.Option("--fire-triggers", help="Let the table's triggers fire on the "
+                                                "repair (default: they are suspended).")] = False,
+    apply: ApplyOpt = False,
+    allow_fk_violations: AllowFkOpt = False,
+    json_out: JsonOpt = False,
+    key_file: KeyFileOpt = None,
+) -> None:
+    """Put rows selected by --where back as a snapshot has them: diff by primary key, then --apply."""
+
+    def go() -> None:
+        from dbre.repository.manifest import check_db_name
+        from dbre.repository.repo import Repository
+        from dbre.restore.rows import apply_row_repair, check_where, plan_row_repair
+
+        check_db_name(db)
+        check_where(where)
+        when = _when(snapshot, at)
+        repository = Repository.open(repo, _key(key_file))
+        plan = plan_row_repair(repository, db, live, table, where, snapshot=snapshot, at=when,
+                               delete_extra=delete_extra, max_rows=max_rows, preview_rows=max(preview, 0))
+        with plan:
+            d = plan.describe()
+            if not apply or not plan.changes:
+                if json_out:
+                    _print_json({"dry_run": not apply, **d})
+                    return
+                print(f"repair of {d['table']} where {d['where']} in {d['live']} from snapshot {d['snapshot']} "
+                      f"(taken {d['taken_at']})" + ("" if apply else " (dry run)") + f": {d['snapshot_rows']} rows "
+                      f"selected in the snapshot, {d['live_rows']} in live")
+                _table("diff", ["kind", "rows"], [[k.replace("_", " "), v] for k, v in d["counts"].items()])
+                if d["preview"]:
+                    _table(f"first {preview} rows of each kind", ["action", "key", "values"],
+                           [[p["action"], p["key"], p["detail"]] for p in d["preview"]])
+                print("nothing to repair" if not plan.changes
+                      else "dry run: nothing changed; pass --apply to repair")
+                return
+            result = apply_row_repair(plan, allow_fk_violations=allow_fk_violations, fire_triggers=fire_triggers)
+        s = result.summary()
+        if json_out:
+            _print_json(s)
+            return
+        kept = "" if delete_extra else f", {len(plan.extras)} rows only in live kept"
+        print(f"{s['table']}: inserted {s['inserted']}, updated {s['updated']}, deleted {s['deleted']} rows from "
+              f"snapshot {s['snapshot']}{kept}; audit record {s['audit_record']}")
+
+    _run(go)
+
+
 @app.command()
 def verify(
     repo: RepoOpt,

@@ -194,6 +194,18 @@ def fk_message(new: dict[str, int]) -> str:
     return ", ".join(f"{n} in {qident(t)}" for t, n in sorted(new.items()))
 
 
+def unknown_table(operation: str, manifest: Manifest, missing: list[str], known: Iterable[str]) -> UsageError:
+    names = ", ".join(sorted(k for k in known if not k.startswith("sqlite_"))) or "none"
+    return UsageError(f"{operation}: no table {', '.join(map(repr, missing))} in snapshot {manifest.id} of "
+                      f"{manifest.db} (taken {manifest.taken_at})",
+                      f"its tables: {names}; pick another snapshot with --snapshot or --at (`dbre snapshots`)")
+
+
+def manifest_tables(manifest: Manifest) -> list[str]:
+    """The table names the manifest's schema lists (empty for old manifests without a schema)."""
+    return [str(s["name"]) for s in manifest.schema if s.get("type") == "table"]
+
+
 def rollback(conn: apsw.Connection) -> None:
     if not conn.in_transaction:
         return

@@ -34,6 +34,7 @@ from dbre.restore.live import (
     fk_message,
     fk_violations,
     has_rowid,
+    manifest_tables,
     new_fk_violations,
     referencing_tables,
     restore_to_scratch,
@@ -41,6 +42,7 @@ from dbre.restore.live import (
     show_value,
     stored_columns,
     table_names,
+    unknown_table,
     write_audit,
     write_transaction,
 )
@@ -259,11 +261,9 @@ def plan_row_repair(repo: Repository, db: str, live_path: str | os.PathLike[str]
     where = check_where(where)
     live = check_live_file(live_path, OPERATION)
     manifest = repo.find_snapshot(db, snapshot, at)
-    known = {s["name"].lower() for s in manifest.schema if s.get("type") == "table"}
-    if known and table.lower() not in known:
-        raise UsageError(f"{OPERATION}: no table {table!r} in snapshot {manifest.id} of {db}",
-                         "its tables: " + ", ".join(sorted(s["name"] for s in manifest.schema
-                                                           if s.get("type") == "table")))
+    known = manifest_tables(manifest)
+    if known and table.lower() not in {k.lower() for k in known}:
+        raise unknown_table(OPERATION, manifest, [table], known)
     scratch = restore_to_scratch(repo, db, snapshot=manifest.id, scratch_dir=scratch_dir)
     try:
         src = scratch.connect()
@@ -283,8 +283,7 @@ def _plan(repo: Repository, db: str, live: Path, src: apsw.Connection, conn: aps
           table: str, where: str, delete_extra: bool, max_rows: int, preview_rows: int) -> RowRepairPlan:
     names = table_names(src)
     if table.lower() not in names:
-        raise UsageError(f"{OPERATION}: no table {table!r} in snapshot {scratch.manifest.id} of {db}",
-                         "its tables: " + ", ".join(sorted(names.values())))
+        raise unknown_table(OPERATION, scratch.manifest, [table], names.values())
     table = names[table.lower()]
     if table.lower() not in table_names(conn):
         raise UsageError(f"{OPERATION}: table {table} is not in the live database",

@@ -33,12 +33,14 @@ from dbre.restore.live import (
     fk_message,
     fk_violations,
     has_rowid,
+    manifest_tables,
     new_fk_violations,
     referencing_tables,
     restore_to_scratch,
     rowid_alias,
     stored_columns,
     table_names,
+    unknown_table,
     write_audit,
     write_transaction,
 )
@@ -151,18 +153,10 @@ def plan_table_restore(repo: Repository, db: str, live_path: str | os.PathLike[s
 
 
 def _precheck_manifest(manifest: Manifest, tables: list[str]) -> None:
-    known = {s["name"].lower() for s in manifest.schema if s.get("type") == "table"}
-    if not known:
-        return  # an old manifest without the schema: the scratch copy decides
-    missing = [t for t in tables if t.lower() not in known]
-    if missing:
-        raise _unknown(manifest, missing, sorted(s["name"] for s in manifest.schema if s.get("type") == "table"))
-
-
-def _unknown(manifest: Manifest, missing: list[str], known: list[str]) -> UsageError:
-    names = ", ".join(k for k in known if not k.startswith("sqlite_")) or "none"
-    return UsageError(f"{OPERATION}: no table {', '.join(map(repr, missing))} in snapshot {manifest.id} of "
-                      f"{manifest.db}", f"its tables: {names}")
+    known = manifest_tables(manifest)
+    missing = [t for t in tables if t.lower() not in {k.lower() for k in known}]
+    if known and missing:  # an old manifest without the schema: the scratch copy decides
+        raise unknown_table(OPERATION, manifest, missing, known)
 
 
 def _resolve(src: apsw.Connection, manifest: Manifest, tables: list[str]) -> list[str]:
@@ -174,7 +168,7 @@ def _resolve(src: apsw.Connection, manifest: Manifest, tables: list[str]) -> lis
         if any(t.lower() in virtual for t in missing):
             raise UsageError(f"{OPERATION}: virtual tables (e.g. FTS) cannot be restored one by one",
                              "restore the whole database to a new file with `dbre restore`")
-        raise _unknown(manifest, missing, sorted(names.values()))
+        raise unknown_table(OPERATION, manifest, missing, names.values())
     return [names[t.lower()] for t in tables]
 
 
