@@ -232,12 +232,11 @@ def write_audit(repo: Repository, db: str, record: dict[str, Any], who: str | No
     full = {"time": iso(now_utc()), "who": who or actor(), "tool": TOOL, **record}
     try:
         return repo.put_record("audits", db, full)
-    except DbreError as err:
+    except (DbreError, OSError) as err:
+        why = err.message if isinstance(err, DbreError) else str(err)
+        # not chained: a retry that saw a transient cause would apply the change a second time
         raise DbreError(f"{record.get('operation')}: applied to {record.get('live')}, but the audit record "
-                        f"could not be written ({err.message})", "the change stands; note it by hand") from err
-    except OSError as err:
-        raise DbreError(f"{record.get('operation')}: applied to {record.get('live')}, but the audit record "
-                        f"could not be written ({err})", "the change stands; note it by hand") from err
+                        f"could not be written ({why})", "the change stands; note it by hand") from None
 
 
 def show_value(v: Any, width: int = 40) -> str:
