@@ -8,7 +8,6 @@ from tests.prefect_fixtures import artifacts_of, task_runs_named, wait_for  # no
 
 # isort: split
 
-import importlib.util
 import json
 import logging
 import sqlite3
@@ -211,11 +210,52 @@ def test_restore_request_is_validated() -> None:
     assert set(schema["required"]) == {"database", "target"}
 
 
-@pytest.mark.skipif(importlib.util.find_spec("dbre.restore.table") is not None, reason="table restore exists")
-def test_restore_flow_says_table_scenario_is_not_supported_yet(tmp_path: Path) -> None:
-    request = RestoreRequest(database="shop", target=str(tmp_path / "live.db"), scenario="table", tables=["orders"])
-    state = restore_flow(request, repo=str(tmp_path / "repo"), return_state=True)
-    assert state.is_failed() and "restore scenario 'table' is not supported yet" in (state.message or "")
+def test_restore_flow_repairs_rows_then_restores_a_table(tmp_path: Path) -> None:
+    live = make_db(tmp_path / "live.db")
+    repo = str(tmp_path / "repo")
+    snap = backup_database.fn("shop", str(live), repo)
+    before = content(live)
+    conn = sqlite3.connect(live)
+    conn.execute("DELETE FROM orders WHERE customer_id = 3")  # the mistakes an on-call engineer undoes
+    conn.execute("UPDATE orders SET total = 0 WHERE id = 11")
+    conn.commit()
+    conn.close()
+
+    rows = RestoreRequest(database="shop", target=str(live), scenario="rows", tables=["orders"],
+                          where="customer_id = 3 OR id = 11")
+    dry = restore_flow(rows, repo=repo, return_state=True)
+    assert dry.is_completed(), dry.message
+    plan = dry.result()["plan"]
+    assert plan["snapshot"] == snap["id"] and plan["counts"]["insert"] == 10 and plan["counts"]["update"] == 1
+    assert content(live) != before  # a dry run changes nothing
+    summary = by_kind(artifacts_of(dry.state_details.flow_run_id))["summary"][0].data
+    assert "Dry run" in summary and "10 insert" in summary and "total: 0.0 -> 12.5" in summary
+    done = restore_flow(rows.model_copy(update={"dry_run": False}), repo=repo)["result"]
+    assert (done["inserted"], done["updated"]) == (10, 1) and done["audit_record"]
+    assert content(live) == before
+
+    conn = sqlite3.connect(live)
+    conn.execute("DELETE FROM orders WHERE id > 100")
+    conn.commit()
+    conn.close()
+    table = RestoreRequest(database="shop", target=str(live), scenario="table", tables=["orders"], dry_run=False)
+    copy = restore_flow(table, repo=repo)["result"]  # default: beside the live table, as orders_restored
+    assert [(t["target"], t["action"]) for t in copy["tables"]] == [("orders_restored", "create copy")]
+    check = sqlite3.connect(live)
+    try:
+        assert check.execute("SELECT * FROM orders_restored ORDER BY id").fetchall() == before["orders"]
+        assert check.execute("SELECT count(*) FROM orders").fetchone() == (100,)
+    finally:
+        check.close()
+    replaced = restore_flow(table.model_copy(update={"replace_tables": True}), repo=repo, return_state=True)
+    assert replaced.is_completed(), replaced.message
+    assert replaced.result()["result"]["safety_snapshot"]  # the live table was saved before it was replaced
+    assert content(live) == before
+    arts = by_kind(artifacts_of(replaced.state_details.flow_run_id))
+    assert "after safety snapshot" in arts["summary"][0].data and "Audit record" in arts["summary"][0].data
+
+    unknown = restore_flow(table.model_copy(update={"tables": ["nope"]}), repo=repo, return_state=True)
+    assert unknown.is_failed() and "nope" in (unknown.message or "")
 
 
 # --------------------------------------------------------------------------- verify
