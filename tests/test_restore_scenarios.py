@@ -119,7 +119,8 @@ def test_deleted_and_changed_rows_come_back_exactly(shop: tuple[Path, Repository
     sql(live, "UPDATE orders SET total = 0, note = 'oops' WHERE id = 7")  # a row changed after it (trigger fires)
     sql(live, "INSERT INTO orders(customer_id, total) VALUES (1, 5)")  # a new order, id 301: only in live
     where = "id BETWEEN 1 AND 150 OR id > 300"
-    args = ["--repo", tmp_path / "repo", "--db", "shop", "--live", live, "--table", "orders", "--where", where]
+    args: list[str | Path] = ["--repo", tmp_path / "repo", "--db", "shop", "--live", live, "--table", "orders",
+                              "--where", where]
 
     before = file_hash(live)
     dry = cli("repair-rows", *args)
@@ -188,7 +189,8 @@ def test_apply_stops_when_live_changed_after_the_plan(shop: tuple[Path, Reposito
 
 def test_bad_input_is_one_line_and_exit_2(shop: tuple[Path, Repository, str], tmp_path: Path) -> None:
     live, repo, _ = shop
-    base = ["repair-rows", "--repo", tmp_path / "repo", "--db", "shop", "--live", live, "--table", "orders"]
+    base: list[str | Path] = ["repair-rows", "--repo", tmp_path / "repo", "--db", "shop", "--live", live,
+                              "--table", "orders"]
     for where, needle in [("id = 1; DROP TABLE orders", "';'"), ("no_such_column = 1", "no such column"),
                           ("id = ?", "parameter"), ("1) OR (1", "parenthesis"), ("id = 1 --", "comment"),
                           ("note = 'x", "unclosed quote"), ("", "empty")]:
@@ -210,7 +212,8 @@ def test_dropped_table_comes_back_as_a_copy_then_in_place(shop: tuple[Path, Repo
     live, repo, snap = shop
     orders, schema = rows(live, "orders"), schema_of(live, "orders")
     sql(live, "DROP TABLE orders")
-    args = ["--repo", tmp_path / "repo", "--db", "shop", "--live", live, "--table", "orders", "--snapshot", snap[:8]]
+    args: list[str | Path] = ["--repo", tmp_path / "repo", "--db", "shop", "--live", live, "--table", "orders",
+                              "--snapshot", snap[:8]]
 
     before = file_hash(live)
     dry = cli("restore-table", *args)
@@ -259,6 +262,7 @@ def test_replace_is_undone_from_its_safety_snapshot(shop: tuple[Path, Repository
 
     # the user changes their mind: the safety snapshot holds the live table as it was replaced
     restored = tmp_path / "before-replace.db"
+    assert result.safety_snapshot is not None
     whole = cli("restore", "--repo", tmp_path / "repo", "--db", "shop", "--snapshot", result.safety_snapshot,
                 "--to", restored)
     assert whole.returncode == 0, whole
