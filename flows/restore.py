@@ -51,7 +51,7 @@ class RestoreRequest(BaseModel):
                         min_length=1)
     force: bool = Field(default=False, description="whole: replace an existing file at the target")
     replace_tables: bool = Field(default=False, description="table: replace the live tables (after a safety "
-                                                            "snapshot) instead of creating <table>_restored copies")
+                                                            "snapshot) instead of creating TABLE_restored copies")
     delete_extra: bool = Field(default=False, description="rows: also delete selected live rows the snapshot lacks")
     dry_run: bool = Field(default=True, description="Show the plan only; untick to restore")
     validate_result: bool = Field(default=True, description="whole: after restoring, integrity_check and row counts "
