@@ -369,7 +369,8 @@ def restore_table(
 def repair_rows(
     repo: RepoOpt,
     db: Annotated[str, typer.Option("--db", help="Database name in the repository.")],
-    live: LiveOpt,
+    live: Annotated[str, typer.Option("--live", help="The live database: a file, or a libsql:// / https:// URL "
+                                      "(token in LIBSQL_AUTH_TOKEN or TURSO_AUTH_TOKEN).")],
     table: Annotated[str, typer.Option("--table", help="The table to repair.")],
     where: Annotated[str, typer.Option("--where", help='SQL expression selecting the rows, e.g. "id IN (1,2,3)".')],
     snapshot: SnapshotOpt = None,
@@ -397,7 +398,8 @@ def repair_rows(
         when = _when(snapshot, at)
         repository = Repository.open(repo, _key(key_file))
         plan = plan_row_repair(repository, db, live, table, where, snapshot=snapshot, at=when,
-                               delete_extra=delete_extra, max_rows=max_rows, preview_rows=max(preview, 0))
+                               delete_extra=delete_extra, max_rows=max_rows, preview_rows=max(preview, 0),
+                               token=_token())
         with plan:
             d = plan.describe()
             if not apply or not plan.changes:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import sqlite3
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from dbre.restore.rows import apply_row_repair, check_where, plan_row_repair
 from dbre.restore.table import apply_table_restore, plan_table_restore
 from dbre.sources.local import LocalFileSource
 from tests.dbfactory import assert_one_line_error, cli
+from tests.sqld import SqldServer, sqld  # noqa: F401 - the session's sqld
 
 SCHEMA = """
 PRAGMA journal_mode=WAL;
@@ -203,6 +205,46 @@ def test_bad_input_is_one_line_and_exit_2(shop: tuple[Path, Repository, str], tm
     assert "secret" not in assert_one_line_error(remote, 2, "remote databases are not supported yet")
     with pytest.raises(UsageError, match="more than 10 rows of orders"):
         plan_row_repair(repo, "shop", live, "orders", "id <= 50", max_rows=10)
+
+
+def test_rows_of_a_remote_libsql_database(sqld: SqldServer, tmp_path: Path,  # noqa: F811
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    import dbre.restore.rows
+    from dbre.sources.remote import RemoteLibsqlSource
+
+    monkeypatch.setattr(dbre.restore.rows, "REMOTE_PAGE_ROWS", 16)  # read the selection in several pages
+
+    t = "rr_" + uuid.uuid4().hex[:8]  # the session's server is shared: a table of our own
+    sqld.pipeline([
+        f"CREATE TABLE {t}(id INTEGER PRIMARY KEY, name TEXT, price REAL, data BLOB, touched INTEGER DEFAULT 0)",
+        f"CREATE TRIGGER {t}_touch AFTER UPDATE OF price ON {t} BEGIN UPDATE {t} SET touched = 1 "
+        "WHERE id = new.id; END",
+        *[(f"INSERT INTO {t}(id, name, price, data) VALUES (?, ?, ?, ?)",
+           [i, f"item {i}" * (i % 4), i / 10 + 0.2, bytes([i % 256]) * (i % 5)]) for i in range(1, 121)],
+    ])
+    query = f"SELECT * FROM {t} ORDER BY id"
+    original = [tuple(r) for r in sqld.execute(query)]
+    repo = Repository.open_or_init(str(tmp_path / "repo"))
+    backup(repo, RemoteLibsqlSource(sqld.url, cache_dir=tmp_path / "cache", method="dump"), "remote")
+    sqld.pipeline([f"DELETE FROM {t} WHERE id % 7 = 0", f"UPDATE {t} SET price = -1, name = NULL WHERE id = 50",
+                   f"INSERT INTO {t}(id, name) VALUES (500, 'new')"])
+
+    where = "id <= 120 OR id = 500"
+    with plan_row_repair(repo, "remote", sqld.url, t, where, delete_extra=True) as plan:
+        assert plan.live == sqld.url and plan.counts() == {"insert": 17, "update": 1, "delete": 1, "unchanged": 102}
+        assert "price: -1.0 -> 5.2" in " ".join(p["detail"] for p in plan.preview)
+        result = apply_row_repair(plan)
+    assert (result.inserted, result.updated, result.deleted) == (17, 1, 1)
+    assert [tuple(r) for r in sqld.execute(query)] == original  # 0.30000000000000004-style floats too
+    assert sqld.execute(f"SELECT count(*) FROM sqlite_schema WHERE name = '{t}_touch'") == [[1]]
+    assert repo.records("audits", "remote")[-1]["live"] == sqld.url
+
+    sqld.execute(f"DELETE FROM {t} WHERE id = 3")
+    plan = plan_row_repair(repo, "remote", sqld.url, t, "id < 10")
+    sqld.execute(f"UPDATE {t} SET name = 'meanwhile' WHERE id = 4")
+    with pytest.raises(RestoreError, match="1 selected rows .* changed in the live database since the plan"):
+        apply_row_repair(plan)
+    assert sqld.execute(f"SELECT count(*) FROM {t} WHERE id = 3") == [[0]]
 
 
 # --------------------------------------------------------------------------- a table dropped

@@ -3,18 +3,22 @@
 The plan restores the snapshot to scratch, selects the rows the WHERE matches there and in the
 live database, and diffs them by primary key (the rowid when the table has none) with pandas:
 rows missing in live are inserted, rows that differ are updated back, rows only in live are
-reported (and deleted only with ``delete_extra``). Rows are compared by the ``quote()`` of every
-stored column, so 1, 1.0 and '1' differ as SQLite stores them. Applying re-reads the live
-selection inside the write transaction and stops if it is not what the plan saw.
+reported (and deleted only with ``delete_extra``). Each row is compared by a hash of its stored
+values with their types, so 1, 1.0 and '1' differ as SQLite stores them. Applying re-reads the
+live selection inside the write transaction and stops if it is not what the plan saw.
+
+The live database is a local file, or a remote libSQL database (sqld, Turso) reached with
+libsql-client: then the rows are read in pages by key, and the repair is one interactive
+transaction over a WebSocket, with foreign keys as the server enforces them.
 """
 
 from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
-from itertools import islice
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -22,37 +26,35 @@ from typing import Any
 import apsw
 import xxhash
 
-from dbre.errors import RestoreError, UsageError
+from dbre.errors import DbreError, RestoreError, UsageError
 from dbre.repository.manifest import Manifest, check_db_name
 from dbre.repository.repo import Repository
 from dbre.repository.tables import qident
+from dbre.restore.connection import BadSql, LocalDb, RemoteDb, connect_remote, redact
 from dbre.restore.live import (
     SNAPSHOT_SCHEMA,
     SQL_TOKEN,
     Scratch,
     check_live_file,
-    fk_message,
-    fk_violations,
-    has_rowid,
+    is_remote,
     manifest_tables,
-    new_fk_violations,
-    referencing_tables,
     restore_to_scratch,
     rowid_alias,
     show_value,
-    stored_columns,
-    table_names,
     unknown_table,
     write_audit,
     write_transaction,
 )
+from dbre.secrets import Secret
 
 OPERATION = "repair-rows"
 MAX_ROWS = 1_000_000  # a selection larger than this needs max_rows raised: the diff holds it in memory
 PREVIEW_ROWS = 10
-CHUNK_ROWS = 50_000  # rows fetched and hashed at a time
+CHUNK_ROWS = 50_000  # rows hashed and added to the diff at a time
+REMOTE_PAGE_ROWS = 2_000  # rows per request to a remote database (sqld caps a response at 10 MB)
 
 Key = tuple[Any, ...]
+Db = LocalDb | RemoteDb
 
 
 @dataclass
@@ -61,7 +63,7 @@ class RowRepairPlan:
 
     repo: Repository
     db: str
-    live: Path
+    live: str  # the file's path, or the server's URL without its query
     table: str
     where: str
     scratch: Scratch
@@ -77,6 +79,8 @@ class RowRepairPlan:
     extras: list[Key]
     preview: list[dict[str, Any]] = field(default_factory=list)
     live_seen: Any = field(default=None, repr=False)  # DataFrame (kq, h) of the live selection
+    live_url: str | None = field(default=None, repr=False)  # a remote database's full URL
+    token: Secret | None = field(default=None, repr=False)
 
     @property
     def manifest(self) -> Manifest:
@@ -96,7 +100,7 @@ class RowRepairPlan:
 
     def describe(self) -> dict[str, Any]:
         m = self.manifest
-        return {"operation": OPERATION, "db": self.db, "live": str(self.live), "table": self.table,
+        return {"operation": OPERATION, "db": self.db, "live": self.live, "table": self.table,
                 "where": self.where, "snapshot": m.id, "taken_at": m.taken_at, "key": self.key,
                 "snapshot_rows": self.snapshot_rows, "live_rows": self.live_rows, "delete_extra": self.delete_extra,
                 "counts": self.counts(), "preview": self.preview}
@@ -153,17 +157,17 @@ def check_where(where: str) -> str:
     return text
 
 
-def _prepare_where(conn: apsw.Connection, table: str, where: str, side: str) -> None:
+def _prepare_where(db: Db, table: str, where: str) -> None:
     try:
-        conn.execute(f"EXPLAIN SELECT 1 FROM main.{qident(table)} WHERE ({where})").fetchall()
-    except apsw.BindingsError:
-        raise UsageError(f"{OPERATION}: the WHERE has a parameter (?, :name, @name or $name)",
-                         "write the values into it") from None
-    except apsw.Error as err:
-        raise UsageError(f"{OPERATION}: bad WHERE for {table} in {side}: {err}", "check the expression") from None
+        db.check(f"SELECT 1 FROM main.{qident(table)} WHERE ({where})")
+    except BadSql as err:
+        if err.parameters:
+            raise UsageError(f"{OPERATION}: the WHERE has a parameter (?, :name, @name or $name)",
+                             "write the values into it") from None
+        raise UsageError(f"{OPERATION}: bad WHERE for {table} in {db.label}: {err}", "check the expression") from None
 
 
-# -- selection and diff --------------------------------------------------------------------------
+# -- the table: its columns and key --------------------------------------------------------------
 
 
 @dataclass
@@ -183,49 +187,135 @@ class _Shape:
     def key_match(self) -> str:
         return " AND ".join(f"{k} IS ?" for k in self.key_exprs)
 
+    @property
+    def value_columns(self) -> list[str]:
+        """The columns an update sets: every stored column but the key's."""
+        key = {k.lower() for k in self.key}
+        return [c for c in self.columns if c.lower() not in key]
 
-def _shape(conn: apsw.Connection, table: str) -> _Shape:
-    columns = stored_columns(conn, table)
-    pk = [str(r[0]) for r in conn.execute("SELECT name FROM pragma_table_info(?) WHERE pk > 0 ORDER BY pk", (table,))]
+
+def _tables(db: Db) -> dict[str, str]:
+    """Ordinary tables of main by lower-cased name (SQLite names are case-insensitive)."""
+    rows = db.rows("SELECT name FROM pragma_table_list WHERE schema='main' AND type='table' "
+                   "AND name NOT LIKE 'sqlite\\_%' ESCAPE '\\'")
+    return {str(r[0]).lower(): str(r[0]) for r in rows}
+
+
+def _shape(db: Db, table: str) -> _Shape:
+    columns = [str(r[0]) for r in db.rows("SELECT name, hidden FROM pragma_table_xinfo(?, 'main') ORDER BY cid",
+                                          (table,)) if r[1] == 0]
+    pk = [str(r[0]) for r in db.rows("SELECT name FROM pragma_table_info(?, 'main') WHERE pk > 0 ORDER BY pk",
+                                     (table,))]
     if pk:
         return _Shape(table, columns, pk, False)
-    alias = rowid_alias(columns) if has_rowid(conn, table) else None
+    without_rowid = db.rows("SELECT wr FROM pragma_table_list WHERE schema='main' AND name=?", (table,))
+    alias = rowid_alias(columns) if without_rowid and not without_rowid[0][0] else None
     if alias is None:
         raise UsageError(f"{OPERATION}: table {table} has no primary key and its columns hide the rowid",
                          "restore the table with `dbre restore-table` and repair by hand")
     return _Shape(table, columns, [alias], True)
 
 
-def _select(conn: apsw.Connection, shape: _Shape, where: str, max_rows: int, side: str) -> tuple[list[Key], Any]:
-    """The selected rows' keys, and a DataFrame (kq: quoted key, h: row hash, i: index into the keys)."""
+def _children(db: Db, table: str) -> list[tuple[str, str, str]]:
+    """(child table, on update, on delete) of each foreign key that points at ``table``."""
+    out = []
+    for child in _tables(db).values():
+        for parent, on_update, on_delete in db.rows(
+                "SELECT \"table\", on_update, on_delete FROM pragma_foreign_key_list(?, 'main')", (child,)):
+            if str(parent).lower() == table.lower():
+                out.append((child, str(on_update), str(on_delete)))
+    return out
+
+
+def _fk_violations(db: Db, tables: Iterable[str]) -> dict[str, int]:
+    names = _tables(db)
+    out = {}
+    for t in sorted({t.lower() for t in tables}):
+        if t in names:
+            (n,) = db.rows("SELECT count(*) FROM pragma_foreign_key_check(?, 'main')", (names[t],))[0]
+            out[names[t]] = int(n)
+    return out
+
+
+# -- selection and diff --------------------------------------------------------------------------
+
+
+def _value_hash(h: Any, v: Any) -> None:
+    """Feed one stored value, with its type, to a hash: 1, 1.0, '1' and x'31' all differ."""
+    if v is None:
+        h.update(b"n")
+    elif isinstance(v, int):
+        h.update(b"i%d" % v)
+    elif isinstance(v, float):
+        h.update(b"r" + repr(v).encode())
+    elif isinstance(v, str):
+        data = v.encode("utf-8", "surrogatepass")
+        h.update(b"t%d:" % len(data))
+        h.update(data)
+    else:
+        data = bytes(v)
+        h.update(b"b%d:" % len(data))
+        h.update(data)
+
+
+def _key_text(values: Key) -> str:
+    """A key as one string, equal for equal keys whatever their types' Python equality says."""
+    return "\x1f".join(f"{type(v).__name__[0]}{v.hex() if isinstance(v, bytes) else repr(v)}" for v in values)
+
+
+def _scan(db: Db, shape: _Shape, where: str) -> Iterator[Key]:
+    """(key..., columns...) of every selected row, in key order; a remote database page by page."""
+    keys = ", ".join(shape.key_exprs)
+    select = (f"SELECT {keys}, {', '.join(qident(c) for c in shape.columns)} FROM main.{qident(shape.table)} "
+              f"WHERE ({where})")
+    if not db.remote:
+        yield from db.scan(f"{select} ORDER BY {keys}")
+        return
+    n = len(shape.key)
+    after: Key | None = None
+    page = REMOTE_PAGE_ROWS
+    while True:
+        more = "" if after is None else f" AND ({keys}) > ({', '.join('?' * n)})"
+        try:
+            rows = db.rows(f"{select}{more} ORDER BY {keys} LIMIT {page}", after or ())
+        except RestoreError as err:
+            if page > 1 and ("too large" in err.message.lower() or "size" in err.message.lower()):
+                page = max(1, page // 4)  # wide rows: a page over the server's response cap
+                continue
+            raise
+        yield from rows
+        if len(rows) < page:
+            return
+        after = rows[-1][:n]
+
+
+def _select(db: Db, shape: _Shape, where: str, max_rows: int) -> tuple[list[Key], Any]:
+    """The selected rows' keys, and a DataFrame (kq: key text, h: row hash, i: index into the keys).
+
+    Hashed a chunk at a time; the cap keeps the diff's memory bounded."""
     import pandas as pd
 
-    keys = shape.key_exprs
-    kq = "||char(31)||".join(f"quote({k})" for k in keys)
-    row = "||char(31)||".join(f"quote({qident(c)})" for c in shape.columns) or "''"
-    sql = (f"SELECT {kq}, {row}, {', '.join(keys)} FROM main.{qident(shape.table)} WHERE ({where}) "
-           f"ORDER BY {', '.join(keys)}")
-    cursor = conn.execute(sql)
-    n = len(keys)
-    out_keys: list[Key] = []
+    n = len(shape.key)
+    keys: list[Key] = []
     kqs: list[str] = []
     hashes: list[str] = []
-    while True:
-        chunk = list(islice(cursor, CHUNK_ROWS))
-        if not chunk:
-            break
-        if len(out_keys) + len(chunk) > max_rows:
-            raise UsageError(f"{OPERATION}: the WHERE selects more than {max_rows:,} rows of {shape.table} in {side}",
-                             "narrow the WHERE, or raise --max-rows")
-        for r in chunk:
-            kqs.append(r[0])
-            hashes.append(xxhash.xxh3_128_hexdigest(r[1].encode("utf-8", "surrogatepass")))
-            out_keys.append(tuple(r[2 : 2 + n]))
-    frame = pd.DataFrame({"kq": kqs, "h": hashes, "i": range(len(kqs))})
+    for row in _scan(db, shape, where):
+        if len(keys) >= max_rows:
+            raise UsageError(f"{OPERATION}: the WHERE selects more than {max_rows:,} rows of {shape.table} in "
+                             f"{db.label}", "narrow the WHERE, or raise --max-rows")
+        key = row[:n]
+        h = xxhash.xxh3_128()
+        for v in row[n:]:
+            _value_hash(h, v)
+        keys.append(key)
+        kqs.append(_key_text(key))
+        hashes.append(h.hexdigest())
+    frame = pd.DataFrame({"kq": pd.Series(kqs, dtype=object), "h": pd.Series(hashes, dtype=object),
+                          "i": range(len(kqs))})
     if frame["kq"].duplicated().any():
-        raise RestoreError(f"{OPERATION}: the key of {shape.table} ({', '.join(shape.key)}) is not unique in {side}",
-                           "repair by hand from a restored copy (`dbre restore-table`)")
-    return out_keys, frame
+        raise RestoreError(f"{OPERATION}: the key of {shape.table} ({', '.join(shape.key)}) is not unique in "
+                           f"{db.label}", "repair by hand from a restored copy (`dbre restore-table`)")
+    return keys, frame
 
 
 def _diff(snap: Any, live: Any) -> tuple[list[int], list[int], list[int]]:
@@ -239,7 +329,7 @@ def _diff(snap: Any, live: Any) -> tuple[list[int], list[int], list[int]]:
 
 
 def _changed_since(seen: Any, now: Any) -> list[str]:
-    """Quoted keys of live rows that differ between two selections (added, removed or changed)."""
+    """Key texts of live rows that differ between two selections (added, removed or changed)."""
     m = seen.merge(now, on="kq", how="outer", suffixes=("_a", "_b"), indicator=True)
     changed = m[(m["_merge"] != "both") | (m["h_a"] != m["h_b"])]
     return [str(k) for k in changed["kq"]]
@@ -251,45 +341,60 @@ def _changed_since(seen: Any, now: Any) -> list[str]:
 def plan_row_repair(repo: Repository, db: str, live_path: str | os.PathLike[str], table: str, where: str, *,
                     snapshot: str | None = None, at: datetime | None = None, delete_extra: bool = False,
                     max_rows: int = MAX_ROWS, preview_rows: int = PREVIEW_ROWS,
-                    scratch_dir: str | os.PathLike[str] | None = None) -> RowRepairPlan:
-    """Restore the snapshot to scratch, select the rows in both, diff them; the live database is only read."""
+                    scratch_dir: str | os.PathLike[str] | None = None, token: Secret | None = None
+                    ) -> RowRepairPlan:
+    """Restore the snapshot to scratch, select the rows in both, diff them; the live database is only read.
+
+    ``live_path`` is a file, or a libsql:// / http(s):// / ws(s):// URL with ``token`` (or
+    ``?authToken=``) for a remote database."""
     check_db_name(db)
     if snapshot and at:
         raise UsageError("--snapshot and --at were both given", "pass one of them")
     if max_rows < 1:
         raise UsageError(f"{OPERATION}: max_rows must be at least 1")
     where = check_where(where)
-    live = check_live_file(live_path, OPERATION)
+    remote = is_remote(live_path)
+    path = None if remote else check_live_file(live_path, OPERATION)
     manifest = repo.find_snapshot(db, snapshot, at)
     known = manifest_tables(manifest)
     if known and table.lower() not in {k.lower() for k in known}:
         raise unknown_table(OPERATION, manifest, [table], known)
-    scratch = restore_to_scratch(repo, db, snapshot=manifest.id, scratch_dir=scratch_dir)
+    url = str(live_path) if remote else None
+    client = connect_remote(str(live_path), token) if remote else None  # an unreachable server fails first
     try:
-        src = scratch.connect()
-        conn = apsw.Connection(str(live), flags=apsw.SQLITE_OPEN_READONLY)
+        scratch = restore_to_scratch(repo, db, snapshot=manifest.id, scratch_dir=scratch_dir)
         try:
-            plan = _plan(repo, db, live, src, conn, scratch, table, where, delete_extra, max_rows, preview_rows)
-        finally:
-            conn.close()
-            src.close()
-    except BaseException:
-        scratch.close()
-        raise
+            src = LocalDb(scratch.connect(), "the snapshot")
+            live: Db = (RemoteDb(client, "the live database") if client is not None else
+                        LocalDb(apsw.Connection(str(path), flags=apsw.SQLITE_OPEN_READONLY), "the live database"))
+            try:
+                plan = _plan(repo, db, redact(url) if url else str(path), src, live, scratch, table, where,
+                             delete_extra, max_rows, preview_rows)
+            finally:
+                src.conn.close()
+                if isinstance(live, LocalDb):
+                    live.conn.close()
+        except BaseException:
+            scratch.close()
+            raise
+    finally:
+        if client is not None:
+            client.close()
+    plan.live_url, plan.token = url, token
     return plan
 
 
-def _plan(repo: Repository, db: str, live: Path, src: apsw.Connection, conn: apsw.Connection, scratch: Scratch,
-          table: str, where: str, delete_extra: bool, max_rows: int, preview_rows: int) -> RowRepairPlan:
-    names = table_names(src)
+def _plan(repo: Repository, db: str, live_name: str, src: LocalDb, live: Db, scratch: Scratch, table: str,
+          where: str, delete_extra: bool, max_rows: int, preview_rows: int) -> RowRepairPlan:
+    names = _tables(src)
     if table.lower() not in names:
         raise unknown_table(OPERATION, scratch.manifest, [table], names.values())
     table = names[table.lower()]
-    if table.lower() not in table_names(conn):
+    if table.lower() not in _tables(live):
         raise UsageError(f"{OPERATION}: table {table} is not in the live database",
                          f"restore the whole table: dbre restore-table --table {table}")
     shape = _shape(src, table)
-    live_shape = _shape(conn, table)
+    live_shape = _shape(live, table)
     if sorted(c.lower() for c in shape.columns) != sorted(c.lower() for c in live_shape.columns) \
             or [k.lower() for k in shape.key] != [k.lower() for k in live_shape.key]:
         only_s = sorted(set(shape.columns) - set(live_shape.columns))
@@ -297,33 +402,48 @@ def _plan(repo: Repository, db: str, live: Path, src: apsw.Connection, conn: aps
         raise UsageError(f"{OPERATION}: {table} has other columns or another key in live than in the snapshot "
                          f"(only in the snapshot: {only_s or '-'}; only in live: {only_l or '-'})",
                          "restore a copy with `dbre restore-table` and move the rows by hand")
-    _prepare_where(src, table, where, "the snapshot")
-    _prepare_where(conn, table, where, "the live database")
-    snap_keys, snap = _select(src, shape, where, max_rows, "the snapshot")
-    live_keys, live_frame = _select(conn, shape, where, max_rows, "the live database")
+    _prepare_where(src, table, where)
+    _prepare_where(live, table, where)
+    snap_keys, snap = _select(src, shape, where, max_rows)
+    live_keys, live_frame = _select(live, shape, where, max_rows)
     ins, upd, extra = _diff(snap, live_frame)
     plan = RowRepairPlan(
-        repo=repo, db=db, live=live, table=table, where=where, scratch=scratch, columns=shape.columns,
+        repo=repo, db=db, live=live_name, table=table, where=where, scratch=scratch, columns=shape.columns,
         key=shape.key, key_is_rowid=shape.key_is_rowid, delete_extra=delete_extra, max_rows=max_rows,
         snapshot_rows=len(snap_keys), live_rows=len(live_keys), inserts=[snap_keys[i] for i in ins],
         updates=[snap_keys[i] for i in upd], extras=[live_keys[i] for i in extra], live_seen=live_frame[["kq", "h"]])
-    plan.preview = _preview(src, conn, shape, plan, preview_rows)
+    if live.remote:
+        _check_remote_actions(live, plan)
+    plan.preview = _preview(src, live, shape, plan, preview_rows)
     return plan
 
 
-def _row(conn: apsw.Connection, shape: _Shape, key: Key) -> dict[str, Any]:
-    cols = ", ".join(qident(c) for c in shape.columns)
-    cur = conn.execute(f"SELECT {cols} FROM main.{qident(shape.table)} WHERE {shape.key_match}", key)
-    values = cur.fetchone()
-    return dict(zip(shape.columns, values or (), strict=False))
+def _check_remote_actions(live: Db, plan: RowRepairPlan) -> None:
+    """A server enforces foreign keys: an update or delete here must not cascade into other tables."""
+    if not (plan.updates or (plan.delete_extra and plan.extras)):
+        return
+    enforced = live.rows("PRAGMA foreign_keys")
+    if not enforced or not enforced[0][0]:
+        return
+    actions = [f"{child} (on update {upd.lower()}, on delete {dele.lower()})" for child, upd, dele in
+               _children(live, plan.table) if {upd, dele} - {"NO ACTION", "RESTRICT"}]
+    if actions:
+        raise UsageError(f"{OPERATION}: the server enforces foreign keys and {', '.join(actions)} would act on "
+                         f"rows changed in {plan.table}", "repair these rows by hand")
+
+
+def _row(db: Db, shape: _Shape, key: Key, columns: list[str] | None = None) -> dict[str, Any]:
+    cols = shape.columns if columns is None else columns
+    found = db.rows(f"SELECT {', '.join(qident(c) for c in cols)} FROM main.{qident(shape.table)} "
+                    f"WHERE {shape.key_match}", key)
+    return dict(zip(cols, found[0] if found else (), strict=False))
 
 
 def _same(a: Any, b: Any) -> bool:
     return type(a) is type(b) and a == b
 
 
-def _preview(src: apsw.Connection, live: apsw.Connection, shape: _Shape, plan: RowRepairPlan,
-             n: int) -> list[dict[str, Any]]:
+def _preview(src: Db, live: Db, shape: _Shape, plan: RowRepairPlan, n: int) -> list[dict[str, Any]]:
     """The first ``n`` rows of each kind, values shortened for display."""
     out = []
 
@@ -356,34 +476,20 @@ def apply_row_repair(plan: RowRepairPlan, *, allow_fk_violations: bool = False, 
     The live selection is read again inside the transaction: if any selected row was added,
     removed or changed since the plan, nothing is written. The table's triggers do not fire
     (they are dropped and recreated inside the transaction) unless ``fire_triggers``: an
-    "updated_at" trigger would otherwise change the rows just put back. The scratch copy is
-    removed at the end, whatever happens.
+    "updated_at" trigger would otherwise change the rows just put back. New foreign-key
+    violations roll the transaction back unless ``allow_fk_violations`` (local files only: a
+    server enforces its foreign keys itself). The scratch copy is removed at the end, whatever happens.
     """
     started = time.perf_counter()
     shape = _Shape(plan.table, plan.columns, plan.key, plan.key_is_rowid)
-    counts = {"insert": 0, "update": 0, "delete": 0}
     try:
-        with write_transaction(plan.live, plan.scratch) as conn:
-            _, now = _select(conn, shape, plan.where, plan.max_rows, "the live database")
-            changed = _changed_since(plan.live_seen, now)
-            if changed:
-                example = ", ".join(f"{k}={v}" for k, v in zip(plan.key, changed[0].split("\x1f"), strict=False))
-                raise RestoreError(f"{OPERATION}: {len(changed)} selected rows of {plan.table} changed in the live "
-                                   f"database since the plan (e.g. {example}); nothing was changed",
-                                   "plan again and check the new diff")
-            triggers = [] if fire_triggers else _suspend_triggers(conn, plan.table)
-            related = referencing_tables(conn, [plan.table]) | {plan.table}
-            before = fk_violations(conn, related)
-            counts = _write_rows(conn, shape, plan)
-            for sql in triggers:
-                conn.execute(sql)
-            new = new_fk_violations(before, fk_violations(conn, related))
-            if new and not allow_fk_violations:
-                raise RestoreError(f"{OPERATION}: the repair breaks foreign keys ({fk_message(new)} new "
-                                   "violations); rolled back, nothing was changed",
-                                   "repair the rows they reference too, or allow the violations")
-    except apsw.Error as err:
-        raise RestoreError(f"{OPERATION} in {plan.live}: {err}; rolled back, nothing was changed") from err
+        if plan.live_url is not None:
+            if allow_fk_violations:
+                raise UsageError(f"{OPERATION}: a remote database enforces its own foreign keys",
+                                 "leave out allow_fk_violations")
+            counts = _apply_remote(plan, shape, fire_triggers)
+        else:
+            counts = _apply_local(plan, shape, allow_fk_violations, fire_triggers)
     finally:
         plan.close()
     record = {**plan.describe(), "inserted": counts["insert"], "updated": counts["update"],
@@ -396,40 +502,135 @@ def apply_row_repair(plan: RowRepairPlan, *, allow_fk_violations: bool = False, 
                            time.perf_counter() - started)
 
 
-def _suspend_triggers(conn: apsw.Connection, table: str) -> list[str]:
+def _apply_local(plan: RowRepairPlan, shape: _Shape, allow_fk_violations: bool,
+                 fire_triggers: bool) -> dict[str, int]:
+    try:
+        with write_transaction(Path(plan.live), plan.scratch) as conn:
+            db = LocalDb(conn, "the live database")
+            return _repair(db, plan, shape, allow_fk_violations, fire_triggers, None)
+    except apsw.Error as err:
+        raise RestoreError(f"{OPERATION} in {plan.live}: {err}; rolled back, nothing was changed") from err
+
+
+def _apply_remote(plan: RowRepairPlan, shape: _Shape, fire_triggers: bool) -> dict[str, int]:
+    assert plan.live_url is not None
+    client = connect_remote(plan.live_url, plan.token)
+    src = plan.scratch.connect()
+    try:
+        tx = client.transaction()
+        try:
+            db = RemoteDb(tx, "the live database")
+            db.rows("PRAGMA defer_foreign_keys=ON")  # a child may come back before its parent: checked at the end
+            counts = _repair(db, plan, shape, False, fire_triggers, LocalDb(src, "the snapshot"))
+        except BaseException:
+            try:
+                tx.rollback()
+            except Exception:  # noqa: BLE001 - the server drops an unfinished transaction anyway
+                pass
+            tx.close()
+            raise
+        try:
+            tx.commit()
+        except Exception as err:  # noqa: BLE001 - the client's and aiohttp's errors alike
+            raise RestoreError(f"{OPERATION} in {plan.live}: the commit failed or was not confirmed "
+                               f"({err.__class__.__name__}: {err})",
+                               "plan again: the new plan shows whether the rows came back") from None
+        finally:
+            tx.close()
+        return counts
+    except DbreError as err:
+        if isinstance(err, UsageError) or "nothing was changed" in err.message or "commit" in err.message:
+            raise
+        raise RestoreError(f"{OPERATION} in {plan.live}: {err.message}; rolled back, nothing was changed") from err
+    except Exception as err:  # noqa: BLE001 - a lost connection before the commit: the server rolls back
+        raise RestoreError(f"{OPERATION} in {plan.live}: {err.__class__.__name__}: {err}; rolled back, nothing was "
+                           "changed", "check the server and try again") from None
+    finally:
+        src.close()
+        client.close()
+
+
+def _repair(db: Db, plan: RowRepairPlan, shape: _Shape, allow_fk_violations: bool, fire_triggers: bool,
+            values: LocalDb | None) -> dict[str, int]:
+    """Inside the open transaction: check that live is as planned, then write.
+
+    ``values`` is where the snapshot's rows are read (remote), or None when the snapshot is
+    attached to the live connection (local) and rows are copied in SQL."""
+    _, now = _select(db, shape, plan.where, plan.max_rows)
+    changed = _changed_since(plan.live_seen, now)
+    if changed:
+        example = ", ".join(f"{k}={v[1:]}" for k, v in zip(plan.key, changed[0].split("\x1f"), strict=False))
+        raise RestoreError(f"{OPERATION}: {len(changed)} selected rows of {plan.table} changed in the live "
+                           f"database since the plan (e.g. {example}); nothing was changed",
+                           "plan again and check the new diff")
+    triggers = [] if fire_triggers else _suspend_triggers(db, plan.table)
+    related = {plan.table} | {c for c, _, _ in _children(db, plan.table)}
+    before = _fk_violations(db, related)
+    counts = _write_rows(db, shape, plan, values)
+    for sql in triggers:
+        db.write(sql)
+    after = _fk_violations(db, related)
+    new = {t: n - before.get(t, 0) for t, n in after.items() if n > before.get(t, 0)}
+    if new and not allow_fk_violations:
+        raise RestoreError(f"{OPERATION}: the repair breaks foreign keys ("
+                           + ", ".join(f"{n} in {qident(t)}" for t, n in sorted(new.items()))
+                           + " new violations); rolled back, nothing was changed",
+                           "repair the rows they reference too" + ("" if db.remote else ", or allow the violations"))
+    return counts
+
+
+def _suspend_triggers(db: Db, table: str) -> list[str]:
     """Drop the table's triggers; returns their CREATE statements to run again before commit."""
-    rows = conn.execute("SELECT name, sql FROM main.sqlite_schema WHERE type='trigger' AND lower(tbl_name)=lower(?)",
-                        (table,)).fetchall()
+    rows = db.rows("SELECT name, sql FROM main.sqlite_schema WHERE type='trigger' AND lower(tbl_name)=lower(?)",
+                   (table,))
     for name, _ in rows:
-        conn.execute(f"DROP TRIGGER main.{qident(str(name))}")
+        db.write(f"DROP TRIGGER main.{qident(str(name))}")
     return [str(sql) for _, sql in rows]
 
 
-def _write_rows(conn: apsw.Connection, shape: _Shape, plan: RowRepairPlan) -> dict[str, int]:
+def _write_rows(db: Db, shape: _Shape, plan: RowRepairPlan, values: LocalDb | None) -> dict[str, int]:
     t = qident(plan.table)
-    cols = [qident(c) for c in shape.columns]
+    cols = list(shape.columns)
+    names = [qident(c) for c in cols]
     if shape.key_is_rowid:
         cols.insert(0, shape.key[0])  # the key is the rowid: keep it
-    col_list = ", ".join(cols)
+        names.insert(0, shape.key[0])
     match = shape.key_match
-    key_cols = {k.lower() for k in shape.key}
-    values = [qident(c) for c in shape.columns if c.lower() not in key_cols]
-    steps: list[tuple[str, str, list[Key], int]] = [
-        ("insert", f"INSERT INTO main.{t} ({col_list}) SELECT {col_list} FROM {SNAPSHOT_SCHEMA}.{t} WHERE {match}",
-         plan.inserts, 1),
-    ]
-    if values:
-        v = ", ".join(values)
-        steps.append(("update", f"UPDATE main.{t} SET ({v}) = (SELECT {v} FROM {SNAPSHOT_SCHEMA}.{t} WHERE {match}) "
-                                f"WHERE {match}", plan.updates, 2))
-    if plan.delete_extra:
-        steps.append(("delete", f"DELETE FROM main.{t} WHERE {match}", plan.extras, 1))
+    sets = shape.value_columns
+    set_list = ", ".join(qident(c) for c in sets)
+
+    def snapshot_row(key: Key, columns: list[str]) -> Key:
+        assert values is not None
+        exprs = [c if shape.key_is_rowid and c == shape.key[0] else qident(c) for c in columns]
+        found = values.rows(f"SELECT {', '.join(exprs)} FROM main.{t} WHERE {match}", key)
+        if not found:
+            raise RestoreError(f"{OPERATION}: row {key} is missing from the snapshot copy")
+        return found[0]
+
     counts = {"insert": 0, "update": 0, "delete": 0}
-    for what, sql, keys, repeat in steps:
-        for key in keys:
-            conn.execute(sql, key * repeat)
-            if conn.changes() != 1:
-                raise RestoreError(f"{OPERATION}: {what} of {dict(zip(shape.key, key, strict=True))} in "
-                                   f"{plan.table} touched {conn.changes()} rows; rolled back")
-            counts[what] += 1
+
+    def run(what: str, sql: str, params: Key, key: Key) -> None:
+        touched = db.write(sql, params)
+        if touched != 1:
+            raise RestoreError(f"{OPERATION}: {what} of {dict(zip(shape.key, key, strict=True))} in "
+                               f"{plan.table} touched {touched} rows; rolled back")
+        counts[what] += 1
+
+    col_list = ", ".join(names)
+    for key in plan.inserts:
+        if values is None:
+            run("insert", f"INSERT INTO main.{t} ({col_list}) SELECT {col_list} FROM {SNAPSHOT_SCHEMA}.{t} "
+                          f"WHERE {match}", key, key)
+        else:
+            run("insert", f"INSERT INTO main.{t} ({col_list}) VALUES ({', '.join('?' * len(cols))})",
+                snapshot_row(key, cols), key)
+    for key in plan.updates if sets else []:
+        if values is None:
+            run("update", f"UPDATE main.{t} SET ({set_list}) = (SELECT {set_list} FROM {SNAPSHOT_SCHEMA}.{t} "
+                          f"WHERE {match}) WHERE {match}", key + key, key)
+        else:
+            run("update", f"UPDATE main.{t} SET ({set_list}) = ({', '.join('?' * len(sets))}) WHERE {match}",
+                snapshot_row(key, sets) + key, key)
+    for key in plan.extras if plan.delete_extra else []:
+        run("delete", f"DELETE FROM main.{t} WHERE {match}", key, key)
     return counts

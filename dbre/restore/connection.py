@@ -1,0 +1,137 @@
+"""One small interface over the two kinds of live database a row repair writes to.
+
+``LocalDb`` wraps an apsw connection to a file; ``RemoteDb`` a libSQL server (sqld or Turso)
+through libsql-client, over a WebSocket so that a transaction can span several statements.
+Both run a statement and return its rows as tuples (values as SQLite has them: None, int,
+float, str, bytes), report how many rows a write touched, and tell a bad statement from one
+with parameters, so the row repair need not know which it talks to.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
+
+import apsw
+
+from dbre.errors import RestoreError, UsageError
+from dbre.secrets import Secret
+
+Row = tuple[Any, ...]
+_WS_SCHEME = {"http": "ws", "https": "wss", "ws": "ws", "wss": "wss"}
+
+
+class BadSql(Exception):
+    """A statement the database would not prepare; ``parameters`` when it wanted bound values."""
+
+    def __init__(self, message: str, parameters: bool = False) -> None:
+        super().__init__(message)
+        self.parameters = parameters
+
+
+class LocalDb:
+    """A database file through apsw."""
+
+    remote = False
+
+    def __init__(self, conn: apsw.Connection, label: str) -> None:
+        self.conn = conn
+        self.label = label
+
+    def rows(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
+        return [tuple(r) for r in self.conn.execute(sql, tuple(params))]
+
+    def scan(self, sql: str, params: Sequence[Any] = ()) -> Iterator[Row]:
+        """Rows one at a time, for selections too large to hold twice."""
+        for r in self.conn.execute(sql, tuple(params)):
+            yield tuple(r)
+
+    def write(self, sql: str, params: Sequence[Any] = ()) -> int:
+        self.conn.execute(sql, tuple(params))
+        return int(self.conn.changes())
+
+    def check(self, sql: str) -> None:
+        try:
+            self.conn.execute("EXPLAIN " + sql).fetchall()
+        except apsw.BindingsError as err:
+            raise BadSql(str(err), parameters=True) from None
+        except apsw.Error as err:
+            raise BadSql(str(err)) from None
+
+
+class RemoteDb:
+    """A libSQL server through libsql-client: the client itself, or one transaction of it."""
+
+    remote = True
+
+    def __init__(self, target: Any, label: str) -> None:
+        self.target = target  # ClientSync or TransactionSync: both have execute(sql, args)
+        self.label = label
+
+    def _run(self, sql: str, params: Sequence[Any]) -> Any:
+        from libsql_client import LibsqlError
+
+        try:
+            return self.target.execute(sql, list(params))
+        except LibsqlError as err:
+            raise RestoreError(f"{self.label}: {err}") from err
+
+    def rows(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
+        return [tuple(r) for r in self._run(sql, params).rows]
+
+    def scan(self, sql: str, params: Sequence[Any] = ()) -> Iterator[Row]:
+        yield from self.rows(sql, params)
+
+    def write(self, sql: str, params: Sequence[Any] = ()) -> int:
+        return int(self._run(sql, params).rows_affected)
+
+    def check(self, sql: str) -> None:
+        from libsql_client import LibsqlError
+
+        try:
+            self.target.execute(f"SELECT * FROM ({sql}) LIMIT 0")
+        except LibsqlError as err:
+            raise BadSql(str(err), parameters=getattr(err, "code", "") == "ARGS_INVALID") from None
+
+
+def redact(url: str) -> str:
+    """The URL without its query (which may hold a token)."""
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, parts.netloc, parts.path, "", ""))
+
+
+def connect_remote(url: str, token: Secret | None) -> Any:
+    """A libsql-client sync client over a WebSocket to ``url``; fails now, not at the first query.
+
+    ``libsql://host`` means ``wss://host`` (``?tls=0``: ``ws://``), ``http(s)://`` means ``ws(s)://``,
+    as in the libSQL clients; a token comes as ``token`` or as ``?authToken=`` in the URL.
+    """
+    import libsql_client
+
+    parts = urlsplit(url)
+    query = {k.lower(): v for k, v in parse_qsl(parts.query)}
+    scheme = ("ws" if query.get("tls") == "0" else "wss") if parts.scheme == "libsql" else _WS_SCHEME.get(parts.scheme)
+    if scheme is None or not parts.netloc:
+        raise UsageError(f"live database {redact(url)}: not a libSQL URL", "use libsql://, https:// or wss://")
+    secret = token.reveal() if token else query.get("authtoken")
+    auth = secret.decode() if isinstance(secret, bytes) else secret
+    try:
+        client = libsql_client.create_client_sync(urlunsplit((scheme, parts.netloc, parts.path, "", "")),
+                                                  auth_token=auth or None)
+    except Exception as err:  # noqa: BLE001 - the client raises its own and aiohttp's errors
+        raise RestoreError(f"live database {redact(url)}: cannot connect ({err.__class__.__name__})",
+                           "check the URL and that the server is up") from None
+    try:
+        client.execute("SELECT 1")
+    except Exception as err:  # noqa: BLE001
+        client.close()
+        text = str(err)
+        hint = ("check LIBSQL_AUTH_TOKEN / TURSO_AUTH_TOKEN" if "401" in text or "auth" in text.lower()
+                else "check the URL and that the server is up")
+        raise RestoreError(f"live database {redact(url)}: cannot reach it ({_first_line(text)})", hint) from None
+    return client
+
+
+def _first_line(text: str) -> str:
+    return text.strip().splitlines()[0][:200] if text.strip() else "no answer"
