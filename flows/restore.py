@@ -47,8 +47,8 @@ class RestoreRequest(BaseModel):
         default="whole", description="whole: the database to a new file; table: chosen tables; rows: rows by WHERE")
     tables: list[str] = Field(default_factory=list, description="Tables to restore (scenarios table and rows)")
     where: str = Field(default="", description="SQL WHERE selecting the rows to restore (scenario rows)")
-    target: str = Field(description="Path of the restored database file (whole), or the live database (table, rows)",
-                        min_length=1)
+    target: str = Field(description="Path of the restored database file (whole), or the live database (table: a "
+                                    "file; rows: a file or a libsql:// URL)", min_length=1)
     force: bool = Field(default=False, description="whole: replace an existing file at the target")
     replace_tables: bool = Field(default=False, description="table: replace the live tables (after a safety "
                                                             "snapshot) instead of creating TABLE_restored copies")
@@ -74,7 +74,8 @@ class RestoreRequest(BaseModel):
 def restore_flow(request: RestoreRequest, policy: str | None = None, repo: str | None = None,
                  key: str | None = None) -> dict[str, Any]:
     """Plan the restore a request describes and show it; unless a dry run, restore (and validate)."""
-    r = repos(load(policy), repo, None, key)
+    pol = load(policy)
+    r = repos(pol, repo, None, key)
     req = request
     common = {"db": req.database, "snapshot": req.snapshot or None, "at": req.at, "key": r.key}
     result: dict[str, Any] | None = None
@@ -93,8 +94,9 @@ def restore_flow(request: RestoreRequest, policy: str | None = None, repo: str |
         args = {**common, "live": req.target, "tables": req.tables, "replace": req.replace_tables}
         task = plan_tables if req.dry_run else restore_tables
     else:
+        entry = next((d for d in pol.databases if d.name == req.database), None) if pol else None
         args = {**common, "live": req.target, "table": req.tables[0], "where": req.where,
-                "delete_extra": req.delete_extra}
+                "delete_extra": req.delete_extra, "token": entry.auth_token if entry else None}
         task = plan_rows if req.dry_run else repair_rows
     # applying plans again inside the task: what is applied is what the live database holds now
     done, tried = _first_repository(r, lambda url: task(url, return_state=True, **args))

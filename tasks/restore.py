@@ -12,7 +12,7 @@ from dbre.restore.full import apply_restore, plan_restore
 from dbre.restore.rows import apply_row_repair, plan_row_repair
 from dbre.restore.table import apply_table_restore, plan_table_restore
 from tasks.retry import HOUR, TASK_OPTIONS
-from tasks.secrets import resolve_key
+from tasks.secrets import resolve_key, resolve_token
 
 
 @task(name="plan restore", task_run_name="plan restore of {db}", timeout_seconds=HOUR, **TASK_OPTIONS)
@@ -58,18 +58,21 @@ def restore_tables(repo: str, db: str, live: str, tables: list[str], snapshot: s
 @task(name="plan row repair", task_run_name="plan row repair of {db}.{table}", timeout_seconds=6 * HOUR,
       **TASK_OPTIONS)
 def plan_rows(repo: str, db: str, live: str, table: str, where: str, snapshot: str | None = None,
-              at: datetime | None = None, delete_extra: bool = False, key: str | None = None) -> dict[str, Any]:
-    """The diff, by key, of the rows ``where`` selects between a snapshot and live; changes nothing."""
+              at: datetime | None = None, delete_extra: bool = False, key: str | None = None,
+              token: str | None = None) -> dict[str, Any]:
+    """The diff, by key, of the rows ``where`` selects between a snapshot and live (a file or a libSQL URL)."""
     repository = Repository.open(repo, resolve_key(key))
-    with plan_row_repair(repository, db, live, table, where, snapshot=snapshot, at=at,
-                         delete_extra=delete_extra) as plan:
+    with plan_row_repair(repository, db, live, table, where, snapshot=snapshot, at=at, delete_extra=delete_extra,
+                         token=resolve_token(token)) as plan:
         return {"repository": repository.url, **plan.describe()}
 
 
 @task(name="repair rows", task_run_name="repair rows of {db}.{table}", timeout_seconds=6 * HOUR, **TASK_OPTIONS)
 def repair_rows(repo: str, db: str, live: str, table: str, where: str, snapshot: str | None = None,
-                at: datetime | None = None, delete_extra: bool = False, key: str | None = None) -> dict[str, Any]:
+                at: datetime | None = None, delete_extra: bool = False, key: str | None = None,
+                token: str | None = None) -> dict[str, Any]:
     """Put the selected rows back as the snapshot had them, in one transaction, with an audit record."""
     repository = Repository.open(repo, resolve_key(key))
-    plan = plan_row_repair(repository, db, live, table, where, snapshot=snapshot, at=at, delete_extra=delete_extra)
+    plan = plan_row_repair(repository, db, live, table, where, snapshot=snapshot, at=at, delete_extra=delete_extra,
+                           token=resolve_token(token))
     return {"repository": repository.url, **apply_row_repair(plan).summary()}
