@@ -44,8 +44,7 @@ class LocalDb:
 
     def scan(self, sql: str, params: Sequence[Any] = ()) -> Iterator[Row]:
         """Rows one at a time, for selections too large to hold twice."""
-        for r in self.conn.execute(sql, tuple(params)):
-            yield tuple(r)
+        yield from self.conn.execute(sql, tuple(params))  # apsw rows are tuples already
 
     def write(self, sql: str, params: Sequence[Any] = ()) -> int:
         self.conn.execute(sql, tuple(params))

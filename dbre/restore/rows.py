@@ -240,22 +240,23 @@ def _fk_violations(db: Db, tables: Iterable[str]) -> dict[str, int]:
 # -- selection and diff --------------------------------------------------------------------------
 
 
-def _value_hash(h: Any, v: Any) -> None:
-    """Feed one stored value, with its type, to a hash: 1, 1.0, '1' and x'31' all differ."""
-    if v is None:
-        h.update(b"n")
-    elif isinstance(v, int):
-        h.update(b"i%d" % v)
-    elif isinstance(v, float):
-        h.update(b"r" + repr(v).encode())
-    elif isinstance(v, str):
-        data = v.encode("utf-8", "surrogatepass")
-        h.update(b"t%d:" % len(data))
-        h.update(data)
-    else:
-        data = bytes(v)
-        h.update(b"b%d:" % len(data))
-        h.update(data)
+def _typed(values: Key) -> bytes:
+    """Stored values with their types, as bytes to hash: 1, 1.0, '1' and x'31' all differ."""
+    out = bytearray()
+    for v in values:
+        if v is None:
+            out += b"n\x1f"
+        elif isinstance(v, int):
+            out += b"i%d\x1f" % v
+        elif isinstance(v, float):
+            out += b"r" + repr(v).encode() + b"\x1f"
+        elif isinstance(v, str):
+            data = v.encode("utf-8", "surrogatepass")
+            out += b"t%d:" % len(data) + data
+        else:
+            data = bytes(v)
+            out += b"b%d:" % len(data) + data
+    return bytes(out)
 
 
 def _key_text(values: Key) -> str:
@@ -263,15 +264,28 @@ def _key_text(values: Key) -> str:
     return "\x1f".join(f"{type(v).__name__[0]}{v.hex() if isinstance(v, bytes) else repr(v)}" for v in values)
 
 
-def _scan(db: Db, shape: _Shape, where: str) -> Iterator[Key]:
-    """(key..., columns...) of every selected row, in key order; a remote database page by page."""
-    keys = ", ".join(shape.key_exprs)
-    select = (f"SELECT {keys}, {', '.join(qident(c) for c in shape.columns)} FROM main.{qident(shape.table)} "
-              f"WHERE ({where})")
-    if not db.remote:
-        yield from db.scan(f"{select} ORDER BY {keys}")
-        return
+def _scan(db: Db, shape: _Shape, where: str, in_sql: bool) -> Iterator[tuple[str, bytes, Key]]:
+    """(key text, row bytes to hash, key) of every selected row, in key order.
+
+    ``in_sql``: SQLite writes both texts with ``quote()`` (fast; both sides must be the same SQLite
+    build, as a local file and its scratch copy are under apsw). Otherwise the raw values are
+    fetched and typed here: a server's ``quote()`` may print a float differently. A remote
+    database is read page by page, by key."""
     n = len(shape.key)
+    keys = ", ".join(shape.key_exprs)
+    table = f"main.{qident(shape.table)}"
+    if in_sql:
+        kq = "||char(31)||".join(f"quote({k})" for k in shape.key_exprs)
+        row = "||char(31)||".join(f"quote({qident(c)})" for c in shape.columns) or "''"
+        for r in db.scan(f"SELECT {kq}, {row}, {keys} FROM {table} WHERE ({where}) ORDER BY {keys}"):
+            yield r[0], r[1].encode("utf-8", "surrogatepass"), r[2:]
+        return
+    select = f"SELECT {keys}, {', '.join(qident(c) for c in shape.columns)} FROM {table} WHERE ({where})"
+    for r in (_pages(db, select, keys, n) if db.remote else db.scan(f"{select} ORDER BY {keys}")):
+        yield _key_text(r[:n]), _typed(r[n:]), r[:n]
+
+
+def _pages(db: Db, select: str, keys: str, n: int) -> Iterator[Key]:
     after: Key | None = None
     page = REMOTE_PAGE_ROWS
     while True:
@@ -289,27 +303,23 @@ def _scan(db: Db, shape: _Shape, where: str) -> Iterator[Key]:
         after = rows[-1][:n]
 
 
-def _select(db: Db, shape: _Shape, where: str, max_rows: int) -> tuple[list[Key], Any]:
+def _select(db: Db, shape: _Shape, where: str, max_rows: int, in_sql: bool) -> tuple[list[Key], Any]:
     """The selected rows' keys, and a DataFrame (kq: key text, h: row hash, i: index into the keys).
 
-    Hashed a chunk at a time; the cap keeps the diff's memory bounded."""
+    Rows stream from the database and only their hashes are kept; the cap bounds the memory."""
     import pandas as pd
 
-    n = len(shape.key)
     keys: list[Key] = []
     kqs: list[str] = []
     hashes: list[str] = []
-    for row in _scan(db, shape, where):
+    digest = xxhash.xxh3_128_hexdigest
+    for kq, row, key in _scan(db, shape, where, in_sql):
         if len(keys) >= max_rows:
             raise UsageError(f"{OPERATION}: the WHERE selects more than {max_rows:,} rows of {shape.table} in "
                              f"{db.label}", "narrow the WHERE, or raise --max-rows")
-        key = row[:n]
-        h = xxhash.xxh3_128()
-        for v in row[n:]:
-            _value_hash(h, v)
         keys.append(key)
-        kqs.append(_key_text(key))
-        hashes.append(h.hexdigest())
+        kqs.append(kq)
+        hashes.append(digest(row))
     frame = pd.DataFrame({"kq": pd.Series(kqs, dtype=object), "h": pd.Series(hashes, dtype=object),
                           "i": range(len(kqs))})
     if frame["kq"].duplicated().any():
@@ -404,8 +414,9 @@ def _plan(repo: Repository, db: str, live_name: str, src: LocalDb, live: Db, scr
                          "restore a copy with `dbre restore-table` and move the rows by hand")
     _prepare_where(src, table, where)
     _prepare_where(live, table, where)
-    snap_keys, snap = _select(src, shape, where, max_rows)
-    live_keys, live_frame = _select(live, shape, where, max_rows)
+    in_sql = not live.remote  # the scratch copy and a local live file are read by the same SQLite
+    snap_keys, snap = _select(src, shape, where, max_rows, in_sql)
+    live_keys, live_frame = _select(live, shape, where, max_rows, in_sql)
     ins, upd, extra = _diff(snap, live_frame)
     plan = RowRepairPlan(
         repo=repo, db=db, live=live_name, table=table, where=where, scratch=scratch, columns=shape.columns,
@@ -556,10 +567,11 @@ def _repair(db: Db, plan: RowRepairPlan, shape: _Shape, allow_fk_violations: boo
 
     ``values`` is where the snapshot's rows are read (remote), or None when the snapshot is
     attached to the live connection (local) and rows are copied in SQL."""
-    _, now = _select(db, shape, plan.where, plan.max_rows)
+    _, now = _select(db, shape, plan.where, plan.max_rows, not db.remote)
     changed = _changed_since(plan.live_seen, now)
     if changed:
-        example = ", ".join(f"{k}={v[1:]}" for k, v in zip(plan.key, changed[0].split("\x1f"), strict=False))
+        example = ", ".join(f"{k}={v[1:] if db.remote else v}"
+                            for k, v in zip(plan.key, changed[0].split("\x1f"), strict=False))
         raise RestoreError(f"{OPERATION}: {len(changed)} selected rows of {plan.table} changed in the live "
                            f"database since the plan (e.g. {example}); nothing was changed",
                            "plan again and check the new diff")
