@@ -202,7 +202,8 @@ def test_s3_url_parsing(moto_server: str) -> None:
     assert S3Store.from_url("s3://bucket").url == "s3://bucket"
     store = S3Store.from_url("s3://bucket/a/b/")
     assert (store.bucket, store.prefix, store.url) == ("bucket", "a/b", "s3://bucket/a/b")
-    assert isinstance(open_store("s3://bucket/p"), S3Store)
+    opened = open_store("s3://bucket/p")  # S3 repositories retry transient errors
+    assert isinstance(opened, RetryingStore) and isinstance(opened.store, S3Store)
     for bad in ("s3://", "s3:///p", "s3://b/p?x=1"):
         with pytest.raises(UsageError):
             S3Store.from_url(bad)
