@@ -20,6 +20,7 @@ import typer
 from dbre import __version__
 from dbre.errors import DbreError, UsageError
 from dbre.secrets import Secret
+from dbre.units import human_bytes as human
 
 app = typer.Typer(
     name="dbre",
@@ -104,17 +105,6 @@ def _run(fn: Callable[[], T]) -> T:
 
 def _print_json(obj: Any) -> None:
     print(json.dumps(obj, indent=2, default=str))
-
-
-def human(n: float | int | None) -> str:
-    if n is None:
-        return "-"
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(value) < 1024 or unit == "TiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{value:.1f} TiB"
 
 
 @contextmanager
@@ -940,8 +930,9 @@ def report_requirements(
 
         from dbre.report.requirements import analyze
         from dbre.report.requirements_docs import write_documents
-        from dbre.report.requirements_model import MET, NO_TARGET, Prices, fmt_bytes
+        from dbre.report.requirements_model import MET, NO_TARGET, Prices
         from dbre.repository.repo import Repository
+        from dbre.units import human_bytes as fmt_bytes
 
         for opt, value in (("--price-gb-month", price_gb_month), ("--price-put", price_put),
                            ("--price-get", price_get), ("--restore-throughput", restore_throughput)):

@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 from dbre.errors import DbreError
 from dbre.repository.manifest import Manifest, iso, now_utc, parse_time
 from dbre.repository.repo import Repository
+from dbre.units import human_bytes as _size
 
 if TYPE_CHECKING:
     from dbre.policy import Policy
@@ -371,15 +372,6 @@ def _dur(seconds: float | None) -> str:
     if s >= 120:
         return f"{s / 60:.0f} min"
     return f"{s:.0f} s"
-
-
-def _size(n: float) -> str:
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(value) < 1024 or unit == "TiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{value:.1f} TiB"
 
 
 # -- storage -------------------------------------------------------------------------------------

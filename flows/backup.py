@@ -7,7 +7,8 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from dbre.errors import UsageError
-from flows.common import RunFailed, human, load, md_table, outcome, publish, repos
+from dbre.units import human_bytes as human
+from flows.common import RunFailed, load, md_table, outcome, publish, repos
 from tasks.backup import backup_database, copy_to_offsite
 
 

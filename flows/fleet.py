@@ -20,7 +20,8 @@ from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from dbre.errors import UsageError
 from dbre.policy import Policy
-from flows.common import RunFailed, human, load, md_table, outcome, publish, repos
+from dbre.units import human_bytes as human
+from flows.common import RunFailed, load, md_table, outcome, publish, repos
 from tasks.backup import backup_database_limited, copy_to_offsite
 from tasks.retention import forget_snapshots, prune_repository
 

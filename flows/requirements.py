@@ -11,7 +11,8 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from dbre.report.requirements_docs import action_command, installation
-from dbre.report.requirements_model import MET, NO_TARGET, RequirementsReport, fmt_bytes
+from dbre.report.requirements_model import MET, NO_TARGET, RequirementsReport
+from dbre.units import human_bytes as fmt_bytes
 from flows.common import POLICY_ENV, load, md_table, publish, repos
 from tasks.report import analyze_requirements, cli_commands, write_requirements_documents
 

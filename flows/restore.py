@@ -23,7 +23,8 @@ from prefect.states import State
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from dbre.errors import RepositoryError
-from flows.common import Repos, RunFailed, human, load, md_table, outcome, publish, repos
+from dbre.units import human_bytes as human
+from flows.common import Repos, RunFailed, load, md_table, outcome, publish, repos
 from tasks.restore import (
     plan_rows,
     plan_tables,

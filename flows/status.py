@@ -10,7 +10,8 @@ from prefect import flow
 from dbre.metrics import Alert, Status, parse_size
 from dbre.policy import parse_duration
 from dbre.report.drill import seconds_text
-from flows.common import RunFailed, human, load, md_table, outcome, publish, repos
+from dbre.units import human_bytes as human
+from flows.common import RunFailed, load, md_table, outcome, publish, repos
 from tasks.validate import compute_repository_status, notify_block, notify_webhook
 
 

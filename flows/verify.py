@@ -8,8 +8,9 @@ from typing import Any
 from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from dbre.units import human_bytes as human
 from dbre.validate.subset import subset_for_week
-from flows.common import RunFailed, human, load, md_table, outcome, publish, repos
+from flows.common import RunFailed, load, md_table, outcome, publish, repos
 from tasks.backup import list_snapshots
 from tasks.verify import restore_check, verify_repository
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dbre.repository.manifest import parse_time
+from dbre.units import human_bytes as size_text
 
 if TYPE_CHECKING:
     from dbre.validate.checks import CheckResult
@@ -47,17 +48,6 @@ def seconds_text(s: float | None) -> str:
         h, m = divmod(int(round(s / 60)), 60)
         return f"{h}h {m}m" if m else f"{h}h"
     return f"{s / 86400:.1f} days"
-
-
-def size_text(n: float | None) -> str:
-    if n is None:
-        return "-"
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(value) < 1024 or unit == "TiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{value:.1f} TiB"
 
 
 def _png(fig: Any) -> bytes:

@@ -45,12 +45,12 @@ from dbre.report.requirements_model import (
     StorageProjection,
     TableReport,
     Trend,
-    fmt_bytes,
     fmt_keep,
 )
 from dbre.repository.manifest import RUN_PAGES, Manifest, iso, now_utc, parse_time
 from dbre.repository.repo import Repository
 from dbre.repository.retention import KeepPolicy, apply_policy
+from dbre.units import human_bytes as fmt_bytes
 
 if TYPE_CHECKING:
     from dbre.policy import DatabasePolicy, Policy

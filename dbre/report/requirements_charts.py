@@ -10,8 +10,8 @@ import io
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
-from dbre.report.requirements_model import fmt_bytes
 from dbre.repository.manifest import parse_time
+from dbre.units import human_bytes as fmt_bytes
 
 if TYPE_CHECKING:
     from dbre.report.requirements_model import DatabaseReport, RequirementsReport

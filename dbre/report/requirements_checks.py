@@ -24,11 +24,11 @@ from dbre.report.requirements_model import (
     DatabaseReport,
     Recommendation,
     RequirementsReport,
-    fmt_bytes,
     fmt_keep,
     fmt_seconds,
 )
 from dbre.repository.manifest import parse_time
+from dbre.units import human_bytes as fmt_bytes
 
 if TYPE_CHECKING:
     from dbre.policy import DatabasePolicy, Policy

@@ -257,17 +257,6 @@ def fmt_seconds(seconds: float | None) -> str:
     return f"{s / 86400:.0f} d"
 
 
-def fmt_bytes(n: float | None) -> str:
-    if n is None:
-        return "-"
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(value) < 1024 or unit == "TiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{value:.1f} TiB"
-
-
 def fmt_keep(keep: KeepPolicy) -> str:
     parts = [f"{name} {n}" for name, n in vars(keep).items() if n]
     return ", ".join(parts) or "nothing"
