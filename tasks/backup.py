@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import time
 from contextlib import nullcontext
 from typing import Any
 
 from prefect import task
 from prefect.concurrency.sync import concurrency
 
+from dbre.metrics import record_backup
 from dbre.repository.backup import backup
 from dbre.repository.copy import apply_copy, plan_copy
+from dbre.repository.manifest import now_utc
 from dbre.repository.repo import Repository
 from dbre.sources import Source, open_source
 from dbre.sources.remote import RemoteLibsqlSource
-from tasks.retry import HOUR, TASK_OPTIONS
+from tasks.retry import HOUR, RETRY_DELAYS, TASK_OPTIONS, is_transient
 from tasks.secrets import resolve_key, resolve_token
 
 
@@ -27,7 +30,30 @@ def backup_database(db: str, source: str, repo: str, key: str | None = None, tok
         src: Source = RemoteLibsqlSource(source, resolve_token(token), namespace=namespace, method="dump")
     else:
         src = open_source(source, resolve_token(token))
-    return backup(repository, src, db, checksums=checksums).summary()
+    started, clock = now_utc(), time.perf_counter()
+    try:
+        summary = backup(repository, src, db, checksums=checksums).summary()
+    except Exception as err:
+        # the success rate (dbre status) counts attempts that end a run: not one a retry will repeat
+        if not is_transient(err) or _last_attempt():
+            _note(repository, db, ok=False, started_at=started, seconds=time.perf_counter() - clock, error=str(err))
+        raise
+    _note(repository, db, ok=True, started_at=started, seconds=summary["seconds"], snapshot=summary["id"])
+    return summary
+
+
+def _last_attempt() -> bool:
+    from prefect.context import TaskRunContext
+
+    ctx = TaskRunContext.get()
+    return ctx is None or ctx.task_run.run_count > len(RETRY_DELAYS)
+
+
+def _note(repository: Repository, db: str, **fields: Any) -> None:
+    try:
+        record_backup(repository, db, **fields)
+    except Exception:  # noqa: BLE001 - a missing record must not fail or repeat a backup
+        pass
 
 
 @task(name="backup (limited)", task_run_name="backup {db}", timeout_seconds=2 * HOUR, **TASK_OPTIONS)

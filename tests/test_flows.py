@@ -512,3 +512,16 @@ def test_secret_references_resolve_at_the_edge(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setenv("DBRE_ENCRYPTION_KEY", "from-env")
     key = resolve_key(None)  # like the CLI: DBRE_ENCRYPTION_KEY when no reference is given
     assert key is not None and key.reveal() == "from-env"
+
+
+def test_backup_task_records_each_attempt_for_the_success_rate(tmp_path: Path) -> None:
+    """The backups records `dbre status` counts: a success with its snapshot, a failure with its cause."""
+    src = make_db(tmp_path / "app.db")
+    repo = str(tmp_path / "repo")
+    summary = backup_database.fn("app", str(src), repo)
+    with pytest.raises(SourceError):
+        backup_database.fn("app", str(tmp_path / "missing.db"), repo)
+    records = Repository.open(repo).records("backups", "app")
+    assert [r["ok"] for r in records] == [True, False]
+    assert records[0]["snapshot"] == summary["id"]
+    assert "no such file" in records[1]["error"]
