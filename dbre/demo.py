@@ -1,6 +1,8 @@
-"""`make demo`: the main job end to end on a sample shop database, through the `dbre` CLI.
+"""`make demo`: the main job end to end on a sample shop database, as Prefect flow runs.
 
-    python -m dbre.demo [--out DIR]      # DIR defaults to ./demo-output, emptied first
+    python -m dbre.demo [--out DIR]      # DIR defaults to ./demo-output, emptied first (but DIR/prefect)
+    python -m dbre.demo --cli            # the same through the `dbre` CLI only: quicker, no Prefect
+    python -m dbre.demo --scale 0.1      # a smaller sample database (1 is about 48 MiB)
 
 Builds a ~50 MB WAL-mode database (customers, products, orders, order_items, with foreign keys
 and indexes), backs it up into a local-directory repository, changes rows, backs up again
@@ -8,15 +10,26 @@ and indexes), backs it up into a local-directory repository, changes rows, backs
 compares it with the source (sqldiff when installed, else per-table row counts and content
 checksums), then restores the first snapshot and shows it holds the rows of before the changes.
 
-Each step is one function taking the shared ``DemoContext``; the steps that call `dbre`
-(backup, snapshots, verify, restore) are the ones to swap for flow runs once the Prefect flows
-exist. Exit status 0 when every step passed, 1 when one failed (the rest are skipped).
+The backups, the verification and the restores are runs of the Prefect flows in flows/ (backup,
+verify, restore), started from this process; after each the demo reads the run back through the
+Prefect client and prints its name, state, duration and the artifacts it published. Where they
+go: when PREFECT_API_URL is set (in the environment or the active Prefect profile), to that
+server, and they show in its UI; otherwise to a temporary API server that Prefect starts for this
+process (15-30 s here, so it starts in the background while the sample database is built), with
+PREFECT_HOME in DIR/prefect: its database keeps the runs after the demo ends, and the next demo
+keeps it too (the runs of every demo stay browsable, and the server starts sooner: no migrations).
+Prefect's console logs are off (--prefect-logs shows them); the runs' logs go to the API anyway.
+
+This is the one module of dbre that uses Prefect, and only inside its functions: `import dbre.demo`
+and the --cli path never import it. Each step is one function taking the shared ``DemoContext``.
+Exit status 0 when every step passed, 1 when one failed (the rest are skipped).
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib
 import json
 import os
 import random
@@ -25,16 +38,20 @@ import shutil
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
+import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 
 DB_NAME = "shop"
 MARKER = ".dbre-demo"  # only a folder holding this is emptied at the start of a run
+PREFECT_DIR = "prefect"  # PREFECT_HOME of the temporary API server, under --out
 SEED = 7
 
 SCHEMA = """
@@ -84,11 +101,54 @@ class DemoError(Exception):
 
 
 @dataclass
+class PrefectSetup:
+    """Where the flow runs go (the user's API, or a temporary server on PREFECT_HOME under --out) and how
+    the start of that API went; ``start`` begins it in the background, ``wait`` joins it."""
+
+    user_api: str | None = None  # the user's PREFECT_API_URL: the runs go there
+    home: Path | None = None  # the PREFECT_HOME the demo set for a temporary server
+    api_url: str = ""  # the API the client reached
+    ready_after: float = 0.0  # seconds from ``start`` until the API answered
+    error: BaseException | None = None
+    thread: threading.Thread | None = None
+    runs: list[tuple[str, str]] = field(default_factory=list)  # (flow run name, state name), in order
+
+    def start(self) -> None:
+        self.thread = threading.Thread(target=self._connect, name="prefect-start", daemon=True)
+        self.thread.start()
+
+    def _connect(self) -> None:
+        started = time.perf_counter()
+        try:
+            from prefect import get_client
+
+            for module in ("backup", "verify", "restore"):  # their imports overlap the build too
+                flow_module(module)
+
+            with get_client(sync_client=True) as client:  # without an API URL this starts the temporary server
+                self.api_url = str(client.api_url).rstrip("/")
+                problem = client.api_healthcheck()
+            if problem is not None:
+                raise problem
+        except BaseException as err:  # noqa: BLE001 - reported by the step that waits for it
+            self.error = err
+        self.ready_after = time.perf_counter() - started
+
+    def wait(self) -> None:
+        if self.thread is None:
+            self.start()
+        assert self.thread is not None
+        self.thread.join()
+
+
+@dataclass
 class DemoContext:
     """What the steps share: where things are, and what earlier steps found."""
 
     out: Path
     dbre: list[str]
+    prefect: PrefectSetup | None = None  # None: the --cli path, no Prefect at all
+    scale: float = 1.0  # of the sample database: 1 is about 48 MiB
     db_file: str = "shop.db"
     repo: str = "repo"
     counts_first: dict[str, int] = field(default_factory=dict)  # rows when the full backup ran
@@ -116,6 +176,17 @@ def human(n: float) -> str:
     return f"{n:.1f} GiB"
 
 
+def prefect_command() -> str:
+    """How to call the `prefect` script that belongs to this interpreter (a venv's when not activated)."""
+    script = Path(sys.executable).parent / "prefect"
+    if not script.exists() or shutil.which("prefect") == str(script):
+        return "prefect"
+    try:
+        return str(script.relative_to(Path.cwd()))
+    except ValueError:
+        return str(script)
+
+
 def dbre_command() -> list[str]:
     """The installed `dbre` script beside this interpreter, else the module."""
     script = Path(sys.executable).parent / "dbre"
@@ -130,6 +201,118 @@ def run_dbre(ctx: DemoContext, report: StepReport, *args: str) -> subprocess.Com
     if proc.returncode != 0:
         raise DemoError(f"`dbre {args[0]}` exited {proc.returncode}: {proc.stderr.strip() or proc.stdout.strip()}")
     return proc
+
+
+# -- Prefect --------------------------------------------------------------------------------------
+
+
+def flow_module(name: str) -> Any:
+    """``flows.<name>``, imported when a step needs it: dbre never imports Prefect at module level (mypy,
+    which checks dbre, sees an Any here rather than following into flows/ and tasks/)."""
+    return importlib.import_module(f"flows.{name}")
+
+
+def configured_api_url() -> str | None:
+    """The PREFECT_API_URL the user set: in the environment, else in the active profile of their profiles file."""
+    url = os.environ.get("PREFECT_API_URL", "").strip()
+    if url:
+        return url
+    home = Path(os.environ.get("PREFECT_HOME") or "~/.prefect").expanduser()
+    path = Path(os.environ.get("PREFECT_PROFILES_PATH") or home / "profiles.toml").expanduser()
+    try:
+        profiles = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError):
+        return None
+    name = os.environ.get("PREFECT_PROFILE") or profiles.get("active") or "ephemeral"
+    value = str(profiles.get("profiles", {}).get(name, {}).get("PREFECT_API_URL") or "").strip()
+    return value or None
+
+
+def configure_prefect(out: Path, prefect_logs: bool = False) -> PrefectSetup:
+    """Set Prefect's environment for this process; it must come before Prefect is first imported."""
+    setup = PrefectSetup(user_api=configured_api_url())
+    if setup.user_api is None:  # a temporary API server, its database in the demo folder
+        setup.home = out / PREFECT_DIR
+        setup.home.mkdir(parents=True, exist_ok=True)
+        os.environ["PREFECT_HOME"] = str(setup.home)
+        os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"  # else telemetry, and "database is locked"
+        # the demo uses no blocks: registering every block type at start costs the server ~5 s of CPU
+        os.environ.setdefault("PREFECT_API_BLOCKS_REGISTER_ON_START", "false")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "240")  # 15-30 s here, 20 s default
+    if not prefect_logs:  # the runs' logs still go to the API (the UI shows them); the console gets warnings
+        os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
+    os.environ.pop("DBRE_POLICY", None)  # the flows would take repositories and keys from a policy file
+    return setup
+
+
+def connect_prefect(ctx: DemoContext, report: StepReport) -> None:
+    """Wait for the Prefect API the flow runs report to (started in the background at the beginning)."""
+    setup = _prefect(ctx)
+    setup.wait()
+    where = f"your Prefect API at {setup.user_api} (PREFECT_API_URL)" if setup.user_api else \
+        "Prefect's temporary API server"
+    if setup.error is not None:
+        raise DemoError(f"cannot reach {where}: {type(setup.error).__name__}: {setup.error}")
+    if setup.user_api:
+        report.add(f"{where} answers: the flow runs go there and show in its UI")
+    else:
+        report.add(f"{where} at {setup.api_url} answered {setup.ready_after:.1f} s after it was started "
+                   "(in the background, during step 1)")
+        report.add(f"PREFECT_HOME={setup.home}: its database keeps the flow runs and their artifacts")
+
+
+def _prefect(ctx: DemoContext) -> PrefectSetup:
+    if ctx.prefect is None:
+        raise DemoError("this step runs a Prefect flow: run the demo without --cli")
+    return ctx.prefect
+
+
+def run_flow(ctx: DemoContext, report: StepReport, flow: Any, *args: Any, **kwargs: Any) -> Any:
+    """Run a flow here and now; report the run as the API has it (name, state, duration, artifacts).
+
+    Returns the flow's result; DemoError when the run did not complete."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+    from prefect.client.schemas.sorting import ArtifactSort
+
+    setup = _prefect(ctx)
+    state = flow(*args, return_state=True, **kwargs)
+    run_id = state.state_details.flow_run_id
+    if run_id is None:
+        raise DemoError(f"flow {flow.name} did not start a run: {state.name}: {state.message}")
+    with get_client(sync_client=True) as client:
+        run = client.read_flow_run(run_id)
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run_id])),
+            sort=ArtifactSort.KEY_ASC)
+    artifacts = [a for a in artifacts if a.key]  # not the unnamed result records Prefect keeps of a failure
+    state_name = str(run.state.name if run.state else state.name)
+    setup.runs.append((run.name, state_name))
+    report.add(f"flow run [bold]{escape(run.name)}[/] of {flow.name}: {state_name} in "
+               f"{run.total_run_time.total_seconds():.2f} s, {len(artifacts)} artifacts")
+    for a in artifacts:
+        report.add(f"  artifact {a.key} ({a.type}): {escape(_preview(a.type, a.data))}")
+    if setup.user_api:
+        from prefect.utilities.urls import url_for
+
+        link = url_for(run)
+        if link:
+            report.add(f"  [dim]{link}[/]")
+    if not state.is_completed():
+        raise DemoError(f"flow run {run.name!r} of {flow.name} ended {state_name}: {state.message}")
+    return state.result()
+
+
+def _preview(kind: str | None, data: Any) -> str:
+    """One line saying what an artifact holds: a table's size, a markdown document's first line."""
+    if kind == "table":
+        rows = json.loads(data) if isinstance(data, str) else data
+        if not isinstance(rows, list):
+            return "a table"
+        columns = ": " + ", ".join(rows[0]) if rows and isinstance(rows[0], dict) else ""
+        return f"{len(rows)} row{'' if len(rows) == 1 else 's'}{columns}"
+    first = next((line.strip() for line in str(data).splitlines() if line.strip()), "")
+    return first if len(first) <= 100 else first[:99] + "…"
 
 
 def _connect(path: Path) -> sqlite3.Connection:
@@ -166,7 +349,7 @@ def table_digests(path: Path) -> dict[str, str]:
 
 
 def build_sample_database(ctx: DemoContext, report: StepReport) -> None:
-    """A shop: 40k customers, 3k products, 125k orders with about 310k order lines, WAL mode."""
+    """A shop: 40k customers, 3k products, 125k orders with about 310k order lines, WAL mode (times ``scale``)."""
     rng = random.Random(SEED)
     words = ["".join(rng.choices("abcdefghijklmnopqrstuvwxyz", k=rng.randint(3, 9))) for _ in range(1500)]
     cities = [w.capitalize() for w in words[:200]]
@@ -184,7 +367,7 @@ def build_sample_database(ctx: DemoContext, report: StepReport) -> None:
     def pick(pool: list[str], i: int) -> str:
         return pool[(i * 2654435761) % len(pool)]
 
-    n_customers, n_products, n_orders = 40_000, 3_000, 125_000
+    n_customers, n_products, n_orders = (max(1, round(n * ctx.scale)) for n in (40_000, 3_000, 125_000))
     prices = [rng.randrange(199, 99_999) for _ in range(n_products)]
     conn = _connect(ctx.db_path)
     conn.executescript(SCHEMA)
@@ -228,8 +411,12 @@ def full_backup(ctx: DemoContext, report: StepReport) -> None:
 
 
 def _backup(ctx: DemoContext, report: StepReport, kind: str) -> None:
-    proc = run_dbre(ctx, report, "backup", ctx.db_file, "--repo", ctx.repo, "--db", DB_NAME, "--json")
-    s = json.loads(proc.stdout)
+    if ctx.prefect is None:
+        proc = run_dbre(ctx, report, "backup", ctx.db_file, "--repo", ctx.repo, "--db", DB_NAME, "--json")
+        s = json.loads(proc.stdout)
+    else:
+        s = run_flow(ctx, report, flow_module("backup").backup_flow, DB_NAME, source=str(ctx.db_path),
+                     repo=str(ctx.out / ctx.repo), copy_offsite=False)["snapshot"]
     if (s["parent"] is None) != (kind == "full"):
         raise DemoError(f"expected a {kind} backup, got parent={s['parent']}")
     ctx.snapshots.append(s)
@@ -285,9 +472,21 @@ def list_snapshots(ctx: DemoContext, report: StepReport) -> None:
 
 
 def verify_repository(ctx: DemoContext, report: StepReport) -> None:
-    """`dbre verify --read-data`: every manifest, page map and pack read back and checked."""
-    proc = run_dbre(ctx, report, "verify", "--repo", ctx.repo, "--read-data")
-    report.add(proc.stdout.strip())
+    """Every manifest, page map and pack read back and checked (`dbre verify --read-data`); the flow
+    also restores the newest snapshot to scratch and checks it against its manifest."""
+    if ctx.prefect is None:
+        proc = run_dbre(ctx, report, "verify", "--repo", ctx.repo, "--read-data")
+        report.add(proc.stdout.strip())
+        return
+    res = run_flow(ctx, report, flow_module("verify").verify_flow, databases=[DB_NAME], repo=str(ctx.out / ctx.repo),
+                   read_data=True, cycle_weeks=1, scratch_dir=str(ctx.out / "scratch"))
+    r = res["repository"]
+    report.add(f"{'ok' if r['ok'] else 'DAMAGED'}: {r['snapshots']} snapshots, {r['packs']} packs, "
+               f"read {r.get('packs_read', 0)} packs ({human(r.get('bytes_read', 0))})")
+    for c in res["checks"]:
+        report.add(f"restore check of {c['db']}: snapshot {c['snapshot']} restored to scratch in "
+                   f"{c['restore_seconds']:.2f} s, checked against its manifest in {c['check_seconds']:.2f} s: "
+                   + ("ok" if c["ok"] else "; ".join(c["problems"])))
 
 
 def restore_latest(ctx: DemoContext, report: StepReport) -> None:
@@ -296,11 +495,19 @@ def restore_latest(ctx: DemoContext, report: StepReport) -> None:
 
 
 def _restore(ctx: DemoContext, report: StepReport, target: str, snapshot: str | None = None) -> None:
-    args = ["restore", "--repo", ctx.repo, "--db", DB_NAME, "--to", target, "--json"]
-    if snapshot:
-        args[5:5] = ["--snapshot", snapshot]
-    s = json.loads(run_dbre(ctx, report, *args).stdout)
-    report.add(f"snapshot {s['snapshot']} -> {target}: {human(s['size'])} in {s['seconds']:.2f} s")
+    if ctx.prefect is None:
+        args = ["restore", "--repo", ctx.repo, "--db", DB_NAME, "--to", target, "--json"]
+        if snapshot:
+            args[5:5] = ["--snapshot", snapshot]
+        s = json.loads(run_dbre(ctx, report, *args).stdout)
+    else:
+        restore = flow_module("restore")
+        request = restore.RestoreRequest(database=DB_NAME, snapshot=snapshot or "", target=str(ctx.out / target),
+                                         dry_run=False, validate_result=True)
+        s = run_flow(ctx, report, restore.restore_flow, request, repo=str(ctx.out / ctx.repo))["result"]
+    report.add(f"snapshot {s['snapshot']} -> {target}: {human(s['size'])} in {s['seconds']:.2f} s"
+               + ("; checked against its manifest (integrity, foreign keys, schema, row counts, checksums)"
+                  if ctx.prefect else ""))
 
 
 def compare_with_source(ctx: DemoContext, report: StepReport) -> None:
@@ -362,21 +569,53 @@ STEPS: list[tuple[str, Step]] = [
     ("restore the first snapshot", restore_first),
 ]
 
+FLOW_STEPS = {full_backup, incremental_backup, verify_repository, restore_latest, restore_first}
 
-def run(out: Path, console: Console) -> bool:
-    """Run every step in order; False (and the rest skipped) as soon as one fails."""
+
+def steps(setup: PrefectSetup | None) -> list[tuple[str, Step]]:
+    """The demo's steps: with Prefect, its API joins after the build and the flow steps say so."""
+    if setup is None:
+        return STEPS
+    out: list[tuple[str, Step]] = []
+    for title, step in STEPS:
+        if step is build_sample_database:
+            out.append((title if setup.user_api else f"{title} (Prefect's temporary API server starts meanwhile)",
+                        step))
+            out.append(("connect to the Prefect API", connect_prefect))
+        else:
+            out.append((f"{title} [dim](Prefect flow run)[/]" if step in FLOW_STEPS else title, step))
+    return out
+
+
+def run(out: Path, console: Console, flows: bool = True, prefect_logs: bool = False, scale: float = 1.0) -> bool:
+    """Run every step in order; False (and the rest skipped) as soon as one fails. ``flows=False``: CLI only."""
     if out.exists() and any(out.iterdir()):
         if not (out / MARKER).exists():
             console.print(f"[bold red]{out} exists and is not a demo folder[/] (no {MARKER} in it): "
                           "pass --out with a new or empty folder")
             return False
-        shutil.rmtree(out)
+        # all but Prefect's database: the runs of earlier demos stay browsable, and the temporary
+        # server starts ~10 s sooner when its database needs no migrations
+        for item in out.iterdir():
+            if item.name == PREFECT_DIR:
+                continue
+            if item.is_dir() and not item.is_symlink():
+                shutil.rmtree(item)
+            else:
+                item.unlink()
     out.mkdir(parents=True, exist_ok=True)
     (out / MARKER).write_text("made by python -m dbre.demo; emptied on every run\n")
-    ctx = DemoContext(out=out.absolute(), dbre=dbre_command())
-    console.print(f"[bold]dbre demo[/] in {out}/ (database {ctx.db_file}, repository {ctx.repo}/)")
+    ctx = DemoContext(out=out.absolute(), dbre=dbre_command(), scale=scale)
+    how = "through the dbre CLI"
+    if flows:
+        ctx.prefect = configure_prefect(ctx.out, prefect_logs)
+        ctx.prefect.start()  # the API server takes 15-30 s to start: let it, while the database is built
+        how = (f"as Prefect flow runs on your Prefect API {ctx.prefect.user_api}" if ctx.prefect.user_api
+               else f"as Prefect flow runs (temporary API server, PREFECT_HOME={out / PREFECT_DIR})")
+    console.print(f"[bold]dbre demo[/] in {out}/ (database {ctx.db_file}, repository {ctx.repo}/), {how}")
+    plan = steps(ctx.prefect)
     started = time.perf_counter()
-    for number, (title, step) in enumerate(STEPS, 1):
+    for number, (title, step) in enumerate(plan, 1):
         report = StepReport()
         t0 = time.perf_counter()
         try:
@@ -391,8 +630,20 @@ def run(out: Path, console: Console) -> bool:
         for line in report.lines:
             console.print(f"     {line}", highlight=False, soft_wrap=True)
     repo_bytes = sum(f.stat().st_size for f in (ctx.out / ctx.repo).rglob("*") if f.is_file())
-    console.print(f"[bold green]demo passed[/]: all {len(STEPS)} steps in {time.perf_counter() - started:.1f} s; "
+    console.print(f"[bold green]demo passed[/]: all {len(plan)} steps in {time.perf_counter() - started:.1f} s; "
                   f"repository {human(repo_bytes)} for 2 snapshots of a {human(ctx.db_path.stat().st_size)} database")
+    if ctx.prefect is not None:
+        runs = ctx.prefect.runs
+        states = sorted({state for _, state in runs})
+        console.print(f"{len(runs)} flow runs, {'all ' if len(states) == 1 else ''}{', '.join(states)}: "
+                      + ", ".join(name for name, _ in runs), highlight=False)
+        if ctx.prefect.user_api:
+            console.print(f"see them, their logs and artifacts in your Prefect UI (API {ctx.prefect.user_api})",
+                          highlight=False)
+        else:
+            console.print("the temporary API server stops with the demo; to browse these runs and their artifacts "
+                          f"in the Prefect UI: PREFECT_HOME={out / PREFECT_DIR} {prefect_command()} server start",
+                          highlight=False, soft_wrap=True)
     return True
 
 
@@ -400,9 +651,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dbre.demo", description="Run dbre's main job end to end.")
     parser.add_argument("--out", type=Path, default=Path("demo-output"),
                         help="working folder, emptied first (default ./demo-output)")
+    parser.add_argument("--cli", action="store_true",
+                        help="run backup, verify and restore through the dbre CLI instead of Prefect flows "
+                             "(no Prefect: quicker)")
+    parser.add_argument("--scale", type=float, default=1.0,
+                        help="size of the sample database relative to the default ~48 MiB (0.05 to 20)")
+    parser.add_argument("--prefect-logs", action="store_true",
+                        help="show the flow runs' logs on the console (they always go to the Prefect API)")
     args = parser.parse_args(argv)
+    if not 0.05 <= args.scale <= 20:
+        parser.error("--scale must be between 0.05 and 20")
     console = Console() if sys.stdout.isatty() else Console(width=140)
-    return 0 if run(args.out, console) else 1
+    ok = run(args.out, console, flows=not args.cli, prefect_logs=args.prefect_logs, scale=args.scale)
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

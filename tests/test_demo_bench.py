@@ -1,4 +1,5 @@
-"""`make demo` and `make bench` still run: the demo end to end, the benchmark as a tiny smoke test."""
+"""`make demo` and `make bench` still run: the demo end to end (as Prefect flow runs, and through the CLI
+alone), the benchmark as a tiny smoke test."""
 
 from __future__ import annotations
 
@@ -19,16 +20,61 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def _run(args: list[str], cwd: Path, timeout: float) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    # the demo's own Prefect: a temporary server on PREFECT_HOME under --out, not a server of the session's
+    # (conftest's PREFECT_HOME has no profiles.toml, so no developer's profile sends the runs elsewhere)
+    env.pop("PREFECT_API_URL", None)
+    env.pop("PREFECT_PROFILE", None)
     return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def test_demo_runs_end_to_end(tmp_path: Path) -> None:
+def test_demo_runs_end_to_end_as_flow_runs(tmp_path: Path) -> None:
+    """`make demo`: each backup, verify and restore a Prefect flow run on a temporary API server.
+
+    A 0.3-scale database (~14 MiB): the server's start (15-30 s) is most of the time anyway, and the
+    full-size demo (~55 s alone) would take this file past 90 s."""
     out = tmp_path / "demo"
-    proc = _run(["-m", "dbre.demo", "--out", str(out)], tmp_path, timeout=150)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "comparison passed" in proc.stdout
-    assert "demo passed" in proc.stdout
+    proc = _run(["-m", "dbre.demo", "--scale", "0.3", "--out", str(out)], tmp_path, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-3000:]
+    assert "comparison passed" in proc.stdout and "demo passed" in proc.stdout
     assert (out / "restored-latest.db").exists() and (out / "restored-first.db").exists()
+    assert "temporary API server" in proc.stdout and f"PREFECT_HOME={out / 'prefect'}" in proc.stdout
+    for line in ("flow run backup shop of dbre-backup: Completed", "of dbre-verify: Completed",
+                 "flow run restore shop (whole) of dbre-restore: Completed", "artifact backup-shop-summary (markdown)",
+                 "artifact verify-table (table): 1 row", "artifact restore-shop-link-restored-database",
+                 "5 flow runs, all Completed"):
+        assert line in proc.stdout, line
+    assert "read 2 packs" in proc.stdout  # verify read every byte, not a week's share
+
+    # the runs and their artifacts are in the Prefect database under --out, for a server started later
+    db = sqlite3.connect(out / "prefect" / "prefect.db")
+    try:
+        runs = db.execute("SELECT f.name, r.state_type, r.id FROM flow_run r JOIN flow f ON f.id = r.flow_id "
+                          "ORDER BY r.start_time").fetchall()
+        keys = {k for (k,) in db.execute("SELECT key FROM artifact")}
+    finally:
+        db.close()
+    assert [(name, state) for name, state, _ in runs] == [
+        ("dbre-backup", "COMPLETED"), ("dbre-backup", "COMPLETED"), ("dbre-verify", "COMPLETED"),
+        ("dbre-restore", "COMPLETED"), ("dbre-restore", "COMPLETED")]
+    assert {"backup-shop-summary", "backup-shop-table", "verify-summary", "verify-table", "restore-shop-summary",
+            "restore-shop-table"} <= keys
+
+
+def test_demo_cli_path_never_imports_prefect(tmp_path: Path) -> None:
+    """--cli: the old path through the dbre CLI, no Prefect in the process (a small database: quick)."""
+    out = tmp_path / "demo"
+    script = ("import sys\n"
+              "from dbre import demo\n"
+              "assert 'prefect' not in sys.modules, 'import dbre.demo imported prefect'\n"
+              f"code = demo.main(['--cli', '--scale', '0.1', '--out', {str(out)!r}])\n"
+              "assert 'prefect' not in sys.modules, 'the --cli path imported prefect'\n"
+              "sys.exit(code)\n")
+    proc = _run(["-c", script], tmp_path, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-3000:]
+    assert "through the dbre CLI" in proc.stdout and "demo passed" in proc.stdout
+    assert "$ dbre backup shop.db" in proc.stdout and "$ dbre restore" in proc.stdout
+    assert "flow run" not in proc.stdout and not (out / "prefect").exists()
+    assert "customers 4,000" in proc.stdout  # --scale 0.1
 
 
 def test_demo_refuses_to_empty_a_folder_it_did_not_make(tmp_path: Path) -> None:
@@ -37,6 +83,23 @@ def test_demo_refuses_to_empty_a_folder_it_did_not_make(tmp_path: Path) -> None:
     proc = _run(["-m", "dbre.demo", "--out", str(tmp_path)], tmp_path, timeout=60)
     assert proc.returncode == 1
     assert keep.read_text() == "not the demo's"
+
+
+def test_demo_finds_the_users_prefect_api(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """PREFECT_API_URL from the environment, else from the active profile; else none (a temporary server)."""
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("PREFECT_HOME", str(home))
+    for name in ("PREFECT_API_URL", "PREFECT_PROFILE", "PREFECT_PROFILES_PATH"):
+        monkeypatch.delenv(name, raising=False)
+    assert demo.configured_api_url() is None
+    (home / "profiles.toml").write_text('active = "work"\n[profiles.local]\n[profiles.work]\n'
+                                        'PREFECT_API_URL = "http://prefect.internal:4200/api"\n')
+    assert demo.configured_api_url() == "http://prefect.internal:4200/api"
+    monkeypatch.setenv("PREFECT_PROFILE", "local")
+    assert demo.configured_api_url() is None
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:4200/api")
+    assert demo.configured_api_url() == "http://127.0.0.1:4200/api"
 
 
 def test_benchmark_smoke(tmp_path: Path) -> None:
