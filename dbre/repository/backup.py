@@ -267,7 +267,7 @@ def backup(
 
     ``checksums``: record per-table content checksums (True), row counts only (False), or
     checksums when the database is at most ``CHECKSUM_AUTO_BYTES`` (None, the default): the
-    checksum pass reads every row in Python, about 1 s per 100 MiB.
+    checksum pass reads every row in Python, about 2 s per 100 MiB.
     """
     db = check_db_name(db or source.name)
     started = time.perf_counter()
