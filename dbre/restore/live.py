@@ -18,7 +18,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from types import TracebackType
+from typing import Any, Self
 
 import apsw
 
@@ -74,6 +75,21 @@ class Scratch:
 
     def connect(self) -> apsw.Connection:
         return apsw.Connection(str(self.path), flags=apsw.SQLITE_OPEN_READWRITE)
+
+
+class ScratchPlan:
+    """A plan holding a scratch copy of a snapshot: use it in a ``with`` block, or call ``close()``."""
+
+    scratch: Scratch
+
+    def close(self) -> None:
+        self.scratch.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
 
 
 def restore_to_scratch(repo: Repository, db: str, *, snapshot: str | None = None, at: datetime | None = None,

@@ -20,7 +20,6 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import apsw
@@ -35,6 +34,7 @@ from dbre.restore.live import (
     SNAPSHOT_SCHEMA,
     SQL_TOKEN,
     Scratch,
+    ScratchPlan,
     check_live_file,
     is_remote,
     manifest_tables,
@@ -58,7 +58,7 @@ Db = LocalDb | RemoteDb
 
 
 @dataclass
-class RowRepairPlan:
+class RowRepairPlan(ScratchPlan):
     """The diff of one table's selected rows between a snapshot and live, ready to apply."""
 
     repo: Repository
@@ -105,14 +105,6 @@ class RowRepairPlan:
                 "snapshot_rows": self.snapshot_rows, "live_rows": self.live_rows, "delete_extra": self.delete_extra,
                 "counts": self.counts(), "preview": self.preview}
 
-    def close(self) -> None:
-        self.scratch.close()
-
-    def __enter__(self) -> RowRepairPlan:
-        return self
-
-    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
-        self.close()
 
 
 @dataclass

@@ -16,7 +16,6 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import apsw
@@ -29,6 +28,7 @@ from dbre.restore.live import (
     SNAPSHOT_SCHEMA,
     SQL_TOKEN,
     Scratch,
+    ScratchPlan,
     check_live_file,
     fk_message,
     fk_violations,
@@ -74,7 +74,7 @@ class TableAction:
 
 
 @dataclass
-class TableRestorePlan:
+class TableRestorePlan(ScratchPlan):
     """A table restore worked out and ready to apply; holds the scratch copy until applied or closed."""
 
     repo: Repository
@@ -94,14 +94,6 @@ class TableRestorePlan:
                 "snapshot": m.id, "taken_at": m.taken_at, "safety_snapshot": self.mode == "replace",
                 "tables": [a.describe() for a in self.actions]}
 
-    def close(self) -> None:
-        self.scratch.close()
-
-    def __enter__(self) -> TableRestorePlan:
-        return self
-
-    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
-        self.close()
 
 
 @dataclass
