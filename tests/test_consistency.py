@@ -33,9 +33,10 @@ WRITER_TIMEOUT = 60
 # The writer: one process, its own sqlite3 connection, BEGIN IMMEDIATE ... COMMIT per number.
 WRITER = r"""
 import json, os, random, sqlite3, sys, time
-path, journal, stop, ready = sys.argv[1:5]
+path, journal, stop, ready, autocheckpoint = sys.argv[1:6]
 conn = sqlite3.connect(path, isolation_level=None, timeout=60)
 assert conn.execute(f"PRAGMA journal_mode={journal}").fetchone()[0] == journal
+conn.execute(f"PRAGMA wal_autocheckpoint={autocheckpoint}")
 (n,) = conn.execute("SELECT n FROM counter").fetchone()
 (rows,) = conn.execute("SELECT count(*) FROM filler").fetchone()
 rng = random.Random(1)
@@ -106,16 +107,24 @@ def check_prefix(path: Path) -> int:
     return int(k)
 
 
-@pytest.mark.parametrize("journal", ["wal", "delete"])
-def test_snapshots_are_committed_prefixes(tmp_path: Path, journal: str) -> None:
+@pytest.mark.parametrize(("journal", "read", "autocheckpoint"), [
+    ("wal", "direct", 1000),  # pages from the file overlaid with the WAL's frames
+    ("wal", "direct", 8),  # the writer checkpoints after nearly every commit
+    ("wal", "api", 1000),  # SQLite's backup API (the fallback path)
+    ("delete", "direct", 1000),
+    ("delete", "api", 1000),
+])
+def test_snapshots_are_committed_prefixes(tmp_path: Path, journal: str, read: str, autocheckpoint: int) -> None:
     src = make_source(tmp_path / "live.db", journal)
     repo = Repository.open_or_init(str(tmp_path / "repo"))
     stop, ready = tmp_path / "stop", tmp_path / "ready"
     writer = subprocess.Popen(
-        [sys.executable, "-c", WRITER, str(src), journal, str(stop), str(ready)],
+        [sys.executable, "-c", WRITER, str(src), journal, str(stop), str(ready), str(autocheckpoint)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     taken: list[tuple[str, int, int, float]] = []
+    paths: list[str] = []
+    wal_pages: list[int] = []
     try:
         deadline = time.monotonic() + 30
         while not ready.exists():
@@ -125,9 +134,11 @@ def test_snapshots_are_committed_prefixes(tmp_path: Path, journal: str) -> None:
         source = LocalFileSource(src)
         for _ in range(BACKUPS):
             before = committed(src)
-            result = backup(repo, source)
+            result = backup(repo, source, direct=read == "direct")
             after = committed(src)
             taken.append((result.manifest.id, before, after, result.seconds))
+            paths.append(result.manifest.stats["read"])
+            wal_pages.append(result.manifest.stats["wal_pages"])
             time.sleep(0.05)
     finally:
         stop.touch()
@@ -138,6 +149,14 @@ def test_snapshots_are_committed_prefixes(tmp_path: Path, journal: str) -> None:
             out, err = writer.communicate()
     assert writer.returncode == 0, err
     stats: dict[str, Any] = json.loads(out)
+    if read == "direct":
+        # the direct path was taken every time (it falls back only when the write lock stays
+        # busy for LOCK_WAIT), and in WAL mode with frames not yet checkpointed into the file
+        assert all(p == "direct" for p in paths), paths
+        if journal == "wal":
+            assert max(wal_pages) > 0, "no backup read a page from the WAL"
+    else:
+        assert all(p.startswith("backup API") for p in paths), paths
 
     ks = []
     for i, (snap_id, before, after, _) in enumerate(taken):

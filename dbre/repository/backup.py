@@ -1,22 +1,30 @@
 """The backup engine: stream one consistent snapshot's pages into packs, deduplicated by content.
 
-SQLite's backup API copies the source, inside one read transaction, into a database whose
-file lives in an in-process VFS (`_SinkVFS`): every page arrives in ``xWrite`` with no temp file.
-Each page is hashed; pages the parent snapshot already has are referenced, new ones are batched,
-sealed (zstd, checksum or AES-GCM) on worker threads and appended to packs. The manifest is
-written last, with a conditional put: until then the snapshot does not exist.
+Pages come from one read transaction on the source, by one of two paths: the direct path
+(`dbre.sources.image`) maps the file and its WAL and serves exactly that transaction's pages
+in bulk; the fallback copies through SQLite's backup API into an in-process VFS (`_SinkVFS`),
+where every page arrives in ``xWrite`` with no temp file (used when the direct path's checks do
+not pass, e.g. a database that is not a plain file here). Each page is hashed; pages the parent
+snapshot already has are referenced, new ones are batched, sealed (zstd, checksum or AES-GCM) on
+worker threads and appended to packs. The manifest is written last, with a conditional put:
+until then the snapshot does not exist.
 """
 
 from __future__ import annotations
 
+import gc
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass
+from itertools import compress
+from operator import itemgetter, ne
 from typing import Any
 
 import apsw
+import xxhash
 
 from dbre.errors import SourceError
 from dbre.repository.crypto import page_hash
@@ -35,6 +43,7 @@ from dbre.repository.pack import PackWriter
 from dbre.repository.repo import TOOL, Repository
 from dbre.repository.tables import table_stats
 from dbre.sources.base import Source
+from dbre.sources.image import ImageSession, PageImage
 
 BATCH_BYTES = 1024 * 1024  # pages are sealed in batches of about this size
 MAX_IN_FLIGHT = 6  # sealed batches waiting to be appended: bounds memory
@@ -89,14 +98,14 @@ class _PageSink:
         self.sealer = repo.sealer
         self.writer = writer
         self.parent = parent
-        self.parent_hashes = [r[:16] for r in parent]
+        self.parent_hashes = list(map(itemgetter(slice(0, 16)), parent))
         self.parent_by_hash: dict[bytes, bytes] | None = None
         self.page_size = page_size
         self.page_count = page_count
         self.progress = progress
         self.records: list[bytes | tuple[bytes, int, int] | None] = [None] * page_count
         self.new_pages: dict[bytes, tuple[int, int]] = {}
-        self.batch = bytearray()
+        self.batch: list[bytes | memoryview] = []
         self.batch_hashes: list[bytes] = []
         self.batch_no = 0
         self.batch_cap = max(1, BATCH_BYTES // page_size)
@@ -104,49 +113,80 @@ class _PageSink:
         self.in_flight: list[tuple[int, list[bytes], Future[bytes]]] = []
         self.locations: dict[int, bytes] = {}
         self.pages_seen = 0
-        self.pages_added = 0
+        self.new_at: list[int] = []  # indexes whose record is (hash, batch, slot) until finish
 
     def page(self, offset: int, data: bytes) -> None:
-        # the hot path: one call per page, so every attribute lookup here counts
+        """One page written by the backup API at byte ``offset`` (the fallback path)."""
         ps = self.page_size
         index = offset // ps
         if len(data) != ps or index * ps != offset:
             raise SourceError(f"backup: unexpected write of {len(data)} bytes at {offset}")
-        if index >= self.page_count:
-            return
-        h = page_hash(data)
-        self.pages_seen += 1
-        if self.progress is not None and not self.pages_seen & 4095:
-            self.progress(self.pages_seen, self.page_count)
-        parent_hashes = self.parent_hashes
-        if index < len(parent_hashes) and parent_hashes[index] == h:
-            self.records[index] = self.parent[index]
-            return
-        if parent_hashes:
-            if self.parent_by_hash is None:
-                self.parent_by_hash = {r[:16]: r for r in self.parent}
-            moved = self.parent_by_hash.get(h)
-            if moved is not None:
-                self.records[index] = moved
-                return
-        where = self.new_pages.get(h)
-        if where is None:
-            where = (self.batch_no, len(self.batch_hashes))
-            self.new_pages[h] = where
-            self.batch += data
-            self.batch_hashes.append(h)
-            self.pages_added += 1
-            if len(self.batch_hashes) >= self.batch_cap:
-                self._submit()
-        self.records[index] = (h, where[0], where[1])
+        if index < self.page_count:
+            self.add(index, data)
+
+    def feed(self, image: PageImage, chunk: int = 4096) -> None:
+        """Every page of a direct image, in order (the fast path: hashed a chunk at a time)."""
+        collect = gc.isenabled()
+        gc.disable()  # a GiB is ~260k short-lived page views: the cyclic GC would scan for nothing
+        try:
+            for start in range(0, image.page_count, chunk):
+                stop = min(image.page_count, start + chunk)
+                self.take(start, image.hashes(start, stop, xxhash.xxh3_128_digest), image.view)
+                if self.progress is not None:
+                    self.progress(stop, self.page_count)
+        finally:
+            if collect:
+                gc.enable()
+
+    def add(self, index: int, data: bytes) -> None:
+        self.take(index, [page_hash(data)], lambda _: data)
+
+    def take(self, start: int, hashes: list[bytes], page: Callable[[int], bytes | memoryview]) -> None:
+        """Pages ``start .. start+len(hashes)-1`` by their hashes: reference or batch each one;
+        ``page(index)`` gives the bytes of a page that has to be stored."""
+        stop = start + len(hashes)
+        self.pages_seen += len(hashes)
+        parent = self.parent
+        todo: Iterable[int]
+        if stop <= len(parent):
+            # pages unchanged since the parent keep its records; only the others are looked at
+            self.records[start:stop] = parent[start:stop]
+            todo = compress(range(len(hashes)), map(ne, hashes, self.parent_hashes[start:stop]))
+        else:
+            todo = range(len(hashes))
+        records, new_pages, new_at, cap = self.records, self.new_pages, self.new_at, self.batch_cap
+        by_hash = self.parent_by_hash
+        for j in todo:
+            h = hashes[j]
+            if parent:
+                if by_hash is None:
+                    by_hash = self.parent_by_hash = dict(zip(self.parent_hashes, parent, strict=True))
+                moved = by_hash.get(h)
+                if moved is not None:  # unchanged, or moved from another place in the file
+                    records[start + j] = moved
+                    continue
+            where = new_pages.get(h)
+            if where is None:  # new content (a page repeated in this snapshot is stored once)
+                batch_hashes = self.batch_hashes
+                where = new_pages[h] = (self.batch_no, len(batch_hashes))
+                self.batch.append(page(start + j))
+                batch_hashes.append(h)
+                if len(batch_hashes) >= cap:
+                    self._submit()
+            records[start + j] = (h, where[0], where[1])
+            new_at.append(start + j)
+
+    @property
+    def pages_added(self) -> int:
+        return len(self.new_pages)
 
     def _submit(self) -> None:
         if not self.batch_hashes:
             return
-        fut = self.pool.submit(self.sealer.seal, bytes(self.batch))
+        fut = self.pool.submit(self.sealer.seal_parts, self.batch)  # pages are read by zstd, not copied
         self.in_flight.append((self.batch_no, self.batch_hashes, fut))
         self.batch_no += 1
-        self.batch = bytearray()
+        self.batch = []
         self.batch_hashes = []
         self._drain(MAX_IN_FLIGHT)
 
@@ -160,20 +200,17 @@ class _PageSink:
         self._submit()
         self._drain(0)
         self.pool.shutdown()
-        out: list[bytes] = []
-        zero = None
-        for rec in self.records:
-            if isinstance(rec, bytes):
-                out.append(rec)
-            elif rec is None:
-                # a page SQLite never writes (the lock-byte page of a database over 1 GiB)
-                if zero is None:
-                    zero = page_hash(bytes(self.page_size)) + ZERO_LOCATION
-                out.append(zero)
-            else:
+        records = self.records
+        for i in self.new_at:
+            rec = records[i]
+            if isinstance(rec, tuple):  # (a later duplicate may have listed the index again)
                 h, no, slot = rec
-                out.append(h + self.locations[no] + slot.to_bytes(2, "little"))
-        return out
+                records[i] = h + self.locations[no] + slot.to_bytes(2, "little")
+        if None in records:
+            # pages SQLite never writes (the lock-byte page of a database over 1 GiB)
+            zero = page_hash(bytes(self.page_size)) + ZERO_LOCATION
+            records = [zero if r is None else r for r in records]
+        return records  # type: ignore[return-value]
 
     def abort(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
@@ -262,12 +299,15 @@ def backup(
     *,
     checksums: bool | None = None,
     progress: Progress | None = None,
+    direct: bool = True,
 ) -> BackupResult:
     """Take one snapshot of ``source`` into ``repo`` as database ``db`` (default: source.name).
 
     ``checksums``: record per-table content checksums (True), row counts only (False), or
     checksums when the database is at most ``CHECKSUM_AUTO_BYTES`` (None, the default): the
     checksum pass reads every row in Python, about 2 s per 100 MiB.
+    ``direct``: read pages straight from the file and its WAL when the checks of
+    `dbre.sources.image` pass (False: always through SQLite's backup API).
     """
     db = check_db_name(db or source.name)
     started = time.perf_counter()
@@ -277,11 +317,13 @@ def backup(
         parent_manifest = snaps[-1] if snaps else None
         # read the parent's page map before the read transaction: in rollback mode writers wait
         parent_records = load_records(repo, parent_manifest) if parent_manifest is not None else []
-        with source.connect() as conn:
+        with ExitStack() as stack:
+            session = ImageSession()
+            stack.callback(session.close)  # after the connection: see dbre.sources.image on POSIX locks
+            conn = stack.enter_context(source.connect())
             try:
-                conn.execute("BEGIN")
-                page_size = int(_pragma(conn, "page_size"))
-                page_count = int(_pragma(conn, "page_count"))  # starts the read transaction
+                session.begin(conn)  # the read transaction: everything below sees this one commit
+                page_size, page_count = session.page_size, session.page_count
                 same_size = parent_manifest is not None and parent_manifest.page_size == page_size
                 parent = parent_records if same_size else []
                 if checksums is None:
@@ -297,9 +339,15 @@ def backup(
                 writer = PackWriter(repo.store, repo.sealer)
                 sink = _PageSink(repo, writer, parent, page_size, page_count, progress)
                 try:
-                    _copy_pages(conn, sink)
+                    image = session.image() if direct else None
+                    if image is not None:
+                        sink.feed(image)
+                    else:
+                        _copy_pages(conn, sink)
                     stats = table_stats(conn, checksums)
                     records = sink.finish()
+                    path = "direct" if image is not None else f"backup API ({session.reason or 'asked'})"
+                    wal_pages = len(image.overlay) if image is not None else 0
                 except BaseException:
                     sink.abort()
                     writer.abort()
@@ -317,7 +365,9 @@ def backup(
             raise
         if progress:
             progress(page_count, page_count)
-        all_packs = sorted({r[16:32].hex() for r in records if r[16:32] != bytes(16)} | {r.pack for r in runs})
+        referenced = {r[16:32] for r in records}
+        referenced.discard(bytes(16))
+        all_packs = sorted({p.hex() for p in referenced} | {r.pack for r in runs})
         manifest = Manifest(
             id=new_snapshot_id(),
             db=db,
@@ -341,6 +391,8 @@ def backup(
             "bytes_added": writer.bytes_written,
             "packs_added": len(packs),
             "seconds": round(seconds, 3),
+            "read": path,  # how the pages were read (see dbre.sources.image)
+            "wal_pages": wal_pages,  # pages taken from WAL frames, not the file (direct path)
         }
         repo.write_manifest(manifest)
     # bytes_added counts packs (pages and page-map runs), as the manifest's stats do; the manifest

@@ -24,6 +24,8 @@ _NONCE = 12
 _TAG = 16
 _SUM = 16
 ZSTD_LEVEL = 1
+_PLAIN_BYTE = bytes([PLAIN])
+_ENCRYPTED_BYTE = bytes([ENCRYPTED])
 
 _local = threading.local()
 
@@ -42,7 +44,7 @@ def _dctx() -> zstandard.ZstdDecompressor:
     return d
 
 
-def page_hash(page: bytes) -> bytes:
+def page_hash(page: bytes | bytearray | memoryview) -> bytes:
     """The 16-byte content address of a page (xxh3-128; only ever stored inside sealed objects)."""
     return xxhash.xxh3_128_digest(page)
 
@@ -66,13 +68,21 @@ class Sealer:
     def __repr__(self) -> str:
         return f"Sealer(encrypted={self.encrypted})"
 
-    def seal(self, data: bytes) -> bytes:
-        body = _cctx().compress(data)
+    def seal(self, data: bytes | bytearray | memoryview) -> bytes:
+        return self._wrap(_cctx().compress(data))
+
+    def seal_parts(self, parts: list[bytes | memoryview]) -> bytes:
+        """``seal(b"".join(parts))``: one compression call (a call per part would release and
+        retake the GIL each time, and the threads then queue behind each other)."""
+        return self._wrap(_cctx().compress(parts[0] if len(parts) == 1 else b"".join(parts)))
+
+    def _wrap(self, body: bytes) -> bytes:
         if self._aead is None:
-            head = bytes([PLAIN]) + body
-            return head + xxhash.xxh3_128_digest(head)
+            digest = xxhash.xxh3_128(_PLAIN_BYTE)
+            digest.update(body)
+            return b"".join((_PLAIN_BYTE, body, digest.digest()))
         nonce = os.urandom(_NONCE)
-        return bytes([ENCRYPTED]) + nonce + self._aead.encrypt(nonce, body, bytes([ENCRYPTED]))
+        return b"".join((_ENCRYPTED_BYTE, nonce, self._aead.encrypt(nonce, body, _ENCRYPTED_BYTE)))
 
     def unseal(self, blob: bytes, what: str) -> bytes:
         """Check and open a sealed blob; ``what`` names it in errors."""

@@ -85,15 +85,17 @@ class PackWriter:
 
     def _new(self) -> None:
         self._id = secrets.token_hex(16)
-        self._buf = bytearray()
+        self._parts: list[bytes] = []
+        self._size = 0
         self._blobs: list[BlobInfo] = []
 
     def add(self, kind: bytes, sealed: bytes, hashes: list[bytes]) -> tuple[str, int, int]:
-        offset = len(self._buf)
-        self._buf += sealed
+        offset = self._size
+        self._parts.append(sealed)
+        self._size += len(sealed)
         self._blobs.append(BlobInfo(kind, offset, len(sealed), hashes))
         where = (self._id, offset, len(sealed))
-        if len(self._buf) >= self.target:
+        if self._size >= self.target:
             self._flush()
         return where
 
@@ -101,19 +103,20 @@ class PackWriter:
         if not self._blobs:
             return
         index = self.sealer.seal(encode_index(self._blobs))
-        self._buf += index
-        self._buf += _TAIL.pack(len(index), MAGIC)
-        data, pack_id = bytes(self._buf), self._id
+        self._parts.append(index)
+        self._parts.append(_TAIL.pack(len(index), MAGIC))
+        parts, pack_id = self._parts, self._id
         self.packs.append(pack_id)
-        self.bytes_written += len(data)
+        self.bytes_written += self._size + len(index) + _TAIL.size
         # at most two uploads in flight: memory stays bounded by a few packs
         while len([f for f in self._pending if not f.done()]) >= 2:
             self._pending[0].result()
             self._pending = [f for f in self._pending if not f.done()]
-        self._pending.append(self._pool.submit(self._upload, pack_id, data))
+        self._pending.append(self._pool.submit(self._upload, pack_id, parts))
         self._new()
 
-    def _upload(self, pack_id: str, data: bytes) -> None:
+    def _upload(self, pack_id: str, parts: list[bytes]) -> None:
+        data = b"".join(parts)  # on the upload thread, not the caller's
         self.store.put(pack_key(pack_id), data)
         if self.on_upload:
             self.on_upload(len(data))
