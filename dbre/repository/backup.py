@@ -15,7 +15,7 @@ from __future__ import annotations
 import gc
 import secrets
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -76,18 +76,29 @@ class BackupResult:
         }
 
 
+def _run_bytes(repo: Repository, manifest: Manifest) -> Iterator[bytes]:
+    for run in manifest.runs:
+        raw = repo.read_blob(run.pack, run.offset, run.length)
+        if len(raw) != run.pages * RECORD.size:
+            from dbre.errors import IntegrityError
+
+            raise IntegrityError(f"snapshot {manifest.id}: page-map run {run.hash[:12]} has the wrong length")
+        yield raw
+
+
 def load_records(repo: Repository, manifest: Manifest) -> list[bytes]:
     """The page records of a snapshot, in page order (each RECORD.size bytes)."""
     out: list[bytes] = []
     size = RECORD.size
-    for run in manifest.runs:
-        raw = repo.read_blob(run.pack, run.offset, run.length)
-        if len(raw) != run.pages * size:
-            from dbre.errors import IntegrityError
-
-            raise IntegrityError(f"snapshot {manifest.id}: page-map run {run.hash[:12]} has the wrong length")
+    for raw in _run_bytes(repo, manifest):
         out.extend(raw[i : i + size] for i in range(0, len(raw), size))
     return out
+
+
+def iter_records(repo: Repository, manifest: Manifest) -> Iterator[tuple[bytes, bytes, int, int, int]]:
+    """The page records of a snapshot, unpacked: (hash, pack id, offset, length, slot) per page."""
+    for raw in _run_bytes(repo, manifest):
+        yield from RECORD.iter_unpack(raw)
 
 
 class _PageSink:

@@ -11,19 +11,20 @@ import os
 import secrets
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from dbre.errors import IntegrityError, RestoreError, UsageError
-from dbre.repository.backup import ZERO_LOCATION, load_records
+from dbre.repository.backup import iter_records
 from dbre.repository.crypto import page_hash
-from dbre.repository.manifest import RECORD, Manifest
+from dbre.repository.manifest import Manifest
 from dbre.repository.repo import Repository
 
 READ_SPAN = 16 * 1024 * 1024  # blobs of one pack closer than this are fetched in one ranged read
+SYNC_EVERY = 32 * 1024 * 1024  # bytes written between two background fdatasync calls
 
 Progress = Callable[[int, int], None]
 
@@ -88,22 +89,20 @@ def plan_restore(repo: Repository, db: str, target: str | os.PathLike[str], *, s
     if not path.parent.is_dir():
         raise UsageError(f"restore target folder {path.parent} does not exist", "create it first")
     manifest = repo.find_snapshot(db, snapshot, at)
-    records = load_records(repo, manifest)
-    if len(records) != manifest.page_count:
-        raise IntegrityError(f"snapshot {manifest.id}: page map has {len(records)} pages, "
-                             f"manifest says {manifest.page_count}")
-    by_blob: dict[bytes, BlobPages] = {}
-    zero = 0
-    for index, rec in enumerate(records):
-        h, pack, off, length, slot = RECORD.unpack(rec)
-        loc = rec[16:46]
-        if loc[:30] == ZERO_LOCATION:
-            zero += 1
+    by_blob: dict[tuple[bytes, int], BlobPages] = {}
+    zero = index = 0
+    no_pack = bytes(16)
+    for index, (h, pack, off, length, slot) in enumerate(iter_records(repo, manifest), 1):
+        if pack == no_pack and not length:
+            zero += 1  # a page never written (see ZERO_LOCATION): the sparse file reads zeros
             continue
-        bp = by_blob.get(rec[16:44])
+        bp = by_blob.get((pack, off))
         if bp is None:
-            bp = by_blob[rec[16:44]] = BlobPages(pack.hex(), off, length)
-        bp.pages.append((index, slot, h))
+            bp = by_blob[(pack, off)] = BlobPages(pack.hex(), off, length)
+        bp.pages.append((index - 1, slot, h))
+    if index != manifest.page_count:
+        raise IntegrityError(f"snapshot {manifest.id}: page map has {index} pages, "
+                             f"manifest says {manifest.page_count}")
     blobs = sorted(by_blob.values(), key=lambda b: (b.pack, b.offset))
     return RestorePlan(manifest, path, force, blobs, zero)
 
@@ -140,8 +139,9 @@ def apply_restore(repo: Repository, plan: RestorePlan, progress: Progress | None
     try:
         os.ftruncate(fd, m.size)
 
-        def fetch(span: list[BlobPages]) -> int:
+        def fetch(span: list[BlobPages]) -> tuple[int, int]:
             first, last = span[0], span[-1]
+            written = 0
             data = repo.store.get_range(f"packs/{first.pack[:2]}/{first.pack}", first.offset,
                                         last.offset + last.length - first.offset)
             for b in span:
@@ -149,7 +149,7 @@ def apply_restore(repo: Repository, plan: RestorePlan, progress: Progress | None
                 piece = data[rel : rel + b.length]
                 if len(piece) != b.length:
                     raise IntegrityError(f"packs/{b.pack}: truncated at {b.offset}")
-                raw = repo.sealer.unseal(piece, f"packs/{b.pack}@{b.offset}")
+                raw = memoryview(repo.sealer.unseal(piece, f"packs/{b.pack}@{b.offset}"))
                 pages = b.pages
                 start = 0
                 # pages that are consecutive both in the blob and in the file go in one write
@@ -161,21 +161,38 @@ def apply_restore(repo: Repository, plan: RestorePlan, progress: Progress | None
                         first_index, first_slot, _ = pages[start]
                         os.pwrite(fd, raw[first_slot * ps : (slot + 1) * ps], first_index * ps)
                         start = i + 1
-            return len(data)
+                written += len(pages) * ps
+            return len(data), written
 
         spans = _spans(plan.blobs)
-        with ThreadPoolExecutor(max_workers=2, thread_name_prefix="dbre-restore") as pool:
-            # bounded window of spans in flight keeps memory at a few spans
-            window = 4
-            futures = [pool.submit(fetch, s) for s in spans[:window]]
-            nxt = window
-            while futures:
-                done += futures.pop(0).result()
-                if progress:
-                    progress(min(done, total), total)
-                if nxt < len(spans):
-                    futures.append(pool.submit(fetch, spans[nxt]))
-                    nxt += 1
+        # written pages are flushed to disk in the background as the restore goes (fdatasync
+        # every SYNC_EVERY bytes), so the final fsync finds little left to write
+        syncer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dbre-sync")
+        syncing: Future[None] | None = None
+        unsynced = 0
+        try:
+            with ThreadPoolExecutor(max_workers=2, thread_name_prefix="dbre-restore") as pool:
+                # bounded window of spans in flight keeps memory at a few spans
+                window = 4
+                futures = [pool.submit(fetch, s) for s in spans[:window]]
+                nxt = window
+                while futures:
+                    read, written = futures.pop(0).result()
+                    done += read
+                    unsynced += written
+                    if unsynced >= SYNC_EVERY and (syncing is None or syncing.done()):
+                        if syncing is not None:
+                            syncing.result()
+                        syncing, unsynced = syncer.submit(os.fdatasync, fd), 0
+                    if progress:
+                        progress(min(done, total), total)
+                    if nxt < len(spans):
+                        futures.append(pool.submit(fetch, spans[nxt]))
+                        nxt += 1
+            if syncing is not None:
+                syncing.result()
+        finally:
+            syncer.shutdown(wait=True)
         os.fsync(fd)
     except BaseException as err:
         os.close(fd)
