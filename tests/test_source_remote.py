@@ -334,3 +334,23 @@ def test_open_source_and_token_from_env(monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.setenv("LIBSQL_AUTH_TOKEN", "t3")
     tok = token_from_env()
     assert tok is not None and tok.reveal() == "t3"
+
+
+def test_refused_or_unreachable_source_creates_no_repository(sqld_auth: SqldServer, tmp_path: Path) -> None:  # noqa: F811
+    """`dbre backup URL --repo NEW` checks the server and the token before it creates NEW."""
+    from tests.dbfactory import assert_one_line_error, cli
+
+    bad = "bad-" + uuid.uuid4().hex
+    fresh = tmp_path / "fresh-repo"
+    env = {"DBRE_CACHE_DIR": str(tmp_path / "cache"), "LIBSQL_AUTH_TOKEN": bad, "TURSO_AUTH_TOKEN": None}
+    r = cli("backup", sqld_auth.url, "--repo", fresh, env=env)
+    assert_one_line_error(r, 1, "refused the token", "LIBSQL_AUTH_TOKEN")
+    assert bad not in r.stderr + r.stdout
+    assert not fresh.exists()
+    r = cli("backup", f"http://127.0.0.1:{free_port()}", "--repo", fresh, env=env)
+    assert_one_line_error(r, 1, "reach")
+    assert not fresh.exists()
+    # the check is no obstacle to a good token
+    r = cli("backup", sqld_auth.url, "--repo", fresh, "--db", "ok", env={**env, "LIBSQL_AUTH_TOKEN": sqld_auth.token})
+    assert r.returncode == 0, r
+    assert fresh.exists()

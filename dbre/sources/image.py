@@ -67,6 +67,8 @@ class PageImage:
     mode: str = "rollback"
     _file_pages: int = 0  # pages of the snapshot that the database file holds
     _overlay_at: list[int] = field(default_factory=list)  # sorted keys of ``overlay``
+    _map: mmap.mmap | None = None  # the database file's map
+    _dropped: int = 0  # bytes at the start of that map already let go
 
     def view(self, index: int) -> memoryview:
         """Page ``index + 1``, valid until ``close``."""
@@ -90,12 +92,23 @@ class PageImage:
                 out[index - start] = digest(self.view(index))
         return out
 
+    def drop(self, stop: int) -> None:
+        """Pages before ``stop`` are read: let their mapping go, so resident memory stays
+        bounded whatever the database size (a page touched again is read again, unchanged)."""
+        if self._db is None or self._map is None:
+            return
+        end = min(stop, self._file_pages) * self.page_size // mmap.PAGESIZE * mmap.PAGESIZE
+        if end > self._dropped:
+            self._map.madvise(mmap.MADV_DONTNEED, self._dropped, end - self._dropped)
+            self._dropped = end
+
     def close(self) -> None:
         """Release the page views (the maps themselves belong to the session)."""
         for view in (self._db, self._wal):
             if view is not None:
                 view.release()
         self._db = self._wal = None
+        self._map = None
 
 
 class _Files:
@@ -307,7 +320,8 @@ class ImageSession:
             image._overlay_at = sorted(image.overlay)
             if image._file_pages == 0:
                 raise NoImage("empty database file")
-            image._db = memoryview(self._files.map("", image._file_pages * ps))
+            image._map = self._files.map("", image._file_pages * ps)
+            image._db = memoryview(image._map)
         except (NoImage, OSError, ValueError) as err:
             image.close()
             self.reason = str(err)

@@ -354,6 +354,21 @@ class RemoteLibsqlSource:
                 continue
             raise _ReplicaUnavailable(msg)
 
+    def check(self) -> None:
+        """Fail before anything is created for this source: the server must answer and accept
+        the token (one tiny authenticated request; the backup's own sync comes after)."""
+        body = json.dumps({"baton": None, "requests": [{"type": "close"}]}).encode()
+        req = urllib.request.Request(self.base_url + "/v2/pipeline", data=body, headers=self._headers())
+        try:
+            with urllib.request.urlopen(req, timeout=min(self.timeout, 15.0)) as resp:
+                resp.read()
+        except urllib.error.HTTPError as err:
+            if err.code in (401, 403):
+                raise self._auth_error(err.code) from None
+            # any other answer comes from a live server: the backup itself decides what works
+        except (urllib.error.URLError, OSError) as err:
+            raise self._net_error(err) from None
+
     def _probe_auth(self) -> None:
         """A tiny authenticated request, to tell a refused token from other replica failures."""
         body = json.dumps({"baton": None, "requests": [{"type": "close"}]}).encode()
