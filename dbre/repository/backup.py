@@ -45,9 +45,10 @@ from dbre.repository.tables import table_stats
 from dbre.sources.base import Source
 from dbre.sources.image import ImageSession, PageImage
 
-BATCH_BYTES = 4 * 1024 * 1024  # pages are sealed in batches of this size (fewer GIL hand-overs than 1 MiB:
-# an incremental of 1 GiB took 1.52 s against 1.72 s; a table restore reads at most this much per page)
-MAX_IN_FLIGHT = 6  # sealed batches waiting to be appended: bounds memory
+BATCH_BYTES = 2 * 1024 * 1024  # pages are sealed in batches of this size (fewer GIL hand-overs than 1 MiB;
+# 4 MiB kept more pages resident and made the tail of a small incremental longer; a table
+# restore reads at most this much per page)
+MAX_IN_FLIGHT = 3  # batches being sealed or waiting to be appended: bounds memory (their pages stay mapped)
 ZERO_LOCATION = bytes(16) + bytes(14)  # pack id, offset, length, slot of a page never written
 CHECKSUM_AUTO_BYTES = 256 * 1024 * 1024  # table checksums by default up to this database size
 

@@ -117,6 +117,7 @@ class PackWriter:
 
     def _upload(self, pack_id: str, parts: list[bytes]) -> None:
         data = b"".join(parts)  # on the upload thread, not the caller's
+        parts.clear()  # one copy of the pack in memory, not two
         self.store.put(pack_key(pack_id), data)
         if self.on_upload:
             self.on_upload(len(data))

@@ -357,20 +357,10 @@ class RemoteLibsqlSource:
     def check(self) -> None:
         """Fail before anything is created for this source: the server must answer and accept
         the token (one tiny authenticated request; the backup's own sync comes after)."""
-        body = json.dumps({"baton": None, "requests": [{"type": "close"}]}).encode()
-        req = urllib.request.Request(self.base_url + "/v2/pipeline", data=body, headers=self._headers())
-        try:
-            with urllib.request.urlopen(req, timeout=min(self.timeout, 15.0)) as resp:
-                resp.read()
-        except urllib.error.HTTPError as err:
-            if err.code in (401, 403):
-                raise self._auth_error(err.code) from None
-            # any other answer comes from a live server: the backup itself decides what works
-        except (urllib.error.URLError, OSError) as err:
-            raise self._net_error(err) from None
+        self._probe_auth(unreachable_is_error=True)
 
-    def _probe_auth(self) -> None:
-        """A tiny authenticated request, to tell a refused token from other replica failures."""
+    def _probe_auth(self, *, unreachable_is_error: bool = False) -> None:
+        """A tiny authenticated request, to tell a refused token from other failures."""
         body = json.dumps({"baton": None, "requests": [{"type": "close"}]}).encode()
         req = urllib.request.Request(self.base_url + "/v2/pipeline", data=body, headers=self._headers())
         try:
@@ -379,8 +369,10 @@ class RemoteLibsqlSource:
         except urllib.error.HTTPError as err:
             if err.code in (401, 403):
                 raise self._auth_error(err.code) from None
-        except (urllib.error.URLError, OSError):
-            pass  # not an auth answer; let the caller decide
+            # any other answer comes from a live server: the caller decides what works
+        except (urllib.error.URLError, OSError) as err:
+            if unreachable_is_error:
+                raise self._net_error(err) from None
 
     # ------------------------------------------------------------------ dump
 
