@@ -15,7 +15,16 @@ import pytest
 
 from dbre.errors import UsageError
 from dbre.storage import open_store
-from dbre.storage.base import AlreadyExists, NotFound, PermanentError, StorageError, Store, TransientError
+from dbre.storage.base import (
+    AlreadyExists,
+    NotFound,
+    PermanentError,
+    StorageError,
+    Store,
+    TransientError,
+    open_upload,
+)
+from dbre.storage.local import LocalStore, LocalUpload
 from dbre.storage.retry import RetryingStore
 from dbre.storage.s3 import S3Store
 from tests.conftest import MotoServer, free_port, unique_bucket_name
@@ -177,6 +186,34 @@ def test_five_megabyte_object(store: Store) -> None:
     assert store.get("packs/big") == data
     assert store.get_range("packs/big", len(data) - 100, 1000) == data[-100:]
     assert store.get_range("packs/big", 1_000_000, 4096) == data[1_000_000:1_004_096]
+
+
+def test_upload_appears_only_at_commit(store: Store) -> None:
+    """An upload written in pieces (packs): invisible until commit, whole after it."""
+    pieces = [os.urandom(n) for n in (1000, 5 * 1024 * 1024, 0, 77)]
+    upload = open_upload(store, "packs/up/streamed")
+    for piece in pieces:
+        upload.write(piece)
+        assert not store.exists("packs/up/streamed")
+        assert list(store.list("packs/up/")) == []
+    upload.commit()
+    assert store.get("packs/up/streamed") == b"".join(pieces)
+    assert list(store.list("packs/up/")) == ["packs/up/streamed"]
+
+
+def test_aborted_upload_leaves_nothing(store: Store) -> None:
+    upload = open_upload(store, "packs/up/aborted")
+    upload.write(os.urandom(6 * 1024 * 1024))
+    upload.abort()
+    assert not store.exists("packs/up/aborted")
+    assert list(store.list("")) == []
+    if isinstance(store, LocalStore):
+        assert store.clean_temp() == 0  # the temp file went with the abort
+
+
+def test_local_upload_streams_to_disk() -> None:
+    """A local upload writes as it goes (memory stays flat); other stores buffer and put once."""
+    assert isinstance(open_upload(LocalStore("/nonexistent-root"), "k"), LocalUpload)
 
 
 @pytest.mark.parametrize("key", ["", "/abs", "../up", "a/../b", "a/.."])

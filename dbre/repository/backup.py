@@ -93,7 +93,7 @@ def load_records(repo: Repository, manifest: Manifest) -> list[bytes]:
     out: list[bytes] = []
     size = RECORD.size
     for raw in _run_bytes(repo, manifest):
-        out.extend(raw[i : i + size] for i in range(0, len(raw), size))
+        out += [raw[i : i + size] for i in range(0, len(raw), size)]
     return out
 
 

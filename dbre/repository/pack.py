@@ -17,6 +17,7 @@ from dbre.errors import IntegrityError
 from dbre.repository.crypto import Sealer
 from dbre.repository.repo import pack_key
 from dbre.storage import Store
+from dbre.storage.base import Upload, open_upload
 
 MAGIC = b"DBREPK01"
 PACK_TARGET = 32 * 1024 * 1024
@@ -78,20 +79,22 @@ class PackWriter:
         self.target = target
         self.on_upload = on_upload
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="dbre-upload")
-        self._pending: list[Future[None]] = []
+        self._pending: list[tuple[Future[None], Upload]] = []  # pack commits, oldest first
         self.packs: list[str] = []
         self.bytes_written = 0
         self._new()
 
     def _new(self) -> None:
         self._id = secrets.token_hex(16)
-        self._parts: list[bytes] = []
+        self._upload: Upload | None = None  # opened with the pack's first blob
         self._size = 0
         self._blobs: list[BlobInfo] = []
 
     def add(self, kind: bytes, sealed: bytes, hashes: list[bytes]) -> tuple[str, int, int]:
         offset = self._size
-        self._parts.append(sealed)
+        if self._upload is None:
+            self._upload = open_upload(self.store, pack_key(self._id))
+        self._upload.write(sealed)
         self._size += len(sealed)
         self._blobs.append(BlobInfo(kind, offset, len(sealed), hashes))
         where = (self._id, offset, len(sealed))
@@ -103,30 +106,35 @@ class PackWriter:
         if not self._blobs:
             return
         index = self.sealer.seal(encode_index(self._blobs))
-        self._parts.append(index)
-        self._parts.append(_TAIL.pack(len(index), MAGIC))
-        parts, pack_id = self._parts, self._id
+        upload, pack_id = self._upload, self._id
+        assert upload is not None
+        upload.write(index)
+        upload.write(_TAIL.pack(len(index), MAGIC))
         self.packs.append(pack_id)
         self.bytes_written += self._size + len(index) + _TAIL.size
-        # at most two uploads in flight: memory stays bounded by a few packs
-        while len([f for f in self._pending if not f.done()]) >= 2:
-            self._pending[0].result()
-            self._pending = [f for f in self._pending if not f.done()]
-        self._pending.append(self._pool.submit(self._upload, pack_id, parts))
+        # at most two uploads in flight: memory stays bounded by a few packs. A finished upload
+        # is checked before it leaves the list, so its error is raised here, never lost
+        while True:
+            for f, _ in self._pending:
+                if f.done():
+                    f.result()
+            self._pending = [(f, u) for f, u in self._pending if not f.done()]
+            if len(self._pending) < 2:
+                break
+            self._pending[0][0].result()
+        self._pending.append((self._pool.submit(self._commit, upload, self._size + len(index) + _TAIL.size), upload))
         self._new()
 
-    def _upload(self, pack_id: str, parts: list[bytes]) -> None:
-        data = b"".join(parts)  # on the upload thread, not the caller's
-        parts.clear()  # one copy of the pack in memory, not two
-        self.store.put(pack_key(pack_id), data)
+    def _commit(self, upload: Upload, size: int) -> None:
+        upload.commit()  # the pack appears under its name complete, or not at all
         if self.on_upload:
-            self.on_upload(len(data))
+            self.on_upload(size)
 
     def finish(self) -> list[str]:
         """Upload the last pack and wait for every upload; re-raises the first upload error."""
         try:
             self._flush()
-            for f in self._pending:
+            for f, _ in self._pending:
                 f.result()
         finally:
             self._pool.shutdown(wait=True)
@@ -134,3 +142,9 @@ class PackWriter:
 
     def abort(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
+        for future, upload in self._pending:
+            if future.cancelled():
+                upload.abort()  # its temp file goes; a committed pack stays for prune
+        if self._upload is not None:
+            self._upload.abort()
+            self._upload = None

@@ -1,4 +1,4 @@
-"""The storage protocol: six operations on named blobs, and the errors every backend maps to.
+"""The storage protocol: six operations on named blobs, streamed uploads, and the errors backends map to.
 
 A key is a relative, slash-separated path such as ``packs/ab/ab12...``. Backends know files,
 never snapshots or packs: the repository layer gives keys their meaning.
@@ -63,3 +63,44 @@ class Store(Protocol):
     def delete(self, key: str) -> None: ...
 
     def exists(self, key: str) -> bool: ...
+
+
+class Upload(Protocol):
+    """An object written in pieces that appears under its key only at ``commit``.
+
+    Contract: before ``commit`` returns the key is absent to ``get``/``list``/``exists``
+    (as with ``put``, a reader sees all of it or nothing); ``abort`` leaves nothing behind.
+    """
+
+    def write(self, data: bytes) -> None: ...
+
+    def commit(self) -> None: ...
+
+    def abort(self) -> None: ...
+
+
+class BufferedUpload:
+    """An upload for any store: the pieces wait in memory and go in one ``put`` at commit."""
+
+    def __init__(self, store: Store, key: str) -> None:
+        self.store = store
+        self.key = key
+        self._parts: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self._parts.append(data)
+
+    def commit(self) -> None:
+        data = b"".join(self._parts)
+        self._parts.clear()  # one copy in memory, not two
+        self.store.put(self.key, data)
+
+    def abort(self) -> None:
+        self._parts.clear()
+
+
+def open_upload(store: Store, key: str) -> Upload:
+    """The store's own streaming upload when it has one (a local directory writes as it goes,
+    so the final fsync finds little left), else a `BufferedUpload`."""
+    opener = getattr(store, "open_upload", None)
+    return opener(key) if opener is not None else BufferedUpload(store, key)
