@@ -153,8 +153,11 @@ class LocalUpload:
         self._fd: int | None = None
         self._size = 0
         self._flushed = 0
+        self._failed = False  # after an error or abort, nothing more is written or committed
 
     def _open(self) -> int:
+        if self._failed:
+            raise PermanentError(f"put {self.key}: the upload failed or was aborted")
         if self._fd is None:
             try:
                 self.tmp.parent.mkdir(parents=True, exist_ok=True)
@@ -191,6 +194,7 @@ class LocalUpload:
             raise _os_error("put", self.key, err) from err
 
     def abort(self) -> None:
+        self._failed = True
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
