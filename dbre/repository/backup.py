@@ -145,6 +145,10 @@ class _PageSink:
         try:
             for start in range(0, image.page_count, chunk):
                 stop = min(image.page_count, start + chunk)
+                if stop == image.page_count:
+                    # smaller batches at the end: both threads share the last compressions
+                    # instead of one sealing a whole batch while the backup waits for it
+                    self.batch_cap = max(16, self.batch_cap // 4)
                 self.take(start, image.hashes(start, stop, xxhash.xxh3_128_digest), image.view)
                 # pages no batch still has to read: their mapping can go
                 image.drop(min([start, *(f[3] for f in self.in_flight), *([self.batch_first] if self.batch else [])]))
@@ -364,6 +368,9 @@ def backup(
                         _copy_pages(conn, sink)
                     stats = table_stats(conn, checksums)
                     records = sink.finish()
+                    # a sizeable pack of page data starts its fsync now, beside the unmapping and
+                    # the page map below (which then goes to a small pack of its own)
+                    writer.flush(min_bytes=4 * 1024 * 1024)
                     path = "direct" if image is not None else f"backup API ({session.reason or 'asked'})"
                     wal_pages = len(image.overlay) if image is not None else 0
                 except BaseException:

@@ -102,6 +102,12 @@ class PackWriter:
             self._flush()
         return where
 
+    def flush(self, min_bytes: int = 0) -> None:
+        """Close the current pack now (if it holds ``min_bytes`` or more) and start its upload;
+        later blobs go to a new pack."""
+        if self._size >= min_bytes:
+            self._flush()
+
     def _flush(self) -> None:
         if not self._blobs:
             return
