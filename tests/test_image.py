@@ -211,3 +211,19 @@ def test_the_reader_keeps_its_locks_while_pages_are_read(tmp_path: Path) -> None
     reader.close()
     session.close()
     conn.close()
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_progress_is_reported_on_both_paths(tmp_path: Path, direct: bool) -> None:
+    """A long backup moves its progress bar whichever way the pages are read."""
+    src = tmp_path / "live.db"
+    _wal_db(src, rows=9000, page_size=512).close()  # ~9000 pages of 512 bytes
+    calls: list[tuple[int, int]] = []
+    repo = Repository.open_or_init(str(tmp_path / "repo"))
+    result = backup(repo, LocalFileSource(src), "live", direct=direct, progress=lambda d, t: calls.append((d, t)))
+    total = result.manifest.page_count
+    assert total > 8192
+    assert result.manifest.stats["read"].startswith("direct" if direct else "backup API")
+    assert len(calls) >= 2 and calls[-1] == (total, total)
+    done = [d for d, _ in calls]
+    assert done == sorted(done) and done[0] < total

@@ -160,6 +160,8 @@ class _PageSink:
 
     def add(self, index: int, data: bytes) -> None:
         self.take(index, [page_hash(data)], lambda _: data)
+        if self.progress is not None and not self.pages_seen & 4095:
+            self.progress(self.pages_seen, self.page_count)
 
     def take(self, start: int, hashes: list[bytes], page: Callable[[int], bytes | memoryview]) -> None:
         """Pages ``start .. start+len(hashes)-1`` by their hashes: reference or batch each one;
