@@ -264,7 +264,7 @@ class ImageSession:
             if wal and self._locker is not None:
                 try:
                     self._wal = _read_wal_index(self._files)
-                except NoImage as err:
+                except (NoImage, OSError) as err:
                     self.reason = str(err)
         finally:
             self._release_writers()
