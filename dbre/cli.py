@@ -34,6 +34,7 @@ _state = {"debug": False}
 
 RepoOpt = Annotated[str, typer.Option("--repo", "-r", help="Repository: a local path or s3://bucket/prefix.")]
 DbOpt = Annotated[str | None, typer.Option("--db", help="Database name in the repository.")]
+DbNameOpt = Annotated[str, typer.Option("--db", help="Database name in the repository.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 KeyFileOpt = Annotated[
     Path | None,
@@ -227,7 +228,7 @@ def _snapshot_table(url: str, snaps: list[Any]) -> None:
 @app.command()
 def restore(
     repo: RepoOpt,
-    db: Annotated[str, typer.Option("--db", help="Database name in the repository.")],
+    db: DbNameOpt,
     to: Annotated[Path, typer.Option("--to", help="Path of the restored database file.")],
     snapshot: Annotated[str | None, typer.Option("--snapshot", help="Snapshot id (or a unique prefix).")] = None,
     at: Annotated[str | None, typer.Option("--at", help="ISO-8601 time: the newest snapshot at or before it.")] = None,
@@ -239,14 +240,10 @@ def restore(
     """Restore a snapshot (default: the newest) to a new file."""
 
     def go() -> None:
-        from dbre.repository.manifest import check_db_name, parse_time
         from dbre.repository.repo import Repository
         from dbre.restore.full import apply_restore, plan_restore
 
-        check_db_name(db)
-        when = parse_time(at) if at else None
-        if snapshot and when:
-            raise UsageError("--snapshot and --at were both given", "pass one of them")
+        when = _when(db, snapshot, at)
         repository = Repository.open(repo, _key(key_file))
         plan = plan_restore(repository, db, to, snapshot=snapshot, at=when, force=force)
         if dry_run:
@@ -280,9 +277,11 @@ AllowFkOpt = Annotated[bool, typer.Option("--allow-fk-violations",
                                           help="Commit even when foreign_key_check finds new violations.")]
 
 
-def _when(snapshot: str | None, at: str | None) -> Any:
-    from dbre.repository.manifest import parse_time
+def _when(db: str, snapshot: str | None, at: str | None) -> Any:
+    """Check the database name and the snapshot choice; the time --at names (or None)."""
+    from dbre.repository.manifest import check_db_name, parse_time
 
+    check_db_name(db)
     when = parse_time(at) if at else None
     if snapshot and when:
         raise UsageError("--snapshot and --at were both given", "pass one of them")
@@ -292,7 +291,7 @@ def _when(snapshot: str | None, at: str | None) -> Any:
 @app.command("restore-table")
 def restore_table(
     repo: RepoOpt,
-    db: Annotated[str, typer.Option("--db", help="Database name in the repository.")],
+    db: DbNameOpt,
     live: LiveOpt,
     table: Annotated[list[str], typer.Option("--table", help="Table to restore (repeat for more).")],
     snapshot: SnapshotOpt = None,
@@ -309,12 +308,10 @@ def restore_table(
     """Restore tables of a snapshot into the live database: as TABLE_restored, or in place with --replace."""
 
     def go() -> None:
-        from dbre.repository.manifest import check_db_name
         from dbre.repository.repo import Repository
         from dbre.restore.table import apply_table_restore, plan_table_restore
 
-        check_db_name(db)
-        when = _when(snapshot, at)
+        when = _when(db, snapshot, at)
         repository = Repository.open(repo, _key(key_file))
         plan = plan_table_restore(repository, db, live, table, snapshot=snapshot, at=when,
                                   mode="replace" if replace else "rename", suffix=suffix)
@@ -358,7 +355,7 @@ def restore_table(
 @app.command("repair-rows")
 def repair_rows(
     repo: RepoOpt,
-    db: Annotated[str, typer.Option("--db", help="Database name in the repository.")],
+    db: DbNameOpt,
     live: Annotated[str, typer.Option("--live", help="The live database: a file, or a libsql:// / https:// URL "
                                       "(token in LIBSQL_AUTH_TOKEN or TURSO_AUTH_TOKEN).")],
     table: Annotated[str, typer.Option("--table", help="The table to repair.")],
@@ -379,13 +376,11 @@ def repair_rows(
     """Put rows selected by --where back as a snapshot has them: diff by primary key, then --apply."""
 
     def go() -> None:
-        from dbre.repository.manifest import check_db_name
         from dbre.repository.repo import Repository
         from dbre.restore.rows import apply_row_repair, check_where, plan_row_repair
 
-        check_db_name(db)
+        when = _when(db, snapshot, at)
         check_where(where)
-        when = _when(snapshot, at)
         repository = Repository.open(repo, _key(key_file))
         plan = plan_row_repair(repository, db, live, table, where, snapshot=snapshot, at=when,
                                delete_extra=delete_extra, max_rows=max_rows, preview_rows=max(preview, 0),
@@ -629,7 +624,7 @@ def expectations_profile(
 @app.command()
 def drill(
     repo: RepoOpt,
-    db: Annotated[str, typer.Option("--db", help="Database name in the repository.")],
+    db: DbNameOpt,
     expectations: ExpectationsOpt = None,
     policy: PolicyOpt = None,
     target: Annotated[str, typer.Option("--target", help="newest, random, or an ISO time.")] = "newest",
