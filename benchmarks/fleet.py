@@ -80,7 +80,6 @@ def main(argv: list[str] | None = None) -> None:
                        "PREFECT_LOGGING_LEVEL": "WARNING", "DBRE_CACHE_DIR": str(work / "cache"),
                        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120"})
     sys.path.insert(0, str(ROOT))
-    import yaml
     from prefect.testing.utilities import prefect_test_harness
     from rich.console import Console
     from rich.table import Table
@@ -93,13 +92,7 @@ def main(argv: list[str] | None = None) -> None:
         t0 = time.perf_counter()
         names = build_fleet(server, args.dbs, args.rows)
         console.print(f"built {len(names)} namespaces on sqld {server.url} in {time.perf_counter() - t0:.1f} s")
-        policy = work / "policy.yaml"
-        policy.write_text(yaml.safe_dump({
-            "repositories": {"primary": str(work / "unused")},
-            "databases": [{"name": ns, "source": server.url, "namespace": ns, "rpo": "1h", "rto": "15m"}
-                          for ns in names],
-            "retention": {"keep_last": 10},
-        }))
+        policy = server.write_fleet_policy(work / "policy.yaml", work / "unused", names, rto="15m", keep_last=10)
         results = []
         with prefect_test_harness(server_startup_timeout=120):
             for level in levels:

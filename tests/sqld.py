@@ -283,6 +283,18 @@ class SqldServer:
     def delete_namespace(self, ns: str) -> None:
         self.admin("DELETE", f"/v1/namespaces/{ns}")
 
+    def write_fleet_policy(self, path: Path, repo: Path, names: Sequence[str], *, rto: str, keep_last: int) -> Path:
+        """A dbre policy file backing up these namespaces of this server into ``repo``."""
+        import yaml
+
+        path.write_text(yaml.safe_dump({
+            "repositories": {"primary": str(repo)},
+            "databases": [{"name": ns, "source": self.url, "namespace": ns, "rpo": "1h", "rto": rto}
+                          for ns in names],
+            "retention": {"keep_last": keep_last},
+        }))
+        return path
+
 
 def _hrana_value(v: Any) -> dict[str, Any]:
     if v is None:

@@ -333,13 +333,8 @@ def test_fleet_backup_of_sqld_namespaces(tmp_path: Path, sqld_namespaces: SqldSe
         sqld_namespaces.pipeline(["CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT)",
                                   *[("INSERT INTO t(v) VALUES (?)", [f"{ns}-{j}" * (i + 1)]) for j in range(50)]],
                                  namespace=ns)
-    policy = tmp_path / "policy.yaml"
-    policy.write_text(yaml.safe_dump({
-        "repositories": {"primary": str(tmp_path / "repo")},
-        "databases": [{"name": ns, "source": sqld_namespaces.url, "namespace": ns, "rpo": "1h", "rto": "1h"}
-                      for ns in names],
-        "retention": {"keep_last": 3},
-    }))
+    policy = sqld_namespaces.write_fleet_policy(tmp_path / "policy.yaml", tmp_path / "repo", names, rto="1h",
+                                                keep_last=3)
     assert fleet_backup_flow(policy=str(policy), max_concurrency=3, concurrency_limit="")["failed"] == 0
     target = tmp_path / "tenant-2.db"
     restore_whole.fn(str(tmp_path / "repo"), names[2], str(target))
