@@ -39,38 +39,9 @@ class LocalStore:
         return self.root / key
 
     def put(self, key: str, data: bytes, *, if_absent: bool = False) -> None:
-        path = self._path(key)
-        tmpdir = self.root / _TMP
-        tmp = tmpdir / f"{secrets.token_hex(8)}"
-        try:
-            tmpdir.mkdir(parents=True, exist_ok=True)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view) :]
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            if if_absent:
-                # link() fails if the name exists: an atomic create-if-absent on POSIX
-                try:
-                    os.link(tmp, path)
-                except FileExistsError:
-                    raise AlreadyExists(f"put {key}: already exists") from None
-            else:
-                os.replace(tmp, path)
-            _fsync_dir(path.parent)
-        except StorageError:
-            raise
-        except OSError as err:
-            raise _os_error("put", key, err) from err
-        finally:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
+        upload = LocalUpload(self, key)
+        upload.write(data)
+        upload.commit(if_absent=if_absent)
 
     def get(self, key: str) -> bytes:
         try:
@@ -180,14 +151,25 @@ class LocalUpload:
             self.abort()
             raise _os_error("put", self.key, err) from err
 
-    def commit(self) -> None:
+    def commit(self, *, if_absent: bool = False) -> None:
+        """Make the file appear under its key; with ``if_absent``, only if the key is free
+        (else ``AlreadyExists``, and nothing is written)."""
         fd = self._open()
         try:
             os.fsync(fd)
             os.close(fd)
             self._fd = None
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(self.tmp, self.path)
+            if if_absent:
+                # link() fails if the name exists: an atomic create-if-absent on POSIX
+                try:
+                    os.link(self.tmp, self.path)
+                except FileExistsError:
+                    raise AlreadyExists(f"put {self.key}: already exists") from None
+                finally:
+                    self.tmp.unlink(missing_ok=True)  # the temp name goes, linked or not
+            else:
+                os.replace(self.tmp, self.path)
             _fsync_dir(self.path.parent)
         except OSError as err:
             self.abort()
