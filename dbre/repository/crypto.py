@@ -44,9 +44,9 @@ def _dctx() -> zstandard.ZstdDecompressor:
     return d
 
 
-def page_hash(page: bytes | bytearray | memoryview) -> bytes:
-    """The 16-byte content address of a page (xxh3-128; only ever stored inside sealed objects)."""
-    return xxhash.xxh3_128_digest(page)
+# The 16-byte content address of a page (xxh3-128; only ever stored inside sealed objects). The
+# C function itself, not a wrapper: backup and restore call it once per page.
+page_hash = xxhash.xxh3_128_digest
 
 
 class Sealer:

@@ -65,7 +65,6 @@ class PageImage:
     overlay: dict[int, int] = field(default_factory=dict)  # page index -> byte offset of its WAL frame data
     _db: memoryview | None = None
     _wal: memoryview | None = None
-    mode: str = "rollback"
     _file_pages: int = 0  # pages of the snapshot that the database file holds
     _overlay_at: list[int] = field(default_factory=list)  # sorted keys of ``overlay``
     _map: mmap.mmap | None = None  # the database file's map
@@ -305,7 +304,6 @@ class ImageSession:
             file_pages = self._files.size("") // ps
             st = self._wal
             if st is not None:
-                image.mode = "wal"
                 if st.mx_frame > st.backfilled:
                     # (with no frames to read, the wal-index's page size may still be 0)
                     if st.page_size != ps:
