@@ -1,10 +1,13 @@
 """How tests/data/v1 was made, by dbre 0.x at commit 69d9262 (format 1), kept for the record:
 two snapshots of a small database in a plain and an encrypted repository (passphrase below)."""
-import apsw, os, sys
-from dbre.repository.repo import Repository
+import os
+
+import apsw
+
 from dbre.repository.backup import backup
-from dbre.sources.local import LocalFileSource
+from dbre.repository.repo import Repository
 from dbre.secrets import Secret
+from dbre.sources.local import LocalFileSource
 
 PASSPHRASE = "v1-golden-passphrase"
 here = os.path.dirname(os.path.abspath(__file__))
