@@ -10,6 +10,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -74,6 +75,62 @@ def test_list_by_prefix(store: Store) -> None:
     assert sorted(store.list("sn")) == ["snapshots/s1"]
     assert list(store.list("locks/")) == []
     assert list(store.list("nothing")) == []
+
+
+def test_list_ordered_from_a_start_with_a_limit(store: Store) -> None:
+    """start_after/limit: ascending byte order, strictly after the start, at most limit keys."""
+    keys = [f"snapshots/db/{n:04x}-{n}" for n in (3, 17, 250, 4095, 9)] + ["snapshots/other/0001-x", "config"]
+    for key in keys:
+        store.put(key, b"x")
+    mine = sorted(k for k in keys if k.startswith("snapshots/db/"))
+    assert list(store.list("snapshots/db/", limit=1)) == mine[:1]
+    assert list(store.list("snapshots/db/", limit=3)) == mine[:3]
+    assert list(store.list("snapshots/db/", start_after=mine[1])) == mine[2:]
+    assert list(store.list("snapshots/db/", start_after="snapshots/db/00fa", limit=1)) == ["snapshots/db/00fa-250"]
+    assert list(store.list("snapshots/db/", start_after="snapshots/db/zzzz")) == []
+    assert list(store.list("snapshots/db/", limit=0)) == []
+    assert list(store.list("snapshots/db/", start_after="snapshots/")) == mine
+
+
+def test_modified_is_the_stores_clock(store: Store) -> None:
+    before = time.time()
+    store.put("locks/a", b"1")
+    stamp = store.modified("locks/a")
+    # S3's LastModified has one-second resolution; the test server shares this machine's clock
+    assert before - 2 <= stamp <= time.time() + 2
+    with pytest.raises(NotFound):
+        store.modified("locks/missing")
+
+
+def test_local_list_of_an_unreadable_folder_raises(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A folder that cannot be read must not list as empty (prune would conclude from it).
+
+    Tests run as root here, which reads any folder whatever its mode, so the refusal is injected
+    at os.scandir, the call os.walk makes; a non-root run also checks it with chmod 000."""
+    store = LocalStore(tmp_path / "repo")
+    store.put("snapshots/app/1", b"x")
+    store.put("snapshots/other/1", b"x")
+    blocked = str(tmp_path / "repo" / "snapshots" / "app")
+    real = os.scandir
+
+    def scandir(path: object = ".") -> object:
+        if str(path) == blocked:
+            raise PermissionError(13, "Permission denied", blocked)
+        return real(path)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    with pytest.raises(PermanentError, match="list"):
+        list(store.list("snapshots/"))
+    with pytest.raises(PermanentError):
+        list(store.list("snapshots/", limit=1))
+    monkeypatch.setattr(os, "scandir", real)
+    if os.geteuid() != 0:
+        os.chmod(blocked, 0)
+        try:
+            with pytest.raises(PermanentError):
+                list(store.list("snapshots/"))
+        finally:
+            os.chmod(blocked, 0o755)
 
 
 def test_list_never_shows_keys_being_written(store: Store) -> None:
@@ -390,7 +447,7 @@ class _FlakyStore:
         self._maybe_fail()
         return self.data[key][offset : offset + length]
 
-    def list(self, prefix: str = "") -> Iterator[str]:
+    def list(self, prefix: str = "", *, start_after: str | None = None, limit: int | None = None) -> Iterator[str]:
         for n, key in enumerate(sorted(self.data)):
             if n == 1:
                 self._maybe_fail()  # fail mid-listing, after one key went out
@@ -403,6 +460,10 @@ class _FlakyStore:
     def exists(self, key: str) -> bool:
         self._maybe_fail()
         return key in self.data
+
+    def modified(self, key: str) -> float:
+        self._maybe_fail()
+        return 0.0
 
 
 def test_retry_transient_until_success() -> None:

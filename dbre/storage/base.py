@@ -1,4 +1,4 @@
-"""The storage protocol: six operations on named blobs, streamed uploads, and the errors backends map to.
+"""The storage protocol: seven operations on named blobs, streamed uploads, and the errors backends map to.
 
 A key is a relative, slash-separated path such as ``packs/ab/ab12...``. Backends know files,
 never snapshots or packs: the repository layer gives keys their meaning.
@@ -44,7 +44,14 @@ class Store(Protocol):
     - ``get_range`` returns ``length`` bytes from ``offset`` (fewer only at the end of the
       object) or raises ``NotFound``.
     - ``list`` yields every key under ``prefix`` (a key prefix, not only a folder), in no
-      particular order; keys being written (temp files) never appear.
+      particular order; keys being written (temp files) never appear. With ``start_after`` or
+      ``limit`` the keys come in ascending byte order, only those greater than ``start_after``,
+      at most ``limit`` of them (S3's ListObjectsV2 StartAfter/MaxKeys: one request for the
+      newest snapshot of a database, whatever its history). A listing that cannot be completed
+      (a folder that cannot be read, a failed request) raises; it never ends early in silence.
+    - ``modified`` returns the time of the key's last write by the *store's* clock (S3's
+      LastModified, a file's mtime), in seconds since the epoch, or raises ``NotFound``. Lock
+      staleness is judged by it, so two hosts' clocks never have to agree.
     - ``delete`` removes a key; deleting a missing key is not an error.
     - ``exists`` says whether a key is present.
     All other failures raise ``TransientError`` or ``PermanentError``; no SDK exception escapes.
@@ -58,7 +65,9 @@ class Store(Protocol):
 
     def get_range(self, key: str, offset: int, length: int) -> bytes: ...
 
-    def list(self, prefix: str = "") -> Iterator[str]: ...
+    def list(self, prefix: str = "", *, start_after: str | None = None, limit: int | None = None) -> Iterator[str]: ...
+
+    def modified(self, key: str) -> float: ...
 
     def delete(self, key: str) -> None: ...
 

@@ -62,14 +62,27 @@ class LocalStore:
         except OSError as err:
             raise _os_error("get", key, err) from err
 
-    def list(self, prefix: str = "") -> Iterator[str]:
+    def list(self, prefix: str = "", *, start_after: str | None = None, limit: int | None = None) -> Iterator[str]:
+        keys = self._walk(prefix)
+        if start_after is None and limit is None:
+            yield from keys
+            return
+        ordered = sorted(k for k in keys if start_after is None or k > start_after)
+        yield from ordered[:limit] if limit is not None else ordered
+
+    def _walk(self, prefix: str) -> Iterator[str]:
         base = self.root
         # walk only the deepest folder the prefix names
         folder, _, _ = prefix.rpartition("/")
         start = base / folder if folder else base
         if not start.is_dir():
             return
-        for dirpath, dirnames, filenames in os.walk(start):
+
+        def fail(err: OSError) -> None:
+            # a folder that cannot be read must not list as empty: prune would conclude from it
+            raise _os_error("list", prefix or "/", err) from err
+
+        for dirpath, dirnames, filenames in os.walk(start, onerror=fail):
             rel = os.path.relpath(dirpath, base)
             if rel == _TMP or rel.startswith(_TMP + os.sep):
                 dirnames[:] = []
@@ -79,6 +92,14 @@ class LocalStore:
                 key = name if rel == "." else f"{rel.replace(os.sep, '/')}/{name}"
                 if key.startswith(prefix):
                     yield key
+
+    def modified(self, key: str) -> float:
+        try:
+            return self._path(key).stat().st_mtime
+        except FileNotFoundError:
+            raise NotFound(f"stat {key}: not found") from None
+        except OSError as err:
+            raise _os_error("stat", key, err) from err
 
     def delete(self, key: str) -> None:
         try:

@@ -102,12 +102,12 @@ class RetryingStore:
     def get_range(self, key: str, offset: int, length: int) -> bytes:
         return self._call(lambda: self.store.get_range(key, offset, length))
 
-    def list(self, prefix: str = "") -> Iterator[str]:
+    def list(self, prefix: str = "", *, start_after: str | None = None, limit: int | None = None) -> Iterator[str]:
         seen: set[str] = set()
         failures = 0
         while True:
             try:
-                for key in self.store.list(prefix):
+                for key in self.store.list(prefix, start_after=start_after, limit=limit):
                     if key not in seen:
                         seen.add(key)
                         yield key
@@ -115,6 +115,9 @@ class RetryingStore:
             except TransientError as err:
                 failures += 1
                 self._wait_or_give_up(failures, err)
+
+    def modified(self, key: str) -> float:
+        return self._call(lambda: self.store.modified(key))
 
     def delete(self, key: str) -> None:
         self._call(lambda: self.store.delete(key))

@@ -159,19 +159,38 @@ class S3Store:
         except botocore.exceptions.BotoCoreError as err:
             raise self._error("get", key, err) from err
 
-    def list(self, prefix: str = "") -> Iterator[str]:
+    def list(self, prefix: str = "", *, start_after: str | None = None, limit: int | None = None) -> Iterator[str]:
         skip = len(self._base)
+        args: dict[str, Any] = {"Bucket": self.bucket, "Prefix": self._base + prefix}
+        if start_after is not None:
+            args["StartAfter"] = self._base + start_after
+        if limit is not None:
+            if limit <= 0:
+                return
+            args["PaginationConfig"] = {"MaxItems": limit, "PageSize": min(limit, 1000)}
+        count = 0
         try:
-            pages = self._client.get_paginator("list_objects_v2").paginate(
-                Bucket=self.bucket, Prefix=self._base + prefix
-            )
-            for page in pages:
+            for page in self._client.get_paginator("list_objects_v2").paginate(**args):
                 for obj in page.get("Contents", ()):
                     name = obj["Key"][skip:]
                     if name and not name.endswith("/"):  # "folder" markers made by consoles are not ours
                         yield name
+                        count += 1
+                        if limit is not None and count >= limit:
+                            return
         except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as err:
             raise self._error("list", prefix, err) from err
+
+    def modified(self, key: str) -> float:
+        try:
+            head = self._client.head_object(Bucket=self.bucket, Key=self._key(key))
+            return float(head["LastModified"].timestamp())
+        except botocore.exceptions.ClientError as err:
+            if _status(err) == 404:
+                raise NotFound(f"stat {key}: not found") from None
+            raise self._error("stat", key, err) from err
+        except botocore.exceptions.BotoCoreError as err:
+            raise self._error("stat", key, err) from err
 
     def delete(self, key: str) -> None:
         try:
