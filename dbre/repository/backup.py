@@ -79,7 +79,7 @@ class BackupResult:
 
 def _run_bytes(repo: Repository, manifest: Manifest) -> Iterator[bytes]:
     for run in manifest.runs:
-        raw = repo.read_blob(run.pack, run.offset, run.length)
+        raw = repo.read_blob(run.pack, run.offset, run.length, f"run {run.hash}")
         if len(raw) != run.pages * RECORD.size:
             from dbre.errors import IntegrityError
 
@@ -206,7 +206,7 @@ class _PageSink:
     def _submit(self) -> None:
         if not self.batch_hashes:
             return
-        fut = self.pool.submit(self.sealer.seal_parts, self.batch)  # pages are read by zstd, not copied
+        fut = self.pool.submit(self.sealer.seal_parts, self.batch, "page-batch")  # pages are read by zstd, not copied
         self.in_flight.append((self.batch_no, self.batch_hashes, fut, self.batch_first))
         self.batch_no += 1
         self.batch = []
@@ -334,6 +334,7 @@ def backup(
     """
     db = check_db_name(db or source.name)
     started = time.perf_counter()
+    repo.require_writable(f"backup {db}")
     with repo.lock(f"backup {db}"):
         # a damaged manifest must not stop the next backup: the newest readable one is the parent
         snaps = repo.snapshots(db, damaged=[])
@@ -452,7 +453,7 @@ def _write_runs(records: list[bytes], parent_manifest: Manifest | None, parent: 
         if i < len(parent_runs) and parent_runs[i].hash == h:
             runs.append(parent_runs[i])
             continue
-        pack_id, off, length = writer.add(b"r", repo.sealer.seal(raw), [bytes.fromhex(h)])
+        pack_id, off, length = writer.add(b"r", repo.sealer.seal(raw, f"run {h}"), [bytes.fromhex(h)])
         runs.append(RunRef(hash=h, pack=pack_id, offset=off, length=length,
                            pages=min(RUN_PAGES, len(records) - start)))
     return runs

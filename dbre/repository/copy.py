@@ -48,6 +48,7 @@ def apply_copy(src: Repository, dst: Repository, plan: CopyPlan, progress: Progr
     """Copy packs as stored (still sealed), then each manifest: a copy cut short leaves
     only unreferenced packs behind, never a snapshot without its data. Returns bytes copied."""
     copied = 0
+    dst.require_writable("copy")
     with src.lock("copy (source)"), dst.lock("copy"):
         for i, pack in enumerate(plan.packs):
             data = src.store.get(pack_key(pack))

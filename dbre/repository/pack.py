@@ -60,7 +60,13 @@ def read_pack_index(data: bytes, sealer: Sealer, key: str) -> list[BlobInfo]:
     start = len(data) - _TAIL.size - n
     if start < 0:
         raise IntegrityError(f"{key}: truncated (index length past start)")
-    return decode_index(sealer.unseal(data[start : len(data) - _TAIL.size], f"{key} index"))
+    name = index_name(key.rsplit("/", 1)[1])
+    return decode_index(sealer.unseal(data[start : len(data) - _TAIL.size], name, where=f"{key} index"))
+
+
+def index_name(pack_id: str) -> str:
+    """The name a pack's index is sealed under: it opens only at the end of that pack."""
+    return f"packs/{pack_id} index"
 
 
 class PackWriter:
@@ -111,7 +117,7 @@ class PackWriter:
     def _flush(self) -> None:
         if not self._blobs:
             return
-        index = self.sealer.seal(encode_index(self._blobs))
+        index = self.sealer.seal(encode_index(self._blobs), index_name(self._id))
         upload, pack_id = self._upload, self._id
         assert upload is not None
         upload.write(index)

@@ -24,12 +24,20 @@ from typing import Any
 
 from dbre import __version__
 from dbre.errors import LockedError, RepositoryError, UsageError
-from dbre.repository.crypto import Sealer, new_key_params, open_key
+from dbre.repository.crypto import (
+    CONFIG_MAC_INFO,
+    PAGE_HASH_INFO,
+    Sealer,
+    config_mac,
+    config_mac_ok,
+    new_key_params,
+    open_key,
+)
 from dbre.repository.manifest import Manifest, check_db_name, iso, now_utc
 from dbre.secrets import Secret
 from dbre.storage import AlreadyExists, NotFound, Store, open_store
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # new repositories; format 1 is still read (never written)
 LOCK_STALE_SECONDS = 600
 LOCK_REFRESH_SECONDS = 120
 
@@ -51,10 +59,13 @@ class SnapshotRef:
 class Repository:
     """An opened repository. Create with ``Repository.open`` or ``Repository.open_or_init``."""
 
-    def __init__(self, store: Store, config: dict[str, Any], sealer: Sealer) -> None:
+    def __init__(self, store: Store, config: dict[str, Any], sealer: Sealer, raw_config: bytes | None = None) -> None:
         self.store = store
         self.config = config
         self.sealer = sealer
+        self.raw_config = raw_config  # `config` as stored: an offsite copy gets exactly these bytes
+        self._hash_key: bytes | None = None
+        self._plain_checked = False  # require_writable found no encrypted object in a plain repository
         self._manifests: dict[tuple[str, str], Manifest] = {}
 
     def __repr__(self) -> str:
@@ -68,90 +79,194 @@ class Repository:
     def id(self) -> str:
         return str(self.config["id"])
 
+    @property
+    def version(self) -> int:
+        """The repository's format: 1 (read only) or 2."""
+        return int(self.config["version"])
+
+    @property
+    def hash_key(self) -> bytes | None:
+        """The key of the v2 keyed page hash: HKDF(master, b"dbre v2 page hash") in an encrypted
+        repository, the config's random "hash_key" in a plain one; None in format 1 (xxh3-128)."""
+        if self.version < 2:
+            return None
+        if self._hash_key is None:
+            derived = self.sealer.derive_key(PAGE_HASH_INFO)
+            self._hash_key = derived if derived is not None else bytes.fromhex(str(self.config["hash_key"]))
+        return self._hash_key
+
+    def require_writable(self, op: str) -> None:
+        """Refuse a write (backup, forget, prune, copy into, records) into a format-1 repository,
+        or into a plain one that holds encrypted objects (its config was changed or damaged)."""
+        if self.version < FORMAT_VERSION:
+            raise RepositoryError(
+                f"{op}: repository {self.url} uses format {self.version}",
+                f"convert it with `dbre migrate --repo {self.url} --to NEW`",
+            )
+        if self.sealer.encrypted or self._plain_checked:
+            return
+        # one object of each kind is enough: a repository is encrypted throughout or not at all
+        from dbre.repository.crypto import ENCRYPTED, ENCRYPTED_V1
+
+        for prefix in ("snapshots/", "packs/", "records/"):
+            for key in self.store.list(prefix, limit=1):
+                try:
+                    head = self.store.get_range(key, 0, 1)  # a pack starts with its first sealed blob
+                except NotFound:
+                    continue
+                if head and head[0] in (ENCRYPTED, ENCRYPTED_V1):
+                    raise RepositoryError(
+                        f"{op}: repository {self.url} holds encrypted objects ({key}), but its config "
+                        "says it is not encrypted",
+                        "`config` was changed or damaged: restore it from the offsite copy",
+                    )
+        self._plain_checked = True
+
     # -- opening ---------------------------------------------------------------------------------
 
     @staticmethod
     def read_config(store: Store) -> dict[str, Any] | None:
+        """The stored config (None if there is none); a damaged or newer one raises. Its MAC is
+        checked when the repository is opened with its key (``open``)."""
+        found = Repository._read_config(store)
+        return None if found is None else found[0]
+
+    @staticmethod
+    def _read_config(store: Store) -> tuple[dict[str, Any], bytes] | None:
         try:
             raw = store.get("config")
         except NotFound:
             return None
+        damaged = RepositoryError(
+            f"repository {store.url}: config was changed or damaged", "restore `config` from the offsite copy"
+        )
         try:
             config = json.loads(raw)
             version = int(config["version"])
         except (ValueError, KeyError, TypeError):
-            raise RepositoryError(
-                f"repository {store.url}: config is damaged", "restore it from the offsite copy"
-            ) from None
+            raise damaged from None
         if version > FORMAT_VERSION:
             raise RepositoryError(
                 f"repository {store.url}: format version {version} is newer than this dbre "
                 f"supports ({FORMAT_VERSION})",
                 "upgrade dbre",
             )
-        return config
+        if version < 1:
+            raise damaged
+        if version >= 2 and not config.get("encryption"):
+            # plain: the MAC is keyed by the config's own hash_key, a checksum against accidents
+            try:
+                hash_key = bytes.fromhex(str(config["hash_key"]))
+            except (KeyError, ValueError):
+                raise damaged from None
+            if len(hash_key) != 32 or not config_mac_ok(config, hash_key):
+                raise damaged
+        return config, raw
+
+    @staticmethod
+    def new_config(key: Secret | None) -> tuple[dict[str, Any], Secret | None]:
+        """A new format-2 config, with its MAC, and the new master key (None if plain)."""
+        config: dict[str, Any] = {
+            "format": "dbre-repository",
+            "version": FORMAT_VERSION,
+            "id": secrets.token_hex(16),
+            "created": iso(now_utc()),
+            "page_hash": "blake3-keyed-128",
+            "compression": "zstd",
+            "encryption": None,
+        }
+        master = None
+        if key:
+            config["encryption"], master = new_key_params(key)
+            mac_key = Sealer(master).derive_key(CONFIG_MAC_INFO)
+            assert mac_key is not None
+        else:
+            mac_key = secrets.token_bytes(32)
+            config["hash_key"] = mac_key.hex()
+        config["mac"] = config_mac(config, mac_key)
+        return config, master
 
     @classmethod
     def open(cls, url: str | Store, key: Secret | None = None) -> Repository:
         store = open_store(url) if isinstance(url, str) else url
-        config = cls.read_config(store)
-        if config is None:
+        found = cls._read_config(store)
+        if found is None:
             raise RepositoryError(
                 f"no repository at {store.url}", "check --repo; `dbre backup` creates one"
             )
-        return cls(store, config, cls._sealer(config, key, store.url))
+        config, raw = found
+        return cls(store, config, cls._sealer(config, key, store.url), raw)
 
     @classmethod
     def open_or_init(cls, url: str | Store, key: Secret | None = None) -> Repository:
         store = open_store(url) if isinstance(url, str) else url
-        config = cls.read_config(store)
-        if config is None:
-            config = {
-                "format": "dbre-repository",
-                "version": FORMAT_VERSION,
-                "id": secrets.token_hex(16),
-                "created": iso(now_utc()),
-                "page_hash": "xxh3-128",
-                "compression": "zstd",
-                "encryption": new_key_params(key)[0] if key else None,
-            }
+        found = cls._read_config(store)
+        if found is None:
+            _refuse_init_over_data(store)
+            config, master = cls.new_config(key)
+            raw = json.dumps(config, indent=1).encode()
             try:
-                store.put("config", json.dumps(config, indent=1).encode(), if_absent=True)
+                store.put("config", raw, if_absent=True)
+                return cls(store, config, Sealer(master), raw)  # no second scrypt for our own key
             except AlreadyExists:
-                pass  # another run created it first: use theirs
-            config = cls.read_config(store)
-            assert config is not None
-        return cls(store, config, cls._sealer(config, key, store.url))
+                found = cls._read_config(store)  # another run created it first: use theirs
+                assert found is not None
+        config, raw = found
+        return cls(store, config, cls._sealer(config, key, store.url), raw)
 
     @classmethod
     def init_copy_of(cls, source: Repository, url: str | Store, key: Secret | None) -> Repository:
         """Open ``url`` as an offsite copy of ``source``, creating it with the same config and key."""
         store = open_store(url) if isinstance(url, str) else url
-        config = cls.read_config(store)
-        if config is None:
+        found = cls._read_config(store)
+        if found is None:
+            _refuse_init_over_data(store)
+            raw = source.raw_config or json.dumps(source.config, indent=1).encode()
             try:
-                store.put("config", json.dumps(source.config, indent=1).encode(), if_absent=True)
+                store.put("config", raw, if_absent=True)
             except AlreadyExists:
                 pass
-            config = cls.read_config(store)
-            assert config is not None
+            found = cls._read_config(store)
+            assert found is not None
+        config, raw = found
         if config["id"] != source.id:
             raise UsageError(
                 f"repository {store.url} is not a copy of {source.url} (different repository id)",
                 "copy into an empty location or the copy made earlier",
             )
-        return cls(store, config, source.sealer)
+        # the copy's config must authenticate with the source's key: same master (or hash key)
+        same = int(config["version"]) == source.version and bool(config.get("encryption")) == source.sealer.encrypted
+        if same and source.version >= 2:
+            mac_key = source.sealer.derive_key(CONFIG_MAC_INFO) or bytes.fromhex(str(source.config["hash_key"]))
+            same = config_mac_ok(config, mac_key)
+        if not same:
+            raise RepositoryError(f"repository {store.url}: config was changed or damaged",
+                                  f"restore `config` from {source.url}")
+        return cls(store, config, source.sealer, raw)
 
     @staticmethod
     def _sealer(config: dict[str, Any], key: Secret | None, url: str) -> Sealer:
+        version = int(config["version"])
         enc = config.get("encryption")
         if not enc:
-            return Sealer(None)
+            if key is not None and version >= 2:
+                raise RepositoryError(
+                    f"repository {url} is not encrypted, but a key was given",
+                    "omit the key (DBRE_ENCRYPTION_KEY, --key-file) for this repository; if it was created "
+                    "encrypted, its config was changed: restore `config` from the offsite copy",
+                )
+            return Sealer(None, version)
         if key is None:
             raise RepositoryError(
                 f"repository {url} is encrypted", "set DBRE_ENCRYPTION_KEY or pass --key-file"
             )
-        return Sealer(open_key(enc, key))
+        sealer = Sealer(open_key(enc, key), version)
+        mac_key = sealer.derive_key(CONFIG_MAC_INFO)
+        if version >= 2 and (mac_key is None or not config_mac_ok(config, mac_key)):
+            raise RepositoryError(
+                f"repository {url}: config was changed or damaged", "restore `config` from the offsite copy"
+            )
+        return sealer
 
     # -- snapshots -------------------------------------------------------------------------------
 
@@ -237,8 +352,8 @@ class Repository:
 
     def write_manifest(self, manifest: Manifest) -> int:
         """Commit a snapshot: the conditional put of its manifest is the last write of a backup."""
-        data = self.sealer.seal(manifest.to_json())
         key = snapshot_key(manifest.db, manifest.id)
+        data = self.sealer.seal(manifest.to_json(), key)  # bound to the key it is stored under
         try:
             self.store.put(key, data, if_absent=True)
         except AlreadyExists:
@@ -260,9 +375,10 @@ class Repository:
         check_db_name(db)
         if not kind.isidentifier():
             raise UsageError(f"record kind {kind!r} is not allowed")
+        self.require_writable(f"record {kind}")
         rec_id = f"{now_utc().strftime('%Y%m%dT%H%M%S%fZ')}-{secrets.token_hex(4)}"
-        data = self.sealer.seal(json.dumps(record, default=str).encode())
-        self.store.put(f"records/{kind}/{db}/{rec_id}", data, if_absent=True)
+        key = f"records/{kind}/{db}/{rec_id}"
+        self.store.put(key, self.sealer.seal(json.dumps(record, default=str).encode(), key), if_absent=True)
         return rec_id
 
     def records(self, kind: str, db: str | None = None) -> list[dict[str, Any]]:
@@ -277,14 +393,15 @@ class Repository:
 
     # -- packs -----------------------------------------------------------------------------------
 
-    def read_blob(self, pack_id: str, offset: int, length: int) -> bytes:
+    def read_blob(self, pack_id: str, offset: int, length: int, name: str) -> bytes:
+        """The blob at ``offset`` in a pack, unsealed as ``name`` ("page-batch", "run <hash hex>")."""
         key = pack_key(pack_id)
         data = self.store.get_range(key, offset, length)
         if len(data) != length:
             from dbre.errors import IntegrityError
 
             raise IntegrityError(f"{key}: truncated (wanted {length} bytes at {offset})")
-        return self.sealer.unseal(data, f"{key}@{offset}")
+        return self.sealer.unseal(data, name, where=f"{key}@{offset}")
 
     def pack_ids(self) -> set[str]:
         return {k.rsplit("/", 1)[1] for k in self.store.list("packs/")}
@@ -342,6 +459,17 @@ class Repository:
 
     def read_locks(self) -> list[tuple[str, dict[str, Any]]]:
         return read_locks(self.store)
+
+
+def _refuse_init_over_data(store: Store) -> None:
+    """A store that holds packs, snapshots or records but no config is never initialised again
+    (a new master key beside the old data would split the repository in two)."""
+    for prefix in ("packs/", "snapshots/", "records/"):
+        for _ in store.list(prefix, limit=1):
+            raise RepositoryError(
+                f"repository {store.url} holds data but no config",
+                "restore `config` from the offsite copy or a backup of the repository",
+            )
 
 
 def read_locks(store: Store) -> list[tuple[str, dict[str, Any]]]:

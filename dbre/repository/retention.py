@@ -94,6 +94,7 @@ def plan_forget(repo: Repository, policy: KeepPolicy, db: str | None = None) -> 
 
 def apply_forget(repo: Repository, plan: ForgetPlan) -> int:
     """Delete the manifests of forgotten snapshots (their data stays until prune)."""
+    repo.require_writable("forget")
     with repo.lock("forget"):
         for m in plan.remove:
             repo.store.delete(snapshot_key(m.db, m.id))
@@ -121,6 +122,7 @@ def prune(repo: Repository, *, dry_run: bool = False) -> PrunePlan:
     """Delete packs no snapshot needs, under an exclusive lock (no backup can be running)."""
     if dry_run:
         return plan_prune(repo)
+    repo.require_writable("prune")
     with repo.lock("prune", exclusive=True):
         plan = plan_prune(repo)  # recomputed under the lock: the only plan that is safe to apply
         for pack in plan.unused_packs:

@@ -128,7 +128,8 @@ def _read_pack(repo: Repository, pack: str, needed: set[tuple[int, int]], users:
         report.problems.append(Problem(key, f"no blob at offset {off} length {length} (needed by {who})"))
     for b in blobs:
         try:
-            raw = repo.sealer.unseal(data[b.offset : b.offset + b.length], f"{key}@{b.offset}")
+            name = "page-batch" if b.kind == b"d" else f"run {b.hashes[0].hex() if b.hashes else ''}"
+            raw = repo.sealer.unseal(data[b.offset : b.offset + b.length], name, where=f"{key}@{b.offset}")
         except RepositoryError as err:
             report.problems.append(Problem(key, f"{err.message} (needed by {who})"))
             continue

@@ -149,7 +149,7 @@ def apply_restore(repo: Repository, plan: RestorePlan, progress: Progress | None
                 piece = data[rel : rel + b.length]
                 if len(piece) != b.length:
                     raise IntegrityError(f"packs/{b.pack}: truncated at {b.offset}")
-                raw = memoryview(repo.sealer.unseal(piece, f"packs/{b.pack}@{b.offset}"))
+                raw = memoryview(repo.sealer.unseal(piece, "page-batch", where=f"packs/{b.pack}@{b.offset}"))
                 pages = b.pages
                 start = 0
                 # pages that are consecutive both in the blob and in the file go in one write
