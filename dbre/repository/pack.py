@@ -69,6 +69,39 @@ def index_name(pack_id: str) -> str:
     return f"packs/{pack_id} index"
 
 
+TAIL_READ = 1024 * 1024  # one ranged read holds the index of any pack of up to ~250 MiB of 4 KiB pages
+
+
+def read_index_tail(store: Store, sealer: Sealer, pack_id: str, known_end: int = 0) -> list[BlobInfo]:
+    """The index of a stored pack, reading only its tail: from ``known_end`` (the end of the last
+    blob the caller knows of; the index follows the blobs) to the end of the pack, in ranged reads
+    of ``TAIL_READ`` bytes (one for a pack whose referenced blobs end near its index). Raises
+    NotFound if the pack is absent, IntegrityError if its trailer or index is damaged or a blob
+    it lists reaches into the index."""
+    key = pack_key(pack_id)
+    parts, pos = [], known_end
+    while True:
+        chunk = store.get_range(key, pos, TAIL_READ)
+        parts.append(chunk)
+        pos += len(chunk)
+        if len(chunk) < TAIL_READ:
+            break
+    tail = b"".join(parts)
+    try:
+        blobs = read_pack_index(tail, sealer, key)  # checks the trailer and authenticates the index
+    except struct.error:
+        raise IntegrityError(f"{key}: index is malformed") from None
+    except IntegrityError:
+        if known_end:
+            # no index after the caller's blobs (one of them may reach past it): read the whole pack
+            return read_index_tail(store, sealer, pack_id, 0)
+        raise
+    index_start = pos - _TAIL.size - _TAIL.unpack_from(tail, len(tail) - _TAIL.size)[0]
+    if any(b.offset + b.length > index_start for b in blobs):
+        raise IntegrityError(f"{key}: index lists a blob past the start of the index")
+    return blobs
+
+
 class PackWriter:
     """Appends sealed blobs to the current pack and uploads full packs in the background.
 
