@@ -515,3 +515,20 @@ def test_retry_list_resumes_without_duplicates() -> None:
     inner.data = {"a": b"", "b": b"", "c": b""}
     store = RetryingStore(inner, sleep=lambda _: None)
     assert list(store.list()) == ["a", "b", "c"]
+
+
+def test_local_clean_temp_spares_a_pack_still_being_written(tmp_path: Path) -> None:
+    """Prune cleans .tmp with its grace period: a live backup's growing pack is not pulled away."""
+    store = LocalStore(tmp_path / "repo")
+    live = store.open_upload("packs/aa/live")
+    live.write(b"first blob")
+    dead = store.open_upload("packs/bb/dead")
+    dead.write(b"left by a kill -9")
+    dead_file = next(p for p in (tmp_path / "repo" / ".tmp").iterdir() if p.read_bytes() == b"left by a kill -9")
+    old = time.time() - 3 * 3600
+    os.utime(dead_file, (old, old))
+    assert store.clean_temp(older_than=2 * 3600) == 1
+    live.write(b" second blob")
+    live.commit()
+    assert store.get("packs/aa/live") == b"first blob second blob"
+    assert not dead_file.exists()

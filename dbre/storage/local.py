@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import secrets
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -115,12 +116,20 @@ class LocalStore:
     def open_upload(self, key: str) -> LocalUpload:
         return LocalUpload(self, key)
 
-    def clean_temp(self) -> int:
-        """Remove temp files left by writers killed mid-put; returns how many."""
+    def clean_temp(self, older_than: float = 0.0) -> int:
+        """Remove temp files left by writers killed mid-put, untouched for ``older_than``
+        seconds (a pack still being written by a live backup is touched at every blob);
+        returns how many."""
         tmpdir = self.root / _TMP
         count = 0
         if tmpdir.is_dir():
+            now = time.time()  # the mtimes are this file system's clock, as is this
             for f in tmpdir.iterdir():
+                try:
+                    if older_than and now - f.stat().st_mtime < older_than:
+                        continue
+                except FileNotFoundError:
+                    continue
                 f.unlink(missing_ok=True)
                 count += 1
         return count
