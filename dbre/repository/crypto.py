@@ -281,9 +281,26 @@ def open_key(params: dict[str, object], passphrase: Secret) -> Secret:
                               "restore `config` from the offsite copy") from None
 
 
+# scrypt at n=2^17 costs 0.3-2 s and 128 MiB: a process that opens the same repository again (a
+# flow's tasks, the copy's second repository) reuses the key it derived. Entries are named by an
+# HMAC under a per-process random key, so the table holds no passphrase or fast hash of one.
+_KEK_CACHE: dict[bytes, bytes] = {}
+_KEK_CACHE_KEY = os.urandom(32)
+_KEK_LOCK = threading.Lock()
+
+
 def _derive(passphrase: Secret, salt: bytes, n: int, r: int, p: int) -> bytes:
     if not (1 <= p <= 16 and 1 <= r <= 64):
         raise ValueError("scrypt parameters out of range")
     raw = passphrase.reveal()
     pw = raw.encode() if isinstance(raw, str) else raw
-    return hashlib.scrypt(pw, salt=salt, n=n, r=r, p=p, maxmem=SCRYPT_MAXMEM, dklen=32)
+    tag = hmac.digest(_KEK_CACHE_KEY, b"%d,%d,%d,%d," % (n, r, p, len(salt)) + salt + pw, "sha256")
+    with _KEK_LOCK:
+        kek = _KEK_CACHE.get(tag)
+    if kek is None:
+        kek = hashlib.scrypt(pw, salt=salt, n=n, r=r, p=p, maxmem=SCRYPT_MAXMEM, dklen=32)
+        with _KEK_LOCK:
+            if len(_KEK_CACHE) >= 16:
+                _KEK_CACHE.clear()
+            _KEK_CACHE[tag] = kek
+    return kek
