@@ -90,6 +90,7 @@ class Manifest:
     journal_mode: str = ""
     stats: dict[str, Any] = field(default_factory=dict)
     format: int = 1
+    mode: int | None = None  # the source file's permission bits (st_mode & 0o7777); None: not a local file
 
     @property
     def time(self) -> datetime:

@@ -46,6 +46,7 @@ from dbre.restore.live import (
     write_transaction,
 )
 from dbre.secrets import Secret
+from dbre.sources.local import keep_wal
 
 OPERATION = "repair-rows"
 MAX_ROWS = 1_000_000  # a selection larger than this needs max_rows raised: the diff holds it in memory
@@ -368,7 +369,8 @@ def plan_row_repair(repo: Repository, db: str, live_path: str | os.PathLike[str]
         try:
             src = LocalDb(scratch.connect(), "the snapshot")
             live: Db = (RemoteDb(client, "the live database") if client is not None else
-                        LocalDb(apsw.Connection(str(path), flags=apsw.SQLITE_OPEN_READONLY), "the live database"))
+                        LocalDb(keep_wal(apsw.Connection(str(path), flags=apsw.SQLITE_OPEN_READONLY)),
+                                "the live database"))
             try:
                 plan = _plan(repo, db, redact(url) if url else str(path), src, live, scratch, table, where,
                              delete_extra, max_rows, preview_rows)

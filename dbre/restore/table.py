@@ -44,6 +44,7 @@ from dbre.restore.live import (
     write_audit,
     write_transaction,
 )
+from dbre.sources.local import keep_wal
 
 MODES = ("rename", "replace")
 OPERATION = "restore-table"
@@ -128,7 +129,7 @@ def plan_table_restore(repo: Repository, db: str, live_path: str | os.PathLike[s
     try:
         src = scratch.connect()
         try:
-            conn = apsw.Connection(str(live), flags=apsw.SQLITE_OPEN_READONLY)
+            conn = keep_wal(apsw.Connection(str(live), flags=apsw.SQLITE_OPEN_READONLY))
             try:
                 actions = [_plan_table(src, conn, t, mode, suffix) for t in _resolve(src, scratch.manifest, tables)]
             finally:
@@ -256,6 +257,9 @@ class _SafetySource:
 
     def connect(self) -> AbstractContextManager[apsw.Connection]:
         return self._inner.connect()
+
+    def file_mode(self) -> int | None:
+        return self._inner.file_mode()
 
 
 def safety_snapshot(repo: Repository, db: str, live: Path, purpose: str) -> str:

@@ -27,8 +27,10 @@ caller gets ``None`` and uses the backup API instead, which is slower but needs 
 
 POSIX file locks belong to the process, and closing *any* descriptor of a file drops all of the
 process's locks on it, including those of the caller's SQLite connection (its read lock on the
--shm file, its shared lock on the database file). So every descriptor and map opened here stays
-open until ``ImageSession.close``, which the caller runs after its connection is closed.
+-shm file, its shared lock on the database file) and of any other backup of the same database
+on another thread. So every descriptor is taken through a ``dbre.sources.pins.Pin``: it stays
+open until ``ImageSession.close`` (which the caller runs after its connection is closed) and,
+beyond that, until no other pin of the same database is left in the process.
 """
 
 from __future__ import annotations
@@ -39,9 +41,12 @@ import struct
 from bisect import bisect_left
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import apsw
+
+from dbre.sources.pins import Pin
 
 LOCK_WAIT = 2.0  # seconds to wait for the write lock before falling back to the backup API
 KEEP_MAPPED = 256 * 1024 * 1024  # a database up to this size stays mapped whole (dropping costs ~1 ms per 16 MiB)
@@ -111,18 +116,26 @@ class PageImage:
         self._map = None
 
 
+def _outside_header(page: bytes) -> bytes:
+    """Page 1 without the header fields the backup API rewrites (24-31, 40-43, 92-99)."""
+    return page[:24] + page[32:40] + page[44:92] + page[100:]
+
+
 class _Files:
-    """Descriptors and maps kept open until the caller's connection is closed (see the module doc)."""
+    """Descriptors (through a pin, see the module doc) and maps kept open until ``close``."""
 
     def __init__(self, path: str) -> None:
         self.path = path
+        self.pin: Pin | None = None
         self.fds: dict[str, int] = {}
         self.maps: list[mmap.mmap] = []
 
     def fd(self, suffix: str) -> int:
         if suffix not in self.fds:
             try:
-                self.fds[suffix] = os.open(self.path + suffix, os.O_RDONLY)
+                if self.pin is None:
+                    self.pin = Pin(self.path)
+                self.fds[suffix] = self.pin.fd(suffix)
             except OSError as err:
                 raise NoImage(f"cannot open {self.path + suffix} ({err.strerror})") from None
         return self.fds[suffix]
@@ -146,9 +159,10 @@ class _Files:
             except BufferError:
                 pass  # a page view still referenced somewhere: the map closes when it is freed
         self.maps = []
-        for fd in self.fds.values():
-            os.close(fd)
         self.fds = {}
+        pin, self.pin = self.pin, None
+        if pin is not None:
+            pin.release()
 
 
 def _wal_checksum(data: bytes, native: bool) -> tuple[int, int]:
@@ -240,6 +254,8 @@ class ImageSession:
         self._wal: _WalState | None = None
         self.page_size = 0
         self.page_count = 0
+        self.started: datetime | None = None  # when the read transaction began (taken just before it)
+        self.wal_mode = False
 
     def _pragma(self, name: str) -> Any:
         assert self.conn is not None
@@ -253,10 +269,21 @@ class ImageSession:
         if not (self.path and os.path.isfile(self.path)):
             self.path = ""
         self._files.path = self.path
-        wal = bool(self.path) and str(self._pragma("journal_mode")).lower() == "wal"
-        if wal:
+        if self.path:
+            try:
+                self._files.fd("")  # the pin, before any lock of ours: see the module doc
+            except NoImage as err:
+                self.reason = str(err)
+        wal = self.wal_mode = bool(self.path) and str(self._pragma("journal_mode")).lower() == "wal"
+        if wal and conn.readonly("main"):
+            # (a read-only file: no write lock to hold, so the WAL's end cannot be pinned down)
+            self.reason = self.reason or "read-only connection to a WAL database"
+        elif wal:
             self._lock_writers()
         try:
+            # taken before the transaction starts, never after: every commit that returned before
+            # this moment is in the snapshot, so `restore --at T` never misses one made before T
+            self.started = datetime.now(UTC)
             conn.execute("BEGIN")
             self.page_size = int(self._pragma("page_size"))
             self.page_count = int(self._pragma("page_count"))  # starts the read transaction
@@ -273,6 +300,7 @@ class ImageSession:
 
         try:
             locker = apsw.Connection(self.path, flags=apsw.SQLITE_OPEN_READWRITE)
+            locker.config(apsw.SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, 1)  # never the last one, but never write
         except apsw.Error as err:
             self.reason = f"cannot open a second connection ({err})"
             return
@@ -327,6 +355,48 @@ class ImageSession:
             return None
         self._image = image
         return image
+
+    def page_one(self, copied: bytes) -> tuple[bytes, str]:
+        """The snapshot's page 1 for the backup-API path, given the copy that path made.
+
+        The backup API rewrites the copy's header as it commits: file change counter (offset 24),
+        in-header page count (28), schema cookie (40), version-valid-for (92) and SQLite version
+        (96). Inside the read transaction the source's own page 1 is read instead: from the file
+        in rollback mode (the shared lock keeps it), and in WAL mode from the newest frame of page 1
+        among frames ``1..mxFrame`` or else the file, when ``begin`` learnt ``mxFrame``. It must equal
+        the copy outside those fields. Otherwise the copy is returned with the source's schema
+        cookie put back, and 24, 92 and 96 stay the backup API's. Returns (page, how).
+        """
+        ps = self.page_size
+        try:
+            if not self.path:
+                raise NoImage("not a file here")
+            if self.wal_mode and self._wal is None:
+                raise NoImage(self.reason or "WAL end unknown")
+            st = self._wal
+            page = self._files.read("", ps, 0)
+            if st is not None and st.mx_frame > st.backfilled:
+                frame = 24 + ps
+                if st.page_size != ps or self._files.size("-wal") < 32 + st.mx_frame * frame:
+                    raise NoImage("WAL does not match the wal-index")
+                wal = self._files.map("-wal", 32 + st.mx_frame * frame)
+                if wal[16:24] != st.salt:
+                    raise NoImage("WAL salts do not match the wal-index")
+                for n in range(st.mx_frame - 1, -1, -1):
+                    off = 32 + n * frame
+                    pgno, _, salt, _, _ = _FRAME_HDR.unpack_from(wal, off)
+                    if salt != st.salt:
+                        raise NoImage(f"WAL frame {n + 1} is not of this WAL generation")
+                    if pgno == 1:
+                        page = bytes(wal[off + 24 : off + 24 + ps])
+                        break
+            if len(page) != ps or _outside_header(page) != _outside_header(copied):
+                raise NoImage("the source's page 1 differs from the copy")
+            return page, "source"
+        except (NoImage, OSError, ValueError, struct.error):
+            assert self.conn is not None
+            cookie = int(self._pragma("schema_version"))
+            return copied[:40] + cookie.to_bytes(4, "big") + copied[44:], "rebuilt header"
 
     def close(self) -> None:
         """Release views, maps and descriptors: only after the caller's connection is closed."""

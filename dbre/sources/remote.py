@@ -484,6 +484,8 @@ class RemoteLibsqlSource:
         for flags in (apsw.SQLITE_OPEN_READONLY, apsw.SQLITE_OPEN_READWRITE):
             try:
                 conn = apsw.Connection(str(path), flags=flags)
+                # the replica is dbre's own file, but libsql's sync owns its WAL: never checkpoint it here
+                conn.config(apsw.SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, 1)
                 conn.set_busy_timeout(10_000)
                 conn.execute("SELECT count(*) FROM sqlite_schema").fetchall()
                 if flags == apsw.SQLITE_OPEN_READWRITE:
