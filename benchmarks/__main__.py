@@ -3,6 +3,7 @@
     python -m benchmarks                   # 100 MiB and 1 GiB, medians of 3 runs
     python -m benchmarks --quick           # 100 MiB, 1 run: a smoke test
     python -m benchmarks --profile         # also a cProfile of one backup of the largest database
+    python -m benchmarks --history         # also cost against history (benchmarks/history.py)
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="cache and results folder (default ./bench-output)")
     p.add_argument("--profile", action="store_true", help="also profile one full backup of the largest database")
     p.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
+    p.add_argument("--history", action="store_true",
+                   help="also the history part: 5 vs 200 snapshots on S3, and a 10,000-snapshot repository")
     p.add_argument("--size-mb", type=int, help=argparse.SUPPRESS)  # tiny databases for the tests
     args = p.parse_args(argv)
     if args.quick:
@@ -80,10 +83,17 @@ def main(argv: list[str] | None = None) -> int:
         text = run.profile_backup(largest, out / "work")
         doc["profile"] = text
         console.print(text, markup=False, highlight=False)
+    if args.history:
+        from benchmarks import history
+
+        doc["history"] = history.measure(args.runs, log=console.print)
+        history.print_result(doc["history"], console.print)  # type: ignore[arg-type]
     (out / "results.json").write_text(json.dumps(doc, indent=1))
     report.print_table(doc, console)
     console.print(f"results: {out / 'results.json'}")
     missed = [c for r in results for c in r["checks"].values() if not c["pass"]]  # type: ignore[attr-defined]
+    if args.history and not doc["history"]["pass"]:  # type: ignore[index]
+        missed.append(doc["history"])
     return 1 if args.strict and missed else 0
 
 

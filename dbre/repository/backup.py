@@ -25,8 +25,7 @@ from typing import Any
 
 import apsw
 
-from dbre.errors import SourceError
-from dbre.repository.crypto import page_hash
+from dbre.errors import IntegrityError, SourceError
 from dbre.repository.manifest import (
     RECORD,
     RUN_PAGES,
@@ -50,6 +49,8 @@ BATCH_BYTES = 2 * 1024 * 1024  # pages are sealed in batches of this size (fewer
 MAX_IN_FLIGHT = 3  # batches being sealed or waiting to be appended: bounds memory (their pages stay mapped)
 ZERO_LOCATION = bytes(16) + bytes(14)  # pack id, offset, length, slot of a page never written
 CHECKSUM_AUTO_BYTES = 256 * 1024 * 1024  # table checksums by default up to this database size
+RUN_READERS = 4  # page-map runs fetched at once (a run is one ranged GET of ~20-200 KB)
+RUNS_IN_FLIGHT = 8  # runs fetched ahead of the one being used: bounds memory, keeps order
 
 Progress = Callable[[int, int], None]
 
@@ -77,14 +78,36 @@ class BackupResult:
         }
 
 
-def _run_bytes(repo: Repository, manifest: Manifest) -> Iterator[bytes]:
-    for run in manifest.runs:
-        raw = repo.read_blob(run.pack, run.offset, run.length, f"run {run.hash}")
-        if len(raw) != run.pages * RECORD.size:
-            from dbre.errors import IntegrityError
+def read_run(repo: Repository, manifest: Manifest, run: RunRef) -> bytes:
+    """One page-map run, checked: sealed under its name, its length, and its hash."""
+    raw = repo.read_blob(run.pack, run.offset, run.length, f"run {run.hash}")
+    if len(raw) != run.pages * RECORD.size:
+        raise IntegrityError(f"snapshot {manifest.id}: page-map run {run.hash[:12]} "
+                             f"(packs/{run.pack}@{run.offset}) has the wrong length")
+    if repo.page_hash(raw).hex() != run.hash:
+        raise IntegrityError(f"snapshot {manifest.id}: page-map run {run.hash[:12]} "
+                             f"(packs/{run.pack}@{run.offset}) does not match its hash",
+                             "run `dbre verify --read-data` to find damage")
+    return raw
 
-            raise IntegrityError(f"snapshot {manifest.id}: page-map run {run.hash[:12]} has the wrong length")
-        yield raw
+
+def _run_bytes(repo: Repository, manifest: Manifest) -> Iterator[bytes]:
+    """The snapshot's runs in order, fetched ``RUN_READERS`` at a time, at most ``RUNS_IN_FLIGHT`` ahead."""
+    runs = manifest.runs
+    if len(runs) <= 1:
+        for run in runs:
+            yield read_run(repo, manifest, run)
+        return
+    pool = ThreadPoolExecutor(max_workers=RUN_READERS, thread_name_prefix="dbre-runs")
+    try:
+        ahead = [pool.submit(read_run, repo, manifest, run) for run in runs[:RUNS_IN_FLIGHT]]
+        for nxt in range(RUNS_IN_FLIGHT, len(runs) + RUNS_IN_FLIGHT):
+            raw = ahead.pop(0).result()
+            if nxt < len(runs):
+                ahead.append(pool.submit(read_run, repo, manifest, runs[nxt]))
+            yield raw
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def load_records(repo: Repository, manifest: Manifest) -> list[bytes]:
@@ -108,6 +131,7 @@ class _PageSink:
     def __init__(self, repo: Repository, writer: PackWriter, parent: list[bytes], page_size: int,
                  page_count: int, progress: Progress | None) -> None:
         self.sealer = repo.sealer
+        self.page_hash = repo.page_hash
         self.writer = writer
         self.parent = parent
         self.parent_hashes = list(map(itemgetter(slice(0, 16)), parent))
@@ -148,7 +172,7 @@ class _PageSink:
                     # smaller batches at the end: both threads share the last compressions
                     # instead of one sealing a whole batch while the backup waits for it
                     self.batch_cap = max(16, self.batch_cap // 4)
-                self.take(start, image.hashes(start, stop, page_hash), image.view)
+                self.take(start, image.hashes(start, stop, self.page_hash), image.view)
                 # pages no batch still has to read: their mapping can go
                 image.drop(min([start, *(f[3] for f in self.in_flight), *([self.batch_first] if self.batch else [])]))
                 if self.progress is not None:
@@ -158,7 +182,7 @@ class _PageSink:
                 gc.enable()
 
     def add(self, index: int, data: bytes) -> None:
-        self.take(index, [page_hash(data)], lambda _: data)
+        self.take(index, [self.page_hash(data)], lambda _: data)
         if self.progress is not None and not self.pages_seen & 4095:
             self.progress(self.pages_seen, self.page_count)
 
@@ -231,7 +255,7 @@ class _PageSink:
                 records[i] = h + self.locations[no] + slot.to_bytes(2, "little")
         if None in records:
             # pages SQLite never writes (the lock-byte page of a database over 1 GiB)
-            zero = page_hash(bytes(self.page_size)) + ZERO_LOCATION
+            zero = self.page_hash(bytes(self.page_size)) + ZERO_LOCATION
             records = [zero if r is None else r for r in records]
         return records  # type: ignore[return-value]
 
@@ -249,7 +273,7 @@ class _SinkFile:
         return self.first[offset : offset + amount]
 
     def xWrite(self, data: bytes, offset: int) -> None:
-        if self.sink is not None and offset:  # page 1 comes from the source itself: see _copy_pages
+        if self.sink is not None:
             self.sink.page(offset, data)
         if offset == 0:
             self.first = data
@@ -293,16 +317,12 @@ class _SinkVFS(apsw.VFS):
 
     def __init__(self, sink: _PageSink) -> None:
         self.sink = sink
-        self.main: _SinkFile | None = None
         self.vfs_name = f"dbre-sink-{secrets.token_hex(6)}"
         super().__init__(self.vfs_name, "")
 
     def xOpen(self, name: object, flags: list[int]) -> _SinkFile:  # type: ignore[override]
         main = bool(flags[0] & apsw.SQLITE_OPEN_MAIN_DB)
-        f = _SinkFile(self.sink if main else None)
-        if main:
-            self.main = f
-        return f
+        return _SinkFile(self.sink if main else None)
 
     def xAccess(self, pathname: str, flags: int) -> bool:
         return False
@@ -341,8 +361,8 @@ def backup(
     repo.require_writable(f"backup {db}")
     with repo.lock(f"backup {db}"):
         # a damaged manifest must not stop the next backup: the newest readable one is the parent
-        snaps = repo.snapshots(db, damaged=[])
-        parent_manifest = snaps[-1] if snaps else None
+        # (format 2 reads one manifest, or one more per damaged newer one)
+        parent_manifest = repo.newest_snapshot(db, damaged=[])
         # read the parent's page map before the read transaction: in rollback mode writers wait
         parent_records = load_records(repo, parent_manifest) if parent_manifest is not None else []
         with ExitStack() as stack:
@@ -356,7 +376,7 @@ def backup(
                 parent = parent_records if same_size else []
                 if checksums is None:
                     checksums = page_size * page_count <= CHECKSUM_AUTO_BYTES
-                taken_at = session.started or now_utc()  # taken just before BEGIN, never after
+                taken_at = now_utc()
                 schema = [
                     {"type": r[0], "name": r[1], "tbl_name": r[2], "sql": r[3]}
                     for r in conn.execute("SELECT type, name, tbl_name, sql FROM sqlite_schema ORDER BY rowid")
@@ -371,7 +391,7 @@ def backup(
                     if image is not None:
                         sink.feed(image)
                     else:
-                        page_one = _copy_pages(conn, sink, session)
+                        _copy_pages(conn, sink)
                     stats = table_stats(conn, checksums)
                     records = sink.finish()
                     # a sizeable pack of page data starts its fsync now, beside the unmapping and
@@ -379,7 +399,6 @@ def backup(
                     writer.flush(min_bytes=4 * 1024 * 1024)
                     path = "direct" if image is not None else f"backup API ({session.reason or 'asked'})"
                     wal_pages = len(image.overlay) if image is not None else 0
-                    page_one = "source" if image is not None else page_one
                 except BaseException:
                     sink.abort()
                     writer.abort()
@@ -416,7 +435,6 @@ def backup(
             user_version=user_version,
             encoding=encoding,
             journal_mode=journal_mode,
-            mode=_file_mode(source),
         )
         seconds = time.perf_counter() - started
         manifest.stats = {
@@ -426,7 +444,6 @@ def backup(
             "seconds": round(seconds, 3),
             "read": path,  # how the pages were read (see dbre.sources.image)
             "wal_pages": wal_pages,  # pages taken from WAL frames, not the file (direct path)
-            "page1": page_one,  # "source", or "rebuilt header" (backup API path: see ImageSession.page_one)
         }
         repo.write_manifest(manifest)
     # bytes_added counts packs (pages and page-map runs), as the manifest's stats do; the manifest
@@ -434,9 +451,7 @@ def backup(
     return BackupResult(manifest, sink.pages_added, writer.bytes_written, seconds)
 
 
-def _copy_pages(conn: apsw.Connection, sink: _PageSink, session: ImageSession) -> str:
-    """Copy the read transaction through the backup API; page 1 is the source's own (the backup
-    API rewrites its header): returns how it was taken (see ``ImageSession.page_one``)."""
+def _copy_pages(conn: apsw.Connection, sink: _PageSink) -> None:
     vfs = _SinkVFS(sink)
     try:
         dest = apsw.Connection(f"dbre-sink-{secrets.token_hex(4)}.db", vfs=vfs.vfs_name)
@@ -449,19 +464,6 @@ def _copy_pages(conn: apsw.Connection, sink: _PageSink, session: ImageSession) -
             dest.close()
     finally:
         vfs.unregister()
-    if sink.page_count == 0:
-        return "source"
-    copied = vfs.main.first if vfs.main is not None else b""
-    if len(copied) != sink.page_size:
-        raise SourceError("backup: the backup API wrote no page 1")
-    page, how = session.page_one(copied)
-    sink.add(0, page)
-    return how
-
-
-def _file_mode(source: Source) -> int | None:
-    file_mode = getattr(source, "file_mode", None)  # a local file's permission bits; None elsewhere
-    return file_mode() if callable(file_mode) else None
 
 
 def _write_runs(records: list[bytes], parent_manifest: Manifest | None, parent: list[bytes],
@@ -471,7 +473,7 @@ def _write_runs(records: list[bytes], parent_manifest: Manifest | None, parent: 
     runs: list[RunRef] = []
     for i, start in enumerate(range(0, len(records), RUN_PAGES)):
         raw = b"".join(records[start : start + RUN_PAGES])
-        h = page_hash(raw).hex()  # a run is addressed like a page
+        h = repo.page_hash(raw).hex()  # a run is addressed like a page
         if i < len(parent_runs) and parent_runs[i].hash == h:
             runs.append(parent_runs[i])
             continue

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dbre.repository.manifest import Manifest
-from dbre.repository.repo import Repository, pack_key, snapshot_key
+from dbre.repository.repo import Repository, pack_key
 from dbre.storage import AlreadyExists
 
 Progress = Callable[[int, int], None]
@@ -57,7 +57,7 @@ def apply_copy(src: Repository, dst: Repository, plan: CopyPlan, progress: Progr
             if progress:
                 progress(i + 1, len(plan.packs))
         for m in plan.snapshots:
-            key = snapshot_key(m.db, m.id)
+            key = src.manifest_key(m)  # the same name: a manifest is sealed under it
             data = src.store.get(key)
             try:
                 dst.store.put(key, data, if_absent=True)

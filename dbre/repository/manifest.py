@@ -6,8 +6,9 @@ import json
 import re
 import secrets
 import struct
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from dbre.errors import UsageError
@@ -30,6 +31,36 @@ def check_db_name(name: str) -> str:
 
 def new_snapshot_id() -> str:
     return secrets.token_hex(8)
+
+
+# Format 2 names a snapshot "<inv>-<id>": inv is 16 hex digits of 2^64-1 minus taken_at in µs since
+# the epoch, so ascending key order (S3's only listing order) is newest first.
+_INV_MAX = 2**64 - 1
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_KEY_ID = re.compile(r"^([0-9a-f]{16})-([0-9a-f]{16})$")
+
+
+def micros(t: datetime) -> int:
+    """Microseconds since the epoch, exactly (no float on the way)."""
+    return (t - _EPOCH) // timedelta(microseconds=1)
+
+
+def inv_time(t: datetime) -> str:
+    """The 16 hex digits that put snapshots taken at ``t`` in newest-first key order."""
+    return f"{_INV_MAX - micros(t):016x}"
+
+
+def snapshot_key_id(taken_at: datetime, snap_id: str) -> str:
+    """A format-2 snapshot's name under ``snapshots/<db>/``."""
+    return f"{inv_time(taken_at)}-{snap_id}"
+
+
+def parse_key_id(name: str) -> tuple[str, datetime] | None:
+    """(id, taken_at) of a format-2 snapshot name; None when ``name`` is not one."""
+    m = _KEY_ID.match(name)
+    if m is None:
+        return None
+    return m.group(2), _EPOCH + timedelta(microseconds=_INV_MAX - int(m.group(1), 16))
 
 
 def now_utc() -> datetime:
@@ -90,7 +121,7 @@ class Manifest:
     journal_mode: str = ""
     stats: dict[str, Any] = field(default_factory=dict)
     format: int = 1
-    mode: int | None = None  # the source file's permission bits (st_mode & 0o7777); None: not a local file
+    root: str | None = None  # format 2: page_hash over the runs (see run_root)
 
     @property
     def time(self) -> datetime:
@@ -99,6 +130,11 @@ class Manifest:
     @property
     def size(self) -> int:
         return self.page_size * self.page_count
+
+    def run_root(self, page_hash: Callable[[bytes], bytes]) -> str:
+        """The root hash over the page map: page_hash(run hashes in order ‖ u64 page_size ‖ u64 page_count)."""
+        body = b"".join(bytes.fromhex(r.hash) for r in self.runs)
+        return page_hash(body + struct.pack("<QQ", self.page_size, self.page_count)).hex()
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self), separators=(",", ":"), sort_keys=True).encode()

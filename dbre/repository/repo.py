@@ -10,20 +10,25 @@ Object layout (docs/FORMAT.md has the full description):
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import secrets
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+import blake3
+import xxhash
+
 from dbre import __version__
-from dbre.errors import LockedError, RepositoryError, UsageError
+from dbre.errors import IntegrityError, LockedError, RepositoryError, UsageError
 from dbre.repository.crypto import (
     CONFIG_MAC_INFO,
     PAGE_HASH_INFO,
@@ -33,11 +38,22 @@ from dbre.repository.crypto import (
     new_key_params,
     open_key,
 )
-from dbre.repository.manifest import Manifest, check_db_name, iso, now_utc
+from dbre.repository.manifest import (
+    Manifest,
+    check_db_name,
+    inv_time,
+    iso,
+    micros,
+    now_utc,
+    parse_key_id,
+    parse_time,
+    snapshot_key_id,
+)
 from dbre.secrets import Secret
 from dbre.storage import AlreadyExists, NotFound, Store, open_store
 
 FORMAT_VERSION = 2  # new repositories; format 1 is still read (never written)
+MANIFEST_READERS = 8  # manifests read at once when a whole history is listed
 LOCK_STALE_SECONDS = 600
 LOCK_REFRESH_SECONDS = 120
 
@@ -52,8 +68,12 @@ def snapshot_key(db: str, snap_id: str) -> str:
 
 @dataclass
 class SnapshotRef:
+    """A snapshot's name: database, id, the key it is stored under, and (format 2) its time."""
+
     db: str
     id: str
+    key: str
+    time: datetime | None = None
 
 
 class Repository:
@@ -66,7 +86,7 @@ class Repository:
         self.raw_config = raw_config  # `config` as stored: an offsite copy gets exactly these bytes
         self._hash_key: bytes | None = None
         self._plain_checked = False  # require_writable found no encrypted object in a plain repository
-        self._manifests: dict[tuple[str, str], Manifest] = {}
+        self._manifests: dict[str, Manifest] = {}  # by key
 
     def __repr__(self) -> str:
         return f"Repository({self.store.url!r}, encrypted={self.sealer.encrypted})"
@@ -270,29 +290,90 @@ class Repository:
 
     # -- snapshots -------------------------------------------------------------------------------
 
+    @functools.cached_property
+    def page_hash(self) -> Callable[[bytes | memoryview], bytes]:
+        """The 16-byte content address of a page (and of a page-map run, and the manifest root).
+
+        Format 2: keyed BLAKE3, so page identity cannot be forged by someone who controls page
+        content; the key is HKDF(master, "dbre v2 page hash"), or the config's random hash_key in
+        a plain repository. Format 1: xxh3-128, unkeyed. Called once per page: the key is bound once.
+        """
+        if self.version < 2:
+            return xxhash.xxh3_128_digest
+        key = self.hash_key
+        if key is None or len(key) != 32:
+            raise RepositoryError(f"repository {self.url}: no page hash key", "restore `config` from the offsite copy")
+
+        def page_hash(data: bytes | memoryview, _new: Any = blake3.blake3, _key: bytes = key) -> bytes:
+            return _new(data, key=_key).digest(16)  # type: ignore[no-any-return]
+
+        return page_hash
+
+    def manifest_key(self, manifest: Manifest) -> str:
+        """The key a snapshot is stored under (format 2 names it by time, newest first)."""
+        if self.version < 2:
+            return snapshot_key(manifest.db, manifest.id)
+        return snapshot_key(manifest.db, snapshot_key_id(manifest.time, manifest.id))
+
     def list_snapshot_refs(self, db: str | None = None) -> list[SnapshotRef]:
+        """Every snapshot's name (of ``db``), in no particular order; no manifest is read."""
         prefix = f"snapshots/{db}/" if db else "snapshots/"
-        refs = []
-        for key in self.store.list(prefix):
-            parts = key.split("/")
-            if len(parts) == 3:
-                refs.append(SnapshotRef(parts[1], parts[2]))
-        return refs
+        return [r for r in map(self._ref, self.store.list(prefix)) if r is not None]
+
+    def _ref(self, key: str) -> SnapshotRef | None:
+        parts = key.split("/")
+        if len(parts) != 3:
+            return None
+        parsed = parse_key_id(parts[2]) if self.version >= 2 else None
+        if parsed is None:  # format 1: the name is the id (in format 2, load_ref refuses it)
+            return SnapshotRef(parts[1], parts[2], key, None)
+        return SnapshotRef(parts[1], parsed[0], key, parsed[1])
 
     def load_manifest(self, db: str, snap_id: str) -> Manifest:
-        cached = self._manifests.get((db, snap_id))
+        """The manifest of snapshot ``snap_id`` (the full id) of ``db``."""
+        if self.version < 2:
+            return self.load_ref(SnapshotRef(db, snap_id, snapshot_key(db, snap_id), None))
+        for r in self.list_snapshot_refs(db):
+            if r.id == snap_id:
+                return self.load_ref(r)
+        raise NotFound(f"snapshot {snap_id} of {db}: no such snapshot")
+
+    def load_ref(self, ref: SnapshotRef) -> Manifest:
+        """Read and check one manifest. Format 2: the body must be the one written under this
+        name: db, id and taken_at as the key says, and the root over its runs."""
+        key = ref.key
+        cached = self._manifests.get(key)
         if cached is not None:
             return cached
-        key = snapshot_key(db, snap_id)
+        if self.version >= 2 and ref.time is None:
+            raise IntegrityError(f"{key}: not a snapshot name of format 2", "remove it; it was not written by dbre")
         raw = self.store.get(key)
         try:
             manifest = Manifest.from_json(self.sealer.unseal(raw, key))
         except (ValueError, TypeError, KeyError) as err:
-            from dbre.errors import IntegrityError
-
             raise IntegrityError(f"{key}: manifest is damaged ({err.__class__.__name__})") from None
-        self._manifests[(db, snap_id)] = manifest
+        if self.version >= 2:
+            self._check_manifest(ref, manifest)
+        self._manifests[key] = manifest
         return manifest
+
+    def _check_manifest(self, ref: SnapshotRef, m: Manifest) -> None:
+        key, hint = ref.key, "the manifest was moved or replaced: restore it from the offsite copy"
+        if m.db != ref.db:
+            raise IntegrityError(f"{key}: snapshot {m.id} belongs to {m.db}, not {ref.db}", hint)
+        if m.id != ref.id:
+            raise IntegrityError(f"{key}: holds snapshot {m.id}, not {ref.id}", hint)
+        if m.format != 2:
+            raise IntegrityError(f"{key}: manifest of format {m.format} in a format-2 repository", hint)
+        try:
+            taken = micros(parse_time(m.taken_at))
+        except UsageError:
+            taken = None
+        assert ref.time is not None
+        if taken != micros(ref.time):
+            raise IntegrityError(f"{key}: snapshot taken at {m.taken_at}, its name says {iso(ref.time)}", hint)
+        if m.root != m.run_root(self.page_hash):
+            raise IntegrityError(f"{key}: page-map root does not match its runs (runs changed or reordered)", hint)
 
     def snapshots(self, db: str | None = None, *, damaged: list[tuple[str, str]] | None = None) -> list[Manifest]:
         """Every snapshot (of ``db``), oldest first.
@@ -300,16 +381,57 @@ class Repository:
         A manifest that cannot be read raises, unless ``damaged`` is given: then it is skipped and
         (key, reason) appended there, so a listing can still show the healthy snapshots.
         """
-        out = []
-        for r in self.list_snapshot_refs(db):
+        def load(r: SnapshotRef) -> Manifest | RepositoryError:
             try:
-                out.append(self.load_manifest(r.db, r.id))
+                return self.load_ref(r)
+            except RepositoryError as err:
+                return err
+
+        refs = self.list_snapshot_refs(db)
+        # manifests are read MANIFEST_READERS at a time: a long history is many small GETs
+        with ThreadPoolExecutor(MANIFEST_READERS, thread_name_prefix="dbre-manifests") as pool:
+            loaded = list(pool.map(load, refs)) if len(refs) > 1 else [load(r) for r in refs]
+        out = []
+        for r, m in zip(refs, loaded, strict=True):
+            if isinstance(m, RepositoryError):
+                if damaged is None:
+                    raise m
+                damaged.append((r.key, m.message))
+            else:
+                out.append(m)
+        out.sort(key=lambda m: (m.taken_at, m.id))
+        return out
+
+    def newest_snapshot(self, db: str, *, damaged: list[tuple[str, str]] | None = None) -> Manifest | None:
+        """The newest snapshot of ``db`` (None if it has none), reading O(1) manifests in format 2.
+
+        A manifest that cannot be read raises, unless ``damaged`` is given: then (key, reason) is
+        appended there and the next older one is read, one at a time (the backup's parent)."""
+        check_db_name(db)
+        if self.version < 2:
+            snaps = self.snapshots(db, damaged=damaged)
+            return snaps[-1] if snaps else None
+        prefix, after = f"snapshots/{db}/", None
+        while True:
+            ref = self._first_ref(prefix, after)
+            if ref is None:
+                return None
+            try:
+                return self.load_ref(ref)
             except RepositoryError as err:
                 if damaged is None:
                     raise
-                damaged.append((snapshot_key(r.db, r.id), err.message))
-        out.sort(key=lambda m: (m.taken_at, m.id))
-        return out
+                damaged.append((ref.key, err.message))
+                after = ref.key
+
+    def _first_ref(self, prefix: str, start_after: str | None) -> SnapshotRef | None:
+        """The first snapshot name under ``prefix`` after ``start_after``: one listing request."""
+        for key in self.store.list(prefix, start_after=start_after, limit=1):
+            ref = self._ref(key)
+            if ref is None:
+                raise IntegrityError(f"{key}: not a snapshot name", "remove it; it was not written by dbre")
+            return ref
+        return None
 
     def databases(self) -> list[str]:
         return sorted({r.db for r in self.list_snapshot_refs()})
@@ -318,12 +440,18 @@ class Repository:
         check_db_name(db)
         snaps = self.snapshots(db)
         if not snaps:
-            known = ", ".join(self.databases()) or "none"
-            raise UsageError(f"no snapshots of database {db!r} in {self.url}", f"known databases: {known}")
+            self._no_snapshots(db)
         return snaps
 
+    def _no_snapshots(self, db: str) -> None:
+        known = ", ".join(self.databases()) or "none"
+        raise UsageError(f"no snapshots of database {db!r} in {self.url}", f"known databases: {known}")
+
     def find_snapshot(self, db: str, snap_id: str | None = None, at: datetime | None = None) -> Manifest:
-        """The snapshot an ID prefix names, or the newest at or before ``at``, or the newest."""
+        """The snapshot an ID prefix names, or the newest at or before ``at``, or the newest.
+
+        Format 2 reads exactly one manifest: the listing of names finds it (one request with
+        ``at`` or for the newest; an id prefix lists the database's names)."""
         if snap_id and at:
             raise UsageError("--snapshot and --at were both given", "pass one of them")
         if snap_id:
@@ -331,29 +459,45 @@ class Repository:
             check_db_name(db)
             refs = self.list_snapshot_refs(db)
             if not refs:
-                self.require_db(db)  # raises, naming the known databases
+                self._no_snapshots(db)  # raises, naming the known databases
             hit_refs = [r for r in refs if r.id.startswith(snap_id)]
             if len(hit_refs) != 1:
                 why = "no snapshot" if not hit_refs else f"{len(hit_refs)} snapshots"
                 raise UsageError(
                     f"{why} of {db!r} with id {snap_id!r}", "list them with `dbre snapshots`"
                 )
-            return self.load_manifest(db, hit_refs[0].id)
-        snaps = self.require_db(db)
-        if at is not None:
-            before = [m for m in snaps if m.time <= at]
-            if not before:
-                raise UsageError(
-                    f"{iso(at)} is before the first snapshot of {db!r} ({snaps[0].taken_at})",
-                    "pick a later time",
-                )
-            return before[-1]
-        return snaps[-1]
+            return self.load_ref(hit_refs[0])
+        if self.version < 2:
+            snaps = self.require_db(db)
+            if at is not None:
+                before = [m for m in snaps if m.time <= at]
+                if not before:
+                    raise UsageError(
+                        f"{iso(at)} is before the first snapshot of {db!r} ({snaps[0].taken_at})",
+                        "pick a later time",
+                    )
+                return before[-1]
+            return snaps[-1]
+        check_db_name(db)
+        prefix = f"snapshots/{db}/"
+        # names at or before ``at`` sort at or after prefix + inv(at): the first of them is the one
+        ref = self._first_ref(prefix, None if at is None else prefix + inv_time(at))
+        if ref is None:
+            refs = self.list_snapshot_refs(db)
+            if not refs:
+                self._no_snapshots(db)
+            assert at is not None
+            first = min(r.time for r in refs if r.time is not None)
+            raise UsageError(f"{iso(at)} is before the first snapshot of {db!r} ({iso(first)})", "pick a later time")
+        return self.load_ref(ref)
 
     def write_manifest(self, manifest: Manifest) -> int:
         """Commit a snapshot: the conditional put of its manifest is the last write of a backup."""
-        key = snapshot_key(manifest.db, manifest.id)
-        data = self.sealer.seal(manifest.to_json(), key)  # bound to the key it is stored under
+        key = self.manifest_key(manifest)
+        if self.version >= 2:
+            manifest.format = 2
+            manifest.root = manifest.run_root(self.page_hash)
+        data = self.sealer.seal(manifest.to_json(), key)
         try:
             self.store.put(key, data, if_absent=True)
         except AlreadyExists:
@@ -361,7 +505,7 @@ class Repository:
             if self.store.get(key) != data:
                 raise
 
-        self._manifests[(manifest.db, manifest.id)] = manifest
+        self._manifests[key] = manifest
         return len(data)
 
     # -- records: drills, verification runs, audits ----------------------------------------------

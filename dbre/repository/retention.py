@@ -9,7 +9,7 @@ from typing import Any
 
 from dbre.errors import UsageError
 from dbre.repository.manifest import Manifest
-from dbre.repository.repo import Repository, pack_key, snapshot_key
+from dbre.repository.repo import Repository, pack_key
 from dbre.storage.local import LocalStore
 
 
@@ -97,7 +97,7 @@ def apply_forget(repo: Repository, plan: ForgetPlan) -> int:
     repo.require_writable("forget")
     with repo.lock("forget"):
         for m in plan.remove:
-            repo.store.delete(snapshot_key(m.db, m.id))
+            repo.store.delete(repo.manifest_key(m))
     return len(plan.remove)
 
 

@@ -9,10 +9,9 @@ from typing import Any
 
 from dbre.errors import RepositoryError
 from dbre.repository.backup import load_records
-from dbre.repository.crypto import page_hash
 from dbre.repository.manifest import RECORD, Manifest
 from dbre.repository.pack import read_pack_index
-from dbre.repository.repo import Repository, pack_key, snapshot_key
+from dbre.repository.repo import Repository, pack_key
 
 Progress = Callable[[int, int], None]
 
@@ -59,9 +58,9 @@ def verify(repo: Repository, db: str | None = None, *, read_data: bool = False,
     users: dict[str, set[str]] = defaultdict(set)
     refs = repo.list_snapshot_refs(db)
     for ref in refs:
-        key = snapshot_key(ref.db, ref.id)
+        key = ref.key
         try:
-            manifest = repo.load_manifest(ref.db, ref.id)
+            manifest = repo.load_ref(ref)
         except RepositoryError as err:
             report.problems.append(Problem(key, f"cannot read manifest: {err.message}"))
             continue
@@ -133,6 +132,7 @@ def _read_pack(repo: Repository, pack: str, needed: set[tuple[int, int]], users:
         except RepositoryError as err:
             report.problems.append(Problem(key, f"{err.message} (needed by {who})"))
             continue
+        page_hash = repo.page_hash
         if b.kind == b"d":
             ps = len(raw) // max(1, len(b.hashes))
             for slot, h in enumerate(b.hashes):
