@@ -453,25 +453,35 @@ def verify(
 def forget(
     repo: RepoOpt,
     db: DbOpt = None,
-    keep_last: Annotated[int, typer.Option("--keep-last", help="Keep the N newest snapshots.")] = 0,
-    keep_hourly: Annotated[int, typer.Option("--keep-hourly", help="Keep the newest of each of N hours.")] = 0,
-    keep_daily: Annotated[int, typer.Option("--keep-daily", help="Keep the newest of each of N days.")] = 0,
-    keep_weekly: Annotated[int, typer.Option("--keep-weekly", help="Keep the newest of each of N weeks.")] = 0,
-    keep_monthly: Annotated[int, typer.Option("--keep-monthly", help="Keep the newest of each of N months.")] = 0,
-    keep_yearly: Annotated[int, typer.Option("--keep-yearly", help="Keep the newest of each of N years.")] = 0,
+    keep_last: Annotated[str, typer.Option("--keep-last", help="Keep the N newest snapshots.")] = "0",
+    keep_hourly: Annotated[str, typer.Option("--keep-hourly", help="Keep the newest of each of N hours.")] = "0",
+    keep_daily: Annotated[str, typer.Option("--keep-daily", help="Keep the newest of each of N days.")] = "0",
+    keep_weekly: Annotated[str, typer.Option("--keep-weekly", help="Keep the newest of each of N ISO weeks.")] = "0",
+    keep_monthly: Annotated[str, typer.Option("--keep-monthly", help="Keep the newest of each of N months.")] = "0",
+    keep_yearly: Annotated[str, typer.Option("--keep-yearly", help="Keep the newest of each of N years.")] = "0",
+    keep_within: Annotated[str | None, typer.Option(
+        "--keep-within", help="Keep all snapshots within DURATION of the newest: 7d, 12h, 2y5m7d3h (m = months).",
+    )] = None,
+    keep_tz: Annotated[str, typer.Option(
+        "--keep-tz", help="Time zone of the hours, days, weeks, months and years, e.g. Europe/Paris.")] = "UTC",
     prune_packs: Annotated[bool, typer.Option("--prune", help="Then delete packs no snapshot needs.")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Show what would go, delete nothing.")] = False,
     json_out: JsonOpt = False,
     key_file: KeyFileOpt = None,
 ) -> None:
-    """Forget snapshots a retention policy does not keep; --prune frees their space."""
+    """Forget snapshots a retention policy does not keep (restic's rules; a count may be unlimited); --prune frees
+    their space."""
 
     def go() -> None:
+        from dbre.repository.keep import parse_count
         from dbre.repository.manifest import check_db_name
         from dbre.repository.repo import Repository
         from dbre.repository.retention import KeepPolicy, apply_forget, plan_forget, prune
 
-        policy = KeepPolicy(keep_last, keep_hourly, keep_daily, keep_weekly, keep_monthly, keep_yearly)
+        counts = {"last": keep_last, "hourly": keep_hourly, "daily": keep_daily, "weekly": keep_weekly,
+                  "monthly": keep_monthly, "yearly": keep_yearly}
+        policy = KeepPolicy(**{k: parse_count(v, f"--keep-{k}") for k, v in counts.items()}, within=keep_within,
+                            timezone=keep_tz)
         policy.check()
         if db:
             check_db_name(db)

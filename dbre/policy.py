@@ -30,8 +30,8 @@ from pydantic import (
 )
 
 from dbre.errors import UsageError
+from dbre.repository.keep import KeepDuration, KeepPolicy
 from dbre.repository.manifest import check_db_name
-from dbre.repository.retention import KeepPolicy
 
 # -- value types ---------------------------------------------------------------------------------
 
@@ -149,6 +149,7 @@ SecretRef = Annotated[str, AfterValidator(check_secret_ref)]
 UrlOrSecretRef = Annotated[str, AfterValidator(_check_url_or_ref)]
 Location = Annotated[str, AfterValidator(_no_credentials_in_url)]
 TimeZone = Annotated[str, AfterValidator(_check_timezone)]
+KeepWithin = Annotated[str, AfterValidator(lambda v: str(KeepDuration.parse(v)))]  # restic's format, m = months
 CronText = Annotated[str, AfterValidator(_check_cron)]
 DbName = Annotated[str, AfterValidator(_check_db_name)]
 
@@ -213,18 +214,22 @@ class Retention(_Model):
     keep_weekly: NonNegativeInt = 0
     keep_monthly: NonNegativeInt = 0
     keep_yearly: NonNegativeInt = 0
+    keep_within: KeepWithin | None = Field(
+        default=None, description="Keep every snapshot within this of the newest, restic's format: 7d, 12h, 1y6m")
+    timezone: TimeZone | None = Field(
+        default=None, description="Zone of the hours, days, weeks...; default: the schedules' time zone")
     prune: bool = True
 
     @model_validator(mode="after")
     def _some_rule(self) -> Retention:
         if not any((self.keep_last, self.keep_hourly, self.keep_daily, self.keep_weekly, self.keep_monthly,
-                    self.keep_yearly)):
-            raise ValueError("keeps nothing: set at least one keep_* above zero")
+                    self.keep_yearly, self.keep_within)):
+            raise ValueError("keeps nothing: set at least one keep_* above zero, or keep_within")
         return self
 
     def keep_policy(self) -> KeepPolicy:
         return KeepPolicy(self.keep_last, self.keep_hourly, self.keep_daily, self.keep_weekly,
-                          self.keep_monthly, self.keep_yearly)
+                          self.keep_monthly, self.keep_yearly, self.keep_within, self.timezone)
 
 
 class Schedule(_Model):
@@ -338,6 +343,12 @@ class Policy(_Model):
     contacts: list[Contact] = Field(default_factory=list)
     compliance: list[str] = Field(default_factory=list, description="Installation-wide regulations and contracts")
     costs: Costs = Costs()
+
+    @model_validator(mode="after")
+    def _retention_timezone(self) -> Policy:
+        if self.retention.timezone is None:  # days and weeks are those of the schedules' zone
+            self.retention = self.retention.model_copy(update={"timezone": self.schedules.timezone})
+        return self
 
     @field_validator("databases")
     @classmethod

@@ -19,15 +19,17 @@ from tasks.retention import forget_snapshots, prune_repository
 def retention_flow(databases: list[str] | None = None, policy: str | None = None, repo: str | None = None,
                    offsite: list[str] | None = None, key: str | None = None, keep_last: int | None = None,
                    keep_hourly: int | None = None, keep_daily: int | None = None, keep_weekly: int | None = None,
-                   keep_monthly: int | None = None, keep_yearly: int | None = None, prune: bool = True,
-                   dry_run: bool = False) -> dict[str, Any]:
-    """Apply retention to the primary and every offsite repository; keep_* parameters replace the policy's."""
+                   keep_monthly: int | None = None, keep_yearly: int | None = None, keep_within: str | None = None,
+                   prune: bool = True, dry_run: bool = False) -> dict[str, Any]:
+    """Apply retention to the primary and every offsite repository; keep_* parameters replace the policy's
+    rules (counts: -1 is unlimited; keep_within: restic's 7d, 1y6m), in the policy's retention time zone."""
     pol = load(policy)
     r = repos(pol, repo, offsite, key)
     given = {"last": keep_last, "hourly": keep_hourly, "daily": keep_daily, "weekly": keep_weekly,
              "monthly": keep_monthly, "yearly": keep_yearly}
-    if any(v is not None for v in given.values()):
-        keep = KeepPolicy(**{k: v or 0 for k, v in given.items()})
+    if any(v is not None for v in given.values()) or keep_within:
+        keep = KeepPolicy(**{k: v or 0 for k, v in given.items()}, within=keep_within,
+                          timezone=pol.retention.timezone if pol else None)
     elif pol is not None:
         keep = pol.retention.keep_policy()
     else:

@@ -13,9 +13,9 @@ from tasks.secrets import resolve_key
 
 
 @task(name="forget", task_run_name="forget in {repo}", timeout_seconds=HOUR, **TASK_OPTIONS)
-def forget_snapshots(repo: str, keep: dict[str, int], dbs: list[str] | None = None, dry_run: bool = False,
+def forget_snapshots(repo: str, keep: dict[str, Any], dbs: list[str] | None = None, dry_run: bool = False,
                      key: str | None = None) -> dict[str, Any]:
-    """Forget the snapshots (of ``dbs``) that ``keep`` (KeepPolicy fields) does not keep."""
+    """Forget the snapshots (of ``dbs``) that ``keep`` (KeepPolicy fields, time zone included) does not keep."""
     repository = Repository.open(repo, resolve_key(key))
     policy = KeepPolicy(**keep)
     known = set(repository.databases())

@@ -103,6 +103,9 @@ def kept_ages(interval_seconds: float, keep: KeepPolicy) -> list[float]:
     horizon = keep.last * interval
     for name, period in _PERIOD_SECONDS.items():
         horizon = max(horizon, getattr(keep, name) * max(interval, period))
+    within = keep.within_duration()
+    if within is not None:
+        horizon = max(horizon, within.longest_seconds())
     count = int(horizon // interval) + 2
     anchor = datetime(2001, 1, 1, tzinfo=UTC)  # a fixed anchor keeps the simulation deterministic
     fake = [

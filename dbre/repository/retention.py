@@ -2,67 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Any
 
-from dbre.errors import UsageError
+from dbre.repository.keep import KeepPolicy as KeepPolicy  # re-exported: the keep rules live in keep.py
+from dbre.repository.keep import apply_policy as apply_policy
 from dbre.repository.manifest import Manifest
-from dbre.repository.repo import Repository, pack_key
+from dbre.repository.repo import Repository, pack_key, snapshot_key
 from dbre.storage.local import LocalStore
-
-
-@dataclass
-class KeepPolicy:
-    last: int = 0
-    hourly: int = 0
-    daily: int = 0
-    weekly: int = 0
-    monthly: int = 0
-    yearly: int = 0
-
-    def empty(self) -> bool:
-        return not any((self.last, self.hourly, self.daily, self.weekly, self.monthly, self.yearly))
-
-    def check(self) -> None:
-        if self.empty():
-            raise UsageError("no retention rule given", "pass at least one --keep-* option, e.g. --keep-daily 7")
-        for name, v in vars(self).items():
-            if v < 0:
-                raise UsageError(f"--keep-{name} is negative", "use 0 or more")
-
-
-_BUCKETS: list[tuple[str, Callable[[datetime], tuple[int, ...]]]] = [
-    ("hourly", lambda t: (t.year, t.month, t.day, t.hour)),
-    ("daily", lambda t: (t.year, t.month, t.day)),
-    ("weekly", lambda t: tuple(t.isocalendar()[:2])),
-    ("monthly", lambda t: (t.year, t.month)),
-    ("yearly", lambda t: (t.year,)),
-]
-
-
-def apply_policy(snaps: list[Manifest], policy: KeepPolicy) -> dict[str, list[str]]:
-    """Map each kept snapshot id to the rules that keep it; snapshots not in the map go.
-
-    Like restic: walking from the newest, each rule keeps the newest snapshot of each of the
-    last N periods (hours, days, ...) that have a snapshot.
-    """
-    newest_first = sorted(snaps, key=lambda m: (m.taken_at, m.id), reverse=True)
-    reasons: dict[str, list[str]] = {}
-    for m in newest_first[: policy.last]:
-        reasons.setdefault(m.id, []).append("last")
-    for name, bucket in _BUCKETS:
-        n = getattr(policy, name)
-        seen: set[tuple[int, ...]] = set()
-        for m in newest_first:
-            if len(seen) >= n:
-                break
-            b = bucket(m.time)
-            if b not in seen:
-                seen.add(b)
-                reasons.setdefault(m.id, []).append(name)
-    return reasons
 
 
 @dataclass
@@ -97,7 +44,7 @@ def apply_forget(repo: Repository, plan: ForgetPlan) -> int:
     repo.require_writable("forget")
     with repo.lock("forget"):
         for m in plan.remove:
-            repo.store.delete(repo.manifest_key(m))
+            repo.store.delete(snapshot_key(m.db, m.id))
     return len(plan.remove)
 
 
