@@ -8,7 +8,7 @@ from typing import Any
 from dbre.repository.keep import KeepPolicy as KeepPolicy  # re-exported: the keep rules live in keep.py
 from dbre.repository.keep import apply_policy as apply_policy
 from dbre.repository.manifest import Manifest
-from dbre.repository.repo import Repository, pack_key, snapshot_key
+from dbre.repository.repo import Repository, pack_key
 from dbre.storage.local import LocalStore
 
 
@@ -44,7 +44,7 @@ def apply_forget(repo: Repository, plan: ForgetPlan) -> int:
     repo.require_writable("forget")
     with repo.lock("forget"):
         for m in plan.remove:
-            repo.store.delete(snapshot_key(m.db, m.id))
+            repo.store.delete(repo.manifest_key(m))
     return len(plan.remove)
 
 
