@@ -273,7 +273,7 @@ class _SinkFile:
         return self.first[offset : offset + amount]
 
     def xWrite(self, data: bytes, offset: int) -> None:
-        if self.sink is not None:
+        if self.sink is not None and offset:  # page 1 comes from the source itself: see _copy_pages
             self.sink.page(offset, data)
         if offset == 0:
             self.first = data
@@ -317,12 +317,16 @@ class _SinkVFS(apsw.VFS):
 
     def __init__(self, sink: _PageSink) -> None:
         self.sink = sink
+        self.main: _SinkFile | None = None
         self.vfs_name = f"dbre-sink-{secrets.token_hex(6)}"
         super().__init__(self.vfs_name, "")
 
     def xOpen(self, name: object, flags: list[int]) -> _SinkFile:  # type: ignore[override]
         main = bool(flags[0] & apsw.SQLITE_OPEN_MAIN_DB)
-        return _SinkFile(self.sink if main else None)
+        f = _SinkFile(self.sink if main else None)
+        if main:
+            self.main = f
+        return f
 
     def xAccess(self, pathname: str, flags: int) -> bool:
         return False
@@ -376,7 +380,7 @@ def backup(
                 parent = parent_records if same_size else []
                 if checksums is None:
                     checksums = page_size * page_count <= CHECKSUM_AUTO_BYTES
-                taken_at = now_utc()
+                taken_at = session.started or now_utc()  # taken just before BEGIN, never after
                 schema = [
                     {"type": r[0], "name": r[1], "tbl_name": r[2], "sql": r[3]}
                     for r in conn.execute("SELECT type, name, tbl_name, sql FROM sqlite_schema ORDER BY rowid")
@@ -391,7 +395,7 @@ def backup(
                     if image is not None:
                         sink.feed(image)
                     else:
-                        _copy_pages(conn, sink)
+                        page_one = _copy_pages(conn, sink, session)
                     stats = table_stats(conn, checksums)
                     records = sink.finish()
                     # a sizeable pack of page data starts its fsync now, beside the unmapping and
@@ -399,6 +403,7 @@ def backup(
                     writer.flush(min_bytes=4 * 1024 * 1024)
                     path = "direct" if image is not None else f"backup API ({session.reason or 'asked'})"
                     wal_pages = len(image.overlay) if image is not None else 0
+                    page_one = "source" if image is not None else page_one
                 except BaseException:
                     sink.abort()
                     writer.abort()
@@ -435,6 +440,7 @@ def backup(
             user_version=user_version,
             encoding=encoding,
             journal_mode=journal_mode,
+            mode=_file_mode(source),
         )
         seconds = time.perf_counter() - started
         manifest.stats = {
@@ -444,6 +450,7 @@ def backup(
             "seconds": round(seconds, 3),
             "read": path,  # how the pages were read (see dbre.sources.image)
             "wal_pages": wal_pages,  # pages taken from WAL frames, not the file (direct path)
+            "page1": page_one,  # "source", or "rebuilt header" (backup API path: see ImageSession.page_one)
         }
         repo.write_manifest(manifest)
     # bytes_added counts packs (pages and page-map runs), as the manifest's stats do; the manifest
@@ -451,7 +458,9 @@ def backup(
     return BackupResult(manifest, sink.pages_added, writer.bytes_written, seconds)
 
 
-def _copy_pages(conn: apsw.Connection, sink: _PageSink) -> None:
+def _copy_pages(conn: apsw.Connection, sink: _PageSink, session: ImageSession) -> str:
+    """Copy the read transaction through the backup API; page 1 is the source's own (the backup
+    API rewrites its header): returns how it was taken (see ``ImageSession.page_one``)."""
     vfs = _SinkVFS(sink)
     try:
         dest = apsw.Connection(f"dbre-sink-{secrets.token_hex(4)}.db", vfs=vfs.vfs_name)
@@ -464,6 +473,19 @@ def _copy_pages(conn: apsw.Connection, sink: _PageSink) -> None:
             dest.close()
     finally:
         vfs.unregister()
+    if sink.page_count == 0:
+        return "source"
+    copied = vfs.main.first if vfs.main is not None else b""
+    if len(copied) != sink.page_size:
+        raise SourceError("backup: the backup API wrote no page 1")
+    page, how = session.page_one(copied)
+    sink.add(0, page)
+    return how
+
+
+def _file_mode(source: Source) -> int | None:
+    file_mode = getattr(source, "file_mode", None)  # a local file's permission bits; None elsewhere
+    return file_mode() if callable(file_mode) else None
 
 
 def _write_runs(records: list[bytes], parent_manifest: Manifest | None, parent: list[bytes],

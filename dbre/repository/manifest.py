@@ -121,6 +121,7 @@ class Manifest:
     journal_mode: str = ""
     stats: dict[str, Any] = field(default_factory=dict)
     format: int = 1
+    mode: int | None = None  # the source file's permission bits (st_mode & 0o7777); None: not a local file
     root: str | None = None  # format 2: page_hash over the runs (see run_root)
 
     @property

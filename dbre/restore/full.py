@@ -17,11 +17,14 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import apsw
+
 from dbre.errors import IntegrityError, RestoreError, UsageError
 from dbre.repository.backup import iter_records
 from dbre.repository.manifest import Manifest
 from dbre.repository.repo import Repository
 
+HOLD_WAIT_MS = 5000  # how long `--force` waits for the old database's other connections
 READ_SPAN = 16 * 1024 * 1024  # blobs of one pack closer than this are fetched in one ranged read
 SYNC_EVERY = 32 * 1024 * 1024  # bytes written between two background fdatasync calls
 
@@ -135,6 +138,8 @@ def apply_restore(repo: Repository, plan: RestorePlan, progress: Progress | None
     except OSError as err:
         raise RestoreError(f"restore to {plan.target}: cannot create a file there ({err.strerror})",
                            "check the folder's permissions") from err
+    if m.mode is not None:
+        os.fchmod(fd, m.mode)  # the source's own mode, whatever the umask (None: 0644 minus umask)
     page_hash = repo.page_hash
     try:
         os.ftruncate(fd, m.size)
@@ -204,14 +209,74 @@ def apply_restore(repo: Repository, plan: RestorePlan, progress: Progress | None
             raise RestoreError(f"restore to {plan.target}: {err.strerror}") from err
         raise
     os.close(fd)
-    if plan.force:
-        # a -wal left by the old database would be replayed into the new one: remove it first
-        for suffix in ("-wal", "-shm", "-journal"):
-            Path(str(plan.target) + suffix).unlink(missing_ok=True)
-    os.replace(tmp, plan.target)
-    dfd = os.open(plan.target.parent, os.O_RDONLY)
     try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+        _replace(tmp, plan.target, plan.force)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return RestoreResult(plan, time.perf_counter() - started)
+
+
+def _crash_point(name: str) -> None:
+    """Nothing; the crash tests replace it to kill -9 the process at each dangerous instant."""
+
+
+def _replace(tmp: Path, target: Path, force: bool) -> None:
+    """Rename the restored file over ``target`` so that a crash at any instant leaves the complete
+    old database or the complete new one, never the old file without its WAL nor the new file
+    beside the old WAL (SQLite would replay the old frames into it).
+
+    The old database is held still first (``_hold_still``: an exclusive lock, and every WAL frame
+    copied into the file, so its file alone is complete); then its -wal, -shm and -journal go, then
+    the new file is renamed over it, and only then is the lock let go.
+    """
+    held = _hold_still(target) if force and target.exists() else None
+    try:
+        _crash_point("held")
+        if force:
+            for suffix in ("-wal", "-shm", "-journal"):
+                Path(str(target) + suffix).unlink(missing_ok=True)
+        _crash_point("cleared")
+        os.replace(tmp, target)
+        _crash_point("renamed")
+        dfd = os.open(target.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    finally:
+        if held is not None:
+            held.close()  # checkpoint-on-close is off: closing removes no file by name
+
+
+def _hold_still(target: Path) -> apsw.Connection | None:
+    """An exclusive lock on the old database, with its WAL checkpointed and truncated; None when
+    the old file is not a database (it is then simply replaced)."""
+    try:
+        conn = apsw.Connection(str(target), flags=apsw.SQLITE_OPEN_READWRITE)
+    except apsw.Error:
+        return None
+    conn.config(apsw.SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, 1)
+    try:
+        conn.set_busy_timeout(HOLD_WAIT_MS)
+        conn.execute("PRAGMA locking_mode=EXCLUSIVE")
+        conn.execute("BEGIN EXCLUSIVE")  # (a hot journal of the old database is rolled back here)
+        conn.execute("SELECT count(*) FROM sqlite_schema").fetchall()
+        conn.execute("COMMIT")  # the exclusive lock stays: locking_mode=EXCLUSIVE
+        if str(conn.execute("PRAGMA journal_mode").get).lower() == "wal":
+            busy, frames, copied = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").get
+            wal = Path(str(target) + "-wal")
+            if busy or frames != copied or (wal.exists() and wal.stat().st_size):
+                raise RestoreError(f"restore to {target}: the old database's WAL could not be checkpointed",
+                                   "stop the application using it, or restore to another path")
+    except (apsw.NotADBError, apsw.CorruptError):
+        conn.close()
+        return None
+    except apsw.BusyError:
+        conn.close()
+        raise RestoreError(f"restore to {target}: the database there is in use",
+                           "stop the application using it, or restore to another path") from None
+    except BaseException:
+        conn.close()
+        raise
+    return conn
