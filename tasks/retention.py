@@ -7,7 +7,7 @@ from typing import Any
 from prefect import task
 
 from dbre.repository.repo import Repository
-from dbre.repository.retention import KeepPolicy, apply_forget, plan_forget, prune
+from dbre.repository.retention import PRUNE_GRACE_SECONDS, KeepPolicy, forget, prune
 from tasks.retry import HOUR, TASK_OPTIONS
 from tasks.secrets import resolve_key
 
@@ -24,9 +24,7 @@ def forget_snapshots(repo: str, keep: dict[str, Any], dbs: list[str] | None = No
     for db in (dbs if dbs is not None else sorted(known)):
         if db not in known:
             continue  # never backed up here yet: nothing to forget
-        plan = plan_forget(repository, policy, db)
-        if not dry_run:
-            apply_forget(repository, plan)
+        plan, _ = forget(repository, policy, db, dry_run=dry_run)  # planned and applied under one lock
         kept += plan.describe()["keep"]
         removed += plan.describe()["remove"]
     return {"repository": repository.url, "dry_run": dry_run, "kept": len(kept), "forgotten": len(removed),
@@ -34,7 +32,10 @@ def forget_snapshots(repo: str, keep: dict[str, Any], dbs: list[str] | None = No
 
 
 @task(name="prune", task_run_name="prune {repo}", timeout_seconds=2 * HOUR, **TASK_OPTIONS)
-def prune_repository(repo: str, dry_run: bool = False, key: str | None = None) -> dict[str, Any]:
-    """Delete packs no snapshot needs (exclusive lock); returns how many went and stayed."""
+def prune_repository(repo: str, dry_run: bool = False, key: str | None = None,
+                     grace_seconds: float = PRUNE_GRACE_SECONDS) -> dict[str, Any]:
+    """Delete packs no snapshot needs and older than the grace period (exclusive lock); returns how many
+    went and stayed."""
     repository = Repository.open(repo, resolve_key(key))
-    return {"repository": repository.url, "dry_run": dry_run, **prune(repository, dry_run=dry_run).describe()}
+    plan = prune(repository, dry_run=dry_run, grace=grace_seconds)
+    return {"repository": repository.url, "dry_run": dry_run, **plan.describe()}

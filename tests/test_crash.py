@@ -163,8 +163,8 @@ class Checker:
 
 
 def prune_all(repo: Path) -> None:
-    """Prune without forgetting anything: only garbage goes."""
-    r = cli("forget", "--repo", repo, "--keep-last", "100000", "--prune", "--json")
+    """Prune without forgetting anything: only garbage goes (at once: --grace 0)."""
+    r = cli("forget", "--repo", repo, "--keep-last", "100000", "--prune", "--grace", "0", "--json")
     assert r.returncode == 0, r
 
 
@@ -306,7 +306,7 @@ def many_snapshots(tmp_path: Path) -> tuple[Path, Path]:
 def test_kill_forget_prune(tmp_path: Path, many_snapshots: tuple[Path, Path]) -> None:
     src, base = many_snapshots
     log = tmp_path / "dbre.log"
-    args: list[str | Path] = ["forget", "--keep-last", "3", "--prune"]
+    args: list[str | Path] = ["forget", "--keep-last", "3", "--prune", "--grace", "0"]
     durations = []
     checker = Checker(tmp_path)
     for k in range(2):  # the quicker of two runs: a busy machine only ever adds time

@@ -27,7 +27,7 @@ from dbre.report.inventory import classify_column_name, sniff_column, sniff_valu
 from dbre.report.requirements import analyze, fit_trend, kept_ages
 from dbre.report.requirements_docs import write_documents
 from dbre.report.requirements_model import AT_RISK, MET, NOT_MET, Prices, RequirementsReport
-from dbre.repository.copy import apply_copy, plan_copy
+from dbre.repository.copy import copy_snapshots
 from dbre.repository.repo import Repository
 from dbre.repository.retention import KeepPolicy
 from dbre.sources.local import LocalFileSource
@@ -182,7 +182,7 @@ def build_history(root: Path) -> History:
                                            "rto_seconds": rto, "rpo_seconds": 3600.0, "validated": passed,
                                            "passed": passed})
     offsite = Repository.init_copy_of(repo, str(root / "offsite"), None)
-    apply_copy(repo, offsite, plan_copy(repo, offsite, None))
+    copy_snapshots(repo, offsite)
     policy = root / "dbre.yaml"
     policy.write_text(POLICY.format(repo=root / "repo", offsite=root / "offsite", shop=shop, ledger=ledger,
                                     scratch=root / "scratch"))

@@ -44,12 +44,20 @@ def plan_copy(src: Repository, dst: Repository, db: str | None = None) -> CopyPl
     return plan
 
 
-def apply_copy(src: Repository, dst: Repository, plan: CopyPlan, progress: Progress | None = None) -> int:
-    """Copy packs as stored (still sealed), then each manifest: a copy cut short leaves
-    only unreferenced packs behind, never a snapshot without its data. Returns bytes copied."""
+def copy_snapshots(src: Repository, dst: Repository, db: str | None = None,
+                   progress: Progress | None = None) -> tuple[CopyPlan, int]:
+    """Copy the snapshots (of ``db``) not yet in ``dst``: planned and applied under a shared lock on
+    each repository, so no prune on either side runs between the plan and the last manifest.
+
+    Packs go first, as stored (still sealed), then each manifest: a copy cut short leaves only
+    unreferenced packs behind, never a snapshot without its data. Before each manifest put the
+    destination's lock is checked alive (``Lock.check_alive``; the source's lock only keeps its
+    packs from going while they are read). Returns the plan and the bytes copied.
+    """
     copied = 0
     dst.require_writable("copy")
-    with src.lock("copy (source)"), dst.lock("copy"):
+    with src.lock("copy (source)"), dst.lock("copy") as dst_lock:
+        plan = plan_copy(src, dst, db)
         for i, pack in enumerate(plan.packs):
             data = src.store.get(pack_key(pack))
             dst.store.put(pack_key(pack), data)
@@ -59,9 +67,11 @@ def apply_copy(src: Repository, dst: Repository, plan: CopyPlan, progress: Progr
         for m in plan.snapshots:
             key = src.manifest_key(m)  # the same name: a manifest is sealed under it
             data = src.store.get(key)
+            what = f"copy of {m.db} snapshot {m.id}"
+            dst_lock.check_alive(what, consequence="it was not copied", hint="run the copy again")
             try:
                 dst.store.put(key, data, if_absent=True)
             except AlreadyExists:
                 pass
             copied += len(data)
-    return copied
+    return plan, copied

@@ -12,14 +12,10 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import secrets
-import socket
-import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -28,7 +24,7 @@ import blake3
 import xxhash
 
 from dbre import __version__
-from dbre.errors import IntegrityError, LockedError, RepositoryError, UsageError
+from dbre.errors import IntegrityError, RepositoryError, UsageError
 from dbre.repository.crypto import (
     CONFIG_MAC_INFO,
     PAGE_HASH_INFO,
@@ -38,6 +34,8 @@ from dbre.repository.crypto import (
     new_key_params,
     open_key,
 )
+from dbre.repository.lock import Lock, read_locks
+from dbre.repository.lock import hold as hold_lock
 from dbre.repository.manifest import (
     Manifest,
     check_db_name,
@@ -54,8 +52,6 @@ from dbre.storage import AlreadyExists, NotFound, Store, open_store
 
 FORMAT_VERSION = 2  # new repositories; format 1 is still read (never written)
 MANIFEST_READERS = 8  # manifests read at once when a whole history is listed
-LOCK_STALE_SECONDS = 600
-LOCK_REFRESH_SECONDS = 120
 
 
 def pack_key(pack_id: str) -> str:
@@ -552,54 +548,11 @@ class Repository:
 
     # -- locks -----------------------------------------------------------------------------------
 
-    @contextmanager
-    def lock(self, op: str, *, exclusive: bool = False) -> Iterator[None]:
-        """Hold a lock for ``op``. Backups and copies share; prune is exclusive.
-
-        A lock is refreshed every few minutes and counts as stale after ten without refresh
-        (a run killed with -9 leaves one behind; `dbre unlock` removes stale ones).
-        """
-        lock_id = secrets.token_hex(8)
-        key = f"locks/{lock_id}"
-        record = {
-            "op": op,
-            "exclusive": exclusive,
-            "host": socket.gethostname(),
-            "pid": os.getpid(),
-            "created": iso(now_utc()),
-            "time": time.time(),
-        }
-        self.store.put(key, json.dumps(record).encode())
-        try:
-            for other_key, other in self.read_locks():
-                if other_key == key or _is_stale(other):
-                    continue
-                if exclusive or other.get("exclusive"):
-                    raise LockedError(
-                        f"repository is locked by {other.get('op')} on {other.get('host')} "
-                        f"(pid {other.get('pid')}, since {other.get('created')})",
-                        "wait for it to finish, or run `dbre unlock` if that run is dead",
-                    )
-        except BaseException:
-            self.store.delete(key)
-            raise
-        stop = threading.Event()
-
-        def refresh() -> None:
-            while not stop.wait(LOCK_REFRESH_SECONDS):
-                record["time"] = time.time()
-                try:
-                    self.store.put(key, json.dumps(record).encode())
-                except Exception:  # noqa: BLE001 - a missed refresh only ages the lock
-                    pass
-
-        thread = threading.Thread(target=refresh, daemon=True, name="dbre-lock-refresh")
-        thread.start()
-        try:
-            yield
-        finally:
-            stop.set()
-            self.store.delete(key)
+    def lock(self, op: str, *, exclusive: bool = False) -> AbstractContextManager[Lock]:
+        """Hold a lock for ``op`` (dbre.repository.lock): backups, copies and restores share;
+        forget and prune are exclusive. ``with repo.lock("backup app") as lock:`` and
+        ``lock.check_alive(what)`` immediately before each commit."""
+        return hold_lock(self.store, op, exclusive=exclusive)
 
     def read_locks(self) -> list[tuple[str, dict[str, Any]]]:
         return read_locks(self.store)
@@ -614,43 +567,6 @@ def _refuse_init_over_data(store: Store) -> None:
                 f"repository {store.url} holds data but no config",
                 "restore `config` from the offsite copy or a backup of the repository",
             )
-
-
-def read_locks(store: Store) -> list[tuple[str, dict[str, Any]]]:
-    out = []
-    for k in store.list("locks/"):
-        try:
-            out.append((k, json.loads(store.get(k))))
-        except NotFound:
-            continue
-        except ValueError:
-            out.append((k, {"op": "?", "time": 0}))
-    return out
-
-
-def remove_locks(store: Store, *, all_locks: bool = False) -> int:
-    """Remove stale locks (or every lock); returns how many were removed."""
-    removed = 0
-    for k, rec in read_locks(store):
-        if all_locks or _is_stale(rec):
-            store.delete(k)
-            removed += 1
-    return removed
-
-
-def _is_stale(rec: dict[str, Any]) -> bool:
-    if time.time() - float(rec.get("time", 0)) > LOCK_STALE_SECONDS:
-        return True
-    if rec.get("host") == socket.gethostname():
-        pid = int(rec.get("pid", 0))
-        if pid and pid != os.getpid():
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                return True  # the run on this machine is dead: its lock is stale at once
-            except PermissionError:
-                return False
-    return False
 
 
 TOOL = f"dbre {__version__}"

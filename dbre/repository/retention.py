@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
+from dbre.errors import LockedError, RepositoryError, UsageError
 from dbre.repository.keep import KeepPolicy as KeepPolicy  # re-exported: the keep rules live in keep.py
 from dbre.repository.keep import apply_policy as apply_policy
+from dbre.repository.lock import Lock
 from dbre.repository.manifest import Manifest
 from dbre.repository.repo import Repository, pack_key
+from dbre.storage import NotFound
 from dbre.storage.local import LocalStore
+
+PRUNE_GRACE_SECONDS = 2 * 3600.0  # prune never deletes an object younger than this (store's clock)
 
 
 @dataclass
@@ -39,41 +45,104 @@ def plan_forget(repo: Repository, policy: KeepPolicy, db: str | None = None) -> 
     return plan
 
 
-def apply_forget(repo: Repository, plan: ForgetPlan) -> int:
-    """Delete the manifests of forgotten snapshots (their data stays until prune)."""
-    repo.require_writable("forget")
-    with repo.lock("forget"):
-        for m in plan.remove:
-            repo.store.delete(repo.manifest_key(m))
-    return len(plan.remove)
+def forget(repo: Repository, policy: KeepPolicy, db: str | None = None, *, dry_run: bool = False,
+           prune: bool = False, grace: float = PRUNE_GRACE_SECONDS) -> tuple[ForgetPlan, PrunePlan | None]:
+    """Forget the snapshots ``policy`` does not keep (their data stays until prune); with ``prune``,
+    then delete the packs nothing needs (``plan_prune``).
+
+    Planned and applied under one exclusive lock, so the plan is of the repository as it is when
+    applied. A dry run plans the same way under a shared lock (its clock judges the grace period)
+    and deletes nothing. A listing or a manifest that cannot be read aborts before any deletion.
+    """
+    policy.check()
+    if not dry_run:
+        repo.require_writable("forget")
+    with repo.lock("forget", exclusive=not dry_run) as lock:
+        plan = _reading("forget", "no snapshot was forgotten", lambda: plan_forget(repo, policy, db))
+        if not dry_run:
+            for m in plan.remove:
+                lock.check_alive("forget", consequence="the remaining snapshots were not forgotten")
+                repo.store.delete(repo.manifest_key(m))
+        pruned = None
+        if prune:
+            pruned = _prune(repo, lock, grace, dry_run, forgotten=plan.remove if dry_run else [])
+    return plan, pruned
 
 
 @dataclass
 class PrunePlan:
-    unused_packs: list[str]
+    unused_packs: list[str]  # to delete: no snapshot names them and they are older than the grace period
     used_packs: int
+    grace_kept: int = 0  # unused, but younger than the grace period: maybe a running backup's
+    grace: float = PRUNE_GRACE_SECONDS
 
     def describe(self) -> dict[str, Any]:
-        return {"delete_packs": len(self.unused_packs), "keep_packs": self.used_packs}
+        return {"delete_packs": len(self.unused_packs), "keep_packs": self.used_packs,
+                "grace_kept_packs": self.grace_kept, "grace_seconds": self.grace}
 
 
-def plan_prune(repo: Repository) -> PrunePlan:
+def plan_prune(repo: Repository, lock: Lock, *, grace: float = PRUNE_GRACE_SECONDS,
+               forgotten: Collection[Manifest] = ()) -> PrunePlan:
+    """The packs no snapshot (but those in ``forgotten``) names and whose last write, by the store's
+    clock (``lock.store_now()``), is more than ``grace`` seconds ago.
+
+    Every manifest is read: one that cannot be read, or a listing that fails, raises.
+    """
+    skip = {(m.db, m.id) for m in forgotten}
     used: set[str] = set()
     for m in repo.snapshots():
-        used.update(m.packs)
+        if (m.db, m.id) not in skip:
+            used.update(m.packs)
     present = repo.pack_ids()
-    return PrunePlan(sorted(present - used), len(present & used))
+    now = lock.store_now()
+    old: list[str] = []
+    young = 0
+    for pack in sorted(present - used):
+        try:
+            age = now - repo.store.modified(pack_key(pack))
+        except NotFound:
+            continue  # deleted meanwhile (a prune that lost its lock): nothing to do
+        if age > grace:
+            old.append(pack)
+        else:
+            young += 1
+    return PrunePlan(old, len(present & used), young, grace)
 
 
-def prune(repo: Repository, *, dry_run: bool = False) -> PrunePlan:
-    """Delete packs no snapshot needs, under an exclusive lock (no backup can be running)."""
+def prune(repo: Repository, *, dry_run: bool = False, grace: float = PRUNE_GRACE_SECONDS) -> PrunePlan:
+    """Delete packs no snapshot needs and older than ``grace``, under an exclusive lock (a dry run:
+    a shared one, deleting nothing)."""
+    if not dry_run:
+        repo.require_writable("prune")
+    with repo.lock("prune", exclusive=not dry_run) as lock:
+        return _prune(repo, lock, grace, dry_run)
+
+
+def _prune(repo: Repository, lock: Lock, grace: float, dry_run: bool,
+           forgotten: Collection[Manifest] = ()) -> PrunePlan:
+    if grace < 0:
+        raise UsageError("the grace period is negative", "use 0 or more")
+    # planned under the lock: the only plan that is safe to apply
+    plan = _reading("prune", "no pack was deleted", lambda: plan_prune(repo, lock, grace=grace, forgotten=forgotten))
     if dry_run:
-        return plan_prune(repo)
-    repo.require_writable("prune")
-    with repo.lock("prune", exclusive=True):
-        plan = plan_prune(repo)  # recomputed under the lock: the only plan that is safe to apply
-        for pack in plan.unused_packs:
-            repo.store.delete(pack_key(pack))
-        if isinstance(repo.store, LocalStore):
-            repo.store.clean_temp()
+        return plan
+    for pack in plan.unused_packs:
+        lock.check_alive("prune", consequence="the remaining packs were not deleted")
+        repo.store.delete(pack_key(pack))
+    if isinstance(repo.store, LocalStore):
+        repo.store.clean_temp(older_than=grace)  # a live backup's pack still growing in .tmp stays
     return plan
+
+
+T = TypeVar("T")
+
+
+def _reading(what: str, consequence: str, read: Callable[[], T]) -> T:
+    """Run ``read``; a listing or object that cannot be read aborts ``what`` with a message naming it."""
+    try:
+        return read()
+    except (LockedError, UsageError):
+        raise
+    except RepositoryError as err:
+        raise type(err)(f"{what}: {err.message}; {consequence}",
+                        err.hint or "check it with `dbre verify`, then run again") from err
