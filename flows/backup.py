@@ -15,11 +15,12 @@ from tasks.backup import backup_database, copy_to_offsite
 @flow(name="dbre-backup", flow_run_name="backup {db}", persist_result=False)
 def backup_flow(db: str, source: str | None = None, policy: str | None = None, repo: str | None = None,
                 offsite: list[str] | None = None, copy_offsite: bool = True, key: str | None = None,
-                token: str | None = None, checksums: bool | None = None) -> dict[str, Any]:
+                token: str | None = None, checksums: bool | None = None, full: bool = False) -> dict[str, Any]:
     """Back up ``db`` (from ``source`` or the policy) into the primary repository, then copy it offsite.
 
     Every backup is incremental forever: only pages not already in the repository are stored, so
-    a "full" backup is just a backup. Parameters override the policy; ``key`` and ``token`` are
+    a first backup is just a backup; ``full`` stores every page again in new packs, reusing nothing
+    of the previous snapshot (breaks the chain). Parameters override the policy; ``key`` and ``token`` are
     references (env:NAME or prefect-secret:BLOCK), never values."""
     log = get_run_logger()
     pol = load(policy)
@@ -32,7 +33,9 @@ def backup_flow(db: str, source: str | None = None, policy: str | None = None, r
     r = repos(pol, repo, offsite, key)
     snap = backup_database(db, src, r.primary, r.key, token or (entry.auth_token if entry else None),
                            checksums if checksums is not None else (entry.checksums if entry else None),
-                           entry.namespace if entry else None)
+                           entry.namespace if entry else None, full)
+    if snap.get("note"):
+        log.warning("%s: %s", db, snap["note"])
     log.info("snapshot %s of %s: %s, %s added", snap["id"], db, human(snap["size"]), human(snap["bytes_added"]))
     copies = []
     for target in r.offsite if copy_offsite else []:

@@ -65,10 +65,10 @@ def ensure_concurrency_limit(name: str, slots: int) -> int:
 
 @flow(name="dbre-fleet-fan-out", flow_run_name="back up {count} databases", persist_result=False)
 def back_up_all(jobs: list[dict[str, Any]], repo: str, key: str | None, limit: str | None,
-                count: int) -> list[dict[str, Any]]:
+                count: int, full: bool = False) -> list[dict[str, Any]]:
     """Submit one backup task per database and wait for all; a failure is a row, not an exception."""
     futures = [backup_database_limited.submit(j["db"], j["source"], repo, key, j["token"], j["checksums"],
-                                              j["namespace"], limit) for j in jobs]
+                                              j["namespace"], limit, full) for j in jobs]
     rows = []
     for job, future in zip(jobs, futures, strict=True):
         future.wait()
@@ -81,9 +81,11 @@ def back_up_all(jobs: list[dict[str, Any]], repo: str, key: str | None, limit: s
 def fleet_backup_flow(databases: list[str] | None = None, policy: str | None = None, repo: str | None = None,
                       offsite: list[str] | None = None, key: str | None = None, copy_offsite: bool = False,
                       retention: bool = False, max_concurrency: int | None = None,
-                      task_runner: RunnerKind | None = None, concurrency_limit: str | None = None) -> dict[str, Any]:
+                      task_runner: RunnerKind | None = None, concurrency_limit: str | None = None,
+                      full: bool = False) -> dict[str, Any]:
     """Back up the policy's databases (or the named ones) concurrently; optionally copy offsite and
-    apply retention. ``concurrency_limit`` "" turns the global limit off for this run."""
+    apply retention. ``concurrency_limit`` "" turns the global limit off for this run; ``full``
+    stores every page again (reusing nothing of the previous snapshots)."""
     log = get_run_logger()
     pol = load(policy)
     if pol is None:
@@ -100,7 +102,7 @@ def fleet_backup_flow(databases: list[str] | None = None, policy: str | None = N
     jobs = [{"db": d.name, "source": d.source, "token": d.auth_token, "checksums": d.checksums,
              "namespace": d.namespace} for d in dbs]
     runner = make_task_runner(kind, workers, pol.fleet.dask_address or os.environ.get(DASK_ADDRESS_ENV))
-    rows = back_up_all.with_options(task_runner=runner)(jobs, r.primary, r.key, limit, len(jobs))
+    rows = back_up_all.with_options(task_runner=runner)(jobs, r.primary, r.key, limit, len(jobs), full)
     failed = [row for row in rows if row["status"] != "ok"]
     steps = _copy_and_retention(pol, r.primary, r.offsite if copy_offsite else [], r.key, [d.name for d in dbs],
                                 retention, any(row["status"] == "ok" for row in rows))

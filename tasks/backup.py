@@ -11,7 +11,7 @@ from prefect.concurrency.sync import concurrency
 
 from dbre.metrics import record_backup
 from dbre.repository.backup import backup
-from dbre.repository.copy import apply_copy, plan_copy
+from dbre.repository.copy import copy_snapshots
 from dbre.repository.manifest import now_utc
 from dbre.repository.repo import Repository
 from dbre.sources import Source, open_source
@@ -22,8 +22,9 @@ from tasks.secrets import resolve_key, resolve_token
 
 @task(name="backup", task_run_name="backup {db}", timeout_seconds=2 * HOUR, **TASK_OPTIONS)
 def backup_database(db: str, source: str, repo: str, key: str | None = None, token: str | None = None,
-                    checksums: bool | None = None, namespace: str | None = None) -> dict[str, Any]:
-    """Take one snapshot of ``source`` (a ``namespace`` of it) into ``repo`` as ``db``; returns its summary."""
+                    checksums: bool | None = None, namespace: str | None = None, full: bool = False) -> dict[str, Any]:
+    """Take one snapshot of ``source`` (a ``namespace`` of it) into ``repo`` as ``db`` (``full``: reuse nothing
+    of the previous snapshot); returns its summary."""
     repository = Repository.open_or_init(repo, resolve_key(key))
     if namespace:
         # sqld addresses a namespace by Host header: only /dump can, an embedded replica cannot
@@ -32,7 +33,7 @@ def backup_database(db: str, source: str, repo: str, key: str | None = None, tok
         src = open_source(source, resolve_token(token))
     started, clock = now_utc(), time.perf_counter()
     try:
-        summary = backup(repository, src, db, checksums=checksums).summary()
+        summary = backup(repository, src, db, checksums=checksums, full=full).summary()
     except Exception as err:
         # the success rate (dbre status) counts attempts that end a run: not one a retry will repeat
         if not is_transient(err) or _last_attempt():
@@ -59,10 +60,10 @@ def _note(repository: Repository, db: str, **fields: Any) -> None:
 @task(name="backup (limited)", task_run_name="backup {db}", timeout_seconds=2 * HOUR, **TASK_OPTIONS)
 def backup_database_limited(db: str, source: str, repo: str, key: str | None = None, token: str | None = None,
                             checksums: bool | None = None, namespace: str | None = None,
-                            limit: str | None = None) -> dict[str, Any]:
+                            limit: str | None = None, full: bool = False) -> dict[str, Any]:
     """``backup_database`` holding a slot of the Prefect global concurrency limit ``limit`` (if any)."""
     with concurrency(limit, occupy=1, strict=False) if limit else nullcontext():
-        return backup_database.fn(db, source, repo, key, token, checksums, namespace)
+        return backup_database.fn(db, source, repo, key, token, checksums, namespace, full)
 
 
 @task(name="copy to offsite", task_run_name="copy to {offsite}", timeout_seconds=6 * HOUR, **TASK_OPTIONS)
@@ -71,8 +72,7 @@ def copy_to_offsite(repo: str, offsite: str, key: str | None = None, db: str | N
     secret = resolve_key(key)
     src = Repository.open(repo, secret)
     dst = Repository.init_copy_of(src, offsite, secret)
-    plan = plan_copy(src, dst, db)
-    copied = apply_copy(src, dst, plan)
+    plan, copied = copy_snapshots(src, dst, db)
     return {"offsite": dst.url, "snapshots_copied": len(plan.snapshots), "packs_copied": len(plan.packs),
             "bytes_copied": copied, "already_there": plan.already}
 

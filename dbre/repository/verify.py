@@ -1,25 +1,43 @@
-"""Repository verification: every snapshot's manifest, page map and packs, optionally every byte."""
+"""Repository verification: every snapshot's manifest, page map and pack indexes; optionally every byte.
+
+What verify checks is what a restore checks, so the two agree (docs/FORMAT.md, "Verify"):
+- structure (always; reads manifests, runs and the tail of each pack): every manifest opens and
+  passes its checks; every page-map run authenticates, has its length and matches its hash; every
+  pack a record or run points into is listed by the manifest, exists, and its index authenticates;
+  the index lists each run (kind "r", its hash) and each record's blob (kind "d", its offset and
+  length) with the record's page hash at the record's slot. `check_locations` is this check for
+  one snapshot, and restore runs it before writing anything.
+- data (``read_data``): every blob of those packs read and unsealed, every page hashed and compared
+  with the index (so with every record that points at it), every run hashed.
+Every problem names the snapshots whose restore it makes fail ("db/id").
+"""
 
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from dbre.errors import RepositoryError
-from dbre.repository.backup import load_records
-from dbre.repository.manifest import RECORD, Manifest
-from dbre.repository.pack import read_pack_index
+from dbre.errors import IntegrityError, RepositoryError
+from dbre.repository.backup import read_run
+from dbre.repository.manifest import RECORD, Manifest, RunRef
+from dbre.repository.pack import BlobInfo, read_index_tail
 from dbre.repository.repo import Repository, pack_key
+from dbre.storage import NotFound
 
 Progress = Callable[[int, int], None]
+Index = dict[int, BlobInfo]  # a pack's index: blob offset -> blob
+READERS = 16  # pack tails and runs read at once (small ranged GETs: latency-bound, not bandwidth-bound)
+_NO_PACK = bytes(16)
 
 
 @dataclass
 class Problem:
     object: str
     detail: str
+    snapshots: list[str] = field(default_factory=list)  # "db/id" of every snapshot it breaks
 
 
 @dataclass
@@ -34,6 +52,16 @@ class VerifyReport:
     def ok(self) -> bool:
         return not self.problems
 
+    @property
+    def damaged(self) -> set[str]:
+        """Every snapshot ("db/id") some problem breaks: exactly those a restore refuses."""
+        return {s for p in self.problems for s in p.snapshots}
+
+    def add(self, obj: str, detail: str, snapshots: Iterable[str]) -> None:
+        names = sorted(set(snapshots))
+        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        self.problems.append(Problem(obj, f"{detail} (breaks {shown or 'no snapshot'})", names))
+
     def summary(self) -> dict[str, Any]:
         return {
             "ok": self.ok,
@@ -41,8 +69,96 @@ class VerifyReport:
             "packs": self.packs,
             "packs_read": self.packs_read,
             "bytes_read": self.bytes_read,
-            "problems": [{"object": p.object, "detail": p.detail} for p in self.problems],
+            "damaged_snapshots": sorted(self.damaged),
+            "problems": [{"object": p.object, "detail": p.detail, "snapshots": p.snapshots} for p in self.problems],
         }
+
+
+# -- the structure check of one location, shared by verify and restore ---------------------------
+
+
+def run_mismatch(index: Index, run: RunRef) -> str | None:
+    """Why the pack index does not list ``run`` where the manifest says it is (None: it does)."""
+    b = index.get(run.offset)
+    if b is None or b.kind != b"r" or b.length != run.length:
+        return f"no page-map run at offset {run.offset} length {run.length} in the pack's index"
+    if not b.hashes or b.hashes[0].hex() != run.hash:
+        return f"the pack's index lists another run at offset {run.offset}"
+    return None
+
+
+def record_mismatch(index: Index, offset: int, length: int, slot: int, page: bytes) -> str | None:
+    """Why the pack index does not hold page hash ``page`` at ``slot`` of the page batch at
+    ``offset`` (None: it does)."""
+    b = index.get(offset)
+    if b is None or b.kind != b"d" or b.length != length:
+        return f"no page batch at offset {offset} length {length} in the pack's index"
+    if slot >= len(b.hashes) or b.hashes[slot] != page:
+        return f"the pack's index has another page at offset {offset} slot {slot}"
+    return None
+
+
+def load_indexes(repo: Repository, ends: dict[str, int]) -> dict[str, Index | RepositoryError]:
+    """Each pack's index, read from ``ends[pack]`` (the end of the last blob known in it) to the
+    end of the pack; a missing or damaged pack maps to its error. A failure to read (a store
+    error other than not-found) raises: nothing is concluded from it."""
+
+    def one(pack: str) -> Index | RepositoryError:
+        try:
+            return {b.offset: b for b in read_index_tail(repo.store, repo.sealer, pack, ends[pack])}
+        except NotFound:
+            return IntegrityError(f"{pack_key(pack)}: missing", "run `dbre backup` (it stores the lost pages "
+                                  "again) and `dbre verify`")
+        except IntegrityError as err:
+            return err
+
+    if len(ends) <= 1:
+        return {p: one(p) for p in ends}
+    with ThreadPoolExecutor(max_workers=READERS, thread_name_prefix="dbre-index") as pool:
+        return dict(zip(ends, pool.map(one, ends), strict=True))
+
+
+def check_locations(repo: Repository, manifest: Manifest,
+                    blobs: Iterable[tuple[str, int, int, Iterable[tuple[int, int, bytes]]]]) -> None:
+    """Raise IntegrityError unless the structure of one snapshot holds (verify's check): every pack
+    its runs and ``blobs`` — (pack, offset, length, [(page index, slot, page hash)]) — point into is
+    listed by the manifest, exists, and its index lists each run and each page where it is said to be."""
+    blobs = list(blobs)
+    ends: dict[str, int] = defaultdict(int)
+    for pack, off, length, _ in blobs:
+        ends[pack] = max(ends[pack], off + length)
+    for run in manifest.runs:
+        ends[run.pack] = max(ends[run.pack], run.offset + run.length)
+    listed = set(manifest.packs)
+    for pack in ends:
+        if pack not in listed:
+            raise IntegrityError(f"snapshot {manifest.id}: page map points into {pack_key(pack)}, "
+                                 "which the manifest does not list", "run `dbre verify`")
+    indexes = load_indexes(repo, ends)
+    for idx in indexes.values():
+        if isinstance(idx, RepositoryError):
+            raise idx
+    for run in manifest.runs:
+        why = run_mismatch(indexes[run.pack], run)  # type: ignore[arg-type]
+        if why:
+            raise IntegrityError(f"{pack_key(run.pack)}: {why}", "run `dbre verify`")
+    for pack, off, length, pages in blobs:
+        index: Index = indexes[pack]  # type: ignore[assignment]
+        for page, slot, h in pages:
+            why = record_mismatch(index, off, length, slot, h)
+            if why:
+                raise IntegrityError(f"{pack_key(pack)}: {why} (page {page + 1} of snapshot {manifest.id})",
+                                     "run `dbre verify`")
+
+
+# -- verify -------------------------------------------------------------------------------------
+
+
+RunKey = tuple[str, int, int, str, int]  # pack, offset, length, hash, pages
+
+
+def _run_key(run: RunRef) -> RunKey:
+    return (run.pack, run.offset, run.length, run.hash, run.pages)
 
 
 def verify(repo: Repository, db: str | None = None, *, read_data: bool = False,
@@ -50,95 +166,164 @@ def verify(repo: Repository, db: str | None = None, *, read_data: bool = False,
     """Check the snapshots (of ``db``); with ``read_data`` read and check every pack they use.
 
     ``packs_filter(pack_id)`` limits ``read_data`` to the packs it accepts (a rotating subset, see
-    ``dbre.validate.subset``); manifests and page maps are always checked in full."""
+    ``dbre.validate.subset``); the structure is always checked in full."""
     report = VerifyReport()
-    present = repo.pack_ids()
-    # blobs each pack must hold, as (offset, length) -> snapshots that need it
-    needed: dict[str, set[tuple[int, int]]] = defaultdict(set)
-    users: dict[str, set[str]] = defaultdict(set)
-    refs = repo.list_snapshot_refs(db)
-    for ref in refs:
-        key = ref.key
+    # 1. manifests; the runs they use, each read once however many snapshots share it
+    users: dict[RunKey, set[str]] = defaultdict(set)
+    by_run: dict[RunKey, tuple[RunRef, Manifest]] = {}
+    listed_by: dict[str, set[str]] = {}  # snapshot -> the packs its manifest lists
+    for ref in sorted(repo.list_snapshot_refs(db), key=lambda r: r.key):
+        name = f"{ref.db}/{ref.id}"
         try:
             manifest = repo.load_ref(ref)
         except RepositoryError as err:
-            report.problems.append(Problem(key, f"cannot read manifest: {err.message}"))
+            report.add(ref.key, f"cannot read manifest: {err.message}", [name])
             continue
         report.snapshots += 1
-        missing = [p for p in manifest.packs if p not in present]
-        for p in missing:
-            report.problems.append(Problem(pack_key(p), f"missing (needed by snapshot {ref.id} of {ref.db})"))
-        for p in manifest.packs:
-            users[p].add(f"{ref.db}/{ref.id}")
-        if missing:
-            continue
-        try:
-            records = load_records(repo, manifest)
-        except RepositoryError as err:
-            report.problems.append(Problem(key, f"cannot read page map: {err.message}"))
-            continue
-        _check_records(manifest, records, needed, report, key)
+        if sum(r.pages for r in manifest.runs) != manifest.page_count:
+            report.add(ref.key, f"page map has {sum(r.pages for r in manifest.runs)} pages, "
+                                f"manifest says {manifest.page_count}", [name])
+        listed = listed_by[name] = set(manifest.packs)
         for run in manifest.runs:
-            needed[run.pack].add((run.offset, run.length))
-    report.packs = len(users)
+            key = _run_key(run)
+            users[key].add(name)
+            by_run.setdefault(key, (run, manifest))
+            if run.pack not in listed:
+                report.add(ref.key, f"page-map run in {pack_key(run.pack)}, which the manifest does not list", [name])
+    runs = _read_runs(repo, by_run, users, report)
+
+    # 2. which snapshots use each pack, how far into it; records outside their manifest's packs
+    ends: dict[str, int] = defaultdict(int)
+    pack_users: dict[str, set[str]] = defaultdict(set)
+    for key in users:
+        ends[key[0]] = max(ends[key[0]], key[1] + key[2])
+        pack_users[key[0]] |= users[key]
+    for key, raw in runs.items():
+        packs_here: dict[bytes, int] = {}
+        for _, pack, off, length, _ in RECORD.iter_unpack(raw):
+            if pack == _NO_PACK and not length:
+                continue
+            end = off + length
+            if packs_here.get(pack, -1) < end:
+                packs_here[pack] = end
+        for pack_b, end in packs_here.items():
+            pack = pack_b.hex()
+            ends[pack] = max(ends[pack], end)
+            pack_users[pack] |= users[key]
+            outside = [n for n in users[key] if pack not in listed_by[n]]
+            if outside:
+                report.add(pack_key(pack), "page map points into this pack, which the manifest does not list", outside)
+    report.packs = len(ends)
+
+    # 3. every pack's index (its tail), every run and record against it
+    indexes = load_indexes(repo, ends)
+    for pack, idx in sorted(indexes.items()):
+        if isinstance(idx, RepositoryError):
+            report.add(pack_key(pack), idx.message.removeprefix(f"{pack_key(pack)}: "), pack_users[pack])
+    for key in users:
+        idx = indexes[key[0]]
+        if isinstance(idx, dict):
+            why = run_mismatch(idx, by_run[key][0])
+            if why:
+                report.add(pack_key(key[0]), why, users[key])
+    for key, raw in runs.items():
+        bad: dict[str, list[str]] = defaultdict(list)
+        for i, (h, pack, off, length, slot) in enumerate(RECORD.iter_unpack(raw)):
+            if pack == _NO_PACK and not length:
+                continue
+            idx = indexes[pack.hex()]
+            if isinstance(idx, dict):
+                why = record_mismatch(idx, off, length, slot, h)
+                if why:
+                    bad[pack.hex()].append(f"record {i} of run {key[3][:12]}: {why}")
+        for pack, whys in bad.items():
+            more = f" and {len(whys) - 1} more" if len(whys) > 1 else ""
+            report.add(pack_key(pack), whys[0] + more, users[key])
+
+    # 4. every byte of the packs asked for
     if read_data:
-        targets = sorted(p for p in users if p in present and (packs_filter is None or packs_filter(p)))
+        targets = sorted(p for p, idx in indexes.items()
+                         if isinstance(idx, dict) and (packs_filter is None or packs_filter(p)))
+        damaged: dict[tuple[str, int], set[int] | None] = {}  # (pack, blob offset) -> bad slots (None: all)
         for i, pack in enumerate(targets):
-            _read_pack(repo, pack, needed.get(pack, set()), users[pack], report)
+            _read_pack(repo, pack, indexes[pack], damaged, report)  # type: ignore[arg-type]
             if progress:
                 progress(i + 1, len(targets))
+        if damaged:
+            _attribute(damaged, users, runs, report)
     return report
 
 
-def _check_records(manifest: Manifest, records: list[bytes], needed: dict[str, set[tuple[int, int]]],
-                   report: VerifyReport, key: str) -> None:
-    if len(records) != manifest.page_count:
-        report.problems.append(Problem(key, f"page map has {len(records)} pages, manifest says {manifest.page_count}"))
-    packs = set(manifest.packs)
-    for rec in records:
-        _, pack, off, length, _ = RECORD.unpack(rec)
-        if length == 0:
-            continue
-        pid = pack.hex()
-        if pid not in packs:
-            report.problems.append(Problem(key, f"page map refers to pack {pid} the manifest does not list"))
-            return
-        needed[pid].add((off, length))
+def _read_runs(repo: Repository, by_run: dict[RunKey, tuple[RunRef, Manifest]], users: dict[RunKey, set[str]],
+               report: VerifyReport) -> dict[RunKey, bytes]:
+    """Every run that reads back whole (sealed under its name, its length, its hash), by key."""
+
+    def one(key: RunKey) -> bytes | RepositoryError:
+        run, manifest = by_run[key]
+        try:
+            return read_run(repo, manifest, run)
+        except NotFound:
+            return IntegrityError(f"{pack_key(run.pack)} is missing")
+        except IntegrityError as err:
+            return err
+
+    with ThreadPoolExecutor(max_workers=READERS, thread_name_prefix="dbre-runs") as pool:
+        got = dict(zip(by_run, pool.map(one, by_run), strict=True))
+    out = {}
+    for key, raw in got.items():
+        if isinstance(raw, RepositoryError):
+            report.add(f"{pack_key(key[0])}@{key[1]}", f"cannot read page-map run: {raw.message}", users[key])
+        else:
+            out[key] = raw
+    return out
 
 
-def _read_pack(repo: Repository, pack: str, needed: set[tuple[int, int]], users: set[str],
+def _read_pack(repo: Repository, pack: str, index: Index, damaged: dict[tuple[str, int], set[int] | None],
                report: VerifyReport) -> None:
+    """Read one whole pack and check each blob in its index; damage goes to ``damaged``."""
     key = pack_key(pack)
-    who = ", ".join(sorted(users)[:3]) + (" ..." if len(users) > 3 else "")
-    try:
-        data = repo.store.get(key)
-    except RepositoryError as err:
-        report.problems.append(Problem(key, f"cannot read: {err.message} (needed by {who})"))
-        return
+    data = repo.store.get(key)  # a failed read raises: it says nothing about the pack
     report.packs_read += 1
     report.bytes_read += len(data)
-    try:
-        blobs = read_pack_index(data, repo.sealer, key)
-    except RepositoryError as err:
-        report.problems.append(Problem(key, f"{err.message} (needed by {who})"))
-        return
-    have = {(b.offset, b.length) for b in blobs}
-    for off, length in sorted(needed - have):
-        report.problems.append(Problem(key, f"no blob at offset {off} length {length} (needed by {who})"))
-    for b in blobs:
+    page_hash = repo.page_hash
+    for b in index.values():
+        name = "page-batch" if b.kind == b"d" else f"run {b.hashes[0].hex() if b.hashes else ''}"
         try:
-            name = "page-batch" if b.kind == b"d" else f"run {b.hashes[0].hex() if b.hashes else ''}"
             raw = repo.sealer.unseal(data[b.offset : b.offset + b.length], name, where=f"{key}@{b.offset}")
-        except RepositoryError as err:
-            report.problems.append(Problem(key, f"{err.message} (needed by {who})"))
+        except IntegrityError:
+            damaged[(pack, b.offset)] = None
             continue
-        page_hash = repo.page_hash
-        if b.kind == b"d":
-            ps = len(raw) // max(1, len(b.hashes))
-            for slot, h in enumerate(b.hashes):
-                if page_hash(raw[slot * ps : (slot + 1) * ps]) != h:
-                    detail = f"page at offset {b.offset} slot {slot} does not match its hash"
-                    report.problems.append(Problem(key, detail))
-                    break
-        elif b.kind == b"r" and b.hashes and page_hash(raw) != b.hashes[0]:
-            report.problems.append(Problem(key, f"page-map run at offset {b.offset} does not match its hash"))
+        if b.kind == b"r":
+            if not b.hashes or page_hash(raw) != b.hashes[0]:
+                damaged[(pack, b.offset)] = None
+            continue
+        n = len(b.hashes)
+        ps = len(raw) // n if n else 0
+        if not n or ps * n != len(raw):
+            damaged[(pack, b.offset)] = None
+            continue
+        bad = {slot for slot, h in enumerate(b.hashes) if page_hash(raw[slot * ps : (slot + 1) * ps]) != h}
+        if bad:
+            damaged[(pack, b.offset)] = bad
+
+
+def _attribute(damaged: dict[tuple[str, int], set[int] | None], users: dict[RunKey, set[str]],
+               runs: dict[RunKey, bytes], report: VerifyReport) -> None:
+    """One problem per damaged blob, naming the snapshots whose runs or records use it."""
+    hit: dict[tuple[str, int], set[str]] = defaultdict(set)
+    for key in users:
+        if (key[0], key[1]) in damaged:
+            hit[(key[0], key[1])] |= users[key]
+    wanted = {bytes.fromhex(p) for p, _ in damaged}
+    for key, raw in runs.items():
+        for _, pack, off, _, slot in RECORD.iter_unpack(raw):
+            if pack in wanted:
+                where = (pack.hex(), off)
+                if where in damaged:
+                    slots = damaged[where]
+                    if slots is None or slot in slots:
+                        hit[where] |= users[key]
+    for (pack, off), slots in sorted(damaged.items()):
+        what = "does not authenticate or match its hash" if slots is None else \
+            f"has {len(slots)} page(s) that do not match their hash (slots {sorted(slots)[:5]})"
+        report.add(f"{pack_key(pack)}@{off}", f"blob {what}", hit.get((pack, off), ()))

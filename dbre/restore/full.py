@@ -23,6 +23,7 @@ from dbre.errors import IntegrityError, RestoreError, UsageError
 from dbre.repository.backup import iter_records
 from dbre.repository.manifest import Manifest
 from dbre.repository.repo import Repository
+from dbre.repository.verify import check_locations
 
 HOLD_WAIT_MS = 5000  # how long `--force` waits for the old database's other connections
 READ_SPAN = 16 * 1024 * 1024  # blobs of one pack closer than this are fetched in one ranged read
@@ -105,6 +106,9 @@ def plan_restore(repo: Repository, db: str, target: str | os.PathLike[str], *, s
     if index != manifest.page_count:
         raise IntegrityError(f"snapshot {manifest.id}: page map has {index} pages, "
                              f"manifest says {manifest.page_count}")
+    # the structure `dbre verify` checks: every pack listed, present, its index authentic and
+    # holding each page where the page map says (one ranged read of each pack's tail)
+    check_locations(repo, manifest, ((b.pack, b.offset, b.length, b.pages) for b in by_blob.values()))
     blobs = sorted(by_blob.values(), key=lambda b: (b.pack, b.offset))
     return RestorePlan(manifest, path, force, blobs, zero)
 
@@ -126,7 +130,13 @@ def _spans(blobs: list[BlobPages]) -> list[list[BlobPages]]:
 
 
 def apply_restore(repo: Repository, plan: RestorePlan, progress: Progress | None = None) -> RestoreResult:
-    """Write the snapshot to a temp file beside the target, check every page, then rename."""
+    """Write the snapshot to a temp file beside the target, check every page, then rename; under
+    a shared lock, so no prune deletes a pack while its pages are read."""
+    with repo.lock(f"restore {plan.manifest.db}"):
+        return _write_restore(repo, plan, progress)
+
+
+def _write_restore(repo: Repository, plan: RestorePlan, progress: Progress | None) -> RestoreResult:
     started = time.perf_counter()
     m = plan.manifest
     ps = m.page_size
