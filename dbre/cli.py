@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -161,6 +162,8 @@ def backup(
             show_default=False,
         ),
     ] = None,
+    full: Annotated[bool, typer.Option(
+        "--full", help="Store every page again in new packs, reusing nothing of the previous snapshot.")] = False,
     key_file: KeyFileOpt = None,
 ) -> None:
     """Take a snapshot of SOURCE into the repository (created on first use)."""
@@ -176,7 +179,7 @@ def backup(
             check()  # a missing or non-SQLite file fails before a repository is created for it
         repository = Repository.open_or_init(repo, _key(key_file))
         with _progress("backup", not json_out) as bar:
-            result = run_backup(repository, src, db, checksums=checksums, progress=bar)
+            result = run_backup(repository, src, db, checksums=checksums, progress=bar, full=full)
         s = result.summary()
         if json_out:
             _print_json(s)
@@ -186,6 +189,8 @@ def backup(
             f"snapshot {s['id']} of {s['db']} ({kind}): {s['pages']} pages, {human(s['size'])}; "
             f"added {s['pages_added']} pages, {human(s['bytes_added'])} in {s['seconds']:.2f} s"
         )
+        if s["note"]:
+            print(f"note: {s['note']}")
 
     _run(go)
 
@@ -417,7 +422,9 @@ def repair_rows(
 def verify(
     repo: RepoOpt,
     db: DbOpt = None,
-    read_data: Annotated[bool, typer.Option("--read-data", help="Read and check every byte of every pack.")] = False,
+    read_data: Annotated[bool, typer.Option(
+        "--read-data", help="Also read every pack: each page checked against its record, index and hash.",
+    )] = False,
     json_out: JsonOpt = False,
     key_file: KeyFileOpt = None,
 ) -> None:
@@ -443,6 +450,9 @@ def verify(
             if read_data:
                 what += f", read {report.packs_read} packs ({human(report.bytes_read)})"
             print(("ok: " if report.ok else f"{len(report.problems)} problems: ") + what)
+            if report.damaged:
+                print(f"snapshots that cannot be restored: {', '.join(sorted(report.damaged))}; the next "
+                      "`dbre backup` stores lost pages again (`--full` stores every page again)")
         if not report.ok:
             raise typer.Exit(1)
 
@@ -465,6 +475,8 @@ def forget(
     keep_tz: Annotated[str, typer.Option(
         "--keep-tz", help="Time zone of the hours, days, weeks, months and years, e.g. Europe/Paris.")] = "UTC",
     prune_packs: Annotated[bool, typer.Option("--prune", help="Then delete packs no snapshot needs.")] = False,
+    grace: Annotated[str, typer.Option(
+        "--grace", help="With --prune: keep unused packs younger than this (store's clock): 2h, 90min, 1d, 0.")] = "2h",
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Show what would go, delete nothing.")] = False,
     json_out: JsonOpt = False,
     key_file: KeyFileOpt = None,
@@ -476,35 +488,21 @@ def forget(
         from dbre.repository.keep import parse_count
         from dbre.repository.manifest import check_db_name
         from dbre.repository.repo import Repository
-        from dbre.repository.retention import KeepPolicy, apply_forget, plan_forget, prune
+        from dbre.repository.retention import KeepPolicy, forget
 
         counts = {"last": keep_last, "hourly": keep_hourly, "daily": keep_daily, "weekly": keep_weekly,
                   "monthly": keep_monthly, "yearly": keep_yearly}
         policy = KeepPolicy(**{k: parse_count(v, f"--keep-{k}") for k, v in counts.items()}, within=keep_within,
                             timezone=keep_tz)
         policy.check()
+        grace_seconds = _duration(grace, "--grace")
         if db:
             check_db_name(db)
         repository = Repository.open(repo, _key(key_file))
-        plan = plan_forget(repository, policy, db)
+        # planned and applied under one exclusive lock (a dry run: a shared one, deleting nothing)
+        plan, pplan = forget(repository, policy, db, dry_run=dry_run, prune=prune_packs, grace=grace_seconds)
         out: dict[str, Any] = {"dry_run": dry_run, **plan.describe()}
-        if not dry_run:
-            apply_forget(repository, plan)
-        if prune_packs:
-            if dry_run:
-                # what prune would free once the forgotten snapshots are gone
-                from dbre.repository.retention import PrunePlan
-
-                keep_packs: set[str] = set()
-                for m, _ in plan.keep:
-                    keep_packs.update(m.packs)
-                for m in repository.snapshots():
-                    if db and m.db != db:
-                        keep_packs.update(m.packs)
-                present = repository.pack_ids()
-                pplan = PrunePlan(sorted(present - keep_packs), len(present & keep_packs))
-            else:
-                pplan = prune(repository)
+        if pplan is not None:
             out["prune"] = pplan.describe()
         if json_out:
             _print_json(out)
@@ -517,9 +515,21 @@ def forget(
         if "prune" in out:
             p = out["prune"]
             verb = "would delete" if dry_run else "deleted"
-            print(f"prune: {verb} {p['delete_packs']} unused packs, kept {p['keep_packs']}")
+            print(f"prune: {verb} {p['delete_packs']} unused packs, kept {p['keep_packs']} in use and "
+                  f"{p['grace_kept_packs']} unused but younger than the grace period ({grace})")
 
     _run(go)
+
+
+_DURATION_UNITS = {"s": 1, "min": 60, "h": 3600, "d": 86400}
+
+
+def _duration(text: str, option: str) -> float:
+    """Seconds in "90s", "30min", "2h", "1d" or "0"."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(s|min|h|d)?\s*", text)
+    if not match or (match.group(2) is None and float(match.group(1)) != 0):
+        raise UsageError(f"{option} {text!r} is not a duration", "use e.g. 2h, 90min, 1d or 0")
+    return float(match.group(1)) * _DURATION_UNITS[match.group(2) or "s"]
 
 
 @app.command()
@@ -533,7 +543,7 @@ def copy(
     """Copy snapshots not yet there to a second repository (the offsite layer)."""
 
     def go() -> None:
-        from dbre.repository.copy import apply_copy, plan_copy
+        from dbre.repository.copy import copy_snapshots
         from dbre.repository.manifest import check_db_name
         from dbre.repository.repo import Repository
 
@@ -542,14 +552,64 @@ def copy(
         key = _key(key_file)
         src = Repository.open(repo, key)
         dst = Repository.init_copy_of(src, to, key)
-        plan = plan_copy(src, dst, db)
         with _progress("copy", not json_out) as bar:
-            copied = apply_copy(src, dst, plan, bar)
+            plan, copied = copy_snapshots(src, dst, db, bar)
         out = {**plan.describe(), "bytes_copied": copied}
         if json_out:
             _print_json(out)
         else:
             print(f"copied {len(plan.snapshots)} snapshots ({len(plan.packs)} packs, {human(copied)}) to {dst.url}; "
+                  f"{plan.already} were already there")
+
+    _run(go)
+
+
+@app.command()
+def migrate(
+    repo: RepoOpt,
+    to: Annotated[str, typer.Option("--to", help="A new, empty location for the format-2 repository.")],
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Show what would be migrated, write nothing.")] = False,
+    json_out: JsonOpt = False,
+    key_file: KeyFileOpt = None,
+) -> None:
+    """Convert a format-1 repository into a new format-2 one (the old one is only read)."""
+
+    def go() -> None:
+        from dbre.repository.migrate import apply_migrate, plan_migrate
+        from dbre.repository.repo import Repository
+
+        key = _key(key_file)
+        src = Repository.open(repo, key)
+        if src.version != 1:
+            raise UsageError(f"repository {src.url} already uses format {src.version}", "nothing to migrate")
+        if dry_run:
+            from dbre.storage import open_store
+
+            store = open_store(to)
+            if Repository.read_config(store) is None:  # a dry run creates nothing, not even the target
+                n = len(src.snapshots())
+                out = {"source": src.url, "target": store.url, "snapshots_to_migrate": n}
+                if json_out:
+                    _print_json(out)
+                else:
+                    print(f"would migrate {n} snapshots from {src.url} to {store.url} (format 2)")
+                return
+        dst = Repository.open_or_init(to, key)
+        plan = plan_migrate(src, dst)
+        if dry_run:
+            if json_out:
+                _print_json(plan.describe())
+            else:
+                print(f"would migrate {len(plan.snapshots)} snapshots and {len(plan.records)} records to {dst.url}; "
+                      f"{plan.already} already migrated")
+            return
+        with _progress("migrate", not json_out, unit_bytes=True) as bar:
+            result = apply_migrate(src, dst, plan, bar)
+        if json_out:
+            _print_json(result.summary())
+        else:
+            print(f"migrated {len(result.migrated)} snapshots and {result.records} records to {dst.url} "
+                  f"in {result.seconds:.1f} s (each restored from both and compared); "
                   f"{plan.already} were already there")
 
     _run(go)
@@ -563,7 +623,8 @@ def unlock(
     """Remove locks left by runs that died."""
 
     def go() -> None:
-        from dbre.repository.repo import Repository, remove_locks
+        from dbre.repository.lock import remove_locks
+        from dbre.repository.repo import Repository
         from dbre.storage import open_store
 
         store = open_store(repo)

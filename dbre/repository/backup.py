@@ -37,11 +37,12 @@ from dbre.repository.manifest import (
     new_snapshot_id,
     now_utc,
 )
-from dbre.repository.pack import PackWriter
+from dbre.repository.pack import PackWriter, read_index_tail
 from dbre.repository.repo import TOOL, Repository
 from dbre.repository.tables import table_stats
 from dbre.sources.base import Source
 from dbre.sources.image import ImageSession, PageImage
+from dbre.storage import NotFound
 
 BATCH_BYTES = 2 * 1024 * 1024  # pages are sealed in batches of this size (fewer GIL hand-overs than 1 MiB;
 # 4 MiB kept more pages resident and made the tail of a small incremental longer; a table
@@ -51,6 +52,8 @@ ZERO_LOCATION = bytes(16) + bytes(14)  # pack id, offset, length, slot of a page
 CHECKSUM_AUTO_BYTES = 256 * 1024 * 1024  # table checksums by default up to this database size
 RUN_READERS = 4  # page-map runs fetched at once (a run is one ranged GET of ~20-200 KB)
 RUNS_IN_FLIGHT = 8  # runs fetched ahead of the one being used: bounds memory, keeps order
+PARENT_CHECKERS = 16  # the parent's pack tails read at once (one small ranged GET each)
+LOST = bytes(RECORD.size)  # stands in for a parent record into a lost pack: its hash matches no page
 
 Progress = Callable[[int, int], None]
 
@@ -61,6 +64,20 @@ class BackupResult:
     pages_added: int
     bytes_added: int
     seconds: float
+
+    @property
+    def chain_note(self) -> str | None:
+        """What the backup did about a parent it could not fully reuse (None: nothing to say)."""
+        st = self.manifest.stats
+        missing, repaired = st.get("missing_packs") or [], st.get("repaired_pages", 0)
+        if st.get("full"):
+            why = st["full"]
+            return "full backup (asked): every page stored again" if why == "asked" else \
+                f"parent not reused ({why}): every page stored again"
+        if missing:
+            n = len(missing)
+            return f"parent referenced {n} missing or damaged pack{'s' if n > 1 else ''}: {repaired} pages stored again"
+        return None
 
     def summary(self) -> dict[str, Any]:
         m = self.manifest
@@ -75,6 +92,9 @@ class BackupResult:
             "pages_added": self.pages_added,
             "bytes_added": self.bytes_added,
             "seconds": round(self.seconds, 3),
+            "repaired_pages": m.stats.get("repaired_pages", 0),
+            "missing_packs": m.stats.get("missing_packs", []),
+            "note": self.chain_note,
         }
 
 
@@ -206,6 +226,7 @@ class _PageSink:
             if parent:
                 if by_hash is None:
                     by_hash = self.parent_by_hash = dict(zip(self.parent_hashes, parent, strict=True))
+                    by_hash.pop(LOST[:16], None)  # a record into a lost pack is never reused
                 moved = by_hash.get(h)
                 if moved is not None:  # unchanged, or moved from another place in the file
                     records[start + j] = moved
@@ -351,6 +372,8 @@ def backup(
     checksums: bool | None = None,
     progress: Progress | None = None,
     direct: bool = True,
+    full: bool = False,
+    replay: Manifest | None = None,
 ) -> BackupResult:
     """Take one snapshot of ``source`` into ``repo`` as database ``db`` (default: source.name).
 
@@ -359,18 +382,24 @@ def backup(
     checksum pass reads every row in Python, about 1 s per 100 MiB.
     ``direct``: read pages straight from the file and its WAL when the checks of
     `dbre.sources.image` pass (False: always through SQLite's backup API).
+    ``full``: reuse nothing of the parent (every page stored again, in new packs): breaks the chain.
+    ``replay``: the snapshot of another repository this one reproduces (`dbre migrate`): its time,
+    source and file mode are kept, and ``stats.migrated_from`` names it.
+    Without it, parent records that point into a missing or damaged pack are not reused either
+    (see ``_parent_records``): those pages are stored again and counted in ``stats.repaired_pages``.
     """
     db = check_db_name(db or source.name)
     started = time.perf_counter()
     repo.require_writable(f"backup {db}")
-    with repo.lock(f"backup {db}"):
+    with repo.lock(f"backup {db}") as lock:
         # a damaged manifest must not stop the next backup: the newest readable one is the parent
         # (format 2 reads one manifest, or one more per damaged newer one)
         parent_manifest = repo.newest_snapshot(db, damaged=[])
         # read the parent's page map before the read transaction: in rollback mode writers wait
-        parent_records = load_records(repo, parent_manifest) if parent_manifest is not None else []
+        # records into lost packs are dropped (their pages are stored again); --full drops them all
+        parent_records, chain = _parent_records(repo, parent_manifest, full)
         with ExitStack() as stack:
-            session = ImageSession()
+            session = ImageSession(clock=lambda: now_utc())  # looked up at call time (tests fake history)
             stack.callback(session.close)  # after the connection: see dbre.sources.image on POSIX locks
             conn = stack.enter_context(source.connect())
             try:
@@ -427,20 +456,20 @@ def backup(
         manifest = Manifest(
             id=new_snapshot_id(),
             db=db,
-            taken_at=iso(taken_at),
+            taken_at=replay.taken_at if replay else iso(taken_at),
             page_size=page_size,
             page_count=page_count,
             runs=runs,
             packs=all_packs,
-            parent=parent_manifest.id if parent_manifest else None,
+            parent=parent_manifest.id if parent_manifest and chain.unused is None else None,
             tool=TOOL,
-            source=source.identity(),
+            source=replay.source if replay else source.identity(),
             schema=schema,
             tables={k: TableStats(rows=v[0], checksum=v[1]) for k, v in stats.items()},
             user_version=user_version,
             encoding=encoding,
             journal_mode=journal_mode,
-            mode=_file_mode(source),
+            mode=replay.mode if replay else _file_mode(source),
         )
         seconds = time.perf_counter() - started
         manifest.stats = {
@@ -452,10 +481,77 @@ def backup(
             "wal_pages": wal_pages,  # pages taken from WAL frames, not the file (direct path)
             "page1": page_one,  # "source", or "rebuilt header" (backup API path: see ImageSession.page_one)
         }
+        if replay is not None:
+            manifest.stats["migrated_from"] = {"id": replay.id, "format": replay.format, "tool": replay.tool,
+                                               "parent": replay.parent}
+        if chain.unused is not None:
+            manifest.stats["full"] = chain.unused  # nothing of the parent reused: "asked", or why
+        if chain.lost:
+            # pages whose parent record pointed into a lost pack, stored again (if still in the file)
+            manifest.stats["missing_packs"] = chain.lost
+            manifest.stats["repaired_pages"] = parent[:page_count].count(LOST) if parent else 0
+        # never commit after the lock stopped being refreshed: another host may have pruned meanwhile
+        lock.check_alive(f"backup of {db}", hint="run the backup again")
         repo.write_manifest(manifest)
     # bytes_added counts packs (pages and page-map runs), as the manifest's stats do; the manifest
     # itself (a few hundred bytes) is not counted, so `backup --json` and `snapshots` agree
     return BackupResult(manifest, sink.pages_added, writer.bytes_written, seconds)
+
+
+@dataclass
+class ParentCheck:
+    """What of the parent a backup may reuse."""
+
+    lost: list[str]  # packs the parent needs that are missing (or, when checked, damaged)
+    unused: str | None = None  # why nothing of the parent is reused: "asked" (--full), or the cause
+
+
+def _parent_records(repo: Repository, parent: Manifest | None, full: bool) -> tuple[list[bytes], ParentCheck]:
+    """The parent's page records to dedup against, each record into a lost pack replaced by LOST
+    (whose hash matches no page, so the page is stored again). Nothing is reused with ``full``, or
+    when the parent's page map cannot be read or lies in a lost pack. A store error other than
+    not-found raises: nothing is concluded from a failed read or listing."""
+    if parent is None:
+        return [], ParentCheck([])
+    if full:
+        return [], ParentCheck([], "asked")
+    try:
+        records = load_records(repo, parent)
+    except (IntegrityError, NotFound) as err:
+        return [], ParentCheck([], f"its page map cannot be read: {err.message}")
+    lost = _lost_packs(repo, parent, records)
+    if not lost:
+        return records, ParentCheck([])
+    if any(run.pack in lost for run in parent.runs):
+        return [], ParentCheck(sorted(lost), "its page map is in a missing or damaged pack")
+    gone = {bytes.fromhex(p) for p in lost}
+    pack_of = itemgetter(slice(16, 32))
+    return [LOST if pack_of(r) in gone else r for r in records], ParentCheck(sorted(lost))
+
+
+def _lost_packs(repo: Repository, parent: Manifest, records: list[bytes]) -> set[str]:
+    """The parent's packs that are missing or whose index does not authenticate: each pack's tail
+    is read, concurrently (about the cost of asking whether it exists, and it checks the index).
+    The cost follows the parent's packs, never the repository's: no listing of packs/."""
+    packs = set(parent.packs) | {run.pack for run in parent.runs}
+    ends = dict.fromkeys(packs, 0)
+    for _, pack, off, length, _ in RECORD.iter_unpack(b"".join(records)):
+        p = pack.hex()
+        if p in ends and off + length > ends[p]:
+            ends[p] = off + length
+    for run in parent.runs:
+        ends[run.pack] = max(ends[run.pack], run.offset + run.length)
+
+    def lost(pack: str) -> bool:
+        try:
+            read_index_tail(repo.store, repo.sealer, pack, ends[pack])
+        except (NotFound, IntegrityError):
+            return True
+        return False  # any other store error raises: a failed read is never "lost"
+
+    with ThreadPoolExecutor(max_workers=max(1, min(PARENT_CHECKERS, len(ends))),
+                            thread_name_prefix="dbre-parent") as pool:
+        return {p for p, gone in zip(ends, pool.map(lost, ends), strict=True) if gone}
 
 
 def _copy_pages(conn: apsw.Connection, sink: _PageSink, session: ImageSession) -> str:

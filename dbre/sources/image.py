@@ -244,7 +244,8 @@ class ImageSession:
     the backup API); read the pages; end the read transaction, close the connection; ``s.close()``.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], datetime] | None = None) -> None:
+        self.clock = clock or (lambda: datetime.now(UTC))  # the backup passes the repository's clock
         self.conn: apsw.Connection | None = None
         self.path = ""
         self.reason = ""
@@ -283,7 +284,7 @@ class ImageSession:
         try:
             # taken before the transaction starts, never after: every commit that returned before
             # this moment is in the snapshot, so `restore --at T` never misses one made before T
-            self.started = datetime.now(UTC)
+            self.started = self.clock()
             conn.execute("BEGIN")
             self.page_size = int(self._pragma("page_size"))
             self.page_count = int(self._pragma("page_count"))  # starts the read transaction
