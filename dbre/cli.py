@@ -196,7 +196,13 @@ def backup(
 
 
 @app.command()
-def snapshots(repo: RepoOpt, db: DbOpt = None, json_out: JsonOpt = False, key_file: KeyFileOpt = None) -> None:
+def snapshots(
+    repo: RepoOpt,
+    db: DbOpt = None,
+    last: Annotated[int | None, typer.Option("--last", min=1, help="Only the newest N snapshots.")] = None,
+    json_out: JsonOpt = False,
+    key_file: KeyFileOpt = None,
+) -> None:
     """List snapshots, oldest first."""
 
     def go() -> None:
@@ -206,9 +212,12 @@ def snapshots(repo: RepoOpt, db: DbOpt = None, json_out: JsonOpt = False, key_fi
         repository = Repository.open(repo, _key(key_file))
         if db:
             check_db_name(db)
-            repository.require_db(db)
+            if not repository.list_snapshot_refs(db):
+                repository.require_db(db)  # raises, naming the known databases
         damaged: list[tuple[str, str]] = []
-        snaps = repository.snapshots(db, damaged=damaged)
+        snaps = repository.snapshots(db, damaged=damaged, last=last)
+        if last is not None:
+            snaps = snaps[-last:]  # (format 1 reads them all to know their times)
         for key, why in damaged:
             print(f"dbre: {why} (listed without {key}; run `dbre verify`)", file=sys.stderr)
         if json_out:

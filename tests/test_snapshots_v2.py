@@ -204,6 +204,20 @@ def test_lookups_read_one_manifest(repo_url: str, tmp_path: Path) -> None:
     assert store.full_listings == 0
 
 
+def test_snapshots_last_reads_only_the_newest_manifests(repo_url: str, tmp_path: Path) -> None:
+    """`dbre snapshots --last N` on a long history: the names carry the time, so only N manifests
+    are read."""
+    _, snaps = _history(repo_url, None, tmp_path, 5)
+    store = CountingStore(open_store(repo_url))
+    repo = Repository.open(store)
+    got = repo.snapshots("x", last=2)
+    assert [m.id for m in got] == [m.id for m in snaps[-2:]]
+    assert len(store.manifest_gets) == 2
+    result = cli("snapshots", "--repo", repo_url, "--db", "x", "--last", "2", "--json")
+    assert result.returncode == 0, result
+    assert re.findall(r'"id": "([0-9a-f]{16})"', result.stdout) == [m.id for m in snaps[-2:]]
+
+
 def test_backup_parent_skips_a_damaged_newest_manifest(repo_url: str, tmp_path: Path) -> None:
     """The newest manifest is damaged: the backup reads the next one (one more GET) as parent."""
     db, snaps = _history(repo_url, None, tmp_path, 3)

@@ -51,7 +51,7 @@ from dbre.secrets import Secret
 from dbre.storage import AlreadyExists, NotFound, Store, open_store
 
 FORMAT_VERSION = 2  # new repositories; format 1 is still read (never written)
-MANIFEST_READERS = 8  # manifests read at once when a whole history is listed
+MANIFEST_READERS = 32  # manifests read at once when a history is listed (small GETs: latency-bound)
 
 
 def pack_key(pack_id: str) -> str:
@@ -371,8 +371,10 @@ class Repository:
         if m.root != m.run_root(self.page_hash):
             raise IntegrityError(f"{key}: page-map root does not match its runs (runs changed or reordered)", hint)
 
-    def snapshots(self, db: str | None = None, *, damaged: list[tuple[str, str]] | None = None) -> list[Manifest]:
-        """Every snapshot (of ``db``), oldest first.
+    def snapshots(self, db: str | None = None, *, damaged: list[tuple[str, str]] | None = None,
+                  last: int | None = None) -> list[Manifest]:
+        """Every snapshot (of ``db``), oldest first; with ``last``, only the newest ``last`` (format 2
+        reads only their manifests: the names carry the time).
 
         A manifest that cannot be read raises, unless ``damaged`` is given: then it is skipped and
         (key, reason) appended there, so a listing can still show the healthy snapshots.
@@ -384,6 +386,9 @@ class Repository:
                 return err
 
         refs = self.list_snapshot_refs(db)
+        if last is not None and self.version >= 2:
+            # format-2 names all carry their time: the newest ``last`` are known without a read
+            refs = sorted(refs, key=lambda r: (r.time, r.id))[-last:] if last > 0 else []  # type: ignore[arg-type]
         # manifests are read MANIFEST_READERS at a time: a long history is many small GETs
         with ThreadPoolExecutor(MANIFEST_READERS, thread_name_prefix="dbre-manifests") as pool:
             loaded = list(pool.map(load, refs)) if len(refs) > 1 else [load(r) for r in refs]
