@@ -17,9 +17,13 @@ only when hostname, boot id and pid namespace all match (two containers with one
 separate pid namespaces never judge each other's pids).
 
 A writer knows when its last refresh succeeded. ``Lock.check_alive`` — called right before each
-commit (a manifest put, a deletion) — raises ``LockLostError`` when that is older than
-``STALE_SECONDS - SAFETY_SECONDS``, or when the lock object was removed: no run ever commits after
-another host could have judged its lock stale and pruned.
+commit (a manifest put, a deletion) — refreshes the lock and raises ``LockLostError`` when, *by
+the store's clock*, more than ``STALE_SECONDS - SAFETY_SECONDS`` passed between the write of the
+object other hosts could see and this new write (a paused VM's own clocks, boot clock included,
+stop while it is paused: only the store's clock sees the pause), when its last successful refresh
+is that old on the boot clock, or when the lock object was removed: no run ever commits after
+another host could have judged its lock stale and pruned. A refresh that finds such a gap marks
+the lock lost instead of reviving it.
 """
 
 from __future__ import annotations
@@ -37,8 +41,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from dbre.errors import LockedError, RepositoryError
+from dbre.errors import IntegrityError, LockedError, RepositoryError
 from dbre.storage import NotFound, Store
+from dbre.storage.base import LOCK_CAP, get_capped
 
 log = logging.getLogger(__name__)
 
@@ -131,12 +136,18 @@ class LockInfo:
 
 def list_locks(store: Store) -> list[LockInfo]:
     """Every lock in the store with its time of last write. A listing that fails raises; a lock
-    removed while being read is skipped; a record that is not JSON counts as a shared lock of an
-    unknown run (stale, like any other, once its object is old)."""
+    removed while being read is skipped; a record that is not JSON, or larger than ``LOCK_CAP``
+    (never read past it), counts as a shared lock of an unknown run (stale, like any other, once
+    its object is old: `dbre unlock` then removes it)."""
     out = []
     for key in store.list("locks/"):
         try:
-            raw = store.get(key)
+            try:
+                raw = get_capped(store, key, LOCK_CAP, "lock record",
+                                 "`dbre unlock` removes it once stale; until then it counts as a shared lock")
+            except IntegrityError as err:
+                log.warning("%s", err)
+                raw = b""  # damaged: a shared lock until stale
             modified = store.modified(key)
         except NotFound:
             continue
@@ -177,6 +188,7 @@ class Lock:
         self._last_ok = 0.0  # boottime() when the write of the newest lock object began
         self._clock: tuple[float, float] = (0.0, 0.0)  # (store time of that write, boottime() after it)
         self._lost = False
+        self._gap = 0.0  # store-clock seconds between two writes of this lock, when that lost it
         self._released = False
         self._leftovers: list[str] = []  # lock objects a failed refresh could not delete
         self._mutex = threading.Lock()
@@ -250,7 +262,9 @@ class Lock:
 
     def refresh(self) -> None:
         """Write a new lock object, check the current one is still there, delete it. If it was
-        removed, the lock is lost (``check_alive`` raises) and the new object is deleted."""
+        removed, or if by the store's clock the current one had already aged past what another host
+        tolerates (``stale_seconds - safety_seconds``: the run was paused, or its refreshes hung),
+        the lock is lost (``check_alive`` raises) and the new object is deleted."""
         new_key, began, clock = self._write()
         with self._mutex:
             try:
@@ -258,10 +272,18 @@ class Lock:
                     self.store.delete(new_key)
                     return
                 try:
-                    self.store.modified(self._key)
+                    seen = self.store.modified(self._key)  # what every other host judges by
                 except NotFound:
                     self._lost = True
                     log.warning("lock %s was removed by someone else: %s must not commit", self._key, self.op)
+                    self.store.delete(new_key)
+                    return
+                gap = clock[0] - seen
+                if gap > self.stale_seconds - self.safety_seconds:
+                    self._lost = True
+                    self._gap = gap
+                    log.warning("lock %s: %s passed by the store's clock since its last write: %s must not commit",
+                                self._key, _span(gap), self.op)
                     self.store.delete(new_key)
                     return
             except BaseException:
@@ -298,16 +320,25 @@ class Lock:
                     hint: str = "run it again") -> None:
         """Raise ``LockLostError`` unless another host still certainly sees this lock as live.
 
-        Called immediately before each commit. Checks that the lock object is still there (one
-        ``modified`` call), then that its last successful refresh began less than
-        ``stale_seconds - safety_seconds`` ago.
+        Called immediately before each commit. Refreshes the lock (a new object, the old one checked
+        and removed: see ``refresh``), which finds a removed lock and any gap by the store's clock;
+        then checks that the last successful refresh began less than
+        ``stale_seconds - safety_seconds`` ago on the boot clock.
         """
-        with self._mutex:
-            if not self._lost and not self._released:
-                try:
-                    self.store.modified(self._key)
-                except NotFound:
-                    self._lost = True
+        if not self._lost and not self._released:
+            try:
+                self.refresh()
+            except LockLostError:
+                raise
+            except Exception as err:  # noqa: BLE001 - a refresh that fails now is judged by the age below
+                log.warning("lock %s: refresh before commit failed: %s", self._key, err)
+        if self._lost and self._gap:
+            raise LockLostError(
+                f"{what}: by the store's clock the repository lock went {_span(self._gap)} without a refresh "
+                f"(this host was paused or its requests hung), past what another host tolerates "
+                f"({_span(self.stale_seconds - self.safety_seconds)}); another host may have pruned — {consequence}",
+                hint,
+            )
         if self._lost:
             raise LockLostError(
                 f"{what}: the repository lock was removed by another run (`dbre unlock`?); "
