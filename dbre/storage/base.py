@@ -9,7 +9,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Protocol, runtime_checkable
 
-from dbre.errors import RepositoryError
+from dbre.errors import IntegrityError, RepositoryError
+from dbre.units import human_bytes
 
 
 class StorageError(RepositoryError):
@@ -72,6 +73,28 @@ class Store(Protocol):
     def delete(self, key: str) -> None: ...
 
     def exists(self, key: str) -> bool: ...
+
+
+# The most a whole-object read takes of each kind: dbre never writes one larger, so a larger one
+# was planted (write access to the bucket, no key needed) or damaged; reading it whole first
+# would exhaust memory before any check could refuse it.
+LOCK_CAP = 64 * 1024
+CONFIG_CAP = 64 * 1024
+MANIFEST_CAP = 64 * 1024 * 1024  # a sealed manifest: ~1 MB for a 100 GiB database of 4 KiB pages
+RECORD_CAP = 16 * 1024 * 1024
+
+
+def get_capped(store: Store, key: str, cap: int, what: str,
+               hint: str = "remove it, or restore it from the offsite copy") -> bytes:
+    """The whole object ``key`` if it holds at most ``cap`` bytes; never reads more than ``cap + 1``.
+
+    One ranged request on every backend (``get_range(key, 0, cap + 1)``). Raises ``NotFound`` if
+    absent, ``IntegrityError`` naming the key if larger (a ``what`` never is that large)."""
+    data = store.get_range(key, 0, cap + 1)
+    if len(data) > cap:
+        raise IntegrityError(
+            f"{key}: object is larger than {human_bytes(cap)} (a {what} never is: planted or damaged)", hint)
+    return data
 
 
 class Upload(Protocol):

@@ -57,8 +57,10 @@ class LocalStore:
     def get_range(self, key: str, offset: int, length: int) -> bytes:
         try:
             with open(self._path(key), "rb") as f:
-                return os.pread(f.fileno(), length, offset)
-        except FileNotFoundError:
+                # never allocate past the end: a capped read (get_capped) asks for cap + 1 bytes
+                size = os.fstat(f.fileno()).st_size
+                return os.pread(f.fileno(), min(length, max(0, size - offset)), offset)
+        except (FileNotFoundError, IsADirectoryError):  # as get(): a folder is not an object
             raise NotFound(f"get {key}: not found") from None
         except OSError as err:
             raise _os_error("get", key, err) from err
