@@ -9,6 +9,7 @@ from typing import Any
 from prefect import task
 from prefect.concurrency.sync import concurrency
 
+from dbre.errors import IntegrityError
 from dbre.metrics import record_backup
 from dbre.repository.backup import backup
 from dbre.repository.copy import copy_snapshots
@@ -73,6 +74,10 @@ def copy_to_offsite(repo: str, offsite: str, key: str | None = None, db: str | N
     src = Repository.open(repo, secret)
     dst = Repository.init_copy_of(src, offsite, secret)
     plan, copied = copy_snapshots(src, dst, db)
+    if plan.problems:  # the healthy snapshots were copied; what was not, or lost history, fails the task
+        more = f" (and {len(plan.problems) - 1} more)" if len(plan.problems) > 1 else ""
+        raise IntegrityError(f"copy to {dst.url}: {len(plan.snapshots)} snapshots copied, but {plan.problems[0]}{more}",
+                             "run `dbre verify` on the primary")
     return {"offsite": dst.url, "snapshots_copied": len(plan.snapshots), "packs_copied": len(plan.packs),
             "bytes_copied": copied, "already_there": plan.already}
 

@@ -1,69 +1,247 @@
-"""The offsite layer: copy snapshots to a second repository, incrementally, manifest last."""
+"""The offsite layer: copy snapshots to a second repository, incrementally, manifest last.
+
+Each pending snapshot's structure is checked on its own first (verify's structure check): a broken
+one is reported and left behind, the healthy ones are copied. Copy also compares each database's
+newest snapshot on both sides: an offsite copy holding newer snapshots than the primary is the
+outside anchor that shows the primary lost history (docs/FORMAT.md, "Threat model").
+"""
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from typing import Any
 
-from dbre.repository.manifest import Manifest
-from dbre.repository.repo import Repository, pack_key
-from dbre.storage import AlreadyExists
+from dbre.errors import IntegrityError, RepositoryError
+from dbre.repository.backup import iter_records
+from dbre.repository.manifest import Manifest, check_db_name, iso
+from dbre.repository.pack import read_pack_index
+from dbre.repository.repo import Repository, SnapshotRef, pack_key
+from dbre.repository.verify import check_locations
+from dbre.storage import AlreadyExists, NotFound
 
 Progress = Callable[[int, int], None]
+_NO_PACK = bytes(16)
+
+
+@dataclass
+class BrokenSnapshot:
+    """A pending snapshot that is not copied: its key in the source and why."""
+
+    key: str
+    reason: str
+
+    @property
+    def message(self) -> str:
+        return f"{self.key} not copied: {self.reason}"
+
+
+@dataclass
+class LostHistory:
+    """Evidence in the destination that the source lost snapshots of ``db`` it once had."""
+
+    db: str
+    detail: str
+
+    @property
+    def message(self) -> str:
+        return f"{self.detail}: the primary lost history — restore from the offsite copy or investigate"
 
 
 @dataclass
 class CopyPlan:
+    """What a copy does: ``snapshots`` (healthy, oldest first) and their ``packs`` not yet there;
+    ``broken`` pending snapshots left behind; ``lost_history`` databases the source lost history of.
+    Applying it moves a snapshot from ``snapshots`` to ``broken`` when one of its packs fails its
+    check as it is copied, so after ``copy_snapshots`` the plan says what was copied."""
+
     snapshots: list[Manifest] = field(default_factory=list)
     packs: list[str] = field(default_factory=list)
     already: int = 0
+    broken: list[BrokenSnapshot] = field(default_factory=list)
+    lost_history: list[LostHistory] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.broken and not self.lost_history
+
+    @property
+    def problems(self) -> list[str]:
+        """One line per problem: every broken snapshot, every database the source lost history of."""
+        return [b.message for b in self.broken] + [h.message for h in self.lost_history]
 
     def describe(self) -> dict[str, Any]:
         return {
             "snapshots_to_copy": [f"{m.db}/{m.id}" for m in self.snapshots],
             "packs_to_copy": len(self.packs),
             "snapshots_already_there": self.already,
+            "broken_snapshots": [{"key": b.key, "reason": b.reason} for b in self.broken],
+            "lost_history": [{"db": h.db, "message": h.message} for h in self.lost_history],
         }
 
 
+def check_structure(repo: Repository, manifest: Manifest) -> None:
+    """Raise unless one snapshot's structure holds, as restore checks it before writing (verify's
+    structure check): its runs read back, and every pack they point into is listed, present, and
+    its index holds each page where the page map says. Page batches are not read."""
+    blobs: dict[tuple[bytes, int], tuple[str, int, int, list[tuple[int, int, bytes]]]] = {}
+    n = 0
+    for n, (h, pack, off, length, slot) in enumerate(iter_records(repo, manifest), 1):
+        if pack == _NO_PACK and not length:
+            continue  # a page never written: no location
+        blob = blobs.get((pack, off))
+        if blob is None:
+            blob = blobs[(pack, off)] = (pack.hex(), off, length, [])
+        blob[3].append((n - 1, slot, h))
+    if n != manifest.page_count:
+        raise IntegrityError(f"snapshot {manifest.id}: page map has {n} pages, manifest says {manifest.page_count}")
+    check_locations(repo, manifest, blobs.values())
+
+
+def _why(err: RepositoryError) -> str:
+    if isinstance(err, NotFound):  # "get packs/37/…: not found" -> "packs/37/…: missing"
+        return err.message.removeprefix("get ").replace(": not found", ": missing")
+    return err.message
+
+
+def _n(count: int) -> str:
+    return f"{count} snapshot" + ("" if count == 1 else "s")
+
+
+def _newest(refs: list[SnapshotRef]) -> dict[str, datetime]:
+    """Per database: the time of its newest format-2 name (the name carries it: no manifest read)."""
+    out: dict[str, datetime] = {}
+    for r in refs:
+        if r.time is not None and (r.db not in out or r.time > out[r.db]):
+            out[r.db] = r.time
+    return out
+
+
+def _lost_history(src_refs: list[SnapshotRef], dst: Repository, dst_refs: list[SnapshotRef],
+                  source_newest: dict[str, datetime], pending: list[Manifest]) -> list[LostHistory]:
+    """What the destination proves the source lost, per database:
+    - the destination's newest snapshot is newer than the source's newest (deleted newest
+      snapshots, a rollback of the bucket, a database deleted whole);
+    - a pending snapshot's parent is older than a snapshot the destination holds, the source no
+      longer has, and that was committed (taken_at + its seconds) before the pending one began:
+      the backup did not see it because it was gone — caught even after backups went on."""
+    out: list[LostHistory] = []
+    for db, offsite_newest in sorted(_newest(dst_refs).items()):
+        mine = source_newest.get(db)
+        if mine is None:
+            n = sum(1 for r in dst_refs if r.db == db)
+            out.append(LostHistory(db, f"offsite has {_n(n)} of {db} (newest taken {iso(offsite_newest)}) "
+                                       "but the primary has none"))
+        elif offsite_newest > mine:
+            n = sum(1 for r in dst_refs if r.db == db and r.time is not None and r.time > mine)
+            out.append(LostHistory(db, f"offsite has {_n(n)} of {db} newer than the primary's newest (taken "
+                                       f"{iso(mine)}; newest offsite taken {iso(offsite_newest)})"))
+    flagged = {h.db for h in out}
+    in_source = {(r.db, r.id) for r in src_refs}
+    time_of = {(r.db, r.id): r.time for r in src_refs + dst_refs if r.time is not None}
+    for m in pending:
+        parent_time = time_of.get((m.db, m.parent)) if m.parent else None
+        if m.db in flagged or parent_time is None:
+            continue
+        for r in sorted(dst_refs, key=lambda r: r.key):  # newest first
+            if (r.db != m.db or r.time is None or not parent_time < r.time < m.time
+                    or (r.db, r.id) in in_source):
+                continue
+            try:
+                gone = dst.load_ref(r)
+            except RepositoryError:
+                continue  # proves nothing here; `dbre verify` of the copy names it
+            committed = r.time + timedelta(seconds=float(gone.stats.get("seconds") or 0))
+            if committed < m.time:  # done before m began: m would have taken it as its parent
+                out.append(LostHistory(m.db, f"offsite has snapshot {r.id} of {m.db} (taken {iso(r.time)}), which "
+                                             f"the primary no longer has; its snapshot {m.id} (taken {iso(m.time)}) "
+                                             f"was taken after it on an older parent {m.parent}"))
+                flagged.add(m.db)
+                break
+    return out
+
+
 def plan_copy(src: Repository, dst: Repository, db: str | None = None) -> CopyPlan:
+    """Work out what to copy; reads manifests, page-map runs and pack index tails of the pending
+    snapshots only, and writes nothing."""
     plan = CopyPlan()
     if db:
-        src.require_db(db)
-    there = {(r.db, r.id) for r in dst.list_snapshot_refs(db)}
-    dst_packs = dst.pack_ids()
-    wanted: set[str] = set()
-    for m in src.snapshots(db):
-        if (m.db, m.id) in there:
-            plan.already += 1
+        check_db_name(db)
+    # the destination is listed first: everything in it was copied from the source before, so a
+    # backup and copy running meanwhile cannot make the destination look newer than the source
+    dst_refs = dst.list_snapshot_refs(db)
+    src_refs = src.list_snapshot_refs(db)
+    if db and not src_refs and not any(r.db == db for r in dst_refs):
+        src.require_db(db)  # raises, naming the known databases
+    there = {(r.db, r.id) for r in dst_refs}
+    pending = [r for r in src_refs if (r.db, r.id) not in there]
+    plan.already = len(src_refs) - len(pending)
+
+    healthy: list[Manifest] = []
+    source_newest = _newest(src_refs)
+    for ref in sorted(pending, key=lambda r: r.key):
+        try:
+            m = src.load_ref(ref)
+            check_structure(src, m)
+        except (IntegrityError, NotFound) as err:
+            plan.broken.append(BrokenSnapshot(ref.key, _why(err)))
             continue
-        plan.snapshots.append(m)
-        wanted.update(p for p in m.packs if p not in dst_packs)
-    plan.packs = sorted(wanted)
+        healthy.append(m)
+    if src.version < 2:  # format-1 names carry no time: the manifests do (those already there too)
+        for m in src.snapshots(db, damaged=[]):
+            if m.db not in source_newest or m.time > source_newest[m.db]:
+                source_newest[m.db] = m.time
+
+    plan.lost_history = _lost_history(src_refs, dst, dst_refs, source_newest, healthy)
+    healthy.sort(key=lambda m: (m.taken_at, m.id))
+    plan.snapshots = healthy
+    dst_packs = dst.pack_ids()
+    plan.packs = sorted({p for m in healthy for p in m.packs if p not in dst_packs})
     return plan
 
 
 def copy_snapshots(src: Repository, dst: Repository, db: str | None = None,
                    progress: Progress | None = None) -> tuple[CopyPlan, int]:
-    """Copy the snapshots (of ``db``) not yet in ``dst``: planned and applied under a shared lock on
-    each repository, so no prune on either side runs between the plan and the last manifest.
+    """Copy the healthy snapshots (of ``db``) not yet in ``dst``: planned and applied under a shared
+    lock on each repository, so no prune on either side runs between the plan and the last manifest.
 
-    Packs go first, as stored (still sealed), then each manifest: a copy cut short leaves only
-    unreferenced packs behind, never a snapshot without its data. Before each manifest put the
-    destination's lock is checked alive (``Lock.check_alive``; the source's lock only keeps its
-    packs from going while they are read). Returns the plan and the bytes copied.
+    Packs go first, as stored (still sealed), each only once its index authenticates in the bytes
+    read; then each manifest: a copy cut short leaves only unreferenced packs behind, never a
+    snapshot without its data. A pack that fails (missing, or its index damaged) is not copied and
+    its snapshots move to ``plan.broken``. Before each manifest put the destination's lock is
+    checked alive (``Lock.check_alive``; the source's lock only keeps its packs from going while
+    they are read). Returns the plan (``plan.problems`` lists what was not copied and any history
+    the source lost: the caller reports them) and the bytes copied.
     """
     copied = 0
     dst.require_writable("copy")
     with src.lock("copy (source)"), dst.lock("copy") as dst_lock:
         plan = plan_copy(src, dst, db)
+        failed: dict[str, str] = {}
         for i, pack in enumerate(plan.packs):
-            data = src.store.get(pack_key(pack))
-            dst.store.put(pack_key(pack), data)
+            key = pack_key(pack)
+            try:
+                data = src.store.get(key)
+                read_pack_index(data, src.sealer, key)  # what is put is what was checked
+            except (IntegrityError, NotFound, struct.error) as err:
+                failed[pack] = _why(err) if isinstance(err, RepositoryError) else f"{key}: index is malformed"
+                continue
+            dst.store.put(key, data)
             copied += len(data)
             if progress:
                 progress(i + 1, len(plan.packs))
+        if failed:
+            plan.packs = [p for p in plan.packs if p not in failed]
+            keep = []
+            for m in plan.snapshots:
+                bad = [p for p in m.packs if p in failed]
+                if bad:
+                    plan.broken.append(BrokenSnapshot(src.manifest_key(m), failed[bad[0]] + " (pack not copied)"))
+                else:
+                    keep.append(m)
+            plan.snapshots = keep
         for m in plan.snapshots:
             key = src.manifest_key(m)  # the same name: a manifest is sealed under it
             data = src.store.get(key)
