@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from dbre.errors import RepositoryError, UsageError
+from dbre.errors import IntegrityError, RepositoryError, UsageError
 from dbre.repository.backup import backup
 from dbre.repository.migrate import apply_migrate, plan_migrate
 from dbre.repository.repo import Repository
@@ -110,3 +110,36 @@ def test_migrate_cli(tmp_path: Path) -> None:
                               "--db", "app"], capture_output=True, text=True, timeout=120)
     assert refused.returncode != 0
     assert "dbre migrate" in refused.stderr and "Traceback" not in refused.stderr
+
+
+def test_migrate_names_a_snapshot_with_a_lost_pack_and_migrates_the_rest(tmp_path: Path) -> None:
+    """A format-1 snapshot that cannot be restored (its pack lost) is named; the others migrate."""
+    repo_dir, _ = _v1_copy(tmp_path, "plain")
+    src = Repository.open(str(repo_dir))
+    oldest, newest = src.snapshots("app")
+    only_newest = set(newest.packs) - set(oldest.packs)
+    assert only_newest, "the newer golden snapshot has a pack of its own"
+    for pack in only_newest:
+        (repo_dir / "packs" / pack[:2] / pack).unlink()
+    dst = Repository.open_or_init(str(tmp_path / "v2"))
+    result = apply_migrate(src, dst, plan_migrate(src, dst))
+    assert [old for _, old, _ in result.migrated] == [oldest.id]
+    assert [what for what, _ in result.failed] == [f"app/{newest.id}"]
+
+
+def test_resumed_migration_compares_the_newest_migrated_snapshot_again(tmp_path: Path) -> None:
+    """A kill between a snapshot's commit and its comparison: the resumed run compares it, and a
+    difference stops it (here the new snapshot is made to differ by replaying the wrong one)."""
+    repo_dir, _ = _v1_copy(tmp_path, "plain")
+    src = Repository.open(str(repo_dir))
+    oldest, newest = src.snapshots("app")
+    dst = Repository.open_or_init(str(tmp_path / "v2"))
+    # as if killed right after committing the first snapshot, before comparing it: and that commit
+    # holds the wrong bytes (the newest state under the oldest's name)
+    scratch = tmp_path / "wrong.db"
+    apply_restore(src, plan_restore(src, "app", scratch, snapshot=newest.id))
+    backup(dst, LocalFileSource(scratch), "app", replay=oldest)
+    plan = plan_migrate(src, dst)
+    assert plan.recheck is not None and plan.recheck[0].id == oldest.id
+    with pytest.raises(IntegrityError, match="does not restore to the same bytes"):
+        apply_migrate(src, dst, plan)

@@ -11,7 +11,11 @@ the same names. The old repository is only read.
 
 Crash safety is that of a backup: a snapshot appears in the new repository only when its
 manifest is written, last. A migration cut short is resumed by running it again: snapshots
-already migrated (found by their ``stats.migrated_from`` id) are skipped.
+already migrated (found by their ``stats.migrated_from`` id) are skipped, and the newest of them
+(the one a kill could have caught between its commit and its comparison) is compared again.
+A damaged format-1 snapshot (its manifest unreadable, a pack lost) does not stop the others: it
+is named in the result and the command exits 1 (format 1 cannot be written, so migrating past
+it is the way out).
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dbre.errors import IntegrityError, UsageError
+from dbre.errors import IntegrityError, RepositoryError, UsageError
 from dbre.repository.manifest import Manifest
 from dbre.repository.repo import Repository
 
@@ -40,6 +44,8 @@ class MigratePlan:
     snapshots: list[Manifest] = field(default_factory=list)
     already: int = 0
     records: list[str] = field(default_factory=list)
+    damaged: list[tuple[str, str]] = field(default_factory=list)  # (key, why): manifests that cannot be read
+    recheck: tuple[Manifest, Manifest] | None = None  # (old, new): the newest migrated, compared again
 
     @property
     def bytes_to_replay(self) -> int:
@@ -52,6 +58,7 @@ class MigratePlan:
             "snapshots_to_migrate": [f"{m.db}/{m.id}" for m in self.snapshots],
             "snapshots_already_migrated": self.already,
             "records_to_migrate": len(self.records),
+            "damaged": [{"key": k, "why": why} for k, why in self.damaged],
             "bytes_to_replay": self.bytes_to_replay,
         }
 
@@ -60,6 +67,7 @@ class MigratePlan:
 class MigrateResult:
     plan: MigratePlan
     migrated: list[tuple[str, str, str]] = field(default_factory=list)  # (db, old id, new id)
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (db/old id, why)
     records: int = 0
     seconds: float = 0.0
 
@@ -67,17 +75,19 @@ class MigrateResult:
         return {
             **self.plan.describe(),
             "migrated": [{"db": db, "from": old, "to": new} for db, old, new in self.migrated],
+            "failed": [{"snapshot": what, "why": why} for what, why in self.failed],
             "records_migrated": self.records,
             "seconds": round(self.seconds, 3),
         }
 
 
-def _migrated_ids(dst: Repository) -> set[tuple[str, str]]:
-    done: set[tuple[str, str]] = set()
+def _migrated(dst: Repository) -> dict[tuple[str, str], Manifest]:
+    """Snapshots already migrated into ``dst``, by (db, old id)."""
+    done: dict[tuple[str, str], Manifest] = {}
     for m in dst.snapshots():
         old = (m.stats or {}).get("migrated_from")
         if isinstance(old, dict) and old.get("id"):
-            done.add((m.db, str(old["id"])))
+            done[(m.db, str(old["id"]))] = m
     return done
 
 
@@ -92,12 +102,17 @@ def plan_migrate(src: Repository, dst: Repository) -> MigratePlan:
     if dst.id == src.id:
         raise UsageError("the target is the source repository", "migrate into a new, empty location")
     plan = MigratePlan(src.url, dst.url)
-    done = _migrated_ids(dst)
-    for m in src.snapshots():  # oldest first; a damaged manifest stops the plan (verify names it)
-        if (m.db, m.id) in done:
+    done = _migrated(dst)
+    newest: tuple[Manifest, Manifest] | None = None
+    for m in src.snapshots(damaged=plan.damaged):  # oldest first; damaged manifests are named, not fatal
+        new = done.get((m.db, m.id))
+        if new is not None:
             plan.already += 1
+            if newest is None or (new.taken_at, new.id) > (newest[1].taken_at, newest[1].id):
+                newest = (m, new)
         else:
             plan.snapshots.append(m)
+    plan.recheck = newest
     there = set(dst.store.list("records/"))
     plan.records = sorted(k for k in src.store.list("records/") if k not in there)
     return plan
@@ -126,22 +141,35 @@ def apply_migrate(src: Repository, dst: Repository, plan: MigratePlan,
     done_bytes = 0
     with tempfile.TemporaryDirectory(prefix="dbre-migrate-") as scratch_dir:
         scratch = Path(scratch_dir)
-        for m in plan.snapshots:
-            old_file = scratch / f"{m.db}.db"
-            check_file = scratch / f"{m.db}.check.db"
-            apply_restore(src, plan_restore(src, m.db, old_file, snapshot=m.id, force=True))
-            expected = _sha256(old_file)
-            made = backup(dst, LocalFileSource(old_file), m.db, checksums=bool(m.tables) and any(
-                t.checksum for t in m.tables.values()), replay=m)
-            apply_restore(dst, plan_restore(dst, m.db, check_file, snapshot=made.manifest.id, force=True))
-            if _sha256(check_file) != expected:
+
+        def compare(old: Manifest, new: Manifest) -> None:
+            a, b = scratch / f"{old.db}.db", scratch / f"{old.db}.check.db"
+            apply_restore(src, plan_restore(src, old.db, a, snapshot=old.id, force=True))
+            apply_restore(dst, plan_restore(dst, new.db, b, snapshot=new.id, force=True))
+            same = _sha256(a) == _sha256(b)
+            for f in (a, b):
+                f.unlink(missing_ok=True)
+            if not same:
                 raise IntegrityError(
-                    f"migrate {m.db}/{m.id}: the new snapshot {made.manifest.id} does not restore to the same bytes",
+                    f"migrate {old.db}/{old.id}: the new snapshot {new.id} does not restore to the same bytes",
                     "keep using the old repository and report this",
                 )
+
+        if plan.recheck is not None:  # a kill may have come between its commit and its comparison
+            compare(*plan.recheck)
+        for m in plan.snapshots:
+            old_file = scratch / f"{m.db}.db"
+            try:
+                apply_restore(src, plan_restore(src, m.db, old_file, snapshot=m.id, force=True))
+            except RepositoryError as err:  # a lost pack, a damaged run: name it, go on with the others
+                result.failed.append((f"{m.db}/{m.id}", err.message))
+                old_file.unlink(missing_ok=True)
+                continue
+            made = backup(dst, LocalFileSource(old_file), m.db, checksums=bool(m.tables) and any(
+                t.checksum for t in m.tables.values()), replay=m)
+            old_file.unlink(missing_ok=True)
+            compare(m, made.manifest)
             result.migrated.append((m.db, m.id, made.manifest.id))
-            for f in (old_file, check_file):
-                f.unlink(missing_ok=True)
             done_bytes += m.size
             if progress:
                 progress(done_bytes, total)
