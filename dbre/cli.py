@@ -569,6 +569,10 @@ def copy(
         else:
             print(f"copied {len(plan.snapshots)} snapshots ({len(plan.packs)} packs, {human(copied)}) to {dst.url}; "
                   f"{plan.already} were already there")
+        for line in plan.problems:  # the healthy snapshots are copied; each problem is one line
+            print(f"dbre: {line}", file=sys.stderr)
+        if plan.problems:
+            raise typer.Exit(1)
 
     _run(go)
 
@@ -620,6 +624,12 @@ def migrate(
             print(f"migrated {len(result.migrated)} snapshots and {result.records} records to {dst.url} "
                   f"in {result.seconds:.1f} s (each restored from both and compared); "
                   f"{plan.already} were already there")
+        for name, why in plan.damaged:
+            print(f"dbre: not migrated, its manifest cannot be read: {name}: {why}", file=sys.stderr)
+        for what, why in result.failed:
+            print(f"dbre: not migrated, it cannot be restored: {what}: {why}", file=sys.stderr)
+        if plan.damaged or result.failed:
+            raise typer.Exit(1)
 
     _run(go)
 
