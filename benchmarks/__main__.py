@@ -4,6 +4,7 @@
     python -m benchmarks --quick           # 100 MiB, 1 run: a smoke test
     python -m benchmarks --profile         # also a cProfile of one backup of the largest database
     python -m benchmarks --history         # also cost against history (benchmarks/history.py)
+    python -m benchmarks --churn           # also size under churn and retention (benchmarks/churn.py)
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
     p.add_argument("--history", action="store_true",
                    help="also the history part: 5 vs 200 snapshots on S3, and a 10,000-snapshot repository")
+    p.add_argument("--churn", action="store_true",
+                   help="also the churn part: 24 rounds of 15%% page churn with keep-last 3 + prune, repack off vs on")
     p.add_argument("--size-mb", type=int, help=argparse.SUPPRESS)  # tiny databases for the tests
     args = p.parse_args(argv)
     if args.quick:
@@ -88,12 +91,19 @@ def main(argv: list[str] | None = None) -> int:
 
         doc["history"] = history.measure(args.runs, log=console.print)
         history.print_result(doc["history"], console.print)  # type: ignore[arg-type]
+    if args.churn:
+        from benchmarks import churn
+
+        doc["churn"] = churn.measure(args.runs, data=out / "data", log=console.print)
+        churn.print_result(doc["churn"], console.print)  # type: ignore[arg-type]
     (out / "results.json").write_text(json.dumps(doc, indent=1))
     report.print_table(doc, console)
     console.print(f"results: {out / 'results.json'}")
     missed = [c for r in results for c in r["checks"].values() if not c["pass"]]  # type: ignore[attr-defined]
     if args.history and not doc["history"]["pass"]:  # type: ignore[index]
         missed.append(doc["history"])
+    if args.churn and not doc["churn"]["pass"]:  # type: ignore[index]
+        missed.append(doc["churn"])
     return 1 if args.strict and missed else 0
 
 
