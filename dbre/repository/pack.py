@@ -18,6 +18,7 @@ from dbre.repository.crypto import Sealer
 from dbre.repository.repo import pack_key
 from dbre.storage import Store
 from dbre.storage.base import Upload, open_upload
+from dbre.units import human_bytes
 
 MAGIC = b"DBREPK01"
 PACK_TARGET = 32 * 1024 * 1024
@@ -70,23 +71,39 @@ def index_name(pack_id: str) -> str:
 
 
 TAIL_READ = 1024 * 1024  # one ranged read holds the index of any pack of up to ~250 MiB of 4 KiB pages
+MAX_INDEX = 8 * 1024 * 1024  # 16 bytes a page + 17 a blob: a ~32 MiB pack's index is < 1.2 MiB even of 512-byte pages
+MAX_PACK = 1024 * 1024 * 1024  # packs are ~32 MiB; a larger object under packs/ was planted or damaged
+_OVERSIZE_HINT = "remove it, or restore it from the offsite copy; `dbre verify` names the snapshots it breaks"
 
 
 def read_index_tail(store: Store, sealer: Sealer, pack_id: str, known_end: int = 0) -> list[BlobInfo]:
     """The index of a stored pack, reading only its tail: from ``known_end`` (the end of the last
     blob the caller knows of; the index follows the blobs) to the end of the pack, in ranged reads
-    of ``TAIL_READ`` bytes (one for a pack whose referenced blobs end near its index). Raises
-    NotFound if the pack is absent, IntegrityError if its trailer or index is damaged or a blob
-    it lists reaches into the index."""
+    of ``TAIL_READ`` bytes (one for a pack whose referenced blobs end near its index). Memory stays
+    under ``MAX_INDEX`` plus one read, and a pack longer than ``MAX_PACK`` is refused with one more
+    request, before it is read. Raises NotFound if the pack is absent, IntegrityError if it is
+    oversized, its trailer or index is damaged, or a blob it lists reaches into the index."""
     key = pack_key(pack_id)
-    parts, pos = [], known_end
+    keep = MAX_INDEX + _TAIL.size  # only the index and trailer matter: older bytes are dropped
+    buf, pos = bytearray(), known_end
     while True:
         chunk = store.get_range(key, pos, TAIL_READ)
-        parts.append(chunk)
+        buf += chunk
         pos += len(chunk)
         if len(chunk) < TAIL_READ:
             break
-    tail = b"".join(parts)
+        # more than one read: the caller's blobs end far from the index, or the object is huge
+        first = pos == known_end + TAIL_READ
+        if pos > MAX_PACK or (first and store.get_range(key, MAX_PACK, 1)):
+            raise IntegrityError(f"{key}: object is larger than {human_bytes(MAX_PACK)} (a pack never is: "
+                                 "planted or damaged)", _OVERSIZE_HINT)
+        if len(buf) > keep:
+            del buf[: len(buf) - keep]
+    tail = bytes(buf)
+    (n, magic) = _TAIL.unpack_from(tail, len(tail) - _TAIL.size) if len(tail) >= _TAIL.size else (0, b"")
+    if magic == MAGIC and n > MAX_INDEX:  # the trailer is the pack's own, whatever ``known_end`` was
+        raise IntegrityError(f"{key}: index is larger than {human_bytes(MAX_INDEX)} (a pack's index never is: "
+                             "planted or damaged)", _OVERSIZE_HINT)
     try:
         blobs = read_pack_index(tail, sealer, key)  # checks the trailer and authenticates the index
     except struct.error:

@@ -7,8 +7,12 @@ fsynced and renamed over the target: a crash or a full disk leaves the target as
 from __future__ import annotations
 
 import errno
+import fcntl
+import logging
 import os
+import re
 import secrets
+import stat
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -24,10 +28,13 @@ from dbre.repository.backup import iter_records
 from dbre.repository.manifest import Manifest
 from dbre.repository.repo import Repository
 from dbre.repository.verify import check_locations
+from dbre.units import human_bytes
 
+log = logging.getLogger(__name__)
 HOLD_WAIT_MS = 5000  # how long `--force` waits for the old database's other connections
 READ_SPAN = 16 * 1024 * 1024  # blobs of one pack closer than this are fetched in one ranged read
 SYNC_EVERY = 32 * 1024 * 1024  # bytes written between two background fdatasync calls
+FRESH_SECONDS = 60.0  # an empty temp file this young may be a live restore's, between its creation and its flock
 
 Progress = Callable[[int, int], None]
 
@@ -140,7 +147,8 @@ def _write_restore(repo: Repository, plan: RestorePlan, progress: Progress | Non
     started = time.perf_counter()
     m = plan.manifest
     ps = m.page_size
-    tmp = plan.target.parent / f".{plan.target.name}.dbre-restore-{secrets.token_hex(4)}"
+    _remove_leftovers(plan.target)
+    tmp = plan.target.parent / f"{_temp_prefix(plan.target)}{secrets.token_hex(4)}"
     total = plan.bytes_to_read
     done = 0
     try:
@@ -148,6 +156,18 @@ def _write_restore(repo: Repository, plan: RestorePlan, progress: Progress | Non
     except OSError as err:
         raise RestoreError(f"restore to {plan.target}: cannot create a file there ({err.strerror})",
                            "check the folder's permissions") from err
+    # held until the rename: a restore that finds this file unlocked knows its writer is dead. A
+    # flock, not a POSIX lock: closing another descriptor of the file never drops it, and SQLite's
+    # POSIX locks on the target do not see it. Taken before the file grows (see _remove_leftovers)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    closed = False
+
+    def release() -> None:
+        nonlocal closed
+        if not closed:
+            closed = True
+            os.close(fd)
+
     if m.mode is not None:
         os.fchmod(fd, m.mode)  # the source's own mode, whatever the umask (None: 0644 minus umask)
     page_hash = repo.page_hash
@@ -210,20 +230,21 @@ def _write_restore(repo: Repository, plan: RestorePlan, progress: Progress | Non
             syncer.shutdown(wait=True)
         os.fsync(fd)
     except BaseException as err:
-        os.close(fd)
         tmp.unlink(missing_ok=True)
+        release()
         if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
             raise RestoreError(f"restore to {plan.target}: disk full ({m.size} bytes needed)",
                                "free space or restore to another disk; the target was not touched") from None
         if isinstance(err, OSError):
             raise RestoreError(f"restore to {plan.target}: {err.strerror}") from err
         raise
-    os.close(fd)
     try:
-        _replace(tmp, plan.target, plan.force)
+        _replace(tmp, plan.target, plan.force, release)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    finally:
+        release()
     return RestoreResult(plan, time.perf_counter() - started)
 
 
@@ -231,7 +252,53 @@ def _crash_point(name: str) -> None:
     """Nothing; the crash tests replace it to kill -9 the process at each dangerous instant."""
 
 
-def _replace(tmp: Path, target: Path, force: bool) -> None:
+def _temp_prefix(target: Path) -> str:
+    return f".{target.name}.dbre-restore-"
+
+
+def _remove_leftovers(target: Path) -> list[str]:
+    """Remove the temp files that killed restores to ``target`` left beside it; returns their names.
+
+    A live restore holds an exclusive flock on its temp file until the rename, so one this run can
+    flock (non-blocking) has no writer. A restore creates its file empty and flocks it before it
+    grows, so an empty file younger than ``FRESH_SECONDS`` may be one whose flock is a moment away:
+    it is left alone (a killed one goes at a later restore)."""
+    pattern = re.compile(re.escape(_temp_prefix(target)) + r"[0-9a-f]{8}")
+    try:
+        names = sorted(e.name for e in os.scandir(target.parent) if pattern.fullmatch(e.name))
+    except OSError:
+        return []
+    removed = []
+    for name in names:
+        path = target.parent / name
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError:
+            continue  # gone already, or not this user's to read: left alone
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                continue  # a live restore is writing it
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or (st.st_size == 0 and time.time() - st.st_mtime < FRESH_SECONDS):
+                continue
+            try:
+                if os.stat(path, follow_symlinks=False).st_ino != st.st_ino:
+                    continue  # replaced since it was opened
+                os.unlink(path)
+            except OSError:
+                continue
+            removed.append(f"{name} ({human_bytes(st.st_size)})")
+        finally:
+            os.close(fd)
+    if removed:
+        log.warning("restore to %s: removed %d temp file(s) left by a killed restore: %s",
+                    target, len(removed), ", ".join(removed))
+    return removed
+
+
+def _replace(tmp: Path, target: Path, force: bool, release_tmp: Callable[[], None] = lambda: None) -> None:
     """Rename the restored file over ``target`` so that a crash at any instant leaves the complete
     old database or the complete new one, never the old file without its WAL nor the new file
     beside the old WAL (SQLite would replay the old frames into it).
@@ -247,6 +314,11 @@ def _replace(tmp: Path, target: Path, force: bool) -> None:
             for suffix in ("-wal", "-shm", "-journal"):
                 Path(str(target) + suffix).unlink(missing_ok=True)
         _crash_point("cleared")
+        # the temp file's flock goes now, not after the rename: closing a descriptor of the new
+        # target would drop any POSIX lock this process's SQLite connections take on it. (Another
+        # restore to this target cleaning up in the microseconds until the rename would make this
+        # one fail, the target untouched.)
+        release_tmp()
         os.replace(tmp, target)
         _crash_point("renamed")
         dfd = os.open(target.parent, os.O_RDONLY)
