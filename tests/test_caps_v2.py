@@ -335,3 +335,23 @@ def test_a_live_restores_temp_file_is_not_removed_by_a_second_restore(tmp_path: 
     assert a.returncode == 0, err
     assert [p.name for p in target_dir.iterdir()] == ["app.db"]
     assert pack_files(repo_dir)
+
+
+def test_a_planted_decompression_bomb_is_refused_before_it_opens(tmp_path: Path) -> None:
+    """Plain repository: someone who can write the bucket can recompute the unkeyed checksum, so
+    a small object whose zstd frame opens up to gigabytes must be refused from its frame header."""
+    import xxhash
+    import zstandard
+
+    from dbre.errors import IntegrityError
+    from dbre.repository.crypto import MAX_UNSEALED, Sealer
+
+    sealer = Sealer(None, 2)
+    bomb = zstandard.ZstdCompressor(level=19).compress(bytes(MAX_UNSEALED + 1))
+    assert len(bomb) < 1024 * 1024  # small on the wire
+    name = "snapshots/app/x"
+    blob = b"\x03" + bomb + xxhash.xxh3_128_digest(b"\x03" + name.encode() + b"\x00" + bomb)
+    with pytest.raises(IntegrityError, match="would open up to"):
+        sealer.unseal(blob, name)
+    ok = sealer.seal(b"x" * 1000, name)
+    assert sealer.unseal(ok, name) == b"x" * 1000

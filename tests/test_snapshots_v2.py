@@ -33,7 +33,7 @@ from dbre.restore.full import apply_restore, plan_restore
 from dbre.secrets import Secret
 from dbre.sources.local import LocalFileSource
 from dbre.storage import open_store
-from dbre.storage.base import Store
+from dbre.storage.base import MANIFEST_CAP, Store
 from tests.dbfactory import assert_one_line_error, assert_same_db, change_rows, cli, make_db
 
 PASSPHRASE = "snapshots-v2-test-passphrase"
@@ -114,6 +114,8 @@ class CountingStore:
         return self.inner.get(key)
 
     def get_range(self, key: str, offset: int, length: int) -> bytes:
+        if key.startswith("snapshots/") and length == MANIFEST_CAP + 1:  # a manifest read (get_capped)
+            self.manifest_gets.append(key)
         with self._mu:
             self.ranges_now += 1
             self.ranges_max = max(self.ranges_max, self.ranges_now)
@@ -226,9 +228,13 @@ def test_backup_parent_skips_a_damaged_newest_manifest(repo_url: str, tmp_path: 
     raw.put(newest_key, b"\x03garbage" + bytes(16))
     store = CountingStore(raw)
     change_rows(db, 3, seed=50)
-    made = backup(Repository.open(store), LocalFileSource(str(db)), "x").manifest
+    result = backup(Repository.open(store), LocalFileSource(str(db)), "x")
+    made = result.manifest
     assert made.parent == snaps[1].id
     assert len(store.manifest_gets) == 2 and store.manifest_gets[0] == newest_key
+    # said, not swallowed (review finding 9): the result and the manifest name the skipped one
+    assert made.stats["skipped_manifests"] == [newest_key]
+    assert result.chain_note is not None and newest_key in result.chain_note and "dbre verify" in result.chain_note
 
 
 # --------------------------------------------------------------------------- tampering

@@ -17,10 +17,11 @@ from typing import Any
 from dbre.errors import IntegrityError, RepositoryError
 from dbre.repository.backup import iter_records
 from dbre.repository.manifest import Manifest, check_db_name, iso
-from dbre.repository.pack import read_pack_index
+from dbre.repository.pack import MAX_PACK, read_pack_index
 from dbre.repository.repo import Repository, SnapshotRef, pack_key
 from dbre.repository.verify import check_locations
-from dbre.storage import AlreadyExists, NotFound
+from dbre.storage import AlreadyExists
+from dbre.storage.base import MANIFEST_CAP, NotFound, get_capped
 
 Progress = Callable[[int, int], None]
 _NO_PACK = bytes(16)
@@ -223,7 +224,7 @@ def copy_snapshots(src: Repository, dst: Repository, db: str | None = None,
         for i, pack in enumerate(plan.packs):
             key = pack_key(pack)
             try:
-                data = src.store.get(key)
+                data = get_capped(src.store, key, MAX_PACK, "pack")  # a planted giant is refused, not read
                 read_pack_index(data, src.sealer, key)  # what is put is what was checked
             except (IntegrityError, NotFound, struct.error) as err:
                 failed[pack] = _why(err) if isinstance(err, RepositoryError) else f"{key}: index is malformed"
@@ -244,7 +245,7 @@ def copy_snapshots(src: Repository, dst: Repository, db: str | None = None,
             plan.snapshots = keep
         for m in plan.snapshots:
             key = src.manifest_key(m)  # the same name: a manifest is sealed under it
-            data = src.store.get(key)
+            data = get_capped(src.store, key, MANIFEST_CAP, "manifest")
             what = f"copy of {m.db} snapshot {m.id}"
             dst_lock.check_alive(what, consequence="it was not copied", hint="run the copy again")
             try:

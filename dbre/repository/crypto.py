@@ -42,6 +42,8 @@ CONFIG_MAC_INFO = b"dbre v2 config"
 PAGE_HASH_INFO = b"dbre v2 page hash"
 _DAMAGE_HINT = "run `dbre verify --read-data` to find damage"
 
+MAX_UNSEALED = 256 * 1024 * 1024  # no sealed object dbre writes opens up larger (a manifest, a 2 MiB batch)
+
 _local = threading.local()
 
 
@@ -165,6 +167,12 @@ class Sealer:
         else:
             raise IntegrityError(f"{what}: unknown format byte {kind}", _DAMAGE_HINT)
         try:
+            # a frame says how large it opens up: refuse a bomb before allocating (in a plain
+            # repository anyone who can write the bucket can recompute the checksum)
+            size = zstandard.frame_content_size(body)
+            if size < 0 or size > MAX_UNSEALED:
+                raise IntegrityError(f"{what}: would open up to {'an unknown size' if size < 0 else size} bytes "
+                                     f"(dbre seals at most {MAX_UNSEALED})", _DAMAGE_HINT)
             return _dctx().decompress(body)
         except zstandard.ZstdError as err:
             raise IntegrityError(f"{what}: cannot decompress ({err})", _DAMAGE_HINT) from None

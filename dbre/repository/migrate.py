@@ -31,6 +31,7 @@ from typing import Any
 from dbre.errors import IntegrityError, RepositoryError, UsageError
 from dbre.repository.manifest import Manifest
 from dbre.repository.repo import Repository
+from dbre.storage.base import RECORD_CAP, get_capped
 
 Progress = Callable[[int, int], None]
 
@@ -174,7 +175,7 @@ def apply_migrate(src: Repository, dst: Repository, plan: MigratePlan,
             if progress:
                 progress(done_bytes, total)
     for key in plan.records:
-        body = src.sealer.unseal(src.store.get(key), key)
+        body = src.sealer.unseal(get_capped(src.store, key, RECORD_CAP, "record"), key)
         json.loads(body)  # a record is JSON: refuse to carry anything else over
         dst.require_writable("migrate")
         dst.store.put(key, dst.sealer.seal(body, key), if_absent=True)

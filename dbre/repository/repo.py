@@ -49,6 +49,7 @@ from dbre.repository.manifest import (
 )
 from dbre.secrets import Secret
 from dbre.storage import AlreadyExists, NotFound, Store, open_store
+from dbre.storage.base import CONFIG_CAP, MANIFEST_CAP, RECORD_CAP, get_capped
 
 FORMAT_VERSION = 2  # new repositories; format 1 is still read (never written)
 MANIFEST_READERS = 32  # manifests read at once when a history is listed (small GETs: latency-bound)
@@ -150,7 +151,7 @@ class Repository:
     @staticmethod
     def _read_config(store: Store) -> tuple[dict[str, Any], bytes] | None:
         try:
-            raw = store.get("config")
+            raw = get_capped(store, "config", CONFIG_CAP, "config", "restore `config` from the offsite copy")
         except NotFound:
             return None
         damaged = RepositoryError(
@@ -343,7 +344,7 @@ class Repository:
             return cached
         if self.version >= 2 and ref.time is None:
             raise IntegrityError(f"{key}: not a snapshot name of format 2", "remove it; it was not written by dbre")
-        raw = self.store.get(key)
+        raw = get_capped(self.store, key, MANIFEST_CAP, "manifest")
         try:
             manifest = Manifest.from_json(self.sealer.unseal(raw, key))
         except (ValueError, TypeError, KeyError) as err:
@@ -388,7 +389,9 @@ class Repository:
         refs = self.list_snapshot_refs(db)
         if last is not None and self.version >= 2:
             # format-2 names all carry their time: the newest ``last`` are known without a read
-            refs = sorted(refs, key=lambda r: (r.time, r.id))[-last:] if last > 0 else []  # type: ignore[arg-type]
+            timed = sorted((r for r in refs if r.time is not None), key=lambda r: (r.time, r.id))  # type: ignore[arg-type]
+            # a name without a time is no snapshot: loaded below, it is refused and reported as damaged
+            refs = (timed[-last:] if last > 0 else []) + [r for r in refs if r.time is None]
         # manifests are read MANIFEST_READERS at a time: a long history is many small GETs
         with ThreadPoolExecutor(MANIFEST_READERS, thread_name_prefix="dbre-manifests") as pool:
             loaded = list(pool.map(load, refs)) if len(refs) > 1 else [load(r) for r in refs]
@@ -503,7 +506,7 @@ class Repository:
             self.store.put(key, data, if_absent=True)
         except AlreadyExists:
             # a retried put may find its own first attempt; anything else is a real conflict
-            if self.store.get(key) != data:
+            if self.store.get_range(key, 0, len(data) + 1) != data:  # never more than ours
                 raise
 
         self._manifests[key] = manifest
@@ -531,7 +534,7 @@ class Repository:
         prefix = f"records/{kind}/{db}/" if db else f"records/{kind}/"
         out = []
         for key in sorted(self.store.list(prefix), key=lambda k: k.rsplit("/", 1)[1]):
-            rec = json.loads(self.sealer.unseal(self.store.get(key), key))
+            rec = json.loads(self.sealer.unseal(get_capped(self.store, key, RECORD_CAP, "record"), key))
             rec["record_id"] = key.rsplit("/", 1)[1]
             out.append(rec)
         return out
