@@ -126,7 +126,7 @@ def churn(base: Path, work: Path, *, repack: bool, below: float, budget: float, 
     return result
 
 
-def measure(runs: int = 3, belows: tuple[float, ...] = (0.5,), budgets: tuple[float, ...] = (0.25,),
+def measure(runs: int = 3, belows: tuple[float, ...] = (0.6,), budgets: tuple[float, ...] = (0.25,),
             size_mib: int = SIZE_MIB, rounds: int = ROUNDS, data: Path | None = None,
             log: Log = print) -> dict[str, Any]:
     """Medians over ``runs`` of each configuration: repack off, and on for each (below, budget)."""
@@ -148,7 +148,7 @@ def measure(runs: int = 3, belows: tuple[float, ...] = (0.5,), budgets: tuple[fl
                   "seconds_per_round", "repacked_pages_per_round", "changed_share"):
             row[k] = statistics.median(r[k] for r in results)
         rows.append(row)
-    on = [r for r in rows if r["repack"] and r["below"] == 0.5 and r["budget"] == 0.25] or \
+    on = [r for r in rows if r["repack"] and r["below"] == 0.6 and r["budget"] == 0.25] or \
         [r for r in rows if r["repack"]]
     return {"rounds": rounds, "keep_last": KEEP, "size_mib": size_mib, "runs": runs, "rows": rows,
             "target": TARGET, "pass": bool(on) and on[0]["ratio"] <= TARGET}
@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.churn", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", type=int, default=3, help="runs per configuration; figures are medians (default 3)")
-    p.add_argument("--below", type=_floats, default=(0.5,), help="REPACK_BELOW values to measure (default 0.5)")
+    p.add_argument("--below", type=_floats, default=(0.6,), help="REPACK_BELOW values to measure (default 0.6)")
     p.add_argument("--budget", type=_floats, default=(0.25,), help="REPACK_BUDGET values to measure (default 0.25)")
     p.add_argument("--rounds", type=int, default=ROUNDS, help=f"rounds of churn (default {ROUNDS})")
     p.add_argument("--size-mib", type=int, default=SIZE_MIB, help=f"database size (default {SIZE_MIB})")

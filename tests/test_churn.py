@@ -155,11 +155,13 @@ def test_kill_repacking_backup(tmp_path: Path) -> None:
     _, chain = _parent_records(repo, m, False)
     assert chain.repacked, "the next backup must repack"
     log = tmp_path / "dbre.log"
-    args = ["backup", src, "--repo"]
+    args = ["backup", src, "--db", DB, "--repo"]
     durations = []
     for k in range(2):  # the quicker of two complete runs: a busy machine only ever adds time
         timing = shutil.copytree(base, tmp_path / f"timing-{k}")
         durations.append(work_seconds([*args, timing], timing / "locks", log))
+        done = Repository.open(str(timing)).newest_snapshot(DB)
+        assert done is not None and done.stats.get("repacked_pages", 0) > 0  # the run that is killed below
     duration = min(durations)
     plan: list[tuple[str, float | None]] = [(f"after {d:.2f} s", d) for d in spread(duration, 4, seed=11)]
     plan += [("while a pack is written", None), ("once a pack is stored", None)]
@@ -187,9 +189,10 @@ def test_kill_repacking_backup(tmp_path: Path) -> None:
             assert restored(r, snapshot_id, tmp_path / "check.db") == data, label
         report = verify(r, read_data=True)
         assert report.ok, (label, report.problems)
-        if snaps == 3:
+        if snaps == 3:  # it finished: a repacking backup, whole
             newest = r.newest_snapshot(DB)
             assert newest is not None and newest.id not in earlier
+            assert newest.stats.get("repacked_pages", 0) > 0, label
             assert restored(r, newest.id, tmp_path / "check.db") == src.read_bytes(), label
         # the next backup succeeds, and prune then keeps exactly what it needs
         after = backup(r, LocalFileSource(src), DB)
