@@ -117,7 +117,7 @@ def _write(conn: apsw.Connection, sql: str, rows: list[tuple[Any, ...]]) -> None
 
 def _backup_at(repo: Repository, path: Path, db: str, when: datetime) -> None:
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(backup_mod, "now_utc", lambda: when)
+        mp.setattr(backup_mod, "snapshot_time", lambda lock: when)
         backup_mod.backup(repo, LocalFileSource(path), db)
 
 

@@ -13,12 +13,15 @@ until then the snapshot does not exist.
 from __future__ import annotations
 
 import gc
+import logging
 import secrets
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections import Counter
+from collections.abc import Callable, Collection, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from itertools import compress
 from operator import itemgetter, ne
 from typing import Any
@@ -26,6 +29,7 @@ from typing import Any
 import apsw
 
 from dbre.errors import IntegrityError, SourceError
+from dbre.repository.lock import Lock
 from dbre.repository.manifest import (
     RECORD,
     RUN_PAGES,
@@ -44,6 +48,8 @@ from dbre.sources.base import Source
 from dbre.sources.image import ImageSession, PageImage
 from dbre.storage import NotFound
 
+log = logging.getLogger(__name__)
+
 BATCH_BYTES = 2 * 1024 * 1024  # pages are sealed in batches of this size (fewer GIL hand-overs than 1 MiB;
 # 4 MiB kept more pages resident and made the tail of a small incremental longer; a table
 # restore reads at most this much per page)
@@ -54,6 +60,11 @@ RUN_READERS = 4  # page-map runs fetched at once (a run is one ranged GET of ~20
 RUNS_IN_FLIGHT = 8  # runs fetched ahead of the one being used: bounds memory, keeps order
 PARENT_CHECKERS = 16  # the parent's pack tails read at once (one small ranged GET each)
 LOST = bytes(RECORD.size)  # stands in for a parent record into a lost pack: its hash matches no page
+# stands in for a parent record into a sparse pack (see _repack): the same all-zero hash, so the page is
+# stored again, densely, in this backup's packs; told apart from LOST only for the stats
+REPACK = bytes(16) + b"\xff" * (RECORD.size - 16)
+REPACK_BELOW = 0.6  # a parent pack whose page slots the parent uses less than this share of is re-stored
+REPACK_BUDGET = 0.25  # at most this share of the parent's pages re-stored per backup for repacking
 
 Progress = Callable[[int, int], None]
 
@@ -69,6 +80,16 @@ class BackupResult:
     def chain_note(self) -> str | None:
         """What the backup did about a parent it could not fully reuse (None: nothing to say)."""
         st = self.manifest.stats
+        notes = []
+        if st.get("skipped_manifests"):
+            n = len(st["skipped_manifests"])
+            notes.append(f"{n} newer snapshot manifest{'s' if n > 1 else ''} could not be read "
+                         f"({', '.join(st['skipped_manifests'])}): run `dbre verify`")
+        chain = self._chain_note(st)
+        return "; ".join([*notes, chain] if chain else notes) or None
+
+    @staticmethod
+    def _chain_note(st: dict[str, Any]) -> str | None:
         missing, repaired = st.get("missing_packs") or [], st.get("repaired_pages", 0)
         if st.get("full"):
             why = st["full"]
@@ -171,6 +192,14 @@ class _PageSink:
         self.locations: dict[int, bytes] = {}
         self.pages_seen = 0
         self.new_at: list[int] = []  # indexes whose record is (hash, batch, slot) until finish
+        # pages stored again for repacking (parent record REPACK) go to packs of their own: they
+        # stayed unchanged while their old pack emptied, so packs of them stay dense for longer
+        self.store = repo.store
+        self.cold: list[bytes | memoryview] = []  # copies: a batch of scattered pages holds no mapping
+        self.cold_hashes: list[bytes] = []
+        self.cold_no = -1  # their batches are numbered -1, -2, ...
+        self.cold_writer: PackWriter | None = None
+        self.cold_packs: list[str] = []
 
     def page(self, offset: int, data: bytes) -> None:
         """One page written by the backup API at byte ``offset`` (the fallback path)."""
@@ -232,6 +261,12 @@ class _PageSink:
                     records[start + j] = moved
                     continue
             where = new_pages.get(h)
+            if where is None and start + j < len(parent) and parent[start + j] == REPACK:
+                where = new_pages[h] = (self.cold_no, len(self.cold_hashes))
+                self.cold.append(bytes(page(start + j)))
+                self.cold_hashes.append(h)
+                if len(self.cold_hashes) >= cap:
+                    self._submit(cold=True)
             if where is None:  # new content (a page repeated in this snapshot is stored once)
                 batch_hashes = self.batch_hashes
                 where = new_pages[h] = (self.batch_no, len(batch_hashes))
@@ -248,7 +283,19 @@ class _PageSink:
     def pages_added(self) -> int:
         return len(self.new_pages)
 
-    def _submit(self) -> None:
+    @property
+    def cold_bytes(self) -> int:
+        return self.cold_writer.bytes_written if self.cold_writer is not None else 0
+
+    def _submit(self, cold: bool = False) -> None:
+        if cold:
+            if self.cold_hashes:
+                fut = self.pool.submit(self.sealer.seal_parts, self.cold, "page-batch")
+                self.in_flight.append((self.cold_no, self.cold_hashes, fut, self.page_count))
+                self.cold_no -= 1
+                self.cold, self.cold_hashes = [], []
+                self._drain(MAX_IN_FLIGHT)
+            return
         if not self.batch_hashes:
             return
         fut = self.pool.submit(self.sealer.seal_parts, self.batch, "page-batch")  # pages are read by zstd, not copied
@@ -261,13 +308,21 @@ class _PageSink:
     def _drain(self, keep: int) -> None:
         while len(self.in_flight) > keep or (self.in_flight and self.in_flight[0][2].done()):
             no, hashes, fut, _ = self.in_flight.pop(0)
-            pack_id, off, length = self.writer.add(b"d", fut.result(), hashes)
+            writer = self.writer
+            if no < 0:
+                if self.cold_writer is None:
+                    self.cold_writer = PackWriter(self.store, self.sealer)
+                writer = self.cold_writer
+            pack_id, off, length = writer.add(b"d", fut.result(), hashes)
             self.locations[no] = bytes.fromhex(pack_id) + off.to_bytes(8, "little") + length.to_bytes(4, "little")
 
     def finish(self) -> list[bytes]:
         self._submit()
+        self._submit(cold=True)
         self._drain(0)
         self.pool.shutdown()
+        if self.cold_writer is not None:
+            self.cold_packs = self.cold_writer.finish()
         records = self.records
         for i in self.new_at:
             rec = records[i]
@@ -282,6 +337,8 @@ class _PageSink:
 
     def abort(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
+        if self.cold_writer is not None:
+            self.cold_writer.abort()
 
 
 class _SinkFile:
@@ -364,6 +421,27 @@ def _pragma(conn: apsw.Connection, name: str) -> Any:
     return row[0] if row else None
 
 
+CLOCK_TOLERANCE = 2.0  # seconds this host's clock may differ from the store's before the store's is used
+
+
+def snapshot_time(lock: Lock) -> datetime:
+    """When a snapshot is taken: this host's clock while it agrees with the store's, else the
+    store's. The store's clock (``Lock.store_now``: the store's time of this run's newest lock
+    write plus the boot-clock time since) is the one every host writing this repository shares,
+    but on S3 it has one-second resolution, so while the two agree (NTP) the host's clock gives
+    microsecond order between close backups; a host whose clock is off by more than
+    ``CLOCK_TOLERANCE`` (plus that resolution) cannot reorder history (newest, parent, ``--at``,
+    keep rules): its snapshots take the store's time. Never after the real moment: every commit
+    before ``taken_at`` is in the snapshot."""
+    host = now_utc()
+    store = lock.store_now()  # under-estimates by at most the resolution (1 s) plus one request
+    if -CLOCK_TOLERANCE <= host.timestamp() - store <= CLOCK_TOLERANCE + 1.0:
+        return host
+    log.warning("this host's clock is %.1f s off the repository store's: the snapshot takes the store's time",
+                host.timestamp() - store)
+    return datetime.fromtimestamp(store, UTC)
+
+
 def backup(
     repo: Repository,
     source: Source,
@@ -374,6 +452,7 @@ def backup(
     direct: bool = True,
     full: bool = False,
     replay: Manifest | None = None,
+    repack: bool = True,
 ) -> BackupResult:
     """Take one snapshot of ``source`` into ``repo`` as database ``db`` (default: source.name).
 
@@ -387,6 +466,8 @@ def backup(
     source and file mode are kept, and ``stats.migrated_from`` names it.
     Without it, parent records that point into a missing or damaged pack are not reused either
     (see ``_parent_records``): those pages are stored again and counted in ``stats.repaired_pages``.
+    ``repack``: also store again the pages the parent keeps in sparse packs (``_repack``), counted
+    in ``stats.repacked_pages``, so prune can free those packs once older snapshots are forgotten.
     """
     db = check_db_name(db or source.name)
     started = time.perf_counter()
@@ -394,12 +475,13 @@ def backup(
     with repo.lock(f"backup {db}") as lock:
         # a damaged manifest must not stop the next backup: the newest readable one is the parent
         # (format 2 reads one manifest, or one more per damaged newer one)
-        parent_manifest = repo.newest_snapshot(db, damaged=[])
+        skipped: list[tuple[str, str]] = []  # newer manifests that could not be read: said in the result
+        parent_manifest = repo.newest_snapshot(db, damaged=skipped)
         # read the parent's page map before the read transaction: in rollback mode writers wait
         # records into lost packs are dropped (their pages are stored again); --full drops them all
-        parent_records, chain = _parent_records(repo, parent_manifest, full)
+        parent_records, chain = _parent_records(repo, parent_manifest, full, repack)
         with ExitStack() as stack:
-            session = ImageSession(clock=lambda: now_utc())  # looked up at call time (tests fake history)
+            session = ImageSession(clock=lambda: snapshot_time(lock))  # looked up at call time (tests fake history)
             stack.callback(session.close)  # after the connection: see dbre.sources.image on POSIX locks
             conn = stack.enter_context(source.connect())
             try:
@@ -409,7 +491,7 @@ def backup(
                 parent = parent_records if same_size else []
                 if checksums is None:
                     checksums = page_size * page_count <= CHECKSUM_AUTO_BYTES
-                taken_at = session.started or now_utc()  # taken just before BEGIN, never after
+                taken_at = session.started or snapshot_time(lock)  # taken just before BEGIN, never after
                 schema = [
                     {"type": r[0], "name": r[1], "tbl_name": r[2], "sql": r[3]}
                     for r in conn.execute("SELECT type, name, tbl_name, sql FROM sqlite_schema ORDER BY rowid")
@@ -443,7 +525,7 @@ def backup(
                 if conn.in_transaction:
                     conn.execute("COMMIT")
         try:
-            runs = _write_runs(records, parent_manifest, parent, writer, repo)
+            runs = _write_runs(records, parent_manifest, parent, writer, repo, chain.repacked)
             packs = writer.finish()
         except BaseException:
             writer.abort()
@@ -474,8 +556,8 @@ def backup(
         seconds = time.perf_counter() - started
         manifest.stats = {
             "pages_added": sink.pages_added,
-            "bytes_added": writer.bytes_written,
-            "packs_added": len(packs),
+            "bytes_added": writer.bytes_written + sink.cold_bytes,
+            "packs_added": len(packs) + len(sink.cold_packs),
             "seconds": round(seconds, 3),
             "read": path,  # how the pages were read (see dbre.sources.image)
             "wal_pages": wal_pages,  # pages taken from WAL frames, not the file (direct path)
@@ -484,18 +566,24 @@ def backup(
         if replay is not None:
             manifest.stats["migrated_from"] = {"id": replay.id, "format": replay.format, "tool": replay.tool,
                                                "parent": replay.parent}
+        if skipped:
+            manifest.stats["skipped_manifests"] = [key for key, _ in skipped]
         if chain.unused is not None:
             manifest.stats["full"] = chain.unused  # nothing of the parent reused: "asked", or why
         if chain.lost:
             # pages whose parent record pointed into a lost pack, stored again (if still in the file)
             manifest.stats["missing_packs"] = chain.lost
             manifest.stats["repaired_pages"] = parent[:page_count].count(LOST) if parent else 0
+        if chain.repacked and parent:
+            # pages of the parent's sparse packs stored again (unless changed anyway): see _repack
+            manifest.stats["repacked_packs"] = len(chain.repacked)
+            manifest.stats["repacked_pages"] = parent[:page_count].count(REPACK)
         # never commit after the lock stopped being refreshed: another host may have pruned meanwhile
         lock.check_alive(f"backup of {db}", hint="run the backup again")
         repo.write_manifest(manifest)
     # bytes_added counts packs (pages and page-map runs), as the manifest's stats do; the manifest
     # itself (a few hundred bytes) is not counted, so `backup --json` and `snapshots` agree
-    return BackupResult(manifest, sink.pages_added, writer.bytes_written, seconds)
+    return BackupResult(manifest, sink.pages_added, writer.bytes_written + sink.cold_bytes, seconds)
 
 
 @dataclass
@@ -504,11 +592,14 @@ class ParentCheck:
 
     lost: list[str]  # packs the parent needs that are missing (or, when checked, damaged)
     unused: str | None = None  # why nothing of the parent is reused: "asked" (--full), or the cause
+    repacked: set[str] = field(default_factory=set)  # sparse packs whose pages (some or all) are stored again
 
 
-def _parent_records(repo: Repository, parent: Manifest | None, full: bool) -> tuple[list[bytes], ParentCheck]:
+def _parent_records(repo: Repository, parent: Manifest | None, full: bool,
+                    repack: bool = True) -> tuple[list[bytes], ParentCheck]:
     """The parent's page records to dedup against, each record into a lost pack replaced by LOST
-    (whose hash matches no page, so the page is stored again). Nothing is reused with ``full``, or
+    (whose hash matches no page, so the page is stored again), and with ``repack`` each record into
+    a sparse pack chosen by ``_repack`` replaced by REPACK. Nothing is reused with ``full``, or
     when the parent's page map cannot be read or lies in a lost pack. A store error other than
     not-found raises: nothing is concluded from a failed read or listing."""
     if parent is None:
@@ -519,18 +610,54 @@ def _parent_records(repo: Repository, parent: Manifest | None, full: bool) -> tu
         records = load_records(repo, parent)
     except (IntegrityError, NotFound) as err:
         return [], ParentCheck([], f"its page map cannot be read: {err.message}")
-    lost = _lost_packs(repo, parent, records)
-    if not lost:
-        return records, ParentCheck([])
+    lost, slots = _lost_packs(repo, parent, records)
     if any(run.pack in lost for run in parent.runs):
         return [], ParentCheck(sorted(lost), "its page map is in a missing or damaged pack")
-    gone = {bytes.fromhex(p) for p in lost}
-    pack_of = itemgetter(slice(16, 32))
-    return [LOST if pack_of(r) in gone else r for r in records], ParentCheck(sorted(lost))
+    if lost:
+        gone = {bytes.fromhex(p) for p in lost}
+        pack_of = itemgetter(slice(16, 32))
+        records = [LOST if pack_of(r) in gone else r for r in records]
+    repacked = _repack(records, slots) if repack else set()
+    return records, ParentCheck(sorted(lost), repacked=repacked)
 
 
-def _lost_packs(repo: Repository, parent: Manifest, records: list[bytes]) -> set[str]:
-    """The parent's packs that are missing or whose index does not authenticate: each pack's tail
+def _repack(records: list[bytes], slots: dict[str, int]) -> set[str]:
+    """Replace by REPACK, in place, the records into the parent's sparse packs, so their pages are
+    stored again densely and prune frees those packs once no kept snapshot uses them.
+
+    A pack is sparse when the page slots the parent's records use in it (distinct blob and slot)
+    are fewer than ``REPACK_BELOW`` of the page slots its index lists (``slots``). Sparsest first,
+    at most ``REPACK_BUDGET`` of the parent's pages per backup (so an incremental's cost still
+    follows change); a pack that does not fit is done in part, in page order, and is sparser still
+    at the next backup. Returns the packs touched."""
+    uses = Counter(map(itemgetter(slice(16, 46)), records))  # location -> records pointing at it
+    live: Counter[bytes] = Counter()  # pack -> distinct slots used
+    refs: Counter[bytes] = Counter()  # pack -> records
+    for where, n in uses.items():
+        live[where[:16]] += 1
+        refs[where[:16]] += n
+    sparse = sorted((live[p] / slots[p.hex()], p) for p in live
+                    if slots.get(p.hex()) and live[p] < REPACK_BELOW * slots[p.hex()])
+    left = int(REPACK_BUDGET * len(records))
+    take: dict[bytes, int] = {}
+    for _, pack in sparse:
+        if left <= 0:
+            break
+        take[pack] = min(refs[pack], left)
+        left -= take[pack]
+    if not take:
+        return set()
+    for i, r in enumerate(records):
+        pack = r[16:32]
+        if take.get(pack):
+            records[i] = REPACK
+            take[pack] -= 1
+    return {p.hex() for p in take}
+
+
+def _lost_packs(repo: Repository, parent: Manifest, records: list[bytes]) -> tuple[set[str], dict[str, int]]:
+    """The parent's packs that are missing or whose index does not authenticate, and the number
+    of page slots (pages of its 'd' blobs) the index of each other one lists: each pack's tail
     is read, concurrently (about the cost of asking whether it exists, and it checks the index).
     The cost follows the parent's packs, never the repository's: no listing of packs/."""
     packs = set(parent.packs) | {run.pack for run in parent.runs}
@@ -542,16 +669,17 @@ def _lost_packs(repo: Repository, parent: Manifest, records: list[bytes]) -> set
     for run in parent.runs:
         ends[run.pack] = max(ends[run.pack], run.offset + run.length)
 
-    def lost(pack: str) -> bool:
+    def page_slots(pack: str) -> int | None:
         try:
-            read_index_tail(repo.store, repo.sealer, pack, ends[pack])
+            blobs = read_index_tail(repo.store, repo.sealer, pack, ends[pack])
         except (NotFound, IntegrityError):
-            return True
-        return False  # any other store error raises: a failed read is never "lost"
+            return None  # lost
+        return sum(len(b.hashes) for b in blobs if b.kind == b"d")  # any other store error raises
 
     with ThreadPoolExecutor(max_workers=max(1, min(PARENT_CHECKERS, len(ends))),
                             thread_name_prefix="dbre-parent") as pool:
-        return {p for p, gone in zip(ends, pool.map(lost, ends), strict=True) if gone}
+        found = dict(zip(ends, pool.map(page_slots, ends), strict=True))
+    return {p for p, n in found.items() if n is None}, {p: n for p, n in found.items() if n is not None}
 
 
 def _copy_pages(conn: apsw.Connection, sink: _PageSink, session: ImageSession) -> str:
@@ -585,14 +713,15 @@ def _file_mode(source: Source) -> int | None:
 
 
 def _write_runs(records: list[bytes], parent_manifest: Manifest | None, parent: list[bytes],
-                writer: PackWriter, repo: Repository) -> list[RunRef]:
-    """Group records into runs; a run identical to the parent's at the same place is reused."""
+                writer: PackWriter, repo: Repository, repacked: Collection[str] = ()) -> list[RunRef]:
+    """Group records into runs; a run identical to the parent's at the same place is reused,
+    unless it lies in a pack being repacked (which it would keep from being pruned)."""
     parent_runs = parent_manifest.runs if parent_manifest and parent else []
     runs: list[RunRef] = []
     for i, start in enumerate(range(0, len(records), RUN_PAGES)):
         raw = b"".join(records[start : start + RUN_PAGES])
         h = repo.page_hash(raw).hex()  # a run is addressed like a page
-        if i < len(parent_runs) and parent_runs[i].hash == h:
+        if i < len(parent_runs) and parent_runs[i].hash == h and parent_runs[i].pack not in repacked:
             runs.append(parent_runs[i])
             continue
         pack_id, off, length = writer.add(b"r", repo.sealer.seal(raw, f"run {h}"), [bytes.fromhex(h)])
