@@ -12,9 +12,7 @@ import secrets
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -32,6 +30,7 @@ from dbre.sources.local import LocalFileSource
 from dbre.storage import NotFound
 from dbre.storage.base import Store, get_capped
 from tests.dbfactory import assert_one_line_error, change_rows, cli, dbre_env, make_db, pack_files, snapshot_files
+from tests.stores import PassThroughStore
 
 ROOT = Path(__file__).resolve().parent.parent
 AS_LIMIT = "import resource; resource.setrlimit(resource.RLIMIT_AS, (3 << 29, 3 << 29))"  # 1.5 GiB
@@ -50,16 +49,12 @@ def _plant_sparse(path: Path, size: int = 4 << 30) -> None:
         f.truncate(size)
 
 
-class ReadLog:
+class ReadLog(PassThroughStore):
     """A store that records every read: (method, key, bytes returned)."""
 
     def __init__(self, inner: Store) -> None:
-        self.inner = inner
-        self.url = inner.url
+        super().__init__(inner)
         self.reads: list[tuple[str, str, int]] = []
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
 
     def get(self, key: str) -> bytes:
         data = self.inner.get(key)
@@ -70,21 +65,6 @@ class ReadLog:
         data = self.inner.get_range(key, offset, length)
         self.reads.append(("get_range", key, len(data)))
         return data
-
-    def put(self, key: str, data: bytes, *, if_absent: bool = False) -> None:
-        self.inner.put(key, data, if_absent=if_absent)
-
-    def list(self, prefix: str = "", *, start_after: str | None = None, limit: int | None = None) -> Iterator[str]:
-        return self.inner.list(prefix, start_after=start_after, limit=limit)
-
-    def modified(self, key: str) -> float:
-        return self.inner.modified(key)
-
-    def delete(self, key: str) -> None:
-        self.inner.delete(key)
-
-    def exists(self, key: str) -> bool:
-        return self.inner.exists(key)
 
     def read_of(self, key: str) -> int:
         return sum(n for _, k, n in self.reads if k == key)

@@ -17,7 +17,6 @@ import time
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
 
 import blake3
 import pytest
@@ -35,6 +34,7 @@ from dbre.sources.local import LocalFileSource
 from dbre.storage import open_store
 from dbre.storage.base import MANIFEST_CAP, Store
 from tests.dbfactory import assert_one_line_error, assert_same_db, change_rows, cli, make_db
+from tests.stores import PassThroughStore
 
 PASSPHRASE = "snapshots-v2-test-passphrase"
 V1_DATA = Path(__file__).parent / "data" / "v1"
@@ -89,24 +89,17 @@ def open_plain(blob: bytes) -> bytes:
     return zstandard.ZstdDecompressor().decompress(blob[1:-16])
 
 
-class CountingStore:
+class CountingStore(PassThroughStore):
     """A store that counts manifest GETs and unbounded snapshot listings, and can slow ranged GETs."""
 
     def __init__(self, inner: Store, range_delay: float = 0.0) -> None:
-        self.inner = inner
-        self.url = inner.url
+        super().__init__(inner)
         self.manifest_gets: list[str] = []
         self.full_listings = 0
         self.range_delay = range_delay
         self.ranges_now = 0
         self.ranges_max = 0
         self._mu = threading.Lock()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
-
-    def put(self, key: str, data: bytes, *, if_absent: bool = False) -> None:
-        self.inner.put(key, data, if_absent=if_absent)
 
     def get(self, key: str) -> bytes:
         if key.startswith("snapshots/"):
@@ -130,15 +123,6 @@ class CountingStore:
         if prefix.startswith("snapshots/") and limit is None:
             self.full_listings += 1
         return self.inner.list(prefix, start_after=start_after, limit=limit)
-
-    def modified(self, key: str) -> float:
-        return self.inner.modified(key)
-
-    def delete(self, key: str) -> None:
-        self.inner.delete(key)
-
-    def exists(self, key: str) -> bool:
-        return self.inner.exists(key)
 
 
 def _history(url: str, passphrase: str | None, tmp_path: Path, n: int, *, page_size: int = 4096,
