@@ -320,12 +320,14 @@ class Lock:
                     hint: str = "run it again") -> None:
         """Raise ``LockLostError`` unless another host still certainly sees this lock as live.
 
-        Called immediately before each commit. Refreshes the lock (a new object, the old one checked
-        and removed: see ``refresh``), which finds a removed lock and any gap by the store's clock;
-        then checks that the last successful refresh began less than
-        ``stale_seconds - safety_seconds`` ago on the boot clock.
+        Called immediately before each commit. Checks that the last successful refresh began less
+        than ``stale_seconds - safety_seconds`` ago on the boot clock (a hung refresh); then
+        refreshes the lock (a new object, the old one checked and removed: see ``refresh``), which
+        finds a removed lock and any such gap by the store's clock (a paused host, whose own
+        clocks stopped).
         """
-        if not self._lost and not self._released:
+        age = self.age()  # judged before the refresh below, which would reset it
+        if not self._lost and not self._released and age <= self.stale_seconds - self.safety_seconds:
             try:
                 self.refresh()
             except LockLostError:
@@ -345,7 +347,6 @@ class Lock:
                 f"another host may have pruned — {consequence}",
                 hint,
             )
-        age = self.age()
         limit = self.stale_seconds - self.safety_seconds
         if age > limit:
             how = (f"longer than the stale limit ({_span(self.stale_seconds)})" if age > self.stale_seconds
