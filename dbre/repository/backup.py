@@ -27,6 +27,7 @@ from operator import itemgetter, ne
 from typing import Any
 
 import apsw
+import xxhash
 
 from dbre.errors import IntegrityError, SourceError
 from dbre.repository.lock import Lock
@@ -166,16 +167,28 @@ def iter_records(repo: Repository, manifest: Manifest) -> Iterator[tuple[bytes, 
         yield from RECORD.iter_unpack(raw)
 
 
+FAST_HASH = xxhash.xxh3_128_digest  # the quick test of "unchanged at this place" (see Manifest.fast_runs)
+NO_HASH = bytes(16)  # the hash of the LOST and REPACK markers: never reused as unchanged
+
+
 class _PageSink:
-    """Receives pages from the backup, dedups them against the parent, batches the new ones."""
+    """Receives pages from the backup, dedups them against the parent, batches the new ones.
+
+    Each page is first hashed with xxh3 (fast); where that equals the parent's at the same page
+    number, the page is unchanged and keeps the parent's record without paying for the keyed
+    hash. Every other page gets the keyed hash, which alone decides identity across places and
+    snapshots (dedup by hash), so a page crafted to collide with another never takes its place.
+    """
 
     def __init__(self, repo: Repository, writer: PackWriter, parent: list[bytes], page_size: int,
-                 page_count: int, progress: Progress | None) -> None:
+                 page_count: int, progress: Progress | None, parent_fast: list[bytes] | None = None) -> None:
         self.sealer = repo.sealer
         self.page_hash = repo.page_hash
         self.writer = writer
         self.parent = parent
         self.parent_hashes = list(map(itemgetter(slice(0, 16)), parent))
+        self.parent_fast = parent_fast if parent_fast is not None and len(parent_fast) == len(parent) else None
+        self.fast = bytearray(16 * page_count)  # this snapshot's xxh3 per page (zeros: never written)
         self.parent_by_hash: dict[bytes, bytes] | None = None
         self.page_size = page_size
         self.page_count = page_count
@@ -221,7 +234,8 @@ class _PageSink:
                     # smaller batches at the end: both threads share the last compressions
                     # instead of one sealing a whole batch while the backup waits for it
                     self.batch_cap = max(16, self.batch_cap // 4)
-                self.take(start, image.hashes(start, stop, self.page_hash), image.view)
+                fast = image.hashes(start, stop, FAST_HASH)
+                self.take(start, self._keyed(start, fast, image.view), image.view)
                 # pages no batch still has to read: their mapping can go
                 image.drop(min([start, *(f[3] for f in self.in_flight), *([self.batch_first] if self.batch else [])]))
                 if self.progress is not None:
@@ -230,7 +244,20 @@ class _PageSink:
             if collect:
                 gc.enable()
 
+    def _keyed(self, start: int, fast: list[bytes], view: Callable[[int], bytes | memoryview]) -> list[bytes]:
+        """The keyed hashes of pages ``start..``: the parent's where xxh3 says unchanged, else computed."""
+        if len(fast) == 0 or any(len(f) != 16 for f in fast):  # (a page the image could not hash)
+            return [self.page_hash(view(start + j)) for j in range(len(fast))]
+        self.fast[16 * start : 16 * (start + len(fast))] = b"".join(fast)
+        pf, ph, keyed = self.parent_fast, self.parent_hashes, self.page_hash
+        if pf is None:
+            return [keyed(view(start + j)) for j in range(len(fast))]
+        n = len(ph)
+        return [ph[i] if i < n and f == pf[i] and ph[i] != NO_HASH else keyed(view(i))
+                for i, f in enumerate(fast, start)]
+
     def add(self, index: int, data: bytes) -> None:
+        self.fast[16 * index : 16 * (index + 1)] = FAST_HASH(data)
         self.take(index, [self.page_hash(data)], lambda _: data)
         if self.progress is not None and not self.pages_seen & 4095:
             self.progress(self.pages_seen, self.page_count)
@@ -500,7 +527,8 @@ def backup(
                 encoding = str(_pragma(conn, "encoding"))
                 journal_mode = str(_pragma(conn, "journal_mode"))
                 writer = PackWriter(repo.store, repo.sealer)
-                sink = _PageSink(repo, writer, parent, page_size, page_count, progress)
+                parent_fast = _parent_fast(repo, parent_manifest) if parent else None
+                sink = _PageSink(repo, writer, parent, page_size, page_count, progress, parent_fast)
                 try:
                     image = session.image() if direct else None
                     if image is not None:
@@ -526,6 +554,9 @@ def backup(
                     conn.execute("COMMIT")
         try:
             runs = _write_runs(records, parent_manifest, parent, writer, repo, chain.repacked)
+            # the parent's fast runs are reused only when they were read back whole (never a damaged one)
+            fast_runs = _write_fast_runs(bytes(sink.fast), parent_manifest if sink.parent_fast is not None else None,
+                                         writer, repo, chain.repacked)
             packs = writer.finish()
         except BaseException:
             writer.abort()
@@ -534,7 +565,7 @@ def backup(
             progress(page_count, page_count)
         referenced = set(map(itemgetter(slice(16, 32)), records))
         referenced.discard(bytes(16))
-        all_packs = sorted({p.hex() for p in referenced} | {r.pack for r in runs})
+        all_packs = sorted({p.hex() for p in referenced} | {r.pack for r in runs} | {r.pack for r in fast_runs})
         manifest = Manifest(
             id=new_snapshot_id(),
             db=db,
@@ -542,6 +573,7 @@ def backup(
             page_size=page_size,
             page_count=page_count,
             runs=runs,
+            fast_runs=fast_runs,
             packs=all_packs,
             parent=parent_manifest.id if parent_manifest and chain.unused is None else None,
             tool=TOOL,
@@ -710,6 +742,42 @@ def _copy_pages(conn: apsw.Connection, sink: _PageSink, session: ImageSession) -
 def _file_mode(source: Source) -> int | None:
     file_mode = getattr(source, "file_mode", None)  # a local file's permission bits; None elsewhere
     return file_mode() if callable(file_mode) else None
+
+
+def _parent_fast(repo: Repository, parent: Manifest | None) -> list[bytes] | None:
+    """The parent's xxh3 per page (None when it has none or they cannot be read: then every page
+    gets the keyed hash, as a first backup does). Each run is checked like a page-map run."""
+    if parent is None or not parent.fast_runs:
+        return None
+    out: list[bytes] = []
+    try:
+        for run in parent.fast_runs:
+            raw = repo.read_blob(run.pack, run.offset, run.length, f"run {run.hash}")
+            if len(raw) != 16 * run.pages or repo.page_hash(raw).hex() != run.hash:
+                raise IntegrityError(f"snapshot {parent.id}: fast-hash run {run.hash[:12]} is damaged")
+            out += [raw[i : i + 16] for i in range(0, len(raw), 16)]
+    except (IntegrityError, NotFound) as err:
+        log.warning("parent %s: %s; every page gets the keyed hash", parent.id, err.message)
+        return None
+    return out if len(out) == parent.page_count else None
+
+
+def _write_fast_runs(fast: bytes, parent: Manifest | None, writer: PackWriter, repo: Repository,
+                     repacked: Collection[str] = ()) -> list[RunRef]:
+    """This snapshot's xxh3 per page, in runs of RUN_PAGES stored like page-map runs (kind "r",
+    sealed as "run <hash>"); a run identical to the parent's at the same place is reused."""
+    parent_runs = parent.fast_runs if parent is not None else []
+    runs: list[RunRef] = []
+    step = 16 * RUN_PAGES
+    for i, start in enumerate(range(0, len(fast), step)):
+        raw = fast[start : start + step]
+        h = repo.page_hash(raw).hex()
+        if i < len(parent_runs) and parent_runs[i].hash == h and parent_runs[i].pack not in repacked:
+            runs.append(parent_runs[i])
+            continue
+        pack_id, off, length = writer.add(b"r", repo.sealer.seal(raw, f"run {h}"), [bytes.fromhex(h)])
+        runs.append(RunRef(hash=h, pack=pack_id, offset=off, length=length, pages=len(raw) // 16))
+    return runs
 
 
 def _write_runs(records: list[bytes], parent_manifest: Manifest | None, parent: list[bytes],

@@ -123,6 +123,9 @@ class Manifest:
     format: int = 1
     mode: int | None = None  # the source file's permission bits (st_mode & 0o7777); None: not a local file
     root: str | None = None  # format 2: page_hash over the runs (see run_root)
+    # format 2: runs of 16-byte xxh3-128 hashes, one per page: the next backup's quick "unchanged
+    # at this place" test, so only changed pages pay for the keyed hash (a hint: never restored from)
+    fast_runs: list[RunRef] = field(default_factory=list)
 
     @property
     def time(self) -> datetime:
@@ -144,6 +147,7 @@ class Manifest:
     def from_json(cls, raw: bytes) -> Manifest:
         d = json.loads(raw)
         d["runs"] = [RunRef(**r) for r in d["runs"]]
+        d["fast_runs"] = [RunRef(**r) for r in d.get("fast_runs", [])]
         d["tables"] = {k: TableStats(**v) for k, v in d.get("tables", {}).items()}
         return cls(**d)
 
