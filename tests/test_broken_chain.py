@@ -305,3 +305,25 @@ def test_damaged_fast_runs_only_cost_time(store: Store, tmp_path: Path) -> None:
     if not fast_packs & needed:  # (when they share a pack with pages, verify rightly names that pack)
         assert verify(repo).ok
     assert first.manifest.fast_runs
+
+
+def test_restore_checks_pages_against_the_fast_runs_when_there_are_some(tmp_path: Path) -> None:
+    """A format-2 snapshot is restored checking each page against its xxh3 from the snapshot's
+    (authenticated) fast runs; a format-1 snapshot, which has none, against its page hash. A page
+    changed inside a re-sealed batch is refused either way (tests/test_verify_agreement.py)."""
+    import shutil
+
+    repo = Repository.open_or_init(str(tmp_path / "repo"))
+    src = make_db(tmp_path / "src.db", mb=0.5)
+    _backup(repo, src)
+    plan = plan_restore(repo, DB, tmp_path / "ok.db")
+    assert plan.quick_check
+    apply_restore(repo, plan)
+    assert (tmp_path / "ok.db").read_bytes() == src.read_bytes()
+    v1 = tmp_path / "v1"
+    shutil.copytree(Path(__file__).parent / "data" / "v1" / "plain", v1)
+    old = Repository.open(str(v1))
+    plan = plan_restore(old, "app", tmp_path / "v1.db")
+    assert not plan.quick_check
+    apply_restore(old, plan)
+    assert (tmp_path / "v1.db").read_bytes() == (Path(__file__).parent / "data" / "v1" / "app-final.db").read_bytes()

@@ -527,7 +527,7 @@ def backup(
                 encoding = str(_pragma(conn, "encoding"))
                 journal_mode = str(_pragma(conn, "journal_mode"))
                 writer = PackWriter(repo.store, repo.sealer)
-                parent_fast = _parent_fast(repo, parent_manifest) if parent else None
+                parent_fast = load_fast_hashes(repo, parent_manifest) if parent else None
                 sink = _PageSink(repo, writer, parent, page_size, page_count, progress, parent_fast)
                 try:
                     image = session.image() if direct else None
@@ -744,9 +744,10 @@ def _file_mode(source: Source) -> int | None:
     return file_mode() if callable(file_mode) else None
 
 
-def _parent_fast(repo: Repository, parent: Manifest | None) -> list[bytes] | None:
-    """The parent's xxh3 per page (None when it has none or they cannot be read: then every page
-    gets the keyed hash, as a first backup does). Each run is checked like a page-map run."""
+def load_fast_hashes(repo: Repository, parent: Manifest | None) -> list[bytes] | None:
+    """A snapshot's xxh3 per page from its fast runs (None when it has none or they cannot be
+    read: then every page gets the keyed hash — in the next backup, as in a first one; in a
+    restore, as its check). Each run is checked like a page-map run."""
     if parent is None or not parent.fast_runs:
         return None
     out: list[bytes] = []
@@ -757,7 +758,7 @@ def _parent_fast(repo: Repository, parent: Manifest | None) -> list[bytes] | Non
                 raise IntegrityError(f"snapshot {parent.id}: fast-hash run {run.hash[:12]} is damaged")
             out += [raw[i : i + 16] for i in range(0, len(raw), 16)]
     except (IntegrityError, NotFound) as err:
-        log.warning("parent %s: %s; every page gets the keyed hash", parent.id, err.message)
+        log.warning("snapshot %s: %s; every page gets the keyed hash", parent.id, err.message)
         return None
     return out if len(out) == parent.page_count else None
 

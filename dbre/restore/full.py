@@ -24,7 +24,7 @@ from typing import Any
 import apsw
 
 from dbre.errors import IntegrityError, RestoreError, UsageError
-from dbre.repository.backup import iter_records
+from dbre.repository.backup import FAST_HASH, iter_records, load_fast_hashes
 from dbre.repository.manifest import Manifest
 from dbre.repository.repo import Repository
 from dbre.repository.verify import check_locations
@@ -56,6 +56,7 @@ class RestorePlan:
     force: bool
     blobs: list[BlobPages]
     zero_pages: int
+    quick_check: bool = False  # pages are checked against the snapshot's xxh3 (fast runs), not the keyed hash
 
     @property
     def bytes_to_read(self) -> int:
@@ -116,8 +117,15 @@ def plan_restore(repo: Repository, db: str, target: str | os.PathLike[str], *, s
     # the structure `dbre verify` checks: every pack listed, present, its index authentic and
     # holding each page where the page map says (one ranged read of each pack's tail)
     check_locations(repo, manifest, ((b.pack, b.offset, b.length, b.pages) for b in by_blob.values()))
+    # each page is then checked as it is written: against its xxh3 in the snapshot's fast runs
+    # (authenticated like every run, checked against its keyed hash as a whole) when it has them
+    # — a tenth of the keyed hash's cost — else against its keyed hash
+    fast = load_fast_hashes(repo, manifest)
+    if fast is not None:
+        for b in by_blob.values():
+            b.pages = [(i, slot, fast[i]) for i, slot, _ in b.pages]
     blobs = sorted(by_blob.values(), key=lambda b: (b.pack, b.offset))
-    return RestorePlan(manifest, path, force, blobs, zero)
+    return RestorePlan(manifest, path, force, blobs, zero, quick_check=fast is not None)
 
 
 def _spans(blobs: list[BlobPages]) -> list[list[BlobPages]]:
@@ -170,7 +178,7 @@ def _write_restore(repo: Repository, plan: RestorePlan, progress: Progress | Non
 
     if m.mode is not None:
         os.fchmod(fd, m.mode)  # the source's own mode, whatever the umask (None: 0644 minus umask)
-    page_hash = repo.page_hash
+    page_hash = FAST_HASH if plan.quick_check else repo.page_hash
     try:
         os.ftruncate(fd, m.size)
 
