@@ -327,3 +327,27 @@ def test_restore_checks_pages_against_the_fast_runs_when_there_are_some(tmp_path
     assert not plan.quick_check
     apply_restore(old, plan)
     assert (tmp_path / "v1.db").read_bytes() == (Path(__file__).parent / "data" / "v1" / "app-final.db").read_bytes()
+
+
+def test_restore_falls_back_to_the_keyed_hash_when_a_fast_hash_is_missing(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stored page without its xxh3 in the fast runs (all zeros: never set) must not fail the
+    restore: the whole restore checks keyed hashes instead."""
+    import dbre.restore.full as full
+
+    repo = Repository.open_or_init(str(tmp_path / "repo"))
+    src = make_db(tmp_path / "src.db", mb=0.5)
+    _backup(repo, src)
+    real = full.load_fast_hashes
+
+    def with_a_hole(repo: Repository, manifest: object) -> list[bytes] | None:
+        fast = real(repo, manifest)  # type: ignore[arg-type]
+        assert fast is not None
+        fast[1] = bytes(16)
+        return fast
+
+    monkeypatch.setattr(full, "load_fast_hashes", with_a_hole)
+    plan = plan_restore(repo, DB, tmp_path / "out.db")
+    assert not plan.quick_check
+    apply_restore(repo, plan)
+    assert (tmp_path / "out.db").read_bytes() == src.read_bytes()

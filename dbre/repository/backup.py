@@ -251,8 +251,10 @@ class _PageSink:
         m = len(fast)
         joined = b"".join(fast)
         keyed = self.page_hash
-        if len(joined) != 16 * m:  # (a page the image could not hash)
-            return [keyed(view(start + j)) for j in range(m)]
+        if len(joined) != 16 * m:  # (a page the image could not hash): both hashes from the bytes themselves
+            pages = [view(start + j) for j in range(m)]
+            self.fast[16 * start : 16 * (start + m)] = b"".join(map(FAST_HASH, pages))
+            return list(map(keyed, pages))
         self.fast[16 * start : 16 * (start + m)] = joined
         pf, ph = self.parent_fast, self.parent_hashes
         stop = min(start + m, len(ph))

@@ -24,7 +24,7 @@ from typing import Any
 import apsw
 
 from dbre.errors import IntegrityError, RestoreError, UsageError
-from dbre.repository.backup import FAST_HASH, iter_records, load_fast_hashes
+from dbre.repository.backup import FAST_HASH, NO_HASH, iter_records, load_fast_hashes
 from dbre.repository.manifest import Manifest
 from dbre.repository.repo import Repository
 from dbre.repository.verify import check_locations
@@ -121,9 +121,11 @@ def plan_restore(repo: Repository, db: str, target: str | os.PathLike[str], *, s
     # (authenticated like every run, checked against its keyed hash as a whole) when it has them
     # — a tenth of the keyed hash's cost — else against its keyed hash
     fast = load_fast_hashes(repo, manifest)
-    if fast is not None:
+    if fast is not None and NO_HASH not in {fast[i] for b in by_blob.values() for i, _, _ in b.pages}:
         for b in by_blob.values():
             b.pages = [(i, slot, fast[i]) for i, slot, _ in b.pages]
+    else:
+        fast = None  # (none, unreadable, or one missing for a stored page: the keyed hash checks them all)
     blobs = sorted(by_blob.values(), key=lambda b: (b.pack, b.offset))
     return RestorePlan(manifest, path, force, blobs, zero, quick_check=fast is not None)
 
