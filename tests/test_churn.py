@@ -205,3 +205,31 @@ def test_kill_repacking_backup(tmp_path: Path) -> None:
         shutil.rmtree(root)
     assert targeted == 2, plan
     assert killed - targeted >= 1, f"only {killed - targeted} random kills landed before the backup finished"
+
+
+def _packs_of(repo: Repository, manifest: object) -> set[bytes]:
+    from dbre.repository.backup import load_records
+
+    return {r[16:32] for r in load_records(repo, manifest)} - {bytes(16)}  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("repack", [True, False])
+def test_pack_spread_stays_bounded_over_a_long_history(store: Store, tmp_path: Path, repack: bool) -> None:
+    """Many small incrementals each leave a small, fully live pack: with repacking, the packs one
+    snapshot's pages lie in stay bounded (the smallest are merged), so a restore and the next
+    backup's parent check read a bounded number of pack tails; without, they grow with history."""
+    repo = Repository.open_or_init(store)
+    src = make_db(tmp_path / "src.db", mb=2)
+    rounds = engine.SMALL_PACKS_MAX + 14
+    made = backup(repo, LocalFileSource(src), DB, repack=repack)
+    for i in range(rounds):
+        churn(src, 0.01, seed=100 + i)
+        made = backup(repo, LocalFileSource(src), DB, repack=repack)
+        assert made.manifest.stats.get("repacked_pages", 0) <= engine.REPACK_BUDGET * made.manifest.page_count + 1
+    packs = _packs_of(repo, made.manifest)
+    if repack:
+        assert len(packs) <= engine.SMALL_PACKS_MAX + 2, len(packs)
+        assert restored(repo, made.manifest.id, tmp_path / "out.db") == src.read_bytes()
+        assert verify(repo, read_data=True).ok
+    else:
+        assert len(packs) > engine.SMALL_PACKS_MAX + 2, len(packs)  # the test can fail

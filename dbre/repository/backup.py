@@ -67,6 +67,8 @@ LOST = bytes(RECORD.size)  # stands in for a parent record into a lost pack: its
 REPACK = bytes(16) + b"\xff" * (RECORD.size - 16)
 REPACK_BELOW = 0.6  # a parent pack whose page slots the parent uses less than this share of is re-stored
 REPACK_BUDGET = 0.25  # at most this share of the parent's pages re-stored per backup for repacking
+SMALL_PACK_SLOTS = 1024  # a pack of fewer page slots is small (a full 32 MiB pack of 4 KiB pages holds ~8000)
+SMALL_PACKS_MAX = 16  # more small packs under one snapshot than this: the smallest are merged
 
 Progress = Callable[[int, int], None]
 
@@ -674,14 +676,24 @@ def _repack(records: list[bytes], slots: dict[str, int]) -> set[str]:
     are fewer than ``REPACK_BELOW`` of the page slots its index lists (``slots``). Sparsest first,
     at most ``REPACK_BUDGET`` of the parent's pages per backup (so an incremental's cost still
     follows change); a pack that does not fit is done in part, in page order, and is sparser still
-    at the next backup. Returns the packs touched."""
+    at the next backup.
+
+    Pack spread is handled the same way: when the parent's pages lie in more than
+    ``SMALL_PACKS_MAX`` small packs (fewer than ``SMALL_PACK_SLOTS`` page slots: what small
+    incrementals leave behind, fully live, never sparse), the pages of the smallest are merged into
+    a new pack until half that many small packs are left, so the packs a restore and the next
+    backup's parent check read stay bounded whatever the history. Returns the packs touched."""
     # (counted with C-level maps: a Python loop per page cost 0.2 s per GiB of every incremental)
     refs = Counter(map(itemgetter(slice(16, 32)), records))  # pack -> records
-    if not any(n < REPACK_BELOW * slots.get(p.hex(), 0) for p, n in refs.items()):
+    small = sorted((slots[p.hex()], p) for p in refs if 0 < slots.get(p.hex(), 0) < SMALL_PACK_SLOTS)
+    merge = [p for _, p in small[: len(small) - SMALL_PACKS_MAX // 2]] if len(small) > SMALL_PACKS_MAX else []
+    if not merge and not any(n < REPACK_BELOW * slots.get(p.hex(), 0) for p, n in refs.items()):
         return set()  # distinct slots never outnumber records: no pack can be sparse
     live = Counter(map(itemgetter(slice(0, 16)), set(map(itemgetter(slice(16, 46)), records))))  # distinct slots
     sparse = sorted((live[p] / slots[p.hex()], p) for p in live
                     if slots.get(p.hex()) and live[p] < REPACK_BELOW * slots[p.hex()])
+    chosen = {p for _, p in sparse}
+    sparse += [(1.0, p) for p in merge if p not in chosen]  # after the sparse ones, smallest first
     left = int(REPACK_BUDGET * len(records))
     take: dict[bytes, int] = {}
     for _, pack in sparse:
