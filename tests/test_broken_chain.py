@@ -351,3 +351,24 @@ def test_restore_falls_back_to_the_keyed_hash_when_a_fast_hash_is_missing(tmp_pa
     assert not plan.quick_check
     apply_restore(repo, plan)
     assert (tmp_path / "out.db").read_bytes() == src.read_bytes()
+
+
+def test_fast_runs_are_never_reused_from_a_lost_or_repacked_pack(tmp_path: Path) -> None:
+    """Review of fast runs, finding 1: a parent's fast run whose pack is lost (its index damaged)
+    or being repacked is written again, so the new snapshot never lists that pack."""
+    from dbre.repository import backup as engine
+    from dbre.repository.pack import PackWriter
+
+    repo = Repository.open_or_init(str(tmp_path / "repo"))
+    src = make_db(tmp_path / "src.db", mb=0.5)
+    first = _backup(repo, src).manifest
+    fast = b"".join(engine.load_fast_hashes(repo, first) or [])
+    assert fast
+    their_pack = first.fast_runs[0].pack
+    writer = PackWriter(repo.store, repo.sealer)
+    reused = engine._write_fast_runs(fast, first, writer, repo, set())
+    assert [r.pack for r in reused] == [r.pack for r in first.fast_runs]  # same bytes: reused as they are
+    avoided = engine._write_fast_runs(fast, first, writer, repo, {their_pack})
+    writer.finish()
+    assert their_pack not in {r.pack for r in avoided}
+    assert [r.hash for r in avoided] == [r.hash for r in first.fast_runs]

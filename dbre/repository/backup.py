@@ -571,7 +571,7 @@ def backup(
             runs = _write_runs(records, parent_manifest, parent, writer, repo, chain.repacked)
             # the parent's fast runs are reused only when they were read back whole (never a damaged one)
             fast_runs = _write_fast_runs(bytes(sink.fast), parent_manifest if sink.parent_fast is not None else None,
-                                         writer, repo, chain.repacked)
+                                         writer, repo, {*chain.repacked, *chain.lost})  # never into a lost pack
             packs = writer.finish()
         except BaseException:
             writer.abort()
