@@ -143,13 +143,17 @@ def apply_migrate(src: Repository, dst: Repository, plan: MigratePlan,
     with tempfile.TemporaryDirectory(prefix="dbre-migrate-") as scratch_dir:
         scratch = Path(scratch_dir)
 
-        def compare(old: Manifest, new: Manifest) -> None:
+        def compare(old: Manifest, new: Manifest, expected: str | None = None) -> None:
+            """Restore ``new`` from the new repository and compare it with ``old`` (its SHA-256
+            ``expected``, or restored again from the old repository)."""
             a, b = scratch / f"{old.db}.db", scratch / f"{old.db}.check.db"
-            apply_restore(src, plan_restore(src, old.db, a, snapshot=old.id, force=True))
+            if expected is None:
+                apply_restore(src, plan_restore(src, old.db, a, snapshot=old.id, force=True))
+                expected = _sha256(a)
+                a.unlink(missing_ok=True)
             apply_restore(dst, plan_restore(dst, new.db, b, snapshot=new.id, force=True))
-            same = _sha256(a) == _sha256(b)
-            for f in (a, b):
-                f.unlink(missing_ok=True)
+            same = _sha256(b) == expected
+            b.unlink(missing_ok=True)
             if not same:
                 raise IntegrityError(
                     f"migrate {old.db}/{old.id}: the new snapshot {new.id} does not restore to the same bytes",
@@ -166,10 +170,11 @@ def apply_migrate(src: Repository, dst: Repository, plan: MigratePlan,
                 result.failed.append((f"{m.db}/{m.id}", err.message))
                 old_file.unlink(missing_ok=True)
                 continue
+            expected = _sha256(old_file)
             made = backup(dst, LocalFileSource(old_file), m.db, checksums=bool(m.tables) and any(
                 t.checksum for t in m.tables.values()), replay=m)
             old_file.unlink(missing_ok=True)
-            compare(m, made.manifest)
+            compare(m, made.manifest, expected)
             result.migrated.append((m.db, m.id, made.manifest.id))
             done_bytes += m.size
             if progress:
