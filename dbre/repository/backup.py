@@ -123,10 +123,11 @@ class BackupResult:
         }
 
 
-def read_run(repo: Repository, manifest: Manifest, run: RunRef) -> bytes:
-    """One page-map run, checked: sealed under its name, its length, and its hash."""
+def read_run(repo: Repository, manifest: Manifest, run: RunRef, size: int = RECORD.size) -> bytes:
+    """One run of ``size``-byte entries per page (a page-map run, or a fast run of 16-byte
+    hashes), checked: sealed under its name, its length, and its hash."""
     raw = repo.read_blob(run.pack, run.offset, run.length, f"run {run.hash}")
-    if len(raw) != run.pages * RECORD.size:
+    if len(raw) != run.pages * size:
         raise IntegrityError(f"snapshot {manifest.id}: page-map run {run.hash[:12]} "
                              f"(packs/{run.pack}@{run.offset}) has the wrong length")
     if repo.page_hash(raw).hex() != run.hash:
@@ -136,20 +137,22 @@ def read_run(repo: Repository, manifest: Manifest, run: RunRef) -> bytes:
     return raw
 
 
-def _run_bytes(repo: Repository, manifest: Manifest) -> Iterator[bytes]:
-    """The snapshot's runs in order, fetched ``RUN_READERS`` at a time, at most ``RUNS_IN_FLIGHT`` ahead."""
-    runs = manifest.runs
+def _run_bytes(repo: Repository, manifest: Manifest, runs: list[RunRef] | None = None,
+               size: int = RECORD.size) -> Iterator[bytes]:
+    """The snapshot's runs (page map by default) in order, fetched ``RUN_READERS`` at a time, at
+    most ``RUNS_IN_FLIGHT`` ahead."""
+    runs = manifest.runs if runs is None else runs
     if len(runs) <= 1:
         for run in runs:
-            yield read_run(repo, manifest, run)
+            yield read_run(repo, manifest, run, size)
         return
     pool = ThreadPoolExecutor(max_workers=RUN_READERS, thread_name_prefix="dbre-runs")
     try:
-        ahead = [pool.submit(read_run, repo, manifest, run) for run in runs[:RUNS_IN_FLIGHT]]
+        ahead = [pool.submit(read_run, repo, manifest, run, size) for run in runs[:RUNS_IN_FLIGHT]]
         for nxt in range(RUNS_IN_FLIGHT, len(runs) + RUNS_IN_FLIGHT):
             raw = ahead.pop(0).result()
             if nxt < len(runs):
-                ahead.append(pool.submit(read_run, repo, manifest, runs[nxt]))
+                ahead.append(pool.submit(read_run, repo, manifest, runs[nxt], size))
             yield raw
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
@@ -776,10 +779,7 @@ def load_fast_hashes(repo: Repository, parent: Manifest | None) -> list[bytes] |
         return None
     out: list[bytes] = []
     try:
-        for run in parent.fast_runs:
-            raw = repo.read_blob(run.pack, run.offset, run.length, f"run {run.hash}")
-            if len(raw) != 16 * run.pages or repo.page_hash(raw).hex() != run.hash:
-                raise IntegrityError(f"snapshot {parent.id}: fast-hash run {run.hash[:12]} is damaged")
+        for raw in _run_bytes(repo, parent, parent.fast_runs, 16):
             out += [raw[i : i + 16] for i in range(0, len(raw), 16)]
     except (IntegrityError, NotFound) as err:
         log.warning("snapshot %s: %s; every page gets the keyed hash", parent.id, err.message)
@@ -788,36 +788,32 @@ def load_fast_hashes(repo: Repository, parent: Manifest | None) -> list[bytes] |
 
 
 def _write_fast_runs(fast: bytes, parent: Manifest | None, writer: PackWriter, repo: Repository,
-                     repacked: Collection[str] = ()) -> list[RunRef]:
-    """This snapshot's xxh3 per page, in runs of RUN_PAGES stored like page-map runs (kind "r",
-    sealed as "run <hash>"); a run identical to the parent's at the same place is reused."""
-    parent_runs = parent.fast_runs if parent is not None else []
-    runs: list[RunRef] = []
+                     avoid: Collection[str] = ()) -> list[RunRef]:
+    """This snapshot's xxh3 per page, in runs of RUN_PAGES stored like page-map runs."""
     step = 16 * RUN_PAGES
-    for i, start in enumerate(range(0, len(fast), step)):
-        raw = fast[start : start + step]
-        h = repo.page_hash(raw).hex()
-        if i < len(parent_runs) and parent_runs[i].hash == h and parent_runs[i].pack not in repacked:
-            runs.append(parent_runs[i])
-            continue
-        pack_id, off, length = writer.add(b"r", repo.sealer.seal(raw, f"run {h}"), [bytes.fromhex(h)])
-        runs.append(RunRef(hash=h, pack=pack_id, offset=off, length=length, pages=len(raw) // 16))
-    return runs
+    return _store_runs([fast[i : i + step] for i in range(0, len(fast), step)], 16,
+                       parent.fast_runs if parent is not None else [], writer, repo, avoid)
 
 
 def _write_runs(records: list[bytes], parent_manifest: Manifest | None, parent: list[bytes],
                 writer: PackWriter, repo: Repository, repacked: Collection[str] = ()) -> list[RunRef]:
     """Group records into runs; a run identical to the parent's at the same place is reused,
     unless it lies in a pack being repacked (which it would keep from being pruned)."""
-    parent_runs = parent_manifest.runs if parent_manifest and parent else []
+    return _store_runs([b"".join(records[i : i + RUN_PAGES]) for i in range(0, len(records), RUN_PAGES)],
+                       RECORD.size, parent_manifest.runs if parent_manifest and parent else [], writer, repo, repacked)
+
+
+def _store_runs(raws: list[bytes], size: int, parent_runs: list[RunRef], writer: PackWriter, repo: Repository,
+                avoid: Collection[str]) -> list[RunRef]:
+    """Store runs (kind "r", sealed as "run <hash>", addressed by their keyed hash like a page); a
+    run identical to the parent's at the same place is reused unless its pack is in ``avoid``
+    (being repacked, or lost)."""
     runs: list[RunRef] = []
-    for i, start in enumerate(range(0, len(records), RUN_PAGES)):
-        raw = b"".join(records[start : start + RUN_PAGES])
-        h = repo.page_hash(raw).hex()  # a run is addressed like a page
-        if i < len(parent_runs) and parent_runs[i].hash == h and parent_runs[i].pack not in repacked:
+    for i, raw in enumerate(raws):
+        h = repo.page_hash(raw).hex()
+        if i < len(parent_runs) and parent_runs[i].hash == h and parent_runs[i].pack not in avoid:
             runs.append(parent_runs[i])
             continue
         pack_id, off, length = writer.add(b"r", repo.sealer.seal(raw, f"run {h}"), [bytes.fromhex(h)])
-        runs.append(RunRef(hash=h, pack=pack_id, offset=off, length=length,
-                           pages=min(RUN_PAGES, len(records) - start)))
+        runs.append(RunRef(hash=h, pack=pack_id, offset=off, length=length, pages=len(raw) // size))
     return runs
