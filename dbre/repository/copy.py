@@ -15,16 +15,14 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from dbre.errors import IntegrityError, RepositoryError
-from dbre.repository.backup import iter_records
 from dbre.repository.manifest import Manifest, check_db_name, iso
 from dbre.repository.pack import MAX_PACK, read_pack_index
 from dbre.repository.repo import Repository, SnapshotRef, pack_key
-from dbre.repository.verify import check_locations
+from dbre.repository.verify import check_structure
 from dbre.storage import AlreadyExists
 from dbre.storage.base import MANIFEST_CAP, NotFound, get_capped
 
 Progress = Callable[[int, int], None]
-_NO_PACK = bytes(16)
 
 
 @dataclass
@@ -81,24 +79,6 @@ class CopyPlan:
             "broken_snapshots": [{"key": b.key, "reason": b.reason} for b in self.broken],
             "lost_history": [{"db": h.db, "message": h.message} for h in self.lost_history],
         }
-
-
-def check_structure(repo: Repository, manifest: Manifest) -> None:
-    """Raise unless one snapshot's structure holds, as restore checks it before writing (verify's
-    structure check): its runs read back, and every pack they point into is listed, present, and
-    its index holds each page where the page map says. Page batches are not read."""
-    blobs: dict[tuple[bytes, int], tuple[str, int, int, list[tuple[int, int, bytes]]]] = {}
-    n = 0
-    for n, (h, pack, off, length, slot) in enumerate(iter_records(repo, manifest), 1):
-        if pack == _NO_PACK and not length:
-            continue  # a page never written: no location
-        blob = blobs.get((pack, off))
-        if blob is None:
-            blob = blobs[(pack, off)] = (pack.hex(), off, length, [])
-        blob[3].append((n - 1, slot, h))
-    if n != manifest.page_count:
-        raise IntegrityError(f"snapshot {manifest.id}: page map has {n} pages, manifest says {manifest.page_count}")
-    check_locations(repo, manifest, blobs.values())
 
 
 def _why(err: RepositoryError) -> str:

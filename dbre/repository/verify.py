@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dbre.errors import IntegrityError, RepositoryError
-from dbre.repository.backup import read_run
+from dbre.repository.backup import iter_records, read_run
 from dbre.repository.manifest import RECORD, Manifest, RunRef
 from dbre.repository.pack import BlobInfo, read_index_tail
 from dbre.repository.repo import Repository, pack_key
@@ -118,6 +118,37 @@ def load_indexes(repo: Repository, ends: dict[str, int]) -> dict[str, Index | Re
         return {p: one(p) for p in ends}
     with ThreadPoolExecutor(max_workers=READERS, thread_name_prefix="dbre-index") as pool:
         return dict(zip(ends, pool.map(one, ends), strict=True))
+
+
+SnapshotBlob = tuple[str, int, int, list[tuple[int, int, bytes]]]  # pack, offset, length, [(page index, slot, hash)]
+
+
+def snapshot_blobs(repo: Repository, manifest: Manifest) -> tuple[list[SnapshotBlob], int]:
+    """The blobs a snapshot's page map points into, each with its pages, and the number of pages
+    never written (no location); IntegrityError when the page map's length is not the manifest's."""
+    blobs: dict[tuple[bytes, int], SnapshotBlob] = {}
+    zero = n = 0
+    for n, (h, pack, off, length, slot) in enumerate(iter_records(repo, manifest), 1):
+        if pack == _NO_PACK and not length:
+            zero += 1  # a page never written (see backup.ZERO_LOCATION): it restores as zeros
+            continue
+        blob = blobs.get((pack, off))
+        if blob is None:
+            blob = blobs[(pack, off)] = (pack.hex(), off, length, [])
+        blob[3].append((n - 1, slot, h))
+    if n != manifest.page_count:
+        raise IntegrityError(f"snapshot {manifest.id}: page map has {n} pages, manifest says {manifest.page_count}")
+    return list(blobs.values()), zero
+
+
+def check_structure(repo: Repository, manifest: Manifest) -> list[SnapshotBlob]:
+    """Raise unless one snapshot's structure holds, as restore checks it before writing (verify's
+    structure check): its runs read back, and every pack they point into is listed, present, and
+    its index holds each page where the page map says. Page batches are not read. Returns the
+    snapshot's blobs (``snapshot_blobs``)."""
+    blobs, _ = snapshot_blobs(repo, manifest)
+    check_locations(repo, manifest, blobs)
+    return blobs
 
 
 def check_locations(repo: Repository, manifest: Manifest,

@@ -24,10 +24,10 @@ from typing import Any
 import apsw
 
 from dbre.errors import IntegrityError, RestoreError, UsageError
-from dbre.repository.backup import FAST_HASH, NO_HASH, iter_records, load_fast_hashes
+from dbre.repository.backup import FAST_HASH, NO_HASH, load_fast_hashes
 from dbre.repository.manifest import Manifest
 from dbre.repository.repo import Repository
-from dbre.repository.verify import check_locations
+from dbre.repository.verify import check_locations, snapshot_blobs
 from dbre.units import human_bytes
 
 log = logging.getLogger(__name__)
@@ -100,23 +100,12 @@ def plan_restore(repo: Repository, db: str, target: str | os.PathLike[str], *, s
     if not path.parent.is_dir():
         raise UsageError(f"restore target folder {path.parent} does not exist", "create it first")
     manifest = repo.find_snapshot(db, snapshot, at)
-    by_blob: dict[tuple[bytes, int], BlobPages] = {}
-    zero = index = 0
-    no_pack = bytes(16)
-    for index, (h, pack, off, length, slot) in enumerate(iter_records(repo, manifest), 1):
-        if pack == no_pack and not length:
-            zero += 1  # a page never written (see ZERO_LOCATION): the sparse file reads zeros
-            continue
-        bp = by_blob.get((pack, off))
-        if bp is None:
-            bp = by_blob[(pack, off)] = BlobPages(pack.hex(), off, length)
-        bp.pages.append((index - 1, slot, h))
-    if index != manifest.page_count:
-        raise IntegrityError(f"snapshot {manifest.id}: page map has {index} pages, "
-                             f"manifest says {manifest.page_count}")
-    # the structure `dbre verify` checks: every pack listed, present, its index authentic and
-    # holding each page where the page map says (one ranged read of each pack's tail)
-    check_locations(repo, manifest, ((b.pack, b.offset, b.length, b.pages) for b in by_blob.values()))
+    # pages never written (zero) restore as the sparse file's zeros; then the structure `dbre verify`
+    # checks: every pack listed, present, its index authentic and holding each page where the page
+    # map says (one ranged read of each pack's tail)
+    found, zero = snapshot_blobs(repo, manifest)
+    check_locations(repo, manifest, found)
+    by_blob = {(pack, off): BlobPages(pack, off, length, pages) for pack, off, length, pages in found}
     # each page is then checked as it is written: against its xxh3 in the snapshot's fast runs
     # (authenticated like every run, checked against its keyed hash as a whole) when it has them
     # — a tenth of the keyed hash's cost — else against its keyed hash
