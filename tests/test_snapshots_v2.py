@@ -396,7 +396,7 @@ def test_runs_are_fetched_concurrently_in_order(tmp_path: Path) -> None:
     seconds = time.perf_counter() - started
     assert 2 <= store.ranges_max <= backup_mod.RUN_READERS
     assert seconds < len(m.runs) * 0.05  # one at a time would take at least this long
-    assert records == [r for run in m.runs for r in _split(read_run(Repository.open(url), m, run))]
+    assert list(records) == [r for run in m.runs for r in _split(read_run(Repository.open(url), m, run))]
     apply_restore(repo, plan_restore(repo, "x", tmp_path / "out.db"))
     assert_same_db(db, tmp_path / "out.db")
 

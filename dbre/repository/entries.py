@@ -1,0 +1,75 @@
+"""Fixed-width entries (page records, page hashes) held in one buffer: no Python object per page.
+
+A page map of a 8 GiB database has 2 million records; as a list of `bytes` each costs ~80 bytes
+of object header and pointer on top of its 46 bytes. `Entries` keeps them in one `bytes` or
+`bytearray` and makes a `bytes` only for the entry asked for.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import overload
+
+
+class Entries:
+    """A sequence of ``size``-byte entries stored back to back in ``buf``."""
+
+    __slots__ = ("buf", "size")
+
+    def __init__(self, buf: bytes | bytearray, size: int) -> None:
+        if size <= 0 or len(buf) % size:
+            raise ValueError(f"a buffer of {len(buf)} bytes is not a whole number of {size}-byte entries")
+        self.buf = buf
+        self.size = size
+
+    @classmethod
+    def zeros(cls, count: int, size: int) -> Entries:
+        return cls(bytearray(count * size), size)
+
+    def __len__(self) -> int:
+        return len(self.buf) // self.size
+
+    @overload
+    def __getitem__(self, index: int) -> bytes: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[bytes]: ...
+
+    def __getitem__(self, index: int | slice) -> bytes | list[bytes]:
+        size = self.size
+        if isinstance(index, slice):
+            start, stop, step = index.indices(len(self))
+            if step != 1:
+                raise ValueError("Entries slices take no step")
+            buf = self.buf
+            return [bytes(buf[i : i + size]) for i in range(start * size, stop * size, size)]
+        n = len(self)
+        if index < 0:
+            index += n
+        if not 0 <= index < n:
+            raise IndexError("entry index out of range")
+        return bytes(self.buf[index * size : (index + 1) * size])
+
+    def __setitem__(self, index: int, value: bytes) -> None:
+        if len(value) != self.size:
+            raise ValueError(f"an entry is {self.size} bytes, not {len(value)}")
+        if not isinstance(self.buf, bytearray):
+            raise TypeError("these entries are read-only")
+        self.buf[index * self.size : (index + 1) * self.size] = value
+
+    def __iter__(self) -> Iterator[bytes]:
+        buf, size = self.buf, self.size
+        for i in range(0, len(buf), size):
+            yield bytes(buf[i : i + size])
+
+    def span(self, start: int, stop: int) -> bytes:
+        """Entries ``start`` to ``stop`` (exclusive) as one ``bytes``."""
+        return bytes(self.buf[start * self.size : stop * self.size])
+
+    def columns(self, start: int, stop: int) -> Iterator[bytes]:
+        """The bytes ``start:stop`` of every entry (e.g. the pack id of each record), in order."""
+        buf, size = self.buf, self.size
+        for i in range(0, len(buf), size):
+            yield bytes(buf[i + start : i + stop])
+
+    def __repr__(self) -> str:
+        return f"Entries({len(self)} x {self.size} bytes)"
