@@ -358,17 +358,28 @@ def test_fast_runs_are_never_reused_from_a_lost_or_repacked_pack(tmp_path: Path)
     or being repacked is written again, so the new snapshot never lists that pack."""
     from dbre.repository import backup as engine
     from dbre.repository.pack import PackWriter
+    from dbre.repository.sink import PageSink
 
     repo = Repository.open_or_init(str(tmp_path / "repo"))
     src = make_db(tmp_path / "src.db", mb=0.5)
     first = _backup(repo, src).manifest
-    fast = b"".join(engine.load_fast_hashes(repo, first) or [])
-    assert fast
+    fast = engine.load_fast_hashes(repo, first)
+    assert fast is not None and len(fast)
     their_pack = first.fast_runs[0].pack
     writer = PackWriter(repo.store, repo.sealer)
-    reused = engine._write_fast_runs(fast, first, writer, repo, set())
+    records = engine.load_records(repo, first)
+
+    def fast_runs(avoid: set[str]) -> list:
+        sink = PageSink(repo, writer, records, first.page_size, first.page_count, None, fast,
+                        parent_runs=first.runs, parent_fast_runs=first.fast_runs, avoid_fast=avoid)
+        with open(src, "rb") as f:
+            for i in range(first.page_count):
+                sink.add(i, f.read(first.page_size))
+        return sink.finish()[1]
+
+    reused = fast_runs(set())
     assert [r.pack for r in reused] == [r.pack for r in first.fast_runs]  # same bytes: reused as they are
-    avoided = engine._write_fast_runs(fast, first, writer, repo, {their_pack})
+    avoided = fast_runs({their_pack})
     writer.finish()
     assert their_pack not in {r.pack for r in avoided}
     assert [r.hash for r in avoided] == [r.hash for r in first.fast_runs]

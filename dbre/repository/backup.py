@@ -12,23 +12,19 @@ until then the snapshot does not exist.
 
 from __future__ import annotations
 
-import gc
 import logging
 import secrets
 import struct
 import time
-from collections import Counter
-from collections.abc import Callable, Collection, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Collection, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from itertools import compress, repeat
-from operator import eq, itemgetter, ne
 from typing import Any
 
 import apsw
-import xxhash
+import numpy as np
 
 from dbre.errors import IntegrityError, SourceError
 from dbre.repository.entries import Entries
@@ -46,26 +42,18 @@ from dbre.repository.manifest import (
 )
 from dbre.repository.pack import PackWriter, read_index_tail
 from dbre.repository.repo import TOOL, Repository
+from dbre.repository.sink import LOST, REPACK, PageSink
 from dbre.repository.tables import table_stats
 from dbre.sources.base import Source
-from dbre.sources.image import ImageSession, PageImage
+from dbre.sources.image import ImageSession
 from dbre.storage import NotFound
 
 log = logging.getLogger(__name__)
 
-BATCH_BYTES = 2 * 1024 * 1024  # pages are sealed in batches of this size (fewer GIL hand-overs than 1 MiB;
-# 4 MiB kept more pages resident and made the tail of a small incremental longer; a table
-# restore reads at most this much per page)
-MAX_IN_FLIGHT = 3  # batches being sealed or waiting to be appended: bounds memory (their pages stay mapped)
-ZERO_LOCATION = bytes(16) + bytes(14)  # pack id, offset, length, slot of a page never written
 CHECKSUM_AUTO_BYTES = 256 * 1024 * 1024  # table checksums by default up to this database size
 RUN_READERS = 4  # page-map runs fetched at once (a run is one ranged GET of ~20-200 KB)
 RUNS_IN_FLIGHT = 8  # runs fetched ahead of the one being used: bounds memory, keeps order
 PARENT_CHECKERS = 16  # the parent's pack tails read at once (one small ranged GET each)
-LOST = bytes(RECORD.size)  # stands in for a parent record into a lost pack: its hash matches no page
-# stands in for a parent record into a sparse pack (see _repack): the same all-zero hash, so the page is
-# stored again, densely, in this backup's packs; told apart from LOST only for the stats
-REPACK = bytes(16) + b"\xff" * (RECORD.size - 16)
 REPACK_BELOW = 0.6  # a parent pack whose page slots the parent uses less than this share of is re-stored
 REPACK_BUDGET = 0.25  # at most this share of the parent's pages re-stored per backup for repacking
 SMALL_PACK_SLOTS = 1024  # a pack of fewer page slots is small (a full 32 MiB pack of 4 KiB pages holds ~8000)
@@ -173,221 +161,11 @@ def iter_records(repo: Repository, manifest: Manifest) -> Iterator[tuple[bytes, 
         yield from RECORD.iter_unpack(raw)
 
 
-FAST_HASH = xxhash.xxh3_128_digest  # the quick test of "unchanged at this place" (see Manifest.fast_runs)
-NO_HASH = bytes(16)  # the hash of the LOST and REPACK markers: never reused as unchanged
 _BLOB = struct.Struct("<16sQI")  # the blob part of a record: pack id, offset, length
 
 
-class _PageSink:
-    """Receives pages from the backup, dedups them against the parent, batches the new ones.
-
-    Each page is first hashed with xxh3 (fast); where that equals the parent's at the same page
-    number, the page is unchanged and keeps the parent's record without paying for the keyed
-    hash. Every other page gets the keyed hash, which alone decides identity across places and
-    snapshots (dedup by hash), so a page crafted to collide with another never takes its place.
-    """
-
-    def __init__(self, repo: Repository, writer: PackWriter, parent: list[bytes], page_size: int,
-                 page_count: int, progress: Progress | None, parent_fast: list[bytes] | None = None) -> None:
-        self.sealer = repo.sealer
-        self.page_hash = repo.page_hash
-        self.writer = writer
-        self.parent = parent
-        self.parent_hashes = list(map(itemgetter(slice(0, 16)), parent))
-        self.parent_fast = parent_fast if parent_fast is not None and len(parent_fast) == len(parent) else None
-        self.fast = bytearray(16 * page_count)  # this snapshot's xxh3 per page (zeros: never written)
-        self.parent_by_hash: dict[bytes, bytes] | None = None
-        self.page_size = page_size
-        self.page_count = page_count
-        self.progress = progress
-        self.records: list[bytes | tuple[bytes, int, int] | None] = [None] * page_count
-        self.new_pages: dict[bytes, tuple[int, int]] = {}
-        self.batch: list[bytes | memoryview] = []
-        self.batch_hashes: list[bytes] = []
-        self.batch_no = 0
-        self.batch_cap = max(1, BATCH_BYTES // page_size)
-        self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="dbre-seal")
-        self.in_flight: list[tuple[int, list[bytes], Future[bytes], int]] = []  # .., first page index
-        self.batch_first = 0  # index of the first page of the open batch
-        self.locations: dict[int, bytes] = {}
-        self.pages_seen = 0
-        self.new_at: list[int] = []  # indexes whose record is (hash, batch, slot) until finish
-        # pages stored again for repacking (parent record REPACK) go to packs of their own: they
-        # stayed unchanged while their old pack emptied, so packs of them stay dense for longer
-        self.store = repo.store
-        self.cold: list[bytes | memoryview] = []  # copies: a batch of scattered pages holds no mapping
-        self.cold_hashes: list[bytes] = []
-        self.cold_no = -1  # their batches are numbered -1, -2, ...
-        self.cold_writer: PackWriter | None = None
-        self.cold_packs: list[str] = []
-
-    def page(self, offset: int, data: bytes) -> None:
-        """One page written by the backup API at byte ``offset`` (the fallback path)."""
-        ps = self.page_size
-        index = offset // ps
-        if len(data) != ps or index * ps != offset:
-            raise SourceError(f"backup: unexpected write of {len(data)} bytes at {offset}")
-        if index < self.page_count:
-            self.add(index, data)
-
-    def feed(self, image: PageImage, chunk: int = 4096) -> None:
-        """Every page of a direct image, in order (the fast path: hashed a chunk at a time)."""
-        collect = gc.isenabled()
-        gc.disable()  # a GiB is ~260k short-lived page views: the cyclic GC would scan for nothing
-        try:
-            for start in range(0, image.page_count, chunk):
-                stop = min(image.page_count, start + chunk)
-                if stop == image.page_count:
-                    # smaller batches at the end: both threads share the last compressions
-                    # instead of one sealing a whole batch while the backup waits for it
-                    self.batch_cap = max(16, self.batch_cap // 4)
-                fast = image.hashes(start, stop, FAST_HASH)
-                self.take(start, self._keyed(start, fast, image.view), image.view)
-                # pages no batch still has to read: their mapping can go
-                image.drop(min([start, *(f[3] for f in self.in_flight), *([self.batch_first] if self.batch else [])]))
-                if self.progress is not None:
-                    self.progress(stop, self.page_count)
-        finally:
-            if collect:
-                gc.enable()
-
-    def _keyed(self, start: int, fast: list[bytes], view: Callable[[int], bytes | memoryview]) -> list[bytes]:
-        """The keyed hashes of pages ``start..``: the parent's where xxh3 says unchanged, else computed."""
-        m = len(fast)
-        joined = b"".join(fast)
-        keyed = self.page_hash
-        if len(joined) != 16 * m:  # (a page the image could not hash): both hashes from the bytes themselves
-            pages = [view(start + j) for j in range(m)]
-            self.fast[16 * start : 16 * (start + m)] = b"".join(map(FAST_HASH, pages))
-            return list(map(keyed, pages))
-        self.fast[16 * start : 16 * (start + m)] = joined
-        pf, ph = self.parent_fast, self.parent_hashes
-        stop = min(start + m, len(ph))
-        if pf is None or stop <= start:
-            return [keyed(view(start + j)) for j in range(m)]
-        # C-level comparisons; Python only for the pages that changed (and the parent's markers)
-        out = ph[start:stop] + [NO_HASH] * (start + m - stop)
-        todo = set(compress(range(m), map(ne, fast, pf[start:stop])))
-        todo.update(compress(range(stop - start), map(eq, out, repeat(NO_HASH, stop - start))))
-        todo.update(range(stop - start, m))
-        for j in todo:
-            out[j] = keyed(view(start + j))
-        return out
-
-    def add(self, index: int, data: bytes) -> None:
-        self.fast[16 * index : 16 * (index + 1)] = FAST_HASH(data)
-        self.take(index, [self.page_hash(data)], lambda _: data)
-        if self.progress is not None and not self.pages_seen & 4095:
-            self.progress(self.pages_seen, self.page_count)
-
-    def take(self, start: int, hashes: list[bytes], page: Callable[[int], bytes | memoryview]) -> None:
-        """Pages ``start .. start+len(hashes)-1`` by their hashes: reference or batch each one;
-        ``page(index)`` gives the bytes of a page that has to be stored."""
-        stop = start + len(hashes)
-        self.pages_seen += len(hashes)
-        parent = self.parent
-        todo: Iterable[int]
-        if stop <= len(parent):
-            # pages unchanged since the parent keep its records; only the others are looked at
-            self.records[start:stop] = parent[start:stop]
-            todo = compress(range(len(hashes)), map(ne, hashes, self.parent_hashes[start:stop]))
-        else:
-            todo = range(len(hashes))
-        records, new_pages, new_at, cap = self.records, self.new_pages, self.new_at, self.batch_cap
-        by_hash = self.parent_by_hash
-        for j in todo:
-            h = hashes[j]
-            if parent:
-                if by_hash is None:
-                    by_hash = self.parent_by_hash = dict(zip(self.parent_hashes, parent, strict=True))
-                    by_hash.pop(LOST[:16], None)  # a record into a lost pack is never reused
-                moved = by_hash.get(h)
-                if moved is not None:  # unchanged, or moved from another place in the file
-                    records[start + j] = moved
-                    continue
-            where = new_pages.get(h)
-            if where is None and start + j < len(parent) and parent[start + j] == REPACK:
-                where = new_pages[h] = (self.cold_no, len(self.cold_hashes))
-                self.cold.append(bytes(page(start + j)))
-                self.cold_hashes.append(h)
-                if len(self.cold_hashes) >= cap:
-                    self._submit(cold=True)
-            if where is None:  # new content (a page repeated in this snapshot is stored once)
-                batch_hashes = self.batch_hashes
-                where = new_pages[h] = (self.batch_no, len(batch_hashes))
-                if not batch_hashes:
-                    self.batch_first = start + j
-                self.batch.append(page(start + j))
-                batch_hashes.append(h)
-                if len(batch_hashes) >= cap:
-                    self._submit()
-            records[start + j] = (h, where[0], where[1])
-            new_at.append(start + j)
-
-    @property
-    def pages_added(self) -> int:
-        return len(self.new_pages)
-
-    @property
-    def cold_bytes(self) -> int:
-        return self.cold_writer.bytes_written if self.cold_writer is not None else 0
-
-    def _submit(self, cold: bool = False) -> None:
-        if cold:
-            if self.cold_hashes:
-                fut = self.pool.submit(self.sealer.seal_parts, self.cold, "page-batch")
-                self.in_flight.append((self.cold_no, self.cold_hashes, fut, self.page_count))
-                self.cold_no -= 1
-                self.cold, self.cold_hashes = [], []
-                self._drain(MAX_IN_FLIGHT)
-            return
-        if not self.batch_hashes:
-            return
-        fut = self.pool.submit(self.sealer.seal_parts, self.batch, "page-batch")  # pages are read by zstd, not copied
-        self.in_flight.append((self.batch_no, self.batch_hashes, fut, self.batch_first))
-        self.batch_no += 1
-        self.batch = []
-        self.batch_hashes = []
-        self._drain(MAX_IN_FLIGHT)
-
-    def _drain(self, keep: int) -> None:
-        while len(self.in_flight) > keep or (self.in_flight and self.in_flight[0][2].done()):
-            no, hashes, fut, _ = self.in_flight.pop(0)
-            writer = self.writer
-            if no < 0:
-                if self.cold_writer is None:
-                    self.cold_writer = PackWriter(self.store, self.sealer)
-                writer = self.cold_writer
-            pack_id, off, length = writer.add(b"d", fut.result(), hashes)
-            self.locations[no] = bytes.fromhex(pack_id) + off.to_bytes(8, "little") + length.to_bytes(4, "little")
-
-    def finish(self) -> list[bytes]:
-        self._submit()
-        self._submit(cold=True)
-        self._drain(0)
-        self.pool.shutdown()
-        if self.cold_writer is not None:
-            self.cold_packs = self.cold_writer.finish()
-        records = self.records
-        for i in self.new_at:
-            rec = records[i]
-            if isinstance(rec, tuple):  # (a later duplicate may have listed the index again)
-                h, no, slot = rec
-                records[i] = h + self.locations[no] + slot.to_bytes(2, "little")
-        if None in records:
-            # pages SQLite never writes (the lock-byte page of a database over 1 GiB)
-            zero = self.page_hash(bytes(self.page_size)) + ZERO_LOCATION
-            records = [zero if r is None else r for r in records]
-        return records  # type: ignore[return-value]
-
-    def abort(self) -> None:
-        self.pool.shutdown(wait=True, cancel_futures=True)
-        if self.cold_writer is not None:
-            self.cold_writer.abort()
-
-
 class _SinkFile:
-    def __init__(self, sink: _PageSink | None) -> None:
+    def __init__(self, sink: PageSink | None) -> None:
         self.sink = sink
         self.size = 0
         self.first = b""  # page 1, the only page the pager may read back (to update the header)
@@ -438,7 +216,7 @@ class _SinkFile:
 class _SinkVFS(apsw.VFS):
     """A VFS whose main database file hands each written page to a sink; other files vanish."""
 
-    def __init__(self, sink: _PageSink) -> None:
+    def __init__(self, sink: PageSink) -> None:
         self.sink = sink
         self.main: _SinkFile | None = None
         self.vfs_name = f"dbre-sink-{secrets.token_hex(6)}"
@@ -533,7 +311,7 @@ def backup(
                 session.begin(conn)  # the read transaction: everything below sees this one commit
                 page_size, page_count = session.page_size, session.page_count
                 same_size = parent_manifest is not None and parent_manifest.page_size == page_size
-                parent = parent_records if same_size else []
+                parent = parent_records if same_size else None
                 if checksums is None:
                     checksums = page_size * page_count <= CHECKSUM_AUTO_BYTES
                 taken_at = session.started or snapshot_time(lock)  # taken just before BEGIN, never after
@@ -545,9 +323,12 @@ def backup(
                 encoding = str(_pragma(conn, "encoding"))
                 journal_mode = str(_pragma(conn, "journal_mode"))
                 writer = PackWriter(repo.store, repo.sealer)
-                fast_entries = load_fast_hashes(repo, parent_manifest) if parent else None
-                parent_fast = list(fast_entries) if fast_entries is not None else None
-                sink = _PageSink(repo, writer, parent, page_size, page_count, progress, parent_fast)
+                parent_fast = load_fast_hashes(repo, parent_manifest) if parent is not None else None
+                sink = PageSink(repo, writer, parent, page_size, page_count, progress, parent_fast,
+                                parent_runs=parent_manifest.runs if parent_manifest is not None else (),
+                                parent_fast_runs=parent_manifest.fast_runs if parent_manifest is not None else (),
+                                # (fast runs never into a lost pack)
+                                avoid_runs=chain.repacked, avoid_fast={*chain.repacked, *chain.lost})
                 try:
                     image = session.image() if direct else None
                     if image is not None:
@@ -555,10 +336,7 @@ def backup(
                     else:
                         page_one = _copy_pages(conn, sink, session)
                     stats = table_stats(conn, checksums)
-                    records = sink.finish()
-                    # a sizeable pack of page data starts its fsync now, beside the unmapping and
-                    # the page map below (which then goes to a small pack of its own)
-                    writer.flush(min_bytes=4 * 1024 * 1024)
+                    runs, fast_runs = sink.finish()  # (the page map and fast runs went into the packs as they filled)
                     path = "direct" if image is not None else f"backup API ({session.reason or 'asked'})"
                     wal_pages = len(image.overlay) if image is not None else 0
                     page_one = "source" if image is not None else page_one
@@ -572,17 +350,13 @@ def backup(
                 if conn.in_transaction:
                     conn.execute("COMMIT")
         try:
-            runs = _write_runs(records, parent_manifest, parent, writer, repo, chain.repacked)
-            # the parent's fast runs are reused only when they were read back whole (never a damaged one)
-            fast_runs = _write_fast_runs(bytes(sink.fast), parent_manifest if sink.parent_fast is not None else None,
-                                         writer, repo, {*chain.repacked, *chain.lost})  # never into a lost pack
             packs = writer.finish()
         except BaseException:
             writer.abort()
             raise
         if progress:
             progress(page_count, page_count)
-        referenced = set(map(itemgetter(slice(16, 32)), records))
+        referenced = set(sink.packs)
         referenced.discard(bytes(16))
         all_packs = sorted({p.hex() for p in referenced} | {r.pack for r in runs} | {r.pack for r in fast_runs})
         manifest = Manifest(
@@ -624,11 +398,11 @@ def backup(
         if chain.lost:
             # pages whose parent record pointed into a lost pack, stored again (if still in the file)
             manifest.stats["missing_packs"] = chain.lost
-            manifest.stats["repaired_pages"] = parent[:page_count].count(LOST) if parent else 0
-        if chain.repacked and parent:
+            manifest.stats["repaired_pages"] = _count(parent, LOST, page_count) if parent is not None else 0
+        if chain.repacked and parent is not None:
             # pages of the parent's sparse packs stored again (unless changed anyway): see _repack
             manifest.stats["repacked_packs"] = len(chain.repacked)
-            manifest.stats["repacked_pages"] = parent[:page_count].count(REPACK)
+            manifest.stats["repacked_pages"] = _count(parent, REPACK, page_count)
         # never commit after the lock stopped being refreshed: another host may have pruned meanwhile
         lock.check_alive(f"backup of {db}", hint="run the backup again")
         repo.write_manifest(manifest)
@@ -647,32 +421,52 @@ class ParentCheck:
 
 
 def _parent_records(repo: Repository, parent: Manifest | None, full: bool,
-                    repack: bool = True) -> tuple[list[bytes], ParentCheck]:
+                    repack: bool = True) -> tuple[Entries | None, ParentCheck]:
     """The parent's page records to dedup against, each record into a lost pack replaced by LOST
     (whose hash matches no page, so the page is stored again), and with ``repack`` each record into
     a sparse pack chosen by ``_repack`` replaced by REPACK. Nothing is reused with ``full``, or
     when the parent's page map cannot be read or lies in a lost pack. A store error other than
     not-found raises: nothing is concluded from a failed read or listing."""
     if parent is None:
-        return [], ParentCheck([])
+        return None, ParentCheck([])
     if full:
-        return [], ParentCheck([], "asked")
+        return None, ParentCheck([], "asked")
     try:
-        records = list(load_records(repo, parent))  # (interim: compact page maps in progress)
+        records = load_records(repo, parent)
     except (IntegrityError, NotFound) as err:
-        return [], ParentCheck([], f"its page map cannot be read: {err.message}")
+        return None, ParentCheck([], f"its page map cannot be read: {err.message}")
     lost, slots = _lost_packs(repo, parent, records)
     if any(run.pack in lost for run in parent.runs):
-        return [], ParentCheck(sorted(lost), "its page map is in a missing or damaged pack")
+        return None, ParentCheck(sorted(lost), "its page map is in a missing or damaged pack")
     if lost:
-        gone = {bytes.fromhex(p) for p in lost}
-        pack_of = itemgetter(slice(16, 32))
-        records = [LOST if pack_of(r) in gone else r for r in records]
+        gone = np.array([bytes.fromhex(p) for p in lost], dtype="S16")
+        _rows(records)[np.isin(_column(records, 16, 16), gone)] = np.frombuffer(LOST, dtype=np.uint8)
     repacked = _repack(records, slots) if repack else set()
     return records, ParentCheck(sorted(lost), repacked=repacked)
 
 
-def _repack(records: list[bytes], slots: dict[str, int]) -> set[str]:
+def _column(records: Entries, start: int, width: int) -> np.ndarray:
+    """Bytes ``start:start+width`` of every record, as a numpy view (no copy). Its values compare
+    and sort as bytes; read one back with ``_value`` (numpy drops trailing zero bytes)."""
+    return np.ndarray((len(records),), dtype=f"S{width}", buffer=records.buf, offset=start, strides=(records.size,))
+
+
+def _value(item: bytes, width: int) -> bytes:
+    return bytes(item).ljust(width, b"\0")
+
+
+def _rows(records: Entries) -> np.ndarray:
+    """The records as a writable (n, 46) array of bytes over the same buffer."""
+    return np.frombuffer(records.buf, dtype=np.uint8).reshape(-1, records.size)
+
+
+def _count(records: Entries, marker: bytes, limit: int) -> int:
+    """How many of the first ``limit`` records are ``marker``."""
+    rows = _rows(records)[:limit]
+    return int(np.count_nonzero((rows == np.frombuffer(marker, dtype=np.uint8)).all(axis=1)))
+
+
+def _repack(records: Entries, slots: dict[str, int]) -> set[str]:
     """Replace by REPACK, in place, the records into the parent's sparse packs, so their pages are
     stored again densely and prune frees those packs once no kept snapshot uses them.
 
@@ -687,13 +481,18 @@ def _repack(records: list[bytes], slots: dict[str, int]) -> set[str]:
     incrementals leave behind, fully live, never sparse), the pages of the smallest are merged into
     a new pack until half that many small packs are left, so the packs a restore and the next
     backup's parent check read stay bounded whatever the history. Returns the packs touched."""
-    # (counted with C-level maps: a Python loop per page cost 0.2 s per GiB of every incremental)
-    refs = Counter(map(itemgetter(slice(16, 32)), records))  # pack -> records
+    # (counted with numpy over the records' buffer: no Python object per page)
+    packs_col = _column(records, 16, 16)
+    uniq, counts = np.unique(packs_col, return_counts=True)
+    refs = {_value(p, 16): int(c) for p, c in zip(uniq.tolist(), counts.tolist(), strict=True)}  # pack -> records
     small = sorted((slots[p.hex()], p) for p in refs if 0 < slots.get(p.hex(), 0) < SMALL_PACK_SLOTS)
     merge = [p for _, p in small[: len(small) - SMALL_PACKS_MAX // 2]] if len(small) > SMALL_PACKS_MAX else []
     if not merge and not any(n < REPACK_BELOW * slots.get(p.hex(), 0) for p, n in refs.items()):
         return set()  # distinct slots never outnumber records: no pack can be sparse
-    live = Counter(map(itemgetter(slice(0, 16)), set(map(itemgetter(slice(16, 46)), records))))  # distinct slots
+    distinct = np.unique(_column(records, 16, 30))  # distinct (pack, blob, slot)
+    live_packs, live_counts = np.unique(np.ndarray((len(distinct),), dtype="S16", buffer=distinct, strides=(30,)),
+                                        return_counts=True)
+    live = {_value(p, 16): int(c) for p, c in zip(live_packs.tolist(), live_counts.tolist(), strict=True)}
     sparse = sorted((live[p] / slots[p.hex()], p) for p in live
                     if slots.get(p.hex()) and live[p] < REPACK_BELOW * slots[p.hex()])
     chosen = {p for _, p in sparse}
@@ -707,22 +506,22 @@ def _repack(records: list[bytes], slots: dict[str, int]) -> set[str]:
         left -= take[pack]
     if not take:
         return set()
-    for i, r in enumerate(records):
-        pack = r[16:32]
-        if take.get(pack):
-            records[i] = REPACK
-            take[pack] -= 1
+    rows = _rows(records)
+    marker = np.frombuffer(REPACK, dtype=np.uint8)
+    for pack, n in take.items():
+        rows[np.flatnonzero(packs_col == np.array(pack, dtype="S16"))[:n]] = marker  # the first n, in page order
     return {p.hex() for p in take}
 
 
-def _lost_packs(repo: Repository, parent: Manifest, records: list[bytes]) -> tuple[set[str], dict[str, int]]:
+def _lost_packs(repo: Repository, parent: Manifest, records: Entries) -> tuple[set[str], dict[str, int]]:
     """The parent's packs that are missing or whose index does not authenticate, and the number
     of page slots (pages of its 'd' blobs) the index of each other one lists: each pack's tail
     is read, concurrently (about the cost of asking whether it exists, and it checks the index).
     The cost follows the parent's packs, never the repository's: no listing of packs/."""
     packs = set(parent.packs) | {run.pack for run in parent.runs}
     ends = dict.fromkeys(packs, 0)
-    for pack, off, length in map(_BLOB.unpack, set(map(itemgetter(slice(16, 44)), records))):  # distinct blobs
+    blobs = np.unique(_column(records, 16, 28)).tolist() if len(records) else []  # distinct blobs
+    for pack, off, length in (_BLOB.unpack(_value(b, 28)) for b in blobs):
         p = pack.hex()
         if p in ends and off + length > ends[p]:
             ends[p] = off + length
@@ -742,7 +541,7 @@ def _lost_packs(repo: Repository, parent: Manifest, records: list[bytes]) -> tup
     return {p for p, n in found.items() if n is None}, {p: n for p, n in found.items() if n is not None}
 
 
-def _copy_pages(conn: apsw.Connection, sink: _PageSink, session: ImageSession) -> str:
+def _copy_pages(conn: apsw.Connection, sink: PageSink, session: ImageSession) -> str:
     """Copy the read transaction through the backup API; page 1 is the source's own (the backup
     API rewrites its header): returns how it was taken (see ``ImageSession.page_one``)."""
     vfs = _SinkVFS(sink)

@@ -1,0 +1,103 @@
+"""Compact lookups by page hash for a backup: no Python object per page.
+
+`ParentIndex` finds where a page hash sits in the parent's page map (a moved page keeps its
+record); `SeenPages` remembers the pages this backup stored (a page repeated in the snapshot is
+stored once). Both hold sorted numpy arrays of 8-16 bytes per page and answer a whole chunk of
+hashes per call; a candidate found by a hash prefix is always confirmed on the full 16 bytes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from dbre.repository.entries import Entries
+
+NO_HASH = bytes(16)  # the hash of the parent's LOST and REPACK markers: never found
+
+
+class ParentIndex:
+    """The parent's page records by hash: ``find(hashes)`` gives, for each, a record with that
+    hash (46 bytes) or None. Sorted once: uint64 keys = the hash's first 8 bytes with the low bits
+    replaced by the page index (one ``np.sort``, about 0.05 s per 2 million pages)."""
+
+    def __init__(self, records: Entries) -> None:
+        self.records = records
+        n = len(records)
+        self.bits = max(1, n.bit_length())
+        self.low = (1 << self.bits) - 1
+        prefixes = np.ndarray((n,), dtype="<u8", buffer=records.buf, offset=0, strides=(records.size,))
+        # (little-endian first 8 bytes: any fixed mapping works, the full hash is checked)
+        self.keys = np.sort((prefixes & np.uint64(~self.low & 0xFFFFFFFFFFFFFFFF)) | np.arange(n, dtype=np.uint64))
+
+    def find(self, hashes: Sequence[bytes]) -> list[bytes | None]:
+        out: list[bytes | None] = [None] * len(hashes)
+        if not len(self.keys) or not hashes:
+            return out
+        q = np.frombuffer(b"".join(h[:8] for h in hashes), dtype="<u8") & np.uint64(~self.low & 0xFFFFFFFFFFFFFFFF)
+        lo = np.searchsorted(self.keys, q, side="left")
+        hi = np.searchsorted(self.keys, q | np.uint64(self.low), side="right")
+        buf, size, low, keys = self.records.buf, self.records.size, self.low, self.keys
+        for t in map(int, np.flatnonzero(hi > lo)):
+            h = hashes[t]
+            if h == NO_HASH:
+                continue
+            for pos in range(int(lo[t]), int(hi[t])):
+                i = int(keys[pos]) & low
+                if buf[i * size : i * size + 16] == h:
+                    out[t] = bytes(buf[i * size : (i + 1) * size])
+                    break
+        return out
+
+
+class SeenPages:
+    """Page hash -> int (where this backup stored the page), for every page it stored: a dict of
+    the newest entries, merged into sorted numpy levels (16-byte keys, int64 values) as it grows."""
+
+    FLUSH = 1 << 14
+
+    def __init__(self) -> None:
+        self.recent: dict[bytes, int] = {}
+        self.levels: list[tuple[np.ndarray, np.ndarray]] = []
+        self.count = 0
+
+    def __len__(self) -> int:
+        return self.count
+
+    def add(self, h: bytes, value: int) -> None:
+        """Remember ``h``; levels merge only in ``settle`` (so a chunk sees its own entries)."""
+        if h not in self.recent:
+            self.count += 1
+        self.recent[h] = value
+
+    def get(self, h: bytes, found: int | None) -> int | None:
+        """``found`` (from ``find``), else an entry added since."""
+        return found if found is not None else self.recent.get(h)
+
+    def find(self, hashes: Sequence[bytes]) -> list[int | None]:
+        out = [self.recent.get(h) for h in hashes]
+        if self.levels and hashes:
+            q = np.array(list(hashes), dtype="S16")
+            for keys, values in self.levels:
+                pos = np.minimum(np.searchsorted(keys, q), len(keys) - 1)
+                for t in map(int, np.flatnonzero(keys[pos] == q)):
+                    if out[t] is None:
+                        out[t] = int(values[pos[t]])
+        return out
+
+    def settle(self) -> None:
+        """Merge the recent entries into the sorted levels once there are enough of them."""
+        if len(self.recent) < self.FLUSH:
+            return
+        keys = np.array(list(self.recent), dtype="S16")
+        values = np.fromiter(self.recent.values(), dtype=np.int64, count=len(self.recent))
+        self.recent = {}
+        order = np.argsort(keys, kind="stable")
+        keys, values = keys[order], values[order]
+        while self.levels and len(self.levels[-1][0]) <= 2 * len(keys):
+            k, v = self.levels.pop()
+            keys, values = np.concatenate([k, keys]), np.concatenate([v, values])
+            order = np.argsort(keys, kind="stable")
+            keys, values = keys[order], values[order]
+        self.levels.append((keys, values))

@@ -1,0 +1,356 @@
+"""The backup's page sink: dedups pages against the parent, seals new ones in batches, and writes
+the page map and fast runs run by run as they complete, so memory follows the parent's page map
+(46 bytes a page, in one buffer) and not the number of pages this backup sees."""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Callable, Collection, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from itertools import compress
+from operator import ne
+
+import xxhash
+
+from dbre.errors import SourceError
+from dbre.repository.entries import Entries
+from dbre.repository.hashindex import NO_HASH, ParentIndex, SeenPages
+from dbre.repository.manifest import RECORD, RUN_PAGES, RunRef
+from dbre.repository.pack import PackWriter
+from dbre.repository.repo import Repository
+from dbre.sources.image import PageImage
+
+BATCH_BYTES = 2 * 1024 * 1024  # pages are sealed in batches of this size (fewer GIL hand-overs than 1 MiB;
+# 4 MiB kept more pages resident and made the tail of a small incremental longer; a table
+# restore reads at most this much per page)
+MAX_IN_FLIGHT = 3  # batches being sealed or waiting to be appended: bounds memory (their pages stay mapped)
+MAX_WAITING_RUNS = 32  # complete runs waiting for an open batch's location before it is sealed early
+ZERO_LOCATION = bytes(16) + bytes(14)  # pack id, offset, length, slot of a page never written
+FAST_HASH = xxhash.xxh3_128_digest  # the quick test of "unchanged at this place" (see Manifest.fast_runs)
+LOST = bytes(RECORD.size)  # stands in for a parent record into a lost pack: its hash matches no page
+# stands in for a parent record into a sparse pack (see backup._repack): the same all-zero hash, so the page
+# is stored again, densely, in this backup's packs; told apart from LOST only for the stats
+REPACK = bytes(16) + b"\xff" * (RECORD.size - 16)
+
+Progress = Callable[[int, int], None]
+_SIZE = RECORD.size
+
+
+@dataclass
+class _Run:
+    """One run of the new page map while it is being filled: records (46 bytes a page) and xxh3s."""
+
+    first: int  # index of its first page
+    records: bytearray
+    fast: bytearray
+    seen: bytearray  # 1 per page taken
+    taken: int = 0
+    pending: list[tuple[int, int, int]] = field(default_factory=list)  # (record offset, batch, slot)
+    need: int = -1  # the newest page batch its pending pages wait for (batches are placed in order)
+    need_cold: int = 0  # the newest cold batch (numbered -1, -2, ...; 0: none)
+
+
+class PageSink:
+    """Receives pages from the backup, dedups them against the parent, batches the new ones.
+
+    Each page is first hashed with xxh3 (fast); where that equals the parent's at the same page
+    number, the page is unchanged and keeps the parent's record without paying for the keyed
+    hash. Every other page gets the keyed hash, which alone decides identity across places and
+    snapshots (dedup by hash), so a page crafted to collide with another never takes its place.
+    A run of the page map (and of the fast hashes) is stored as soon as all its pages are in and
+    the batches holding its new pages are placed; one identical to the parent's at the same place
+    is reused (unless its pack is in ``avoid_runs`` / ``avoid_fast``).
+    """
+
+    def __init__(self, repo: Repository, writer: PackWriter, parent: Entries | None, page_size: int,
+                 page_count: int, progress: Progress | None, parent_fast: Entries | None = None, *,
+                 parent_runs: Sequence[RunRef] = (), parent_fast_runs: Sequence[RunRef] | None = None,
+                 avoid_runs: Collection[str] = (), avoid_fast: Collection[str] = ()) -> None:
+        self.repo = repo
+        self.sealer = repo.sealer
+        self.page_hash = repo.page_hash
+        self.writer = writer
+        self.parent = parent if parent is not None and len(parent) else None
+        self.parent_fast = parent_fast if parent_fast is not None and parent is not None \
+            and len(parent_fast) == len(parent) else None
+        self.parent_index: ParentIndex | None = None
+        self.page_size = page_size
+        self.page_count = page_count
+        self.progress = progress
+        self.parent_runs = list(parent_runs) if self.parent is not None else []
+        # the parent's fast runs are reused only when they were read back whole (never a damaged one)
+        self.parent_fast_runs = list(parent_fast_runs or ()) if self.parent_fast is not None else []
+        self.avoid_runs, self.avoid_fast = set(avoid_runs), set(avoid_fast)
+        nruns = -(-page_count // RUN_PAGES)
+        self.runs: list[RunRef | None] = [None] * nruns
+        self.fast_runs: list[RunRef | None] = [None] * nruns
+        self.open: dict[int, _Run] = {}
+        self.packs: set[bytes] = set()  # packs the page map points into
+        self.new_pages = SeenPages()
+        self.batch: list[bytes | memoryview] = []
+        self.batch_hashes: list[bytes] = []
+        self.batch_no = 0
+        self.batch_cap = max(1, BATCH_BYTES // page_size)
+        self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="dbre-seal")
+        self.in_flight: list[tuple[int, list[bytes], Future[bytes], int]] = []  # .., first page index
+        self.batch_first = 0  # index of the first page of the open batch
+        self.locations: dict[int, bytes] = {}
+        self.pages_seen = 0
+        # pages stored again for repacking (parent record REPACK) go to packs of their own: they
+        # stayed unchanged while their old pack emptied, so packs of them stay dense for longer
+        self.store = repo.store
+        self.cold: list[bytes | memoryview] = []  # copies: a batch of scattered pages holds no mapping
+        self.cold_hashes: list[bytes] = []
+        self.cold_no = -1  # their batches are numbered -1, -2, ...
+        self.cold_writer: PackWriter | None = None
+        self.cold_packs: list[str] = []
+
+    # -- pages in --------------------------------------------------------------------------
+
+    def page(self, offset: int, data: bytes) -> None:
+        """One page written by the backup API at byte ``offset`` (the fallback path)."""
+        ps = self.page_size
+        index = offset // ps
+        if len(data) != ps or index * ps != offset:
+            raise SourceError(f"backup: unexpected write of {len(data)} bytes at {offset}")
+        if index < self.page_count:
+            self.add(index, data)
+
+    def feed(self, image: PageImage) -> None:
+        """Every page of a direct image, in order (the fast path: one run at a time)."""
+        collect = gc.isenabled()
+        gc.disable()  # a GiB is ~260k short-lived page views: the cyclic GC would scan for nothing
+        try:
+            for start in range(0, image.page_count, RUN_PAGES):
+                stop = min(image.page_count, start + RUN_PAGES)
+                if stop == image.page_count:
+                    # smaller batches at the end: both threads share the last compressions
+                    # instead of one sealing a whole batch while the backup waits for it
+                    self.batch_cap = max(16, self.batch_cap // 4)
+                fast = image.hashes(start, stop, FAST_HASH)
+                self.take(start, self._keyed(start, fast, image.view), image.view)
+                # pages no batch still has to read: their mapping can go
+                image.drop(min([start, *(f[3] for f in self.in_flight), *([self.batch_first] if self.batch else [])]))
+                if self.progress is not None:
+                    self.progress(stop, self.page_count)
+        finally:
+            if collect:
+                gc.enable()
+
+    def add(self, index: int, data: bytes) -> None:
+        run = self._run(index // RUN_PAGES)
+        j = index - run.first
+        run.fast[16 * j : 16 * (j + 1)] = FAST_HASH(data)
+        self.take(index, [self.page_hash(data)], lambda _: data)
+        if self.progress is not None and not self.pages_seen & 4095:
+            self.progress(self.pages_seen, self.page_count)
+
+    def _parent_hashes(self, start: int, stop: int) -> list[bytes]:
+        buf = self.parent.buf if self.parent is not None else b""
+        return [bytes(buf[i : i + 16]) for i in range(start * _SIZE, stop * _SIZE, _SIZE)]
+
+    def _keyed(self, start: int, fast: list[bytes], view: Callable[[int], bytes | memoryview]) -> list[bytes]:
+        """The keyed hashes of pages ``start..`` (one run): the parent's where xxh3 says
+        unchanged, else computed; records the xxh3s in the run."""
+        m = len(fast)
+        run = self._run(start // RUN_PAGES)
+        joined = b"".join(fast)
+        keyed = self.page_hash
+        if len(joined) != 16 * m:  # (a page the image could not hash): both hashes from the bytes themselves
+            pages = [view(start + j) for j in range(m)]
+            run.fast[: 16 * m] = b"".join(map(FAST_HASH, pages))
+            return list(map(keyed, pages))
+        run.fast[: 16 * m] = joined
+        pf = self.parent_fast
+        stop = min(start + m, len(pf) if pf is not None else 0)
+        if pf is None or stop <= start:
+            return [keyed(view(start + j)) for j in range(m)]
+        # C-level comparisons; Python only for the pages that changed (and the parent's markers)
+        if joined[: 16 * (stop - start)] == pf.buf[16 * start : 16 * stop]:
+            todo: set[int] = set()
+        else:
+            todo = set(compress(range(stop - start), map(ne, fast, pf[start:stop])))
+        out = self._parent_hashes(start, stop) + [NO_HASH] * (start + m - stop)
+        todo.update(j for j, h in enumerate(out) if h == NO_HASH)
+        for j in todo:
+            out[j] = keyed(view(start + j))
+        return out
+
+    def _run(self, r: int) -> _Run:
+        run = self.open.get(r)
+        if run is None:
+            first = r * RUN_PAGES
+            n = min(RUN_PAGES, self.page_count - first)
+            records = bytearray(n * _SIZE)
+            if self.parent is not None:
+                span = self.parent.buf[first * _SIZE : (first + n) * _SIZE]
+                records[: len(span)] = span
+            run = self.open[r] = _Run(first, records, bytearray(16 * n), bytearray(n))
+        return run
+
+    def take(self, start: int, hashes: list[bytes], page: Callable[[int], bytes | memoryview]) -> None:
+        """Pages ``start .. start+len(hashes)-1`` (within one run) by their hashes: reference or batch
+        each one; ``page(index)`` gives the bytes of a page that has to be stored."""
+        m = len(hashes)
+        self.pages_seen += m
+        run = self._run(start // RUN_PAGES)
+        off = start - run.first
+        if run.seen.count(1, off, off + m) == 0:
+            run.taken += m
+            run.seen[off : off + m] = b"\x01" * m
+        else:  # (the backup API may write a page twice)
+            for j in range(off, off + m):
+                if not run.seen[j]:
+                    run.seen[j] = 1
+                    run.taken += 1
+        parent = self.parent
+        np_ = len(parent) if parent is not None else 0
+        todo = list(compress(range(m), map(ne, hashes, self._parent_hashes(start, min(start + m, np_))))) \
+            if start + m <= np_ else [j for j in range(m)]
+        if todo and parent is not None:
+            if self.parent_index is None:
+                self.parent_index = ParentIndex(parent)
+            moved = self.parent_index.find([hashes[j] for j in todo])
+        else:
+            moved = [None] * len(todo)
+        records, cap = run.records, self.batch_cap
+        rest = [j for j, mv in zip(todo, moved, strict=True) if mv is None]
+        for j, mv in zip(todo, moved, strict=True):
+            if mv is not None:  # unchanged, or moved from another place in the file
+                records[(off + j) * _SIZE : (off + j + 1) * _SIZE] = mv
+        found = self.new_pages.find([hashes[j] for j in rest])
+        for j, f in zip(rest, found, strict=True):
+            h = hashes[j]
+            index = start + j
+            at = (off + j) * _SIZE
+            where = self.new_pages.get(h, f)
+            if where is None and index < np_ and parent is not None \
+                    and parent.buf[index * _SIZE : (index + 1) * _SIZE] == REPACK:
+                where = (self.cold_no << 16) | len(self.cold_hashes)
+                self.new_pages.add(h, where)
+                self.cold.append(bytes(page(index)))
+                self.cold_hashes.append(h)
+                if len(self.cold_hashes) >= cap:
+                    self._submit(cold=True)
+            if where is None:  # new content (a page repeated in this snapshot is stored once)
+                batch_hashes = self.batch_hashes
+                where = (self.batch_no << 16) | len(batch_hashes)
+                self.new_pages.add(h, where)
+                if not batch_hashes:
+                    self.batch_first = index
+                self.batch.append(page(index))
+                batch_hashes.append(h)
+                if len(batch_hashes) >= cap:
+                    self._submit()
+            records[at : at + 16] = h
+            no = where >> 16
+            run.pending.append((at, no, where & 0xFFFF))
+            if no >= 0:
+                run.need = max(run.need, no)
+            else:
+                run.need_cold = min(run.need_cold, no)
+        self.new_pages.settle()
+        self._emit_ready()
+
+    @property
+    def pages_added(self) -> int:
+        return len(self.new_pages)
+
+    @property
+    def cold_bytes(self) -> int:
+        return self.cold_writer.bytes_written if self.cold_writer is not None else 0
+
+    # -- batches ---------------------------------------------------------------------------
+
+    def _submit(self, cold: bool = False) -> None:
+        if cold:
+            if self.cold_hashes:
+                fut = self.pool.submit(self.sealer.seal_parts, self.cold, "page-batch")
+                self.in_flight.append((self.cold_no, self.cold_hashes, fut, self.page_count))
+                self.cold_no -= 1
+                self.cold, self.cold_hashes = [], []
+                self._drain(MAX_IN_FLIGHT)
+            return
+        if not self.batch_hashes:
+            return
+        fut = self.pool.submit(self.sealer.seal_parts, self.batch, "page-batch")  # pages are read by zstd, not copied
+        self.in_flight.append((self.batch_no, self.batch_hashes, fut, self.batch_first))
+        self.batch_no += 1
+        self.batch = []
+        self.batch_hashes = []
+        self._drain(MAX_IN_FLIGHT)
+
+    def _drain(self, keep: int) -> None:
+        while len(self.in_flight) > keep or (self.in_flight and self.in_flight[0][2].done()):
+            no, hashes, fut, _ = self.in_flight.pop(0)
+            writer = self.writer
+            if no < 0:
+                if self.cold_writer is None:
+                    self.cold_writer = PackWriter(self.store, self.sealer)
+                writer = self.cold_writer
+            pack_id, off, length = writer.add(b"d", fut.result(), hashes)
+            self.locations[no] = bytes.fromhex(pack_id) + off.to_bytes(8, "little") + length.to_bytes(4, "little")
+
+    # -- runs out --------------------------------------------------------------------------
+
+    def _emit_ready(self, final: bool = False) -> None:
+        """Store every run whose pages are all in and whose new pages' batches are placed; when
+        too many wait for the open batches, seal those early (memory stays a few runs)."""
+        ready = [r for r, run in self.open.items() if final or run.taken == len(run.seen)]
+        waiting = [r for r in ready if not self._placed(self.open[r])]
+        if len(waiting) > MAX_WAITING_RUNS or (final and waiting):
+            self._submit()
+            self._submit(cold=True)
+            self._drain(0)
+        for r in ready:
+            run = self.open[r]
+            if self._placed(run):
+                del self.open[r]
+                self._store(r, run)
+
+    def _placed(self, run: _Run) -> bool:
+        locations = self.locations
+        return (run.need < 0 or run.need in locations) and (run.need_cold == 0 or run.need_cold in locations)
+
+    def _store(self, r: int, run: _Run) -> None:
+        records = run.records
+        for at, no, slot in run.pending:
+            records[at + 16 : at + _SIZE] = self.locations[no] + slot.to_bytes(2, "little")
+        if run.taken < len(run.seen):  # pages SQLite never writes (the lock-byte page past 1 GiB)
+            zero = self.page_hash(bytes(self.page_size)) + ZERO_LOCATION
+            for j in range(len(run.seen)):
+                if not run.seen[j]:
+                    records[j * _SIZE : (j + 1) * _SIZE] = zero
+                    run.fast[16 * j : 16 * (j + 1)] = NO_HASH
+        raw = bytes(records)
+        self.packs.update(raw[i + 16 : i + 32] for i in range(0, len(raw), _SIZE))
+        self.runs[r] = self._store_run(raw, _SIZE, self.parent_runs, r, self.avoid_runs)
+        self.fast_runs[r] = self._store_run(bytes(run.fast), 16, self.parent_fast_runs, r, self.avoid_fast)
+
+    def _store_run(self, raw: bytes, size: int, parent_runs: list[RunRef], i: int, avoid: Collection[str]) -> RunRef:
+        """One run (kind "r", sealed as "run <hash>", addressed by its keyed hash like a page); one
+        identical to the parent's at the same place is reused unless its pack is in ``avoid``."""
+        h = self.page_hash(raw).hex()
+        if i < len(parent_runs) and parent_runs[i].hash == h and parent_runs[i].pack not in avoid:
+            return parent_runs[i]
+        pack_id, off, length = self.writer.add(b"r", self.sealer.seal(raw, f"run {h}"), [bytes.fromhex(h)])
+        return RunRef(hash=h, pack=pack_id, offset=off, length=length, pages=len(raw) // size)
+
+    def finish(self) -> tuple[list[RunRef], list[RunRef]]:
+        """Seal what is left and store the last runs: (page-map runs, fast runs), in page order."""
+        for r in range(len(self.runs)):
+            if self.runs[r] is None and r not in self.open:
+                self._run(r)  # (a run no page reached: every page of it never written)
+        self._emit_ready(final=True)
+        self.pool.shutdown()
+        if self.cold_writer is not None:
+            self.cold_packs = self.cold_writer.finish()
+        if any(r is None for r in self.runs) or any(r is None for r in self.fast_runs):
+            raise SourceError("backup: a run of the page map was not stored")  # (a bug, never a state)
+        return self.runs, self.fast_runs  # type: ignore[return-value]
+
+    def abort(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        if self.cold_writer is not None:
+            self.cold_writer.abort()
