@@ -16,6 +16,7 @@ import logging
 import secrets
 import struct
 import time
+from collections import Counter
 from collections.abc import Callable, Collection, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
@@ -451,6 +452,21 @@ def _column(records: Entries, start: int, width: int) -> np.ndarray:
     return np.ndarray((len(records),), dtype=f"S{width}", buffer=records.buf, offset=start, strides=(records.size,))
 
 
+def _stretches(column: np.ndarray, chunk: int = 1 << 16) -> Iterator[tuple[bytes, int, int]]:
+    """(value, start, stop) for each stretch of equal consecutive values of ``column``: a page map
+    points into few blobs and packs in long stretches, so this costs a few bytes a page, compared
+    ``chunk`` records at a time (numpy copies the strings it compares), not a sort."""
+    n = len(column)
+    bounds = [0]
+    for lo in range(1, n, chunk):
+        hi = min(n, lo + chunk)
+        bounds += (np.flatnonzero(column[lo:hi] != column[lo - 1 : hi - 1]) + lo).tolist()
+    bounds.append(n)
+    for start, stop in zip(bounds, bounds[1:], strict=False):
+        if stop > start:
+            yield column[start], start, stop
+
+
 def _value(item: bytes, width: int) -> bytes:
     return bytes(item).ljust(width, b"\0")
 
@@ -483,8 +499,9 @@ def _repack(records: Entries, slots: dict[str, int]) -> set[str]:
     backup's parent check read stay bounded whatever the history. Returns the packs touched."""
     # (counted with numpy over the records' buffer: no Python object per page)
     packs_col = _column(records, 16, 16)
-    uniq, counts = np.unique(packs_col, return_counts=True)
-    refs = {_value(p, 16): int(c) for p, c in zip(uniq.tolist(), counts.tolist(), strict=True)}  # pack -> records
+    refs: Counter[bytes] = Counter()  # pack -> records
+    for value, start, stop in _stretches(packs_col):
+        refs[_value(value, 16)] += stop - start
     small = sorted((slots[p.hex()], p) for p in refs if 0 < slots.get(p.hex(), 0) < SMALL_PACK_SLOTS)
     merge = [p for _, p in small[: len(small) - SMALL_PACKS_MAX // 2]] if len(small) > SMALL_PACKS_MAX else []
     if not merge and not any(n < REPACK_BELOW * slots.get(p.hex(), 0) for p, n in refs.items()):
@@ -520,8 +537,8 @@ def _lost_packs(repo: Repository, parent: Manifest, records: Entries) -> tuple[s
     The cost follows the parent's packs, never the repository's: no listing of packs/."""
     packs = set(parent.packs) | {run.pack for run in parent.runs}
     ends = dict.fromkeys(packs, 0)
-    blobs = np.unique(_column(records, 16, 28)).tolist() if len(records) else []  # distinct blobs
-    for pack, off, length in (_BLOB.unpack(_value(b, 28)) for b in blobs):
+    blobs = {_value(b, 28) for b, _, _ in _stretches(_column(records, 16, 28))}  # distinct blobs
+    for pack, off, length in map(_BLOB.unpack, blobs):
         p = pack.hex()
         if p in ends and off + length > ends[p]:
             ends[p] = off + length

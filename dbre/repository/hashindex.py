@@ -29,7 +29,10 @@ class ParentIndex:
         self.low = (1 << self.bits) - 1
         prefixes = np.ndarray((n,), dtype="<u8", buffer=records.buf, offset=0, strides=(records.size,))
         # (little-endian first 8 bytes: any fixed mapping works, the full hash is checked)
-        self.keys = np.sort((prefixes & np.uint64(~self.low & 0xFFFFFFFFFFFFFFFF)) | np.arange(n, dtype=np.uint64))
+        keys = np.arange(n, dtype=np.uint64)
+        keys |= prefixes & np.uint64(~self.low & 0xFFFFFFFFFFFFFFFF)
+        keys.sort()  # in place: 8 bytes a page, 16 while it is built
+        self.keys = keys
 
     def find(self, hashes: Sequence[bytes]) -> list[bytes | None]:
         out: list[bytes | None] = [None] * len(hashes)

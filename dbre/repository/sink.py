@@ -25,7 +25,7 @@ BATCH_BYTES = 2 * 1024 * 1024  # pages are sealed in batches of this size (fewer
 # 4 MiB kept more pages resident and made the tail of a small incremental longer; a table
 # restore reads at most this much per page)
 MAX_IN_FLIGHT = 3  # batches being sealed or waiting to be appended: bounds memory (their pages stay mapped)
-MAX_WAITING_RUNS = 32  # complete runs waiting for an open batch's location before it is sealed early
+MAX_WAITING_RUNS = 8  # complete runs (~260 KB each) waiting for an open batch's location before it is sealed early
 ZERO_LOCATION = bytes(16) + bytes(14)  # pack id, offset, length, slot of a page never written
 FAST_HASH = xxhash.xxh3_128_digest  # the quick test of "unchanged at this place" (see Manifest.fast_runs)
 LOST = bytes(RECORD.size)  # stands in for a parent record into a lost pack: its hash matches no page
