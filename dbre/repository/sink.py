@@ -97,6 +97,8 @@ class PageSink:
         self.batch_first = 0  # index of the first page of the open batch
         self.locations: dict[int, bytes] = {}
         self.pages_seen = 0
+        self.buffered: list[bytes] = []  # pages of the fallback path not yet taken (from index buffered_at)
+        self.buffered_at = 0
         # pages stored again for repacking (parent record REPACK) go to packs of their own: they
         # stayed unchanged while their old pack emptied, so packs of them stay dense for longer
         self.store = repo.store
@@ -114,8 +116,27 @@ class PageSink:
         index = offset // ps
         if len(data) != ps or index * ps != offset:
             raise SourceError(f"backup: unexpected write of {len(data)} bytes at {offset}")
-        if index < self.page_count:
-            self.add(index, data)
+        if index >= self.page_count:
+            return
+        if self.buffered and (index != self.buffered_at + len(self.buffered) or not index % RUN_PAGES):
+            self._flush_buffered()
+        if not self.buffered:
+            self.buffered_at = index
+        self.buffered.append(data)
+
+    def _flush_buffered(self) -> None:
+        """The pages the backup API wrote since the last call (consecutive, within one run), as
+        one chunk: lookups by hash are per chunk, not per page."""
+        if not self.buffered:
+            return
+        start, pages = self.buffered_at, self.buffered
+        self.buffered = []
+        run = self._run(start // RUN_PAGES)
+        j = start - run.first
+        run.fast[16 * j : 16 * (j + len(pages))] = b"".join(map(FAST_HASH, pages))
+        self.take(start, list(map(self.page_hash, pages)), lambda i: pages[i - start])
+        if self.progress is not None:
+            self.progress(self.pages_seen, self.page_count)
 
     def feed(self, image: PageImage) -> None:
         """Every page of a direct image, in order (the fast path: one run at a time)."""
@@ -139,6 +160,8 @@ class PageSink:
                 gc.enable()
 
     def add(self, index: int, data: bytes) -> None:
+        """One page, on its own (page 1 of the fallback path, after the others)."""
+        self._flush_buffered()
         run = self._run(index // RUN_PAGES)
         j = index - run.first
         run.fast[16 * j : 16 * (j + 1)] = FAST_HASH(data)
@@ -180,6 +203,8 @@ class PageSink:
     def _run(self, r: int) -> _Run:
         run = self.open.get(r)
         if run is None:
+            if self.runs[r] is not None:  # (the backup API writes each page once: never a state)
+                raise SourceError(f"backup: page {r * RUN_PAGES + 1}.. written again after its run was stored")
             first = r * RUN_PAGES
             n = min(RUN_PAGES, self.page_count - first)
             records = bytearray(n * _SIZE)
@@ -339,6 +364,7 @@ class PageSink:
 
     def finish(self) -> tuple[list[RunRef], list[RunRef]]:
         """Seal what is left and store the last runs: (page-map runs, fast runs), in page order."""
+        self._flush_buffered()
         for r in range(len(self.runs)):
             if self.runs[r] is None and r not in self.open:
                 self._run(r)  # (a run no page reached: every page of it never written)
