@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from itertools import compress
 from operator import ne
 
+import numpy as np
 import xxhash
 
 from dbre.errors import SourceError
@@ -349,6 +350,9 @@ class PageSink:
                     records[j * _SIZE : (j + 1) * _SIZE] = zero
                     run.fast[16 * j : 16 * (j + 1)] = NO_HASH
         raw = bytes(records)
+        hashes = np.ndarray((len(run.seen),), dtype="S16", buffer=raw, strides=(_SIZE,))
+        if np.any(hashes == NO_HASH):  # a parent marker (LOST, REPACK) left in place: a bug, never stored
+            raise SourceError(f"backup: run {r} of the page map still holds a marker record")
         self.packs.update(raw[i + 16 : i + 32] for i in range(0, len(raw), _SIZE))
         self.runs[r] = self._store_run(raw, _SIZE, self.parent_runs, r, self.avoid_runs)
         self.fast_runs[r] = self._store_run(bytes(run.fast), 16, self.parent_fast_runs, r, self.avoid_fast)
