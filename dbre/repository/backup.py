@@ -43,7 +43,7 @@ from dbre.repository.manifest import (
 )
 from dbre.repository.pack import PackWriter, read_index_tail
 from dbre.repository.repo import TOOL, Repository
-from dbre.repository.sink import LOST, REPACK, PageSink
+from dbre.repository.sink import LOST, REPACK, PageSink, column, stretches, value
 from dbre.repository.tables import table_stats
 from dbre.sources.base import Source
 from dbre.sources.image import ImageSession
@@ -447,28 +447,7 @@ def _parent_records(repo: Repository, parent: Manifest | None, full: bool,
 
 
 def _column(records: Entries, start: int, width: int) -> np.ndarray:
-    """Bytes ``start:start+width`` of every record, as a numpy view (no copy). Its values compare
-    and sort as bytes; read one back with ``_value`` (numpy drops trailing zero bytes)."""
-    return np.ndarray((len(records),), dtype=f"S{width}", buffer=records.buf, offset=start, strides=(records.size,))
-
-
-def _stretches(column: np.ndarray, chunk: int = 1 << 16) -> Iterator[tuple[bytes, int, int]]:
-    """(value, start, stop) for each stretch of equal consecutive values of ``column``: a page map
-    points into few blobs and packs in long stretches, so this costs a few bytes a page, compared
-    ``chunk`` records at a time (numpy copies the strings it compares), not a sort."""
-    n = len(column)
-    bounds = [0]
-    for lo in range(1, n, chunk):
-        hi = min(n, lo + chunk)
-        bounds += (np.flatnonzero(column[lo:hi] != column[lo - 1 : hi - 1]) + lo).tolist()
-    bounds.append(n)
-    for start, stop in zip(bounds, bounds[1:], strict=False):
-        if stop > start:
-            yield column[start], start, stop
-
-
-def _value(item: bytes, width: int) -> bytes:
-    return bytes(item).ljust(width, b"\0")
+    return column(records.buf, records.size, start, width)
 
 
 def _rows(records: Entries) -> np.ndarray:
@@ -500,8 +479,8 @@ def _repack(records: Entries, slots: dict[str, int]) -> set[str]:
     # (counted with numpy over the records' buffer: no Python object per page)
     packs_col = _column(records, 16, 16)
     refs: Counter[bytes] = Counter()  # pack -> records
-    for value, start, stop in _stretches(packs_col):
-        refs[_value(value, 16)] += stop - start
+    for pack, start, stop in stretches(packs_col):
+        refs[value(pack, 16)] += stop - start
     small = sorted((slots[p.hex()], p) for p in refs if 0 < slots.get(p.hex(), 0) < SMALL_PACK_SLOTS)
     merge = [p for _, p in small[: len(small) - SMALL_PACKS_MAX // 2]] if len(small) > SMALL_PACKS_MAX else []
     if not merge and not any(n < REPACK_BELOW * slots.get(p.hex(), 0) for p, n in refs.items()):
@@ -509,7 +488,7 @@ def _repack(records: Entries, slots: dict[str, int]) -> set[str]:
     distinct = np.unique(_column(records, 16, 30))  # distinct (pack, blob, slot)
     live_packs, live_counts = np.unique(np.ndarray((len(distinct),), dtype="S16", buffer=distinct, strides=(30,)),
                                         return_counts=True)
-    live = {_value(p, 16): int(c) for p, c in zip(live_packs.tolist(), live_counts.tolist(), strict=True)}
+    live = {value(p, 16): int(c) for p, c in zip(live_packs.tolist(), live_counts.tolist(), strict=True)}
     sparse = sorted((live[p] / slots[p.hex()], p) for p in live
                     if slots.get(p.hex()) and live[p] < REPACK_BELOW * slots[p.hex()])
     chosen = {p for _, p in sparse}
@@ -537,7 +516,7 @@ def _lost_packs(repo: Repository, parent: Manifest, records: Entries) -> tuple[s
     The cost follows the parent's packs, never the repository's: no listing of packs/."""
     packs = set(parent.packs) | {run.pack for run in parent.runs}
     ends = dict.fromkeys(packs, 0)
-    blobs = {_value(b, 28) for b, _, _ in _stretches(_column(records, 16, 28))}  # distinct blobs
+    blobs = {value(b, 28) for b, _, _ in stretches(_column(records, 16, 28))}  # distinct blobs
     for pack, off, length in map(_BLOB.unpack, blobs):
         p = pack.hex()
         if p in ends and off + length > ends[p]:

@@ -5,7 +5,7 @@ the page map and fast runs run by run as they complete, so memory follows the pa
 from __future__ import annotations
 
 import gc
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import compress
@@ -36,6 +36,32 @@ REPACK = bytes(16) + b"\xff" * (RECORD.size - 16)
 
 Progress = Callable[[int, int], None]
 _SIZE = RECORD.size
+
+
+def column(buf: bytes | bytearray, size: int, start: int, width: int) -> np.ndarray:
+    """Bytes ``start:start+width`` of every ``size``-byte record in ``buf``, as a numpy view (no
+    copy). Its values compare and sort as bytes; read one back with ``value`` (numpy drops
+    trailing zero bytes)."""
+    return np.ndarray((len(buf) // size,), dtype=f"S{width}", buffer=buf, offset=start, strides=(size,))
+
+
+def value(item: bytes, width: int) -> bytes:
+    return bytes(item).ljust(width, b"\0")
+
+
+def stretches(col: np.ndarray, chunk: int = 1 << 16) -> Iterator[tuple[bytes, int, int]]:
+    """(value, start, stop) for each stretch of equal consecutive values of ``col``: a page map
+    points into few blobs and packs in long stretches, so this costs a few bytes a page, compared
+    ``chunk`` records at a time (numpy copies the strings it compares), not a sort."""
+    n = len(col)
+    bounds = [0]
+    for lo in range(1, n, chunk):
+        hi = min(n, lo + chunk)
+        bounds += (np.flatnonzero(col[lo:hi] != col[lo - 1 : hi - 1]) + lo).tolist()
+    bounds.append(n)
+    for start, stop in zip(bounds, bounds[1:], strict=False):
+        if stop > start:
+            yield col[start], start, stop
 
 
 @dataclass
@@ -150,8 +176,8 @@ class PageSink:
                     # smaller batches at the end: both threads share the last compressions
                     # instead of one sealing a whole batch while the backup waits for it
                     self.batch_cap = max(16, self.batch_cap // 4)
-                fast = image.hashes(start, stop, FAST_HASH)
-                self.take(start, self._keyed(start, fast, image.view), image.view)
+                hashes, todo = self._keyed(start, image.hashes(start, stop, FAST_HASH), image.view)
+                self.take(start, hashes, image.view, todo)
                 # pages no batch still has to read: their mapping can go
                 image.drop(min([start, *(f[3] for f in self.in_flight), *([self.batch_first] if self.batch else [])]))
                 if self.progress is not None:
@@ -174,9 +200,11 @@ class PageSink:
         buf = self.parent.buf if self.parent is not None else b""
         return [bytes(buf[i : i + 16]) for i in range(start * _SIZE, stop * _SIZE, _SIZE)]
 
-    def _keyed(self, start: int, fast: list[bytes], view: Callable[[int], bytes | memoryview]) -> list[bytes]:
-        """The keyed hashes of pages ``start..`` (one run): the parent's where xxh3 says
-        unchanged, else computed; records the xxh3s in the run."""
+    def _keyed(self, start: int, fast: list[bytes],
+               view: Callable[[int], bytes | memoryview]) -> tuple[list[bytes], list[int] | None]:
+        """The keyed hashes of pages ``start..`` (one run) that may differ from the parent's at
+        their place, and which those are (None: all of them): a page whose xxh3 equals the
+        parent's there is unchanged and needs neither. Records the xxh3s in the run."""
         m = len(fast)
         run = self._run(start // RUN_PAGES)
         joined = b"".join(fast)
@@ -184,22 +212,24 @@ class PageSink:
         if len(joined) != 16 * m:  # (a page the image could not hash): both hashes from the bytes themselves
             pages = [view(start + j) for j in range(m)]
             run.fast[: 16 * m] = b"".join(map(FAST_HASH, pages))
-            return list(map(keyed, pages))
+            return list(map(keyed, pages)), None
         run.fast[: 16 * m] = joined
-        pf = self.parent_fast
+        pf, parent = self.parent_fast, self.parent
         stop = min(start + m, len(pf) if pf is not None else 0)
-        if pf is None or stop <= start:
-            return [keyed(view(start + j)) for j in range(m)]
-        # C-level comparisons; Python only for the pages that changed (and the parent's markers)
-        if joined[: 16 * (stop - start)] == pf.buf[16 * start : 16 * stop]:
-            todo: set[int] = set()
-        else:
-            todo = set(compress(range(stop - start), map(ne, fast, pf[start:stop])))
-        out = self._parent_hashes(start, stop) + [NO_HASH] * (start + m - stop)
-        todo.update(j for j, h in enumerate(out) if h == NO_HASH)
+        if pf is None or parent is None or stop <= start:
+            return [keyed(view(start + j)) for j in range(m)], None
+        # numpy comparisons over the run; Python only for the pages that changed (and the
+        # parent's markers, whose hash is all zeros)
+        k = stop - start
+        now = np.frombuffer(joined, dtype="<u8", count=2 * k).reshape(k, 2)
+        before = np.frombuffer(pf.buf, dtype="<u8", count=2 * k, offset=16 * start).reshape(k, 2)
+        marks = np.ndarray((k, 2), dtype="<u8", buffer=parent.buf, offset=start * _SIZE, strides=(_SIZE, 8))
+        todo = np.flatnonzero((now != before).any(axis=1) | ~marks.any(axis=1)).tolist()
+        todo += range(k, m)  # pages past the parent's end
+        hashes = [NO_HASH] * m  # (only the entries in todo are read)
         for j in todo:
-            out[j] = keyed(view(start + j))
-        return out
+            hashes[j] = keyed(view(start + j))
+        return hashes, todo
 
     def _run(self, r: int) -> _Run:
         run = self.open.get(r)
@@ -215,9 +245,12 @@ class PageSink:
             run = self.open[r] = _Run(first, records, bytearray(16 * n), bytearray(n))
         return run
 
-    def take(self, start: int, hashes: list[bytes], page: Callable[[int], bytes | memoryview]) -> None:
+    def take(self, start: int, hashes: list[bytes], page: Callable[[int], bytes | memoryview],
+             maybe: list[int] | None = None) -> None:
         """Pages ``start .. start+len(hashes)-1`` (within one run) by their hashes: reference or batch
-        each one; ``page(index)`` gives the bytes of a page that has to be stored."""
+        each one; ``page(index)`` gives the bytes of a page that has to be stored. ``maybe``: the
+        only pages that can differ from the parent's at their place (the others keep its record,
+        and their entry in ``hashes`` is not read); None: any of them."""
         m = len(hashes)
         self.pages_seen += m
         run = self._run(start // RUN_PAGES)
@@ -232,8 +265,15 @@ class PageSink:
                     run.taken += 1
         parent = self.parent
         np_ = len(parent) if parent is not None else 0
-        todo = list(compress(range(m), map(ne, hashes, self._parent_hashes(start, min(start + m, np_))))) \
-            if start + m <= np_ else [j for j in range(m)]
+        todo: list[int]
+        if maybe is not None:
+            buf = parent.buf if parent is not None else b""
+            todo = [j for j in maybe
+                    if start + j >= np_ or buf[(start + j) * _SIZE : (start + j) * _SIZE + 16] != hashes[j]]
+        elif start + m <= np_:
+            todo = list(compress(range(m), map(ne, hashes, self._parent_hashes(start, start + m))))
+        else:
+            todo = list(range(m))
         if todo and parent is not None:
             if self.parent_index is None:
                 self.parent_index = ParentIndex(parent)
@@ -350,10 +390,9 @@ class PageSink:
                     records[j * _SIZE : (j + 1) * _SIZE] = zero
                     run.fast[16 * j : 16 * (j + 1)] = NO_HASH
         raw = bytes(records)
-        hashes = np.ndarray((len(run.seen),), dtype="S16", buffer=raw, strides=(_SIZE,))
-        if np.any(hashes == NO_HASH):  # a parent marker (LOST, REPACK) left in place: a bug, never stored
+        if np.any(column(raw, _SIZE, 0, 16) == NO_HASH):  # a parent marker (LOST, REPACK) left: a bug, never stored
             raise SourceError(f"backup: run {r} of the page map still holds a marker record")
-        self.packs.update(raw[i + 16 : i + 32] for i in range(0, len(raw), _SIZE))
+        self.packs.update(value(p, 16) for p, _, _ in stretches(column(raw, _SIZE, 16, 16)))
         self.runs[r] = self._store_run(raw, _SIZE, self.parent_runs, r, self.avoid_runs)
         self.fast_runs[r] = self._store_run(bytes(run.fast), 16, self.parent_fast_runs, r, self.avoid_fast)
 
