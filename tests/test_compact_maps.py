@@ -1,0 +1,94 @@
+"""Compact page maps (issue 9, Size): lookups by hash without per-page objects, and a backup's
+memory that grows by a few dozen bytes per page of the database, not by Python objects per page."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import tracemalloc
+from pathlib import Path
+
+import pytest
+
+from dbre.repository.backup import backup, load_records
+from dbre.repository.entries import Entries
+from dbre.repository.hashindex import NO_HASH, ParentIndex, SeenPages
+from dbre.repository.repo import Repository
+from dbre.sources.local import LocalFileSource
+
+
+def _record(h: bytes, tag: int) -> bytes:
+    return h + tag.to_bytes(30, "little")
+
+
+def test_parent_index_confirms_the_whole_hash_when_prefixes_collide() -> None:
+    """Hashes that share their first 8 bytes are told apart by the other 8; a hash with trailing
+    zero bytes is found as itself; the markers' all-zero hash is never found."""
+    same_prefix = [b"\x07" * 8 + os.urandom(8) for _ in range(5)]
+    trailing = os.urandom(10) + bytes(6)
+    hashes = [*same_prefix, trailing, NO_HASH, *(os.urandom(16) for _ in range(2000))]
+    records = Entries(bytearray(b"".join(_record(h, i) for i, h in enumerate(hashes))), 46)
+    index = ParentIndex(records)
+    found = index.find(hashes)
+    for i, (h, rec) in enumerate(zip(hashes, found, strict=True)):
+        if h == NO_HASH:
+            assert rec is None
+        else:
+            assert rec == _record(h, i)
+    assert index.find([b"\x07" * 8 + os.urandom(8), bytes(15) + b"\x01"]) == [None, None]
+
+
+def test_seen_pages_finds_entries_across_merged_levels() -> None:
+    seen = SeenPages()
+    seen.FLUSH = 64  # small levels, so several merges happen
+    keys = [os.urandom(16) for _ in range(1000)] + [os.urandom(12) + bytes(4)]
+    for i, k in enumerate(keys):
+        seen.add(k, i - 500)  # negative values too (cold batches)
+        seen.settle()
+    assert len(seen.levels) >= 2
+    assert seen.find(keys) == [i - 500 for i in range(len(keys))]
+    assert seen.find([os.urandom(16), keys[-1][:12] + b"\x00\x00\x00\x01"]) == [None, None]
+    assert len(seen) == len(keys)
+
+
+def _db(path: Path, rows: int) -> Path:
+    con = sqlite3.connect(path)
+    con.execute("PRAGMA page_size=512")
+    con.execute("PRAGMA journal_mode=WAL")
+    con.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, v BLOB)")
+    con.executemany("INSERT INTO t VALUES (?, ?)", ((i, os.urandom(200)) for i in range(rows)))
+    con.commit()
+    con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    con.close()
+    return path
+
+
+def _peak(repo: Repository, src: Path) -> int:
+    tracemalloc.start()
+    try:
+        backup(repo, LocalFileSource(src), "x", checksums=False)
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+@pytest.mark.parametrize("incremental", [False, True])
+def test_backup_memory_per_page_is_a_few_dozen_bytes(tmp_path: Path, incremental: bool) -> None:
+    """Python-traced peak memory of a backup grows by under 120 bytes per page of the database
+    between a small and a 4x larger one (the parent's record, 46 bytes, its fast hash, 16, and the
+    sorted lookups). Page maps as lists of `bytes` cost ~190 bytes per page and more."""
+    peaks = []
+    for rows in (40000, 160000):
+        src = _db(tmp_path / f"src{rows}.db", rows)
+        repo = Repository.open_or_init(str(tmp_path / f"repo{rows}"))
+        if incremental:
+            backup(repo, LocalFileSource(src), "x", checksums=False)
+            con = sqlite3.connect(src)
+            con.execute("UPDATE t SET v = randomblob(200) WHERE id % 50 = 0")
+            con.commit()
+            con.close()
+        peaks.append((_peak(repo, src), len(load_records(repo, repo.newest_snapshot("x")))))
+    (small, n_small), (big, n_big) = peaks
+    assert n_big > 3 * n_small > 0
+    per_page = (big - small) / (n_big - n_small)
+    assert per_page < 120, f"{per_page:.0f} bytes per page"
