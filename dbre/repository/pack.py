@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from dbre.errors import IntegrityError
 from dbre.repository.crypto import Sealer
+from dbre.repository.entries import Entries
 from dbre.repository.repo import pack_key
 from dbre.storage import Store
 from dbre.storage.base import Upload, open_upload
@@ -22,6 +23,9 @@ from dbre.units import human_bytes
 
 MAGIC = b"DBREPK01"
 PACK_TARGET = 32 * 1024 * 1024
+# page slots (index hashes) per pack: its index stays under TAIL_READ (one request), however well its
+# pages compress (32 MiB of sealed batches of 512-byte pages that compress 8x would list 500,000)
+PACK_SLOTS = 60_000
 _ENTRY = struct.Struct("<cQII")  # kind, offset, length, number of hashes that follow
 _TAIL = struct.Struct("<I8s")
 
@@ -31,25 +35,28 @@ class BlobInfo:
     kind: bytes
     offset: int
     length: int
-    hashes: list[bytes]
+    hashes: list[bytes] | Entries  # read back from an index: 16-byte entries in one buffer
 
 
 def encode_index(blobs: list[BlobInfo]) -> bytes:
     parts = []
     for b in blobs:
         parts.append(_ENTRY.pack(b.kind, b.offset, b.length, len(b.hashes)))
-        parts.extend(b.hashes)
+        parts.append(bytes(b.hashes.buf) if isinstance(b.hashes, Entries) else b"".join(b.hashes))
     return b"".join(parts)
 
 
 def decode_index(raw: bytes) -> list[BlobInfo]:
+    """The blobs of an opened index; each blob's hashes stay in one buffer (no object per page)."""
     out, pos = [], 0
     while pos < len(raw):
         kind, offset, length, n = _ENTRY.unpack_from(raw, pos)
         pos += _ENTRY.size
-        hashes = [raw[pos + 16 * i : pos + 16 * (i + 1)] for i in range(n)]
+        hashes = raw[pos : pos + 16 * n]
+        if len(hashes) != 16 * n:
+            raise struct.error("index entry runs past the end of the index")
         pos += 16 * n
-        out.append(BlobInfo(kind, offset, length, hashes))
+        out.append(BlobInfo(kind, offset, length, Entries(hashes, 16)))
     return out
 
 
@@ -83,9 +90,27 @@ def read_index_tail(store: Store, sealer: Sealer, pack_id: str, known_end: int =
     under ``MAX_INDEX`` plus one read, and a pack longer than ``MAX_PACK`` is refused with one more
     request, before it is read. Raises NotFound if the pack is absent, IntegrityError if it is
     oversized, its trailer or index is damaged, or a blob it lists reaches into the index."""
+    return read_pack_tail(store, sealer, pack_id, known_end).blobs
+
+
+@dataclass
+class PackTail:
+    """A pack's index, and the bytes read before it: ``data`` holds the pack from ``start`` to the
+    start of its index when one read got them all (else it is empty)."""
+
+    blobs: list[BlobInfo]
+    start: int
+    data: bytes
+
+
+def read_pack_tail(store: Store, sealer: Sealer, pack_id: str, start: int = 0) -> PackTail:
+    """``read_index_tail`` from ``start``, keeping the blob bytes of the first read: a caller that
+    starts at the first blob it needs gets those blobs and the index in one request when they lie
+    within ``TAIL_READ`` of the end of the pack. The blobs are not checked here (their reader
+    unseals each one)."""
     key = pack_key(pack_id)
     keep = MAX_INDEX + _TAIL.size  # only the index and trailer matter: older bytes are dropped
-    buf, pos = bytearray(), known_end
+    buf, pos = bytearray(), start
     while True:
         chunk = store.get_range(key, pos, TAIL_READ)
         buf += chunk
@@ -93,15 +118,17 @@ def read_index_tail(store: Store, sealer: Sealer, pack_id: str, known_end: int =
         if len(chunk) < TAIL_READ:
             break
         # more than one read: the caller's blobs end far from the index, or the object is huge
-        first = pos == known_end + TAIL_READ
+        first = pos == start + TAIL_READ
         if pos > MAX_PACK or (first and store.get_range(key, MAX_PACK, 1)):
             raise IntegrityError(f"{key}: object is larger than {human_bytes(MAX_PACK)} (a pack never is: "
                                  "planted or damaged)", _OVERSIZE_HINT)
         if len(buf) > keep:
             del buf[: len(buf) - keep]
+    whole = pos - start == len(buf)  # every byte from ``start`` is still in hand
     tail = bytes(buf)
+    del buf
     (n, magic) = _TAIL.unpack_from(tail, len(tail) - _TAIL.size) if len(tail) >= _TAIL.size else (0, b"")
-    if magic == MAGIC and n > MAX_INDEX:  # the trailer is the pack's own, whatever ``known_end`` was
+    if magic == MAGIC and n > MAX_INDEX:  # the trailer is the pack's own, whatever ``start`` was
         raise IntegrityError(f"{key}: index is larger than {human_bytes(MAX_INDEX)} (a pack's index never is: "
                              "planted or damaged)", _OVERSIZE_HINT)
     try:
@@ -109,14 +136,14 @@ def read_index_tail(store: Store, sealer: Sealer, pack_id: str, known_end: int =
     except struct.error:
         raise IntegrityError(f"{key}: index is malformed") from None
     except IntegrityError:
-        if known_end:
+        if start:
             # no index after the caller's blobs (one of them may reach past it): read the whole pack
-            return read_index_tail(store, sealer, pack_id, 0)
+            return PackTail(read_pack_tail(store, sealer, pack_id, 0).blobs, start, b"")
         raise
     index_start = pos - _TAIL.size - _TAIL.unpack_from(tail, len(tail) - _TAIL.size)[0]
     if any(b.offset + b.length > index_start for b in blobs):
         raise IntegrityError(f"{key}: index lists a blob past the start of the index")
-    return blobs
+    return PackTail(blobs, start, tail[: index_start - start] if whole and index_start > start else b"")
 
 
 class PackWriter:
@@ -144,9 +171,13 @@ class PackWriter:
         self._id = secrets.token_hex(16)
         self._upload: Upload | None = None  # opened with the pack's first blob
         self._size = 0
+        self._slots = 0
         self._blobs: list[BlobInfo] = []
 
     def add(self, kind: bytes, sealed: bytes, hashes: list[bytes]) -> tuple[str, int, int]:
+        if self._blobs and self._slots + len(hashes) > PACK_SLOTS:
+            self._flush()
+        self._slots += len(hashes)
         offset = self._size
         if self._upload is None:
             self._upload = open_upload(self.store, pack_key(self._id))

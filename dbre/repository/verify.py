@@ -14,16 +14,18 @@ Every problem names the snapshots whose restore it makes fail ("db/id").
 
 from __future__ import annotations
 
+from array import array
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 from dbre.errors import IntegrityError, RepositoryError
 from dbre.repository.backup import iter_records, read_run
+from dbre.repository.entries import Entries
 from dbre.repository.manifest import RECORD, Manifest, RunRef
-from dbre.repository.pack import BlobInfo, read_index_tail
+from dbre.repository.pack import BlobInfo, read_pack_tail
 from dbre.repository.repo import Repository, pack_key
 from dbre.storage import NotFound
 
@@ -100,88 +102,180 @@ def record_mismatch(index: Index, offset: int, length: int, slot: int, page: byt
     return None
 
 
+def _read_index(repo: Repository, pack: str, start: int) -> tuple[Index | RepositoryError, bytes]:
+    """One pack's index, read from ``start`` (the end of the last blob known in it, or the first
+    blob wanted: then those bytes come back too, see ``read_pack_tail``) to the end of the pack; a
+    missing or damaged pack gives its error. A failure to read (a store error other than
+    not-found) raises: nothing is concluded from it."""
+    try:
+        tail = read_pack_tail(repo.store, repo.sealer, pack, start)
+    except NotFound:
+        return IntegrityError(f"{pack_key(pack)}: missing", "run `dbre backup` (it stores the lost pages "
+                              "again) and `dbre verify`"), b""
+    except IntegrityError as err:
+        return err, b""
+    return {b.offset: b for b in tail.blobs}, tail.data
+
+
 def load_indexes(repo: Repository, ends: dict[str, int]) -> dict[str, Index | RepositoryError]:
-    """Each pack's index, read from ``ends[pack]`` (the end of the last blob known in it) to the
-    end of the pack; a missing or damaged pack maps to its error. A failure to read (a store
-    error other than not-found) raises: nothing is concluded from it."""
-
-    def one(pack: str) -> Index | RepositoryError:
-        try:
-            return {b.offset: b for b in read_index_tail(repo.store, repo.sealer, pack, ends[pack])}
-        except NotFound:
-            return IntegrityError(f"{pack_key(pack)}: missing", "run `dbre backup` (it stores the lost pages "
-                                  "again) and `dbre verify`")
-        except IntegrityError as err:
-            return err
-
-    if len(ends) <= 1:
-        return {p: one(p) for p in ends}
-    with ThreadPoolExecutor(max_workers=READERS, thread_name_prefix="dbre-index") as pool:
-        return dict(zip(ends, pool.map(one, ends), strict=True))
+    """Each pack's index (``_read_index`` from ``ends[pack]``), ``READERS`` at a time, all held at
+    once (compactly: 16 bytes per page slot)."""
+    return {pack: index for pack, index, _ in each_index(repo, ends)}
 
 
-SnapshotBlob = tuple[str, int, int, list[tuple[int, int, bytes]]]  # pack, offset, length, [(page index, slot, hash)]
+def each_index(repo: Repository, starts: dict[str, int]) -> Iterator[tuple[str, Index | RepositoryError, bytes]]:
+    """Each pack's index and the bytes before it (``_read_index`` from ``starts[pack]``), in the
+    order of ``starts``, ``READERS`` read at once and at most twice that held: memory stays at a
+    few indexes however many packs there are."""
+    packs = list(starts)
+    window = 2 * READERS
+    if len(packs) <= 1:
+        for p in packs:
+            yield (p, *_read_index(repo, p, starts[p]))
+        return
+    pool = ThreadPoolExecutor(max_workers=READERS, thread_name_prefix="dbre-index")
+    try:
+        ahead = [pool.submit(_read_index, repo, p, starts[p]) for p in packs[:window]]
+        for i, p in enumerate(packs):
+            got = ahead.pop(0).result()
+            if i + window < len(packs):
+                nxt = packs[i + window]
+                ahead.append(pool.submit(_read_index, repo, nxt, starts[nxt]))
+            yield (p, *got)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
-def snapshot_blobs(repo: Repository, manifest: Manifest) -> tuple[list[SnapshotBlob], int]:
-    """The blobs a snapshot's page map points into, each with its pages, and the number of pages
-    never written (no location); IntegrityError when the page map's length is not the manifest's."""
-    blobs: dict[tuple[bytes, int], SnapshotBlob] = {}
+@dataclass(slots=True)
+class SnapshotBlob:
+    """One page batch a snapshot's page map points into, and the pages it takes from it: page
+    numbers (0-based, ascending) and their slots in the batch, as compact arrays."""
+
+    pack: str
+    offset: int
+    length: int
+    pages: array[int] = field(default_factory=lambda: array("I"))
+    slots: array[int] = field(default_factory=lambda: array("H"))
+
+
+@dataclass
+class SnapshotPages:
+    """Where every page of a snapshot lies, without a Python object per page: its blobs (each
+    with arrays of its pages and slots) and the keyed hash of every page in one buffer (16 bytes a
+    page, in page order; zeros for a page never written)."""
+
+    blobs: list[SnapshotBlob]
+    hashes: Entries
+    zero: int  # pages never written (no location): they restore as zeros
+
+    def hash_of(self, page: int) -> bytes:
+        return self.hashes.buf[page * 16 : (page + 1) * 16]  # type: ignore[return-value]
+
+
+def snapshot_blobs(repo: Repository, manifest: Manifest) -> SnapshotPages:
+    """The blobs a snapshot's page map points into, each with its pages; IntegrityError when the
+    page map's length is not the manifest's. A blob is one (pack, offset, length): a record that
+    names another length for a known offset makes a blob of its own, which the index check refuses."""
+    blobs: dict[tuple[bytes, int, int], SnapshotBlob] = {}
+    packs: dict[bytes, str] = {}
+    hashes = bytearray()
     zero = n = 0
     for n, (h, pack, off, length, slot) in enumerate(iter_records(repo, manifest), 1):
+        hashes += h
         if pack == _NO_PACK and not length:
             zero += 1  # a page never written (see backup.ZERO_LOCATION): it restores as zeros
             continue
-        blob = blobs.get((pack, off))
+        blob = blobs.get((pack, off, length))
         if blob is None:
-            blob = blobs[(pack, off)] = (pack.hex(), off, length, [])
-        blob[3].append((n - 1, slot, h))
+            name = packs.get(pack)
+            if name is None:
+                name = packs[pack] = pack.hex()
+            blob = blobs[(pack, off, length)] = SnapshotBlob(name, off, length)
+        blob.pages.append(n - 1)
+        blob.slots.append(slot)
     if n != manifest.page_count:
         raise IntegrityError(f"snapshot {manifest.id}: page map has {n} pages, manifest says {manifest.page_count}")
-    return list(blobs.values()), zero
+    return SnapshotPages(list(blobs.values()), Entries(hashes, 16), zero)
 
 
-def check_structure(repo: Repository, manifest: Manifest) -> list[SnapshotBlob]:
+def check_structure(repo: Repository, manifest: Manifest) -> SnapshotPages:
     """Raise unless one snapshot's structure holds, as restore checks it before writing (verify's
     structure check): its runs read back, and every pack they point into is listed, present, and
     its index holds each page where the page map says. Page batches are not read. Returns the
-    snapshot's blobs (``snapshot_blobs``)."""
-    blobs, _ = snapshot_blobs(repo, manifest)
-    check_locations(repo, manifest, blobs)
-    return blobs
+    snapshot's pages (``snapshot_blobs``)."""
+    pages = snapshot_blobs(repo, manifest)
+    check_locations(repo, manifest, pages)
+    return pages
 
 
-def check_locations(repo: Repository, manifest: Manifest,
-                    blobs: Iterable[tuple[str, int, int, Iterable[tuple[int, int, bytes]]]]) -> None:
+KEEP_SPAN = 512 * 1024  # a pack whose blobs a snapshot uses lie within this is read with its index in one request
+KEEP_BYTES = 16 * 1024 * 1024  # at most this many such bytes are kept for the restore that asked
+
+
+def check_locations(repo: Repository, manifest: Manifest, pages: SnapshotPages,
+                    keep: dict[str, tuple[int, bytes]] | None = None) -> None:
     """Raise IntegrityError unless the structure of one snapshot holds (verify's check): every pack
-    its runs and ``blobs`` — (pack, offset, length, [(page index, slot, page hash)]) — point into is
-    listed by the manifest, exists, and its index lists each run and each page where it is said to be."""
-    blobs = list(blobs)
+    its runs and blobs point into is listed by the manifest, exists, and its index lists each run
+    and each page where it is said to be. Pack indexes are read ``READERS`` at a time and each is
+    checked and dropped as it arrives, so memory does not follow the number of packs.
+
+    With ``keep``, a pack whose blobs used here lie within ``KEEP_SPAN`` is read from its first
+    such blob, so the one request that brings its index brings them too: ``keep[pack]`` = (offset,
+    bytes), up to ``KEEP_BYTES`` in all (a restore of a snapshot spread over many small packs then
+    makes one request per pack, not two). Those bytes are not checked here: the reader unseals
+    each blob and checks its pages."""
     ends: dict[str, int] = defaultdict(int)
-    for pack, off, length, _ in blobs:
-        ends[pack] = max(ends[pack], off + length)
+    firsts: dict[str, int] = {}
+    by_pack: dict[str, list[SnapshotBlob]] = defaultdict(list)
+    for b in pages.blobs:
+        ends[b.pack] = max(ends[b.pack], b.offset + b.length)
+        firsts[b.pack] = min(firsts.get(b.pack, b.offset), b.offset)
+        by_pack[b.pack].append(b)
+    runs_in: dict[str, list[RunRef]] = defaultdict(list)
     for run in manifest.runs:
         ends[run.pack] = max(ends[run.pack], run.offset + run.length)
+        runs_in[run.pack].append(run)
     listed = set(manifest.packs)
     for pack in ends:
         if pack not in listed:
             raise IntegrityError(f"snapshot {manifest.id}: page map points into {pack_key(pack)}, "
                                  "which the manifest does not list", "run `dbre verify`")
-    indexes = load_indexes(repo, ends)
-    for idx in indexes.values():
-        if isinstance(idx, RepositoryError):
-            raise idx
-    for run in manifest.runs:
-        why = run_mismatch(indexes[run.pack], run)  # type: ignore[arg-type]
-        if why:
-            raise IntegrityError(f"{pack_key(run.pack)}: {why}", "run `dbre verify`")
-    for pack, off, length, pages in blobs:
-        index: Index = indexes[pack]  # type: ignore[assignment]
-        for page, slot, h in pages:
-            why = record_mismatch(index, off, length, slot, h)
+    starts = dict(ends)
+    budget = KEEP_BYTES if keep is not None else 0
+    for pack, first in firsts.items():
+        if ends[pack] - first <= min(KEEP_SPAN, budget):
+            starts[pack] = first
+            budget -= ends[pack] - first
+    for pack, index, data in each_index(repo, starts):
+        if isinstance(index, RepositoryError):
+            raise index
+        for run in runs_in[pack]:
+            why = run_mismatch(index, run)
             if why:
-                raise IntegrityError(f"{pack_key(pack)}: {why} (page {page + 1} of snapshot {manifest.id})",
-                                     "run `dbre verify`")
+                raise IntegrityError(f"{pack_key(run.pack)}: {why}", "run `dbre verify`")
+        for blob in by_pack[pack]:
+            check_blob_pages(index, blob, pages, manifest)
+        if keep is not None and starts[pack] < ends[pack] and len(data) >= ends[pack] - starts[pack]:
+            keep[pack] = (starts[pack], data[: ends[pack] - starts[pack]])
+
+
+def check_blob_pages(index: Index, blob: SnapshotBlob, pages: SnapshotPages, manifest: Manifest) -> None:
+    """Raise IntegrityError unless ``index`` lists ``blob`` with each of its pages' keyed hash at
+    its slot. One comparison of two buffers for a blob whose pages and slots both follow each other
+    (what a full backup writes); page by page otherwise."""
+    b = index.get(blob.offset)
+    n = len(blob.pages)
+    if b is not None and b.kind == b"d" and b.length == blob.length and isinstance(b.hashes, Entries) and n:
+        first, slot = blob.pages[0], blob.slots[0]
+        if (blob.pages[-1] - first == n - 1 and slot + n <= len(b.hashes)
+                and blob.slots == array("H", range(slot, slot + n))):
+            if pages.hashes.span(first, first + n) == b.hashes.span(slot, slot + n):
+                return
+    for page, slot in zip(blob.pages, blob.slots, strict=True):
+        why = record_mismatch(index, blob.offset, blob.length, slot, pages.hash_of(page))
+        if why:
+            raise IntegrityError(f"{pack_key(blob.pack)}: {why} (page {page + 1} of snapshot {manifest.id})",
+                                 "run `dbre verify`")
 
 
 # -- verify -------------------------------------------------------------------------------------

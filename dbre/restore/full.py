@@ -14,6 +14,7 @@ import re
 import secrets
 import stat
 import time
+from array import array
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -22,31 +23,29 @@ from pathlib import Path
 from typing import Any
 
 import apsw
+import xxhash
 
 from dbre.errors import IntegrityError, RestoreError, UsageError
-from dbre.repository.backup import FAST_HASH, NO_HASH, load_fast_hashes
+from dbre.repository.backup import load_fast_hashes
+from dbre.repository.entries import Entries
 from dbre.repository.manifest import Manifest
 from dbre.repository.repo import Repository
-from dbre.repository.verify import check_locations, snapshot_blobs
+from dbre.repository.verify import SnapshotBlob, check_locations, snapshot_blobs
 from dbre.units import human_bytes
 
 log = logging.getLogger(__name__)
 HOLD_WAIT_MS = 5000  # how long `--force` waits for the old database's other connections
 READ_SPAN = 16 * 1024 * 1024  # blobs of one pack closer than this are fetched in one ranged read
+FETCHERS = 4  # spans read (and their pages checked and written) at once: memory stays at FETCHERS spans
 SYNC_EVERY = 32 * 1024 * 1024  # bytes written between two background fdatasync calls
 FRESH_SECONDS = 60.0  # an empty temp file this young may be a live restore's, between its creation and its flock
 
+# format constants of the fast runs (docs/FORMAT.md, "Fast runs"): the xxh3-128 each page is checked
+# against, and the all-zero entry of a page that has none (a lost or repacked marker's)
+FAST_HASH = xxhash.xxh3_128_digest
+NO_HASH = bytes(16)
+
 Progress = Callable[[int, int], None]
-
-
-@dataclass
-class BlobPages:
-    """One stored blob and the pages to take out of it: (page index, slot, expected hash)."""
-
-    pack: str
-    offset: int
-    length: int
-    pages: list[tuple[int, int, bytes]] = field(default_factory=list)
 
 
 @dataclass
@@ -54,9 +53,11 @@ class RestorePlan:
     manifest: Manifest
     target: Path
     force: bool
-    blobs: list[BlobPages]
+    blobs: list[SnapshotBlob]  # in pack and offset order, each with arrays of its pages and slots
     zero_pages: int
-    quick_check: bool = False  # pages are checked against the snapshot's xxh3 (fast runs), not the keyed hash
+    hashes: Entries  # what each page is checked against, 16 bytes a page in page order
+    quick_check: bool = False  # ``hashes`` are the snapshot's xxh3 (fast runs), not the keyed hashes
+    kept: dict[str, tuple[int, bytes]] = field(default_factory=dict)  # pack -> (offset, bytes) read with its index
 
     @property
     def bytes_to_read(self) -> int:
@@ -102,26 +103,38 @@ def plan_restore(repo: Repository, db: str, target: str | os.PathLike[str], *, s
     manifest = repo.find_snapshot(db, snapshot, at)
     # pages never written (zero) restore as the sparse file's zeros; then the structure `dbre verify`
     # checks: every pack listed, present, its index authentic and holding each page where the page
-    # map says (one ranged read of each pack's tail)
-    found, zero = snapshot_blobs(repo, manifest)
-    check_locations(repo, manifest, found)
-    by_blob = {(pack, off): BlobPages(pack, off, length, pages) for pack, off, length, pages in found}
-    # each page is then checked as it is written: against its xxh3 in the snapshot's fast runs
+    # map says (one ranged read of each pack's tail; of a small pack's used blobs and tail, kept).
+    # Each page is then checked as it is written: against its xxh3 in the snapshot's fast runs
     # (authenticated like every run, checked against its keyed hash as a whole) when it has them
-    # — a tenth of the keyed hash's cost — else against its keyed hash
-    fast = load_fast_hashes(repo, manifest)
-    if fast is not None and NO_HASH not in {fast[i] for b in by_blob.values() for i, _, _ in b.pages}:
-        for b in by_blob.values():
-            b.pages = [(i, slot, fast[i]) for i, slot, _ in b.pages]
-    else:
+    # — a tenth of the keyed hash's cost — else against its keyed hash. They are fetched meanwhile
+    kept: dict[str, tuple[int, bytes]] = {}
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="dbre-fast") as side:
+        fast_runs = side.submit(load_fast_hashes, repo, manifest)
+        try:
+            pages = snapshot_blobs(repo, manifest)
+            check_locations(repo, manifest, pages, kept)
+        except BaseException:
+            fast_runs.cancel()
+            raise
+        fast = fast_runs.result()
+    if fast is not None and (len(fast) != manifest.page_count or fast.size != 16 or _lacks_hash(fast, pages.blobs)):
         fast = None  # (none, unreadable, or one missing for a stored page: the keyed hash checks them all)
-    blobs = sorted(by_blob.values(), key=lambda b: (b.pack, b.offset))
-    return RestorePlan(manifest, path, force, blobs, zero, quick_check=fast is not None)
+    blobs = sorted(pages.blobs, key=lambda b: (b.pack, b.offset))
+    return RestorePlan(manifest, path, force, blobs, pages.zero, fast if fast is not None else pages.hashes,
+                       quick_check=fast is not None, kept=kept)
 
 
-def _spans(blobs: list[BlobPages]) -> list[list[BlobPages]]:
+def _lacks_hash(fast: Entries, blobs: list[SnapshotBlob]) -> bool:
+    """Whether a stored page has no xxh3 in ``fast`` (NO_HASH: a lost or repacked marker's)."""
+    buf = fast.buf
+    if NO_HASH not in buf:  # (16 zero bytes anywhere: the aligned check below decides)
+        return False
+    return any(buf[i * 16 : i * 16 + 16] == NO_HASH for b in blobs for i in b.pages)
+
+
+def _spans(blobs: list[SnapshotBlob]) -> list[list[SnapshotBlob]]:
     """Group blobs into ranged reads: same pack, near each other, at most READ_SPAN long."""
-    spans: list[list[BlobPages]] = []
+    spans: list[list[SnapshotBlob]] = []
     for b in blobs:
         if spans:
             cur = spans[-1]
@@ -170,32 +183,29 @@ def _write_restore(repo: Repository, plan: RestorePlan, progress: Progress | Non
     if m.mode is not None:
         os.fchmod(fd, m.mode)  # the source's own mode, whatever the umask (None: 0644 minus umask)
     page_hash = FAST_HASH if plan.quick_check else repo.page_hash
+    expected = plan.hashes.buf
     try:
         os.ftruncate(fd, m.size)
 
-        def fetch(span: list[BlobPages]) -> tuple[int, int]:
+        def fetch(span: list[SnapshotBlob]) -> tuple[int, int]:
             first, last = span[0], span[-1]
             written = 0
-            data = repo.store.get_range(f"packs/{first.pack[:2]}/{first.pack}", first.offset,
-                                        last.offset + last.length - first.offset)
+            at, kept = plan.kept.get(first.pack, (0, b""))
+            if at <= first.offset and last.offset + last.length <= at + len(kept):
+                data = kept[first.offset - at : last.offset + last.length - at]  # read with the pack's index
+            else:
+                data = repo.store.get_range(f"packs/{first.pack[:2]}/{first.pack}", first.offset,
+                                            last.offset + last.length - first.offset)
             for b in span:
                 rel = b.offset - first.offset
                 piece = data[rel : rel + b.length]
                 if len(piece) != b.length:
                     raise IntegrityError(f"packs/{b.pack}: truncated at {b.offset}")
-                raw = memoryview(repo.sealer.unseal(piece, "page-batch", where=f"packs/{b.pack}@{b.offset}"))
-                pages = b.pages
-                start = 0
-                # pages that are consecutive both in the blob and in the file go in one write
-                for i in range(len(pages)):
-                    index, slot, h = pages[i]
-                    if page_hash(raw[slot * ps : (slot + 1) * ps]) != h:
-                        raise IntegrityError(f"packs/{b.pack}@{b.offset}: page {index + 1} does not match its hash")
-                    if i + 1 == len(pages) or pages[i + 1][0] != index + 1 or pages[i + 1][1] != slot + 1:
-                        first_index, first_slot, _ = pages[start]
-                        os.pwrite(fd, raw[first_slot * ps : (slot + 1) * ps], first_index * ps)
-                        start = i + 1
-                written += len(pages) * ps
+                # (no name holds the batch after its write: a worker keeps one opened batch at a time)
+                where = f"packs/{b.pack}@{b.offset}"
+                _write_blob(fd, b, memoryview(repo.sealer.unseal(piece, "page-batch", where=where)), ps, page_hash,
+                            expected)
+                written += len(b.pages) * ps
             return len(data), written
 
         spans = _spans(plan.blobs)
@@ -205,9 +215,9 @@ def _write_restore(repo: Repository, plan: RestorePlan, progress: Progress | Non
         syncing: Future[None] | None = None
         unsynced = 0
         try:
-            with ThreadPoolExecutor(max_workers=2, thread_name_prefix="dbre-restore") as pool:
+            with ThreadPoolExecutor(max_workers=FETCHERS, thread_name_prefix="dbre-restore") as pool:
                 # bounded window of spans in flight keeps memory at a few spans
-                window = 4
+                window = FETCHERS
                 futures = [pool.submit(fetch, s) for s in spans[:window]]
                 nxt = window
                 while futures:
@@ -245,6 +255,30 @@ def _write_restore(repo: Repository, plan: RestorePlan, progress: Progress | Non
     finally:
         release()
     return RestoreResult(plan, time.perf_counter() - started)
+
+
+def _write_blob(fd: int, b: SnapshotBlob, raw: memoryview, ps: int, page_hash: Callable[[Any], bytes],
+                expected: bytes | bytearray) -> None:
+    """Check each page ``b`` takes from its opened batch ``raw`` against its hash in ``expected``
+    and write it at its place; pages consecutive both in the batch and in the file go in one write."""
+    pages, slots = b.pages, b.slots
+    n = len(pages)
+    if not n:
+        return
+    first, slot = pages[0], slots[0]
+    if pages[-1] - first == n - 1 and slots == array("H", range(slot, slot + n)):  # (what a full backup writes)
+        got = b"".join([page_hash(raw[s * ps : (s + 1) * ps]) for s in range(slot, slot + n)])
+        if got == expected[first * 16 : (first + n) * 16]:
+            os.pwrite(fd, raw[slot * ps : (slot + n) * ps], first * ps)
+            return
+    start = 0
+    for k in range(n):
+        index, slot = pages[k], slots[k]
+        if page_hash(raw[slot * ps : (slot + 1) * ps]) != expected[index * 16 : index * 16 + 16]:
+            raise IntegrityError(f"packs/{b.pack}@{b.offset}: page {index + 1} does not match its hash")
+        if k + 1 == n or pages[k + 1] != index + 1 or slots[k + 1] != slot + 1:
+            os.pwrite(fd, raw[slots[start] * ps : (slot + 1) * ps], pages[start] * ps)
+            start = k + 1
 
 
 def _crash_point(name: str) -> None:
