@@ -329,7 +329,8 @@ def backup(
                                 parent_runs=parent_manifest.runs if parent_manifest is not None else (),
                                 parent_fast_runs=parent_manifest.fast_runs if parent_manifest is not None else (),
                                 # (fast runs never into a lost pack)
-                                avoid_runs=chain.repacked, avoid_fast={*chain.repacked, *chain.lost})
+                                avoid_runs={*chain.repacked, *chain.run_packs},
+                                avoid_fast={*chain.repacked, *chain.run_packs, *chain.lost})
                 try:
                     image = session.image() if direct else None
                     if image is not None:
@@ -419,6 +420,9 @@ class ParentCheck:
     lost: list[str]  # packs the parent needs that are missing (or, when checked, damaged)
     unused: str | None = None  # why nothing of the parent is reused: "asked" (--full), or the cause
     repacked: set[str] = field(default_factory=set)  # sparse packs whose pages (some or all) are stored again
+    # sparse packs that hold some of the parent's runs: those runs are written again, not reused (a
+    # run shares its pack with page batches, and must not keep an emptied pack from being pruned)
+    run_packs: set[str] = field(default_factory=set)
 
 
 def _parent_records(repo: Repository, parent: Manifest | None, full: bool,
@@ -443,7 +447,21 @@ def _parent_records(repo: Repository, parent: Manifest | None, full: bool,
         gone = np.array([bytes.fromhex(p) for p in lost], dtype="S16")
         _rows(records)[np.isin(_column(records, 16, 16), gone)] = np.frombuffer(LOST, dtype=np.uint8)
     repacked = _repack(records, slots) if repack else set()
-    return records, ParentCheck(sorted(lost), repacked=repacked)
+    run_packs = _sparse_run_packs(parent, records, slots) if repack else set()
+    return records, ParentCheck(sorted(lost), repacked=repacked, run_packs=run_packs)
+
+
+def _sparse_run_packs(parent: Manifest, records: Entries, slots: dict[str, int]) -> set[str]:
+    """The packs of the parent's runs (page map and fast) in which fewer than ``REPACK_BELOW`` of
+    the page slots are still used by the parent's records: a run reused there would keep the pack
+    alive after its pages die, so the run is written again instead (a few KB)."""
+    packs = {run.pack for run in (*parent.runs, *parent.fast_runs)}
+    refs: Counter[str] = Counter()
+    for pack, start, stop in stretches(_column(records, 16, 16)):
+        p = value(pack, 16).hex()
+        if p in packs:
+            refs[p] += stop - start  # (records, an upper bound of the slots they use)
+    return {p for p in packs if slots.get(p) and refs[p] < REPACK_BELOW * slots[p]}
 
 
 def _column(records: Entries, start: int, width: int) -> np.ndarray:
