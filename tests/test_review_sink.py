@@ -90,7 +90,8 @@ def test_backup_api_path_memory_does_not_follow_the_run_size(tmp_path: Path) -> 
     finally:
         tracemalloc.stop()
     assert result.manifest.stats["read"].startswith("backup API")
-    assert peak < 24 * 1024 * 1024, f"traced peak {peak / 2**20:.0f} MiB for a {src.stat().st_size / 2**20:.0f} MiB database"
+    size = src.stat().st_size / 2**20
+    assert peak < 24 * 1024 * 1024, f"traced peak {peak / 2**20:.0f} MiB for a {size:.0f} MiB database"
 
 
 # -- finding 3: a run written beside page batches pins that pack once its pages are dead -------
