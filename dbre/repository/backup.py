@@ -17,7 +17,7 @@ import secrets
 import struct
 import time
 from collections import Counter
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -32,7 +32,6 @@ from dbre.repository.entries import Entries
 from dbre.repository.lock import Lock
 from dbre.repository.manifest import (
     RECORD,
-    RUN_PAGES,
     Manifest,
     RunRef,
     TableStats,
@@ -150,10 +149,23 @@ def _run_bytes(repo: Repository, manifest: Manifest, runs: list[RunRef] | None =
 
 def load_records(repo: Repository, manifest: Manifest) -> Entries:
     """The page records of a snapshot, in page order (each RECORD.size bytes), in one buffer."""
-    out = bytearray()
-    for raw in _run_bytes(repo, manifest):
-        out += raw
-    return Entries(out, RECORD.size)
+    return Entries(_gather(_run_bytes(repo, manifest), sum(r.pages for r in manifest.runs) * RECORD.size),
+                   RECORD.size)
+
+
+def _gather(parts: Iterator[bytes], size: int) -> bytearray:
+    """The runs' bytes in one buffer allocated once (growing it would copy it, twice the memory);
+    IntegrityError when they are not ``size`` bytes in all."""
+    out = bytearray(size)
+    at = 0
+    for raw in parts:
+        if at + len(raw) > size:
+            raise IntegrityError("a page map is longer than its runs say")
+        out[at : at + len(raw)] = raw
+        at += len(raw)
+    if at != size:
+        raise IntegrityError("a page map is shorter than its runs say")
+    return out
 
 
 def iter_records(repo: Repository, manifest: Manifest) -> Iterator[tuple[bytes, bytes, int, int, int]]:
@@ -591,43 +603,9 @@ def load_fast_hashes(repo: Repository, parent: Manifest | None) -> Entries | Non
     restore, as its check). Each run is checked like a page-map run."""
     if parent is None or not parent.fast_runs:
         return None
-    out = bytearray()
     try:
-        for raw in _run_bytes(repo, parent, parent.fast_runs, 16):
-            out += raw
+        out = _gather(_run_bytes(repo, parent, parent.fast_runs, 16), 16 * sum(r.pages for r in parent.fast_runs))
     except (IntegrityError, NotFound) as err:
         log.warning("snapshot %s: %s; every page gets the keyed hash", parent.id, err.message)
         return None
     return Entries(out, 16) if len(out) == 16 * parent.page_count else None
-
-
-def _write_fast_runs(fast: bytes, parent: Manifest | None, writer: PackWriter, repo: Repository,
-                     avoid: Collection[str] = ()) -> list[RunRef]:
-    """This snapshot's xxh3 per page, in runs of RUN_PAGES stored like page-map runs."""
-    step = 16 * RUN_PAGES
-    return _store_runs([fast[i : i + step] for i in range(0, len(fast), step)], 16,
-                       parent.fast_runs if parent is not None else [], writer, repo, avoid)
-
-
-def _write_runs(records: list[bytes], parent_manifest: Manifest | None, parent: list[bytes],
-                writer: PackWriter, repo: Repository, repacked: Collection[str] = ()) -> list[RunRef]:
-    """Group records into runs; a run identical to the parent's at the same place is reused,
-    unless it lies in a pack being repacked (which it would keep from being pruned)."""
-    return _store_runs([b"".join(records[i : i + RUN_PAGES]) for i in range(0, len(records), RUN_PAGES)],
-                       RECORD.size, parent_manifest.runs if parent_manifest and parent else [], writer, repo, repacked)
-
-
-def _store_runs(raws: list[bytes], size: int, parent_runs: list[RunRef], writer: PackWriter, repo: Repository,
-                avoid: Collection[str]) -> list[RunRef]:
-    """Store runs (kind "r", sealed as "run <hash>", addressed by their keyed hash like a page); a
-    run identical to the parent's at the same place is reused unless its pack is in ``avoid``
-    (being repacked, or lost)."""
-    runs: list[RunRef] = []
-    for i, raw in enumerate(raws):
-        h = repo.page_hash(raw).hex()
-        if i < len(parent_runs) and parent_runs[i].hash == h and parent_runs[i].pack not in avoid:
-            runs.append(parent_runs[i])
-            continue
-        pack_id, off, length = writer.add(b"r", repo.sealer.seal(raw, f"run {h}"), [bytes.fromhex(h)])
-        runs.append(RunRef(hash=h, pack=pack_id, offset=off, length=length, pages=len(raw) // size))
-    return runs

@@ -121,7 +121,8 @@ class PageSink:
         self.batch_cap = max(1, BATCH_BYTES // page_size)
         self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="dbre-seal")
         self.in_flight: list[tuple[int, list[bytes], Future[bytes], int]] = []  # .., first page index
-        self.batch_first = 0  # index of the first page of the open batch
+        self.batch_first = 0  # index of the first page of the open batch that is a view of the mapped file
+        self.batch_views = True  # the open batch holds views of the mapped file (else copies)
         self.locations: dict[int, bytes] = {}
         self.pages_seen = 0
         self.buffered: list[bytes] = []  # pages of the fallback path not yet taken (from index buffered_at)
@@ -179,7 +180,8 @@ class PageSink:
                 hashes, todo = self._keyed(start, image.hashes(start, stop, FAST_HASH), image.view)
                 self.take(start, hashes, image.view, todo)
                 # pages no batch still has to read: their mapping can go
-                image.drop(min([start, *(f[3] for f in self.in_flight), *([self.batch_first] if self.batch else [])]))
+                image.drop(min([start, *(f[3] for f in self.in_flight),
+                                *([self.batch_first] if self.batch and self.batch_views else [])]))
                 if self.progress is not None:
                     self.progress(stop, self.page_count)
         finally:
@@ -304,8 +306,14 @@ class PageSink:
                 where = (self.batch_no << 16) | len(batch_hashes)
                 self.new_pages.add(h, where)
                 if not batch_hashes:
-                    self.batch_first = index
-                self.batch.append(page(index))
+                    self.batch_first, self.batch_views = index, True
+                data = page(index)
+                if self.batch_views and index - self.batch_first > 4 * len(batch_hashes) + 64:
+                    # a sparse batch (an incremental's scattered changes) holds copies, so the
+                    # mapping of the pages between them can go (resident memory stays flat)
+                    self.batch = [bytes(b) for b in self.batch]
+                    self.batch_views = False
+                self.batch.append(data if self.batch_views else bytes(data))
                 batch_hashes.append(h)
                 if len(batch_hashes) >= cap:
                     self._submit()
@@ -341,7 +349,8 @@ class PageSink:
         if not self.batch_hashes:
             return
         fut = self.pool.submit(self.sealer.seal_parts, self.batch, "page-batch")  # pages are read by zstd, not copied
-        self.in_flight.append((self.batch_no, self.batch_hashes, fut, self.batch_first))
+        self.in_flight.append((self.batch_no, self.batch_hashes, fut,
+                               self.batch_first if self.batch_views else self.page_count))
         self.batch_no += 1
         self.batch = []
         self.batch_hashes = []
