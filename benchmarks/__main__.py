@@ -5,6 +5,7 @@
     python -m benchmarks --profile         # also a cProfile of one backup of the largest database
     python -m benchmarks --history         # also cost against history (benchmarks/history.py)
     python -m benchmarks --churn           # also size under churn and retention (benchmarks/churn.py)
+    python -m benchmarks --memory          # also peak RSS at 1 and 8 GiB (benchmarks/memory.py)
 """
 
 from __future__ import annotations
@@ -45,6 +46,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="also the history part: 5 vs 200 snapshots on S3, and a 10,000-snapshot repository")
     p.add_argument("--churn", action="store_true",
                    help="also the churn part: 24 rounds of 15%% page churn with keep-last 3 + prune, repack off vs on")
+    p.add_argument("--memory", action="store_true",
+                   help="also the memory part: peak RSS of backup, incremental and restore at 1 and 8 GiB")
+    p.add_argument("--memory-gib", type=float, nargs="+", help=argparse.SUPPRESS)  # small sizes for the tests
     p.add_argument("--size-mb", type=int, help=argparse.SUPPRESS)  # tiny databases for the tests
     args = p.parse_args(argv)
     if args.quick:
@@ -91,6 +95,11 @@ def main(argv: list[str] | None = None) -> int:
 
         doc["history"] = history.measure(args.runs, log=console.print)
         history.print_result(doc["history"], console.print)  # type: ignore[arg-type]
+    if args.memory:
+        from benchmarks import memory
+
+        doc["memory"] = memory.measure(out / "data", console.print, tuple(args.memory_gib or memory.SIZES_GIB))
+        memory.print_result(doc["memory"], console.print)  # type: ignore[arg-type]
     if args.churn:
         from benchmarks import churn
 
@@ -104,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
         missed.append(doc["history"])
     if args.churn and not doc["churn"]["pass"]:  # type: ignore[index]
         missed.append(doc["churn"])
+    if args.memory and not doc["memory"]["pass"]:  # type: ignore[index]
+        missed.append(doc["memory"])
     return 1 if args.strict and missed else 0
 
 
