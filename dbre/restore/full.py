@@ -35,8 +35,8 @@ from dbre.units import human_bytes
 
 log = logging.getLogger(__name__)
 HOLD_WAIT_MS = 5000  # how long `--force` waits for the old database's other connections
-READ_SPAN = 16 * 1024 * 1024  # blobs of one pack closer than this are fetched in one ranged read
-FETCHERS = 4  # spans read (and their pages checked and written) at once: memory stays at FETCHERS spans
+READ_SPAN = 8 * 1024 * 1024  # blobs of one pack closer than this are fetched in one ranged read
+FETCHERS = 4  # spans read (and their pages checked and written) at once: 32 MiB of spans in flight at most
 SYNC_EVERY = 32 * 1024 * 1024  # bytes written between two background fdatasync calls
 FRESH_SECONDS = 60.0  # an empty temp file this young may be a live restore's, between its creation and its flock
 
