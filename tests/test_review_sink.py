@@ -1,6 +1,6 @@
 """Review of compact page maps (PageSink, ParentIndex, SeenPages, the numpy census; 9829eeb..1d83146).
 
-Failing tests reproduce findings and are marked ``xfail(strict=True)`` until the lead fixes them;
+Each finding of the review is a test (all fixed since);
 the others pin properties worth keeping. Real SQLite files and real repositories on local disk.
 """
 
@@ -31,8 +31,7 @@ from tests.dbfactory import change_rows, make_db
 # -- finding 1: a page the backup API writes twice keeps the first write's record ---------------
 
 
-@pytest.mark.xfail(strict=True, reason="review finding 1: a page written twice while its run is open keeps "
-                                       "the first write's record (or its location), not the last write's")
+# review finding 1 (fixed): a page written twice while its run is open keeps ...
 @pytest.mark.parametrize("second", ["parent", "moved"])
 def test_page_written_twice_takes_the_last_write(tmp_path: Path, second: str) -> None:
     """PageSink.take says "the backup API may write a page twice". The old sink reset each page to
@@ -68,8 +67,7 @@ def test_page_written_twice_takes_the_last_write(tmp_path: Path, second: str) ->
 # -- finding 2: the backup API path holds a whole run of pages --------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="review finding 2: the backup API path buffers every page of a run "
-                                       "(RUN_PAGES x page size: 256 MiB with 64 KiB pages) before hashing it")
+# review finding 2 (fixed): the backup API path buffers every page of a run ...
 def test_backup_api_path_memory_does_not_follow_the_run_size(tmp_path: Path) -> None:
     """PageSink.page buffers consecutive pages until a run boundary (or the end): with 64 KiB pages
     a run is 256 MiB, so a database under 256 MiB is held whole. 9829eeb took each page as it came
@@ -97,8 +95,7 @@ def test_backup_api_path_memory_does_not_follow_the_run_size(tmp_path: Path) -> 
 # -- finding 3: a run written beside page batches pins that pack once its pages are dead -------
 
 
-@pytest.mark.xfail(strict=True, reason="review finding 3: a page-map run stored in a data pack keeps the "
-                                       "whole pack after all its pages died; _repack never sees a pack no record uses")
+# review finding 3 (fixed): a page-map run stored in a data pack keeps the ...
 def test_a_reused_run_does_not_keep_a_dead_data_pack(tmp_path: Path) -> None:
     """Runs now go into the packs of page batches as they complete. A run of a static stretch,
     once rewritten (here because repacking avoided the pack it was in), lands in the pack of that
@@ -147,8 +144,7 @@ def test_a_reused_run_does_not_keep_a_dead_data_pack(tmp_path: Path) -> None:
 # -- finding 4: a snapshot of an empty database stops every later backup --------------------
 
 
-@pytest.mark.xfail(strict=True, reason="review finding 4: after a snapshot of a 0-page database every backup "
-                                       "fails in _lost_packs (numpy view of an empty page map: ValueError)")
+# review finding 4 (fixed): after a snapshot of a 0-page database every backup ...
 def test_backup_after_a_snapshot_of_an_empty_database(tmp_path: Path) -> None:
     """A database file exists but is still empty (sqlite3 creates 0 bytes until the first write);
     the scheduled backup takes a 0-page snapshot. 9829eeb then backed up the first table as usual;
@@ -171,8 +167,7 @@ def test_backup_after_a_snapshot_of_an_empty_database(tmp_path: Path) -> None:
 # -- finding 5: one lost data pack now breaks the chain and stores every page again ----------
 
 
-@pytest.mark.xfail(strict=True, reason="review finding 5: runs now live in data packs, so losing one data pack "
-                                       "loses part of the parent's page map: no parent, every page stored again")
+# review finding 5 (fixed): runs now live in data packs, so losing one data pack ...
 def test_one_lost_data_pack_costs_its_pages_not_the_whole_database(tmp_path: Path) -> None:
     """FORMAT.md: records into a lost pack are not reused (those pages are stored again); a parent
     whose page map lies in a lost pack is not reused at all. 9829eeb wrote the page map after the

@@ -395,8 +395,8 @@ def backup(
         seconds = time.perf_counter() - started
         manifest.stats = {
             "pages_added": sink.pages_added,
-            "bytes_added": writer.bytes_written + sink.cold_bytes,
-            "packs_added": len(packs) + len(sink.cold_packs),
+            "bytes_added": writer.bytes_written + sink.cold_bytes + sink.run_bytes,
+            "packs_added": len(packs) + len(sink.cold_packs) + len(sink.run_packs),
             "seconds": round(seconds, 3),
             "read": path,  # how the pages were read (see dbre.sources.image)
             "wal_pages": wal_pages,  # pages taken from WAL frames, not the file (direct path)
@@ -422,7 +422,7 @@ def backup(
         repo.write_manifest(manifest)
     # bytes_added counts packs (pages and page-map runs), as the manifest's stats do; the manifest
     # itself (a few hundred bytes) is not counted, so `backup --json` and `snapshots` agree
-    return BackupResult(manifest, sink.pages_added, writer.bytes_written + sink.cold_bytes, seconds)
+    return BackupResult(manifest, sink.pages_added, writer.bytes_written + sink.cold_bytes + sink.run_bytes, seconds)
 
 
 @dataclass

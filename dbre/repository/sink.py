@@ -26,6 +26,8 @@ BATCH_BYTES = 2 * 1024 * 1024  # pages are sealed in batches of this size (fewer
 # 4 MiB kept more pages resident and made the tail of a small incremental longer; a table
 # restore reads at most this much per page)
 MAX_IN_FLIGHT = 3  # batches being sealed or waiting to be appended: bounds memory (their pages stay mapped)
+RUNS_APART = 4 * 1024 * 1024  # a backup storing this much page data puts its runs in packs of their own
+HELD_RUNS = 1024 * 1024  # (as does one with more than this of new runs: held in memory until then)
 MAX_WAITING_RUNS = 8  # complete runs (~260 KB each) waiting for an open batch's location before it is sealed early
 ZERO_LOCATION = bytes(16) + bytes(14)  # pack id, offset, length, slot of a page never written
 FAST_HASH = xxhash.xxh3_128_digest  # the quick test of "unchanged at this place" (see Manifest.fast_runs)
@@ -42,6 +44,8 @@ def column(buf: bytes | bytearray, size: int, start: int, width: int) -> np.ndar
     """Bytes ``start:start+width`` of every ``size``-byte record in ``buf``, as a numpy view (no
     copy). Its values compare and sort as bytes; read one back with ``value`` (numpy drops
     trailing zero bytes)."""
+    if not len(buf):
+        return np.empty(0, dtype=f"S{width}")  # (numpy refuses an offset into an empty buffer)
     return np.ndarray((len(buf) // size,), dtype=f"S{width}", buffer=buf, offset=start, strides=(size,))
 
 
@@ -112,6 +116,11 @@ class PageSink:
         nruns = -(-page_count // RUN_PAGES)
         self.runs: list[RunRef | None] = [None] * nruns
         self.fast_runs: list[RunRef | None] = [None] * nruns
+        self.stored = bytearray(nruns)  # 1: the run is stored (or held, see _store_run)
+        self.run_writer: PackWriter | None = None  # runs' own packs
+        self.held: list[tuple[bytes, str, int, list[RunRef | None], int]] = []  # sealed runs not yet placed
+        self.held_bytes = 0
+        self.data_bytes = 0  # sealed page batches written so far
         self.open: dict[int, _Run] = {}
         self.packs: set[bytes] = set()  # packs the page map points into
         self.new_pages = SeenPages()
@@ -146,15 +155,16 @@ class PageSink:
             raise SourceError(f"backup: unexpected write of {len(data)} bytes at {offset}")
         if index >= self.page_count:
             return
-        if self.buffered and (index != self.buffered_at + len(self.buffered) or not index % RUN_PAGES):
+        if self.buffered and (index != self.buffered_at + len(self.buffered) or not index % RUN_PAGES
+                              or len(self.buffered) * self.page_size >= BATCH_BYTES):
             self._flush_buffered()
         if not self.buffered:
             self.buffered_at = index
         self.buffered.append(data)
 
     def _flush_buffered(self) -> None:
-        """The pages the backup API wrote since the last call (consecutive, within one run), as
-        one chunk: lookups by hash are per chunk, not per page."""
+        """The pages the backup API wrote since the last call (consecutive, within one run, at
+        most BATCH_BYTES), as one chunk: lookups by hash are per chunk, not per page."""
         if not self.buffered:
             return
         start, pages = self.buffered_at, self.buffered
@@ -236,7 +246,7 @@ class PageSink:
     def _run(self, r: int) -> _Run:
         run = self.open.get(r)
         if run is None:
-            if self.runs[r] is not None:  # (the backup API writes each page once: never a state)
+            if self.stored[r]:  # (the backup API writes each page once: never a state)
                 raise SourceError(f"backup: page {r * RUN_PAGES + 1}.. written again after its run was stored")
             first = r * RUN_PAGES
             n = min(RUN_PAGES, self.page_count - first)
@@ -257,16 +267,22 @@ class PageSink:
         self.pages_seen += m
         run = self._run(start // RUN_PAGES)
         off = start - run.first
+        parent = self.parent
+        np_ = len(parent) if parent is not None else 0
         if run.seen.count(1, off, off + m) == 0:
             run.taken += m
             run.seen[off : off + m] = b"\x01" * m
-        else:  # (the backup API may write a page twice)
-            for j in range(off, off + m):
-                if not run.seen[j]:
-                    run.seen[j] = 1
-                    run.taken += 1
-        parent = self.parent
-        np_ = len(parent) if parent is not None else 0
+        else:  # a page written again (never seen from SQLite, but then the last write wins)
+            again = {(off + j) * _SIZE for j in range(m) if run.seen[off + j]}
+            for at in again:  # back to the parent's record, and no longer waiting for a batch
+                i = run.first + at // _SIZE
+                records = run.records
+                records[at : at + _SIZE] = parent.buf[i * _SIZE : (i + 1) * _SIZE] \
+                    if parent is not None and i < np_ else bytes(_SIZE)
+            run.pending = [p for p in run.pending if p[0] not in again]
+            run.taken += m - len(again)
+            run.seen[off : off + m] = b"\x01" * m
+            maybe = None  # (compare every page with the parent's)
         todo: list[int]
         if maybe is not None:
             buf = parent.buf if parent is not None else b""
@@ -364,7 +380,9 @@ class PageSink:
                 if self.cold_writer is None:
                     self.cold_writer = PackWriter(self.store, self.sealer)
                 writer = self.cold_writer
-            pack_id, off, length = writer.add(b"d", fut.result(), hashes)
+            sealed = fut.result()
+            self.data_bytes += len(sealed)
+            pack_id, off, length = writer.add(b"d", sealed, hashes)
             self.locations[no] = bytes.fromhex(pack_id) + off.to_bytes(8, "little") + length.to_bytes(4, "little")
 
     # -- runs out --------------------------------------------------------------------------
@@ -402,26 +420,61 @@ class PageSink:
         if np.any(column(raw, _SIZE, 0, 16) == NO_HASH):  # a parent marker (LOST, REPACK) left: a bug, never stored
             raise SourceError(f"backup: run {r} of the page map still holds a marker record")
         self.packs.update(value(p, 16) for p, _, _ in stretches(column(raw, _SIZE, 16, 16)))
-        self.runs[r] = self._store_run(raw, _SIZE, self.parent_runs, r, self.avoid_runs)
-        self.fast_runs[r] = self._store_run(bytes(run.fast), 16, self.parent_fast_runs, r, self.avoid_fast)
+        self.stored[r] = 1
+        self._store_run(raw, _SIZE, self.parent_runs, r, self.avoid_runs, self.runs)
+        self._store_run(bytes(run.fast), 16, self.parent_fast_runs, r, self.avoid_fast, self.fast_runs)
 
-    def _store_run(self, raw: bytes, size: int, parent_runs: list[RunRef], i: int, avoid: Collection[str]) -> RunRef:
-        """One run (kind "r", sealed as "run <hash>", addressed by its keyed hash like a page); one
-        identical to the parent's at the same place is reused unless its pack is in ``avoid``."""
+    def _store_run(self, raw: bytes, size: int, parent_runs: list[RunRef], i: int, avoid: Collection[str],
+                   out: list[RunRef | None]) -> None:
+        """One run (kind "r", sealed as "run <hash>", addressed by its keyed hash like a page) into
+        ``out[i]``; one identical to the parent's at the same place is reused unless its pack is in
+        ``avoid``. New runs go to packs of their own (a run is reused by later snapshots while the
+        pages beside it die, and a lost data pack must not take the page map with it), except in
+        a backup that stores less than RUNS_APART of pages and HELD_RUNS of runs: there they join the
+        last data pack (one object fewer), held back until the end decides."""
         h = self.page_hash(raw).hex()
         if i < len(parent_runs) and parent_runs[i].hash == h and parent_runs[i].pack not in avoid:
-            return parent_runs[i]
-        pack_id, off, length = self.writer.add(b"r", self.sealer.seal(raw, f"run {h}"), [bytes.fromhex(h)])
-        return RunRef(hash=h, pack=pack_id, offset=off, length=length, pages=len(raw) // size)
+            out[i] = parent_runs[i]
+            return
+        sealed = self.sealer.seal(raw, f"run {h}")
+        if self.run_writer is None and self.data_bytes < RUNS_APART and self.held_bytes < HELD_RUNS:
+            self.held.append((sealed, h, len(raw) // size, out, i))
+            self.held_bytes += len(sealed)
+            return
+        if self.run_writer is None:
+            self.run_writer = PackWriter(self.store, self.sealer)
+            self._place_held(self.run_writer)
+        out[i] = self._place(self.run_writer, sealed, h, len(raw) // size)
+
+    @staticmethod
+    def _place(writer: PackWriter, sealed: bytes, h: str, pages: int) -> RunRef:
+        pack_id, off, length = writer.add(b"r", sealed, [bytes.fromhex(h)])
+        return RunRef(hash=h, pack=pack_id, offset=off, length=length, pages=pages)
+
+    def _place_held(self, writer: PackWriter) -> None:
+        for sealed, h, pages, out, i in self.held:
+            out[i] = self._place(writer, sealed, h, pages)
+        self.held, self.held_bytes = [], 0
+
+    @property
+    def run_packs(self) -> list[str]:
+        return self.run_writer.packs if self.run_writer is not None else []
+
+    @property
+    def run_bytes(self) -> int:
+        return self.run_writer.bytes_written if self.run_writer is not None else 0
 
     def finish(self) -> tuple[list[RunRef], list[RunRef]]:
         """Seal what is left and store the last runs: (page-map runs, fast runs), in page order."""
         self._flush_buffered()
         for r in range(len(self.runs)):
-            if self.runs[r] is None and r not in self.open:
+            if not self.stored[r] and r not in self.open:
                 self._run(r)  # (a run no page reached: every page of it never written)
         self._emit_ready(final=True)
         self.pool.shutdown()
+        self._place_held(self.run_writer or self.writer)
+        if self.run_writer is not None:
+            self.run_writer.finish()
         if self.cold_writer is not None:
             self.cold_packs = self.cold_writer.finish()
         if any(r is None for r in self.runs) or any(r is None for r in self.fast_runs):
@@ -430,5 +483,6 @@ class PageSink:
 
     def abort(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
-        if self.cold_writer is not None:
-            self.cold_writer.abort()
+        for writer in (self.cold_writer, self.run_writer):
+            if writer is not None:
+                writer.abort()
