@@ -46,6 +46,7 @@ from typing import Any
 
 import apsw
 
+from dbre.sources.filemap import FileMap
 from dbre.sources.pins import Pin
 
 LOCK_WAIT = 2.0  # seconds to wait for the write lock before falling back to the backup API
@@ -72,7 +73,7 @@ class PageImage:
     _wal: memoryview | None = None
     _file_pages: int = 0  # pages of the snapshot that the database file holds
     _overlay_at: list[int] = field(default_factory=list)  # sorted keys of ``overlay``
-    _map: mmap.mmap | None = None  # the database file's map
+    _map: FileMap | None = None  # the database file's map
     _dropped: int = 0  # bytes at the start of that map already let go
 
     def view(self, index: int) -> memoryview:
@@ -128,7 +129,7 @@ class _Files:
         self.path = path
         self.pin: Pin | None = None
         self.fds: dict[str, int] = {}
-        self.maps: list[mmap.mmap] = []
+        self.maps: list[FileMap] = []
 
     def fd(self, suffix: str) -> int:
         if suffix not in self.fds:
@@ -146,19 +147,15 @@ class _Files:
     def read(self, suffix: str, length: int, offset: int = 0) -> bytes:
         return os.pread(self.fd(suffix), length, offset)
 
-    def map(self, suffix: str, length: int) -> mmap.mmap:
-        m = mmap.mmap(self.fd(suffix), length, prot=mmap.PROT_READ)
+    def map(self, suffix: str, length: int) -> FileMap:
+        """A read-only map that keeps no descriptor of its own (see dbre.sources.filemap)."""
+        m = FileMap(self.fd(suffix), length)
         self.maps.append(m)
         m.madvise(mmap.MADV_SEQUENTIAL)
         return m
 
     def close(self) -> None:
-        for m in self.maps:
-            try:
-                m.close()
-            except BufferError:
-                pass  # a page view still referenced somewhere: the map closes when it is freed
-        self.maps = []
+        self.maps = []  # each map goes with its last page view; no descriptor is closed with it
         self.fds = {}
         pin, self.pin = self.pin, None
         if pin is not None:
@@ -203,14 +200,14 @@ def _read_wal_index(files: _Files) -> _WalState:
     return _WalState(mx_frame, n_page, backfilled, salt, (ck1, ck2), page_size)
 
 
-def _index_wal(files: _Files, st: _WalState, page_count: int) -> tuple[mmap.mmap, dict[int, int]]:
+def _index_wal(files: _Files, st: _WalState, page_count: int) -> tuple[memoryview, dict[int, int]]:
     """Map the WAL's first ``mxFrame`` frames and index the newest frame of each page."""
     ps = st.page_size
     frame = 24 + ps
     length = 32 + st.mx_frame * frame
     if files.size("-wal") < length:
         raise NoImage("WAL shorter than the wal-index says")
-    m = files.map("-wal", length)
+    m = files.map("-wal", length).view()
     try:
         magic, version, wal_ps, _seq, _s1, _s2 = _WAL_HDR.unpack_from(m, 0)
         if magic not in WAL_MAGIC or version != WAL_VERSION or wal_ps != ps:
@@ -349,7 +346,7 @@ class ImageSession:
             if image._file_pages == 0:
                 raise NoImage("empty database file")
             image._map = self._files.map("", image._file_pages * ps)
-            image._db = memoryview(image._map)
+            image._db = image._map.view()
         except (NoImage, OSError, ValueError) as err:
             image.close()
             self.reason = str(err)
@@ -380,7 +377,7 @@ class ImageSession:
                 frame = 24 + ps
                 if st.page_size != ps or self._files.size("-wal") < 32 + st.mx_frame * frame:
                     raise NoImage("WAL does not match the wal-index")
-                wal = self._files.map("-wal", 32 + st.mx_frame * frame)
+                wal = self._files.map("-wal", 32 + st.mx_frame * frame).view()
                 if wal[16:24] != st.salt:
                     raise NoImage("WAL salts do not match the wal-index")
                 for n in range(st.mx_frame - 1, -1, -1):
