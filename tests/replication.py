@@ -1,0 +1,164 @@
+"""Test helpers for `dbre replicate`: a writer process with a log of commit times, the replicator as a
+subprocess, and the oracle that checks a restored file against the writer's log."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from dbre.repository.repo import Repository
+from dbre.restore.full import apply_restore, plan_restore
+from dbre.restore.pitr import apply_pitr, plan_pitr
+
+PRECISION = 0.1  # the stated observation precision (s): the boundary allowance of the oracle
+
+# The writer: commits numbered transactions (each inserts row seq and sets the counter to seq),
+# logging "seq t_before t_after" (before BEGIN, after COMMIT returned). Every CKPT_EVERY commits
+# it runs a checkpoint, cycling PASSIVE, RESTART, TRUNCATE, and logs "ckpt mode seconds result".
+WRITER = r'''
+import random, sqlite3, sys, time
+path, log_path, seconds, start_seq, pause = sys.argv[1], sys.argv[2], float(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5])
+ckpt_every = int(sys.argv[6])
+c = sqlite3.connect(path, isolation_level=None, timeout=5)
+c.execute("PRAGMA journal_mode=WAL")
+modes = ["PASSIVE", "RESTART", "TRUNCATE"]
+log = open(log_path, "a", buffering=1)
+end = time.time() + seconds
+seq = start_seq
+while time.time() < end:
+    seq += 1
+    t0 = time.time()
+    c.execute("BEGIN IMMEDIATE")
+    c.execute("INSERT INTO t(seq, pad) VALUES (?, randomblob(?))", (seq, random.randint(50, 600)))
+    c.execute("UPDATE counter SET n = ?", (seq,))
+    c.execute("COMMIT")
+    t1 = time.time()
+    log.write(f"{seq} {t0:.6f} {t1:.6f}\n")
+    if ckpt_every and seq % ckpt_every == 0:
+        mode = modes[(seq // ckpt_every) % 3]
+        a = time.time()
+        r = c.execute(f"PRAGMA wal_checkpoint({mode})").fetchone()
+        log.write(f"ckpt {mode} {time.time() - a:.6f} {r[0]}\n")
+    if pause:
+        time.sleep(pause)
+'''
+
+
+def make_source(path: Path, rows: int = 200) -> None:
+    """A WAL database with the writer's tables and some rows (seq 1..rows), checkpointed."""
+    c = sqlite3.connect(path, isolation_level=None)
+    c.execute("PRAGMA journal_mode=WAL")
+    c.execute("CREATE TABLE t(seq INTEGER PRIMARY KEY, pad BLOB)")
+    c.execute("CREATE TABLE counter(n INTEGER)")
+    c.execute("BEGIN")
+    c.executemany("INSERT INTO t VALUES (?, randomblob(300))", [(i,) for i in range(1, rows + 1)])
+    c.execute("INSERT INTO counter VALUES (?)", (rows,))
+    c.execute("COMMIT")
+    c.close()
+
+
+@dataclass
+class Commit:
+    seq: int
+    before: float
+    after: float
+
+
+def read_log(path: Path) -> tuple[list[Commit], list[tuple[str, float, int]]]:
+    commits, ckpts = [], []
+    for line in path.read_text().splitlines():
+        parts = line.split()
+        if parts[0] == "ckpt":
+            ckpts.append((parts[1], float(parts[2]), int(parts[3])))
+        elif len(parts) == 3:
+            commits.append(Commit(int(parts[0]), float(parts[1]), float(parts[2])))
+    return commits, ckpts
+
+
+def start_writer(src: Path, log: Path, seconds: float, *, start_seq: int, pause: float = 0.002,
+                 ckpt_every: int = 150) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, "-c", WRITER, str(src), str(log), str(seconds), str(start_seq),
+                             str(pause), str(ckpt_every)])
+
+
+def dbre_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-c", "from dbre.cli import main; main()", *args]
+
+
+def start_replicator(src: Path, repo: str, db: str = "app", interval: str = "1s",
+                     out: Path | None = None) -> subprocess.Popen[bytes]:
+    sink = open(out, "ab") if out else subprocess.DEVNULL  # noqa: SIM115 - the child keeps it
+    return subprocess.Popen(dbre_cmd("replicate", str(src), "--repo", repo, "--db", db, "--interval", interval,
+                                     "-q"), stdout=sink, stderr=subprocess.PIPE, env={**os.environ})
+
+
+def stop_replicator(proc: subprocess.Popen[bytes], timeout: float = 30) -> tuple[int, str]:
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=timeout)
+    return proc.returncode, err.decode()
+
+
+def wait_for_generation(repo_url: str, db: str = "app", timeout: float = 30,
+                        proc: subprocess.Popen[bytes] | None = None) -> None:
+    """Until the replicator has written its first generation's base."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"replicator exited {proc.returncode}: {proc.stderr.read().decode() if proc.stderr else ''}")
+        repo = Repository.open(repo_url) if _has_config(repo_url) else None
+        if repo is not None and any(k.endswith("/base") for k in repo.store.list(f"segments/{db}/")):
+            return
+        time.sleep(0.1)
+    raise AssertionError("no generation within the timeout")
+
+
+def _has_config(url: str) -> bool:
+    try:
+        Repository.open(url)
+        return True
+    except Exception:  # noqa: BLE001 - not created yet
+        return False
+
+
+def restore_at(repo: Repository, db: str, at: datetime, to: Path) -> None:
+    plan = plan_pitr(repo, db, to, at=at)
+    if plan is None:
+        apply_restore(repo, plan_restore(repo, db, to, at=at))
+    else:
+        apply_pitr(repo, plan)
+
+
+def restored_seq(path: Path) -> tuple[int, int, int]:
+    """(count of rows, max seq, counter) of a restored file; integrity checked."""
+    c = sqlite3.connect(path)
+    try:
+        assert c.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        count, top = c.execute("SELECT count(*), max(seq) FROM t").fetchone()
+        (n,) = c.execute("SELECT n FROM counter").fetchone()
+        return count, top, n
+    finally:
+        c.close()
+
+
+def check_oracle(path: Path, commits: list[Commit], at: float, base_rows: int) -> int:
+    """The restored file holds exactly the commits 1..k (a prefix), every commit that returned at
+    least PRECISION before ``at``, and none that began after ``at``. Returns k."""
+    count, top, n = restored_seq(path)
+    assert count == top == n, f"not one consistent prefix: {count} rows, max {top}, counter {n}"
+    by_seq = {c.seq: c for c in commits}
+    must = max([c.seq for c in commits if c.after <= at - PRECISION], default=base_rows)
+    must_not = min([c.seq for c in commits if c.before > at], default=10**12)
+    assert must <= top < must_not, (f"at {at:.6f}: restored up to seq {top}, expected >= {must} and < {must_not}; "
+                                    f"commit {top}: {by_seq.get(top)}; next: {by_seq.get(top + 1)}")
+    return top
+
+
+def utc(t: float) -> datetime:
+    return datetime.fromtimestamp(t, UTC)
