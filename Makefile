@@ -27,8 +27,9 @@ typecheck: $(STAMP)
 test: $(STAMP) lint typecheck
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
-# the history (S3, 5 vs 200 snapshots) and churn (24 rounds, repack off/on) parts too; BENCH_ARGS= for the core only
-BENCH_ARGS ?= --history --churn
+# the history (S3, 5 vs 200 snapshots), churn (24 rounds, repack off/on) and PITR (replication vs Litestream 0.5.17)
+# parts too; BENCH_ARGS= for the core only
+BENCH_ARGS ?= --history --churn --pitr
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks $(BENCH_ARGS)
 

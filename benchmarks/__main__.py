@@ -5,6 +5,7 @@
     python -m benchmarks --profile         # also a cProfile of one backup of the largest database
     python -m benchmarks --history         # also cost against history (benchmarks/history.py)
     python -m benchmarks --churn           # also size under churn and retention (benchmarks/churn.py)
+    python -m benchmarks --pitr            # also replication against Litestream 0.5.17 (benchmarks/pitr.py)
 """
 
 from __future__ import annotations
@@ -45,6 +46,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="also the history part: 5 vs 200 snapshots on S3, and a 10,000-snapshot repository")
     p.add_argument("--churn", action="store_true",
                    help="also the churn part: 24 rounds of 15%% page churn with keep-last 3 + prune, repack off vs on")
+    p.add_argument("--pitr", action="store_true",
+                   help="also continuous replication and point-in-time restores, dbre vs Litestream "
+                        "(256 MiB, 100 and 1000 commits/s, directory and S3; with --quick: 4 MiB, 100/s, directory)")
     p.add_argument("--size-mb", type=int, help=argparse.SUPPRESS)  # tiny databases for the tests
     args = p.parse_args(argv)
     if args.quick:
@@ -96,6 +100,11 @@ def main(argv: list[str] | None = None) -> int:
 
         doc["churn"] = churn.measure(args.runs, data=out / "data", log=console.print)
         churn.print_result(doc["churn"], console.print)  # type: ignore[arg-type]
+    if args.pitr:
+        from benchmarks import pitr, pitr_report
+
+        doc["pitr"] = pitr.measure(pitr.Settings.quick() if args.quick else pitr.Settings(), out, log=console.print)
+        pitr_report.print_tables(doc["pitr"], console)  # type: ignore[arg-type]
     (out / "results.json").write_text(json.dumps(doc, indent=1))
     report.print_table(doc, console)
     console.print(f"results: {out / 'results.json'}")
@@ -104,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
         missed.append(doc["history"])
     if args.churn and not doc["churn"]["pass"]:  # type: ignore[index]
         missed.append(doc["churn"])
+    if args.pitr:
+        missed += [c for c in doc["pitr"]["comparison"] if not c.get("pass")]  # type: ignore[index]
     return 1 if args.strict and missed else 0
 
 
