@@ -63,7 +63,8 @@ def replicate(
         stats = replicator.run(stop, shipped)
         print(f"replicate {db}: stopped; {stats.transactions} transactions in {stats.segments} segments "
               f"({stats.bytes} bytes), generations {', '.join(stats.generations) or 'none'}; "
-              f"write lock held at most {stats.max_swap_ms:.1f} ms, {stats.yields} checkpoints yielded to",
+              f"write lock held at most {stats.max_swap_ms:.1f} ms, {stats.yields} checkpoints yielded to, "
+              f"longest gap between two polls {stats.max_poll_gap_ms:.0f} ms",
               file=sys.stderr, flush=True)
 
     _run(go)

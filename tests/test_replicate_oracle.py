@@ -3,9 +3,10 @@ transactions (a few hundred a second) and checkpoints (PASSIVE, RESTART, TRUNCAT
 replicator runs as a subprocess; restores at many random times each hold exactly the commits up to
 that time, on a local repository and on S3 (moto).
 
-Boundary: a transaction is stamped when the replicator first reads it, at most one poll (20 ms)
-plus a read after it committed. So a restore at T must hold every commit that returned at least
-PRECISION (100 ms) before T, none that began after T, and always one consistent prefix.
+Boundary: a transaction is stamped when the replicator first reads it, one poll (20 ms) plus a
+read after it committed. So a restore at T must hold every commit that returned at least
+PRECISION before T, none that began after T, and always one consistent prefix (PRECISION: see
+tests/replication.py; the 100 ms precision is asserted at the 99th percentile of all commits).
 """
 
 from __future__ import annotations
@@ -54,7 +55,8 @@ def test_restore_at_random_times_is_exact(where: str, tmp_path: Path, request: p
     assert len(commits) > 1500, f"the writer managed only {len(commits)} commits"
     assert {m for m, _, _ in ckpts} == {"PASSIVE", "RESTART", "TRUNCATE"}
     worst_ckpt = max(s for _, s, _ in ckpts)
-    print(f"\n{where}: {len(commits)} commits, {len(ckpts)} checkpoints (worst {worst_ckpt * 1000:.0f} ms); {err.strip()}")
+    print(f"\n{where}: {len(commits)} commits, {len(ckpts)} checkpoints (worst {worst_ckpt * 1000:.0f} ms); "
+          f"{err.strip()}")
 
     repo = Repository.open(repo_url)
     # every commit shipped, with its observation lag
@@ -72,10 +74,12 @@ def test_restore_at_random_times_is_exact(where: str, tmp_path: Path, request: p
                 c = by_seq.get(BASE_ROWS + tx.txid - base.base_txid)
                 if c is not None and len(gens) == 1:
                     lags.append(tx.observed_us / 1e6 - c.after)
-    if lags:
-        lags.sort()
-        print(f"observation lag after commit returned: median {lags[len(lags) // 2] * 1000:.1f} ms, "
-              f"max {lags[-1] * 1000:.1f} ms, min {lags[0] * 1000:.1f} ms")
+    assert len(gens) == 1 and len(lags) == len(commits), "every commit shipped, in one generation"
+    lags.sort()
+    p99 = lags[int(len(lags) * 0.99)]
+    print(f"observation lag after commit returned: median {lags[len(lags) // 2] * 1000:.1f} ms, "
+          f"p99 {p99 * 1000:.1f} ms, max {lags[-1] * 1000:.1f} ms")
+    assert p99 <= 0.1, "the stated observation precision (100 ms) is not met at the 99th percentile"
 
     rng = random.Random(7)
     lo, hi = commits[0].before - 0.2, commits[-1].after + 0.5

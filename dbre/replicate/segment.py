@@ -57,14 +57,21 @@ class WalPos:
     salt: bytes
     frame: int
     cksum: tuple[int, int] = (0, 0)
+    # the WAL was wholly backfilled here and no other process held a read mark: the next write
+    # restarts it at this very frame (so a replicator resuming after a kill follows one restart)
+    restart_next: bool = False
 
     def to_json(self) -> dict[str, Any]:
-        return {"salt": self.salt.hex(), "frame": self.frame, "cksum": list(self.cksum)}
+        d: dict[str, Any] = {"salt": self.salt.hex(), "frame": self.frame, "cksum": list(self.cksum)}
+        if self.restart_next:
+            d["restart_next"] = True
+        return d
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> WalPos:
         ck = d.get("cksum") or (0, 0)
-        return cls(bytes.fromhex(str(d["salt"])), int(d["frame"]), (int(ck[0]), int(ck[1])))
+        return cls(bytes.fromhex(str(d["salt"])), int(d["frame"]), (int(ck[0]), int(ck[1])),
+                   bool(d.get("restart_next", False)))
 
 
 @dataclass

@@ -30,7 +30,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import apsw
@@ -126,6 +126,10 @@ class _Uploader:
         self._thread.join()
 
 
+def _same(a: WalPos, b: WalPos) -> bool:
+    return (a.salt, a.frame, a.cksum) == (b.salt, b.frame, b.cksum)
+
+
 def _salt1(salt: bytes) -> int:
     return int.from_bytes(salt[:4], "big")
 
@@ -155,6 +159,7 @@ class Replicator:
         self._last_obs = 0
         self._bad_since: float | None = None
         self._uploader: _Uploader | None = None
+        self._calm_until = 0.0  # no second yield to the same checkpoint before this (monotonic)
         self._starting = False  # inside _new_generation: no generation starts from within it
         self.on_ship: Callable[[str], None] | None = None
 
@@ -198,6 +203,9 @@ class Replicator:
                 continue
             try:
                 self._poll()
+                if now >= self._calm_until and self.tail.blocking_checkpoint():
+                    self._yield()  # at once, not at the next ship: the checkpoint waits on this reader
+                    self._calm_until = time.monotonic() + 0.05
                 big = sum(t.size for t in self.pending) >= MAX_SEGMENT_BYTES
                 if self.pending and (stopping or big or now - last_ship >= self.interval):
                     self._swap()
@@ -297,6 +305,7 @@ class Replicator:
             if time.monotonic() > deadline or (tries >= 3 and tail.blocking_checkpoint()):
                 return False
             time.sleep(0.001)
+            self._poll()  # commits keep landing while we wait: stamp them now, not after
             return True
 
         self.locker.set_busy_handler(busy)
@@ -307,26 +316,43 @@ class Replicator:
             return False
 
     def _swap(self) -> None:
-        """Read the last commits and move the read transaction to the newest one, under the write lock."""
+        """Read the last commits and move the read transaction to the newest one, under the write lock.
+        A long WAL is checkpointed in two steps: the bulk after a first swap, outside the write lock,
+        then what came meanwhile, inside a second one (so writers wait for little)."""
+        assert self.tail is not None and self.conn is not None
+        st = self.tail.index()
+        if st.mx_frame >= CHECKPOINT_FRAMES and st.backfilled < st.mx_frame and self._swap_once(False):
+            assert self.locker is not None  # (no transaction open on it now; the reader's is)
+            self.locker.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()  # up to our new read mark
+            self._swap_once(True)
+        else:
+            self._swap_once(False)
+
+    def _swap_once(self, checkpoint: bool) -> bool:
         assert self.locker is not None and self.conn is not None and self.tail is not None
         started = time.perf_counter()
         if not self._write_lock():
             if self.tail.blocking_checkpoint():
                 self._yield()
-            return  # (else writers keep it busy: the next round tries again; nothing is lost meanwhile)
+            return False  # (else writers keep it busy: the next round tries again; nothing is lost meanwhile)
         try:
             self._poll()  # no commit can land now: these are all of them
             self._end_read()
             st = self.tail.index()
-            if st.mx_frame >= CHECKPOINT_FRAMES and st.backfilled < st.mx_frame:
+            if checkpoint and st.backfilled < st.mx_frame:
                 # so the new read transaction sits on mark 0 and the next write can restart the WAL
                 self.conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
                 self.stats.checkpoints += 1
             self._begin_read()
+            st = self.tail.index()
+            if (st.backfilled == st.mx_frame and (st.salt, st.mx_frame) == (self.pos.salt, self.pos.frame)
+                    and not self.tail.foreign_readers()):
+                self.pos = replace(self.pos, restart_next=True)
         finally:
             self.locker.execute("ROLLBACK")
         self.stats.swaps += 1
         self.stats.max_swap_ms = max(self.stats.max_swap_ms, (time.perf_counter() - started) * 1000)
+        return True
 
     def _yield(self) -> None:
         """Step aside for an application's blocking checkpoint (see the module doc)."""
@@ -367,7 +393,10 @@ class Replicator:
 
     def _submit_segment(self, gen: Generation, txs: list[Transaction]) -> None:
         assert self._uploader is not None and self.tail is not None
-        start, self._shipped = self._shipped, txs[-1].end or self._shipped
+        end = txs[-1].end or self._shipped
+        if self.pos.restart_next and _same(end, self.pos):
+            end = self.pos  # this segment ends where the swap left the WAL wholly backfilled
+        start, self._shipped = self._shipped, end
         file_id = self.tail.file_id()
 
         def job() -> None:
@@ -375,8 +404,7 @@ class Replicator:
             state = self._state
             for tx in txs:
                 state = chain_step(self.repo.page_hash, state, tx)
-            seg = Segment(self.db, gen.id, gen.page_size, self._state, state, start, txs[-1].end or start,
-                          file_id, txs)
+            seg = Segment(self.db, gen.id, gen.page_size, self._state, state, start, end, file_id, txs)
             what = f"replicate {self.db}: segment {txs[0].txid}-{txs[-1].txid}"
             self.lease.check(what)
             self.lock.check_alive(what, consequence="the segment was not shipped",
@@ -414,7 +442,9 @@ class Replicator:
             why = "the database file is not the one replicated before (replaced or restored over)"
         else:
             self.gen, self.page_size, self.pos, self._shipped, self._state = base, base.page_size, end, end, state
-            self.restarts = "never"  # frames after ``end`` were not pinned while no replicator ran
+            # frames after ``end`` were not pinned while no replicator ran: a restart since is followed
+            # only when the WAL was wholly backfilled there (the restart came at that very frame)
+            self.restarts = "one" if end.restart_next else "never"
             try:
                 self._poll()
             except ContinuityLost as err:
@@ -513,10 +543,10 @@ class Replicator:
     def _split(self, snap: WalPos) -> tuple[list[Transaction], list[Transaction]]:
         """The pending transactions the snapshot holds, and those after it: it ends where the last
         shipped one did, at the end of one read here, or (an emptied, restarted WAL) at new salts."""
-        if snap == self._shipped:
+        if _same(snap, self._shipped):
             return [], list(self.pending)
         for i, tx in enumerate(self.pending):
-            if tx.end == snap:
+            if tx.end is not None and _same(tx.end, snap):
                 return self.pending[: i + 1], self.pending[i + 1 :]
         if snap.frame == 0 and snap.salt != self._shipped.salt:
             idx = next((i for i, t in enumerate(self.pending) if t.end is not None and t.end.salt == snap.salt),

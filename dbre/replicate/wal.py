@@ -23,7 +23,7 @@ from dbre.replicate.segment import Transaction, WalPos
 from dbre.sources.image import _FRAME_HDR, _WAL_HDR, WAL_MAGIC, NoImage, _Files, _read_wal_index, _WalState
 
 SHM_LOCKS = 120  # byte offset of SQLite's wal-index locks in -shm (UNIX_SHM_BASE)
-WRITE_LOCK, CKPT_LOCK = 0, 1
+WRITE_LOCK, CKPT_LOCK, READ_LOCKS, READERS = 0, 1, 3, 5  # lock slots; READ_LOCK(i) is READ_LOCKS + i
 READ_CHUNK = 1024  # frames read per pread
 
 
@@ -149,9 +149,9 @@ class WalTail:
 
     # -- other processes' locks ------------------------------------------------------------------
 
-    def _holder(self, lock: int) -> int:
-        """The pid of another process holding wal-index lock ``lock`` (0 if none)."""
-        req = struct.pack("hhqqi", fcntl.F_WRLCK, os.SEEK_SET, SHM_LOCKS + lock, 1, 0) + bytes(4)
+    def _holder(self, lock: int, n: int = 1) -> int:
+        """The pid of another process holding one of wal-index locks ``lock..lock+n-1`` (0 if none)."""
+        req = struct.pack("hhqqi", fcntl.F_WRLCK, os.SEEK_SET, SHM_LOCKS + lock, n, 0) + bytes(4)
         try:
             res = fcntl.fcntl(self.files.fd("-shm"), fcntl.F_GETLK, req)
         except (OSError, NoImage):
@@ -165,3 +165,7 @@ class WalTail:
         (No commit can land while it holds the write lock.)"""
         writer = self._holder(WRITE_LOCK)
         return writer != 0 and writer == self._holder(CKPT_LOCK)
+
+    def foreign_readers(self) -> bool:
+        """Another process holds a read mark other than 0 (its reader keeps the WAL from restarting)."""
+        return self._holder(READ_LOCKS + 1, READERS - 1) != 0
