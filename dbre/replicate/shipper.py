@@ -490,7 +490,11 @@ class Replicator:
 
         def take() -> None:
             try:
-                done["result"] = backup(self.repo, LocalFileSource(self.path), self.db)
+                # direct=False: the direct path maps the database file, and CPython's mmap keeps a
+                # dup() of the descriptor whose close drops every POSIX lock this process holds on
+                # the file (the reader's too: the WAL could then be deleted under it). The backup
+                # API path maps only the -wal, on which SQLite takes no lock.
+                done["result"] = backup(self.repo, LocalFileSource(self.path), self.db, direct=False)
             except BaseException as err:  # noqa: BLE001 - re-raised in the main thread
                 done["error"] = err
 
