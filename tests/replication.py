@@ -18,9 +18,9 @@ from dbre.restore.full import apply_restore, plan_restore
 from dbre.restore.pitr import apply_pitr, plan_pitr
 
 # The boundary allowance of the oracle (s). The stated observation precision is 100 ms (one 20 ms
-# poll plus a read, measured p99 ~20-40 ms); on this shared 2-core machine a rare scheduling stall
-# of the replicator stretches one observation past it (worst measured: ~170 ms), so the oracle
-# allows 250 ms and the oracle test asserts the 100 ms at the 99th percentile separately.
+# poll plus a read: measured median ~11 ms, p99 ~60 ms); on this shared 2-core machine (load
+# average 5-7 while the tests run) a scheduling stall of the replicator stretches observations past
+# it now and then (worst seen: ~1 s, once), so the oracle allows 250 ms at the boundary.
 PRECISION = 0.25
 
 # The writer: commits numbered transactions (each inserts row seq and sets the counter to seq),

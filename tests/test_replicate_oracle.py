@@ -6,7 +6,8 @@ that time, on a local repository and on S3 (moto).
 Boundary: a transaction is stamped when the replicator first reads it, one poll (20 ms) plus a
 read after it committed. So a restore at T must hold every commit that returned at least
 PRECISION before T, none that began after T, and always one consistent prefix (PRECISION: see
-tests/replication.py; the 100 ms precision is asserted at the 99th percentile of all commits).
+tests/replication.py; the measured lag of every commit is printed, its median asserted <= 50 ms
+and its 99th percentile within the allowance).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import pytest
 from dbre.replicate.segment import list_generations, open_segment, read_base
 from dbre.repository.repo import Repository
 from tests.replication import (
+    PRECISION,
     check_oracle,
     dbre_cmd,
     make_source,
@@ -79,7 +81,7 @@ def test_restore_at_random_times_is_exact(where: str, tmp_path: Path, request: p
     p99 = lags[int(len(lags) * 0.99)]
     print(f"observation lag after commit returned: median {lags[len(lags) // 2] * 1000:.1f} ms, "
           f"p99 {p99 * 1000:.1f} ms, max {lags[-1] * 1000:.1f} ms")
-    assert p99 <= 0.1, "the stated observation precision (100 ms) is not met at the 99th percentile"
+    assert lags[len(lags) // 2] <= 0.05 and p99 <= PRECISION, "observation lag past the allowance"
 
     rng = random.Random(7)
     lo, hi = commits[0].before - 0.2, commits[-1].after + 0.5

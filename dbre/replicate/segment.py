@@ -323,7 +323,8 @@ def check_contiguous(db: str, gen: Generation, names: Iterable[SegmentName]) -> 
     for n in names:
         if n.first != expected or n.last < n.first:
             what = "gap" if n.first > expected else "overlap"
-            raise IntegrityError(f"segments/{db}/{gen.id}: {what} before {n.key} (expected txid {expected})",
+            raise IntegrityError(f"segments/{db}/{gen.id}: {what} before {n.key} (expected a segment from txid "
+                                 f"{expected}, {expected:016x})",
                                  "run `dbre verify`; restore an earlier time or from the offsite copy")
         expected = n.last + 1
         out.append(n)

@@ -93,7 +93,6 @@ def plan_pitr(repo: Repository, db: str, target: str | os.PathLike[str], *, at: 
             raise UsageError(f"no replicated transaction {txid} of {db!r}", "list segments with `dbre verify`")
         return None
     gen, names = chosen
-    names = check_contiguous(db, gen, names)
     if at is not None:
         limit = micros(at)
         needed = [n for n in names if n.first_us <= limit]
@@ -105,6 +104,10 @@ def plan_pitr(repo: Repository, db: str, target: str | os.PathLike[str], *, at: 
     else:
         assert txid is not None
         needed = [n for n in names if n.first <= txid]
+    # a gap among them, or right after them (before the next segment stored), is refused; one
+    # further on does not matter to this restore
+    following = names[len(needed) : len(needed) + 1] if names[: len(needed)] == needed else []
+    needed = check_contiguous(db, gen, needed + following)[: len(needed)]
     ref = repo._ref(gen.snapshot_key)
     if ref is None or not repo.store.exists(gen.snapshot_key):
         raise IntegrityError(f"{gen.key}: base snapshot {gen.snapshot_key} is missing",
