@@ -51,7 +51,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
@@ -90,19 +90,7 @@ class Target:
     def listing(self) -> dict[str, str]:
         """Object name (relative) -> a stamp that changes when the object is rewritten."""
         if self.kind == "file":
-            assert self.root is not None
-            out: dict[str, str] = {}
-            for dirpath, _dirs, files in os.walk(self.root):
-                for name in files:
-                    if name.endswith(".tmp") or ".tmp-" in name or name.startswith(".tmp"):
-                        continue  # written, not yet renamed into place
-                    path = os.path.join(dirpath, name)
-                    try:
-                        st = os.stat(path)
-                    except FileNotFoundError:
-                        continue
-                    out[os.path.relpath(path, self.root)] = f"{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
-            return out
+            return {name: f"{st.st_ino}:{st.st_size}:{st.st_mtime_ns}" for name, st in self._files()}
         out = {}
         for page in _s3().get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=self.prefix + "/"):
             for obj in page.get("Contents", []):
@@ -112,14 +100,29 @@ class Target:
     def sizes(self) -> tuple[int, int]:
         """(objects, bytes) stored now."""
         if self.kind == "file":
-            assert self.root is not None
-            files = [p for p in self.root.rglob("*") if p.is_file()]
-            return len(files), sum(p.stat().st_size for p in files)
+            files = list(self._files())
+            return len(files), sum(st.st_size for _, st in files)
         n = size = 0
         for page in _s3().get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=self.prefix + "/"):
             for obj in page.get("Contents", []):
                 n, size = n + 1, size + obj["Size"]
         return n, size
+
+    def _files(self) -> Iterator[tuple[str, os.stat_result]]:
+        """The objects of a directory replica: temp files being written are not objects yet
+        (Litestream writes ``<name>.tmp`` beside the file, dbre into ``.tmp/`` at the root)."""
+        assert self.root is not None
+        for dirpath, dirs, files in os.walk(self.root):
+            dirs[:] = [d for d in dirs if d != ".tmp"]
+            for name in files:
+                if name.endswith(".tmp"):
+                    continue
+                path = os.path.join(dirpath, name)
+                try:
+                    st = os.stat(path)
+                except FileNotFoundError:
+                    continue  # removed since the directory was read
+                yield os.path.relpath(path, self.root), st
 
     def fetch(self, name: str, dest: Path) -> None:
         """Keep a copy of object ``name`` as it is now at ``dest`` (a hard link for a directory)."""

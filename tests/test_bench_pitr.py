@@ -69,6 +69,9 @@ def test_frozen_positions_keep_what_the_replica_held_when_seen(tmp_path: Path) -
     root = tmp_path / "replica"
     root.mkdir()
     (root / "a").write_bytes(b"old")
+    (root / ".tmp").mkdir()
+    (root / ".tmp" / "9f2c").write_bytes(b"half")  # dbre's temp files, and Litestream's below: not objects
+    (root / "c.tmp").write_bytes(b"half")
     with pitr.ReplicaWatch(pitr.Target("file", root=root), tmp_path / "mirror") as watch:
         deadline = time.monotonic() + 10
         while not watch.positions and time.monotonic() < deadline:
@@ -83,6 +86,7 @@ def test_frozen_positions_keep_what_the_replica_held_when_seen(tmp_path: Path) -
     first, last = watch.positions[0], watch.positions[-1]
     assert last.seen_ns > first.seen_ns
     frozen = watch.frozen(first, tmp_path / "f0", lambda name: name)
+    assert list(first.objects) == ["a"] and pitr.Target("file", root=root).sizes() == (2, 5)
     assert frozen is not None and sorted(p.name for p in frozen.iterdir()) == ["a"]
     assert (frozen / "a").read_bytes() == b"old"
     frozen = watch.frozen(last, tmp_path / "f1", lambda name: name)
