@@ -47,12 +47,14 @@ def replicate(
         from dbre.replicate.shipper import Replicator
         from dbre.repository.manifest import check_db_name
         from dbre.repository.repo import Repository
+        from dbre.sources.local import LocalFileSource
 
         check_db_name(db)
         seconds = parse_interval(interval)
         stop = threading.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())
+        LocalFileSource(source).check()  # before a repository is created for nothing
         repository = Repository.open_or_init(repo, _key(key_file))
         replicator = Replicator(repository, source, db, seconds)
 

@@ -47,7 +47,7 @@ def test_wal_restarted_while_stopped_starts_a_generation(tmp_path: Path) -> None
     make_source(src, BASE_ROWS)
     rep = start_replicator(src, repo_url)
     wait_for_generation(repo_url, proc=rep)
-    assert start_writer(src, log, 2.5, start_seq=BASE_ROWS).wait(timeout=60) == 0
+    assert start_writer(src, log, 1.5, start_seq=BASE_ROWS).wait(timeout=60) == 0
     time.sleep(1.2)
     code, err = stop_replicator(rep)
     assert code == 0, err
@@ -63,7 +63,7 @@ def test_wal_restarted_while_stopped_starts_a_generation(tmp_path: Path) -> None
             time.sleep(0.2)
         resumed = time.time()
         commits, _ = read_log(log)
-        assert start_writer(src, log, 2.5, start_seq=commits[-1].seq).wait(timeout=60) == 0
+        assert start_writer(src, log, 1.5, start_seq=commits[-1].seq).wait(timeout=60) == 0
         time.sleep(1.2)
     finally:
         code, err = stop_replicator(rep)
@@ -80,12 +80,12 @@ def test_vacuum_starts_a_generation(tmp_path: Path) -> None:
     rep = start_replicator(src, repo_url)
     try:
         wait_for_generation(repo_url, proc=rep)
-        assert start_writer(src, log, 2.0, start_seq=BASE_ROWS).wait(timeout=60) == 0
+        assert start_writer(src, log, 1.5, start_seq=BASE_ROWS).wait(timeout=60) == 0
         c = sqlite3.connect(src, isolation_level=None)
         c.execute("VACUUM")
         c.close()
         commits, _ = read_log(log)
-        assert start_writer(src, log, 2.0, start_seq=commits[-1].seq).wait(timeout=60) == 0
+        assert start_writer(src, log, 1.5, start_seq=commits[-1].seq).wait(timeout=60) == 0
         time.sleep(1.2)
     finally:
         code, err = stop_replicator(rep)
@@ -102,7 +102,7 @@ def test_replaced_file_starts_a_generation(tmp_path: Path) -> None:
     rep = start_replicator(src, repo_url)
     try:
         wait_for_generation(repo_url, proc=rep)
-        assert start_writer(src, log, 2.0, start_seq=BASE_ROWS).wait(timeout=60) == 0
+        assert start_writer(src, log, 1.5, start_seq=BASE_ROWS).wait(timeout=60) == 0
         time.sleep(1.2)
         # the application swaps in a copy (as a restore over it would): same rows, another file
         copy = tmp_path / "copy.db"
@@ -118,7 +118,7 @@ def test_replaced_file_starts_a_generation(tmp_path: Path) -> None:
         commits, _ = read_log(log)
         while len(check_chains(Repository.open(repo_url))) < 2:
             time.sleep(0.2)
-        assert start_writer(src, log, 2.0, start_seq=commits[-1].seq).wait(timeout=60) == 0
+        assert start_writer(src, log, 1.5, start_seq=commits[-1].seq).wait(timeout=60) == 0
         time.sleep(1.2)
     finally:
         code, err = stop_replicator(rep)

@@ -30,9 +30,11 @@ from tests.replication import (
 BASE_ROWS = 200
 
 
-@pytest.fixture
-def replicated(tmp_path: Path) -> tuple[str, Path]:
-    """A local repository with one generation of at least 4 segments; the writer's log."""
+@pytest.fixture(scope="module")
+def replicated(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
+    """A local repository with one generation of at least 4 segments; the writer's log. (Shared:
+    the tamper test puts every segment back as it was.)"""
+    tmp_path = tmp_path_factory.mktemp("replicated")
     repo_url, src, log = str(tmp_path / "repo"), tmp_path / "src.db", tmp_path / "writer.log"
     make_source(src, BASE_ROWS)
     rep = start_replicator(src, repo_url, interval="300ms")
