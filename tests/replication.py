@@ -193,3 +193,33 @@ def check_chains(repo: Repository, db: str = "app") -> dict[str, int]:
             last = name.last
         out[gen_id] = last
     return out
+
+
+def observed_times(repo: Repository, base_rows: int, db: str = "app") -> dict[int, float]:
+    """Writer seq -> the stamp the replicator gave its commit, read back (and chain-checked) from the
+    segments of a single generation whose every transaction is one writer commit."""
+    from dbre.replicate.segment import list_generations, open_segment, read_base
+
+    gens = list_generations(repo, db)
+    assert len(gens) == 1, f"expected one generation: {list(gens)}"
+    (gen_id, names), = gens.items()
+    base = read_base(repo, db, gen_id)
+    state = bytes.fromhex(base.state)
+    out: dict[int, float] = {}
+    for name in names:
+        seg = open_segment(repo, name, state)
+        state = seg.state_after
+        out.update((base_rows + tx.txid - base.base_txid, tx.observed_us / 1e6) for tx in seg.transactions)
+    return out
+
+
+def check_exact(path: Path, commits: list[Commit], observed: dict[int, float], at: float, base_rows: int) -> int:
+    """A restore at ``at`` holds one consistent prefix: exactly the commits stamped at or before
+    ``at``, none begun after it, and every one that returned PRECISION before it unless its own
+    stamp was later than that. Returns the last seq restored."""
+    top = check_oracle(path, commits, at, base_rows, watched=False)
+    assert top == max([q for q, t in observed.items() if t <= at], default=base_rows), at
+    by_seq = {c.seq: c for c in commits}
+    late = [c.seq for c in commits if c.after <= at - PRECISION and c.seq > top]
+    assert all(observed[q] - by_seq[q].after > PRECISION for q in late), (at, late[:5])
+    return top
