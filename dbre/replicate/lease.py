@@ -81,11 +81,16 @@ class Lease:
         for old in epochs:
             self.store.delete(self.key(old))
 
-    def refresh_if_due(self) -> None:
+    def due(self) -> bool:
+        """Time to rewrite the lease; the caller then runs ``refresh`` (off its polling thread)."""
         if boottime() - self._written >= REFRESH_SECONDS:
-            self.check("replicate")
-            self.store.put(self.key(), json.dumps(self.record | {"time": time.time()}).encode())
             self._written = boottime()
+            return True
+        return False
+
+    def refresh(self) -> None:
+        self.check("replicate")
+        self.store.put(self.key(), json.dumps(self.record | {"time": time.time()}).encode())
 
     def check(self, what: str) -> None:
         """Raise ``LockLostError`` if another replicator has taken the lease since."""

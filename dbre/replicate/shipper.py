@@ -214,7 +214,8 @@ class Replicator:
             except ContinuityLost as err:
                 self._continuity_lost(str(err))
                 continue
-            self.lease.refresh_if_due()
+            if self.lease.due():
+                self._uploader.submit(self.lease.refresh)  # a store request: never on the polling thread
             if stopping:
                 return
 
