@@ -100,12 +100,12 @@ def dbre_cmd(*args: str) -> list[str]:
 
 
 def start_replicator(src: Path, repo: str, db: str = "app", interval: str = "1s",
-                     out: Path | None = None) -> subprocess.Popen[bytes]:
+                     out: Path | None = None, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
     """``dbre replicate`` as a subprocess; its stdout (one line per segment) goes to ``out``."""
     sink = open(out, "ab") if out else subprocess.DEVNULL  # noqa: SIM115 - the child keeps it
     return subprocess.Popen(dbre_cmd("replicate", str(src), "--repo", repo, "--db", db, "--interval", interval,
                                      *([] if out else ["-q"])), stdout=sink, stderr=subprocess.PIPE,
-                            env={**os.environ})
+                            env={**os.environ, **(env or {})})
 
 
 def stop_replicator(proc: subprocess.Popen[bytes], timeout: float = 30) -> tuple[int, str]:

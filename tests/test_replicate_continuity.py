@@ -9,6 +9,7 @@ import sqlite3
 import time
 from pathlib import Path
 
+from dbre.replicate.segment import list_generations, read_base
 from dbre.repository.repo import Repository
 from tests.replication import (
     check_chains,
@@ -127,3 +128,28 @@ def test_replaced_file_starts_a_generation(tmp_path: Path) -> None:
     repo = Repository.open(repo_url)
     assert len(check_chains(repo)) == 2
     _restores(repo, tmp_path, log, [(replaced - 0.3, replaced + 0.3)])
+
+
+def test_long_generation_gets_a_fresh_base(tmp_path: Path) -> None:
+    """After GENERATION_SEGMENTS segments a new base snapshot starts a generation that continues the
+    old one exactly (so a restore reads a bounded number of segments); restores stay exact."""
+    repo_url, src, log = str(tmp_path / "repo"), tmp_path / "src.db", tmp_path / "writer.log"
+    make_source(src, BASE_ROWS)
+    rep = start_replicator(src, repo_url, interval="200ms", env={"DBRE_REPLICATE_GENERATION_SEGMENTS": "4"})
+    try:
+        wait_for_generation(repo_url, proc=rep)
+        assert start_writer(src, log, 3.0, start_seq=BASE_ROWS, ckpt_every=0).wait(timeout=60) == 0
+        time.sleep(0.8)
+    finally:
+        code, err = stop_replicator(rep)
+    assert code == 0, err
+    repo = Repository.open(repo_url)
+    chains = check_chains(repo)
+    assert len(chains) >= 3, chains
+    gens = list_generations(repo, "app")
+    assert all(len(names) <= 5 for names in gens.values())  # (+1: the catch-up to the new base)
+    # each generation starts exactly where the previous one ended
+    ends = list(chains.values())
+    for gen_id, prev_end in zip(list(gens)[1:], ends, strict=False):
+        assert read_base(repo, "app", gen_id).base_txid == prev_end
+    _restores(repo, tmp_path, log, [])

@@ -279,11 +279,18 @@ def write_segment(repo: Repository, seg: Segment) -> tuple[str, int]:
     return key, len(data)
 
 
-def open_segment(repo: Repository, name: SegmentName, state_before: bytes | None) -> Segment:
-    """Read, unseal and check a segment: its header against its name, its txids consecutive, its
-    chain recomputed over every page from ``state_before`` (the previous segment's end)."""
+def fetch_segment(repo: Repository, name: SegmentName) -> bytes:
+    """A segment's stored bytes (never more than ``SEGMENT_CAP``), not yet checked."""
+    return get_capped(repo.store, name.key, SEGMENT_CAP, "segment")
+
+
+def open_segment(repo: Repository, name: SegmentName, state_before: bytes | None,
+                 raw: bytes | None = None) -> Segment:
+    """Read (or take ``raw``, from `fetch_segment`), unseal and check a segment: its header against
+    its name, its txids consecutive, its chain recomputed over every page from ``state_before``
+    (the previous segment's end)."""
     key = name.key
-    seg = Segment.decode(repo.sealer.unseal(get_capped(repo.store, key, SEGMENT_CAP, "segment"), key), key)
+    seg = Segment.decode(repo.sealer.unseal(raw if raw is not None else fetch_segment(repo, name), key), key)
     if seg.name != name:
         raise IntegrityError(f"{key}: segment holds {seg.name.key}", _HINT)
     if state_before is not None and seg.state_before != state_before:

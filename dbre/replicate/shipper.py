@@ -26,6 +26,7 @@ an uploader thread in order, so a slow store never delays the polling.
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
@@ -70,6 +71,9 @@ MAX_SEGMENT_BYTES = 64 * 1024 * 1024  # pending pages past this are shipped befo
 VACUUM_SHARE = 0.5  # a transaction writing this share of the pages (and VACUUM_MIN_PAGES) starts a generation
 VACUUM_MIN_PAGES = 64
 STALL_SECONDS = 10.0  # the WAL failing its checks this long in a row stops the replicator
+# a generation this long gets a fresh base snapshot (an incremental backup): a restore then reads at
+# most this many segments after its base (10 min of constant writes at the default interval)
+GENERATION_SEGMENTS = int(os.environ.get("DBRE_REPLICATE_GENERATION_SEGMENTS", "600"))  # (tests set it low)
 
 
 @dataclass
@@ -159,6 +163,7 @@ class Replicator:
         self._last_obs = 0
         self._bad_since: float | None = None
         self._uploader: _Uploader | None = None
+        self._gen_segments = 0  # segments in the current generation
         self._calm_until = 0.0  # no second yield to the same checkpoint before this (monotonic)
         self._starting = False  # inside _new_generation: no generation starts from within it
         self.on_ship: Callable[[str], None] | None = None
@@ -385,6 +390,11 @@ class Replicator:
                 n += 1
             batch, txs = txs[:n], txs[n:]
             self._submit_segment(self.gen, batch)
+            self._gen_segments += 1
+            if not self._starting and self._gen_segments >= GENERATION_SEGMENTS:
+                self.pending = txs + self.pending
+                self._new_generation(continued=True, why=f"{self._gen_segments} segments since the last base")
+                return
             if not self._starting and any(len(t.pages) >= max(VACUUM_MIN_PAGES, VACUUM_SHARE * t.page_count)
                                           for t in batch):
                 # (VACUUM, or a rewrite as large): a fresh base keeps later restores from replaying it
@@ -456,6 +466,7 @@ class Replicator:
             self.next_txid += 1  # the new base is a state of its own, not the old generation's last
             return False
         self.stats.generations.append(base.id)
+        self._gen_segments = len(names)
         return True
 
     def _continuity_lost(self, why: str) -> None:
@@ -535,7 +546,7 @@ class Replicator:
             self._state = state
 
         self._uploader.submit(start)
-        self.gen, self._shipped, self.pending = gen, snap, after
+        self.gen, self._shipped, self.pending, self._gen_segments = gen, snap, after, 0
         self.stats.generations.append(gen_id)
         log.info("replicate %s: generation %s from snapshot %s%s", self.db, gen_id, manifest.id,
                  f" ({why})" if why else "")

@@ -13,17 +13,21 @@ from __future__ import annotations
 import os
 import secrets
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
 from dbre.errors import IntegrityError, RestoreError, UsageError
 from dbre.replicate.segment import (
     Generation,
+    Segment,
     SegmentName,
     base_state,
     check_contiguous,
+    fetch_segment,
     list_generations,
     open_segment,
     read_base,
@@ -33,6 +37,9 @@ from dbre.repository.manifest import Manifest, iso, micros
 from dbre.repository.repo import Repository
 from dbre.restore.full import _replace, _write_restore, plan_restore
 from dbre.storage import NotFound
+
+SEGMENT_READERS = 8  # segments fetched at once (one GET each)
+SEGMENTS_AHEAD = 16  # fetched ahead of the one being checked: bounds memory
 
 
 @dataclass
@@ -159,18 +166,16 @@ def _apply_segments(repo: Repository, plan: PitrPlan, scratch: Path) -> tuple[in
     pages: dict[int, bytes] = {}
     page_count = plan.base.page_count
     applied, last, last_obs = 0, gen.base_txid, 0
-    for name in plan.segments:
-        seg = open_segment(repo, name, state)  # every page against the chain, from the previous end
-        if seg.page_size != plan.base.page_size:
-            raise IntegrityError(f"{name.key}: page size {seg.page_size}, the base's {plan.base.page_size}")
-        state = seg.state_after
-        for tx in seg.transactions:
-            if (limit_us is not None and tx.observed_us > limit_us) or (plan.txid is not None and tx.txid > plan.txid):
-                break
-            for pgno, data in tx.pages.items():
-                pages[pgno] = data
-            page_count = tx.page_count
-            applied, last, last_obs = applied + 1, tx.txid, tx.observed_us
+    with ThreadPoolExecutor(SEGMENT_READERS, thread_name_prefix="dbre-segments") as pool:
+        # fetched SEGMENT_READERS at a time, at most SEGMENTS_AHEAD ahead; checked in order
+        names = iter(plan.segments)
+        ahead = [(n, pool.submit(fetch_segment, repo, n)) for n in islice(names, SEGMENTS_AHEAD)]
+        while ahead:
+            name, raw = ahead.pop(0)
+            ahead.extend((n, pool.submit(fetch_segment, repo, n)) for n in islice(names, 1))
+            state, done = _apply_one(repo, plan, open_segment(repo, name, state, raw.result()), limit_us, pages)
+            if done is not None:
+                page_count, applied, last, last_obs = done[0], applied + done[1], done[2], done[3]
     ps = plan.base.page_size
     fd = os.open(scratch, os.O_WRONLY)
     try:
@@ -186,3 +191,19 @@ def _apply_segments(repo: Repository, plan: PitrPlan, scratch: Path) -> tuple[in
     if page_count * ps != scratch.stat().st_size:
         raise RestoreError(f"restore to {plan.target}: size mismatch after applying segments")
     return applied, last, last_obs
+
+
+def _apply_one(repo: Repository, plan: PitrPlan, seg: Segment, limit_us: int | None,
+               pages: dict[int, bytes]) -> tuple[bytes, tuple[int, int, int, int] | None]:
+    """Take the newest version of each page of the segment's transactions up to the limit into
+    ``pages``: (chain state after the segment, (page count, transactions, last txid, last observed)
+    or None when none of them qualified)."""
+    if seg.page_size != plan.base.page_size:
+        raise IntegrityError(f"{seg.name.key}: page size {seg.page_size}, the base's {plan.base.page_size}")
+    applied, last = 0, None
+    for tx in seg.transactions:
+        if (limit_us is not None and tx.observed_us > limit_us) or (plan.txid is not None and tx.txid > plan.txid):
+            break
+        pages.update(tx.pages)
+        applied, last = applied + 1, tx
+    return seg.state_after, (None if last is None else (last.page_count, applied, last.txid, last.observed_us))
