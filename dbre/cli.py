@@ -481,19 +481,27 @@ def verify(
             repository.require_db(db)
         with _progress("verify", not json_out) as bar:
             report = run_verify(repository, db, read_data=read_data, progress=bar)
+        from dbre.replicate.check import verify_segments
+
+        segments, segment_problems = verify_segments(repository, db)  # replicated chains, end to end
         if json_out:
-            _print_json(report.summary())
+            _print_json({**report.summary(), "segments": segments,
+                         "segment_problems": [{"object": o, "detail": d} for o, d in segment_problems]})
         else:
             for p in report.problems:
                 print(f"DAMAGED {p.object}: {p.detail}", file=sys.stderr)
+            for obj, detail in segment_problems:
+                print(f"DAMAGED {obj}: {detail}", file=sys.stderr)
             what = f"{report.snapshots} snapshots, {report.packs} packs"
+            what += f", {segments} segments" if segments else ""
             if read_data:
                 what += f", read {report.packs_read} packs ({human(report.bytes_read)})"
-            print(("ok: " if report.ok else f"{len(report.problems)} problems: ") + what)
+            n = len(report.problems) + len(segment_problems)
+            print(("ok: " if not n else f"{n} problems: ") + what)
             if report.damaged:
                 print(f"snapshots that cannot be restored: {', '.join(sorted(report.damaged))}; the next "
                       "`dbre backup` stores lost pages again (`--full` stores every page again)")
-        if not report.ok:
+        if not report.ok or segment_problems:
             raise typer.Exit(1)
 
     _run(go)

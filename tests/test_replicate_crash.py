@@ -41,12 +41,12 @@ def test_kill9_resumes_without_gap(tmp_path: Path) -> None:
     wait_for_generation(repo_url, proc=rep)
     # no application checkpoints: the WAL is restarted only by the replicator's own swaps, never
     # while it is down, so every restart must resume the same generation
-    writer = start_writer(src, log, 16, start_seq=BASE_ROWS, ckpt_every=0, autocheckpoint=False)
+    writer = start_writer(src, log, 12, start_seq=BASE_ROWS, ckpt_every=0, autocheckpoint=False)
     blind: list[tuple[float, float]] = []  # (killed, restarted) windows: no replicator watching
     repo = Repository.open(repo_url)
     try:
         for _ in range(3):
-            time.sleep(rng.uniform(1.5, 4.0))
+            time.sleep(rng.uniform(1.5, 3.0))
             before = segment_keys(repo)
             rep.send_signal(signal.SIGKILL)
             rep.wait()

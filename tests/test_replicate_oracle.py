@@ -37,7 +37,7 @@ from tests.replication import (
 )
 
 BASE_ROWS = 200
-WRITE_SECONDS = {"local": 20.0, "s3": 15.0}
+WRITE_SECONDS = {"local": 20.0, "s3": 12.0}
 RESTORES = 20
 
 

@@ -81,6 +81,9 @@ def test_damaged_swapped_resealed_or_missing_segment_is_refused(replicated: tupl
         lines = res.stderr.strip().splitlines()
         assert len(lines) == 1 and victim.key.split("/")[-1][:16] in lines[0], (what, res.stderr)
         assert not out.exists()
+        # and verify names the generation, exit 1
+        ver = subprocess.run(dbre_cmd("verify", "--repo", repo_url), capture_output=True, text=True, timeout=120)
+        assert ver.returncode == 1 and f"DAMAGED segments/app/{victim.generation}" in ver.stderr, (what, ver)
         # a time before the victim needs only earlier segments: still restored, exactly
         early = tmp_path / f"{what}-early.db"
         restore_at(Repository.open(repo_url), "app", before_victim, early)
@@ -113,6 +116,8 @@ def test_damaged_swapped_resealed_or_missing_segment_is_refused(replicated: tupl
     out = tmp_path / "healed.db"
     assert _restore_cli(repo_url, end, out).returncode == 0
     assert restored_seq(out)[1] == commits[-1].seq
+    ver = subprocess.run(dbre_cmd("verify", "--repo", repo_url), capture_output=True, text=True, timeout=120)
+    assert ver.returncode == 0 and f"{len(names)} segments" in ver.stdout, ver
 
 
 def test_restore_txid(replicated: tuple[str, Path], tmp_path: Path) -> None:

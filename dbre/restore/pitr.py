@@ -115,15 +115,20 @@ def plan_pitr(repo: Repository, db: str, target: str | os.PathLike[str], *, at: 
     # further on does not matter to this restore
     following = names[len(needed) : len(needed) + 1] if names[: len(needed)] == needed else []
     needed = check_contiguous(db, gen, needed + following)[: len(needed)]
+    return PitrPlan(db, path, force, gen, base_snapshot(repo, gen), needed, at=at, txid=txid)
+
+
+def base_snapshot(repo: Repository, gen: Generation) -> Manifest:
+    """A generation's base snapshot, checked to be the one its chain starts from."""
     ref = repo._ref(gen.snapshot_key)
     if ref is None or not repo.store.exists(gen.snapshot_key):
         raise IntegrityError(f"{gen.key}: base snapshot {gen.snapshot_key} is missing",
                              "restore an earlier time or from the offsite copy")
     base = repo.load_ref(ref)
-    if base.id != gen.snapshot or base_state(repo.page_hash, db, gen.id, base, gen.base_txid).hex() != gen.state:
+    if base.id != gen.snapshot or base_state(repo.page_hash, gen.db, gen.id, base, gen.base_txid).hex() != gen.state:
         raise IntegrityError(f"{gen.key}: base snapshot {base.id} is not the one this generation started from",
                              "restore an earlier time or from the offsite copy")
-    return PitrPlan(db, path, force, gen, base, needed, at=at, txid=txid)
+    return base
 
 
 @dataclass
