@@ -1,7 +1,8 @@
 """`dbre replicate` killed with SIGKILL at random instants while a writer commits: nothing already
 shipped is lost, the restarted replicator resumes the same generation without a gap (the WAL was
 not restarted while it was down), and restores stay exact wherever a replicator was watching.
-Also: a second replicator for the same database refuses; SIGTERM exits 0 with all commits shipped."""
+Also: a second replicator for the same database refuses; SIGTERM exits 0 with all commits shipped;
+an idle database gets no segment."""
 
 from __future__ import annotations
 
@@ -105,6 +106,10 @@ def test_second_replicator_refuses(tmp_path: Path) -> None:
         lines = err.decode().strip().splitlines()
         assert len(lines) == 1 and "already being replicated" in lines[0], err
         assert first.poll() is None  # the first one goes on
+        time.sleep(1.5)  # more than an interval, with no commit
     finally:
         code, err2 = stop_replicator(first)
     assert code == 0, err2
+    # nothing is shipped while the database is idle: the generation's base, no segment
+    keys = segment_keys(Repository.open(repo_url))
+    assert len(keys) == 1 and next(iter(keys)).endswith("/base"), keys
