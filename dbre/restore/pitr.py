@@ -84,11 +84,16 @@ def plan_pitr(repo: Repository, db: str, target: str | os.PathLike[str], *, at: 
     gens = list_generations(repo, db)
     chosen: tuple[Generation, list[SegmentName]] | None = None
     for gen_id in reversed(gens):
+        if at is not None and int(gen_id[:16], 16) > micros(at):
+            continue  # the name carries the base's time: a newer generation is skipped unread
         try:
             candidate = read_base(repo, db, gen_id)
         except NotFound:
             continue
         names = gens[gen_id]
+        if micros(candidate.time) != int(gen_id[:16], 16):
+            raise IntegrityError(f"{candidate.key}: base taken at {candidate.taken_at}, its name says otherwise",
+                                 "the base was moved or replaced: restore it from the offsite copy")
         if at is not None and candidate.time <= at:
             chosen = (candidate, names)
             break
