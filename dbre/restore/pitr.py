@@ -169,51 +169,53 @@ def apply_pitr(repo: Repository, plan: PitrPlan) -> PitrResult:
 
 
 def _apply_segments(repo: Repository, plan: PitrPlan, scratch: Path) -> tuple[int, int, int]:
-    """Write every page of the transactions up to the limit (the newest version of each page once)."""
+    """Write the pages of the transactions up to the limit over the base, segment by segment (the
+    newest version of each page of a segment once: memory holds one segment), then cut the file to
+    the last one's page count."""
     gen = plan.generation
     limit_us = micros(plan.at) if plan.at is not None else None
     state = bytes.fromhex(gen.state)
-    pages: dict[int, bytes] = {}
     page_count = plan.base.page_count
     applied, last, last_obs = 0, gen.base_txid, 0
-    with ThreadPoolExecutor(SEGMENT_READERS, thread_name_prefix="dbre-segments") as pool:
-        # fetched SEGMENT_READERS at a time, at most SEGMENTS_AHEAD ahead; checked in order
-        names = iter(plan.segments)
-        ahead = [(n, pool.submit(fetch_segment, repo, n)) for n in islice(names, SEGMENTS_AHEAD)]
-        while ahead:
-            name, raw = ahead.pop(0)
-            ahead.extend((n, pool.submit(fetch_segment, repo, n)) for n in islice(names, 1))
-            state, done = _apply_one(repo, plan, open_segment(repo, name, state, raw.result()), limit_us, pages)
-            if done is not None:
-                page_count, applied, last, last_obs = done[0], applied + done[1], done[2], done[3]
     ps = plan.base.page_size
     fd = os.open(scratch, os.O_WRONLY)
     try:
-        for pgno in sorted(pages):
-            if pgno <= page_count:
-                os.pwrite(fd, pages[pgno], (pgno - 1) * ps)
+        with ThreadPoolExecutor(SEGMENT_READERS, thread_name_prefix="dbre-segments") as pool:
+            # fetched SEGMENT_READERS at a time, at most SEGMENTS_AHEAD ahead; checked in order
+            names = iter(plan.segments)
+            ahead = [(n, pool.submit(fetch_segment, repo, n)) for n in islice(names, SEGMENTS_AHEAD)]
+            while ahead:
+                name, raw = ahead.pop(0)
+                ahead.extend((n, pool.submit(fetch_segment, repo, n)) for n in islice(names, 1))
+                seg = open_segment(repo, name, state, raw.result())  # every page against the chain
+                state = seg.state_after
+                done = _apply_one(plan, seg, limit_us, fd)
+                if done is not None:
+                    page_count, applied, last, last_obs = done[0], applied + done[1], done[2], done[3]
         os.ftruncate(fd, page_count * ps)
         os.fsync(fd)
     finally:
         os.close(fd)
-    if applied and plan.stats is not None:
-        plan.stats["last_txid"] = last
     if page_count * ps != scratch.stat().st_size:
         raise RestoreError(f"restore to {plan.target}: size mismatch after applying segments")
     return applied, last, last_obs
 
 
-def _apply_one(repo: Repository, plan: PitrPlan, seg: Segment, limit_us: int | None,
-               pages: dict[int, bytes]) -> tuple[bytes, tuple[int, int, int, int] | None]:
-    """Take the newest version of each page of the segment's transactions up to the limit into
-    ``pages``: (chain state after the segment, (page count, transactions, last txid, last observed)
-    or None when none of them qualified)."""
+def _apply_one(plan: PitrPlan, seg: Segment, limit_us: int | None, fd: int) -> tuple[int, int, int, int] | None:
+    """Write the newest version of each page of the segment's transactions up to the limit:
+    (page count, transactions, last txid, last observed), or None when none of them qualified."""
     if seg.page_size != plan.base.page_size:
         raise IntegrityError(f"{seg.name.key}: page size {seg.page_size}, the base's {plan.base.page_size}")
+    pages: dict[int, bytes] = {}
     applied, last = 0, None
     for tx in seg.transactions:
         if (limit_us is not None and tx.observed_us > limit_us) or (plan.txid is not None and tx.txid > plan.txid):
             break
         pages.update(tx.pages)
         applied, last = applied + 1, tx
-    return seg.state_after, (None if last is None else (last.page_count, applied, last.txid, last.observed_us))
+    if last is None:
+        return None
+    ps = seg.page_size
+    for pgno in sorted(pages):
+        os.pwrite(fd, pages[pgno], (pgno - 1) * ps)  # (pages past a later shrink are cut at the end)
+    return last.page_count, applied, last.txid, last.observed_us
