@@ -3,10 +3,12 @@
     python -m benchmarks.pitr_workload DB OUT_DIR --rate 100 --seconds 30 [--checkpoint-every 5]
 
 Every transaction inserts ``oracle(n, t_ns)`` (n = 1, 2, 3, ...) and updates ``--updates`` random
-rows of the bulk table ``orders`` (benchmarks/dataset.py), then commits. The wall-clock time right
-after COMMIT returns is the commit time: ``OUT_DIR/commits.txt`` holds one "n t_commit_ns" line per
-transaction (the oracle restores are checked against). The application behaves like a typical one:
-``synchronous=NORMAL``, SQLite's automatic PASSIVE checkpoints at 1000 pages, and every
+rows of the bulk table ``orders`` (benchmarks/dataset.py), then commits. The wall-clock times right
+before COMMIT is sent and after it returns bound the commit instant: ``OUT_DIR/commits.txt`` holds
+one "n t_before_ns t_after_ns" line per transaction (the oracle restores are checked against). Both
+bounds are needed: SQLite runs its automatic checkpoint inside the COMMIT call after the commit, so
+a replicator can see a transaction hundreds of milliseconds before COMMIT returns. The application
+behaves like a typical one: ``synchronous=NORMAL``, SQLite's automatic PASSIVE checkpoints at 1000 pages, and every
 ``--checkpoint-every`` seconds an explicit ``wal_checkpoint(RESTART)`` (busy timeout 5 s) whose
 latency and outcome are recorded, with the WAL file's size sampled every 100 ms (Litestream #724:
 hung RESTART checkpoints; #1536: WALs that grow without bound). ``OUT_DIR/writer.json`` is the summary.
@@ -43,30 +45,42 @@ def prepare(db: Path) -> None:
 
 @dataclass
 class CommitLog:
-    """What the writer committed: numbers 1..len, and the wall-clock time after each COMMIT (ns)."""
+    """What the writer committed: numbers 1..len, and the wall-clock times (ns) right before each
+    COMMIT was sent and right after it returned: the commit happened in between."""
 
+    before_ns: list[int]
     times_ns: list[int]
 
     @classmethod
     def read(cls, path: Path) -> CommitLog:
-        times = []
+        before, after = [], []
         for i, line in enumerate(path.read_text().splitlines(), start=1):
-            n, t = line.split()
+            n, t0, t1 = line.split()
             if int(n) != i:
                 raise ValueError(f"{path}: line {i} holds commit {n}")
-            times.append(int(t))
-        return cls(times)
+            before.append(int(t0))
+            after.append(int(t1))
+        return cls(before, after)
 
     @property
     def last(self) -> int:
         return len(self.times_ns)
 
     def commit_time(self, n: int) -> int:
+        """When COMMIT of ``n`` returned: the application knows it committed."""
         return self.times_ns[n - 1]
 
+    def sent_time(self, n: int) -> int:
+        """When COMMIT of ``n`` was sent: it cannot have committed before."""
+        return self.before_ns[n - 1]
+
     def newest_at(self, t_ns: int) -> int:
-        """The number of the newest transaction committed at or before ``t_ns`` (0: none)."""
+        """The newest transaction certainly committed at or before ``t_ns`` (its COMMIT had returned; 0: none)."""
         return bisect_right(self.times_ns, t_ns)
+
+    def newest_possible_at(self, t_ns: int) -> int:
+        """The newest transaction that may have committed at or before ``t_ns`` (its COMMIT was sent)."""
+        return bisect_right(self.before_ns, t_ns)
 
 
 def oracle_state(db: Path) -> tuple[int, int]:
@@ -127,8 +141,9 @@ def write(db: Path, out: Path, rate: float, seconds: float, updates: int, checkp
         for _ in range(updates):
             conn.execute("UPDATE orders SET status=?, total_cents=?, updated_at=? WHERE id=?",
                          (rng.choice(STATUSES), rng.randint(100, 500_000), f"n{n}", rng.randint(1, top_order)))
+        sent = time.time_ns()
         conn.execute("COMMIT")
-        lines.append(f"{n} {time.time_ns()}\n")
+        lines.append(f"{n} {sent} {time.time_ns()}\n")
         commit_seconds.append(time.perf_counter() - began)
         now = time.monotonic_ns()
         if now >= next_wal:
