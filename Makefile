@@ -27,8 +27,9 @@ typecheck: $(STAMP)
 test: $(STAMP) lint typecheck
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
-# the history (S3, 5 vs 200 snapshots), churn (24 rounds, repack off/on) and memory (1 and 8 GiB) parts too; BENCH_ARGS= for the core only
-BENCH_ARGS ?= --history --churn --memory
+# the history (S3, 5 vs 200 snapshots), churn (24 rounds, repack off/on), memory (1 and 8 GiB) and PITR
+# (replication vs Litestream 0.5.17) parts too; BENCH_ARGS= for the core only
+BENCH_ARGS ?= --history --churn --memory --pitr
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks $(BENCH_ARGS)
 

@@ -6,6 +6,7 @@
     python -m benchmarks --history         # also cost against history (benchmarks/history.py)
     python -m benchmarks --churn           # also size under churn and retention (benchmarks/churn.py)
     python -m benchmarks --memory          # also peak RSS at 1 and 8 GiB (benchmarks/memory.py)
+    python -m benchmarks --pitr            # also replication against Litestream 0.5.17 (benchmarks/pitr.py)
 """
 
 from __future__ import annotations
@@ -49,6 +50,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--memory", action="store_true",
                    help="also the memory part: peak RSS of backup, incremental and restore at 1 and 8 GiB")
     p.add_argument("--memory-gib", type=float, nargs="+", help=argparse.SUPPRESS)  # small sizes for the tests
+    p.add_argument("--pitr", action="store_true",
+                   help="also continuous replication and point-in-time restores, dbre vs Litestream "
+                        "(256 MiB, 100 and 1000 commits/s, directory and S3; with --quick: 4 MiB, 100/s, directory)")
     p.add_argument("--size-mb", type=int, help=argparse.SUPPRESS)  # tiny databases for the tests
     args = p.parse_args(argv)
     if args.quick:
@@ -105,6 +109,11 @@ def main(argv: list[str] | None = None) -> int:
 
         doc["churn"] = churn.measure(args.runs, data=out / "data", log=console.print)
         churn.print_result(doc["churn"], console.print)  # type: ignore[arg-type]
+    if args.pitr:
+        from benchmarks import pitr, pitr_report
+
+        doc["pitr"] = pitr.measure(pitr.Settings.quick() if args.quick else pitr.Settings(), out, log=console.print)
+        pitr_report.print_tables(doc["pitr"], console)  # type: ignore[arg-type]
     (out / "results.json").write_text(json.dumps(doc, indent=1))
     report.print_table(doc, console)
     console.print(f"results: {out / 'results.json'}")
@@ -115,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
         missed.append(doc["churn"])
     if args.memory and not doc["memory"]["pass"]:  # type: ignore[index]
         missed.append(doc["memory"])
+    if args.pitr:
+        missed += [c for c in doc["pitr"]["comparison"] if not c.get("pass")]  # type: ignore[index]
     return 1 if args.strict and missed else 0
 
 

@@ -245,11 +245,13 @@ def restore(
     db: DbNameOpt,
     to: Annotated[Path, typer.Option("--to", help="Path of the restored database file.")],
     snapshot: Annotated[str | None, typer.Option("--snapshot", help="Snapshot id (or a unique prefix).")] = None,
-    at: Annotated[str | None, typer.Option("--at", help="ISO-8601 time: the newest snapshot at or before it.")] = None,
+    at: Annotated[str | None, typer.Option("--at", help="ISO-8601 time: exactly the transactions replicated up "
+                                           "to it, else the newest snapshot at or before it.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing file at --to.")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Show the plan, restore nothing.")] = False,
     json_out: JsonOpt = False,
     key_file: KeyFileOpt = None,
+    txid: Annotated[int | None, typer.Option("--txid", help="Up to this replicated transaction.")] = None,
 ) -> None:
     """Restore a snapshot (default: the newest) to a new file."""
 
@@ -259,6 +261,9 @@ def restore(
 
         when = _when(db, snapshot, at)
         repository = Repository.open(repo, _key(key_file))
+        if (when is not None or txid is not None) and _restore_pitr(repository, db, to, when, txid, force,
+                                                                     dry_run, json_out):
+            return
         plan = plan_restore(repository, db, to, snapshot=snapshot, at=when, force=force)
         if dry_run:
             if json_out:
@@ -279,6 +284,32 @@ def restore(
                   f"{human(s['size'])} in {s['seconds']:.2f} s")
 
     _run(go)
+
+
+def _restore_pitr(repository: Any, db: str, to: Path, when: Any, txid: int | None, force: bool, dry_run: bool,
+                  json_out: bool) -> bool:
+    """Restore from replicated segments when they cover the time (or txid); False: use snapshots."""
+    from dbre.restore.pitr import apply_pitr, plan_pitr
+
+    plan = plan_pitr(repository, db, to, at=when, txid=txid, force=force)
+    if plan is None:
+        return False
+    if dry_run:
+        d = plan.describe()
+        if json_out:
+            _print_json(d)
+        else:
+            print(f"would restore {db} from snapshot {d['snapshot']} (taken {d['taken_at']}) and {d['segments']} "
+                  f"segments of generation {d['generation']} to {d['target']}")
+        return True
+    s = apply_pitr(repository, plan).summary()
+    if json_out:
+        _print_json(s)
+    else:
+        print(f"restored {db} at {s['at'] or 'txid ' + str(s['txid'])} to {s['target']}: snapshot {s['snapshot']} "
+              f"+ {s['transactions']} transactions (last txid {s['last_txid']}, committed {s['last_committed']}) "
+              f"in {s['seconds']:.2f} s")
+    return True
 
 
 # -- table and row restores into a live database (plan shown by default; --apply does it) -------
@@ -450,19 +481,27 @@ def verify(
             repository.require_db(db)
         with _progress("verify", not json_out) as bar:
             report = run_verify(repository, db, read_data=read_data, progress=bar)
+        from dbre.replicate.check import verify_segments
+
+        segments, segment_problems = verify_segments(repository, db)  # replicated chains, end to end
         if json_out:
-            _print_json(report.summary())
+            _print_json({**report.summary(), "segments": segments,
+                         "segment_problems": [{"object": o, "detail": d} for o, d in segment_problems]})
         else:
             for p in report.problems:
                 print(f"DAMAGED {p.object}: {p.detail}", file=sys.stderr)
+            for obj, detail in segment_problems:
+                print(f"DAMAGED {obj}: {detail}", file=sys.stderr)
             what = f"{report.snapshots} snapshots, {report.packs} packs"
+            what += f", {segments} segments" if segments else ""
             if read_data:
                 what += f", read {report.packs_read} packs ({human(report.bytes_read)})"
-            print(("ok: " if report.ok else f"{len(report.problems)} problems: ") + what)
+            n = len(report.problems) + len(segment_problems)
+            print(("ok: " if not n else f"{n} problems: ") + what)
             if report.damaged:
                 print(f"snapshots that cannot be restored: {', '.join(sorted(report.damaged))}; the next "
                       "`dbre backup` stores lost pages again (`--full` stores every page again)")
-        if not report.ok:
+        if not report.ok or segment_problems:
             raise typer.Exit(1)
 
     _run(go)
@@ -1058,6 +1097,9 @@ def report_requirements(
         print(f"wrote {out}: report.html, report.md, backup-policy.md, recovery-runbook.md, dr-plan.md")
 
     _run(go)
+
+
+import dbre.cli_replicate  # noqa: E402, F401 - registers `dbre replicate` on the app above
 
 
 def main() -> None:

@@ -401,6 +401,7 @@ def backup(
             "read": path,  # how the pages were read (see dbre.sources.image)
             "wal_pages": wal_pages,  # pages taken from WAL frames, not the file (direct path)
             "page1": page_one,  # "source", or "rebuilt header" (backup API path: see ImageSession.page_one)
+            "wal": session.wal_position(),  # where in the WAL this snapshot ends (for `dbre replicate`)
         }
         if replay is not None:
             manifest.stats["migrated_from"] = {"id": replay.id, "format": replay.format, "tool": replay.tool,

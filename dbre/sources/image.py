@@ -319,6 +319,17 @@ class ImageSession:
             finally:
                 locker.close()
 
+    def wal_position(self) -> dict[str, Any] | None:
+        """Where in the WAL the read transaction ends, when ``begin`` learnt it under the write lock:
+        WAL salts (hex), last committed frame, that frame's checksum and the frames already
+        backfilled; None otherwise (rollback mode, write lock busy, wal-index failed its checks).
+        `dbre replicate` ships the transactions after this position."""
+        st = self._wal
+        if st is None:
+            return None
+        return {"salt": st.salt.hex(), "frame": st.mx_frame, "cksum": list(st.frame_cksum),
+                "backfilled": st.backfilled}
+
     def image(self) -> PageImage | None:
         """The direct image of the read transaction, or None (``reason`` says why)."""
         if not self.path or self.reason or self.page_count == 0:

@@ -1,0 +1,1 @@
+"""Continuous replication: WAL shipping into segments and transaction-precise point-in-time restore."""

@@ -1,0 +1,106 @@
+"""The per-database replication lease: one replicator per database, by conditional put.
+
+A lease is ``leases/<db>/<epoch 016x>`` (plain JSON: host, pid, boot id, pid namespace, created).
+Taking it: list the database's leases; if the newest is live, refuse; else write epoch + 1 with a
+conditional put — of two replicators racing for the same epoch exactly one wins. The holder
+rewrites its object every ``REFRESH_SECONDS``, and before each segment it ships checks that no
+newer epoch exists (one HEAD): a replicator that was paused past the stale limit and lost its lease
+to another stops instead of interleaving. Staleness is judged like the repository's locks
+(`dbre.repository.lock`): by the store's clock (the object's last write against the store's current
+time learnt from this run's own lock), or at once when the holder is a dead process of this very
+host, boot and pid namespace (a replicator restarted after kill -9 resumes at once).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from datetime import UTC, datetime
+
+from dbre.errors import LockedError
+from dbre.repository.lock import Lock, LockInfo, LockLostError, boottime, this_process
+from dbre.storage import AlreadyExists, NotFound, Store
+from dbre.storage.base import LOCK_CAP, get_capped
+
+log = logging.getLogger(__name__)
+
+STALE_SECONDS = 120.0  # a lease not rewritten for this long (store's clock) may be taken over
+REFRESH_SECONDS = 20.0
+
+
+def _epochs(store: Store, db: str) -> list[int]:
+    out = []
+    for key in store.list(f"leases/{db}/"):
+        try:
+            out.append(int(key.rsplit("/", 1)[1], 16))
+        except ValueError:
+            continue
+    return sorted(out)
+
+
+class Lease:
+    """This run's lease on replicating ``db``. ``acquire`` once, ``check`` before each commit."""
+
+    def __init__(self, store: Store, db: str, lock: Lock) -> None:
+        self.store = store
+        self.db = db
+        self.lock = lock  # the repository lock: its store clock judges staleness
+        self.epoch = -1
+        self.record = {"op": f"replicate {db}", **this_process(),
+                       "created": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")}
+        self._written = 0.0
+
+    def key(self, epoch: int | None = None) -> str:
+        return f"leases/{self.db}/{(self.epoch if epoch is None else epoch):016x}"
+
+    def acquire(self) -> None:
+        epochs = _epochs(self.store, self.db)
+        newest = epochs[-1] if epochs else -1
+        if newest >= 0:
+            key = self.key(newest)
+            try:
+                raw = get_capped(self.store, key, LOCK_CAP, "lease")
+                info = LockInfo(key, json.loads(raw), self.store.modified(key))
+            except NotFound:
+                info = None
+            except ValueError:
+                info = LockInfo(key, {"op": "?"}, self.store.modified(key))
+            if info is not None and not info.stale(self.lock.store_now(), STALE_SECONDS):
+                raise LockedError(
+                    f"database {self.db} is already being replicated by {info.describe()}",
+                    "stop that replicator first; one replicator per database",
+                )
+        self.epoch = newest + 1
+        try:
+            self.store.put(self.key(), json.dumps(self.record).encode(), if_absent=True)
+        except AlreadyExists:
+            raise LockedError(f"database {self.db}: another replicator took the lease at this very moment",
+                              "stop that replicator first; one replicator per database") from None
+        self._written = boottime()
+        for old in epochs:
+            self.store.delete(self.key(old))
+
+    def due(self) -> bool:
+        """Time to rewrite the lease; the caller then runs ``refresh`` (off its polling thread)."""
+        if boottime() - self._written >= REFRESH_SECONDS:
+            self._written = boottime()
+            return True
+        return False
+
+    def refresh(self) -> None:
+        self.check("replicate")
+        self.store.put(self.key(), json.dumps(self.record | {"time": time.time()}).encode())
+
+    def check(self, what: str) -> None:
+        """Raise ``LockLostError`` if another replicator has taken the lease since."""
+        if self.store.exists(self.key(self.epoch + 1)):
+            raise LockLostError(f"{what}: another replicator took over the lease of {self.db} (this one was "
+                                "paused or cut off past the stale limit)", "nothing more is shipped by this one")
+
+    def release(self) -> None:
+        if self.epoch >= 0:
+            try:
+                self.store.delete(self.key())
+            except Exception as err:  # noqa: BLE001 - it goes stale; never hide the run's own outcome
+                log.warning("lease %s: could not remove it (%s)", self.key(), err)

@@ -1,0 +1,338 @@
+"""Segments and generations: the stored form of shipped transactions (format 2, docs/FORMAT.md *Segments*).
+
+A *generation* is one unbroken run of a database's history: a base snapshot (an ordinary dbre
+snapshot whose WAL position is known exactly) and the transactions committed after it. Its base
+object ``segments/<db>/<gen>/base`` is written once, before any segment. A *segment* holds the
+transactions of one shipping interval, each with its txid, commit observation time, page count
+after commit and pages, and is stored under its position::
+
+    segments/<db>/<gen>/<first txid 016x>-<last txid 016x>-<first observed µs 016x>-<last observed µs 016x>
+
+Every object is sealed under its key (`repo.sealer.seal(data, name=key)`) and written with a
+conditional put: one object, all or nothing. A hash chain, keyed by the repository's page hash,
+runs from the generation's base through every transaction:
+``state_i = page_hash(state_(i-1) ‖ txid ‖ observed ‖ page count ‖ n ‖ (pgno ‖ page_hash(page))*)``;
+each segment carries the state before its first and after its last transaction, so a gap, an
+overlap, a reordering or a segment moved from another generation is found.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+import struct
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from dbre.errors import IntegrityError
+from dbre.repository.manifest import Manifest, check_db_name, micros
+from dbre.repository.repo import Repository
+from dbre.storage import AlreadyExists
+from dbre.storage.base import get_capped
+
+MAGIC = b"DBRESEG1"
+SEGMENT_CAP = 256 * 1024 * 1024  # a segment is shipped before it grows past ~64 MiB of pages
+BASE_CAP = 64 * 1024
+_TX = struct.Struct("<QqII")  # txid, observed µs since the epoch, page count after commit, pages in it
+_PGNO = struct.Struct("<I")
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_NAME = re.compile(r"^([0-9a-f]{16})-([0-9a-f]{16})-([0-9a-f]{16})-([0-9a-f]{16})$")
+_GEN = re.compile(r"^[0-9a-f]{16}-[0-9a-f]{8}$")
+_HINT = "restore it from the offsite copy; `dbre restore --at` an earlier time still works"
+
+PageHash = Callable[[bytes | memoryview], bytes]
+
+
+def to_time(us: int) -> datetime:
+    return _EPOCH + timedelta(microseconds=us)
+
+
+@dataclass(frozen=True)
+class WalPos:
+    """A position in a WAL: its salts, the number of frames up to a commit, that frame's checksum."""
+
+    salt: bytes
+    frame: int
+    cksum: tuple[int, int] = (0, 0)
+    # the WAL was wholly backfilled here and no other process held a read mark: the next write
+    # restarts it at this very frame (so a replicator resuming after a kill follows one restart)
+    restart_next: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"salt": self.salt.hex(), "frame": self.frame, "cksum": list(self.cksum)}
+        if self.restart_next:
+            d["restart_next"] = True
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> WalPos:
+        ck = d.get("cksum") or (0, 0)
+        return cls(bytes.fromhex(str(d["salt"])), int(d["frame"]), (int(ck[0]), int(ck[1])),
+                   bool(d.get("restart_next", False)))
+
+
+@dataclass
+class Transaction:
+    """One committed transaction: its pages (page number -> bytes) and where it ended in the WAL."""
+
+    txid: int
+    observed_us: int
+    page_count: int
+    pages: dict[int, bytes]
+    end: WalPos | None = None  # not stored: the segment's header holds the end of its last one
+
+    @property
+    def size(self) -> int:
+        return sum(len(p) for p in self.pages.values())
+
+
+def chain_step(page_hash: PageHash, state: bytes, tx: Transaction) -> bytes:
+    """The chain state after ``tx``: binds its txid, time, page count and every page, in order."""
+    parts = [state, _TX.pack(tx.txid, tx.observed_us, tx.page_count, len(tx.pages))]
+    for pgno in sorted(tx.pages):
+        parts.append(_PGNO.pack(pgno) + page_hash(tx.pages[pgno]))
+    return page_hash(b"".join(parts))
+
+
+@dataclass
+class Generation:
+    """A generation's base: the snapshot it starts from, its WAL position, the chain's first state."""
+
+    db: str
+    id: str
+    snapshot: str
+    snapshot_key: str
+    taken_at: str
+    base_txid: int  # the snapshot's own txid: the generation's first transaction is base_txid + 1
+    page_size: int
+    wal: WalPos
+    file_id: str
+    state: str  # hex chain state of the base (see base_state)
+    created: str = ""
+
+    @property
+    def key(self) -> str:
+        return generation_key(self.db, self.id)
+
+    @property
+    def time(self) -> datetime:
+        return datetime.fromisoformat(self.taken_at.replace("Z", "+00:00"))
+
+    def to_json(self) -> bytes:
+        d = {k: v for k, v in self.__dict__.items() if k != "wal"}
+        d["wal"] = self.wal.to_json()
+        return json.dumps(d, sort_keys=True).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> Generation:
+        d = json.loads(raw)
+        d["wal"] = WalPos.from_json(d["wal"])
+        return cls(**d)
+
+
+def new_generation_id(taken_at: datetime) -> str:
+    """``<base snapshot time µs 016x>-<random 8 hex>``: ascending names are oldest first."""
+    return f"{micros(taken_at):016x}-{secrets.token_hex(4)}"
+
+
+def generation_key(db: str, gen: str) -> str:
+    return f"segments/{db}/{gen}/base"
+
+
+def base_state(page_hash: PageHash, db: str, gen: str, manifest: Manifest, base_txid: int) -> bytes:
+    """The chain's first state: binds the generation to its base snapshot's page-map root."""
+    root = bytes.fromhex(manifest.root or "")
+    return page_hash(b"dbre generation\x00" + f"{db}\x00{gen}\x00{manifest.id}\x00".encode() + root
+                     + struct.pack("<Q", base_txid))
+
+
+@dataclass(frozen=True)
+class SegmentName:
+    """What a segment's key says: generation, txid range, observation-time range."""
+
+    db: str
+    generation: str
+    first: int
+    last: int
+    first_us: int
+    last_us: int
+
+    @property
+    def key(self) -> str:
+        return (f"segments/{self.db}/{self.generation}/"
+                f"{self.first:016x}-{self.last:016x}-{self.first_us:016x}-{self.last_us:016x}")
+
+
+def parse_key(key: str) -> SegmentName | None:
+    """The segment a key names; None for a base object or anything else."""
+    parts = key.split("/")
+    if len(parts) != 4 or parts[0] != "segments":
+        return None
+    m = _NAME.match(parts[3])
+    if m is None:
+        return None
+    first, last, t0, t1 = (int(g, 16) for g in m.groups())
+    return SegmentName(parts[1], parts[2], first, last, t0, t1)
+
+
+@dataclass
+class Segment:
+    """The transactions of one shipping interval, with the chain states around them."""
+
+    db: str
+    generation: str
+    page_size: int
+    state_before: bytes
+    state_after: bytes
+    wal_start: WalPos
+    wal_end: WalPos
+    file_id: str
+    transactions: list[Transaction] = field(default_factory=list)
+
+    @property
+    def name(self) -> SegmentName:
+        t = self.transactions
+        return SegmentName(self.db, self.generation, t[0].txid, t[-1].txid, t[0].observed_us, t[-1].observed_us)
+
+    def encode(self) -> bytes:
+        head = json.dumps({
+            "db": self.db, "generation": self.generation, "page_size": self.page_size,
+            "first_txid": self.transactions[0].txid, "last_txid": self.transactions[-1].txid,
+            "state_before": self.state_before.hex(), "state_after": self.state_after.hex(),
+            "wal_start": self.wal_start.to_json(), "wal_end": self.wal_end.to_json(),
+            "file_id": self.file_id, "transactions": len(self.transactions),
+        }, sort_keys=True).encode()
+        parts = [MAGIC, struct.pack("<I", len(head)), head]
+        for tx in self.transactions:
+            parts.append(_TX.pack(tx.txid, tx.observed_us, tx.page_count, len(tx.pages)))
+            for pgno in sorted(tx.pages):
+                page = tx.pages[pgno]
+                if len(page) != self.page_size:
+                    raise ValueError(f"page {pgno} of txid {tx.txid} has {len(page)} bytes")
+                parts.append(_PGNO.pack(pgno))
+                parts.append(page)
+        return b"".join(parts)
+
+    @classmethod
+    def decode(cls, raw: bytes, where: str) -> Segment:
+        bad = IntegrityError(f"{where}: segment is damaged", _HINT)
+        if raw[:8] != MAGIC:
+            raise bad
+        try:
+            (n,) = struct.unpack_from("<I", raw, 8)
+            head = json.loads(raw[12 : 12 + n])
+            ps = int(head["page_size"])
+            seg = cls(head["db"], head["generation"], ps, bytes.fromhex(head["state_before"]),
+                      bytes.fromhex(head["state_after"]), WalPos.from_json(head["wal_start"]),
+                      WalPos.from_json(head["wal_end"]), str(head["file_id"]))
+            off = 12 + n
+            for _ in range(int(head["transactions"])):
+                txid, obs, count, npages = _TX.unpack_from(raw, off)
+                off += _TX.size
+                pages = {}
+                for _ in range(npages):
+                    (pgno,) = _PGNO.unpack_from(raw, off)
+                    page = raw[off + 4 : off + 4 + ps]
+                    if len(page) != ps:
+                        raise bad
+                    pages[pgno] = page
+                    off += 4 + ps
+                seg.transactions.append(Transaction(txid, obs, count, pages))
+        except (struct.error, ValueError, KeyError, TypeError):
+            raise bad from None
+        if off != len(raw) or not seg.transactions or seg.transactions[0].txid != head["first_txid"] \
+                or seg.transactions[-1].txid != head["last_txid"]:
+            raise bad
+        return seg
+
+
+def write_base(repo: Repository, gen: Generation) -> None:
+    """Store a generation's base (conditional put: a name is used once)."""
+    repo.store.put(gen.key, repo.sealer.seal(gen.to_json(), gen.key), if_absent=True)
+
+
+def read_base(repo: Repository, db: str, gen: str) -> Generation:
+    key = generation_key(db, gen)
+    base = Generation.from_json(repo.sealer.unseal(get_capped(repo.store, key, BASE_CAP, "generation base"), key))
+    if base.db != db or base.id != gen:
+        raise IntegrityError(f"{key}: generation base names {base.db}/{base.id}", _HINT)
+    return base
+
+
+def write_segment(repo: Repository, seg: Segment) -> tuple[str, int]:
+    """Seal and store a segment under its position: one conditional put, so a crash leaves the
+    whole segment or none. A put that finds the key taken is a conflict (two replicators),
+    unless the object there is this very segment (a retried put): (key, bytes written)."""
+    key = seg.name.key
+    body = seg.encode()
+    data = repo.sealer.seal(body, key)
+    try:
+        repo.store.put(key, data, if_absent=True)
+    except AlreadyExists:
+        theirs = repo.sealer.unseal(get_capped(repo.store, key, SEGMENT_CAP, "segment"), key)
+        if theirs != body:
+            raise IntegrityError(f"{key}: another segment is already stored there",
+                                 "another replicator ships this database: stop one of them") from None
+    return key, len(data)
+
+
+def fetch_segment(repo: Repository, name: SegmentName) -> bytes:
+    """A segment's stored bytes (never more than ``SEGMENT_CAP``), not yet checked."""
+    return get_capped(repo.store, name.key, SEGMENT_CAP, "segment")
+
+
+def open_segment(repo: Repository, name: SegmentName, state_before: bytes | None,
+                 raw: bytes | None = None) -> Segment:
+    """Read (or take ``raw``, from `fetch_segment`), unseal and check a segment: its header against
+    its name, its txids consecutive, its chain recomputed over every page from ``state_before``
+    (the previous segment's end)."""
+    key = name.key
+    seg = Segment.decode(repo.sealer.unseal(raw if raw is not None else fetch_segment(repo, name), key), key)
+    if seg.name != name:
+        raise IntegrityError(f"{key}: segment holds {seg.name.key}", _HINT)
+    if state_before is not None and seg.state_before != state_before:
+        raise IntegrityError(f"{key}: does not follow the previous segment (hash chain broken: a segment "
+                             "is missing, swapped or from another history)", _HINT)
+    state = seg.state_before
+    for i, tx in enumerate(seg.transactions):
+        if tx.txid != name.first + i:
+            raise IntegrityError(f"{key}: transactions out of order", _HINT)
+        if i and tx.observed_us < seg.transactions[i - 1].observed_us:
+            raise IntegrityError(f"{key}: observation times go backwards", _HINT)
+        state = chain_step(repo.page_hash, state, tx)
+    if state != seg.state_after:
+        raise IntegrityError(f"{key}: pages do not match the segment's hash chain (damaged or altered)", _HINT)
+    return seg
+
+
+def list_generations(repo: Repository, db: str) -> dict[str, list[SegmentName]]:
+    """Every generation of ``db`` (by id, oldest first) with its segment names in txid order."""
+    check_db_name(db)
+    out: dict[str, list[SegmentName]] = {}
+    for key in repo.store.list(f"segments/{db}/"):
+        parts = key.split("/")
+        if len(parts) != 4 or not _GEN.match(parts[2]):
+            continue
+        names = out.setdefault(parts[2], [])
+        name = parse_key(key)
+        if name is not None:
+            names.append(name)
+    return {g: sorted(out[g], key=lambda n: (n.first, n.last)) for g in sorted(out)}
+
+
+def check_contiguous(db: str, gen: Generation, names: Iterable[SegmentName]) -> list[SegmentName]:
+    """The segments in order; a gap or an overlap in their txid ranges is an IntegrityError."""
+    expected = gen.base_txid + 1
+    out = []
+    for n in names:
+        if n.first != expected or n.last < n.first:
+            what = "gap" if n.first > expected else "overlap"
+            raise IntegrityError(f"segments/{db}/{gen.id}: {what} before {n.key} (expected a segment from txid "
+                                 f"{expected}, {expected:016x})",
+                                 "run `dbre verify`; restore an earlier time or from the offsite copy")
+        expected = n.last + 1
+        out.append(n)
+    return out

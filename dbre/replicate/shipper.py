@@ -1,0 +1,571 @@
+"""The replicator: ship every committed transaction of a live WAL database into segments, one per interval.
+
+How no frame is lost (Litestream's method, read in its db.go, made exact by SQLite's own locks):
+- The replicator holds a read transaction on the source between ships. While it is held, no
+  checkpoint copies frames past its read mark into the file and no writer restarts the WAL past
+  frames it has not read (a restart needs every reader off read marks 1..N-1, and a reader on
+  mark 0 blocks every backfill, so a WAL restarted under it held nothing unread).
+- Every ``interval`` with changes it *swaps*: with the write lock taken for a moment by a second
+  connection (``BEGIN IMMEDIATE``: no commit can land), it reads the last commits, ends its read
+  transaction and begins a new one at the newest commit, then lets writers go. Once the WAL is
+  over ``CHECKPOINT_FRAMES`` frames it also runs a PASSIVE checkpoint in that moment, so its new
+  read transaction sits on read mark 0 and the application's next write can restart the WAL:
+  the WAL stays bounded while the replicator runs.
+- An application's FULL/RESTART/TRUNCATE checkpoint holds the write lock and waits for readers.
+  The replicator sees it (another process holds both the write and the checkpoint lock of the
+  -shm file, ``F_GETLK``), reads every committed frame (none can be added while the checkpoint
+  holds the write lock), steps aside, and begins its next read transaction as soon as the
+  checkpoint has backfilled the WAL (on read mark 0, which the checkpoint does not wait for). A
+  WAL restarted in that moment is followed only when its salt moved by exactly one restart.
+Observation: the wal-index header in -shm (136 bytes) is read every ``POLL_SECONDS``; when its
+frame count moves, the new frames are read and each new transaction is stamped with the time of
+that read (after the commit, at most one poll plus the read later). Segments are sealed and put by
+an uploader thread in order, so a slow store never delays the polling.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import apsw
+
+from dbre.errors import SourceError
+from dbre.replicate.lease import Lease
+from dbre.replicate.segment import (
+    Generation,
+    Segment,
+    Transaction,
+    WalPos,
+    base_state,
+    chain_step,
+    check_contiguous,
+    list_generations,
+    new_generation_id,
+    open_segment,
+    read_base,
+    write_base,
+    write_segment,
+)
+from dbre.replicate.wal import ContinuityLost, WalTail
+from dbre.repository.backup import backup
+from dbre.repository.lock import Lock
+from dbre.repository.manifest import check_db_name, iso
+from dbre.repository.repo import Repository
+from dbre.sources.image import NoImage
+from dbre.sources.local import LocalFileSource, _poll_busy, keep_wal
+
+log = logging.getLogger(__name__)
+
+POLL_SECONDS = 0.02  # wal-index header reads: observation precision is this plus one read
+WRITE_WAIT = 0.25  # a swap waits this long for the write lock, then tries again next round
+YIELD_WAIT = 2.0  # the longest the replicator waits for an application's checkpoint to backfill
+CHECKPOINT_FRAMES = 1000  # a WAL this long gets a PASSIVE checkpoint in the swap (SQLite's own default)
+MAX_SEGMENT_BYTES = 64 * 1024 * 1024  # pending pages past this are shipped before the interval ends
+VACUUM_SHARE = 0.5  # a transaction writing this share of the pages (and VACUUM_MIN_PAGES) starts a generation
+VACUUM_MIN_PAGES = 64
+STALL_SECONDS = 10.0  # the WAL failing its checks this long in a row stops the replicator
+# a generation this long gets a fresh base snapshot (an incremental backup): a restore then reads at
+# most this many segments after its base (10 min of constant writes at the default interval)
+GENERATION_SEGMENTS = int(os.environ.get("DBRE_REPLICATE_GENERATION_SEGMENTS", "600"))  # (tests set it low)
+
+
+@dataclass
+class ReplicateStats:
+    """What a run did, and the longest moments it held the application's write lock."""
+
+    segments: int = 0
+    transactions: int = 0
+    bytes: int = 0
+    generations: list[str] = field(default_factory=list)
+    swaps: int = 0
+    yields: int = 0
+    checkpoints: int = 0
+    max_swap_ms: float = 0.0
+    max_poll_gap_ms: float = 0.0
+
+
+class _Uploader:
+    """One thread that runs jobs (seal + put of segments, generation bases) strictly in order."""
+
+    def __init__(self) -> None:
+        self._q: queue.Queue[Callable[[], None] | None] = queue.Queue()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._loop, name="dbre-replicate-upload", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            job = self._q.get()
+            try:
+                if job is None:
+                    return
+                if self._error is None:
+                    job()
+            except BaseException as err:  # noqa: BLE001 - handed to the main thread by check()
+                self._error = err
+            finally:
+                self._q.task_done()
+
+    def check(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def submit(self, job: Callable[[], None]) -> None:
+        self.check()
+        self._q.put(job)
+
+    def drain(self) -> None:
+        self._q.join()
+        self.check()
+
+    def close(self) -> None:
+        self._q.put(None)
+        self._thread.join()
+
+
+def _same(a: WalPos, b: WalPos) -> bool:
+    return (a.salt, a.frame, a.cksum) == (b.salt, b.frame, b.cksum)
+
+
+def _salt1(salt: bytes) -> int:
+    return int.from_bytes(salt[:4], "big")
+
+
+class Replicator:
+    """Ships the WAL of the database at ``path`` into ``repo`` as database ``db``."""
+
+    def __init__(self, repo: Repository, path: str | Path, db: str, interval: float = 1.0) -> None:
+        self.repo = repo
+        self.path = str(Path(path).expanduser().absolute())
+        self.db = check_db_name(db)
+        self.interval = interval
+        self.stats = ReplicateStats()
+        self.tail: WalTail | None = None
+        self.conn: apsw.Connection | None = None
+        self.locker: apsw.Connection | None = None
+        self.lock: Lock | None = None
+        self.lease: Lease | None = None
+        self.gen: Generation | None = None
+        self.page_size = 0
+        self.pos = WalPos(b"", 0)  # read up to here (the end of ``pending``)
+        self.pending: list[Transaction] = []
+        self.next_txid = 1
+        self.restarts = "never"  # WAL restarts followed: "never" (not pinned yet), "one" (after a yield), "any"
+        self._state = b""  # chain state after the last submitted transaction (uploader thread)
+        self._shipped = WalPos(b"", 0)  # WAL end of the last submitted transaction
+        self._last_obs = 0
+        self._bad_since: float | None = None
+        self._uploader: _Uploader | None = None
+        self._gen_segments = 0  # segments in the current generation
+        self._calm_until = 0.0  # no second yield to the same checkpoint before this (monotonic)
+        self._starting = False  # inside _new_generation: no generation starts from within it
+        self.on_ship: Callable[[str], None] | None = None
+
+    # -- the loop --------------------------------------------------------------------------------
+
+    def run(self, stop: threading.Event, on_ship: Callable[[str], None] | None = None) -> ReplicateStats:
+        """Replicate until ``stop`` is set; then ship what is committed and return."""
+        self.on_ship = on_ship
+        self.repo.require_writable(f"replicate {self.db}")
+        with self.repo.lock(f"replicate {self.db}") as lock:
+            self.lock = lock
+            self.lease = Lease(self.repo.store, self.db, lock)
+            self.lease.acquire()
+            self._uploader = _Uploader()
+            try:
+                self._open()
+                try:
+                    if not self._resume():
+                        self._new_generation(continued=False)
+                    self._loop(stop)
+                finally:
+                    self._close()
+                self._uploader.drain()
+            finally:
+                self._uploader.close()
+                self.lease.release()
+        return self.stats
+
+    def _loop(self, stop: threading.Event) -> None:
+        assert self.tail is not None and self._uploader is not None and self.lease is not None
+        last_ship = time.monotonic()
+        last_poll = time.monotonic()
+        while True:
+            stopping = stop.wait(POLL_SECONDS)
+            now = time.monotonic()
+            self.stats.max_poll_gap_ms = max(self.stats.max_poll_gap_ms, (now - last_poll) * 1000)
+            last_poll = now
+            self._uploader.check()
+            if self.tail.replaced():
+                self._continuity_lost("the database file was replaced")
+                continue
+            try:
+                self._poll()
+                if now >= self._calm_until and self.tail.blocking_checkpoint():
+                    self._yield()  # at once, not at the next ship: the checkpoint waits on this reader
+                    self._calm_until = time.monotonic() + 0.05
+                big = sum(t.size for t in self.pending) >= MAX_SEGMENT_BYTES
+                if self.pending and (stopping or big or now - last_ship >= self.interval):
+                    self._swap()
+                    self._ship()
+                    last_ship = time.monotonic()
+            except ContinuityLost as err:
+                self._continuity_lost(str(err))
+                continue
+            if self.lease.due():
+                self._uploader.submit(self.lease.refresh)  # a store request: never on the polling thread
+            if stopping:
+                return
+
+    # -- the source ------------------------------------------------------------------------------
+
+    def _open(self) -> None:
+        src = LocalFileSource(self.path)
+        src.check()
+        self.tail = WalTail(self.path)  # the pin, before any connection
+        try:
+            self.conn = keep_wal(apsw.Connection(self.path, flags=apsw.SQLITE_OPEN_READWRITE))
+            self.conn.set_busy_handler(_poll_busy(10.0))
+            row = self.conn.execute("PRAGMA journal_mode").fetchone()
+            mode = str(row[0] if row else "").lower()
+            if mode != "wal":
+                raise SourceError(f"replicate {self.db}: {self.path} is in {mode} journal mode, not WAL",
+                                  "switch it once with `PRAGMA journal_mode=WAL`")
+            self.locker = keep_wal(apsw.Connection(self.path, flags=apsw.SQLITE_OPEN_READWRITE))
+            self._begin_read()
+        except apsw.Error as err:
+            self._close()
+            raise SourceError(f"replicate {self.db}: cannot open {self.path} ({err})", "check the file") from err
+        except BaseException:
+            self._close()
+            raise
+
+    def _close(self) -> None:
+        for conn in (self.locker, self.conn):
+            if conn is not None:
+                try:
+                    conn.close()
+                except apsw.Error:
+                    pass
+        self.conn = self.locker = None
+        if self.tail is not None:
+            self.tail.close()  # after the connections: see dbre.sources.pins
+            self.tail = None
+
+    def _begin_read(self) -> None:
+        assert self.conn is not None
+        self.conn.execute("BEGIN")
+        self.conn.execute("PRAGMA page_count").fetchall()  # starts the read transaction
+
+    def _end_read(self) -> None:
+        assert self.conn is not None
+        if self.conn.in_transaction:
+            self.conn.execute("COMMIT")
+
+    # -- reading the WAL -------------------------------------------------------------------------
+
+    def _observed(self) -> int:
+        self._last_obs = max(self._last_obs, time.time_ns() // 1000)
+        return self._last_obs
+
+    def _poll(self) -> None:
+        """Read the transactions committed since ``pos``, stamped with the time of this read."""
+        assert self.tail is not None
+        try:
+            st = self.tail.index()
+            if st.salt == self.pos.salt and st.mx_frame == self.pos.frame and st.frame_cksum == self.pos.cksum:
+                self._bad_since = None
+                return
+            restart_ok = self.restarts == "any" or (
+                self.restarts == "one" and _salt1(st.salt) == (_salt1(self.pos.salt) + 1) % 2**32)
+            tail = self.tail.read(self.pos, self.page_size, restart_ok=restart_ok, next_txid=self.next_txid,
+                                  observed_us=self._observed(), st=st)
+        except (NoImage, OSError) as err:
+            # a wal-index caught mid-update passes at the next poll; one that stays bad stops the run
+            now = time.monotonic()
+            self._bad_since = self._bad_since or now
+            if now - self._bad_since > STALL_SECONDS:
+                raise SourceError(f"replicate {self.db}: the WAL of {self.path} fails its checks ({err})",
+                                  "check the database; restart replicate to begin a new generation") from None
+            return
+        self._bad_since = None
+        self.pending.extend(tail.transactions)
+        self.next_txid += len(tail.transactions)
+        self.pos = tail.end
+        self.restarts = "any"  # the read transaction held since then pins everything after ``pos``
+
+    def _write_lock(self) -> bool:
+        """Take the write lock on the second connection; False when busy (or a checkpoint waits on us)."""
+        assert self.locker is not None and self.tail is not None
+        deadline = time.monotonic() + WRITE_WAIT
+        tail = self.tail
+
+        def busy(tries: int) -> bool:
+            if time.monotonic() > deadline or (tries >= 3 and tail.blocking_checkpoint()):
+                return False
+            time.sleep(0.001)
+            self._poll()  # commits keep landing while we wait: stamp them now, not after
+            return True
+
+        self.locker.set_busy_handler(busy)
+        try:
+            self.locker.execute("BEGIN IMMEDIATE")
+            return True
+        except apsw.BusyError:
+            return False
+
+    def _swap(self) -> None:
+        """Read the last commits and move the read transaction to the newest one, under the write lock.
+        A long WAL is checkpointed in two steps: the bulk after a first swap, outside the write lock,
+        then what came meanwhile, inside a second one (so writers wait for little)."""
+        assert self.tail is not None and self.conn is not None
+        st = self.tail.index()
+        if st.mx_frame >= CHECKPOINT_FRAMES and st.backfilled < st.mx_frame and self._swap_once(False):
+            assert self.locker is not None  # (no transaction open on it now; the reader's is)
+            self.locker.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()  # up to our new read mark
+            self._swap_once(True)
+        else:
+            self._swap_once(False)
+
+    def _swap_once(self, checkpoint: bool) -> bool:
+        assert self.locker is not None and self.conn is not None and self.tail is not None
+        started = time.perf_counter()
+        if not self._write_lock():
+            if self.tail.blocking_checkpoint():
+                self._yield()
+            return False  # (else writers keep it busy: the next round tries again; nothing is lost meanwhile)
+        try:
+            self._poll()  # no commit can land now: these are all of them
+            self._end_read()
+            st = self.tail.index()
+            if checkpoint and st.backfilled < st.mx_frame:
+                # so the new read transaction sits on mark 0 and the next write can restart the WAL
+                self.conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                self.stats.checkpoints += 1
+            self._begin_read()
+            st = self.tail.index()
+            if (st.backfilled == st.mx_frame and (st.salt, st.mx_frame) == (self.pos.salt, self.pos.frame)
+                    and not self.tail.foreign_readers()):
+                self.pos = replace(self.pos, restart_next=True)
+        finally:
+            self.locker.execute("ROLLBACK")
+        self.stats.swaps += 1
+        self.stats.max_swap_ms = max(self.stats.max_swap_ms, (time.perf_counter() - started) * 1000)
+        return True
+
+    def _yield(self) -> None:
+        """Step aside for an application's blocking checkpoint (see the module doc)."""
+        assert self.tail is not None
+        self._poll()  # the checkpoint holds the write lock: every commit is read now
+        self._end_read()
+        deadline = time.monotonic() + YIELD_WAIT
+        while time.monotonic() < deadline:
+            st = self.tail.index()
+            if st.salt != self.pos.salt or st.backfilled >= st.mx_frame or not self.tail.blocking_checkpoint():
+                break
+            time.sleep(0.0005)
+        self._begin_read()
+        self.restarts = "one"
+        self.stats.yields += 1
+        self._poll()
+
+    # -- shipping --------------------------------------------------------------------------------
+
+    def _ship(self, txs: list[Transaction] | None = None) -> None:
+        """Hand the pending transactions (or ``txs``) to the uploader as segments of the current generation."""
+        assert self._uploader is not None and self.gen is not None
+        if txs is None:
+            txs, self.pending = self.pending, []
+        while txs:
+            size, n = 0, 0
+            while n < len(txs) and (n == 0 or size + txs[n].size <= MAX_SEGMENT_BYTES):
+                size += txs[n].size
+                n += 1
+            batch, txs = txs[:n], txs[n:]
+            self._submit_segment(self.gen, batch)
+            self._gen_segments += 1
+            if not self._starting and self._gen_segments >= GENERATION_SEGMENTS:
+                self.pending = txs + self.pending
+                self._new_generation(continued=True, why=f"{self._gen_segments} segments since the last base")
+                return
+            if not self._starting and any(len(t.pages) >= max(VACUUM_MIN_PAGES, VACUUM_SHARE * t.page_count)
+                                          for t in batch):
+                # (VACUUM, or a rewrite as large): a fresh base keeps later restores from replaying it
+                self.pending = txs + self.pending
+                self._new_generation(continued=True, why="a transaction rewrote most of the database")
+                return
+
+    def _submit_segment(self, gen: Generation, txs: list[Transaction]) -> None:
+        assert self._uploader is not None and self.tail is not None
+        end = txs[-1].end or self._shipped
+        if self.pos.restart_next and _same(end, self.pos):
+            end = self.pos  # this segment ends where the swap left the WAL wholly backfilled
+        start, self._shipped = self._shipped, end
+        file_id = self.tail.file_id()
+
+        def job() -> None:
+            assert self.lease is not None and self.lock is not None
+            state = self._state
+            for tx in txs:
+                state = chain_step(self.repo.page_hash, state, tx)
+            seg = Segment(self.db, gen.id, gen.page_size, self._state, state, start, end, file_id, txs)
+            what = f"replicate {self.db}: segment {txs[0].txid}-{txs[-1].txid}"
+            self.lease.check(what)
+            self.lock.check_alive(what, consequence="the segment was not shipped",
+                                  hint="restart replicate: it resumes where the repository ends")
+            key, size = write_segment(self.repo, seg)
+            self._state = state
+            self.stats.segments += 1
+            self.stats.transactions += len(txs)
+            self.stats.bytes += size
+            if self.on_ship:
+                self.on_ship(key)
+
+        self._uploader.submit(job)
+
+    # -- generations -----------------------------------------------------------------------------
+
+    def _resume(self) -> bool:
+        """Continue the newest generation where its last segment ends, if the WAL still continues
+        from there (same file, same WAL salts, the same frame at that place)."""
+        assert self.tail is not None
+        gens = list_generations(self.repo, self.db)
+        if not gens:
+            return False
+        gen_id = next(reversed(gens))
+        base = read_base(self.repo, self.db, gen_id)
+        names = check_contiguous(self.db, base, gens[gen_id])
+        if names:
+            last = open_segment(self.repo, names[-1], None)
+            end, state, txid, file_id = last.wal_end, last.state_after, names[-1].last, last.file_id
+        else:
+            end, state, txid, file_id = base.wal, bytes.fromhex(base.state), base.base_txid, base.file_id
+        self.next_txid = txid + 1
+        why = None
+        if file_id != self.tail.file_id():
+            why = "the database file is not the one replicated before (replaced or restored over)"
+        else:
+            self.gen, self.page_size, self.pos, self._shipped, self._state = base, base.page_size, end, end, state
+            # frames after ``end`` were not pinned while no replicator ran: a restart since is followed
+            # only when the WAL was wholly backfilled there (the restart came at that very frame)
+            self.restarts = "one" if end.restart_next else "never"
+            try:
+                self._poll()
+            except ContinuityLost as err:
+                why = str(err)
+        if why is not None:
+            log.warning("replicate %s: %s: a new generation starts", self.db, why)
+            self.gen, self.pending = None, []
+            self.next_txid += 1  # the new base is a state of its own, not the old generation's last
+            return False
+        self.stats.generations.append(base.id)
+        self._gen_segments = len(names)
+        return True
+
+    def _continuity_lost(self, why: str) -> None:
+        """Ship what was read, then start a new generation from a fresh snapshot."""
+        log.warning("replicate %s: %s: a new generation starts", self.db, why)
+        if self.pending:
+            self._ship()
+        assert self._uploader is not None
+        self._uploader.drain()
+        if self.tail is not None and self.tail.replaced():
+            self._close()
+            self._open()
+        self.gen = None
+        self.next_txid += 1
+        self._new_generation(continued=False)
+
+    def _new_generation(self, *, continued: bool, why: str = "") -> None:
+        """Take a fresh snapshot (polling on meanwhile, so observation times stay exact) and start a
+        generation at its WAL position. ``continued``: the current generation has every transaction
+        up to here, and gets the ones up to the snapshot too, so it ends exactly where the new one
+        starts."""
+        assert self.tail is not None and self._uploader is not None
+        if not continued:
+            # everything from here on is pinned by the read transaction, which began before the snapshot
+            self._end_read()
+            self._begin_read()
+            st = self.tail.index()
+            self.pending = []
+            self.pos = self._shipped = WalPos(st.salt, st.mx_frame, st.frame_cksum)
+            self.page_size = st.page_size if st.mx_frame else self._page_size()
+            self.restarts = "any"
+        done: dict[str, object] = {}
+
+        def take() -> None:
+            try:
+                # direct=False: the direct path maps the database file, and CPython's mmap keeps a
+                # dup() of the descriptor whose close drops every POSIX lock this process holds on
+                # the file (the reader's too: the WAL could then be deleted under it). The backup
+                # API path maps only the -wal, on which SQLite takes no lock.
+                done["result"] = backup(self.repo, LocalFileSource(self.path), self.db, direct=False)
+            except BaseException as err:  # noqa: BLE001 - re-raised in the main thread
+                done["error"] = err
+
+        worker = threading.Thread(target=take, name="dbre-replicate-snapshot", daemon=True)
+        worker.start()
+        while worker.is_alive():
+            worker.join(POLL_SECONDS)
+            self._poll()
+        if "error" in done:
+            raise done["error"]  # type: ignore[misc]
+        manifest = done["result"].manifest  # type: ignore[attr-defined]
+        wal = manifest.stats.get("wal")
+        if not wal:
+            raise SourceError(f"replicate {self.db}: the snapshot's WAL position is unknown "
+                              f"({manifest.stats.get('read')})", "the write lock stayed busy: run it again")
+        snap = WalPos.from_json(wal)
+        self._poll()
+        before, after = self._split(snap)
+        if continued and before:
+            self._starting = True
+            try:
+                self._ship(before)
+            finally:
+                self._starting = False
+        base_txid = before[-1].txid if before else self.next_txid - len(after) - 1
+        if self.page_size and manifest.page_size != self.page_size:
+            raise ContinuityLost("the page size changed")  # (impossible while pinned in WAL mode)
+        self.page_size = manifest.page_size
+        gen_id = new_generation_id(manifest.time)
+        state = base_state(self.repo.page_hash, self.db, gen_id, manifest, base_txid)
+        gen = Generation(self.db, gen_id, manifest.id, self.repo.manifest_key(manifest), manifest.taken_at,
+                         base_txid, manifest.page_size, snap, self.tail.file_id(), state.hex(),
+                         iso(manifest.time))
+
+        def start() -> None:
+            write_base(self.repo, gen)
+            self._state = state
+
+        self._uploader.submit(start)
+        self.gen, self._shipped, self.pending, self._gen_segments = gen, snap, after, 0
+        self.stats.generations.append(gen_id)
+        log.info("replicate %s: generation %s from snapshot %s%s", self.db, gen_id, manifest.id,
+                 f" ({why})" if why else "")
+
+    def _page_size(self) -> int:
+        assert self.conn is not None
+        row = self.conn.execute("PRAGMA page_size").fetchone()
+        return int(row[0]) if row else 0
+
+    def _split(self, snap: WalPos) -> tuple[list[Transaction], list[Transaction]]:
+        """The pending transactions the snapshot holds, and those after it: it ends where the last
+        shipped one did, at the end of one read here, or (an emptied, restarted WAL) at new salts."""
+        if _same(snap, self._shipped):
+            return [], list(self.pending)
+        for i, tx in enumerate(self.pending):
+            if tx.end is not None and _same(tx.end, snap):
+                return self.pending[: i + 1], self.pending[i + 1 :]
+        if snap.frame == 0 and snap.salt != self._shipped.salt:
+            idx = next((i for i, t in enumerate(self.pending) if t.end is not None and t.end.salt == snap.salt),
+                       len(self.pending))
+            return self.pending[:idx], self.pending[idx:]
+        raise ContinuityLost(f"the snapshot ends at WAL frame {snap.frame}, which is not a commit read here")
