@@ -2,10 +2,13 @@
 
 A lease is ``leases/<db>/<epoch 016x>`` (plain JSON: host, pid, boot id, pid namespace, created).
 Taking it: list the database's leases; if the newest is live, refuse; else write epoch + 1 with a
-conditional put — of two replicators racing for the same epoch exactly one wins. The holder
-rewrites its object every ``REFRESH_SECONDS``, and before each segment it ships checks that no
-newer epoch exists (one HEAD): a replicator that was paused past the stale limit and lost its lease
-to another stops instead of interleaving. Staleness is judged like the repository's locks
+conditional put — of two replicators racing for the same epoch exactly one wins. Every
+``REFRESH_SECONDS`` the holder checks that no newer epoch exists (one HEAD) and rewrites its object
+(one PUT). Before each segment it ships, ``verify`` makes no request: it refuses when a refresh
+found a newer epoch, or when the last successful refresh began more than ``STALE_SECONDS -
+SAFETY_SECONDS`` ago on the boot clock or on the wall clock (a paused VM's boot clock stops, its
+wall clock is stepped forward on resume): a replicator that was paused or cut off and may have lost
+its lease to another stops instead of interleaving. Staleness is judged like the repository's locks
 (`dbre.repository.lock`): by the store's clock (the object's last write against the store's current
 time learnt from this run's own lock), or at once when the holder is a dead process of this very
 host, boot and pid namespace (a replicator restarted after kill -9 resumes at once).
@@ -26,7 +29,8 @@ from dbre.storage.base import LOCK_CAP, get_capped
 log = logging.getLogger(__name__)
 
 STALE_SECONDS = 120.0  # a lease not rewritten for this long (store's clock) may be taken over
-REFRESH_SECONDS = 20.0
+REFRESH_SECONDS = 20.0  # a HEAD and a PUT this often, idle or not
+SAFETY_SECONDS = 60.0  # no segment is shipped when the last good refresh is older than STALE - SAFETY
 
 
 def _epochs(store: Store, db: str) -> list[int]:
@@ -40,7 +44,8 @@ def _epochs(store: Store, db: str) -> list[int]:
 
 
 class Lease:
-    """This run's lease on replicating ``db``. ``acquire`` once, ``check`` before each commit."""
+    """This run's lease on replicating ``db``. ``acquire`` once, ``refresh`` when ``due``, ``verify``
+    before each commit."""
 
     def __init__(self, store: Store, db: str, lock: Lock) -> None:
         self.store = store
@@ -49,7 +54,9 @@ class Lease:
         self.epoch = -1
         self.record = {"op": f"replicate {db}", **this_process(),
                        "created": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")}
-        self._written = 0.0
+        self._written = 0.0  # boottime() when the last refresh was scheduled
+        self._ok = (0.0, 0.0)  # (boottime(), time.time()) when the last successful write began
+        self._lost = False
 
     def key(self, epoch: int | None = None) -> str:
         return f"leases/{self.db}/{(self.epoch if epoch is None else epoch):016x}"
@@ -78,6 +85,7 @@ class Lease:
             raise LockedError(f"database {self.db}: another replicator took the lease at this very moment",
                               "stop that replicator first; one replicator per database") from None
         self._written = boottime()
+        self._ok = (boottime(), time.time())
         for old in epochs:
             self.store.delete(self.key(old))
 
@@ -89,14 +97,44 @@ class Lease:
         return False
 
     def refresh(self) -> None:
-        self.check("replicate")
-        self.store.put(self.key(), json.dumps(self.record | {"time": time.time()}).encode())
+        """Check no newer epoch exists (one HEAD), then rewrite the lease (one PUT). A newer epoch
+        marks the lease lost and raises ``LockLostError``; any other failure is logged, and only
+        ages the lease (``verify`` judges the age)."""
+        began = (boottime(), time.time())
+        try:
+            self.check("replicate")
+            self.store.put(self.key(), json.dumps(self.record | {"time": time.time()}).encode())
+        except LockLostError:
+            self._lost = True
+            raise
+        except Exception as err:  # noqa: BLE001 - retried at the next refresh; verify stops shipping in time
+            log.warning("lease %s: refresh failed: %s", self.key(), err)
+            return
+        self._ok = began
 
     def check(self, what: str) -> None:
-        """Raise ``LockLostError`` if another replicator has taken the lease since."""
+        """Raise ``LockLostError`` if another replicator has taken the lease since (one HEAD)."""
         if self.store.exists(self.key(self.epoch + 1)):
             raise LockLostError(f"{what}: another replicator took over the lease of {self.db} (this one was "
                                 "paused or cut off past the stale limit)", "nothing more is shipped by this one")
+
+    def age(self) -> float:
+        """Seconds since the last successful write of the lease began: the larger of the boot clock's
+        and the wall clock's count."""
+        boot, wall = self._ok
+        return max(boottime() - boot, time.time() - wall)
+
+    def verify(self, what: str) -> None:
+        """Before each segment, no request: raise ``LockLostError`` when a refresh found the lease
+        taken over, or when the last successful refresh is too old for another host not to take it."""
+        if self._lost:
+            raise LockLostError(f"{what}: another replicator took over the lease of {self.db} (this one was "
+                                "paused or cut off past the stale limit)", "nothing more is shipped by this one")
+        age = self.age()
+        if age > STALE_SECONDS - SAFETY_SECONDS:
+            raise LockLostError(f"{what}: the lease of {self.db} was last written {age:.0f} s ago, within "
+                                f"{SAFETY_SECONDS:.0f} s of its stale limit ({STALE_SECONDS:.0f} s): another "
+                                "replicator may take it over", "check the store's reachability; restart replicate")
 
     def release(self) -> None:
         if self.epoch >= 0:

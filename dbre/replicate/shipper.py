@@ -60,6 +60,7 @@ from dbre.repository.manifest import check_db_name, iso
 from dbre.repository.repo import Repository
 from dbre.sources.image import NoImage
 from dbre.sources.local import LocalFileSource, _poll_busy, keep_wal
+from dbre.sources.pins import Pin
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +149,7 @@ class Replicator:
         self.interval = interval
         self.stats = ReplicateStats()
         self.tail: WalTail | None = None
+        self._pin: Pin | None = None
         self.conn: apsw.Connection | None = None
         self.locker: apsw.Connection | None = None
         self.lock: Lock | None = None
@@ -229,7 +231,11 @@ class Replicator:
     def _open(self) -> None:
         src = LocalFileSource(self.path)
         src.check()
-        self.tail = WalTail(self.path)  # the pin, before any connection
+        # the pin, before any connection and released after the last one closes: while it is held
+        # no descriptor dbre opens on this database (the WAL tail's, a snapshot's maps) is closed,
+        # so none can drop the POSIX locks of the connections below (see dbre.sources.pins)
+        self._pin = Pin(self.path)
+        self.tail = WalTail(self.path)
         try:
             self.conn = keep_wal(apsw.Connection(self.path, flags=apsw.SQLITE_OPEN_READWRITE))
             self.conn.set_busy_handler(_poll_busy(10.0))
@@ -258,6 +264,9 @@ class Replicator:
         if self.tail is not None:
             self.tail.close()  # after the connections: see dbre.sources.pins
             self.tail = None
+        if self._pin is not None:
+            self._pin.release()
+            self._pin = None
 
     def _begin_read(self) -> None:
         assert self.conn is not None
@@ -417,9 +426,11 @@ class Replicator:
                 state = chain_step(self.repo.page_hash, state, tx)
             seg = Segment(self.db, gen.id, gen.page_size, self._state, state, start, end, file_id, txs)
             what = f"replicate {self.db}: segment {txs[0].txid}-{txs[-1].txid}"
-            self.lease.check(what)
+            # no store request here: the lease and lock refreshes (their own periods) find a lost
+            # one; these only refuse when those refreshes stopped succeeding in time
+            self.lease.verify(what)
             self.lock.check_alive(what, consequence="the segment was not shipped",
-                                  hint="restart replicate: it resumes where the repository ends")
+                                  hint="restart replicate: it resumes where the repository ends", refresh=False)
             key, size = write_segment(self.repo, seg)
             self._state = state
             self.stats.segments += 1
@@ -502,11 +513,10 @@ class Replicator:
 
         def take() -> None:
             try:
-                # direct=False: the direct path maps the database file, and CPython's mmap keeps a
-                # dup() of the descriptor whose close drops every POSIX lock this process holds on
-                # the file (the reader's too: the WAL could then be deleted under it). The backup
-                # API path maps only the -wal, on which SQLite takes no lock.
-                done["result"] = backup(self.repo, LocalFileSource(self.path), self.db, direct=False)
+                # the direct path: its maps go through mmap(2) with no duplicate descriptor
+                # (dbre.sources.filemap), and every descriptor it opens is shared under this run's
+                # pin, closed only after our connections: the reader keeps its locks throughout
+                done["result"] = backup(self.repo, LocalFileSource(self.path), self.db)
             except BaseException as err:  # noqa: BLE001 - re-raised in the main thread
                 done["error"] = err
 

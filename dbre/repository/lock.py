@@ -317,17 +317,19 @@ class Lock:
         return boottime() - self._last_ok
 
     def check_alive(self, what: str, *, consequence: str = "nothing was committed",
-                    hint: str = "run it again") -> None:
+                    hint: str = "run it again", refresh: bool = True) -> None:
         """Raise ``LockLostError`` unless another host still certainly sees this lock as live.
 
         Called immediately before each commit. Checks that the last successful refresh began less
         than ``stale_seconds - safety_seconds`` ago on the boot clock (a hung refresh); then
         refreshes the lock (a new object, the old one checked and removed: see ``refresh``), which
         finds a removed lock and any such gap by the store's clock (a paused host, whose own
-        clocks stopped).
+        clocks stopped). ``refresh=False`` (the replicator, before each segment: no store request)
+        only judges what the refresh thread found: a lost lock, or a last refresh that old.
         """
         age = self.age()  # judged before the refresh below, which would reset it
-        if not self._lost and not self._released and age <= self.stale_seconds - self.safety_seconds:
+        if (refresh and not self._lost and not self._released
+                and age <= self.stale_seconds - self.safety_seconds):
             try:
                 self.refresh()
             except LockLostError:
