@@ -1,0 +1,363 @@
+"""Cold review of restore without per-page objects, point-in-time restore from segments, and FileMap.
+
+Each reproduced finding is an xfail(strict=True) test: it fails today for the reason given and
+will pass once fixed. Replicators run in-process (threads) on small WAL databases to keep the file
+short; the tamper, oracle and crash suites already cover the long-running paths.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+import dbre.replicate.segment as segment_mod
+from dbre.errors import DbreError
+from dbre.replicate.check import verify_segments
+from dbre.replicate.segment import list_generations, open_segment, read_base, to_time
+from dbre.replicate.shipper import Replicator
+from dbre.repository.repo import Repository
+from dbre.restore.full import apply_restore, plan_restore
+from dbre.restore.pitr import apply_pitr, plan_pitr
+from tests.replication import make_source, restore_at, restored_seq
+
+BASE_ROWS = 50
+
+
+def LATER() -> datetime:  # noqa: N802 - a time after every commit of these tests
+    return datetime.now(UTC) + timedelta(hours=2)
+
+
+@contextmanager
+def replicating(repo: Repository, src: Path, interval: float = 0.3) -> Iterator[None]:
+    """A Replicator thread on ``src`` for the body of the block; it ships what is committed and
+    stops at the end."""
+    rep = Replicator(repo, src, "app", interval)
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            rep.run(stop)
+        except BaseException as err:  # noqa: BLE001 - reported below
+            errors.append(err)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not any(k.endswith("/base") for k in repo.store.list("segments/app/")):
+        assert not errors and time.monotonic() < deadline, errors or "no generation within 30 s"
+        time.sleep(0.05)
+    time.sleep(0.3)  # resumed or started, polling
+    try:
+        yield
+    finally:
+        time.sleep(interval * 2 + 0.3)
+        stop.set()
+        thread.join(60)
+    assert not errors, errors
+
+
+def commit(conn: sqlite3.Connection, seq: int, pad: int = 300) -> None:
+    conn.execute("BEGIN IMMEDIATE")
+    conn.execute("INSERT INTO t(seq, pad) VALUES (?, randomblob(?))", (seq, pad))
+    conn.execute("UPDATE counter SET n = ?", (seq,))
+    conn.execute("COMMIT")
+
+
+def transactions(repo: Repository, gen_id: str) -> list[tuple[str, int, int]]:
+    """(segment key, txid, observed µs) of every transaction of a generation, chain-checked."""
+    base = read_base(repo, "app", gen_id)
+    state = bytes.fromhex(base.state)
+    out = []
+    for name in list_generations(repo, "app")[gen_id]:
+        seg = open_segment(repo, name, state)
+        state = seg.state_after
+        out.extend((name.key, tx.txid, tx.observed_us) for tx in seg.transactions)
+    return out
+
+
+@pytest.fixture(scope="module")
+def replicated(tmp_path_factory: pytest.TempPathFactory) -> tuple[Repository, Path]:
+    """A local repository with one generation of a few segments (rows BASE_ROWS+1..BASE_ROWS+6)."""
+    tmp = tmp_path_factory.mktemp("review_pitr")
+    src = tmp / "src.db"
+    make_source(src, BASE_ROWS)
+    repo = Repository.open_or_init(str(tmp / "repo"))
+    conn = sqlite3.connect(src, isolation_level=None)
+    with replicating(repo, src):
+        for seq in range(BASE_ROWS + 1, BASE_ROWS + 7):
+            commit(conn, seq)
+            time.sleep(0.2)
+    conn.close()
+    return repo, tmp
+
+
+# --------------------------------------------------------------------------- finding 1
+
+
+@pytest.mark.xfail(strict=True, reason="review finding 1: observation times restart from the host clock when a "
+                   "replicator resumes a generation (_last_obs is not seeded from the last segment), so a clock "
+                   "behind the previous run's makes restore --at apply later transactions over a partial segment: "
+                   "a state that never existed")
+def test_resumed_replicator_with_clock_behind_keeps_restore_at_exact(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    src = tmp_path / "src.db"
+    make_source(src, BASE_ROWS)
+    repo = Repository.open_or_init(str(tmp_path / "repo"))
+    conn = sqlite3.connect(src, isolation_level=None)  # kept open: no checkpoint-on-close between runs
+    with replicating(repo, src, interval=1.0):
+        for seq in range(BASE_ROWS + 1, BASE_ROWS + 5):  # a segment of several transactions
+            commit(conn, seq)
+            time.sleep(0.08)
+    # the same database replicated again after a restart on a host (or after a clock step) 1 h behind
+    real = time.time_ns
+    monkeypatch.setattr(time, "time_ns", lambda: real() - 3600 * 10**9)
+    with replicating(repo, src, interval=1.0):
+        commit(conn, BASE_ROWS + 5)
+        commit(conn, BASE_ROWS + 6)
+    monkeypatch.undo()
+    conn.close()
+    gens = list_generations(repo, "app")
+    assert len(gens) == 1, "the second run resumed the generation"
+    txs = transactions(repo, next(iter(gens)))
+    first_run = [t for t in txs if t[1] <= txs[0][1] + 3]
+    # T: the second transaction of the first run's last segment (its later ones are after T)
+    last_key = first_run[-1][0]
+    in_last = [t for t in first_run if t[0] == last_key]
+    assert len(in_last) >= 2 and in_last[0][2] < in_last[-1][2]
+    t_obs = in_last[0][2]
+    expected = BASE_ROWS + 4 - (len(in_last) - 1)  # rows up to that transaction
+    out = tmp_path / "at.db"
+    restore_at(repo, "app", to_time(t_obs), out)
+    count, top, n = restored_seq(out)
+    assert (count, top, n) == (expected, expected, expected), (count, top, n)
+
+
+# --------------------------------------------------------------------------- finding 2
+
+
+def _live_wal_db(path: Path) -> sqlite3.Connection:
+    """An application's database at ``path``: WAL mode, a commit still only in its -wal, held open."""
+    app = sqlite3.connect(path, isolation_level=None)
+    app.execute("PRAGMA journal_mode=WAL")
+    app.execute("PRAGMA wal_autocheckpoint=0")
+    app.execute("CREATE TABLE precious(x)")
+    app.execute("INSERT INTO precious VALUES ('do not lose me')")
+    return app
+
+
+@pytest.mark.xfail(strict=True, reason="review finding 2: restore --at without --force checks the target only "
+                   "when planning; a database created there while the base and segments are applied is replaced "
+                   "(without _hold_still, its -wal and -shm left beside the new file)")
+def test_pitr_without_force_never_replaces_a_target_created_after_planning(
+        replicated: tuple[Repository, Path], tmp_path: Path) -> None:
+    repo, _ = replicated
+    target = tmp_path / "app.db"
+    plan = plan_pitr(repo, "app", target, at=LATER())
+    assert plan is not None
+    app = _live_wal_db(target)  # e.g. the application started and created a fresh database there
+    try:
+        with pytest.raises(DbreError):
+            apply_pitr(repo, plan)
+        assert app.execute("SELECT x FROM precious").fetchall() == [("do not lose me",)]
+    finally:
+        app.close()
+
+
+@pytest.mark.xfail(strict=True, reason="review finding 2: the same for a snapshot restore: plan_restore checks "
+                   "the target, _replace(force=False) renames over whatever is there by then")
+def test_restore_without_force_never_replaces_a_target_created_after_planning(
+        replicated: tuple[Repository, Path], tmp_path: Path) -> None:
+    repo, _ = replicated
+    target = tmp_path / "app.db"
+    plan = plan_restore(repo, "app", target)
+    app = _live_wal_db(target)
+    try:
+        with pytest.raises(DbreError):
+            apply_restore(repo, plan)
+        assert app.execute("SELECT x FROM precious").fetchall() == [("do not lose me",)]
+    finally:
+        app.close()
+
+
+# --------------------------------------------------------------------------- finding 3
+
+_KILLED_PITR = r"""
+import os, signal, sys
+from datetime import datetime
+import dbre.restore.pitr as pitr
+from dbre.repository.repo import Repository
+from tests.replication import restore_at
+
+def die(*a, **k):
+    os.kill(os.getpid(), signal.SIGKILL)
+
+pitr._apply_one = die  # kill -9 while the segments are applied over the scratch copy
+restore_at(Repository.open(sys.argv[1]), "app", datetime.fromisoformat(sys.argv[2]), sys.argv[3])
+"""
+
+
+@pytest.mark.xfail(strict=True, reason="review finding 3: a restore --at killed while applying segments leaves "
+                   "its full-size .<target>.dbre-pitr-<hex> scratch copy beside the target, and no later restore "
+                   "removes it (_remove_leftovers only knows .dbre-restore- temp files)")
+def test_killed_pitr_scratch_file_is_removed_by_the_next_restore(replicated: tuple[Repository, Path],
+                                                                  tmp_path: Path) -> None:
+    repo, repo_dir = replicated
+    target = tmp_path / "app.db"
+    at = LATER().isoformat()
+    proc = subprocess.run([sys.executable, "-c", _KILLED_PITR, str(repo_dir / "repo"), at, str(target)],
+                          cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == -9, proc.stderr
+    left = [p.name for p in tmp_path.iterdir() if p.name.startswith(f".{target.name}.dbre-")]
+    assert left, "the kill left a scratch file (precondition)"
+    restore_at(repo, "app", LATER(), target)  # the operator retries: succeeds
+    assert restored_seq(target)[1] == BASE_ROWS + 6
+    left = [p.name for p in tmp_path.iterdir() if p.name.startswith(f".{target.name}.dbre-")]
+    assert left == [], left
+
+
+# --------------------------------------------------------------------------- finding 4
+
+
+@pytest.mark.xfail(strict=True, reason="review finding 4: one transaction larger than SEGMENT_CAP (256 MiB) is "
+                   "shipped as one segment (MAX_SEGMENT_BYTES never splits a transaction) that restore, verify and "
+                   "resume then refuse to read: every time after it in the generation is unrestorable (shown "
+                   "with the cap lowered to 256 KiB)")
+def test_a_transaction_larger_than_the_segment_cap_stays_restorable(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(segment_mod, "SEGMENT_CAP", 256 * 1024)
+    src = tmp_path / "src.db"
+    make_source(src, 3000)  # ~1 MB: the big transaction is under VACUUM_SHARE of it
+    repo = Repository.open_or_init(str(tmp_path / "repo"))
+    conn = sqlite3.connect(src, isolation_level=None)
+    with replicating(repo, src):
+        commit(conn, 3001, pad=400 * 1024)  # ~100 pages in one transaction: one 400 KiB segment
+        time.sleep(0.5)
+        commit(conn, 3002)
+    conn.close()
+    checked, problems = verify_segments(repo, "app")
+    out = tmp_path / "after.db"
+    restore_at(repo, "app", LATER(), out)
+    assert restored_seq(out)[1] == 3002
+    assert problems == [], problems
+
+
+# --------------------------------------------------------------------------- finding 5
+
+
+@pytest.mark.xfail(strict=True, reason="review finding 5: commits made while no replicator ran are stamped when "
+                   "replication resumes; a snapshot taken in between holds them, yet restore --at a time after that "
+                   "snapshot (and before the resume) restores the older segment state: it misses commits a "
+                   "snapshot observed before T (plan_pitr takes 'known = T' when any later segment exists)")
+def test_restore_at_never_misses_commits_a_snapshot_saw_before_t(tmp_path: Path) -> None:
+    from dbre.repository.backup import backup
+    from dbre.sources.local import LocalFileSource
+
+    src = tmp_path / "src.db"
+    make_source(src, BASE_ROWS)
+    repo = Repository.open_or_init(str(tmp_path / "repo"))
+    conn = sqlite3.connect(src, isolation_level=None)  # kept open: the WAL continues between the runs
+    with replicating(repo, src):
+        commit(conn, BASE_ROWS + 1)
+    for seq in range(BASE_ROWS + 2, BASE_ROWS + 5):  # replicate is down (a deploy, a crash)
+        commit(conn, seq)
+    backup(repo, LocalFileSource(src), "app")  # the nightly snapshot holds them
+    time.sleep(0.3)
+    at = datetime.now(UTC)
+    time.sleep(0.3)
+    with replicating(repo, src):  # replicate comes back and resumes the generation
+        commit(conn, BASE_ROWS + 5)
+    conn.close()
+    assert len(list_generations(repo, "app")) == 1, "resumed, same generation"
+    out = tmp_path / "at.db"
+    restore_at(repo, "app", at, out)
+    assert restored_seq(out)[2] == BASE_ROWS + 4
+
+
+# --------------------------------------------------------------------------- finding 6
+
+_DAEMON_READER = r"""
+import hashlib, os, sys, threading, time
+from dbre.sources.filemap import FileMap
+path = sys.argv[1]
+with open(path, "wb") as f:
+    f.write(os.urandom(1 << 20) * 32)
+fd = os.open(path, os.O_RDONLY)
+view = FileMap(fd, 32 << 20).view()
+
+def hash_pages():  # as the replicator's daemon snapshot worker hashes mapped pages
+    while True:
+        hashlib.sha256(view).digest()
+
+threading.Thread(target=hash_pages, daemon=True).start()
+time.sleep(0.3)
+sys.exit(3)  # the main thread fails (e.g. _poll raises while the snapshot worker runs)
+"""
+
+
+@pytest.mark.xfail(strict=True, reason="review finding 6: FileMap's weakref.finalize runs at interpreter exit "
+                   "(atexit=True by default) and munmaps memory a live view still refers to: a daemon thread "
+                   "reading it (Replicator._new_generation's snapshot worker is one) segfaults the process "
+                   "instead of letting it exit with its error")
+def test_filemap_is_not_unmapped_under_a_live_view_at_exit(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-c", _DAEMON_READER, str(tmp_path / "big")],
+                          cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 3, (proc.returncode, proc.stderr[-500:])
+
+
+# --------------------------------------------------------------------------- properties that hold
+
+
+def test_restore_at_exact_per_transaction_and_txid(replicated: tuple[Repository, Path], tmp_path: Path) -> None:
+    """Pinned: at every transaction's own stamp, and one µs before it, restore --at holds exactly the
+    prefix; --txid N holds N transactions; the result comes from segments (a plan), not a snapshot."""
+    repo, _ = replicated
+    (gen_id,) = list_generations(repo, "app")
+    txs = transactions(repo, gen_id)
+    base_txid = read_base(repo, "app", gen_id).base_txid
+    for i, (_, txid, obs) in enumerate(txs):
+        if i + 1 < len(txs) and txs[i + 1][2] == obs:
+            continue  # two commits read in one poll share a stamp
+        seq = BASE_ROWS + txid - base_txid
+        out = tmp_path / f"at-{txid}.db"
+        plan = plan_pitr(repo, "app", out, at=to_time(obs))
+        assert plan is not None
+        apply_pitr(repo, plan)
+        assert restored_seq(out) == (seq, seq, seq)
+        out = tmp_path / f"txid-{txid}.db"
+        apply_pitr(repo, plan_pitr(repo, "app", out, txid=txid))
+        assert restored_seq(out) == (seq, seq, seq)
+    leftovers = [p.name for p in tmp_path.iterdir() if ".dbre-" in p.name]
+    assert leftovers == []
+
+
+def test_filemap_view_outlives_map_and_session(tmp_path: Path) -> None:
+    """Pinned: a view keeps its memory mapped after the FileMap and its descriptor are gone (no
+    use-after-unmap), and the descriptor is not dup()ed (closing it keeps the map valid)."""
+    import gc
+
+    from dbre.sources.filemap import FileMap
+
+    path = tmp_path / "f"
+    path.write_bytes(b"x" * 8192 + b"y" * 8192)
+    fd = os.open(path, os.O_RDONLY)
+    before = len(os.listdir("/proc/self/fd"))
+    m = FileMap(fd, 16384)
+    assert len(os.listdir("/proc/self/fd")) == before
+    os.close(fd)
+    view = m.view()
+    page = view[8192:12288]
+    del m, view
+    gc.collect()
+    assert bytes(page[:4]) == b"yyyy"
+
