@@ -252,6 +252,10 @@ def restore(
     json_out: JsonOpt = False,
     key_file: KeyFileOpt = None,
     txid: Annotated[int | None, typer.Option("--txid", help="Up to this replicated transaction.")] = None,
+    follow: Annotated[bool, typer.Option("--follow", help="Keep --to current from replicated segments (a "
+                                         "read-only standby) until SIGINT/SIGTERM.")] = False,
+    interval: Annotated[str, typer.Option("--interval", help="With --follow: look for new segments this "
+                                          "often.")] = "1s",
 ) -> None:
     """Restore a snapshot (default: the newest) to a new file."""
 
@@ -259,6 +263,13 @@ def restore(
         from dbre.repository.repo import Repository
         from dbre.restore.full import apply_restore, plan_restore
 
+        if follow:
+            from dbre.cli_replicate import follow_standby
+
+            follow_standby(repo, db, to, interval, force, _key(key_file),
+                           [o for o, v in (("--snapshot", snapshot), ("--at", at), ("--txid", txid),
+                                           ("--dry-run", dry_run), ("--json", json_out)) if v])
+            return
         when = _when(db, snapshot, at)
         repository = Repository.open(repo, _key(key_file))
         if (when is not None or txid is not None) and _restore_pitr(repository, db, to, when, txid, force,
@@ -565,6 +576,17 @@ def forget(
             verb = "would delete" if dry_run else "deleted"
             print(f"prune: {verb} {p['delete_packs']} unused packs, kept {p['keep_packs']} in use and "
                   f"{p['grace_kept_packs']} unused but younger than the grace period ({grace})")
+            for s in p["segments"]:
+                print(f"prune: {s['db']}: {verb} {len(s['delete_generations'])} generations "
+                      f"({s['delete_segments']} segments), kept {len(s['keep_generations'])} "
+                      f"(window from {s['window_start']}) and {len(s['grace_kept_generations'])} younger than "
+                      f"the grace period; restorable by segments from {s['restorable_from'] or 'the oldest kept'}")
+        else:
+            for s in out["segments"]:
+                go_ = s["prune_deletes_generations"]
+                print(f"segments: {s['db']}: window from {s['window_start']}, {len(s['keep_generations'])} "
+                      f"generations kept; the next prune deletes {len(go_)} generations "
+                      f"({sum(g['segments'] for g in go_)} segments)")
 
     _run(go)
 

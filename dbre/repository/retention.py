@@ -1,16 +1,28 @@
-"""Retention: which snapshots a keep-policy keeps (restic's rules), and pruning unused packs."""
+"""Retention: which snapshots a keep-policy keeps (restic's rules) and the PITR window's base snapshots;
+pruning unused packs and the generations of segments no restorable time needs."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, TypeVar
 
 from dbre.errors import LockedError, RepositoryError, UsageError
+from dbre.replicate.window import (
+    SegmentPrune,
+    generations,
+    needed,
+    plan_segment_prune,
+    protected_bases,
+    replicated_dbs,
+    window_start,
+    write_pruned,
+)
 from dbre.repository.keep import KeepPolicy as KeepPolicy  # re-exported: the keep rules live in keep.py
 from dbre.repository.keep import apply_policy as apply_policy
 from dbre.repository.lock import Lock
-from dbre.repository.manifest import Manifest
+from dbre.repository.manifest import Manifest, iso
 from dbre.repository.repo import Repository, pack_key
 from dbre.storage import NotFound
 from dbre.storage.local import LocalStore
@@ -22,11 +34,14 @@ PRUNE_GRACE_SECONDS = 2 * 3600.0  # prune never deletes an object younger than t
 class ForgetPlan:
     keep: list[tuple[Manifest, list[str]]] = field(default_factory=list)
     remove: list[Manifest] = field(default_factory=list)
+    # per replicated database: the window's start and the generations a prune then deletes
+    segments: list[dict[str, Any]] = field(default_factory=list)
 
     def describe(self) -> dict[str, Any]:
         return {
             "keep": [{"id": m.id, "db": m.db, "taken_at": m.taken_at, "reasons": r} for m, r in self.keep],
             "remove": [{"id": m.id, "db": m.db, "taken_at": m.taken_at} for m in self.remove],
+            "segments": self.segments,
         }
 
 
@@ -34,14 +49,30 @@ def plan_forget(repo: Repository, policy: KeepPolicy, db: str | None = None) -> 
     policy.check()
     plan = ForgetPlan()
     dbs = [db] if db else repo.databases()
+    replicated = set(replicated_dbs(repo))
     for name in dbs:
         snaps = repo.require_db(name)
         reasons = apply_policy(snaps, policy)
+        if name in replicated:
+            # the base of every generation a time inside the window restores from stays
+            for snap_id, gen_id in protected_bases(repo, name, snaps, policy).items():
+                reasons.setdefault(snap_id, []).append(f"pitr base {gen_id}")
+        kept: set[str] = set()
         for m in snaps:
             if m.id in reasons:
                 plan.keep.append((m, reasons[m.id]))
+                kept.add(m.id)
             else:
                 plan.remove.append(m)
+        if name in replicated:
+            start = window_start([m for m in snaps if m.id in kept], policy)
+            gens = generations(repo, name, kept)
+            stay = {g.id for g in needed(gens, start)}
+            plan.segments.append({
+                "db": name, "window_start": iso(start) if start else None,
+                "keep_generations": sorted(stay),
+                "prune_deletes_generations": [g.describe() for g in gens if g.id not in stay],
+            })
     return plan
 
 
@@ -65,7 +96,7 @@ def forget(repo: Repository, policy: KeepPolicy, db: str | None = None, *, dry_r
                 repo.store.delete(repo.manifest_key(m))
         pruned = None
         if prune:
-            pruned = _prune(repo, lock, grace, dry_run, forgotten=plan.remove if dry_run else [])
+            pruned = _prune(repo, lock, grace, dry_run, forgotten=plan.remove if dry_run else [], policy=policy)
     return plan, pruned
 
 
@@ -75,24 +106,30 @@ class PrunePlan:
     used_packs: int
     grace_kept: int = 0  # unused, but younger than the grace period: maybe a running backup's
     grace: float = PRUNE_GRACE_SECONDS
+    segments: list[SegmentPrune] = field(default_factory=list)  # per replicated database
 
     def describe(self) -> dict[str, Any]:
         return {"delete_packs": len(self.unused_packs), "keep_packs": self.used_packs,
-                "grace_kept_packs": self.grace_kept, "grace_seconds": self.grace}
+                "grace_kept_packs": self.grace_kept, "grace_seconds": self.grace,
+                "segments": [s.describe() for s in self.segments]}
 
 
 def plan_prune(repo: Repository, lock: Lock, *, grace: float = PRUNE_GRACE_SECONDS,
-               forgotten: Collection[Manifest] = ()) -> PrunePlan:
+               forgotten: Collection[Manifest] = (), policy: KeepPolicy | None = None) -> PrunePlan:
     """The packs no snapshot (but those in ``forgotten``) names and whose last write, by the store's
-    clock (``lock.store_now()``), is more than ``grace`` seconds ago.
+    clock (``lock.store_now()``), is more than ``grace`` seconds ago; and per replicated database
+    the generations no time inside ``policy``'s PITR window needs (without a policy: those whose
+    base snapshot is gone), none with an object younger than ``grace``.
 
     Every manifest is read: one that cannot be read, or a listing that fails, raises.
     """
     skip = {(m.db, m.id) for m in forgotten}
     used: set[str] = set()
+    staying: dict[str, list[Manifest]] = {}
     for m in repo.snapshots():
         if (m.db, m.id) not in skip:
             used.update(m.packs)
+            staying.setdefault(m.db, []).append(m)
     present = repo.pack_ids()
     now = lock.store_now()
     old: list[str] = []
@@ -106,7 +143,12 @@ def plan_prune(repo: Repository, lock: Lock, *, grace: float = PRUNE_GRACE_SECON
             old.append(pack)
         else:
             young += 1
-    return PrunePlan(old, len(present & used), young, grace)
+    segments = []
+    for db in replicated_dbs(repo):
+        snaps = staying.get(db, [])
+        start: datetime | None = window_start(snaps, policy) if policy is not None else None
+        segments.append(plan_segment_prune(repo, db, {m.id for m in snaps}, start, now, grace))
+    return PrunePlan(old, len(present & used), young, grace, segments)
 
 
 def prune(repo: Repository, *, dry_run: bool = False, grace: float = PRUNE_GRACE_SECONDS) -> PrunePlan:
@@ -119,13 +161,24 @@ def prune(repo: Repository, *, dry_run: bool = False, grace: float = PRUNE_GRACE
 
 
 def _prune(repo: Repository, lock: Lock, grace: float, dry_run: bool,
-           forgotten: Collection[Manifest] = ()) -> PrunePlan:
+           forgotten: Collection[Manifest] = (), policy: KeepPolicy | None = None) -> PrunePlan:
     if grace < 0:
         raise UsageError("the grace period is negative", "use 0 or more")
     # planned under the lock: the only plan that is safe to apply
-    plan = _reading("prune", "no pack was deleted", lambda: plan_prune(repo, lock, grace=grace, forgotten=forgotten))
+    plan = _reading("prune", "no pack was deleted",
+                    lambda: plan_prune(repo, lock, grace=grace, forgotten=forgotten, policy=policy))
     if dry_run:
         return plan
+    for seg in plan.segments:
+        if seg.restorable_from is not None:
+            # first the marker (restores before it are refused), then the generations, each
+            # segments newest first and its base last: a prune cut short leaves chains with no hole
+            lock.check_alive("prune", consequence="no segment was deleted")
+            write_pruned(repo, seg.db, seg.restorable_from)
+        for gen in seg.delete:
+            for key in gen.keys():
+                lock.check_alive("prune", consequence="the remaining segments were not deleted")
+                repo.store.delete(key)
     for pack in plan.unused_packs:
         lock.check_alive("prune", consequence="the remaining packs were not deleted")
         repo.store.delete(pack_key(pack))

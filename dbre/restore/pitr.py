@@ -82,6 +82,14 @@ def plan_pitr(repo: Repository, db: str, target: str | os.PathLike[str], *, at: 
     if path.exists() and not force:
         raise UsageError(f"restore target {path} already exists", "choose a new path or pass --force")
     gens = list_generations(repo, db)
+    if at is not None and gens:
+        from dbre.replicate.window import read_pruned
+
+        pruned = read_pruned(repo, db)
+        if pruned is not None and at < pruned:
+            raise UsageError(f"restore --at {iso(at)}: {db}'s transactions before {iso(pruned)} were pruned "
+                             "(outside the retention window)",
+                             "pick a time at or after it, or restore a kept snapshot with --snapshot")
     chosen: tuple[Generation, list[SegmentName]] | None = None
     for gen_id in reversed(gens):
         if at is not None and int(gen_id[:16], 16) > micros(at):
