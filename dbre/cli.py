@@ -629,7 +629,9 @@ def copy(
             _print_json(out)
         else:
             print(f"copied {len(plan.snapshots)} snapshots ({len(plan.packs)} packs, {human(copied)}) to {dst.url}; "
-                  f"{plan.already} were already there")
+                  f"{plan.already} were already there"
+                  + (f"; {plan.segments} segments of replication ({plan.generations} new generations)"
+                     if plan.segments or plan.generations else ""))
         for line in plan.problems:  # the healthy snapshots are copied; each problem is one line
             print(f"dbre: {line}", file=sys.stderr)
         if plan.problems:

@@ -1,4 +1,5 @@
-"""The offsite layer: copy snapshots to a second repository, incrementally, manifest last.
+"""The offsite layer: copy snapshots to a second repository, incrementally, manifest last; then the
+replicated generations (base objects and segments) whose base snapshot is there, each checked first.
 
 Each pending snapshot's structure is checked on its own first (verify's structure check): a broken
 one is reported and left behind, the healthy ones are copied. Copy also compares each database's
@@ -15,6 +16,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from dbre.errors import IntegrityError, RepositoryError
+from dbre.repository.lock import Lock
 from dbre.repository.manifest import Manifest, check_db_name, iso
 from dbre.repository.pack import MAX_PACK, read_pack_index
 from dbre.repository.repo import Repository, SnapshotRef, pack_key
@@ -61,6 +63,8 @@ class CopyPlan:
     already: int = 0
     broken: list[BrokenSnapshot] = field(default_factory=list)
     lost_history: list[LostHistory] = field(default_factory=list)
+    generations: int = 0  # replicated generations whose base object was copied
+    segments: int = 0  # segments copied
 
     @property
     def ok(self) -> bool:
@@ -78,6 +82,8 @@ class CopyPlan:
             "snapshots_already_there": self.already,
             "broken_snapshots": [{"key": b.key, "reason": b.reason} for b in self.broken],
             "lost_history": [{"db": h.db, "message": h.message} for h in self.lost_history],
+            "generations_copied": self.generations,
+            "segments_copied": self.segments,
         }
 
 
@@ -233,4 +239,68 @@ def copy_snapshots(src: Repository, dst: Repository, db: str | None = None,
             except AlreadyExists:
                 pass
             copied += len(data)
+        copied += copy_segments(src, dst, dst_lock, plan, db)
     return plan, copied
+
+
+def copy_segments(src: Repository, dst: Repository, dst_lock: Lock, plan: CopyPlan, db: str | None = None) -> int:
+    """Copy every replicated generation (of ``db``) whose base snapshot the destination holds: its
+    base object, then its segments in txid order, each as stored (same key: still sealed), each only
+    after it was unsealed under its key and chained from the previous one's end (the base's state,
+    recomputed from the base snapshot, for the first). A generation that fails a check stops there
+    (the prefix copied restores as far as it goes) and is reported in ``plan.broken``. Returns the
+    bytes copied."""
+    from dbre.replicate.segment import BASE_CAP, SEGMENT_CAP, check_contiguous, open_segment
+    from dbre.replicate.window import generations, replicated_dbs
+    from dbre.restore.pitr import base_snapshot
+
+    copied = 0
+    dbs = [db] if db else replicated_dbs(src)
+    for name in dbs:
+        there_snaps = {r.id for r in dst.list_snapshot_refs(name)}
+        there = set(dst.store.list(f"segments/{name}/"))
+        for gen in generations(src, name, there_snaps):
+            if gen.base is None or not gen.restorable:
+                continue  # its base snapshot is not there (forgotten, or broken and left behind)
+            base_key = gen.base.key
+            try:
+                state = bytes.fromhex(gen.base.state)
+                if base_key not in there:
+                    base_snapshot(src, gen.base)  # the chain's first state, recomputed from the snapshot
+                    data = get_capped(src.store, base_key, BASE_CAP, "generation base")
+                    dst.sealer.unseal(data, base_key)
+                    dst_lock.check_alive(f"copy of {name} generation {gen.id}", consequence="it was not copied",
+                                         hint="run the copy again")
+                    _put_same(dst, base_key, data)
+                    copied += len(data)
+                    plan.generations += 1
+                names = check_contiguous(name, gen.base, gen.segments)
+                known = True  # state is the end of every segment before this one
+                for i, seg in enumerate(names):
+                    if seg.key in there:
+                        known = False
+                        continue
+                    if not known:  # the previous one is there already: its end, checked on its own
+                        state = open_segment(src, names[i - 1], None).state_after
+                    data = get_capped(src.store, seg.key, SEGMENT_CAP, "segment")
+                    state = open_segment(src, seg, state, data).state_after  # every page against the chain
+                    dst.sealer.unseal(data, seg.key)
+                    dst_lock.check_alive(f"copy of {seg.key}", consequence="it was not copied",
+                                         hint="run the copy again", refresh=False)
+                    _put_same(dst, seg.key, data)
+                    copied += len(data)
+                    plan.segments += 1
+                    known = True
+            except (IntegrityError, NotFound) as err:
+                plan.broken.append(BrokenSnapshot(f"segments/{name}/{gen.id}", _why(err) + " (copied up to it)"))
+    return copied
+
+
+def _put_same(dst: Repository, key: str, data: bytes) -> None:
+    """A conditional put; an object already there must be these very bytes (a copy run before)."""
+    try:
+        dst.store.put(key, data, if_absent=True)
+    except AlreadyExists:
+        if get_capped(dst.store, key, len(data) + 1, "object") != data:
+            raise IntegrityError(f"{key}: the copy holds another object under this name",
+                                 "run `dbre verify` on the copy") from None
