@@ -392,6 +392,46 @@ def test_restore_at_refuses_when_the_newest_generation_base_is_lost(tmp_path: Pa
     assert restored_seq(out)[2] == BASE_ROWS + 3  # or every stored commit
 
 
+# --------------------------------------------------------------------------- finding 9
+
+
+@pytest.mark.xfail(strict=True, reason="review finding 9: restore --at holds up to SEGMENTS_AHEAD (16) fetched "
+                   "segments of up to SEGMENT_CAP (256 MiB) each: planted objects at the names of the segments a "
+                   "restore needs cost ~4 GiB of memory before the first one is refused (legitimate 64 MiB "
+                   "segments ~1 GiB); shown with the cap lowered to 1 MiB: 16 MiB held for one refusal")
+def test_planted_segments_do_not_multiply_restore_memory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import tracemalloc
+
+    from dbre.errors import IntegrityError
+
+    src = tmp_path / "src.db"
+    make_source(src, BASE_ROWS)
+    repo = Repository.open_or_init(str(tmp_path / "repo"))
+    conn = sqlite3.connect(src, isolation_level=None)
+    with replicating(repo, src, interval=0.05):
+        for seq in range(BASE_ROWS + 1, BASE_ROWS + 19):
+            commit(conn, seq)
+            time.sleep(0.15)
+    conn.close()
+    (names,) = list_generations(repo, "app").values()
+    assert len(names) >= 17, len(names)
+    cap = 1024 * 1024
+    monkeypatch.setattr(segment_mod, "SEGMENT_CAP", cap)
+    junk = os.urandom(cap)
+    for name in names:  # an attacker with write access, no key
+        (tmp_path / "repo" / name.key).write_bytes(junk)
+    plan = plan_pitr(repo, "app", tmp_path / "out.db", at=LATER())
+    assert plan is not None
+    tracemalloc.start()
+    try:
+        with pytest.raises(IntegrityError):
+            apply_pitr(repo, plan)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 * cap, f"{peak / cap:.1f} x SEGMENT_CAP held to refuse one planted segment"
+
+
 # --------------------------------------------------------------------------- properties that hold
 
 
