@@ -11,7 +11,7 @@ import signal
 import sys
 import threading
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -70,3 +70,29 @@ def replicate(
               file=sys.stderr, flush=True)
 
     _run(go)
+
+
+def follow_standby(repo: str, db: str, to: Path, interval: str, force: bool, key: Any,
+                   conflicts: list[str]) -> None:
+    """`dbre restore --follow`: restore the newest replicated state to ``to``, then keep it current
+    until SIGINT/SIGTERM (exit 0)."""
+    from dbre.repository.manifest import check_db_name
+    from dbre.repository.repo import Repository
+    from dbre.restore.follow import Follower
+
+    if conflicts:
+        raise UsageError(f"--follow cannot be combined with {', '.join(conflicts)}",
+                         "--follow always keeps the newest state")
+    check_db_name(db)
+    seconds = parse_interval(interval)
+    target = to.expanduser().absolute()
+    if target.exists() and not force:
+        raise UsageError(f"restore target {target} already exists", "choose a new path or pass --force")
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    follower = Follower(Repository.open(repo, key), db, target, seconds)
+    stats = follower.run(stop)
+    print(f"follow {db}: stopped at txid {stats.last_txid}; {stats.transactions} transactions from "
+          f"{stats.segments} segments applied in place, {stats.restores} restores "
+          f"(generations {', '.join(stats.generations)}), {stats.polls} polls", file=sys.stderr, flush=True)

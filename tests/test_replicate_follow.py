@@ -1,0 +1,143 @@
+"""`dbre restore --follow`: a standby kept current from segments while a writer commits and the
+replicator runs (a VACUUM in between: a new generation, re-restored), readers of the standby always
+see one consistent state, the standby equals the source once the writer stops, SIGTERM exits 0; an
+apply killed half-way leaves a hot journal that SQLite rolls back."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from tests.replication import (
+    dbre_cmd,
+    make_source,
+    start_replicator,
+    start_writer,
+    stop_replicator,
+    wait_for_generation,
+)
+
+Q = "SELECT count(*), max(seq), (SELECT n FROM counter) FROM t"
+
+
+def _state(path: Path) -> tuple[int, int, int]:
+    c = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
+    try:
+        assert c.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        return tuple(c.execute(Q).fetchone())  # type: ignore[return-value]
+    finally:
+        c.close()
+
+
+def test_follow_keeps_a_consistent_standby_current(tmp_path: Path) -> None:
+    repo_url, src, log, standby = str(tmp_path / "repo"), tmp_path / "src.db", tmp_path / "w.log", tmp_path / "sb.db"
+    make_source(src, 3000)
+    rep = start_replicator(src, repo_url, interval="200ms")
+    follower: subprocess.Popen[bytes] | None = None
+    seen: list[tuple[int, int, int]] = []
+    bad: list[str] = []
+    done = threading.Event()
+
+    def read() -> None:  # a reader of the standby: every state it sees is whole
+        while not done.is_set():
+            try:
+                count, top, n = _state(standby)
+                if count != n:  # (every committed state has as many rows as its counter says)
+                    bad.append(f"{count} rows, max {top}, counter {n}")
+                seen.append((count, top, n))
+            except (sqlite3.Error, AssertionError) as err:
+                bad.append(repr(err))
+            time.sleep(0.05)
+
+    try:
+        wait_for_generation(repo_url, proc=rep)
+        follower = subprocess.Popen(dbre_cmd("restore", "--repo", repo_url, "--db", "app", "--to", str(standby),
+                                             "--follow", "--interval", "200ms"), stderr=subprocess.PIPE)
+        deadline = time.time() + 30
+        while not standby.exists():
+            assert follower.poll() is None and time.time() < deadline, "no standby"
+            time.sleep(0.05)
+        first_file = standby.stat().st_ino
+        reader = threading.Thread(target=read)
+        reader.start()
+        assert start_writer(src, log, 3.0, start_seq=3000, ckpt_every=200).wait(timeout=60) == 0
+        c = sqlite3.connect(src, isolation_level=None)
+        c.execute("BEGIN")
+        c.execute("DELETE FROM t WHERE seq % 3 = 0")
+        c.execute("UPDATE counter SET n = (SELECT count(*) FROM t)")  # (count == counter still)
+        c.execute("COMMIT")
+        c.execute("VACUUM")  # a new generation: the follower restores it
+        c.close()
+        want = sqlite3.connect(src).execute(Q).fetchone()
+        deadline = time.time() + 30
+        # the new generation (VACUUM) is restored whole: a new file renamed over the standby
+        while _state(standby) != want or standby.stat().st_ino == first_file:
+            assert follower.poll() is None, follower.stderr.read().decode() if follower.stderr else ""
+            assert time.time() < deadline, (_state(standby), want)
+            time.sleep(0.1)
+        done.set()
+        reader.join()
+        follower.send_signal(signal.SIGTERM)
+        _, err = follower.communicate(timeout=30)
+        assert follower.returncode == 0, err.decode()
+    finally:
+        done.set()
+        if follower is not None and follower.poll() is None:
+            follower.kill()
+        code, rerr = stop_replicator(rep)
+    assert code == 0, rerr
+    assert not bad, bad[:5]
+    assert len({s[1] for s in seen}) >= 5, "the reader saw the standby move only a few times"
+    line = err.decode().strip().splitlines()[-1]
+    assert any(f"{k} restores" in line for k in (2, 3)), line  # the VACUUM's generation was restored
+    assert not Path(str(standby) + "-wal").exists()  # rollback journal mode: readers need no -wal
+
+
+CRASH = r'''
+import os, sys
+from pathlib import Path
+from dbre.restore.follow import Standby
+path, ps = Path(sys.argv[1]), int(sys.argv[2])
+sb = Standby(path, ps)
+n = os.path.getsize(path) // ps
+real = os.ftruncate
+def die(fd, size):
+    os._exit(9)  # after the new pages were written, before the size and the commit
+os.ftruncate = die
+sb.apply({p: bytes([p % 251]) * ps for p in range(2, n + 5)}, n + 4)
+'''
+
+
+def test_an_apply_killed_half_way_is_rolled_back_by_sqlite(tmp_path: Path) -> None:
+    db = tmp_path / "sb.db"
+    make_source(db, 2000)
+    c = sqlite3.connect(db)
+    c.execute("PRAGMA journal_mode=DELETE")
+    c.close()
+    before = _state(db)
+    size = db.stat().st_size
+    ps = sqlite3.connect(db).execute("PRAGMA page_size").fetchone()[0]
+    r = subprocess.run([sys.executable, "-c", CRASH, str(db), str(ps)], capture_output=True, timeout=60,
+                       env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)})
+    assert r.returncode == 9, r.stderr.decode()
+    assert Path(str(db) + "-journal").exists()  # a hot journal; the file holds garbage pages now
+    raw = db.read_bytes()
+    assert raw[ps : 2 * ps] == bytes([2]) * ps
+    assert _state_rw(db) == before  # the next reader rolls it back (with write access to the directory)
+    assert db.stat().st_size == size
+    assert not Path(str(db) + "-journal").exists()
+
+
+def _state_rw(path: Path) -> tuple[int, int, int]:
+    c = sqlite3.connect(path, timeout=10)
+    try:
+        assert c.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        return tuple(c.execute(Q).fetchone())  # type: ignore[return-value]
+    finally:
+        c.close()
