@@ -88,10 +88,13 @@ class PackReads(PassThroughStore):
         return self.inner.get(key)
 
 
-def test_restore_reads_each_small_pack_once(store: Store, tmp_path: Path) -> None:
+def test_restore_reads_each_small_pack_once(store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A snapshot whose pages lie in many small packs (small incrementals) is restored with one
     read per pack, its index and the blobs it uses together; the snapshot's own pack is read
     also for its page-map and fast runs. Reading the tail, then the blobs, took two per pack."""
+    from dbre.repository import backup as engine
+
+    monkeypatch.setattr(engine, "SMALL_PACKS_MAX", 16)  # (the backup would merge them at 4)
     src = tmp_path / "src.db"
     con = sqlite3.connect(src)
     con.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, v BLOB)")

@@ -156,9 +156,7 @@ def _live_wal_db(path: Path) -> sqlite3.Connection:
     return app
 
 
-@pytest.mark.xfail(strict=True, reason="review finding 2: restore --at without --force checks the target only "
-                   "when planning; a database created there while the base and segments are applied is replaced "
-                   "(without _hold_still, its -wal and -shm left beside the new file)")
+# review finding 2 (fixed): restore --at without --force replaced a database created at the target after planning
 def test_pitr_without_force_never_replaces_a_target_created_after_planning(
         replicated: tuple[Repository, Path], tmp_path: Path) -> None:
     repo, _ = replicated
@@ -174,8 +172,7 @@ def test_pitr_without_force_never_replaces_a_target_created_after_planning(
         app.close()
 
 
-@pytest.mark.xfail(strict=True, reason="review finding 2: the same for a snapshot restore: plan_restore checks "
-                   "the target, _replace(force=False) renames over whatever is there by then")
+# review finding 2 (fixed): the same for a snapshot restore (now a hard link, which fails if the name exists)
 def test_restore_without_force_never_replaces_a_target_created_after_planning(
         replicated: tuple[Repository, Path], tmp_path: Path) -> None:
     repo, _ = replicated
@@ -305,10 +302,7 @@ sys.exit(3)  # the main thread fails (e.g. _poll raises while the snapshot worke
 """
 
 
-@pytest.mark.xfail(strict=True, reason="review finding 6: FileMap's weakref.finalize runs at interpreter exit "
-                   "(atexit=True by default) and munmaps memory a live view still refers to: a daemon thread "
-                   "reading it (Replicator._new_generation's snapshot worker is one) segfaults the process "
-                   "instead of letting it exit with its error")
+# review finding 6 (fixed): FileMap's finalizer no longer unmaps at interpreter exit under a live view
 def test_filemap_is_not_unmapped_under_a_live_view_at_exit(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-c", _DAEMON_READER, str(tmp_path / "big")],
                           cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=60)

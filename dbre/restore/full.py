@@ -23,13 +23,14 @@ from pathlib import Path
 from typing import Any
 
 import apsw
-import xxhash
 
 from dbre.errors import IntegrityError, RestoreError, UsageError
 from dbre.repository.backup import load_fast_hashes
 from dbre.repository.entries import Entries
+from dbre.repository.hashindex import NO_HASH
 from dbre.repository.manifest import Manifest
 from dbre.repository.repo import Repository
+from dbre.repository.sink import FAST_HASH
 from dbre.repository.verify import SnapshotBlob, check_locations, snapshot_blobs
 from dbre.units import human_bytes
 
@@ -42,8 +43,6 @@ FRESH_SECONDS = 60.0  # an empty temp file this young may be a live restore's, b
 
 # format constants of the fast runs (docs/FORMAT.md, "Fast runs"): the xxh3-128 each page is checked
 # against, and the all-zero entry of a page that has none (a lost or repacked marker's)
-FAST_HASH = xxhash.xxh3_128_digest
-NO_HASH = bytes(16)
 
 Progress = Callable[[int, int], None]
 
@@ -340,12 +339,14 @@ def _replace(tmp: Path, target: Path, force: bool, release_tmp: Callable[[], Non
     copied into the file, so its file alone is complete); then its -wal, -shm and -journal go, then
     the new file is renamed over it, and only then is the lock let go.
     """
-    held = _hold_still(target) if force and target.exists() else None
+    if not force:
+        _place_new(tmp, target, release_tmp)
+        return
+    held = _hold_still(target) if target.exists() else None
     try:
         _crash_point("held")
-        if force:
-            for suffix in ("-wal", "-shm", "-journal"):
-                Path(str(target) + suffix).unlink(missing_ok=True)
+        for suffix in ("-wal", "-shm", "-journal"):
+            Path(str(target) + suffix).unlink(missing_ok=True)
         _crash_point("cleared")
         # the temp file's flock goes now, not after the rename: closing a descriptor of the new
         # target would drop any POSIX lock this process's SQLite connections take on it. (Another
@@ -362,6 +363,30 @@ def _replace(tmp: Path, target: Path, force: bool, release_tmp: Callable[[], Non
     finally:
         if held is not None:
             held.close()  # checkpoint-on-close is off: closing removes no file by name
+
+
+def _place_new(tmp: Path, target: Path, release_tmp: Callable[[], None]) -> None:
+    """Without ``--force``: give the restored file its name only if nothing has it, even a file
+    that appeared since the plan (a hard link fails when the name exists; a rename would replace
+    it), and never beside a -wal or -journal left without its database (SQLite would replay it
+    into the restored file)."""
+    for suffix in ("-wal", "-journal"):
+        if Path(str(target) + suffix).exists():
+            raise RestoreError(f"restore to {target}: {target.name}{suffix} is there without its database",
+                               "move it away (SQLite would replay it into the restored file), or pass --force")
+    release_tmp()  # (see _replace)
+    try:
+        os.link(tmp, target)
+    except FileExistsError:
+        raise UsageError(f"restore target {target} appeared while restoring",
+                         "choose a new path or pass --force; nothing was written there") from None
+    tmp.unlink()
+    _crash_point("renamed")
+    dfd = os.open(target.parent, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
 
 
 def _hold_still(target: Path) -> apsw.Connection | None:

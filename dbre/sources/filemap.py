@@ -43,7 +43,8 @@ class FileMap:
             raise OSError(err, os.strerror(err))
         self.addr, self.length = addr, length
         self._buf = (ctypes.c_char * length).from_address(addr)
-        weakref.finalize(self._buf, _unmap, addr, length)  # when no view (nor this map) refers to it
+        done = weakref.finalize(self._buf, _unmap, addr, length)  # when no view (nor this map) refers to it
+        done.atexit = False  # (at exit a daemon thread may still read it: the process's end unmaps it)
 
     def view(self) -> memoryview:
         return memoryview(self._buf).cast("B")
