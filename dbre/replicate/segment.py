@@ -308,8 +308,12 @@ def open_segment(repo: Repository, name: SegmentName, state_before: bytes | None
     return seg
 
 
-def list_generations(repo: Repository, db: str) -> dict[str, list[SegmentName]]:
-    """Every generation of ``db`` (by id, oldest first) with its segment names in txid order."""
+def list_generations(repo: Repository, db: str, *,
+                     superseded: dict[str, list[SegmentName]] | None = None) -> dict[str, list[SegmentName]]:
+    """Every generation of ``db`` (by id, oldest first) with its segment names in txid order. A
+    segment whose txid range lies inside another's (the small segments a compacted one replaced,
+    until prune deletes them) is left out, so no transaction is applied twice; ``superseded``, if
+    given, receives them per generation."""
     check_db_name(db)
     out: dict[str, list[SegmentName]] = {}
     for key in repo.store.list(f"segments/{db}/"):
@@ -320,18 +324,33 @@ def list_generations(repo: Repository, db: str) -> dict[str, list[SegmentName]]:
         name = parse_key(key)
         if name is not None:
             names.append(name)
-    return {g: sorted(out[g], key=lambda n: (n.first, n.last)) for g in sorted(out)}
+    result = {}
+    for g in sorted(out):
+        kept: list[SegmentName] = []
+        for n in sorted(out[g], key=lambda n: (n.first, -n.last)):  # a covering segment before those it covers
+            if kept and kept[-1].first <= n.first and n.last <= kept[-1].last:
+                if superseded is not None:
+                    superseded.setdefault(g, []).append(n)
+                continue
+            kept.append(n)
+        result[g] = kept
+    return result
 
 
 def check_contiguous(db: str, gen: Generation, names: Iterable[SegmentName]) -> list[SegmentName]:
-    """The segments in order; a gap or an overlap in their txid ranges is an IntegrityError."""
+    """The segments in order; a gap or an overlap in their txid ranges, or observation times that go
+    back from one segment to the next (a restore at T would apply part of one and then later ones
+    stamped before T: a state that never existed), is an IntegrityError."""
     expected = gen.base_txid + 1
-    out = []
+    out: list[SegmentName] = []
     for n in names:
         if n.first != expected or n.last < n.first:
             what = "gap" if n.first > expected else "overlap"
             raise IntegrityError(f"segments/{db}/{gen.id}: {what} before {n.key} (expected a segment from txid "
                                  f"{expected}, {expected:016x})",
+                                 "run `dbre verify`; restore an earlier time or from the offsite copy")
+        if n.last_us < n.first_us or (out and n.first_us < out[-1].last_us):
+            raise IntegrityError(f"segments/{db}/{gen.id}: observation times go back at {n.key}",
                                  "run `dbre verify`; restore an earlier time or from the offsite copy")
         expected = n.last + 1
         out.append(n)

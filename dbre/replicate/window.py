@@ -41,6 +41,7 @@ class GenerationState:
     base: Generation | None
     segments: list[SegmentName]
     restorable: bool
+    superseded: list[SegmentName] = field(default_factory=list)  # inside a compacted segment: prune deletes them
 
     @property
     def time(self) -> datetime:
@@ -48,7 +49,7 @@ class GenerationState:
 
     def keys(self) -> list[str]:
         """Deletion order: segments newest first, then the base (a cut-short deletion leaves a prefix)."""
-        keys = [n.key for n in reversed(self.segments)]
+        keys = [n.key for n in self.superseded] + [n.key for n in reversed(self.segments)]
         return keys + [f"segments/{self.db}/{self.id}/base"] if self.base is not None else keys
 
     def describe(self) -> dict[str, Any]:
@@ -66,12 +67,14 @@ def generations(repo: Repository, db: str, snapshots: Collection[str]) -> list[G
     stay (a generation whose base snapshot is not among them restores nothing). A listing or a base
     that cannot be read raises; a missing base (a prune cut short) is a generation without one."""
     out = []
-    for gen_id, names in list_generations(repo, db).items():
+    superseded: dict[str, list[SegmentName]] = {}
+    for gen_id, names in list_generations(repo, db, superseded=superseded).items():
         try:
             base: Generation | None = read_base(repo, db, gen_id)
         except NotFound:
             base = None
-        out.append(GenerationState(db, gen_id, base, names, base is not None and base.snapshot in snapshots))
+        out.append(GenerationState(db, gen_id, base, names, base is not None and base.snapshot in snapshots,
+                                   superseded.get(gen_id, [])))
     return out
 
 
@@ -117,6 +120,7 @@ class SegmentPrune:
     keep: list[GenerationState] = field(default_factory=list)
     delete: list[GenerationState] = field(default_factory=list)
     grace_kept: list[GenerationState] = field(default_factory=list)  # would go, but an object is young
+    superseded: list[str] = field(default_factory=list)  # small segments of kept generations a compacted one holds
     restorable_from: datetime | None = None  # the pruned marker written before deleting
 
     def describe(self) -> dict[str, Any]:
@@ -128,6 +132,7 @@ class SegmentPrune:
             "delete_generations": [g.describe() for g in self.delete],
             "delete_segments": sum(len(g.segments) for g in self.delete),
             "grace_kept_generations": [g.id for g in self.grace_kept],
+            "delete_compacted_segments": len(self.superseded),
         }
 
 
@@ -143,6 +148,12 @@ def plan_segment_prune(repo: Repository, db: str, snapshots: Collection[str], st
     plan.keep = keep
     for g in gens:
         if g.id in kept:
+            for n in g.superseded:  # the compacted segment that holds it is listed: it exists
+                try:
+                    if now - repo.store.modified(n.key) > grace:
+                        plan.superseded.append(n.key)
+                except NotFound:
+                    continue
             continue
         young = False
         for key in g.keys():

@@ -107,11 +107,12 @@ class PrunePlan:
     grace_kept: int = 0  # unused, but younger than the grace period: maybe a running backup's
     grace: float = PRUNE_GRACE_SECONDS
     segments: list[SegmentPrune] = field(default_factory=list)  # per replicated database
+    compacted: int = 0  # small segments merged into larger ones by this prune (deleted past the grace period)
 
     def describe(self) -> dict[str, Any]:
         return {"delete_packs": len(self.unused_packs), "keep_packs": self.used_packs,
                 "grace_kept_packs": self.grace_kept, "grace_seconds": self.grace,
-                "segments": [s.describe() for s in self.segments]}
+                "segments": [s.describe() for s in self.segments], "compacted_segments": self.compacted}
 
 
 def plan_prune(repo: Repository, lock: Lock, *, grace: float = PRUNE_GRACE_SECONDS,
@@ -164,9 +165,20 @@ def _prune(repo: Repository, lock: Lock, grace: float, dry_run: bool,
            forgotten: Collection[Manifest] = (), policy: KeepPolicy | None = None) -> PrunePlan:
     if grace < 0:
         raise UsageError("the grace period is negative", "use 0 or more")
+    compacted = 0
+    if not dry_run:
+        # old small segments merged first (each merged one a conditional put); the small ones go
+        # below once past the grace period, or at a later prune
+        from dbre.replicate.compact import compact_segments
+
+        def compact_all() -> int:
+            return sum(compact_segments(repo, db).replaced for db in replicated_dbs(repo))
+
+        compacted = _reading("prune", "nothing was deleted", compact_all)
     # planned under the lock: the only plan that is safe to apply
     plan = _reading("prune", "no pack was deleted",
                     lambda: plan_prune(repo, lock, grace=grace, forgotten=forgotten, policy=policy))
+    plan.compacted = compacted
     if dry_run:
         return plan
     for seg in plan.segments:
@@ -179,6 +191,9 @@ def _prune(repo: Repository, lock: Lock, grace: float, dry_run: bool,
             for key in gen.keys():
                 lock.check_alive("prune", consequence="the remaining segments were not deleted")
                 repo.store.delete(key)
+        for key in seg.superseded:
+            lock.check_alive("prune", consequence="the remaining compacted segments were not deleted")
+            repo.store.delete(key)
     for pack in plan.unused_packs:
         lock.check_alive("prune", consequence="the remaining packs were not deleted")
         repo.store.delete(pack_key(pack))
