@@ -1010,6 +1010,10 @@ def status(
             if st.quota_bytes:
                 total += f" of {human(st.quota_bytes)} ({st.storage_bytes / st.quota_bytes:.0%})"
             print(f"storage: {total}")
+            for d in st.databases:
+                if d.replication_lag_seconds is not None:
+                    print(f"replication: {d.db}: lag {seconds_text(d.replication_lag_seconds)} (newest segment "
+                          f"{d.replication_newest_segment_at}, heartbeat {d.replication_heartbeat_at or 'none'})")
             if notified:
                 print(f"notified: {', '.join(notified)}")
         for a in alerts:

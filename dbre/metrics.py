@@ -17,7 +17,16 @@ Metrics (targets and warning levels from the seed's table):
   storage               bytes used (exact for a local repository or a store offering ``usage()``,
                         else estimated from the bytes each kept snapshot added), bytes added per
                         day over the last 7 days, and days until a quota fills at that pace.
+  replication lag       per database with segments (``dbre replicate``): now minus the newest point
+                        the segments certainly hold. That is the newest segment's last observed
+                        time, or the replicator's heartbeat (its lease's last write, store clock)
+                        when later: the lease is rewritten through the same ordered uploader as the
+                        segments, so a live heartbeat means everything committed a moment before it
+                        was shipped. When the policy's source is a local file whose WAL ends where
+                        the newest segment does (its wal-index header; without -shm: file and -wal
+                        not modified since), nothing is unshipped: lag 0.
 Alerts: backup_failure, backup_delay (newest restorable point older than the RPO),
+replication_lag (replication lag over the RPO),
 storage_capacity (over ``storage_threshold`` of the quota), drill_missed, drill_failure. Any
 alert makes ``dbre status`` exit 1 and the status flow fail, with one line per alert.
 """
@@ -70,6 +79,7 @@ class Expectations:
     drill_warn_days: float = DRILL_WARN_DAYS
     schedules: list[tuple[str, str]] = field(default_factory=list)  # (cron, time zone) of backups
     dense_seconds: float | None = None  # how far back retention keeps every scheduled snapshot
+    source: str | None = None  # the policy's source (a local file: its mtimes bound the replication lag)
 
     @classmethod
     def from_policy(cls, policy: Policy | None, db: str) -> Expectations:
@@ -89,7 +99,8 @@ class Expectations:
                     spans.append(keep * bucket)
             dense = max(spans) or None
         return cls(rpo_seconds=float(entry.rpo) if entry else None, rto_seconds=float(entry.rto) if entry else None,
-                   drill_warn_days=float(policy.drills.warn_after_days), schedules=schedules, dense_seconds=dense)
+                   drill_warn_days=float(policy.drills.warn_after_days), schedules=schedules, dense_seconds=dense,
+                   source=entry.source if entry else None)
 
 
 def _shortest_interval(schedules: list[tuple[str, str]]) -> float | None:
@@ -157,6 +168,9 @@ class DatabaseStatus:
     storage_bytes: int | None = None
     added_bytes_per_day: float | None = None
     window_start: str | None = None
+    replication_newest_segment_at: str | None = None
+    replication_heartbeat_at: str | None = None
+    replication_lag_seconds: float | None = None
     alerts: list[Alert] = field(default_factory=list)
 
     @property
@@ -251,7 +265,71 @@ def database_status(repo: Repository, db: str, exp: Expectations, *, now: dateti
         st.rpo_attainment = rpo_attainment([m.time for m in snaps], exp.rpo_seconds, start, now)
     _drills(repo, st, exp, snaps, now)
     _alerts(st, exp)
+    _replication(repo, st, exp, now)
     return st
+
+
+def _unchanged_since(repo: Repository, db: str, gen_id: str, names: list[Any], source: str, newest: float) -> bool:
+    """The source has committed nothing after the newest segment: its WAL (wal-index header) ends
+    exactly where that segment does, or, with no -shm to read, neither the file nor its -wal was
+    modified after it."""
+    from dbre.replicate.segment import open_segment, read_base
+    from dbre.replicate.wal import WalTail
+
+    try:
+        if os.path.exists(source + "-shm") and os.path.exists(source + "-wal"):
+            end = open_segment(repo, names[-1], None).wal_end if names else read_base(repo, db, gen_id).wal
+            tail = WalTail(source)
+            try:
+                pos = tail.position()
+            finally:
+                tail.close()
+            return (pos.salt, pos.frame, pos.cksum) == (end.salt, end.frame, end.cksum)
+        changed = max(os.stat(source + sfx).st_mtime for sfx in ("", "-wal") if os.path.exists(source + sfx))
+        return changed <= newest
+    except Exception:  # noqa: BLE001 - unreadable: judged by the segments and the heartbeat alone
+        return False
+
+
+def _replication(repo: Repository, st: DatabaseStatus, exp: Expectations, now: datetime) -> None:
+    """Replication lag of a database with segments (module doc), and its alert against the RPO."""
+    from dbre.replicate.segment import list_generations, read_base, to_time
+    from dbre.storage import NotFound
+
+    gens = list_generations(repo, st.db)
+    if not gens:
+        return
+    gen_id, names = next(reversed(gens.items()))
+    if names:
+        newest = to_time(names[-1].last_us)
+    else:
+        try:
+            newest = read_base(repo, st.db, gen_id).time
+        except NotFound:
+            return
+    st.replication_newest_segment_at = iso(newest)
+    known = newest
+    leases = sorted(repo.store.list(f"leases/{st.db}/"))
+    if leases:
+        try:
+            beat = datetime.fromtimestamp(repo.store.modified(leases[-1]), newest.tzinfo)
+            st.replication_heartbeat_at = iso(beat)
+            known = max(known, beat)
+        except NotFound:
+            pass
+    lag = max(0.0, (now - known).total_seconds())
+    if exp.source and "://" not in exp.source and _unchanged_since(repo, st.db, gen_id, names, exp.source,
+                                                                   newest.timestamp()):
+        lag = 0.0  # nothing committed since the newest segment
+    st.replication_lag_seconds = round(lag, 3)
+    if st.newest_restorable_age_seconds is None or lag < st.newest_restorable_age_seconds:
+        st.newest_restorable_age_seconds = round(lag, 3)  # segments restore to a newer point than snapshots
+        st.alerts = [a for a in st.alerts if a.event != "backup_delay"]  # replication_lag below says it
+    if exp.rpo_seconds and lag > exp.rpo_seconds:
+        st.alerts.append(Alert("replication_lag", "critical",
+                               f"{st.db}: replication lag {_dur(lag)}, over the RPO of {_dur(exp.rpo_seconds)} "
+                               f"(newest segment {st.replication_newest_segment_at}, replicator heartbeat "
+                               f"{st.replication_heartbeat_at or 'none'})", st.db))
 
 
 def _backup_rate(repo: Repository, st: DatabaseStatus, exp: Expectations, snaps: list[Manifest],
@@ -431,6 +509,7 @@ _HELP = {
     "dbre_storage_added_bytes_per_day": ("gauge", "Bytes added to the repository per day over the last 7 days"),
     "dbre_repository_storage_bytes": ("gauge", "Bytes the repository uses"),
     "dbre_repository_quota_bytes": ("gauge", "Storage quota of the repository"),
+    "dbre_replication_lag_seconds": ("gauge", "Now minus the newest point the replicated segments hold"),
     "dbre_alert": ("gauge", "1 for each active alert"),
     "dbre_status_timestamp_seconds": ("gauge", "When this status was computed"),
 }
@@ -460,6 +539,7 @@ def prometheus_text(status: Status) -> str:
         add("dbre_snapshots", lab, d.snapshots)
         add("dbre_database_size_bytes", lab, d.size_bytes)
         add("dbre_storage_added_bytes_per_day", lab, d.added_bytes_per_day)
+        add("dbre_replication_lag_seconds", lab, d.replication_lag_seconds)
     add("dbre_repository_storage_bytes", {**repo, "exact": str(status.storage_exact).lower()}, status.storage_bytes)
     add("dbre_repository_quota_bytes", repo, status.quota_bytes)
     for a in status.all_alerts:

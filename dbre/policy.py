@@ -185,6 +185,8 @@ class DatabasePolicy(_Model):
         default=None, description="Per-table content checksums in each snapshot; default: up to 256 MiB"
     )
     expectations: str | None = Field(default=None, description="Folder of Great Expectations suites for this database")
+    replicate: bool = Field(default=False, description="`dbre replicate --policy` ships its WAL continuously "
+                            "(a local file source in WAL mode); `dbre status` then watches its replication lag")
     owner: str | None = None
     # -- read by the requirements report (dbre.report.requirements) --
     critical_tables: list[str] = Field(default_factory=list, description="Tables whose loss stops the business")

@@ -1,0 +1,103 @@
+"""`dbre replicate --policy` replicates every database the policy marks, one process; `dbre status`
+(and its Prometheus text) reports each one's replication lag against the policy's RPO and alerts
+when a source has committed and nothing shipped it for longer than the RPO."""
+
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+import time
+from pathlib import Path
+
+from dbre.metrics import compute_status, prometheus_text
+from dbre.policy import load_policy
+from dbre.repository.repo import Repository
+from tests.replication import check_chains, dbre_cmd, make_source, start_writer, stop_replicator
+
+RPO = 3.0
+
+POLICY = """
+version: 1
+repositories:
+  primary: {repo}
+databases:
+  - name: alpha
+    source: {a}
+    rpo: 3s
+    rto: 1h
+    replicate: true
+  - name: beta
+    source: {b}
+    rpo: 3s
+    rto: 1h
+    replicate: true
+  - name: gamma
+    source: {c}
+    rpo: 1h
+    rto: 1h
+retention:
+  keep_last: 10
+"""
+
+
+def _lags(policy_path: Path, repo_url: str) -> tuple[dict[str, float | None], list[str], str]:
+    st = compute_status(Repository.open(repo_url), policy=load_policy(policy_path))
+    lags = {d.db: d.replication_lag_seconds for d in st.databases}
+    alerts = [f"{a.event} {a.db}" for a in st.all_alerts if a.db in ("alpha", "beta")]
+    return lags, alerts, prometheus_text(st)
+
+
+def test_replicate_policy_and_lag_in_status(tmp_path: Path) -> None:
+    repo_url = str(tmp_path / "repo")
+    a, b, c = tmp_path / "a.db", tmp_path / "b.db", tmp_path / "c.db"
+    for p in (a, b, c):
+        make_source(p, 300)
+    policy = tmp_path / "dbre.yaml"
+    policy.write_text(POLICY.format(repo=repo_url, a=a, b=b, c=c))
+    rep = subprocess.Popen(dbre_cmd("replicate", "--policy", str(policy), "--interval", "200ms", "-q"),
+                           stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 40
+        while True:
+            assert rep.poll() is None, rep.stderr.read().decode() if rep.stderr else ""
+            assert time.time() < deadline, "no generations for both databases"
+            try:
+                keys = set(Repository.open(repo_url).store.list("segments/"))
+            except Exception:  # noqa: BLE001 - the repository is not created yet
+                keys = set()
+            if {k.split("/")[1] for k in keys if k.endswith("/base")} == {"alpha", "beta"}:
+                break
+            time.sleep(0.2)
+        writers = [start_writer(p, tmp_path / f"{p.stem}.log", 2.0, start_seq=300, ckpt_every=100) for p in (a, b)]
+        assert all(w.wait(timeout=60) == 0 for w in writers)
+        time.sleep(1.0)
+        # both shipped and live: lag within the RPO, no alert
+        lags, alerts, prom = _lags(policy, repo_url)
+        assert lags["gamma"] is None  # not replicated: no lag reported
+        assert lags["alpha"] is not None and lags["alpha"] < RPO and lags["beta"] is not None and lags["beta"] < RPO, \
+            lags
+        assert not alerts, alerts
+        assert 'dbre_replication_lag_seconds{repository="' in prom and 'db="alpha"' in prom
+        # idle sources, replicator alive: still no alert after the RPO has passed
+        time.sleep(RPO + 1)
+        lags, alerts, _ = _lags(policy, repo_url)
+        assert not alerts and lags["alpha"] is not None and lags["alpha"] < RPO, (lags, alerts)
+    finally:
+        code, err = stop_replicator(rep)
+    assert code == 0, err
+    assert err.count("stopped;") == 2, err  # one line per database
+    chains = check_chains(Repository.open(repo_url), "alpha"), check_chains(Repository.open(repo_url), "beta")
+    assert all(len(ch) == 1 for ch in chains), chains
+    # the replicator is gone; alpha commits, beta does not
+    con = sqlite3.connect(a, isolation_level=None)
+    con.execute("INSERT INTO t(seq, pad) VALUES (100000, x'00')")
+    con.close()
+    time.sleep(RPO + 1)
+    lags, alerts, prom = _lags(policy, repo_url)
+    assert alerts == ["replication_lag alpha"], (alerts, lags)
+    assert lags["alpha"] is not None and lags["alpha"] > RPO and lags["beta"] == 0, lags
+    assert 'event="replication_lag"' in prom
+    # the CLI exits 1 on the alert and names it
+    r = subprocess.run(dbre_cmd("status", "--repo", repo_url, "--policy", str(policy)), capture_output=True,
+                       timeout=120)
+    assert r.returncode == 1 and b"ALERT replication_lag" in r.stderr and b"replication: alpha: lag" in r.stdout, r
