@@ -26,6 +26,7 @@ from dbre.repository.retention import forget
 from tests.replication import (
     check_chains,
     check_oracle,
+    dbre_cmd,
     make_source,
     read_log,
     restore_at,
@@ -145,6 +146,16 @@ def test_forget_prune_keeps_the_window(tmp_path: Path, where: str, request: pyte
     assert bases[left[-1]].snapshot in {m.id for m, _ in plan.keep}
     assert young is not None and young.segments[0].delete == []
     assert [g.id for g in young.segments[0].grace_kept] == left[:-1]
+    assert list(list_generations(repo, "app")) == left
+    # the CLI's plan says what the window keeps and what goes (dry run: nothing deleted)
+    out = subprocess.run(dbre_cmd("forget", "--repo", repo_url, "--db", "app", "--keep-last", "1", "--dry-run"),
+                         capture_output=True, timeout=120)
+    assert out.returncode == 0, out.stderr.decode()
+    assert f"the next prune deletes {len(left) - 1} generations" in out.stdout.decode(), out.stdout.decode()
+    out = subprocess.run(dbre_cmd("forget", "--repo", repo_url, "--db", "app", "--keep-last", "1", "--prune",
+                                  "--grace", "0", "--dry-run"), capture_output=True, timeout=120)
+    assert out.returncode == 0, out.stderr.decode()
+    assert f"prune: app: would delete {len(left) - 1} generations" in out.stdout.decode(), out.stdout.decode()
     assert list(list_generations(repo, "app")) == left
     _, old = forget(repo, KeepPolicy(last=1), "app", prune=True, grace=0)
     assert old is not None and [g.id for g in old.segments[0].delete] == left[:-1]
