@@ -105,10 +105,7 @@ def replicated(tmp_path_factory: pytest.TempPathFactory) -> tuple[Repository, Pa
 # --------------------------------------------------------------------------- finding 1
 
 
-@pytest.mark.xfail(strict=True, reason="review finding 1: observation times restart from the host clock when a "
-                   "replicator resumes a generation (_last_obs is not seeded from the last segment), so a clock "
-                   "behind the previous run's makes restore --at apply later transactions over a partial segment: "
-                   "a state that never existed")
+# review finding 1 (fixed): a resumed replicator's stamps start from the last segment's; times checked across segments
 def test_resumed_replicator_with_clock_behind_keeps_restore_at_exact(tmp_path: Path,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     src = tmp_path / "src.db"
@@ -204,9 +201,7 @@ restore_at(Repository.open(sys.argv[1]), "app", datetime.fromisoformat(sys.argv[
 """
 
 
-@pytest.mark.xfail(strict=True, reason="review finding 3: a restore --at killed while applying segments leaves "
-                   "its full-size .<target>.dbre-pitr-<hex> scratch copy beside the target, and no later restore "
-                   "removes it (_remove_leftovers only knows .dbre-restore- temp files)")
+# review finding 3 (fixed): the flocked PITR scratch copy is removed by the next restore once its writer died
 def test_killed_pitr_scratch_file_is_removed_by_the_next_restore(replicated: tuple[Repository, Path],
                                                                   tmp_path: Path) -> None:
     repo, repo_dir = replicated
@@ -226,10 +221,7 @@ def test_killed_pitr_scratch_file_is_removed_by_the_next_restore(replicated: tup
 # --------------------------------------------------------------------------- finding 4
 
 
-@pytest.mark.xfail(strict=True, reason="review finding 4: one transaction larger than SEGMENT_CAP (256 MiB) is "
-                   "shipped as one segment (MAX_SEGMENT_BYTES never splits a transaction) that restore, verify and "
-                   "resume then refuse to read: every time after it in the generation is unrestorable (shown "
-                   "with the cap lowered to 256 KiB)")
+# review finding 4 (fixed): a transaction past SEGMENT_CAP is split into parts that restore applies whole
 def test_a_transaction_larger_than_the_segment_cap_stays_restorable(tmp_path: Path,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(segment_mod, "SEGMENT_CAP", 256 * 1024)
@@ -247,15 +239,18 @@ def test_a_transaction_larger_than_the_segment_cap_stays_restorable(tmp_path: Pa
     restore_at(repo, "app", LATER(), out)
     assert restored_seq(out)[1] == 3002
     assert problems == [], problems
+    parts = [k for k in repo.store.list("segments/app/") if k.rsplit(".", 1)[-1].isdigit()]
+    assert parts, "the big transaction's segment was stored in parts"
+    assert all(len((tmp_path / "repo" / k).read_bytes()) <= 256 * 1024 for k in repo.store.list("segments/app/"))
+    (tmp_path / "repo" / parts[-1]).unlink()  # a lost part: refused with one line naming it
+    with pytest.raises(DbreError, match=f"{parts[-1]}: part .* is missing"):
+        restore_at(repo, "app", LATER(), tmp_path / "lost.db")
 
 
 # --------------------------------------------------------------------------- finding 5
 
 
-@pytest.mark.xfail(strict=True, reason="review finding 5: commits made while no replicator ran are stamped when "
-                   "replication resumes; a snapshot taken in between holds them, yet restore --at a time after that "
-                   "snapshot (and before the resume) restores the older segment state: it misses commits a "
-                   "snapshot observed before T (plan_pitr takes 'known = T' when any later segment exists)")
+# review finding 5 (fixed): a snapshot newer than what the segments observed by T is restored instead
 def test_restore_at_never_misses_commits_a_snapshot_saw_before_t(tmp_path: Path) -> None:
     from dbre.repository.backup import backup
     from dbre.sources.local import LocalFileSource
@@ -312,9 +307,7 @@ def test_filemap_is_not_unmapped_under_a_live_view_at_exit(tmp_path: Path) -> No
 # --------------------------------------------------------------------------- finding 7
 
 
-@pytest.mark.xfail(strict=True, reason="review finding 7: one lost (or damaged) segment of the newest generation "
-                   "makes every later `dbre replicate` fail at start (_resume runs check_contiguous and raises) "
-                   "instead of starting a new generation: replication stays down until someone edits the bucket")
+# review finding 7 (fixed): a damaged newest generation makes replicate start a new one, with a warning
 def test_replicate_starts_again_after_a_lost_segment(tmp_path: Path) -> None:
     src = tmp_path / "src.db"
     make_source(src, BASE_ROWS)
@@ -354,10 +347,7 @@ def test_replicate_starts_again_after_a_lost_segment(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- finding 8
 
 
-@pytest.mark.xfail(strict=True, reason="review finding 8: a generation whose base object is lost is skipped by "
-                   "plan_pitr (NotFound: continue) and restore --at silently restores an older generation or a "
-                   "snapshot, without the intact segments after it, while `dbre verify` reports the generation "
-                   "damaged: restore and verify disagree, and commits stored in the repository are dropped")
+# review finding 8 (fixed): restore --at refuses a generation whose base is lost, naming it (as verify does)
 def test_restore_at_refuses_when_the_newest_generation_base_is_lost(tmp_path: Path) -> None:
     src = tmp_path / "src.db"
     make_source(src, BASE_ROWS)
@@ -379,20 +369,36 @@ def test_restore_at_refuses_when_the_newest_generation_base_is_lost(tmp_path: Pa
     _, problems = verify_segments(repo, "app")
     assert problems, "verify flags the generation"
     out = tmp_path / "later.db"
-    try:
-        restore_at(repo, "app", LATER(), out)
-    except DbreError:
-        return  # refused: agrees with verify
-    assert restored_seq(out)[2] == BASE_ROWS + 3  # or every stored commit
+    with pytest.raises(DbreError, match=f"segments/app/{gens[-1]}/base is missing") as refused:
+        restore_at(repo, "app", LATER(), out)  # refused: agrees with verify
+    assert "restore --at a time before" in (refused.value.hint or "")
+    restore_at(repo, "app", to_time(int(gens[-1][:16], 16) - 1), out)  # the way out it names
+    assert restored_seq(out)[2] == BASE_ROWS + 1
+
+
+def test_observation_times_going_back_across_segments_are_refused(replicated: tuple[Repository, Path],
+                                                                  tmp_path: Path) -> None:
+    """Finding 1's invariant: a generation whose segments' times go back (one stored by a resumed
+    replicator whose clock was behind) is refused like a chain break, by restore and verify."""
+    from dataclasses import replace
+
+    from dbre.errors import IntegrityError
+    from dbre.replicate.segment import check_contiguous
+
+    repo, _ = replicated
+    (gen_id, names), = list_generations(repo, "app").items()
+    gen = read_base(repo, "app", gen_id)
+    assert len(names) >= 2
+    assert check_contiguous("app", gen, names) == names
+    back = [*names[:-1], replace(names[-1], first_us=names[-2].last_us - 1)]
+    with pytest.raises(IntegrityError, match="observation times go back"):
+        check_contiguous("app", gen, back)
 
 
 # --------------------------------------------------------------------------- finding 9
 
 
-@pytest.mark.xfail(strict=True, reason="review finding 9: restore --at holds up to SEGMENTS_AHEAD (16) fetched "
-                   "segments of up to SEGMENT_CAP (256 MiB) each: planted objects at the names of the segments a "
-                   "restore needs cost ~4 GiB of memory before the first one is refused (legitimate 64 MiB "
-                   "segments ~1 GiB); shown with the cap lowered to 1 MiB: 16 MiB held for one refusal")
+# review finding 9 (fixed): segment read-ahead is bounded by bytes; the first segment is fetched alone
 def test_planted_segments_do_not_multiply_restore_memory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import tracemalloc
 

@@ -30,10 +30,12 @@ from typing import Any
 from dbre.errors import IntegrityError
 from dbre.repository.manifest import Manifest, check_db_name, micros
 from dbre.repository.repo import Repository
-from dbre.storage import AlreadyExists
+from dbre.storage import AlreadyExists, NotFound
 from dbre.storage.base import get_capped
 
 MAGIC = b"DBRESEG1"
+PARTS_MAGIC = b"DBRESEGP"  # a segment too large for one object: its body in parts (see write_segment)
+_PARTS = struct.Struct("<8sIQ")  # magic, number of parts, body length
 SEGMENT_CAP = 256 * 1024 * 1024  # a segment is shipped before it grows past ~64 MiB of pages
 BASE_CAP = 64 * 1024
 _TX = struct.Struct("<QqII")  # txid, observed µs since the epoch, page count after commit, pages in it
@@ -262,21 +264,81 @@ def read_base(repo: Repository, db: str, gen: str) -> Generation:
     return base
 
 
+def part_key(key: str, i: int) -> str:
+    """The object holding part ``i`` (1, 2, ...) of a segment stored in parts."""
+    return f"{key}.{i}"
+
+
+def part_bytes() -> int:
+    """The most body bytes one stored object holds: half the cap, so sealing never takes it past."""
+    return SEGMENT_CAP // 2
+
+
 def write_segment(repo: Repository, seg: Segment) -> tuple[str, int]:
     """Seal and store a segment under its position: one conditional put, so a crash leaves the
     whole segment or none. A put that finds the key taken is a conflict (two replicators),
-    unless the object there is this very segment (a retried put): (key, bytes written)."""
+    unless the object there is this very segment (a retried put): (key, bytes written).
+
+    A body larger than `part_bytes` (one transaction larger than the cap) is stored in parts, so
+    no object is ever one a reader refuses: parts 1..n-1 under ``<key>.<i>`` first, each sealed
+    under its own name, then the object at ``<key>`` (the one a listing sees) holding
+    ``PARTS_MAGIC ‖ u32 n ‖ u64 body length`` and the first part. Until that last put the
+    segment does not exist."""
     key = seg.name.key
     body = seg.encode()
-    data = repo.sealer.seal(body, key)
+    step = part_bytes()
+    chunks = [body[i : i + step] for i in range(0, len(body), step)] if len(body) > step else [body]
+    written = 0
+    for i, chunk in enumerate(chunks[1:], 1):
+        pkey = part_key(key, i)
+        data = repo.sealer.seal(chunk, pkey)
+        try:
+            repo.store.put(pkey, data, if_absent=True)
+        except AlreadyExists:
+            if repo.store.exists(key):
+                _same_segment(repo, key, body)
+                return key, 0
+            repo.store.put(pkey, data)  # a part left by a put killed before its segment existed
+        written += len(data)
+    head = chunks[0] if len(chunks) == 1 else _PARTS.pack(PARTS_MAGIC, len(chunks), len(body)) + chunks[0]
+    data = repo.sealer.seal(head, key)
     try:
         repo.store.put(key, data, if_absent=True)
     except AlreadyExists:
-        theirs = repo.sealer.unseal(get_capped(repo.store, key, SEGMENT_CAP, "segment"), key)
-        if theirs != body:
-            raise IntegrityError(f"{key}: another segment is already stored there",
-                                 "another replicator ships this database: stop one of them") from None
-    return key, len(data)
+        _same_segment(repo, key, body)
+    return key, written + len(data)
+
+
+def _same_segment(repo: Repository, key: str, body: bytes) -> None:
+    name = parse_key(key)
+    assert name is not None
+    if _unseal_body(repo, name, fetch_segment(repo, name)) != body:
+        raise IntegrityError(f"{key}: another segment is already stored there",
+                             "another replicator ships this database: stop one of them") from None
+
+
+def _unseal_body(repo: Repository, name: SegmentName, raw: bytes) -> bytes:
+    """A segment's body: the object at its key unsealed, and its parts after it if it has any (the
+    count and length, sealed in the first, bind them: a lost, cut or moved part is refused)."""
+    key = name.key
+    head = repo.sealer.unseal(raw, key)
+    if head[:8] != PARTS_MAGIC:
+        return head
+    try:
+        _, n, length = _PARTS.unpack_from(head)
+    except struct.error:
+        raise IntegrityError(f"{key}: segment is damaged", _HINT) from None
+    pieces = [head[_PARTS.size :]]
+    for i in range(1, n):
+        pkey = part_key(key, i)
+        try:
+            pieces.append(repo.sealer.unseal(get_capped(repo.store, pkey, SEGMENT_CAP, "segment part"), pkey))
+        except NotFound:
+            raise IntegrityError(f"{pkey}: part {i} of {n} of the segment is missing", _HINT) from None
+    body = b"".join(pieces)
+    if len(body) != length:
+        raise IntegrityError(f"{key}: segment parts hold {len(body)} bytes, not {length}", _HINT)
+    return body
 
 
 def fetch_segment(repo: Repository, name: SegmentName) -> bytes:
@@ -290,7 +352,7 @@ def open_segment(repo: Repository, name: SegmentName, state_before: bytes | None
     its name, its txids consecutive, its chain recomputed over every page from ``state_before``
     (the previous segment's end)."""
     key = name.key
-    seg = Segment.decode(repo.sealer.unseal(raw if raw is not None else fetch_segment(repo, name), key), key)
+    seg = Segment.decode(_unseal_body(repo, name, raw if raw is not None else fetch_segment(repo, name)), key)
     if seg.name != name:
         raise IntegrityError(f"{key}: segment holds {seg.name.key}", _HINT)
     if state_before is not None and seg.state_before != state_before:

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import apsw
 
-from dbre.errors import SourceError
+from dbre.errors import IntegrityError, SourceError
 from dbre.replicate.lease import Lease
 from dbre.replicate.segment import (
     Generation,
@@ -61,6 +61,7 @@ from dbre.repository.repo import Repository
 from dbre.sources.image import NoImage
 from dbre.sources.local import LocalFileSource, _poll_busy, keep_wal
 from dbre.sources.pins import Pin
+from dbre.storage import NotFound
 
 log = logging.getLogger(__name__)
 
@@ -451,13 +452,25 @@ class Replicator:
         if not gens:
             return False
         gen_id = next(reversed(gens))
-        base = read_base(self.repo, self.db, gen_id)
-        names = check_contiguous(self.db, base, gens[gen_id])
-        if names:
-            last = open_segment(self.repo, names[-1], None)
-            end, state, txid, file_id = last.wal_end, last.state_after, names[-1].last, last.file_id
-        else:
-            end, state, txid, file_id = base.wal, bytes.fromhex(base.state), base.base_txid, base.file_id
+        listed = gens[gen_id]
+        # observation times never go back, even when this host's clock is behind the last run's:
+        # the counter starts from the newest time stored (a restore at T applies a prefix)
+        self._last_obs = max(self._last_obs, int(gen_id[:16], 16), *(n.last_us for n in listed))
+        try:
+            base = read_base(self.repo, self.db, gen_id)
+            names = check_contiguous(self.db, base, listed)
+            if names:
+                last = open_segment(self.repo, names[-1], None)
+                end, state, txid, file_id = last.wal_end, last.state_after, names[-1].last, last.file_id
+            else:
+                end, state, txid, file_id = base.wal, bytes.fromhex(base.state), base.base_txid, base.file_id
+        except (IntegrityError, NotFound) as err:
+            # a lost or damaged object: that generation cannot be continued, but replication must
+            # not stay down for it; `dbre verify` reports it, restores before the damage still work
+            log.warning("replicate %s: generation %s cannot be continued (%s): a new generation starts",
+                        self.db, gen_id, err.message)
+            self.next_txid = max((n.last for ns in gens.values() for n in ns), default=0) + 2  # never reused
+            return False
         self.next_txid = txid + 1
         why = None
         if file_id != self.tail.file_id():

@@ -288,14 +288,22 @@ def _temp_prefix(target: Path) -> str:
     return f".{target.name}.dbre-restore-"
 
 
+def pitr_scratch_name(target: Path, token: str) -> str:
+    """The scratch copy a ``restore --at`` builds beside ``target`` (flocked while it lives)."""
+    return f".{target.name}.dbre-pitr-{token}"
+
+
 def _remove_leftovers(target: Path) -> list[str]:
     """Remove the temp files that killed restores to ``target`` left beside it; returns their names.
 
     A live restore holds an exclusive flock on its temp file until the rename, so one this run can
     flock (non-blocking) has no writer. A restore creates its file empty and flocks it before it
     grows, so an empty file younger than ``FRESH_SECONDS`` may be one whose flock is a moment away:
-    it is left alone (a killed one goes at a later restore)."""
-    pattern = re.compile(re.escape(_temp_prefix(target)) + r"[0-9a-f]{8}")
+    it is left alone (a killed one goes at a later restore). A ``restore --at``'s scratch copy
+    (`pitr_scratch_name`) and its base restore's own temp file beside it are removed the same way."""
+    scratch = re.escape(pitr_scratch_name(target, "")) + r"[0-9a-f]{8}"
+    pattern = re.compile(rf"{re.escape(_temp_prefix(target))}[0-9a-f]{{8}}|{scratch}"
+                         rf"|\.{scratch}\.dbre-restore-[0-9a-f]{{8}}")
     try:
         names = sorted(e.name for e in os.scandir(target.parent) if pattern.fullmatch(e.name))
     except OSError:

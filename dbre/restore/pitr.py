@@ -10,16 +10,18 @@ renamed over the target. Nothing is written to the target unless every object ch
 
 from __future__ import annotations
 
+import fcntl
 import os
 import secrets
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
-from itertools import islice
 from pathlib import Path
 from typing import Any
 
+import dbre.replicate.segment as segment_mod
 from dbre.errors import IntegrityError, RestoreError, UsageError
 from dbre.replicate.segment import (
     Generation,
@@ -35,11 +37,13 @@ from dbre.replicate.segment import (
 )
 from dbre.repository.manifest import Manifest, iso, micros
 from dbre.repository.repo import Repository
-from dbre.restore.full import _replace, _write_restore, plan_restore
+from dbre.restore.full import _remove_leftovers, _replace, _write_restore, pitr_scratch_name, plan_restore
 from dbre.storage import NotFound
 
 SEGMENT_READERS = 8  # segments fetched at once (one GET each)
-SEGMENTS_AHEAD = 16  # fetched ahead of the one being checked: bounds memory
+SEGMENTS_AHEAD = 16  # fetched ahead of the one being checked, at most ...
+READ_AHEAD_BYTES = 64 * 1024 * 1024  # ... and at most this many bytes of them (see _apply_segments)
+MIN_ALLOWANCE = 1024 * 1024  # the least a fetch ahead may read before it is redone whole at its turn
 
 
 @dataclass
@@ -94,11 +98,14 @@ def plan_pitr(repo: Repository, db: str, target: str | os.PathLike[str], *, at: 
     for gen_id in reversed(gens):
         if at is not None and int(gen_id[:16], 16) > micros(at):
             continue  # the name carries the base's time: a newer generation is skipped unread
-        try:
-            candidate = read_base(repo, db, gen_id)
-        except NotFound:
-            continue
         names = gens[gen_id]
+        if txid is not None and not (names and names[0].first <= txid <= names[-1].last):
+            try:
+                candidate = read_base(repo, db, gen_id)
+            except NotFound:
+                continue  # (a generation that does not hold txid: its lost base is verify's to report)
+        else:
+            candidate = _read_base_or_refuse(repo, db, gen_id)
         if micros(candidate.time) != int(gen_id[:16], 16):
             raise IntegrityError(f"{candidate.key}: base taken at {candidate.taken_at}, its name says otherwise",
                                  "the base was moved or replaced: restore it from the offsite copy")
@@ -116,11 +123,13 @@ def plan_pitr(repo: Repository, db: str, target: str | os.PathLike[str], *, at: 
     if at is not None:
         limit = micros(at)
         needed = [n for n in names if n.first_us <= limit]
-        # how far the segments know the state: to T when a later transaction exists, else to the last one
-        known = at if len(needed) < len(names) else (to_time(needed[-1].last_us) if needed else gen.time)
         newer = repo.find_snapshot(db, at=at)
-        if newer.id != gen.snapshot and newer.time > known:
-            return None  # a snapshot taken after everything the segments know of (replication was down)
+        if newer.id != gen.snapshot and micros(newer.time) > _last_seen(repo, gen, needed, limit, micros(newer.time)):
+            # a snapshot taken (at or before T) after the last transaction the segments observed by T
+            # holds every one of them and maybe more: commits made while no replicator ran are only
+            # stamped when one resumes, after T. (A snapshot's time is taken just before its read
+            # transaction begins, so it holds every commit observed before that time.)
+            return None
     else:
         assert txid is not None
         needed = [n for n in names if n.first <= txid]
@@ -129,6 +138,31 @@ def plan_pitr(repo: Repository, db: str, target: str | os.PathLike[str], *, at: 
     following = names[len(needed) : len(needed) + 1] if names[: len(needed)] == needed else []
     needed = check_contiguous(db, gen, needed + following)[: len(needed)]
     return PitrPlan(db, path, force, gen, base_snapshot(repo, gen), needed, at=at, txid=txid)
+
+
+def _read_base_or_refuse(repo: Repository, db: str, gen_id: str) -> Generation:
+    """The base of the generation a restore needs; a lost one is refused (its transactions are in
+    the repository: restoring an older state instead would drop them silently)."""
+    try:
+        return read_base(repo, db, gen_id)
+    except NotFound:
+        since = iso(to_time(int(gen_id[:16], 16)))
+        raise IntegrityError(f"segments/{db}/{gen_id}/base is missing: the transactions of {db} since {since} "
+                             "cannot be restored", f"restore --at a time before {since}, or restore the base "
+                             "from the offsite copy (`dbre verify` reports the generation)") from None
+
+
+def _last_seen(repo: Repository, gen: Generation, needed: list[SegmentName], limit: int, newer_us: int) -> int:
+    """The observation time (µs) of the last transaction the segments saw at or before ``limit``
+    (the base's time when none): from the names, or from the one segment that straddles the limit
+    when the snapshot at ``newer_us`` falls inside it."""
+    if not needed:
+        return micros(gen.time)
+    last = needed[-1]
+    if last.last_us <= limit or newer_us <= last.first_us:
+        return min(last.last_us, limit)
+    seg = open_segment(repo, last, None)  # (checked in full again when applied)
+    return max(tx.observed_us for tx in seg.transactions if tx.observed_us <= limit)
 
 
 def base_snapshot(repo: Repository, gen: Generation) -> Manifest:
@@ -161,49 +195,97 @@ def apply_pitr(repo: Repository, plan: PitrPlan) -> PitrResult:
     """Restore the base to a temp file, apply the transactions up to the plan's limit, rename."""
     started = time.perf_counter()
     target = plan.target
-    scratch = target.parent / f".{target.name}.dbre-pitr-{secrets.token_hex(4)}"
+    _remove_leftovers(target)  # a killed restore's scratch copy (and its base restore's temp file)
+    scratch = target.parent / pitr_scratch_name(target, secrets.token_hex(4))
+    fd = -1
+
+    def release() -> None:
+        nonlocal fd
+        if fd >= 0:
+            os.close(fd)
+            fd = -1
+
     try:
         with repo.lock(f"restore {plan.db}"):
             _write_restore(repo, plan_restore(repo, plan.db, scratch, snapshot=plan.base.id), None)
-            applied, last, last_obs = _apply_segments(repo, plan, scratch)
-        _replace(scratch, target, plan.force)
+            # flocked until the rename, as restore's temp files: a later restore's _remove_leftovers
+            # removes it only once this process is gone
+            fd = os.open(scratch, os.O_WRONLY)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            applied, last, last_obs = _apply_segments(repo, plan, scratch, fd)
+        _replace(scratch, target, plan.force, release)
     except BaseException as err:
         scratch.unlink(missing_ok=True)
+        release()
         if isinstance(err, OSError):
             raise RestoreError(f"restore to {target}: {err.strerror}") from err
         raise
+    release()
     return PitrResult(plan, time.perf_counter() - started, applied, last,
                       iso(to_time(last_obs)) if last_obs else None)
 
 
-def _apply_segments(repo: Repository, plan: PitrPlan, scratch: Path) -> tuple[int, int, int]:
+def _fetch_within(repo: Repository, name: SegmentName, allowance: int) -> bytes | None:
+    """A segment's bytes if it holds at most ``allowance``; None if it is larger (it is then fetched
+    whole, up to the cap, when its turn comes and nothing else is read ahead of it)."""
+    if allowance >= segment_mod.SEGMENT_CAP:
+        return fetch_segment(repo, name)
+    data = repo.store.get_range(name.key, 0, allowance + 1)
+    return data if len(data) <= allowance else None
+
+
+def _apply_segments(repo: Repository, plan: PitrPlan, scratch: Path, fd: int) -> tuple[int, int, int]:
     """Write the pages of the transactions up to the limit over the base, segment by segment (the
     newest version of each page of a segment once: memory holds one segment), then cut the file to
-    the last one's page count."""
+    the last one's page count.
+
+    Read-ahead is bounded by bytes: the first segment is fetched alone (a planted object is refused
+    before anything else is read); then each fetch ahead may take at most twice the largest
+    segment checked so far (at least ``MIN_ALLOWANCE``), and at most ``READ_AHEAD_BYTES`` of them
+    are in flight. A segment larger than its allowance is fetched again, whole, at its turn."""
     gen = plan.generation
     limit_us = micros(plan.at) if plan.at is not None else None
     state = bytes.fromhex(gen.state)
     page_count = plan.base.page_count
     applied, last, last_obs = 0, gen.base_txid, 0
     ps = plan.base.page_size
-    fd = os.open(scratch, os.O_WRONLY)
-    try:
-        with ThreadPoolExecutor(SEGMENT_READERS, thread_name_prefix="dbre-segments") as pool:
-            # fetched SEGMENT_READERS at a time, at most SEGMENTS_AHEAD ahead; checked in order
-            names = iter(plan.segments)
-            ahead = [(n, pool.submit(fetch_segment, repo, n)) for n in islice(names, SEGMENTS_AHEAD)]
+    with ThreadPoolExecutor(SEGMENT_READERS, thread_name_prefix="dbre-segments") as pool:
+        names = plan.segments
+        ahead: deque[tuple[SegmentName, Future[bytes | None], int]] = deque()
+        nxt, in_flight, largest = 0, 0, 0
+
+        def fill() -> None:
+            nonlocal nxt, in_flight
+            while nxt < len(names) and len(ahead) < SEGMENTS_AHEAD:
+                cap = segment_mod.SEGMENT_CAP
+                allowance = cap if not largest else min(cap, max(2 * largest, MIN_ALLOWANCE))
+                if ahead and (not largest or in_flight + allowance > READ_AHEAD_BYTES):
+                    return
+                ahead.append((names[nxt], pool.submit(_fetch_within, repo, names[nxt], allowance), allowance))
+                nxt, in_flight = nxt + 1, in_flight + allowance
+
+        try:
+            fill()
             while ahead:
-                name, raw = ahead.pop(0)
-                ahead.extend((n, pool.submit(fetch_segment, repo, n)) for n in islice(names, 1))
-                seg = open_segment(repo, name, state, raw.result())  # every page against the chain
+                name, fut, allowance = ahead.popleft()
+                raw = fut.result()
+                in_flight -= allowance
+                if raw is None:
+                    raw = fetch_segment(repo, name)
+                seg = open_segment(repo, name, state, raw)  # every page against the chain
+                largest = max(largest, len(raw))
+                del raw
                 state = seg.state_after
                 done = _apply_one(plan, seg, limit_us, fd)
+                del seg
                 if done is not None:
                     page_count, applied, last, last_obs = done[0], applied + done[1], done[2], done[3]
-        os.ftruncate(fd, page_count * ps)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+                fill()
+        finally:
+            for _, f, _ in ahead:
+                f.cancel()
+    os.ftruncate(fd, page_count * ps)
+    os.fsync(fd)
     if page_count * ps != scratch.stat().st_size:
         raise RestoreError(f"restore to {plan.target}: size mismatch after applying segments")
     return applied, last, last_obs
