@@ -229,3 +229,23 @@ def test_kill_during_prune_leaves_the_window_restorable(tmp_path: Path) -> None:
     assert list(list_generations(repo, "app")) == gens[2:]
     assert verify_segments(repo, "app")[1] == []
     _restores_in_window(repo, tmp_path, log, start, 3, seed=8)
+
+
+def test_unrestorable_generation_amid_kept_ones_stays(tmp_path: Path) -> None:
+    """A generation whose base snapshot went (an older forget) but that lies between restorable ones is
+    not pruned: a restore inside it fails loudly instead of falling back to the one before."""
+    from dbre.errors import IntegrityError
+    from dbre.repository.retention import prune
+
+    repo_url = str(tmp_path / "repo")
+    _replicate(tmp_path, repo_url, generations=4)
+    repo = Repository.open(repo_url)
+    gens = list(list_generations(repo, "app"))
+    middle = read_base(repo, "app", gens[1])
+    repo.store.delete(repo.manifest_key(repo.find_snapshot("app", middle.snapshot)))
+    plan = prune(repo, grace=0)
+    assert [g.id for g in plan.segments[0].unrestorable] == [gens[1]] and plan.segments[0].delete == []
+    assert list(list_generations(repo, "app")) == gens
+    at = middle.time + (read_base(repo, "app", gens[2]).time - middle.time) / 2
+    with pytest.raises(IntegrityError, match="is missing"):
+        restore_at(repo, "app", at, tmp_path / "mid.db")

@@ -121,6 +121,7 @@ class SegmentPrune:
     delete: list[GenerationState] = field(default_factory=list)
     grace_kept: list[GenerationState] = field(default_factory=list)  # would go, but an object is young
     superseded: list[str] = field(default_factory=list)  # small segments of kept generations a compacted one holds
+    unrestorable: list[GenerationState] = field(default_factory=list)  # kept: newer than a kept one
     restorable_from: datetime | None = None  # the pruned marker written before deleting
 
     def describe(self) -> dict[str, Any]:
@@ -133,6 +134,7 @@ class SegmentPrune:
             "delete_segments": sum(len(g.segments) for g in self.delete),
             "grace_kept_generations": [g.id for g in self.grace_kept],
             "delete_compacted_segments": len(self.superseded),
+            "unrestorable_kept_generations": [g.id for g in self.unrestorable],
         }
 
 
@@ -147,6 +149,11 @@ def plan_segment_prune(repo: Repository, db: str, snapshots: Collection[str], st
     kept = {g.id for g in keep}
     plan.keep = keep
     for g in gens:
+        if keep and g.time > keep[0].time and g.id not in kept:
+            # unrestorable (its base snapshot gone) amid kept ones: deleting it would let a restore
+            # inside it fall back to the generation before and restore less than asked, silently
+            plan.unrestorable.append(g)
+            continue
         if g.id in kept:
             for n in g.superseded:  # the compacted segment that holds it is listed: it exists
                 try:
