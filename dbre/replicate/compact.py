@@ -45,17 +45,19 @@ def compact_segments(repo: Repository, db: str, *, older_than: float = COMPACT_A
                      group: int = COMPACT_SEGMENTS, max_bytes: int = COMPACT_BYTES,
                      now: float | None = None) -> Compaction:
     """Merge runs of at least two consecutive segments of each generation of ``db`` whose last
-    transaction was observed more than ``older_than`` seconds before ``now``; never a generation's
-    last segment (the replicator resumes from it). The caller holds a repository lock."""
+    transaction was observed more than ``older_than`` seconds before ``now``, in a generation with
+    at least ``group`` such segments; never a generation's last segment (the replicator resumes
+    from it). The caller holds a repository lock."""
     assert max_bytes <= SEGMENT_CAP
     cutoff_us = int(((now if now is not None else time.time()) - older_than) * 1e6)
     result = Compaction()
     for names in list_generations(repo, db).values():
+        old = [n for n in names[:-1] if n.last_us < cutoff_us]
+        if len(old) < group:
+            continue  # too few to be worth reading (a compacted generation has far fewer: never read again)
         run: list[tuple[SegmentName, bytes]] = []
         size = 0
-        for name in names[:-1]:
-            if name.last_us >= cutoff_us:
-                break
+        for name in old:
             raw = fetch_segment(repo, name)
             if run and (len(run) >= group or size + len(raw) > max_bytes):
                 _merge(repo, run, result)
