@@ -385,7 +385,7 @@ def test_observation_times_going_back_across_segments_are_refused(replicated: tu
     from dbre.errors import IntegrityError
     from dbre.replicate.segment import check_contiguous
 
-    repo, _ = replicated
+    repo, repo_dir = replicated
     (gen_id, names), = list_generations(repo, "app").items()
     gen = read_base(repo, "app", gen_id)
     assert len(names) >= 2
@@ -393,6 +393,16 @@ def test_observation_times_going_back_across_segments_are_refused(replicated: tu
     back = [*names[:-1], replace(names[-1], first_us=names[-2].last_us - 1)]
     with pytest.raises(IntegrityError, match="observation times go back"):
         check_contiguous("app", gen, back)
+    # stored: the last segment stamped before the first one's end; a restore at a time before it
+    # (which would apply a prefix, then miss or misplace it) is refused from the names alone
+    import shutil
+
+    copy = tmp_path / "repo"
+    shutil.copytree(repo_dir / "repo", copy)
+    moved = replace(names[-1], first_us=names[0].first_us, last_us=names[0].first_us)
+    (copy / names[-1].key).rename(copy / moved.key)
+    with pytest.raises(IntegrityError, match="observation times go back"):
+        plan_pitr(Repository.open(str(copy)), "app", tmp_path / "out.db", at=to_time(names[0].last_us))
 
 
 # --------------------------------------------------------------------------- finding 9

@@ -411,9 +411,15 @@ def check_contiguous(db: str, gen: Generation, names: Iterable[SegmentName]) -> 
             raise IntegrityError(f"segments/{db}/{gen.id}: {what} before {n.key} (expected a segment from txid "
                                  f"{expected}, {expected:016x})",
                                  "run `dbre verify`; restore an earlier time or from the offsite copy")
-        if n.last_us < n.first_us or (out and n.first_us < out[-1].last_us):
-            raise IntegrityError(f"segments/{db}/{gen.id}: observation times go back at {n.key}",
-                                 "run `dbre verify`; restore an earlier time or from the offsite copy")
         expected = n.last + 1
         out.append(n)
-    return out
+    return check_times(db, gen, out)
+
+
+def check_times(db: str, gen: Generation, names: list[SegmentName]) -> list[SegmentName]:
+    """``names`` (in txid order), if their observation times never go back; else an IntegrityError."""
+    for i, n in enumerate(names):
+        if n.last_us < n.first_us or (i and n.first_us < names[i - 1].last_us):
+            raise IntegrityError(f"segments/{db}/{gen.id}: observation times go back at {n.key}",
+                                 "run `dbre verify`; restore an earlier time or from the offsite copy")
+    return names

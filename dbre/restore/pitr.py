@@ -29,6 +29,7 @@ from dbre.replicate.segment import (
     SegmentName,
     base_state,
     check_contiguous,
+    check_times,
     fetch_segment,
     list_generations,
     open_segment,
@@ -121,6 +122,7 @@ def plan_pitr(repo: Repository, db: str, target: str | os.PathLike[str], *, at: 
         return None
     gen, names = chosen
     if at is not None:
+        check_times(db, gen, names)  # (from the names alone: which segments are "at or before T" is sound)
         limit = micros(at)
         needed = [n for n in names if n.first_us <= limit]
         newer = repo.find_snapshot(db, at=at)
