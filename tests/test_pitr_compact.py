@@ -77,6 +77,16 @@ def test_compaction_keeps_every_transaction(tmp_path: Path, where: str, request:
     assert restores("b") == before  # never applied twice
     assert verify_segments(repo, "app")[1] == []
 
+    if where == "local":
+        # a rotten (or planted) merged segment: prune keeps every small one it would replace
+        path = Path(repo_url) / done.merged[0]
+        good = path.read_bytes()
+        path.chmod(0o644)
+        path.write_bytes(good[:100] + bytes([good[100] ^ 1]) + good[101:])
+        held = prune(repo, grace=0)
+        assert held.segments[0].superseded == [] and held.segments[0].unverified == [names[0].generation]
+        assert _segment_keys(repo) == both
+        path.write_bytes(good)
     pruned = prune(repo, grace=0)
     assert sum(len(s.superseded) for s in pruned.segments) == done.replaced
     after = _segment_keys(repo)

@@ -23,7 +23,16 @@ from datetime import UTC, datetime
 from typing import Any
 
 from dbre.errors import IntegrityError
-from dbre.replicate.segment import BASE_CAP, Generation, SegmentName, list_generations, read_base, to_time
+from dbre.replicate.segment import (
+    BASE_CAP,
+    Generation,
+    SegmentName,
+    check_contiguous,
+    list_generations,
+    open_segment,
+    read_base,
+    to_time,
+)
 from dbre.repository.keep import KeepPolicy
 from dbre.repository.manifest import Manifest, iso, micros
 from dbre.repository.repo import Repository
@@ -122,6 +131,7 @@ class SegmentPrune:
     grace_kept: list[GenerationState] = field(default_factory=list)  # would go, but an object is young
     superseded: list[str] = field(default_factory=list)  # small segments of kept generations a compacted one holds
     unrestorable: list[GenerationState] = field(default_factory=list)  # kept: newer than a kept one
+    unverified: list[str] = field(default_factory=list)  # generations whose compacted chain failed: smalls kept
     restorable_from: datetime | None = None  # the pruned marker written before deleting
 
     def describe(self) -> dict[str, Any]:
@@ -135,6 +145,7 @@ class SegmentPrune:
             "grace_kept_generations": [g.id for g in self.grace_kept],
             "delete_compacted_segments": len(self.superseded),
             "unrestorable_kept_generations": [g.id for g in self.unrestorable],
+            "unverified_generations": self.unverified,
         }
 
 
@@ -155,12 +166,19 @@ def plan_segment_prune(repo: Repository, db: str, snapshots: Collection[str], st
             plan.unrestorable.append(g)
             continue
         if g.id in kept:
-            for n in g.superseded:  # the compacted segment that holds it is listed: it exists
+            old = []
+            for n in g.superseded:
                 try:
                     if now - repo.store.modified(n.key) > grace:
-                        plan.superseded.append(n.key)
+                        old.append(n.key)
                 except NotFound:
                     continue
+            # a listed name proves nothing (planted, or rotten): the small ones go only once the
+            # generation's whole chain, as listed, opens and checks from its base
+            if old and _chain_ok(repo, g):
+                plan.superseded.extend(old)
+            elif old:
+                plan.unverified.append(g.id)
             continue
         young = False
         for key in g.keys():
@@ -175,6 +193,19 @@ def plan_segment_prune(repo: Repository, db: str, snapshots: Collection[str], st
         plan.restorable_from = keep[0].time if keep else to_time(
             max((n.last_us for g in plan.delete for n in g.segments), default=micros(plan.delete[-1].time)) + 1)
     return plan
+
+
+def _chain_ok(repo: Repository, g: GenerationState) -> bool:
+    """Every listed segment of ``g`` unsealed under its key and chained from its base, no gap."""
+    if g.base is None:
+        return False
+    try:
+        state = bytes.fromhex(g.base.state)
+        for name in check_contiguous(g.db, g.base, g.segments):
+            state = open_segment(repo, name, state).state_after
+    except (IntegrityError, NotFound):
+        return False
+    return True
 
 
 def pruned_key(db: str) -> str:
