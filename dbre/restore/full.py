@@ -363,11 +363,7 @@ def _replace(tmp: Path, target: Path, force: bool, release_tmp: Callable[[], Non
         release_tmp()
         os.replace(tmp, target)
         _crash_point("renamed")
-        dfd = os.open(target.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        _sync_dir(target.parent)
     finally:
         if held is not None:
             held.close()  # checkpoint-on-close is off: closing removes no file by name
@@ -390,7 +386,12 @@ def _place_new(tmp: Path, target: Path, release_tmp: Callable[[], None]) -> None
                          "choose a new path or pass --force; nothing was written there") from None
     tmp.unlink()
     _crash_point("renamed")
-    dfd = os.open(target.parent, os.O_RDONLY)
+    _sync_dir(target.parent)
+
+
+def _sync_dir(folder: Path) -> None:
+    """Make a rename or link in ``folder`` durable."""
+    dfd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(dfd)
     finally:
