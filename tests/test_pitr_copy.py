@@ -87,3 +87,46 @@ def test_copy_ships_segments_to_s3(tmp_path: Path, s3_repo_url: str) -> None:
     copied_names = list_generations(c, "app")[gen_id]
     assert copied_names == names[: names.index(bad)]
     assert verify_segments(c, "app")[1] == []
+
+
+def test_copy_between_differently_compacted_repositories(tmp_path: Path) -> None:
+    """The source and its copy compact on their own schedules (different runs merged): after the next
+    copy the copy holds partly overlapping merged segments, and restores still read one contiguous
+    chain through them, exact; prune then drops what that chain does not use."""
+    from dbre.replicate.compact import compact_segments
+    from dbre.repository.retention import prune
+
+    src_url, dst_url, src, log = str(tmp_path / "repo"), str(tmp_path / "offsite"), tmp_path / "s.db", tmp_path / "w"
+    make_source(src, BASE_ROWS)
+    rep = start_replicator(src, src_url, interval="100ms")
+    try:
+        wait_for_generation(src_url, proc=rep)
+        assert start_writer(src, log, 2.5, start_seq=BASE_ROWS, ckpt_every=0).wait(timeout=60) == 0
+        time.sleep(0.8)
+    finally:
+        code, err = stop_replicator(rep)
+    assert code == 0, err
+    a = Repository.open(src_url)
+    b = Repository.init_copy_of(a, dst_url, None)
+    assert copy_snapshots(a, b)[0].ok
+    with b.lock("compact"):
+        compact_segments(b, "app", older_than=0, group=3)
+    with a.lock("compact"):
+        compact_segments(a, "app", older_than=0, group=4)
+    plan, _ = copy_snapshots(a, b)
+    assert plan.ok and plan.segments > 0, plan.problems
+    keys = {k for k in b.store.list("segments/app/") if not k.endswith("/base")}
+    (names,) = list_generations(b, "app").values()
+    assert len(names) < len(keys)  # overlapping forms stored, one chain listed
+    assert verify_segments(b, "app")[1] == []
+    commits, _ = read_log(log)
+    rng = random.Random(6)
+    hi = commits[-1].after + 0.3
+    for i, at in enumerate(sorted(rng.uniform(commits[0].before, hi) for _ in range(4)) + [hi]):
+        out_db = tmp_path / f"x{i}.db"
+        restore_at(b, "app", utc(at), out_db)
+        top = check_oracle(out_db, commits, at, BASE_ROWS)
+        assert at != hi or top == commits[-1].seq
+        out_db.unlink()
+    prune(b, grace=0)
+    assert {k for k in b.store.list("segments/app/") if not k.endswith("/base")} == {n.key for n in names}

@@ -372,10 +372,10 @@ def open_segment(repo: Repository, name: SegmentName, state_before: bytes | None
 
 def list_generations(repo: Repository, db: str, *,
                      superseded: dict[str, list[SegmentName]] | None = None) -> dict[str, list[SegmentName]]:
-    """Every generation of ``db`` (by id, oldest first) with its segment names in txid order. A
-    segment whose txid range lies inside another's (the small segments a compacted one replaced,
-    until prune deletes them) is left out, so no transaction is applied twice; ``superseded``, if
-    given, receives them per generation."""
+    """Every generation of ``db`` (by id, oldest first) with its segment names in txid order. Where
+    segments overlap (the small segments a compacted one replaced, until prune deletes them), the
+    fewest that run contiguously through the generation are listed, so no transaction is applied
+    twice; ``superseded``, if given, receives the others per generation."""
     check_db_name(db)
     out: dict[str, list[SegmentName]] = {}
     for key in repo.store.list(f"segments/{db}/"):
@@ -388,15 +388,42 @@ def list_generations(repo: Repository, db: str, *,
             names.append(name)
     result = {}
     for g in sorted(out):
-        kept: list[SegmentName] = []
-        for n in sorted(out[g], key=lambda n: (n.first, -n.last)):  # a covering segment before those it covers
-            if kept and kept[-1].first <= n.first and n.last <= kept[-1].last:
-                if superseded is not None:
-                    superseded.setdefault(g, []).append(n)
-                continue
-            kept.append(n)
+        kept = _fewest(out[g])
+        if kept is None:  # no chain through them all: the inner ones out, a gap or overlap left to report
+            kept = []
+            for n in sorted(out[g], key=lambda n: (n.first, -n.last)):  # a covering one before those it covers
+                if not (kept and kept[-1].first <= n.first and n.last <= kept[-1].last):
+                    kept.append(n)
+        if superseded is not None and len(kept) < len(out[g]):
+            chosen = set(kept)
+            superseded[g] = sorted((n for n in out[g] if n not in chosen), key=lambda n: (n.first, n.last))
         result[g] = kept
     return result
+
+
+def _fewest(names: list[SegmentName]) -> list[SegmentName] | None:
+    """The fewest segments that run contiguously from the lowest first txid to the highest last one
+    (compacted and small forms, even compacted differently by two repositories, mix freely: each
+    link is chain-checked when read); None when no such run exists (a gap)."""
+    if not names:
+        return []
+    start, end = min(n.first for n in names), max(n.last for n in names)
+    best: dict[int, tuple[int, SegmentName | None]] = {start: (0, None)}
+    for n in sorted(names, key=lambda n: (n.first, -n.last)):  # every way into n.first is known by now
+        if n.first in best and n.last >= n.first:
+            count = best[n.first][0] + 1
+            if n.last + 1 not in best or count < best[n.last + 1][0]:
+                best[n.last + 1] = (count, n)
+    if end + 1 not in best:
+        return None
+    path: list[SegmentName] = []
+    pos = end + 1
+    while pos != start:
+        seg = best[pos][1]
+        assert seg is not None
+        path.append(seg)
+        pos = seg.first
+    return path[::-1]
 
 
 def check_contiguous(db: str, gen: Generation, names: Iterable[SegmentName]) -> list[SegmentName]:
