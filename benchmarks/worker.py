@@ -75,8 +75,23 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--to", required=True)
     args = p.parse_args(argv)
     out = _backup(args) if args.cmd == "backup" else _restore(args)
+    out["hwm_bytes"] = _high_water_mark()
     print(json.dumps(out))
     return 0
+
+
+def _high_water_mark() -> int | None:
+    """This process's peak RSS since its exec (VmHWM). The rusage ``wait4`` gives also counts the
+    parent's resident pages the child had between fork and exec: a large parent (a test run)
+    would be measured instead of the worker."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def _env() -> dict[str, str]:
@@ -102,7 +117,8 @@ def run_child(args: list[str]) -> dict[str, Any]:
     if proc.returncode != 0:
         raise RuntimeError(f"benchmark worker {' '.join(args[:1])} failed (exit {proc.returncode}):\n{stderr[-3000:]}")
     result: dict[str, Any] = json.loads(stdout.strip().splitlines()[-1])
-    result["rss_bytes"] = usage.ru_maxrss * 1024  # KiB on Linux
+    # the child's own peak when it could read it, else rusage's (KiB on Linux; see _high_water_mark)
+    result["rss_bytes"] = result.get("hwm_bytes") or usage.ru_maxrss * 1024
     result["wall"] = wall
     return result
 

@@ -18,7 +18,7 @@ def test_memory_benchmark_measures_each_command_at_each_size(tmp_path: Path) -> 
         assert set(p["rss_mb"]) == {"full_backup", "incremental_backup", "restore"}
         assert all(20 < mb < 1000 for mb in p["rss_mb"].values())  # a real child process's peak
     assert set(res["growth_mb_per_gib"]) == {"full_backup", "incremental_backup", "restore"}
-    assert res["pass"] is True
+    assert res["pass"] is True, (res["peak_mb"], [p["rss_mb"] for p in res["points"]])
     memory.print_result(res, lines.append)
     assert any("limit 300 MB" in line for line in lines)
     assert (tmp_path / "memory-0.01gib.db").exists() and (tmp_path / "memory-0.01gib-updated.db").exists()
