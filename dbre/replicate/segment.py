@@ -341,6 +341,24 @@ def _unseal_body(repo: Repository, name: SegmentName, raw: bytes) -> bytes:
     return body
 
 
+def part_keys(repo: Repository, key: str, raw: bytes) -> list[str]:
+    """The keys of the parts of the segment stored at ``key`` as ``raw`` (none for one stored whole)."""
+    head = repo.sealer.unseal(raw, key)
+    if head[:8] != PARTS_MAGIC:
+        return []
+    try:
+        _, n, _ = _PARTS.unpack_from(head)
+    except struct.error:
+        raise IntegrityError(f"{key}: segment is damaged", _HINT) from None
+    return [part_key(key, i) for i in range(1, n)]
+
+
+def is_part_key(key: str) -> bool:
+    """A part of a segment stored in parts (``<segment key>.<i>``)."""
+    head, _, tail = key.rpartition(".")
+    return bool(head) and tail.isdigit() and "/" in head
+
+
 def fetch_segment(repo: Repository, name: SegmentName) -> bytes:
     """A segment's stored bytes (never more than ``SEGMENT_CAP``), not yet checked."""
     return get_capped(repo.store, name.key, SEGMENT_CAP, "segment")

@@ -250,7 +250,7 @@ def copy_segments(src: Repository, dst: Repository, dst_lock: Lock, plan: CopyPl
     recomputed from the base snapshot, for the first). A generation that fails a check stops there
     (the prefix copied restores as far as it goes) and is reported in ``plan.broken``. Returns the
     bytes copied."""
-    from dbre.replicate.segment import BASE_CAP, SEGMENT_CAP, check_contiguous, open_segment
+    from dbre.replicate.segment import BASE_CAP, SEGMENT_CAP, check_contiguous, open_segment, part_keys
     from dbre.replicate.window import generations, replicated_dbs
     from dbre.restore.pitr import base_snapshot
 
@@ -287,6 +287,10 @@ def copy_segments(src: Repository, dst: Repository, dst_lock: Lock, plan: CopyPl
                     dst.sealer.unseal(data, seg.key)
                     dst_lock.check_alive(f"copy of {seg.key}", consequence="it was not copied",
                                          hint="run the copy again", refresh=False)
+                    for pkey in part_keys(src, seg.key, data):  # a segment in parts: the parts first
+                        part = get_capped(src.store, pkey, SEGMENT_CAP, "segment part")
+                        _put_same(dst, pkey, part)
+                        copied += len(part)
                     _put_same(dst, seg.key, data)
                     copied += len(data)
                     plan.segments += 1

@@ -9,6 +9,7 @@ from datetime import datetime
 from typing import Any, TypeVar
 
 from dbre.errors import LockedError, RepositoryError, UsageError
+from dbre.replicate.segment import is_part_key
 from dbre.replicate.window import (
     SegmentPrune,
     generations,
@@ -188,7 +189,11 @@ def _prune(repo: Repository, lock: Lock, grace: float, dry_run: bool,
             lock.check_alive("prune", consequence="no segment was deleted")
             write_pruned(repo, seg.db, seg.restorable_from)
         for gen in seg.delete:
-            for key in gen.keys():
+            keys = gen.keys()
+            if keys and keys[-1].endswith("/base"):  # the parts of segments stored in parts go before the base
+                parts = [k for k in repo.store.list(f"segments/{gen.db}/{gen.id}/") if is_part_key(k)]
+                keys = keys[:-1] + parts + keys[-1:]
+            for key in keys:
                 lock.check_alive("prune", consequence="the remaining segments were not deleted")
                 repo.store.delete(key)
         for key in seg.superseded:
