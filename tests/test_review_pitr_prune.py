@@ -82,7 +82,7 @@ def test_prune_deletes_small_segments_only_for_a_verified_cover(tmp_path: Path, 
     generation restores any more. (The planted name alone also makes every restore of that
     generation fail before any prune: list_generations hides the real segments behind it.)"""
     repo_url = str(tmp_path / "repo")
-    log = _replicate(tmp_path, repo_url)
+    _replicate(tmp_path, repo_url)
     repo = Repository.open(repo_url)
     small = _segments(repo)
     assert len(small) >= 4, small
@@ -104,14 +104,13 @@ def test_prune_deletes_small_segments_only_for_a_verified_cover(tmp_path: Path, 
     assert gone == [], f"prune deleted {len(gone)} of {len(small)} verified segments for an unverified {cover}"
 
 
-@pytest.mark.xfail(strict=True, reason="review finding 2: a copy between repositories that each compact on "
-                   "their own schedule stores partly overlapping merged segments; the copy's generation "
-                   "then fails every restore (overlap)")
+# review finding 2 (fixed in 99b5949): copies compacted on their own schedule overlapped and failed every restore
 def test_copy_after_compaction_on_both_sides_keeps_the_copy_restorable(tmp_path: Path) -> None:
     """Compaction groups a repository's listed segments from the first (60 per object by default), so
     two repositories whose prunes ran at different times (the offsite copy is pruned by its own
     forget schedule) merge different runs: e.g. the copy's prune merged s1..s60 when it held 61
-    old ones, later [1..60]+s61..s119 -> [1..119]; the source's first merges s1..s60, s61..s120. The next `dbre copy` ships
+    old ones, later [1..60]+s61..s119 -> [1..119]; the source's first merges s1..s60, s61..s120.
+    The next `dbre copy` ships
     the source's [61..120] (not there yet) into the copy, which now lists [1..119] and [61..120]:
     neither inside the other, so list_generations keeps both and check_contiguous refuses the
     generation (overlap) -- every restore --at inside it fails on the offsite copy. Reproduced with
