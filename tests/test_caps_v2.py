@@ -276,7 +276,9 @@ def test_remove_leftovers_takes_only_dead_restores_temp_files(tmp_path: Path) ->
 
 def test_a_live_restores_temp_file_is_not_removed_by_a_second_restore(tmp_path: Path) -> None:
     """Restore A (a real process) is paused with its complete temp file, just before the rename;
-    restore B to the same target runs meanwhile and succeeds; A then completes: B left A's file."""
+    restore B to the same target runs meanwhile and succeeds; B left A's file. A then finds the
+    target taken and refuses (without --force it never replaces a database: review of restore,
+    finding 2), removing its temp file."""
     db = make_db(tmp_path / "app.db", mb=1)
     repo_dir = tmp_path / "repo"
     assert cli("backup", db, "--repo", repo_dir, "--db", "app").returncode == 0
@@ -312,7 +314,7 @@ def test_a_live_restores_temp_file_is_not_removed_by_a_second_restore(tmp_path: 
         if a.poll() is None:
             a.kill()
             a.wait()
-    assert a.returncode == 0, err
+    assert a.returncode == 2 and "appeared while restoring" in err, err
     assert [p.name for p in target_dir.iterdir()] == ["app.db"]
     assert pack_files(repo_dir)
 

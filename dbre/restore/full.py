@@ -378,6 +378,7 @@ def _place_new(tmp: Path, target: Path, release_tmp: Callable[[], None]) -> None
         if Path(str(target) + suffix).exists():
             raise RestoreError(f"restore to {target}: {target.name}{suffix} is there without its database",
                                "move it away (SQLite would replay it into the restored file), or pass --force")
+    _crash_point("held")  # (the same moment as in _replace: the temp file complete, not yet named)
     release_tmp()  # (see _replace)
     try:
         os.link(tmp, target)
