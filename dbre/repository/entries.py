@@ -22,10 +22,6 @@ class Entries:
         self.buf = buf
         self.size = size
 
-    @classmethod
-    def zeros(cls, count: int, size: int) -> Entries:
-        return cls(bytearray(count * size), size)
-
     def __len__(self) -> int:
         return len(self.buf) // self.size
 
@@ -64,22 +60,6 @@ class Entries:
     def span(self, start: int, stop: int) -> bytes:
         """Entries ``start`` to ``stop`` (exclusive) as one ``bytes``."""
         return bytes(self.buf[start * self.size : stop * self.size])
-
-    def columns(self, start: int, stop: int) -> Iterator[bytes]:
-        """The bytes ``start:stop`` of every entry (e.g. the pack id of each record), in order."""
-        buf, size = self.buf, self.size
-        for i in range(0, len(buf), size):
-            yield bytes(buf[i + start : i + stop])
-
-    def __eq__(self, other: object) -> bool:
-        """Equal entries: same width, same bytes (a list of ``bytes`` compares entry by entry)."""
-        if isinstance(other, Entries):
-            return self.size == other.size and self.buf == other.buf
-        if isinstance(other, list):
-            return len(other) == len(self) and all(a == b for a, b in zip(self, other, strict=False))
-        return NotImplemented
-
-    __hash__ = None  # type: ignore[assignment]  # mutable when its buffer is a bytearray
 
     def __repr__(self) -> str:
         return f"Entries({len(self)} x {self.size} bytes)"
