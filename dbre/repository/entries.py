@@ -61,5 +61,15 @@ class Entries:
         """Entries ``start`` to ``stop`` (exclusive) as one ``bytes``."""
         return bytes(self.buf[start * self.size : stop * self.size])
 
+    def __eq__(self, other: object) -> bool:
+        """Equal entries: same width, same bytes (a list of ``bytes`` compares entry by entry)."""
+        if isinstance(other, Entries):
+            return self.size == other.size and self.buf == other.buf
+        if isinstance(other, list):
+            return len(other) == len(self) and all(a == b for a, b in zip(self, other, strict=False))
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]  # mutable when its buffer is a bytearray
+
     def __repr__(self) -> str:
         return f"Entries({len(self)} x {self.size} bytes)"
