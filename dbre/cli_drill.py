@@ -1,0 +1,220 @@
+"""Proof that backups restore: `dbre drill`, weekly `dbre validate`, and `dbre expectations profile`
+(the GX suites both check), on dbre.validate.
+
+Registered on the main app by dbre/cli.py, which holds the shared options and helpers."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from dbre.cli import (
+    DbNameOpt,
+    DbOpt,
+    JsonOpt,
+    KeyFileOpt,
+    PolicyOpt,
+    RepoOpt,
+    _key,
+    _policy,
+    _print_json,
+    _progress,
+    _run,
+    _token,
+    app,
+)
+from dbre.errors import UsageError
+from dbre.units import human_bytes as human
+
+expectations_app = typer.Typer(help="Great Expectations suites: starter suites from a live database.",
+                               no_args_is_help=True)
+app.add_typer(expectations_app, name="expectations")
+
+ExpectationsOpt = Annotated[
+    Path | None,
+    typer.Option("--expectations", help="GX suites: expectations/ (its <db>/ folder is used) or one db's folder."),
+]
+ScratchOpt = Annotated[Path | None, typer.Option("--scratch-dir", help="Where checked restores go (then removed).")]
+
+
+@expectations_app.command("profile")
+def expectations_profile(
+    source: Annotated[str, typer.Argument(help="A database file, or libsql:// / http(s):// / ws(s):// URL.")],
+    out: Annotated[Path, typer.Option("--out", help="Folder for the suites, e.g. expectations/NAME/.")],
+    db: DbOpt = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace suites that already exist.")] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Write a starter suite per table of SOURCE (keys, NOT NULL, foreign keys, value sets, ranges, freshness)."""
+
+    def go() -> None:
+        from dbre.repository.manifest import check_db_name
+        from dbre.sources import open_source
+        from dbre.validate.profile import profile_database, write_suites
+
+        src = open_source(source, _token())
+        name = check_db_name(db or src.name)
+        with src.connect() as conn:
+            suites = profile_database(conn, name)
+        written = write_suites(suites, out, overwrite=overwrite)
+        summary = {"db": name, "out": str(out), "tables": len(suites), "written": [str(p) for p in written],
+                   "kept": len(suites) - len(written),
+                   "expectations": sum(len(s["expectations"]) for s in suites.values())}
+        if json_out:
+            _print_json(summary)
+            return
+        print(f"wrote {len(written)} suites ({summary['expectations']} expectations over {len(suites)} tables) "
+              f"to {out}" + (f"; kept {summary['kept']} existing (--overwrite replaces them)" if summary["kept"]
+                             else ""))
+
+    _run(go)
+
+
+@app.command()
+def drill(
+    repo: RepoOpt,
+    db: DbNameOpt,
+    expectations: ExpectationsOpt = None,
+    policy: PolicyOpt = None,
+    target: Annotated[str, typer.Option("--target", help="newest, random, or an ISO time.")] = "newest",
+    report_dir: Annotated[Path | None, typer.Option("--report-dir", help="Write the drill report here.")] = None,
+    scratch_dir: ScratchOpt = None,
+    data_docs: Annotated[bool, typer.Option("--data-docs/--no-data-docs",
+                                            help="Also build GX Data Docs into the report folder.")] = True,
+    namespace_admin: Annotated[str | None, typer.Option(
+        "--namespace-admin", help="sqld admin API: also load the restore into a new namespace there.")] = None,
+    namespace_url: Annotated[str | None, typer.Option(
+        "--namespace-url", help="sqld's HTTP URL, to check the namespace (token: LIBSQL_AUTH_TOKEN).")] = None,
+    namespace: Annotated[str | None, typer.Option("--namespace", help="Its name (default drill-<db>-<time>).")] = None,
+    keep_namespace: Annotated[bool, typer.Option("--keep-namespace", help="Keep it after the drill.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the drill record as JSON.")] = False,
+    key_file: KeyFileOpt = None,
+) -> None:
+    """Recovery drill: restore to scratch, validate, measure RTO and RPO; exit 1 naming every failure."""
+
+    def go() -> None:
+        import secrets
+        import shutil
+
+        from dbre.repository.manifest import check_db_name
+        from dbre.repository.repo import Repository
+        from dbre.validate.drill import DrillTargets, run_drill
+
+        check_db_name(db)
+        pol = _policy(policy)
+        targets = DrillTargets.from_policy(pol, db)
+        suites = expectations
+        if suites is None and pol is not None and pol.database(db).expectations:
+            suites = Path(pol.database(db).expectations)
+        scratch = scratch_dir or (Path(pol.drills.scratch_dir) if pol and pol.drills.scratch_dir else None)
+        ns_target = None
+        if namespace_admin or namespace_url:
+            if not (namespace_admin and namespace_url):
+                raise UsageError("--namespace-admin and --namespace-url go together", "pass both, or neither")
+            import time
+
+            from dbre.validate.namespace import NamespaceTarget
+
+            ns_target = NamespaceTarget(namespace_admin, namespace_url,
+                                        namespace or f"drill-{db}-{time.strftime('%Y%m%d%H%M%S')}".replace(".", "-"),
+                                        _token(), keep_namespace)
+        repository = Repository.open(repo, _key(key_file))
+        docs_tmp = None
+        if report_dir is not None and data_docs and suites is not None:
+            report_dir.mkdir(parents=True, exist_ok=True)
+            docs_tmp = report_dir / f".data-docs-{secrets.token_hex(4)}"
+        try:
+            outcome = run_drill(repository, db, target=target, targets=targets, expectations=suites,
+                                scratch_dir=scratch, data_docs_dir=docs_tmp, namespace=ns_target)
+            record = outcome.record
+            if report_dir is not None:
+                from dbre.report.drill import report_folder, write_drill_report
+
+                folder = report_folder(report_dir, record)
+                folder.mkdir(parents=True, exist_ok=True)
+                if docs_tmp is not None and docs_tmp.exists():
+                    shutil.rmtree(folder / "data-docs", ignore_errors=True)
+                    docs_tmp.rename(folder / "data-docs")
+                paths = write_drill_report(report_dir, record, repository.records("drills", db), outcome.checks,
+                                           outcome.suite_run)
+                record = {**record, "report": paths["html"], "report_markdown": paths["markdown"]}
+        finally:
+            if docs_tmp is not None:
+                shutil.rmtree(docs_tmp, ignore_errors=True)
+        if json_out:
+            _print_json(record)
+        else:
+            from dbre.report.drill import seconds_text
+
+            def vs(key: str) -> str:
+                t = record[f"{key}_target_seconds"]
+                met = record[f"{key}_met"]
+                return f"{seconds_text(record[f'{key}_seconds'])}" + (
+                    f" (target {seconds_text(t)}: {'met' if met else 'MISSED'})" if t is not None else "")
+
+            verdict = "passed" if record["passed"] else "FAILED"
+            print(f"drill of {db} {verdict}: snapshot {record['snapshot']} taken {record['snapshot_taken_at']}; "
+                  f"RTO {vs('rto')}; RPO {vs('rpo')}; {record['checks']['total'] - record['checks']['failed']}/"
+                  f"{record['checks']['total']} checks passed")
+            if record.get("report"):
+                print(f"report: {record['report']}")
+        if not record["passed"]:
+            for f in record["failures"]:
+                print(f"dbre: drill of {db}: {f}", file=sys.stderr)
+            raise typer.Exit(1)
+
+    _run(go)
+
+
+@app.command("validate")
+def validate_repository_cmd(
+    repo: RepoOpt,
+    db: Annotated[list[str] | None, typer.Option("--db", help="Database(s) to restore-check (default: all).")] = None,
+    read_data_subset: Annotated[str | None, typer.Option(
+        "--read-data-subset", help="Read the packs of bucket n of m (n/m); default: this week's bucket.")] = None,
+    cycle_weeks: Annotated[int, typer.Option("--cycle-weeks", help="Every pack is read once in this many weeks.")] = 4,
+    expectations: ExpectationsOpt = None,
+    scratch_dir: ScratchOpt = None,
+    json_out: JsonOpt = False,
+    key_file: KeyFileOpt = None,
+) -> None:
+    """Weekly integrity validation: verify, read a rotating subset of packs, restore-check each newest snapshot."""
+
+    def go() -> None:
+        from dbre.repository.repo import Repository
+        from dbre.validate.integrity import validate_repository
+        from dbre.validate.subset import parse_subset
+
+        subset = parse_subset(read_data_subset) if read_data_subset else None
+        repository = Repository.open(repo, _key(key_file))
+        with _progress("read packs", not json_out) as bar:
+            out = validate_repository(repository, dbs=db or None, subset=subset, cycle_weeks=cycle_weeks,
+                                      expectations=expectations, scratch_dir=scratch_dir, progress=bar)
+        if json_out:
+            _print_json(out)
+        else:
+            v = out["verify"]
+            print(f"verify: {v['snapshots']} snapshots, {v['packs']} packs; read subset {out['read_data_subset']}: "
+                  f"{v['packs_read']} packs ({human(v['bytes_read'])}); {len(v['problems'])} problems")
+            for r in out["databases"]:
+                gx = r["expectations"]
+                print(f"{r['db']}: snapshot {r['snapshot']} restored in {r['restore_seconds']:.2f} s; "
+                      f"{r['checks']['total'] - r['checks']['failed']}/{r['checks']['total']} checks passed"
+                      + (f" ({gx['expectations']} GX expectations)" if gx else "")
+                      + ("" if r["passed"] else " - FAILED"))
+        if not out["ok"]:
+            for p in out["verify"]["problems"]:
+                print(f"dbre: DAMAGED {p['object']}: {p['detail']}", file=sys.stderr)
+            for r in out["databases"]:
+                for c in r["failed_checks"]:
+                    where = f"{c['table']}.{c['column']}" if c.get("table") and c.get("column") else (
+                        c.get("table") or "database")
+                    print(f"dbre: {r['db']}: {c['check']} on {where}: {c['detail']}", file=sys.stderr)
+                if r["error"]:
+                    print(f"dbre: {r['db']}: {r['error']}", file=sys.stderr)
+            raise typer.Exit(1)
+
+    _run(go)

@@ -1,0 +1,263 @@
+"""Repository upkeep: `dbre verify`, `forget` (and prune), `copy` offsite, `migrate` to format 2, `unlock`.
+
+Registered on the main app by dbre/cli.py, which holds the shared options and helpers."""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated, Any
+
+import typer
+
+from dbre.cli import (
+    DbOpt,
+    JsonOpt,
+    KeyFileOpt,
+    RepoOpt,
+    _duration,
+    _key,
+    _print_json,
+    _progress,
+    _run,
+    _table,
+    app,
+)
+from dbre.errors import UsageError
+from dbre.units import human_bytes as human
+
+
+@app.command()
+def verify(
+    repo: RepoOpt,
+    db: DbOpt = None,
+    read_data: Annotated[bool, typer.Option(
+        "--read-data", help="Also read every pack: each page checked against its record, index and hash.",
+    )] = False,
+    json_out: JsonOpt = False,
+    key_file: KeyFileOpt = None,
+) -> None:
+    """Check snapshots and packs; exit 1 naming every damaged or missing object."""
+
+    def go() -> None:
+        from dbre.repository.manifest import check_db_name
+        from dbre.repository.repo import Repository
+        from dbre.repository.verify import verify as run_verify
+
+        repository = Repository.open(repo, _key(key_file))
+        if db:
+            check_db_name(db)
+            repository.require_db(db)
+        with _progress("verify", not json_out) as bar:
+            report = run_verify(repository, db, read_data=read_data, progress=bar)
+        from dbre.replicate.check import verify_segments
+
+        segments, segment_problems = verify_segments(repository, db)  # replicated chains, end to end
+        if json_out:
+            _print_json({**report.summary(), "segments": segments,
+                         "segment_problems": [{"object": o, "detail": d} for o, d in segment_problems]})
+        else:
+            for p in report.problems:
+                print(f"DAMAGED {p.object}: {p.detail}", file=sys.stderr)
+            for obj, detail in segment_problems:
+                print(f"DAMAGED {obj}: {detail}", file=sys.stderr)
+            what = f"{report.snapshots} snapshots, {report.packs} packs"
+            what += f", {segments} segments" if segments else ""
+            if read_data:
+                what += f", read {report.packs_read} packs ({human(report.bytes_read)})"
+            n = len(report.problems) + len(segment_problems)
+            print(("ok: " if not n else f"{n} problems: ") + what)
+            if report.damaged:
+                print(f"snapshots that cannot be restored: {', '.join(sorted(report.damaged))}; the next "
+                      "`dbre backup` stores lost pages again (`--full` stores every page again)")
+        if not report.ok or segment_problems:
+            raise typer.Exit(1)
+
+    _run(go)
+
+
+@app.command()
+def forget(
+    repo: RepoOpt,
+    db: DbOpt = None,
+    keep_last: Annotated[str, typer.Option("--keep-last", help="Keep the N newest snapshots.")] = "0",
+    keep_hourly: Annotated[str, typer.Option("--keep-hourly", help="Keep the newest of each of N hours.")] = "0",
+    keep_daily: Annotated[str, typer.Option("--keep-daily", help="Keep the newest of each of N days.")] = "0",
+    keep_weekly: Annotated[str, typer.Option("--keep-weekly", help="Keep the newest of each of N ISO weeks.")] = "0",
+    keep_monthly: Annotated[str, typer.Option("--keep-monthly", help="Keep the newest of each of N months.")] = "0",
+    keep_yearly: Annotated[str, typer.Option("--keep-yearly", help="Keep the newest of each of N years.")] = "0",
+    keep_within: Annotated[str | None, typer.Option(
+        "--keep-within", help="Keep all snapshots within DURATION of the newest: 7d, 12h, 2y5m7d3h (m = months).",
+    )] = None,
+    keep_tz: Annotated[str, typer.Option(
+        "--keep-tz", help="Time zone of the hours, days, weeks, months and years, e.g. Europe/Paris.")] = "UTC",
+    prune_packs: Annotated[bool, typer.Option("--prune", help="Then delete packs no snapshot needs.")] = False,
+    grace: Annotated[str, typer.Option(
+        "--grace", help="With --prune: keep unused packs younger than this (store's clock): 2h, 90min, 1d, 0.")] = "2h",
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Show what would go, delete nothing.")] = False,
+    json_out: JsonOpt = False,
+    key_file: KeyFileOpt = None,
+) -> None:
+    """Forget snapshots a retention policy does not keep (restic's rules; a count may be unlimited); --prune frees
+    their space."""
+
+    def go() -> None:
+        from dbre.repository.keep import parse_count
+        from dbre.repository.manifest import check_db_name
+        from dbre.repository.repo import Repository
+        from dbre.repository.retention import KeepPolicy, forget
+
+        counts = {"last": keep_last, "hourly": keep_hourly, "daily": keep_daily, "weekly": keep_weekly,
+                  "monthly": keep_monthly, "yearly": keep_yearly}
+        policy = KeepPolicy(**{k: parse_count(v, f"--keep-{k}") for k, v in counts.items()}, within=keep_within,
+                            timezone=keep_tz)
+        policy.check()
+        grace_seconds = _duration(grace, "--grace")
+        if db:
+            check_db_name(db)
+        repository = Repository.open(repo, _key(key_file))
+        # planned and applied under one exclusive lock (a dry run: a shared one, deleting nothing)
+        plan, pplan = forget(repository, policy, db, dry_run=dry_run, prune=prune_packs, grace=grace_seconds)
+        out: dict[str, Any] = {"dry_run": dry_run, **plan.describe()}
+        if pplan is not None:
+            out["prune"] = pplan.describe()
+        if json_out:
+            _print_json(out)
+            return
+        rows = [[m.id, m.db, m.taken_at[:19], "keep", ", ".join(r)] for m, r in plan.keep]
+        rows += [[m.id, m.db, m.taken_at[:19], "forget" if not dry_run else "would forget", ""] for m in plan.remove]
+        rows.sort(key=lambda r: (r[1], r[2]))
+        title = "retention" + (" (dry run)" if dry_run else "")
+        _table(title, ["id", "db", "taken at (UTC)", "action", "kept by"], rows)
+        if "prune" in out:
+            p = out["prune"]
+            verb = "would delete" if dry_run else "deleted"
+            print(f"prune: {verb} {p['delete_packs']} unused packs, kept {p['keep_packs']} in use and "
+                  f"{p['grace_kept_packs']} unused but younger than the grace period ({grace})")
+            for s in p["segments"]:
+                print(f"prune: {s['db']}: {verb} {len(s['delete_generations'])} generations "
+                      f"({s['delete_segments']} segments), kept {len(s['keep_generations'])} "
+                      f"(window from {s['window_start']}) and {len(s['grace_kept_generations'])} younger than "
+                      f"the grace period; restorable by segments from {s['restorable_from'] or 'the oldest kept'}")
+        else:
+            for s in out["segments"]:
+                go_ = s["prune_deletes_generations"]
+                print(f"segments: {s['db']}: window from {s['window_start']}, {len(s['keep_generations'])} "
+                      f"generations kept; the next prune deletes {len(go_)} generations "
+                      f"({sum(g['segments'] for g in go_)} segments)")
+
+    _run(go)
+
+
+@app.command()
+def copy(
+    repo: RepoOpt,
+    to: Annotated[str, typer.Option("--to", help="The offsite repository: a path or s3://bucket/prefix.")],
+    db: DbOpt = None,
+    json_out: JsonOpt = False,
+    key_file: KeyFileOpt = None,
+) -> None:
+    """Copy snapshots not yet there to a second repository (the offsite layer)."""
+
+    def go() -> None:
+        from dbre.repository.copy import copy_snapshots
+        from dbre.repository.manifest import check_db_name
+        from dbre.repository.repo import Repository
+
+        if db:
+            check_db_name(db)
+        key = _key(key_file)
+        src = Repository.open(repo, key)
+        dst = Repository.init_copy_of(src, to, key)
+        with _progress("copy", not json_out) as bar:
+            plan, copied = copy_snapshots(src, dst, db, bar)
+        out = {**plan.describe(), "bytes_copied": copied}
+        if json_out:
+            _print_json(out)
+        else:
+            print(f"copied {len(plan.snapshots)} snapshots ({len(plan.packs)} packs, {human(copied)}) to {dst.url}; "
+                  f"{plan.already} were already there"
+                  + (f"; {plan.segments} segments of replication ({plan.generations} new generations)"
+                     if plan.segments or plan.generations else ""))
+        for line in plan.problems:  # the healthy snapshots are copied; each problem is one line
+            print(f"dbre: {line}", file=sys.stderr)
+        if plan.problems:
+            raise typer.Exit(1)
+
+    _run(go)
+
+
+@app.command()
+def migrate(
+    repo: RepoOpt,
+    to: Annotated[str, typer.Option("--to", help="A new, empty location for the format-2 repository.")],
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Show what would be migrated, write nothing.")] = False,
+    json_out: JsonOpt = False,
+    key_file: KeyFileOpt = None,
+) -> None:
+    """Convert a format-1 repository into a new format-2 one (the old one is only read)."""
+
+    def go() -> None:
+        from dbre.repository.migrate import apply_migrate, plan_migrate
+        from dbre.repository.repo import Repository
+
+        key = _key(key_file)
+        src = Repository.open(repo, key)
+        if src.version != 1:
+            raise UsageError(f"repository {src.url} already uses format {src.version}", "nothing to migrate")
+        if dry_run:
+            from dbre.storage import open_store
+
+            store = open_store(to)
+            if Repository.read_config(store) is None:  # a dry run creates nothing, not even the target
+                n = len(src.snapshots())
+                out = {"source": src.url, "target": store.url, "snapshots_to_migrate": n}
+                if json_out:
+                    _print_json(out)
+                else:
+                    print(f"would migrate {n} snapshots from {src.url} to {store.url} (format 2)")
+                return
+        dst = Repository.open_or_init(to, key)
+        plan = plan_migrate(src, dst)
+        if dry_run:
+            if json_out:
+                _print_json(plan.describe())
+            else:
+                print(f"would migrate {len(plan.snapshots)} snapshots and {len(plan.records)} records to {dst.url}; "
+                      f"{plan.already} already migrated")
+            return
+        with _progress("migrate", not json_out, unit_bytes=True) as bar:
+            result = apply_migrate(src, dst, plan, bar)
+        if json_out:
+            _print_json(result.summary())
+        else:
+            print(f"migrated {len(result.migrated)} snapshots and {result.records} records to {dst.url} "
+                  f"in {result.seconds:.1f} s (each restored from both and compared); "
+                  f"{plan.already} were already there")
+        for name, why in plan.damaged:
+            print(f"dbre: not migrated, its manifest cannot be read: {name}: {why}", file=sys.stderr)
+        for what, why in result.failed:
+            print(f"dbre: not migrated, it cannot be restored: {what}: {why}", file=sys.stderr)
+        if plan.damaged or result.failed:
+            raise typer.Exit(1)
+
+    _run(go)
+
+
+@app.command()
+def unlock(
+    repo: RepoOpt,
+    remove_all: Annotated[bool, typer.Option("--remove-all", help="Remove every lock, not only stale ones.")] = False,
+) -> None:
+    """Remove locks left by runs that died."""
+
+    def go() -> None:
+        from dbre.repository.lock import remove_locks
+        from dbre.repository.repo import Repository
+        from dbre.storage import open_store
+
+        store = open_store(repo)
+        if Repository.read_config(store) is None:
+            raise UsageError(f"no repository at {store.url}", "check --repo")
+        print(f"removed {remove_locks(store, all_locks=remove_all)} locks")
+
+    _run(go)

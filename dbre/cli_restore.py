@@ -1,0 +1,257 @@
+"""`dbre restore`, `restore-table` and `repair-rows`: a whole database (from snapshots or, to the
+transaction, from replicated segments), or tables and rows back into a live database.
+
+Registered on the main app by dbre/cli.py, which holds the shared options and helpers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from dbre.cli import (
+    DbNameOpt,
+    JsonOpt,
+    KeyFileOpt,
+    RepoOpt,
+    _key,
+    _print_json,
+    _progress,
+    _run,
+    _table,
+    _token,
+    app,
+)
+from dbre.errors import UsageError
+from dbre.units import human_bytes as human
+
+
+@app.command()
+def restore(
+    repo: RepoOpt,
+    db: DbNameOpt,
+    to: Annotated[Path, typer.Option("--to", help="Path of the restored database file.")],
+    snapshot: Annotated[str | None, typer.Option("--snapshot", help="Snapshot id (or a unique prefix).")] = None,
+    at: Annotated[str | None, typer.Option("--at", help="ISO-8601 time: exactly the transactions replicated up "
+                                           "to it, else the newest snapshot at or before it.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing file at --to.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Show the plan, restore nothing.")] = False,
+    json_out: JsonOpt = False,
+    key_file: KeyFileOpt = None,
+    txid: Annotated[int | None, typer.Option("--txid", help="Up to this replicated transaction.")] = None,
+    follow: Annotated[bool, typer.Option("--follow", help="Keep --to current from replicated segments (a "
+                                         "read-only standby) until SIGINT/SIGTERM.")] = False,
+    interval: Annotated[str, typer.Option("--interval", help="With --follow: look for new segments this "
+                                          "often.")] = "1s",
+) -> None:
+    """Restore a snapshot (default: the newest) to a new file."""
+
+    def go() -> None:
+        from dbre.repository.repo import Repository
+        from dbre.restore.full import apply_restore, plan_restore
+
+        if follow:
+            from dbre.cli_replicate import follow_standby
+
+            follow_standby(repo, db, to, interval, force, _key(key_file),
+                           [o for o, v in (("--snapshot", snapshot), ("--at", at), ("--txid", txid),
+                                           ("--dry-run", dry_run), ("--json", json_out)) if v])
+            return
+        when = _when(db, snapshot, at)
+        repository = Repository.open(repo, _key(key_file))
+        if (when is not None or txid is not None) and _restore_pitr(repository, db, to, when, txid, force,
+                                                                     dry_run, json_out):
+            return
+        plan = plan_restore(repository, db, to, snapshot=snapshot, at=when, force=force)
+        if dry_run:
+            if json_out:
+                _print_json(plan.describe())
+            else:
+                d = plan.describe()
+                print(f"would restore snapshot {d['snapshot']} of {d['db']} taken {d['taken_at']} to {d['target']}: "
+                      f"{d['pages']} pages, {human(d['size'])}, reading {human(d['bytes_to_read'])} "
+                      f"from {d['packs']} packs" + (" (replacing the existing file)" if d["replaces_existing"] else ""))
+            return
+        with _progress("restore", not json_out, unit_bytes=True) as bar:
+            result = apply_restore(repository, plan, bar)
+        s = result.summary()
+        if json_out:
+            _print_json(s)
+        else:
+            print(f"restored snapshot {s['snapshot']} of {s['db']} (taken {s['taken_at']}) to {s['target']}: "
+                  f"{human(s['size'])} in {s['seconds']:.2f} s")
+
+    _run(go)
+
+
+def _restore_pitr(repository: Any, db: str, to: Path, when: Any, txid: int | None, force: bool, dry_run: bool,
+                  json_out: bool) -> bool:
+    """Restore from replicated segments when they cover the time (or txid); False: use snapshots."""
+    from dbre.restore.pitr import apply_pitr, plan_pitr
+
+    plan = plan_pitr(repository, db, to, at=when, txid=txid, force=force)
+    if plan is None:
+        return False
+    if dry_run:
+        d = plan.describe()
+        if json_out:
+            _print_json(d)
+        else:
+            print(f"would restore {db} from snapshot {d['snapshot']} (taken {d['taken_at']}) and {d['segments']} "
+                  f"segments of generation {d['generation']} to {d['target']}")
+        return True
+    s = apply_pitr(repository, plan).summary()
+    if json_out:
+        _print_json(s)
+    else:
+        print(f"restored {db} at {s['at'] or 'txid ' + str(s['txid'])} to {s['target']}: snapshot {s['snapshot']} "
+              f"+ {s['transactions']} transactions (last txid {s['last_txid']}, committed {s['last_committed']}) "
+              f"in {s['seconds']:.2f} s")
+    return True
+
+
+# -- table and row restores into a live database (plan shown by default; --apply does it) -------
+
+LiveOpt = Annotated[str, typer.Option("--live", help="The live database file to restore into.")]
+SnapshotOpt = Annotated[str | None, typer.Option("--snapshot", help="Snapshot id (or a unique prefix).")]
+AtOpt = Annotated[str | None, typer.Option("--at", help="ISO-8601 time: the newest snapshot at or before it.")]
+ApplyOpt = Annotated[bool, typer.Option("--apply", help="Do it (default: show the plan and change nothing).")]
+AllowFkOpt = Annotated[bool, typer.Option("--allow-fk-violations",
+                                          help="Commit even when foreign_key_check finds new violations.")]
+
+
+def _when(db: str, snapshot: str | None, at: str | None) -> Any:
+    """Check the database name and the snapshot choice; the time --at names (or None)."""
+    from dbre.repository.manifest import check_db_name, parse_time
+
+    check_db_name(db)
+    when = parse_time(at) if at else None
+    if snapshot and when:
+        raise UsageError("--snapshot and --at were both given", "pass one of them")
+    return when
+
+
+@app.command("restore-table")
+def restore_table(
+    repo: RepoOpt,
+    db: DbNameOpt,
+    live: LiveOpt,
+    table: Annotated[list[str], typer.Option("--table", help="Table to restore (repeat for more).")],
+    snapshot: SnapshotOpt = None,
+    at: AtOpt = None,
+    replace: Annotated[bool, typer.Option("--replace", help="Drop the live table and recreate it from the snapshot "
+                                          "(a safety snapshot of the live database is taken first).")] = False,
+    suffix: Annotated[str, typer.Option("--suffix", help="Without --replace, the copy is named TABLE+SUFFIX.")
+                      ] = "_restored",
+    apply: ApplyOpt = False,
+    allow_fk_violations: AllowFkOpt = False,
+    json_out: JsonOpt = False,
+    key_file: KeyFileOpt = None,
+) -> None:
+    """Restore tables of a snapshot into the live database: as TABLE_restored, or in place with --replace."""
+
+    def go() -> None:
+        from dbre.repository.repo import Repository
+        from dbre.restore.table import apply_table_restore, plan_table_restore
+
+        when = _when(db, snapshot, at)
+        repository = Repository.open(repo, _key(key_file))
+        plan = plan_table_restore(repository, db, live, table, snapshot=snapshot, at=when,
+                                  mode="replace" if replace else "rename", suffix=suffix)
+        with plan:
+            d = plan.describe()
+            if not apply:
+                if json_out:
+                    _print_json({"dry_run": True, **d})
+                    return
+                print(f"restore of {', '.join(table)} into {d['live']} from snapshot {d['snapshot']} "
+                      f"(taken {d['taken_at']}) (dry run)")
+                _table(f"{d['mode']} mode", ["table", "action", "as", "rows", "live rows"],
+                       [[a["table"], a["action"], a["target"], a["snapshot_rows"],
+                         "-" if a["live_rows"] is None else a["live_rows"]] for a in d["tables"]])
+                for a in d["tables"]:
+                    for stmt in a["statements"]:
+                        print(stmt + ";")
+                    for why in a["skipped"]:
+                        print(f"-- not created: {why}")
+                if replace:
+                    print("a safety snapshot of the live database is taken first")
+                print("dry run: nothing changed; pass --apply to restore")
+                return
+            result = apply_table_restore(plan, allow_fk_violations=allow_fk_violations)
+        s = result.summary()
+        if json_out:
+            _print_json(s)
+            return
+        for a in s["tables"]:
+            verb = "restored as" if a["target"] != a["table"] else "replaced"
+            print(f"{a['table']}: {verb} {a['target']} ({a['snapshot_rows']} rows from snapshot {s['snapshot']})")
+        if s["safety_snapshot"]:
+            print(f"safety snapshot {s['safety_snapshot']} of the live database taken first; to undo: "
+                  f"dbre restore-table --repo {repo} --db {db} --live {live} --snapshot {s['safety_snapshot']} "
+                  + " ".join(f"--table {a['table']}" for a in s["tables"]) + " --replace --apply")
+        print(f"audit record {s['audit_record']}")
+
+    _run(go)
+
+
+@app.command("repair-rows")
+def repair_rows(
+    repo: RepoOpt,
+    db: DbNameOpt,
+    live: Annotated[str, typer.Option("--live", help="The live database: a file, or a libsql:// / https:// URL "
+                                      "(token in LIBSQL_AUTH_TOKEN or TURSO_AUTH_TOKEN).")],
+    table: Annotated[str, typer.Option("--table", help="The table to repair.")],
+    where: Annotated[str, typer.Option("--where", help='SQL expression selecting the rows, e.g. "id IN (1,2,3)".')],
+    snapshot: SnapshotOpt = None,
+    at: AtOpt = None,
+    delete_extra: Annotated[bool, typer.Option("--delete-extra", help="Also delete selected rows that are only "
+                                               "in the live database.")] = False,
+    max_rows: Annotated[int, typer.Option("--max-rows", help="Refuse selections larger than this.")] = 1_000_000,
+    preview: Annotated[int, typer.Option("--preview", help="Rows of each kind to show.")] = 10,
+    fire_triggers: Annotated[bool, typer.Option("--fire-triggers", help="Let the table's triggers fire on the "
+                                                "repair (default: they are suspended).")] = False,
+    apply: ApplyOpt = False,
+    allow_fk_violations: AllowFkOpt = False,
+    json_out: JsonOpt = False,
+    key_file: KeyFileOpt = None,
+) -> None:
+    """Put rows selected by --where back as a snapshot has them: diff by primary key, then --apply."""
+
+    def go() -> None:
+        from dbre.repository.repo import Repository
+        from dbre.restore.rows import apply_row_repair, check_where, plan_row_repair
+
+        when = _when(db, snapshot, at)
+        check_where(where)
+        repository = Repository.open(repo, _key(key_file))
+        plan = plan_row_repair(repository, db, live, table, where, snapshot=snapshot, at=when,
+                               delete_extra=delete_extra, max_rows=max_rows, preview_rows=max(preview, 0),
+                               token=_token())
+        with plan:
+            d = plan.describe()
+            if not apply or not plan.changes:
+                if json_out:
+                    _print_json({"dry_run": not apply, **d})
+                    return
+                print(f"repair of {d['table']} where {d['where']} in {d['live']} from snapshot {d['snapshot']} "
+                      f"(taken {d['taken_at']})" + ("" if apply else " (dry run)") + f": {d['snapshot_rows']} rows "
+                      f"selected in the snapshot, {d['live_rows']} in live")
+                _table("diff", ["kind", "rows"], [[k.replace("_", " "), v] for k, v in d["counts"].items()])
+                if d["preview"]:
+                    _table(f"first {preview} rows of each kind", ["action", "key", "values"],
+                           [[p["action"], p["key"], p["detail"]] for p in d["preview"]])
+                print("nothing to repair" if not plan.changes
+                      else "dry run: nothing changed; pass --apply to repair")
+                return
+            result = apply_row_repair(plan, allow_fk_violations=allow_fk_violations, fire_triggers=fire_triggers)
+        s = result.summary()
+        if json_out:
+            _print_json(s)
+            return
+        kept = "" if delete_extra else f", {len(plan.extras)} rows only in live kept"
+        print(f"{s['table']}: inserted {s['inserted']}, updated {s['updated']}, deleted {s['deleted']} rows from "
+              f"snapshot {s['snapshot']}{kept}; audit record {s['audit_record']}")
+
+    _run(go)
