@@ -56,13 +56,15 @@ class ParentIndex:
 
 class SeenPages:
     """Page hash -> int (where this backup stored the page), for every page it stored: a dict of
-    the newest entries, merged into sorted numpy levels (16-byte keys, int64 values) as it grows."""
+    the newest entries (``recent``, which the sink fills directly), merged into sorted numpy
+    levels as it grows: uint64 keys (the hash's first 8 bytes), the other 8 bytes beside them to
+    confirm, int64 values."""
 
-    FLUSH = 1 << 14
+    FLUSH = 1 << 15
 
     def __init__(self) -> None:
         self.recent: dict[bytes, int] = {}
-        self.levels: list[tuple[np.ndarray, np.ndarray]] = []
+        self.levels: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         self.count = 0
 
     def __len__(self) -> int:
@@ -79,28 +81,36 @@ class SeenPages:
         return found if found is not None else self.recent.get(h)
 
     def find(self, hashes: Sequence[bytes]) -> list[int | None]:
-        out = [self.recent.get(h) for h in hashes]
+        recent = self.recent
+        out = [recent.get(h) for h in hashes]
         if self.levels and hashes:
-            q = np.array(list(hashes), dtype="S16")
-            for keys, values in self.levels:
-                pos = np.minimum(np.searchsorted(keys, q), len(keys) - 1)
-                for t in map(int, np.flatnonzero(keys[pos] == q)):
-                    if out[t] is None:
-                        out[t] = int(values[pos[t]])
+            joined = np.frombuffer(b"".join(hashes), dtype="<u8").reshape(-1, 2)
+            q1, q2 = joined[:, 0], joined[:, 1]
+            for k1, k2, values in self.levels:
+                n = len(k1)
+                pos = np.searchsorted(k1, q1)
+                hit = k1[np.minimum(pos, n - 1)] == q1
+                for t in map(int, np.flatnonzero(hit)):
+                    if out[t] is not None:
+                        continue
+                    p, a, b = int(pos[t]), q1[t], q2[t]
+                    while p < n and k1[p] == a:  # (several hashes may share the first 8 bytes)
+                        if k2[p] == b:
+                            out[t] = int(values[p])
+                            break
+                        p += 1
         return out
 
     def settle(self) -> None:
         """Merge the recent entries into the sorted levels once there are enough of them."""
         if len(self.recent) < self.FLUSH:
             return
-        keys = np.array(list(self.recent), dtype="S16")
+        joined = np.frombuffer(b"".join(self.recent), dtype="<u8").reshape(-1, 2)
+        k1, k2 = joined[:, 0].copy(), joined[:, 1].copy()
         values = np.fromiter(self.recent.values(), dtype=np.int64, count=len(self.recent))
         self.recent = {}
-        order = np.argsort(keys, kind="stable")
-        keys, values = keys[order], values[order]
-        while self.levels and len(self.levels[-1][0]) <= 2 * len(keys):
-            k, v = self.levels.pop()
-            keys, values = np.concatenate([k, keys]), np.concatenate([v, values])
-            order = np.argsort(keys, kind="stable")
-            keys, values = keys[order], values[order]
-        self.levels.append((keys, values))
+        while self.levels and len(self.levels[-1][0]) <= 2 * len(k1):
+            a1, a2, av = self.levels.pop()
+            k1, k2, values = np.concatenate([a1, k1]), np.concatenate([a2, k2]), np.concatenate([av, values])
+        order = np.argsort(k1, kind="stable")
+        self.levels.append((k1[order], k2[order], values[order]))

@@ -77,7 +77,8 @@ class _Run:
     fast: bytearray
     seen: bytearray  # 1 per page taken
     taken: int = 0
-    pending: list[tuple[int, int, int]] = field(default_factory=list)  # (record offset, batch, slot)
+    pending_at: list[int] = field(default_factory=list)  # pages waiting for their batch's location: index in the run
+    pending_where: list[int] = field(default_factory=list)  # and where: batch << 16 | slot
     need: int = -1  # the newest page batch its pending pages wait for (batches are placed in order)
     need_cold: int = 0  # the newest cold batch (numbered -1, -2, ...; 0: none)
 
@@ -172,7 +173,7 @@ class PageSink:
         run = self._run(start // RUN_PAGES)
         j = start - run.first
         run.fast[16 * j : 16 * (j + len(pages))] = b"".join(map(FAST_HASH, pages))
-        self.take(start, list(map(self.page_hash, pages)), lambda i: pages[i - start])
+        self.take(start, list(map(self.page_hash, pages)), pages)
         if self.progress is not None:
             self.progress(self.pages_seen, self.page_count)
 
@@ -187,8 +188,14 @@ class PageSink:
                     # smaller batches at the end: both threads share the last compressions
                     # instead of one sealing a whole batch while the backup waits for it
                     self.batch_cap = max(16, self.batch_cap // 4)
-                hashes, todo = self._keyed(start, image.hashes(start, stop, FAST_HASH), image.view)
-                self.take(start, hashes, image.view, todo)
+                views = image.views(start, stop)
+                if views is None:  # (a page in neither the file nor the WAL: hashed as it reads)
+                    views = [image.view(i) for i in range(start, stop)]
+                    hashes, todo = self._keyed(start, image.hashes(start, stop, FAST_HASH), views)
+                else:
+                    hashes, todo = self._keyed(start, list(map(FAST_HASH, views)), views)
+                self.take(start, hashes, views, todo)
+                del views
                 # pages no batch still has to read: their mapping can go
                 image.drop(min([start, *(f[3] for f in self.in_flight),
                                 *([self.batch_first] if self.batch and self.batch_views else [])]))
@@ -204,7 +211,7 @@ class PageSink:
         run = self._run(index // RUN_PAGES)
         j = index - run.first
         run.fast[16 * j : 16 * (j + 1)] = FAST_HASH(data)
-        self.take(index, [self.page_hash(data)], lambda _: data)
+        self.take(index, [self.page_hash(data)], [data])
         if self.progress is not None and not self.pages_seen & 4095:
             self.progress(self.pages_seen, self.page_count)
 
@@ -213,23 +220,23 @@ class PageSink:
         return [bytes(buf[i : i + 16]) for i in range(start * _SIZE, stop * _SIZE, _SIZE)]
 
     def _keyed(self, start: int, fast: list[bytes],
-               view: Callable[[int], bytes | memoryview]) -> tuple[list[bytes], list[int] | None]:
+               pages: Sequence[bytes | memoryview]) -> tuple[list[bytes], list[int] | None]:
         """The keyed hashes of pages ``start..`` (one run) that may differ from the parent's at
         their place, and which those are (None: all of them): a page whose xxh3 equals the
-        parent's there is unchanged and needs neither. Records the xxh3s in the run."""
+        parent's there is unchanged and needs neither. Records the xxh3s in the run. ``pages[j]``
+        is page ``start + j``."""
         m = len(fast)
         run = self._run(start // RUN_PAGES)
         joined = b"".join(fast)
         keyed = self.page_hash
         if len(joined) != 16 * m:  # (a page the image could not hash): both hashes from the bytes themselves
-            pages = [view(start + j) for j in range(m)]
             run.fast[: 16 * m] = b"".join(map(FAST_HASH, pages))
             return list(map(keyed, pages)), None
         run.fast[: 16 * m] = joined
         pf, parent = self.parent_fast, self.parent
         stop = min(start + m, len(pf) if pf is not None else 0)
         if pf is None or parent is None or stop <= start:
-            return [keyed(view(start + j)) for j in range(m)], None
+            return list(map(keyed, pages)), None
         # numpy comparisons over the run; Python only for the pages that changed (and the
         # parent's markers, whose hash is all zeros)
         k = stop - start
@@ -240,7 +247,7 @@ class PageSink:
         todo += range(k, m)  # pages past the parent's end
         hashes = [NO_HASH] * m  # (only the entries in todo are read)
         for j in todo:
-            hashes[j] = keyed(view(start + j))
+            hashes[j] = keyed(pages[j])
         return hashes, todo
 
     def _run(self, r: int) -> _Run:
@@ -257,12 +264,12 @@ class PageSink:
             run = self.open[r] = _Run(first, records, bytearray(16 * n), bytearray(n))
         return run
 
-    def take(self, start: int, hashes: list[bytes], page: Callable[[int], bytes | memoryview],
+    def take(self, start: int, hashes: list[bytes], pages: Sequence[bytes | memoryview],
              maybe: list[int] | None = None) -> None:
         """Pages ``start .. start+len(hashes)-1`` (within one run) by their hashes: reference or batch
-        each one; ``page(index)`` gives the bytes of a page that has to be stored. ``maybe``: the
-        only pages that can differ from the parent's at their place (the others keep its record,
-        and their entry in ``hashes`` is not read); None: any of them."""
+        each one; ``pages[j]`` is page ``start + j`` (read only if it has to be stored). ``maybe``:
+        the only pages that can differ from the parent's at their place (the others keep its
+        record, and their entry in ``hashes`` is not read); None: any of them."""
         m = len(hashes)
         self.pages_seen += m
         run = self._run(start // RUN_PAGES)
@@ -273,13 +280,13 @@ class PageSink:
             run.taken += m
             run.seen[off : off + m] = b"\x01" * m
         else:  # a page written again (never seen from SQLite, but then the last write wins)
-            again = {(off + j) * _SIZE for j in range(m) if run.seen[off + j]}
-            for at in again:  # back to the parent's record, and no longer waiting for a batch
-                i = run.first + at // _SIZE
-                records = run.records
-                records[at : at + _SIZE] = parent.buf[i * _SIZE : (i + 1) * _SIZE] \
+            again = {off + j for j in range(m) if run.seen[off + j]}
+            for k in again:  # back to the parent's record, and no longer waiting for a batch
+                i = run.first + k
+                run.records[k * _SIZE : (k + 1) * _SIZE] = parent.buf[i * _SIZE : (i + 1) * _SIZE] \
                     if parent is not None and i < np_ else bytes(_SIZE)
-            run.pending = [p for p in run.pending if p[0] not in again]
+            kept = [(k, w) for k, w in zip(run.pending_at, run.pending_where, strict=True) if k not in again]
+            run.pending_at, run.pending_where = [k for k, _ in kept], [w for _, w in kept]
             run.taken += m - len(again)
             run.seen[off : off + m] = b"\x01" * m
             maybe = None  # (compare every page with the parent's)
@@ -292,55 +299,65 @@ class PageSink:
             todo = list(compress(range(m), map(ne, hashes, self._parent_hashes(start, start + m))))
         else:
             todo = list(range(m))
+        records, cap = run.records, self.batch_cap
         if todo and parent is not None:
             if self.parent_index is None:
                 self.parent_index = ParentIndex(parent)
             moved = self.parent_index.find([hashes[j] for j in todo])
+            rest = [j for j, mv in zip(todo, moved, strict=True) if mv is None]
+            for j, mv in zip(todo, moved, strict=True):
+                if mv is not None:  # unchanged, or moved from another place in the file
+                    records[(off + j) * _SIZE : (off + j + 1) * _SIZE] = mv
         else:
-            moved = [None] * len(todo)
-        records, cap = run.records, self.batch_cap
-        rest = [j for j, mv in zip(todo, moved, strict=True) if mv is None]
-        for j, mv in zip(todo, moved, strict=True):
-            if mv is not None:  # unchanged, or moved from another place in the file
-                records[(off + j) * _SIZE : (off + j + 1) * _SIZE] = mv
-        found = self.new_pages.find([hashes[j] for j in rest])
-        for j, f in zip(rest, found, strict=True):
-            h = hashes[j]
-            index = start + j
-            at = (off + j) * _SIZE
-            where = self.new_pages.get(h, f)
-            if where is None and index < np_ and parent is not None \
-                    and parent.buf[index * _SIZE : (index + 1) * _SIZE] == REPACK:
-                where = (self.cold_no << 16) | len(self.cold_hashes)
-                self.new_pages.add(h, where)
-                self.cold.append(bytes(page(index)))
-                self.cold_hashes.append(h)
-                if len(self.cold_hashes) >= cap:
-                    self._submit(cold=True)
+            rest = todo
+        if not rest:
+            self._emit_ready()
+            return
+        rest_hashes = [hashes[j] for j in rest]
+        seen = self.new_pages
+        recent = seen.recent
+        pend_at, pend_where = run.pending_at, run.pending_where
+        first_pending = len(pend_where)
+        for j, h, where in zip(rest, rest_hashes, seen.find(rest_hashes), strict=True):
+            if where is None:
+                where = recent.get(h)
             if where is None:  # new content (a page repeated in this snapshot is stored once)
-                batch_hashes = self.batch_hashes
-                where = (self.batch_no << 16) | len(batch_hashes)
-                self.new_pages.add(h, where)
-                if not batch_hashes:
-                    self.batch_first, self.batch_views = index, True
-                data = page(index)
-                if self.batch_views and index - self.batch_first > 4 * len(batch_hashes) + 64:
-                    # a sparse batch (an incremental's scattered changes) holds copies, so the
-                    # mapping of the pages between them can go (resident memory stays flat)
-                    self.batch = [bytes(b) for b in self.batch]
-                    self.batch_views = False
-                self.batch.append(data if self.batch_views else bytes(data))
-                batch_hashes.append(h)
-                if len(batch_hashes) >= cap:
-                    self._submit()
-            records[at : at + 16] = h
-            no = where >> 16
-            run.pending.append((at, no, where & 0xFFFF))
-            if no >= 0:
-                run.need = max(run.need, no)
-            else:
-                run.need_cold = min(run.need_cold, no)
-        self.new_pages.settle()
+                index = start + j
+                seen.count += 1
+                if index < np_ and parent is not None \
+                        and parent.buf[index * _SIZE : (index + 1) * _SIZE] == REPACK:
+                    where = recent[h] = (self.cold_no << 16) | len(self.cold_hashes)
+                    self.cold.append(bytes(pages[j]))
+                    self.cold_hashes.append(h)
+                    if len(self.cold_hashes) >= cap:
+                        self._submit(cold=True)
+                else:
+                    batch_hashes = self.batch_hashes
+                    where = recent[h] = (self.batch_no << 16) | len(batch_hashes)
+                    if not batch_hashes:
+                        self.batch_first, self.batch_views = index, True
+                    data = pages[j]
+                    if self.batch_views and index - self.batch_first > 4 * len(batch_hashes) + 64:
+                        # a sparse batch (an incremental's scattered changes) holds copies, so the
+                        # mapping of the pages between them can go (resident memory stays flat)
+                        self.batch = [bytes(b) for b in self.batch]
+                        self.batch_views = False
+                    self.batch.append(data if self.batch_views else bytes(data))
+                    batch_hashes.append(h)
+                    if len(batch_hashes) >= cap:
+                        self._submit()
+            pend_at.append(off + j)
+            pend_where.append(where)
+        # the new records' hashes (their locations follow in _store, once their batches are placed)
+        rows = np.frombuffer(records, dtype=np.uint8).reshape(-1, _SIZE)
+        rows[np.add(rest, off), :16] = np.frombuffer(b"".join(rest_hashes), dtype=np.uint8).reshape(-1, 16)
+        del rows
+        nos = np.array(pend_where[first_pending:], dtype=np.int64) >> 16
+        if (nos >= 0).any():
+            run.need = max(run.need, int(nos.max()))
+        if (nos < 0).any():
+            run.need_cold = min(run.need_cold, int(nos.min()))
+        seen.settle()
         self._emit_ready()
 
     @property
@@ -408,8 +425,15 @@ class PageSink:
 
     def _store(self, r: int, run: _Run) -> None:
         records = run.records
-        for at, no, slot in run.pending:
-            records[at + 16 : at + _SIZE] = self.locations[no] + slot.to_bytes(2, "little")
+        if run.pending_at:  # the new pages' locations, now that their batches are placed
+            where = np.array(run.pending_where, dtype=np.int64)
+            nos, inverse = np.unique(where >> 16, return_inverse=True)
+            places = np.frombuffer(b"".join(self.locations[int(no)] for no in nos), dtype=np.uint8).reshape(-1, 28)
+            rows = np.frombuffer(records, dtype=np.uint8).reshape(-1, _SIZE)
+            at = np.array(run.pending_at, dtype=np.int64)
+            rows[at, 16:44] = places[inverse]
+            rows[at, 44:46] = (where & 0xFFFF).astype("<u2").view(np.uint8).reshape(-1, 2)
+            del rows
         if run.taken < len(run.seen):  # pages SQLite never writes (the lock-byte page past 1 GiB)
             zero = self.page_hash(bytes(self.page_size)) + ZERO_LOCATION
             for j in range(len(run.seen)):

@@ -98,6 +98,27 @@ class PageImage:
                 out[index - start] = digest(self.view(index))
         return out
 
+    def views(self, start: int, stop: int) -> list[memoryview] | None:
+        """Pages ``start..stop-1`` (0-based) as views, valid until ``close``; None when one of them
+        is in neither the file nor the WAL (the caller falls back to ``hashes``)."""
+        ps, db = self.page_size, self._db
+        assert db is not None
+        out = [db[off : off + ps] for off in range(start * ps, min(stop, self._file_pages) * ps, ps)]
+        if self._overlay_at:
+            lo, hi = bisect_left(self._overlay_at, start), bisect_left(self._overlay_at, stop)
+            if hi > lo:
+                wal, overlay = self._wal, self.overlay
+                assert wal is not None
+                for index in self._overlay_at[lo:hi]:
+                    off = overlay[index]
+                    if index - start < len(out):
+                        out[index - start] = wal[off : off + ps]
+                    elif index - start == len(out):
+                        out.append(wal[off : off + ps])
+                    else:
+                        return None
+        return out if len(out) == stop - start else None
+
     def drop(self, stop: int) -> None:
         """Pages before ``stop`` are read: let their mapping go, so resident memory stays
         bounded whatever the database size (a page touched again is read again, unchanged)."""
