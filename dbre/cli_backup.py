@@ -41,9 +41,16 @@ def backup(
     ] = None,
     full: Annotated[bool, typer.Option(
         "--full", help="Store every page again in new packs, reusing nothing of the previous snapshot.")] = False,
+    accept_new_source: Annotated[bool, typer.Option(
+        "--accept-new-source",
+        help="SOURCE is the database's new place (moved, or restored elsewhere): continue its snapshots "
+             "although they came from another path or URL.")] = False,
     key_file: KeyFileOpt = None,
 ) -> None:
-    """Take a snapshot of SOURCE into the repository (created on first use)."""
+    """Take a snapshot of SOURCE into the repository (created on first use).
+
+    A database name keeps one source: a backup of another file or URL under a name whose
+    snapshots came from elsewhere is refused (exit 2) unless --accept-new-source."""
 
     def go() -> None:
         from dbre.repository.backup import backup as run_backup
@@ -56,7 +63,8 @@ def backup(
             check()  # a missing or non-SQLite file fails before a repository is created for it
         repository = Repository.open_or_init(repo, _key(key_file))
         with _progress("backup", not json_out) as bar:
-            result = run_backup(repository, src, db, checksums=checksums, progress=bar, full=full)
+            result = run_backup(repository, src, db, checksums=checksums, progress=bar, full=full,
+                                accept_new_source=accept_new_source)
         s = result.summary()
         if json_out:
             _print_json(s)
@@ -108,9 +116,13 @@ def snapshots(
 
 
 def _snapshot_table(url: str, snaps: list[Any]) -> None:
+    from dbre.repository.identity import describe
+
     rows = [
         [m.id, m.db, m.taken_at.replace("T", " ")[:19], m.page_count, human(m.size),
-         human(m.stats.get("bytes_added")), m.parent[:8] if m.parent else "full"]
+         human(m.stats.get("bytes_added")), m.parent[:8] if m.parent else "full",
+         ",".join(m.tags) or "-", describe(m.source)]
         for m in snaps
     ]
-    _table(f"{len(snaps)} snapshots in {url}", ["id", "db", "taken at (UTC)", "pages", "size", "added", "parent"], rows)
+    _table(f"{len(snaps)} snapshots in {url}",
+           ["id", "db", "taken at (UTC)", "pages", "size", "added", "parent", "tags", "source"], rows)

@@ -17,7 +17,7 @@ import secrets
 import struct
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -27,11 +27,13 @@ from typing import Any
 import apsw
 import numpy as np
 
-from dbre.errors import IntegrityError, SourceError
+from dbre.errors import IntegrityError, SourceError, UsageError
 from dbre.repository.entries import Entries
+from dbre.repository.identity import refuse_new_source, same_source, table_names
 from dbre.repository.lock import Lock
 from dbre.repository.manifest import (
     RECORD,
+    SAFETY_TAG,
     Manifest,
     RunRef,
     TableStats,
@@ -290,6 +292,8 @@ def backup(
     full: bool = False,
     replay: Manifest | None = None,
     repack: bool = True,
+    tags: Sequence[str] = (),
+    accept_new_source: bool = False,
 ) -> BackupResult:
     """Take one snapshot of ``source`` into ``repo`` as database ``db`` (default: source.name).
 
@@ -305,8 +309,19 @@ def backup(
     (see ``_parent_records``): those pages are stored again and counted in ``stats.repaired_pages``.
     ``repack``: also store again the pages the parent keeps in sparse packs (``_repack``), counted
     in ``stats.repacked_pages``, so prune can free those packs once older snapshots are forgotten.
+    ``tags``: why the snapshot is taken, when not as a regular backup (``["safety"]``: the live
+    database before a repair changes it; the default for a source whose identity has a ``purpose``),
+    stored as ``stats.tags``; such a snapshot is not compared
+    with the database's source, and is skipped by the default choices of restore and drill.
+    The source must be the one of the database's newest regular snapshot (``dbre.repository.identity``):
+    another one is refused (UsageError, nothing written) unless ``accept_new_source``; then
+    ``stats.new_source`` names the previous one.
     """
     db = check_db_name(db or source.name)
+    if not tags and "purpose" in source.identity():
+        # a source that says why it is snapshotted is the live database a repair is about to change
+        # (dbre.restore.table's safety snapshot): its undo, tagged so it stays out of the history
+        tags = [SAFETY_TAG]
     started = time.perf_counter()
     repo.require_writable(f"backup {db}")
     with repo.lock(f"backup {db}") as lock:
@@ -314,6 +329,13 @@ def backup(
         # (format 2 reads one manifest, or one more per damaged newer one)
         skipped: list[tuple[str, str]] = []  # newer manifests that could not be read: said in the result
         parent_manifest = repo.newest_snapshot(db, damaged=skipped)
+        # the source must be the one this name's snapshots came from (checked before anything is written);
+        # the parent stays the newest snapshot whatever its tags: it is only what the pages dedup against
+        reference = _source_reference(repo, db, parent_manifest) if replay is None and not tags else None
+        moved = reference is not None and not same_source(reference.source, source.identity())
+        if moved and not accept_new_source:
+            assert reference is not None
+            raise _refusal(db, reference, source)
         # read the parent's page map before the read transaction: in rollback mode writers wait
         # records into lost packs are dropped (their pages are stored again); --full drops them all
         parent_records, chain = _parent_records(repo, parent_manifest, full, repack)
@@ -334,6 +356,7 @@ def backup(
                     for r in conn.execute("SELECT type, name, tbl_name, sql FROM sqlite_schema ORDER BY rowid")
                 ]
                 user_version = int(_pragma(conn, "user_version"))
+                application_id = int(_pragma(conn, "application_id"))
                 encoding = str(_pragma(conn, "encoding"))
                 journal_mode = str(_pragma(conn, "journal_mode"))
                 writer = PackWriter(repo.store, repo.sealer)
@@ -385,7 +408,7 @@ def backup(
             packs=all_packs,
             parent=parent_manifest.id if parent_manifest and chain.unused is None else None,
             tool=TOOL,
-            source=replay.source if replay else source.identity(),
+            source=replay.source if replay else {**source.identity(), "application_id": application_id},
             schema=schema,
             tables={k: TableStats(rows=v[0], checksum=v[1]) for k, v in stats.items()},
             user_version=user_version,
@@ -404,6 +427,10 @@ def backup(
             "page1": page_one,  # "source", or "rebuilt header" (backup API path: see ImageSession.page_one)
             "wal": session.wal_position(),  # where in the WAL this snapshot ends (for `dbre replicate`)
         }
+        if tags:
+            manifest.stats["tags"] = list(tags)
+        if moved and reference is not None:
+            manifest.stats["new_source"] = {"from": reference.source, "snapshot": reference.id}
         if replay is not None:
             manifest.stats["migrated_from"] = {"id": replay.id, "format": replay.format, "tool": replay.tool,
                                                "parent": replay.parent}
@@ -425,6 +452,41 @@ def backup(
     # bytes_added counts packs (pages and page-map runs), as the manifest's stats do; the manifest
     # itself (a few hundred bytes) is not counted, so `backup --json` and `snapshots` agree
     return BackupResult(manifest, sink.pages_added, writer.bytes_written + sink.cold_bytes + sink.run_bytes, seconds)
+
+
+def _source_reference(repo: Repository, db: str, newest: Manifest | None) -> Manifest | None:
+    """The snapshot whose source a new backup of ``db`` must match: the newest regular (untagged)
+    one. A safety snapshot's source is whatever live file a repair was given, not the chain's.
+    Walks past tagged (and damaged) manifests only when the newest is tagged."""
+    if newest is None or not newest.tags:
+        return newest
+    refs = sorted((r for r in repo.list_snapshot_refs(db) if r.time is not None),
+                  key=lambda r: (r.time, r.id), reverse=True)  # type: ignore[arg-type,return-value]
+    for ref in refs:
+        try:
+            m = repo.load_ref(ref)
+        except IntegrityError:
+            continue  # a damaged manifest is reported by verify; it names no source
+        if not m.tags:
+            return m
+    return None  # only tagged snapshots: nothing to compare with
+
+
+def _refusal(db: str, reference: Manifest, source: Source) -> UsageError:
+    """The refusal of a source that is not ``reference``'s, worded by what the new source holds
+    (a local file's tables and application_id, read without writing it; a remote one is not read)."""
+    current = source.identity()
+    app_id: int | None = None
+    tables: list[str] | None = None
+    if current.get("kind") == "file":
+        try:
+            with source.connect() as conn:
+                app_id = int(_pragma(conn, "application_id"))
+                tables = table_names([{"type": r[0], "name": r[1]} for r in
+                                      conn.execute("SELECT type, name FROM sqlite_schema")])
+        except (apsw.Error, SourceError):
+            pass  # the refusal stands; it just cannot say what the file holds
+    return refuse_new_source(db, reference.source, current, table_names(reference.schema), app_id, tables)
 
 
 @dataclass

@@ -16,6 +16,9 @@ from dbre.errors import UsageError
 # A page record in a run: page hash, pack id, blob offset and length in the pack, slot in the blob.
 RECORD = struct.Struct("<16s16sQIH")
 RUN_PAGES = 4096  # pages per run: an unchanged 16 MiB stretch (4 KiB pages) costs nothing next time
+# The tag of a snapshot taken by restore-table (and any other repair) of the live database before
+# changing it: the undo of that change, not a point of the database's backup history (see Manifest.tags)
+SAFETY_TAG = "safety"
 
 _DB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
@@ -135,6 +138,19 @@ class Manifest:
     def size(self) -> int:
         return self.page_size * self.page_count
 
+    @property
+    def tags(self) -> list[str]:
+        """Why the snapshot was taken, when not by a regular backup (``["safety"]``). Stored as
+        ``stats.tags``: a format-2 reader older than tags refuses unknown top-level fields (the
+        manifest would read as damaged), but keeps ``stats`` as it is."""
+        tags = self.stats.get("tags") if isinstance(self.stats, dict) else None
+        return [str(t) for t in tags] if isinstance(tags, list) else []
+
+    @property
+    def is_safety(self) -> bool:
+        """A safety snapshot: skipped by the default choices of restore and drill, and by keep counts."""
+        return SAFETY_TAG in self.tags
+
     def run_root(self, page_hash: Callable[[bytes], bytes]) -> str:
         """The root hash over the page map: page_hash(run hashes in order ‖ u64 page_size ‖ u64 page_count)."""
         body = b"".join(bytes.fromhex(r.hash) for r in self.runs)
@@ -165,4 +181,6 @@ class Manifest:
             "bytes_added": self.stats.get("bytes_added", 0),
             "seconds": self.stats.get("seconds"),
             "tables": len(self.tables),
+            "source": self.source,  # kind, path or URL (no secrets), application_id
+            "tags": self.tags,
         }
