@@ -311,6 +311,7 @@ def check_blob_pages(index: Index, blob: SnapshotBlob, pages: SnapshotPages, man
 
 
 RunKey = tuple[str, int, int, str, int]  # pack, offset, length, hash, pages
+_FAST_NOTE = "no restore needs it: the next backup and restore hash every page with the keyed hash instead"
 
 
 def _run_key(run: RunRef) -> RunKey:
@@ -327,6 +328,9 @@ def verify(repo: Repository, db: str | None = None, *, read_data: bool = False,
     # 1. manifests; the runs they use, each read once however many snapshots share it
     users: dict[RunKey, set[str]] = defaultdict(set)
     by_run: dict[RunKey, tuple[RunRef, Manifest]] = {}
+    # fast runs (xxh3 per page, read only by the next backup): damage breaks no restore, but is reported
+    fast_users: dict[RunKey, set[str]] = defaultdict(set)
+    by_fast: dict[RunKey, tuple[RunRef, Manifest]] = {}
     listed_by: dict[str, set[str]] = {}  # snapshot -> the packs its manifest lists
     for ref in sorted(repo.list_snapshot_refs(db), key=lambda r: r.key):
         name = f"{ref.db}/{ref.id}"
@@ -346,7 +350,18 @@ def verify(repo: Repository, db: str | None = None, *, read_data: bool = False,
             by_run.setdefault(key, (run, manifest))
             if run.pack not in listed:
                 report.add(ref.key, f"page-map run in {pack_key(run.pack)}, which the manifest does not list", [name])
+        if manifest.fast_runs and sum(r.pages for r in manifest.fast_runs) != manifest.page_count:
+            report.add(ref.key, f"fast runs cover {sum(r.pages for r in manifest.fast_runs)} pages, manifest says "
+                                f"{manifest.page_count} ({_FAST_NOTE})", [])
+        for run in manifest.fast_runs:
+            key = _run_key(run)
+            fast_users[key].add(name)
+            by_fast.setdefault(key, (run, manifest))
+            if run.pack not in listed:
+                report.add(ref.key, f"fast run in {pack_key(run.pack)}, which the manifest does not list "
+                                    f"({_FAST_NOTE})", [])
     runs = _read_runs(repo, by_run, users, report)
+    _read_runs(repo, by_fast, fast_users, report, size=16)
 
     # 2. which snapshots use each pack, how far into it; records outside their manifest's packs
     ends: dict[str, int] = defaultdict(int)
@@ -354,6 +369,8 @@ def verify(repo: Repository, db: str | None = None, *, read_data: bool = False,
     for key in users:
         ends[key[0]] = max(ends[key[0]], key[1] + key[2])
         pack_users[key[0]] |= users[key]
+    for key in fast_users:
+        ends[key[0]] = max(ends[key[0]], key[1] + key[2])
     for key, raw in runs.items():
         packs_here: dict[bytes, int] = {}
         for _, pack, off, length, _ in RECORD.iter_unpack(raw):
@@ -382,6 +399,13 @@ def verify(repo: Repository, db: str | None = None, *, read_data: bool = False,
             why = run_mismatch(idx, by_run[key][0])
             if why:
                 report.add(pack_key(key[0]), why, users[key])
+    for key in fast_users:
+        idx = indexes[key[0]]
+        if isinstance(idx, dict):
+            why = run_mismatch(idx, by_fast[key][0])
+            if why:
+                report.add(pack_key(key[0]), f"fast run: {why} ({_FAST_NOTE}; used by "
+                                             f"{', '.join(sorted(fast_users[key])[:3])})", [])
     for key, raw in runs.items():
         bad: dict[str, list[str]] = defaultdict(list)
         for i, (h, pack, off, length, slot) in enumerate(RECORD.iter_unpack(raw)):
@@ -411,13 +435,15 @@ def verify(repo: Repository, db: str | None = None, *, read_data: bool = False,
 
 
 def _read_runs(repo: Repository, by_run: dict[RunKey, tuple[RunRef, Manifest]], users: dict[RunKey, set[str]],
-               report: VerifyReport) -> dict[RunKey, bytes]:
-    """Every run that reads back whole (sealed under its name, its length, its hash), by key."""
+               report: VerifyReport, size: int = RECORD.size) -> dict[RunKey, bytes]:
+    """Every run that reads back whole (sealed under its name, its length, its hash), by key. Fast
+    runs (``size`` 16) are reported as breaking no snapshot: a backup that cannot read its parent's
+    reads every page again."""
 
     def one(key: RunKey) -> bytes | RepositoryError:
         run, manifest = by_run[key]
         try:
-            return read_run(repo, manifest, run)
+            return read_run(repo, manifest, run, size)
         except NotFound:
             return IntegrityError(f"{pack_key(run.pack)} is missing")
         except IntegrityError as err:
@@ -427,7 +453,10 @@ def _read_runs(repo: Repository, by_run: dict[RunKey, tuple[RunRef, Manifest]], 
         got = dict(zip(by_run, pool.map(one, by_run), strict=True))
     out = {}
     for key, raw in got.items():
-        if isinstance(raw, RepositoryError):
+        if isinstance(raw, RepositoryError) and size != RECORD.size:
+            report.add(f"{pack_key(key[0])}@{key[1]}", f"cannot read fast run: {raw.message} ({_FAST_NOTE}; used by "
+                       f"{', '.join(sorted(users[key])[:3])})", [])
+        elif isinstance(raw, RepositoryError):
             report.add(f"{pack_key(key[0])}@{key[1]}", f"cannot read page-map run: {raw.message}", users[key])
         else:
             out[key] = raw
