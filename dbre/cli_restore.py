@@ -32,10 +32,12 @@ def restore(
     repo: RepoOpt,
     db: DbNameOpt,
     to: Annotated[Path, typer.Option("--to", help="Path of the restored database file.")],
-    snapshot: Annotated[str | None, typer.Option("--snapshot", help="Snapshot id (or a unique prefix).")] = None,
+    snapshot: Annotated[str | None, typer.Option("--snapshot", help="Snapshot id (or a unique prefix); 'latest': "
+                                                 "the newest snapshot, not the newer replicated state.")] = None,
     at: Annotated[str | None, typer.Option("--at", help="ISO-8601 time: exactly the transactions replicated up "
                                            "to it, else the newest snapshot at or before it.")] = None,
-    force: Annotated[bool, typer.Option("--force", help="Replace an existing file at --to.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing file at --to; refused while a process "
+                                        "has it open (stop the application first).")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Show the plan, restore nothing.")] = False,
     json_out: JsonOpt = False,
     key_file: KeyFileOpt = None,
@@ -44,26 +46,48 @@ def restore(
                                          "read-only standby) until SIGINT/SIGTERM.")] = False,
     interval: Annotated[str, typer.Option("--interval", help="With --follow: look for new segments this "
                                           "often.")] = "1s",
+    if_db_not_exists: Annotated[bool, typer.Option("--if-db-not-exists", help="When --to exists, say so and exit "
+                                                   "0 without touching it (container start-up).")] = False,
+    if_replica_exists: Annotated[bool, typer.Option("--if-replica-exists", help="When the repository has no "
+                                                    "snapshot of --db, say so and exit 0.")] = False,
 ) -> None:
-    """Restore a snapshot (default: the newest) to a new file."""
+    """Restore a database to a new file: its newest replicated state (else its newest snapshot), a
+    snapshot (--snapshot), or a point in time (--at, --txid). An existing file is replaced only with
+    --force, and never while a process has it open."""
 
     def go() -> None:
         from dbre.repository.repo import Repository
         from dbre.restore.full import apply_restore, plan_restore
 
+        if if_db_not_exists and force:
+            raise UsageError("--if-db-not-exists and --force were both given", "pass one of them")
+        newest_snapshot = snapshot == "latest"
+        snap_id = None if newest_snapshot else snapshot
         if follow:
             from dbre.cli_replicate import follow_standby
 
-            follow_standby(repo, db, to, interval, force, _key(key_file),
-                           [o for o, v in (("--snapshot", snapshot), ("--at", at), ("--txid", txid),
-                                           ("--dry-run", dry_run), ("--json", json_out)) if v])
+            conflicts = [o for o, v in (("--snapshot", snapshot), ("--at", at), ("--txid", txid),
+                                        ("--dry-run", dry_run), ("--json", json_out),
+                                        ("--if-db-not-exists", if_db_not_exists)) if v]
+            if not conflicts and if_replica_exists and _no_replica(repo, db, key_file):
+                return
+            follow_standby(repo, db, to, interval, force, _key(key_file), conflicts)
             return
-        when = _when(db, snapshot, at)
+        when = _when(db, snap_id, at)
+        if txid is not None and snapshot:
+            raise UsageError("--snapshot and --txid were both given", "pass one of them")
+        target = to.expanduser().absolute()
+        if if_db_not_exists and target.exists():
+            _say(json_out, {"restored": False, "target": str(target), "reason": "exists"},
+                 f"{target} already exists: nothing restored (--if-db-not-exists)")
+            return
+        if if_replica_exists and _no_replica(repo, db, key_file, json_out):
+            return
         repository = Repository.open(repo, _key(key_file))
-        if (when is not None or txid is not None) and _restore_pitr(repository, db, to, when, txid, force,
-                                                                     dry_run, json_out):
+        if not snap_id and not newest_snapshot and _restore_pitr(repository, db, to, when, txid, force, dry_run,
+                                                                  json_out):
             return
-        plan = plan_restore(repository, db, to, snapshot=snapshot, at=when, force=force)
+        plan = plan_restore(repository, db, to, snapshot=snap_id, at=when, force=force)
         if dry_run:
             if json_out:
                 _print_json(plan.describe())
@@ -85,18 +109,58 @@ def restore(
     _run(go)
 
 
+def _say(json_out: bool, record: dict[str, Any], line: str) -> None:
+    if json_out:
+        _print_json(record)
+    else:
+        print(line)
+
+
+def _no_replica(repo: str, db: str, key_file: Any, json_out: bool = False) -> bool:
+    """For --if-replica-exists: whether there is nothing to restore ``db`` from (no repository at
+    ``repo``, or no snapshot of ``db`` in it); if so, says so in one line. An unreachable store or a
+    wrong key is still an error."""
+    from dbre.errors import RepositoryError
+    from dbre.repository.manifest import check_db_name
+    from dbre.repository.repo import Repository
+    from dbre.storage import open_store
+
+    check_db_name(db)
+    try:
+        repository = Repository.open(repo, _key(key_file))
+    except RepositoryError:
+        if open_store(repo).exists("config"):
+            raise
+        missing = True
+    else:
+        missing = not repository.list_snapshot_refs(db)
+    if missing:
+        _say(json_out, {"restored": False, "db": db, "reason": "no replica"},
+             f"no snapshot of {db} in {repo}: nothing restored (--if-replica-exists)")
+    return missing
+
+
 def _restore_pitr(repository: Any, db: str, to: Path, when: Any, txid: int | None, force: bool, dry_run: bool,
                   json_out: bool) -> bool:
-    """Restore from replicated segments when they cover the time (or txid); False: use snapshots."""
+    """Restore from replicated segments when they cover the time (or txid; with neither, when they
+    hold a newer state than the newest snapshot); False: use snapshots."""
+    from dbre.replicate.segment import to_time
+    from dbre.repository.manifest import iso
     from dbre.restore.pitr import apply_pitr, plan_pitr
 
     plan = plan_pitr(repository, db, to, at=when, txid=txid, force=force)
     if plan is None:
         return False
+    newest = when is None and txid is None
     if dry_run:
         d = plan.describe()
         if json_out:
             _print_json(d)
+        elif newest:
+            last = plan.segments[-1]
+            print(f"would restore the newest replicated state of {db} (txid {last.last}, committed "
+                  f"{iso(to_time(last.last_us))}) from snapshot {d['snapshot']} (taken {d['taken_at']}) and "
+                  f"{d['segments']} segments of generation {d['generation']} to {d['target']}")
         else:
             print(f"would restore {db} from snapshot {d['snapshot']} (taken {d['taken_at']}) and {d['segments']} "
                   f"segments of generation {d['generation']} to {d['target']}")
@@ -105,9 +169,10 @@ def _restore_pitr(repository: Any, db: str, to: Path, when: Any, txid: int | Non
     if json_out:
         _print_json(s)
     else:
-        print(f"restored {db} at {s['at'] or 'txid ' + str(s['txid'])} to {s['target']}: snapshot {s['snapshot']} "
-              f"+ {s['transactions']} transactions (last txid {s['last_txid']}, committed {s['last_committed']}) "
-              f"in {s['seconds']:.2f} s")
+        what = ("the newest replicated state" if newest else
+                f"at {s['at']}" if s["at"] else f"at txid {s['txid']}")
+        print(f"restored {db} {what} to {s['target']}: snapshot {s['snapshot']} + {s['transactions']} transactions "
+              f"(last txid {s['last_txid']}, committed {s['last_committed']}) in {s['seconds']:.2f} s")
     return True
 
 

@@ -41,6 +41,7 @@ from dbre.replicate.segment import (
 )
 from dbre.repository.manifest import check_db_name
 from dbre.repository.repo import Repository
+from dbre.restore.full import _replace, check_not_in_use
 from dbre.restore.pitr import PitrPlan, apply_pitr, base_snapshot
 
 log = logging.getLogger(__name__)
@@ -166,6 +167,8 @@ class Follower:
 
     def run(self, stop: threading.Event, on_apply: object = None) -> FollowStats:
         try:
+            if self.target.exists():
+                check_not_in_use(self.target)  # (before the restore's work; again at the rename)
             self._restore(None)
             while not stop.wait(self.interval):
                 self.poll()
@@ -198,10 +201,15 @@ class Follower:
             if self.standby is not None:
                 self.standby.close()
                 self.standby = None
-            # a journal left by a crashed apply belongs to the file being replaced: never to the new one
-            Path(str(self.target) + "-journal").unlink(missing_ok=True)
-            os.replace(scratch, self.target)
-            _fsync_dir(self.target)
+            if self.gen is None and self.target.exists():
+                # the file there before this follower: replaced as any restore --force replaces one
+                # (refused while in use; its -wal, -shm and -journal never left beside the new file)
+                _replace(scratch, self.target, True)
+            else:
+                # a journal left by a crashed apply belongs to the file being replaced: never to the new one
+                Path(str(self.target) + "-journal").unlink(missing_ok=True)
+                os.replace(scratch, self.target)
+                _fsync_dir(self.target)
         except BaseException:
             scratch.unlink(missing_ok=True)
             raise

@@ -13,6 +13,7 @@ import os
 import re
 import secrets
 import stat
+import struct
 import time
 from array import array
 from collections.abc import Callable
@@ -92,13 +93,7 @@ def plan_restore(repo: Repository, db: str, target: str | os.PathLike[str], *, s
     """Check the options and work out every blob to read; touches nothing."""
     if snapshot and at:
         raise UsageError("--snapshot and --at were both given", "pass one of them")
-    path = Path(target).expanduser().absolute()
-    if path.is_dir():
-        raise UsageError(f"restore target {path} is a directory", "give a file path, e.g. --to restored.db")
-    if path.exists() and not force:
-        raise UsageError(f"restore target {path} already exists", "choose a new path or pass --force")
-    if not path.parent.is_dir():
-        raise UsageError(f"restore target folder {path.parent} does not exist", "create it first")
+    path = check_target(target, force)
     manifest = repo.find_snapshot(db, snapshot, at)
     # pages never written (zero) restore as the sparse file's zeros; then the structure `dbre verify`
     # checks: every pack listed, present, its index authentic and holding each page where the page
@@ -121,6 +116,21 @@ def plan_restore(repo: Repository, db: str, target: str | os.PathLike[str], *, s
     blobs = sorted(pages.blobs, key=lambda b: (b.pack, b.offset))
     return RestorePlan(manifest, path, force, blobs, pages.zero, fast if fast is not None else pages.hashes,
                        quick_check=fast is not None, kept=kept)
+
+
+def check_target(target: str | os.PathLike[str], force: bool) -> Path:
+    """The target's absolute path, if a restore may write it: a file path in an existing folder,
+    new, or (with ``force``) one no process uses (`check_not_in_use`, again just before the rename)."""
+    path = Path(target).expanduser().absolute()
+    if path.is_dir():
+        raise UsageError(f"restore target {path} is a directory", "give a file path, e.g. --to restored.db")
+    if path.exists() and not force:
+        raise UsageError(f"restore target {path} already exists", "choose a new path or pass --force")
+    if path.exists():
+        check_not_in_use(path)
+    if not path.parent.is_dir():
+        raise UsageError(f"restore target folder {path.parent} does not exist", "create it first")
+    return path
 
 
 def _lacks_hash(fast: Entries, blobs: list[SnapshotBlob]) -> bool:
@@ -350,6 +360,8 @@ def _replace(tmp: Path, target: Path, force: bool, release_tmp: Callable[[], Non
     if not force:
         _place_new(tmp, target, release_tmp)
         return
+    if target.exists():
+        check_not_in_use(target)  # a process holding it would go on writing to the replaced file
     held = _hold_still(target) if target.exists() else None
     try:
         _crash_point("held")
@@ -397,6 +409,115 @@ def _sync_dir(folder: Path) -> None:
         os.fsync(dfd)
     finally:
         os.close(dfd)
+
+
+# SQLite's lock bytes (os_unix.c): in the database file PENDING, RESERVED, then the SHARED range;
+# in -shm the WAL write lock, checkpoint, recover, five read marks, then DMS (held by every
+# connection that has the WAL index open)
+_PENDING = 0x40000000
+_DB_WRITE = (_PENDING, 2)
+_DB_SHARED = (_PENDING + 2, 510)
+_SHM_WRITE, _SHM_READ, _SHM_OPEN = (120, 1), (123, 5), (128, 1)
+
+
+def check_not_in_use(target: Path) -> None:
+    """Refuse to replace ``target`` while any process uses it: raises RestoreError naming the process
+    and what it holds (a write transaction, a read transaction, or just the file open).
+
+    Nothing here opens a SQLite connection (closing one in WAL mode can checkpoint and delete -wal
+    and -shm), and this process's own POSIX locks are never dropped: if it has the files open
+    itself, that alone refuses, before any descriptor is opened here (closing one would drop them).
+    Then the kernel is asked which locks others hold (``F_GETLK``: every process on this kernel,
+    containers included) on SQLite's lock bytes of the database and its -shm, and every process
+    whose descriptors /proc shows is checked for the files open without a lock (a rollback-mode
+    connection between transactions). A process in another PID namespace holding no lock, or one
+    on another host over a network filesystem, cannot be seen."""
+    files = {}
+    for suffix in ("", "-wal", "-shm"):
+        try:
+            st = os.stat(str(target) + suffix)
+        except OSError:
+            continue
+        if stat.S_ISREG(st.st_mode):
+            files[(st.st_dev, st.st_ino)] = suffix
+    if not files:
+        return
+    holders = _open_by(files)
+    me = os.getpid()
+    if me in holders:
+        raise RestoreError(f"restore to {target}: this process has it open ({target.name}{holders[me]})",
+                           "close its connections first; nothing was changed")
+    cause = _lock_holder(target, files)
+    if cause is None and holders:
+        pid, suffix = next(iter(holders.items()))
+        cause = f"process {pid}{_comm(pid)} has {target.name}{suffix} open"
+    if cause is not None:
+        raise RestoreError(f"restore to {target}: the database is in use: {cause}",
+                           "stop the application using it, or restore to another path; nothing was changed")
+
+
+def _lock_holder(target: Path, files: dict[tuple[int, int], str]) -> str | None:
+    """What the first process holding a SQLite lock on ``target`` holds, by ``F_GETLK``; None: no lock."""
+    found: dict[str, int] = {}
+    for (_dev, _ino), suffix in files.items():
+        if suffix == "-wal":
+            continue  # (SQLite locks the database file and -shm, never -wal)
+        try:
+            fd = os.open(str(target) + suffix, os.O_RDONLY | os.O_NONBLOCK)
+        except OSError:
+            continue
+        try:
+            ranges = ({"write": _SHM_WRITE, "read": _SHM_READ, "open": _SHM_OPEN, "lock": (0, 0)} if suffix
+                      else {"write": _DB_WRITE, "shared": _DB_SHARED, "lock": (0, 0)})
+            for what, (start, length) in ranges.items():
+                probe = struct.pack("hhqqi4x", fcntl.F_WRLCK, os.SEEK_SET, start, length, 0)
+                l_type, _, _, _, pid = struct.unpack("hhqqi4x", fcntl.fcntl(fd, fcntl.F_GETLK, probe))
+                if l_type != fcntl.F_UNLCK:
+                    found.setdefault(what, pid)
+        finally:
+            os.close(fd)  # (this process holds no lock on these files: checked before)
+    wal_mode = "open" in found or "read" in found or "write" in found
+    for what, label in (("write", "holds a write transaction"), ("read", "has a read transaction open"),
+                        ("shared", "has it open in WAL mode" if wal_mode else "has a read transaction open"),
+                        ("open", "has it open in WAL mode"), ("lock", "holds a lock on it")):
+        if what in found:
+            pid = found[what]
+            who = f"process {pid}{_comm(pid)}" if pid > 0 else "a process not visible here"
+            return f"{who} {label}"
+    return None
+
+
+def _open_by(files: dict[tuple[int, int], str]) -> dict[int, str]:
+    """The processes /proc shows with one of ``files`` open (pid -> the file's suffix); those this
+    user cannot inspect are skipped."""
+    out: dict[int, str] = {}
+    try:
+        pids = [int(n) for n in os.listdir("/proc") if n.isdigit()]
+    except OSError:
+        return out
+    for pid in pids:
+        try:
+            entries = os.scandir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        with entries:
+            for e in entries:
+                try:
+                    st = os.stat(e.path)
+                except OSError:
+                    continue
+                suffix = files.get((st.st_dev, st.st_ino))
+                if suffix is not None:
+                    out.setdefault(pid, suffix)
+                    break
+    return out
+
+
+def _comm(pid: int) -> str:
+    try:
+        return f" ({Path(f'/proc/{pid}/comm').read_text().strip()})"
+    except OSError:
+        return ""
 
 
 def _hold_still(target: Path) -> apsw.Connection | None:

@@ -38,7 +38,14 @@ from dbre.replicate.segment import (
 )
 from dbre.repository.manifest import Manifest, iso, micros
 from dbre.repository.repo import Repository
-from dbre.restore.full import _remove_leftovers, _replace, _write_restore, pitr_scratch_name, plan_restore
+from dbre.restore.full import (
+    _remove_leftovers,
+    _replace,
+    _write_restore,
+    check_target,
+    pitr_scratch_name,
+    plan_restore,
+)
 from dbre.storage import NotFound
 
 SEGMENT_READERS = 8  # segments fetched at once (one GET each)
@@ -79,14 +86,15 @@ class PitrPlan:
 
 def plan_pitr(repo: Repository, db: str, target: str | os.PathLike[str], *, at: datetime | None = None,
               txid: int | None = None, force: bool = False) -> PitrPlan | None:
-    """The plan for ``--at`` or ``--txid`` from segments; None when no generation covers ``at``
-    better than a snapshot does (the caller then restores a snapshot as before)."""
+    """The plan for ``--at`` or ``--txid`` from segments, or with neither for the newest replicated
+    state; None when no generation covers ``at`` (or the newest state) better than a snapshot does
+    (the caller then restores a snapshot as before)."""
     if at is not None and txid is not None:
         raise UsageError("--at and --txid were both given", "pass one of them")
-    path = Path(target).expanduser().absolute()
-    if path.exists() and not force:
-        raise UsageError(f"restore target {path} already exists", "choose a new path or pass --force")
+    path = check_target(target, force)
     gens = list_generations(repo, db)
+    if at is None and txid is None:
+        return _plan_newest(repo, db, path, force, gens)
     if at is not None and gens:
         from dbre.replicate.window import read_pruned
 
@@ -140,6 +148,26 @@ def plan_pitr(repo: Repository, db: str, target: str | os.PathLike[str], *, at: 
     following = names[len(needed) : len(needed) + 1] if names[: len(needed)] == needed else []
     needed = check_contiguous(db, gen, needed + following)[: len(needed)]
     return PitrPlan(db, path, force, gen, base_snapshot(repo, gen), needed, at=at, txid=txid)
+
+
+def _plan_newest(repo: Repository, db: str, path: Path, force: bool,
+                 gens: dict[str, list[SegmentName]]) -> PitrPlan | None:
+    """Every transaction of the newest generation, unless a snapshot taken after the last of them
+    was observed holds as much or more (None: restore that snapshot)."""
+    if not gens:
+        return None
+    gen_id, names = next(reversed(gens.items()))
+    gen = _read_base_or_refuse(repo, db, gen_id)
+    if micros(gen.time) != int(gen_id[:16], 16):
+        raise IntegrityError(f"{gen.key}: base taken at {gen.taken_at}, its name says otherwise",
+                             "the base was moved or replaced: restore it from the offsite copy")
+    names = check_contiguous(db, gen, check_times(db, gen, names))
+    if not names:
+        return None  # (the base is a snapshot: the newest snapshot holds at least as much)
+    newest = repo.find_snapshot(db)
+    if newest.id != gen.snapshot and micros(newest.time) > names[-1].last_us:
+        return None  # (taken after the last transaction was observed: it holds every one of them)
+    return PitrPlan(db, path, force, gen, base_snapshot(repo, gen), names)
 
 
 def _read_base_or_refuse(repo: Repository, db: str, gen_id: str) -> Generation:
