@@ -91,3 +91,35 @@ def test_a_changed_slot_is_named_at_the_first_page_it_breaks(tmp_path: Path) -> 
     tampered.slots[i] = 65535  # past the batch's end
     with pytest.raises(IntegrityError, match="another page at offset"):
         check_blob_pages(index, tampered, pages, m)
+
+
+def test_verify_names_exactly_the_records_whose_slot_the_index_does_not_hold(tmp_path: Path) -> None:
+    """verify's per-blob comparison (``_mismatched``) against the page-by-page rule, on a real page
+    map whose records were changed in memory (a forged run cannot be stored without the key)."""
+    import numpy as np
+
+    from dbre.repository.backup import load_records
+    from dbre.repository.verify import _mismatched, blob_groups, record_mismatch
+
+    repo, manifests = _chain(tmp_path, 3)
+    m = manifests[-1]
+    raw = bytearray(load_records(repo, m).buf)
+    rows = np.frombuffer(raw, dtype=np.uint8).reshape(-1, 46)
+    groups, _ = blob_groups(rows)
+    key, at = max(groups, key=lambda g: len(g[1]))
+    pack = key[:16].hex()
+    (_, index, _), = list(each_index(repo, {pack: 0}))
+    assert not isinstance(index, Exception)
+    off, length = int.from_bytes(key[16:24], "little"), int.from_bytes(key[24:28], "little")
+    assert _mismatched(index, off, length, rows, at) == []
+    rng = random.Random(3)
+    broken = sorted(rng.sample(at.tolist(), 5))
+    for i in broken[:4]:
+        slot = int.from_bytes(raw[i * 46 + 44 : i * 46 + 46], "little")
+        raw[i * 46 + 44 : i * 46 + 46] = ((slot + 1) % len(index[off].hashes)).to_bytes(2, "little")
+    raw[broken[4] * 46 + 44 : broken[4] * 46 + 46] = (65535).to_bytes(2, "little")
+    got = _mismatched(index, off, length, rows, at)
+    assert got == broken
+    assert all(record_mismatch(index, off, length, int.from_bytes(raw[i * 46 + 44 : i * 46 + 46], "little"),
+                               bytes(raw[i * 46 : i * 46 + 16])) for i in got)
+    assert _mismatched(index, off + 1, length, rows, at) == at.tolist()  # no such blob: every record

@@ -36,7 +36,6 @@ Index = dict[int, BlobInfo]  # a pack's index: blob offset -> blob
 READERS = 16  # pack tails and runs read at once (small ranged GETs: latency-bound, not bandwidth-bound)
 READ_SPAN = 16 * 1024 * 1024  # --read-data reads a pack's blobs in ranges of at most this many bytes
 MAX_BLOB = 64 * 1024 * 1024  # a blob is a batch of ~2 MiB of pages or a run of ~190 KB: a larger one is not read
-_NO_PACK = bytes(16)
 
 
 @dataclass
@@ -174,6 +173,21 @@ class SnapshotPages:
         return self.hashes.buf[page * 16 : (page + 1) * 16]  # type: ignore[return-value]
 
 
+def blob_groups(rows: np.ndarray) -> tuple[list[tuple[bytes, np.ndarray]], int]:
+    """The blobs one run's records (``rows``: n x 46 bytes) point into, in the order of their first
+    record: (pack id + offset + length as 28 bytes, the indexes of its records, ascending); and how
+    many records are pages never written (see backup.ZERO_LOCATION), which point nowhere."""
+    written = np.flatnonzero(rows[:, 16:32].any(axis=1) | rows[:, 40:44].any(axis=1))
+    if not len(written):
+        return [], len(rows)
+    where = np.ascontiguousarray(rows[written, 16:44]).view(f"V{_BLOB.size}").ravel()
+    keys, first, inverse = np.unique(where, return_index=True, return_inverse=True)
+    order = written[np.argsort(inverse, kind="stable")]  # each blob's records together, in order
+    bounds = np.concatenate([[0], np.cumsum(np.bincount(inverse, minlength=len(keys)))])
+    return ([(keys[u].tobytes(), order[bounds[u] : bounds[u + 1]]) for u in np.argsort(first, kind="stable").tolist()],
+            len(rows) - len(written))
+
+
 def snapshot_blobs(repo: Repository, manifest: Manifest) -> SnapshotPages:
     """The blobs a snapshot's page map points into, each with its pages; IntegrityError when the
     page map's length is not the manifest's. A blob is one (pack, offset, length): a record that
@@ -189,25 +203,16 @@ def snapshot_blobs(repo: Repository, manifest: Manifest) -> SnapshotPages:
             raise IntegrityError(f"snapshot {manifest.id}: page map has more pages than the manifest's "
                                  f"{manifest.page_count}")
         hashes[16 * n : 16 * (n + k)] = rows[:, :16].tobytes()
-        where = np.ascontiguousarray(rows[:, 16:44]).view(f"V{_BLOB.size}").ravel()
-        # a page never written (see backup.ZERO_LOCATION: no pack, no length) restores as zeros
-        written = np.flatnonzero(~(~rows[:, 16:32].any(axis=1) & ~rows[:, 40:44].any(axis=1)))
-        zero += k - len(written)
-        if len(written):
-            keys, first, inverse = np.unique(where[written], return_index=True, return_inverse=True)
-            order = np.argsort(inverse, kind="stable")  # each blob's pages together, in page order
-            bounds = np.cumsum(np.bincount(inverse, minlength=len(keys)))
-            slots = np.ascontiguousarray(rows[:, 44:46]).view("<u2").ravel()[written]
-            pages = (written + n).astype("<u4")
-            for u in np.argsort(first, kind="stable").tolist():
-                key = keys[u].tobytes()
-                blob = blobs.get(key)
-                if blob is None:
-                    pack, off, length = _BLOB.unpack(key)
-                    blob = blobs[key] = SnapshotBlob(pack.hex(), off, length)
-                take = order[(bounds[u - 1] if u else 0) : bounds[u]]
-                blob.pages.frombytes(pages[take].tobytes())
-                blob.slots.frombytes(slots[take].astype("<u2").tobytes())
+        groups, never = blob_groups(rows)
+        zero += never
+        slots = np.ascontiguousarray(rows[:, 44:46]).view("<u2").ravel()
+        for key, at in groups:
+            blob = blobs.get(key)
+            if blob is None:
+                pack, off, length = _BLOB.unpack(key)
+                blob = blobs[key] = SnapshotBlob(pack.hex(), off, length)
+            blob.pages.frombytes((at + n).astype("<u4").tobytes())
+            blob.slots.frombytes(slots[at].tobytes())
         n += k
     if n != manifest.page_count:
         raise IntegrityError(f"snapshot {manifest.id}: page map has {n} pages, manifest says {manifest.page_count}")
@@ -371,14 +376,14 @@ def verify(repo: Repository, db: str | None = None, *, read_data: bool = False,
         pack_users[key[0]] |= users[key]
     for key in fast_users:
         ends[key[0]] = max(ends[key[0]], key[1] + key[2])
+    groups: dict[RunKey, list[tuple[bytes, np.ndarray]]] = {}
     for key, raw in runs.items():
         packs_here: dict[bytes, int] = {}
-        for _, pack, off, length, _ in RECORD.iter_unpack(raw):
-            if pack == _NO_PACK and not length:
-                continue
-            end = off + length
-            if packs_here.get(pack, -1) < end:
-                packs_here[pack] = end
+        groups[key] = blob_groups(np.frombuffer(raw, dtype=np.uint8).reshape(-1, RECORD.size))[0]
+        for where, _ in groups[key]:
+            pack, off, length = _BLOB.unpack(where)
+            if packs_here.get(pack, -1) < off + length:
+                packs_here[pack] = off + length
         for pack_b, end in packs_here.items():
             pack = pack_b.hex()
             ends[pack] = max(ends[pack], end)
@@ -407,15 +412,17 @@ def verify(repo: Repository, db: str | None = None, *, read_data: bool = False,
                 report.add(pack_key(key[0]), f"fast run: {why} ({_FAST_NOTE}; used by "
                                              f"{', '.join(sorted(fast_users[key])[:3])})", [])
     for key, raw in runs.items():
+        rows = np.frombuffer(raw, dtype=np.uint8).reshape(-1, RECORD.size)
         bad: dict[str, list[str]] = defaultdict(list)
-        for i, (h, pack, off, length, slot) in enumerate(RECORD.iter_unpack(raw)):
-            if pack == _NO_PACK and not length:
-                continue
-            idx = indexes[pack.hex()]
+        for where, at in groups[key]:
+            pack_b, off, length = _BLOB.unpack(where)
+            idx = indexes[pack_b.hex()]
             if isinstance(idx, dict):
-                why = record_mismatch(idx, off, length, slot, h)
-                if why:
-                    bad[pack.hex()].append(f"record {i} of run {key[3][:12]}: {why}")
+                for i in _mismatched(idx, off, length, rows, at):
+                    h, _, _, _, slot = RECORD.unpack(rows[i].tobytes())
+                    why = record_mismatch(idx, off, length, slot, h)
+                    if why:
+                        bad[pack_b.hex()].append(f"record {i} of run {key[3][:12]}: {why}")
         for pack, whys in bad.items():
             more = f" and {len(whys) - 1} more" if len(whys) > 1 else ""
             report.add(pack_key(pack), whys[0] + more, users[key])
@@ -432,6 +439,21 @@ def verify(repo: Repository, db: str | None = None, *, read_data: bool = False,
         if damaged:
             _attribute(damaged, users, runs, report)
     return report
+
+
+def _mismatched(index: Index, offset: int, length: int, rows: np.ndarray, at: np.ndarray) -> list[int]:
+    """The records ``rows[at]`` (all pointing at the blob ``offset``/``length``) whose page hash the
+    index does not list at their slot: all of them when it lists no such blob."""
+    b = index.get(offset)
+    if b is None or b.kind != b"d" or b.length != length or not isinstance(b.hashes, Entries):
+        return at.tolist()
+    listed = np.frombuffer(b.hashes.buf, dtype=np.uint8).reshape(-1, 16)
+    slots = np.ascontiguousarray(rows[at, 44:46]).view("<u2").ravel().astype(np.int64)
+    inside = slots < len(listed)
+    differs = ~inside
+    ok = np.flatnonzero(inside)
+    differs[ok] = (listed[slots[ok]] != rows[at[ok], :16]).any(axis=1)
+    return at[differs].tolist()
 
 
 def _read_runs(repo: Repository, by_run: dict[RunKey, tuple[RunRef, Manifest]], users: dict[RunKey, set[str]],
