@@ -13,6 +13,12 @@ means the same here:
   time minus a calendar duration such as ``2y5m7d3h`` (m is months); the latest snapshot is the
   newest one not in the future, so a paused schedule never ages snapshots out.
 - A snapshot kept by several rules lists them all; the rules are ORed.
+- Safety snapshots (tag ``safety``: the live database just before restore-table replaced a table)
+  are not points of the backup history: the count rules neither count nor keep them, so three
+  repairs in a day never push three regular snapshots out of ``--keep-last 7``. ``within`` keeps
+  them like any snapshot, and each is kept at least ``SAFETY_KEEP`` (7 days) after it was taken,
+  measured like ``within`` from the latest snapshot (reason ``safety 7d``), so the undo of a repair
+  survives the next nightly forget.
 
 Periods are computed on the wall clock of the policy's time zone (restic uses the zone each
 snapshot was taken in): a snapshot at 02:00 UTC belongs to the previous day in New York.
@@ -79,6 +85,9 @@ class KeepDuration:
         day = date(year, month0 + 1, 1) + timedelta(days=local.day - 1 - self.days)
         wall = datetime.combine(day, local.time(), tzinfo=tz)
         return wall.astimezone(UTC) - timedelta(hours=self.hours)
+
+
+SAFETY_KEEP = KeepDuration(days=7)  # every safety snapshot is kept at least this long (see the module doc)
 
 
 @dataclass
@@ -169,15 +178,23 @@ def apply_policy(snaps: Sequence[Manifest], policy: KeepPolicy, tz: ZoneInfo | N
     zone = tz or policy.zone()
     within = policy.within_duration()
     # newest first; equal times newest id first, so the order (and so the choice) is deterministic
-    newest_first = sorted(snaps, key=lambda m: (m.time, m.id), reverse=True)
+    by_time = sorted(snaps, key=lambda m: (m.time, m.id), reverse=True)
+    latest = _latest([m.time for m in by_time], now or datetime.now(UTC))
+    reasons: dict[str, list[str]] = {}
+    safety_cutoff = SAFETY_KEEP.before(latest, zone) if latest is not None else datetime.min.replace(tzinfo=UTC)
+    for m in by_time:
+        if m.is_safety and m.time > safety_cutoff:
+            reasons[m.id] = [f"safety {SAFETY_KEEP}"]
+    newest_first = [m for m in by_time if not m.is_safety]  # the count rules walk the backup history only
     times = [m.time for m in newest_first]
     cutoff: datetime | None = None
     if within is not None:
-        latest = _latest(times, now or datetime.now(UTC))
         cutoff = within.before(latest, zone) if latest is not None else datetime.min.replace(tzinfo=UTC)
+        for m in by_time:
+            if m.is_safety and m.time > cutoff:
+                reasons.setdefault(m.id, []).insert(0, f"within {within}")
     left = {name: getattr(policy, name) for name in COUNT_RULES}
     previous: dict[str, object] = {}
-    reasons: dict[str, list[str]] = {}
     for nr, (m, t) in enumerate(zip(newest_first, times, strict=True)):
         why: list[str] = []
         if cutoff is not None and t > cutoff:

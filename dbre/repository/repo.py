@@ -452,7 +452,8 @@ class Repository:
         raise UsageError(f"no snapshots of database {db!r} in {self.url}", f"known databases: {known}")
 
     def find_snapshot(self, db: str, snap_id: str | None = None, at: datetime | None = None) -> Manifest:
-        """The snapshot an ID prefix names, or the newest at or before ``at``, or the newest.
+        """The snapshot an ID prefix names, or the newest at or before ``at``, or the newest that is
+        not a safety snapshot (see ``Manifest.is_safety``).
 
         Format 2 reads exactly one manifest: the listing of names finds it (one request with
         ``at`` or for the newest; an id prefix lists the database's names)."""
@@ -493,7 +494,17 @@ class Repository:
             assert at is not None
             first = min(r.time for r in refs if r.time is not None)
             raise UsageError(f"{iso(at)} is before the first snapshot of {db!r} ({iso(first)})", "pick a later time")
-        return self.load_ref(ref)
+        chosen = self.load_ref(ref)
+        if at is None and chosen.is_safety:
+            # the default "newest" skips safety snapshots (a repair's undo, not the backup history;
+            # --snapshot ID still names one); a database with nothing else restores the newest of them
+            older = self._first_ref(prefix, ref.key)
+            while older is not None:
+                m = self.load_ref(older)
+                if not m.is_safety:
+                    return m
+                older = self._first_ref(prefix, older.key)
+        return chosen
 
     def write_manifest(self, manifest: Manifest) -> int:
         """Commit a snapshot: the conditional put of its manifest is the last write of a backup."""

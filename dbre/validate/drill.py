@@ -91,9 +91,16 @@ def newest_restorable_point(newest: Manifest) -> datetime:
     return newest.time
 
 
+def backup_history(snaps: list[Manifest]) -> list[Manifest]:
+    """The snapshots a drill chooses from and measures the RPO by: all but the safety snapshots
+    (the undo of a repair, not what the backup schedule produced), unless there is nothing else."""
+    return [m for m in snaps if not m.is_safety] or snaps
+
+
 def pick_snapshot(repo: Repository, db: str, target: str = "newest", *, seed: int | None = None) -> Manifest:
-    """``newest``, ``random`` (any snapshot of ``db``), or an ISO time (the newest at or before it)."""
-    snaps = repo.require_db(db)
+    """``newest``, ``random`` (any snapshot of ``db``), or an ISO time (the newest at or before it);
+    safety snapshots are never chosen (see ``backup_history``)."""
+    snaps = backup_history(repo.require_db(db))
     if target == "newest":
         return snaps[-1]
     if target == "random":
@@ -103,7 +110,10 @@ def pick_snapshot(repo: Repository, db: str, target: str = "newest", *, seed: in
     except UsageError:
         raise UsageError(f"drill target {target!r} is not newest, random or a time",
                          "e.g. --target newest, --target random or --target 2026-11-01T00:00:00Z") from None
-    return repo.find_snapshot(db, at=at)
+    chosen = repo.find_snapshot(db, at=at)  # (raises when ``at`` is before the first snapshot)
+    if chosen.is_safety:
+        return next((m for m in reversed(snaps) if m.time <= at), chosen)
+    return chosen
 
 
 def begin_drill(repo: Repository, db: str, target: str = "newest", *, scratch_dir: str | os.PathLike[str] | None = None,
@@ -112,7 +122,7 @@ def begin_drill(repo: Repository, db: str, target: str = "newest", *, scratch_di
     check_db_name(db)
     started_at = now_utc()
     started = time.monotonic()
-    snaps = repo.require_db(db)
+    snaps = backup_history(repo.require_db(db))
     snapshot = pick_snapshot(repo, db, target, seed=seed)
     if scratch_dir is not None:
         Path(scratch_dir).mkdir(parents=True, exist_ok=True)
