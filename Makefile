@@ -28,8 +28,9 @@ test: $(STAMP) lint typecheck
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 # the history (S3, 5 vs 200 snapshots), churn (24 rounds, repack off/on), memory (1 and 8 GiB) and PITR
-# (replication vs Litestream 0.5.17) parts too; BENCH_ARGS= for the core only
-BENCH_ARGS ?= --history --churn --memory --pitr
+# (replication vs Litestream 0.5.17) and S3 restore (1 GiB from moto_server vs local) parts too;
+# BENCH_ARGS= for the core only
+BENCH_ARGS ?= --history --churn --memory --pitr --s3
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks $(BENCH_ARGS)
 

@@ -7,6 +7,7 @@
     python -m benchmarks --churn           # also size under churn and retention (benchmarks/churn.py)
     python -m benchmarks --memory          # also peak RSS at 1 and 8 GiB (benchmarks/memory.py)
     python -m benchmarks --pitr            # also replication against Litestream 0.5.17 (benchmarks/pitr.py)
+    python -m benchmarks --s3              # also restore from S3 against a local one (benchmarks/s3restore.py)
 """
 
 from __future__ import annotations
@@ -53,6 +54,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--pitr", action="store_true",
                    help="also continuous replication and point-in-time restores, dbre vs Litestream "
                         "(256 MiB, 100 and 1000 commits/s, directory and S3; with --quick: 4 MiB, 100/s, directory)")
+    p.add_argument("--s3", action="store_true",
+                   help="also restore of the largest size from an S3 repository (moto_server) against a local one")
     p.add_argument("--size-mb", type=int, help=argparse.SUPPRESS)  # tiny databases for the tests
     args = p.parse_args(argv)
     if args.quick:
@@ -114,6 +117,11 @@ def main(argv: list[str] | None = None) -> int:
 
         doc["pitr"] = pitr.measure(pitr.Settings.quick() if args.quick else pitr.Settings(), out, log=console.print)
         pitr_report.print_tables(doc["pitr"], console)  # type: ignore[arg-type]
+    if args.s3:
+        from benchmarks import s3restore
+
+        doc["s3_restore"] = s3restore.measure(out / "data", args.runs, console.print, max(args.sizes))
+        s3restore.print_result(doc["s3_restore"], console.print)  # type: ignore[arg-type]
     (out / "results.json").write_text(json.dumps(doc, indent=1))
     report.print_table(doc, console)
     console.print(f"results: {out / 'results.json'}")
@@ -124,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
         missed.append(doc["churn"])
     if args.memory and not doc["memory"]["pass"]:  # type: ignore[index]
         missed.append(doc["memory"])
+    if args.s3 and not doc["s3_restore"]["pass"]:  # type: ignore[index]
+        missed.append(doc["s3_restore"])
     if args.pitr:
         missed += [c for c in doc["pitr"]["comparison"] if not c.get("pass")]  # type: ignore[index]
     return 1 if args.strict and missed else 0
