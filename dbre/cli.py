@@ -193,3 +193,4 @@ else:
     import dbre.cli_status  # noqa: F401 - status
     import dbre.cli_report  # noqa: F401 - the `report` group
     import dbre.cli_replicate  # noqa: F401 - replicate
+    import dbre.cli_audit  # noqa: F401 - the `audit` group

@@ -244,18 +244,17 @@ def restore_table(
                     print("a safety snapshot of the live database is taken first")
                 print("dry run: nothing changed; pass --apply to restore")
                 return
-            result = apply_table_restore(plan, allow_fk_violations=allow_fk_violations)
+            result = apply_table_restore(plan, allow_fk_violations=allow_fk_violations, key_file=key_file)
         s = result.summary()
         if json_out:
             _print_json(s)
             return
         for a in s["tables"]:
-            verb = "restored as" if a["target"] != a["table"] else "replaced"
+            verb = {"create copy": "restored as", "replace": "replaced"}.get(a["action"], "recreated")
             print(f"{a['table']}: {verb} {a['target']} ({a['snapshot_rows']} rows from snapshot {s['snapshot']})")
         if s["safety_snapshot"]:
-            print(f"safety snapshot {s['safety_snapshot']} of the live database taken first; to undo: "
-                  f"dbre restore-table --repo {repo} --db {db} --live {live} --snapshot {s['safety_snapshot']} "
-                  + " ".join(f"--table {a['table']}" for a in s["tables"]) + " --replace --apply")
+            print(f"safety snapshot {s['safety_snapshot']} of the live database taken first")
+        print("to undo:" if len(s["undo"]) == 1 else "to undo, run each:", *s["undo"], sep="\n  ")
         print(f"audit record {s['audit_record']}")
 
     _run(go)
@@ -293,7 +292,7 @@ def repair_rows(
         repository = Repository.open(repo, _key(key_file))
         plan = plan_row_repair(repository, db, live, table, where, snapshot=snapshot, at=when,
                                delete_extra=delete_extra, max_rows=max_rows, preview_rows=max(preview, 0),
-                               token=_token())
+                               token=_token(), fire_triggers=fire_triggers)
         with plan:
             d = plan.describe()
             if not apply or not plan.changes:
@@ -307,6 +306,10 @@ def repair_rows(
                 if d["preview"]:
                     _table(f"first {preview} rows of each kind", ["action", "key", "values"],
                            [[p["action"], p["key"], p["detail"]] for p in d["preview"]])
+                if d["effects"]:
+                    _table("beyond these rows: other tables and triggers", ["table", "through", "rows", "when applied"],
+                           [[e["table"], e["through"], "?" if e["rows"] is None else e["rows"], e["when_applied"]]
+                            for e in d["effects"]])
                 print("nothing to repair" if not plan.changes
                       else "dry run: nothing changed; pass --apply to repair")
                 return

@@ -250,7 +250,7 @@ def test_rows_of_a_remote_libsql_database(sqld: SqldServer, tmp_path: Path,  # n
 # --------------------------------------------------------------------------- a table dropped
 
 
-def test_dropped_table_comes_back_as_a_copy_then_in_place(shop: tuple[Path, Repository, str], tmp_path: Path) -> None:
+def test_dropped_table_comes_back_in_place_then_as_a_copy(shop: tuple[Path, Repository, str], tmp_path: Path) -> None:
     live, repo, snap = shop
     orders, schema = rows(live, "orders"), schema_of(live, "orders")
     sql(live, "DROP TABLE orders")
@@ -260,32 +260,37 @@ def test_dropped_table_comes_back_as_a_copy_then_in_place(shop: tuple[Path, Repo
     before = file_hash(live)
     dry = cli("restore-table", *args)
     assert dry.returncode == 0, dry
-    assert 'CREATE TABLE "orders_restored"' in dry.stdout and 'ON "orders_restored"' in dry.stdout
-    assert "not created: trigger orders_touch" in dry.stdout and "dry run: nothing changed" in dry.stdout
+    assert "recreate (dropped in live)" in dry.stdout and "_restored" not in dry.stdout
+    assert "CREATE TRIGGER orders_touch" in dry.stdout and "dry run: nothing changed" in dry.stdout
     assert file_hash(live) == before
 
-    copy = cli("restore-table", *args, "--apply")
+    back = cli("restore-table", *args, "--apply")  # no live orders: back under its own name, triggers too
+    assert back.returncode == 0, back
+    assert "orders: recreated orders (300 rows" in back.stdout
+    assert rows(live, "orders") == orders and schema_of(live, "orders") == schema
+    assert sql(live, "SELECT seq FROM sqlite_sequence WHERE name = 'orders'") == [(300,)]
+
+    copy = cli("restore-table", *args, "--apply")  # orders exists now: a copy beside it
     assert copy.returncode == 0, copy
     assert "orders: restored as orders_restored (300 rows" in copy.stdout
     assert rows(live, "orders_restored") == orders
     assert [r[1] for r in schema_of(live, "orders_restored")] == ["orders_customer_restored", "orders_note_restored",
                                                                  "orders_restored"]  # indexes, no triggers
-    assert sql(live, "SELECT seq FROM sqlite_sequence WHERE name = 'orders_restored'") == [(300,)]
     assert_one_line_error(cli("restore-table", *args, "--apply"), 2, "'orders_restored' already exists")
 
-    back = cli("restore-table", *args, "--replace", "--apply")
-    assert back.returncode == 0, back
-    assert "orders: replaced orders" in back.stdout and "safety snapshot" in back.stdout
-    assert rows(live, "orders") == orders and schema_of(live, "orders") == schema  # indexes and triggers too
+    replaced = cli("restore-table", *args, "--replace", "--apply")
+    assert replaced.returncode == 0, replaced
+    assert "orders: replaced orders" in replaced.stdout and "safety snapshot" in replaced.stdout
+    assert rows(live, "orders") == orders and schema_of(live, "orders") == schema
     assert sql(live, "PRAGMA integrity_check") == [("ok",)] and sql(live, "PRAGMA foreign_key_check") == []
 
     audits = repo.records("audits", "shop")
-    assert [(a["mode"], a["tables"][0]["action"]) for a in audits] == [("rename", "create copy"),
-                                                                      ("replace", "recreate (dropped in live)")]
+    assert [(a["mode"], a["tables"][0]["action"]) for a in audits] == [
+        ("rename", "recreate (dropped in live)"), ("rename", "create copy"), ("replace", "replace")]
     safety = audits[-1]["safety_snapshot"]
     m = repo.find_snapshot("shop", safety)
-    assert "purpose" in m.source and "orders" not in m.tables  # the state just before: orders was dropped
-    assert safety in back.stdout and audits[-1]["undo"].endswith("--replace --apply")
+    assert "purpose" in m.source and "orders_restored" in m.tables  # the state just before the replace
+    assert safety in replaced.stdout and audits[-1]["undo"].endswith("--replace --apply")
 
 
 def test_replace_is_undone_from_its_safety_snapshot(shop: tuple[Path, Repository, str], tmp_path: Path) -> None:

@@ -8,11 +8,13 @@ the live connection, and rows move between the two inside one SQLite transaction
 from __future__ import annotations
 
 import getpass
+import json
 import os
 import re
 import shutil
 import socket
 import tempfile
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -36,6 +38,7 @@ _MAGIC = b"SQLite format 3\x00"
 # a word, or one other character
 SQL_TOKEN = re.compile(r"""\s+ | --[^\n]* | /\*.*?(?:\*/|$) | "(?:[^"]|"")*"? | `(?:[^`]|``)*`? | \[[^\]]*\]?
                            | '(?:[^']|'')*'? | \w+ | .""", re.S | re.X)
+AUDITS = "audits"  # the record kind of audit records: records/audits/<db>/<id>
 _REMOTE = ("libsql://", "http://", "https://", "ws://", "wss://")
 
 
@@ -190,20 +193,32 @@ def referencing_tables(conn: apsw.Connection, parents: Iterable[str]) -> set[str
     return out
 
 
-def fk_violations(conn: apsw.Connection, tables: Iterable[str]) -> dict[str, int]:
-    """``PRAGMA foreign_key_check`` violations per table of main (tables that do not exist are skipped)."""
+Violation = tuple[str, Any, str, int]  # PRAGMA foreign_key_check's row: table, rowid, parent, foreign key id
+
+
+def fk_violations(conn: apsw.Connection, tables: Iterable[str]) -> Counter[Violation]:
+    """The rows ``PRAGMA foreign_key_check`` reports in ``tables`` of main (tables that do not exist are skipped)."""
     names = table_names(conn)
-    out = {}
+    out: Counter[Violation] = Counter()
     for t in sorted(set(tables), key=str.lower):
         name = names.get(t.lower())
         if name is not None:
-            (n,) = conn.execute("SELECT count(*) FROM pragma_foreign_key_check(?, 'main')", (name,)).fetchone()  # type: ignore[misc]
-            out[name] = int(n)
+            out.update(violation(r) for r in conn.execute("SELECT * FROM pragma_foreign_key_check(?, 'main')",
+                                                           (name,)))
     return out
 
 
-def new_fk_violations(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
-    return {t: n - before.get(t, 0) for t, n in after.items() if n > before.get(t, 0)}
+def violation(row: Any) -> Violation:
+    return (str(row[0]), row[1], str(row[2]), int(row[3]))
+
+
+def new_fk_violations(before: Counter[Violation], after: Counter[Violation]) -> dict[str, int]:
+    """New violations per table: rows reported after and not before, so a violation the change fixes
+    does not hide one it makes (rows of a WITHOUT ROWID table, reported without a rowid, are counted)."""
+    out: dict[str, int] = {}
+    for (table, *_), n in (after - before).items():
+        out[table] = out.get(table, 0) + n
+    return out
 
 
 def fk_message(new: dict[str, int]) -> str:
@@ -247,12 +262,50 @@ def write_audit(repo: Repository, db: str, record: dict[str, Any], who: str | No
     """
     full = {"time": iso(now_utc()), "who": who or actor(), "tool": TOOL, **record}
     try:
-        return repo.put_record("audits", db, full)
+        return repo.put_record(AUDITS, db, full)
     except (DbreError, OSError) as err:
         why = err.message if isinstance(err, DbreError) else str(err)
         # not chained: a retry that saw a transient cause would apply the change a second time
         raise DbreError(f"{record.get('operation')}: applied to {record.get('live')}, but the audit record "
                         f"could not be written ({why})", "the change stands; note it by hand") from None
+
+
+def read_audits(repo: Repository, db: str | None = None, last: int | None = None) -> list[dict[str, Any]]:
+    """Audit records (of ``db``, or of every database), oldest first; only the ``last`` newest when given.
+
+    Read as ``Repository.records`` reads them (sealed JSON named by time), listing first so that
+    only the records shown are fetched. Each gets its "record_id" and "db"."""
+    keys = _audit_keys(repo, db)
+    return [_read_audit(repo, k) for k in (keys[-last:] if last else keys)]
+
+
+def find_audit(repo: Repository, record_id: str, db: str | None = None) -> dict[str, Any]:
+    """The audit record whose id is ``record_id`` or starts with it; UsageError when none or several."""
+    wanted = record_id.strip()
+    matches = [k for k in _audit_keys(repo, db) if wanted and k.rsplit("/", 1)[1].startswith(wanted)]
+    if len(matches) != 1:
+        where = f" of {db}" if db else ""
+        if not matches:
+            raise UsageError(f"audit: no audit record{where} has the id {record_id!r}",
+                             "list them with `dbre audit --repo R`")
+        raise UsageError(f"audit: {len(matches)} audit records{where} have ids starting {record_id!r}",
+                         "give more of the id")
+    return _read_audit(repo, matches[0])
+
+
+def _audit_keys(repo: Repository, db: str | None) -> list[str]:
+    if db is not None:
+        check_db_name(db)
+    prefix = f"records/{AUDITS}/{db}/" if db else f"records/{AUDITS}/"
+    return sorted(repo.store.list(prefix), key=lambda k: k.rsplit("/", 1)[1])
+
+
+def _read_audit(repo: Repository, key: str) -> dict[str, Any]:
+    from dbre.storage.base import RECORD_CAP, get_capped
+
+    record = json.loads(repo.sealer.unseal(get_capped(repo.store, key, RECORD_CAP, "record"), key))
+    _, _, db, rec_id = key.split("/", 3)
+    return {"record_id": rec_id, **record, "db": record.get("db", db)}
 
 
 def show_value(v: Any, width: int = 40) -> str:

@@ -3,9 +3,13 @@
 The plan restores the snapshot to scratch, selects the rows the WHERE matches there and in the
 live database, and diffs them by primary key (the rowid when the table has none) with pandas:
 rows missing in live are inserted, rows that differ are updated back, rows only in live are
-reported (and deleted only with ``delete_extra``). Each row is compared by a hash of its stored
-values with their types, so 1, 1.0 and '1' differ as SQLite stores them. Applying re-reads the
-live selection inside the write transaction and stops if it is not what the plan saw.
+reported (and deleted only with ``delete_extra``). The plan also names what applying it does
+beyond the table: rows of other tables whose foreign keys point at rows it deletes or re-keys
+(counted in live; a repair never runs ON DELETE/UPDATE actions, so they would be left pointing at
+nothing and the apply stops), and the table's triggers that fire (or stay suspended). Each row is
+compared by a hash of its stored values with their types, so 1, 1.0 and '1' differ as SQLite
+stores them. Applying re-reads the live selection inside the write transaction and stops if it is
+not what the plan saw.
 
 The live database is a local file, or a remote libSQL database (sqld, Turso) reached with
 libsql-client: then the rows are read in pages by key, and the repair is one interactive
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -35,13 +40,17 @@ from dbre.restore.live import (
     SQL_TOKEN,
     Scratch,
     ScratchPlan,
+    Violation,
     check_live_file,
+    fk_message,
     is_remote,
     manifest_tables,
+    new_fk_violations,
     restore_to_scratch,
     rowid_alias,
     show_value,
     unknown_table,
+    violation,
     write_audit,
     write_transaction,
 )
@@ -79,6 +88,8 @@ class RowRepairPlan(ScratchPlan):
     updates: list[Key]
     extras: list[Key]
     preview: list[dict[str, Any]] = field(default_factory=list)
+    effects: list[dict[str, Any]] = field(default_factory=list)  # what applying does beyond the table's rows
+    fire_triggers: bool = False
     live_seen: Any = field(default=None, repr=False)  # DataFrame (kq, h) of the live selection
     live_url: str | None = field(default=None, repr=False)  # a remote database's full URL
     token: Secret | None = field(default=None, repr=False)
@@ -104,7 +115,8 @@ class RowRepairPlan(ScratchPlan):
         return {"operation": OPERATION, "db": self.db, "live": self.live, "table": self.table,
                 "where": self.where, "snapshot": m.id, "taken_at": m.taken_at, "key": self.key,
                 "snapshot_rows": self.snapshot_rows, "live_rows": self.live_rows, "delete_extra": self.delete_extra,
-                "counts": self.counts(), "preview": self.preview}
+                "counts": self.counts(), "fire_triggers": self.fire_triggers, "effects": self.effects,
+                "preview": self.preview}
 
 
 
@@ -220,13 +232,13 @@ def _children(db: Db, table: str) -> list[tuple[str, str, str]]:
     return out
 
 
-def _fk_violations(db: Db, tables: Iterable[str]) -> dict[str, int]:
+def _fk_violations(db: Db, tables: Iterable[str]) -> Counter[Violation]:
     names = _tables(db)
-    out = {}
+    out: Counter[Violation] = Counter()
     for t in sorted({t.lower() for t in tables}):
         if t in names:
-            (n,) = db.rows("SELECT count(*) FROM pragma_foreign_key_check(?, 'main')", (names[t],))[0]
-            out[names[t]] = int(n)
+            out.update(violation(r) for r in db.rows("SELECT * FROM pragma_foreign_key_check(?, 'main')",
+                                                     (names[t],)))
     return out
 
 
@@ -344,9 +356,11 @@ def _changed_since(seen: Any, now: Any) -> list[str]:
 def plan_row_repair(repo: Repository, db: str, live_path: str | os.PathLike[str], table: str, where: str, *,
                     snapshot: str | None = None, at: datetime | None = None, delete_extra: bool = False,
                     max_rows: int = MAX_ROWS, preview_rows: int = PREVIEW_ROWS,
-                    scratch_dir: str | os.PathLike[str] | None = None, token: Secret | None = None
-                    ) -> RowRepairPlan:
+                    scratch_dir: str | os.PathLike[str] | None = None, token: Secret | None = None,
+                    fire_triggers: bool = False) -> RowRepairPlan:
     """Restore the snapshot to scratch, select the rows in both, diff them; the live database is only read.
+
+    ``fire_triggers``: the apply lets the table's triggers fire (the plan's effects say which).
 
     ``live_path`` is a file, or a libsql:// / http(s):// / ws(s):// URL with ``token`` (or
     ``?authToken=``) for a remote database."""
@@ -373,7 +387,7 @@ def plan_row_repair(repo: Repository, db: str, live_path: str | os.PathLike[str]
                                 "the live database"))
             try:
                 plan = _plan(repo, db, redact(url) if url else str(path), src, live, scratch, table, where,
-                             delete_extra, max_rows, preview_rows)
+                             delete_extra, max_rows, preview_rows, fire_triggers)
             finally:
                 src.conn.close()
                 if isinstance(live, LocalDb):
@@ -389,7 +403,7 @@ def plan_row_repair(repo: Repository, db: str, live_path: str | os.PathLike[str]
 
 
 def _plan(repo: Repository, db: str, live_name: str, src: LocalDb, live: Db, scratch: Scratch, table: str,
-          where: str, delete_extra: bool, max_rows: int, preview_rows: int) -> RowRepairPlan:
+          where: str, delete_extra: bool, max_rows: int, preview_rows: int, fire_triggers: bool) -> RowRepairPlan:
     names = _tables(src)
     if table.lower() not in names:
         raise unknown_table(OPERATION, scratch.manifest, [table], names.values())
@@ -416,9 +430,11 @@ def _plan(repo: Repository, db: str, live_name: str, src: LocalDb, live: Db, scr
         repo=repo, db=db, live=live_name, table=table, where=where, scratch=scratch, columns=shape.columns,
         key=shape.key, key_is_rowid=shape.key_is_rowid, delete_extra=delete_extra, max_rows=max_rows,
         snapshot_rows=len(snap_keys), live_rows=len(live_keys), inserts=[snap_keys[i] for i in ins],
-        updates=[snap_keys[i] for i in upd], extras=[live_keys[i] for i in extra], live_seen=live_frame[["kq", "h"]])
+        updates=[snap_keys[i] for i in upd], extras=[live_keys[i] for i in extra], live_seen=live_frame[["kq", "h"]],
+        fire_triggers=fire_triggers)
     if live.remote:
         _check_remote_actions(live, plan)
+    plan.effects = _effects(src, live, live_shape, plan)
     plan.preview = _preview(src, live, shape, plan, preview_rows)
     return plan
 
@@ -435,6 +451,172 @@ def _check_remote_actions(live: Db, plan: RowRepairPlan) -> None:
     if actions:
         raise UsageError(f"{OPERATION}: the server enforces foreign keys and {', '.join(actions)} would act on "
                          f"rows changed in {plan.table}", "repair these rows by hand")
+
+
+# -- what applying does beyond the table's rows ---------------------------------------------------
+
+EFFECT_COUNT_MAX = 20_000  # parent rows beyond which the rows pointing at them are not counted
+_PARAMS = 900  # bound parameters per query (SQLite builds before 3.32 allow 999)
+_ACTIONS = {"CASCADE": "{verb} them", "SET NULL": "set their key to NULL",
+            "SET DEFAULT": "set their key to its default"}
+
+
+@dataclass
+class _ForeignKey:
+    """A foreign key of ``child`` whose ``columns`` point at ``parent_columns`` of the repaired table."""
+
+    child: str
+    columns: list[str]
+    parent_columns: list[str]
+    on_update: str
+    on_delete: str
+
+
+def _foreign_keys_to(db: Db, table: str) -> list[_ForeignKey]:
+    pk = [str(r[0]) for r in db.rows("SELECT name FROM pragma_table_info(?, 'main') WHERE pk > 0 ORDER BY pk",
+                                     (table,))]
+    out = []
+    for child in _tables(db).values():
+        fks: dict[int, _ForeignKey] = {}
+        for fid, parent, frm, to, on_update, on_delete in db.rows(
+                "SELECT id, \"table\", \"from\", \"to\", on_update, on_delete "
+                "FROM pragma_foreign_key_list(?, 'main') ORDER BY id, seq", (child,)):
+            if str(parent).lower() == table.lower():
+                fk = fks.setdefault(int(fid), _ForeignKey(child, [], [], str(on_update), str(on_delete)))
+                fk.columns.append(str(frm))
+                fk.parent_columns.append("" if to is None else str(to))
+        for fk in fks.values():
+            if "" in fk.parent_columns:
+                fk.parent_columns = pk  # REFERENCES table without columns: its primary key
+            if len(fk.parent_columns) == len(fk.columns):  # else SQLite reports a mismatch, not a key
+                out.append(fk)
+    return out
+
+
+def _in_values(exprs: list[str], count: int) -> str:
+    one = "(" + ", ".join("?" * len(exprs)) + ")"
+    return f"({', '.join(exprs)}) IN (VALUES {', '.join([one] * count)})"
+
+
+def _chunks(items: list[Key], width: int) -> Iterator[list[Key]]:
+    size = max(1, _PARAMS // max(width, 1))
+    for i in range(0, len(items), size):
+        yield items[i:i + size]
+
+
+def _values_by_key(db: Db, shape: _Shape, keys: list[Key], columns: list[str]) -> dict[str, Key]:
+    """``columns`` of the rows with these keys, by key text."""
+    n = len(shape.key)
+    out = {}
+    for chunk in _chunks(keys, n):
+        for r in db.rows(f"SELECT {', '.join(shape.key_exprs)}, {', '.join(qident(c) for c in columns)} "
+                         f"FROM main.{qident(shape.table)} WHERE {_in_values(shape.key_exprs, len(chunk))}",
+                         [v for k in chunk for v in k]):
+            out[_key_text(tuple(r[:n]))] = tuple(r[n:])
+    return out
+
+
+def _count_pointing(db: Db, fk: _ForeignKey, values: list[Key]) -> int:
+    """Rows of the child whose foreign key holds one of ``values`` (parent key values)."""
+    values = [v for v in values if None not in v]  # a NULL parent value is never referenced
+    exprs = [qident(c) for c in fk.columns]
+    total = 0
+    for chunk in _chunks(values, len(exprs)):
+        (n,) = db.rows(f"SELECT count(*) FROM main.{qident(fk.child)} WHERE {_in_values(exprs, len(chunk))}",
+                       [v for k in chunk for v in k])[0]
+        total += int(n)
+    return total
+
+
+def _effects(src: Db, live: Db, shape: _Shape, plan: RowRepairPlan) -> list[dict[str, Any]]:
+    """What applying the plan does beyond the selected rows: one dict per foreign key or trigger.
+
+    A deleted row (``delete_extra``), or an updated one whose referenced columns change, leaves
+    the rows pointing at it in live: the apply writes with foreign keys off (local) and never runs
+    their ON DELETE / ON UPDATE action, so they become violations and the apply stops. Those rows
+    are counted in live (up to EFFECT_COUNT_MAX parent rows). Triggers are listed by name."""
+    out = []
+    deleted = plan.extras if plan.delete_extra else []
+    key = {k.lower() for k in shape.key}
+    for fk in _foreign_keys_to(live, plan.table):
+        for kind, keys, action in (("delete", deleted, fk.on_delete), ("update", plan.updates, fk.on_update)):
+            if not keys or (kind == "update" and {c.lower() for c in fk.parent_columns} <= key):
+                continue  # an update writes every column but the key: referenced key columns stay
+            rows: int | None = None
+            if len(keys) <= EFFECT_COUNT_MAX:
+                old = _values_by_key(live, shape, keys, fk.parent_columns)
+                if kind == "update":
+                    new = _values_by_key(src, shape, keys, fk.parent_columns)
+                    old = {k: v for k, v in old.items()
+                           if not all(_same(a, b) for a, b in zip(v, new.get(k, ()), strict=False)) or k not in new}
+                rows = _count_pointing(live, fk, list(old.values()))
+                if not rows:
+                    continue
+            out.append({"table": fk.child, "through": f"foreign key ({', '.join(fk.columns)}) -> {plan.table}"
+                        f"({', '.join(fk.parent_columns)}) ON {kind.upper()} {action}", "rows": rows,
+                        "when_applied": _fk_outcome(kind, action, rows, len(keys), live.remote)})
+    return out + _trigger_effects(live, shape, plan)
+
+
+def _fk_outcome(kind: str, action: str, rows: int | None, parents: int, remote: bool) -> str:
+    what = f"these rows point at {'deleted' if kind == 'delete' else 're-keyed'} rows"
+    if rows is None:
+        what = f"rows pointing at the {parents:,} {kind}d rows were not counted (over {EFFECT_COUNT_MAX:,})"
+    verb = {"delete": "delete", "update": "update"}[kind]
+    done = _ACTIONS.get(action.upper())
+    not_run = f"; ON {kind.upper()} {action} would {done.format(verb=verb)}, but a repair never runs it" if done else ""
+    allow = "" if remote else " unless --allow-fk-violations"
+    return f"{what}{not_run}: they would point at nothing, so the apply stops (new foreign-key violations){allow}"
+
+
+def _trigger_effects(live: Db, shape: _Shape, plan: RowRepairPlan) -> list[dict[str, Any]]:
+    """The table's triggers that the planned inserts, updates and deletes set off, with the tables they write."""
+    events = {"INSERT": len(plan.inserts), "UPDATE": len(plan.updates) if shape.value_columns else 0,
+              "DELETE": len(plan.extras) if plan.delete_extra else 0}
+    out = []
+    for name, sql in live.rows("SELECT name, sql FROM main.sqlite_schema WHERE type='trigger' "
+                               "AND lower(tbl_name)=lower(?) ORDER BY name", (plan.table,)):
+        event, writes = _trigger_parts(str(sql))
+        n = events.get(event, 0)
+        if not n:
+            continue
+        on = f"{n} {event.lower()}{'s' if n > 1 else ''}"
+        out.append({"table": ", ".join(writes) or "-", "through": f"trigger {name} ({event.lower()})",
+                    "rows": None if plan.fire_triggers else 0,
+                    "when_applied": f"fires on the {on} (--fire-triggers); rows it touches are not counted"
+                    if plan.fire_triggers else f"suspended: does not fire on the {on} (--fire-triggers lets it)"})
+    return out
+
+
+def _unquote(word: str) -> str:
+    if word[:1] in "\"`[" and len(word) > 1:
+        return word[1:-1].replace(word[0] * 2, word[0]) if word[0] != "[" else word[1:-1]
+    return word
+
+
+def _trigger_parts(sql: str) -> tuple[str, list[str]]:
+    """A trigger's event (INSERT, UPDATE or DELETE) and the tables its body writes, from its CREATE TRIGGER."""
+    words = [m.group() for m in SQL_TOKEN.finditer(sql)
+             if not m.group().isspace() and not m.group().startswith(("--", "/*"))]
+    upper = [w.upper() for w in words]
+    begin = upper.index("BEGIN") if "BEGIN" in upper else len(words)
+    event = next((w for w in upper[3:begin] if w in ("INSERT", "UPDATE", "DELETE")), "")
+    writes: list[str] = []
+    for i in range(begin, len(words)):
+        w, j = upper[i], i + 1
+        if w not in ("INSERT", "REPLACE", "UPDATE", "DELETE"):
+            continue
+        if w != "DELETE" and upper[j:j + 1] == ["OR"]:
+            j += 2  # INSERT OR IGNORE INTO t, UPDATE OR REPLACE t
+        if w != "UPDATE":
+            if upper[j:j + 1] not in (["INTO"], ["FROM"]):
+                continue  # replace(...), the function
+            j += 1
+        if j < len(words) and upper[j] != "SET" and words[j] not in ("(", ";"):  # DO UPDATE SET: an upsert
+            name = _unquote(words[j])
+            if name not in writes:
+                writes.append(name)
+    return event, writes
 
 
 def _row(db: Db, shape: _Shape, key: Key, columns: list[str] | None = None) -> dict[str, Any]:
@@ -474,7 +656,7 @@ def _preview(src: Db, live: Db, shape: _Shape, plan: RowRepairPlan, n: int) -> l
 # -- apply ---------------------------------------------------------------------------------------
 
 
-def apply_row_repair(plan: RowRepairPlan, *, allow_fk_violations: bool = False, fire_triggers: bool = False,
+def apply_row_repair(plan: RowRepairPlan, *, allow_fk_violations: bool = False, fire_triggers: bool | None = None,
                      who: str | None = None) -> RowRepairResult:
     """Insert, update (and with ``delete_extra`` delete) the planned rows in one transaction; audit it.
 
@@ -484,8 +666,10 @@ def apply_row_repair(plan: RowRepairPlan, *, allow_fk_violations: bool = False, 
     "updated_at" trigger would otherwise change the rows just put back. New foreign-key
     violations roll the transaction back unless ``allow_fk_violations`` (local files only: a
     server enforces its foreign keys itself). The scratch copy is removed at the end, whatever happens.
+    ``fire_triggers`` None: as the plan says.
     """
     started = time.perf_counter()
+    fire_triggers = plan.fire_triggers if fire_triggers is None else fire_triggers
     shape = _Shape(plan.table, plan.columns, plan.key, plan.key_is_rowid)
     try:
         if plan.live_url is not None:
@@ -576,11 +760,10 @@ def _repair(db: Db, plan: RowRepairPlan, shape: _Shape, allow_fk_violations: boo
     for sql in triggers:
         db.write(sql)
     after = _fk_violations(db, related)
-    new = {t: n - before.get(t, 0) for t, n in after.items() if n > before.get(t, 0)}
+    new = new_fk_violations(before, after)
     if new and not allow_fk_violations:
-        raise RestoreError(f"{OPERATION}: the repair breaks foreign keys ("
-                           + ", ".join(f"{n} in {qident(t)}" for t, n in sorted(new.items()))
-                           + " new violations); rolled back, nothing was changed",
+        raise RestoreError(f"{OPERATION}: the repair breaks foreign keys ({fk_message(new)} new violations); "
+                           "rolled back, nothing was changed",
                            "repair the rows they reference too" + ("" if db.remote else ", or allow the violations"))
     return counts
 

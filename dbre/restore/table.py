@@ -1,16 +1,19 @@
 """Table-level restore: chosen tables of a snapshot back into the live database, as copies or in place.
 
 ``rename`` mode creates ``<table><suffix>`` beside the live table (its indexes renamed the same
-way, no triggers: they would fire on the copy); ``replace`` mode drops the live table and
-recreates it with the snapshot's indexes and triggers, after a safety snapshot of the live
-database, so the replace can be undone. Either way the work is one transaction on the live
-file: the rows are copied with the snapshot attached, foreign keys are checked afterwards
-(``PRAGMA foreign_key_check``) and the transaction rolls back on a new violation.
+way, no triggers: they would fire on the copy), or, when the live database has no such table (it
+was dropped), the table under its own name with its indexes and triggers; ``replace`` mode drops
+the live table and recreates it with the snapshot's indexes and triggers, after a safety snapshot
+of the live database, so the replace can be undone (the result carries the undo as shell
+commands). Either way the work is one transaction on the live file: the rows are copied with the
+snapshot attached, foreign keys are checked afterwards (``PRAGMA foreign_key_check``) and the
+transaction rolls back on a new violation.
 """
 
 from __future__ import annotations
 
 import os
+import shlex
 import time
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -103,10 +106,11 @@ class TableRestoreResult:
     safety_snapshot: str | None
     audit_record: str
     seconds: float
+    undo: list[str] = field(default_factory=list)  # shell commands that put the live database back
 
     def summary(self) -> dict[str, Any]:
         return {**self.plan.describe(), "safety_snapshot": self.safety_snapshot, "audit_record": self.audit_record,
-                "seconds": round(self.seconds, 3)}
+                "undo": self.undo, "seconds": round(self.seconds, 3)}
 
 
 def plan_table_restore(repo: Repository, db: str, live_path: str | os.PathLike[str], tables: list[str], *,
@@ -179,19 +183,12 @@ def _plan_table(src: apsw.Connection, live: apsw.Connection, table: str, mode: s
     live_objects = {str(r[0]).lower(): (str(r[1]), str(r[2]), str(r[0]))
                     for r in live.execute("SELECT name, type, tbl_name FROM sqlite_schema")}
 
-    if mode == "replace":
+    existing = live_objects.get(table.lower())
+    if mode == "replace" or existing is None:
+        # in place: over the live table (--replace), or under its own name when live has none (dropped)
         target, skipped = table, []
         statements = [table_sql, *(sql for _, sql in indexes), *(sql for _, sql in triggers)]
-        existing = live_objects.get(table.lower())
-        if existing is not None and existing[0] != "table":
-            raise UsageError(f"{OPERATION}: {table!r} is a {existing[0]} in the live database, not a table",
-                             "drop or rename it first, or restore under a new name (without --replace)")
-        for name, _ in [*indexes, *triggers]:
-            other = live_objects.get(name.lower())
-            if other is not None and other[1].lower() != table.lower():
-                raise UsageError(f"{OPERATION}: the live database has a {other[0]} {name!r} on {other[1]!r}, "
-                                 f"the name of a {table!r} index or trigger in the snapshot",
-                                 "rename it first, or restore under a new name (without --replace)")
+        _check_names_free(live_objects, table, [name for name, _ in [*indexes, *triggers]])
     else:
         target = table + suffix
         statements = _renamed(table_sql, indexes, table, target, suffix)
@@ -205,6 +202,20 @@ def _plan_table(src: apsw.Connection, live: apsw.Connection, table: str, mode: s
         (n,) = live.execute(f"SELECT count(*) FROM {qident(target)}").fetchone()  # type: ignore[misc]
         live_rows = int(n)
     return TableAction(table, target, int(rows), live_rows, statements, skipped, sequence)
+
+
+def _check_names_free(live_objects: dict[str, tuple[str, str, str]], table: str, names: list[str]) -> None:
+    """``table`` is a table or free in live, and its index and trigger names are free or on it."""
+    existing = live_objects.get(table.lower())
+    if existing is not None and existing[0] != "table":
+        raise UsageError(f"{OPERATION}: {table!r} is a {existing[0]} in the live database, not a table",
+                         "drop or rename it first")
+    for name in names:
+        other = live_objects.get(name.lower())
+        if other is not None and other[1].lower() != table.lower():
+            raise UsageError(f"{OPERATION}: the live database has a {other[0]} {name!r} on {other[1]!r}, "
+                             f"the name of a {table!r} index or trigger in the snapshot",
+                             "rename it first, or restore under a new name (--suffix, without --replace)")
 
 
 def _renamed(table_sql: str, indexes: list[tuple[str, str]], table: str, target: str, suffix: str) -> list[str]:
@@ -274,15 +285,17 @@ def safety_snapshot(repo: Repository, db: str, live: Path, purpose: str) -> str:
 
 
 def apply_table_restore(plan: TableRestorePlan, *, force_safety: bool = False, allow_fk_violations: bool = False,
-                        who: str | None = None) -> TableRestoreResult:
+                        who: str | None = None, key_file: str | os.PathLike[str] | None = None) -> TableRestoreResult:
     """Do what the plan says in one transaction on the live file, then write the audit record.
 
     ``replace`` always takes a safety snapshot of the live database first (inside the write
     transaction, so it holds exactly what gets replaced); ``force_safety`` takes one in
-    ``rename`` mode too. The scratch copy is removed at the end, whatever happens.
+    ``rename`` mode too. The scratch copy is removed at the end, whatever happens. ``key_file``
+    (the passphrase file the repository was opened with) goes into the undo command.
     """
     started = time.perf_counter()
     safety: str | None = None
+    had_violations = False
     try:
         with write_transaction(plan.live, plan.scratch) as conn:
             _recheck(conn, plan)
@@ -295,6 +308,7 @@ def apply_table_restore(plan: TableRestorePlan, *, force_safety: bool = False, a
             before = fk_violations(conn, related)
             for action in plan.actions:
                 _restore_one(conn, action, plan.mode)
+            had_violations = any(before.values())
             new = new_fk_violations(before, fk_violations(conn, related | referencing_tables(conn, targets)))
             if new and not allow_fk_violations:
                 raise RestoreError(f"{OPERATION}: the restored tables break foreign keys ({fk_message(new)} new "
@@ -304,17 +318,40 @@ def apply_table_restore(plan: TableRestorePlan, *, force_safety: bool = False, a
         raise RestoreError(f"{OPERATION} into {plan.live}: {err}; rolled back, nothing was changed") from err
     finally:
         plan.close()
-    record = {**plan.describe(), "safety_snapshot": safety, "undo": _undo_hint(plan, safety),
+    undo = undo_commands(plan, safety, had_violations, key_file)
+    record = {**plan.describe(), "safety_snapshot": safety, "undo": "\n".join(undo),
               "foreign_key_violations_allowed": allow_fk_violations}
     audit = write_audit(plan.repo, plan.db, record, who)
-    return TableRestoreResult(plan, safety, audit, time.perf_counter() - started)
+    return TableRestoreResult(plan, safety, audit, time.perf_counter() - started, undo)
 
 
-def _undo_hint(plan: TableRestorePlan, safety: str | None) -> str:
-    if plan.mode == "rename":
-        return "drop " + ", ".join(a.target for a in plan.actions)
-    tables = " ".join(f"--table {a.table}" for a in plan.actions)
-    return f"dbre restore-table --db {plan.db} --snapshot {safety} {tables} --replace --apply"
+def undo_commands(plan: TableRestorePlan, safety: str | None, had_violations: bool = False,
+                  key_file: str | os.PathLike[str] | None = None) -> list[str]:
+    """Shell commands (quoted, absolute paths) that put the live tables back as they were before the apply.
+
+    A table that replaced a live one comes back from the safety snapshot with ``restore-table
+    --replace`` (with ``--allow-fk-violations`` when the live tables had violations then: the undo
+    brings them back too); a table that did not exist in live (a copy, or a dropped table
+    recreated) is dropped with the ``sqlite3`` shell, which drops its indexes and triggers with it."""
+    out = []
+    replaced = [a.table for a in plan.actions if a.live_rows is not None and a.target == a.table]
+    if replaced and safety:
+        words = ["dbre", "restore-table", "--repo", _absolute(plan.repo.url), "--db", plan.db, "--live",
+                 str(plan.live), "--snapshot", safety, *[w for t in replaced for w in ("--table", t)], "--replace",
+                 "--apply"]
+        if had_violations:
+            words.append("--allow-fk-violations")
+        if key_file is not None:
+            words += ["--key-file", str(Path(key_file).expanduser().absolute())]
+        out.append(shlex.join(words))
+    created = [a.target for a in plan.actions if a.live_rows is None or a.target != a.table]
+    if created:
+        out.append(shlex.join(["sqlite3", str(plan.live), "; ".join(f"DROP TABLE {qident(t)}" for t in created)]))
+    return out
+
+
+def _absolute(url: str) -> str:
+    return url if "://" in url else str(Path(url).expanduser().absolute())
 
 
 def _recheck(conn: apsw.Connection, plan: TableRestorePlan) -> None:
