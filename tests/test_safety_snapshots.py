@@ -172,3 +172,17 @@ def test_forget_on_a_repository_keeps_a_fresh_safety_snapshot(tmp_path: Path) ->
     kept = {k["id"]: k["reasons"] for k in plan["keep"]}
     assert kept == {ids[2]: ["last"], ids[1]: ["safety 7d"]}
     assert [s["id"] for s in snapshots(repo)] == ids[1:]
+
+
+def test_tags_live_in_stats_because_readers_refuse_unknown_top_level_fields() -> None:
+    """Why ``stats.tags`` and not a top-level ``tags``: the manifest reader (as in every dbre of
+    format 2 so far) refuses an unknown top-level field, which the repository reports as a damaged
+    manifest; inside ``stats`` an older reader keeps the tag and sees a regular snapshot."""
+    m = manifest("s", datetime(2026, 12, 1, tzinfo=UTC), safety=True)
+    back = Manifest.from_json(m.to_json())
+    assert back.is_safety and back.summary()["tags"] == ["safety"]
+    raw = json.loads(m.to_json())
+    raw["tags"] = ["safety"]
+    with pytest.raises(TypeError):
+        Manifest.from_json(json.dumps(raw).encode())
+    assert not manifest("r", datetime(2026, 12, 1, tzinfo=UTC)).is_safety
