@@ -14,6 +14,7 @@ import shlex
 import sqlite3
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from dbre.repository.backup import backup
 from dbre.repository.repo import Repository
 from dbre.sources.local import LocalFileSource
 from tests.dbfactory import assert_one_line_error, cli, dbre_env, run_dbre
+from tests.sqld import SqldServer, sqld  # noqa: F401 - the session's sqld
 
 SCHEMA = """
 PRAGMA journal_mode=WAL;
@@ -329,3 +331,50 @@ def test_audit_lists_and_shows_the_records_of_restores_and_repairs(shop: tuple[P
     assert_one_line_error(cli("audit", "show", "19990101", "--repo", repo), 2, "no audit record")
     assert_one_line_error(cli("audit", "show", rec_id[:4], "--repo", repo), 2, "2 audit records")
     assert_one_line_error(cli("audit"), 2, "--repo")
+
+
+def test_rows_pointing_at_many_parents_are_not_counted(shop: tuple[Path, Path, str],
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    import dbre.restore.rows
+    from dbre.restore.rows import plan_row_repair
+
+    monkeypatch.setattr(dbre.restore.rows, "EFFECT_COUNT_MAX", 1)
+    live, repo, snap = shop
+    script(live, "INSERT INTO customers VALUES (11, 'c11@x', 'a'), (12, 'c12@x', 'b');"
+                 "INSERT INTO notes(customer_id, body) VALUES (11, 'n'), (12, 'n');")
+    with plan_row_repair(Repository.open(str(repo)), "shop", live, "customers", "id > 10", delete_extra=True) as plan:
+        notes = [e for e in plan.effects if e["table"] == "notes" and e["through"].startswith("foreign key")]
+    assert [e["rows"] for e in notes] == [None]
+    assert notes[0]["when_applied"].startswith("rows pointing at the 2 deleted rows were not counted (over 1): any")
+
+
+def test_row_repair_plan_counts_rows_of_other_tables_on_a_remote_libsql_database(
+        sqld: SqldServer, tmp_path: Path) -> None:  # noqa: F811
+    from dbre.errors import RestoreError
+    from dbre.restore.rows import apply_row_repair, plan_row_repair
+    from dbre.sources.remote import RemoteLibsqlSource
+
+    p = "pr_" + uuid.uuid4().hex[:8]  # the session's server is shared: tables of our own
+    c = p.replace("pr_", "ch_")
+    sqld.pipeline([
+        f"CREATE TABLE {p}(id INTEGER PRIMARY KEY, code TEXT UNIQUE, name TEXT)",
+        f"CREATE TABLE {c}(id INTEGER PRIMARY KEY, pid INTEGER REFERENCES {p}(id), code TEXT REFERENCES {p}(code))",
+        *[(f"INSERT INTO {p} VALUES (?, ?, ?)", [i, f"k{i}", f"n{i}"]) for i in range(1, 21)],
+        *[(f"INSERT INTO {c}(pid, code) VALUES (?, ?)", [i % 20 + 1, f"k{i % 20 + 1}"]) for i in range(60)],
+    ])
+    repo = Repository.open_or_init(str(tmp_path / "repo"))
+    backup(repo, RemoteLibsqlSource(sqld.url, cache_dir=tmp_path / "cache", method="dump"), "remote")
+    sqld.pipeline([f"INSERT INTO {p} VALUES (21, 'k21', 'new')", f"INSERT INTO {c}(pid, code) VALUES (21, 'k21')",
+                   "PRAGMA foreign_keys=OFF",  # in this request only (the server may enforce them)
+                   f"UPDATE {p} SET code = 'K2' WHERE id = 2", f"UPDATE {c} SET code = 'K2' WHERE code = 'k2'"])
+    assert sqld.execute(f"SELECT count(*) FROM {c} WHERE code = 'K2'") == [[3]]
+
+    with plan_row_repair(repo, "remote", sqld.url, p, "id > 0", delete_extra=True) as plan:
+        assert plan.counts() == {"delete": 1, "insert": 0, "update": 1, "unchanged": 19}
+        effects = {(e["table"], e["through"], e["rows"]) for e in plan.effects}
+        assert effects == {(c, f"foreign key (pid) -> {p}(id) ON DELETE NO ACTION", 1),
+                           (c, f"foreign key (code) -> {p}(code) ON DELETE NO ACTION", 1),
+                           (c, f"foreign key (code) -> {p}(code) ON UPDATE NO ACTION", 3)}, plan.effects
+        with pytest.raises(RestoreError, match="foreign key"):
+            apply_row_repair(plan)
+    assert sqld.execute(f"SELECT count(*) FROM {p}") == [[21]]

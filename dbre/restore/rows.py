@@ -559,14 +559,14 @@ def _effects(src: Db, live: Db, shape: _Shape, plan: RowRepairPlan) -> list[dict
 
 
 def _fk_outcome(kind: str, action: str, rows: int | None, parents: int, remote: bool) -> str:
-    what = f"these rows point at {'deleted' if kind == 'delete' else 're-keyed'} rows"
-    if rows is None:
-        what = f"rows pointing at the {parents:,} {kind}d rows were not counted (over {EFFECT_COUNT_MAX:,})"
-    verb = {"delete": "delete", "update": "update"}[kind]
     done = _ACTIONS.get(action.upper())
-    not_run = f"; ON {kind.upper()} {action} would {done.format(verb=verb)}, but a repair never runs it" if done else ""
+    not_run = f"; ON {kind.upper()} {action} would {done.format(verb=kind)}, but a repair never runs it" if done else ""
     allow = "" if remote else " unless --allow-fk-violations"
-    return f"{what}{not_run}: they would point at nothing, so the apply stops (new foreign-key violations){allow}"
+    if rows is None:
+        return (f"rows pointing at the {parents:,} {kind}d rows were not counted (over {EFFECT_COUNT_MAX:,}){not_run}: "
+                f"any there are would point at nothing and stop the apply (new foreign-key violations){allow}")
+    return (f"these rows point at {'deleted' if kind == 'delete' else 're-keyed'} rows{not_run}: they would point at "
+            f"nothing, so the apply stops (new foreign-key violations){allow}")
 
 
 def _trigger_effects(live: Db, shape: _Shape, plan: RowRepairPlan) -> list[dict[str, Any]]:
