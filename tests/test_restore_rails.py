@@ -260,3 +260,39 @@ def test_follow_replaces_an_unused_target_without_its_old_wal(tmp_path: Path) ->
         follower.terminate()
         follower.communicate(timeout=30)
     assert follower.returncode == 0
+
+
+def test_a_process_opening_the_target_after_the_first_look_is_refused(backed_up: tuple[str, Path], tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The old database held still (its exclusive lock taken), a process that opened it since the first
+    look still refuses the rename: it would go on writing to the replaced file."""
+    import dbre.restore.full as full
+    from dbre.errors import RestoreError
+    from dbre.repository.repo import Repository
+
+    repo, _ = backed_up
+    live = tmp_path / "live.db"
+    _live(live)
+    late: list[subprocess.Popen[str]] = []
+
+    def at(point: str) -> None:
+        if point == "held":  # opens the file, no SQLite lock (ours is exclusive): only /proc shows it
+            late.append(subprocess.Popen([sys.executable, "-c", "import os, sys; fd = os.open(sys.argv[1], os.O_RDWR)"
+                                          "; print('ready', flush=True); sys.stdin.readline()", str(live)],
+                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True))
+            assert late[0].stdout is not None and late[0].stdout.readline().strip() == "ready"
+
+    repository = Repository.open(repo)
+    plan = full.plan_restore(repository, "app", live, force=True)
+    monkeypatch.setattr(full, "_crash_point", at)
+    before = query(live, "SELECT v FROM t")
+    try:
+        with pytest.raises(RestoreError) as err:
+            full.apply_restore(repository, plan)
+        assert late and f"in use: process {late[0].pid} (python" in str(err.value)
+        assert "has live.db open" in str(err.value)
+    finally:
+        for proc in late:
+            proc.communicate("go\n", timeout=30)
+    assert query(live, "SELECT v FROM t") == before == [("live",)]
+    assert not [p.name for p in tmp_path.iterdir() if ".dbre-" in p.name]

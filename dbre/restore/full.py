@@ -365,6 +365,8 @@ def _replace(tmp: Path, target: Path, force: bool, release_tmp: Callable[[], Non
     held = _hold_still(target) if target.exists() else None
     try:
         _crash_point("held")
+        if held is not None:
+            check_not_in_use(target, holding=True)  # (one that opened it since the first look)
         for suffix in ("-wal", "-shm", "-journal"):
             Path(str(target) + suffix).unlink(missing_ok=True)
         _crash_point("cleared")
@@ -420,7 +422,7 @@ _DB_SHARED = (_PENDING + 2, 510)
 _SHM_WRITE, _SHM_READ, _SHM_OPEN = (120, 1), (123, 5), (128, 1)
 
 
-def check_not_in_use(target: Path) -> None:
+def check_not_in_use(target: Path, *, holding: bool = False) -> None:
     """Refuse to replace ``target`` while any process uses it: raises RestoreError naming the process
     and what it holds (a write transaction, a read transaction, or just the file open).
 
@@ -431,7 +433,10 @@ def check_not_in_use(target: Path) -> None:
     containers included) on SQLite's lock bytes of the database and its -shm, and every process
     whose descriptors /proc shows is checked for the files open without a lock (a rollback-mode
     connection between transactions). A process in another PID namespace holding no lock, or one
-    on another host over a network filesystem, cannot be seen."""
+    on another host over a network filesystem, cannot be seen.
+
+    ``holding``: this process holds the database's exclusive lock (`_hold_still`), so only other
+    processes with the files open are looked for (no descriptor is opened: that would drop the lock)."""
     files = {}
     for suffix in ("", "-wal", "-shm"):
         try:
@@ -444,10 +449,12 @@ def check_not_in_use(target: Path) -> None:
         return
     holders = _open_by(files)
     me = os.getpid()
-    if me in holders:
+    if holding:
+        holders.pop(me, None)
+    elif me in holders:
         raise RestoreError(f"restore to {target}: this process has it open ({target.name}{holders[me]})",
                            "close its connections first; nothing was changed")
-    cause = _lock_holder(target, files)
+    cause = None if holding else _lock_holder(target, files)
     if cause is None and holders:
         pid, suffix = next(iter(holders.items()))
         cause = f"process {pid}{_comm(pid)} has {target.name}{suffix} open"
