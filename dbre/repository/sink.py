@@ -189,11 +189,7 @@ class PageSink:
                     # instead of one sealing a whole batch while the backup waits for it
                     self.batch_cap = max(16, self.batch_cap // 4)
                 views = image.views(start, stop)
-                if views is None:  # (a page in neither the file nor the WAL: hashed as it reads)
-                    views = [image.view(i) for i in range(start, stop)]
-                    hashes, todo = self._keyed(start, image.hashes(start, stop, FAST_HASH), views)
-                else:
-                    hashes, todo = self._keyed(start, list(map(FAST_HASH, views)), views)
+                hashes, todo = self._keyed(start, list(map(FAST_HASH, views)), views)
                 self.take(start, hashes, views, todo)
                 del views
                 # pages no batch still has to read: their mapping can go
@@ -229,9 +225,6 @@ class PageSink:
         run = self._run(start // RUN_PAGES)
         joined = b"".join(fast)
         keyed = self.page_hash
-        if len(joined) != 16 * m:  # (a page the image could not hash): both hashes from the bytes themselves
-            run.fast[: 16 * m] = b"".join(map(FAST_HASH, pages))
-            return list(map(keyed, pages)), None
         run.fast[: 16 * m] = joined
         pf, parent = self.parent_fast, self.parent
         stop = min(start + m, len(pf) if pf is not None else 0)

@@ -46,6 +46,7 @@ from typing import Any
 
 import apsw
 
+from dbre.errors import SourceError
 from dbre.sources.filemap import FileMap
 from dbre.sources.pins import Pin
 
@@ -86,38 +87,27 @@ class PageImage:
         assert self._db is not None
         return self._db[index * ps : index * ps + ps]
 
-    def hashes(self, start: int, stop: int, digest: Callable[[memoryview], bytes]) -> list[bytes]:
-        """``digest`` of pages ``start..stop-1`` (0-based); no page view outlives its call."""
-        ps, db = self.page_size, self._db
-        assert db is not None
-        out = [digest(db[off : off + ps]) for off in range(start * ps, min(stop, self._file_pages) * ps, ps)]
-        out.extend(bytes(0) for _ in range(len(out), stop - start))  # pages only in the WAL
-        if self._overlay_at:
-            lo, hi = bisect_left(self._overlay_at, start), bisect_left(self._overlay_at, stop)
-            for index in self._overlay_at[lo:hi]:
-                out[index - start] = digest(self.view(index))
-        return out
-
-    def views(self, start: int, stop: int) -> list[memoryview] | None:
-        """Pages ``start..stop-1`` (0-based) as views, valid until ``close``; None when one of them
-        is in neither the file nor the WAL (the caller falls back to ``hashes``)."""
+    def views(self, start: int, stop: int) -> list[memoryview]:
+        """Pages ``start..stop-1`` (0-based) as views, valid until ``close`` (each page is in the
+        file or the WAL: ``image`` refuses a snapshot where one is in neither)."""
         ps, db = self.page_size, self._db
         assert db is not None
         out = [db[off : off + ps] for off in range(start * ps, min(stop, self._file_pages) * ps, ps)]
         if self._overlay_at:
             lo, hi = bisect_left(self._overlay_at, start), bisect_left(self._overlay_at, stop)
-            if hi > lo:
-                wal, overlay = self._wal, self.overlay
+            wal, overlay = self._wal, self.overlay
+            for index in self._overlay_at[lo:hi]:
                 assert wal is not None
-                for index in self._overlay_at[lo:hi]:
-                    off = overlay[index]
-                    if index - start < len(out):
-                        out[index - start] = wal[off : off + ps]
-                    elif index - start == len(out):
-                        out.append(wal[off : off + ps])
-                    else:
-                        return None
-        return out if len(out) == stop - start else None
+                off = overlay[index]
+                if index - start < len(out):
+                    out[index - start] = wal[off : off + ps]
+                elif index - start == len(out):
+                    out.append(wal[off : off + ps])
+                else:
+                    break
+        if len(out) != stop - start:
+            raise SourceError(f"backup: page {start + len(out) + 1} is in neither the database file nor the WAL")
+        return out
 
     def drop(self, stop: int) -> None:
         """Pages before ``stop`` are read: let their mapping go, so resident memory stays
