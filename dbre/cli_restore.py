@@ -73,7 +73,7 @@ def restore(
                 return
             follow_standby(repo, db, to, interval, force, _key(key_file), conflicts)
             return
-        when = _when(db, snap_id, at)
+        when = _when(db, snapshot, at)  # (--snapshot latest with --at too: one of them)
         if txid is not None and snapshot:
             raise UsageError("--snapshot and --txid were both given", "pass one of them")
         target = to.expanduser().absolute()

@@ -164,6 +164,9 @@ def test_if_db_not_exists(backed_up: tuple[str, Path], tmp_path: Path) -> None:
     assert sqldiff(src, fresh) == ""
     r = cli("restore", "--repo", repo, "--db", "app", "--to", fresh, "--if-db-not-exists", "--force")
     assert_one_line_error(r, 2, "--if-db-not-exists and --force")
+    r = cli("restore", "--repo", repo, "--db", "app", "--to", tmp_path / "y.db", "--snapshot", "latest", "--at",
+            "2026-01-01T00:00:00Z")
+    assert_one_line_error(r, 2, "--snapshot and --at")
 
 
 def test_if_replica_exists(backed_up: tuple[str, Path], tmp_path: Path, s3_repo_url: str) -> None:
