@@ -478,7 +478,11 @@ def _lock_holder(target: Path, files: dict[tuple[int, int], str]) -> str | None:
                       else {"write": _DB_WRITE, "shared": _DB_SHARED, "lock": (0, 0)})
             for what, (start, length) in ranges.items():
                 probe = struct.pack("hhqqi4x", fcntl.F_WRLCK, os.SEEK_SET, start, length, 0)
-                l_type, _, _, _, pid = struct.unpack("hhqqi4x", fcntl.fcntl(fd, fcntl.F_GETLK, probe))
+                try:
+                    answer = fcntl.fcntl(fd, fcntl.F_GETLK, probe)
+                except OSError:
+                    break  # (a filesystem without POSIX locks: SQLite cannot lock it either)
+                l_type, _, _, _, pid = struct.unpack("hhqqi4x", answer)
                 if l_type != fcntl.F_UNLCK:
                     found.setdefault(what, pid)
         finally:
