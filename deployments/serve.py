@@ -55,15 +55,29 @@ def build_deployments(prefect_file: Path = PREFECT_FILE, policy_path: str | None
             s = getattr(policy.schedules, workflow)
             schedules = [Cron(s.cron, timezone=s.timezone)] if s.enabled else []
         limit = spec.get("concurrency_limit")
-        out.append(load_flow(spec["entrypoint"]).to_deployment(
+        deployment = load_flow(spec["entrypoint"]).to_deployment(
             name=spec["name"],
             description=spec.get("description"),
             tags=spec.get("tags"),
             parameters=spec.get("parameters") or {},
             schedules=schedules,
             concurrency_limit=ConcurrencyLimitConfig(**limit) if isinstance(limit, dict) else limit,
-        ))
+        )
+        if policy is not None:
+            choose_databases(deployment._parameter_openapi_schema.definitions, [d.name for d in policy.databases])
+        out.append(deployment)
     return out
+
+
+def choose_databases(definitions: dict[str, Any], names: list[str]) -> None:
+    """Make the forms' ``database`` fields a choice of the policy's databases (``definitions`` changed in place).
+
+    The request model's ``database`` (the restore form) becomes a drop-down, and the server refuses a
+    run naming another database before it is stored (``enforce_parameter_schema``)."""
+    for model in definitions.values() if names else ():
+        field = (model.get("properties") or {}).get("database")
+        if field is not None and field.get("type") == "string":
+            field["enum"] = sorted(names)
 
 
 def start_server(port: int, log_path: Path, timeout: float = 90) -> subprocess.Popen[bytes]:

@@ -9,19 +9,22 @@ from prefect import flow, get_run_logger
 from dbre.errors import UsageError
 from dbre.units import human_bytes as human
 from flows.common import RunFailed, load, md_table, outcome, publish, repos
+from flows.references import KeyRef, TokenRef, refuse_literal_secrets, store_references_only
 from tasks.backup import backup_database, copy_to_offsite
 
 
+@store_references_only
 @flow(name="dbre-backup", flow_run_name="backup {db}", persist_result=False)
 def backup_flow(db: str, source: str | None = None, policy: str | None = None, repo: str | None = None,
-                offsite: list[str] | None = None, copy_offsite: bool = True, key: str | None = None,
-                token: str | None = None, checksums: bool | None = None, full: bool = False) -> dict[str, Any]:
+                offsite: list[str] | None = None, copy_offsite: bool = True, key: KeyRef = None,
+                token: TokenRef = None, checksums: bool | None = None, full: bool = False) -> dict[str, Any]:
     """Back up ``db`` (from ``source`` or the policy) into the primary repository, then copy it offsite.
 
     Every backup is incremental forever: only pages not already in the repository are stored, so
     a first backup is just a backup; ``full`` stores every page again in new packs, reusing nothing
     of the previous snapshot (breaks the chain). Parameters override the policy; ``key`` and ``token`` are
     references (env:NAME or prefect-secret:BLOCK), never values."""
+    refuse_literal_secrets("backup", key=key, token=token)
     log = get_run_logger()
     pol = load(policy)
     entry = None

@@ -9,6 +9,7 @@ from prefect import flow, get_run_logger
 
 from dbre.report.drill import seconds_text
 from flows.common import RunFailed, load, md_table, publish, repos
+from flows.references import KeyRef, TokenRef, refuse_literal_secrets, store_references_only
 from tasks.validate import (
     drill_report,
     load_drill_suites,
@@ -19,16 +20,18 @@ from tasks.validate import (
 )
 
 
+@store_references_only
 @flow(name="dbre-drill", persist_result=False)
 def drill_flow(databases: list[str] | None = None, policy: str | None = None, repo: str | None = None,
-               key: str | None = None, target: str | None = None, expectations: str | None = None,
+               key: KeyRef = None, target: str | None = None, expectations: str | None = None,
                report_dir: str | None = None, scratch_dir: str | None = None, data_docs: bool = True,
-               namespace_admin: str | None = None, namespace_url: str | None = None, token: str | None = None
+               namespace_admin: str | None = None, namespace_url: str | None = None, token: TokenRef = None
                ) -> list[dict[str, Any]]:
     """Drill each database (the named ones, else the policy's). ``target``: newest, random or an ISO time
     (default: the policy's). ``expectations``: the GX suites folder (default: each database's in the policy).
     ``namespace_admin`` and ``namespace_url`` (sqld's admin API and HTTP URL; ``token`` a reference) also load
     each restore into a new namespace ``drill-<db>-<time>``, left for inspection."""
+    refuse_literal_secrets("drill", key=key, token=token)
     log = get_run_logger()
     pol = load(policy)
     r = repos(pol, repo, None, key)

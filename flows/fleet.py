@@ -22,6 +22,7 @@ from dbre.errors import UsageError
 from dbre.policy import Policy
 from dbre.units import human_bytes as human
 from flows.common import RunFailed, load, md_table, outcome, publish, repos
+from flows.references import KeyRef, refuse_literal_secrets, store_references_only
 from tasks.backup import backup_database_limited, copy_to_offsite
 from tasks.retention import forget_snapshots, prune_repository
 
@@ -77,15 +78,17 @@ def back_up_all(jobs: list[dict[str, Any]], repo: str, key: str | None, limit: s
     return rows
 
 
+@store_references_only
 @flow(name="dbre-fleet-backup", persist_result=False)
 def fleet_backup_flow(databases: list[str] | None = None, policy: str | None = None, repo: str | None = None,
-                      offsite: list[str] | None = None, key: str | None = None, copy_offsite: bool = False,
+                      offsite: list[str] | None = None, key: KeyRef = None, copy_offsite: bool = False,
                       retention: bool = False, max_concurrency: int | None = None,
                       task_runner: RunnerKind | None = None, concurrency_limit: str | None = None,
                       full: bool = False) -> dict[str, Any]:
     """Back up the policy's databases (or the named ones) concurrently; optionally copy offsite and
     apply retention. ``concurrency_limit`` "" turns the global limit off for this run; ``full``
     stores every page again (reusing nothing of the previous snapshots)."""
+    refuse_literal_secrets("fleet", key=key)
     log = get_run_logger()
     pol = load(policy)
     if pol is None:

@@ -14,6 +14,7 @@ from dbre.report.requirements_docs import action_command, installation
 from dbre.report.requirements_model import MET, NO_TARGET, RequirementsReport
 from dbre.units import human_bytes as fmt_bytes
 from flows.common import POLICY_ENV, load, md_table, publish, repos
+from flows.references import KeyRef, refuse_literal_secrets, store_references_only
 from tasks.report import analyze_requirements, cli_commands, write_requirements_documents
 
 DOCUMENTS = [("report.html", "requirements report (HTML)"), ("report.md", "requirements report (Markdown)"),
@@ -21,15 +22,17 @@ DOCUMENTS = [("report.html", "requirements report (HTML)"), ("report.md", "requi
              ("dr-plan.md", "disaster-recovery plan")]
 
 
+@store_references_only
 @flow(name="dbre-requirements-report", persist_result=False)
 def requirements_report_flow(out_dir: str = "reports/requirements", policy: str | None = None,
-                             repo: str | None = None, key: str | None = None, sources: dict[str, str] | None = None,
+                             repo: str | None = None, key: KeyRef = None, sources: dict[str, str] | None = None,
                              expectations: str | None = "expectations", storage_gb_month: float | None = None,
                              put_per_1000: float | None = None, get_per_1000: float | None = None,
                              restore_throughput: float | None = None, dated: bool = True) -> dict[str, Any]:
     """Analyse every database (the policy's, given ``sources`` {name: path or URL}, and those in the
     repository) and write the documents into ``out_dir`` (a dated subfolder unless ``dated`` is false).
     Prices default to the policy's ``costs``; ``restore_throughput`` (bytes/s) skips the restore probe."""
+    refuse_literal_secrets("requirements", key=key)
     log = get_run_logger()
     pol = load(policy)
     policy_path = policy or os.environ.get(POLICY_ENV) or None

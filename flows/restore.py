@@ -15,25 +15,46 @@ repository is tried first, then each offsite copy, when the primary cannot be re
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import datetime
-from typing import Any, Literal
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
 
 from prefect import flow, get_run_logger
-from prefect.states import State
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from prefect.states import Failed, State
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema, model_validator
 
-from dbre.errors import RepositoryError
+from dbre.errors import RepositoryError, UsageError
+from dbre.policy import Policy
 from dbre.units import human_bytes as human
 from flows.common import Repos, RunFailed, load, md_table, outcome, publish, repos
+from flows.references import KeyRef, refuse_literal_secrets, store_references_only
 from tasks.restore import (
+    check_restored_file,
+    plan_pitr_restore,
     plan_rows,
     plan_tables,
     plan_whole_restore,
     repair_rows,
+    restore_pitr,
     restore_tables,
     restore_whole,
 )
 from tasks.verify import check_restored
+
+AT_HELP = ("Or: restore the database as it was at this time. ISO 8601 with its zone, e.g. 2026-12-01T02:14:00Z "
+           "(UTC) or 2026-12-01T03:14:00+01:00; a time without a zone is read as UTC. whole: exactly the "
+           "transactions replicated up to it when replication covers it, else the newest snapshot at or before "
+           "it; table and rows: the newest snapshot at or before it")
+
+
+def _utc(value: datetime | None) -> datetime | None:
+    return value if value is None or value.tzinfo else value.replace(tzinfo=UTC)
+
+
+# The form draws a field whose schema is "anyOf [X, null]" as "X | None" with an empty "None" choice:
+# these optional fields are described as X alone (the UI leaves an empty field out of the request).
+When = Annotated[datetime | None, AfterValidator(_utc), WithJsonSchema({"type": "string", "format": "date-time"})]
+Txid = Annotated[int | None, Field(ge=1), WithJsonSchema({"type": "integer", "minimum": 1})]
+Text = Annotated[str | None, WithJsonSchema({"type": "string"})]
 
 
 class RestoreRequest(BaseModel):
@@ -41,9 +62,14 @@ class RestoreRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    database: str = Field(description="Database name in the repository, e.g. orders", min_length=1)
-    snapshot: str = Field(default="", description="Snapshot id or a unique prefix (empty: the newest)")
-    at: datetime | None = Field(default=None, description="Or: restore the newest snapshot at or before this time")
+    database: str = Field(description="Database to restore: its name in the policy and the repository, e.g. orders",
+                          min_length=1)
+    snapshot: str = Field(default="", description="Snapshot id or a unique prefix; leave empty (and at and txid "
+                                                  "empty) for the newest snapshot")
+    at: When = Field(default=None, title="At (time, with zone)", description=AT_HELP)
+    txid: Txid = Field(default=None, title="Txid (transaction)", description=(
+        "Or (whole only): restore exactly up to this replicated transaction id, from the newest generation that "
+        "holds it (dbre restore --txid; see the txids of a database with dbre verify)"))
     scenario: Literal["whole", "table", "rows"] = Field(
         default="whole", description="whole: the database to a new file; table: chosen tables; rows: rows by WHERE")
     tables: list[str] = Field(default_factory=list, description="Tables to restore (scenarios table and rows)")
@@ -56,12 +82,15 @@ class RestoreRequest(BaseModel):
     delete_extra: bool = Field(default=False, description="rows: also delete selected live rows the snapshot lacks")
     dry_run: bool = Field(default=True, description="Show the plan only; untick to restore")
     validate_result: bool = Field(default=True, description="whole: after restoring, integrity_check and row counts "
-                                                            "and checksums against the snapshot's manifest")
+                                                            "and checksums against the snapshot's manifest "
+                                                            "(a point-in-time restore: integrity and foreign keys)")
 
     @model_validator(mode="after")
     def _consistent(self) -> RestoreRequest:
-        if self.snapshot and self.at:
-            raise ValueError("give a snapshot or a time (at), not both")
+        if sum(bool(x) for x in (self.snapshot, self.at, self.txid)) > 1:
+            raise ValueError("give one of snapshot, at (a time) and txid, not both")
+        if self.txid and self.scenario != "whole":
+            raise ValueError("txid restores a whole database: use scenario whole (or a time, at)")
         if self.scenario in ("table", "rows") and not self.tables:
             raise ValueError(f"scenario {self.scenario} needs at least one table")
         if self.scenario == "rows" and (len(self.tables) != 1 or not self.where):
@@ -71,26 +100,54 @@ class RestoreRequest(BaseModel):
         return self
 
 
-@flow(name="dbre-restore", flow_run_name="restore {request.database} ({request.scenario})", persist_result=False)
-def restore_flow(request: RestoreRequest, policy: str | None = None, repo: str | None = None,
-                 key: str | None = None) -> dict[str, Any]:
-    """Plan the restore a request describes and show it; unless a dry run, restore (and validate)."""
-    pol = load(policy)
-    r = repos(pol, repo, None, key)
+def run_name(req: RestoreRequest) -> str:
+    """What a run does: ``restore app @ 2026-12-01T02:14Z``, ``dry run: repair rows of app.orders @ newest``."""
+    if req.at is not None:
+        t = req.at.astimezone(UTC)
+        when = t.strftime("%Y-%m-%dT%H:%M:%SZ" if t.second or t.microsecond else "%Y-%m-%dT%H:%MZ")
+    else:
+        when = f"txid {req.txid}" if req.txid else f"snapshot {req.snapshot}" if req.snapshot else "newest"
+    what = {"whole": f"restore {req.database}", "table": f"restore tables {', '.join(req.tables)} of {req.database}",
+            "rows": f"repair rows of {req.database}.{req.tables[0] if req.tables else '?'}"}[req.scenario]
+    return ("dry run: " if req.dry_run else "") + f"{what} @ {when}"
+
+
+def _flow_run_name() -> str:
+    from prefect.runtime import flow_run
+
+    request = flow_run.parameters.get("request")
+    try:
+        return run_name(request if isinstance(request, RestoreRequest) else RestoreRequest.model_validate(request))
+    except ValueError:
+        return "restore"
+
+
+@store_references_only
+@flow(name="dbre-restore", flow_run_name=_flow_run_name, persist_result=False)
+def restore_flow(request: RestoreRequest, policy: Text = None, repo: Text = None,
+                 key: KeyRef = None) -> dict[str, Any] | State[Any]:
+    """Plan the restore a request describes and show it; unless a dry run, restore (and validate).
+
+    Args:
+        request: What to restore, from when, and where to
+        policy: Policy file on the worker (default: $DBRE_POLICY); its repositories, key and database names
+        repo: Repository URL or path, instead of the policy's primary (its offsite copies are still tried)
+        key: Repository key, as a reference: secret:NAME (a Prefect Secret block), a Secret block, or env:NAME;
+            never the key itself. Empty: the policy's, else $DBRE_ENCRYPTION_KEY
+    """
     req = request
+    try:  # refused before any work: one line and an artifact saying what to do, no traceback
+        refuse_literal_secrets("restore", key=key)
+        pol = load(policy)
+        _check_database(pol, req.database)
+        r = repos(pol, repo, None, key)
+    except UsageError as err:
+        get_run_logger().error("%s", err)
+        return Failed(message=str(err))
     common = {"db": req.database, "snapshot": req.snapshot or None, "at": req.at, "key": r.key}
-    result: dict[str, Any] | None = None
     if req.scenario == "whole":
-        args = {**common, "target": req.target, "force": req.force}
-        plan, tried = _first_repository(r, lambda url: plan_whole_restore(url, return_state=True, **args))
-        if not req.dry_run:  # the very snapshot the plan showed, from the repository that served it
-            result = restore_whole(plan["repository"], **{**args, "snapshot": plan["snapshot"], "at": None})
-        problems = _validate(req, plan, result, r)
-        _publish_whole(req, plan, result, problems, tried)
-        if problems:
-            raise RunFailed(f"restored {req.database} to {req.target} but it fails validation: "
-                            + "; ".join(problems[:5]))
-        return {"dry_run": req.dry_run, "plan": plan, "result": result}
+        return _restore_whole(req, r, common)
+    task: Any
     if req.scenario == "table":
         args = {**common, "live": req.target, "tables": req.tables, "replace": req.replace_tables}
         task = plan_tables if req.dry_run else restore_tables
@@ -103,6 +160,44 @@ def restore_flow(request: RestoreRequest, policy: str | None = None, repo: str |
     done, tried = _first_repository(r, lambda url: task(url, return_state=True, **args))
     _publish_live(req, done, tried)
     return {"dry_run": req.dry_run, "plan" if req.dry_run else "result": done}
+
+
+def _check_database(pol: Policy | None, name: str) -> None:
+    """A database the policy does not list: one line and an artifact naming those it does, before any work."""
+    if pol is None or any(d.name == name for d in pol.databases):
+        return
+    names = sorted(d.name for d in pol.databases)
+    publish("restore-refused", "\n".join([
+        f"# Restore refused: no database `{name}` in the policy", "",
+        "Nothing was read or written. Start the run again with *database* set to one of:", "",
+        *[f"- `{n}`" for n in names]]), description=f"restore refused: unknown database {name}")
+    raise UsageError(f"restore: no database {name!r} in the policy",
+                     "choose one of " + ", ".join(names) if names else "the policy lists no databases")
+
+
+def _restore_whole(req: RestoreRequest, r: Repos, common: dict[str, Any]) -> dict[str, Any]:
+    """A whole database: point in time from segments when ``at`` or ``txid`` asks and they cover it, else a snapshot."""
+    args = {**common, "target": req.target, "force": req.force}
+    plan: dict[str, Any] | None = None
+    result: dict[str, Any] | None = None
+    tried: list[str] = []
+    pitr = req.at is not None or req.txid is not None
+    if pitr:
+        pargs = {k: v for k, v in args.items() if k != "snapshot"} | {"txid": req.txid}
+        plan, tried = _first_repository(r, lambda url: plan_pitr_restore(url, return_state=True, **pargs))
+        if plan is not None:
+            result = None if req.dry_run else restore_pitr(plan["repository"], **pargs)
+        pitr = plan is not None
+    if plan is None:
+        plan, tried = _first_repository(r, lambda url: plan_whole_restore(url, return_state=True, **args))
+        # the very snapshot the plan showed, from the repository that served it
+        result = None if req.dry_run else restore_whole(plan["repository"], **{**args, "snapshot": plan["snapshot"],
+                                                                                 "at": None})
+    problems = _validate(req, plan, result, r, pitr)
+    _publish_whole(req, plan, result, problems, tried, pitr)
+    if problems:
+        raise RunFailed(f"restored {req.database} to {req.target} but it fails validation: " + "; ".join(problems[:5]))
+    return {"dry_run": req.dry_run, "plan": plan, "result": result}
 
 
 def _first_repository(r: Repos, call: Callable[[str], State[Any]]) -> tuple[dict[str, Any], list[str]]:
@@ -124,33 +219,47 @@ def _first_repository(r: Repos, call: Callable[[str], State[Any]]) -> tuple[dict
     raise RunFailed("no repository could serve the restore: " + "; ".join(tried))
 
 
-def _validate(req: RestoreRequest, plan: dict[str, Any], result: dict[str, Any] | None, r: Repos) -> list[str]:
+def _validate(req: RestoreRequest, plan: dict[str, Any], result: dict[str, Any] | None, r: Repos,
+              pitr: bool) -> list[str]:
     if result is None or not req.validate_result:
         return []
+    if pitr:  # the file holds transactions after its base snapshot: no manifest describes it
+        return list(check_restored_file(req.target)["problems"])
     check = check_restored(plan["repository"], req.database, plan["snapshot"], req.target, r.key)
     return list(check["problems"])
 
 
 def _publish_whole(req: RestoreRequest, plan: dict[str, Any], result: dict[str, Any] | None, problems: list[str],
-                   tried: list[str]) -> None:
-    rows = [{"step": "plan", **{k: plan[k] for k in ("repository", "snapshot", "taken_at", "target", "size")},
-             "result": "would replace the existing file" if plan["replaces_existing"] else "ok"}]
-    what = (f"snapshot **{plan['snapshot']}** of `{plan['db']}` (taken {plan['taken_at']}, {human(plan['size'])}) "
-            f"from `{plan['repository']}` to `{plan['target']}`")
+                   tried: list[str], pitr: bool) -> None:
+    rows = [{"step": "plan", **{k: plan[k] for k in ("repository", "snapshot", "taken_at", "target")},
+             "size": plan.get("size"), "result": "would replace the existing file" if plan["replaces_existing"]
+             else "ok"}]
+    if pitr:
+        upto = f"at {plan['at']}" if plan["at"] else f"up to txid {plan['txid']}"
+        what = (f"`{plan['db']}` {upto}: snapshot **{plan['snapshot']}** (taken {plan['taken_at']}) and "
+                f"{plan['segments']} segments of generation {plan['generation']} from `{plan['repository']}` "
+                f"to `{plan['target']}`")
+        reading = f"reading {plan['objects']} objects"
+    else:
+        what = (f"snapshot **{plan['snapshot']}** of `{plan['db']}` (taken {plan['taken_at']}, "
+                f"{human(plan['size'])}) from `{plan['repository']}` to `{plan['target']}`")
+        reading = f"reading {human(plan['bytes_to_read'])} from {plan['packs']} packs"
     if result is None:
-        head = [f"# Dry run: restore of `{req.database}`", "", f"Would restore {what}, reading "
-                f"{human(plan['bytes_to_read'])} from {plan['packs']} packs"
+        head = [f"# Dry run: restore of `{req.database}`", "", f"Would restore {what}, {reading}"
                 + (", **replacing the existing file**." if plan["replaces_existing"] else "."), "",
                 "Start the run again with *dry_run* unticked to restore."]
     else:
-        rows.append({"step": "restore", **{k: result[k] for k in ("repository", "snapshot", "taken_at", "target",
-                                                                  "size")}, "seconds": result["seconds"],
-                     "result": "ok"})
+        rows.append({"step": "restore", **{k: result[k] for k in ("repository", "snapshot", "taken_at", "target")},
+                     "size": result.get("size"), "seconds": result["seconds"], "result": "ok"})
         head = [f"# Restore of `{req.database}`", "", f"Restored {what} in {result['seconds']:.2f} s."]
+        if pitr:
+            head += ["", f"Applied {result['transactions']} transactions, the last txid {result['last_txid']} "
+                         f"(committed {result['last_committed']})."]
         if req.validate_result:
             rows.append({"step": "validate", "target": req.target,
                          "result": f"{len(problems)} problems" if problems else "ok"})
-            passed = "integrity_check, foreign_key_check, schema, row counts and checksums match the manifest."
+            passed = ("integrity_check and foreign_key_check pass." if pitr else
+                      "integrity_check, foreign_key_check, schema, row counts and checksums match the manifest.")
             head += ["", "Validation: " + ("**failed**" if problems else passed)]
             head += [f"- {p}" for p in problems]
     head += _tried(tried)

@@ -12,17 +12,20 @@ from prefect import flow
 from dbre.errors import UsageError
 from dbre.repository.retention import KeepPolicy
 from flows.common import RunFailed, load, md_table, outcome, publish, repos
+from flows.references import KeyRef, refuse_literal_secrets, store_references_only
 from tasks.retention import forget_snapshots, prune_repository
 
 
+@store_references_only
 @flow(name="dbre-retention", persist_result=False)
 def retention_flow(databases: list[str] | None = None, policy: str | None = None, repo: str | None = None,
-                   offsite: list[str] | None = None, key: str | None = None, keep_last: int | None = None,
+                   offsite: list[str] | None = None, key: KeyRef = None, keep_last: int | None = None,
                    keep_hourly: int | None = None, keep_daily: int | None = None, keep_weekly: int | None = None,
                    keep_monthly: int | None = None, keep_yearly: int | None = None, keep_within: str | None = None,
                    prune: bool = True, dry_run: bool = False) -> dict[str, Any]:
     """Apply retention to the primary and every offsite repository; keep_* parameters replace the policy's
     rules (counts: -1 is unlimited; keep_within: restic's 7d, 1y6m), in the policy's retention time zone."""
+    refuse_literal_secrets("retention", key=key)
     pol = load(policy)
     r = repos(pol, repo, offsite, key)
     given = {"last": keep_last, "hourly": keep_hourly, "daily": keep_daily, "weekly": keep_weekly,

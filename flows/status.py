@@ -12,15 +12,18 @@ from dbre.policy import parse_duration
 from dbre.report.drill import seconds_text
 from dbre.units import human_bytes as human
 from flows.common import RunFailed, load, md_table, outcome, publish, repos
+from flows.references import KeyRef, refuse_literal_secrets, store_references_only
 from tasks.validate import compute_repository_status, notify_block, notify_webhook
 
 
+@store_references_only
 @flow(name="dbre-status", persist_result=False)
-def status_flow(policy: str | None = None, repo: str | None = None, key: str | None = None,
+def status_flow(policy: str | None = None, repo: str | None = None, key: KeyRef = None,
                 quota: str | None = None, storage_threshold: float = 0.8, window: str = "30d",
                 prom: str | None = None, webhook: str | None = None, notify: bool = True) -> dict[str, Any]:
     """Compute the status of every database; ``prom`` writes a node-exporter textfile; ``webhook`` (a URL or a
     reference, env:NAME / prefect-secret:BLOCK) gets every alert, the policy's channels the events they list."""
+    refuse_literal_secrets("status", key=key)
     pol = load(policy)
     r = repos(pol, repo, None, key)
     status: Status = compute_repository_status(r.primary, r.key, pol, parse_duration(window),

@@ -11,17 +11,20 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from dbre.units import human_bytes as human
 from dbre.validate.subset import subset_for_week
 from flows.common import RunFailed, load, md_table, outcome, publish, repos
+from flows.references import KeyRef, refuse_literal_secrets, store_references_only
 from tasks.backup import list_snapshots
 from tasks.verify import restore_check, verify_repository
 
 
+@store_references_only
 @flow(name="dbre-verify", persist_result=False, task_runner=ThreadPoolTaskRunner(max_workers=2))
 def verify_flow(databases: list[str] | None = None, policy: str | None = None, repo: str | None = None,
-                key: str | None = None, read_data: bool = True, cycle_weeks: int = 4, restore: bool = True,
+                key: KeyRef = None, read_data: bool = True, cycle_weeks: int = 4, restore: bool = True,
                 scratch_dir: str | None = None) -> dict[str, Any]:
     """Check every snapshot and pack; with ``read_data`` read this week's share of the packs, so that every
     pack is read once in ``cycle_weeks`` weeks (1: all of them now); then prove the newest snapshot of each
     database (the named ones, else the policy's, else all in the repository) restores correctly."""
+    refuse_literal_secrets("verify", key=key)
     pol = load(policy)
     r = repos(pol, repo, None, key)
     subset = subset_for_week(cycle_weeks) if read_data else None

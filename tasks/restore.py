@@ -7,10 +7,13 @@ from typing import Any
 
 from prefect import task
 
+from dbre.errors import UsageError
 from dbre.repository.repo import Repository
 from dbre.restore.full import apply_restore, plan_restore
+from dbre.restore.pitr import apply_pitr, plan_pitr
 from dbre.restore.rows import apply_row_repair, plan_row_repair
 from dbre.restore.table import apply_table_restore, plan_table_restore
+from dbre.validate.checks import failed, foreign_key_check, integrity_check, open_restored
 from tasks.retry import HOUR, TASK_OPTIONS
 from tasks.secrets import resolve_key, resolve_token
 
@@ -76,3 +79,38 @@ def repair_rows(repo: str, db: str, live: str, table: str, where: str, snapshot:
     plan = plan_row_repair(repository, db, live, table, where, snapshot=snapshot, at=at, delete_extra=delete_extra,
                            token=resolve_token(token))
     return {"repository": repository.url, **apply_row_repair(plan).summary()}
+
+
+@task(name="plan point-in-time restore", task_run_name="plan point-in-time restore of {db}", timeout_seconds=HOUR,
+      **TASK_OPTIONS)
+def plan_pitr_restore(repo: str, db: str, target: str, at: datetime | None = None, txid: int | None = None,
+                      force: bool = False, key: str | None = None) -> dict[str, Any] | None:
+    """What restoring ``db`` exactly at ``at`` (or up to ``txid``) from replicated segments would do; None
+    when no segments cover ``at`` better than a snapshot does. Touches nothing."""
+    repository = Repository.open(repo, resolve_key(key))
+    plan = plan_pitr(repository, db, target, at=at, txid=txid, force=force)
+    return None if plan is None else {"repository": repository.url, **plan.describe()}
+
+
+@task(name="point-in-time restore", task_run_name="point-in-time restore of {db} to {target}",
+      timeout_seconds=6 * HOUR, **TASK_OPTIONS)
+def restore_pitr(repo: str, db: str, target: str, at: datetime | None = None, txid: int | None = None,
+                 force: bool = False, key: str | None = None) -> dict[str, Any]:
+    """A generation's base snapshot plus its transactions up to ``at`` (or ``txid``), every object checked."""
+    repository = Repository.open(repo, resolve_key(key))
+    plan = plan_pitr(repository, db, target, at=at, txid=txid, force=force)
+    if plan is None:
+        raise UsageError(f"restore of {db} at {at}: the replicated segments no longer cover it",
+                         "start the restore again: its plan then picks the snapshot")
+    return {"repository": repository.url, **apply_pitr(repository, plan).summary()}
+
+
+@task(name="check restored database", task_run_name="check {target}", timeout_seconds=HOUR, **TASK_OPTIONS)
+def check_restored_file(target: str) -> dict[str, Any]:
+    """integrity_check and foreign_key_check of a restored file (a point-in-time restore has no manifest)."""
+    conn = open_restored(target)
+    try:
+        problems = [f"{r.check}: {r.detail}" for r in failed(integrity_check(conn) + foreign_key_check(conn))]
+    finally:
+        conn.close()
+    return {"ok": not problems, "problems": problems}

@@ -228,8 +228,8 @@ def test_ui_shows_deployments_restore_form_and_artifacts(served: Served) -> None
     pages = {
         "prefect-deployments": (f"{served.ui}/deployments", ["backup-hourly", "restore", "verify-weekly"]),
         "prefect-restore-form": (f"{served.ui}/deployments/deployment/{dep['id']}/run",
-                                 ["Database name in the repository", "Dry Run", "whole"]),
-        "prefect-restore-run": (f"{served.ui}/runs/flow-run/{run_id}", ["restore shop (whole)", "Completed"]),
+                                 ["Database to restore", "Dry Run", "whole"]),
+        "prefect-restore-run": (f"{served.ui}/runs/flow-run/{run_id}", ["restore shop @ newest", "Completed"]),
         "prefect-restore-artifact": (f"{served.ui}/artifacts/artifact/{summary['id']}",
                                      ["Restore of", served.snapshot, "row counts and checksums match"]),
     }
