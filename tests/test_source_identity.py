@@ -79,6 +79,18 @@ def test_a_different_file_under_the_same_name_is_refused_and_nothing_written(
     assert backup_json(other, "--repo", repo_url, "--db", "users")["db"] == "users"
 
 
+def test_a_missing_file_under_the_name_says_it_is_missing(app: Path, tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    backup_json(app, "--repo", repo)
+    assert_one_line_error(cli("backup", tmp_path / "gone" / "app.db", "--repo", repo), 1, "no such file")
+    from dbre.errors import SourceError
+    from dbre.repository.backup import backup
+    from dbre.sources.local import LocalFileSource
+
+    with pytest.raises(SourceError, match="no such file"):  # the API too (the Prefect task calls it)
+        backup(Repository.open(str(repo)), LocalFileSource(tmp_path / "gone.db"), "app")
+
+
 def test_the_same_file_daily_a_symlink_and_a_restore_over_it_are_the_same_source(
         app: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     repo = tmp_path / "repo"

@@ -335,6 +335,9 @@ def backup(
         moved = reference is not None and not same_source(reference.source, source.identity())
         if moved and not accept_new_source:
             assert reference is not None
+            check = getattr(source, "check", None)
+            if check is not None:
+                check()  # a missing or unreadable file says so, rather than "another source"
             raise _refusal(db, reference, source)
         # read the parent's page map before the read transaction: in rollback mode writers wait
         # records into lost packs are dropped (their pages are stored again); --full drops them all
