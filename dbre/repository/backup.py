@@ -311,8 +311,8 @@ def backup(
     in ``stats.repacked_pages``, so prune can free those packs once older snapshots are forgotten.
     ``tags``: why the snapshot is taken, when not as a regular backup (``["safety"]``: the live
     database before a repair changes it; the default for a source whose identity has a ``purpose``),
-    stored as ``stats.tags``; such a snapshot is not compared
-    with the database's source, and is skipped by the default choices of restore and drill.
+    stored as ``stats.tags``; such a snapshot is not compared with the database's source, and is
+    skipped by the default choices of restore and drill.
     The source must be the one of the database's newest regular snapshot (``dbre.repository.identity``):
     another one is refused (UsageError, nothing written) unless ``accept_new_source``; then
     ``stats.new_source`` names the previous one.
