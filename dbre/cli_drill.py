@@ -79,7 +79,9 @@ def drill(
     db: DbNameOpt,
     expectations: ExpectationsOpt = None,
     policy: PolicyOpt = None,
-    target: Annotated[str, typer.Option("--target", help="newest, random, or an ISO time.")] = "newest",
+    target: Annotated[str, typer.Option("--target", help=(
+        "newest, random, or an ISO time (of a replicated database: its newest replicated state, "
+        "a random moment of its PITR window, that moment)."))] = "newest",
     report_dir: Annotated[Path | None, typer.Option("--report-dir", help="Write the drill report here.")] = None,
     scratch_dir: ScratchOpt = None,
     data_docs: Annotated[bool, typer.Option("--data-docs/--no-data-docs",
@@ -159,6 +161,11 @@ def drill(
             print(f"drill of {db} {verdict}: snapshot {record['snapshot']} taken {record['snapshot_taken_at']}; "
                   f"RTO {vs('rto')}; RPO {vs('rpo')}; {record['checks']['total'] - record['checks']['failed']}/"
                   f"{record['checks']['total']} checks passed")
+            pit = record.get("point_in_time")
+            if pit:
+                print(f"point in time {pit['at'] or 'newest replicated state'}: {pit['transactions']} transactions "
+                      f"from {pit['segments']} segments applied (last txid {pit['last_txid']}, committed "
+                      f"{pit['last_committed']})")
             if record.get("report"):
                 print(f"report: {record['report']}")
         if not record["passed"]:

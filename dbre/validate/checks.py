@@ -146,16 +146,19 @@ def equivalence_check(conn: apsw.Connection, manifest: Manifest) -> list[CheckRe
     return out
 
 
-def run_checks(path: str | os.PathLike[str], manifest: Manifest) -> list[CheckResult]:
-    """Every SQLite and manifest check on a restored file, in a fixed order."""
+def run_checks(path: str | os.PathLike[str], manifest: Manifest | None) -> list[CheckResult]:
+    """Every SQLite and manifest check on a restored file, in a fixed order (``manifest`` None: a
+    point in time restored from segments, which has no manifest: the SQLite checks only)."""
     conn = open_restored(path)
     try:
-        return [
+        out = [
             *_guard("integrity_check", lambda: integrity_check(conn)),
             *_guard("foreign_key_check", lambda: foreign_key_check(conn)),
-            *_guard("schema", lambda: schema_check(conn, manifest)),
-            *_guard("row_count", lambda: equivalence_check(conn, manifest)),
         ]
+        if manifest is not None:
+            out += [*_guard("schema", lambda: schema_check(conn, manifest)),
+                    *_guard("row_count", lambda: equivalence_check(conn, manifest))]
+        return out
     finally:
         conn.close()
 

@@ -1,11 +1,17 @@
-"""Recovery drills: restore a snapshot to scratch, validate it, measure RTO and RPO, keep a record.
+"""Recovery drills: restore a snapshot or a point in time to scratch, validate it, measure RTO and RPO, keep a record.
 
 The measures, as the drill record states them:
   RPO  the age of the newest restorable point when the drill starts: the data an incident at
-       that moment would lose (the newest snapshot's time; PITR will move it closer to now).
+       that moment would lose (the newest snapshot's time, or for a replicated database the
+       newest transaction its segments hold, if later).
   RTO  wall time from the start of the drill to a *validated* restore: choosing the snapshot,
-       restoring every page (each checked against its hash), integrity_check,
-       foreign_key_check, the schema and restore-equivalence checks, and the GX suites.
+       restoring every page (each checked against its hash) and, for a point in time, applying
+       the transactions up to it, integrity_check, foreign_key_check, the schema and
+       restore-equivalence checks (a snapshot only: a point in time has no manifest to compare
+       with), and the GX suites.
+For a replicated database the targets mean points in time: ``newest`` is its newest replicated
+state, ``random`` a random moment of its PITR window (exact to the transaction), an ISO time that
+moment; without segments they mean snapshots, as before.
 Both are compared with the policy's targets; the drill passes when every check passes and both
 targets are met. The record goes into the repository (kind "drills") so any machine can report.
 
@@ -22,7 +28,7 @@ import socket
 import tempfile
 import time
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +37,7 @@ from dbre.errors import DbreError, UsageError
 from dbre.repository.manifest import Manifest, check_db_name, iso, now_utc, parse_time
 from dbre.repository.repo import Repository
 from dbre.restore.full import apply_restore, plan_restore
+from dbre.restore.pitr import apply_pitr, plan_pitr
 from dbre.validate.checks import CheckResult, failed, run_checks
 from dbre.validate.suites import Suite, load_suites, suites_dir_for
 
@@ -58,6 +65,25 @@ class DrillTargets:
 
 
 @dataclass
+class PointInTime:
+    """The point in time a drill restores from segments (``at`` None: the newest replicated state)
+    and, once restored, what the restore applied."""
+
+    at: datetime | None
+    newest_replicated: datetime
+    generation: str = ""
+    segments: int = 0
+    transactions: int = 0
+    last_txid: int | None = None
+    last_committed: str | None = None
+
+    def summary(self) -> dict[str, Any]:
+        return {"at": iso(self.at) if self.at else None, "newest_replicated_at": iso(self.newest_replicated),
+                "generation": self.generation, "segments": self.segments, "transactions": self.transactions,
+                "last_txid": self.last_txid, "last_committed": self.last_committed}
+
+
+@dataclass
 class Drill:
     """A drill in progress: what was chosen, when it started, what each step found."""
 
@@ -77,18 +103,66 @@ class Drill:
     namespace: NamespaceResult | None = None
     error: str | None = None
     ended: float | None = None  # time.monotonic() when validation ended: the RTO's end
+    pitr: PointInTime | None = None  # a point in time restored from segments, not a snapshot
+    replicated: datetime | None = None  # the newest transaction the segments hold (None: no segments)
+    restored_stats: tuple[int, int, int] | None = None  # a point in time: (bytes, tables, rows), after the clock
+
+    @property
+    def newest_point(self) -> datetime:
+        return newest_restorable_point(self.newest, self.replicated)
 
     @property
     def rpo_seconds(self) -> float:
-        return max(0.0, (self.started_at - newest_restorable_point(self.newest)).total_seconds())
+        return max(0.0, (self.started_at - self.newest_point).total_seconds())
+
+    @property
+    def data_time(self) -> datetime:
+        """The moment the restored data is from (the GX suites' ``snapshot_time``)."""
+        if self.pitr is None:
+            return self.snapshot.time
+        return self.pitr.at or self.pitr.newest_replicated
 
     def all_checks(self) -> list[CheckResult]:
         return self.checks + (self.suite_run.checks() if self.suite_run else [])
 
 
-def newest_restorable_point(newest: Manifest) -> datetime:
-    """The newest moment a restore can reach: the newest snapshot's time (until PITR exists)."""
-    return newest.time
+def newest_restorable_point(newest: Manifest, replicated: datetime | None = None) -> datetime:
+    """The newest moment a restore can reach: the newest snapshot's time, or the newest transaction
+    the segments hold if that is later."""
+    return max(newest.time, replicated) if replicated is not None else newest.time
+
+
+def replication_span(repo: Repository, db: str) -> tuple[datetime, datetime] | None:
+    """The PITR window segments give ``db`` (its oldest generation's base, or where prune cut it,
+    to the newest transaction observed in its newest generation); None without segments."""
+    from dbre.replicate.segment import list_generations, to_time
+    from dbre.replicate.window import read_pruned
+
+    gens = {g: names for g, names in list_generations(repo, db).items() if names}
+    if not gens:
+        return None
+    newest = to_time(max(names[-1].last_us for names in gens.values()))
+    oldest = to_time(min(int(g[:16], 16) for g in gens))
+    pruned = read_pruned(repo, db)
+    start = max(oldest, pruned) if pruned is not None else oldest
+    return (min(start, newest), newest)
+
+
+def pick_point(span: tuple[datetime, datetime], newest_snapshot: Manifest, target: str,
+               seed: int | None) -> PointInTime | None:
+    """The point in time a drill of a replicated database restores (None: a snapshot instead, when
+    the newest snapshot is newer than every replicated transaction and ``newest`` is asked)."""
+    start, end = span
+    if target == "newest":
+        return PointInTime(None, end) if end > newest_snapshot.time else None
+    if target == "random":
+        seconds = random.Random(seed).uniform(0, (end - start).total_seconds())
+        return PointInTime(start + timedelta(seconds=seconds), end)
+    try:
+        at = parse_time(target)
+    except UsageError:
+        return None  # (pick_snapshot names the mistake)
+    return PointInTime(at, end) if start <= at else None
 
 
 def backup_history(snaps: list[Manifest]) -> list[Manifest]:
@@ -123,16 +197,35 @@ def begin_drill(repo: Repository, db: str, target: str = "newest", *, scratch_di
     started_at = now_utc()
     started = time.monotonic()
     snaps = backup_history(repo.require_db(db))
-    snapshot = pick_snapshot(repo, db, target, seed=seed)
+    span = replication_span(repo, db)
+    point = pick_point(span, snaps[-1], target, seed) if span is not None else None
+    # (a point in time restores its generation's base, set by restore_step; until then the newest)
+    snapshot = snaps[-1] if point is not None else pick_snapshot(repo, db, target, seed=seed)
     if scratch_dir is not None:
         Path(scratch_dir).mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=f"dbre-drill-{db}-", dir=scratch_dir))
     return Drill(db=db, repository=repo.url, target=target, snapshot=snapshot, newest=snaps[-1],
-                 started_at=started_at, started=started, scratch=scratch, restored=scratch / f"{db}.db")
+                 started_at=started_at, started=started, scratch=scratch, restored=scratch / f"{db}.db",
+                 pitr=point, replicated=span[1] if span is not None else None)
 
 
 def restore_step(repo: Repository, drill: Drill) -> float:
-    """Restore the drill's snapshot into scratch (every page checked against its hash)."""
+    """Restore the drill's snapshot, or its point in time (its generation's base, then the
+    transactions up to that moment), into scratch; every page is checked against its hash."""
+    if drill.pitr is not None:
+        started = time.perf_counter()
+        pitr_plan = plan_pitr(repo, drill.db, drill.restored, at=drill.pitr.at)
+        if pitr_plan is not None:  # (apply_pitr holds a shared lock itself)
+            done = apply_pitr(repo, pitr_plan)
+            drill.snapshot = pitr_plan.base
+            p = drill.pitr
+            p.generation, p.segments = pitr_plan.generation.id, len(pitr_plan.segments)
+            p.transactions, p.last_txid, p.last_committed = done.transactions, done.last_txid, done.last_observed
+            drill.restore_seconds = time.perf_counter() - started
+            return drill.restore_seconds
+        # a snapshot holds that moment at least as well (taken after its last transaction was seen)
+        drill.snapshot = drill.newest if drill.pitr.at is None else repo.find_snapshot(drill.db, at=drill.pitr.at)
+        drill.pitr = None
     with repo.lock(f"drill {drill.db}"):  # shared: keeps a prune from removing packs mid-restore
         plan = plan_restore(repo, drill.db, drill.restored, snapshot=drill.snapshot.id)
         result = apply_restore(repo, plan)
@@ -143,7 +236,7 @@ def restore_step(repo: Repository, drill: Drill) -> float:
 def check_step(drill: Drill) -> list[CheckResult]:
     """integrity_check, foreign_key_check, schema and restore-equivalence against the manifest."""
     t = time.perf_counter()
-    drill.checks = run_checks(drill.restored, drill.snapshot)
+    drill.checks = run_checks(drill.restored, None if drill.pitr is not None else drill.snapshot)
     drill.checks_seconds = time.perf_counter() - t
     return drill.checks
 
@@ -162,7 +255,7 @@ def expectations_step(drill: Drill, suites: list[Suite]) -> SuiteRun:
     """Run the GX suites on the restored file."""
     from dbre.validate.suites import run_suites
 
-    drill.suite_run = run_suites(drill.restored, suites, snapshot_time=drill.snapshot.time)
+    drill.suite_run = run_suites(drill.restored, suites, snapshot_time=drill.data_time)
     return drill.suite_run
 
 
@@ -189,6 +282,8 @@ def finish_drill(repo: Repository, drill: Drill, targets: DrillTargets, *, keep_
     """Stop the clock, compare with the targets, write the drill record, remove scratch."""
     rto = (drill.ended or time.monotonic()) - drill.started
     finished_at = now_utc()
+    if drill.pitr is not None and drill.restored.exists():  # (a snapshot's come from its manifest)
+        drill.restored_stats = _count(drill.restored)
     if not keep_scratch:
         shutil.rmtree(drill.scratch, ignore_errors=True)
     record = drill_record(drill, targets, rto, finished_at)
@@ -224,7 +319,8 @@ def drill_record(drill: Drill, targets: DrillTargets, rto: float, finished_at: d
         "snapshot": m.id,
         "snapshot_taken_at": m.taken_at,
         "newest_snapshot": drill.newest.id,
-        "newest_restorable_at": iso(newest_restorable_point(drill.newest)),
+        "newest_restorable_at": iso(drill.newest_point),
+        "point_in_time": drill.pitr.summary() if drill.pitr is not None else None,
         "started_at": iso(drill.started_at),
         "finished_at": iso(finished_at),
         "rto_seconds": round(rto, 3),
@@ -243,9 +339,9 @@ def drill_record(drill: Drill, targets: DrillTargets, rto: float, finished_at: d
             "namespace_seconds": _round(drill.namespace.seconds) if drill.namespace else None,
         },
         "namespace": drill.namespace.summary() if drill.namespace else None,
-        "size": m.size,
-        "tables": len(m.tables),
-        "rows": sum(t.rows for t in m.tables.values()),
+        **({"size": drill.restored_stats[0], "tables": drill.restored_stats[1], "rows": drill.restored_stats[2]}
+           if drill.restored_stats is not None else
+           {"size": m.size, "tables": len(m.tables), "rows": sum(t.rows for t in m.tables.values())}),
         "checks": {"total": len(checks), "failed": len(bad)},
         "failed_checks": [c.to_dict() for c in bad],
         "failures": failures,
@@ -254,6 +350,26 @@ def drill_record(drill: Drill, targets: DrillTargets, rto: float, finished_at: d
         "host": socket.gethostname(),
         "tool": f"dbre {__version__}",
     }
+
+
+def _count(path: Path) -> tuple[int, int, int] | None:
+    """(bytes, tables, rows) of a restored file (a point in time has no manifest that says)."""
+    from dbre.repository.tables import qident, user_tables
+    from dbre.validate.checks import open_restored
+
+    try:
+        conn = open_restored(path)
+        try:
+            tables = [t["name"] for t in user_tables(conn)]
+            rows = 0
+            for t in tables:
+                (n,) = conn.execute(f"SELECT count(*) FROM {qident(t)}").fetchone()  # type: ignore[misc]
+                rows += int(n)
+        finally:
+            conn.close()
+    except Exception:  # noqa: BLE001 - a file the checks found broken: its size only
+        return (path.stat().st_size, 0, 0)
+    return (path.stat().st_size, len(tables), rows)
 
 
 def _round(v: float | None) -> float | None:
