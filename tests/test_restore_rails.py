@@ -299,3 +299,36 @@ def test_a_process_opening_the_target_after_the_first_look_is_refused(backed_up:
             proc.communicate("go\n", timeout=30)
     assert query(live, "SELECT v FROM t") == before == [("live",)]
     assert not [p.name for p in tmp_path.iterdir() if ".dbre-" in p.name]
+
+
+def test_plain_restore_on_s3_takes_the_newest_generation(tmp_path: Path, s3_repo_url: str) -> None:
+    from dbre.replicate.segment import list_generations
+    from dbre.repository.repo import Repository
+
+    src, log, out = tmp_path / "src.db", tmp_path / "w.log", tmp_path / "out.db"
+    make_source(src, 200)
+    top = 200
+    for run in (1, 2):  # two runs of the replicator: the WAL restarted in between, the second starts a generation
+        rep = start_replicator(src, s3_repo_url, interval="200ms")
+        try:
+            wait_for_generation(s3_repo_url, proc=rep)
+            deadline = time.time() + 30
+            while len(list_generations(Repository.open(s3_repo_url), "app")) < run:
+                assert rep.poll() is None and time.time() < deadline, "no new generation"
+                time.sleep(0.1)
+            assert start_writer(src, log, 1.0, start_seq=top).wait(timeout=60) == 0
+            time.sleep(0.3)
+        finally:
+            code, err = stop_replicator(rep)
+        assert code == 0, err
+        c = sqlite3.connect(src, isolation_level=None)
+        top = c.execute("SELECT max(seq) FROM t").fetchone()[0]
+        c.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        c.close()
+    gens = list_generations(Repository.open(s3_repo_url), "app")
+    newest = list(gens.values())[-1]
+    assert len(gens) >= 2 and newest, {g: len(n) for g, n in gens.items()}
+    r = cli("restore", "--repo", s3_repo_url, "--db", "app", "--to", out)
+    assert r.returncode == 0 and r.stdout.startswith(f"restored app the newest replicated state to {out}: "), r
+    assert f"(last txid {newest[-1].last}, committed " in r.stdout
+    assert sqldiff(src, out) == "" and integrity(out) == "ok"
