@@ -32,7 +32,8 @@ def _backup(args: argparse.Namespace) -> dict[str, Any]:
         profiler = cProfile.Profile()
         profiler.enable()
     started = time.perf_counter()
-    result = backup(repo, source, args.db, checksums=args.checksums)
+    # (the updated twin is the same database at another path: a moved source, accepted)
+    result = backup(repo, source, args.db, checksums=args.checksums, accept_new_source=True)
     seconds = time.perf_counter() - started
     if profiler is not None:
         import io
