@@ -227,7 +227,23 @@ def test_plain_restore_of_a_replicated_db_is_its_newest_state(tmp_path: Path) ->
         _release(holder)
     assert [v for (v,) in query(live, "SELECT v FROM t ORDER BY id")] == ["live", "before", "held", "after"]
 
-    # commits made with no replicator running, then a backup: the snapshot is newer, a plain restore takes it
+    # a gap in the newest generation: refused (its transactions would be dropped silently), the hint
+    # naming --snapshot latest, which restores
+    from dbre.replicate.segment import list_generations
+    from dbre.repository.repo import Repository
+
+    repository = Repository.open(repo)
+    (names,) = list_generations(repository, "app").values()
+    assert len(names) >= 3, names
+    repository.store.delete(names[len(names) // 2].key)
+    r = cli("restore", "--repo", repo, "--db", "app", "--to", tmp_path / "gap.db")
+    assert_one_line_error(r, 1, "gap before", "--snapshot latest")
+    assert not (tmp_path / "gap.db").exists()
+    r = cli("restore", "--repo", repo, "--db", "app", "--to", tmp_path / "gap.db", "--snapshot", "latest")
+    assert r.returncode == 0 and restored_seq(tmp_path / "gap.db") == (300, 300, 300), r
+
+    # commits made with no replicator running, then a backup: the snapshot is newer (the gap no longer
+    # matters), a plain restore takes it
     c = sqlite3.connect(src, isolation_level=None)
     c.execute("INSERT INTO t(seq, pad) VALUES (1000000, x'00')")
     c.close()

@@ -153,21 +153,25 @@ def plan_pitr(repo: Repository, db: str, target: str | os.PathLike[str], *, at: 
 def _plan_newest(repo: Repository, db: str, path: Path, force: bool,
                  gens: dict[str, list[SegmentName]]) -> PitrPlan | None:
     """Every transaction of the newest generation, unless a snapshot taken after the last of them
-    was observed holds as much or more (None: restore that snapshot)."""
+    was observed holds as much or more (None: restore that snapshot). A generation that cannot be
+    restored (its base lost, a gap) is refused, the hint naming ``--snapshot latest``."""
     if not gens:
         return None
     gen_id, names = next(reversed(gens.items()))
-    gen = _read_base_or_refuse(repo, db, gen_id)
-    if micros(gen.time) != int(gen_id[:16], 16):
-        raise IntegrityError(f"{gen.key}: base taken at {gen.taken_at}, its name says otherwise",
-                             "the base was moved or replaced: restore it from the offsite copy")
-    names = check_contiguous(db, gen, check_times(db, gen, names))
     if not names:
         return None  # (the base is a snapshot: the newest snapshot holds at least as much)
-    newest = repo.find_snapshot(db)
-    if newest.id != gen.snapshot and micros(newest.time) > names[-1].last_us:
+    if micros(repo.find_snapshot(db).time) > names[-1].last_us:
         return None  # (taken after the last transaction was observed: it holds every one of them)
-    return PitrPlan(db, path, force, gen, base_snapshot(repo, gen), names)
+    try:
+        gen = _read_base_or_refuse(repo, db, gen_id)
+        if micros(gen.time) != int(gen_id[:16], 16):
+            raise IntegrityError(f"{gen.key}: base taken at {gen.taken_at}, its name says otherwise",
+                                 "the base was moved or replaced: restore it from the offsite copy")
+        names = check_contiguous(db, gen, check_times(db, gen, names))
+        return PitrPlan(db, path, force, gen, base_snapshot(repo, gen), names)
+    except IntegrityError as err:
+        raise IntegrityError(err.message, f"{err.hint}; or --snapshot latest: the newest snapshot, without the "
+                             "transactions replicated after it") from err
 
 
 def _read_base_or_refuse(repo: Repository, db: str, gen_id: str) -> Generation:
