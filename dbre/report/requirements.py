@@ -22,7 +22,7 @@ import math
 import tempfile
 import time
 import urllib.parse
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,7 +30,19 @@ from typing import TYPE_CHECKING, Any
 from dbre.errors import DbreError
 from dbre.report.inventory import DatabaseInventory, TableInventory, inspect_database, inventory_from_schema
 from dbre.report.requirements_checks import checks_for, db_recommendations, installation_recommendations
+from dbre.report.requirements_cost import (
+    BACKUP_INTERVALS,
+    MONTH_DAYS,
+    REPLICATION_INTERVALS,
+    CostInputs,
+    CostPerRpo,
+    assumptions,
+    backup_option,
+    measure_segments,
+    replication_option,
+)
 from dbre.report.requirements_model import (
+    CADENCE_DAYS,
     DAY,
     DEFAULT_RETENTION,
     GIB,
@@ -226,6 +238,33 @@ def _restore_time(drills: list[dict[str, Any]], target: int | None, size: int, s
                            detail=f"{fmt_bytes(size)} at {fmt_bytes(throughput)}/s, restore only",
                            projected_seconds=size_12m / throughput)
     return RestoreTime(seconds=None, basis="none", detail="no drill and no snapshot to estimate from")
+
+
+# -- cost per RPO --------------------------------------------------------------------------------
+
+
+def _window_days(keep: KeepPolicy) -> float:
+    """The PITR window segments are kept for: keep-within (0 without it: the newest state only)."""
+    within = keep.within_duration()
+    return within.longest_seconds() / DAY if within is not None else 0.0
+
+
+def _cost_per_rpo(repo: Repository, db: str, storage: StorageProjection,
+                  project: Callable[[float], StorageProjection], inputs: CostInputs, replicated: bool,
+                  notes: list[str]) -> CostPerRpo:
+    """Replication at 1 s and 10 s, the policy's backups, and backups every 15 min, 1 h, 1 day."""
+    try:
+        rate = measure_segments(repo, db)
+    except DbreError as err:
+        notes.append(f"segments could not be measured, cost per RPO assumes none: {err}")
+        rate = None
+    options = [replication_option(i, storage, inputs, rate, current=replicated and i == REPLICATION_INTERVALS[0])
+               for i in REPLICATION_INTERVALS]
+    backups = [backup_option(storage, inputs, current=not replicated)]
+    backups += [backup_option(project(i), inputs) for i in BACKUP_INTERVALS
+                if abs(i - storage.interval_seconds) > 0.1 * i]
+    options += sorted(backups, key=lambda o: o.interval_seconds)
+    return CostPerRpo(options, assumptions(rate, inputs, replicated), rate)
 
 
 # -- suites --------------------------------------------------------------------------------------
@@ -492,19 +531,28 @@ def _analyze_db(repo: Repository, name: str, snaps: list[Manifest], source: Sour
     suites = suite_tables(expectations_dir, name, pdb.expectations if pdb else None)
     tables = _table_reports(inv, snaps, history, pdb, suites)
 
-    storage = None
+    storage = costs = None
     if snaps:
         keep = policy.retention.keep_policy() if policy else DEFAULT_RETENTION
         copies = 1 + (len(policy.repositories.offsite) if policy else 0)
         puts = (sum(history.packs_added[i] for i in incr) / len(incr) if incr else 1.0) + 4  # manifest, lock, 2 LISTs
-        storage = project_storage(
-            size_now=float(size), size_12m=size_12m, compression_ratio=ratio if ratio is not None else 1.0,
-            change_per_day=change_per_day or 0.0,
-            interval_seconds=interval_spread.p50 if interval_spread else DAY, keep=keep,
-            retention_assumed=policy is None, copies=copies, puts_per_backup=puts,
-            page_count=snaps[-1].page_count, prices=prices)
+
+        def project(interval: float) -> StorageProjection:
+            return project_storage(
+                size_now=float(size), size_12m=size_12m, compression_ratio=ratio if ratio is not None else 1.0,
+                change_per_day=change_per_day or 0.0, interval_seconds=interval, keep=keep,
+                retention_assumed=policy is None, copies=copies, puts_per_backup=puts,
+                page_count=snaps[-1].page_count, prices=prices)
+
+        storage = project(interval_spread.p50 if interval_spread else DAY)
         if ratio is None:
             notes.append("the first full snapshot was forgotten: storage assumes no compression")
+        inputs = CostInputs(
+            prices=prices, copies=copies, window_days=_window_days(keep), change_bytes_per_day=change_per_day or 0.0,
+            snapshot_restore_gets=1 + math.ceil(snaps[-1].page_count / RUN_PAGES) + 2 * len(snaps[-1].packs),
+            restores_per_month=MONTH_DAYS / CADENCE_DAYS.get(policy.drills.cadence if policy else "monthly", 31),
+            backup_p95=backup_spread.p95 if backup_spread else 0.0)
+        costs = _cost_per_rpo(repo, name, storage, project, inputs, bool(pdb and pdb.replicate), notes)
 
     d = DatabaseReport(
         name=name, tier=str(pdb.tier) if pdb else None, rpo=rpo, rto=rto, owner=pdb.owner if pdb else None,
@@ -514,7 +562,7 @@ def _analyze_db(repo: Repository, name: str, snaps: list[Manifest], source: Sour
         history=history, size=size, size_trend=size_trend, backup_seconds=backup_spread,
         interval_seconds=interval_spread, newest_age_seconds=newest_age, rpo_achieved=rpo_achieved,
         rpo_attainment=attainment, pages_per_day=pages_per_day, change_bytes_per_day=change_per_day,
-        compression_ratio=ratio, restore=restore, storage=storage, notes=notes,
+        compression_ratio=ratio, restore=restore, storage=storage, notes=notes, cost_per_rpo=costs,
     )
     d.checks = checks_for(d, pdb, policy, now, offsite_newest)
     d.recommendations = db_recommendations(d, pdb, policy)

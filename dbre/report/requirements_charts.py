@@ -220,6 +220,28 @@ def storage_chart(report: RequirementsReport) -> bytes | None:
     return _png(fig)
 
 
+def cost_chart(d: DatabaseReport, currency: str = "USD") -> bytes | None:
+    """Horizontal bars: cost per month of each option, labelled with its RPO; the policy's own highlighted."""
+    if d.cost_per_rpo is None or not d.cost_per_rpo.options:
+        return None
+    from dbre.report.requirements_model import fmt_seconds
+
+    opts = d.cost_per_rpo.options
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(HALF, 0.42 * len(opts) + 1.1))
+    y = list(range(len(opts)))
+    colors = [TREND_COLOR if o.current else (DATA_COLOR if o.kind == "replication" else INDEX_COLOR) for o in opts]
+    ax.barh(y, [o.total_month for o in opts], height=0.6, color=colors)
+    ax.set_yticks(y)
+    ax.set_yticklabels([f"RPO {fmt_seconds(o.rpo_seconds)}: {o.label.split(' + ')[0]}" + (" (now)" if o.current else "")
+                        for o in opts])
+    ax.invert_yaxis()
+    ax.set_xlabel(f"{currency} per month (storage + requests, all copies)")
+    ax.grid(axis="y", visible=False)
+    ax.set_title(f"Cost per RPO: {d.name}", loc="left")
+    return _png(fig)
+
+
 def all_charts(report: RequirementsReport) -> dict[str, bytes]:
     """Every chart of the report by file name (without the ones with nothing to draw)."""
     out: dict[str, bytes | None] = {
@@ -231,4 +253,5 @@ def all_charts(report: RequirementsReport) -> dict[str, bytes]:
     for d in report.databases:
         out[f"growth-{d.name}.png"] = growth_chart(d)
         out[f"rows-{d.name}.png"] = rows_chart(d)
+        out[f"cost-{d.name}.png"] = cost_chart(d, report.prices.currency)
     return {k: v for k, v in out.items() if v is not None}

@@ -246,6 +246,23 @@ def scheduled_interval(policy: Policy | None) -> float | None:
     return min(known) if known else None
 
 
+def _replication_advice(d: DatabaseReport, bs: float) -> str:
+    """An RPO periodic snapshots cannot give: replicate, at the cheapest interval that meets it."""
+    head = (f"an RPO of {fmt_seconds(d.rpo)} is below what periodic snapshots can give (a backup alone takes "
+            f"{fmt_seconds(bs)}): ")
+    costs = d.cost_per_rpo
+    if costs is not None and any(o.current and o.kind == "replication" for o in costs.options):
+        return head + ("the policy replicates it (`replicate: true`): keep `dbre replicate` running and watch its "
+                       "lag with `dbre status`")
+    pick = costs.cheapest_within(AT_RISK_SHARE * d.rpo, "replication") if costs is not None and d.rpo else None
+    if pick is None:
+        return head + "it needs continuous WAL shipping (`dbre replicate`) or a relaxed target"
+    return head + (f"replicate it continuously (`replicate: true` in the policy, `dbre replicate --interval "
+                   f"{pick.interval_seconds:g}s`): RPO {fmt_seconds(pick.rpo_seconds)} for about "
+                   f"{pick.total_month:,.2f} a month with the backups, at the report's prices (Cost per RPO), "
+                   "or relax the target")
+
+
 def db_recommendations(d: DatabaseReport, pdb: DatabasePolicy | None, policy: Policy | None) -> list[Recommendation]:
     out: list[Recommendation] = []
     by_target = {c.target: c for c in d.checks}
@@ -269,10 +286,7 @@ def db_recommendations(d: DatabaseReport, pdb: DatabasePolicy | None, policy: Po
                                       f"take a snapshot every {fmt_seconds(pick[0])} (now every {now_every}) to meet "
                                       f"the {fmt_seconds(d.rpo)} RPO", cron=pick[1]))
         else:
-            out.append(Recommendation(d.name, "schedule",
-                                      f"an RPO of {fmt_seconds(d.rpo)} is below what periodic snapshots can give "
-                                      f"(a backup alone takes {fmt_seconds(bs)}): it needs continuous WAL shipping "
-                                      "(the PITR layer) or a relaxed target"))
+            out.append(Recommendation(d.name, "schedule", _replication_advice(d, bs)))
     elif d.rpo and rpo_check and rpo_check.status == MET and d.interval_seconds and \
             d.interval_seconds.p50 * 8 < d.rpo:
         pick = suggest_schedule(d.rpo, bs)

@@ -6,10 +6,13 @@ formatting helpers the documents share; no I/O here.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dbre.report.inventory import DatabaseInventory, TableInventory
 from dbre.repository.retention import KeepPolicy
+
+if TYPE_CHECKING:
+    from dbre.report.requirements_cost import CostPerRpo
 
 PROJECTION_DAYS = 365.0
 AT_RISK_SHARE = 0.8  # a measurement above 80% of its target is at risk
@@ -192,6 +195,7 @@ class DatabaseReport:
     checks: list[Check] = field(default_factory=list)
     recommendations: list[Recommendation] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    cost_per_rpo: CostPerRpo | None = None
 
     @property
     def rows(self) -> int:
