@@ -63,10 +63,29 @@ def build_deployments(prefect_file: Path = PREFECT_FILE, policy_path: str | None
             schedules=schedules,
             concurrency_limit=ConcurrencyLimitConfig(**limit) if isinstance(limit, dict) else limit,
         )
+        plain_optionals(deployment._parameter_openapi_schema.properties)
         if policy is not None:
             choose_databases(deployment._parameter_openapi_schema.definitions, [d.name for d in policy.databases])
         out.append(deployment)
     return out
+
+
+def plain_optionals(properties: dict[str, Any]) -> None:
+    """Draw an optional parameter (``X | None = None``) as X alone: the form shows "anyOf [X, null]" as an
+    "X | None" choice ("Property is type None"), and fills a field that has a null default with null, which
+    the UI's own check then refuses. Without both, an untouched field is left out and the flow's default
+    (None) applies; the flow still validates what it is given. (``properties`` changed in place.)"""
+    for field in properties.values():
+        branches = field.get("anyOf")
+        if field.get("default", "") is not None or not branches or {"type": "null"} not in branches:
+            continue
+        del field["default"]
+        rest = [b for b in branches if b != {"type": "null"}]
+        if len(rest) == 1:
+            del field["anyOf"]
+            field.update({k: v for k, v in rest[0].items() if k not in field})
+        else:
+            field["anyOf"] = rest
 
 
 def choose_databases(definitions: dict[str, Any], names: list[str]) -> None:

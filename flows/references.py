@@ -49,10 +49,10 @@ def as_reference(value: Any) -> str | None:
 
 _REFERENCE = Annotated[str, StringConstraints(pattern=SECRET_REF_PATTERN), Field(title="secret:NAME or env:NAME")]
 
-KeyRef = Annotated[str | None, PlainValidator(as_reference, json_schema_input_type=SecretBlock | _REFERENCE)]
+KeyRef = Annotated[str | None, PlainValidator(as_reference, json_schema_input_type=SecretBlock | _REFERENCE | None)]
 """A key or token parameter: a Secret block document, or secret:NAME / env:NAME (see the module docstring).
 
-Its form field offers those two, no "None" choice: a field left empty is left out of the run's parameters."""
+Its form field offers those two and None (the form fills an untouched field with its default, None)."""
 TokenRef = KeyRef
 
 

@@ -50,11 +50,16 @@ def _utc(value: datetime | None) -> datetime | None:
     return value if value is None or value.tzinfo else value.replace(tzinfo=UTC)
 
 
-# The form draws a field whose schema is "anyOf [X, null]" as "X | None" with an empty "None" choice:
-# these optional fields are described as X alone (the UI leaves an empty field out of the request).
+def _no_null_default(schema: dict[str, Any]) -> None:
+    if "default" in schema and schema["default"] is None:
+        del schema["default"]
+
+
+# The form draws a field whose schema is "anyOf [X, null]" as "X | None" with an empty "None" choice, so
+# these optional fields are described as X alone; and without a default, for the form fills a field
+# with its default, and the UI's own check (no null in an X) would then refuse an untouched field.
 When = Annotated[datetime | None, AfterValidator(_utc), WithJsonSchema({"type": "string", "format": "date-time"})]
 Txid = Annotated[int | None, Field(ge=1), WithJsonSchema({"type": "integer", "minimum": 1})]
-Text = Annotated[str | None, WithJsonSchema({"type": "string"})]
 
 
 class RestoreRequest(BaseModel):
@@ -66,8 +71,9 @@ class RestoreRequest(BaseModel):
                           min_length=1)
     snapshot: str = Field(default="", description="Snapshot id or a unique prefix; leave empty (and at and txid "
                                                   "empty) for the newest snapshot")
-    at: When = Field(default=None, title="At (time, with zone)", description=AT_HELP)
-    txid: Txid = Field(default=None, title="Txid (transaction)", description=(
+    at: When = Field(default=None, title="At (time, with zone)", description=AT_HELP,
+                     json_schema_extra=_no_null_default)
+    txid: Txid = Field(default=None, title="Txid (transaction)", json_schema_extra=_no_null_default, description=(
         "Or (whole only): restore exactly up to this replicated transaction id, from the newest generation that "
         "holds it (dbre restore --txid; see the txids of a database with dbre verify)"))
     scenario: Literal["whole", "table", "rows"] = Field(
@@ -124,7 +130,7 @@ def _flow_run_name() -> str:
 
 @store_references_only
 @flow(name="dbre-restore", flow_run_name=_flow_run_name, persist_result=False)
-def restore_flow(request: RestoreRequest, policy: Text = None, repo: Text = None,
+def restore_flow(request: RestoreRequest, policy: str | None = None, repo: str | None = None,
                  key: KeyRef = None) -> dict[str, Any] | State[Any]:
     """Plan the restore a request describes and show it; unless a dry run, restore (and validate).
 

@@ -32,7 +32,16 @@ from flows.references import REFUSED, SECRET_REF_PATTERN, as_reference
 from flows.restore import RestoreRequest, restore_flow, run_name
 from tasks.backup import backup_database
 from tests.replication import make_source, restored_seq, start_replicator, stop_replicator, wait_for_generation
-from tests.test_e2e_prefect import CHROMIUM, Served, _deployment, _run_to_end, api_call, served  # noqa: F401
+from tests.test_e2e_prefect import (
+    _OPENER,
+    CHROMIUM,
+    Served,
+    _deployment,
+    _run_to_end,
+    api_call,
+    free_port,
+    served,  # noqa: F401 - the real Prefect server serving the deployments
+)
 
 PASSPHRASE = "correct horse battery staple 3am"
 KEY_VALUE = "the-real-repository-key-9f2c71"
@@ -76,7 +85,7 @@ def test_key_and_token_parameters_of_every_flow_take_references_only() -> None:
             # no branch takes free text: a string must match the reference pattern, or it is a Secret block
             assert strings == [{"type": "string", "pattern": SECRET_REF_PATTERN, "title": "secret:NAME or env:NAME"}], \
                 (entry, name, branches)
-            assert {"$ref": "#/definitions/Secret"} in branches and {"type": "null"} not in branches
+            assert {"$ref": "#/definitions/Secret"} in branches and {"type": "null"} in branches  # (the UI sends null)
             assert "Secret" in schema["definitions"]
     assert as_reference("secret:dbre-key") == "prefect-secret:dbre-key"
     assert as_reference("env:DBRE_KEY") == "env:DBRE_KEY" and as_reference(None) is None
@@ -89,11 +98,11 @@ def test_restore_form_fields_are_typed_and_described() -> None:
     assert schema["required"] == ["request"]
     for name, field in schema["properties"].items():
         assert field.get("description"), f"flow parameter {name} has no description"
-        assert {"type": "null"} not in field.get("anyOf", []), f"{name} is drawn as 'X | None'"
     req = schema["definitions"]["RestoreRequest"]["properties"]
     for name, field in req.items():
         assert field.get("description"), f"request.{name} has no description"
         assert "anyOf" not in field, f"request.{name} is drawn as a union: {field}"
+        assert field.get("default", "") is not None, f"the form would fill request.{name} with null"
     assert (req["at"]["type"], req["at"]["format"]) == ("string", "date-time")
     assert "zone" in req["at"]["description"] and "UTC" in req["at"]["description"]
     assert (req["txid"]["type"], req["txid"]["minimum"]) == ("integer", 1)
@@ -240,6 +249,8 @@ def test_the_served_form_takes_references_and_policy_databases(served: Served) -
     schema = dep["parameter_openapi_schema"]
     props, req = schema["properties"], schema["definitions"]["RestoreRequest"]["properties"]
     assert [b.get("type") for b in props["key"]["anyOf"]] == [None, "string"]  # a Secret block, or a reference
+    for name, field in props.items():  # drawn as one type, not "X | None", and not filled with null
+        assert {"type": "null"} not in field.get("anyOf", []) and field.get("default", "") is not None, name
     assert props["key"]["anyOf"][1]["pattern"] == SECRET_REF_PATTERN and "reference" in props["key"]["description"]
     assert req["database"]["enum"] == ["shop"]  # the policy's databases, a drop-down
     assert (req["at"]["type"], req["at"]["format"]) == ("string", "date-time") and "zone" in req["at"]["description"]
@@ -272,15 +283,85 @@ def test_the_served_form_takes_references_and_policy_databases(served: Served) -
     assert done["name"] == f"restore shop @ {at:%Y-%m-%dT%H:%M}Z"
     with sqlite3.connect(target) as conn:
         assert conn.execute("SELECT count(*) FROM orders").fetchone() == (3000,)
+    # the form in the UI itself (headless Chromium): described fields, and an untouched optional field does not
+    # stop the UI's own check (an "at" filled with null did); fill database and target, Submit, and the run goes
     if CHROMIUM is None:
         pytest.fail("chromium is not installed (apt-get install chromium)")
-    out = served.workdir / "form"
-    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-           "--virtual-time-budget=15000", "--window-size=1400,2600", f"--user-data-dir={out}-profile"]
-    url = f"{served.ui}/deployments/deployment/{dep['id']}/run"
-    dom = subprocess.run([*cmd, "--dump-dom", url], capture_output=True, text=True, timeout=120).stdout
+    ui_target = str(served.workdir / "from-the-form.db")
+    text, = _in_browser(f"{served.ui}/deployments/deployment/{dep['id']}/run", [FILL_AND_SUBMIT % ui_target],
+                        served.workdir / "browser", os.environ.get("DBRE_FORM_SCREENSHOT"))
     for needle in ("Database to restore", "At (time, with zone)", "Txid (transaction)", "Repository key, as a "
-                   "reference"):
-        assert needle in dom, f"the rendered form lacks {needle!r}"
-    if shot := os.environ.get("DBRE_FORM_SCREENSHOT"):  # a path: look at the form yourself
-        subprocess.run([*cmd, f"--screenshot={shot}", url], capture_output=True, timeout=120)
+                   "reference", "secret:NAME or env:NAME"):
+        assert needle in text, f"the rendered form lacks {needle!r}"
+
+    def submitted() -> dict[str, Any] | None:
+        found = api_call(served.api, "POST", "/flow_runs/filter", {})
+        return next((r for r in found if (r["parameters"].get("request") or {}).get("target") == ui_target), None)
+
+    from_form = _run_to_end(served.api, wait_for(submitted, timeout=30, what="the run the form submitted")["id"])
+    assert from_form["state"]["type"] == "COMPLETED", from_form["state"]["message"]
+    assert from_form["name"] == "dry run: restore shop @ newest"  # the form's default: a dry run
+
+
+FILL_AND_SUBMIT = """(async () => {
+  const field = (name) => [...document.querySelectorAll('.schema-form-property')]
+    .find(e => e.querySelector('.schema-form-property__label')?.textContent.trim().startsWith(name));
+  const text = document.body.innerText;
+  const db = field('Database').querySelector('select');
+  db.value = 'shop'; db.dispatchEvent(new Event('change', {bubbles: true}));
+  const target = field('Target').querySelector('input, textarea');
+  target.value = '%s'; target.dispatchEvent(new Event('input', {bubbles: true}));
+  await new Promise(r => setTimeout(r, 800));
+  [...document.querySelectorAll('button')].find(b => b.textContent.trim() === 'Submit').click();
+  await new Promise(r => setTimeout(r, 4000));
+  return text;
+})()"""
+
+
+def _in_browser(url: str, scripts: list[str], profile: Path, screenshot: str | None = None) -> list[Any]:
+    """Open ``url`` in headless Chromium and evaluate each script there (DevTools protocol); their values."""
+    import asyncio
+    import base64
+
+    import websockets
+
+    port = free_port()
+    proc = subprocess.Popen([str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu",
+                             "--disable-background-networking", f"--remote-debugging-port={port}",
+                             "--window-size=1400,2600", f"--user-data-dir={profile}", "about:blank"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+
+    def page() -> str | None:
+        try:
+            found = json.loads(_OPENER.open(f"http://127.0.0.1:{port}/json", timeout=2).read())
+        except OSError:
+            return None
+        return next((p["webSocketDebuggerUrl"] for p in found if p["type"] == "page"), None)
+
+    async def drive(ws_url: str) -> list[Any]:
+        async with websockets.connect(ws_url, max_size=50_000_000) as ws:
+            ids = iter(range(1, 1000))
+
+            async def call(method: str, **params: Any) -> dict[str, Any]:
+                n = next(ids)
+                await ws.send(json.dumps({"id": n, "method": method, "params": params}))
+                while True:
+                    msg = json.loads(await ws.recv())
+                    if msg.get("id") == n:
+                        return msg  # type: ignore[no-any-return]
+
+            await call("Page.navigate", url=url)
+            await asyncio.sleep(8)  # the UI loads the deployment and draws the form
+            if screenshot:
+                Path(screenshot).write_bytes(base64.b64decode((await call("Page.captureScreenshot"))["result"]["data"]))
+            values = []
+            for script in scripts:
+                res = await call("Runtime.evaluate", expression=script, returnByValue=True, awaitPromise=True)
+                values.append(res["result"]["result"].get("value"))
+            return values
+
+    try:
+        return asyncio.run(drive(wait_for(page, timeout=30, what="chromium's DevTools")))
+    finally:
+        proc.kill()
+        proc.wait()
