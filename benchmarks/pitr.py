@@ -31,8 +31,8 @@ How each figure is measured, the same way for both tools:
   far apart). A replicator observes a commit after it happened, so the goal's check is the issue's
   precision: exact but for commits in the 100 ms before the time. Deviations (commits, ms) are kept.
 - Restore of the newest state: wall time of the CLI restore from the replica (median of runs),
-  checked to hold every commit (Litestream: ``restore``; dbre: ``restore --at <now>``, since a
-  plain ``dbre restore`` is the newest snapshot); stored bytes and objects: the replica's listing
+  checked to hold every commit (both: a plain ``restore``, which for dbre is the newest
+  replicated state of a replicated database); stored bytes and objects: the replica's listing
   at the end. The lag restores of frozen positions use the same commands.
 Ratios are dbre / Litestream against the issue's goals: every restore exact, newest restore and
 bytes and objects at most 0.5x, lag p99 at most 1 s.
@@ -239,9 +239,7 @@ class Dbre:
     def restore(self, db: Path, target: Target | Path, out: Path, work: Path, at: datetime | None = None,
                 dry_run: bool = False) -> list[str]:
         cmd = [*DBRE, "restore", "--repo", self.repo(target), "--db", DB_NAME, "--to", str(out)]
-        if at is None and not dry_run:
-            at = datetime.now(UTC)  # plain `dbre restore` is the newest snapshot, --at now the newest state
-        if at is not None:
+        if at is not None:  # (without: the newest replicated state)
             cmd += ["--at", at.isoformat()]
         return [*cmd, "--dry-run"] if dry_run else cmd
 
