@@ -157,6 +157,14 @@ def test_segments_of_a_real_run_are_measured(replicated: tuple[Path, Path, int])
     ships = rate.ships_per_day["1"] * rate.span_days
     assert abs(ships - len(names)) <= max(1, 0.25 * len(names)), (ships, len(names))
     assert rate.ships_per_day["10"] < rate.ships_per_day["1"]
+    # a sample of 2: the counts still come from every name, the bytes from those two segments
+    small = measure_segments(repo, "app", sample=2)
+    assert small is not None and small.sampled == 2 and small.sampled_transactions < rate.transactions
+    assert (small.segments, small.transactions, small.ships_per_day) == (rate.segments, rate.transactions,
+                                                                       rate.ships_per_day)
+    sizes = [(repo_dir / n.key).stat().st_size for n in names]
+    pairs = {sizes[i] + sizes[j] for i in range(len(sizes)) for j in range(i + 1, len(sizes))}
+    assert small.sampled_bytes < on_disk and small.sampled_bytes in pairs
 
 
 def test_report_prices_the_measured_segments_in_both_documents(replicated: tuple[Path, Path, int]) -> None:

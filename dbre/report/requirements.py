@@ -17,6 +17,7 @@ retained snapshot, the change since the previous retained one at the measured ch
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import tempfile
@@ -111,7 +112,14 @@ _PERIOD_SECONDS = {"hourly": 3600.0, "daily": DAY, "weekly": 7 * DAY, "monthly":
 def kept_ages(interval_seconds: float, keep: KeepPolicy) -> list[float]:
     """Ages in days (newest first) of the snapshots a retention policy keeps in steady state,
     when snapshots are taken every ``interval_seconds``: simulated with the repository's own rules."""
-    interval = max(float(interval_seconds), 1.0)
+    return list(_kept_ages(max(float(interval_seconds), 1.0), tuple(vars(keep).items())))
+
+
+@functools.lru_cache(maxsize=64)
+def _kept_ages(interval: float, rules: tuple[tuple[str, Any], ...]) -> tuple[float, ...]:
+    """``kept_ages`` once per interval and rules: every database of a policy shares them (a long
+    retention at a short interval simulates tens of thousands of snapshots)."""
+    keep = KeepPolicy(**dict(rules))
     horizon = keep.last * interval
     for name, period in _PERIOD_SECONDS.items():
         horizon = max(horizon, getattr(keep, name) * max(interval, period))
@@ -126,7 +134,7 @@ def kept_ages(interval_seconds: float, keep: KeepPolicy) -> list[float]:
         for k in range(count)
     ]
     kept = apply_policy(fake, keep)
-    return sorted(int(m_id) * interval / DAY for m_id in kept)
+    return tuple(sorted(int(m_id) * interval / DAY for m_id in kept))
 
 
 def bytes_kept(full_stored: float, change_per_day: float, ages_days: Sequence[float]) -> float:

@@ -12,6 +12,7 @@ the storage projection (``requirements.project_storage``). Each assumption is a 
 
 from __future__ import annotations
 
+import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -25,7 +26,8 @@ from dbre.repository.repo import Repository
 MONTH_DAYS = 30.44
 REPLICATION_INTERVALS = (1.0, 10.0)  # `dbre replicate --interval`: the default and a cheaper one
 BACKUP_INTERVALS = (15 * 60.0, 3600.0, DAY)
-SEGMENT_SAMPLE = 48  # segments read to measure stored bytes per transaction
+SEGMENT_SAMPLE = 48  # segments read to measure stored bytes per transaction...
+SAMPLE_BYTES = 256 * 1024 * 1024  # ... until this much was read (compacted segments reach 64 MiB)
 BASE_PUTS = 11.0  # a generation's base: an incremental backup, lock, lease (docs/FORMAT.md *Requests*)
 BASE_GETS = 17.0  # ... of its ~28 requests
 US = 1_000_000
@@ -118,7 +120,8 @@ def stored_bytes(repo: Repository, name: SegmentName) -> int:
 
 def measure_segments(repo: Repository, db: str, intervals: Sequence[float] = REPLICATION_INTERVALS,
                      sample: int = SEGMENT_SAMPLE) -> SegmentRate | None:
-    """The segment rate of ``db`` (one listing plus at most ``sample`` GETs), None without segments."""
+    """The segment rate of ``db`` (one listing plus at most ``sample`` GETs, stopping past
+    ``SAMPLE_BYTES``), None without segments."""
     gens = list_generations(repo, db)
     names = [n for g in gens.values() for n in g]
     if not names:
@@ -126,10 +129,17 @@ def measure_segments(repo: Repository, db: str, intervals: Sequence[float] = REP
     span = max(max(n.last_us for n in names) - min(n.first_us for n in names), US) / US / DAY
     step = max(len(names) / sample, 1.0)
     picked = sorted({names[int(i * step)] for i in range(min(sample, len(names)))}, key=lambda n: n.key)
+    random.Random(0).shuffle(picked)  # spread over the history even when the byte budget stops early
+    read, read_tx, count = 0, 0, 0
+    for n in picked:
+        if count and read >= SAMPLE_BYTES:
+            break
+        read += stored_bytes(repo, n)
+        read_tx += n.last - n.first + 1
+        count += 1
     return SegmentRate(
         segments=len(names), generations=len(gens), transactions=sum(n.last - n.first + 1 for n in names),
-        span_days=span, sampled=len(picked), sampled_bytes=sum(stored_bytes(repo, n) for n in picked),
-        sampled_transactions=sum(n.last - n.first + 1 for n in picked),
+        span_days=span, sampled=count, sampled_bytes=read, sampled_transactions=read_tx,
         ships_per_day={_key(i): active_intervals(names, i) / span for i in intervals},
     )
 
