@@ -245,8 +245,10 @@ def database_status(repo: Repository, db: str, exp: Expectations, *, now: dateti
                     storage: int | None = None) -> DatabaseStatus:
     st = DatabaseStatus(db=db, rpo_target_seconds=exp.rpo_seconds, rto_target_seconds=exp.rto_seconds,
                         storage_bytes=storage)
-    snaps = [m for m in repo.snapshots(db) if m.time <= now]
-    st.snapshots = len(snaps)
+    every = [m for m in repo.snapshots(db) if m.time <= now]
+    st.snapshots = len(every)
+    # the schedule's snapshots: a safety snapshot (the undo of a repair) must not hide a stalled schedule
+    snaps = [m for m in every if not m.is_safety] or every
     if snaps:
         newest = snaps[-1]
         st.newest_snapshot_at = newest.taken_at

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -186,3 +187,24 @@ def test_tags_live_in_stats_because_readers_refuse_unknown_top_level_fields() ->
     with pytest.raises(TypeError):
         Manifest.from_json(json.dumps(raw).encode())
     assert not manifest("r", datetime(2026, 12, 1, tzinfo=UTC)).is_safety
+
+
+def test_status_ages_the_schedule_not_a_repair(tmp_path: Path) -> None:
+    """`dbre status`: a safety snapshot taken just now must not hide that the last scheduled
+    backup is old (the RPO alert still fires), though it is counted among the snapshots."""
+    from dbre.metrics import Expectations, database_status
+
+    repo_url = str(tmp_path / "repo")
+    live = make_shop(tmp_path / "shop.db")
+    first = json.loads(ok("backup", live, "--repo", repo_url, "--json"))
+    time.sleep(3)
+    ok("restore-table", "--repo", repo_url, "--db", "shop", "--live", live, "--table", "orders", "--replace", "--apply")
+    repo = Repository.open(repo_url)
+    safety = repo.snapshots("shop")[-1]
+    assert safety.is_safety
+    now = safety.time + timedelta(seconds=1)  # the repair is 1 s old, the scheduled backup 4 s or more
+    st = database_status(repo, "shop", Expectations(rpo_seconds=2.5), now=now, window=timedelta(days=1))
+    assert st.snapshots == 2
+    assert st.newest_snapshot_at == first["taken_at"]
+    assert st.newest_restorable_age_seconds is not None and st.newest_restorable_age_seconds >= 4
+    assert any("over the RPO" in a.message for a in st.alerts), st.alerts
