@@ -28,6 +28,7 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFi
 from dbre.replicate.segment import list_generations, read_base
 from dbre.repository.repo import Repository
 from deployments.serve import load_flow
+from flows.backup import backup_flow
 from flows.references import REFUSED, SECRET_REF_PATTERN, as_reference
 from flows.restore import RestoreRequest, restore_flow, run_name
 from tasks.backup import backup_database
@@ -147,6 +148,19 @@ def test_literal_key_is_refused_before_any_work(tmp_path: Path) -> None:
     assert PASSPHRASE not in everything and "horse" not in everything  # not even in the stored parameters
     with get_client(sync_client=True) as client:
         assert client.read_flow_run(run_id).parameters["key"] == REFUSED
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_a_literal_token_of_the_backup_flow_is_refused(tmp_path: Path) -> None:
+    src = tmp_path / "app.db"
+    make_source(src, 10)
+    repo = tmp_path / "repo"
+    state = backup_flow("app", source=str(src), repo=str(repo), token=PASSPHRASE, return_state=True)
+    assert state.is_failed() and "backup: the token parameter is not a reference" in (state.message or "")
+    run_id = state.state_details.flow_run_id
+    assert _task_runs(run_id) == [] and not repo.exists()
+    assert any(a.key == "backup-refused-summary" for a in artifacts_of(run_id))
+    assert PASSPHRASE not in _everything_of(run_id)
 
 
 @pytest.mark.usefixtures("prefect_harness")
@@ -301,6 +315,15 @@ def test_the_served_form_takes_references_and_policy_databases(served: Served) -
     from_form = _run_to_end(served.api, wait_for(submitted, timeout=30, what="the run the form submitted")["id"])
     assert from_form["state"]["type"] == "COMPLETED", from_form["state"]["message"]
     assert from_form["name"] == "dry run: restore shop @ newest"  # the form's default: a dry run
+    # a passphrase typed into the key field's text choice: the UI's check refuses it, no run is created
+    typed = str(served.workdir / "typed-key.db")
+    checks, = _in_browser(f"{served.ui}/deployments/deployment/{dep['id']}/run", [TYPE_KEY % (typed, PASSPHRASE)],
+                          served.workdir / "browser2")
+    refused = [reply for url, reply in checks if "schemas/validate" in url and '"valid":false' in reply]
+    assert refused and '"property":"key"' in refused[0], checks
+    time.sleep(2)
+    found = api_call(served.api, "POST", "/flow_runs/filter", {})
+    assert PASSPHRASE not in json.dumps(found) and typed not in json.dumps(found)
 
 
 FILL_AND_SUBMIT = """(async () => {
@@ -315,6 +338,32 @@ FILL_AND_SUBMIT = """(async () => {
   [...document.querySelectorAll('button')].find(b => b.textContent.trim() === 'Submit').click();
   await new Promise(r => setTimeout(r, 4000));
   return text;
+})()"""
+
+
+TYPE_KEY = """(async () => {
+  const replies = [];
+  const open = XMLHttpRequest.prototype.open, send = XMLHttpRequest.prototype.send;
+  XMLHttpRequest.prototype.open = function (method, url) { this.dbreUrl = url; return open.apply(this, arguments); };
+  XMLHttpRequest.prototype.send = function () {
+    this.addEventListener('load', () => replies.push([this.dbreUrl, String(this.responseText).slice(0, 2000)]));
+    return send.apply(this, arguments);
+  };
+  const field = (name) => [...document.querySelectorAll('.schema-form-property')]
+    .find(e => e.querySelector('.schema-form-property__label')?.textContent.trim().startsWith(name));
+  const db = field('Database').querySelector('select');
+  db.value = 'shop'; db.dispatchEvent(new Event('change', {bubbles: true}));
+  const target = field('Target').querySelector('input, textarea');
+  target.value = '%s'; target.dispatchEvent(new Event('input', {bubbles: true}));
+  const key = field('key');
+  [...key.querySelectorAll('button')].find(b => b.textContent.trim() === 'secret:NAME or env:NAME').click();
+  await new Promise(r => setTimeout(r, 800));
+  const input = field('key').querySelector('input, textarea');
+  input.value = '%s'; input.dispatchEvent(new Event('input', {bubbles: true}));
+  await new Promise(r => setTimeout(r, 800));
+  [...document.querySelectorAll('button')].find(b => b.textContent.trim() === 'Submit').click();
+  await new Promise(r => setTimeout(r, 4000));
+  return replies;
 })()"""
 
 
