@@ -231,7 +231,11 @@ def cost_chart(d: DatabaseReport, currency: str = "USD") -> bytes | None:
     fig, ax = plt.subplots(figsize=(HALF, 0.42 * len(opts) + 1.1))
     y = list(range(len(opts)))
     colors = [TREND_COLOR if o.current else (DATA_COLOR if o.kind == "replication" else INDEX_COLOR) for o in opts]
-    ax.barh(y, [o.total_month for o in opts], height=0.6, color=colors)
+    bars = ax.barh(y, [o.total_month for o in opts], height=0.6, color=colors)
+    # the value beside each bar: backups cost cents where replication costs dollars
+    ax.bar_label(bars, labels=[f"{o.total_month:,.2f}" if o.total_month >= 0.01 else f"{o.total_month:.4f}"
+                               for o in opts], padding=3, fontsize=8, fontfamily="DejaVu Sans")
+    ax.set_xlim(0, max(o.total_month for o in opts) * 1.15 or 1.0)
     ax.set_yticks(y)
     ax.set_yticklabels([f"RPO {fmt_seconds(o.rpo_seconds)}: {o.label.split(' + ')[0]}" + (" (now)" if o.current else "")
                         for o in opts])
