@@ -40,7 +40,7 @@ def test_demo_runs_end_to_end_as_flow_runs(tmp_path: Path) -> None:
     assert (out / "restored-latest.db").exists() and (out / "restored-first.db").exists()
     assert "temporary API server" in proc.stdout and f"PREFECT_HOME={out / 'prefect'}" in proc.stdout
     for line in ("flow run backup shop of dbre-backup: Completed", "of dbre-verify: Completed",
-                 "flow run restore shop (whole) of dbre-restore: Completed", "artifact backup-shop-summary (markdown)",
+                 "flow run restore shop @ newest of dbre-restore: Completed", "artifact backup-shop-summary (markdown)",
                  "artifact verify-table (table): 1 row", "artifact restore-shop-link-restored-database",
                  "5 flow runs, all Completed"):
         assert line in proc.stdout, line
