@@ -9,13 +9,15 @@ small ones stay until prune deletes them (past its grace period): while both exi
 drops every segment whose range lies inside another's (``list_generations``), so a restore reads
 either form and never applies a transaction twice. A crash leaves the small ones, or both.
 
-Run by prune, before it plans (``forget --prune``), or on its own under a shared lock: not by the
+Run by prune, before it plans (``forget --prune``), on the generations the window keeps (one it
+deletes would only be made young again), or on its own under a shared lock: not by the
 replicator, whose steady state is one PUT per interval and no LIST.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 from dbre.replicate.segment import (
@@ -43,15 +45,18 @@ class Compaction:
 
 def compact_segments(repo: Repository, db: str, *, older_than: float = COMPACT_AFTER_SECONDS,
                      group: int = COMPACT_SEGMENTS, max_bytes: int = COMPACT_BYTES,
-                     now: float | None = None) -> Compaction:
-    """Merge runs of at least two consecutive segments of each generation of ``db`` whose last
-    transaction was observed more than ``older_than`` seconds before ``now``, in a generation with
-    at least ``group`` such segments; never a generation's last segment (the replicator resumes
-    from it). The caller holds a repository lock."""
+                     now: float | None = None, only: Collection[str] | None = None) -> Compaction:
+    """Merge runs of at least two consecutive segments of each generation of ``db`` (of those in
+    ``only``, if given) whose last transaction was observed more than ``older_than`` seconds before
+    ``now``, in a generation with at least ``group`` such segments; never a generation's last
+    listed segment (the replicator resumes from it, and a live one appends only after it: merging
+    the others is safe while it runs). The caller holds a repository lock."""
     assert max_bytes <= SEGMENT_CAP
     cutoff_us = int(((now if now is not None else time.time()) - older_than) * 1e6)
     result = Compaction()
-    for names in list_generations(repo, db).values():
+    for gen_id, names in list_generations(repo, db).items():
+        if only is not None and gen_id not in only:
+            continue
         old = [n for n in names[:-1] if n.last_us < cutoff_us]
         if len(old) < group:
             continue  # too few to be worth reading (a compacted generation has far fewer: never read again)

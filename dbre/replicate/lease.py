@@ -12,6 +12,12 @@ its lease to another stops instead of interleaving. Staleness is judged like the
 (`dbre.repository.lock`): by the store's clock (the object's last write against the store's current
 time learnt from this run's own lock), or at once when the holder is a dead process of this very
 host, boot and pid namespace (a replicator restarted after kill -9 resumes at once).
+
+The lease also names the generation its holder ships into (``generation``, written before the
+replicator lets go of the repository lock it took for that generation's base): prune never deletes
+the generation a live lease names (``live_generation``), and forget keeps its base snapshot. The
+replicator holds no repository lock between bases; this lease, refreshed and verified as above, is
+what keeps prune off the segments it is writing.
 """
 
 from __future__ import annotations
@@ -41,6 +47,31 @@ def _epochs(store: Store, db: str) -> list[int]:
         except ValueError:
             continue
     return sorted(out)
+
+
+def live_generation(store: Store, db: str, store_now: float) -> str | None:
+    """The generation the live lease of ``db`` names: None when no lease is live (by the store's
+    clock ``store_now``, as a takeover judges it), "" when the live lease names none (a replicator
+    still starting, under the repository lock, or one of an older dbre: the newest generation)."""
+    epochs = _epochs(store, db)
+    if not epochs:
+        return None
+    key = f"leases/{db}/{epochs[-1]:016x}"
+    try:
+        raw = get_capped(store, key, LOCK_CAP, "lease")
+        modified = store.modified(key)
+    except NotFound:
+        return None  # released meanwhile
+    try:
+        record = json.loads(raw)
+        if not isinstance(record, dict):
+            raise ValueError
+    except ValueError:
+        record = {"op": "?"}  # damaged: live (naming the newest generation) until stale
+    if LockInfo(key, record, modified).stale(store_now, STALE_SECONDS):
+        return None
+    gen = record.get("generation")
+    return gen if isinstance(gen, str) else ""
 
 
 class Lease:
@@ -110,6 +141,15 @@ class Lease:
         except Exception as err:  # noqa: BLE001 - retried at the next refresh; verify stops shipping in time
             log.warning("lease %s: refresh failed: %s", self.key(), err)
             return
+        self._ok = began
+
+    def name(self, generation: str) -> None:
+        """Name the generation this replicator now ships into, at once (a HEAD and a PUT; raises on
+        failure: the caller still holds the repository lock, so prune has not seen it yet)."""
+        self.record["generation"] = generation
+        began = (boottime(), time.time())
+        self.check("replicate")
+        self.store.put(self.key(), json.dumps(self.record | {"time": time.time()}).encode())
         self._ok = began
 
     def check(self, what: str) -> None:

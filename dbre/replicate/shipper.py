@@ -21,6 +21,14 @@ Observation: the wal-index header in -shm (136 bytes) is read every ``POLL_SECON
 frame count moves, the new frames are read and each new transaction is stamped with the time of
 that read (after the commit, at most one poll plus the read later). Segments are sealed and put by
 an uploader thread in order, so a slow store never delays the polling.
+
+Locks: the replicator holds the shared repository lock only while it starts a generation (at
+start-up, and for each base snapshot: the backup, the catch-up segments of the old generation, the
+new base object and the lease naming the new generation), so forget and prune run between bases.
+The segments in between are kept from prune by the lease (``dbre.replicate.lease``). While an
+exclusive lock (prune) holds the repository, a periodic base is put off (``LOCK_RETRY_SECONDS``)
+and shipping goes on in the current generation; a generation that must start (none yet, or
+continuity lost) waits, its read transaction ended, refreshing the lease.
 """
 
 from __future__ import annotations
@@ -36,7 +44,7 @@ from pathlib import Path
 
 import apsw
 
-from dbre.errors import IntegrityError, SourceError
+from dbre.errors import IntegrityError, LockedError, SourceError
 from dbre.replicate.lease import Lease
 from dbre.replicate.segment import (
     Generation,
@@ -73,6 +81,7 @@ MAX_SEGMENT_BYTES = 64 * 1024 * 1024  # pending pages past this are shipped befo
 VACUUM_SHARE = 0.5  # a transaction writing this share of the pages (and VACUUM_MIN_PAGES) starts a generation
 VACUUM_MIN_PAGES = 64
 STALL_SECONDS = 10.0  # the WAL failing its checks this long in a row stops the replicator
+LOCK_RETRY_SECONDS = float(os.environ.get("DBRE_REPLICATE_LOCK_RETRY", "5"))  # a base put off by prune: retried
 # a generation this long gets a fresh base snapshot (an incremental backup): a restore then reads at
 # most this many segments after its base (10 min of constant writes at the default interval)
 GENERATION_SEGMENTS = int(os.environ.get("DBRE_REPLICATE_GENERATION_SEGMENTS", "600"))  # (tests set it low)
@@ -91,6 +100,10 @@ class ReplicateStats:
     checkpoints: int = 0
     max_swap_ms: float = 0.0
     max_poll_gap_ms: float = 0.0
+
+
+class _Stopped(Exception):
+    """Stop was asked while a generation waited for the repository lock: nothing more to ship."""
 
 
 class _Uploader:
@@ -153,8 +166,14 @@ class Replicator:
         self._pin: Pin | None = None
         self.conn: apsw.Connection | None = None
         self.locker: apsw.Connection | None = None
-        self.lock: Lock | None = None
         self.lease: Lease | None = None
+        self._locks: list[Lock] = []  # repository locks held (one per generation being started)
+        self._locks_mutex = threading.Lock()
+        self._base_lock: Lock | None = None  # the one the next base snapshot is taken under
+        self._want_base = ""  # why a new base is due (put off while prune holds the repository)
+        self._base_after = 0.0  # monotonic: no new base attempt before this
+        self._put_off = 0  # tries of the base due that a prune refused
+        self._stop = threading.Event()
         self.gen: Generation | None = None
         self.page_size = 0
         self.pos = WalPos(b"", 0)  # read up to here (the end of ``pending``)
@@ -176,25 +195,79 @@ class Replicator:
     def run(self, stop: threading.Event, on_ship: Callable[[str], None] | None = None) -> ReplicateStats:
         """Replicate until ``stop`` is set; then ship what is committed and return."""
         self.on_ship = on_ship
+        self._stop = stop
         self.repo.require_writable(f"replicate {self.db}")
-        with self.repo.lock(f"replicate {self.db}") as lock:
-            self.lock = lock
-            self.lease = Lease(self.repo.store, self.db, lock)
-            self.lease.acquire()
-            self._uploader = _Uploader()
+        self._uploader = _Uploader()
+        try:
             try:
+                lock = self._wait_for_lock()
+                self.lease = Lease(self.repo.store, self.db, lock)  # (its store clock judges other leases)
+                self.lease.acquire()
                 self._open()
                 try:
-                    if not self._resume():
-                        self._new_generation(continued=False)
+                    if self._resume():
+                        assert self.gen is not None
+                        self.lease.name(self.gen.id)  # before prune may run: it never deletes this generation
+                        self._let_go(lock)
+                    else:
+                        self._new_generation(continued=False)  # under this lock
                     self._loop(stop)
                 finally:
                     self._close()
-                self._uploader.drain()
-            finally:
-                self._uploader.close()
+            except _Stopped:
+                log.warning("replicate %s: stopped while waiting for the repository lock (prune)", self.db)
+            self._uploader.drain()
+        finally:
+            self._uploader.close()
+            if self.lease is not None:
                 self.lease.release()
+            for held in list(self._locks):
+                self._let_go(held)
         return self.stats
+
+    # -- the repository lock (held only while a generation starts) ---------------------------------
+
+    def _try_lock(self) -> Lock:
+        """Take the shared repository lock (``LockedError`` while an exclusive one, prune, is live)."""
+        lock = Lock(self.repo.store, f"replicate {self.db}")
+        lock.acquire()
+        with self._locks_mutex:
+            self._locks.append(lock)
+        return lock
+
+    def _let_go(self, lock: Lock) -> None:
+        """Release ``lock`` once (from the uploader, after the generation it covered started, or at exit)."""
+        with self._locks_mutex:
+            if lock not in self._locks:
+                return
+            self._locks.remove(lock)
+            if self._base_lock is lock:
+                self._base_lock = None
+        lock.release()
+
+    def _wait_for_lock(self) -> Lock:
+        """The shared repository lock for a generation that must start: while prune holds the
+        repository, wait (no read transaction held, the lease refreshed); ``_Stopped`` on stop."""
+        if self._base_lock is not None:
+            return self._base_lock
+        waited = 0.0
+        while True:
+            try:
+                self._base_lock = self._try_lock()
+                if waited:
+                    log.warning("replicate %s: repository lock taken after %.0f s", self.db, waited)
+                return self._base_lock
+            except LockedError as err:
+                if not waited:
+                    log.warning("replicate %s: waiting to start a generation: %s", self.db, err.message)
+            if self.conn is not None:
+                self._end_read()  # nothing to pin: the generation starts from a snapshot taken later
+            began = time.monotonic()
+            if self._stop.wait(LOCK_RETRY_SECONDS):
+                raise _Stopped
+            waited += time.monotonic() - began
+            if self.lease is not None and self._uploader is not None and self.lease.due():
+                self._uploader.submit(self.lease.refresh)
 
     def _loop(self, stop: threading.Event) -> None:
         assert self.tail is not None and self._uploader is not None and self.lease is not None
@@ -219,6 +292,8 @@ class Replicator:
                     self._swap()
                     self._ship()
                     last_ship = time.monotonic()
+                elif self._want_base and not self.pending and not stopping and now >= self._base_after:
+                    self._new_generation(continued=True, why=self._want_base)  # (put off by a prune: idle now)
             except ContinuityLost as err:
                 self._continuity_lost(str(err))
                 continue
@@ -401,15 +476,16 @@ class Replicator:
             batch, txs = txs[:n], txs[n:]
             self._submit_segment(self.gen, batch)
             self._gen_segments += 1
-            if not self._starting and self._gen_segments >= GENERATION_SEGMENTS:
-                self.pending = txs + self.pending
-                self._new_generation(continued=True, why=f"{self._gen_segments} segments since the last base")
-                return
-            if not self._starting and any(len(t.pages) >= max(VACUUM_MIN_PAGES, VACUUM_SHARE * t.page_count)
-                                          for t in batch):
+            if self._starting:
+                continue
+            if self._gen_segments >= GENERATION_SEGMENTS:
+                self._want_base = self._want_base or f"{self._gen_segments} segments since the last base"
+            if any(len(t.pages) >= max(VACUUM_MIN_PAGES, VACUUM_SHARE * t.page_count) for t in batch):
                 # (VACUUM, or a rewrite as large): a fresh base keeps later restores from replaying it
+                self._want_base = "a transaction rewrote most of the database"
+            if self._want_base and time.monotonic() >= self._base_after:
                 self.pending = txs + self.pending
-                self._new_generation(continued=True, why="a transaction rewrote most of the database")
+                self._new_generation(continued=True, why=self._want_base)
                 return
 
     def _submit_segment(self, gen: Generation, txs: list[Transaction]) -> None:
@@ -421,17 +497,16 @@ class Replicator:
         file_id = self.tail.file_id()
 
         def job() -> None:
-            assert self.lease is not None and self.lock is not None
+            assert self.lease is not None
             state = self._state
             for tx in txs:
                 state = chain_step(self.repo.page_hash, state, tx)
             seg = Segment(self.db, gen.id, gen.page_size, self._state, state, start, end, file_id, txs)
             what = f"replicate {self.db}: segment {txs[0].txid}-{txs[-1].txid}"
-            # no store request here: the lease and lock refreshes (their own periods) find a lost
-            # one; these only refuse when those refreshes stopped succeeding in time
+            # no store request here: the lease refreshes (their own period) find a lost lease; this
+            # only refuses when they stopped succeeding in time. The lease, not a repository lock,
+            # keeps prune off this generation (it never deletes the one a live lease names)
             self.lease.verify(what)
-            self.lock.check_alive(what, consequence="the segment was not shipped",
-                                  hint="restart replicate: it resumes where the repository ends", refresh=False)
             key, size = write_segment(self.repo, seg)
             self._state = state
             self.stats.segments += 1
@@ -513,33 +588,43 @@ class Replicator:
         up to here, and gets the ones up to the snapshot too, so it ends exactly where the new one
         starts."""
         assert self.tail is not None and self._uploader is not None
-        if not continued:
-            # everything from here on is pinned by the read transaction, which began before the snapshot
-            self._end_read()
-            self._begin_read()
-            st = self.tail.index()
-            self.pending = []
-            self.pos = self._shipped = WalPos(st.salt, st.mx_frame, st.frame_cksum)
-            self.page_size = st.page_size if st.mx_frame else self._page_size()
-            self.restarts = "any"
-        done: dict[str, object] = {}
-
-        def take() -> None:
-            try:
-                # the direct path: its maps go through mmap(2) with no duplicate descriptor
-                # (dbre.sources.filemap), and every descriptor it opens is shared under this run's
-                # pin, closed only after our connections: the reader keeps its locks throughout
-                done["result"] = backup(self.repo, LocalFileSource(self.path), self.db)
-            except BaseException as err:  # noqa: BLE001 - re-raised in the main thread
-                done["error"] = err
-
-        worker = threading.Thread(target=take, name="dbre-replicate-snapshot", daemon=True)
-        worker.start()
-        while worker.is_alive():
-            worker.join(POLL_SECONDS)
-            self._poll()
-        if "error" in done:
-            raise done["error"]  # type: ignore[misc]
+        while True:
+            if not continued:
+                self._wait_for_lock()  # (the read transaction ended while it waits)
+                # everything from here on is pinned by the read transaction, which began before the snapshot
+                self._end_read()
+                self._begin_read()
+                st = self.tail.index()
+                self.pending = []
+                self.pos = self._shipped = WalPos(st.salt, st.mx_frame, st.frame_cksum)
+                self.page_size = st.page_size if st.mx_frame else self._page_size()
+                self.restarts = "any"
+            done: dict[str, object] = {}
+            worker = threading.Thread(target=self._take_base, args=(done,), name="dbre-replicate-snapshot",
+                                      daemon=True)
+            worker.start()
+            while worker.is_alive():
+                worker.join(POLL_SECONDS)
+                self._poll()
+            lock = self._base_lock
+            if "result" in done and lock is not None:
+                break
+            if lock is not None:
+                self._let_go(lock)
+            if "error" in done:
+                raise done["error"]  # type: ignore[misc]
+            if continued:
+                # the current generation stays exact: ship on in it, try again later
+                self._base_after = time.monotonic() + LOCK_RETRY_SECONDS
+                self._put_off += 1
+                if self._put_off == 1:
+                    log.warning("replicate %s: new base put off (%s): %s; retried every %.0f s", self.db, why,
+                                done["locked"], LOCK_RETRY_SECONDS)
+                return
+            log.warning("replicate %s: %s: retrying", self.db, done["locked"])
+        if self._put_off:
+            log.warning("replicate %s: new base taken after %d tries", self.db, self._put_off + 1)
+        self._want_base, self._put_off = "", 0
         manifest = done["result"].manifest  # type: ignore[attr-defined]
         wal = manifest.stats.get("wal")
         if not wal:
@@ -565,14 +650,37 @@ class Replicator:
                          iso(manifest.time))
 
         def start() -> None:
+            assert self.lease is not None
+            # the generation's commit: never after the lock stopped being refreshed (a paused host;
+            # another may have pruned meanwhile), as a backup's manifest (which this lock also covered)
+            lock.check_alive(f"replicate {self.db}: generation {gen_id}", consequence="the generation was not started",
+                             hint="restart replicate: it takes a new base")
             write_base(self.repo, gen)
             self._state = state
+            self.lease.name(gen_id)  # before the lock goes: prune never deletes the generation it names
+            self._let_go(lock)
 
         self._uploader.submit(start)
+        self._base_lock = None  # the start job lets it go; a later generation takes its own
         self.gen, self._shipped, self.pending, self._gen_segments = gen, snap, after, 0
         self.stats.generations.append(gen_id)
         log.info("replicate %s: generation %s from snapshot %s%s", self.db, gen_id, manifest.id,
                  f" ({why})" if why else "")
+
+    def _take_base(self, done: dict[str, object]) -> None:
+        """The worker thread of ``_new_generation``: the repository lock (one try, unless held), then
+        the base snapshot; the outcome in ``done`` ("result", "locked" or "error")."""
+        try:
+            if self._base_lock is None:
+                self._base_lock = self._try_lock()  # a periodic base: one try
+            # the direct path: its maps go through mmap(2) with no duplicate descriptor
+            # (dbre.sources.filemap), and every descriptor it opens is shared under this run's
+            # pin, closed only after our connections: the reader keeps its locks throughout
+            done["result"] = backup(self.repo, LocalFileSource(self.path), self.db)
+        except LockedError as err:  # prune holds the repository (or was taking it just then)
+            done["locked"] = err
+        except BaseException as err:  # noqa: BLE001 - re-raised in the main thread
+            done["error"] = err
 
     def _page_size(self) -> int:
         assert self.conn is not None

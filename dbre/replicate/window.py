@@ -12,6 +12,11 @@ chain (verify stays clean), never a hole.
 Before deleting, prune records in ``segments/<db>/pruned`` (sealed under its key) the time from
 which the database is still restorable by segments; `restore --at` an earlier time is refused
 with one line instead of silently restoring less.
+
+A running replicator holds no repository lock between its bases, so prune runs beside it. By rule,
+not by timing: the generation its live lease names (``live_generation``; the newest when the lease
+names none) is never deleted, and forget keeps its base snapshot; no generation with an object
+(segment, part or base) written within the grace period is deleted either.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from dbre.replicate.segment import (
     Generation,
     SegmentName,
     check_contiguous,
+    is_part_key,
     list_generations,
     open_segment,
     read_base,
@@ -113,11 +119,26 @@ def needed(gens: list[GenerationState], start: datetime | None) -> list[Generati
     return ok[older[-1]:] if older else ok
 
 
-def protected_bases(repo: Repository, db: str, snaps: list[Manifest], policy: KeepPolicy) -> dict[str, str]:
+def live(gens: list[GenerationState], generation: str | None) -> GenerationState | None:
+    """The generation a live lease names (``live_generation``: "" names the newest), if stored."""
+    if generation is None or not gens:
+        return None
+    if generation == "":
+        return gens[-1]
+    return next((g for g in gens if g.id == generation), None)
+
+
+def protected_bases(repo: Repository, db: str, snaps: list[Manifest], policy: KeepPolicy,
+                    live_gen: str | None = None) -> dict[str, str]:
     """Snapshot id -> generation id for the base snapshots forget must keep: those of the generations
-    the policy's window needs (judged with every current snapshot)."""
+    the policy's window needs (judged with every current snapshot), and that of the generation a
+    live replicator ships into (``live_gen``, from ``live_generation``)."""
     gens = generations(repo, db, {m.id for m in snaps})
-    return {g.base.snapshot: g.id for g in needed(gens, window_start(snaps, policy)) if g.base is not None}
+    keep = needed(gens, window_start(snaps, policy))
+    running = live(gens, live_gen)
+    if running is not None and running not in keep:
+        keep.append(running)
+    return {g.base.snapshot: g.id for g in keep if g.base is not None}
 
 
 @dataclass
@@ -132,6 +153,7 @@ class SegmentPrune:
     superseded: list[str] = field(default_factory=list)  # small segments of kept generations a compacted one holds
     unrestorable: list[GenerationState] = field(default_factory=list)  # kept: newer than a kept one
     unverified: list[str] = field(default_factory=list)  # generations whose compacted chain failed: smalls kept
+    live: str | None = None  # the generation a live replicator ships into: never deleted
     restorable_from: datetime | None = None  # the pruned marker written before deleting
 
     def describe(self) -> dict[str, Any]:
@@ -146,19 +168,23 @@ class SegmentPrune:
             "delete_compacted_segments": len(self.superseded),
             "unrestorable_kept_generations": [g.id for g in self.unrestorable],
             "unverified_generations": self.unverified,
+            "live_generation": self.live,
         }
 
 
 def plan_segment_prune(repo: Repository, db: str, snapshots: Collection[str], start: datetime | None,
-                       now: float, grace: float) -> SegmentPrune:
+                       now: float, grace: float, live_gen: str | None = None) -> SegmentPrune:
     """Which generations of ``db`` go: every one the window from ``start`` does not need (all the
-    unrestorable ones when ``start`` is None), unless one of its objects was written less than
-    ``grace`` seconds before ``now`` (the store's clock)."""
+    unrestorable ones when ``start`` is None), unless one of its objects (parts included) was
+    written less than ``grace`` seconds before ``now`` (the store's clock), and never the one a live
+    replicator ships into (``live_gen``, from ``live_generation``)."""
     plan = SegmentPrune(db, start)
     gens = generations(repo, db, snapshots)
     keep = needed(gens, start)
     kept = {g.id for g in keep}
     plan.keep = keep
+    running = live(gens, live_gen)
+    plan.live = running.id if running is not None else None
     for g in gens:
         if keep and g.time > keep[0].time and g.id not in kept:
             # unrestorable (its base snapshot gone) amid kept ones: deleting it would let a restore
@@ -180,8 +206,11 @@ def plan_segment_prune(repo: Repository, db: str, snapshots: Collection[str], st
             elif old:
                 plan.unverified.append(g.id)
             continue
+        if g is running:
+            continue  # (a replicator ships into it: its segments are written now, whatever their age)
         young = False
-        for key in g.keys():
+        parts = [k for k in repo.store.list(f"segments/{db}/{g.id}/") if is_part_key(k)]
+        for key in [*g.keys(), *parts]:
             try:
                 young = now - repo.store.modified(key) <= grace
             except NotFound:

@@ -9,10 +9,12 @@ from datetime import datetime
 from typing import Any, TypeVar
 
 from dbre.errors import LockedError, RepositoryError, UsageError
+from dbre.replicate.lease import live_generation
 from dbre.replicate.segment import is_part_key
 from dbre.replicate.window import (
     SegmentPrune,
     generations,
+    live,
     needed,
     plan_segment_prune,
     protected_bases,
@@ -29,6 +31,7 @@ from dbre.storage import NotFound
 from dbre.storage.local import LocalStore
 
 PRUNE_GRACE_SECONDS = 2 * 3600.0  # prune never deletes an object younger than this (store's clock)
+LIVE_TEMP_SECONDS = 600.0  # with a replicator live, .tmp files go only once untouched this long, whatever --grace
 
 
 @dataclass
@@ -46,7 +49,10 @@ class ForgetPlan:
         }
 
 
-def plan_forget(repo: Repository, policy: KeepPolicy, db: str | None = None) -> ForgetPlan:
+def plan_forget(repo: Repository, policy: KeepPolicy, db: str | None = None,
+                now: float | None = None) -> ForgetPlan:
+    """``now``: the store's time (``Lock.store_now``), to judge replicators' leases: the base
+    snapshot of the generation a live one ships into is kept."""
     policy.check()
     plan = ForgetPlan()
     dbs = [db] if db else repo.databases()
@@ -56,7 +62,8 @@ def plan_forget(repo: Repository, policy: KeepPolicy, db: str | None = None) -> 
         reasons = apply_policy(snaps, policy)
         if name in replicated:
             # the base of every generation a time inside the window restores from stays
-            for snap_id, gen_id in protected_bases(repo, name, snaps, policy).items():
+            running = live_generation(repo.store, name, now) if now is not None else None
+            for snap_id, gen_id in protected_bases(repo, name, snaps, policy, running).items():
                 reasons.setdefault(snap_id, []).append(f"pitr base {gen_id}")
         kept: set[str] = set()
         for m in snaps:
@@ -69,6 +76,8 @@ def plan_forget(repo: Repository, policy: KeepPolicy, db: str | None = None) -> 
             start = window_start([m for m in snaps if m.id in kept], policy)
             gens = generations(repo, name, kept)
             stay = {g.id for g in needed(gens, start)}
+            if (shipping := live(gens, running)) is not None:
+                stay.add(shipping.id)  # a live replicator ships into it: prune never deletes it
             plan.segments.append({
                 "db": name, "window_start": iso(start) if start else None,
                 "keep_generations": sorted(stay),
@@ -90,7 +99,7 @@ def forget(repo: Repository, policy: KeepPolicy, db: str | None = None, *, dry_r
     if not dry_run:
         repo.require_writable("forget")
     with repo.lock("forget", exclusive=not dry_run) as lock:
-        plan = _reading("forget", "no snapshot was forgotten", lambda: plan_forget(repo, policy, db))
+        plan = _reading("forget", "no snapshot was forgotten", lambda: plan_forget(repo, policy, db, lock.store_now()))
         if not dry_run:
             for m in plan.remove:
                 lock.check_alive("forget", consequence="the remaining snapshots were not forgotten")
@@ -149,7 +158,8 @@ def plan_prune(repo: Repository, lock: Lock, *, grace: float = PRUNE_GRACE_SECON
     for db in replicated_dbs(repo):
         snaps = staying.get(db, [])
         start: datetime | None = window_start(snaps, policy) if policy is not None else None
-        segments.append(plan_segment_prune(repo, db, {m.id for m in snaps}, start, now, grace))
+        segments.append(plan_segment_prune(repo, db, {m.id for m in snaps}, start, now, grace,
+                                           live_generation(repo.store, db, now)))
     return PrunePlan(old, len(present & used), young, grace, segments)
 
 
@@ -172,8 +182,20 @@ def _prune(repo: Repository, lock: Lock, grace: float, dry_run: bool,
         # below once past the grace period, or at a later prune
         from dbre.replicate.compact import compact_segments
 
+        # only generations the window keeps: merging one that goes would only make it young again
+        # (the grace period would keep it, its base snapshot already forgotten)
+        staying: dict[str, list[Manifest]] = {}
+        for m in _reading("prune", "no pack was deleted", repo.snapshots):
+            staying.setdefault(m.db, []).append(m)
+
         def compact_all() -> int:
-            return sum(compact_segments(repo, db).replaced for db in replicated_dbs(repo))
+            done = 0
+            for db in replicated_dbs(repo):
+                snaps = staying.get(db, [])
+                start = window_start(snaps, policy) if policy is not None else None
+                keep = needed(generations(repo, db, {m.id for m in snaps}), start)
+                done += compact_segments(repo, db, only={g.id for g in keep}).replaced
+            return done
 
         compacted = _reading("prune", "nothing was deleted", compact_all)
     # planned under the lock: the only plan that is safe to apply
@@ -203,7 +225,12 @@ def _prune(repo: Repository, lock: Lock, grace: float, dry_run: bool,
         lock.check_alive("prune", consequence="the remaining packs were not deleted")
         repo.store.delete(pack_key(pack))
     if isinstance(repo.store, LocalStore):
-        repo.store.clean_temp(older_than=grace)  # a live backup's pack still growing in .tmp stays
+        # a live backup's pack still growing in .tmp stays (it holds a lock, and is touched at every
+        # blob); a live replicator's segment put may be there at any moment (it holds no lock)
+        now = lock.store_now()
+        live = any(live_generation(repo.store, d, now) is not None
+                   for d in {k.split("/")[1] for k in repo.store.list("leases/") if k.count("/") == 2})
+        repo.store.clean_temp(older_than=max(grace, LIVE_TEMP_SECONDS) if live else grace)
     return plan
 
 
