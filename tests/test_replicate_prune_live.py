@@ -295,3 +295,37 @@ def test_a_replicator_paused_after_its_base_snapshot_starts_no_generation(
     assert list(repo.store.list("locks/")) == [] and list(repo.store.list("leases/")) == []
     (snap,) = repo.snapshots("app")
     assert snap.stats.get("wal") is not None
+
+
+class _RefreshWhileRead:
+    """A store through which a lock listing reads ``key`` only after ``lock`` was refreshed (its
+    object replaced by a new one, as `check_alive` does right before a replicator's base object)."""
+
+    def __init__(self, store: Any, lock: Lock) -> None:
+        self._store, self._lock, self._key = store, lock, lock.key
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    def get_range(self, key: str, offset: int, length: int) -> bytes:
+        if key == self._key and self._lock.key == key:
+            self._lock.refresh()  # the listing showed the old object; now only the new one exists
+        return bytes(self._store.get_range(key, offset, length))
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_a_lock_refreshed_while_prune_lists_the_locks_still_refuses_prune(
+        tmp_path: Path, where: str, request: pytest.FixtureRequest) -> None:
+    """The replicator's shared lock is refreshed while a prune reads the lock listing: the old object
+    it listed is gone when read, the new one was not in the listing. Proves: the prune lists again
+    and refuses (before, it skipped the vanished object and took the exclusive lock beside the
+    replicator's, right as the replicator wrote its base object)."""
+    url = str(tmp_path / "repo") if where == "local" else request.getfixturevalue("s3_repo_url")
+    repo = Repository.open_or_init(url)
+    with repo.lock("replicate app") as held:
+        first = held.key
+        prune_lock = Lock(_RefreshWhileRead(repo.store, held), "prune", exclusive=True)  # type: ignore[arg-type]
+        with pytest.raises(LockedError, match="locked by replicate app"):
+            prune_lock.acquire()
+        assert held.key != first and not repo.store.exists(first)  # (it was refreshed mid-listing)
+    assert list(repo.store.list("locks/")) == []

@@ -134,11 +134,12 @@ class LockInfo:
                 f"since {rec.get('created', '?')})")
 
 
-def list_locks(store: Store) -> list[LockInfo]:
+def list_locks(store: Store, vanished: list[str] | None = None) -> list[LockInfo]:
     """Every lock in the store with its time of last write. A listing that fails raises; a lock
-    removed while being read is skipped; a record that is not JSON, or larger than ``LOCK_CAP``
-    (never read past it), counts as a shared lock of an unknown run (stale, like any other, once
-    its object is old: `dbre unlock` then removes it)."""
+    removed while being read is skipped (and its key put in ``vanished``, if given: a refresh
+    replaces a lock object by a new one, which a listing made before it does not show); a record
+    that is not JSON, or larger than ``LOCK_CAP`` (never read past it), counts as a shared lock of
+    an unknown run (stale, like any other, once its object is old: `dbre unlock` then removes it)."""
     out = []
     for key in store.list("locks/"):
         try:
@@ -150,6 +151,8 @@ def list_locks(store: Store) -> list[LockInfo]:
                 raw = b""  # damaged: a shared lock until stale
             modified = store.modified(key)
         except NotFound:
+            if vanished is not None:
+                vanished.append(key)
             continue
         try:
             record = json.loads(raw)
@@ -230,7 +233,13 @@ class Lock:
         self._key, self._last_ok, self._clock = self._write()
         try:
             now = self.store_now()
-            for other in list_locks(self.store):
+            vanished = ["?"]
+            for _ in range(5):  # a lock refreshed while we read it: list again, its new object shows
+                if not vanished:
+                    break
+                vanished = []
+                others = list_locks(self.store, vanished)
+            for other in others:
                 if other.key == self._key or other.stale(now, self.stale_seconds):
                     continue
                 if self.exclusive or other.exclusive:
