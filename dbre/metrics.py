@@ -293,39 +293,58 @@ def _unchanged_since(repo: Repository, db: str, gen_id: str, names: list[Any], s
         return False
 
 
-def _replication(repo: Repository, st: DatabaseStatus, exp: Expectations, now: datetime) -> None:
-    """Replication lag of a database with segments (module doc), and its alert against the RPO."""
+@dataclass
+class ReplicationLag:
+    """How far behind the source a replicated database's segments are (module doc)."""
+
+    seconds: float
+    newest_segment: datetime
+    heartbeat: datetime | None
+
+
+def replication_lag(repo: Repository, db: str, now: datetime, source: str | None = None) -> ReplicationLag | None:
+    """The replication lag of ``db`` (None: no segments): now minus the newest point the segments
+    certainly hold (the newest segment's last observed commit, or the replicator's heartbeat if
+    later); 0 when the local ``source`` has committed nothing since the newest segment."""
     from dbre.replicate.segment import list_generations, read_base, to_time
     from dbre.storage import NotFound
 
-    gens = list_generations(repo, st.db)
+    gens = list_generations(repo, db)
     if not gens:
-        return
+        return None
     gen_id, names = next(reversed(gens.items()))
     if names:
         newest = to_time(names[-1].last_us)
     else:
         try:
-            newest = read_base(repo, st.db, gen_id).time
+            newest = read_base(repo, db, gen_id).time
         except NotFound:
-            return
-    st.replication_newest_segment_at = iso(newest)
-    known = newest
-    leases = sorted(repo.store.list(f"leases/{st.db}/"))
+            return None
+    known, beat = newest, None
+    leases = sorted(repo.store.list(f"leases/{db}/"))
     if leases:
         try:
             beat = datetime.fromtimestamp(repo.store.modified(leases[-1]), newest.tzinfo)
-            st.replication_heartbeat_at = iso(beat)
             known = max(known, beat)
         except NotFound:
             pass
     lag = max(0.0, (now - known).total_seconds())
-    if exp.source and "://" not in exp.source and _unchanged_since(repo, st.db, gen_id, names, exp.source,
-                                                                   newest.timestamp()):
+    if source and "://" not in source and _unchanged_since(repo, db, gen_id, names, source, newest.timestamp()):
         lag = 0.0  # nothing committed since the newest segment
-    st.replication_lag_seconds = round(lag, 3)
+    return ReplicationLag(round(lag, 3), newest, beat)
+
+
+def _replication(repo: Repository, st: DatabaseStatus, exp: Expectations, now: datetime) -> None:
+    """Replication lag of a database with segments, and its alert against the RPO."""
+    found = replication_lag(repo, st.db, now, exp.source)
+    if found is None:
+        return
+    lag = found.seconds
+    st.replication_newest_segment_at = iso(found.newest_segment)
+    st.replication_heartbeat_at = iso(found.heartbeat) if found.heartbeat else None
+    st.replication_lag_seconds = lag
     if st.newest_restorable_age_seconds is None or lag < st.newest_restorable_age_seconds:
-        st.newest_restorable_age_seconds = round(lag, 3)  # segments restore to a newer point than snapshots
+        st.newest_restorable_age_seconds = lag  # segments restore to a newer point than snapshots
         st.alerts = [a for a in st.alerts if a.event != "backup_delay"]  # replication_lag below says it
     if exp.rpo_seconds and lag > exp.rpo_seconds:
         st.alerts.append(Alert("replication_lag", "critical",

@@ -485,6 +485,14 @@ def _offsite_newest(urls: list[str], names: list[str], key: Secret | None) -> di
     return out
 
 
+def _lag(repo: Repository, name: str, now: datetime, source: str | None) -> float | None:
+    """The replication lag of a database with segments (``dbre status``'s), None without."""
+    from dbre.metrics import replication_lag
+
+    found = replication_lag(repo, name, now, source)
+    return found.seconds if found is not None else None
+
+
 def _analyze_db(repo: Repository, name: str, snaps: list[Manifest], source: Source | None,
                 pdb: DatabasePolicy | None, policy: Policy | None, prices: Prices, now: datetime,
                 throughput: float | None, throughput_detail: str, expectations_dir: Path | None,
@@ -571,6 +579,7 @@ def _analyze_db(repo: Repository, name: str, snaps: list[Manifest], source: Sour
         interval_seconds=interval_spread, newest_age_seconds=newest_age, rpo_achieved=rpo_achieved,
         rpo_attainment=attainment, pages_per_day=pages_per_day, change_bytes_per_day=change_per_day,
         compression_ratio=ratio, restore=restore, storage=storage, notes=notes, cost_per_rpo=costs,
+        replication_lag_seconds=_lag(repo, name, now, pdb.source if pdb else None),
     )
     d.checks = checks_for(d, pdb, policy, now, offsite_newest)
     d.recommendations = db_recommendations(d, pdb, policy)

@@ -196,6 +196,7 @@ class DatabaseReport:
     recommendations: list[Recommendation] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     cost_per_rpo: CostPerRpo | None = None
+    replication_lag_seconds: float | None = None  # segments exist: the lag when the report was made
 
     @property
     def rows(self) -> int:
