@@ -579,7 +579,10 @@ def _analyze_db(repo: Repository, name: str, snaps: list[Manifest], source: Sour
         interval_seconds=interval_spread, newest_age_seconds=newest_age, rpo_achieved=rpo_achieved,
         rpo_attainment=attainment, pages_per_day=pages_per_day, change_bytes_per_day=change_per_day,
         compression_ratio=ratio, restore=restore, storage=storage, notes=notes, cost_per_rpo=costs,
-        replication_lag_seconds=_lag(repo, name, now, pdb.source if pdb else None),
+        # judged by replication where the policy asks for it (or there is no policy): stale segments of a
+        # database the policy backs up on a schedule do not excuse that schedule
+        replication_lag_seconds=_lag(repo, name, now, pdb.source if pdb else None)
+        if pdb is None or pdb.replicate else None,
     )
     d.checks = checks_for(d, pdb, policy, now, offsite_newest)
     d.recommendations = db_recommendations(d, pdb, policy)
