@@ -49,7 +49,7 @@ from dbre.repository.manifest import (
 )
 from dbre.secrets import Secret
 from dbre.storage import AlreadyExists, NotFound, Store, open_store
-from dbre.storage.base import CONFIG_CAP, MANIFEST_CAP, RECORD_CAP, get_capped
+from dbre.storage.base import CONFIG_CAP, MANIFEST_CAP, RECORD_CAP, StorageError, get_capped
 
 FORMAT_VERSION = 2  # new repositories; format 1 is still read (never written)
 MANIFEST_READERS = 32  # manifests read at once when a history is listed (small GETs: latency-bound)
@@ -154,6 +154,8 @@ class Repository:
             raw = get_capped(store, "config", CONFIG_CAP, "config", "restore `config` from the offsite copy")
         except NotFound:
             return None
+        except StorageError as err:  # unreachable, denied, not a folder: say which repository (its URL, no keys)
+            raise type(err)(f"repository {store.url}: {err.message}", err.hint) from err
         damaged = RepositoryError(
             f"repository {store.url}: config was changed or damaged", "restore `config` from the offsite copy"
         )

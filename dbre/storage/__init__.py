@@ -25,4 +25,10 @@ def open_store(url: str) -> Store:
         raise UsageError(f"repository {url!r}: unsupported scheme", "use a local path or s3://bucket/prefix")
     from dbre.storage.local import LocalStore
 
-    return LocalStore(url)
+    store = LocalStore(url)
+    if store.root.is_file():
+        from dbre.errors import RepositoryError
+
+        raise RepositoryError(f"repository {store.url}: not a repository: a file",
+                              "a repository is a folder or s3://bucket/prefix")
+    return store
