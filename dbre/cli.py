@@ -2,7 +2,8 @@
 
 This is an edge of the program: only here (and in flows/deployments) are the environment and
 files of secrets read. Errors print one line on stderr, "dbre: <what failed>: <cause> (<hint>)",
-and exit 1 (a check failed or an operation failed) or 2 (bad input); --debug shows a traceback.
+and exit 1 (a check failed or an operation failed) or 2 (bad input: README's exit-code table); usage
+errors too; --debug shows a traceback.
 
 This module holds the app, its options, the helpers the commands share and `main()`; the commands
 are in dbre/cli_<group>.py (backup, restore, repo, drill, status, report, replicate).
@@ -14,19 +15,136 @@ import json
 import os
 import re
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
+from typer._click.core import Context
+from typer._click.exceptions import ClickException, NoArgsIsHelpError
+from typer._click.exceptions import UsageError as ClickUsageError
+from typer.core import TyperArgument, TyperGroup, TyperOption
 
 from dbre import __version__
 from dbre.errors import DbreError, UsageError
 from dbre.secrets import Secret
 
+# -- the interface: help as git and restic write it, usage errors in one line ------------------------
+
+
+class _Argument(TyperArgument):
+    """A positional argument in click's style: SOURCE (required) or [SOURCE] in the usage line, no type.
+
+    typer 0.29 writes `{source}` and `<str>`; every argument of every command gets this class (`_conventional`).
+    """
+
+    def _usage_display_name(self) -> str:
+        name = self.display_name_raw + ("..." if self.nargs != 1 else "")
+        return name if self.required else f"[{name}]"
+
+    def display_type_rich(self, ctx: Any) -> str | None:
+        return None
+
+
+# What a value is, by the parameter's name, wherever it appears (restic: `--keep-last n`, git: `<path>`)
+_METAVARS = {
+    "at": "TIME", "snapshot": "ID", "where": "SQL", "to": "REPO", "live": "PATH", "sources": "SOURCE",
+    "keep_last": "N", "keep_hourly": "N", "keep_daily": "N", "keep_weekly": "N", "keep_monthly": "N",
+    "keep_yearly": "N", "keep_within": "DURATION", "keep_tz": "ZONE", "grace": "DURATION",
+    "interval": "DURATION", "window": "DURATION", "quota": "SIZE", "read_data_subset": "N/M",
+    "webhook": "URL", "namespace_admin": "URL", "namespace_url": "URL", "namespace": "NAME",
+    "target": "TARGET",
+}
+
+
+def _metavar(param: TyperOption | TyperArgument) -> str:
+    """The placeholder of a value whose definition names none: PATH, by name (--at TIME), N, or its name."""
+    if param.type_descriptor.is_path:
+        return "PATH"
+    name = param.name or "value"
+    if name in _METAVARS:
+        return _METAVARS[name]
+    if param.type_descriptor.annotation in (int, float, int | None, float | None):
+        return "N"
+    return name.upper()
+
+
+def _conventional(command: Any) -> None:
+    """Give every parameter below ``command`` a git-style placeholder, once, when the CLI is built.
+
+    typer 0.29's help shows a type for every parameter, flags included (`--json <bool>`, `--table
+    <list[str]>`), although a flag takes no value; here a flag shows none, an option an uppercase metavar
+    (its own, else `_metavar`), an argument its name.
+    """
+    for param in command.params:
+        if isinstance(param, TyperArgument):
+            param.__class__ = _Argument
+            name = param.name or "arg"
+            param.metavar = param.metavar or _METAVARS.get(name, name.upper())
+        elif getattr(param, "is_flag", False) or getattr(param, "count", False):
+            param.metavar = ""  # typer shows `metavar` instead of the type: nothing for a flag
+        elif isinstance(param, TyperOption) and param.metavar is None:
+            param.metavar = _metavar(param)
+    help_option = command.get_help_option(Context(command))  # made once and cached by the command
+    if help_option is not None:
+        help_option.metavar = ""
+    for sub in getattr(command, "commands", {}).values():
+        _conventional(sub)
+
+
+def _usage_line(err: ClickUsageError) -> str:
+    """A click usage error as dbre's one line: "dbre: <what> (<hint>)"."""
+    what = err.format_message().strip().rstrip(".")
+    what = what[:1].lower() + what[1:]
+    path = err.ctx.command_path if err.ctx is not None else "dbre"
+    return f"dbre: {what} (see '{path} --help')"
+
+
+class _Group(TyperGroup):
+    """The `dbre` command: builds the conventional help of every command and prints errors in one line."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        _conventional(self)
+
+    def main(self, args: Sequence[str] | None = None, prog_name: str | None = None,
+             complete_var: str | None = None, standalone_mode: bool = True, windows_expand_args: bool = True,
+             **extra: Any) -> Any:
+        """Run a command. A usage error prints one line and exits 2 (click's code), not typer's rich box."""
+        try:
+            result = super().main(args, prog_name or "dbre", complete_var, standalone_mode=False,
+                                  windows_expand_args=windows_expand_args, **extra)
+        except NoArgsIsHelpError as err:  # plain `dbre`: the help (rich has printed it already), exit 2 as click
+            if not standalone_mode:
+                raise
+            if err.format_message().strip():
+                err.show()
+            sys.exit(err.exit_code)
+        except ClickUsageError as err:
+            if not standalone_mode:
+                raise
+            print(_usage_line(err), file=sys.stderr)
+            sys.exit(2)
+        except ClickException as err:
+            if not standalone_mode:
+                raise
+            print(f"dbre: {err.format_message()}", file=sys.stderr)
+            sys.exit(err.exit_code)
+        except typer.Abort:
+            if not standalone_mode:
+                raise
+            print("dbre: aborted", file=sys.stderr)
+            sys.exit(1)
+        if not standalone_mode:
+            return result
+        # standalone_mode=False returns the code of a typer.Exit; a command's own return value means success
+        sys.exit(result if isinstance(result, int) else 0)
+
+
 app = typer.Typer(
     name="dbre",
+    cls=_Group,
     help="Backup and disaster recovery for libSQL, Turso and SQLite databases.",
     no_args_is_help=True,
     add_completion=False,
@@ -174,7 +292,7 @@ def _duration(text: str, option: str) -> float:
 
 
 def main() -> None:
-    """Entry point of the `dbre` script: click's standalone mode gives usage errors exit 2."""
+    """Entry point of the `dbre` script; `_Group.main` turns usage errors into one line and exit 2."""
     app()
 
 
