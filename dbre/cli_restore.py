@@ -264,8 +264,8 @@ def restore_table(
 def repair_rows(
     repo: RepoOpt,
     db: DbNameOpt,
-    live: Annotated[str, typer.Option("--live", help="The live database: a file, or a libsql:// / https:// URL "
-                                      "(token in LIBSQL_AUTH_TOKEN or TURSO_AUTH_TOKEN).")],
+    live: Annotated[str, typer.Option("--live", metavar="SOURCE", help="The live database: a file, or a libsql:// / "
+                                      "https:// URL (token in LIBSQL_AUTH_TOKEN or TURSO_AUTH_TOKEN).")],
     table: Annotated[str, typer.Option("--table", help="The table to repair.")],
     where: Annotated[str, typer.Option("--where", help='SQL expression selecting the rows, e.g. "id IN (1,2,3)".')],
     snapshot: SnapshotOpt = None,

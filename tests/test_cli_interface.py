@@ -58,6 +58,8 @@ EXIT_CASES: list[tuple[str, int, list[str], list[str]]] = [
     ("missing source", 1, ["backup", "{tmp}/nosuch.db", "--repo", "{repo}"], ["nosuch.db", "no such file"]),
     ("no repository", 1, ["snapshots", "--repo", "{tmp}/nowhere"], ["no repository at {tmp}/nowhere", "--repo"]),
     ("a file as repository", 1, ["verify", "--repo", "{src}"], ["repository {src}", "not a repository: a file"]),
+    ("a file in the repository's path", 1, ["backup", "{src}", "--repo", "{src}/repo"],
+     ["repository {src}/repo", "not a repository: {src} is a file"]),
     ("locked", 1, ["forget", "--repo", "{repo}", "--keep-last", "1", "--prune"], ["locked", "dbre unlock"]),
     ("unknown option", 2, ["backup", "{src}", "--repo", "{repo}", "--bogus"],
      ["no such option: --bogus", "(see 'dbre backup --help')"]),

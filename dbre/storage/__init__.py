@@ -26,9 +26,11 @@ def open_store(url: str) -> Store:
     from dbre.storage.local import LocalStore
 
     store = LocalStore(url)
-    if store.root.is_file():
+    file = next((p for p in (store.root, *store.root.parents) if p.is_file()), None)
+    if file is not None:
         from dbre.errors import RepositoryError
 
-        raise RepositoryError(f"repository {store.url}: not a repository: a file",
+        what = "a file" if file == store.root else f"{file} is a file"
+        raise RepositoryError(f"repository {store.url}: not a repository: {what}",
                               "a repository is a folder or s3://bucket/prefix")
     return store
