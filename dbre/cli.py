@@ -93,11 +93,22 @@ def _conventional(command: Any) -> None:
         _conventional(sub)
 
 
-def _usage_line(err: ClickUsageError) -> str:
-    """A click usage error as dbre's one line: "dbre: <what> (<hint>)"."""
+def _usage_line(err: ClickUsageError, group: Any, args: Sequence[str]) -> str:
+    """A click usage error as dbre's one line: "dbre: <what> (see 'dbre <command> --help')"."""
     what = err.format_message().strip().rstrip(".")
     what = what[:1].lower() + what[1:]
     path = err.ctx.command_path if err.ctx is not None else "dbre"
+    # some errors (an option missing its value) carry the group's context: name the command the words reached
+    words, command = ["dbre"], group
+    for arg in args:
+        if arg.startswith("-") and len(words) == 1:
+            continue  # the group's own flags (--debug)
+        command = getattr(command, "commands", {}).get(arg)
+        if command is None:
+            break
+        words.append(arg)
+    if len(words) > len(path.split()):
+        path = " ".join(words)
     return f"dbre: {what} (see '{path} --help')"
 
 
@@ -124,7 +135,7 @@ class _Group(TyperGroup):
         except ClickUsageError as err:
             if not standalone_mode:
                 raise
-            print(_usage_line(err), file=sys.stderr)
+            print(_usage_line(err, self, sys.argv[1:] if args is None else args), file=sys.stderr)
             sys.exit(2)
         except ClickException as err:
             if not standalone_mode:

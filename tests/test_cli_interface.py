@@ -65,6 +65,8 @@ EXIT_CASES: list[tuple[str, int, list[str], list[str]]] = [
      ["no such option: --bogus", "(see 'dbre backup --help')"]),
     ("missing option", 2, ["restore", "--repo", "{repo}", "--to", "{tmp}/out.db"],
      ["missing option '--db'", "dbre restore --help"]),
+    ("option without its value", 2, ["--debug", "backup", "{src}", "--repo"],
+     ["option '--repo' requires an argument", "(see 'dbre backup --help')"]),
     ("missing argument", 2, ["backup", "--repo", "{repo}"], ["missing argument 'SOURCE'"]),
     ("value given to a flag", 2, ["snapshots", "--repo", "{repo}", "--json", "true"],
      ["unexpected extra argument", "true"]),
