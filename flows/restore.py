@@ -70,7 +70,8 @@ class RestoreRequest(BaseModel):
     database: str = Field(description="Database to restore: its name in the policy and the repository, e.g. orders",
                           min_length=1)
     snapshot: str = Field(default="", description="Snapshot id or a unique prefix; leave empty (and at and txid "
-                                                  "empty) for the newest snapshot")
+                                                  "empty) for the newest state: a replicated database's newest "
+                                                  "replicated transaction, else the newest snapshot")
     at: When = Field(default=None, title="At (time, with zone)", description=AT_HELP,
                      json_schema_extra=_no_null_default)
     txid: Txid = Field(default=None, title="Txid (transaction)", json_schema_extra=_no_null_default, description=(
@@ -182,12 +183,13 @@ def _check_database(pol: Policy | None, name: str) -> None:
 
 
 def _restore_whole(req: RestoreRequest, r: Repos, common: dict[str, Any]) -> dict[str, Any]:
-    """A whole database: point in time from segments when ``at`` or ``txid`` asks and they cover it, else a snapshot."""
+    """A whole database: from segments when they cover what is asked (``at``, ``txid``, or with neither
+    and no snapshot the newest replicated state, as `dbre restore` does), else a snapshot."""
     args = {**common, "target": req.target, "force": req.force}
     plan: dict[str, Any] | None = None
     result: dict[str, Any] | None = None
     tried: list[str] = []
-    pitr = req.at is not None or req.txid is not None
+    pitr = not req.snapshot
     if pitr:
         pargs = {k: v for k, v in args.items() if k != "snapshot"} | {"txid": req.txid}
         plan, tried = _first_repository(r, lambda url: plan_pitr_restore(url, return_state=True, **pargs))
@@ -241,7 +243,8 @@ def _publish_whole(req: RestoreRequest, plan: dict[str, Any], result: dict[str, 
              "size": plan.get("size"), "result": "would replace the existing file" if plan["replaces_existing"]
              else "ok"}]
     if pitr:
-        upto = f"at {plan['at']}" if plan["at"] else f"up to txid {plan['txid']}"
+        upto = f"at {plan['at']}" if plan["at"] else f"up to txid {plan['txid']}" if plan["txid"] is not None \
+            else "as of its newest replicated transaction"
         what = (f"`{plan['db']}` {upto}: snapshot **{plan['snapshot']}** (taken {plan['taken_at']}) and "
                 f"{plan['segments']} segments of generation {plan['generation']} from `{plan['repository']}` "
                 f"to `{plan['target']}`")

@@ -100,7 +100,8 @@ def restore_pitr(repo: str, db: str, target: str, at: datetime | None = None, tx
     repository = Repository.open(repo, resolve_key(key))
     plan = plan_pitr(repository, db, target, at=at, txid=txid, force=force)
     if plan is None:
-        raise UsageError(f"restore of {db} at {at}: the replicated segments no longer cover it",
+        when = f"at {at}" if at is not None else f"up to txid {txid}" if txid is not None else "of the newest state"
+        raise UsageError(f"restore of {db} {when}: the replicated segments no longer cover it",
                          "start the restore again: its plan then picks the snapshot")
     return {"repository": repository.url, **apply_pitr(repository, plan).summary()}
 

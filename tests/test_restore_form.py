@@ -252,6 +252,14 @@ def test_txid_restores_exactly_that_transaction(tmp_path: Path) -> None:
     summary = next(a for a in artifacts_of(done.state_details.flow_run_id) if a.key == "restore-app-summary")
     assert f"up to txid {base_txid + 3}" in summary.data and "Applied 3 transactions" in summary.data
     assert "integrity_check and foreign_key_check pass" in summary.data
+    # the form left empty (no snapshot, time or txid): the newest replicated state, as `dbre restore`
+    newest = tmp_path / "newest.db"
+    plain = restore_flow(RestoreRequest(database="app", target=str(newest), dry_run=False), repo=repo_url,
+                         return_state=True)
+    assert plain.is_completed(), plain.message
+    assert restored_seq(newest) == (55, 55, 55)  # all five transactions, not the base snapshot's 50 rows
+    summary = next(a for a in artifacts_of(plain.state_details.flow_run_id) if a.key == "restore-app-summary")
+    assert "as of its newest replicated transaction" in summary.data and "Applied 5 transactions" in summary.data
 
 
 # --------------------------------------------------------------------------- the form on a real Prefect server
