@@ -15,7 +15,7 @@ import json
 import os
 import re
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -261,20 +261,53 @@ def _progress(label: str, enabled: bool, unit_bytes: bool = False) -> Iterator[C
         yield update
 
 
-def _table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
+def _table(title: str, columns: list[str], rows: list[list[Any]], *, whole: Collection[str] = (),
+           priority: Sequence[str] = ()) -> None:
+    """Print rows as a table that fits the console: COLUMNS when set, the terminal's width, 1000 when piped.
+
+    ``whole`` columns (ids, names and paths users paste, times) are never cut or wrapped. The others wrap; when the
+    table still does not fit, columns are hidden from the least important up (``priority`` lists the columns from
+    most to least important; columns it does not name come last, in table order) and a note says so.
+    """
+    from rich.cells import cell_len
     from rich.console import Console
     from rich.table import Table
 
-    t = Table(title=title, title_justify="left")
-    for c in columns:
-        t.add_column(c, justify="right" if c in {"pages", "size", "added", "seconds", "rows"} else "left",
-                     no_wrap=True)
-    for r in rows:
-        t.add_row(*[str(x) for x in r])
     console = Console()
-    if not console.is_terminal:
+    if not console.is_terminal and not os.environ.get("COLUMNS", "").isdigit():
         console = Console(width=1000)  # piped or logged: never cut ids and names down to 80 columns
+    cells = [[c, *(str(r[i]) for r in rows)] for i, c in enumerate(columns)]
+    natural = [max(cell_len(line) for s in col for line in s.splitlines() or [""]) for col in cells]
+    floor = [n if c in whole else max(min(n, 6), *(cell_len(w) for s in col for w in s.split() or [""]))
+             for c, n, col in zip(columns, natural, cells, strict=True)]
+    rank = {c: i for i, c in enumerate(list(priority) + [c for c in columns if c not in priority])}
+    shown = list(range(len(columns)))
+    droppable = sorted((i for i, c in enumerate(columns) if c not in whole), key=lambda i: rank[columns[i]])
+
+    def room() -> int:  # the width left for text: each column has 1 space either side and a border
+        return console.width - 3 * len(shown) - 1
+
+    while droppable and sum(floor[i] for i in shown) > room():
+        shown.remove(droppable.pop())
+    widths = {i: floor[i] for i in shown}
+    spare = room() - sum(widths.values())
+    while spare > 0:  # widen the wrapped columns, the most cut first, up to what they need
+        i = max(shown, key=lambda j: natural[j] - widths[j])
+        if natural[i] <= widths[i]:
+            break
+        widths[i] += 1
+        spare -= 1
+    t = Table()
+    for i in shown:
+        c = columns[i]
+        t.add_column(c, justify="right" if c in {"pages", "size", "added", "seconds", "rows"} else "left",
+                     no_wrap=c in whole, overflow="fold", width=widths[i])
+    for r in rows:
+        t.add_row(*[str(r[i]) for i in shown])
+    console.print(title, style="table.title", markup=False, highlight=False)  # wraps at the console, not the table
     console.print(t)
+    if hidden := len(columns) - len(shown):
+        console.print(f"({hidden} column{'s' if hidden > 1 else ''} hidden: use --json or a wider terminal)")
 
 
 # -- options and parsers shared by the command modules ----------------------------------------------

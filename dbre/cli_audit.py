@@ -77,7 +77,8 @@ def audit_list(
             return
         _table("audit records", ["time", "id", "command", "db", "touched", "safety snapshot", "who"],
                [[r.get("time", "-"), r["record_id"], r.get("operation", "-"), r["db"], touched(r),
-                 r.get("safety_snapshot") or "-", r.get("who", "-")] for r in records])
+                 r.get("safety_snapshot") or "-", r.get("who", "-")] for r in records],
+               whole={"time", "id", "db", "safety snapshot"}, priority=["command", "touched", "who"])
 
     _run(go)
 
@@ -100,6 +101,7 @@ def audit_show(
         if json_out:
             _print_json(record)
             return
-        _table(f"audit record {record['record_id']}", ["field", "value"], [list(r) for r in flatten(record)])
+        _table(f"audit record {record['record_id']}", ["field", "value"], [list(r) for r in flatten(record)],
+               whole={"field"})
 
     _run(go)

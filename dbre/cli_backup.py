@@ -125,4 +125,5 @@ def _snapshot_table(url: str, snaps: list[Any]) -> None:
         for m in snaps
     ]
     _table(f"{len(snaps)} snapshots in {url}",
-           ["id", "db", "taken at (UTC)", "pages", "size", "added", "parent", "tags", "source"], rows)
+           ["id", "db", "taken at (UTC)", "pages", "size", "added", "parent", "tags", "source"], rows,
+           whole={"id", "db", "taken at (UTC)"}, priority=["size", "parent", "tags", "added", "source", "pages"])

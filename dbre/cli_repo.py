@@ -127,7 +127,8 @@ def forget(
         rows += [[m.id, m.db, m.taken_at[:19], "forget" if not dry_run else "would forget", ""] for m in plan.remove]
         rows.sort(key=lambda r: (r[1], r[2]))
         title = "retention" + (" (dry run)" if dry_run else "")
-        _table(title, ["id", "db", "taken at (UTC)", "action", "kept by"], rows)
+        _table(title, ["id", "db", "taken at (UTC)", "action", "kept by"], rows,
+               whole={"id", "db", "taken at (UTC)", "action"})
         if "prune" in out:
             p = out["prune"]
             verb = "would delete" if dry_run else "deleted"

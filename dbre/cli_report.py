@@ -116,7 +116,8 @@ def report_requirements(
         rows = [[c.db, c.target, c.status, c.measured, c.reason] for d in result.databases for c in d.checks
                 if c.status not in (MET, NO_TARGET)]
         if rows:
-            _table("targets at risk or not met", ["db", "target", "status", "measured", "reason"], rows)
+            _table("targets at risk or not met", ["db", "target", "status", "measured", "reason"], rows,
+                   whole={"db"}, priority=["target", "status", "reason", "measured"])
         tables = sum(len(d.tables) for d in result.databases)
         print(f"{len(result.databases)} databases, {tables} tables, {fmt_bytes(sum(d.size for d in result.databases))}"
               f"; targets: {counts['met']} met, {counts['at risk']} at risk, {counts['not met']} not met; "

@@ -234,7 +234,8 @@ def restore_table(
                       f"(taken {d['taken_at']}) (dry run)")
                 _table(f"{d['mode']} mode", ["table", "action", "as", "rows", "live rows"],
                        [[a["table"], a["action"], a["target"], a["snapshot_rows"],
-                         "-" if a["live_rows"] is None else a["live_rows"]] for a in d["tables"]])
+                         "-" if a["live_rows"] is None else a["live_rows"]] for a in d["tables"]],
+                       whole={"table", "as"}, priority=["action", "rows", "live rows"])
                 for a in d["tables"]:
                     for stmt in a["statements"]:
                         print(stmt + ";")
@@ -305,11 +306,11 @@ def repair_rows(
                 _table("diff", ["kind", "rows"], [[k.replace("_", " "), v] for k, v in d["counts"].items()])
                 if d["preview"]:
                     _table(f"first {preview} rows of each kind", ["action", "key", "values"],
-                           [[p["action"], p["key"], p["detail"]] for p in d["preview"]])
+                           [[p["action"], p["key"], p["detail"]] for p in d["preview"]], whole={"key"})
                 if d["effects"]:
                     _table("beyond these rows: other tables and triggers", ["table", "through", "rows", "when applied"],
                            [[e["table"], e["through"], "?" if e["rows"] is None else e["rows"], e["when_applied"]]
-                            for e in d["effects"]])
+                            for e in d["effects"]], whole={"table"}, priority=["through", "when applied", "rows"])
                 print("nothing to repair" if not plan.changes
                       else "dry run: nothing changed; pass --apply to repair")
                 return

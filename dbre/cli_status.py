@@ -111,7 +111,9 @@ def status(
                     for d in st.databases]
             _table(f"status of {st.repository}", ["db", "snapshots", "newest point age", "backup success",
                                                    "RPO attained", "RTO attained", "since drill", "stored",
-                                                   "growth", "state"], rows)
+                                                   "growth", "state"], rows,
+                   whole={"db"}, priority=["state", "newest point age", "RPO attained", "since drill", "RTO attained",
+                                           "backup success", "stored", "snapshots", "growth"])
             total = human(st.storage_bytes) + ("" if st.storage_exact else " (estimated)")
             if st.quota_bytes:
                 total += f" of {human(st.quota_bytes)} ({st.storage_bytes / st.quota_bytes:.0%})"

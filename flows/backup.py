@@ -9,12 +9,13 @@ from prefect import flow, get_run_logger
 from dbre.errors import UsageError
 from dbre.units import human_bytes as human
 from flows.common import RunFailed, load, md_table, outcome, publish, repos
+from flows.names import backup_name, from_parameters
 from flows.references import KeyRef, TokenRef, refuse_literal_secrets, store_references_only
 from tasks.backup import backup_database, copy_to_offsite
 
 
 @store_references_only
-@flow(name="dbre-backup", flow_run_name="backup {db}", persist_result=False)
+@flow(name="dbre-backup", flow_run_name=from_parameters(backup_name, "backup"), persist_result=False)
 def backup_flow(db: str, source: str | None = None, policy: str | None = None, repo: str | None = None,
                 offsite: list[str] | None = None, copy_offsite: bool = True, key: KeyRef = None,
                 token: TokenRef = None, checksums: bool | None = None, full: bool = False) -> dict[str, Any]:

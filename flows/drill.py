@@ -9,6 +9,7 @@ from prefect import flow, get_run_logger
 
 from dbre.report.drill import seconds_text
 from flows.common import RunFailed, load, md_table, publish, repos
+from flows.names import drill_name, from_parameters
 from flows.references import KeyRef, TokenRef, refuse_literal_secrets, store_references_only
 from tasks.validate import (
     drill_report,
@@ -21,7 +22,7 @@ from tasks.validate import (
 
 
 @store_references_only
-@flow(name="dbre-drill", persist_result=False)
+@flow(name="dbre-drill", flow_run_name=from_parameters(drill_name, "drill"), persist_result=False)
 def drill_flow(databases: list[str] | None = None, policy: str | None = None, repo: str | None = None,
                key: KeyRef = None, target: str | None = None, expectations: str | None = None,
                report_dir: str | None = None, scratch_dir: str | None = None, data_docs: bool = True,

@@ -22,6 +22,7 @@ from dbre.errors import UsageError
 from dbre.policy import Policy
 from dbre.units import human_bytes as human
 from flows.common import RunFailed, load, md_table, outcome, publish, repos
+from flows.names import fleet_name, from_parameters
 from flows.references import KeyRef, refuse_literal_secrets, store_references_only
 from tasks.backup import backup_database_limited, copy_to_offsite
 from tasks.retention import forget_snapshots, prune_repository
@@ -79,7 +80,7 @@ def back_up_all(jobs: list[dict[str, Any]], repo: str, key: str | None, limit: s
 
 
 @store_references_only
-@flow(name="dbre-fleet-backup", persist_result=False)
+@flow(name="dbre-fleet-backup", flow_run_name=from_parameters(fleet_name, "fleet"), persist_result=False)
 def fleet_backup_flow(databases: list[str] | None = None, policy: str | None = None, repo: str | None = None,
                       offsite: list[str] | None = None, key: KeyRef = None, copy_offsite: bool = False,
                       retention: bool = False, max_concurrency: int | None = None,

@@ -14,6 +14,7 @@ from dbre.report.requirements_docs import action_command, installation
 from dbre.report.requirements_model import MET, NO_TARGET, RequirementsReport
 from dbre.units import human_bytes as fmt_bytes
 from flows.common import POLICY_ENV, load, md_table, publish, repos
+from flows.names import from_parameters, requirements_name
 from flows.references import KeyRef, refuse_literal_secrets, store_references_only
 from tasks.report import analyze_requirements, cli_commands, write_requirements_documents
 
@@ -23,7 +24,8 @@ DOCUMENTS = [("report.html", "requirements report (HTML)"), ("report.md", "requi
 
 
 @store_references_only
-@flow(name="dbre-requirements-report", persist_result=False)
+@flow(name="dbre-requirements-report", flow_run_name=from_parameters(requirements_name, "requirements report"),
+      persist_result=False)
 def requirements_report_flow(out_dir: str = "reports/requirements", policy: str | None = None,
                              repo: str | None = None, key: KeyRef = None, sources: dict[str, str] | None = None,
                              expectations: str | None = "expectations", storage_gb_month: float | None = None,

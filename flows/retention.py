@@ -12,12 +12,13 @@ from prefect import flow
 from dbre.errors import UsageError
 from dbre.repository.retention import KeepPolicy
 from flows.common import RunFailed, load, md_table, outcome, publish, repos
+from flows.names import from_parameters, retention_name
 from flows.references import KeyRef, refuse_literal_secrets, store_references_only
 from tasks.retention import forget_snapshots, prune_repository
 
 
 @store_references_only
-@flow(name="dbre-retention", persist_result=False)
+@flow(name="dbre-retention", flow_run_name=from_parameters(retention_name, "retention"), persist_result=False)
 def retention_flow(databases: list[str] | None = None, policy: str | None = None, repo: str | None = None,
                    offsite: list[str] | None = None, key: KeyRef = None, keep_last: int | None = None,
                    keep_hourly: int | None = None, keep_daily: int | None = None, keep_weekly: int | None = None,

@@ -12,12 +12,13 @@ from dbre.policy import parse_duration
 from dbre.report.drill import seconds_text
 from dbre.units import human_bytes as human
 from flows.common import RunFailed, load, md_table, outcome, publish, repos
+from flows.names import from_parameters, status_name
 from flows.references import KeyRef, refuse_literal_secrets, store_references_only
 from tasks.validate import compute_repository_status, notify_block, notify_webhook
 
 
 @store_references_only
-@flow(name="dbre-status", persist_result=False)
+@flow(name="dbre-status", flow_run_name=from_parameters(status_name, "status"), persist_result=False)
 def status_flow(policy: str | None = None, repo: str | None = None, key: KeyRef = None,
                 quota: str | None = None, storage_threshold: float = 0.8, window: str = "30d",
                 prom: str | None = None, webhook: str | None = None, notify: bool = True) -> dict[str, Any]:

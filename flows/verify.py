@@ -11,13 +11,15 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from dbre.units import human_bytes as human
 from dbre.validate.subset import subset_for_week
 from flows.common import RunFailed, load, md_table, outcome, publish, repos
+from flows.names import from_parameters, verify_name
 from flows.references import KeyRef, refuse_literal_secrets, store_references_only
 from tasks.backup import list_snapshots
 from tasks.verify import restore_check, verify_repository
 
 
 @store_references_only
-@flow(name="dbre-verify", persist_result=False, task_runner=ThreadPoolTaskRunner(max_workers=2))
+@flow(name="dbre-verify", flow_run_name=from_parameters(verify_name, "verify"), persist_result=False,
+      task_runner=ThreadPoolTaskRunner(max_workers=2))
 def verify_flow(databases: list[str] | None = None, policy: str | None = None, repo: str | None = None,
                 key: KeyRef = None, read_data: bool = True, cycle_weeks: int = 4, restore: bool = True,
                 scratch_dir: str | None = None) -> dict[str, Any]:
