@@ -4,6 +4,7 @@ Registered on the main app by dbre/cli.py, which holds the shared options and he
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Annotated, Any
 
@@ -163,12 +164,21 @@ def copy(
         from dbre.repository.copy import copy_snapshots
         from dbre.repository.manifest import check_db_name
         from dbre.repository.repo import Repository
+        from dbre.storage import open_store
 
         if db:
             check_db_name(db)
+        src_store, dst_store = open_store(repo), open_store(to)
+        # the same place however spelled: a trailing slash, a relative path, a symlinked folder, s3://b/p/
+        src_root, dst_root = getattr(src_store, "root", None), getattr(dst_store, "root", None)
+        if (src_store.url == dst_store.url if src_root is None or dst_root is None
+                else os.path.realpath(src_root) == os.path.realpath(dst_root)
+                or (dst_root.exists() and src_root.exists() and os.path.samefile(src_root, dst_root))):
+            raise UsageError(f"copy: --to is the repository being copied from ({src_store.url})",
+                             "name another location for the offsite copy: a folder or s3://bucket/prefix")
         key = _key(key_file)
-        src = Repository.open(repo, key)
-        dst = Repository.init_copy_of(src, to, key)
+        src = Repository.open(src_store, key)
+        dst = Repository.init_copy_of(src, dst_store, key)
         with _progress("copy", not json_out) as bar:
             plan, copied = copy_snapshots(src, dst, db, bar)
         out = {**plan.describe(), "bytes_copied": copied}
