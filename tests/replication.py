@@ -10,9 +10,10 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from dbre.repository.keep import KeepPolicy
 from dbre.repository.repo import Repository
 from dbre.restore.full import apply_restore, plan_restore
 from dbre.restore.pitr import apply_pitr, plan_pitr
@@ -223,3 +224,26 @@ def check_exact(path: Path, commits: list[Commit], observed: dict[int, float], a
     late = [c.seq for c in commits if c.after <= at - PRECISION and c.seq > top]
     assert all(observed[q] - by_seq[q].after > PRECISION for q in late), (at, late[:5])
     return top
+
+
+@dataclass(frozen=True)
+class Seconds:
+    """A keep-within of seconds (restic's durations stop at hours; a test history spans seconds)."""
+
+    seconds: float
+
+    def before(self, t: datetime, tz: object) -> datetime:
+        return t - timedelta(seconds=self.seconds)
+
+    def __str__(self) -> str:
+        return f"{self.seconds:.3f}s"
+
+
+@dataclass
+class SecondsWindow(KeepPolicy):
+    """restic's keep-within, in seconds: keeps what a test's seconds-long history needs."""
+
+    seconds: float = 0.0
+
+    def within_duration(self) -> Seconds:  # type: ignore[override]
+        return Seconds(self.seconds)

@@ -10,8 +10,6 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
-from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -24,6 +22,7 @@ from dbre.repository.keep import KeepPolicy
 from dbre.repository.repo import Repository
 from dbre.repository.retention import forget
 from tests.replication import (
+    SecondsWindow,
     check_chains,
     check_oracle,
     dbre_cmd,
@@ -39,26 +38,6 @@ from tests.replication import (
 
 BASE_ROWS = 2000
 
-
-@dataclass(frozen=True)
-class Seconds:
-    """A keep-within of seconds (restic's durations stop at hours; a test history spans seconds)."""
-
-    seconds: float
-
-    def before(self, t: datetime, tz: object) -> datetime:
-        return t - timedelta(seconds=self.seconds)
-
-    def __str__(self) -> str:
-        return f"{self.seconds:.3f}s"
-
-
-@dataclass
-class SecondsWindow(KeepPolicy):
-    seconds: float = 0.0
-
-    def within_duration(self) -> Seconds:  # type: ignore[override]
-        return Seconds(self.seconds)
 
 
 def _replicate(tmp_path: Path, repo_url: str, generations: int = 5) -> Path:
@@ -165,25 +144,9 @@ def test_forget_prune_keeps_the_window(tmp_path: Path, where: str, request: pyte
 
 PRUNE = r'''
 import sys, time
-from datetime import timedelta
-from dataclasses import dataclass
-from dbre.repository.keep import KeepPolicy
 from dbre.repository.repo import Repository
 from dbre.repository.retention import forget
-
-@dataclass(frozen=True)
-class Seconds:
-    seconds: float
-    def before(self, t, tz):
-        return t - timedelta(seconds=self.seconds)
-    def __str__(self):
-        return "s"
-
-@dataclass
-class SecondsWindow(KeepPolicy):
-    seconds: float = 0.0
-    def within_duration(self):
-        return Seconds(self.seconds)
+from tests.replication import SecondsWindow
 
 repo = Repository.open(sys.argv[1])
 delete = repo.store.delete

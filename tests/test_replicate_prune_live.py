@@ -12,8 +12,6 @@ import select
 import subprocess
 import threading
 import time
-from dataclasses import dataclass
-from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -23,12 +21,12 @@ import dbre.replicate.compact as compact_mod
 from dbre.errors import LockedError
 from dbre.replicate.segment import list_generations, open_segment, read_base
 from dbre.replicate.window import read_pruned
-from dbre.repository.keep import KeepPolicy
 from dbre.repository.lock import Lock
 from dbre.repository.repo import Repository
 from dbre.repository.retention import forget
 from tests.replication import (
     Commit,
+    SecondsWindow,
     check_chains,
     check_exact,
     check_oracle,
@@ -45,26 +43,6 @@ from tests.replication import (
 
 BASE_ROWS = 300
 
-
-@dataclass(frozen=True)
-class Seconds:
-    """A keep-within of seconds (restic's durations stop at hours; this history spans seconds)."""
-
-    seconds: float
-
-    def before(self, t: datetime, tz: object) -> datetime:
-        return t - timedelta(seconds=self.seconds)
-
-    def __str__(self) -> str:
-        return f"{self.seconds:.3f}s"
-
-
-@dataclass
-class SecondsWindow(KeepPolicy):
-    seconds: float = 0.0
-
-    def within_duration(self) -> Seconds:  # type: ignore[override]
-        return Seconds(self.seconds)
 
 
 def observed_all(repo: Repository) -> tuple[dict[int, float], list[tuple[float, int]]]:
