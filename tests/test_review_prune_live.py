@@ -450,13 +450,10 @@ class _RefreshOnEveryRead:
         return bytes(self._store.get_range(key, offset, length))  # type: ignore[attr-defined]
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "Lock.acquire lists the locks at most 5 times while one it listed vanished, then judges the last "
-    "listing anyway: a live lock refreshed during each of them is missed and the exclusive lock is taken "
-    "beside it (low: refreshes come every 120 s; refusing after the retries would be safe)"))
 def test_prune_never_takes_the_repository_on_a_listing_missing_a_live_lock(tmp_path: Path) -> None:
-    """A replicator's shared lock is refreshed during every listing a prune reads. Proves (expected):
-    the prune refuses (``LockedError``), however many listings it takes."""
+    """A replicator's shared lock is refreshed during every listing a prune reads. Proves: the prune
+    refuses (``LockedError``, naming the listings) after its retries instead of judging a listing
+    that misses the live lock, and leaves no lock of its own behind."""
     from dbre.errors import LockedError
     from dbre.repository.lock import Lock
 
@@ -465,7 +462,9 @@ def test_prune_never_takes_the_repository_on_a_listing_missing_a_live_lock(tmp_p
         prune = Lock(_RefreshOnEveryRead(repo.store, held), "prune", exclusive=True)  # type: ignore[arg-type]
         try:
             prune.acquire()
-        except LockedError:
+        except LockedError as err:
+            assert "changed while listed" in err.message, err.message
+            assert [k for k in repo.store.list("locks/")] == [held.key]
             return
         prune.release()
         raise AssertionError("prune took the exclusive lock beside the replicator's live one")

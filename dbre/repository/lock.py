@@ -5,7 +5,10 @@ Backups, copies and restores share; forget and prune are exclusive. While a run 
 thread refreshes it every ``REFRESH_SECONDS`` by writing a *new* lock object, checking that the
 old one is still there, then deleting the old one: from the first write to the release, one of
 the run's lock objects exists at every moment, and a lock removed by someone else
-(`dbre unlock`) is noticed instead of silently written again.
+(`dbre unlock`) is noticed instead of silently written again. A run taking a lock lists the locks
+again while a lock it listed vanished when read (a refresh replaced it by an object that listing
+did not show), ``LISTINGS`` times at most, then refuses (``LockedError``): it never judges a
+listing that may miss a live lock.
 
 Staleness: another run's lock is stale when the store's own time of its last write
 (``Store.modified``: S3 LastModified, a file's mtime) is more than ``STALE_SECONDS`` older than the
@@ -50,6 +53,7 @@ log = logging.getLogger(__name__)
 STALE_SECONDS = 600.0  # a lock not refreshed for this long, by the store's clock, is stale
 REFRESH_SECONDS = 120.0  # a held lock is rewritten this often
 SAFETY_SECONDS = 180.0  # a writer stops committing this long before its lock could be judged stale
+LISTINGS = 5  # listings of the locks a run taking one reads while one listed vanishes, then refuses
 STALL_ENV = "DBRE_TEST_STALL_LOCK_REFRESH"  # tests: refreshes of locks whose op starts with this hang
 
 
@@ -234,11 +238,17 @@ class Lock:
         try:
             now = self.store_now()
             vanished = ["?"]
-            for _ in range(5):  # a lock refreshed while we read it: list again, its new object shows
+            for _ in range(LISTINGS):  # a lock refreshed while we read it: list again, its new object shows
                 if not vanished:
                     break
                 vanished = []
                 others = list_locks(self.store, vanished)
+            if vanished:  # a listing missing a lock that may be live must not be judged: refuse
+                raise LockedError(
+                    f"repository lock: {len(vanished)} lock(s) changed while listed, {LISTINGS} listings in a row "
+                    "(another run refreshing or releasing its lock); the repository was not taken",
+                    "run it again",
+                )
             for other in others:
                 if other.key == self._key or other.stale(now, self.stale_seconds):
                     continue
