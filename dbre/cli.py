@@ -6,7 +6,7 @@ and exit 1 (a check failed or an operation failed) or 2 (bad input: README's exi
 errors too; --debug shows a traceback.
 
 This module holds the app, its options, the helpers the commands share and `main()`; the commands
-are in dbre/cli_<group>.py (backup, restore, repo, drill, status, report, replicate).
+are in dbre/cli_<group>.py (backup, restore, repo, drill, status, report, replicate, audit, inspect).
 """
 
 from __future__ import annotations
@@ -357,3 +357,4 @@ else:
     import dbre.cli_report  # noqa: F401 - the `report` group
     import dbre.cli_replicate  # noqa: F401 - replicate
     import dbre.cli_audit  # noqa: F401 - the `audit` group
+    import dbre.cli_inspect  # noqa: F401 - diff

@@ -136,15 +136,13 @@ def _restore_with_late_opener(repo: str, live: Path, monkeypatch: pytest.MonkeyP
     return late[0]
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "HIGH: a WAL connection that opened the old file after the second look (between it and the rename) "
-    "waits on the held lock, then reads the OLD inode's header (WAL mode), creates <target>-wal/-shm BY NAME "
-    "beside the NEW file and commits the old database's pages there; it reports success and the restored "
-    "database is corrupted (or silently mixed with old pages). The rollback-mode twin fails loudly "
-    "(DBMOVED); switching the held old file to journal_mode=DELETE before the rename makes WAL fail "
-    "the same way (tried: the late writer then gets 'attempt to write a readonly database')"))
 def test_a_late_wal_opener_never_writes_the_old_database_into_the_new_file(
         backed_up: tuple[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Was HIGH: a WAL connection that opened the old file after the second look waited on the held lock,
+    then read the OLD inode's header (WAL mode), created <target>-wal/-shm by name beside the NEW file
+    and committed the old database's pages there, reporting success. Fixed: the held old database is
+    switched out of WAL mode before the rename (`_leave_wal`), so that writer fails loudly
+    (SQLITE_READONLY_DBMOVED), as the rollback-mode twin below does."""
     repo, src = backed_up
     live = tmp_path / "live.db"
     _advanced_copy(src, live, "wal")

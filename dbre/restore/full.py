@@ -354,8 +354,10 @@ def _replace(tmp: Path, target: Path, force: bool, release_tmp: Callable[[], Non
     beside the old WAL (SQLite would replay the old frames into it).
 
     The old database is held still first (``_hold_still``: an exclusive lock, and every WAL frame
-    copied into the file, so its file alone is complete); then its -wal, -shm and -journal go, then
-    the new file is renamed over it, and only then is the lock let go.
+    copied into the file, so its file alone is complete) and taken out of WAL mode (`_leave_wal`: a
+    process that opens it meanwhile then fails loudly instead of writing into the new file's -wal);
+    then its -wal, -shm and -journal go, then the new file is renamed over it, and only then is the
+    lock let go.
     """
     if not force:
         _place_new(tmp, target, release_tmp)
@@ -363,10 +365,12 @@ def _replace(tmp: Path, target: Path, force: bool, release_tmp: Callable[[], Non
     if target.exists():
         check_not_in_use(target)  # a process holding it would go on writing to the replaced file
     held = _hold_still(target) if target.exists() else None
+    was_wal = renamed = False
     try:
         _crash_point("held")
         if held is not None:
             check_not_in_use(target, holding=True)  # (one that opened it since the first look)
+            was_wal = _leave_wal(held, target)
         for suffix in ("-wal", "-shm", "-journal"):
             Path(str(target) + suffix).unlink(missing_ok=True)
         _crash_point("cleared")
@@ -376,11 +380,54 @@ def _replace(tmp: Path, target: Path, force: bool, release_tmp: Callable[[], Non
         # one fail, the target untouched.)
         release_tmp()
         os.replace(tmp, target)
+        renamed = True
         _crash_point("renamed")
         _sync_dir(target.parent)
     finally:
         if held is not None:
-            held.close()  # checkpoint-on-close is off: closing removes no file by name
+            if was_wal and not renamed:
+                _back_to_wal(held, target)  # (refused or failed: the old database is left as it was)
+            held.close()  # checkpoint-on-close is off, no journal file is open: closing removes no file by name
+
+
+def _leave_wal(held: apsw.Connection, target: Path) -> bool:
+    """Switch the held old database (its WAL already checkpointed) out of WAL mode before the rename;
+    whether it was in WAL mode.
+
+    Why: a process that opens the old file after the second look waits on our exclusive lock, and
+    gets it on the old inode once we let go after the rename. Were the old file still in WAL mode, it
+    would read its header, open ``<target>-wal`` and -shm *by name* (the new file's) and commit the old
+    database's pages there: the new database silently mixed with the old one. In rollback mode
+    (header bytes 18-19 = 1, written here by SQLite's own journal_mode change under our lock, crash-
+    safe: the WAL is checkpointed and removed first) that process writes through the descriptor it
+    holds and SQLite finds the file renamed over (SQLITE_READONLY_DBMOVED): its commit fails loudly,
+    as a rollback-mode database's late writer already does. Then journal_mode=MEMORY: the held
+    connection keeps no -journal open, so closing it after the rename deletes no file by the target's
+    name (in exclusive locking mode a DELETE-mode connection would delete ``<target>-journal`` at close,
+    the new database's if it has one by then). The old file only changes mode: all its content stays; if
+    the rename does not happen, `_back_to_wal` puts WAL mode back (a kill -9 in between leaves it
+    complete in rollback mode; an application asking for WAL at open switches it back)."""
+    was_wal = str(held.execute("PRAGMA journal_mode").get).lower() == "wal"
+    try:
+        if was_wal:
+            held.execute("PRAGMA journal_mode=DELETE")  # (checkpoints what is left and deletes the -wal)
+        held.execute("PRAGMA journal_mode=MEMORY")
+    except apsw.Error as err:
+        if was_wal:
+            _back_to_wal(held, target)
+        raise RestoreError(f"restore to {target}: the old database could not be taken out of WAL mode "
+                           f"({type(err).__name__})", "stop the application using it, or restore to another "
+                           "path; nothing was changed") from None
+    return was_wal
+
+
+def _back_to_wal(held: apsw.Connection, target: Path) -> None:
+    """Put the held old database (still at ``target``: not renamed over) back in WAL mode."""
+    try:
+        held.execute("PRAGMA journal_mode=WAL")
+    except apsw.Error as err:
+        log.warning("restore to %s: the old database was left in rollback journal mode, complete (%s); "
+                    "`PRAGMA journal_mode=WAL` puts WAL back", target, err)
 
 
 def _place_new(tmp: Path, target: Path, release_tmp: Callable[[], None]) -> None:
