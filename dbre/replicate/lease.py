@@ -1,8 +1,9 @@
 """The per-database replication lease: one replicator per database, by conditional put.
 
 A lease is ``leases/<db>/<epoch 016x>`` (plain JSON: host, pid, boot id, pid namespace, created).
-Taking it: list the database's leases; if the newest is live, refuse; else write epoch + 1 with a
-conditional put — of two replicators racing for the same epoch exactly one wins. Every
+Taking it: list the database's leases; if any of them is live (every one is judged, not only the
+newest epoch's: a stale lease planted above a live one hides nothing), refuse; else write the newest
+epoch + 1 with a conditional put — of two replicators racing for the same epoch exactly one wins. Every
 ``REFRESH_SECONDS`` the holder checks that no newer epoch exists (one HEAD) and rewrites its object
 (one PUT). Before each segment it ships, ``verify`` makes no request: it refuses when a refresh
 found a newer epoch, or when the last successful refresh began more than ``STALE_SECONDS -
@@ -49,29 +50,50 @@ def _epochs(store: Store, db: str) -> list[int]:
     return sorted(out)
 
 
-def live_generation(store: Store, db: str, store_now: float) -> str | None:
-    """The generation the live lease of ``db`` names: None when no lease is live (by the store's
-    clock ``store_now``, as a takeover judges it), "" when the live lease names none (a replicator
-    still starting, under the repository lock, or one of an older dbre: the newest generation)."""
-    epochs = _epochs(store, db)
-    if not epochs:
-        return None
-    key = f"leases/{db}/{epochs[-1]:016x}"
+def _read(store: Store, key: str) -> LockInfo | None:
+    """The lease at ``key`` with its time of last write (store's clock); None when it is gone. A
+    damaged record counts as a lease of an unknown replicator, live (naming the newest generation)
+    until stale."""
     try:
         raw = get_capped(store, key, LOCK_CAP, "lease")
         modified = store.modified(key)
     except NotFound:
-        return None  # released meanwhile
+        return None  # released or superseded meanwhile
     try:
         record = json.loads(raw)
         if not isinstance(record, dict):
             raise ValueError
     except ValueError:
-        record = {"op": "?"}  # damaged: live (naming the newest generation) until stale
-    if LockInfo(key, record, modified).stale(store_now, STALE_SECONDS):
+        record = {"op": "?"}
+    return LockInfo(key, record, modified)
+
+
+def live_leases(store: Store, db: str, store_now: float, epochs: list[int] | None = None) -> list[LockInfo]:
+    """Every lease of ``db`` (of ``epochs``, if listed already) still live by the store's clock
+    ``store_now``, whatever its epoch: a stale lease above a live one (one planted by someone with
+    write access, say) never hides it."""
+    out = []
+    for epoch in _epochs(store, db) if epochs is None else epochs:
+        info = _read(store, f"leases/{db}/{epoch:016x}")
+        if info is not None and not info.stale(store_now, STALE_SECONDS):
+            out.append(info)
+    return out
+
+
+def live_generation(store: Store, db: str, store_now: float) -> str | None:
+    """The generation the live lease of ``db`` names: None when no lease is live (by the store's
+    clock ``store_now``, as a takeover judges it), "" when the live lease names none (a replicator
+    still starting, under the repository lock, or one of an older dbre: the newest generation).
+    Every lease listed is judged, not only the newest epoch's; when live leases name different
+    generations (only a forged one can, beside the real replicator's), "": the newest, which is the
+    one a real replicator ships into (only a replicator starts generations)."""
+    names = set()
+    for info in live_leases(store, db, store_now):
+        gen = info.record.get("generation")
+        names.add(gen if isinstance(gen, str) else "")
+    if not names:
         return None
-    gen = record.get("generation")
-    return gen if isinstance(gen, str) else ""
+    return names.pop() if len(names) == 1 else ""
 
 
 class Lease:
@@ -93,22 +115,16 @@ class Lease:
         return f"leases/{self.db}/{(self.epoch if epoch is None else epoch):016x}"
 
     def acquire(self) -> None:
+        """Take the lease: refuse (``LockedError``) while any lease of the database is live, whatever
+        its epoch; else write the epoch above the newest listed (conditional put) and delete the others."""
         epochs = _epochs(self.store, self.db)
         newest = epochs[-1] if epochs else -1
-        if newest >= 0:
-            key = self.key(newest)
-            try:
-                raw = get_capped(self.store, key, LOCK_CAP, "lease")
-                info = LockInfo(key, json.loads(raw), self.store.modified(key))
-            except NotFound:
-                info = None
-            except ValueError:
-                info = LockInfo(key, {"op": "?"}, self.store.modified(key))
-            if info is not None and not info.stale(self.lock.store_now(), STALE_SECONDS):
-                raise LockedError(
-                    f"database {self.db} is already being replicated by {info.describe()}",
-                    "stop that replicator first; one replicator per database",
-                )
+        live = live_leases(self.store, self.db, self.lock.store_now(), epochs)
+        if live:
+            raise LockedError(
+                f"database {self.db} is already being replicated by {live[-1].describe()}",
+                "stop that replicator first; one replicator per database",
+            )
         self.epoch = newest + 1
         try:
             self.store.put(self.key(), json.dumps(self.record).encode(), if_absent=True)
