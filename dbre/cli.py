@@ -357,4 +357,4 @@ else:
     import dbre.cli_report  # noqa: F401 - the `report` group
     import dbre.cli_replicate  # noqa: F401 - replicate
     import dbre.cli_audit  # noqa: F401 - the `audit` group
-    import dbre.cli_inspect  # noqa: F401 - diff
+    import dbre.cli_inspect  # noqa: F401 - diff, stats

@@ -1,12 +1,13 @@
-"""Looking into a repository: `dbre diff` (tables changed between two snapshots).
+"""Looking into a repository: `dbre diff` (tables changed between two snapshots) and `dbre stats` (what is stored).
 
-It only reads. Registered on the main app by dbre/cli.py, which holds the shared options and helpers."""
+Both only read. Registered on the main app by dbre/cli.py, which holds the shared options and helpers."""
 
 from __future__ import annotations
 
 import os
 import tempfile
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -14,6 +15,7 @@ import typer
 
 from dbre.cli import DbOpt, JsonOpt, KeyFileOpt, RepoOpt, _key, _print_json, _run, _table, app
 from dbre.errors import UsageError
+from dbre.units import human_bytes as human
 
 if TYPE_CHECKING:
     from dbre.repository.manifest import Manifest
@@ -187,5 +189,113 @@ def diff(
             print(title)
         print(f"{counts['added']} added, {counts['dropped']} dropped, {counts['changed']} changed, "
               f"{counts['unchanged']} unchanged (judged by {basis})")
+
+    _run(go)
+
+
+# -- stats ---------------------------------------------------------------------------------------
+
+
+def _segment_stats(repository: Repository, db: str, snaps: list[Manifest]) -> dict[str, Any] | None:
+    """Replicated segments of ``db`` (None: it has none): counts, bytes where the store can say, and the
+    window of times a restore reproduces exactly (from the oldest restorable generation's base, or the
+    pruned marker if later, to the newest transaction its segments observed)."""
+    from dbre.replicate.segment import to_time
+    from dbre.replicate.window import generations, read_pruned
+    from dbre.repository.manifest import iso
+
+    gens = generations(repository, db, {m.id for m in snaps})
+    if not gens:
+        return None
+    count = sum(len(g.segments) for g in gens)
+    root = getattr(repository.store, "root", None)
+    size: int | None = None
+    if isinstance(root, Path):  # a local folder says its sizes; S3 listings here carry names only
+        size = sum(p.stat().st_size for p in (root / "segments" / db).rglob("*") if p.is_file())
+    ok = [g for g in gens if g.restorable]
+    start: datetime | None = ok[0].time if ok else None
+    pruned = read_pruned(repository, db)
+    if start is not None and pruned is not None and pruned > start:
+        start = pruned
+    ends = [to_time(g.segments[-1].last_us) for g in ok if g.segments]
+    end = max([*ends, *(g.time for g in ok)]) if ok else None
+    return {"generations": len(gens), "restorable_generations": len(ok), "segments": count, "bytes": size,
+            "window": {"from": iso(start), "to": iso(end)} if start is not None and end is not None else None}
+
+
+def _ratio(num: float, den: float) -> float | None:
+    return round(num / den, 2) if den > 0 else None
+
+
+def database_stats(repository: Repository, db: str, snaps: list[Manifest], stored: int) -> dict[str, Any]:
+    """What one database's snapshots hold and what they cost: logical bytes of every snapshot, the unique
+    pages among them (after dedup) and what their packs take (after compression)."""
+    regular = [m for m in snaps if not m.is_safety] or snaps
+    newest, oldest = regular[-1], snaps[0]
+    logical = sum(m.size for m in snaps)
+    unique = sum(int(m.stats.get("pages_added", 0)) * m.page_size for m in snaps)
+    return {
+        "db": db,
+        "snapshots": len(snaps),
+        "oldest": {"id": oldest.id, "taken_at": oldest.taken_at},
+        "newest": {"id": newest.id, "taken_at": newest.taken_at},
+        "size": newest.size,
+        "logical_bytes": logical,
+        "unique_bytes": unique,
+        "stored_bytes": stored,
+        "dedup_ratio": _ratio(logical, unique),
+        "compression_ratio": _ratio(unique, stored),
+        "ratio": _ratio(logical, stored),
+        "segments": _segment_stats(repository, db, snaps),
+    }
+
+
+@app.command()
+def stats(
+    repo: RepoOpt,
+    db: DbOpt = None,
+    json_out: JsonOpt = False,
+    key_file: KeyFileOpt = None,
+) -> None:
+    """What the repository holds per database: snapshots, sizes, stored bytes, dedup and compression, and the
+    window replicated segments restore exactly."""
+
+    def go() -> None:
+        from dbre.metrics import storage_used
+        from dbre.repository.manifest import check_db_name
+        from dbre.repository.repo import Repository
+
+        if db:
+            check_db_name(db)
+        repository = Repository.open(repo, _key(key_file))
+        if db:
+            repository.require_db(db)  # raises, naming the known databases
+        total, exact, per_db = storage_used(repository)  # as `dbre status` counts it
+        snaps = repository.snapshots(db)
+        names = [db] if db else sorted({m.db for m in snaps})
+        out = [database_stats(repository, n, [m for m in snaps if m.db == n], per_db.get(n, 0)) for n in names]
+        if json_out:
+            _print_json({"repository": repository.url, "storage_bytes": total, "storage_exact": exact,
+                         "databases": out})
+            return
+
+        def x(v: float | None) -> str:
+            return "-" if v is None else f"{v:.2f}x"
+
+        rows = [[d["db"], d["snapshots"], d["oldest"]["taken_at"].replace("T", " ")[:19],
+                 d["newest"]["taken_at"].replace("T", " ")[:19], d["newest"]["id"], human(d["size"]),
+                 human(d["stored_bytes"]), x(d["dedup_ratio"]), x(d["compression_ratio"]),
+                 "-" if d["segments"] is None else f"{d['segments']['segments']}"
+                 + ("" if d["segments"]["bytes"] is None else f" ({human(d['segments']['bytes'])})")]
+                for d in out]
+        _table(f"stats of {repository.url}", ["db", "snapshots", "oldest (UTC)", "newest (UTC)", "newest id", "size",
+                                              "stored", "dedup", "compression", "segments"], rows,
+               whole={"db", "oldest (UTC)", "newest (UTC)", "newest id"},
+               priority=["size", "stored", "snapshots", "segments", "dedup", "compression"])
+        print(f"storage: {human(total)}" + ("" if exact else " (estimated: what the kept snapshots added)"))
+        for d in out:
+            w = d["segments"] and d["segments"]["window"]
+            if w:
+                print(f"restore window: {d['db']}: any time from {w['from']} to {w['to']} (replicated segments)")
 
     _run(go)

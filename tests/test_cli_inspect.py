@@ -1,18 +1,28 @@
-"""`dbre diff` (issue 15: what restic's and pgBackRest's users expect) against real repositories made by `dbre backup`:
-a local folder, and S3 on the session's moto_server: tables added, dropped and changed between two snapshots of one
-database, row counts before and after; "changed" judged by the snapshots' table checksums (a row updated in place, the
-count unchanged, is a change), or, for snapshots taken with --no-checksums, by restoring both and comparing. Ids by
-unique prefix or 'latest'; errors in one line, exit 2."""
+"""`dbre diff` and `dbre stats` (issue 15: what restic's and pgBackRest's users expect) against real repositories
+made by `dbre backup`: a local folder, and S3 on the session's moto_server.
+
+diff: tables added, dropped and changed between two snapshots of one database, row counts before and after;
+"changed" judged by the snapshots' table checksums (a row updated in place, the count unchanged, is a change), or,
+for snapshots taken with --no-checksums, by restoring both and comparing. Ids by unique prefix or 'latest';
+errors in one line, exit 2. stats: per database, its snapshots, sizes, what is stored, dedup and compression,
+and the replicated segments with the window they restore exactly."""
 
 from __future__ import annotations
 
 import json
 import sqlite3
+import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import pytest
+
+from dbre.metrics import storage_used
+from dbre.replicate.segment import list_generations, to_time
 from dbre.repository.repo import Repository
-from tests.dbfactory import assert_one_line_error, cli, make_db
+from tests.dbfactory import assert_one_line_error, change_rows, cli, make_db
+from tests.replication import make_source, start_replicator, start_writer, stop_replicator, wait_for_generation
 
 
 def _sql(path: Path, script: str) -> None:
@@ -171,3 +181,107 @@ def test_diff_on_s3(tmp_path: Path, s3_repo_url: str) -> None:
     out = _diff_json(first, second[:8], "--repo", s3_repo_url)
     assert _by_table(out) == EXPECTED
     assert_one_line_error(cli("diff", "0123456789abcdef", second, "--repo", s3_repo_url), 2, "no snapshot")
+
+
+# -- stats ---------------------------------------------------------------------------------------
+
+
+def _stats(*args: str | Path) -> dict[str, Any]:
+    result = cli("stats", *args, "--json")
+    assert result.returncode == 0, result
+    out: dict[str, Any] = json.loads(result.stdout)
+    return out
+
+
+def _three_backups(tmp_path: Path, repo: str | Path) -> list[str]:
+    src = make_db(tmp_path / "big.db", mb=2, row_bytes=200)
+    _sql(src, "UPDATE items SET payload = zeroblob(200) WHERE id % 2 = 0")  # half the rows compress well
+    ids = [_backup(src, repo, "big")]
+    for seed in (1, 2):
+        change_rows(src, 5, seed=seed)
+        ids.append(_backup(src, repo, "big"))
+    return ids
+
+
+def test_stats_per_database(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    ids = _three_backups(tmp_path, repo)
+    small = _backup(_source(tmp_path / "app.db"), repo, "app")
+    out = _stats("--repo", repo)
+    repository = Repository.open(str(repo))
+    total, exact, per_db = storage_used(repository)
+    assert out["storage_bytes"] == total and out["storage_exact"] is exact is True
+    dbs = {d["db"]: d for d in out["databases"]}
+    assert set(dbs) == {"big", "app"}
+    big = dbs["big"]
+    snaps = repository.snapshots("big")
+    assert big["snapshots"] == 3
+    assert big["oldest"]["id"] == ids[0] and big["newest"]["id"] == ids[-1] and dbs["app"]["newest"]["id"] == small
+    assert big["size"] == snaps[-1].size
+    assert big["stored_bytes"] == per_db["big"] == sum(m.stats["bytes_added"] for m in snaps)
+    assert big["logical_bytes"] == sum(m.size for m in snaps)
+    # three snapshots that differ by a few pages: close to 3x dedup; zeroed payloads compress
+    assert 2.5 < big["dedup_ratio"] <= 3.0, big
+    assert big["compression_ratio"] > 1.2, big
+    assert big["ratio"] == pytest.approx(big["dedup_ratio"] * big["compression_ratio"], rel=0.02)
+    assert big["segments"] is None
+    # --db: only that database
+    only = _stats("--repo", repo, "--db", "app")
+    assert [d["db"] for d in only["databases"]] == ["app"]
+    # the table: every database, ids whole
+    table = cli("stats", "--repo", repo, env={"COLUMNS": "80"})
+    assert table.returncode == 0, table
+    assert ids[-1] in table.stdout and small in table.stdout
+
+
+def test_stats_errors(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    _backup(_source(tmp_path / "app.db"), repo, "app")
+    assert_one_line_error(cli("stats", "--repo", repo, "--db", "nosuch"), 2, "nosuch", "known databases: app")
+    assert_one_line_error(cli("stats", "--repo", repo, "--db", "../x"), 2, "not allowed")
+    assert_one_line_error(cli("stats", "--repo", tmp_path / "none"), 1, "no repository")
+
+
+def test_stats_on_s3(tmp_path: Path, s3_repo_url: str) -> None:
+    ids = _three_backups(tmp_path, s3_repo_url)
+    out = _stats("--repo", s3_repo_url)
+    (big,) = out["databases"]
+    snaps = Repository.open(s3_repo_url).snapshots("big")
+    assert big["snapshots"] == 3 and big["newest"]["id"] == ids[-1]
+    assert big["stored_bytes"] == sum(m.stats["bytes_added"] for m in snaps)
+    assert out["storage_exact"] is False and out["storage_bytes"] == big["stored_bytes"]
+    assert 2.5 < big["dedup_ratio"] <= 3.0
+
+
+def test_stats_of_a_replicated_database_shows_segments_and_restore_window(tmp_path: Path) -> None:
+    src, repo = tmp_path / "app.db", str(tmp_path / "repo")
+    make_source(src, 200)
+    rep = start_replicator(src, repo, "app", interval="200ms")
+    try:
+        wait_for_generation(repo, "app", proc=rep)
+        writer = start_writer(src, tmp_path / "w.log", 1.5, start_seq=200)
+        assert writer.wait(timeout=60) == 0
+        time.sleep(1.0)  # the last commits shipped
+    finally:
+        code, err = stop_replicator(rep)
+    assert code == 0, err
+    out = _stats("--repo", repo)
+    (app,) = out["databases"]
+    seg = app["segments"]
+    repository = Repository.open(repo)
+    gens = list_generations(repository, "app")
+    names = [n for ns in gens.values() for n in ns]
+    assert names, "the replicator shipped nothing"
+    assert seg["generations"] == len(gens) and seg["segments"] == len(names)
+    assert 0 < seg["bytes"] < out["storage_bytes"]
+    window = seg["window"]
+    newest_observed = max(to_time(n.last_us) for n in names)
+    assert datetime.fromisoformat(window["to"]) == newest_observed
+    # the window runs from the base of the generation (its snapshot) to commits after that snapshot
+    base = next(iter(gens))  # the generation's name carries its base snapshot's time
+    assert datetime.fromisoformat(window["from"]) == to_time(int(base[:16], 16))
+    assert app["oldest"]["taken_at"] <= window["from"] < window["to"]
+    assert datetime.fromisoformat(window["to"]) > datetime.fromisoformat(app["newest"]["taken_at"])
+    table = cli("stats", "--repo", repo)
+    assert table.returncode == 0, table
+    assert f"restore window: app: any time from {window['from']} to {window['to']}" in table.stdout
