@@ -290,8 +290,8 @@ def stats(
                 for d in out]
         _table(f"stats of {repository.url}", ["db", "snapshots", "oldest (UTC)", "newest (UTC)", "newest id", "size",
                                               "stored", "dedup", "compression", "segments"], rows,
-               whole={"db", "oldest (UTC)", "newest (UTC)", "newest id"},
-               priority=["size", "stored", "snapshots", "segments", "dedup", "compression"])
+               whole={"db", "newest (UTC)", "newest id"},
+               priority=["stored", "size", "snapshots", "dedup", "compression", "segments", "oldest (UTC)"])
         print(f"storage: {human(total)}" + ("" if exact else " (estimated: what the kept snapshots added)"))
         for d in out:
             w = d["segments"] and d["segments"]["window"]
