@@ -168,13 +168,11 @@ def test_a_late_rollback_opener_fails_loudly_and_the_new_file_is_intact(
     assert not Path(f"{live}-wal").exists() and not Path(f"{live}-journal").exists()
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "HIGH: the database file deleted by mistake while the application runs (the playbook's 'whole "
-    "database is lost'): a plain restore refuses with a hint to pass --force; --force then looks at "
-    "nothing (check_not_in_use runs only when the db file exists), removes the -wal and -shm the "
-    "running process has open and locked (its newest commits, still recoverable from /proc/PID/fd) "
-    "and renames the new file in; the process's later commits report success and go nowhere"))
 def test_force_over_a_deleted_database_still_in_use_is_refused(backed_up: tuple[str, Path], tmp_path: Path) -> None:
+    """Was HIGH: the database file deleted by mistake while the application runs: --force looked at
+    nothing (the in-use check ran only when the file existed), removed the -wal and -shm the running
+    process had open and locked, and its later commits went nowhere. Fixed: the check runs when the
+    file, its -wal or its -shm is there; without --force the -wal is refused before any work."""
     repo, _ = backed_up
     live = tmp_path / "live.db"
     _live(live)

@@ -126,8 +126,10 @@ def check_target(target: str | os.PathLike[str], force: bool) -> Path:
         raise UsageError(f"restore target {path} is a directory", "give a file path, e.g. --to restored.db")
     if path.exists() and not force:
         raise UsageError(f"restore target {path} already exists", "choose a new path or pass --force")
-    if path.exists():
-        check_not_in_use(path)
+    if force:
+        check_not_in_use(path)  # (also with the file deleted while a process still uses its -wal and -shm)
+    else:
+        check_no_leftovers(path)
     if not path.parent.is_dir():
         raise UsageError(f"restore target folder {path.parent} does not exist", "create it first")
     return path
@@ -362,8 +364,9 @@ def _replace(tmp: Path, target: Path, force: bool, release_tmp: Callable[[], Non
     if not force:
         _place_new(tmp, target, release_tmp)
         return
-    if target.exists():
-        check_not_in_use(target)  # a process holding it would go on writing to the replaced file
+    # a process holding it would go on writing to the replaced file; one holding only the -wal and -shm
+    # of a database deleted under it would lose the commits they hold when they are removed below
+    check_not_in_use(target)
     held = _hold_still(target) if target.exists() else None
     was_wal = renamed = False
     try:
@@ -435,10 +438,7 @@ def _place_new(tmp: Path, target: Path, release_tmp: Callable[[], None]) -> None
     that appeared since the plan (a hard link fails when the name exists; a rename would replace
     it), and never beside a -wal or -journal left without its database (SQLite would replay it
     into the restored file)."""
-    for suffix in ("-wal", "-journal"):
-        if Path(str(target) + suffix).exists():
-            raise RestoreError(f"restore to {target}: {target.name}{suffix} is there without its database",
-                               "move it away (SQLite would replay it into the restored file), or pass --force")
+    check_no_leftovers(target)
     _crash_point("held")  # (the same moment as in _replace: the temp file complete, not yet named)
     release_tmp()  # (see _replace)
     try:
@@ -449,6 +449,17 @@ def _place_new(tmp: Path, target: Path, release_tmp: Callable[[], None]) -> None
     tmp.unlink()
     _crash_point("renamed")
     _sync_dir(target.parent)
+
+
+def check_no_leftovers(target: Path) -> None:
+    """Without ``--force``: refuse a ``target`` whose database is gone but whose -wal or -journal is
+    still there (SQLite would replay it into the restored file)."""
+    if target.exists():
+        return
+    for suffix in ("-wal", "-journal"):
+        if os.path.lexists(str(target) + suffix):
+            raise RestoreError(f"restore to {target}: {target.name}{suffix} is there without its database",
+                               "move it away (SQLite would replay it into the restored file), or pass --force")
 
 
 def _sync_dir(folder: Path) -> None:
