@@ -375,13 +375,10 @@ def test_a_reader_that_outlasts_the_hold_is_named(backed_up: tuple[str, Path], t
             _release(proc)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "HIGH: `restore --follow` to a path where only the lost database's -wal and -shm are left (the file "
-    "deleted; the playbook's 'whole database is lost') needs no --force and renames the standby in beside "
-    "that -wal: SQLite replays the old frames into it and every reader sees the deleted database's pages "
-    "(rows it never had, rows changed back) instead of the replicated state. A plain restore refuses "
-    "this ('-wal is there without its database'); Follower._restore's first os.replace does not look"))
 def test_follow_never_puts_the_standby_beside_a_lost_database_s_wal(tmp_path: Path) -> None:
+    """Was HIGH: `restore --follow` to a path where only a lost database's -wal and -shm were left needed no
+    --force and renamed the standby in beside that -wal (the old frames replayed into it). Fixed: the
+    first placement follows a plain restore's rules and refuses ('-wal is there without its database')."""
     from tests.replication import dbre_cmd, start_replicator, stop_replicator, wait_for_generation
 
     repo, src = str(tmp_path / "repo"), tmp_path / "src.db"

@@ -41,7 +41,7 @@ from dbre.replicate.segment import (
 )
 from dbre.repository.manifest import check_db_name
 from dbre.repository.repo import Repository
-from dbre.restore.full import _replace, check_not_in_use
+from dbre.restore.full import _replace, check_no_leftovers, check_not_in_use
 from dbre.restore.pitr import PitrPlan, apply_pitr, base_snapshot
 
 log = logging.getLogger(__name__)
@@ -154,11 +154,15 @@ class Standby:
 class Follower:
     """Keeps ``target`` current with the newest replicated state of ``db`` (see the module doc)."""
 
-    def __init__(self, repo: Repository, db: str, target: str | os.PathLike[str], interval: float = 1.0) -> None:
+    def __init__(self, repo: Repository, db: str, target: str | os.PathLike[str], interval: float = 1.0,
+                 force: bool = False) -> None:
         self.repo = repo
         self.db = check_db_name(db)
         self.target = Path(target).expanduser().absolute()
         self.interval = interval
+        # replace what is at the target (as restore --force): a file there (the CLI lets one through only
+        # with --force), or a lost database's -wal and -shm; never while a process uses them
+        self.force = force
         self.stats = FollowStats()
         self.gen: Generation | None = None
         self.last_key = ""  # the last applied segment's key (or the generation's prefix)
@@ -167,8 +171,13 @@ class Follower:
 
     def run(self, stop: threading.Event, on_apply: object = None) -> FollowStats:
         try:
-            if self.target.exists():
-                check_not_in_use(self.target)  # (before the restore's work; again at the rename)
+            # the first placement follows a plain restore's rules, looked at before the restore's work
+            # (and again at the rename): refused while a process uses the file, its -wal or its -shm, and
+            # without force never beside a -wal or -journal left without its database
+            if self._replacing():
+                check_not_in_use(self.target)
+            else:
+                check_no_leftovers(self.target)
             self._restore(None)
             while not stop.wait(self.interval):
                 self.poll()
@@ -177,6 +186,11 @@ class Follower:
                 self.standby.close()
                 self.standby = None
         return self.stats
+
+    def _replacing(self) -> bool:
+        """Whether the first placement replaces what is at the target: with ``force``, or a file there
+        (which the CLI lets through only with --force)."""
+        return self.force or self.target.exists()
 
     def _restore(self, gen_id: str | None) -> None:
         """Restore the newest state of generation ``gen_id`` (default: the newest) over the target."""
@@ -201,10 +215,11 @@ class Follower:
             if self.standby is not None:
                 self.standby.close()
                 self.standby = None
-            if self.gen is None and self.target.exists():
-                # the file there before this follower: replaced as any restore --force replaces one
-                # (refused while in use; its -wal, -shm and -journal never left beside the new file)
-                _replace(scratch, self.target, True)
+            if self.gen is None:
+                # the first placement, as any restore places its file: what was there before this
+                # follower is replaced only as restore --force replaces it (refused while in use; its
+                # -wal, -shm and -journal never left beside the new file), else the name must be free
+                _replace(scratch, self.target, self._replacing())
             else:
                 # a journal left by a crashed apply belongs to the file being replaced: never to the new one
                 Path(str(self.target) + "-journal").unlink(missing_ok=True)
