@@ -47,7 +47,8 @@ def restore(
     interval: Annotated[str, typer.Option("--interval", help="With --follow: look for new segments this "
                                           "often.")] = "1s",
     if_db_not_exists: Annotated[bool, typer.Option("--if-db-not-exists", help="When --to exists, say so and exit "
-                                                   "0 without touching it (container start-up).")] = False,
+                                                   "0 without touching it; an empty file holds no database and "
+                                                   "is restored over (container start-up).")] = False,
     if_replica_exists: Annotated[bool, typer.Option("--if-replica-exists", help="When the repository has no "
                                                     "snapshot of --db, say so and exit 0.")] = False,
 ) -> None:
@@ -77,17 +78,22 @@ def restore(
         if txid is not None and snapshot:
             raise UsageError("--snapshot and --txid were both given", "pass one of them")
         target = to.expanduser().absolute()
+        replace = force
         if if_db_not_exists and target.exists():
-            _say(json_out, {"restored": False, "target": str(target), "reason": "exists"},
-                 f"{target} already exists: nothing restored (--if-db-not-exists)")
-            return
+            if not _is_empty_file(target):
+                _say(json_out, {"restored": False, "target": str(target), "reason": "exists"},
+                     f"{target} already exists: nothing restored (--if-db-not-exists)")
+                return
+            # an empty file holds no database (what `sqlite3 app.db` or a probe that opened the path
+            # leaves): restored over, as restore --force replaces a file (refused while a process has it)
+            replace = True
         if if_replica_exists and _no_replica(repo, db, key_file, json_out):
             return
         repository = Repository.open(repo, _key(key_file))
-        if not snap_id and not newest_snapshot and _restore_pitr(repository, db, to, when, txid, force, dry_run,
+        if not snap_id and not newest_snapshot and _restore_pitr(repository, db, to, when, txid, replace, dry_run,
                                                                   json_out):
             return
-        plan = plan_restore(repository, db, to, snapshot=snap_id, at=when, force=force)
+        plan = plan_restore(repository, db, to, snapshot=snap_id, at=when, force=replace)
         if dry_run:
             if json_out:
                 _print_json(plan.describe())
@@ -107,6 +113,20 @@ def restore(
                   f"{human(s['size'])} in {s['seconds']:.2f} s")
 
     _run(go)
+
+
+def _is_empty_file(target: Path) -> bool:
+    """For --if-db-not-exists: whether ``target`` is a 0-byte regular file with no WAL content beside
+    it (a database whose pages are all still in its -wal is not empty)."""
+    import os
+
+    try:
+        if not target.is_file() or target.stat().st_size:
+            return False
+        wal = Path(os.path.realpath(target) + "-wal")
+        return not (wal.exists() and wal.stat().st_size)
+    except OSError:
+        return False
 
 
 def _say(json_out: bool, record: dict[str, Any], line: str) -> None:
