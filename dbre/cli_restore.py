@@ -79,6 +79,8 @@ def restore(
             raise UsageError("--snapshot and --txid were both given", "pass one of them")
         target = to.expanduser().absolute()
         replace = force
+        if if_db_not_exists and target.is_dir():  # (not a database that exists: the restore could never go there)
+            raise UsageError(f"restore target {target} is a directory", "give a file path, e.g. --to restored.db")
         if if_db_not_exists and target.exists():
             if not _is_empty_file(target):
                 _say(json_out, {"restored": False, "target": str(target), "reason": "exists"},

@@ -202,10 +202,9 @@ def test_if_db_not_exists_restores_over_an_empty_file(backed_up: tuple[str, Path
     assert r.returncode == 0 and sqldiff(src, empty) == "", r
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "LOW: --if-db-not-exists with a directory at --to says it 'already exists: nothing restored' and "
-    "exits 0 (a restore to it is refused, exit 2: 'is a directory'); the container start carries on"))
 def test_if_db_not_exists_refuses_a_directory(backed_up: tuple[str, Path], tmp_path: Path) -> None:
+    """Was LOW: a directory at --to was 'already exists: nothing restored', exit 0. Fixed: refused as a
+    restore to it is (exit 2, 'is a directory'), so a container start stops there."""
     repo, _ = backed_up
     folder = tmp_path / "app.db"
     folder.mkdir()
