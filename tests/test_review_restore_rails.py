@@ -212,11 +212,9 @@ def test_if_db_not_exists_refuses_a_directory(backed_up: tuple[str, Path], tmp_p
     assert_one_line_error(r, 2, "is a directory")
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "LOW: a dangling symlink at --to (a volume not mounted yet) passes every check as 'not there', the "
-    "whole restore runs, then the hard link fails and the error says the target 'appeared while "
-    "restoring' (exit 2): it was there all along, and the symlink is never named"))
 def test_a_dangling_symlink_target_is_named_as_such(backed_up: tuple[str, Path], tmp_path: Path) -> None:
+    """Was LOW: a dangling symlink at --to passed every check as 'not there', the whole restore ran, then
+    the error said the target 'appeared while restoring'. Fixed: refused up front, naming the symlink."""
     repo, _ = backed_up
     link = tmp_path / "app.db"
     os.symlink(tmp_path / "unmounted" / "app.db", link)

@@ -126,6 +126,9 @@ def check_target(target: str | os.PathLike[str], force: bool) -> Path:
         raise UsageError(f"restore target {path} is a directory", "give a file path, e.g. --to restored.db")
     if path.exists() and not force:
         raise UsageError(f"restore target {path} already exists", "choose a new path or pass --force")
+    if not force and os.path.islink(path):  # (a volume not mounted yet: not a free name)
+        raise UsageError(f"restore target {path} is a symlink to {os.readlink(path)}, which does not exist",
+                         "mount or create what it names, remove the symlink, or pass --force to replace it")
     if force:
         check_not_in_use(path)  # (also with the file deleted while a process still uses its -wal and -shm)
     else:
