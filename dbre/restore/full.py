@@ -498,14 +498,17 @@ def check_not_in_use(target: Path, *, holding: bool = False) -> None:
 
     ``holding``: this process holds the database's exclusive lock (`_hold_still`), so only other
     processes with the files open are looked for (no descriptor is opened: that would drop the lock)."""
-    files = {}
-    for suffix in ("", "-wal", "-shm"):
-        try:
-            st = os.stat(str(target) + suffix)
-        except OSError:
-            continue
-        if stat.S_ISREG(st.st_mode):
-            files[(st.st_dev, st.st_ino)] = suffix
+    # through a symlink SQLite keeps -wal and -shm beside the file it resolves to: both places are looked at
+    bases = dict.fromkeys((str(target), os.path.realpath(target)))
+    files: dict[tuple[int, int], tuple[str, str]] = {}  # (dev, inode) -> (suffix, path)
+    for base in bases:
+        for suffix in ("", "-wal", "-shm"):
+            try:
+                st = os.stat(base + suffix)
+            except OSError:
+                continue
+            if stat.S_ISREG(st.st_mode):
+                files.setdefault((st.st_dev, st.st_ino), (suffix, base + suffix))
     if not files:
         return
     holders = _open_by(files)
@@ -524,14 +527,14 @@ def check_not_in_use(target: Path, *, holding: bool = False) -> None:
                            "stop the application using it, or restore to another path; nothing was changed")
 
 
-def _lock_holder(target: Path, files: dict[tuple[int, int], str]) -> str | None:
+def _lock_holder(target: Path, files: dict[tuple[int, int], tuple[str, str]]) -> str | None:
     """What the first process holding a SQLite lock on ``target`` holds, by ``F_GETLK``; None: no lock."""
     found: dict[str, int] = {}
-    for (_dev, _ino), suffix in files.items():
+    for suffix, path in files.values():
         if suffix == "-wal":
             continue  # (SQLite locks the database file and -shm, never -wal)
         try:
-            fd = os.open(str(target) + suffix, os.O_RDONLY | os.O_NONBLOCK)
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
         except OSError:
             continue
         try:
@@ -559,7 +562,7 @@ def _lock_holder(target: Path, files: dict[tuple[int, int], str]) -> str | None:
     return None
 
 
-def _open_by(files: dict[tuple[int, int], str]) -> dict[int, str]:
+def _open_by(files: dict[tuple[int, int], tuple[str, str]]) -> dict[int, str]:
     """The processes /proc shows with one of ``files`` open (pid -> the file's suffix); those this
     user cannot inspect are skipped."""
     out: dict[int, str] = {}
@@ -578,9 +581,9 @@ def _open_by(files: dict[tuple[int, int], str]) -> dict[int, str]:
                     st = os.stat(e.path)
                 except OSError:
                     continue
-                suffix = files.get((st.st_dev, st.st_ino))
-                if suffix is not None:
-                    out.setdefault(pid, suffix)
+                found = files.get((st.st_dev, st.st_ino))
+                if found is not None:
+                    out.setdefault(pid, found[0])
                     break
     return out
 
