@@ -334,12 +334,11 @@ def test_a_hot_journal_of_the_old_database_is_never_left_beside_the_new_one(back
     assert _check(live) == "ok" and sqldiff(src, live) == ""
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "LOW: a process that starts a read transaction after the first look in _replace (before the old "
-    "database is held) and keeps it past HOLD_WAIT_MS makes _hold_still fail with 'the database there "
-    "is in use' naming no process, unlike every other refusal (exit 1, target untouched: safe)"))
 def test_a_reader_that_outlasts_the_hold_is_named(backed_up: tuple[str, Path], tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Was LOW: a reader that started after the first look and kept its transaction past HOLD_WAIT_MS made
+    the hold fail with 'in use' naming no process. Fixed: once the hold gives up, the in-use check is run
+    again and names it."""
     import dbre.restore.full as full
     from dbre.errors import RestoreError
     from dbre.repository.repo import Repository

@@ -620,6 +620,7 @@ def _hold_still(target: Path) -> apsw.Connection | None:
         return None
     except apsw.BusyError:
         conn.close()
+        check_not_in_use(target)  # names the process that kept it past the wait (this one holds nothing now)
         raise RestoreError(f"restore to {target}: the database there is in use",
                            "stop the application using it, or restore to another path") from None
     except BaseException:
