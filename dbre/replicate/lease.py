@@ -4,15 +4,25 @@ A lease is ``leases/<db>/<epoch 016x>`` (plain JSON: host, pid, boot id, pid nam
 Taking it: list the database's leases; if any of them is live (every one is judged, not only the
 newest epoch's: a stale lease planted above a live one hides nothing), refuse; else write the newest
 epoch + 1 with a conditional put — of two replicators racing for the same epoch exactly one wins. Every
-``REFRESH_SECONDS`` the holder checks that no newer epoch exists (one HEAD) and rewrites its object
-(one PUT). Before each segment it ships, ``verify`` makes no request: it refuses when a refresh
-found a newer epoch, or when the last successful refresh began more than ``STALE_SECONDS -
-SAFETY_SECONDS`` ago on the boot clock or on the wall clock (a paused VM's boot clock stops, its
-wall clock is stepped forward on resume): a replicator that was paused or cut off and may have lost
-its lease to another stops instead of interleaving. Staleness is judged like the repository's locks
-(`dbre.repository.lock`): by the store's clock (the object's last write against the store's current
-time learnt from this run's own lock), or at once when the holder is a dead process of this very
-host, boot and pid namespace (a replicator restarted after kill -9 resumes at once).
+``REFRESH_SECONDS`` the holder renews it as a repository lock is refreshed, by the store's clock
+(three HEADs and a PUT): its own object must still be there (a lease that is gone — superseded by a
+takeover, whose replicator may since have released its own — is never written again), no newer
+epoch may exist, and, once rewritten, the object's new time of last write must be less than
+``STALE_SECONDS - SAFETY_SECONDS`` after the one other hosts saw (a host paused with its clocks
+stopped sees the pause only there); any of these marks the lease lost (``LockLostError``: nothing
+more is shipped, the replicator exits 1; restarted, it takes a new lease, as any start does).
+Before each segment it ships, ``verify`` makes no request, unless the replicator's polling loop
+found a round late by more than ``SUSPECT_SECONDS`` on the boot or the wall clock (this process was
+stopped): then it renews the lease first. It refuses when a renewal found the lease lost, or when
+the last successful one began more than ``STALE_SECONDS - SAFETY_SECONDS`` ago on the boot clock
+or on the wall clock (a paused VM's boot clock stops, its wall clock is stepped forward on resume):
+a replicator that was paused or cut off and may have lost its lease to another stops instead of
+interleaving. A pause that none of this host's clocks saw is found at the next periodic renewal,
+at most ``REFRESH_SECONDS`` of this host's time after it resumes. Staleness is judged like the
+repository's locks (`dbre.repository.lock`): by the store's clock (the object's last write against
+the store's current time learnt from this run's own lock), or at once when the holder is a dead
+process of this very host, boot and pid namespace (a replicator restarted after kill -9 resumes at
+once).
 
 The lease also names the generation its holder ships into (``generation``, written before the
 replicator lets go of the repository lock it took for that generation's base): prune never deletes
@@ -37,6 +47,7 @@ log = logging.getLogger(__name__)
 
 STALE_SECONDS = 120.0  # a lease not rewritten for this long (store's clock) may be taken over
 REFRESH_SECONDS = 20.0  # a HEAD and a PUT this often, idle or not
+SUSPECT_SECONDS = 1.0  # a polling round this late: the process was stopped; renew before shipping
 SAFETY_SECONDS = 60.0  # no segment is shipped when the last good refresh is older than STALE - SAFETY
 
 
@@ -110,6 +121,9 @@ class Lease:
         self._written = 0.0  # boottime() when the last refresh was scheduled
         self._ok = (0.0, 0.0)  # (boottime(), time.time()) when the last successful write began
         self._lost = False
+        self._why = ""  # what a renewal found when it lost the lease
+        self._tick: tuple[float, float] | None = None  # (boottime(), time.time()) of the polling loop's last round
+        self._suspect = False  # the polling loop saw a gap: renew before the next segment
 
     def key(self, epoch: int | None = None) -> str:
         return f"leases/{self.db}/{(self.epoch if epoch is None else epoch):016x}"
@@ -144,35 +158,81 @@ class Lease:
         return False
 
     def refresh(self) -> None:
-        """Check no newer epoch exists (one HEAD), then rewrite the lease (one PUT). A newer epoch
-        marks the lease lost and raises ``LockLostError``; any other failure is logged, and only
-        ages the lease (``verify`` judges the age)."""
+        """Renew the lease (see ``_renew``: three HEADs and a PUT). A lease found gone, taken over,
+        or gone unwritten too long by the store's clock marks the lease lost and raises
+        ``LockLostError``; any other failure is logged, and only ages the lease (``verify`` judges
+        the age)."""
         began = (boottime(), time.time())
         try:
-            self.check("replicate")
-            self.store.put(self.key(), json.dumps(self.record | {"time": time.time()}).encode())
-        except LockLostError:
-            self._lost = True
+            self._renew("replicate")
+        except LockLostError as err:
+            self._lost, self._why = True, err.message.split(": ", 1)[-1]
             raise
         except Exception as err:  # noqa: BLE001 - retried at the next refresh; verify stops shipping in time
             log.warning("lease %s: refresh failed: %s", self.key(), err)
             return
         self._ok = began
+        self._suspect = False
 
     def name(self, generation: str) -> None:
-        """Name the generation this replicator now ships into, at once (a HEAD and a PUT; raises on
+        """Name the generation this replicator now ships into, at once (a renewal; raises on
         failure: the caller still holds the repository lock, so prune has not seen it yet)."""
         self.record["generation"] = generation
         began = (boottime(), time.time())
-        self.check("replicate")
-        self.store.put(self.key(), json.dumps(self.record | {"time": time.time()}).encode())
+        try:
+            self._renew("replicate")
+        except LockLostError as err:
+            self._lost, self._why = True, err.message.split(": ", 1)[-1]
+            raise
         self._ok = began
+
+    def _renew(self, what: str) -> None:
+        """Rewrite the lease as Lock.refresh judges a lock, by the store's clock, never by this
+        host's: the lease object must still exist (one HEAD: a lease that is gone, superseded by a
+        takeover then released, is never written again), no newer epoch may exist (one HEAD), then
+        the rewrite (one PUT) and its time by the store's clock (one HEAD): when more than
+        ``STALE_SECONDS - SAFETY_SECONDS`` passed between the write other hosts saw and this one
+        (this host was paused with its clocks, or its requests hung), another replicator may have
+        judged the lease stale: it is deleted again and ``LockLostError`` raised."""
+        key = self.key()
+        try:
+            seen = self.store.modified(key)  # what every other host judges by
+        except NotFound:
+            raise LockLostError(f"{what}: the lease of {self.db} is gone (another replicator took it over "
+                                "while this one was paused or cut off, or it was removed); it is not written "
+                                "again", "nothing more is shipped by this one; restart replicate") from None
+        self.check(what)
+        self.store.put(key, json.dumps(self.record | {"time": time.time()}).encode())
+        gap = self.store.modified(key) - seen
+        if gap > STALE_SECONDS - SAFETY_SECONDS:
+            try:
+                self.store.delete(key)
+            except Exception as err:  # noqa: BLE001 - it goes stale; the loss is what matters
+                log.warning("lease %s: could not remove it (%s)", key, err)
+            raise LockLostError(f"{what}: by the store's clock the lease of {self.db} went {gap:.0f} s without "
+                                f"a write (this host was paused or its requests hung), past what another host "
+                                f"tolerates ({STALE_SECONDS - SAFETY_SECONDS:.0f} s): another replicator may have "
+                                "taken it over", "nothing more is shipped by this one; restart replicate")
 
     def check(self, what: str) -> None:
         """Raise ``LockLostError`` if another replicator has taken the lease since (one HEAD)."""
         if self.store.exists(self.key(self.epoch + 1)):
             raise LockLostError(f"{what}: another replicator took over the lease of {self.db} (this one was "
                                 "paused or cut off past the stale limit)", "nothing more is shipped by this one")
+
+    def tick(self) -> None:
+        """The replicator's polling loop, each round (no request): a round that comes more than
+        ``SUSPECT_SECONDS`` after the previous one on the boot or the wall clock means this process
+        was stopped (SIGSTOP, a paused VM whose wall clock was stepped on resume, starvation): the
+        next ``verify`` renews the lease before anything ships."""
+        now = (boottime(), time.time())
+        if self._tick is not None and self._since(self._tick, now) > SUSPECT_SECONDS:
+            self._suspect = True
+        self._tick = now
+
+    @staticmethod
+    def _since(then: tuple[float, float], now: tuple[float, float]) -> float:
+        return max(now[0] - then[0], now[1] - then[1])
 
     def age(self) -> float:
         """Seconds since the last successful write of the lease began: the larger of the boot clock's
@@ -181,11 +241,17 @@ class Lease:
         return max(boottime() - boot, time.time() - wall)
 
     def verify(self, what: str) -> None:
-        """Before each segment, no request: raise ``LockLostError`` when a refresh found the lease
-        taken over, or when the last successful refresh is too old for another host not to take it."""
+        """Before each segment: raise ``LockLostError`` when a renewal found the lease lost, or when
+        the last successful one is too old for another host not to take it. No request, unless the
+        polling loop was stopped since its last round (``tick``): then a renewal first."""
+        if not self._lost and self._tick is not None and (
+                self._suspect or self._since(self._tick, (boottime(), time.time())) > SUSPECT_SECONDS):
+            # this process was stopped since the polling loop last ran: the store's clock, not this
+            # host's, says whether the lease outlived it (one renewal; a lost lease raises here)
+            self._tick = (boottime(), time.time())
+            self.refresh()
         if self._lost:
-            raise LockLostError(f"{what}: another replicator took over the lease of {self.db} (this one was "
-                                "paused or cut off past the stale limit)", "nothing more is shipped by this one")
+            raise LockLostError(f"{what}: {self._why}", "nothing more is shipped by this one; restart replicate")
         age = self.age()
         if age > STALE_SECONDS - SAFETY_SECONDS:
             raise LockLostError(f"{what}: the lease of {self.db} was last written {age:.0f} s ago, within "

@@ -278,6 +278,7 @@ class Replicator:
             now = time.monotonic()
             self.stats.max_poll_gap_ms = max(self.stats.max_poll_gap_ms, (now - last_poll) * 1000)
             last_poll = now
+            self.lease.tick()  # a late round (this process was stopped): the lease is renewed before a segment
             self._uploader.check()
             if self.tail.replaced():
                 self._continuity_lost("the database file was replaced")
@@ -605,6 +606,8 @@ class Replicator:
             worker.start()
             while worker.is_alive():
                 worker.join(POLL_SECONDS)
+                if self.lease is not None:
+                    self.lease.tick()
                 self._poll()
             lock = self._base_lock
             if "result" in done and lock is not None:
