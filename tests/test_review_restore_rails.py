@@ -427,11 +427,9 @@ def test_a_symlinked_wal_never_has_its_target_truncated(backed_up: tuple[str, Pa
     assert _files(live) == before and os.path.islink(f"{live}-wal")
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "LOW: that refusal is 'dbre: unexpected error: CantOpenError: unable to open database file (run "
-    "with --debug ...)': _hold_still lets apsw errors other than busy/not-a-db/corrupt escape, "
-    "instead of one RestoreError line naming the file and a hint"))
 def test_a_symlinked_wal_is_refused_in_one_plain_line(backed_up: tuple[str, Path], tmp_path: Path) -> None:
+    """Was LOW: that refusal was 'unexpected error: CantOpenError' (apsw errors other than busy, not-a-db
+    and corrupt escaped the hold). Fixed: one RestoreError line naming the file and what to check."""
     repo, _ = backed_up
     _, _, _, r = _wal_symlinked(tmp_path, repo)
     line = assert_one_line_error(r, 1, "live.db")

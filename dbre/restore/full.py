@@ -623,6 +623,11 @@ def _hold_still(target: Path) -> apsw.Connection | None:
         check_not_in_use(target)  # names the process that kept it past the wait (this one holds nothing now)
         raise RestoreError(f"restore to {target}: the database there is in use",
                            "stop the application using it, or restore to another path") from None
+    except apsw.Error as err:  # (e.g. a -wal or -shm SQLite refuses to open: a symlink, another user's)
+        conn.close()
+        raise RestoreError(f"restore to {target}: the old database could not be held still ({err})",
+                           f"check that {target.name}-wal and {target.name}-shm are its own regular files, "
+                           "or restore to another path; nothing was changed") from None
     except BaseException:
         conn.close()
         raise
