@@ -1,25 +1,29 @@
 """Review of `dbre restore --force`'s in-use rails (aa8cd47..654b873), as an operator and as an attacker.
 
 Every finding is a test on real SQLite files, real processes holding real locks and a real repository:
-a reproduced bug is a strict xfail (its reason says what goes wrong and how bad), a property that
-holds is a plain test. Findings:
+a reproduced bug was a strict xfail (its reason said what goes wrong and how bad; each fixed one is now a
+plain test whose docstring says what it was), a property that holds is a plain test. Findings:
 - a WAL connection that opens the old file between the second look and the rename commits "fine"
   into the new file's -wal: the old database's pages over the new one's (silently mixed or
-  malformed) [high, xfail];
+  malformed) [high, fixed: the held old file is taken out of WAL mode before the rename];
   the same in rollback mode fails loudly (SQLITE_READONLY_DBMOVED) [holds];
 - --force over a deleted database whose -wal and -shm a running process still uses: no look at all,
-  its -wal/-shm are removed and its later commits vanish [high, xfail];
+  its -wal/-shm are removed and its later commits vanish [high, fixed: looked at whenever the file,
+  -wal or -shm is there];
 - `restore --follow` (no --force needed) renames the standby in beside a lost database's -wal: the old
-  frames are replayed into it [high, xfail];
+  frames are replayed into it [high, fixed: refused as a plain restore refuses];
 - a -wal name planted as a symlink: its target is never truncated [holds], but the refusal is an
-  "unexpected error: CantOpenError" [low, xfail];
-- --if-db-not-exists takes a 0-byte file or a directory for a database [medium/low, xfail];
-- a dangling symlink is reported as "appeared while restoring" after the whole restore [low, xfail];
-- through a symlink, a writer is named as holding "a read transaction" [low, xfail]; a free symlink
-  is replaced, the file it pointed at left complete [holds];
+  "unexpected error: CantOpenError" [low, fixed: one plain line];
+- --if-db-not-exists takes a 0-byte file or a directory for a database [medium/low, fixed: an empty
+  file is restored over, a directory refused];
+- a dangling symlink is reported as "appeared while restoring" after the whole restore [low, fixed:
+  named up front];
+- through a symlink, a writer is named as holding "a read transaction" [low, fixed: the -shm beside
+  the resolved path is looked at]; a free symlink is replaced, the file it pointed at left complete
+  [holds];
 - another PID namespace: a WAL user is refused as "a process not visible here", an idle rollback user
   is missed but its next write fails loudly [holds];
-- a reader that outlasts the hold's 5 s wait is refused without its process named [low, xfail];
+- a reader that outlasts the hold's 5 s wait is refused without its process named [low, fixed: named];
 - the probe never drops this process's own POSIX locks (it refuses first) [holds];
 - a hot journal of the old rollback database is rolled back into the old file, never left beside
   the new one [holds].
