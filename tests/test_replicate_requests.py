@@ -101,10 +101,11 @@ def _tally(reqs: list[tuple[str, str]]) -> dict[str, int]:
 
 
 def _refreshes_allowed(tally: dict[str, int], seconds: float) -> None:
-    """Only lease refreshes (HEAD + PUT each) and lock refreshes (PUT, 2 HEAD, DELETE each), at
+    """Only lease refreshes (PUT + 3 HEAD each: its own object, epoch + 1, the rewrite's store
+    time) and lock refreshes (PUT, 2 HEAD, DELETE each), at
     most one of each per period (plus one already due at the start)."""
     leases, locks = math.ceil(seconds / LEASE_EVERY) + 1, math.ceil(seconds / LOCK_EVERY) + 1
-    allowed = {"lease HEAD": leases, "lease PUT": leases, "lock PUT": locks, "lock HEAD": 2 * locks,
+    allowed = {"lease HEAD": 3 * leases, "lease PUT": leases, "lock PUT": locks, "lock HEAD": 2 * locks,
                "lock DELETE": locks}
     for kind, n in tally.items():
         if kind.startswith("segment"):

@@ -87,7 +87,7 @@ def test_replication_option_without_segments_by_hand() -> None:
     assert o.bytes_kept == pytest.approx(2 * GIB + 2 * seg_kept)
     # segments x 2 copies, lease every 20 s, 14.4 bases of 11 PUTs, a compaction PUT per 60
     puts = 30.44 * (8640 * 2 + 4320 + 14.4 * 11 + 8640 / 60) + 1  # and a restore's LIST
-    gets = 30.44 * (4320 + 14.4 * 17 + 8640 * 2) + 602  # lease HEADs, bases, compaction + copy reads; a restore
+    gets = 30.44 * (3 * 4320 + 14.4 * 17 + 8640 * 2) + 602  # lease HEADs, bases, compaction + copy reads; a restore
     assert o.puts_per_month == pytest.approx(14400 + puts)
     assert o.gets_per_month == pytest.approx(3620 + gets)
     storage = 0.046 + 2 * seg_kept / GIB * 0.023

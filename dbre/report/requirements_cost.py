@@ -28,6 +28,7 @@ REPLICATION_INTERVALS = (1.0, 10.0)  # `dbre replicate --interval`: the default 
 BACKUP_INTERVALS = (15 * 60.0, 3600.0, DAY)
 SEGMENT_SAMPLE = 48  # segments read to measure stored bytes per transaction...
 SAMPLE_BYTES = 256 * 1024 * 1024  # ... until this much was read (compacted segments reach 64 MiB)
+LEASE_HEADS = 3  # a refresh: its own object, epoch + 1, the rewrite's store time (docs/FORMAT.md *Leases*)
 BASE_PUTS = 11.0  # a generation's base: an incremental backup, lock, lease (docs/FORMAT.md *Requests*)
 BASE_GETS = 17.0  # ... of its ~28 requests
 US = 1_000_000
@@ -206,12 +207,13 @@ def replication_option(interval: float, backups: StorageProjection, inputs: Cost
     per_day = rate.bytes_per_day if rate is not None else inputs.change_bytes_per_day
     seg_kept = segment_bytes_kept(per_day, ships, inputs.window_days)
     bases = ships / GENERATION_SEGMENTS
-    lease = DAY / REFRESH_SECONDS  # a HEAD and a PUT each, idle or not
+    lease = DAY / REFRESH_SECONDS  # refreshes a day, idle or not: a PUT and LEASE_HEADS HEADs each
     extra = inputs.copies - 1
     restore = 1 + GENERATION_SEGMENTS + 1  # base object, at most a generation of segments (and a LIST, PUT-class)
     puts = (MONTH_DAYS * (ships * inputs.copies + lease + bases * BASE_PUTS + ships / COMPACT_SEGMENTS)
             + inputs.restores_per_month)
-    gets = MONTH_DAYS * (lease + bases * BASE_GETS + ships * (1 + extra)) + inputs.restores_per_month * restore
+    gets = (MONTH_DAYS * (lease * LEASE_HEADS + bases * BASE_GETS + ships * (1 + extra))
+            + inputs.restores_per_month * restore)
     base = backup_option(backups, inputs)
     p = inputs.prices
     storage = seg_kept * inputs.copies / GIB * p.storage_gb_month
@@ -243,7 +245,8 @@ def assumptions(rate: SegmentRate | None, inputs: CostInputs, replicated: bool) 
         f"{window} plus half a generation ({GENERATION_SEGMENTS} segments) on average; × {inputs.copies} "
         "cop" + ("ies" if inputs.copies > 1 else "y") + " (each segment PUT to each, read once to copy)",
         f"replication adds to the policy's backups: a base per {GENERATION_SEGMENTS} segments "
-        f"(~{BASE_PUTS:.0f} PUT, ~{BASE_GETS:.0f} GET; its pages counted in the backups), a lease HEAD + PUT every "
+        f"(~{BASE_PUTS:.0f} PUT, ~{BASE_GETS:.0f} GET; its pages counted in the backups), a lease PUT + "
+        f"{LEASE_HEADS} HEAD every "
         f"{REFRESH_SECONDS:.0f} s, compaction (a PUT per {COMPACT_SEGMENTS}, a GET per segment); its RPO = the "
         "interval (observation lag ~10 ms, plus the upload)",
         "backup rows: retention projection at that interval, change rate as measured between snapshots (a shorter "
