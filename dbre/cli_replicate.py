@@ -144,7 +144,7 @@ def follow_standby(repo: str, db: str, to: Path, interval: str, force: bool, key
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    follower = Follower(Repository.open(repo, key), db, target, seconds)
+    follower = Follower(Repository.open(repo, key), db, target, seconds, force=force)
     stats = follower.run(stop)
     print(f"follow {db}: stopped at txid {stats.last_txid}; {stats.transactions} transactions from "
           f"{stats.segments} segments applied in place, {stats.restores} restores "

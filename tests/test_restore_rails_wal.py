@@ -118,3 +118,38 @@ def test_follow_with_force_replaces_a_lost_database_s_wal(tmp_path: Path) -> Non
     follower.run(stop)
     assert set(_files(live)) == {""}
     assert sqldiff(src, live) == ""
+
+
+def test_restore_follow_force_places_the_standby_beside_nothing_of_a_lost_database(tmp_path: Path) -> None:
+    """The CLI passes --force to the follower: `dbre restore --follow --force` where a lost database left
+    only its -wal and -shm removes them and keeps the standby current (before, it refused with a hint to
+    pass --force, which had been passed)."""
+    import time
+
+    from tests.replication import dbre_cmd, restored_seq
+
+    repo, src = str(tmp_path / "repo"), tmp_path / "src.db"
+    make_source(src, 100)
+    rep = start_replicator(src, repo, interval="200ms")
+    try:
+        wait_for_generation(repo, proc=rep)
+    finally:
+        assert stop_replicator(rep)[0] == 0
+    live = tmp_path / "live.db"
+    sqlite3.connect(live).close()
+    for suffix in ("-wal", "-shm"):
+        Path(f"{live}{suffix}").write_bytes(b"\0" * 32)  # what a deleted database leaves (unused)
+    live.unlink()
+    follower = subprocess.Popen(dbre_cmd("restore", "--repo", repo, "--db", "app", "--to", str(live), "--force",
+                                         "--follow", "--interval", "200ms"), stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 30
+        while not live.exists():
+            assert follower.poll() is None and time.time() < deadline, follower.stderr
+            time.sleep(0.1)
+        assert not Path(f"{live}-wal").exists()
+        assert restored_seq(live) == (100, 100, 100)
+    finally:
+        follower.terminate()
+        _, err = follower.communicate(timeout=30)
+    assert follower.returncode == 0, err
