@@ -75,7 +75,7 @@ def _conventional(command: Any) -> None:
 
     typer 0.29's help shows a type for every parameter, flags included (`--json <bool>`, `--table
     <list[str]>`), although a flag takes no value; here a flag shows none, an option an uppercase metavar
-    (its own, else `_metavar`), an argument its name.
+    (its own, else `_metavar`), an argument its name; a help paragraph is one line, wrapped by the console.
     """
     for param in command.params:
         if isinstance(param, TyperArgument):
@@ -86,6 +86,8 @@ def _conventional(command: Any) -> None:
             param.metavar = ""  # typer shows `metavar` instead of the type: nothing for a flag
         elif isinstance(param, TyperOption) and param.metavar is None:
             param.metavar = _metavar(param)
+    if command.help:  # rich keeps a docstring's line breaks: one paragraph reads as one line, wrapped at the console
+        command.help = "\n\n".join(" ".join(p.split()) for p in command.help.split("\n\n"))
     help_option = command.get_help_option(Context(command))  # made once and cached by the command
     if help_option is not None:
         help_option.metavar = ""

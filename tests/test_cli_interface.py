@@ -202,6 +202,25 @@ def test_every_parameter_has_a_git_style_metavar() -> None:
     assert seen > 50
 
 
+def test_a_help_paragraph_wraps_at_the_console_not_at_the_docstring() -> None:
+    """A docstring's line breaks are not the console's: `dbre --help` at 80 columns shows restore's summary
+    as one wrapped paragraph ("... (else its newest snapshot), a snapshot (--snapshot), ..."), not a line
+    cut after "a"."""
+    commands: list[Any] = []
+
+    def walk(cmd: Any) -> None:
+        commands.append(cmd)
+        for c in getattr(cmd, "commands", {}).values():
+            walk(c)
+
+    walk(typer.main.get_command(app))
+    broken = [c.name for c in commands for para in (c.help or "").split("\n\n") if "\n" in para.strip()]
+    assert not broken, broken
+    r = cli("--help", env={"COLUMNS": "80"})
+    text = " ".join(line.strip("│ ") for line in r.stdout.splitlines())
+    assert "(else its newest snapshot), a snapshot (--snapshot)" in " ".join(text.split()), r.stdout
+
+
 def option_line(help_text: str, option: str) -> str:
     named = re.compile(rf"(?<![\w-]){re.escape(option)}(?![\w-])")
     lines = [line for line in help_text.splitlines() if line.startswith("│") and named.search(line)]  # panel rows
