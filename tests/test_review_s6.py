@@ -267,3 +267,97 @@ def test_kill_after_the_switch_leaves_the_old_database_complete(backed_up: tuple
     c.execute("INSERT INTO t(v) VALUES ('next')")
     c.close()
     assert query(live, "SELECT v FROM t ORDER BY id") == [*before, ("next",)]
+
+
+# -- A3: --follow without --force replaces a database that appeared during its first restore ---------
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="MEDIUM: restore --follow without --force decides at the first placement that a file "
+                          "now at the target is to be replaced (Follower._replacing: force or the file exists): "
+                          "a database created at the name during the first restore is replaced, where a plain "
+                          "restore refuses ('appeared while restoring')")
+def test_follow_without_force_never_replaces_a_database_that_appeared(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    import dbre.restore.follow as follow
+    from dbre.restore.follow import Follower
+    from tests.replication import start_replicator, stop_replicator, wait_for_generation
+
+    repo, src = str(tmp_path / "repo"), tmp_path / "src.db"
+    make_source(src, 100)
+    rep = start_replicator(src, repo, interval="200ms")
+    try:
+        wait_for_generation(repo, proc=rep)
+    finally:
+        assert stop_replicator(rep)[0] == 0
+    target = tmp_path / "standby.db"
+    real = follow.apply_pitr
+
+    def pitr_then_app_creates_its_db(*args: object, **kwargs: object) -> object:
+        out = real(*args, **kwargs)  # type: ignore[arg-type]
+        c = sqlite3.connect(target, isolation_level=None)  # (the application, started meanwhile, then stopped)
+        c.execute("CREATE TABLE precious(v TEXT)")
+        c.execute("INSERT INTO precious VALUES ('written while the restore ran')")
+        c.close()
+        return out
+
+    monkeypatch.setattr(follow, "apply_pitr", pitr_then_app_creates_its_db)
+    stop = threading.Event()
+    stop.set()  # (the first placement only)
+    try:
+        Follower(Repository.open(repo), "app", target, 0.2).run(stop)
+    except Exception:  # noqa: BLE001 - a refusal is the right outcome
+        pass
+    assert _has_precious(target), "the database that appeared at the target was replaced without --force"
+
+
+# -- A4: --if-db-not-exists over an empty file behind a symlink --------------------------------------
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="MEDIUM: --if-db-not-exists with a symlink to an empty file (a placeholder on a "
+                          "volume) replaces the link by a regular file in the link's folder: the volume's file "
+                          "stays empty and the application's later writes land outside the volume")
+def test_if_db_not_exists_through_a_symlink_restores_where_it_points(backed_up: tuple[str, Path],
+                                                                     tmp_path: Path) -> None:
+    repo, src = backed_up
+    volume, app_dir = tmp_path / "volume", tmp_path / "app"
+    volume.mkdir()
+    app_dir.mkdir()
+    real, link = volume / "app.db", app_dir / "app.db"
+    real.touch()
+    os.symlink(real, link)
+    r = cli("restore", "--repo", repo, "--db", "app", "--to", link, "--if-db-not-exists")
+    assert r.returncode == 0, r
+    assert sqldiff(src, link) == ""  # (holds: the path the application opens has the data)
+    assert real.stat().st_size > 0 and sqldiff(src, real) == "", "the restore did not land where the link points"
+
+
+# -- A5: a failed --if-db-not-exists leaves the empty file an empty database --------------------------
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="HIGH: the hold on an empty file (BEGIN EXCLUSIVE) writes an empty 1-page database "
+                          "into it; a restore that then fails or is killed leaves 4096 bytes, and the container's "
+                          "next --if-db-not-exists says 'already exists' (exit 0): the application starts empty")
+def test_a_failed_if_db_not_exists_is_retried_by_the_next_start(backed_up: tuple[str, Path], tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    import dbre.restore.full as full
+
+    repo, src = backed_up
+    target = tmp_path / "app.db"
+    target.touch()
+
+    def fail(point: str) -> None:
+        if point == "held":
+            raise OSError(5, "Input/output error")  # (or a kill -9, the container's start-up timeout)
+
+    monkeypatch.setattr(full, "_crash_point", fail)
+    first = cli("restore", "--repo", repo, "--db", "app", "--to", target, "--if-db-not-exists")
+    assert first.returncode != 0, first
+    monkeypatch.setattr(full, "_crash_point", lambda point: None)
+    size = target.stat().st_size
+    r = cli("restore", "--repo", repo, "--db", "app", "--to", target, "--if-db-not-exists")
+    assert r.returncode == 0, r
+    assert "nothing restored" not in r.stdout, f"the failed attempt left {size} bytes; the next start: {r.stdout}"
+    assert sqldiff(src, target) == ""
