@@ -8,7 +8,7 @@ epoch + 1 with a conditional put — of two replicators racing for the same epoc
 (three HEADs and a PUT): its own object must still be there (a lease that is gone — superseded by a
 takeover, whose replicator may since have released its own — is never written again), no newer
 epoch may exist, and, once rewritten, the object's new time of last write must be less than
-``STALE_SECONDS - SAFETY_SECONDS`` after the one other hosts saw (a host paused with its clocks
+``STALE_SECONDS - CLOCK_MARGIN_SECONDS`` after the one other hosts saw (a host paused with its clocks
 stopped sees the pause only there); any of these marks the lease lost (``LockLostError``: nothing
 more is shipped, the replicator exits 1; restarted, it takes a new lease, as any start does).
 Before each segment it ships, ``verify`` makes no request, unless the replicator's polling loop
@@ -49,6 +49,8 @@ STALE_SECONDS = 120.0  # a lease not rewritten for this long (store's clock) may
 REFRESH_SECONDS = 20.0  # a HEAD and a PUT this often, idle or not
 SUSPECT_SECONDS = 1.0  # a polling round this late: the process was stopped; renew before shipping
 SAFETY_SECONDS = 60.0  # no segment is shipped when the last good refresh is older than STALE - SAFETY
+CLOCK_MARGIN_SECONDS = 10.0  # a renewal this close to STALE by the store's clock is lost: another host's
+# estimate of the store's time (its own lock's last write, 1 s resolution on S3, plus its elapsed time) may run ahead
 
 
 def _epochs(store: Store, db: str) -> list[int]:
@@ -191,9 +193,11 @@ class Lease:
         host's: the lease object must still exist (one HEAD: a lease that is gone, superseded by a
         takeover then released, is never written again), no newer epoch may exist (one HEAD), then
         the rewrite (one PUT) and its time by the store's clock (one HEAD): when more than
-        ``STALE_SECONDS - SAFETY_SECONDS`` passed between the write other hosts saw and this one
+        ``STALE_SECONDS - CLOCK_MARGIN_SECONDS`` passed between the write other hosts saw and this one
         (this host was paused with its clocks, or its requests hung), another replicator may have
-        judged the lease stale: it is deleted again and ``LockLostError`` raised."""
+        judged the lease stale: it is deleted again and ``LockLostError`` raised. A shorter gap (a
+        store brownout of a minute, a refresh retried) loses nothing: no other host can have judged
+        the lease stale, so the lease is kept."""
         key = self.key()
         try:
             seen = self.store.modified(key)  # what every other host judges by
@@ -204,15 +208,15 @@ class Lease:
         self.check(what)
         self.store.put(key, json.dumps(self.record | {"time": time.time()}).encode())
         gap = self.store.modified(key) - seen
-        if gap > STALE_SECONDS - SAFETY_SECONDS:
+        if gap > STALE_SECONDS - CLOCK_MARGIN_SECONDS:
             try:
                 self.store.delete(key)
             except Exception as err:  # noqa: BLE001 - it goes stale; the loss is what matters
                 log.warning("lease %s: could not remove it (%s)", key, err)
             raise LockLostError(f"{what}: by the store's clock the lease of {self.db} went {gap:.0f} s without "
                                 f"a write (this host was paused or its requests hung), past what another host "
-                                f"tolerates ({STALE_SECONDS - SAFETY_SECONDS:.0f} s): another replicator may have "
-                                "taken it over", "nothing more is shipped by this one; restart replicate")
+                                f"tolerates ({STALE_SECONDS - CLOCK_MARGIN_SECONDS:.0f} s): another replicator may "
+                                "have taken it over", "nothing more is shipped by this one; restart replicate")
 
     def check(self, what: str) -> None:
         """Raise ``LockLostError`` if another replicator has taken the lease since (one HEAD)."""

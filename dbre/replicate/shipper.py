@@ -608,6 +608,8 @@ class Replicator:
                 worker.join(POLL_SECONDS)
                 if self.lease is not None:
                     self.lease.tick()
+                    if self.lease.due():  # a base of a large database takes minutes: the lease stays renewed
+                        self._uploader.submit(self.lease.refresh)
                 self._poll()
             lock = self._base_lock
             if "result" in done and lock is not None:
