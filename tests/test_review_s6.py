@@ -2,7 +2,8 @@
 judged by the store's clock (commits afbac42 full.py part, 4341f22, 7ceda94, 9227a66, b4656d4,
 40e53da, 13f849d, 90decbe, 3ce96c0; 006b838, 26f43c1, 3a55735).
 
-Findings (strict xfail: each fails today, for the reason given):
+Findings (strict xfail: each fails today, for the reason given; B1 and B2 are plain tests since another
+helper's fix of lease.py/shipper.py: renewals during the base, CLOCK_MARGIN_SECONDS instead of SAFETY):
 - B1 HIGH (regression of 3a55735): no lease renewal runs while a base snapshot is taken, and the
   renewal that names the new generation now refuses when the lease went more than STALE - SAFETY
   (60 s) unwritten by the store's clock: a replicator whose base takes longer (a database of a few
@@ -30,6 +31,8 @@ Findings (strict xfail: each fails today, for the reason given):
 - A8 LOW (follow.py code older than these commits): a restore --follow killed -9 at any of its three
   placements (base restore, PITR copy, standby) leaves a whole copy of the database beside the target
   under a name no later restore or follower removes; a crash-looping standby fills its disk.
+- A9 MEDIUM (older than these commits): restore --force replaces the live database without the safety
+  snapshot DESIGN.md requires, and writes no audit record.
 Properties that hold (plain tests): a kill -9 after the hold or after the switch out of WAL leaves the
 old database complete (a crashed writer's WAL commit included, integrity ok, writable); a database
 appearing at a free name during --if-db-not-exists is refused, not replaced; a lease unwritten 75 s by
@@ -95,8 +98,9 @@ def _age(repo_dir: Path, key: str, seconds: float) -> None:
 def test_a_base_longer_than_the_lease_margin_does_not_stop_the_replicator(tmp_path: Path,
                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """Scaled down by 20: lease stale at 6 s, margin 3 s, refresh every 1 s; the base snapshot takes 8 s
-    (stands for a 160 s base of a multi-GB database with the real 120/60/20 s: longer than the stale limit). Nothing else is slow and
-    no other replicator exists: the replicator must start its generation and keep running."""
+    (stands for a 160 s base of a multi-GB database with the real 120/60/20 s: longer than the stale
+    limit). Nothing else is slow and no other replicator exists: the replicator must start its
+    generation and keep running."""
     import dbre.replicate.shipper as shipper
     from dbre.replicate.shipper import Replicator
 
@@ -497,3 +501,25 @@ def test_a_killed_follower_s_scratch_copy_is_cleaned_by_the_next_one(tmp_path: P
     assert sqldiff(src, target) == ""
     left = [p.name for p in standby_dir.iterdir() if p.name != "app.db"]
     assert not left, f"left beside the standby: {left}"
+
+
+# -- A9: restore --force over a live database keeps no copy of it -----------------------------------
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="MEDIUM (older than these commits): restore --force replaces the live database without "
+                          "the safety snapshot DESIGN.md asks for ('never over the live one without an explicit "
+                          "force, and then only after a safety snapshot of the live one'): a wrong --at or "
+                          "--snapshot loses every commit since the last backup, with no audit record")
+def test_force_over_a_live_database_takes_a_safety_snapshot_first(backed_up: tuple[str, Path],
+                                                                  tmp_path: Path) -> None:
+    from tests.dbfactory import snapshot_files
+
+    repo, src = backed_up
+    live = tmp_path / "live.db"
+    _live(live, "wal")  # (commits the repository has never seen)
+    before = len(snapshot_files(repo))
+    r = cli("restore", "--repo", repo, "--db", "app", "--to", live, "--force")
+    assert r.returncode == 0, r
+    assert sqldiff(src, live) == ""
+    assert len(snapshot_files(repo)) > before, "the replaced live database is nowhere: no safety snapshot"
