@@ -35,7 +35,9 @@ helper's fix of lease.py/shipper.py: renewals during the base, CLOCK_MARGIN_SECO
   snapshot DESIGN.md requires, and writes no audit record.
 Properties that hold (plain tests): a kill -9 after the hold or after the switch out of WAL leaves the
 old database complete (a crashed writer's WAL commit included, integrity ok, writable); a database
-appearing at a free name during --if-db-not-exists is refused, not replaced; a lease unwritten 75 s by
+appearing at a free name during --if-db-not-exists is refused, not replaced; a hot -journal of the old
+rollback-mode database is rolled back by the hold and the old database kept whole when the restore
+then fails; a lease unwritten 75 s by
 the store's clock is live to every other host (so B2's stop protects nothing).
 """
 
@@ -523,3 +525,47 @@ def test_force_over_a_live_database_takes_a_safety_snapshot_first(backed_up: tup
     assert r.returncode == 0, r
     assert sqldiff(src, live) == ""
     assert len(snapshot_files(repo)) > before, "the replaced live database is nowhere: no safety snapshot"
+
+
+# -- property: a hot journal of the old rollback-mode database, the restore failing after the hold ---
+
+HOT_JOURNAL = r'''
+import os, sqlite3, sys
+c = sqlite3.connect(sys.argv[1], isolation_level=None)
+c.execute("PRAGMA cache_size=1")  # (the change spills into the file before the commit)
+c.execute("BEGIN IMMEDIATE")
+c.execute("UPDATE t SET v = 'half-done' || randomblob(2000)")
+os._exit(9)
+'''
+
+
+def test_a_hot_journal_is_rolled_back_and_the_old_database_kept_when_the_restore_fails(
+        backed_up: tuple[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A rollback-mode database whose writer was killed mid-transaction (its changes partly in the file,
+    a hot -journal beside it); restore --force fails after the hold (before the rename): the old file is
+    the database as it was before that transaction (SQLite's own rollback), integrity ok, no -journal."""
+    import dbre.restore.full as full
+
+    repo, _ = backed_up
+    live = tmp_path / "live.db"
+    c = sqlite3.connect(live, isolation_level=None)
+    c.execute("PRAGMA journal_mode=DELETE")
+    c.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT)")
+    c.executemany("INSERT INTO t(v) VALUES (?)", [(f"row {i}" + "x" * 2000,) for i in range(200)])
+    c.close()
+    rows = query(live, "SELECT id, v FROM t ORDER BY id")
+    crash = subprocess.run([sys.executable, "-c", HOT_JOURNAL, str(live)], capture_output=True, text=True, timeout=60)
+    assert crash.returncode == 9, crash.stderr
+    assert Path(f"{live}-journal").stat().st_size > 0  # (hot)
+
+    def fail(point: str) -> None:
+        if point == "cleared":
+            raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(full, "_crash_point", fail)
+    r = cli("restore", "--repo", repo, "--db", "app", "--to", live, "--force")
+    assert r.returncode != 0, r
+    assert not Path(f"{live}-journal").exists()
+    assert _check(live) == "ok"
+    assert query(live, "SELECT id, v FROM t ORDER BY id") == rows
+    assert _journal_mode(live) == "delete"
