@@ -57,8 +57,10 @@ def restore(
     --force, and never while a process has it open."""
 
     def go() -> None:
+        import os
+
         from dbre.repository.repo import Repository
-        from dbre.restore.full import apply_restore, plan_restore
+        from dbre.restore.full import apply_restore, is_empty_database, plan_restore
 
         if if_db_not_exists and force:
             raise UsageError("--if-db-not-exists and --force were both given", "pass one of them")
@@ -78,24 +80,27 @@ def restore(
         if txid is not None and snapshot:
             raise UsageError("--snapshot and --txid were both given", "pass one of them")
         target = to.expanduser().absolute()
-        replace = force
+        replace, only_empty, dest = force, False, to
         if if_db_not_exists and target.is_dir():  # (not a database that exists: the restore could never go there)
             raise UsageError(f"restore target {target} is a directory", "give a file path, e.g. --to restored.db")
         if if_db_not_exists and target.exists():
-            if not _is_empty_file(target):
+            if not is_empty_database(target):
                 _say(json_out, {"restored": False, "target": str(target), "reason": "exists"},
                      f"{target} already exists: nothing restored (--if-db-not-exists)")
                 return
             # an empty file holds no database (what `sqlite3 app.db` or a probe that opened the path
-            # leaves): restored over, as restore --force replaces a file (refused while a process has it)
-            replace = True
+            # leaves; a WAL application that merely connected leaves one schema-less page): restored over, as restore --force replaces a file (refused while a process has it)
+            # (and only while it still holds none at the rename); through a symlink, where the link points
+            replace = only_empty = True
+            dest = Path(os.path.realpath(target))
         if if_replica_exists and _no_replica(repo, db, key_file, json_out):
             return
         repository = Repository.open(repo, _key(key_file))
-        if not snap_id and not newest_snapshot and _restore_pitr(repository, db, to, when, txid, replace, dry_run,
-                                                                  json_out):
+        if not snap_id and not newest_snapshot and _restore_pitr(repository, db, dest, when, txid, replace, dry_run,
+                                                                  json_out, only_empty):
             return
-        plan = plan_restore(repository, db, to, snapshot=snap_id, at=when, force=replace)
+        plan = plan_restore(repository, db, dest, snapshot=snap_id, at=when, force=replace,
+                            only_empty=only_empty)
         if dry_run:
             if json_out:
                 _print_json(plan.describe())
@@ -116,19 +121,6 @@ def restore(
 
     _run(go)
 
-
-def _is_empty_file(target: Path) -> bool:
-    """For --if-db-not-exists: whether ``target`` is a 0-byte regular file with no WAL content beside
-    it (a database whose pages are all still in its -wal is not empty)."""
-    import os
-
-    try:
-        if not target.is_file() or target.stat().st_size:
-            return False
-        wal = Path(os.path.realpath(target) + "-wal")
-        return not (wal.exists() and wal.stat().st_size)
-    except OSError:
-        return False
 
 
 def _say(json_out: bool, record: dict[str, Any], line: str) -> None:
@@ -163,14 +155,14 @@ def _no_replica(repo: str, db: str, key_file: Any, json_out: bool = False) -> bo
 
 
 def _restore_pitr(repository: Any, db: str, to: Path, when: Any, txid: int | None, force: bool, dry_run: bool,
-                  json_out: bool) -> bool:
+                  json_out: bool, only_empty: bool = False) -> bool:
     """Restore from replicated segments when they cover the time (or txid; with neither, when they
     hold a newer state than the newest snapshot); False: use snapshots."""
     from dbre.replicate.segment import to_time
     from dbre.repository.manifest import iso
     from dbre.restore.pitr import apply_pitr, plan_pitr
 
-    plan = plan_pitr(repository, db, to, at=when, txid=txid, force=force)
+    plan = plan_pitr(repository, db, to, at=when, txid=txid, force=force, only_empty=only_empty)
     if plan is None:
         return False
     newest = when is None and txid is None

@@ -208,9 +208,6 @@ def _has_precious(target: Path) -> bool:
         return False
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="MEDIUM: --if-db-not-exists judges 'empty' once, then replaces as --force: a database "
-                          "written into the empty file while the restore runs is replaced without a word")
 def test_if_db_not_exists_never_replaces_a_database_written_meanwhile(backed_up: tuple[str, Path], tmp_path: Path,
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     repo, _ = backed_up
@@ -235,9 +232,6 @@ def test_if_db_not_exists_refuses_a_database_appearing_at_a_free_name(backed_up:
 # -- A2: through a symlink, the database the link named is left in rollback mode ----------------------
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="LOW: restore --force through a symlink replaces the link and leaves the database it "
-                          "named switched out of WAL (rollback mode) for whoever still opens it by its own path")
 def test_the_database_a_replaced_symlink_named_keeps_its_journal_mode(backed_up: tuple[str, Path],
                                                                       tmp_path: Path) -> None:
     repo, src = backed_up
@@ -286,11 +280,6 @@ def test_kill_after_the_switch_leaves_the_old_database_complete(backed_up: tuple
 # -- A3: --follow without --force replaces a database that appeared during its first restore ---------
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="MEDIUM: restore --follow without --force decides at the first placement that a file "
-                          "now at the target is to be replaced (Follower._replacing: force or the file exists): "
-                          "a database created at the name during the first restore is replaced, where a plain "
-                          "restore refuses ('appeared while restoring')")
 def test_follow_without_force_never_replaces_a_database_that_appeared(tmp_path: Path,
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     import dbre.restore.follow as follow
@@ -328,10 +317,6 @@ def test_follow_without_force_never_replaces_a_database_that_appeared(tmp_path: 
 # -- A4: --if-db-not-exists over an empty file behind a symlink --------------------------------------
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="MEDIUM: --if-db-not-exists with a symlink to an empty file (a placeholder on a "
-                          "volume) replaces the link by a regular file in the link's folder: the volume's file "
-                          "stays empty and the application's later writes land outside the volume")
 def test_if_db_not_exists_through_a_symlink_restores_where_it_points(backed_up: tuple[str, Path],
                                                                      tmp_path: Path) -> None:
     repo, src = backed_up
@@ -350,10 +335,6 @@ def test_if_db_not_exists_through_a_symlink_restores_where_it_points(backed_up: 
 # -- A5: a failed --if-db-not-exists leaves the empty file an empty database --------------------------
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="HIGH: the hold on an empty file (BEGIN EXCLUSIVE) writes an empty 1-page database "
-                          "into it; a restore that then fails or is killed leaves 4096 bytes, and the container's "
-                          "next --if-db-not-exists says 'already exists' (exit 0): the application starts empty")
 def test_a_failed_if_db_not_exists_is_retried_by_the_next_start(backed_up: tuple[str, Path], tmp_path: Path,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     import dbre.restore.full as full
@@ -398,11 +379,6 @@ else:
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run the restore as another user")
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="MEDIUM: restore --force by an operator who cannot read the live database's files "
-                          "(another user's app, 0600) sees no user (the lock probe and /proc are skipped) and "
-                          "_hold_still's open failure counts as 'not a database': the live WAL database is "
-                          "replaced under its running application, whose later commits are lost")
 def test_a_live_database_this_user_cannot_read_is_never_replaced(backed_up: tuple[str, Path]) -> None:
     import shutil
     import tempfile
@@ -437,10 +413,6 @@ def test_a_live_database_this_user_cannot_read_is_never_replaced(backed_up: tupl
         shutil.rmtree(shared, ignore_errors=True)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="LOW: --if-db-not-exists takes only a 0-byte file for 'no database': the 4096-byte "
-                          "empty database any WAL application leaves by merely connecting (PRAGMA journal_mode=WAL, "
-                          "no table) is 'already exists', exit 0, and the application starts empty")
 def test_if_db_not_exists_restores_over_a_database_with_no_schema(backed_up: tuple[str, Path],
                                                                   tmp_path: Path) -> None:
     repo, src = backed_up

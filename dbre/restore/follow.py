@@ -188,9 +188,9 @@ class Follower:
         return self.stats
 
     def _replacing(self) -> bool:
-        """Whether the first placement replaces what is at the target: with ``force``, or a file there
-        (which the CLI lets through only with --force)."""
-        return self.force or self.target.exists()
+        """Whether the first placement replaces what is at the target: only with ``force`` (without, the
+        name must be free, as for a plain restore: a database that appeared there meanwhile is kept)."""
+        return self.force
 
     def _restore(self, gen_id: str | None) -> None:
         """Restore the newest state of generation ``gen_id`` (default: the newest) over the target."""

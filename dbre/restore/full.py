@@ -58,6 +58,7 @@ class RestorePlan:
     hashes: Entries  # what each page is checked against, 16 bytes a page in page order
     quick_check: bool = False  # ``hashes`` are the snapshot's xxh3 (fast runs), not the keyed hashes
     kept: dict[str, tuple[int, bytes]] = field(default_factory=dict)  # pack -> (offset, bytes) read with its index
+    only_empty: bool = False  # replace what is at the target only while it holds no database (--if-db-not-exists)
 
     @property
     def bytes_to_read(self) -> int:
@@ -89,8 +90,10 @@ class RestoreResult:
 
 
 def plan_restore(repo: Repository, db: str, target: str | os.PathLike[str], *, snapshot: str | None = None,
-                 at: datetime | None = None, force: bool = False) -> RestorePlan:
-    """Check the options and work out every blob to read; touches nothing."""
+                 at: datetime | None = None, force: bool = False, only_empty: bool = False) -> RestorePlan:
+    """Check the options and work out every blob to read; touches nothing. ``only_empty`` (with
+    ``force``): what is at the target is replaced only if it still holds no database at the rename
+    (`is_empty_database`; --if-db-not-exists over an empty file)."""
     if snapshot and at:
         raise UsageError("--snapshot and --at were both given", "pass one of them")
     path = check_target(target, force)
@@ -115,7 +118,7 @@ def plan_restore(repo: Repository, db: str, target: str | os.PathLike[str], *, s
         fast = None  # (none, unreadable, or one missing for a stored page: the keyed hash checks them all)
     blobs = sorted(pages.blobs, key=lambda b: (b.pack, b.offset))
     return RestorePlan(manifest, path, force, blobs, pages.zero, fast if fast is not None else pages.hashes,
-                       quick_check=fast is not None, kept=kept)
+                       quick_check=fast is not None, kept=kept, only_empty=only_empty)
 
 
 def check_target(target: str | os.PathLike[str], force: bool) -> Path:
@@ -262,7 +265,7 @@ def _write_restore(repo: Repository, plan: RestorePlan, progress: Progress | Non
             raise RestoreError(f"restore to {plan.target}: {err.strerror}") from err
         raise
     try:
-        _replace(tmp, plan.target, plan.force, release)
+        _replace(tmp, plan.target, plan.force, release, only_empty=plan.only_empty)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -353,7 +356,8 @@ def _remove_leftovers(target: Path) -> list[str]:
     return removed
 
 
-def _replace(tmp: Path, target: Path, force: bool, release_tmp: Callable[[], None] = lambda: None) -> None:
+def _replace(tmp: Path, target: Path, force: bool, release_tmp: Callable[[], None] = lambda: None, *,
+             only_empty: bool = False) -> None:
     """Rename the restored file over ``target`` so that a crash at any instant leaves the complete
     old database or the complete new one, never the old file without its WAL nor the new file
     beside the old WAL (SQLite would replay the old frames into it).
@@ -362,7 +366,11 @@ def _replace(tmp: Path, target: Path, force: bool, release_tmp: Callable[[], Non
     copied into the file, so its file alone is complete) and taken out of WAL mode (`_leave_wal`: a
     process that opens it meanwhile then fails loudly instead of writing into the new file's -wal);
     then its -wal, -shm and -journal go, then the new file is renamed over it, and only then is the
-    lock let go.
+    lock let go. A 0-byte file with nothing in a -wal beside it is not held (it has nothing to keep,
+    and holding it would write an empty database into it). With ``only_empty`` the old file is
+    replaced only if it still holds no database: looked at again, under the hold when there is one
+    (a database written into it while the restore ran is refused, untouched). A symlinked target's
+    old database is not renamed over (the link is): it is put back in WAL mode after.
     """
     if not force:
         _place_new(tmp, target, release_tmp)
@@ -370,12 +378,17 @@ def _replace(tmp: Path, target: Path, force: bool, release_tmp: Callable[[], Non
     # a process holding it would go on writing to the replaced file; one holding only the -wal and -shm
     # of a database deleted under it would lose the commits they hold when they are removed below
     check_not_in_use(target)
-    held = _hold_still(target) if target.exists() else None
+    if only_empty and not is_empty_database(target):
+        _written_meanwhile(target)
+    link = os.path.islink(target)
+    held = _hold_still(target) if target.exists() and not _nothing_to_keep(target) else None
     was_wal = renamed = False
     try:
         _crash_point("held")
         if held is not None:
             check_not_in_use(target, holding=True)  # (one that opened it since the first look)
+            if only_empty and not _holds_no_database(held):
+                _written_meanwhile(target)
             was_wal = _leave_wal(held, target)
         for suffix in ("-wal", "-shm", "-journal"):
             Path(str(target) + suffix).unlink(missing_ok=True)
@@ -391,9 +404,57 @@ def _replace(tmp: Path, target: Path, force: bool, release_tmp: Callable[[], Non
         _sync_dir(target.parent)
     finally:
         if held is not None:
-            if was_wal and not renamed:
-                _back_to_wal(held, target)  # (refused or failed: the old database is left as it was)
+            if was_wal and (not renamed or link):
+                _back_to_wal(held, target)  # (refused or failed, or only a link to it replaced: left as it was)
             held.close()  # checkpoint-on-close is off, no journal file is open: closing removes no file by name
+
+
+def is_empty_database(target: Path) -> bool:
+    """Whether the regular file at ``target`` (through a symlink) holds no database: 0 bytes, or one
+    page whose schema is empty (what a WAL application leaves by merely connecting, or a restore's
+    hold that failed before this fix), with no WAL frame beside it. Reads the header only: no SQLite
+    connection (closing one can checkpoint and remove -wal/-shm); never call it while this process
+    holds SQLite locks on the file (closing a descriptor drops them)."""
+    try:
+        if not target.is_file():
+            return False
+        real = os.path.realpath(target)
+        wal = Path(real + "-wal")
+        if wal.exists() and wal.stat().st_size > 32:  # (a header alone holds no frame)
+            return False
+        size = target.stat().st_size
+        if size == 0:
+            return True
+        with open(real, "rb") as f:
+            head = f.read(105)
+    except OSError:
+        return False
+    if len(head) < 105 or head[:16] != b"SQLite format 3\0":
+        return False
+    page_size = int.from_bytes(head[16:18], "big")
+    page_size = 65536 if page_size == 1 else page_size
+    # page 1 is a table b-tree leaf (0x0D) with no cell: sqlite_schema holds nothing
+    return size == page_size and head[100] == 0x0D and int.from_bytes(head[103:105], "big") == 0
+
+
+def _nothing_to_keep(target: Path) -> bool:
+    """A 0-byte regular file with no WAL frame beside it: replaced without being held."""
+    try:
+        return target.is_file() and target.stat().st_size == 0 and is_empty_database(target)
+    except OSError:
+        return False
+
+
+def _holds_no_database(held: apsw.Connection) -> bool:
+    """Under the hold (through its connection: no descriptor of ours is opened or closed), whether the
+    old database still holds nothing: no schema, at most one page."""
+    return (int(held.execute("SELECT count(*) FROM sqlite_schema").get) == 0
+            and int(held.execute("PRAGMA page_count").get) <= 1)
+
+
+def _written_meanwhile(target: Path) -> None:
+    raise UsageError(f"restore target {target} holds a database now: it was written while restoring",
+                     "nothing was replaced; run the restore again (--if-db-not-exists then leaves it alone)")
 
 
 def _leave_wal(held: apsw.Connection, target: Path) -> bool:
@@ -600,8 +661,10 @@ def _hold_still(target: Path) -> apsw.Connection | None:
     the old file is not a database (it is then simply replaced)."""
     try:
         conn = apsw.Connection(str(target), flags=apsw.SQLITE_OPEN_READWRITE)
-    except apsw.Error:
-        return None
+    except apsw.Error as err:  # (not readable and writable by this user: its users could not be seen either)
+        raise RestoreError(f"restore to {target}: the old database could not be opened to hold it still ({err})",
+                           "run the restore as the user that owns it, or restore to another path; "
+                           "nothing was changed") from None
     conn.config(apsw.SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, 1)
     try:
         conn.set_busy_timeout(HOLD_WAIT_MS)

@@ -67,6 +67,7 @@ class PitrPlan:
     at: datetime | None = None
     txid: int | None = None
     stats: dict[str, Any] = field(default_factory=dict)
+    only_empty: bool = False  # as RestorePlan.only_empty
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -85,7 +86,16 @@ class PitrPlan:
 
 
 def plan_pitr(repo: Repository, db: str, target: str | os.PathLike[str], *, at: datetime | None = None,
-              txid: int | None = None, force: bool = False) -> PitrPlan | None:
+              txid: int | None = None, force: bool = False, only_empty: bool = False) -> PitrPlan | None:
+    """As `_plan_pitr`; ``only_empty`` as in `plan_restore`."""
+    plan = _plan_pitr(repo, db, target, at=at, txid=txid, force=force)
+    if plan is not None:
+        plan.only_empty = only_empty
+    return plan
+
+
+def _plan_pitr(repo: Repository, db: str, target: str | os.PathLike[str], *, at: datetime | None = None,
+               txid: int | None = None, force: bool = False) -> PitrPlan | None:
     """The plan for ``--at`` or ``--txid`` from segments, or with neither for the newest replicated
     state; None when no generation covers ``at`` (or the newest state) better than a snapshot does
     (the caller then restores a snapshot as before)."""
@@ -247,7 +257,7 @@ def apply_pitr(repo: Repository, plan: PitrPlan) -> PitrResult:
             fd = os.open(scratch, os.O_WRONLY)
             fcntl.flock(fd, fcntl.LOCK_EX)
             applied, last, last_obs = _apply_segments(repo, plan, scratch, fd)
-        _replace(scratch, target, plan.force, release)
+        _replace(scratch, target, plan.force, release, only_empty=plan.only_empty)
     except BaseException as err:
         scratch.unlink(missing_ok=True)
         release()
