@@ -46,9 +46,10 @@ def restore(
                                          "read-only standby) until SIGINT/SIGTERM.")] = False,
     interval: Annotated[str, typer.Option("--interval", help="With --follow: look for new segments this "
                                           "often.")] = "1s",
-    if_db_not_exists: Annotated[bool, typer.Option("--if-db-not-exists", help="When --to exists, say so and exit "
-                                                   "0 without touching it; an empty file holds no database and "
-                                                   "is restored over (container start-up).")] = False,
+    if_db_not_exists: Annotated[bool, typer.Option("--if-db-not-exists", help="When --to holds a database, say so "
+                                                   "and exit 0 without touching it; an empty file (or the one empty "
+                                                   "page a WAL application leaves by connecting) holds none and is "
+                                                   "restored over (container start-up).")] = False,
     if_replica_exists: Annotated[bool, typer.Option("--if-replica-exists", help="When the repository has no "
                                                     "snapshot of --db, say so and exit 0.")] = False,
 ) -> None:
@@ -89,8 +90,9 @@ def restore(
                      f"{target} already exists: nothing restored (--if-db-not-exists)")
                 return
             # an empty file holds no database (what `sqlite3 app.db` or a probe that opened the path
-            # leaves; a WAL application that merely connected leaves one schema-less page): restored over, as restore --force replaces a file (refused while a process has it)
-            # (and only while it still holds none at the rename); through a symlink, where the link points
+            # leaves; a WAL application that merely connected leaves one schema-less page): restored
+            # over, as restore --force replaces a file (refused while a process has it), and only while
+            # it still holds none at the rename; through a symlink, where the link points
             replace = only_empty = True
             dest = Path(os.path.realpath(target))
         if if_replica_exists and _no_replica(repo, db, key_file, json_out):

@@ -446,10 +446,6 @@ Follower(Repository.open(sys.argv[1]), "app", sys.argv[2], 0.2).run(stop)
 '''
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="LOW: a restore --follow killed -9 between its scratch copy and the placement leaves "
-                          "'.<name>.dbre-follow-<hex>' (a whole copy of the database) that no later restore or "
-                          "follower removes: a crash-looping standby fills its disk")
 @pytest.mark.parametrize("nth", [1, 2, 3])  # the base restore's placement, the PITR copy's, the standby's
 def test_a_killed_follower_s_scratch_copy_is_cleaned_by_the_next_one(tmp_path: Path, nth: int) -> None:
     from dbre.restore.follow import Follower

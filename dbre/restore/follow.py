@@ -18,6 +18,7 @@ drop their caches. A crash in between leaves a hot journal that the next reader 
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import secrets
@@ -41,7 +42,7 @@ from dbre.replicate.segment import (
 )
 from dbre.repository.manifest import check_db_name
 from dbre.repository.repo import Repository
-from dbre.restore.full import _replace, check_no_leftovers, check_not_in_use
+from dbre.restore.full import _remove_leftovers, _replace, check_no_leftovers, check_not_in_use, follow_scratch_name
 from dbre.restore.pitr import PitrPlan, apply_pitr, base_snapshot
 
 log = logging.getLogger(__name__)
@@ -201,17 +202,23 @@ class Follower:
         gen_id = gen_id or next(reversed(gens))
         gen = read_base(self.repo, self.db, gen_id)
         names = check_contiguous(self.db, gen, gens[gen_id])
-        scratch = self.target.parent / f".{self.target.name}.dbre-follow-{secrets.token_hex(4)}"
+        _remove_leftovers(self.target)  # a killed follower's scratch copy: a whole database each
+        scratch = self.target.parent / follow_scratch_name(self.target, secrets.token_hex(4))
+        held: list[int] = []
+
+        def release() -> None:  # (before the rename, as a restore lets its temp file go)
+            while held:
+                os.close(held.pop())
+
         try:
             result = apply_pitr(self.repo, PitrPlan(self.db, scratch, False, gen, base_snapshot(self.repo, gen),
                                                     names))
-            with open(scratch, "r+b") as f:
-                head = bytearray(f.read(100))
-                head[18:20] = b"\x01\x01"  # rollback journal mode before any reader can see it
-                f.seek(0)
-                f.write(head)
-                f.flush()
-                os.fsync(f.fileno())
+            held.append(os.open(scratch, os.O_RDWR))
+            fcntl.flock(held[0], fcntl.LOCK_EX)  # until placed: no other restore's clean-up removes it
+            head = bytearray(os.pread(held[0], 100, 0))
+            head[18:20] = b"\x01\x01"  # rollback journal mode before any reader can see it
+            os.pwrite(held[0], bytes(head), 0)
+            os.fsync(held[0])
             if self.standby is not None:
                 self.standby.close()
                 self.standby = None
@@ -219,15 +226,18 @@ class Follower:
                 # the first placement, as any restore places its file: what was there before this
                 # follower is replaced only as restore --force replaces it (refused while in use; its
                 # -wal, -shm and -journal never left beside the new file), else the name must be free
-                _replace(scratch, self.target, self._replacing())
+                _replace(scratch, self.target, self._replacing(), release)
             else:
                 # a journal left by a crashed apply belongs to the file being replaced: never to the new one
                 Path(str(self.target) + "-journal").unlink(missing_ok=True)
+                release()
                 os.replace(scratch, self.target)
                 _fsync_dir(self.target)
         except BaseException:
             scratch.unlink(missing_ok=True)
             raise
+        finally:
+            release()
         self.gen = gen
         self.state = open_segment(self.repo, names[-1], None).state_after if names else bytes.fromhex(gen.state)
         # (the base key sorts after the segment keys, which start with txid digits: 0...)

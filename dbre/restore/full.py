@@ -311,6 +311,11 @@ def pitr_scratch_name(target: Path, token: str) -> str:
     return f".{target.name}.dbre-pitr-{token}"
 
 
+def follow_scratch_name(target: Path, token: str) -> str:
+    """The scratch copy a ``restore --follow`` builds beside ``target`` before placing it."""
+    return f".{target.name}.dbre-follow-{token}"
+
+
 def _remove_leftovers(target: Path) -> list[str]:
     """Remove the temp files that killed restores to ``target`` left beside it; returns their names.
 
@@ -318,10 +323,15 @@ def _remove_leftovers(target: Path) -> list[str]:
     flock (non-blocking) has no writer. A restore creates its file empty and flocks it before it
     grows, so an empty file younger than ``FRESH_SECONDS`` may be one whose flock is a moment away:
     it is left alone (a killed one goes at a later restore). A ``restore --at``'s scratch copy
-    (`pitr_scratch_name`) and its base restore's own temp file beside it are removed the same way."""
+    (`pitr_scratch_name`) and its base restore's own temp file beside it are removed the same way, and
+    so is a ``restore --follow``'s (`follow_scratch_name`, flocked until its placement) with theirs."""
     scratch = re.escape(pitr_scratch_name(target, "")) + r"[0-9a-f]{8}"
+    # a follower's scratch copy (`follow_scratch_name`), with its restore --at scratch and base temp file
+    follow = (rf"\.{re.escape(target.name)}\.dbre-follow-[0-9a-f]{{8}}"
+              r"|\.\.{1,2}" + re.escape(target.name) + r"\.dbre-follow-[0-9a-f]{8}\.dbre-pitr-[0-9a-f]{8}"
+              r"(?:\.dbre-restore-[0-9a-f]{8})?")
     pattern = re.compile(rf"{re.escape(_temp_prefix(target))}[0-9a-f]{{8}}|{scratch}"
-                         rf"|\.{scratch}\.dbre-restore-[0-9a-f]{{8}}")
+                         rf"|\.{scratch}\.dbre-restore-[0-9a-f]{{8}}|{follow}")
     try:
         names = sorted(e.name for e in os.scandir(target.parent) if pattern.fullmatch(e.name))
     except OSError:
