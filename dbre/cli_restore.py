@@ -42,6 +42,9 @@ def restore(
     json_out: JsonOpt = False,
     key_file: KeyFileOpt = None,
     txid: Annotated[int | None, typer.Option("--txid", help="Up to this replicated transaction.")] = None,
+    no_safety: Annotated[bool, typer.Option("--no-safety-snapshot", help="With --force: replace a database without "
+                                            "first snapshotting it into the repository (tagged safety) "
+                                            "(a read-only repository, a damaged database).")] = False,
     follow: Annotated[bool, typer.Option("--follow", help="Keep --to current from replicated segments (a "
                                          "read-only standby) until SIGINT/SIGTERM.")] = False,
     interval: Annotated[str, typer.Option("--interval", help="With --follow: look for new segments this "
@@ -99,10 +102,11 @@ def restore(
             return
         repository = Repository.open(repo, _key(key_file))
         if not snap_id and not newest_snapshot and _restore_pitr(repository, db, dest, when, txid, replace, dry_run,
-                                                                  json_out, only_empty):
+                                                                  json_out, only_empty, not no_safety):
             return
         plan = plan_restore(repository, db, dest, snapshot=snap_id, at=when, force=replace,
                             only_empty=only_empty)
+        plan.safety = not no_safety
         if dry_run:
             if json_out:
                 _print_json(plan.describe())
@@ -120,6 +124,7 @@ def restore(
         else:
             print(f"restored snapshot {s['snapshot']} of {s['db']} (taken {s['taken_at']}) to {s['target']}: "
                   f"{human(s['size'])} in {s['seconds']:.2f} s")
+            _said_safety(s)
 
     _run(go)
 
@@ -156,8 +161,15 @@ def _no_replica(repo: str, db: str, key_file: Any, json_out: bool = False) -> bo
     return missing
 
 
+def _said_safety(s: dict[str, Any]) -> None:
+    """The line that says where the replaced database went (restore --force over a database)."""
+    if s.get("safety_snapshot"):
+        print(f"the database it replaced is safety snapshot {s['safety_snapshot']} (tagged safety, kept 7 days): "
+              f"dbre restore --snapshot {s['safety_snapshot']} brings it back")
+
+
 def _restore_pitr(repository: Any, db: str, to: Path, when: Any, txid: int | None, force: bool, dry_run: bool,
-                  json_out: bool, only_empty: bool = False) -> bool:
+                  json_out: bool, only_empty: bool = False, safety: bool = True) -> bool:
     """Restore from replicated segments when they cover the time (or txid; with neither, when they
     hold a newer state than the newest snapshot); False: use snapshots."""
     from dbre.replicate.segment import to_time
@@ -167,6 +179,7 @@ def _restore_pitr(repository: Any, db: str, to: Path, when: Any, txid: int | Non
     plan = plan_pitr(repository, db, to, at=when, txid=txid, force=force, only_empty=only_empty)
     if plan is None:
         return False
+    plan.safety = safety
     newest = when is None and txid is None
     if dry_run:
         d = plan.describe()
@@ -189,6 +202,7 @@ def _restore_pitr(repository: Any, db: str, to: Path, when: Any, txid: int | Non
                 f"at {s['at']}" if s["at"] else f"at txid {s['txid']}")
         print(f"restored {db} {what} to {s['target']}: snapshot {s['snapshot']} + {s['transactions']} transactions "
               f"(last txid {s['last_txid']}, committed {s['last_committed']}) in {s['seconds']:.2f} s")
+        _said_safety(s)
     return True
 
 

@@ -264,6 +264,9 @@ def _publish_whole(req: RestoreRequest, plan: dict[str, Any], result: dict[str, 
         if pitr:
             head += ["", f"Applied {result['transactions']} transactions, the last txid {result['last_txid']} "
                          f"(committed {result['last_committed']})."]
+        if result.get("safety_snapshot"):
+            head += ["", f"The database it replaced is safety snapshot **{result['safety_snapshot']}** (tagged "
+                         "safety, kept 7 days): restore it by that id to bring it back."]
         if req.validate_result:
             rows.append({"step": "validate", "target": req.target,
                          "result": f"{len(problems)} problems" if problems else "ok"})

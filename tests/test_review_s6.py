@@ -476,11 +476,6 @@ def test_a_killed_follower_s_scratch_copy_is_cleaned_by_the_next_one(tmp_path: P
 # -- A9: restore --force over a live database keeps no copy of it -----------------------------------
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="MEDIUM (older than these commits): restore --force replaces the live database without "
-                          "the safety snapshot DESIGN.md asks for ('never over the live one without an explicit "
-                          "force, and then only after a safety snapshot of the live one'): a wrong --at or "
-                          "--snapshot loses every commit since the last backup, with no audit record")
 def test_force_over_a_live_database_takes_a_safety_snapshot_first(backed_up: tuple[str, Path],
                                                                   tmp_path: Path) -> None:
     from tests.dbfactory import snapshot_files

@@ -25,7 +25,7 @@ from typing import Any
 
 import apsw
 
-from dbre.errors import IntegrityError, RestoreError, UsageError
+from dbre.errors import DbreError, IntegrityError, RestoreError, UsageError
 from dbre.repository.backup import load_fast_hashes
 from dbre.repository.entries import Entries
 from dbre.repository.hashindex import NO_HASH
@@ -59,6 +59,7 @@ class RestorePlan:
     quick_check: bool = False  # ``hashes`` are the snapshot's xxh3 (fast runs), not the keyed hashes
     kept: dict[str, tuple[int, bytes]] = field(default_factory=dict)  # pack -> (offset, bytes) read with its index
     only_empty: bool = False  # replace what is at the target only while it holds no database (--if-db-not-exists)
+    safety: bool = True  # with force: snapshot the database being replaced first (--no-safety-snapshot: off)
 
     @property
     def bytes_to_read(self) -> int:
@@ -84,9 +85,10 @@ class RestorePlan:
 class RestoreResult:
     plan: RestorePlan
     seconds: float
+    safety_snapshot: str | None = None  # the replaced database's snapshot (``safety_before_replace``)
 
     def summary(self) -> dict[str, Any]:
-        return {**self.plan.describe(), "seconds": round(self.seconds, 3)}
+        return {**self.plan.describe(), "seconds": round(self.seconds, 3), "safety_snapshot": self.safety_snapshot}
 
 
 def plan_restore(repo: Repository, db: str, target: str | os.PathLike[str], *, snapshot: str | None = None,
@@ -168,8 +170,31 @@ def _spans(blobs: list[SnapshotBlob]) -> list[list[SnapshotBlob]]:
 def apply_restore(repo: Repository, plan: RestorePlan, progress: Progress | None = None) -> RestoreResult:
     """Write the snapshot to a temp file beside the target, check every page, then rename; under
     a shared lock, so no prune deletes a pack while its pages are read."""
+    safety = safety_before_replace(repo, plan.manifest.db, plan.target, plan.force and plan.safety)
     with repo.lock(f"restore {plan.manifest.db}"):
-        return _write_restore(repo, plan, progress)
+        result = _write_restore(repo, plan, progress)
+    result.safety_snapshot = safety
+    return result
+
+
+def safety_before_replace(repo: Repository, db: str, target: Path, wanted: bool) -> str | None:
+    """With ``wanted`` (restore --force) and a database at ``target``: snapshot it into ``repo`` under
+    ``db``, tagged safety (kept 7 days, skipped by the default choices of restore and drill), before
+    anything is written, and return its id: a wrong --at or --snapshot over the live database then
+    loses nothing. The target was found unused at the plan (`check_not_in_use`), so the snapshot holds
+    what gets replaced. None when nothing there holds a database. A snapshot that fails (a read-only
+    repository, a damaged database) refuses the restore, the hint naming the way round."""
+    if not wanted or not target.exists() or is_empty_database(target):
+        return None
+    from dbre.restore.table import safety_snapshot
+
+    try:
+        return safety_snapshot(repo, db, target, f"restore --force over {target}")
+    except (DbreError, apsw.Error) as err:  # (SQLite's own errors: a damaged database)
+        why = err.message.split(": ", 1)[-1] if isinstance(err, DbreError) else f"{type(err).__name__}: {err}"
+        raise RestoreError(f"restore to {target}: the safety snapshot of the database there failed ({why})",
+                           "nothing was changed; restore to another path and swap it in, or pass "
+                           "--no-safety-snapshot to replace it without one") from None
 
 
 def _write_restore(repo: Repository, plan: RestorePlan, progress: Progress | None) -> RestoreResult:

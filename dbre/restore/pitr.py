@@ -45,6 +45,7 @@ from dbre.restore.full import (
     check_target,
     pitr_scratch_name,
     plan_restore,
+    safety_before_replace,
 )
 from dbre.storage import NotFound
 
@@ -68,6 +69,7 @@ class PitrPlan:
     txid: int | None = None
     stats: dict[str, Any] = field(default_factory=dict)
     only_empty: bool = False  # as RestorePlan.only_empty
+    safety: bool = True  # as RestorePlan.safety
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -229,16 +231,19 @@ class PitrResult:
     transactions: int
     last_txid: int
     last_observed: str | None
+    safety_snapshot: str | None = None  # as RestoreResult.safety_snapshot
 
     def summary(self) -> dict[str, Any]:
         return {**self.plan.describe(), "transactions": self.transactions, "last_txid": self.last_txid,
-                "last_committed": self.last_observed, "seconds": round(self.seconds, 3)}
+                "last_committed": self.last_observed, "seconds": round(self.seconds, 3),
+                "safety_snapshot": self.safety_snapshot}
 
 
 def apply_pitr(repo: Repository, plan: PitrPlan) -> PitrResult:
     """Restore the base to a temp file, apply the transactions up to the plan's limit, rename."""
     started = time.perf_counter()
     target = plan.target
+    safety = safety_before_replace(repo, plan.db, target, plan.force and plan.safety)
     _remove_leftovers(target)  # a killed restore's scratch copy (and its base restore's temp file)
     scratch = target.parent / pitr_scratch_name(target, secrets.token_hex(4))
     fd = -1
@@ -266,7 +271,7 @@ def apply_pitr(repo: Repository, plan: PitrPlan) -> PitrResult:
         raise
     release()
     return PitrResult(plan, time.perf_counter() - started, applied, last,
-                      iso(to_time(last_obs)) if last_obs else None)
+                      iso(to_time(last_obs)) if last_obs else None, safety)
 
 
 def _fetch_within(repo: Repository, name: SegmentName, allowance: int) -> bytes | None:
