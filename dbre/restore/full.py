@@ -184,8 +184,8 @@ def safety_before_replace(repo: Repository, db: str, target: Path, wanted: bool)
     loses nothing. The target was found unused at the plan (`check_not_in_use`), so the snapshot holds
     what gets replaced. None when nothing there holds a database. A snapshot that fails (a read-only
     repository, a damaged database) refuses the restore, the hint naming the way round."""
-    if not wanted or not target.exists() or is_empty_database(target):
-        return None
+    if not wanted or not target.exists() or is_empty_database(target) or not _sqlite_header(target):
+        return None  # (nothing there, no database, or a file that is not SQLite's: nothing to snapshot)
     from dbre.restore.table import safety_snapshot
 
     try:
@@ -470,6 +470,15 @@ def is_empty_database(target: Path) -> bool:
     page_size = 65536 if page_size == 1 else page_size
     # page 1 is a table b-tree leaf (0x0D) with no cell: sqlite_schema holds nothing
     return size == page_size and head[100] == 0x0D and int.from_bytes(head[103:105], "big") == 0
+
+
+def _sqlite_header(target: Path) -> bool:
+    """Whether the file at ``target`` starts as an SQLite database does (read without SQLite)."""
+    try:
+        with open(os.path.realpath(target), "rb") as f:
+            return f.read(16) == b"SQLite format 3\0"
+    except OSError:
+        return True  # (unreadable: the snapshot says why)
 
 
 def _nothing_to_keep(target: Path) -> bool:
