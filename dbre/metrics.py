@@ -543,7 +543,10 @@ def prometheus_text(status: Status) -> str:
     def add(name: str, labels: dict[str, Any], value: float | int | bool | None) -> None:
         if value is None:
             return
-        series[name].append(f"{name}{_labels(**labels)} {float(value):.6g}")
+        # integers as integers, floats in full (shortest round-trip): a timestamp in 6 digits is 5,000 s off
+        number = float(value)
+        text = str(int(number)) if number.is_integer() and abs(number) < 2**53 else repr(number)
+        series[name].append(f"{name}{_labels(**labels)} {text}")
 
     repo = {"repository": status.repository}
     for d in status.databases:

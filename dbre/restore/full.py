@@ -60,6 +60,7 @@ class RestorePlan:
     kept: dict[str, tuple[int, bytes]] = field(default_factory=dict)  # pack -> (offset, bytes) read with its index
     only_empty: bool = False  # replace what is at the target only while it holds no database (--if-db-not-exists)
     safety: bool = True  # with force: snapshot the database being replaced first (--no-safety-snapshot: off)
+    existed: bool = False  # a file was at the target when planned (what the restore replaces)
 
     @property
     def bytes_to_read(self) -> int:
@@ -72,7 +73,7 @@ class RestorePlan:
             "db": m.db,
             "taken_at": m.taken_at,
             "target": str(self.target),
-            "replaces_existing": self.target.exists(),
+            "replaces_existing": self.existed,  # (as planned: after the restore, a file is always there)
             "pages": m.page_count,
             "page_size": m.page_size,
             "size": m.size,
@@ -120,7 +121,7 @@ def plan_restore(repo: Repository, db: str, target: str | os.PathLike[str], *, s
         fast = None  # (none, unreadable, or one missing for a stored page: the keyed hash checks them all)
     blobs = sorted(pages.blobs, key=lambda b: (b.pack, b.offset))
     return RestorePlan(manifest, path, force, blobs, pages.zero, fast if fast is not None else pages.hashes,
-                       quick_check=fast is not None, kept=kept, only_empty=only_empty)
+                       quick_check=fast is not None, kept=kept, only_empty=only_empty, existed=path.exists())
 
 
 def check_target(target: str | os.PathLike[str], force: bool) -> Path:

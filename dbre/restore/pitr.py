@@ -70,12 +70,13 @@ class PitrPlan:
     stats: dict[str, Any] = field(default_factory=dict)
     only_empty: bool = False  # as RestorePlan.only_empty
     safety: bool = True  # as RestorePlan.safety
+    existed: bool = False  # as RestorePlan.existed
 
     def describe(self) -> dict[str, Any]:
         return {
             "db": self.db,
             "target": str(self.target),
-            "replaces_existing": self.target.exists(),
+            "replaces_existing": self.existed,  # (as planned)
             "at": iso(self.at) if self.at else None,
             "txid": self.txid,
             "generation": self.generation.id,
@@ -93,6 +94,7 @@ def plan_pitr(repo: Repository, db: str, target: str | os.PathLike[str], *, at: 
     plan = _plan_pitr(repo, db, target, at=at, txid=txid, force=force)
     if plan is not None:
         plan.only_empty = only_empty
+        plan.existed = plan.target.exists()
     return plan
 
 
