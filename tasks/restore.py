@@ -32,7 +32,7 @@ def restore_whole(repo: str, db: str, target: str, snapshot: str | None = None, 
                   force: bool = False, key: str | None = None) -> dict[str, Any]:
     """Restore a snapshot of ``db`` to ``target`` atomically (every page checked); returns the summary."""
     repository = Repository.open(repo, resolve_key(key))
-    plan = plan_restore(repository, db, target, snapshot=snapshot, at=at, force=force)
+    plan = plan_restore(repository, db, target, snapshot=snapshot, at=at, force=force, safety=True)
     return {"repository": repository.url, **apply_restore(repository, plan).summary()}
 
 
@@ -103,6 +103,7 @@ def restore_pitr(repo: str, db: str, target: str, at: datetime | None = None, tx
         when = f"at {at}" if at is not None else f"up to txid {txid}" if txid is not None else "of the newest state"
         raise UsageError(f"restore of {db} {when}: the replicated segments no longer cover it",
                          "start the restore again: its plan then picks the snapshot")
+    plan.safety = True  # (with force: the database it replaces is snapshotted first, as from the CLI)
     return {"repository": repository.url, **apply_pitr(repository, plan).summary()}
 
 

@@ -59,7 +59,7 @@ class RestorePlan:
     quick_check: bool = False  # ``hashes`` are the snapshot's xxh3 (fast runs), not the keyed hashes
     kept: dict[str, tuple[int, bytes]] = field(default_factory=dict)  # pack -> (offset, bytes) read with its index
     only_empty: bool = False  # replace what is at the target only while it holds no database (--if-db-not-exists)
-    safety: bool = True  # with force: snapshot the database being replaced first (--no-safety-snapshot: off)
+    safety: bool = False  # with force: snapshot the database being replaced first (on at the edges: CLI, Prefect)
     existed: bool = False  # a file was at the target when planned (what the restore replaces)
 
     @property
@@ -93,10 +93,13 @@ class RestoreResult:
 
 
 def plan_restore(repo: Repository, db: str, target: str | os.PathLike[str], *, snapshot: str | None = None,
-                 at: datetime | None = None, force: bool = False, only_empty: bool = False) -> RestorePlan:
+                 at: datetime | None = None, force: bool = False, only_empty: bool = False,
+                 safety: bool = False) -> RestorePlan:
     """Check the options and work out every blob to read; touches nothing. ``only_empty`` (with
     ``force``): what is at the target is replaced only if it still holds no database at the rename
-    (`is_empty_database`; --if-db-not-exists over an empty file)."""
+    (`is_empty_database`; --if-db-not-exists over an empty file). ``safety`` (with ``force``): snapshot
+    a database found there first (`safety_before_replace`): what the CLI and the Prefect restore ask
+    for (a user's file); off by default, for a caller's own scratch files."""
     if snapshot and at:
         raise UsageError("--snapshot and --at were both given", "pass one of them")
     path = check_target(target, force)
@@ -121,7 +124,8 @@ def plan_restore(repo: Repository, db: str, target: str | os.PathLike[str], *, s
         fast = None  # (none, unreadable, or one missing for a stored page: the keyed hash checks them all)
     blobs = sorted(pages.blobs, key=lambda b: (b.pack, b.offset))
     return RestorePlan(manifest, path, force, blobs, pages.zero, fast if fast is not None else pages.hashes,
-                       quick_check=fast is not None, kept=kept, only_empty=only_empty, existed=path.exists())
+                       quick_check=fast is not None, kept=kept, only_empty=only_empty,
+                       safety=safety, existed=path.exists())
 
 
 def check_target(target: str | os.PathLike[str], force: bool) -> Path:

@@ -69,7 +69,7 @@ class PitrPlan:
     txid: int | None = None
     stats: dict[str, Any] = field(default_factory=dict)
     only_empty: bool = False  # as RestorePlan.only_empty
-    safety: bool = True  # as RestorePlan.safety
+    safety: bool = False  # as RestorePlan.safety
     existed: bool = False  # as RestorePlan.existed
 
     def describe(self) -> dict[str, Any]:
