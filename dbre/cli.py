@@ -360,3 +360,4 @@ else:
     import dbre.cli_replicate  # noqa: F401 - replicate
     import dbre.cli_audit  # noqa: F401 - the `audit` group
     import dbre.cli_inspect  # noqa: F401 - diff, stats
+    import dbre.cli_sql  # noqa: F401 - sql

@@ -15,6 +15,7 @@ import os
 import secrets
 import time
 from collections import deque
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -27,6 +28,7 @@ from dbre.replicate.segment import (
     Generation,
     Segment,
     SegmentName,
+    Transaction,
     base_state,
     check_contiguous,
     check_times,
@@ -106,9 +108,34 @@ def _plan_pitr(repo: Repository, db: str, target: str | os.PathLike[str], *, at:
     if at is not None and txid is not None:
         raise UsageError("--at and --txid were both given", "pass one of them")
     path = check_target(target, force)
+    point = find_point(repo, db, at=at, txid=txid)
+    if point is None:
+        return None
+    return PitrPlan(db, path, force, point.generation, point.base, point.segments, at=at, txid=txid)
+
+
+@dataclass
+class PitrPoint:
+    """A replicated state: a generation's base snapshot and the segments whose transactions up to
+    ``at`` (or ``txid``; with neither, all of them) make it."""
+
+    generation: Generation
+    base: Manifest
+    segments: list[SegmentName]
+    at: datetime | None = None
+    txid: int | None = None
+
+
+def find_point(repo: Repository, db: str, *, at: datetime | None = None, txid: int | None = None) -> PitrPoint | None:
+    """Which generation and segments hold the state at ``at`` (or up to ``txid``; with neither, the
+    newest replicated state), chosen as `restore --at` chooses; None when a snapshot holds it as well
+    or better (or nothing is replicated): the caller then takes the snapshot at or before ``at``.
+    Reads names, generation bases and at most one segment; writes nothing."""
+    if at is not None and txid is not None:
+        raise UsageError("--at and --txid were both given", "pass one of them")
     gens = list_generations(repo, db)
     if at is None and txid is None:
-        return _plan_newest(repo, db, path, force, gens)
+        return _newest_point(repo, db, gens)
     if at is not None and gens:
         from dbre.replicate.window import read_pruned
 
@@ -161,11 +188,10 @@ def _plan_pitr(repo: Repository, db: str, target: str | os.PathLike[str], *, at:
     # further on does not matter to this restore
     following = names[len(needed) : len(needed) + 1] if names[: len(needed)] == needed else []
     needed = check_contiguous(db, gen, needed + following)[: len(needed)]
-    return PitrPlan(db, path, force, gen, base_snapshot(repo, gen), needed, at=at, txid=txid)
+    return PitrPoint(gen, base_snapshot(repo, gen), needed, at=at, txid=txid)
 
 
-def _plan_newest(repo: Repository, db: str, path: Path, force: bool,
-                 gens: dict[str, list[SegmentName]]) -> PitrPlan | None:
+def _newest_point(repo: Repository, db: str, gens: dict[str, list[SegmentName]]) -> PitrPoint | None:
     """Every transaction of the newest generation, unless a snapshot taken after the last of them
     was observed holds as much or more (None: restore that snapshot). A generation that cannot be
     restored (its base lost, a gap) is refused, the hint naming ``--snapshot latest``."""
@@ -182,7 +208,7 @@ def _plan_newest(repo: Repository, db: str, path: Path, force: bool,
             raise IntegrityError(f"{gen.key}: base taken at {gen.taken_at}, its name says otherwise",
                                  "the base was moved or replaced: restore it from the offsite copy")
         names = check_contiguous(db, gen, check_times(db, gen, names))
-        return PitrPlan(db, path, force, gen, base_snapshot(repo, gen), names)
+        return PitrPoint(gen, base_snapshot(repo, gen), names)
     except IntegrityError as err:
         raise IntegrityError(err.message, f"{err.hint}; or --snapshot latest: the newest snapshot, without the "
                              "transactions replicated after it") from err
@@ -288,20 +314,35 @@ def _fetch_within(repo: Repository, name: SegmentName, allowance: int) -> bytes 
 def _apply_segments(repo: Repository, plan: PitrPlan, scratch: Path, fd: int) -> tuple[int, int, int]:
     """Write the pages of the transactions up to the limit over the base, segment by segment (the
     newest version of each page of a segment once: memory holds one segment), then cut the file to
-    the last one's page count.
+    the last one's page count."""
+    gen = plan.generation
+    limit_us = micros(plan.at) if plan.at is not None else None
+    page_count = plan.base.page_count
+    applied, last, last_obs = 0, gen.base_txid, 0
+    ps = plan.base.page_size
+    for seg in checked_segments(repo, gen, plan.segments):
+        done = _apply_one(plan, seg, limit_us, fd)
+        del seg
+        if done is not None:
+            page_count, applied, last, last_obs = done[0], applied + done[1], done[2], done[3]
+    os.ftruncate(fd, page_count * ps)
+    os.fsync(fd)
+    if page_count * ps != scratch.stat().st_size:
+        raise RestoreError(f"restore to {plan.target}: size mismatch after applying segments")
+    return applied, last, last_obs
+
+
+def checked_segments(repo: Repository, gen: Generation, names: list[SegmentName]) -> Iterator[Segment]:
+    """Each of ``names`` (a generation's segments, in order) opened and checked against the hash
+    chain from the generation's base, one at a time (memory holds one segment and the bytes
+    fetched ahead).
 
     Read-ahead is bounded by bytes: the first segment is fetched alone (a planted object is refused
     before anything else is read); then each fetch ahead may take at most twice the largest
     segment checked so far (at least ``MIN_ALLOWANCE``), and at most ``READ_AHEAD_BYTES`` of them
     are in flight. A segment larger than its allowance is fetched again, whole, at its turn."""
-    gen = plan.generation
-    limit_us = micros(plan.at) if plan.at is not None else None
     state = bytes.fromhex(gen.state)
-    page_count = plan.base.page_count
-    applied, last, last_obs = 0, gen.base_txid, 0
-    ps = plan.base.page_size
     with ThreadPoolExecutor(SEGMENT_READERS, thread_name_prefix="dbre-segments") as pool:
-        names = plan.segments
         ahead: deque[tuple[SegmentName, Future[bytes | None], int]] = deque()
         nxt, in_flight, largest = 0, 0, 0
 
@@ -327,36 +368,41 @@ def _apply_segments(repo: Repository, plan: PitrPlan, scratch: Path, fd: int) ->
                 largest = max(largest, len(raw))
                 del raw
                 state = seg.state_after
-                done = _apply_one(plan, seg, limit_us, fd)
+                yield seg
                 del seg
-                if done is not None:
-                    page_count, applied, last, last_obs = done[0], applied + done[1], done[2], done[3]
                 fill()
         finally:
             for _, f, _ in ahead:
                 f.cancel()
-    os.ftruncate(fd, page_count * ps)
-    os.fsync(fd)
-    if page_count * ps != scratch.stat().st_size:
-        raise RestoreError(f"restore to {plan.target}: size mismatch after applying segments")
-    return applied, last, last_obs
 
 
 def _apply_one(plan: PitrPlan, seg: Segment, limit_us: int | None, fd: int) -> tuple[int, int, int, int] | None:
     """Write the newest version of each page of the segment's transactions up to the limit:
     (page count, transactions, last txid, last observed), or None when none of them qualified."""
-    if seg.page_size != plan.base.page_size:
-        raise IntegrityError(f"{seg.name.key}: page size {seg.page_size}, the base's {plan.base.page_size}")
+    found = segment_pages(seg, plan.base.page_size, limit_us, plan.txid)
+    if found is None:
+        return None
+    pages, applied, last = found
+    ps = seg.page_size
+    for pgno in sorted(pages):
+        os.pwrite(fd, pages[pgno], (pgno - 1) * ps)  # (pages past a later shrink are cut at the end)
+    return last.page_count, applied, last.txid, last.observed_us
+
+
+def segment_pages(seg: Segment, page_size: int, limit_us: int | None,
+                  txid: int | None) -> tuple[dict[int, bytes], int, Transaction] | None:
+    """The newest version of each page (number from 1 -> bytes) among the segment's transactions
+    observed at or before ``limit_us`` and up to ``txid``, how many transactions those are, and the
+    last of them; None when none qualifies. A page size other than the base's ``page_size`` is refused."""
+    if seg.page_size != page_size:
+        raise IntegrityError(f"{seg.name.key}: page size {seg.page_size}, the base's {page_size}")
     pages: dict[int, bytes] = {}
     applied, last = 0, None
     for tx in seg.transactions:
-        if (limit_us is not None and tx.observed_us > limit_us) or (plan.txid is not None and tx.txid > plan.txid):
+        if (limit_us is not None and tx.observed_us > limit_us) or (txid is not None and tx.txid > txid):
             break
         pages.update(tx.pages)
         applied, last = applied + 1, tx
     if last is None:
         return None
-    ps = seg.page_size
-    for pgno in sorted(pages):
-        os.pwrite(fd, pages[pgno], (pgno - 1) * ps)  # (pages past a later shrink are cut at the end)
-    return last.page_count, applied, last.txid, last.observed_us
+    return pages, applied, last
