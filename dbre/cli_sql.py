@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import json
 import sys
+from collections.abc import Callable
 from typing import Annotated, Any
 
 import typer
@@ -52,17 +53,18 @@ def sql(
         when = parse_time(at) if at else None
         if snapshot and when:
             raise UsageError("--snapshot and --at were both given", "pass one of them")
-        result = query(Repository.open(repo, _key(key_file)), db, statement, snapshot=snapshot, at=when)
-        if fmt == "json":
-            print(json.dumps([dict(zip(result.columns, map(_json_value, row), strict=True)) for row in result.rows],
-                             indent=2))
-        elif fmt == "csv":
-            out = csv.writer(sys.stdout, lineterminator="\n")
-            out.writerow(result.columns)
-            out.writerows([_csv_value(v) for v in row] for row in result.rows)
-        else:
+        repository = Repository.open(repo, _key(key_file))
+        if fmt == "table":
+            result = query(repository, db, statement, snapshot=snapshot, at=when)
             title = f"{len(result.rows)} row{'' if len(result.rows) == 1 else 's'}"
             _table(title, result.columns, [[_cell(v) for v in row] for row in result.rows])
+        else:  # rows are written as they come: a result larger than memory streams through
+            result = query(repository, db, statement, snapshot=snapshot, at=when,
+                           sink=_json_rows() if fmt == "json" else _csv_rows())
+            if fmt == "json":
+                print("[]" if not result.row_count else "\n]")
+            elif not result.row_count:
+                csv.writer(sys.stdout, lineterminator="\n").writerow(result.columns)
         sys.stdout.flush()
         s = result.stats
         print(f"dbre: {result.state.label()}: read {s.objects} objects ({s.requests} requests), {human(s.bytes)} of "
@@ -72,12 +74,69 @@ def sql(
     _run(go)
 
 
-def _json_value(v: Any) -> Any:
-    return v.hex() if isinstance(v, bytes) else v
+@app.command("shell")
+def shell(
+    repo: RepoOpt,
+    db: DbNameOpt,
+    at: SqlAtOpt = None,
+    snapshot: SqlSnapshotOpt = None,
+    key_file: KeyFileOpt = None,
+) -> None:
+    """An interactive SQLite shell (apsw's) on a past state of a database, read-only and without restoring it:
+    pages are read from the repository as statements touch them. The state is chosen as `dbre sql` chooses it;
+    statements that write are refused; .quit ends it."""
+
+    def go() -> None:
+        import apsw.shell
+
+        from dbre.repository.manifest import check_db_name, parse_time
+        from dbre.repository.repo import Repository
+        from dbre.restore.query import open_query
+
+        check_db_name(db)
+        when = parse_time(at) if at else None
+        if snapshot and when:
+            raise UsageError("--snapshot and --at were both given", "pass one of them")
+        with open_query(Repository.open(repo, _key(key_file)), db, snapshot=snapshot, at=when) as session:
+            print(f"dbre: {session.state.label()}, read-only, nothing restored; .help lists the commands, "
+                  ".quit ends", file=sys.stderr)
+            try:
+                apsw.shell.Shell(db=session.conn).cmdloop()
+            except SystemExit:  # (.quit and .exit end the loop by exiting)
+                pass
+            s = session.stats
+        print(f"dbre: read {s.objects} objects ({s.requests} requests), {human(s.bytes)} of "
+              f"{human(session.state.size)}; {s.pages_served} pages served", file=sys.stderr)
+
+    _run(go)
 
 
-def _csv_value(v: Any) -> Any:
-    return "" if v is None else v.hex() if isinstance(v, bytes) else v
+def _json_rows() -> Callable[[list[str], tuple[Any, ...]], None]:
+    """A sink that prints rows as a JSON list of objects, one by one (the caller closes the list)."""
+    first = True
+
+    def sink(columns: list[str], row: tuple[Any, ...]) -> None:
+        nonlocal first
+        obj = {c: v.hex() if isinstance(v, bytes) else v for c, v in zip(columns, row, strict=True)}
+        sys.stdout.write(("[\n  " if first else ",\n  ") + json.dumps(obj))
+        first = False
+
+    return sink
+
+
+def _csv_rows() -> Callable[[list[str], tuple[Any, ...]], None]:
+    """A sink that prints rows as CSV, the header before the first."""
+    out = csv.writer(sys.stdout, lineterminator="\n")
+    first = True
+
+    def sink(columns: list[str], row: tuple[Any, ...]) -> None:
+        nonlocal first
+        if first:
+            out.writerow(columns)
+            first = False
+        out.writerow(["" if v is None else v.hex() if isinstance(v, bytes) else v for v in row])
+
+    return sink
 
 
 def _cell(v: Any) -> str:

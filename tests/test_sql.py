@@ -37,7 +37,7 @@ from dbre.restore.query import query
 from dbre.secrets import Secret
 from dbre.sources import open_source
 from tests.dbfactory import assert_one_line_error, change_rows, make_db, run_dbre
-from tests.replication import make_source, restore_at, restored_seq
+from tests.replication import dbre_cmd, make_source, restore_at, restored_seq
 
 KEY = "correct horse battery staple"
 
@@ -398,3 +398,23 @@ def test_a_time_between_two_replicated_transactions_sees_exactly_the_first(
     assert r.returncode == 0 and r.stdout.splitlines()[1] == "53,53,53", r
     assert "+ 3 replicated transactions" in r.stderr, r
     assert not [p for p in tmp.rglob("*") if p.name.endswith(("-journal",)) or ".dbre-" in p.name]
+
+
+def test_shell_answers_and_refuses_writes(local_history: History, tmp_path: Path) -> None:
+    """`dbre shell` (apsw's shell on the same read-only connection): statements from stdin are answered
+    from the snapshot, writes are refused (VACUUM INTO included: its ATTACH goes through the authorizer),
+    and the repository is unchanged."""
+    h = local_history
+    before = tree(h)
+    into = tmp_path / "into.db"
+    script = (f"SELECT count(*) FROM notes;\nDELETE FROM notes;\nVACUUM INTO '{into}';\n"
+              "SELECT 'after', count(*) FROM notes;\n.quit\n")
+    r = subprocess.run([*dbre_cmd("shell", "--repo", h.url, "--db", "app", "--snapshot", h.snaps[1].id)],
+                       input=script, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert r.returncode == 0, r
+    out = [line.strip() for line in r.stdout.splitlines() if line.strip()]
+    assert out[0] == "300" and out[-1].replace(" ", "").replace("|", ",").endswith("after,300"), r.stdout
+    assert "not authorized" in r.stderr and "authorization denied" in r.stderr, r.stderr
+    assert f"snapshot {h.snaps[1].id}" in r.stderr and "nothing restored" in r.stderr
+    assert not into.exists() and list(tmp_path.iterdir()) == []
+    assert tree(h) == before

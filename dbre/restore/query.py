@@ -428,12 +428,15 @@ class _StateVFS(apsw.VFS):
     def __init__(self, source: PageSource) -> None:
         self.source = source
         self.vfs_name = f"dbre-query-{secrets.token_hex(6)}"
+        self.opened = False
         super().__init__(self.vfs_name, "")
 
     def xOpen(self, name: object, flags: list[int]) -> _StateFile:  # type: ignore[override]
-        if flags[0] & apsw.SQLITE_OPEN_MAIN_DB:
+        if flags[0] & apsw.SQLITE_OPEN_MAIN_DB and not self.opened:
+            self.opened = True
             return _StateFile(self.source)
-        raise apsw.CantOpenError("a query opens no file but its database")  # (temp storage is in memory)
+        # (temp storage is in memory; ATTACH is refused by the authorizer before it gets here)
+        raise apsw.CantOpenError("a query opens no file but its database")
 
     def xAccess(self, pathname: str, flags: int) -> bool:
         return False
@@ -496,12 +499,13 @@ class QueryResult:
 
     state: QueryState
     columns: list[str]
-    rows: list[tuple[Any, ...]]
+    rows: list[tuple[Any, ...]]  # (empty when they went to a sink as they came)
+    row_count: int
     stats: FetchStats
     seconds: float
 
     def describe(self) -> dict[str, Any]:
-        return {**self.state.describe(), **self.stats.describe(), "rows": len(self.rows),
+        return {**self.state.describe(), **self.stats.describe(), "rows": self.row_count,
                 "seconds": round(self.seconds, 3)}
 
 
@@ -530,21 +534,51 @@ def check_statement(conn: apsw.Connection, refused: list[str], sql: str) -> list
     return [d[0] for d in info.description]
 
 
-def query(repo: Repository, db: str, sql: str, *, snapshot: str | None = None, at: datetime | None = None,
-          bindings: Any = None, cache_bytes: int = CACHE_BYTES) -> QueryResult:
-    """Answer ``sql`` (one read-only statement) against the state of ``db`` that `restore` would
-    restore with the same ``snapshot`` / ``at``, reading only what the query touches, under the
-    repository's shared lock. Bad or writing SQL raises UsageError before any row is read."""
-    started = time.perf_counter()
+@dataclass
+class QuerySession:
+    """A read-only connection to a chosen state, and what reading it has cost so far."""
+
+    conn: apsw.Connection
+    refused: list[str]  # what the authorizer refused (for the message)
+    state: QueryState
+    stats: FetchStats
+
+
+@contextmanager
+def open_query(repo: Repository, db: str, *, snapshot: str | None = None, at: datetime | None = None,
+               cache_bytes: int = CACHE_BYTES) -> Iterator[QuerySession]:
+    """A read-only connection to the state of ``db`` that `restore` would restore with the same
+    ``snapshot`` / ``at``, under the repository's shared lock (held until the block ends); every
+    read is counted in the session's ``stats``."""
     stats = FetchStats()
     counted = Repository(CountingStore(repo.store, stats), repo.config, repo.sealer, repo.raw_config)
     with counted.lock(f"sql {db}"):
         state = choose_state(counted, db, snapshot=snapshot, at=at)
         with open_state(counted, state, stats, cache_bytes=cache_bytes) as (conn, refused):
-            columns = check_statement(conn, refused, sql)
-            try:
-                rows = list(conn.execute(sql, bindings))
-            except (apsw.SQLError, apsw.AuthError, apsw.ReadOnlyError, apsw.MismatchError, apsw.RangeError,
-                    apsw.TooBigError) as err:
-                raise UsageError(f"sql: {err}", "check the statement") from None
-    return QueryResult(state, columns, rows, stats, time.perf_counter() - started)
+            yield QuerySession(conn, refused, state, stats)
+
+
+def query(repo: Repository, db: str, sql: str, *, snapshot: str | None = None, at: datetime | None = None,
+          bindings: Any = None, cache_bytes: int = CACHE_BYTES,
+          sink: Callable[[list[str], tuple[Any, ...]], None] | None = None) -> QueryResult:
+    """Answer ``sql`` (one read-only statement) against the state of ``db`` that `restore` would
+    restore with the same ``snapshot`` / ``at``, reading only what the query touches, under the
+    repository's shared lock. Bad or writing SQL raises UsageError before any row is read. With
+    ``sink``, each row goes to ``sink(columns, row)`` as it comes and none is kept (a result larger
+    than memory)."""
+    started = time.perf_counter()
+    rows: list[tuple[Any, ...]] = []
+    count = 0
+    with open_query(repo, db, snapshot=snapshot, at=at, cache_bytes=cache_bytes) as session:
+        columns = check_statement(session.conn, session.refused, sql)
+        try:
+            for row in session.conn.execute(sql, bindings):
+                count += 1
+                if sink is None:
+                    rows.append(row)
+                else:
+                    sink(columns, row)
+        except (apsw.SQLError, apsw.AuthError, apsw.ReadOnlyError, apsw.MismatchError, apsw.RangeError,
+                apsw.TooBigError) as err:
+            raise UsageError(f"sql: {err}", "check the statement") from None
+    return QueryResult(session.state, columns, rows, count, session.stats, time.perf_counter() - started)
