@@ -216,6 +216,7 @@ class Litestream:
 
 class Dbre:
     name = "dbre"
+    interval: str | None = None  # --interval; None: dbre's own default
 
     def unavailable(self) -> str | None:
         try:
@@ -234,7 +235,8 @@ class Dbre:
         return name  # a local repository has the layout of an S3 one
 
     def replicate(self, db: Path, target: Target, work: Path) -> list[str]:
-        return [*DBRE, "replicate", str(db), "--repo", self.repo(target), "--db", DB_NAME, "--interval", "1s"]
+        interval = ["--interval", self.interval] if self.interval else []  # (else dbre's default)
+        return [*DBRE, "replicate", str(db), "--repo", self.repo(target), "--db", DB_NAME, *interval]
 
     def restore(self, db: Path, target: Target | Path, out: Path, work: Path, at: datetime | None = None,
                 dry_run: bool = False) -> list[str]:
@@ -381,6 +383,7 @@ class Settings:
     checkpoint_every: float = 10.0
     baseline: bool = True
     seed: int = 1
+    dbre_interval: str | None = None  # dbre replicate --interval; None: dbre's own default
 
     @classmethod
     def quick(cls) -> Settings:
@@ -562,6 +565,8 @@ def replicate_run(tool: Tool, kind: str, rate: int, base: Path, work: Path, endp
     log_path = work / f"{key}.log"
     with open(log_path, "wb") as tool_log, ReplicaWatch(target, run_dir / "mirror") as watch:
         started = time.time_ns()
+        if isinstance(tool, Dbre):
+            tool.interval = s.dbre_interval
         proc = subprocess.Popen(tool.replicate(db, target, run_dir), stdout=tool_log, stderr=subprocess.STDOUT,
                                 env=child_env())
         try:
@@ -701,7 +706,7 @@ class _nothing:
 
 def settings_from(args: argparse.Namespace) -> Settings:
     s = Settings.quick() if args.quick else Settings()
-    for name in ("size_mib", "seconds", "restores", "lag_pairs", "newest_runs", "checkpoint_every"):
+    for name in ("size_mib", "seconds", "restores", "lag_pairs", "newest_runs", "checkpoint_every", "dbre_interval"):
         value = getattr(args, name, None)
         if value is not None:
             setattr(s, name, value)
@@ -724,6 +729,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lag-pairs", type=int, help="position pairs restored for the lag; 0: all (default 6)")
     p.add_argument("--newest-runs", type=int, help="timed restores of the newest state (default 3)")
     p.add_argument("--checkpoint-every", type=float, help="the application's RESTART checkpoints (default 10 s)")
+    p.add_argument("--dbre-interval", help="dbre replicate --interval (default: dbre's own default)")
     p.add_argument("--no-baseline", action="store_true", help="skip the run without a replicator")
 
 

@@ -196,7 +196,7 @@ from tests.replication import restore_at
 def die(*a, **k):
     os.kill(os.getpid(), signal.SIGKILL)
 
-pitr._apply_one = die  # kill -9 while the segments are applied over the scratch copy
+pitr._write_pages = die  # kill -9 while the segments are applied over the scratch copy
 restore_at(Repository.open(sys.argv[1]), "app", datetime.fromisoformat(sys.argv[2]), sys.argv[3])
 """
 

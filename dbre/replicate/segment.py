@@ -373,9 +373,8 @@ def open_segment(repo: Repository, name: SegmentName, state_before: bytes | None
     seg = Segment.decode(_unseal_body(repo, name, raw if raw is not None else fetch_segment(repo, name)), key)
     if seg.name != name:
         raise IntegrityError(f"{key}: segment holds {seg.name.key}", _HINT)
-    if state_before is not None and seg.state_before != state_before:
-        raise IntegrityError(f"{key}: does not follow the previous segment (hash chain broken: a segment "
-                             "is missing, swapped or from another history)", _HINT)
+    if state_before is not None:
+        check_follows(seg, state_before)
     state = seg.state_before
     for i, tx in enumerate(seg.transactions):
         if tx.txid != name.first + i:
@@ -386,6 +385,13 @@ def open_segment(repo: Repository, name: SegmentName, state_before: bytes | None
     if state != seg.state_after:
         raise IntegrityError(f"{key}: pages do not match the segment's hash chain (damaged or altered)", _HINT)
     return seg
+
+
+def check_follows(seg: Segment, state_before: bytes) -> None:
+    """Refuse a segment (opened with no ``state_before``) that does not start where the previous one ended."""
+    if seg.state_before != state_before:
+        raise IntegrityError(f"{seg.name.key}: does not follow the previous segment (hash chain broken: a segment "
+                             "is missing, swapped or from another history)", _HINT)
 
 
 def list_generations(repo: Repository, db: str, *,

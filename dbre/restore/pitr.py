@@ -31,6 +31,7 @@ from dbre.replicate.segment import (
     Transaction,
     base_state,
     check_contiguous,
+    check_follows,
     check_times,
     fetch_segment,
     list_generations,
@@ -55,6 +56,7 @@ SEGMENT_READERS = 8  # segments fetched at once (one GET each)
 SEGMENTS_AHEAD = 16  # fetched ahead of the one being checked, at most ...
 READ_AHEAD_BYTES = 64 * 1024 * 1024  # ... and at most this many bytes of them (see _apply_segments)
 MIN_ALLOWANCE = 1024 * 1024  # the least a fetch ahead may read before it is redone whole at its turn
+HOLD_BYTES = 64 * 1024 * 1024  # newest page versions held across segments before they are written
 
 
 @dataclass
@@ -311,20 +313,35 @@ def _fetch_within(repo: Repository, name: SegmentName, allowance: int) -> bytes 
     return data if len(data) <= allowance else None
 
 
+def _open_within(repo: Repository, name: SegmentName, allowance: int) -> tuple[int, Segment | None]:
+    """A segment fetched (see `_fetch_within`) and opened, its own chain checked; (0, None) if larger
+    than ``allowance``."""
+    raw = _fetch_within(repo, name, allowance)
+    return (0, None) if raw is None else (len(raw), open_segment(repo, name, None, raw))
+
+
 def _apply_segments(repo: Repository, plan: PitrPlan, scratch: Path, fd: int) -> tuple[int, int, int]:
-    """Write the pages of the transactions up to the limit over the base, segment by segment (the
-    newest version of each page of a segment once: memory holds one segment), then cut the file to
-    the last one's page count."""
+    """Write the pages of the transactions up to the limit over the base, then cut the file to the
+    last one's page count. The newest version of each page is held across segments, up to
+    ``HOLD_BYTES``, and written once (a page rewritten by every transaction is written once per
+    hold, not once per segment); memory holds those pages and the segments read ahead."""
     gen = plan.generation
     limit_us = micros(plan.at) if plan.at is not None else None
     page_count = plan.base.page_count
     applied, last, last_obs = 0, gen.base_txid, 0
     ps = plan.base.page_size
+    held: dict[int, bytes] = {}
     for seg in checked_segments(repo, gen, plan.segments):
-        done = _apply_one(plan, seg, limit_us, fd)
+        found = segment_pages(seg, ps, limit_us, plan.txid)
         del seg
-        if done is not None:
-            page_count, applied, last, last_obs = done[0], applied + done[1], done[2], done[3]
+        if found is None:
+            continue
+        pages, n, tx = found
+        held.update(pages)
+        page_count, applied, last, last_obs = tx.page_count, applied + n, tx.txid, tx.observed_us
+        if len(held) * ps >= HOLD_BYTES:
+            _write_pages(fd, held, ps)
+    _write_pages(fd, held, ps)  # (pages past a later shrink are cut below)
     os.ftruncate(fd, page_count * ps)
     os.fsync(fd)
     if page_count * ps != scratch.stat().st_size:
@@ -332,18 +349,26 @@ def _apply_segments(repo: Repository, plan: PitrPlan, scratch: Path, fd: int) ->
     return applied, last, last_obs
 
 
+def _write_pages(fd: int, pages: dict[int, bytes], ps: int) -> None:
+    """Write ``pages`` (page number from 1 -> bytes) in file order, and forget them."""
+    for pgno in sorted(pages):
+        os.pwrite(fd, pages[pgno], (pgno - 1) * ps)
+    pages.clear()
+
+
 def checked_segments(repo: Repository, gen: Generation, names: list[SegmentName]) -> Iterator[Segment]:
     """Each of ``names`` (a generation's segments, in order) opened and checked against the hash
-    chain from the generation's base, one at a time (memory holds one segment and the bytes
-    fetched ahead).
+    chain from the generation's base, one at a time.
 
+    The reader threads fetch, unseal, decode and check each segment's own chain (decompression
+    runs beside the caller's writes); here each is checked to start where the previous one ended.
     Read-ahead is bounded by bytes: the first segment is fetched alone (a planted object is refused
     before anything else is read); then each fetch ahead may take at most twice the largest
     segment checked so far (at least ``MIN_ALLOWANCE``), and at most ``READ_AHEAD_BYTES`` of them
     are in flight. A segment larger than its allowance is fetched again, whole, at its turn."""
     state = bytes.fromhex(gen.state)
     with ThreadPoolExecutor(SEGMENT_READERS, thread_name_prefix="dbre-segments") as pool:
-        ahead: deque[tuple[SegmentName, Future[bytes | None], int]] = deque()
+        ahead: deque[tuple[SegmentName, Future[tuple[int, Segment | None]], int]] = deque()
         nxt, in_flight, largest = 0, 0, 0
 
         def fill() -> None:
@@ -353,20 +378,22 @@ def checked_segments(repo: Repository, gen: Generation, names: list[SegmentName]
                 allowance = cap if not largest else min(cap, max(2 * largest, MIN_ALLOWANCE))
                 if ahead and (not largest or in_flight + allowance > READ_AHEAD_BYTES):
                     return
-                ahead.append((names[nxt], pool.submit(_fetch_within, repo, names[nxt], allowance), allowance))
+                ahead.append((names[nxt], pool.submit(_open_within, repo, names[nxt], allowance), allowance))
                 nxt, in_flight = nxt + 1, in_flight + allowance
 
         try:
             fill()
             while ahead:
                 name, fut, allowance = ahead.popleft()
-                raw = fut.result()
+                size, seg = fut.result()
                 in_flight -= allowance
-                if raw is None:
+                if seg is None:
                     raw = fetch_segment(repo, name)
-                seg = open_segment(repo, name, state, raw)  # every page against the chain
-                largest = max(largest, len(raw))
-                del raw
+                    size, seg = len(raw), open_segment(repo, name, state, raw)  # every page against the chain
+                    del raw
+                else:
+                    check_follows(seg, state)
+                largest = max(largest, size)
                 state = seg.state_after
                 yield seg
                 del seg
@@ -374,19 +401,6 @@ def checked_segments(repo: Repository, gen: Generation, names: list[SegmentName]
         finally:
             for _, f, _ in ahead:
                 f.cancel()
-
-
-def _apply_one(plan: PitrPlan, seg: Segment, limit_us: int | None, fd: int) -> tuple[int, int, int, int] | None:
-    """Write the newest version of each page of the segment's transactions up to the limit:
-    (page count, transactions, last txid, last observed), or None when none of them qualified."""
-    found = segment_pages(seg, plan.base.page_size, limit_us, plan.txid)
-    if found is None:
-        return None
-    pages, applied, last = found
-    ps = seg.page_size
-    for pgno in sorted(pages):
-        os.pwrite(fd, pages[pgno], (pgno - 1) * ps)  # (pages past a later shrink are cut at the end)
-    return last.page_count, applied, last.txid, last.observed_us
 
 
 def segment_pages(seg: Segment, page_size: int, limit_us: int | None,
