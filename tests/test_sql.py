@@ -32,6 +32,7 @@ from dbre.replicate.shipper import Replicator
 from dbre.repository.backup import backup
 from dbre.repository.manifest import RECORD, Manifest
 from dbre.repository.repo import Repository, pack_key
+from dbre.restore import query as query_mod
 from dbre.restore.full import apply_restore, plan_restore
 from dbre.restore.query import query
 from dbre.secrets import Secret
@@ -390,6 +391,12 @@ def test_a_time_between_two_replicated_transactions_sees_exactly_the_first(
             restore_at(repo, "app", to_time(at_us), out)
             assert restored_seq(out) == (rows, rows, rows)  # restore --at agrees
         assert query(repo, "app", STATE_SQL, at=to_time(second_us)).rows == [(52 + k,) * 3]
+    # replicated pages past the overlay's memory go to an unnamed temporary file: the same answers
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(query_mod, "OVERLAY_MEMORY", 0)
+        for k in (2, 7):
+            result = query(repo, "app", STATE_SQL, at=to_time(txs[k][1]))
+            assert result.rows == [(51 + k,) * 3] and len(result.state.overlay) > 0, result.rows
     # the newest replicated state by default (as restore), the base snapshot with --snapshot latest
     assert query(repo, "app", STATE_SQL).rows == [(58, 58, 58)]
     assert query(repo, "app", STATE_SQL, snapshot="latest").rows == [(50, 50, 50)]
@@ -418,3 +425,24 @@ def test_shell_answers_and_refuses_writes(local_history: History, tmp_path: Path
     assert f"snapshot {h.snaps[1].id}" in r.stderr and "nothing restored" in r.stderr
     assert not into.exists() and list(tmp_path.iterdir()) == []
     assert tree(h) == before
+
+
+def test_a_format_1_repository_is_queried_too(tmp_path: Path) -> None:
+    """A repository of dbre before format 2 (read only: unkeyed page hashes, runs sealed without names)
+    answers as its restore does."""
+    import shutil
+
+    data = Path(__file__).parent / "data" / "v1" / "plain"
+    shutil.copytree(data, tmp_path / "repo")
+    repo = Repository.open(str(tmp_path / "repo"))
+    snaps = repo.snapshots("app")
+    assert len(snaps) == 2 and repo.version == 1
+    h = History(str(tmp_path / "repo"), repo, snaps, tmp_path)
+    before = tree(h)
+    for m in snaps:
+        copy = restored(h, tmp_path, snapshot=m.id)
+        for sql in ("SELECT count(*), sum(total), max(customer) FROM orders", "PRAGMA quick_check"):
+            assert answer(h, sql, snapshot=m.id) == on_copy(copy, sql), (m.id, sql)
+    assert answer(h, "SELECT count(*) FROM orders", snapshot=snaps[0].id) != answer(h, "SELECT count(*) FROM orders")
+    assert tree(h) == before
+    assert not list((tmp_path / "repo").glob("locks/*"))

@@ -6,16 +6,19 @@ database file SQLite sees is a `PageSource`: each page it reads is found through
 map (record -> pack, offset, length of a sealed batch of pages), and only the runs and batches a query
 touches are fetched (ranged reads, several in flight when a query reads in file order), unsealed, kept
 in a bounded LRU cache, and every page served is checked against its keyed hash. Replicated pages come
-from the segments, checked against their hash chain, and are held in memory. The connection is
-read-only and immutable (page 1 says rollback journal, so no -wal or -shm is ever looked for), temp
-storage is in memory, and an authorizer refuses anything but reading: nothing is written anywhere. The
-repository's shared lock is held while the query runs, so prune deletes nothing it reads.
+from the segments, checked against their hash chain (held in memory; past 256 MiB, in a temporary file
+that never has a name). The connection is read-only and immutable (page 1 says rollback journal, so no
+-wal or -shm is ever looked for), temp storage is in memory, and an authorizer refuses anything but
+reading: nothing is written, beside the query or in the repository, but the repository's shared lock
+(its object is gone when the query ends), held while the query runs so prune deletes nothing it reads.
 """
 
 from __future__ import annotations
 
 import bisect
+import os
 import secrets
+import tempfile
 import threading
 import time
 from collections import OrderedDict
@@ -38,6 +41,7 @@ from dbre.restore.pitr import PitrPoint, checked_segments, find_point, segment_p
 from dbre.storage import NotFound, Store
 
 CACHE_BYTES = 64 * 1024 * 1024  # unsealed page batches kept (LRU): ~32 batches of 2 MiB
+OVERLAY_MEMORY = 256 * 1024 * 1024  # replicated pages held in memory; more go to an unnamed temporary file
 RUNS_KEPT = 64  # page-map runs kept (LRU): 64 x 4096 records = 256 Ki pages, 1 GiB of 4 KiB pages, ~12 MB
 READERS = 8  # ranged reads in flight at most
 READ_AHEAD = 4  # batches fetched ahead once a query reads in file order
@@ -120,6 +124,53 @@ class CountingStore:
 # -- the state and its pages ---------------------------------------------------------------------
 
 
+class PageOverlay:
+    """The replicated pages of a state (page number from 1 -> bytes, the newest version of each): in
+    memory up to ``memory`` bytes, the rest in a temporary file that has no name (created unlinked,
+    gone when closed), so a point late in a busy generation does not hold every changed page in RAM."""
+
+    def __init__(self, memory: int | None = None) -> None:
+        self.memory = OVERLAY_MEMORY if memory is None else memory
+        self._pages: dict[int, bytes] = {}
+        self._held = 0
+        self._spilled: dict[int, tuple[int, int]] = {}  # page number -> (offset, length) in the file
+        self._file: Any = None
+        self._end = 0
+
+    def __len__(self) -> int:
+        return len(self._pages) + len(self._spilled)
+
+    def update(self, pages: dict[int, bytes]) -> None:
+        for pgno, data in pages.items():
+            old = self._pages.pop(pgno, None)
+            if old is not None:
+                self._held -= len(old)
+            if self._held + len(data) <= self.memory:
+                self._pages[pgno] = data
+                self._held += len(data)
+                self._spilled.pop(pgno, None)
+                continue
+            if self._file is None:
+                self._file = tempfile.TemporaryFile(prefix="dbre-sql-")  # (O_TMPFILE: never a name on disk)
+            os.pwrite(self._file.fileno(), data, self._end)
+            self._spilled[pgno] = (self._end, len(data))
+            self._end += len(data)
+
+    def get(self, pgno: int) -> bytes | None:
+        data = self._pages.get(pgno)
+        if data is not None:
+            return data
+        where = self._spilled.get(pgno)
+        if where is None:
+            return None
+        return os.pread(self._file.fileno(), where[1], where[0])
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
 @dataclass
 class QueryState:
     """The database state a query reads: a snapshot, or a replicated point (its base snapshot and
@@ -128,7 +179,7 @@ class QueryState:
     db: str
     manifest: Manifest
     point: PitrPoint | None = None
-    overlay: dict[int, bytes] = field(default_factory=dict)  # page number (from 1) -> bytes, replicated
+    overlay: PageOverlay = field(default_factory=lambda: PageOverlay())  # the replicated pages
     page_count: int = 0
     transactions: int = 0
     last_txid: int | None = None
@@ -159,7 +210,8 @@ def choose_state(repo: Repository, db: str, *, snapshot: str | None = None, at: 
     """The state `dbre restore` would restore with the same options: ``snapshot`` (an id prefix, or
     "latest": the newest snapshot), else the replicated state at ``at`` (with neither: the newest
     replicated state) when segments hold it better than a snapshot, else the newest snapshot at or
-    before ``at``. Replicated pages are read and chain-checked here (held in memory)."""
+    before ``at``. Replicated pages are read and chain-checked here (into ``state.overlay``: the caller
+    closes it)."""
     if snapshot and at:
         raise UsageError("--snapshot and --at were both given", "pass one of them")
     check_db_name(db)
@@ -172,15 +224,19 @@ def choose_state(repo: Repository, db: str, *, snapshot: str | None = None, at: 
         return QueryState(db, m, page_count=m.page_count)
     state = QueryState(db, point.base, point, page_count=point.base.page_count)
     limit = micros(at) if at is not None else None
-    for seg in checked_segments(repo, point.generation, point.segments):
-        found = segment_pages(seg, point.base.page_size, limit, None)
-        if found is None:
-            continue
-        pages, applied, last = found
-        state.overlay.update(pages)
-        state.page_count, state.last_txid = last.page_count, last.txid
-        state.last_committed = iso(to_time(last.observed_us))
-        state.transactions += applied
+    try:
+        for seg in checked_segments(repo, point.generation, point.segments):
+            found = segment_pages(seg, point.base.page_size, limit, None)
+            if found is None:
+                continue
+            pages, applied, last = found
+            state.overlay.update(pages)
+            state.page_count, state.last_txid = last.page_count, last.txid
+            state.last_committed = iso(to_time(last.observed_us))
+            state.transactions += applied
+    except BaseException:
+        state.overlay.close()
+        raise
     if state.last_txid is None:
         state.last_txid = point.generation.base_txid
     return state
@@ -554,8 +610,11 @@ def open_query(repo: Repository, db: str, *, snapshot: str | None = None, at: da
     counted = Repository(CountingStore(repo.store, stats), repo.config, repo.sealer, repo.raw_config)
     with counted.lock(f"sql {db}"):
         state = choose_state(counted, db, snapshot=snapshot, at=at)
-        with open_state(counted, state, stats, cache_bytes=cache_bytes) as (conn, refused):
-            yield QuerySession(conn, refused, state, stats)
+        try:
+            with open_state(counted, state, stats, cache_bytes=cache_bytes) as (conn, refused):
+                yield QuerySession(conn, refused, state, stats)
+        finally:
+            state.overlay.close()
 
 
 def query(repo: Repository, db: str, sql: str, *, snapshot: str | None = None, at: datetime | None = None,
