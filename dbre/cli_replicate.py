@@ -41,7 +41,7 @@ def replicate(
     repo: Annotated[str | None, typer.Option("--repo", "-r", help="Repository: a local path or s3://bucket/prefix "
                                              "(default with --policy: its primary).")] = None,
     db: Annotated[str | None, typer.Option("--db", help="Database name in the repository.")] = None,
-    interval: Annotated[str, typer.Option("--interval", help="Ship committed transactions this often.")] = "1s",
+    interval: Annotated[str, typer.Option("--interval", help="Ship committed transactions this often.")] = "500ms",
     key_file: KeyFileOpt = None,
     policy: PolicyOpt = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only errors and the final line.")] = False,

@@ -156,7 +156,7 @@ def _salt1(salt: bytes) -> int:
 class Replicator:
     """Ships the WAL of the database at ``path`` into ``repo`` as database ``db``."""
 
-    def __init__(self, repo: Repository, path: str | Path, db: str, interval: float = 1.0) -> None:
+    def __init__(self, repo: Repository, path: str | Path, db: str, interval: float = 0.5) -> None:
         self.repo = repo
         self.path = str(Path(path).expanduser().absolute())
         self.db = check_db_name(db)

@@ -24,7 +24,7 @@ from dbre.report.requirements_model import DAY, GIB, Prices, StorageProjection, 
 from dbre.repository.repo import Repository
 
 MONTH_DAYS = 30.44
-REPLICATION_INTERVALS = (1.0, 10.0)  # `dbre replicate --interval`: the default and a cheaper one
+REPLICATION_INTERVALS = (0.5, 1.0, 10.0)  # `dbre replicate --interval`: the default and two cheaper ones
 BACKUP_INTERVALS = (15 * 60.0, 3600.0, DAY)
 SEGMENT_SAMPLE = 48  # segments read to measure stored bytes per transaction...
 SAMPLE_BYTES = 256 * 1024 * 1024  # ... until this much was read (compacted segments reach 64 MiB)
@@ -147,6 +147,8 @@ def measure_segments(repo: Repository, db: str, intervals: Sequence[float] = REP
 
 def every(seconds: float) -> str:
     """An interval in a label: 1 s, 10 s, 15 min, 1 h, 1 d (whole units), else as `fmt_seconds`."""
+    if 0 < seconds < 1:
+        return f"{seconds * 1000:g} ms"
     for unit, name in ((DAY, "d"), (3600.0, "h"), (60.0, "min"), (1.0, "s")):
         if seconds >= unit and seconds % unit == 0:
             return f"{seconds / unit:g} {name}"
