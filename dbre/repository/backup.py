@@ -178,6 +178,7 @@ def iter_records(repo: Repository, manifest: Manifest) -> Iterator[tuple[bytes, 
 
 
 _BLOB = struct.Struct("<16sQI")  # the blob part of a record: pack id, offset, length
+BLOB_LOCATION = _BLOB  # (public: what `verify.blob_groups` keys its blobs by)
 
 
 class _SinkFile:

@@ -31,12 +31,14 @@ from typing import Any
 
 import apsw
 import apsw.ext
+import numpy as np
 
 from dbre.errors import IntegrityError, UsageError
 from dbre.replicate.segment import to_time
-from dbre.repository.backup import read_run
+from dbre.repository.backup import BLOB_LOCATION, read_run
 from dbre.repository.manifest import RECORD, Manifest, check_db_name, iso, micros
 from dbre.repository.repo import Repository, pack_key
+from dbre.repository.verify import blob_groups
 from dbre.restore.pitr import PitrPoint, checked_segments, find_point, segment_pages
 from dbre.storage import NotFound, Store
 
@@ -265,6 +267,9 @@ class PageSource:
         for run in self.manifest.runs:
             starts.append(n)
             n += run.pages
+        if n != self.manifest.page_count:
+            raise IntegrityError(f"snapshot {self.manifest.id}: page map has {n} pages, manifest says "
+                                 f"{self.manifest.page_count}")
         self._run_starts = starts
         self._mutex = threading.Lock()
         self._runs: OrderedDict[int, bytes] = OrderedDict()
@@ -275,6 +280,8 @@ class PageSource:
         self._last_miss: int | None = None
         self._streak = 0
         self._batch_pages = 1  # the most pages a batch fetched so far held
+        self._ahead: set[tuple[str, int, int]] = set()  # batches a read-ahead asked for, not reached yet
+        self._orders: dict[int, tuple[list[int], list[tuple[str, int, int]]]] = {}  # see _blob_order
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
@@ -341,7 +348,8 @@ class PageSource:
 
     def _fetch_run(self, at: int) -> bytes:
         try:
-            raw = _missing_as_damage(lambda: read_run(self.repo, self.manifest, self.manifest.runs[at]))
+            run = self.manifest.runs[at]
+            raw = self._missing_as_damage(run.pack, lambda: read_run(self.repo, self.manifest, run))
         except BaseException:
             with self._mutex:
                 self._pending.pop(("run", at), None)
@@ -358,20 +366,22 @@ class PageSource:
     def _batch(self, key: tuple[str, int, int], index: int) -> bytes:
         with self._mutex:
             raw = self._batches.get(key)
+            # a batch a read-ahead brought: the scan goes on, and the window of batches ahead slides
+            streaming = key in self._ahead
+            self._ahead.discard(key)
             if raw is not None:
                 self._batches.move_to_end(key)
-                return raw
-            fut = self._start(key)
-            # in file order: each miss just past the batch before (what a scan of a table or index does);
-            # two in a row start the read-ahead, a point query's few scattered misses never do
-            stride = 2 * self._batch_pages
-            step = index - self._last_miss if self._last_miss is not None else -1
-            self._streak = self._streak + 1 if 0 < step <= stride else 0
-            self._last_miss = index
-            in_order = self._streak >= 2
-        if in_order:
+            else:
+                fut = self._start(key)
+                # in file order: each miss just past the batch before (what a scan of a table or index
+                # does); two in a row start the read-ahead, a point query's few scattered misses never do
+                step = index - self._last_miss if self._last_miss is not None else -1
+                self._streak = self._streak + 1 if 0 < step <= 2 * self._batch_pages else 0
+                self._last_miss = index
+            ahead = streaming or (raw is None and self._streak >= 2)
+        if ahead:
             self._read_ahead(index, key)
-        return fut.result()
+        return raw if raw is not None else fut.result()
 
     def _start(self, key: tuple[str, int, int]) -> Future[bytes]:
         """The fetch of a batch, started if it is not under way (call with the mutex held)."""
@@ -383,7 +393,7 @@ class PageSource:
     def _fetch_batch(self, key: tuple[str, int, int]) -> bytes:
         pack, offset, length = key
         try:
-            raw = _missing_as_damage(lambda: self.repo.read_blob(pack, offset, length, "page-batch"))
+            raw = self._missing_as_damage(pack, lambda: self.repo.read_blob(pack, offset, length, "page-batch"))
         except BaseException:
             with self._mutex:
                 self._pending.pop(key, None)
@@ -398,38 +408,52 @@ class PageSource:
             self._pending.pop(key, None)
         return raw
 
+    def _missing_as_damage(self, pack: str, read: Callable[[], bytes]) -> bytes:
+        """A pack that is gone is damage to the repository: said as verify says it, not as a store error."""
+        try:
+            return read()
+        except NotFound:
+            raise IntegrityError(f"{pack_key(pack)}: missing (snapshot {self.manifest.id} of {self.state.db} needs "
+                                 "it)", "run `dbre verify`; restore the pack from the offsite copy") from None
+
     def _read_ahead(self, index: int, current: tuple[str, int, int]) -> None:
-        """Start fetching the next ``READ_AHEAD`` batches after page ``index`` in file order (from
-        the runs already held; the next run is fetched meanwhile when the scan reaches its end)."""
-        seen = {current}
-        started = 0
-        page = index + 1
-        end = min(self.manifest.page_count, index + 1 + READ_AHEAD * 1024)
-        while page < end and started < READ_AHEAD:
-            at = bisect.bisect_right(self._run_starts, page) - 1
+        """Have the ``READ_AHEAD`` batches that come after page ``index`` in file order (by their first
+        page) fetched: those not held or under way are started. From the runs at hand only: a run that
+        is not is fetched meanwhile, and the scan's next batch reads ahead from it."""
+        wanted: list[tuple[str, int, int]] = []
+        at = bisect.bisect_right(self._run_starts, index) - 1
+        after = index - self._run_starts[at]
+        while len(wanted) < READ_AHEAD and at < len(self._run_starts):
+            order = self._blob_order(at)
+            if order is None:
+                break
+            firsts, keys = order
+            wanted += [k for k in keys[bisect.bisect_right(firsts, after):] if k != current][: READ_AHEAD - len(wanted)]
+            at, after = at + 1, -1
+        with self._mutex:
+            if len(self._ahead) > 4 * READ_AHEAD:
+                self._ahead.clear()  # (a scan that stopped: its marks go)
+            for key in wanted:
+                self._ahead.add(key)
+                if key not in self._batches:
+                    self._start(key)
+
+    def _blob_order(self, at: int) -> tuple[list[int], list[tuple[str, int, int]]] | None:
+        """The batches run ``at`` points into, in the order of their first page (that page's index in
+        the run, and the batch); None while the run is not at hand (its fetch is started)."""
+        order = self._orders.get(at)
+        if order is None:
             raw = self._run(at, wait=False)
             if not raw:
-                return  # (its run is on its way: the next miss reads ahead from it)
-            i = page - self._run_starts[at]
-            _, pack, offset, length, _ = RECORD.unpack_from(raw, i * RECORD.size)
-            page += 1
-            key = (pack.hex(), offset, length)
-            if key in seen or (pack == _ZERO_PACK and length == 0):
-                continue
-            seen.add(key)
-            with self._mutex:
-                if key not in self._batches and key not in self._pending:
-                    self._start(key)
-                    started += 1
-
-
-def _missing_as_damage(read: Callable[[], bytes]) -> bytes:
-    """A pack that is gone is damage to the repository: say so as verify does, not as a store error."""
-    try:
-        return read()
-    except NotFound as err:
-        raise IntegrityError(f"{err.message.removeprefix('get ')}: a pack the snapshot needs is missing",
-                             "run `dbre verify`; restore the pack from the offsite copy") from None
+                return None
+            groups, _ = blob_groups(np.frombuffer(raw, dtype=np.uint8).reshape(-1, RECORD.size))
+            firsts, keys = [], []
+            for where, pages in groups:
+                pack, offset, length = BLOB_LOCATION.unpack(where)
+                firsts.append(int(pages[0]))
+                keys.append((pack.hex(), offset, length))
+            order = self._orders[at] = (firsts, keys)
+        return order
 
 
 # -- SQLite over a PageSource --------------------------------------------------------------------
