@@ -226,7 +226,8 @@ def test_writes_are_refused_and_the_repository_is_unchanged(local_history: Histo
         assert r.stdout == "", (sql, r)
     assert not (tmp_path / "into.db").exists() and not (tmp_path / "other.db").exists()
     for sql, needle in (("SELEC 1", "syntax error"), ("SELECT * FROM nowhere", "no such table: nowhere"),
-                        ("", "no statement")):
+                        ("", "no statement"), ("SELECT * FROM items WHERE id = ?", "parameters"),
+                        ("SELECT json('{')", "malformed json")):
         assert_one_line_error(run_dbre("sql", "--repo", h.url, "--db", "app", sql), 2, needle)
     assert_one_line_error(run_dbre("sql", "--repo", h.url, "--db", "app", "--format", "xml", "SELECT 1"), 2,
                           "--format")

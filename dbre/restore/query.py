@@ -661,6 +661,9 @@ def query(repo: Repository, db: str, sql: str, *, snapshot: str | None = None, a
                     rows.append(row)
                 else:
                     sink(columns, row)
+        except apsw.BindingsError:
+            raise UsageError("sql: the statement has parameters (?, :name) and none were given",
+                             "write the values into the statement") from None
         except (apsw.SQLError, apsw.AuthError, apsw.ReadOnlyError, apsw.MismatchError, apsw.RangeError,
                 apsw.TooBigError) as err:
             raise UsageError(f"sql: {err}", "check the statement") from None
