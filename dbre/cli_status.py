@@ -105,15 +105,16 @@ def status(
             from dbre.report.drill import seconds_text
 
             rows = [[d.db, d.snapshots, seconds_text(d.newest_restorable_age_seconds), pct(d.backup_success_rate),
-                     pct(d.rpo_attainment), pct(d.rto_attainment),
+                     pct(d.rpo_attainment), pct(d.rto_attainment), seconds_text(d.predicted_rto_seconds),
                      "-" if d.days_since_successful_drill is None else f"{d.days_since_successful_drill:.0f} d",
                      human(d.storage_bytes), human(d.added_bytes_per_day) + "/d", "ok" if d.ok else "ALERT"]
                     for d in st.databases]
             _table(f"status of {st.repository}", ["db", "snapshots", "newest point age", "backup success",
-                                                   "RPO attained", "RTO attained", "since drill", "stored",
+                                                   "RPO attained", "RTO attained", "RTO predicted", "since drill",
+                                                   "stored",
                                                    "growth", "state"], rows,
                    whole={"db"}, priority=["state", "newest point age", "RPO attained", "since drill", "RTO attained",
-                                           "backup success", "stored", "snapshots", "growth"])
+                                           "RTO predicted", "backup success", "stored", "snapshots", "growth"])
             total = human(st.storage_bytes) + ("" if st.storage_exact else " (estimated)")
             if st.quota_bytes:
                 total += f" of {human(st.quota_bytes)} ({st.storage_bytes / st.quota_bytes:.0%})"

@@ -13,6 +13,9 @@ Metrics (targets and warning levels from the seed's table):
   RPO attainment        share of the window in which the newest restorable point was no older
                         than the RPO (from snapshot times, over the same span as above).
   RTO attainment        share of the last 12 drills whose time to a validated restore met the RTO.
+  predicted RTO         the time a validated restore would take now: the last passed drill's fixed
+                        costs plus its size-proportional ones scaled to the newest snapshot's size
+                        (``dbre.validate.rto``); warns when over the RTO between drills.
   drill frequency       days since the last passed drill; warn after ``drills.warn_after_days`` (90).
   storage               bytes used (exact for a local repository or a store offering ``usage()``,
                         else estimated from the bytes each kept snapshot added), bytes added per
@@ -26,7 +29,7 @@ Metrics (targets and warning levels from the seed's table):
                         the newest segment does (its wal-index header; without -shm: file and -wal
                         not modified since), nothing is unshipped: lag 0.
 Alerts: backup_failure, backup_delay (newest restorable point older than the RPO),
-replication_lag (replication lag over the RPO),
+replication_lag (replication lag over the RPO), rto_at_risk (predicted RTO over the RTO),
 storage_capacity (over ``storage_threshold`` of the quota), drill_missed, drill_failure. Any
 alert makes ``dbre status`` exit 1 and the status flow fail, with one line per alert.
 """
@@ -48,6 +51,7 @@ from dbre.errors import DbreError
 from dbre.repository.manifest import Manifest, iso, now_utc, parse_time
 from dbre.repository.repo import Repository
 from dbre.units import human_bytes as _size
+from dbre.validate.rto import estimate_rto
 
 if TYPE_CHECKING:
     from dbre.policy import Policy
@@ -163,6 +167,7 @@ class DatabaseStatus:
     last_drill_at: str | None = None
     last_drill_passed: bool | None = None
     last_drill_rto_seconds: float | None = None
+    predicted_rto_seconds: float | None = None
     last_successful_drill_at: str | None = None
     days_since_successful_drill: float | None = None
     storage_bytes: int | None = None
@@ -421,6 +426,16 @@ def _drills(repo: Repository, st: DatabaseStatus, exp: Expectations, snaps: list
             why = "; ".join((last.get("failures") or [])[:3]) or "see its report"
             st.alerts.append(Alert("drill_failure", "critical",
                                    f"{st.db}: the last drill ({last['started_at']}) failed: {why}", st.db))
+    est = estimate_rto(drills, st.size_bytes)
+    if est is not None:
+        st.predicted_rto_seconds = est.seconds
+        if exp.rto_seconds and est.seconds > exp.rto_seconds and st.last_drill_passed:
+            st.alerts.append(Alert(
+                "rto_at_risk", "warning",
+                f"{st.db}: a validated restore of its {_size(st.size_bytes)} would now take about "
+                f"{_dur(est.seconds)}, over the RTO of {_dur(exp.rto_seconds)} (the drill of "
+                f"{(est.drill_at or '?')[:10]} at {_size(est.drill_size)}: {est.fixed_seconds:.1f} s fixed + "
+                f"{est.proportional_seconds:.1f} s growing with size); run a drill to measure it", st.db))
     passed = [r for r in drills if r.get("passed")]
     if passed:
         st.last_successful_drill_at = passed[-1]["started_at"]
@@ -523,6 +538,7 @@ _HELP = {
     "dbre_rpo_target_seconds": ("gauge", "RPO from the policy"),
     "dbre_rto_target_seconds": ("gauge", "RTO from the policy"),
     "dbre_last_drill_rto_seconds": ("gauge", "Time to a validated restore in the last drill"),
+    "dbre_predicted_rto_seconds": ("gauge", "Time a validated restore would take now (last passed drill, scaled)"),
     "dbre_last_drill_passed": ("gauge", "1 when the last drill passed"),
     "dbre_days_since_successful_drill": ("gauge", "Days since the last drill that passed (warn after 90)"),
     "dbre_snapshots": ("gauge", "Snapshots kept in the repository"),
@@ -558,6 +574,7 @@ def prometheus_text(status: Status) -> str:
         add("dbre_rpo_target_seconds", lab, d.rpo_target_seconds)
         add("dbre_rto_target_seconds", lab, d.rto_target_seconds)
         add("dbre_last_drill_rto_seconds", lab, d.last_drill_rto_seconds)
+        add("dbre_predicted_rto_seconds", lab, d.predicted_rto_seconds)
         add("dbre_last_drill_passed", lab, None if d.last_drill_passed is None else int(d.last_drill_passed))
         add("dbre_days_since_successful_drill", lab, d.days_since_successful_drill)
         add("dbre_snapshots", lab, d.snapshots)

@@ -64,6 +64,7 @@ from dbre.repository.manifest import RUN_PAGES, Manifest, iso, now_utc, parse_ti
 from dbre.repository.repo import Repository
 from dbre.repository.retention import KeepPolicy, apply_policy
 from dbre.units import human_bytes as fmt_bytes
+from dbre.validate.rto import estimate_rto
 
 if TYPE_CHECKING:
     from dbre.policy import DatabasePolicy, Policy
@@ -238,10 +239,14 @@ def _restore_time(drills: list[dict[str, Any]], target: int | None, size: int, s
         if target is not None:
             attain = sum(1 for d in measured if d.get("passed") and float(d["rto_seconds"]) <= target) / len(measured)
         when = _drill_time(last)
+        # the size-proportional phases scale, the fixed ones (tool start, imports) do not
+        est = estimate_rto(measured, int(size_12m)) if size_12m else None
+        projected = est.seconds if est is not None else (seconds * size_12m / size if size else None)
         return RestoreTime(
             seconds=seconds, basis="drill",
-            detail=f"last of {len(measured)} drills ({'passed' if last.get('passed') else 'FAILED'})",
-            projected_seconds=seconds * size_12m / size if size else None, drills=len(measured),
+            detail=f"last of {len(measured)} drills ({'passed' if last.get('passed') else 'FAILED'})"
+                   + (f"; {est.fixed_seconds:.1f} s of it fixed" if est is not None else ""),
+            projected_seconds=projected, drills=len(measured),
             drills_passed=len(passed), last_drill_at=iso(when) if when else None,
             last_drill_passed=bool(last.get("passed")), attainment=attain,
         )
