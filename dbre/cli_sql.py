@@ -43,16 +43,12 @@ def sql(
     read. A statement that writes is refused (exit 2)."""
 
     def go() -> None:
-        from dbre.repository.manifest import check_db_name, parse_time
         from dbre.repository.repo import Repository
         from dbre.restore.query import query
 
-        check_db_name(db)
+        when = _when(db, at, snapshot)
         if fmt not in FORMATS:
             raise UsageError(f"--format {fmt!r} is not a format", "use table, csv or json")
-        when = parse_time(at) if at else None
-        if snapshot and when:
-            raise UsageError("--snapshot and --at were both given", "pass one of them")
         repository = Repository.open(repo, _key(key_file))
         if fmt == "table":
             result = query(repository, db, statement, snapshot=snapshot, at=when)
@@ -89,14 +85,10 @@ def shell(
     def go() -> None:
         import apsw.shell
 
-        from dbre.repository.manifest import check_db_name, parse_time
         from dbre.repository.repo import Repository
         from dbre.restore.query import open_query
 
-        check_db_name(db)
-        when = parse_time(at) if at else None
-        if snapshot and when:
-            raise UsageError("--snapshot and --at were both given", "pass one of them")
+        when = _when(db, at, snapshot)
         with open_query(Repository.open(repo, _key(key_file)), db, snapshot=snapshot, at=when) as session:
             print(f"dbre: {session.state.label()}, read-only, nothing restored; .help lists the commands, "
                   ".quit ends", file=sys.stderr)
@@ -109,6 +101,17 @@ def shell(
               f"{human(session.state.size)}; {s.pages_served} pages served", file=sys.stderr)
 
     _run(go)
+
+
+def _when(db: str, at: str | None, snapshot: str | None) -> Any:
+    """Check the database name and the choice of state (before any request); the time --at names, or None."""
+    from dbre.repository.manifest import check_db_name, parse_time
+
+    check_db_name(db)
+    when = parse_time(at) if at else None
+    if snapshot and when:
+        raise UsageError("--snapshot and --at were both given", "pass one of them")
+    return when
 
 
 def _json_rows() -> Callable[[list[str], tuple[Any, ...]], None]:

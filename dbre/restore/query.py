@@ -54,8 +54,8 @@ _ZERO_PACK = bytes(16)
 _ALLOWED = {apsw.SQLITE_SELECT, apsw.SQLITE_READ, apsw.SQLITE_FUNCTION, apsw.SQLITE_RECURSIVE}
 _READ_PRAGMAS = {
     "application_id", "auto_vacuum", "collation_list", "compile_options", "data_version", "database_list",
-    "encoding", "freelist_count", "function_list", "journal_mode", "module_list", "page_count", "page_size",
-    "pragma_list", "schema_version", "table_list", "user_version",
+    "encoding", "freelist_count", "function_list", "module_list", "page_count", "page_size", "pragma_list",
+    "schema_version", "user_version",
 }
 _LOOK_PRAGMAS = {
     "foreign_key_check", "foreign_key_list", "index_info", "index_list", "index_xinfo", "integrity_check",
@@ -499,7 +499,7 @@ class _StateFile:
         return 4096
 
     def xDeviceCharacteristics(self) -> int:
-        return 0x2000  # SQLITE_IOCAP_IMMUTABLE: the file never changes
+        return apsw.SQLITE_IOCAP_IMMUTABLE  # the file never changes: no locks, no journal looked for
 
 
 class _StateVFS(apsw.VFS):
