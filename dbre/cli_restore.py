@@ -345,12 +345,14 @@ def repair_rows(
                       else "dry run: nothing changed; pass --apply to repair")
                 return
             result = apply_row_repair(plan, allow_fk_violations=allow_fk_violations, fire_triggers=fire_triggers)
-        s = result.summary()
+        s = {**result.summary(), "undo": result.undo_command(key_file)}
         if json_out:
             _print_json(s)
             return
         kept = "" if delete_extra else f", {len(plan.extras)} rows only in live kept"
         print(f"{s['table']}: inserted {s['inserted']}, updated {s['updated']}, deleted {s['deleted']} rows from "
               f"snapshot {s['snapshot']}{kept}; audit record {s['audit_record']}")
+        if s["undo"]:
+            print(f"safety snapshot {s['safety_snapshot']} holds the database as it was; to undo:\n  {s['undo']}")
 
     _run(go)

@@ -10,6 +10,7 @@ at once in one process (their POSIX locks would release each other's).
 from __future__ import annotations
 
 import hashlib
+import shlex
 import sqlite3
 import uuid
 from pathlib import Path
@@ -347,3 +348,36 @@ def test_whole_database_lost_is_restored_through_the_cli(shop: tuple[Path, Repos
     result = cli("restore", "--repo", tmp_path / "repo", "--db", "shop", "--to", out)
     assert result.returncode == 0, result
     assert rows(out, "orders") == orders and sql(out, "PRAGMA integrity_check") == [("ok",)]
+
+
+def test_repair_rows_takes_a_safety_snapshot_and_its_undo_command_works(shop: tuple[Path, Repository, str],
+                                                                         tmp_path: Path) -> None:
+    """A repair that turns out wrong (the rows deleted on purpose came back, the live-only row was
+    dropped) is undone by the printed command, from the safety snapshot taken just before it."""
+    live, repo, snap = shop
+    sql(live, "DELETE FROM orders WHERE id BETWEEN 11 AND 20")  # deleted on purpose, it turns out
+    sql(live, "INSERT INTO orders(customer_id, total) VALUES (3, 9)")  # id 301: only in live
+    before_repair = rows(live, "orders", "id")
+    args: list[str | Path] = ["--repo", tmp_path / "repo", "--db", "shop", "--live", live, "--table", "orders",
+                              "--where", "id <= 20 OR id > 300"]
+    done = cli("repair-rows", *args, "--delete-extra", "--apply")
+    assert done.returncode == 0, done
+    assert "inserted 10, updated 0, deleted 1" in done.stdout
+    assert rows(live, "orders", "id") != before_repair
+    safety = [m for m in repo.snapshots("shop") if m.is_safety]
+    assert len(safety) == 1 and safety[0].id != snap
+    assert f"safety snapshot {safety[0].id} holds the database as it was" in done.stdout
+    undo = done.stdout.strip().splitlines()[-1].strip()
+    words = shlex.split(undo)
+    assert words[:2] == ["dbre", "repair-rows"] and "--snapshot" in words and safety[0].id in words
+    assert words[words.index("--live") + 1] == str(live.absolute())
+    assert repo.records("audits", "shop")[-1]["safety_snapshot"] == safety[0].id
+
+    back = cli(*words[1:])  # the printed command, as the user pastes it
+    assert back.returncode == 0, back
+    assert "inserted 1, updated 0, deleted 10" in back.stdout
+    assert rows(live, "orders", "id") == before_repair
+    assert sql(live, "PRAGMA integrity_check") == [("ok",)]
+    # the undo took its own safety snapshot; a plain restore still picks the schedule's snapshot
+    assert len([m for m in repo.snapshots("shop") if m.is_safety]) == 2
+    assert repo.find_snapshot("shop").id == snap

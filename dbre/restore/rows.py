@@ -19,6 +19,7 @@ transaction over a WebSocket, with foreign keys as the server enforces them.
 from __future__ import annotations
 
 import os
+import shlex
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -128,10 +129,30 @@ class RowRepairResult:
     deleted: int
     audit_record: str
     seconds: float
+    safety_snapshot: str | None = None  # the live database just before the repair (local files)
 
     def summary(self) -> dict[str, Any]:
         return {**self.plan.describe(), "inserted": self.inserted, "updated": self.updated, "deleted": self.deleted,
-                "audit_record": self.audit_record, "seconds": round(self.seconds, 3)}
+                "audit_record": self.audit_record, "seconds": round(self.seconds, 3),
+                "safety_snapshot": self.safety_snapshot}
+
+    def undo_command(self, key_file: str | os.PathLike[str] | None = None) -> str | None:
+        """The command (quoted, absolute paths) that puts the selected rows back as they were before
+        the repair, from its safety snapshot: rows the repair inserted are deleted again
+        (``--delete-extra``); None without a safety snapshot."""
+        if self.safety_snapshot is None:
+            return None
+        from dbre.restore.table import _absolute
+
+        p = self.plan
+        words = ["dbre", "repair-rows", "--repo", _absolute(p.repo.url), "--db", p.db, "--live", _absolute(str(p.live)),
+                 "--table", p.table, "--where", p.where, "--snapshot", self.safety_snapshot, "--delete-extra",
+                 "--apply"]
+        if self.plan.fire_triggers:
+            words.append("--fire-triggers")
+        if key_file is not None:
+            words += ["--key-file", str(Path(key_file).expanduser().absolute())]
+        return shlex.join(words)
 
 
 # -- the WHERE -----------------------------------------------------------------------------------
@@ -657,7 +678,7 @@ def _preview(src: Db, live: Db, shape: _Shape, plan: RowRepairPlan, n: int) -> l
 
 
 def apply_row_repair(plan: RowRepairPlan, *, allow_fk_violations: bool = False, fire_triggers: bool | None = None,
-                     who: str | None = None) -> RowRepairResult:
+                     who: str | None = None, safety: bool = True) -> RowRepairResult:
     """Insert, update (and with ``delete_extra`` delete) the planned rows in one transaction; audit it.
 
     The live selection is read again inside the transaction: if any selected row was added,
@@ -666,7 +687,10 @@ def apply_row_repair(plan: RowRepairPlan, *, allow_fk_violations: bool = False, 
     "updated_at" trigger would otherwise change the rows just put back. New foreign-key
     violations roll the transaction back unless ``allow_fk_violations`` (local files only: a
     server enforces its foreign keys itself). The scratch copy is removed at the end, whatever happens.
-    ``fire_triggers`` None: as the plan says.
+    ``fire_triggers`` None: as the plan says. ``safety``: a local live file is snapshotted into the
+    repository first, inside the write transaction (exactly the state the repair changes: a repair
+    that turns out wrong is undone with `repair-rows --snapshot` of it); a remote database is not
+    (that would be a whole /dump of it).
     """
     started = time.perf_counter()
     fire_triggers = plan.fire_triggers if fire_triggers is None else fire_triggers
@@ -676,27 +700,32 @@ def apply_row_repair(plan: RowRepairPlan, *, allow_fk_violations: bool = False, 
             if allow_fk_violations:
                 raise UsageError(f"{OPERATION}: a remote database enforces its own foreign keys",
                                  "leave out allow_fk_violations")
-            counts = _apply_remote(plan, shape, fire_triggers)
+            counts, taken = _apply_remote(plan, shape, fire_triggers), None
         else:
-            counts = _apply_local(plan, shape, allow_fk_violations, fire_triggers)
+            counts, taken = _apply_local(plan, shape, allow_fk_violations, fire_triggers, safety)
     finally:
         plan.close()
-    record = {**plan.describe(), "inserted": counts["insert"], "updated": counts["update"],
+    record = {**plan.describe(), "safety_snapshot": taken, "inserted": counts["insert"], "updated": counts["update"],
               "deleted": counts["delete"], "foreign_key_violations_allowed": allow_fk_violations,
               "keys": {"insert": plan.inserts[:1000], "update": plan.updates[:1000],
                        "extra": plan.extras[:1000]}}
     record.pop("preview", None)
     audit = write_audit(plan.repo, plan.db, record, who)
     return RowRepairResult(plan, counts["insert"], counts["update"], counts["delete"], audit,
-                           time.perf_counter() - started)
+                           time.perf_counter() - started, taken)
 
 
 def _apply_local(plan: RowRepairPlan, shape: _Shape, allow_fk_violations: bool,
-                 fire_triggers: bool) -> dict[str, int]:
+                 fire_triggers: bool, safety: bool) -> tuple[dict[str, int], str | None]:
+    from dbre.restore.table import safety_snapshot
+
     try:
         with write_transaction(Path(plan.live), plan.scratch) as conn:
             db = LocalDb(conn, "the live database")
-            return _repair(db, plan, shape, allow_fk_violations, fire_triggers, None)
+            # we hold the write lock: the snapshot is exactly the state the repair changes
+            taken = safety_snapshot(plan.repo, plan.db, Path(plan.live), f"{OPERATION} of {plan.table}") \
+                if safety else None
+            return _repair(db, plan, shape, allow_fk_violations, fire_triggers, None), taken
     except apsw.Error as err:
         raise RestoreError(f"{OPERATION} in {plan.live}: {err}; rolled back, nothing was changed") from err
 
