@@ -18,12 +18,15 @@ from tasks.backup import backup_database, copy_to_offsite
 @flow(name="dbre-backup", flow_run_name=from_parameters(backup_name, "backup"), persist_result=False)
 def backup_flow(db: str, source: str | None = None, policy: str | None = None, repo: str | None = None,
                 offsite: list[str] | None = None, copy_offsite: bool = True, key: KeyRef = None,
-                token: TokenRef = None, checksums: bool | None = None, full: bool = False) -> dict[str, Any]:
+                token: TokenRef = None, checksums: bool | None = None, full: bool = False,
+                accept_new_source: bool = False) -> dict[str, Any]:
     """Back up ``db`` (from ``source`` or the policy) into the primary repository, then copy it offsite.
 
     Every backup is incremental forever: only pages not already in the repository are stored, so
     a first backup is just a backup; ``full`` stores every page again in new packs, reusing nothing
-    of the previous snapshot (breaks the chain). Parameters override the policy; ``key`` and ``token`` are
+    of the previous snapshot (breaks the chain); ``accept_new_source`` accepts that ``db`` now lives at
+    another path or URL than its snapshots came from (else such a backup is refused, nothing
+    written: a different database under the same name). Parameters override the policy; ``key`` and ``token`` are
     references (env:NAME or prefect-secret:BLOCK), never values."""
     refuse_literal_secrets("backup", key=key, token=token)
     log = get_run_logger()
@@ -37,7 +40,7 @@ def backup_flow(db: str, source: str | None = None, policy: str | None = None, r
     r = repos(pol, repo, offsite, key)
     snap = backup_database(db, src, r.primary, r.key, token or (entry.auth_token if entry else None),
                            checksums if checksums is not None else (entry.checksums if entry else None),
-                           entry.namespace if entry else None, full)
+                           entry.namespace if entry else None, full, accept_new_source)
     if snap.get("note"):
         log.warning("%s: %s", db, snap["note"])
     log.info("snapshot %s of %s: %s, %s added", snap["id"], db, human(snap["size"]), human(snap["bytes_added"]))

@@ -23,9 +23,10 @@ from tasks.secrets import resolve_key, resolve_token
 
 @task(name="backup", task_run_name="backup {db}", timeout_seconds=2 * HOUR, **TASK_OPTIONS)
 def backup_database(db: str, source: str, repo: str, key: str | None = None, token: str | None = None,
-                    checksums: bool | None = None, namespace: str | None = None, full: bool = False) -> dict[str, Any]:
+                    checksums: bool | None = None, namespace: str | None = None, full: bool = False,
+                    accept_new_source: bool = False) -> dict[str, Any]:
     """Take one snapshot of ``source`` (a ``namespace`` of it) into ``repo`` as ``db`` (``full``: reuse nothing
-    of the previous snapshot); returns its summary."""
+    of the previous snapshot; ``accept_new_source``: ``db`` moved to ``source``); returns its summary."""
     repository = Repository.open_or_init(repo, resolve_key(key))
     if namespace:
         # sqld addresses a namespace by Host header: only /dump can, an embedded replica cannot
@@ -34,7 +35,8 @@ def backup_database(db: str, source: str, repo: str, key: str | None = None, tok
         src = open_source(source, resolve_token(token))
     started, clock = now_utc(), time.perf_counter()
     try:
-        summary = backup(repository, src, db, checksums=checksums, full=full).summary()
+        summary = backup(repository, src, db, checksums=checksums, full=full,
+                         accept_new_source=accept_new_source).summary()
     except Exception as err:
         # the success rate (dbre status) counts attempts that end a run: not one a retry will repeat
         if not is_transient(err) or _last_attempt():
@@ -61,10 +63,11 @@ def _note(repository: Repository, db: str, **fields: Any) -> None:
 @task(name="backup (limited)", task_run_name="backup {db}", timeout_seconds=2 * HOUR, **TASK_OPTIONS)
 def backup_database_limited(db: str, source: str, repo: str, key: str | None = None, token: str | None = None,
                             checksums: bool | None = None, namespace: str | None = None,
-                            limit: str | None = None, full: bool = False) -> dict[str, Any]:
+                            limit: str | None = None, full: bool = False,
+                            accept_new_source: bool = False) -> dict[str, Any]:
     """``backup_database`` holding a slot of the Prefect global concurrency limit ``limit`` (if any)."""
     with concurrency(limit, occupy=1, strict=False) if limit else nullcontext():
-        return backup_database.fn(db, source, repo, key, token, checksums, namespace, full)
+        return backup_database.fn(db, source, repo, key, token, checksums, namespace, full, accept_new_source)
 
 
 @task(name="copy to offsite", task_run_name="copy to {offsite}", timeout_seconds=6 * HOUR, **TASK_OPTIONS)

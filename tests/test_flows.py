@@ -151,6 +151,25 @@ def test_backup_flow_takes_the_database_from_the_policy(tmp_path: Path) -> None:
     assert state.is_failed() and "not in the policy" in (state.message or "")
 
 
+def test_backup_flow_refuses_a_moved_source_unless_accepted(tmp_path: Path) -> None:
+    """The database moved to another path: the flow refuses (nothing written, the message names the
+    flow's parameter), then accept_new_source=True takes it into the same chain."""
+    (tmp_path / "old").mkdir()
+    src = make_db(tmp_path / "old" / "ledger.db")
+    repo = str(tmp_path / "repo")
+    first = backup_flow("ledger", source=str(src), repo=repo)
+    (tmp_path / "new").mkdir()
+    moved = src.rename(tmp_path / "new" / "ledger.db")
+    before = sorted(p.name for p in (tmp_path / "repo" / "snapshots" / "ledger").iterdir())
+    state = backup_flow("ledger", source=str(moved), repo=repo, return_state=True)
+    assert state.is_failed() and "accept_new_source" in (state.message or ""), state.message
+    assert sorted(p.name for p in (tmp_path / "repo" / "snapshots" / "ledger").iterdir()) == before
+    second = backup_flow("ledger", source=str(moved), repo=repo, accept_new_source=True)
+    assert second["snapshot"]["parent"] == first["snapshot"]["id"]
+    third = backup_flow("ledger", source=str(moved), repo=repo)  # the new place is now the chain's source
+    assert third["snapshot"]["parent"] == second["snapshot"]["id"]
+
+
 # --------------------------------------------------------------------------- restore
 
 

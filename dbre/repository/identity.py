@@ -119,7 +119,8 @@ def refuse_new_source(db: str, recorded: dict[str, Any], current: dict[str, Any]
     else:
         why = (f"; it holds another database (tables {_few(tables)}; {db} has {_few(recorded_tables)})")
     return UsageError(head + why + "; nothing was written",
-                      f"give it its own name with --db NAME, or pass --accept-new-source if {db} moved there")
+                      f"give it its own name with --db NAME, or pass --accept-new-source (the backup flow's "
+                      f"accept_new_source) if {db} moved there")
 
 
 def _few(names: list[str], n: int = 3) -> str:
