@@ -447,3 +447,34 @@ def test_a_format_1_repository_is_queried_too(tmp_path: Path) -> None:
     assert answer(h, "SELECT count(*) FROM orders", snapshot=snaps[0].id) != answer(h, "SELECT count(*) FROM orders")
     assert tree(h) == before
     assert not list((tmp_path / "repo").glob("locks/*"))
+
+
+def test_a_scan_reads_batches_ahead_a_point_query_does_not(local_history: History,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Several ranged reads are in flight while a query reads the file in order (a table scan), and
+    none is read ahead for a point query's few scattered pages."""
+    h = local_history
+    real = Repository.read_blob
+    mutex = threading.Lock()
+    now = {"in_flight": 0, "most": 0, "batches": 0}
+
+    def read_blob(self: Repository, pack: str, offset: int, length: int, name: str) -> bytes:
+        if name != "page-batch":
+            return real(self, pack, offset, length, name)
+        with mutex:
+            now["in_flight"] += 1
+            now["batches"] += 1
+            now["most"] = max(now["most"], now["in_flight"])
+        try:
+            time.sleep(0.03)  # (a store's latency: reads that overlap show)
+            return real(self, pack, offset, length, name)
+        finally:
+            with mutex:
+                now["in_flight"] -= 1
+
+    monkeypatch.setattr(Repository, "read_blob", read_blob)
+    point = query(h.repo, "app", "SELECT name FROM items WHERE id = 4242")
+    assert point.rows and now["most"] == 1 and now["batches"] <= 4, now
+    now.update(most=0, batches=0)
+    scan = query(h.repo, "app", "SELECT sum(length(payload)) FROM items")
+    assert scan.rows[0][0] > 0 and now["most"] >= 3 and now["batches"] > 10, now

@@ -47,6 +47,7 @@ OVERLAY_MEMORY = 256 * 1024 * 1024  # replicated pages held in memory; more go t
 RUNS_KEPT = 64  # page-map runs kept (LRU): 64 x 4096 records = 256 Ki pages, 1 GiB of 4 KiB pages, ~12 MB
 READERS = 8  # ranged reads in flight at most
 READ_AHEAD = 4  # batches fetched ahead once a query reads in file order
+SCAN_GAP = 8  # a page read at most this far past the one before continues a scan
 _ZERO_PACK = bytes(16)
 
 # What a read-only query may do (SQLite's authorizer codes); everything else is refused. A pragma is
@@ -277,7 +278,7 @@ class PageSource:
         self._held = 0
         self._pending: dict[Any, Future[bytes]] = {}
         self._pool = ThreadPoolExecutor(READERS, thread_name_prefix="dbre-query")
-        self._last_miss: int | None = None
+        self._last_page = -SCAN_GAP - 1  # the page read before (from the page map; none yet)
         self._streak = 0
         self._batch_pages = 1  # the most pages a batch fetched so far held
         self._ahead: set[tuple[str, int, int]] = set()  # batches a read-ahead asked for, not reached yet
@@ -373,11 +374,11 @@ class PageSource:
                 self._batches.move_to_end(key)
             else:
                 fut = self._start(key)
-                # in file order: each miss just past the batch before (what a scan of a table or index
-                # does); two in a row start the read-ahead, a point query's few scattered misses never do
-                step = index - self._last_miss if self._last_miss is not None else -1
-                self._streak = self._streak + 1 if 0 < step <= 2 * self._batch_pages else 0
-                self._last_miss = index
+                # in file order: a miss a few pages past the page read before it (what a scan of a table
+                # or an index does, leaf after leaf); two such misses in a row start the read-ahead, the
+                # few pages a point query reads down a b-tree, far apart, never do
+                self._streak = self._streak + 1 if 0 < index - self._last_page <= SCAN_GAP else 0
+            self._last_page = index
             ahead = streaming or (raw is None and self._streak >= 2)
         if ahead:
             self._read_ahead(index, key)
