@@ -20,6 +20,8 @@ from dbre.units import human_bytes as human
 FORMATS = ("table", "csv", "json")
 SqlSnapshotOpt = Annotated[str | None, typer.Option("--snapshot", help="Snapshot id (or a unique prefix); 'latest': "
                                                     "the newest snapshot, not the newer replicated state.")]
+SqlTxidOpt = Annotated[int | None, typer.Option("--txid", help="Up to this replicated transaction (as `dbre restore "
+                                               "--txid`).")]
 SqlAtOpt = Annotated[str | None, typer.Option("--at", help="ISO-8601 time: the state `dbre restore --at` restores "
                                               "(exactly the transactions replicated up to it, else the newest "
                                               "snapshot at or before it).")]
@@ -33,6 +35,7 @@ def sql(
     db: DbNameOpt,
     at: SqlAtOpt = None,
     snapshot: SqlSnapshotOpt = None,
+    txid: SqlTxidOpt = None,
     fmt: Annotated[str, typer.Option("--format", metavar="FORMAT", help="table (default), csv or json (a list of "
                                      "objects); blobs as hex.")] = "table",
     key_file: KeyFileOpt = None,
@@ -46,16 +49,16 @@ def sql(
         from dbre.repository.repo import Repository
         from dbre.restore.query import query
 
-        when = _when(db, at, snapshot)
+        when = _when(db, at, snapshot, txid)
         if fmt not in FORMATS:
             raise UsageError(f"--format {fmt!r} is not a format", "use table, csv or json")
         repository = Repository.open(repo, _key(key_file))
         if fmt == "table":
-            result = query(repository, db, statement, snapshot=snapshot, at=when)
+            result = query(repository, db, statement, snapshot=snapshot, at=when, txid=txid)
             title = f"{len(result.rows)} row{'' if len(result.rows) == 1 else 's'}"
             _table(title, result.columns, [[_cell(v) for v in row] for row in result.rows])
         else:  # rows are written as they come: a result larger than memory streams through
-            result = query(repository, db, statement, snapshot=snapshot, at=when,
+            result = query(repository, db, statement, snapshot=snapshot, at=when, txid=txid,
                            sink=_json_rows() if fmt == "json" else _csv_rows())
             if fmt == "json":
                 print("[]" if not result.row_count else "\n]")
@@ -76,6 +79,7 @@ def shell(
     db: DbNameOpt,
     at: SqlAtOpt = None,
     snapshot: SqlSnapshotOpt = None,
+    txid: SqlTxidOpt = None,
     key_file: KeyFileOpt = None,
 ) -> None:
     """An interactive SQLite shell (apsw's) on a past state of a database, read-only and without restoring it:
@@ -88,8 +92,9 @@ def shell(
         from dbre.repository.repo import Repository
         from dbre.restore.query import open_query
 
-        when = _when(db, at, snapshot)
-        with open_query(Repository.open(repo, _key(key_file)), db, snapshot=snapshot, at=when) as session:
+        when = _when(db, at, snapshot, txid)
+        with open_query(Repository.open(repo, _key(key_file)), db, snapshot=snapshot, at=when,
+                        txid=txid) as session:
             print(f"dbre: {session.state.label()}, read-only, nothing restored; .help lists the commands, "
                   ".quit ends", file=sys.stderr)
             try:
@@ -103,14 +108,15 @@ def shell(
     _run(go)
 
 
-def _when(db: str, at: str | None, snapshot: str | None) -> Any:
+def _when(db: str, at: str | None, snapshot: str | None, txid: int | None) -> Any:
     """Check the database name and the choice of state (before any request); the time --at names, or None."""
     from dbre.repository.manifest import check_db_name, parse_time
 
     check_db_name(db)
     when = parse_time(at) if at else None
-    if snapshot and when:
-        raise UsageError("--snapshot and --at were both given", "pass one of them")
+    given = [o for o, v in (("--snapshot", snapshot), ("--at", at), ("--txid", txid)) if v is not None]
+    if len(given) > 1:
+        raise UsageError(f"{' and '.join(given)} were {'both ' if len(given) == 2 else ''}given", "pass one of them")
     return when
 
 

@@ -392,6 +392,12 @@ def test_a_time_between_two_replicated_transactions_sees_exactly_the_first(
             restore_at(repo, "app", to_time(at_us), out)
             assert restored_seq(out) == (rows, rows, rows)  # restore --at agrees
         assert query(repo, "app", STATE_SQL, at=to_time(second_us)).rows == [(52 + k,) * 3]
+    # up to a txid, as restore --txid
+    for k in (0, 5):
+        result = query(repo, "app", STATE_SQL, txid=txs[k][0])
+        assert result.rows == [(51 + k,) * 3] and result.state.last_txid == txs[k][0], result.rows
+    with pytest.raises(UsageError, match="no replicated transaction"):
+        query(repo, "app", STATE_SQL, txid=txs[-1][0] + 100)
     # replicated pages past the overlay's memory go to an unnamed temporary file: the same answers
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(query_mod, "OVERLAY_MEMORY", 0)
@@ -405,6 +411,9 @@ def test_a_time_between_two_replicated_transactions_sees_exactly_the_first(
                  "--format", "csv", STATE_SQL)
     assert r.returncode == 0 and r.stdout.splitlines()[1] == "53,53,53", r
     assert "+ 3 replicated transactions" in r.stderr, r
+    r = run_dbre("sql", "--repo", str(tmp / "repo"), "--db", "app", "--txid", str(txs[4][0]), "--format", "csv",
+                 STATE_SQL)
+    assert r.returncode == 0 and r.stdout.splitlines()[1] == "55,55,55", r
     assert not [p for p in tmp.rglob("*") if p.name.endswith(("-journal",)) or ".dbre-" in p.name]
 
 

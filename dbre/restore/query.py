@@ -209,19 +209,20 @@ class QueryState:
                 f"{self.last_txid}, committed {self.last_committed})")
 
 
-def choose_state(repo: Repository, db: str, *, snapshot: str | None = None, at: datetime | None = None) -> QueryState:
+def choose_state(repo: Repository, db: str, *, snapshot: str | None = None, at: datetime | None = None,
+                 txid: int | None = None) -> QueryState:
     """The state `dbre restore` would restore with the same options: ``snapshot`` (an id prefix, or
-    "latest": the newest snapshot), else the replicated state at ``at`` (with neither: the newest
-    replicated state) when segments hold it better than a snapshot, else the newest snapshot at or
-    before ``at``. Replicated pages are read and chain-checked here (into ``state.overlay``: the caller
-    closes it)."""
-    if snapshot and at:
-        raise UsageError("--snapshot and --at were both given", "pass one of them")
+    "latest": the newest snapshot), else the replicated state at ``at`` or up to ``txid`` (with neither:
+    the newest replicated state) when segments hold it better than a snapshot, else the newest snapshot
+    at or before ``at``. Replicated pages are read and chain-checked here (into ``state.overlay``: the
+    caller closes it)."""
+    if sum(x is not None for x in (snapshot or None, at, txid)) > 1:
+        raise UsageError("more than one of --snapshot, --at and --txid was given", "pass one of them")
     check_db_name(db)
     if snapshot:
         m = repo.find_snapshot(db, None if snapshot == "latest" else snapshot)
         return QueryState(db, m, page_count=m.page_count)
-    point = find_point(repo, db, at=at)
+    point = find_point(repo, db, at=at, txid=txid)
     if point is None:
         m = repo.find_snapshot(db, at=at)
         return QueryState(db, m, page_count=m.page_count)
@@ -229,7 +230,7 @@ def choose_state(repo: Repository, db: str, *, snapshot: str | None = None, at: 
     limit = micros(at) if at is not None else None
     try:
         for seg in checked_segments(repo, point.generation, point.segments):
-            found = segment_pages(seg, point.base.page_size, limit, None)
+            found = segment_pages(seg, point.base.page_size, limit, txid)
             if found is None:
                 continue
             pages, applied, last = found
@@ -627,14 +628,14 @@ class QuerySession:
 
 @contextmanager
 def open_query(repo: Repository, db: str, *, snapshot: str | None = None, at: datetime | None = None,
-               cache_bytes: int = CACHE_BYTES) -> Iterator[QuerySession]:
+               txid: int | None = None, cache_bytes: int = CACHE_BYTES) -> Iterator[QuerySession]:
     """A read-only connection to the state of ``db`` that `restore` would restore with the same
-    ``snapshot`` / ``at``, under the repository's shared lock (held until the block ends); every
+    ``snapshot`` / ``at`` / ``txid``, under the repository's shared lock (held until the block ends); every
     read is counted in the session's ``stats``."""
     stats = FetchStats()
     counted = Repository(CountingStore(repo.store, stats), repo.config, repo.sealer, repo.raw_config)
     with counted.lock(f"sql {db}"):
-        state = choose_state(counted, db, snapshot=snapshot, at=at)
+        state = choose_state(counted, db, snapshot=snapshot, at=at, txid=txid)
         try:
             with open_state(counted, state, stats, cache_bytes=cache_bytes) as (conn, refused):
                 yield QuerySession(conn, refused, state, stats)
@@ -643,17 +644,17 @@ def open_query(repo: Repository, db: str, *, snapshot: str | None = None, at: da
 
 
 def query(repo: Repository, db: str, sql: str, *, snapshot: str | None = None, at: datetime | None = None,
-          bindings: Any = None, cache_bytes: int = CACHE_BYTES,
+          txid: int | None = None, bindings: Any = None, cache_bytes: int = CACHE_BYTES,
           sink: Callable[[list[str], tuple[Any, ...]], None] | None = None) -> QueryResult:
     """Answer ``sql`` (one read-only statement) against the state of ``db`` that `restore` would
-    restore with the same ``snapshot`` / ``at``, reading only what the query touches, under the
+    restore with the same ``snapshot`` / ``at`` / ``txid``, reading only what the query touches, under the
     repository's shared lock. Bad or writing SQL raises UsageError before any row is read. With
     ``sink``, each row goes to ``sink(columns, row)`` as it comes and none is kept (a result larger
     than memory)."""
     started = time.perf_counter()
     rows: list[tuple[Any, ...]] = []
     count = 0
-    with open_query(repo, db, snapshot=snapshot, at=at, cache_bytes=cache_bytes) as session:
+    with open_query(repo, db, snapshot=snapshot, at=at, txid=txid, cache_bytes=cache_bytes) as session:
         columns = check_statement(session.conn, session.refused, sql)
         try:
             for row in session.conn.execute(sql, bindings):
