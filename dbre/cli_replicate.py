@@ -1,5 +1,9 @@
 """The `dbre replicate` command: continuous WAL shipping of one database, in the foreground.
 
+A remote libSQL source (``libsql://``, ``http(s)://``, ``ws(s)://``) is replicated through an embedded
+replica synced every interval (`dbre.replicate.remote`); the token comes from LIBSQL_AUTH_TOKEN /
+TURSO_AUTH_TOKEN (or the policy's ``auth_token: env:VAR``).
+
 Registered on the main app by dbre/cli.py. SIGINT and SIGTERM ship what is committed and exit 0;
 any failure prints one line and exits non-zero (1; 2 for bad input).
 """
@@ -16,7 +20,7 @@ from typing import Annotated, Any
 
 import typer
 
-from dbre.cli import KeyFileOpt, PolicyOpt, _key, _policy, _run, app
+from dbre.cli import KeyFileOpt, PolicyOpt, _key, _policy, _run, _token, app
 from dbre.errors import UsageError
 from dbre.secrets import Secret
 
@@ -36,8 +40,9 @@ def parse_interval(text: str) -> float:
 
 @app.command()
 def replicate(
-    source: Annotated[Path | None, typer.Argument(help="The SQLite/libSQL database file (WAL mode) to replicate "
-                                                  "(none with --policy).")] = None,
+    source: Annotated[str | None, typer.Argument(help="The SQLite/libSQL database file (WAL mode), or a libsql:// "
+                                                 "or http(s):// URL (token from LIBSQL_AUTH_TOKEN / TURSO_AUTH_TOKEN), "
+                                                 "to replicate (none with --policy).")] = None,
     repo: Annotated[str | None, typer.Option("--repo", "-r", help="Repository: a local path or s3://bucket/prefix "
                                              "(default with --policy: its primary).")] = None,
     db: Annotated[str | None, typer.Option("--db", help="Database name in the repository.")] = None,
@@ -45,40 +50,55 @@ def replicate(
     key_file: KeyFileOpt = None,
     policy: PolicyOpt = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only errors and the final line.")] = False,
+    state_dir: Annotated[Path | None, typer.Option("--state-dir", help="A remote source's embedded replica lives "
+                                                   "here (default: one per URL under ~/.cache/dbre/replicate); "
+                                                   "keep it between runs.")] = None,
 ) -> None:
     """Ship every committed transaction continuously (segments), for `restore --at` to the commit.
-    With --policy: every database marked `replicate: true`, one thread each, in one process."""
+    With --policy: every database marked `replicate: true`, one thread each, in one process.
+    A remote libSQL source: through an embedded replica (--state-dir) synced every interval."""
 
     def go() -> None:
+        from dbre.replicate.remote import RemoteReplicator
         from dbre.replicate.shipper import Replicator
         from dbre.repository.manifest import check_db_name
         from dbre.repository.repo import Repository
         from dbre.sources.local import LocalFileSource
+        from dbre.sources.remote import RemoteLibsqlSource
 
         pol = _policy(policy)
         seconds = parse_interval(interval)
+        # (source, name, token): a source is a local path or a remote URL
+        chosen: list[tuple[str, str, Secret | None]]
         if pol is not None and source is None:
             if db is not None:
                 raise UsageError("--db with --policy", "the policy names the databases (`replicate: true`)")
-            chosen = [(Path(d.source), d.name) for d in pol.databases if d.replicate]
-            if not chosen:
+            marked = [d for d in pol.databases if d.replicate]
+            if not marked:
                 raise UsageError("the policy marks no database `replicate: true`", "add it to a database entry")
-            remote = [name for path, name in chosen if "://" in str(path)]
-            if remote:
-                raise UsageError(f"replicate: {', '.join(remote)}: only local files can be replicated",
-                                 "a remote libSQL source is backed up on its schedule")
+            spaced = [d.name for d in marked if d.namespace and _is_remote(d.source)]
+            if spaced:
+                raise UsageError(f"replicate: {', '.join(spaced)}: a sqld namespace cannot be replicated "
+                                 "(an embedded replica reaches a namespace only by its own hostname)",
+                                 "give the namespace's hostname as its source (<namespace>.<host>)")
+            chosen = [(d.source, d.name, _policy_token(d.auth_token)) for d in marked]
         elif source is not None and db is not None:
-            chosen = [(source, check_db_name(db))]
+            chosen = [(source, check_db_name(db), _token())]
         else:
             raise UsageError("replicate needs SOURCE and --db, or --policy", "e.g. dbre replicate app.db --db app")
+        if state_dir is not None and sum(_is_remote(c[0]) for c in chosen) > 1:
+            raise UsageError("--state-dir with several remote databases", "leave it out: each gets its own")
         url = repo or (pol.repositories.primary if pol else None)
         if not url:
             raise UsageError("no repository given", "pass --repo, or a --policy naming the primary repository")
         key = _key(key_file)
         if key is None and pol is not None and (ref := pol.repositories.encryption_key or "").startswith("env:"):
             key = Secret(os.environ[ref[4:]]) if os.environ.get(ref[4:]) else None
-        for path, _name in chosen:
-            LocalFileSource(path).check()  # before a repository is created for nothing
+        for spec, _name, token in chosen:  # before a repository is created for nothing
+            if _is_remote(spec):
+                RemoteLibsqlSource(spec, token).check()  # the server answers and takes the token
+            else:
+                LocalFileSource(spec).check()
         stop = threading.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())
@@ -89,10 +109,15 @@ def replicate(
                 print(f"shipped {key}", flush=True)
 
         results: dict[str, Any] = {}
+        remotes: dict[str, RemoteReplicator] = {}
 
-        def one(path: Path, name: str) -> None:
+        def one(spec: str, name: str, token: Secret | None) -> None:
             try:
-                results[name] = Replicator(repository, path, name, seconds).run(stop, shipped)
+                if _is_remote(spec):
+                    remotes[name] = RemoteReplicator(repository, spec, token, name, seconds, state_dir)
+                    results[name] = remotes[name].run(stop, shipped)
+                else:
+                    results[name] = Replicator(repository, Path(spec), name, seconds).run(stop, shipped)
             except BaseException as err:  # noqa: BLE001 - reported below; the others stop too
                 results[name] = err
                 stop.set()
@@ -107,7 +132,7 @@ def replicate(
                 for t in threads:
                     t.join(0.2)
         failed = None
-        for _path, name in chosen:
+        for _spec, name, _tok in chosen:
             stats = results.get(name)
             if isinstance(stats, BaseException):
                 failed = failed or stats
@@ -119,10 +144,24 @@ def replicate(
                   f"write lock held at most {stats.max_swap_ms:.1f} ms, {stats.yields} checkpoints yielded to, "
                   f"longest gap between two polls {stats.max_poll_gap_ms:.0f} ms",
                   file=sys.stderr, flush=True)
+            if name in remotes:
+                print(f"replicate {name}: {remotes[name].sync_stats.summary()} of {remotes[name].source.url}",
+                      file=sys.stderr, flush=True)
         if failed is not None:
             raise failed
 
     _run(go)
+
+
+def _is_remote(spec: str) -> bool:
+    return spec.lower().startswith(("libsql://", "http://", "https://", "ws://", "wss://"))
+
+
+def _policy_token(ref: str | None) -> Secret | None:
+    """A policy database's ``auth_token: env:VAR``, else the environment's LIBSQL/TURSO token."""
+    if ref and ref.startswith("env:") and os.environ.get(ref[4:]):
+        return Secret(os.environ[ref[4:]])
+    return _token()
 
 
 def follow_standby(repo: str, db: str, to: Path, interval: str, force: bool, key: Any,

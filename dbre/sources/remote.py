@@ -66,6 +66,7 @@ _TOKEN_HINT = "check LIBSQL_AUTH_TOKEN / TURSO_AUTH_TOKEN"
 _REACH_HINT = "check the URL and that the server is up"
 _SECRET_QUERY_KEYS = {"authtoken", "auth_token", "token", "jwt"}
 _SNAPSHOT_RETRIES = 4
+_AUTH_FAILURE = re.compile(r"unauthenticated|handshake|401|403")
 _DUMP_CHUNK = 1 << 20  # execute the dump in batches of about this many characters
 
 # The sync runs in a child process: libsql_experimental holds the GIL for the whole of sync()
@@ -131,6 +132,7 @@ class RemoteLibsqlSource:
         timeout: float = 60.0,
         lock_timeout: float = 600.0,
         sync_timeout: float | None = 3600.0,
+        replica_dir: Path | None = None,
     ) -> None:
         if method not in METHODS:
             raise SourceError(f"unknown remote source method {method!r}", f"use one of {', '.join(METHODS)}")
@@ -177,6 +179,7 @@ class RemoteLibsqlSource:
         self.name = re.sub(r"[^A-Za-z0-9._-]+", "-", raw_name).strip("-.") or "libsql"
         key_src = self.base_url + (f"#ns={self.namespace}" if self.namespace else "")
         self.cache_key = hashlib.sha256(key_src.encode()).hexdigest()[:16]
+        self._replica_dir = Path(replica_dir).expanduser().absolute() if replica_dir is not None else None
 
         self.last_method: str | None = None
         self.last_seconds: float | None = None
@@ -197,6 +200,9 @@ class RemoteLibsqlSource:
 
     @property
     def replica_dir(self) -> Path:
+        """Where the embedded replica lives: the ``replica_dir`` given, else one per URL in the cache."""
+        if self._replica_dir is not None:
+            return self._replica_dir
         return self.cache_root / "replicas" / self.cache_key
 
     @property
@@ -212,7 +218,7 @@ class RemoteLibsqlSource:
                 try:
                     conn = self._open_replica(stack)
                 except _ReplicaUnavailable as err:
-                    reason = self._scrub(str(err))
+                    reason = self.scrub(str(err))
                     if self.method == "replica":
                         raise SourceError(
                             f"source {self.url}: embedded replica sync failed: {reason}",
@@ -245,7 +251,7 @@ class RemoteLibsqlSource:
         self._write_meta()
 
         started = time.monotonic()
-        self._sync()
+        self.sync_replica()
         self.last_seconds = time.monotonic() - started
         log.info("source %s: replica synced in %.2fs", self.url, self.last_seconds)
 
@@ -288,11 +294,20 @@ class RemoteLibsqlSource:
             except OSError:
                 pass
 
-    def _sync_once(self) -> str | None:
-        """One sync in a child process; None on success, else libsql's error message."""
+    def sync_env(self) -> dict[str, str]:
+        """The environment of a sync child process: libsql's own log off unless RUST_LOG asks for it."""
         env = dict(os.environ)
         env.setdefault("RUST_LOG", "off")
-        request = json.dumps({"path": str(self.replica_path), "url": self.base_url, "token": self._token_str()})
+        return env
+
+    def sync_request(self) -> str:
+        """The line a sync child reads first (path, URL, token): sent over its stdin, never argv."""
+        return json.dumps({"path": str(self.replica_path), "url": self.base_url, "token": self._token_str()})
+
+    def _sync_once(self) -> str | None:
+        """One sync in a child process; None on success, else libsql's error message."""
+        env = self.sync_env()
+        request = self.sync_request()
         try:
             proc = subprocess.run(
                 [sys.executable, "-c", _SYNC_CHILD],
@@ -324,7 +339,35 @@ class RemoteLibsqlSource:
         tail = " ".join((proc.stderr or "").strip().splitlines()[-3:])  # e.g. a Rust panic
         return f"sync process exited with status {proc.returncode}: {tail}"
 
-    def _sync(self) -> None:
+    def auth_failure(self, msg: str) -> SourceError | None:
+        """When a failed sync's message (scrubbed) reads as an authentication failure and the server
+        does refuse the token (one request checks), the error to report; else None."""
+        if not _AUTH_FAILURE.search(msg.lower()):
+            return None
+        try:
+            self._probe_auth()
+        except SourceError as err:
+            return err
+        return None
+
+    def sync_failure(self, msg: str) -> SourceError | None:
+        """The error a failed sync's message (scrubbed) means when trying again soon cannot help: the
+        server unreachable, the connection failing, the token refused; None when a retry may pass."""
+        low = msg.lower()
+        if "tcp connect error" in low or "dns error" in low or "connection refused" in low:
+            return self._unreachable(_after_colon(msg))
+        if _AUTH_FAILURE.search(low):
+            return self.auth_failure(msg)  # (None: the token is accepted, something else failed)
+        if "error trying to connect" in low:
+            hint = ("is it plain HTTP? use http:// or libsql://...?tls=0"
+                    if self.base_url.startswith("https") else _REACH_HINT)
+            return SourceError(f"source {self.url}: connection failed: {_after_colon(msg)}", hint)
+        return None
+
+    def sync_replica(self) -> None:
+        """Sync the embedded replica at ``replica_path`` once (created by the first sync), in a child
+        process: "snapshot not found" retried, a damaged or foreign replica started over once.
+        The caller holds the replica directory (no other process syncs it meanwhile)."""
         wiped = False
         attempt = 0
         while True:
@@ -332,21 +375,17 @@ class RemoteLibsqlSource:
             error = self._sync_once()
             if error is None:
                 return
-            msg = self._scrub(error)
+            msg = self.scrub(error)
             low = msg.lower()
             if re.search(r"snapshot.{0,3}not.{0,3}found", low) and attempt <= _SNAPSHOT_RETRIES:
                 log.info("source %s: %s; retrying sync (%d)", self.url, msg, attempt)
                 time.sleep(0.3 * attempt)
                 continue
-            if "tcp connect error" in low or "dns error" in low or "connection refused" in low:
-                raise self._unreachable(_after_colon(msg))
-            if "unauthenticated" in low or "handshake" in low or "401" in low or "403" in low:
-                self._probe_auth()  # raises SourceError when the token is refused
+            failure = self.sync_failure(msg)
+            if failure is not None:
+                raise failure from None
+            if _AUTH_FAILURE.search(low):  # the token is accepted: something else went wrong
                 raise _ReplicaUnavailable(msg)
-            if "error trying to connect" in low:
-                hint = ("is it plain HTTP? use http:// or libsql://...?tls=0"
-                        if self.base_url.startswith("https") else _REACH_HINT)
-                raise SourceError(f"source {self.url}: connection failed: {_after_colon(msg)}", hint)
             if not wiped:  # a damaged or foreign replica: start it over once
                 log.warning("source %s: replica sync failed (%s); resyncing from scratch", self.url, msg)
                 wiped = True
@@ -420,7 +459,7 @@ class RemoteLibsqlSource:
                     pass
             except apsw.Error as err:
                 raise SourceError(
-                    f"source {self.url}: the /dump SQL did not load: {self._scrub(str(err))}",
+                    f"source {self.url}: the /dump SQL did not load: {self.scrub(str(err))}",
                     "try --method replica, or check the server version",
                 ) from None
 
@@ -439,7 +478,7 @@ class RemoteLibsqlSource:
             raise SourceError(f"source {self.url}: /dump is not UTF-8 SQL", "check the URL") from None
         except (http.client.HTTPException, OSError) as err:
             raise SourceError(
-                f"source {self.url}: /dump broke off: {self._scrub(str(err)) or type(err).__name__}",
+                f"source {self.url}: /dump broke off: {self.scrub(str(err)) or type(err).__name__}",
                 "retry; check the network and the server's logs",
             ) from None
         text = "".join(buf)
@@ -471,7 +510,8 @@ class RemoteLibsqlSource:
             headers["x-namespace-bin"] = base64.b64encode(self.namespace.encode()).decode().rstrip("=")
         return headers
 
-    def _scrub(self, text: str) -> str:
+    def scrub(self, text: str) -> str:
+        """``text`` with the token redacted and whitespace folded, at most 300 characters."""
         tok = self._token_str()
         if tok and tok in text:
             text = text.replace(tok, "**redacted**")
@@ -512,7 +552,7 @@ class RemoteLibsqlSource:
             detail = json.loads(detail).get("error", detail) if detail.startswith("{") else detail
         except (OSError, ValueError, AttributeError):
             detail = ""
-        detail = self._scrub(str(detail)) or (err.reason if isinstance(err.reason, str) else "")
+        detail = self.scrub(str(detail)) or (err.reason if isinstance(err.reason, str) else "")
         if err.code == 404:
             hint = ("check the namespace exists" if self.namespace
                     else "check the URL names a database; the server may not offer /dump")
@@ -532,7 +572,7 @@ class RemoteLibsqlSource:
             return self._unreachable(f"no answer within {self.timeout:g}s")
         if isinstance(reason, OSError) and reason.strerror:
             return self._unreachable(reason.strerror)
-        return self._unreachable(self._scrub(str(reason)) or type(reason).__name__)
+        return self._unreachable(self.scrub(str(reason)) or type(reason).__name__)
 
 
 def _after_colon(msg: str) -> str:
