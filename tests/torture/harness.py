@@ -92,6 +92,7 @@ class Cell:
     points_restored: int = 0  # replicate: point-in-time restores checked
     data_lost: int = 0
     next_run_max_s: float = 0.0  # the longest "next run" after a kill (a stale lock would show here)
+    busy_base_exits: int = 0  # replicate: the known finding (test_replicate_busy_source.py) met here
     seconds: float = 0.0
 
 
