@@ -83,7 +83,7 @@ VACUUM_MIN_PAGES = 64
 STALL_SECONDS = 10.0  # the WAL failing its checks this long in a row stops the replicator
 LOCK_RETRY_SECONDS = float(os.environ.get("DBRE_REPLICATE_LOCK_RETRY", "5"))  # a base put off by prune: retried
 # a generation this long gets a fresh base snapshot (an incremental backup): a restore then reads at
-# most this many segments after its base (10 min of constant writes at the default interval)
+# most this many segments after its base (5 min of constant writes at the default interval)
 GENERATION_SEGMENTS = int(os.environ.get("DBRE_REPLICATE_GENERATION_SEGMENTS", "600"))  # (tests set it low)
 
 
@@ -156,8 +156,10 @@ def _salt1(salt: bytes) -> int:
 class Replicator:
     """Ships the WAL of the database at ``path`` into ``repo`` as database ``db``."""
 
-    def __init__(self, repo: Repository, path: str | Path, db: str, interval: float = 0.5) -> None:
+    def __init__(self, repo: Repository, path: str | Path, db: str, interval: float = 0.5, *,
+                 accept_new_source: bool = False) -> None:
         self.repo = repo
+        self.accept_new_source = accept_new_source  # the bases' backups: ``db`` moved to ``path``
         self.path = str(Path(path).expanduser().absolute())
         self.db = check_db_name(db)
         self.interval = interval
@@ -681,7 +683,8 @@ class Replicator:
             # the direct path: its maps go through mmap(2) with no duplicate descriptor
             # (dbre.sources.filemap), and every descriptor it opens is shared under this run's
             # pin, closed only after our connections: the reader keeps its locks throughout
-            done["result"] = backup(self.repo, LocalFileSource(self.path), self.db)
+            done["result"] = backup(self.repo, LocalFileSource(self.path), self.db,
+                                    accept_new_source=self.accept_new_source)
         except LockedError as err:  # prune holds the repository (or was taking it just then)
             done["locked"] = err
         except BaseException as err:  # noqa: BLE001 - re-raised in the main thread

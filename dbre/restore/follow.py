@@ -5,7 +5,10 @@ target, as any restore). Then every ``interval``: one LIST of ``segments/<db>/``
 the last applied segment's key (``start_after``: never a full listing) returns this generation's
 new segments and, after them, the keys of any newer generation. New segments are fetched, checked
 against the hash chain from the last applied one, and applied in place, one journaled write per
-poll; a newer generation is restored whole to a temp file and renamed over the target.
+poll. A newer generation whose base is the state the standby holds (a periodic base, or the one
+after a VACUUM that was shipped: the same file, taken at the WAL position where the last applied
+transaction ended, the same txid and page count) is followed in place; any other is restored whole
+to a temp file and renamed over the target.
 
 Applying in place is rollback-safe, by SQLite's own protocol: the standby is kept in rollback
 journal mode (header bytes 18-19 set to 1: readers need no -wal or -shm), the follower takes
@@ -34,6 +37,7 @@ from dbre.errors import RestoreError
 from dbre.replicate.segment import (
     Generation,
     SegmentName,
+    WalPos,
     check_contiguous,
     list_generations,
     open_segment,
@@ -60,6 +64,7 @@ class FollowStats:
     polls: int = 0
     last_txid: int = 0
     generations: list[str] = field(default_factory=list)
+    continued: int = 0  # newer generations followed in place (a periodic base of the same history)
 
 
 def journal(pages: list[tuple[int, bytes]], page_size: int, old_count: int) -> bytes:
@@ -168,6 +173,7 @@ class Follower:
         self.gen: Generation | None = None
         self.last_key = ""  # the last applied segment's key (or the generation's prefix)
         self.state = b""
+        self.wal_end: WalPos | None = None  # where the last applied transaction ended in the source's WAL
         self.standby: Standby | None = None
 
     def run(self, stop: threading.Event, on_apply: object = None) -> FollowStats:
@@ -239,7 +245,9 @@ class Follower:
         finally:
             release()
         self.gen = gen
-        self.state = open_segment(self.repo, names[-1], None).state_after if names else bytes.fromhex(gen.state)
+        last = open_segment(self.repo, names[-1], None) if names else None
+        self.state = last.state_after if last is not None else bytes.fromhex(gen.state)
+        self.wal_end = last.wal_end if last is not None else gen.wal
         # (the base key sorts after the segment keys, which start with txid digits: 0...)
         self.last_key = names[-1].key if names else f"segments/{self.db}/{gen.id}/"
         self.standby = Standby(self.target, gen.page_size)
@@ -269,8 +277,33 @@ class Follower:
                 break
         if mine:
             self._apply(sorted(mine, key=lambda n: n.first))
-        if newer is not None:
+        if newer is not None and not self._continue(newer):
             self._restore(None)
+
+    def _continue(self, gen_id: str) -> bool:
+        """Follow generation ``gen_id`` in place when its base is the state the standby holds: a
+        periodic base of the same history, taken where the last applied transaction ended (the same
+        database file, the same WAL position: salts, frame and running checksum), the same txid, the
+        same page size and page count, its base snapshot checked against the generation. Anything
+        else (continuity lost, VACUUM, another file) is restored whole, as before."""
+        assert self.gen is not None and self.standby is not None
+        gen = read_base(self.repo, self.db, gen_id)
+        end = self.wal_end
+        if (end is None or gen.file_id != self.gen.file_id or gen.page_size != self.gen.page_size
+                or gen.base_txid != self.stats.last_txid
+                or (gen.wal.salt, gen.wal.frame, gen.wal.cksum) != (end.salt, end.frame, end.cksum)):
+            return False
+        base = base_snapshot(self.repo, gen)  # (refuses a base that is not the generation's)
+        if base.page_count * gen.page_size != self.target.stat().st_size:
+            return False
+        self.gen = gen
+        self.state = bytes.fromhex(gen.state)
+        self.last_key = f"segments/{self.db}/{gen.id}/"
+        self.stats.last_txid = gen.base_txid
+        self.stats.generations.append(gen.id)
+        self.stats.continued += 1
+        log.info("follow %s: generation %s continues in place from txid %d", self.db, gen.id, gen.base_txid)
+        return True
 
     def _apply(self, names: list[SegmentName]) -> None:
         assert self.gen is not None and self.standby is not None
@@ -293,6 +326,7 @@ class Follower:
                 txs += 1
         self.standby.apply({p: d for p, d in pages.items() if p <= page_count}, page_count)
         self.state = state
+        self.wal_end = seg.wal_end
         self.last_key = names[-1].key
         self.stats.segments += len(names)
         self.stats.transactions += txs
