@@ -152,7 +152,7 @@ def test_remote_source_replicates_to_the_commit(server: SqldServer, tmp_path: Pa
     by_seq = {c.seq: c for c in commits}
     assert all(observed[q] >= by_seq[q].after - 0.05 for q in observed), "seen before its commit returned"
     bound = INTERVAL + slowest + PRECISION
-    first, last = commits[0].after, max(observed.values())
+    first, last = min(observed.values()), max(observed.values())  # (before the first: no row, no max)
     for i, at in enumerate(sorted(random.uniform(first, last) for _ in range(5))):
         to = tmp_path / f"at{i}.db"
         restore_at(r, "app", utc(at), to)
@@ -258,3 +258,76 @@ def test_policy_replicates_a_remote_database_and_resumes(server: SqldServer, tmp
     proc.wait(60)
     code, err = stop(proc, 0)
     assert code == 2 and "namespace" in err, err
+
+
+@pytest.mark.xfail(strict=True, reason="the Replicator's base snapshots record the replica file as their source, "
+                   "so a name whose snapshots came from `dbre backup URL` is refused as another source (exit 2); "
+                   "needs the Replicator to take the source its bases record (see dbre/replicate/remote.py)")
+def test_replicate_under_the_name_its_backups_use(server: SqldServer, tmp_path: Path,
+                                                  procs: list[subprocess.Popen[bytes]]) -> None:
+    """`dbre backup URL --db app` on a schedule and `dbre replicate URL --db app` share one name, as a policy
+    database marked `replicate: true` does."""
+    repo = tmp_path / "repo"
+    env = {"LIBSQL_AUTH_TOKEN": server.token or "", "DBRE_CACHE_DIR": str(tmp_path / "cache")}
+    backup = subprocess.run(dbre_cmd("backup", server.url, "--repo", str(repo), "--db", "app"), capture_output=True,
+                            env={**os.environ, **env}, timeout=120, check=False)
+    assert backup.returncode == 0, backup.stderr
+    proc = start(server.url, repo, "--db", "app", "-q", env=env)
+    procs.append(proc)
+    wait_for_generation(str(repo), "app", proc=proc)
+    code, err = stop(proc)
+    assert code == 0, err
+
+
+def test_a_sync_that_meets_the_write_lock_is_retried(server: SqldServer, tmp_path: Path) -> None:
+    """Another connection holding the replica's write lock (as the replicator's swap does, here for 150 ms
+    at a time) makes syncs fail with "database is locked" before they apply anything; they are retried
+    and every commit still arrives, each one transaction (in process: the counts are read directly)."""
+    import apsw
+
+    from dbre.replicate.remote import RemoteReplicator
+    from dbre.secrets import Secret
+    from dbre.sources.local import keep_wal
+    from dbre.sources.pins import Pin
+
+    repo = Repository.open_or_init(str(tmp_path / "repo"), None)
+    rr = RemoteReplicator(repo, server.url, Secret(server.token or ""), "app", INTERVAL, tmp_path / "state")
+    halt = threading.Event()
+    done: dict[str, object] = {}
+
+    def run() -> None:
+        try:
+            done["stats"] = rr.run(halt)
+        except BaseException as err:  # noqa: BLE001 - asserted below
+            done["error"] = err
+
+    runner = threading.Thread(target=run)
+    runner.start()
+    try:
+        wait_for_generation(str(tmp_path / "repo"), "app")
+        path = rr.source.replica_path
+        with Pin(path):  # (our descriptors never drop the replicator's POSIX locks: dbre.sources.pins)
+            conn = keep_wal(apsw.Connection(str(path), flags=apsw.SQLITE_OPEN_READWRITE))
+            conn.set_busy_timeout(2000)
+            try:
+                with Writer(server, rate=40) as writer:
+                    deadline = time.time() + 6
+                    while time.time() < deadline:
+                        conn.execute("BEGIN IMMEDIATE")
+                        time.sleep(0.15)
+                        conn.execute("ROLLBACK")
+                        time.sleep(0.05)
+            finally:
+                conn.close()
+        time.sleep(2 * INTERVAL)
+    finally:
+        halt.set()
+        runner.join(60)
+    assert "error" not in done, done
+    assert rr.sync_stats.locked > 0, rr.sync_stats
+    to = tmp_path / "r.db"
+    restore_at(repo, "app", utc(time.time()), to)
+    count, top, n = restored_seq(to)
+    assert count == top == n == len(writer.commits) > 100
+    assert writer.error is None
+    assert set(observed_times(repo, 0, "app")) == set(range(1, top + 1)), "one transaction per server commit"
