@@ -8,6 +8,7 @@
     python -m benchmarks --memory          # also peak RSS at 1 and 8 GiB (benchmarks/memory.py)
     python -m benchmarks --pitr            # also replication against Litestream 0.5.17 (benchmarks/pitr.py)
     python -m benchmarks --s3              # also restore from S3 against a local one (benchmarks/s3restore.py)
+    python -m benchmarks --sql             # also a point query in place on S3 (benchmarks/sqlquery.py)
 """
 
 from __future__ import annotations
@@ -56,6 +57,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "(256 MiB, 100 and 1000 commits/s, directory and S3; with --quick: 4 MiB, 100/s, directory)")
     p.add_argument("--s3", action="store_true",
                    help="also restore of the largest size from an S3 repository (moto_server) against a local one")
+    p.add_argument("--sql", action="store_true",
+                   help="also `dbre sql` (a point query in place) on the largest size in S3, against a full restore")
     p.add_argument("--size-mb", type=int, help=argparse.SUPPRESS)  # tiny databases for the tests
     args = p.parse_args(argv)
     if args.quick:
@@ -122,6 +125,11 @@ def main(argv: list[str] | None = None) -> int:
 
         doc["s3_restore"] = s3restore.measure(out / "data", args.runs, console.print, max(args.sizes))
         s3restore.print_result(doc["s3_restore"], console.print)  # type: ignore[arg-type]
+    if args.sql:
+        from benchmarks import sqlquery
+
+        doc["sql"] = sqlquery.measure(out / "data", args.runs, console.print, size_mib=max(args.sizes))
+        sqlquery.print_result(doc["sql"], console.print)  # type: ignore[arg-type]
     (out / "results.json").write_text(json.dumps(doc, indent=1))
     report.print_table(doc, console)
     console.print(f"results: {out / 'results.json'}")
