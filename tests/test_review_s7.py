@@ -155,3 +155,109 @@ def test_repair_rows_undo_quotes_a_where_with_quotes_and_a_relative_repo(tmp_pat
     back = cli(*undo[1:])
     assert back.returncode == 0, back
     assert sql(live, "SELECT note FROM orders WHERE id = 5") == [("it's \"x\"",)]
+
+
+def _follow_setup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
+    import dbre.replicate.shipper as shipper
+    from tests.replication import make_source
+
+    monkeypatch.setattr(shipper, "GENERATION_SEGMENTS", 3)  # a periodic base every 3 segments
+    src = tmp_path / "src.db"
+    make_source(src, 500)
+    return src, Repository.open_or_init(str(tmp_path / "repo"))
+
+
+def _commit(conn: sqlite3.Connection, seq: int) -> None:
+    conn.execute("BEGIN IMMEDIATE")
+    conn.execute("INSERT INTO t(seq, pad) VALUES (?, randomblob(300))", (seq,))
+    conn.execute("UPDATE counter SET n = ?", (seq,))
+    conn.execute("COMMIT")
+
+
+def _catch_up(follower, repo: Repository, want: int) -> None:  # type: ignore[no-untyped-def]
+    import time
+
+    deadline = time.monotonic() + 30
+    while follower.stats.last_txid < want or follower.gen.id != list(list_generations(repo, "app"))[-1]:
+        assert time.monotonic() < deadline, (follower.stats, want)
+        follower.poll()
+        time.sleep(0.05)
+
+
+@pytest.mark.xfail(strict=True, reason="review s7 finding 1: a newer generation is followed in place without "
+                   "comparing the standby with its base snapshot; a standby that drifted is never restored again")
+def test_follow_in_place_never_repairs_a_standby_that_differs_from_the_base(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Reproduction: a follower restores the standby; then something writes to it (an operator's
+    `sqlite3 standby.db "UPDATE ..."` on a bad day, a tool that opened it read-write; a page that
+    rotted): row 1's blob changes, same size, same page count. The replicator then starts periodic
+    generations (every 3 segments here, every 600 by default).
+
+    `Follower._continue` accepts each newer generation in place on metadata alone (file_id, WAL
+    position, base_txid, the *size* of the standby, the base snapshot's manifest), never on the
+    standby's bytes, although the base snapshot's page map holds a keyed hash of every page it
+    claims the standby holds. Before 56f7cc1 each newer generation was restored whole, so a drift
+    lasted at most one generation (5 min of writes); now it lasts for ever and later segments are
+    applied over it (pages of two histories in one file). Expected: the in-place continuation
+    checks the standby's pages against the base's page map (a local read, no download) and
+    restores whole when one differs."""
+    from dbre.restore.follow import Follower
+
+    src, repo = _follow_setup(tmp_path, monkeypatch)
+    standby = tmp_path / "sb.db"
+    conn = sqlite3.connect(src, isolation_level=None)
+    follower = Follower(repo, "app", standby, 0.1)
+    try:
+        with replicating(repo, src, interval=0.1):
+            _commit(conn, 501)
+            import time
+
+            time.sleep(0.5)
+            follower._restore(None)
+            c = sqlite3.connect(standby, isolation_level=None)
+            c.execute("UPDATE t SET pad = zeroblob(300) WHERE seq = 1")  # the drift: same size, same pages
+            c.close()
+            for seq in range(502, 520):
+                _commit(conn, seq)
+                time.sleep(0.15)
+        last = max(n.last for ns in list_generations(repo, "app").values() for n in ns)
+        _catch_up(follower, repo, last)
+        assert follower.stats.continued >= 1 and follower.stats.restores == 1, follower.stats
+        got = sqlite3.connect(standby).execute("SELECT count(*), max(seq) FROM t").fetchone()
+        assert got == (519, 519)
+        want = conn.execute("SELECT pad FROM t WHERE seq = 1").fetchone()
+        have = sqlite3.connect(standby).execute("SELECT pad FROM t WHERE seq = 1").fetchone()
+        assert have == want, "the standby still holds the stray write after the new generations"
+    finally:
+        conn.close()
+        if follower.standby is not None:
+            follower.standby.close()
+
+
+@pytest.mark.xfail(strict=True, reason="review s7 finding 4: the undo of a --fire-triggers repair fires the "
+                   "triggers again, which overwrite the values it puts back")
+def test_repair_rows_undo_of_a_fire_triggers_repair_restores_the_row_exactly(tmp_path: Path) -> None:
+    """Reproduction: orders has `AFTER UPDATE OF total ... SET updated_at = 'touched'`. Order 7 is
+    (total 999, updated_at 'app-time') in live; repair-rows --where "id = 7" --fire-triggers --apply
+    puts the snapshot's total back and the trigger stamps it 'touched'. The printed undo carries
+    --fire-triggers too (`undo_command` copies `plan.fire_triggers`): it sets total 999 and
+    updated_at 'app-time' back, then the trigger fires and stamps 'touched' again, so the row is
+    not as it was before the repair. An undo puts back exact stored values (they come from the
+    safety snapshot, which already holds whatever the triggers did before): it should always run
+    with triggers suspended. (What the repair's triggers wrote into other tables, e.g. `changes`,
+    no row undo of this table removes; the safety snapshot still holds them.)"""
+    live = make_shop(tmp_path / "shop.db")
+    repo = Repository.open_or_init(str(tmp_path / "repo"))
+    snapshot_of(repo, live)
+    sql(live, "UPDATE orders SET total = 999 WHERE id = 7")
+    sql(live, "UPDATE orders SET updated_at = 'app-time' WHERE id = 7")
+    before = sql(live, "SELECT total, updated_at FROM orders WHERE id = 7")
+    assert before == [(999.0, "app-time")]
+    done = cli("repair-rows", "--repo", tmp_path / "repo", "--db", "shop", "--live", live, "--table", "orders",
+               "--where", "id = 7", "--fire-triggers", "--apply")
+    assert done.returncode == 0, done
+    assert sql(live, "SELECT updated_at FROM orders WHERE id = 7") == [("touched",)]
+    undo = shlex.split(done.stdout.strip().splitlines()[-1].strip())
+    back = cli(*undo[1:])
+    assert back.returncode == 0, back
+    assert sql(live, "SELECT total, updated_at FROM orders WHERE id = 7") == before, undo
