@@ -261,3 +261,53 @@ def test_repair_rows_undo_of_a_fire_triggers_repair_restores_the_row_exactly(tmp
     back = cli(*undo[1:])
     assert back.returncode == 0, back
     assert sql(live, "SELECT total, updated_at FROM orders WHERE id = 7") == before, undo
+
+
+@pytest.mark.xfail(strict=True, reason="review s7 finding 5: a follower behind by two generations stops (exit 1) "
+                   "on an intermediate generation whose base snapshot forget has dropped")
+def test_follow_behind_two_generations_reaches_the_newest_after_a_forget(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Reproduction: the follower holds generation A (paused, slow, a VM stopped for 10 minutes:
+    two periodic bases at the default 5 min of writes); meanwhile generations B, C, ... were
+    started and `forget --keep-last 1` ran: B is outside the PITR window, so forget dropped its
+    base snapshot, and prune keeps B's base object and segments until its grace period is over.
+
+    The next poll lists B first (`poll`: the first newer key), and `_continue(B)` calls
+    `base_snapshot(B)`, which raises "base snapshot ... is missing": the follower exits 1
+    (and, the standby now existing, a restart without --force is refused). Before 56f7cc1 the same
+    poll restored the newest generation whole. Continuing in place needs none of the base
+    snapshot's pages: a base snapshot that is missing or not the generation's should make
+    `_continue` answer False (restore the newest whole), not stop the standby."""
+    from dbre.errors import DbreError
+    from dbre.restore.follow import Follower
+    from dbre.restore.pitr import base_snapshot
+
+    src, repo = _follow_setup(tmp_path, monkeypatch)
+    standby = tmp_path / "sb.db"
+    conn = sqlite3.connect(src, isolation_level=None)
+    follower = Follower(repo, "app", standby, 0.1)
+    try:
+        import time
+
+        with replicating(repo, src, interval=0.1):
+            _commit(conn, 501)
+            time.sleep(0.5)
+            follower._restore(None)
+            for seq in range(502, 520):
+                _commit(conn, seq)
+                time.sleep(0.15)
+        gens = list(list_generations(repo, "app"))
+        mine = gens.index(follower.gen.id)
+        assert len(gens) >= mine + 3, gens
+        done = cli("forget", "--repo", tmp_path / "repo", "--db", "app", "--keep-last", "1")
+        assert done.returncode == 0, done
+        with pytest.raises(DbreError, match="is missing"):
+            base_snapshot(repo, read_base(repo, "app", gens[mine + 1]))  # B: its base snapshot forgotten
+        last = max(n.last for ns in list_generations(repo, "app").values() for n in ns)
+        _catch_up(follower, repo, last)
+        got = sqlite3.connect(standby).execute("SELECT count(*), max(seq) FROM t").fetchone()
+        assert got == (519, 519)
+    finally:
+        conn.close()
+        if follower.standby is not None:
+            follower.standby.close()
