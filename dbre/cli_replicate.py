@@ -86,6 +86,8 @@ def replicate(
             chosen = [(source, check_db_name(db), _token())]
         else:
             raise UsageError("replicate needs SOURCE and --db, or --policy", "e.g. dbre replicate app.db --db app")
+        if state_dir is not None and not any(_is_remote(c[0]) for c in chosen):
+            raise UsageError("--state-dir is for a remote source", "leave it out for a local database file")
         if state_dir is not None and sum(_is_remote(c[0]) for c in chosen) > 1:
             raise UsageError("--state-dir with several remote databases", "leave it out: each gets its own")
         url = repo or (pol.repositories.primary if pol else None)

@@ -142,7 +142,11 @@ class _SyncChild:
                               f"{self.source.scrub(str(answer.get('error')))}", "check the state directory")
 
     def sync(self, timeout: float) -> dict[str, Any]:
-        """One sync: ``{"ok": bool, "error": str, "started": t, "seconds": s}``."""
+        """One sync: ``{"ok": bool, "error": str, "started": t, "seconds": s}``; a child that ended
+        (a panic in libsql) is started again first."""
+        if self.proc is None or self.proc.poll() is not None:
+            self.close(kill=True)
+            self.start()
         return self._ask("sync", timeout)
 
     def _ask(self, line: str, timeout: float) -> dict[str, Any]:
