@@ -311,3 +311,60 @@ def test_follow_behind_two_generations_reaches_the_newest_after_a_forget(
         conn.close()
         if follower.standby is not None:
             follower.standby.close()
+
+
+SHORT_WRITE = r'''
+import os, resource, signal, sys
+from pathlib import Path
+from dbre.restore.follow import Standby
+path = Path(sys.argv[1])
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+sb = Standby(path, 4096)
+size = path.stat().st_size
+count = size // 4096
+real_unlink = Path.unlink
+def unlink(self, *a, **k):  # kill -9 at the instant before the commit (the journal's deletion)
+    if str(self).endswith("-journal"):
+        os._exit(9)
+    return real_unlink(self, *a, **k)
+Path.unlink = unlink
+# the disk "fills" at the standby's own size: the journal (its pages plus headers) does not fit
+resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
+sb.apply({p: bytes([p % 251]) * 4096 for p in range(2, count + 1)}, count)
+'''
+
+
+@pytest.mark.xfail(strict=True, reason="review s7 finding 6: Standby.apply ignores a short os.write of the journal "
+                   "(disk full): a crash before the commit leaves a journal that rolls back only part of the pages")
+def test_follow_apply_journal_cut_by_a_full_disk_never_tears_the_standby(tmp_path: Path) -> None:
+    """Reproduction: `Standby.apply` writes the rollback journal with one `os.write(jfd, ...)` and
+    does not look at the count it returns. When the disk fills (here RLIMIT_FSIZE at the standby's
+    size, which makes write(2) return short exactly as ENOSPC does) the journal is cut, fsynced, and
+    the pages are overwritten anyway (they fit: the file does not grow). A kill -9 (or power loss)
+    before the journal's deletion leaves a hot journal whose last records are missing: the next
+    reader rolls back only the pages it holds, and the standby is a mix of two states
+    (integrity_check fails). Expected: a short write (or any write error) of the journal stops the
+    apply before the file is touched."""
+    import subprocess
+    import sys
+
+    standby = tmp_path / "sb.db"
+    c = sqlite3.connect(standby, isolation_level=None)
+    c.execute("PRAGMA page_size=4096")
+    c.execute("CREATE TABLE t(x)")
+    c.executemany("INSERT INTO t VALUES (randomblob(3000))", [()] * 40)
+    c.close()
+    original = standby.read_bytes()
+    proc = subprocess.run([sys.executable, "-c", SHORT_WRITE, str(standby)], capture_output=True, timeout=60)
+    assert proc.returncode == 9, proc.stderr.decode()[-2000:]
+    journal = Path(f"{standby}-journal")
+    pages = len(original) // 4096
+    assert 0 < journal.stat().st_size < 512 + pages * (4096 + 8), "the journal was not cut"
+    c = sqlite3.connect(standby)
+    try:
+        ok = c.execute("PRAGMA integrity_check").fetchone()[0]  # a reader: rolls the hot journal back
+    except sqlite3.DatabaseError as err:
+        ok = str(err)
+    finally:
+        c.close()
+    assert (ok, standby.read_bytes() == original) == ("ok", True), f"journal {journal}: {ok}"
