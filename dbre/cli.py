@@ -361,3 +361,4 @@ else:
     import dbre.cli_audit  # noqa: F401 - the `audit` group
     import dbre.cli_inspect  # noqa: F401 - diff, stats
     import dbre.cli_sql  # noqa: F401 - sql
+    import dbre.cli_export  # noqa: F401 - export
