@@ -129,6 +129,93 @@ def restore(
     _run(go)
 
 
+# `last-good` is a command of its own, not `restore --last-good`: restore requires --to and writes a file,
+# and most of its options (--force, --follow, --if-*, --dry-run, --snapshot/--at/--txid) would conflict with
+# a search that writes nothing and ends by printing the restore command it found, to run (or not) after.
+@app.command("last-good")
+def last_good(
+    repo: RepoOpt,
+    db: DbNameOpt,
+    check: Annotated[list[str] | None, typer.Option("--check", metavar="SQL", help="A read-only statement whose "
+                                                    "first column of the first row must be true (non-zero), e.g. "
+                                                    "\"SELECT count(*) > 1000 FROM orders\" (repeat for more).")
+                     ] = None,
+    since: Annotated[str | None, typer.Option("--since", metavar="TIME", help="ISO-8601 time: search from the "
+                                              "point `restore --at` would take (default: the oldest point).")] = None,
+    expectations: Annotated[Path | None, typer.Option("--expectations", metavar="DIR", help="Also run the GX suites "
+                                                      "of --db under DIR (DIR/<db>/ or DIR) on each point that "
+                                                      "passes the other checks; restored to a temporary file "
+                                                      "for that only.")] = None,
+    quick: Annotated[bool, typer.Option("--quick-check", help="PRAGMA quick_check instead of integrity_check on "
+                                        "every state (the default uses quick_check above 1 GiB).")] = False,
+    to: Annotated[str | None, typer.Option("--to", metavar="PATH", help="The file the printed restore command "
+                                           "restores to (default: DB-last-good.db).")] = None,
+    json_out: JsonOpt = False,
+    key_file: KeyFileOpt = None,
+) -> None:
+    """Find the newest good point of a database without restoring it: the newest state (every snapshot but safety
+    ones and, when replicated, every transaction of the PITR window) that passes PRAGMA integrity_check, each
+    --check and, with --expectations, its GX suites. Each probe queries the state in place (read-only, nothing
+    restored), except the suites, which need a temporary restored copy. It bisects: the newest point first (good:
+    done), then the --since point (or the oldest; bad: nothing good, exit 1), then halves the gap, about log2(n)
+    probes. It assumes the timeline is good up to some point and bad from the next on: it finds that boundary, the
+    newest good point before the oldest one it saw bad, not every good point. Prints each probe as it ends, then the
+    `dbre restore` command for the point found. A --check that does not parse or writes is refused before any
+    probe (exit 2)."""
+
+    def go() -> None:
+        import sys
+
+        from dbre.errors import DbreError
+        from dbre.repository.manifest import check_db_name, iso, parse_time
+        from dbre.repository.repo import Repository
+        from dbre.restore.lastgood import Probe, check_syntax, find_last_good
+        from dbre.validate.drill import drill_suites
+
+        check_db_name(db)
+        when = parse_time(since) if since else None
+        checks = list(check or [])
+        check_syntax(checks)  # (before the repository is opened: a typo costs no request)
+        suites = drill_suites(expectations, db) if expectations is not None else None
+        repository = Repository.open(repo, _key(key_file))
+        widths = (32, 26, 6)
+        result_rows: list[Probe] = []
+
+        def row(p: Probe) -> None:
+            if not result_rows:  # (the header with the first row: a refused check prints nothing on stdout)
+                print(f"{'time':<{widths[0]}} {'point':<{widths[1]}} {'result':<{widths[2]}} failed check")
+            result_rows.append(p)
+            why = f"{p.failed}: {p.detail}" if p.failed else (p.integrity or "")
+            if p.restored_for_expectations:
+                why += " (suites on a temporary restore)" if p.good else ""
+            print(f"{p.time:<{widths[0]}} {p.point.label():<{widths[1]}} {'good' if p.good else 'BAD':<{widths[2]}} "
+                  f"{why}", flush=True)
+
+        result = find_last_good(repository, db, checks, since=when, suites=suites, quick=True if quick else None,
+                                on_probe=None if json_out else row)
+        target = to or f"{db}-last-good.db"
+        command = result.restore_command(repo, target, str(key_file) if key_file else None)
+        if json_out:
+            _print_json({**result.describe(), "restore_command": command})
+        elif result.found is not None:
+            f = result.found
+            print(f"last good: {f.point.label()} ({f.time}), {len(result.probes)} probes of {result.points} points "
+                  f"in {result.seconds:.2f} s" + (f"; the next one, {result.first_bad.point.label()}, is bad"
+                                                   if result.first_bad else ""))
+            print(f"to restore it:\n  {command}")
+        if result.found is None:
+            start = iso(when) if when else "the oldest point"
+            bad = result.first_bad
+            msg = (f"no good point since {start}: {result.lower.label()} fails "
+                   f"{bad.failed if bad else 'a check'}")
+            if json_out:
+                sys.stdout.flush()
+                print(f"dbre: {msg}", file=sys.stderr)
+                raise typer.Exit(1)
+            raise DbreError(msg, "pass an earlier --since, or check the checks")
+
+    _run(go)
+
 
 def _say(json_out: bool, record: dict[str, Any], line: str) -> None:
     if json_out:
