@@ -69,9 +69,10 @@ LOCKED_WAIT = 0.02  # ...this long apart (a swap holds the lock 10-25 ms, at mos
 # The child: one libsql_experimental connection for the run; a line on stdin asks for a sync, a JSON
 # line answers. The first stdin line is the request (path, URL, token): the token never goes on a
 # command line. It ignores SIGINT/SIGTERM (a Ctrl-C or systemd's stop reaches the whole group): it
-# ends when its stdin closes, so a sync is never cut in the middle by our own stop.
+# ends when its stdin closes (our stop, or this process killed), so a sync is never cut in the middle
+# by our own stop, and without closing its connection (see the last line).
 _SYNC_LOOP_CHILD = r"""
-import json, signal, sys, time
+import json, os, signal, sys, time
 signal.signal(signal.SIGINT, signal.SIG_IGN)
 signal.signal(signal.SIGTERM, signal.SIG_IGN)
 req = json.loads(sys.stdin.readline())
@@ -94,6 +95,7 @@ if conn is not None:
         out["started"], out["seconds"] = started, time.time() - started
         sys.stdout.write(json.dumps(out) + "\n")
         sys.stdout.flush()
+os._exit(0)  # the connection is never closed: its close, the last one, would checkpoint the WAL away
 """
 
 
