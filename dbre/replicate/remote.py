@@ -16,9 +16,11 @@ How it works, and why it is exact (checked against sqld 0.24 and libsql-experime
   injector's own PASSIVE autocheckpoints (at 1000 frames) stop at the replicator's read mark.
 - A commit on the server is seen here only when a sync brings it: its stamp (``restore --at``) is
   when the replicator read it from the replica, and it is durable in the repository at the next
-  ship. RPO: a commit waits up to one interval for the sync, the sync's own time, then up to one
-  interval for the ship (the two loops are not in phase) and the segment's put: under 2 intervals
-  plus the sync (measured figures in docs/replication.md).
+  ship. RPO: a commit waits up to one interval for the sync, the sync's own time, then the ship and
+  the segment's put. The replicator ships once its last ship is an interval old; that ship followed
+  the previous sync, so the two loops fall in step and a sync's commits wait for the ship at most
+  about the difference of two syncs' times: one interval plus about twice the sync, a poll and the
+  put (measured figures in docs/replication.md).
 - SIGINT/SIGTERM: one last sync, then the replicator ships everything the replica holds and stops.
   Syncs failing for ``SYNC_STALL_SECONDS`` in a row (the server down, the network gone) stop the run
   with the cause (exit 1); a refused token stops it at once.
