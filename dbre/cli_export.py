@@ -55,7 +55,8 @@ def export(
                                   force=force, progress=progress, warn=warn)
         s = result.stats
         rate = result.rows / result.seconds if result.seconds > 0 else 0.0
-        print(f"exported {result.rows:,} rows of {result.table} ({result.state.label()}) to {out} as {fmt}: "
+        rows = f"{result.rows:,} row{'' if result.rows == 1 else 's'}"
+        print(f"exported {rows} of {result.table} ({result.state.label()}) to {out} as {fmt}: "
               f"{human(result.bytes_written)} in {result.seconds:.2f} s ({rate:,.0f} rows/s); read {s.objects} objects "
               f"({s.requests} requests), {human(s.bytes)} of {human(result.state.size)} from the repository")
 

@@ -319,3 +319,19 @@ def test_progress_counts_to_the_table_rows(local_history: History, tmp_path: Pat
     assert [d for d, _ in calls] == sorted(d for d, _ in calls)
     with pytest.raises(UsageError, match="exists"):
         export_table(local_history.repo, "app", "things", tmp_path / "p.csv", "csv")  # no force
+
+
+def test_text_that_is_not_utf8_is_one_line_and_leaves_nothing(tmp_path: Path) -> None:
+    src = tmp_path / "bad.db"
+    with sqlite3.connect(src, isolation_level=None) as c:
+        c.execute("CREATE TABLE bad(t TEXT)")
+        c.execute("INSERT INTO bad VALUES ('fine'), (CAST(x'61ff62' AS TEXT))")
+    repo_url = str(tmp_path / "repo")
+    backup(Repository.open_or_init(repo_url, None), open_source(str(src)), "app", checksums=False)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    for fmt in ("parquet", "csv"):
+        r = run_dbre("export", "--repo", repo_url, "--db", "app", "--table", "bad", "--format", fmt,
+                     "--out", out_dir / f"bad.{fmt}")
+        assert_one_line_error(r, 1, "not valid UTF-8", "CAST(column AS BLOB)")
+    assert list(out_dir.iterdir()) == []

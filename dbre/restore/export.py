@@ -27,7 +27,7 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
-from dbre.errors import UsageError
+from dbre.errors import DbreError, UsageError
 from dbre.repository.repo import Repository
 from dbre.restore.query import CACHE_BYTES, FetchStats, QueryState, open_query
 
@@ -151,6 +151,10 @@ def export_table(repo: Repository, db: str, table: str, out: Path, fmt: str, *, 
                     break
                 except _Widen:
                     result.restarts += 1
+                except UnicodeDecodeError:
+                    raise DbreError(f"export: table {name!r} holds text that is not valid UTF-8, which cannot be "
+                                    "written as text", "read that column with `dbre sql` as CAST(column AS BLOB)"
+                                    ) from None
                 finally:
                     rows.close()
             result.bytes_written = tmp.stat().st_size
