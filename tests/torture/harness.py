@@ -34,11 +34,11 @@ from tests.dbfactory import cli as _cli
 # The CI part: kills per (command, backend). S3 trials cost 3-5x local ones (moto answers a listing
 # in ~60 ms, and a run lists the locks, the snapshots, the packs), replicate ones ~2.5 s of writer each.
 CI_TRIALS: dict[tuple[str, str], int] = {
-    ("backup", "local"): 60, ("backup", "s3"): 8,
-    ("copy", "local"): 30, ("copy", "s3"): 6,
-    ("forget --prune", "local"): 30, ("forget --prune", "s3"): 4,
-    ("restore", "local"): 44, ("restore", "s3"): 6,
-    ("replicate", "local"): 8, ("replicate", "s3"): 4,
+    ("backup", "local"): 64, ("backup", "s3"): 6,
+    ("copy", "local"): 32, ("copy", "s3"): 4,
+    ("forget --prune", "local"): 32, ("forget --prune", "s3"): 3,
+    ("restore", "local"): 44, ("restore", "s3"): 5,
+    ("replicate", "local"): 7, ("replicate", "s3"): 3,
 }
 CI_TOTAL = sum(CI_TRIALS.values())
 # DBRE_TORTURE_TRIALS=N scales every cell by N / CI_TOTAL (the long run: 2000)
