@@ -298,3 +298,13 @@ def test_a_replicated_database_finds_the_transaction_before_the_bad_one(replicat
         assert c.execute("SELECT count(*), max(seq), (SELECT n FROM counter) FROM t").fetchone() == (
             50 + r.bad, 50 + r.bad, 50 + r.bad)
     assert tree(r.repo) == before
+
+
+def test_nothing_good_is_exit_1_with_the_whole_result_in_json(history: History) -> None:
+    r = run_dbre("last-good", "--repo", history.url, "--db", "app", "--check", "SELECT 0", "--json")
+    assert r.returncode == 1, r
+    d = json.loads(r.stdout)
+    assert d["found"] is None and d["restore_command"] is None and len(d["probes"]) == 2
+    assert d["first_bad"]["snapshot"] == history.snaps[0].id and d["probes"][1]["failed"] == "check 1"
+    assert r.stderr.strip() == (f"dbre: no good point since the oldest point: snapshot {history.snaps[0].id} "
+                                "fails check 1"), r.stderr

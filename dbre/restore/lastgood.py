@@ -252,7 +252,7 @@ def probe_point(repo: Repository, db: str, point: Point, checks: list[str], suit
             failure = _expectations(counted, db, point, suites, state)
     except IntegrityError as err:
         failure = ("read", err.message)
-    except apsw.CorruptError as err:  # (a page SQLite cannot parse: what integrity_check would say)
+    except (apsw.CorruptError, apsw.NotADBError) as err:  # (a page SQLite cannot parse: integrity_check's finding)
         failure = (probe.integrity or "integrity_check", f"database disk image is malformed ({err})")
     if failure is None:
         probe.good = True
