@@ -184,8 +184,7 @@ def _catch_up(follower, repo: Repository, want: int) -> None:  # type: ignore[no
         time.sleep(0.05)
 
 
-@pytest.mark.xfail(strict=True, reason="review s7 finding 1: a newer generation is followed in place without "
-                   "comparing the standby with its base snapshot; a standby that drifted is never restored again")
+# review s7 finding 1 (fixed)
 def test_follow_in_place_never_repairs_a_standby_that_differs_from_the_base(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Reproduction: a follower restores the standby; then something writes to it (an operator's
@@ -222,7 +221,8 @@ def test_follow_in_place_never_repairs_a_standby_that_differs_from_the_base(
                 time.sleep(0.15)
         last = max(n.last for ns in list_generations(repo, "app").values() for n in ns)
         _catch_up(follower, repo, last)
-        assert follower.stats.continued >= 1 and follower.stats.restores == 1, follower.stats
+        # fixed: the drifted page differs from the next base's: that generation is restored whole
+        assert follower.stats.restores >= 2, follower.stats
         got = sqlite3.connect(standby).execute("SELECT count(*), max(seq) FROM t").fetchone()
         assert got == (519, 519)
         want = conn.execute("SELECT pad FROM t WHERE seq = 1").fetchone()
@@ -263,8 +263,7 @@ def test_repair_rows_undo_of_a_fire_triggers_repair_restores_the_row_exactly(tmp
     assert sql(live, "SELECT total, updated_at FROM orders WHERE id = 7") == before, undo
 
 
-@pytest.mark.xfail(strict=True, reason="review s7 finding 5: a follower behind by two generations stops (exit 1) "
-                   "on an intermediate generation whose base snapshot forget has dropped")
+# review s7 finding 5 (fixed)
 def test_follow_behind_two_generations_reaches_the_newest_after_a_forget(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Reproduction: the follower holds generation A (paused, slow, a VM stopped for 10 minutes:
@@ -334,8 +333,7 @@ sb.apply({p: bytes([p % 251]) * 4096 for p in range(2, count + 1)}, count)
 '''
 
 
-@pytest.mark.xfail(strict=True, reason="review s7 finding 6: Standby.apply ignores a short os.write of the journal "
-                   "(disk full): a crash before the commit leaves a journal that rolls back only part of the pages")
+# review s7 finding 6 (fixed)
 def test_follow_apply_journal_cut_by_a_full_disk_never_tears_the_standby(tmp_path: Path) -> None:
     """Reproduction: `Standby.apply` writes the rollback journal with one `os.write(jfd, ...)` and
     does not look at the count it returns. When the disk fills (here RLIMIT_FSIZE at the standby's

@@ -21,6 +21,7 @@ drop their caches. A crash in between leaves a hot journal that the next reader 
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import logging
 import os
@@ -32,8 +33,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import apsw
+import xxhash
 
-from dbre.errors import RestoreError
+from dbre.errors import DbreError, RestoreError
 from dbre.replicate.segment import (
     Generation,
     SegmentName,
@@ -44,7 +46,9 @@ from dbre.replicate.segment import (
     parse_key,
     read_base,
 )
-from dbre.repository.manifest import check_db_name
+from dbre.repository.backup import load_fast_hashes
+from dbre.repository.hashindex import NO_HASH
+from dbre.repository.manifest import Manifest, check_db_name
 from dbre.repository.repo import Repository
 from dbre.restore.full import _remove_leftovers, _replace, check_no_leftovers, check_not_in_use, follow_scratch_name
 from dbre.restore.pitr import PitrPlan, apply_pitr, base_snapshot
@@ -65,6 +69,16 @@ class FollowStats:
     last_txid: int = 0
     generations: list[str] = field(default_factory=list)
     continued: int = 0  # newer generations followed in place (a periodic base of the same history)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """os.write until all of ``data`` is written: a short write (a disk filling) is an OSError."""
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        if n <= 0:
+            raise OSError(errno.ENOSPC, "no space left on device")
+        view = view[n:]
 
 
 def journal(pages: list[tuple[int, bytes]], page_size: int, old_count: int) -> bytes:
@@ -141,10 +155,14 @@ class Standby:
             jpath = Path(str(self.path) + "-journal")
             jfd = os.open(jpath, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             try:
-                os.write(jfd, journal(originals, ps, old_count))
+                _write_all(jfd, journal(originals, ps, old_count))
                 os.fsync(jfd)
-            finally:
+            except OSError as err:  # (a full disk: nothing of the standby was written yet)
                 os.close(jfd)
+                jpath.unlink(missing_ok=True)
+                raise RestoreError(f"follow {self.path}: cannot write its rollback journal ({err.strerror or err}); "
+                                   "the standby is unchanged", "free disk space and restart the follower") from err
+            os.close(jfd)
             _fsync_dir(self.path)
             for pgno in sorted(writes):
                 if pgno <= page_count:
@@ -293,8 +311,13 @@ class Follower:
                 or gen.base_txid != self.stats.last_txid
                 or (gen.wal.salt, gen.wal.frame, gen.wal.cksum) != (end.salt, end.frame, end.cksum)):
             return False
-        base = base_snapshot(self.repo, gen)  # (refuses a base that is not the generation's)
-        if base.page_count * gen.page_size != self.target.stat().st_size:
+        try:
+            base = base_snapshot(self.repo, gen)  # (refuses a base that is not the generation's)
+        except DbreError as err:  # (forget dropped it, or it is damaged: the newest is restored whole)
+            log.warning("follow %s: generation %s: %s; restoring the newest generation whole", self.db, gen.id,
+                        err.message)
+            return False
+        if base.page_count * gen.page_size != self.target.stat().st_size or not self._holds(base):
             return False
         self.gen = gen
         self.state = bytes.fromhex(gen.state)
@@ -303,6 +326,29 @@ class Follower:
         self.stats.generations.append(gen.id)
         self.stats.continued += 1
         log.info("follow %s: generation %s continues in place from txid %d", self.db, gen.id, gen.base_txid)
+        return True
+
+    def _holds(self, base: Manifest) -> bool:
+        """Whether every page of the standby but page 1 (whose header the standby rewrites) is the
+        base snapshot's, by its fast hash (xxh3 per page, from the base's fast runs): a standby
+        written to by anything but this follower, or a page that rotted, is restored whole, never
+        followed in place. A local read of the standby, no download."""
+        fast = load_fast_hashes(self.repo, base)
+        if fast is None:
+            return False
+        ps, n = base.page_size, base.page_count
+        step = 4096
+        with open(self.target, "rb") as f:
+            for start in range(0, n, step):
+                chunk = f.read(min(step, n - start) * ps)
+                view = memoryview(chunk)
+                for j in range(len(chunk) // ps):
+                    i = start + j
+                    want = fast[i]
+                    if i and want != NO_HASH and xxhash.xxh3_128_digest(view[j * ps : (j + 1) * ps]) != want:
+                        log.warning("follow %s: page %d of %s is not the base's: restoring whole", self.db, i + 1,
+                                    self.target)
+                        return False
         return True
 
     def _apply(self, names: list[SegmentName]) -> None:
