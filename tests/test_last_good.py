@@ -308,3 +308,33 @@ def test_nothing_good_is_exit_1_with_the_whole_result_in_json(history: History) 
     assert d["first_bad"]["snapshot"] == history.snaps[0].id and d["probes"][1]["failed"] == "check 1"
     assert r.stderr.strip() == (f"dbre: no good point since the oldest point: snapshot {history.snaps[0].id} "
                                 "fails check 1"), r.stderr
+
+
+def test_a_point_whose_pages_are_missing_is_bad_not_an_error(tmp_path: Path) -> None:
+    """The pack holding page 1 of the newest snapshot is deleted: that point cannot be read (nor restored), so the
+    search counts it bad ("read") and finds the one before it."""
+    from dbre.repository.backup import read_run
+    from dbre.repository.manifest import RECORD
+    from dbre.repository.repo import pack_key
+
+    src = tmp_path / "src.db"
+    repo = Repository.open_or_init(str(tmp_path / "repo"))
+    snaps = []
+    for _ in range(3):
+        with sqlite3.connect(src, isolation_level=None) as c:
+            c.execute("CREATE TABLE IF NOT EXISTS t(id INTEGER PRIMARY KEY, pad BLOB)")
+            c.executemany("INSERT INTO t(pad) VALUES (randomblob(500))", [()] * 50)
+        snaps.append(backup(repo, open_source(str(src)), "app", checksums=False).manifest)
+        time.sleep(0.01)
+
+    def page1_pack(m: Manifest) -> str:
+        return str(RECORD.unpack_from(read_run(repo, m, m.runs[0]), 0)[1].hex())
+
+    pack = page1_pack(snaps[2])
+    assert pack not in {page1_pack(snaps[0]), page1_pack(snaps[1])}
+    Path(tmp_path / "repo", pack_key(pack)).unlink()
+    result = find_last_good(repo, "app")
+    assert result.found is not None and result.found.point.snapshot == snaps[1].id
+    newest = result.probes[0]
+    assert newest.point.snapshot == snaps[2].id and newest.failed == "read" and "missing" in newest.detail, newest
+    assert not list(repo.store.list("locks/"))

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 import apsw
 import apsw.ext
 
-from dbre.errors import IntegrityError, UsageError
+from dbre.errors import RepositoryError, UsageError
 from dbre.replicate.segment import list_generations, to_time
 from dbre.repository.manifest import check_db_name, iso, micros
 from dbre.repository.repo import Repository
@@ -236,7 +236,10 @@ def probe_point(repo: Repository, db: str, point: Point, checks: list[str], suit
     counted = Repository(CountingStore(repo.store, stats), repo.config, repo.sealer, repo.raw_config)
     probe = Probe(point, to_time(point.time_us).isoformat(), good=False)
     try:
-        state = choose_state(counted, db, snapshot=point.snapshot, txid=point.txid)
+        try:
+            state = choose_state(counted, db, snapshot=point.snapshot, txid=point.txid)
+        except UsageError as err:  # (a listed txid restore --txid cannot reach: its generation's base is gone)
+            raise RepositoryError(err.message, err.hint) from None
         try:
             probe.time = _state_time(state)
             with open_state(counted, state, stats) as (conn, refused):
@@ -250,7 +253,7 @@ def probe_point(repo: Repository, db: str, point: Point, checks: list[str], suit
         if failure is None and suites:
             probe.restored_for_expectations = True
             failure = _expectations(counted, db, point, suites, state)
-    except IntegrityError as err:
+    except RepositoryError as err:  # (damage: a pack, segment or base missing or altered; not restorable either)
         failure = ("read", err.message)
     except (apsw.CorruptError, apsw.NotADBError) as err:  # (a page SQLite cannot parse: integrity_check's finding)
         failure = (probe.integrity or "integrity_check", f"database disk image is malformed ({err})")
