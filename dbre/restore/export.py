@@ -280,9 +280,13 @@ def _write_parquet(tmp: Path, columns: list[Column], rows: Iterator[tuple[Any, .
 
     def write(batch: list[tuple[Any, ...]]) -> None:
         nonlocal writer
-        values = list(zip(*batch, strict=True)) if batch else [() for _ in columns]
+        values: list[Any] = list(zip(*batch, strict=True)) if batch else [() for _ in columns]
+        batch.clear()  # (the rows' tuples go: their values are held by the columns until each is an array)
         _fit(columns, values, fallbacks, warn, writer is not None)  # (_Widen: the caller starts again)
-        arrays = [_array(pa, c, v) for c, v in zip(columns, values, strict=True)]
+        arrays = []
+        for i, c in enumerate(columns):
+            arrays.append(_array(pa, c, values[i]))
+            values[i] = None
         if writer is None:
             schema = pa.schema([pa.field(c.name, _arrow_type(pa, c)) for c in columns])
             writer = pq.ParquetWriter(str(tmp), schema)
@@ -290,8 +294,8 @@ def _write_parquet(tmp: Path, columns: list[Column], rows: Iterator[tuple[Any, .
 
     try:
         for batch in _chunks(rows, batch_rows, batch_bytes, progress, total):
-            write(batch)
             n += len(batch)
+            write(batch)
         if writer is None:
             write([])  # (an empty table: a file with its schema)
     finally:
