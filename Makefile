@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench lint typecheck clean serve
+.PHONY: install demo test test-all bench lint typecheck clean serve
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -24,8 +24,16 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy dbre
 
+# make test: the suite on TEST_WORKERS processes (pytest-xdist; tests/conftest.py keeps a module with a
+# module-scoped fixture on one of them), without the long variants (marked slow); make test-all runs
+# those too. TEST_WORKERS=0 runs in this process; PYTEST_ARGS adds options, e.g. PYTEST_ARGS='-k s3'.
+TEST_WORKERS ?= 3
+PYTEST_RUN = $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
 test: $(STAMP) lint typecheck
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(PYTEST_RUN) $(PYTEST_ARGS)
+
+test-all: $(STAMP) lint typecheck
+	$(PYTEST_RUN) --runslow $(PYTEST_ARGS)
 
 # the history (S3, 5 vs 200 snapshots), churn (24 rounds, repack off/on), memory (1 and 8 GiB) and PITR
 # (replication vs Litestream 0.5.17) and S3 restore (1 GiB from moto_server vs local) parts too;

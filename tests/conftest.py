@@ -1,13 +1,17 @@
 """Shared pytest fixtures and helpers for the whole test suite, grouped by what they provide.
 
-Sections: Prefect (the session harness), helpers (ports), S3 (a real moto_server), stores (one per backend).
+Sections: Prefect (the session harness), the run (--runslow, pytest-xdist scheduling), helpers (ports),
+S3 (a real moto_server), stores (one per backend).
 Add new fixtures under a section of their own; keep each fixture's docstring saying what it
 yields and how long it lives.
 """
 
 from __future__ import annotations
 
+import functools
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
@@ -27,6 +31,75 @@ from dbre.storage.local import LocalStore
 # Prefect reads its settings (PREFECT_HOME, ...) when first imported: set them before anything
 # else, and share one test harness across the session (it takes 15-60 s to start).
 from tests.prefect_fixtures import prefect_harness  # noqa: F401, I001
+
+# --------------------------------------------------------------------------- the run
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--runslow", action="store_true", default=False,
+                     help="also run the long variants (tests marked slow; make test-all)")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The tests marked ``slow`` (long variants of what a shorter test covers) run only with --runslow."""
+    if config.getoption("--runslow"):
+        return
+    skip_slow = pytest.mark.skip(reason="a long variant: run with --runslow (make test-all)")
+    for item in items:
+        if item.get_closest_marker("slow") is not None:
+            item.add_marker(skip_slow)
+
+
+# A pytest-xdist worker starts with COLUMNS=80 and LINES=24 in its environment, which the CLI's tables
+# (and the tests reading them through subprocesses) would take as a terminal 80 columns wide: the
+# workers get the controller's values (or none) instead.
+_TERMINAL_ENV = ("COLUMNS", "LINES")
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node: Any) -> None:
+    node.workerinput["dbre_terminal_env"] = {name: os.environ.get(name) for name in _TERMINAL_ENV}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # A suite started in the background (`make test &`) inherits SIGINT ignored, and so would every
+    # dbre it starts: Ctrl-C tests (exit 130, serve.py's SIGINT) need Python's own handler back.
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    workerinput = getattr(config, "workerinput", None)
+    if workerinput is not None and "dbre_terminal_env" in workerinput:
+        _set_env(workerinput["dbre_terminal_env"])
+
+
+# A module that defines a module-scoped fixture (a served Prefect deployment, a repository built
+# once), or names an xdist_group, runs on one worker: the fixture is built once, and its tests run in
+# file order, which some rely on (one writes what the next reads). pytest-xdist 3.8's own loadgroup
+# cannot group under pytest 9 (its group suffix on item._nodeid no longer reaches the nodeid), so
+# the grouping is decided here, from the module's text.
+_ONE_WORKER = re.compile(r"""scope\s*=\s*["']module["']|mark\.xdist_group""")
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """For ``-n N --dist loadgroup`` (make test): every other test is handed out on its own."""
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    @functools.cache
+    def one_worker(path: str) -> bool:
+        try:
+            return bool(_ONE_WORKER.search((config.rootpath / path).read_text()))
+        except OSError:
+            return False
+
+    class ModuleFixtureScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            return path if one_worker(path) else nodeid
+
+    return ModuleFixtureScheduling(config, log)
+
 
 # --------------------------------------------------------------------------- helpers
 
