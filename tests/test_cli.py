@@ -4,9 +4,9 @@ shapes, default names, and no heavy imports (Prefect, GX, pandas, boto3) for a l
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -53,17 +53,23 @@ def test_every_command_has_help(path: list[str]) -> None:
 
 
 def test_top_level_help_is_fast() -> None:
-    times = []
+    """`dbre --help` costs under 1.5 s of CPU: nothing heavy is imported on the way (Prefect alone
+    takes seconds). CPU time of the child, not wall time: on a busy machine (make test runs the
+    suite on several workers) a start waits for a core, which is noise, not start-up cost."""
+    cpu = []
     for _ in range(3):
-        started = time.perf_counter()
-        r = subprocess.run([sys.executable, "-m", "dbre.cli", "--help"], capture_output=True, text=True,
-                           env=dbre_env(), timeout=30)
-        times.append(time.perf_counter() - started)
-        assert r.returncode == 0, r.stderr
+        proc = subprocess.Popen([sys.executable, "-m", "dbre.cli", "--help"], stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, env=dbre_env())
+        assert proc.stdout is not None
+        with proc.stdout:
+            out = proc.stdout.read()
+        _, status, usage = os.wait4(proc.pid, 0)  # reaped here, for its resource usage
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        cpu.append(usage.ru_utime + usage.ru_stime)
+        assert proc.returncode == 0, out
         for name in CORE_COMMANDS:
-            assert name in r.stdout
-    # the best of three: a busy machine adds noise, not start-up cost
-    assert min(times) < 1.5, times
+            assert name in out
+    assert min(cpu) < 1.5, cpu
 
 
 def test_version() -> None:

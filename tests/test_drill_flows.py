@@ -45,11 +45,14 @@ def site(tmp_path: Path) -> dict[str, Any]:
 
 
 def _artifacts(key: str) -> list[Any]:
+    """The artifacts with this key, newest first: other tests on the session's harness publish under it too."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.sorting import ArtifactSort
 
     with get_client(sync_client=True) as client:
-        return list(client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key]))))
+        return list(client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])),
+                                          sort=ArtifactSort.CREATED_DESC))
 
 
 def test_drill_flow_passes_and_publishes(prefect_api: None, site: dict[str, Any]) -> None:
