@@ -209,7 +209,11 @@ def _columns(conn: Any, name: str) -> list[Column]:
 def _atomic(out: Path, force: bool) -> Iterator[Path]:
     """A temporary file beside ``out`` to write; when the block ends it is synced and renamed to ``out``
     (linked, without ``force``: an ``out`` that appeared meanwhile is never replaced), else removed."""
-    fd, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".dbre-export", dir=out.parent)
+    try:
+        fd, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".dbre-export", dir=out.parent)
+    except OSError as err:
+        raise UsageError(f"export: --out {out}: cannot write in {out.parent}: {err.strerror}",
+                         "choose a directory you can write to") from None
     os.close(fd)
     tmp = Path(name)
     try:
