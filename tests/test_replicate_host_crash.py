@@ -21,6 +21,7 @@ from tests.replication import (
     read_log,
     restore_at,
     restored_seq,
+    segment_keys,
     start_replicator,
     start_writer,
     stop_replicator,
@@ -66,10 +67,17 @@ def test_application_and_replicator_killed_together_lose_nothing(tmp_path: Path)
         top = _recovered_top(src)
         assert top > BASE_ROWS + 10 * round_
     # both come back: the replicator first (it finds what the crash left), then the application
+    before = segment_keys(Repository.open(repo_url))
     rep = start_replicator(src, repo_url, interval="200ms")
     try:
         writer = start_writer(src, log, 1.0, start_seq=top, ckpt_every=40, pause=0.003)
         assert writer.wait(timeout=60) == 0
+        # it writes to the repository (so it is past start-up and takes SIGTERM as "ship and exit 0")
+        # before it is stopped: on a busy machine its start-up can outlast the writer's second
+        deadline = time.monotonic() + 60
+        while segment_keys(Repository.open(repo_url)) == before:
+            assert rep.poll() is None and time.monotonic() < deadline, "the replicator wrote nothing"
+            time.sleep(0.1)
         time.sleep(1.0)
     finally:
         code, err = stop_replicator(rep)
