@@ -440,6 +440,8 @@ def repair_rows(
         print(f"{s['table']}: inserted {s['inserted']}, updated {s['updated']}, deleted {s['deleted']} rows from "
               f"snapshot {s['snapshot']}{kept}; audit record {s['audit_record']}")
         if s["undo"]:
-            print(f"safety snapshot {s['safety_snapshot']} holds the database as it was; to undo:\n  {s['undo']}")
+            dry = "" if s["undo"].endswith("--apply") or " --apply " in s["undo"] else \
+                " (a dry run: read its plan, then add --apply)"
+            print(f"safety snapshot {s['safety_snapshot']} holds the database as it was; to undo{dry}:\n  {s['undo']}")
 
     _run(go)

@@ -100,8 +100,7 @@ def test_pitr_read_ahead_memory_is_bounded_by_decoded_segments(tmp_path: Path) -
     assert peak < 4 * one, f"peak {peak / 2**20:.1f} MiB for segments of {one / 2**20:.0f} MiB decoded"
 
 
-@pytest.mark.xfail(strict=True, reason="review s7 finding 3: the printed undo of repair-rows deletes rows the "
-                   "application inserted after the repair")
+# review s7 finding 3 (fixed)
 def test_repair_rows_undo_keeps_rows_written_after_the_repair(tmp_path: Path) -> None:
     """Reproduction: repair-rows --where "id <= 20 OR id > 300" --delete-extra --apply (puts ids
     11..20 back, drops id 301), then the application inserts order 302 (it matches the WHERE, as
@@ -147,7 +146,7 @@ def test_repair_rows_undo_quotes_a_where_with_quotes_and_a_relative_repo(tmp_pat
                "--where", where, "--apply")
     assert done.returncode == 0, done
     undo = shlex.split(done.stdout.strip().splitlines()[-1].strip())
-    assert undo[undo.index("--where") + 1] == where
+    assert undo[undo.index("--where") + 1] == f'({where}) AND "id" IN (5)'  # the repair's own rows only
     assert undo[undo.index("--repo") + 1] == str(tmp_path / "repo")
     assert rows(live, "orders", "id") == before
     (tmp_path / "elsewhere").mkdir()
@@ -234,8 +233,7 @@ def test_follow_in_place_never_repairs_a_standby_that_differs_from_the_base(
             follower.standby.close()
 
 
-@pytest.mark.xfail(strict=True, reason="review s7 finding 4: the undo of a --fire-triggers repair fires the "
-                   "triggers again, which overwrite the values it puts back")
+# review s7 finding 4 (fixed)
 def test_repair_rows_undo_of_a_fire_triggers_repair_restores_the_row_exactly(tmp_path: Path) -> None:
     """Reproduction: orders has `AFTER UPDATE OF total ... SET updated_at = 'touched'`. Order 7 is
     (total 999, updated_at 'app-time') in live; repair-rows --where "id = 7" --fire-triggers --apply

@@ -137,22 +137,51 @@ class RowRepairResult:
                 "safety_snapshot": self.safety_snapshot}
 
     def undo_command(self, key_file: str | os.PathLike[str] | None = None) -> str | None:
-        """The command (quoted, absolute paths) that puts the selected rows back as they were before
-        the repair, from its safety snapshot: rows the repair inserted are deleted again
-        (``--delete-extra``); None without a safety snapshot."""
+        """The command (quoted, absolute paths) that puts the rows this repair changed back as they
+        were before it, from its safety snapshot; None without a safety snapshot.
+
+        It selects the repair's own rows only (its WHERE and their keys: rows the application wrote
+        since, under other keys, are left alone; rows the repair inserted are deleted again with
+        ``--delete-extra``), with the table's triggers suspended (the safety snapshot holds the
+        stored values, whatever triggers did). Past UNDO_KEYS keys it is printed without
+        ``--apply``: its dry run shows what it would do."""
         if self.safety_snapshot is None:
             return None
         from dbre.restore.table import _absolute
 
         p = self.plan
+        touched = p.inserts + p.updates + (p.extras if p.delete_extra else [])
+        where = p.where
+        if touched and len(touched) <= UNDO_KEYS:
+            cols = p.key if p.key_is_rowid else [qident(k) for k in p.key]
+            if len(cols) == 1:
+                where = f"({p.where}) AND {cols[0]} IN ({', '.join(_literal(k[0]) for k in touched)})"
+            else:
+                rows = ", ".join(f"({', '.join(map(_literal, k))})" for k in touched)
+                where = f"({p.where}) AND ({', '.join(cols)}) IN (VALUES {rows})"
         words = ["dbre", "repair-rows", "--repo", _absolute(p.repo.url), "--db", p.db, "--live", _absolute(str(p.live)),
-                 "--table", p.table, "--where", p.where, "--snapshot", self.safety_snapshot, "--delete-extra",
-                 "--apply"]
-        if self.plan.fire_triggers:
-            words.append("--fire-triggers")
+                 "--table", p.table, "--where", where, "--snapshot", self.safety_snapshot, "--delete-extra"]
+        if len(touched) <= UNDO_KEYS:
+            words.append("--apply")
         if key_file is not None:
             words += ["--key-file", str(Path(key_file).expanduser().absolute())]
         return shlex.join(words)
+
+
+UNDO_KEYS = 1000  # keys listed in an undo command's WHERE
+
+
+def _literal(value: Any) -> str:
+    """An SQL literal of a key value (integer, real, text, blob)."""
+    if isinstance(value, bool) or value is None:
+        return "NULL" if value is None else str(int(value))
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return repr(value)
+    if isinstance(value, bytes | bytearray | memoryview):
+        return f"X'{bytes(value).hex()}'"
+    return "'" + str(value).replace("'", "''") + "'"
 
 
 # -- the WHERE -----------------------------------------------------------------------------------
