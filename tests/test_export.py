@@ -335,3 +335,21 @@ def test_text_that_is_not_utf8_is_one_line_and_leaves_nothing(tmp_path: Path) ->
                      "--out", out_dir / f"bad.{fmt}")
         assert_one_line_error(r, 1, "not valid UTF-8", "CAST(column AS BLOB)")
     assert list(out_dir.iterdir()) == []
+
+
+def test_a_view_exports_and_a_broken_one_is_bad_input(tmp_path: Path) -> None:
+    src = tmp_path / "views.db"
+    with sqlite3.connect(src, isolation_level=None) as c:
+        c.execute("CREATE TABLE t(a INTEGER, b TEXT)")
+        c.execute("INSERT INTO t VALUES (1, 'one'), (2, 'two')")
+        c.execute("CREATE VIEW two AS SELECT a, b FROM t WHERE a = 2")
+        c.execute("CREATE TABLE gone(x)")
+        c.execute("CREATE VIEW broken AS SELECT x FROM gone")
+        c.execute("DROP TABLE gone")
+    repo = Repository.open_or_init(str(tmp_path / "repo"), None)
+    backup(repo, open_source(str(src)), "app", checksums=False)
+    r = export_table(repo, "app", "two", tmp_path / "two.parquet", "parquet")
+    assert r.table == "two (a view)" and parquet_rows(tmp_path / "two.parquet") == [(2, "two")]
+    with pytest.raises(UsageError, match="view 'broken' cannot be read: no such table"):
+        export_table(repo, "app", "broken", tmp_path / "broken.csv", "csv")
+    assert not (tmp_path / "broken.csv").exists() and leftovers(tmp_path) == []

@@ -27,6 +27,9 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
+import apsw
+import apsw.ext
+
 from dbre.errors import DbreError, UsageError
 from dbre.repository.repo import Repository
 from dbre.restore.query import CACHE_BYTES, FetchStats, QueryState, open_query
@@ -131,7 +134,11 @@ def export_table(repo: Repository, db: str, table: str, out: Path, fmt: str, *, 
     with open_query(repo, db, snapshot=snapshot, at=at, txid=txid, cache_bytes=cache_bytes) as session:
         conn = session.conn
         name, kind = _find_table(conn, table)
-        columns = _columns(conn, name)
+        try:
+            columns = _columns(conn, name)
+        except apsw.SQLError as err:  # (a view over a table that is gone, a virtual table's missing module)
+            raise UsageError(f"export: {kind} {name!r} cannot be read: {err}", "export one of its tables"
+                             ) from None
         total = 0
         if progress is not None:
             count: Any = conn.execute(f"SELECT count(*) FROM {_quote(name)}").get
@@ -189,8 +196,6 @@ def _find_table(conn: Any, table: str) -> tuple[str, str]:
 
 
 def _columns(conn: Any, name: str) -> list[Column]:
-    import apsw.ext
-
     info = apsw.ext.query_info(conn, f"SELECT * FROM {_quote(name)}")
     columns = []
     for col, declared in info.description:
