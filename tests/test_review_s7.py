@@ -65,8 +65,7 @@ def _compressible_generation(tmp: Path, segments: int, pages: int) -> Repository
     return repo
 
 
-@pytest.mark.xfail(strict=True, reason="review s7 finding 2: PITR read-ahead holds up to 16 decoded segments, "
-                   "bounded by their compressed size only")
+# review s7 finding 2 (fixed)
 def test_pitr_read_ahead_memory_is_bounded_by_decoded_segments(tmp_path: Path) -> None:
     """Reproduction: 20 segments, each one transaction rewriting the same 1024 pages (4 MiB decoded,
     ~4 KiB stored: zeroblob overflow pages), restored with `restore --at`.

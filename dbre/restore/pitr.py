@@ -57,6 +57,7 @@ SEGMENTS_AHEAD = 16  # fetched ahead of the one being checked, at most ...
 READ_AHEAD_BYTES = 64 * 1024 * 1024  # ... and at most this many bytes of them (see _apply_segments)
 MIN_ALLOWANCE = 1024 * 1024  # the least a fetch ahead may read before it is redone whole at its turn
 HOLD_BYTES = 64 * 1024 * 1024  # newest page versions held across segments before they are written
+OPEN_AHEAD = 2  # segments decoded ahead of the one being applied
 
 
 @dataclass
@@ -313,10 +314,10 @@ def _fetch_within(repo: Repository, name: SegmentName, allowance: int) -> bytes 
     return data if len(data) <= allowance else None
 
 
-def _open_within(repo: Repository, name: SegmentName, allowance: int) -> tuple[int, Segment | None]:
-    """A segment fetched (see `_fetch_within`) and opened, its own chain checked; (0, None) if larger
-    than ``allowance``."""
-    raw = _fetch_within(repo, name, allowance)
+def _open_fetched(repo: Repository, name: SegmentName, fetched: Future[bytes | None]) -> tuple[int, Segment | None]:
+    """A segment fetched ahead (see `_fetch_within`), opened and its own chain checked; (0, None) if
+    it was larger than its allowance."""
+    raw = fetched.result()
     return (0, None) if raw is None else (len(raw), open_segment(repo, name, None, raw))
 
 
@@ -360,32 +361,39 @@ def checked_segments(repo: Repository, gen: Generation, names: list[SegmentName]
     """Each of ``names`` (a generation's segments, in order) opened and checked against the hash
     chain from the generation's base, one at a time.
 
-    The reader threads fetch, unseal, decode and check each segment's own chain (decompression
-    runs beside the caller's writes); here each is checked to start where the previous one ended.
-    Read-ahead is bounded by bytes: the first segment is fetched alone (a planted object is refused
-    before anything else is read); then each fetch ahead may take at most twice the largest
-    segment checked so far (at least ``MIN_ALLOWANCE``), and at most ``READ_AHEAD_BYTES`` of them
-    are in flight. A segment larger than its allowance is fetched again, whole, at its turn."""
+    Reader threads fetch ahead; one opener thread unseals, decodes and checks the chain inside the
+    next ``OPEN_AHEAD`` segments (their decompression runs beside the caller's writes), and each is
+    checked here to start where the previous one ended. Memory holds the compressed bytes read
+    ahead, at most ``OPEN_AHEAD`` decoded segments and the caller's one. Read-ahead is bounded by
+    bytes: the first segment is fetched alone (a planted object is refused before anything else is
+    read); then each fetch ahead may take at most twice the largest segment checked so far (at
+    least ``MIN_ALLOWANCE``), and at most ``READ_AHEAD_BYTES`` of them are in flight. A segment
+    larger than its allowance is fetched again, whole, at its turn."""
     state = bytes.fromhex(gen.state)
-    with ThreadPoolExecutor(SEGMENT_READERS, thread_name_prefix="dbre-segments") as pool:
-        ahead: deque[tuple[SegmentName, Future[tuple[int, Segment | None]], int]] = deque()
+    with ThreadPoolExecutor(SEGMENT_READERS, thread_name_prefix="dbre-segments") as pool, \
+            ThreadPoolExecutor(1, thread_name_prefix="dbre-segment-open") as opener:
+        ahead: deque[tuple[SegmentName, Future[bytes | None], int]] = deque()
+        opened: deque[tuple[SegmentName, Future[tuple[int, Segment | None]], int]] = deque()
         nxt, in_flight, largest = 0, 0, 0
 
         def fill() -> None:
             nonlocal nxt, in_flight
-            while nxt < len(names) and len(ahead) < SEGMENTS_AHEAD:
+            while nxt < len(names) and len(ahead) + len(opened) < SEGMENTS_AHEAD:
                 cap = segment_mod.SEGMENT_CAP
                 allowance = cap if not largest else min(cap, max(2 * largest, MIN_ALLOWANCE))
-                if ahead and (not largest or in_flight + allowance > READ_AHEAD_BYTES):
-                    return
-                ahead.append((names[nxt], pool.submit(_open_within, repo, names[nxt], allowance), allowance))
+                if (ahead or opened) and (not largest or in_flight + allowance > READ_AHEAD_BYTES):
+                    break
+                ahead.append((names[nxt], pool.submit(_fetch_within, repo, names[nxt], allowance), allowance))
                 nxt, in_flight = nxt + 1, in_flight + allowance
+            while ahead and len(opened) < OPEN_AHEAD:
+                name, fut, allowance = ahead.popleft()
+                opened.append((name, opener.submit(_open_fetched, repo, name, fut), allowance))
 
         try:
             fill()
-            while ahead:
-                name, fut, allowance = ahead.popleft()
-                size, seg = fut.result()
+            while opened:
+                name, ofut, allowance = opened.popleft()
+                size, seg = ofut.result()
                 in_flight -= allowance
                 if seg is None:
                     raw = fetch_segment(repo, name)
@@ -401,6 +409,8 @@ def checked_segments(repo: Repository, gen: Generation, names: list[SegmentName]
         finally:
             for _, f, _ in ahead:
                 f.cancel()
+            for _, g, _ in opened:
+                g.cancel()
 
 
 def segment_pages(seg: Segment, page_size: int, limit_us: int | None,
