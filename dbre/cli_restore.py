@@ -431,7 +431,8 @@ def repair_rows(
                 print("nothing to repair" if not plan.changes
                       else "dry run: nothing changed; pass --apply to repair")
                 return
-            result = apply_row_repair(plan, allow_fk_violations=allow_fk_violations, fire_triggers=fire_triggers)
+            result = apply_row_repair(plan, allow_fk_violations=allow_fk_violations, fire_triggers=fire_triggers,
+                                      key_file=key_file)
         s = {**result.summary(), "undo": result.undo_command(key_file)}
         if json_out:
             _print_json(s)

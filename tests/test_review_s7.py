@@ -363,3 +363,42 @@ def test_follow_apply_journal_cut_by_a_full_disk_never_tears_the_standby(tmp_pat
     finally:
         c.close()
     assert (ok, standby.read_bytes() == original) == ("ok", True), f"journal {journal}: {ok}"
+
+
+def test_repair_rows_audit_record_holds_the_undo_and_writers_are_not_held_by_the_safety_snapshot(
+        tmp_path: Path) -> None:
+    """Review s7 finding 7 (fixed) and a low note: the safety snapshot is taken before the repair's
+    write transaction (a writer is never blocked by its backup), and the audit record carries the
+    undo command as printed."""
+    import dbre.restore.table as table_mod
+
+    live = make_shop(tmp_path / "shop.db")
+    repo = Repository.open_or_init(str(tmp_path / "repo"))
+    snapshot_of(repo, live)
+    sql(live, "DELETE FROM orders WHERE id BETWEEN 11 AND 20")
+    seen: list[str] = []
+    real = table_mod.safety_snapshot
+
+    def probing(*a, **k):  # type: ignore[no-untyped-def]
+        c = sqlite3.connect(live, timeout=0)  # another writer, while the safety snapshot is taken
+        try:
+            c.execute("BEGIN IMMEDIATE")
+            c.execute("ROLLBACK")
+            seen.append("writer got the lock")
+        except sqlite3.OperationalError as err:
+            seen.append(str(err))
+        finally:
+            c.close()
+        return real(*a, **k)
+
+    table_mod.safety_snapshot = probing
+    try:
+        done = cli("repair-rows", "--repo", tmp_path / "repo", "--db", "shop", "--live", live, "--table", "orders",
+                   "--where", "id <= 20", "--apply")
+    finally:
+        table_mod.safety_snapshot = real
+    assert done.returncode == 0, done
+    assert seen == ["writer got the lock"]
+    audit = repo.records("audits", "shop")[-1]
+    printed = done.stdout.strip().splitlines()[-1].strip()
+    assert audit["undo"] == printed and audit["safety_snapshot"] in printed

@@ -707,7 +707,8 @@ def _preview(src: Db, live: Db, shape: _Shape, plan: RowRepairPlan, n: int) -> l
 
 
 def apply_row_repair(plan: RowRepairPlan, *, allow_fk_violations: bool = False, fire_triggers: bool | None = None,
-                     who: str | None = None, safety: bool = True) -> RowRepairResult:
+                     who: str | None = None, safety: bool = True,
+                     key_file: str | os.PathLike[str] | None = None) -> RowRepairResult:
     """Insert, update (and with ``delete_extra`` delete) the planned rows in one transaction; audit it.
 
     The live selection is read again inside the transaction: if any selected row was added,
@@ -717,9 +718,9 @@ def apply_row_repair(plan: RowRepairPlan, *, allow_fk_violations: bool = False, 
     violations roll the transaction back unless ``allow_fk_violations`` (local files only: a
     server enforces its foreign keys itself). The scratch copy is removed at the end, whatever happens.
     ``fire_triggers`` None: as the plan says. ``safety``: a local live file is snapshotted into the
-    repository first, inside the write transaction (exactly the state the repair changes: a repair
-    that turns out wrong is undone with `repair-rows --snapshot` of it); a remote database is not
-    (that would be a whole /dump of it).
+    repository first, just before the write transaction (a repair that turns out wrong is undone
+    with `repair-rows --snapshot` of it: ``RowRepairResult.undo_command``, also in the audit record);
+    a remote database is not (that would be a whole /dump of it). ``key_file`` goes into the undo.
     """
     started = time.perf_counter()
     fire_triggers = plan.fire_triggers if fire_triggers is None else fire_triggers
@@ -739,21 +740,25 @@ def apply_row_repair(plan: RowRepairPlan, *, allow_fk_violations: bool = False, 
               "keys": {"insert": plan.inserts[:1000], "update": plan.updates[:1000],
                        "extra": plan.extras[:1000]}}
     record.pop("preview", None)
-    audit = write_audit(plan.repo, plan.db, record, who)
-    return RowRepairResult(plan, counts["insert"], counts["update"], counts["delete"], audit,
-                           time.perf_counter() - started, taken)
+    result = RowRepairResult(plan, counts["insert"], counts["update"], counts["delete"], "",
+                             time.perf_counter() - started, taken)
+    record["undo"] = result.undo_command(key_file)
+    result.audit_record = write_audit(plan.repo, plan.db, record, who)
+    return result
 
 
 def _apply_local(plan: RowRepairPlan, shape: _Shape, allow_fk_violations: bool,
                  fire_triggers: bool, safety: bool) -> tuple[dict[str, int], str | None]:
     from dbre.restore.table import safety_snapshot
 
+    # before the write lock, not inside it: a backup of a large file would block the application's
+    # writers for its whole length (~25 ms/MiB). The undo puts back the repaired rows only, and the
+    # transaction below refuses to write if any selected row changed since the plan, so the rows it
+    # changes are in this snapshot as they were when it wrote
+    taken = safety_snapshot(plan.repo, plan.db, Path(plan.live), f"{OPERATION} of {plan.table}") if safety else None
     try:
         with write_transaction(Path(plan.live), plan.scratch) as conn:
             db = LocalDb(conn, "the live database")
-            # we hold the write lock: the snapshot is exactly the state the repair changes
-            taken = safety_snapshot(plan.repo, plan.db, Path(plan.live), f"{OPERATION} of {plan.table}") \
-                if safety else None
             return _repair(db, plan, shape, allow_fk_violations, fire_triggers, None), taken
     except apsw.Error as err:
         raise RestoreError(f"{OPERATION} in {plan.live}: {err}; rolled back, nothing was changed") from err
