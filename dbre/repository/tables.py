@@ -42,9 +42,18 @@ def table_checksum(conn: apsw.Connection, name: str, without_rowid: bool) -> tup
     cols = [r[1] for r in conn.execute(f"PRAGMA table_info({qident(name)})")]
     expr = "||x'1f'||".join(f"quote({qident(c)})" for c in cols) or "''"
     order = "" if without_rowid else " ORDER BY rowid"  # WITHOUT ROWID tables scan in key order
+    try:
+        return _checksum(conn, f"SELECT {expr} FROM {qident(name)}{order}")
+    except UnicodeDecodeError:
+        # TEXT that is not valid UTF-8 (SQLite stores what it is given): the same bytes, read as a
+        # BLOB (for valid text in a UTF-8 database these are the bytes hashed above: equal checksums)
+        return _checksum(conn, f"SELECT CAST({expr} AS BLOB) FROM {qident(name)}{order}")
+
+
+def _checksum(conn: apsw.Connection, query: str) -> tuple[int, str]:
     h = xxhash.xxh3_128()
     total = 0
-    for (row,) in conn.execute(f"SELECT {expr} FROM {qident(name)}{order}"):
+    for (row,) in conn.execute(query):
         h.update(_bytes(row))
         h.update(b"\x1e")
         total += 1
