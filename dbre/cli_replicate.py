@@ -53,6 +53,9 @@ def replicate(
     state_dir: Annotated[Path | None, typer.Option("--state-dir", help="A remote source's embedded replica lives "
                                                    "here (default: one per URL under ~/.cache/dbre/replicate); "
                                                    "keep it between runs.")] = None,
+    accept_new_source: Annotated[bool, typer.Option(
+        "--accept-new-source", help="The database moved here: its bases join the chain of snapshots "
+        "taken where it was (else refused, exit 2).")] = False,
 ) -> None:
     """Ship every committed transaction continuously (segments), for `restore --at` to the commit.
     With --policy: every database marked `replicate: true`, one thread each, in one process.
@@ -116,10 +119,12 @@ def replicate(
         def one(spec: str, name: str, token: Secret | None) -> None:
             try:
                 if _is_remote(spec):
-                    remotes[name] = RemoteReplicator(repository, spec, token, name, seconds, state_dir)
+                    remotes[name] = RemoteReplicator(repository, spec, token, name, seconds, state_dir,
+                                                     accept_new_source=accept_new_source)
                     results[name] = remotes[name].run(stop, shipped)
                 else:
-                    results[name] = Replicator(repository, Path(spec), name, seconds).run(stop, shipped)
+                    results[name] = Replicator(repository, Path(spec), name, seconds,
+                                               accept_new_source=accept_new_source).run(stop, shipped)
             except BaseException as err:  # noqa: BLE001 - reported below; the others stop too
                 results[name] = err
                 stop.set()

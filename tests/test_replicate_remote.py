@@ -266,13 +266,11 @@ def test_policy_replicates_a_remote_database_and_resumes(server: SqldServer, tmp
     assert code == 2 and "namespace" in err, err
 
 
-@pytest.mark.xfail(strict=True, reason="the Replicator's base snapshots record the replica file as their source, "
-                   "so a name whose snapshots came from `dbre backup URL` is refused as another source (exit 2); "
-                   "needs the Replicator to take the source its bases record (see dbre/replicate/remote.py)")
 def test_replicate_under_the_name_its_backups_use(server: SqldServer, tmp_path: Path,
                                                   procs: list[subprocess.Popen[bytes]]) -> None:
     """`dbre backup URL --db app` on a schedule and `dbre replicate URL --db app` share one name, as a policy
-    database marked `replicate: true` does."""
+    database marked `replicate: true` does: the replicator's bases record the remote URL as their source
+    (not the local replica file), so the chain is one."""
     repo = tmp_path / "repo"
     env = {"LIBSQL_AUTH_TOKEN": server.token or "", "DBRE_CACHE_DIR": str(tmp_path / "cache")}
     backup = subprocess.run(dbre_cmd("backup", server.url, "--repo", str(repo), "--db", "app"), capture_output=True,

@@ -199,14 +199,17 @@ class RemoteReplicator:
     replica in ``state_dir``, synced every ``interval`` and shipped by a `Replicator`."""
 
     def __init__(self, repo: Repository, url: str, token: Secret | None, db: str, interval: float = 0.5,
-                 state_dir: Path | None = None) -> None:
+                 state_dir: Path | None = None, accept_new_source: bool = False) -> None:
         self.repo = repo
         self.interval = interval
         where = RemoteLibsqlSource(url, token)
         state = Path(state_dir).expanduser().absolute() if state_dir is not None else default_state_dir(where)
         # the replica in the state directory: the backup cache is never touched
         self.source = RemoteLibsqlSource(url, token, replica_dir=state, sync_timeout=SYNC_TIMEOUT)
-        self.replicator = Replicator(repo, self.source.replica_path, db, interval)
+        # its bases record the remote database as their source (not the replica file): they join
+        # the chain of `dbre backup URL` under the same name, and it theirs
+        self.replicator = Replicator(repo, self.source.replica_path, db, interval, base_identity=where.identity(),
+                                     accept_new_source=accept_new_source)
         self.db = self.replicator.db
         self.sync_stats = SyncStats()
         self.on_sync: Callable[[dict[str, Any]], None] | None = None

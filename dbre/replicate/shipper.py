@@ -41,6 +41,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import apsw
 
@@ -102,6 +103,18 @@ class ReplicateStats:
     max_poll_gap_ms: float = 0.0
 
 
+class _ReplicaFile(LocalFileSource):
+    """A local file read as any other, recorded as the source it mirrors (an embedded replica of a
+    remote database): its snapshots join that database's chain, whoever takes them."""
+
+    def __init__(self, path: str | Path, identity: dict[str, Any]) -> None:
+        super().__init__(path)
+        self._identity = dict(identity)
+
+    def identity(self) -> dict[str, Any]:
+        return dict(self._identity)
+
+
 class _Stopped(Exception):
     """Stop was asked while a generation waited for the repository lock: nothing more to ship."""
 
@@ -157,9 +170,12 @@ class Replicator:
     """Ships the WAL of the database at ``path`` into ``repo`` as database ``db``."""
 
     def __init__(self, repo: Repository, path: str | Path, db: str, interval: float = 0.5, *,
-                 accept_new_source: bool = False) -> None:
+                 accept_new_source: bool = False, base_identity: dict[str, Any] | None = None) -> None:
         self.repo = repo
         self.accept_new_source = accept_new_source  # the bases' backups: ``db`` moved to ``path``
+        # what the bases record as their source (the remote database an embedded replica at
+        # ``path`` mirrors); None: the file itself
+        self.base_identity = base_identity
         self.path = str(Path(path).expanduser().absolute())
         self.db = check_db_name(db)
         self.interval = interval
@@ -683,8 +699,9 @@ class Replicator:
             # the direct path: its maps go through mmap(2) with no duplicate descriptor
             # (dbre.sources.filemap), and every descriptor it opens is shared under this run's
             # pin, closed only after our connections: the reader keeps its locks throughout
-            done["result"] = backup(self.repo, LocalFileSource(self.path), self.db,
-                                    accept_new_source=self.accept_new_source)
+            source = LocalFileSource(self.path) if self.base_identity is None \
+                else _ReplicaFile(self.path, self.base_identity)
+            done["result"] = backup(self.repo, source, self.db, accept_new_source=self.accept_new_source)
         except LockedError as err:  # prune holds the repository (or was taking it just then)
             done["locked"] = err
         except BaseException as err:  # noqa: BLE001 - re-raised in the main thread
