@@ -86,6 +86,7 @@ LOCK_RETRY_SECONDS = float(os.environ.get("DBRE_REPLICATE_LOCK_RETRY", "5"))  # 
 # a generation this long gets a fresh base snapshot (an incremental backup): a restore then reads at
 # most this many segments after its base (5 min of constant writes at the default interval)
 GENERATION_SEGMENTS = int(os.environ.get("DBRE_REPLICATE_GENERATION_SEGMENTS", "600"))  # (tests set it low)
+BUSY_BASES = 10  # base snapshots in a row without a WAL position (a busy source) before replicate gives up
 
 
 @dataclass
@@ -191,6 +192,7 @@ class Replicator:
         self._want_base = ""  # why a new base is due (put off while prune holds the repository)
         self._base_after = 0.0  # monotonic: no new base attempt before this
         self._put_off = 0  # tries of the base due that a prune refused
+        self._busy_bases = 0  # bases in a row the source's busy write lock left without a WAL position
         self._stop = threading.Event()
         self.gen: Generation | None = None
         self.page_size = 0
@@ -630,6 +632,21 @@ class Replicator:
                         self._uploader.submit(self.lease.refresh)
                 self._poll()
             lock = self._base_lock
+            if "result" in done and not done["result"].manifest.stats.get("wal"):  # type: ignore[attr-defined]
+                # the application kept the write lock past the base's wait: the snapshot fell back to
+                # SQLite's backup API, which knows no WAL position to start a generation at. Tried
+                # again (another snapshot: an incremental, cheap) up to BUSY_BASES times in a row
+                self._busy_bases += 1
+                if self._busy_bases >= BUSY_BASES:
+                    if lock is not None:
+                        self._let_go(lock)
+                    raise SourceError(f"replicate {self.db}: the source's write lock stayed busy through "
+                                      f"{self._busy_bases} base snapshots in a row (their WAL position is unknown)",
+                                      "give the replicator a moment without writers, then run it again")
+                done = {"locked": f"the source's write lock stayed busy during the base snapshot "
+                                  f"(try {self._busy_bases} of {BUSY_BASES})"}
+            elif "result" in done:
+                self._busy_bases = 0
             if "result" in done and lock is not None:
                 break
             if lock is not None:
@@ -649,11 +666,7 @@ class Replicator:
             log.warning("replicate %s: new base taken after %d tries", self.db, self._put_off + 1)
         self._want_base, self._put_off = "", 0
         manifest = done["result"].manifest  # type: ignore[attr-defined]
-        wal = manifest.stats.get("wal")
-        if not wal:
-            raise SourceError(f"replicate {self.db}: the snapshot's WAL position is unknown "
-                              f"({manifest.stats.get('read')})", "the write lock stayed busy: run it again")
-        snap = WalPos.from_json(wal)
+        snap = WalPos.from_json(manifest.stats["wal"])  # (a base without one was tried again above)
         self._poll()
         before, after = self._split(snap)
         if continued and before:

@@ -47,8 +47,7 @@ while time.time() < end:
 '''
 
 
-@pytest.mark.xfail(strict=True, reason="replicate exits 1 instead of retrying a base the busy source's "
-                                       "write lock forced onto the backup API (torture finding)")
+# the torture finding (fixed): a base without a WAL position is tried again
 def test_replicate_retries_a_base_a_busy_writer_delayed(tmp_path: Path, launcher: Launcher) -> None:
     src = tmp_path / "src.db"
     make_source(src, 200)
