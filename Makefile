@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-all bench lint typecheck clean serve
+.PHONY: install demo test test-all torture bench lint typecheck clean serve
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -35,10 +35,16 @@ test: $(STAMP) lint typecheck
 test-all: $(STAMP) lint typecheck
 	$(PYTEST_RUN) --runslow $(PYTEST_ARGS)
 
+# the long torture run: 2000 kill -9 trials (make test runs 200 of them, tests/torture)
+TORTURE_TRIALS ?= 2000
+torture: $(STAMP)
+	DBRE_TORTURE_TRIALS=$(TORTURE_TRIALS) $(BIN)/python -m pytest -q -p no:cacheprovider tests/torture
+
 # the history (S3, 5 vs 200 snapshots), churn (24 rounds, repack off/on), memory (1 and 8 GiB) and PITR
-# (replication vs Litestream 0.5.17) and S3 restore (1 GiB from moto_server vs local) parts too;
+# (replication vs Litestream 0.5.17), S3 restore (1 GiB from moto_server vs local) and dbre sql (a point
+# query in place on S3) parts too;
 # BENCH_ARGS= for the core only
-BENCH_ARGS ?= --history --churn --memory --pitr --s3
+BENCH_ARGS ?= --history --churn --memory --pitr --s3 --sql
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks $(BENCH_ARGS)
 
