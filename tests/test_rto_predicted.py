@@ -62,7 +62,8 @@ def test_status_warns_when_the_database_grew_past_its_rto(tmp_path: Path) -> Non
     drill = drills[-1]
     con = sqlite3.connect(src)
     con.execute("CREATE TABLE blobs (id INTEGER PRIMARY KEY, b BLOB)")
-    con.executemany("INSERT INTO blobs VALUES (?, randomblob(3000))", ((i,) for i in range(drill["size"] * 500 // 3000)))
+    rows = drill["size"] * 500 // 3000
+    con.executemany("INSERT INTO blobs VALUES (?, randomblob(3000))", ((i,) for i in range(rows)))
     con.commit()
     con.close()
     grown = backup(repo, open_source(str(src)), "shop").manifest

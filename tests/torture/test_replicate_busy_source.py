@@ -21,8 +21,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-
 from tests.replication import make_source
 from tests.torture.launcher import Launcher
 
