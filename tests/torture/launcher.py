@@ -129,8 +129,16 @@ class Run:
         """Let it run ``delay`` seconds from its start, then SIGKILL it; True if the kill cut it."""
         left = self.started + delay - time.monotonic()
         if left > 0 and self.wait(left):
+            self._await_status()
             return False
         return self.kill()
+
+    def _await_status(self, timeout: float = 5.0) -> None:
+        """After an end seen on the pidfd, until its status file holds the exit code (it is written
+        before the exit, but a loaded machine has been seen to answer the pidfd first)."""
+        deadline = time.monotonic() + timeout
+        while self.returncode is None and not self.killed and time.monotonic() < deadline:
+            time.sleep(0.05)
 
     @property
     def returncode(self) -> int | None:
@@ -146,6 +154,7 @@ class Run:
         if not self.wait(timeout):
             self.kill()
             raise AssertionError(f"{' '.join(self.argv)} still ran after {timeout} s: killed; {self.err()[-1500:]}")
+        self._await_status()
         code = self.returncode
         return -1 if code is None else code
 
