@@ -302,10 +302,16 @@ class Follower:
         """Follow generation ``gen_id`` in place when its base is the state the standby holds: a
         periodic base of the same history, taken where the last applied transaction ended (the same
         database file, the same WAL position: salts, frame and running checksum), the same txid, the
-        same page size and page count, its base snapshot checked against the generation. Anything
-        else (continuity lost, VACUUM, another file) is restored whole, as before."""
+        same page size and page count, its base snapshot checked against the generation, and every
+        page the standby holds equal to the base's. Anything else (continuity lost, another file, a
+        standby that differs, a base object or snapshot missing or damaged) is restored whole."""
         assert self.gen is not None and self.standby is not None
-        gen = read_base(self.repo, self.db, gen_id)
+        try:
+            gen = read_base(self.repo, self.db, gen_id)
+        except DbreError as err:
+            log.warning("follow %s: generation %s: %s; restoring the newest generation whole", self.db, gen_id,
+                        err.message)
+            return False
         end = self.wal_end
         if (end is None or gen.file_id != self.gen.file_id or gen.page_size != self.gen.page_size
                 or gen.base_txid != self.stats.last_txid
