@@ -318,7 +318,10 @@ def test_prune_beside_a_paused_replicator_with_a_stale_lease_keeps_what_it_ships
     commits, _ = read_log(log)
     out = tmp_path / "latest.db"
     restore_at(repo, "app", utc(commits[-1].after + 1.0), out)
-    assert restored_seq(out)[1] == max(observed)
+    # every commit A shipped restores; more when A, resumed, took a periodic base snapshot (a backup
+    # under the repository lock, consistent and complete) before its lease check stopped it: the
+    # restore then takes that newer snapshot (seen under 3 loaded xdist workers: 656 rows over 505)
+    assert restored_seq(out)[1] >= max(observed)
 
 
 def read_base_snapshot(repo: Repository, gen_id: str) -> str:
