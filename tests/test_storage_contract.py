@@ -532,3 +532,19 @@ def test_local_clean_temp_spares_a_pack_still_being_written(tmp_path: Path) -> N
     live.commit()
     assert store.get("packs/aa/live") == b"first blob second blob"
     assert not dead_file.exists()
+
+
+def test_local_put_whose_temp_file_a_prune_removed_says_so_and_stores_nothing(tmp_path: Path) -> None:
+    """A writer paused mid-put while a prune with --grace 0 empties .tmp (CI saw a replicator's lock
+    put fail with a bare "No such file or directory"): the put fails with one line naming the
+    cause and the fix, and the key stays absent (no empty or partial object)."""
+    store = LocalStore(tmp_path / "repo")
+    for if_absent in (False, True):
+        upload = store.open_upload("locks/paused")
+        upload.write(b"a lock")
+        assert store.clean_temp(older_than=0) == 1  # what forget --prune --grace 0 does
+        with pytest.raises(PermanentError, match=r"temp file in \.tmp was removed .*--grace") as err:
+            upload.commit(if_absent=if_absent)
+        assert "--grace" in (err.value.hint or "")
+        assert not store.exists("locks/paused")
+        assert list(store.list("locks/")) == []

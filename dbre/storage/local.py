@@ -205,6 +205,12 @@ class LocalUpload:
             _fsync_dir(self.path.parent)
         except OSError as err:
             self.abort()
+            if err.errno == errno.ENOENT and not self.tmp.exists():
+                raise PermanentError(
+                    f"put {self.key}: its temp file in .tmp was removed while this run was writing it"
+                    " (a prune with a short --grace beside a paused or slow run?); nothing was stored",
+                    "run it again; keep prune's --grace above the longest pause a writer may see",
+                ) from err
             raise _os_error("put", self.key, err) from err
 
     def abort(self) -> None:
