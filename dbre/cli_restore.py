@@ -26,16 +26,21 @@ from dbre.cli import (
 from dbre.errors import UsageError
 from dbre.units import human_bytes as human
 
+_PROVIDER_PANEL = "Provider history (--provider)"
+
 
 @app.command()
 def restore(
-    repo: RepoOpt,
-    db: DbNameOpt,
-    to: Annotated[Path, typer.Option("--to", help="Path of the restored database file.")],
+    repo: Annotated[str | None, typer.Option("--repo", "-r", help="Repository: a local path or s3://bucket/prefix "
+                                             "(required unless --provider).")] = None,
+    db: Annotated[str | None, typer.Option("--db", help="Database name in the repository (required unless "
+                                           "--provider).")] = None,
+    to: Annotated[Path | None, typer.Option("--to", help="Path of the restored database file.")] = None,
     snapshot: Annotated[str | None, typer.Option("--snapshot", help="Snapshot id (or a unique prefix); 'latest': "
                                                  "the newest snapshot, not the newer replicated state.")] = None,
     at: Annotated[str | None, typer.Option("--at", help="ISO-8601 time: exactly the transactions replicated up "
-                                           "to it, else the newest snapshot at or before it.")] = None,
+                                           "to it, else the newest snapshot at or before it; with --provider, the "
+                                           "provider's history at that time.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing file at --to; refused while a process "
                                         "has it open (stop the application first).")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Show the plan, restore nothing.")] = False,
@@ -55,17 +60,60 @@ def restore(
                                                    "restored over (container start-up).")] = False,
     if_replica_exists: Annotated[bool, typer.Option("--if-replica-exists", help="When the repository has no "
                                                     "snapshot of --db, say so and exit 0.")] = False,
+    fallback: FallbackOpt = None,
+    policy: FallbackPolicyOpt = None,
+    provider: Annotated[str | None, typer.Option("--provider", help="Restore from the provider's own history "
+                                                 "instead of a repository: sqld (bottomless, a namespace fork) "
+                                                 "or turso (Platform API, TURSO_API_TOKEN).",
+                                                 rich_help_panel=_PROVIDER_PANEL)] = None,
+    admin_url: Annotated[str | None, typer.Option("--admin-url", help="sqld: its admin API (--admin-listen-addr; "
+                                                  "key in LIBSQL_ADMIN_AUTH_KEY).",
+                                                  rich_help_panel=_PROVIDER_PANEL)] = None,
+    namespace: Annotated[str | None, typer.Option("--namespace", help="sqld: the namespace to restore.",
+                                                  rich_help_panel=_PROVIDER_PANEL)] = None,
+    into_namespace: Annotated[str | None, typer.Option("--into-namespace", help="sqld: fork into this new "
+                                                       "namespace instead of a file (--to).",
+                                                       rich_help_panel=_PROVIDER_PANEL)] = None,
+    url: Annotated[str | None, typer.Option("--url", help="sqld: its HTTP address, to read the fork for --to "
+                                            "(token in LIBSQL_AUTH_TOKEN).", rich_help_panel=_PROVIDER_PANEL)] = None,
+    org: Annotated[str | None, typer.Option("--org", help="turso: the organization.",
+                                            rich_help_panel=_PROVIDER_PANEL)] = None,
+    database: Annotated[str | None, typer.Option("--database", help="turso: the database to restore.",
+                                                 rich_help_panel=_PROVIDER_PANEL)] = None,
+    into: Annotated[str | None, typer.Option("--into", help="turso: create this new database instead of a file "
+                                             "(--to).", rich_help_panel=_PROVIDER_PANEL)] = None,
 ) -> None:
     """Restore a database to a new file: its newest replicated state (else its newest snapshot), a
     snapshot (--snapshot), or a point in time (--at, --txid). An existing file is replaced only with
-    --force, and never while a process has it open."""
+    --force, and never while a process has it open. With --provider, from the provider's own
+    point-in-time history (sqld bottomless, Turso Cloud) instead of a repository."""
 
     def go() -> None:
         import os
 
-        from dbre.repository.repo import Repository
+        from dbre.provider.command import ProviderOptions, provider_options_given, run_provider_restore
         from dbre.restore.full import apply_restore, is_empty_database, plan_restore
 
+        popts = ProviderOptions(provider or "", at, to, force, dry_run, json_out, admin_url, namespace,
+                                into_namespace, url, org, database, into)
+        if provider is not None:
+            repo_only = [o for o, v in (("--repo", repo), ("--db", db), ("--snapshot", snapshot), ("--txid", txid),
+                                        ("--key-file", key_file), ("--follow", follow),
+                                        ("--no-safety-snapshot", no_safety), ("--if-db-not-exists", if_db_not_exists),
+                                        ("--if-replica-exists", if_replica_exists)) if v]
+            if repo_only:
+                raise UsageError(f"{', '.join(repo_only)} cannot be used with --provider (it restores from the "
+                                 "provider's history, not a repository)", "drop them, or drop --provider")
+            run_provider_restore(popts)
+            return
+        if provider_options_given(popts):
+            extra = provider_options_given(popts)
+            raise UsageError(f"{', '.join(extra)} {'needs' if len(extra) == 1 else 'need'} --provider",
+                             "add --provider sqld or --provider turso")
+        for opt, value in (("--repo", repo), ("--db", db), ("--to", to)):
+            if value is None:
+                raise UsageError(f"missing option '{opt}'", "see 'dbre restore --help'")
+        assert repo is not None and db is not None and to is not None
         if if_db_not_exists and force:
             raise UsageError("--if-db-not-exists and --force were both given", "pass one of them")
         newest_snapshot = snapshot == "latest"
@@ -100,7 +148,7 @@ def restore(
             dest = Path(os.path.realpath(target))
         if if_replica_exists and _no_replica(repo, db, key_file, json_out):
             return
-        repository = Repository.open(repo, _key(key_file))
+        repository = _open(repo, key_file, fallback, policy)
         if not snap_id and not newest_snapshot and _restore_pitr(repository, db, dest, when, txid, replace, dry_run,
                                                                   json_out, only_empty, not no_safety):
             return
@@ -109,8 +157,9 @@ def restore(
         plan.safety = not no_safety
         if dry_run:
             if json_out:
-                _print_json(plan.describe())
+                _print_json({**plan.describe(), **_fallback_json(repository)})
             else:
+                _said_fallback(repository)
                 d = plan.describe()
                 print(f"would restore snapshot {d['snapshot']} of {d['db']} taken {d['taken_at']} to {d['target']}: "
                       f"{d['pages']} pages, {human(d['size'])}, reading {human(d['bytes_to_read'])} "
@@ -118,10 +167,11 @@ def restore(
             return
         with _progress("restore", not json_out, unit_bytes=True) as bar:
             result = apply_restore(repository, plan, bar)
-        s = result.summary()
+        s = {**result.summary(), **_fallback_json(repository)}
         if json_out:
             _print_json(s)
         else:
+            _said_fallback(repository)
             print(f"restored snapshot {s['snapshot']} of {s['db']} (taken {s['taken_at']}) to {s['target']}: "
                   f"{human(s['size'])} in {s['seconds']:.2f} s")
             _said_safety(s)
@@ -255,6 +305,41 @@ def _said_safety(s: dict[str, Any]) -> None:
               f"dbre restore --snapshot {s['safety_snapshot']} brings it back")
 
 
+FallbackOpt = Annotated[list[str] | None, typer.Option(
+    "--fallback", metavar="REPO", help="An offsite copy (`dbre copy --to`) to read each object from that is "
+    "missing or damaged in --repo, checked as strictly; one line per object taken (repeat for more).")]
+FallbackPolicyOpt = Annotated[Path | None, typer.Option(
+    "--policy", help="Policy file: its repositories.offsite entries are the --fallback copies.")]
+
+
+def _open(repo: str, key_file: Any, fallback: list[str] | None, policy: Path | None) -> Any:
+    """The repository, reading through the --fallback copies and the policy's offsite ones (if any)."""
+    from dbre.repository.fallback import open_with_fallbacks
+
+    copies = list(fallback or [])
+    if policy is not None:
+        from dbre.policy import load_policy
+
+        copies += load_policy(policy).repositories.offsite
+    return open_with_fallbacks(repo, _key(key_file), copies)
+
+
+def _fallback_json(repository: Any) -> dict[str, Any]:
+    """The "fallback" part of --json (only when copies were given): objects taken from them."""
+    from dbre.repository.fallback import FallbackRepository
+
+    return {"fallback": repository.describe_fallback()} if isinstance(repository, FallbackRepository) else {}
+
+
+def _said_fallback(repository: Any) -> None:
+    """One line per object read from an offsite copy."""
+    from dbre.repository.fallback import FallbackRepository
+
+    if isinstance(repository, FallbackRepository):
+        for line in repository.fallback_lines():
+            print(line)
+
+
 def _restore_pitr(repository: Any, db: str, to: Path, when: Any, txid: int | None, force: bool, dry_run: bool,
                   json_out: bool, only_empty: bool = False, safety: bool = True) -> bool:
     """Restore from replicated segments when they cover the time (or txid; with neither, when they
@@ -269,10 +354,12 @@ def _restore_pitr(repository: Any, db: str, to: Path, when: Any, txid: int | Non
     plan.safety = safety
     newest = when is None and txid is None
     if dry_run:
-        d = plan.describe()
+        d = {**plan.describe(), **_fallback_json(repository)}
         if json_out:
             _print_json(d)
-        elif newest:
+            return True
+        _said_fallback(repository)
+        if newest:
             last = plan.segments[-1]
             print(f"would restore the newest replicated state of {db} (txid {last.last}, committed "
                   f"{iso(to_time(last.last_us))}) from snapshot {d['snapshot']} (taken {d['taken_at']}) and "
@@ -281,10 +368,11 @@ def _restore_pitr(repository: Any, db: str, to: Path, when: Any, txid: int | Non
             print(f"would restore {db} from snapshot {d['snapshot']} (taken {d['taken_at']}) and {d['segments']} "
                   f"segments of generation {d['generation']} to {d['target']}")
         return True
-    s = apply_pitr(repository, plan).summary()
+    s = {**apply_pitr(repository, plan).summary(), **_fallback_json(repository)}
     if json_out:
         _print_json(s)
     else:
+        _said_fallback(repository)
         what = ("the newest replicated state" if newest else
                 f"at {s['at']}" if s["at"] else f"at txid {s['txid']}")
         print(f"restored {db} {what} to {s['target']}: snapshot {s['snapshot']} + {s['transactions']} transactions "
@@ -330,23 +418,25 @@ def restore_table(
     allow_fk_violations: AllowFkOpt = False,
     json_out: JsonOpt = False,
     key_file: KeyFileOpt = None,
+    fallback: FallbackOpt = None,
+    policy: FallbackPolicyOpt = None,
 ) -> None:
     """Restore tables of a snapshot into the live database: as TABLE_restored, or in place with --replace."""
 
     def go() -> None:
-        from dbre.repository.repo import Repository
         from dbre.restore.table import apply_table_restore, plan_table_restore
 
         when = _when(db, snapshot, at)
-        repository = Repository.open(repo, _key(key_file))
+        repository = _open(repo, key_file, fallback, policy)
         plan = plan_table_restore(repository, db, live, table, snapshot=snapshot, at=when,
                                   mode="replace" if replace else "rename", suffix=suffix)
         with plan:
-            d = plan.describe()
+            d = {**plan.describe(), **_fallback_json(repository)}
             if not apply:
                 if json_out:
                     _print_json({"dry_run": True, **d})
                     return
+                _said_fallback(repository)
                 print(f"restore of {', '.join(table)} into {d['live']} from snapshot {d['snapshot']} "
                       f"(taken {d['taken_at']}) (dry run)")
                 _table(f"{d['mode']} mode", ["table", "action", "as", "rows", "live rows"],
@@ -363,10 +453,11 @@ def restore_table(
                 print("dry run: nothing changed; pass --apply to restore")
                 return
             result = apply_table_restore(plan, allow_fk_violations=allow_fk_violations, key_file=key_file)
-        s = result.summary()
+        s = {**result.summary(), **_fallback_json(repository)}
         if json_out:
             _print_json(s)
             return
+        _said_fallback(repository)
         for a in s["tables"]:
             verb = {"create copy": "restored as", "replace": "replaced"}.get(a["action"], "recreated")
             print(f"{a['table']}: {verb} {a['target']} ({a['snapshot_rows']} rows from snapshot {s['snapshot']})")
@@ -398,25 +489,27 @@ def repair_rows(
     allow_fk_violations: AllowFkOpt = False,
     json_out: JsonOpt = False,
     key_file: KeyFileOpt = None,
+    fallback: FallbackOpt = None,
+    policy: FallbackPolicyOpt = None,
 ) -> None:
     """Put rows selected by --where back as a snapshot has them: diff by primary key, then --apply."""
 
     def go() -> None:
-        from dbre.repository.repo import Repository
         from dbre.restore.rows import apply_row_repair, check_where, plan_row_repair
 
         when = _when(db, snapshot, at)
         check_where(where)
-        repository = Repository.open(repo, _key(key_file))
+        repository = _open(repo, key_file, fallback, policy)
         plan = plan_row_repair(repository, db, live, table, where, snapshot=snapshot, at=when,
                                delete_extra=delete_extra, max_rows=max_rows, preview_rows=max(preview, 0),
                                token=_token(), fire_triggers=fire_triggers)
         with plan:
-            d = plan.describe()
+            d = {**plan.describe(), **_fallback_json(repository)}
             if not apply or not plan.changes:
                 if json_out:
                     _print_json({"dry_run": not apply, **d})
                     return
+                _said_fallback(repository)
                 print(f"repair of {d['table']} where {d['where']} in {d['live']} from snapshot {d['snapshot']} "
                       f"(taken {d['taken_at']})" + ("" if apply else " (dry run)") + f": {d['snapshot_rows']} rows "
                       f"selected in the snapshot, {d['live_rows']} in live")
@@ -433,10 +526,11 @@ def repair_rows(
                 return
             result = apply_row_repair(plan, allow_fk_violations=allow_fk_violations, fire_triggers=fire_triggers,
                                       key_file=key_file)
-        s = {**result.summary(), "undo": result.undo_command(key_file)}
+        s = {**result.summary(), "undo": result.undo_command(key_file), **_fallback_json(repository)}
         if json_out:
             _print_json(s)
             return
+        _said_fallback(repository)
         kept = "" if delete_extra else f", {len(plan.extras)} rows only in live kept"
         print(f"{s['table']}: inserted {s['inserted']}, updated {s['updated']}, deleted {s['deleted']} rows from "
               f"snapshot {s['snapshot']}{kept}; audit record {s['audit_record']}")

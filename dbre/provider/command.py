@@ -1,0 +1,138 @@
+"""`dbre restore --provider sqld|turso`: the options checked (one message each), the plan shown
+(--dry-run) or carried out, the result printed. Called by dbre/cli_restore.py; reads the environment
+(tokens, the Turso API base URL) here, at the edge, and hands typed objects to the clients."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from dbre.errors import UsageError
+from dbre.provider.plan import PROVIDERS, ProviderResult, check_at
+from dbre.secrets import Secret
+from dbre.units import human_bytes
+
+
+@dataclass
+class ProviderOptions:
+    """The `dbre restore` options a provider restore reads (None: not given)."""
+
+    provider: str
+    at: str | None
+    to: Path | None
+    force: bool
+    dry_run: bool
+    json_out: bool
+    admin_url: str | None = None
+    namespace: str | None = None
+    into_namespace: str | None = None
+    url: str | None = None
+    org: str | None = None
+    database: str | None = None
+    into: str | None = None
+
+
+_SQLD_ONLY = ("--admin-url", "--namespace", "--into-namespace", "--url")
+_TURSO_ONLY = ("--org", "--database", "--into")
+
+
+def _given(o: ProviderOptions) -> dict[str, object]:
+    return {"--admin-url": o.admin_url, "--namespace": o.namespace, "--into-namespace": o.into_namespace,
+            "--url": o.url, "--org": o.org, "--database": o.database, "--into": o.into}
+
+
+def provider_options_given(o: ProviderOptions) -> list[str]:
+    """The provider-only options given (for the error when --provider is not)."""
+    return [k for k, v in _given(o).items() if v is not None]
+
+
+def _env_secret(name: str) -> Secret | None:
+    value = os.environ.get(name, "").strip()
+    return Secret(value) if value else None
+
+
+def run_provider_restore(o: ProviderOptions) -> None:
+    """Check the options, plan, then show the plan (--dry-run) or restore and print the result."""
+    from dbre.repository.manifest import parse_time
+
+    if o.provider not in PROVIDERS:
+        raise UsageError(f"unknown --provider {o.provider!r}", "use sqld or turso")
+    given = _given(o)
+    foreign = [k for k in (_TURSO_ONLY if o.provider == "sqld" else _SQLD_ONLY) if given[k] is not None]
+    if foreign:
+        raise UsageError(f"{', '.join(foreign)} cannot be used with --provider {o.provider}",
+                         "see 'dbre restore --help' (provider history options)")
+    needed = ("--admin-url", "--namespace") if o.provider == "sqld" else ("--org", "--database")
+    missing = [k for k in needed if given[k] is None] + (["--at"] if o.at is None else [])
+    if missing:
+        raise UsageError(f"--provider {o.provider} needs {', '.join(missing)}", "see 'dbre restore --help'")
+    into_opt = "--into-namespace" if o.provider == "sqld" else "--into"
+    into = o.into_namespace if o.provider == "sqld" else o.into
+    if (o.to is None) == (into is None):
+        raise UsageError(f"--provider {o.provider} restores either to a file (--to) or into a new "
+                         f"{'namespace' if o.provider == 'sqld' else 'database'} ({into_opt})", "pass one of them")
+    if o.force and o.to is None:
+        raise UsageError(f"--force with {into_opt}: a provider never restores over an existing one",
+                         "drop --force")
+    if o.provider == "sqld" and o.to is not None and o.url is None:
+        raise UsageError("--to with --provider sqld needs --url (sqld's HTTP address) to read the fork",
+                         "e.g. --url http://127.0.0.1:8080")
+    assert o.at is not None
+    at = check_at(parse_time(o.at), o.provider)
+
+    if o.provider == "sqld":
+        from dbre.provider.sqld import ADMIN_KEY_ENV, SqldAdmin, plan_sqld, restore_sqld
+
+        assert o.admin_url is not None and o.namespace is not None
+        admin = SqldAdmin(o.admin_url, _env_secret(ADMIN_KEY_ENV))
+        plan = plan_sqld(admin.url, o.namespace, at, to=o.to, into=into, force=o.force)
+        if o.dry_run:
+            return _show_plan(plan.describe(), plan.text(), o.json_out)
+        from dbre.cli import _token
+
+        result = restore_sqld(plan, admin, o.url, _token())
+    else:
+        from dbre.provider.turso import API_TOKEN_ENV, API_URL_ENV, TursoPlatform, plan_turso, restore_turso
+
+        assert o.org is not None and o.database is not None
+        base_url = os.environ.get(API_URL_ENV, "").strip() or None
+        token = _env_secret(API_TOKEN_ENV)
+        api = TursoPlatform(o.org, token or Secret(""), base_url=base_url)
+        plan = plan_turso(api.base_url, o.org, o.database, at, to=o.to, into=into, force=o.force)
+        if o.dry_run:
+            return _show_plan(plan.describe(), plan.text(), o.json_out)
+        if token is None:
+            raise UsageError(f"--provider turso needs a Platform API token in {API_TOKEN_ENV}",
+                             "create one with `turso auth api-tokens mint dbre`")
+        result = restore_turso(plan, api)
+    _show_result(result, o.json_out)
+
+
+def _show_plan(describe: dict[str, object], text: str, json_out: bool) -> None:
+    print(json.dumps(describe, indent=2, default=str) if json_out else text)
+
+
+def _show_result(result: ProviderResult, json_out: bool) -> None:
+    s = result.summary()
+    if json_out:
+        print(json.dumps(s, indent=2, default=str))
+    else:
+        p = result.plan
+        kind = "namespace" if p.provider == "sqld" else "database"
+        where = (f"to {p.to}: {s['tables']} schema objects, {human_bytes(s['size'] or 0)}" if p.to is not None
+                 else f"into the new {kind} {p.into}" + (f" ({s['url']})" if s["url"] else "")
+                 + (f": {s['tables']} schema objects" if s["tables"] is not None else ""))
+        how = "fork" if p.provider == "sqld" else "create"
+        timing = f"{how} {s['create_seconds']:.2f} s" + (
+            f", read {s['read_seconds']:.2f} s" if s["read_seconds"] is not None else "")
+        print(f"restored {kind} {p.source} as it was at {s['at']} from {p.provider}'s history {where} "
+              f"({timing}, {s['seconds']:.2f} s in all)")
+        if p.to is not None and s["replaces_existing"]:
+            print("the file it replaced is gone (no repository: no safety snapshot was taken)")
+    if result.cleanup_error:
+        import sys
+
+        print(f"dbre: warning: the temporary {result.plan.scratch} was not deleted: {result.cleanup_error} "
+              f"(delete it by hand)", file=sys.stderr)
