@@ -95,6 +95,9 @@ def _conventional(command: Any) -> None:
         _conventional(sub)
 
 
+_GROUP_VALUED = ("--retry-lock",)
+
+
 def _usage_line(err: ClickUsageError, group: Any, args: Sequence[str]) -> str:
     """A click usage error as dbre's one line: "dbre: <what> (see 'dbre <command> --help')"."""
     what = err.format_message().strip().rstrip(".")
@@ -102,9 +105,11 @@ def _usage_line(err: ClickUsageError, group: Any, args: Sequence[str]) -> str:
     path = err.ctx.command_path if err.ctx is not None else "dbre"
     # some errors (an option missing its value) carry the group's context: name the command the words reached
     words, command = ["dbre"], group
+    skip = False
     for arg in args:
-        if arg.startswith("-") and len(words) == 1:
-            continue  # the group's own flags (--debug)
+        if skip or (arg.startswith("-") and len(words) == 1):
+            skip = arg in _GROUP_VALUED and not skip  # the value of --retry-lock is no command
+            continue  # the group's own flags (--debug, --retry-lock D)
         command = getattr(command, "commands", {}).get(arg)
         if command is None:
             break
@@ -189,9 +194,23 @@ def main_options(
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False,
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
                                           help="Print the version and exit.")] = False,
+    retry_lock: Annotated[str | None, typer.Option(
+        "--retry-lock", envvar="DBRE_RETRY_LOCK", metavar="DURATION",
+        help="While another run holds a conflicting repository lock (prune, forget), try again for this "
+             "long (e.g. 5m) instead of failing at once.")] = None,
 ) -> None:
     """Backup and disaster recovery for libSQL, Turso and SQLite databases."""
     _state["debug"] = debug
+    from dbre.repository.lock import set_retry
+
+    set_retry(0)  # every invocation sets it (an in-process caller runs several)
+    if retry_lock is not None and retry_lock.strip() not in ("0", "0s"):
+        from dbre.policy import parse_duration  # here: pydantic is slow to import
+
+        try:
+            set_retry(parse_duration(retry_lock))
+        except ValueError as err:
+            raise typer.BadParameter(str(err), param_hint="'--retry-lock'") from None
 
 
 # -- edges: secrets, output, progress ------------------------------------------------------------

@@ -54,6 +54,7 @@ STALE_SECONDS = 600.0  # a lock not refreshed for this long, by the store's cloc
 REFRESH_SECONDS = 120.0  # a held lock is rewritten this often
 SAFETY_SECONDS = 180.0  # a writer stops committing this long before its lock could be judged stale
 LISTINGS = 5  # listings of the locks a run taking one reads while one listed vanishes, then refuses
+RETRY_SECONDS = 0.0  # how long a run waits for a conflicting lock to go (set_retry; the CLI's --retry-lock)
 STALL_ENV = "DBRE_TEST_STALL_LOCK_REFRESH"  # tests: refreshes of locks whose op starts with this hang
 
 
@@ -255,7 +256,8 @@ class Lock:
                 if self.exclusive or other.exclusive:
                     raise LockedError(
                         f"repository is locked by {other.describe()}",
-                        "wait for it to finish, or run `dbre unlock` if that run is dead",
+                        "wait for it to finish (or let this run wait: `dbre --retry-lock 5m ...`), "
+                        "or run `dbre unlock` if that run is dead",
                     )
         except BaseException:
             self.store.delete(self._key)
@@ -379,11 +381,39 @@ class Lock:
             )
 
 
+def set_retry(seconds: float) -> None:
+    """How long ``hold`` keeps trying while a conflicting lock is live (the CLI's ``--retry-lock``;
+    0, the default, refuses at once, as restic does)."""
+    global RETRY_SECONDS
+    RETRY_SECONDS = max(0.0, seconds)
+
+
 @contextmanager
 def hold(store: Store, op: str, *, exclusive: bool = False) -> Iterator[Lock]:
-    """Hold a lock for ``op`` while the block runs: ``with hold(store, "backup app") as lock:``."""
-    lock = Lock(store, op, exclusive=exclusive)
-    lock.acquire()
+    """Hold a lock for ``op`` while the block runs: ``with hold(store, "backup app") as lock:``.
+
+    While another run's conflicting lock is live, tries again for ``RETRY_SECONDS`` (1 s, doubling
+    to 15 s, with jitter); each failed try removed its own lock object before the wait."""
+    deadline = time.monotonic() + RETRY_SECONDS
+    pause, told = 1.0, False
+    while True:
+        lock = Lock(store, op, exclusive=exclusive)
+        try:
+            lock.acquire()
+            break
+        except LockedError as err:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                if RETRY_SECONDS:
+                    err.message += f", still after waiting {RETRY_SECONDS:.0f} s"
+                    err.hint = ("let it finish and run this again (or a longer --retry-lock), "
+                                "or `dbre unlock` if it is dead")
+                raise
+            if not told:
+                log.warning("dbre: %s: %s; waiting up to %.0f s for it", op, err.message, left)
+                told = True
+            time.sleep(min(left, pause * (0.75 + 0.5 * secrets.randbelow(1000) / 1000)))
+            pause = min(pause * 2, 15.0)
     try:
         yield lock
     finally:
