@@ -28,6 +28,7 @@ import apsw
 from dbre.errors import DbreError, IntegrityError, RestoreError, UsageError
 from dbre.repository.backup import load_fast_hashes
 from dbre.repository.entries import Entries
+from dbre.repository.fallback import primary_of, retrying
 from dbre.repository.hashindex import NO_HASH
 from dbre.repository.manifest import Manifest
 from dbre.repository.repo import Repository
@@ -103,6 +104,11 @@ def plan_restore(repo: Repository, db: str, target: str | os.PathLike[str], *, s
     if snapshot and at:
         raise UsageError("--snapshot and --at were both given", "pass one of them")
     path = check_target(target, force)
+    return retrying(repo, lambda: _plan(repo, db, path, snapshot, at, force, only_empty, safety))
+
+
+def _plan(repo: Repository, db: str, path: Path, snapshot: str | None, at: datetime | None, force: bool,
+          only_empty: bool, safety: bool) -> RestorePlan:
     manifest = repo.find_snapshot(db, snapshot, at)
     # pages never written (zero) restore as the sparse file's zeros; then the structure `dbre verify`
     # checks: every pack listed, present, its index authentic and holding each page where the page
@@ -175,11 +181,27 @@ def _spans(blobs: list[SnapshotBlob]) -> list[list[SnapshotBlob]]:
 def apply_restore(repo: Repository, plan: RestorePlan, progress: Progress | None = None) -> RestoreResult:
     """Write the snapshot to a temp file beside the target, check every page, then rename; under
     a shared lock, so no prune deletes a pack while its pages are read."""
-    safety = safety_before_replace(repo, plan.manifest.db, plan.target, plan.force and plan.safety)
+    # (into the primary itself when reading through offsite copies: see dbre/repository/fallback.py)
+    safety = safety_before_replace(primary_of(repo), plan.manifest.db, plan.target, plan.force and plan.safety)
+    plans = [plan]
+
+    def attempt() -> RestoreResult:
+        # after a damaged object was routed to an offsite copy: the same snapshot planned again
+        p = plans.pop() if plans else replan(repo, plan)
+        return _write_restore(repo, p, progress)
+
     with repo.lock(f"restore {plan.manifest.db}"):
-        result = _write_restore(repo, plan, progress)
+        result = retrying(repo, attempt)
     result.safety_snapshot = safety
     return result
+
+
+def replan(repo: Repository, plan: RestorePlan) -> RestorePlan:
+    """``plan`` worked out again (its snapshot, target and options), every object read and checked anew."""
+    again = plan_restore(repo, plan.manifest.db, plan.target, snapshot=plan.manifest.id, force=plan.force,
+                         only_empty=plan.only_empty, safety=plan.safety)
+    again.existed = plan.existed
+    return again
 
 
 def safety_before_replace(repo: Repository, db: str, target: Path, wanted: bool) -> str | None:

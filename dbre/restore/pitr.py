@@ -39,6 +39,7 @@ from dbre.replicate.segment import (
     read_base,
     to_time,
 )
+from dbre.repository.fallback import primary_of, retrying
 from dbre.repository.manifest import Manifest, iso, micros
 from dbre.repository.repo import Repository
 from dbre.restore.full import (
@@ -111,7 +112,7 @@ def _plan_pitr(repo: Repository, db: str, target: str | os.PathLike[str], *, at:
     if at is not None and txid is not None:
         raise UsageError("--at and --txid were both given", "pass one of them")
     path = check_target(target, force)
-    point = find_point(repo, db, at=at, txid=txid)
+    point = retrying(repo, lambda: find_point(repo, db, at=at, txid=txid))
     if point is None:
         return None
     return PitrPlan(db, path, force, point.generation, point.base, point.segments, at=at, txid=txid)
@@ -274,7 +275,7 @@ def apply_pitr(repo: Repository, plan: PitrPlan) -> PitrResult:
     """Restore the base to a temp file, apply the transactions up to the plan's limit, rename."""
     started = time.perf_counter()
     target = plan.target
-    safety = safety_before_replace(repo, plan.db, target, plan.force and plan.safety)
+    safety = safety_before_replace(primary_of(repo), plan.db, target, plan.force and plan.safety)
     _remove_leftovers(target)  # a killed restore's scratch copy (and its base restore's temp file)
     scratch = target.parent / pitr_scratch_name(target, secrets.token_hex(4))
     fd = -1
@@ -285,14 +286,20 @@ def apply_pitr(repo: Repository, plan: PitrPlan) -> PitrResult:
             os.close(fd)
             fd = -1
 
+    def attempt() -> tuple[int, int, int]:
+        nonlocal fd
+        release()  # (again after an object was routed to an offsite copy: from the base restore on)
+        scratch.unlink(missing_ok=True)
+        _write_restore(repo, plan_restore(repo, plan.db, scratch, snapshot=plan.base.id), None)
+        # flocked until the rename, as restore's temp files: a later restore's _remove_leftovers
+        # removes it only once this process is gone
+        fd = os.open(scratch, os.O_WRONLY)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        return _apply_segments(repo, plan, scratch, fd)
+
     try:
         with repo.lock(f"restore {plan.db}"):
-            _write_restore(repo, plan_restore(repo, plan.db, scratch, snapshot=plan.base.id), None)
-            # flocked until the rename, as restore's temp files: a later restore's _remove_leftovers
-            # removes it only once this process is gone
-            fd = os.open(scratch, os.O_WRONLY)
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            applied, last, last_obs = _apply_segments(repo, plan, scratch, fd)
+            applied, last, last_obs = retrying(repo, attempt)
         _replace(scratch, target, plan.force, release, only_empty=plan.only_empty)
     except BaseException as err:
         scratch.unlink(missing_ok=True)

@@ -32,6 +32,7 @@ import apsw
 import xxhash
 
 from dbre.errors import DbreError, RestoreError, UsageError
+from dbre.repository.fallback import primary_of, retrying
 from dbre.repository.manifest import Manifest, check_db_name
 from dbre.repository.repo import Repository
 from dbre.repository.tables import qident
@@ -422,7 +423,7 @@ def plan_row_repair(repo: Repository, db: str, live_path: str | os.PathLike[str]
     where = check_where(where)
     remote = is_remote(live_path)
     path = None if remote else check_live_file(live_path, OPERATION)
-    manifest = repo.find_snapshot(db, snapshot, at)
+    manifest = retrying(repo, lambda: repo.find_snapshot(db, snapshot, at))  # (fallback.py: offsite copies)
     known = manifest_tables(manifest)
     if known and table.lower() not in {k.lower() for k in known}:
         raise unknown_table(OPERATION, manifest, [table], known)
@@ -476,8 +477,8 @@ def _plan(repo: Repository, db: str, live_name: str, src: LocalDb, live: Db, scr
     snap_keys, snap = _select(src, shape, where, max_rows, in_sql)
     live_keys, live_frame = _select(live, shape, where, max_rows, in_sql)
     ins, upd, extra = _diff(snap, live_frame)
-    plan = RowRepairPlan(
-        repo=repo, db=db, live=live_name, table=table, where=where, scratch=scratch, columns=shape.columns,
+    plan = RowRepairPlan(  # (its writes, the safety snapshot and the audit record: the primary's)
+        repo=primary_of(repo), db=db, live=live_name, table=table, where=where, scratch=scratch, columns=shape.columns,
         key=shape.key, key_is_rowid=shape.key_is_rowid, delete_extra=delete_extra, max_rows=max_rows,
         snapshot_rows=len(snap_keys), live_rows=len(live_keys), inserts=[snap_keys[i] for i in ins],
         updates=[snap_keys[i] for i in upd], extras=[live_keys[i] for i in extra], live_seen=live_frame[["kq", "h"]],

@@ -24,6 +24,7 @@ from typing import Any
 import apsw
 
 from dbre.errors import DbreError, RestoreError, UsageError
+from dbre.repository.fallback import primary_of, retrying
 from dbre.repository.manifest import Manifest, check_db_name
 from dbre.repository.repo import Repository
 from dbre.repository.tables import qident
@@ -128,7 +129,8 @@ def plan_table_restore(repo: Repository, db: str, live_path: str | os.PathLike[s
     if mode == "rename" and not suffix:
         raise UsageError(f"{OPERATION}: an empty suffix would replace the live table", "pass --replace to do that")
     live = check_live_file(live_path, OPERATION)
-    _precheck_manifest(repo.find_snapshot(db, snapshot, at), tables)  # a typo fails before the restore
+    # a typo fails before the restore (a damaged manifest is read from an offsite copy: fallback.py)
+    _precheck_manifest(retrying(repo, lambda: repo.find_snapshot(db, snapshot, at)), tables)
     scratch = restore_to_scratch(repo, db, snapshot=snapshot, at=at, scratch_dir=scratch_dir)
     try:
         src = scratch.connect()
@@ -146,7 +148,7 @@ def plan_table_restore(repo: Repository, db: str, live_path: str | os.PathLike[s
     except BaseException:
         scratch.close()
         raise
-    return TableRestorePlan(repo, db, live, mode, scratch, actions)
+    return TableRestorePlan(primary_of(repo), db, live, mode, scratch, actions)  # (its writes: the primary's)
 
 
 def _precheck_manifest(manifest: Manifest, tables: list[str]) -> None:
