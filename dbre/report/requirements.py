@@ -59,6 +59,7 @@ from dbre.report.requirements_model import (
     TableReport,
     Trend,
     fmt_keep,
+    provider_history,
 )
 from dbre.repository.manifest import RUN_PAGES, Manifest, iso, now_utc, parse_time
 from dbre.repository.repo import Repository
@@ -594,6 +595,7 @@ def _analyze_db(repo: Repository, name: str, snaps: list[Manifest], source: Sour
         replication_lag_seconds=_lag(repo, name, now, pdb.source if pdb else None)
         if pdb is None or pdb.replicate else None,
     )
+    d.provider = provider_history(d.source, pdb.namespace if pdb else None)
     d.checks = checks_for(d, pdb, policy, now, offsite_newest)
     d.recommendations = db_recommendations(d, pdb, policy)
     return d

@@ -247,7 +247,102 @@ def render(report: RequirementsReport, name: str, inst: Installation, charts: di
         "charts": {k: f"charts/{k}" for k in charts},
         "charts_b64": {k: base64.b64encode(v).decode() for k, v in charts.items()} if name.endswith(".html") else {},
     }
-    return str(_env().get_template(DOCUMENTS[name]).render(**context))
+    text = str(_env().get_template(DOCUMENTS[name]).render(**context))
+    return _with_provider_history(name, text, report)
+
+
+# -- the provider's own history (the first layer), beside dbre's -------------------------------------------
+# Added to the rendered documents at a heading each template has, so the templates stay as they are.
+
+_PROVIDER_ANCHORS = {"report.md": "\n## Recommendations", "report.html": "<section>\n  <h2>Recommendations</h2>",
+                     "recovery-runbook.md": "\n## Appendix"}
+
+
+def dbre_adds(d: DatabaseReport, report: RequirementsReport) -> str:
+    """What dbre keeps beside the provider's history, in a few words."""
+    where = f"a copy outside the provider ({report.repository}" + (f", offsite {len(report.offsite)}" if
+                                                                     report.offsite else "") + ")"
+    n = len(d.history)
+    snaps = f"{n} snapshot{'' if n == 1 else 's'}"
+    if d.replication_lag_seconds is not None:
+        snaps += ", every transaction replicated"
+    restore = f"restore {fmt_seconds(d.restore.seconds)} ({d.restore.basis})"
+    return f"{where}; {snaps}; {restore}; table and row repair; drills"
+
+
+def _provider_rows(report: RequirementsReport) -> list[tuple[DatabaseReport, Any]]:
+    from dbre.report.requirements_model import provider_history
+
+    return [(d, d.provider or provider_history(d.source)) for d in report.databases]
+
+
+def _provider_md(report: RequirementsReport) -> str:
+    lines = ["", "## Provider history beside dbre", "",
+             "The provider's own point-in-time history is the first layer; dbre's repository is the copy outside "
+             "the provider. Restore from either with `dbre restore` (`--provider` for the provider's).", "",
+             "| Database | Provider | Provider keeps | Provider granularity | dbre adds |", "|---|---|---|---|---|"]
+    for d, p in _provider_rows(report):
+        lines.append(f"| {d.name} | {p.provider} | {cell(p.retention)} | {cell(p.granularity)} | "
+                     f"{cell(dbre_adds(d, report))} |")
+    return "\n".join(lines) + "\n"
+
+
+def _provider_html(report: RequirementsReport) -> str:
+    from html import escape
+
+    rows = "".join(f"<tr><td><b>{escape(d.name)}</b></td><td>{escape(p.provider)}</td><td>{escape(p.retention)}</td>"
+                   f"<td>{escape(p.granularity)}</td><td>{escape(dbre_adds(d, report))}</td></tr>\n"
+                   for d, p in _provider_rows(report))
+    return ("<section>\n  <h2>Provider history beside dbre</h2>\n  <p>The provider's own point-in-time history is "
+            "the first layer; dbre's repository is the copy outside the provider.</p>\n  <div class=\"scroll\"><table>"
+            "\n    <tr><th>Database</th><th>Provider</th><th>Provider keeps</th><th>Provider granularity</th>"
+            f"<th>dbre adds</th></tr>\n{rows}  </table></div>\n</section>\n\n")
+
+
+def _runbook_provider(report: RequirementsReport) -> str:
+    rows = [(d, p) for d, p in _provider_rows(report) if p.restore]
+    out = ["", "## Scenario 4: use the provider's history", "", "### Overview",
+           "- **When**: dbre's repository cannot serve the point (unreachable, damaged, the point is between two "
+           "snapshots of an unreplicated database), or the provider's history is simply nearer",
+           "- **What it gives**: a new file, or a new database or namespace, as the provider kept it at a time; "
+           "the live database is never touched", ""]
+    if not rows:
+        out += ["No database here has a provider history (each is a local file): dbre's repository is the only "
+                "history. Use scenarios 1-3.", ""]
+        return "\n".join(out)
+    out += ["| Database | Provider keeps | Granularity | Restore command |", "|---|---|---|---|"]
+    for d, p in rows:
+        out.append(f"| {d.name} | {cell(p.retention)} | {cell(p.granularity)} | `{p.restore}` |")
+    out += ["", "### Steps", "", "#### Step 1: choose the time (5 min)",
+            "Just before the incident, in UTC. The provider restores what it had uploaded by then: allow for its "
+            "granularity above (Turso: up to 15 s missing; sqld: its batch interval + 1 s).", "",
+            "#### Step 2: show the plan (1 min)",
+            "Run the command above with `--dry-run`: it names the temporary database or namespace and asks the "
+            "provider nothing. Tokens come from the environment (`TURSO_API_TOKEN`, `LIBSQL_ADMIN_AUTH_KEY`, "
+            "`LIBSQL_AUTH_TOKEN`) and are never printed.", "",
+            "#### Step 3: restore to a new file (or `--into` / `--into-namespace` for a new database)",
+            "A time in the future, or older than the provider keeps, is refused before any request; a time before "
+            "a sqld namespace's first bottomless backup is refused after the fork (which is deleted).", "",
+            "#### Step 4: compare with dbre's copy (10 min)", "```bash",
+            f"dbre restore --repo {q(report.repository)} --db DB --at TIME --to dbre-at-time.db",
+            "sqldiff --summary FILE dbre-at-time.db", "```",
+            "Differences are the commits between the two points; rows missing from both are gone for good.", "",
+            "#### Step 5: switch over, then back it up",
+            "Point the application at the restored database (Turso: the new database's URL and a new token, "
+            "`turso db tokens create NEW_DB`), then add it to the policy so dbre backs it up: the provider's "
+            "history of the old database stays with the old database.", ""]
+    return "\n".join(out)
+
+
+def _with_provider_history(name: str, text: str, report: RequirementsReport) -> str:
+    """``text`` with the provider-history section inserted before its anchor heading (kept as is if absent)."""
+    anchor = _PROVIDER_ANCHORS.get(name)
+    if anchor is None or anchor not in text:
+        return text
+    section = {"report.md": _provider_md, "report.html": _provider_html,
+               "recovery-runbook.md": _runbook_provider}[name](report)
+    at = text.index(anchor)
+    return text[:at] + section + text[at:]
 
 
 def write_documents(report: RequirementsReport, out_dir: str | os.PathLike[str], policy: Policy | None = None,

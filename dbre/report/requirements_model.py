@@ -168,6 +168,40 @@ class Recommendation:
 
 
 @dataclass
+class ProviderHistory:
+    """What the database's provider keeps of its own history (the first layer), beside what dbre
+    adds; ``restore`` is the `dbre restore --provider` command for it (None: no provider history)."""
+
+    provider: str  # "turso", "sqld" or "none"
+    retention: str
+    granularity: str
+    restore: str | None
+
+
+def provider_history(source: str | None, namespace: str | None = None) -> ProviderHistory:
+    """The provider history a database's source has: Turso Cloud for ``*.turso.io``, a self-hosted
+    sqld (if it runs bottomless) for any other libSQL URL, none for a file."""
+    from urllib.parse import urlsplit
+
+    from dbre.provider.plan import GUARANTEES
+
+    parts = urlsplit(source or "")
+    if parts.scheme not in ("libsql", "http", "https", "ws", "wss"):
+        return ProviderHistory("none", "none: a local file has no history but dbre's", "-", None)
+    if (parts.hostname or "").endswith(".turso.io"):
+        g = GUARANTEES["turso"]
+        return ProviderHistory("turso", g.retention, g.granularity,
+                               "dbre restore --provider turso --org ORG --database DB --at TIME --to FILE")
+    g = GUARANTEES["sqld"]
+    plain = parts.scheme in ("http", "ws") or (parts.scheme == "libsql" and "tls=0" in parts.query)
+    host = f"[{parts.hostname}]" if ":" in (parts.hostname or "") else parts.hostname
+    http = f"{'http' if plain else 'https'}://{host}" + (f":{parts.port}" if parts.port else "")  # (no credentials)
+    return ProviderHistory("sqld", "only if sqld runs with --enable-bottomless-replication: " + g.retention,
+                           g.granularity, f"dbre restore --provider sqld --admin-url ADMIN_URL --namespace "
+                           f"{namespace or 'default'} --url {http} --at TIME --to FILE")
+
+
+@dataclass
 class DatabaseReport:
     name: str
     tier: str | None
@@ -197,6 +231,7 @@ class DatabaseReport:
     notes: list[str] = field(default_factory=list)
     cost_per_rpo: CostPerRpo | None = None
     replication_lag_seconds: float | None = None  # segments exist: the lag when the report was made
+    provider: ProviderHistory | None = None  # the provider's own history, beside dbre's
 
     @property
     def rows(self) -> int:
