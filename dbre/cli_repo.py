@@ -14,9 +14,11 @@ from dbre.cli import (
     DbOpt,
     JsonOpt,
     KeyFileOpt,
+    PolicyOpt,
     RepoOpt,
     _duration,
     _key,
+    _policy,
     _print_json,
     _progress,
     _run,
@@ -28,11 +30,61 @@ from dbre.units import human_bytes as human
 
 
 @app.command()
+def init(
+    repo: Annotated[str | None, typer.Option(
+        "--repo", "-r", help="Repository: a local path or s3://bucket/prefix (default: the policy's, all of them).",
+    )] = None,
+    object_lock: Annotated[str | None, typer.Option(
+        "--object-lock", help="S3 Object Lock for every object a snapshot needs: MODE:PERIOD, e.g. governance:30d "
+        "or compliance:1y (the bucket must have Object Lock enabled; the setting cannot be changed later).",
+    )] = None,
+    policy: PolicyOpt = None,
+    key_file: KeyFileOpt = None,
+) -> None:
+    """Create a repository (backup also creates one); --object-lock makes its objects immutable on S3."""
+
+    def go() -> None:
+        from dbre.repository.immutable import ObjectLock, enable
+        from dbre.repository.repo import Repository
+
+        setting = ObjectLock.parse(object_lock) if object_lock else None
+        targets: list[tuple[str, ObjectLock | None]] = []
+        if repo:
+            targets = [(repo, setting)]
+        else:
+            pol = _policy(policy)
+            if pol is None:
+                raise UsageError("init needs --repo or --policy", "e.g. dbre init --repo s3://bucket/repo")
+            if setting is not None:
+                raise UsageError("--object-lock with --policy", "set repositories.*.object_lock in the policy")
+            r = pol.repositories
+            targets = [(u, r.lock_for(u)) for u in [r.primary, *r.offsite]]
+        for url, lock in targets:
+            if lock is not None and not url.startswith("s3://"):
+                raise UsageError(f"--object-lock: repository {url} is not on S3: Object Lock needs an S3 bucket",
+                                 "drop --object-lock, or use s3://bucket/prefix on a bucket with Object Lock enabled")
+        key = _key(key_file)
+        first: Repository | None = None
+        for url, lock in targets:
+            found = Repository.open_or_init(url, key) if first is None else Repository.init_copy_of(first, url, key)
+            first = first or found
+            what = f"Object Lock {lock.describe()}" if lock and enable(found, lock) else (
+                f"Object Lock {lock.describe()} (already)" if lock else "no Object Lock")
+            print(f"repository {found.url}: id {found.id[:8]}, {what}")
+
+    _run(go)
+
+
+@app.command()
 def verify(
     repo: RepoOpt,
     db: DbOpt = None,
     read_data: Annotated[bool, typer.Option(
         "--read-data", help="Also read every pack: each page checked against its record, index and hash.",
+    )] = False,
+    immutable: Annotated[bool, typer.Option(
+        "--immutable", help="Prove every snapshot inside the Object Lock window restores from locked versions "
+        "alone (reads every page; ignores delete markers and unlocked versions).",
     )] = False,
     json_out: JsonOpt = False,
     key_file: KeyFileOpt = None,
@@ -40,6 +92,26 @@ def verify(
     """Check snapshots and packs; exit 1 naming every damaged or missing object."""
 
     def go() -> None:
+        if immutable:
+            if db:
+                raise UsageError("--immutable checks every database", "leave out --db")
+            from dbre.repository.immutable import verify_immutable
+
+            found = verify_immutable(repo, _key(key_file))
+            if json_out:
+                _print_json(found.summary())
+            else:
+                for obj, detail in found.problems:
+                    print(f"NOT PROTECTED {obj}: {detail}", file=sys.stderr)
+                for name, why in found.outside:
+                    print(f"outside the lock window: {name}: {why}")
+                lock = found.setting.describe() if found.setting else "none"
+                print(("ok: " if found.ok else f"{len(found.problems)} problems: ")
+                      + f"{len(found.protected)} snapshots restore from locked versions alone (Object Lock {lock}); "
+                      f"{len(found.outside)} outside the window")
+            if not found.ok:
+                raise typer.Exit(1)
+            return
         from dbre.repository.manifest import check_db_name
         from dbre.repository.repo import Repository
         from dbre.repository.verify import verify as run_verify
@@ -126,6 +198,8 @@ def forget(
             return
         rows = [[m.id, m.db, m.taken_at[:19], "keep", ", ".join(r)] for m, r in plan.keep]
         rows += [[m.id, m.db, m.taken_at[:19], "forget" if not dry_run else "would forget", ""] for m in plan.remove]
+        rows += [[m.id, m.db, m.taken_at[:19], "keep", f"locked until {u}"] for m, u in
+                 ((m, d["locked_until"]) for (m, _), d in zip(plan.locked, out["locked"], strict=True))]
         rows.sort(key=lambda r: (r[1], r[2]))
         title = "retention" + (" (dry run)" if dry_run else "")
         _table(title, ["id", "db", "taken at (UTC)", "action", "kept by"], rows,
@@ -135,6 +209,10 @@ def forget(
             verb = "would delete" if dry_run else "deleted"
             print(f"prune: {verb} {p['delete_packs']} unused packs, kept {p['keep_packs']} in use and "
                   f"{p['grace_kept_packs']} unused but younger than the grace period ({grace})")
+            if p["locked_kept"]:
+                last = max(x["locked_until"] for x in p["locked_kept"])
+                print(f"prune: kept {len(p['locked_kept'])} unused objects under Object Lock (locked until {last} "
+                      "at the latest); a later prune deletes them")
             for s in p["segments"]:
                 print(f"prune: {s['db']}: {verb} {len(s['delete_generations'])} generations "
                       f"({s['delete_segments']} segments), kept {len(s['keep_generations'])} "
@@ -155,6 +233,10 @@ def copy(
     repo: RepoOpt,
     to: Annotated[str, typer.Option("--to", help="The offsite repository: a path or s3://bucket/prefix.")],
     db: DbOpt = None,
+    immutable: Annotated[bool, typer.Option(
+        "--immutable", help="Copy from the locked versions alone (recovery after an attack on an Object Lock "
+        "bucket: delete markers, overwritten and unlocked objects are ignored; nothing there is changed).",
+    )] = False,
     json_out: JsonOpt = False,
     key_file: KeyFileOpt = None,
 ) -> None:
@@ -177,7 +259,12 @@ def copy(
             raise UsageError(f"copy: --to is the repository being copied from ({src_store.url})",
                              "name another location for the offsite copy: a folder or s3://bucket/prefix")
         key = _key(key_file)
-        src = Repository.open(src_store, key)
+        if immutable:
+            from dbre.repository.immutable import open_locked
+
+            src = open_locked(src_store, key)
+        else:
+            src = Repository.open(src_store, key)
         dst = Repository.init_copy_of(src, dst_store, key)
         with _progress("copy", not json_out) as bar:
             plan, copied = copy_snapshots(src, dst, db, bar)

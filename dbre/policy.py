@@ -194,17 +194,67 @@ class DatabasePolicy(_Model):
     min_retention: Duration | None = Field(default=None, description="Shortest retention a regulation allows, e.g. 1y")
 
 
+class ObjectLockPolicy(_Model):
+    """S3 Object Lock for a repository: what `dbre init --policy` records in it (it cannot change later)."""
+
+    mode: Literal["governance", "compliance"]
+    period: Duration = Field(description="How long every object a snapshot needs stays undeletable, e.g. 30d")
+
+
 class Repositories(_Model):
-    """Where snapshots go: the primary repository and offsite copies (the fourth layer)."""
+    """Where snapshots go: the primary repository and offsite copies (the fourth layer).
+
+    Each entry is a URL, or a mapping ``{url: ..., object_lock: {mode: governance|compliance, period: 30d}}``."""
 
     primary: Location
     offsite: list[Location] = Field(default_factory=list)
     encryption_key: SecretRef | None = None
+    object_lock: dict[str, ObjectLockPolicy] = Field(
+        default_factory=dict, description="Filled from the mapping entries: URL -> its Object Lock")
 
-    @field_validator("offsite", mode="before")
+    @model_validator(mode="before")
     @classmethod
-    def _one_or_many(cls, v: Any) -> Any:
-        return [v] if isinstance(v, str) else v
+    def _entries(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        locks: dict[str, Any] = dict(data.get("object_lock") or {})
+
+        def one(entry: Any) -> Any:
+            if isinstance(entry, dict):
+                extra = set(entry) - {"url", "object_lock"}
+                if "url" not in entry or extra:
+                    raise ValueError("a repository entry is a URL or {url: ..., object_lock: {mode: ..., period: ...}}")
+                if entry.get("object_lock") is not None:
+                    locks[str(entry["url"])] = entry["object_lock"]
+                return entry["url"]
+            return entry
+
+        if "primary" in data:
+            data["primary"] = one(data["primary"])
+        offsite = data.get("offsite")
+        if offsite is not None:
+            data["offsite"] = [one(e) for e in (offsite if isinstance(offsite, list) else [offsite])]
+        data["object_lock"] = locks
+        return data
+
+    @model_validator(mode="after")
+    def _locks_on_s3(self) -> Repositories:
+        for url in self.object_lock:
+            if url not in [self.primary, *self.offsite]:
+                raise ValueError(f"object_lock for {url}, which is not a repository here")
+            if not url.startswith("s3://"):
+                raise ValueError(f"object_lock on {url}: Object Lock needs an s3:// repository")
+        return self
+
+    def lock_for(self, url: str) -> Any:
+        """The Object Lock (dbre.repository.immutable.ObjectLock) the policy asks of ``url``, or None."""
+        found = self.object_lock.get(url)
+        if found is None:
+            return None
+        from dbre.repository.immutable import ObjectLock
+
+        return ObjectLock.of(found.mode, float(found.period))
 
 
 class Retention(_Model):

@@ -16,6 +16,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from dbre.errors import IntegrityError, RepositoryError
+from dbre.repository.immutable import ensure_snapshot_locked
 from dbre.repository.lock import Lock
 from dbre.repository.manifest import Manifest, check_db_name, iso
 from dbre.repository.pack import MAX_PACK, read_pack_index
@@ -234,6 +235,7 @@ def copy_snapshots(src: Repository, dst: Repository, db: str | None = None,
             data = get_capped(src.store, key, MANIFEST_CAP, "manifest")
             what = f"copy of {m.db} snapshot {m.id}"
             dst_lock.check_alive(what, consequence="it was not copied", hint="run the copy again")
+            ensure_snapshot_locked(dst, m)  # Object Lock: its packs locked long enough before it exists
             try:
                 dst.store.put(key, data, if_absent=True)
             except AlreadyExists:

@@ -5,6 +5,7 @@ Object layout (docs/FORMAT.md has the full description):
   packs/<id[:2]>/<id>       packs of sealed blobs: page batches and page-map runs
   snapshots/<db>/<id>       sealed manifest, written last with a conditional put
   locks/<id>                plain JSON lock records
+  object-lock               sealed JSON: the S3 Object Lock setting, if any (dbre.repository.immutable)
   records/<kind>/<db>/<id>  sealed JSON records: drills, verification runs, audits
 """
 
@@ -18,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import blake3
 import xxhash
@@ -50,6 +51,9 @@ from dbre.repository.manifest import (
 from dbre.secrets import Secret
 from dbre.storage import AlreadyExists, NotFound, Store, open_store
 from dbre.storage.base import CONFIG_CAP, MANIFEST_CAP, RECORD_CAP, StorageError, get_capped
+
+if TYPE_CHECKING:
+    from dbre.repository.immutable import Extension, ObjectLock
 
 FORMAT_VERSION = 2  # new repositories; format 1 is still read (never written)
 MANIFEST_READERS = 32  # manifests read at once when a history is listed (small GETs: latency-bound)
@@ -84,6 +88,9 @@ class Repository:
         self._hash_key: bytes | None = None
         self._plain_checked = False  # require_writable found no encrypted object in a plain repository
         self._manifests: dict[str, Manifest] = {}  # by key
+        self.object_lock: ObjectLock | None = None  # read by attach_object_lock, before the first write
+        self._lock_attached = False
+        self.lock_extensions: list[Extension] = []  # what each ensure_locked asked of the store
 
     def __repr__(self) -> str:
         return f"Repository({self.store.url!r}, encrypted={self.sealer.encrypted})"
@@ -120,6 +127,7 @@ class Repository:
                 f"{op}: repository {self.url} uses format {self.version}",
                 f"convert it with `dbre migrate --repo {self.url} --to NEW`",
             )
+        self.attach_object_lock(op)
         if self.sealer.encrypted or self._plain_checked:
             return
         # one object of each kind is enough: a repository is encrypted throughout or not at all
@@ -138,6 +146,16 @@ class Repository:
                         "`config` was changed or damaged: restore it from the offsite copy",
                     )
         self._plain_checked = True
+
+    def attach_object_lock(self, op: str) -> ObjectLock | None:
+        """Read the repository's Object Lock setting once; with one, every later put but locks and
+        leases is locked (dbre.repository.immutable). A bucket without Object Lock refuses."""
+        if not self._lock_attached and self.version >= 2:
+            from dbre.repository.immutable import attach
+
+            self.object_lock = attach(self, op)
+            self._lock_attached = True
+        return self.object_lock
 
     # -- opening ---------------------------------------------------------------------------------
 
@@ -514,6 +532,11 @@ class Repository:
         if self.version >= 2:
             manifest.format = 2
             manifest.root = manifest.run_root(self.page_hash)
+            if self.attach_object_lock(f"backup {manifest.db}") is not None:
+                from dbre.repository.immutable import ensure_snapshot_locked
+
+                # before the manifest: no snapshot is ever less protected than it says (FORMAT.md)
+                ensure_snapshot_locked(self, manifest)
         data = self.sealer.seal(manifest.to_json(), key)
         try:
             self.store.put(key, data, if_absent=True)

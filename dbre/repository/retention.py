@@ -22,6 +22,7 @@ from dbre.replicate.window import (
     window_start,
     write_pruned,
 )
+from dbre.repository.immutable import iso_utc, locked_until
 from dbre.repository.keep import KeepPolicy as KeepPolicy  # re-exported: the keep rules live in keep.py
 from dbre.repository.keep import apply_policy as apply_policy
 from dbre.repository.lock import Lock
@@ -40,12 +41,16 @@ class ForgetPlan:
     remove: list[Manifest] = field(default_factory=list)
     # per replicated database: the window's start and the generations a prune then deletes
     segments: list[dict[str, Any]] = field(default_factory=list)
+    # not kept by the policy, but their manifest is under an Object Lock still in force: kept, and named
+    locked: list[tuple[Manifest, float]] = field(default_factory=list)
 
     def describe(self) -> dict[str, Any]:
         return {
             "keep": [{"id": m.id, "db": m.db, "taken_at": m.taken_at, "reasons": r} for m, r in self.keep],
             "remove": [{"id": m.id, "db": m.db, "taken_at": m.taken_at} for m in self.remove],
             "segments": self.segments,
+            "locked": [{"id": m.id, "db": m.db, "taken_at": m.taken_at, "locked_until": iso_utc(u)}
+                       for m, u in self.locked],
         }
 
 
@@ -98,8 +103,19 @@ def forget(repo: Repository, policy: KeepPolicy, db: str | None = None, *, dry_r
     policy.check()
     if not dry_run:
         repo.require_writable("forget")
+    repo.attach_object_lock("forget")
     with repo.lock("forget", exclusive=not dry_run) as lock:
         plan = _reading("forget", "no snapshot was forgotten", lambda: plan_forget(repo, policy, db, lock.store_now()))
+        if repo.object_lock is not None:
+            # a manifest still locked is never deleted nor hidden by a delete marker: it stays, named
+            now, remove = lock.store_now(), []
+            for m in plan.remove:
+                until = locked_until(repo, repo.manifest_key(m), now)
+                if until is None:
+                    remove.append(m)
+                else:
+                    plan.locked.append((m, until))
+            plan.remove = remove
         if not dry_run:
             for m in plan.remove:
                 lock.check_alive("forget", consequence="the remaining snapshots were not forgotten")
@@ -118,11 +134,13 @@ class PrunePlan:
     grace: float = PRUNE_GRACE_SECONDS
     segments: list[SegmentPrune] = field(default_factory=list)  # per replicated database
     compacted: int = 0  # small segments merged into larger ones by this prune (deleted past the grace period)
+    locked: list[tuple[str, float]] = field(default_factory=list)  # unused, but under Object Lock: (key, until)
 
     def describe(self) -> dict[str, Any]:
         return {"delete_packs": len(self.unused_packs), "keep_packs": self.used_packs,
                 "grace_kept_packs": self.grace_kept, "grace_seconds": self.grace,
-                "segments": [s.describe() for s in self.segments], "compacted_segments": self.compacted}
+                "segments": [s.describe() for s in self.segments], "compacted_segments": self.compacted,
+                "locked_kept": [{"object": k, "locked_until": iso_utc(u)} for k, u in self.locked]}
 
 
 def plan_prune(repo: Repository, lock: Lock, *, grace: float = PRUNE_GRACE_SECONDS,
@@ -160,7 +178,41 @@ def plan_prune(repo: Repository, lock: Lock, *, grace: float = PRUNE_GRACE_SECON
         start: datetime | None = window_start(snaps, policy) if policy is not None else None
         segments.append(plan_segment_prune(repo, db, {m.id for m in snaps}, start, now, grace,
                                            live_generation(repo.store, db, now)))
-    return PrunePlan(old, len(present & used), young, grace, segments)
+    plan = PrunePlan(old, len(present & used), young, grace, segments)
+    if repo.object_lock is not None:
+        _keep_locked(repo, plan, now)
+    return plan
+
+
+def _keep_locked(repo: Repository, plan: PrunePlan, now: float) -> None:
+    """Take out of ``plan`` every object whose Object Lock is still in force (one HEAD per object):
+    kept and named in ``plan.locked``. A generation with any locked object stays whole (deleting
+    the rest would cut its chain)."""
+    packs = []
+    for pack in plan.unused_packs:
+        until = locked_until(repo, pack_key(pack), now)
+        if until is None:
+            packs.append(pack)
+        else:
+            plan.locked.append((pack_key(pack), until))
+    plan.unused_packs = packs
+    for seg in plan.segments:
+        going = []
+        for gen in seg.delete:
+            untils = [u for k in gen.keys() if (u := locked_until(repo, k, now)) is not None]
+            if untils:
+                plan.locked.append((f"segments/{gen.db}/{gen.id}/", max(untils)))
+            else:
+                going.append(gen)
+        seg.delete = going
+        superseded = []
+        for key in seg.superseded:
+            until = locked_until(repo, key, now)
+            if until is None:
+                superseded.append(key)
+            else:
+                plan.locked.append((key, until))
+        seg.superseded = superseded
 
 
 def prune(repo: Repository, *, dry_run: bool = False, grace: float = PRUNE_GRACE_SECONDS) -> PrunePlan:
@@ -176,6 +228,7 @@ def _prune(repo: Repository, lock: Lock, grace: float, dry_run: bool,
            forgotten: Collection[Manifest] = (), policy: KeepPolicy | None = None) -> PrunePlan:
     if grace < 0:
         raise UsageError("the grace period is negative", "use 0 or more")
+    repo.attach_object_lock("prune")  # objects under Object Lock are kept, not deleted nor hidden
     compacted = 0
     if not dry_run:
         # old small segments merged first (each merged one a conditional put); the small ones go

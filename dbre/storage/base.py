@@ -7,6 +7,7 @@ never snapshots or packs: the repository layer gives keys their meaning.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 from dbre.errors import IntegrityError, RepositoryError
@@ -31,6 +32,66 @@ class TransientError(StorageError):
 
 class PermanentError(StorageError):
     """A failure a retry will not fix: denied, no such bucket, disk full, bad request."""
+
+
+class ObjectLocked(PermanentError):
+    """The object's version is under an Object Lock retention that is still in force."""
+
+
+@dataclass(frozen=True)
+class Retention:
+    """An Object Lock retention: ``mode`` "GOVERNANCE" or "COMPLIANCE", ``until`` in seconds since the epoch."""
+
+    mode: str
+    until: float
+
+
+@dataclass(frozen=True)
+class ObjectVersion:
+    """One version of a key in a versioned bucket; ``delete_marker`` versions have no content."""
+
+    key: str
+    version_id: str
+    delete_marker: bool
+    modified: float
+
+
+@runtime_checkable
+class LockingStore(Protocol):
+    """A store that can keep objects immutable (S3 Object Lock); only `S3Store` implements it.
+
+    Contracts (tests/test_object_lock.py, on moto with Object Lock enabled):
+    - ``lock_enabled`` says whether the bucket has Object Lock enabled (one request).
+    - ``set_default_retention(mode, seconds, exempt)``: from then on every ``put`` of a key that
+      does not start with one of ``exempt`` is written with ``mode`` and a retain-until of the
+      local time + ``seconds``; ``written_until(key)`` returns that retain-until for keys this
+      store object put (None if unknown).
+    - ``retention(key, version_id=None)`` returns the retention of the current (or given)
+      version, None if it has none; ``NotFound`` if absent (or the current version is a delete marker).
+    - ``extend_retention(key, mode, until)`` sets the current version's retain-until to ``until``;
+      callers never ask for less than the object has (S3 refuses a shorter compliance retention).
+    - ``versions(prefix)`` yields every version and delete marker under ``prefix``, for each key
+      newest first (S3's ListObjectVersions order).
+    - ``get_version(key, version_id, offset=0, length=None)`` reads one version (a range of it);
+      ``NotFound`` if that version is gone.
+    No call ever sends x-amz-bypass-governance-retention.
+    """
+
+    url: str
+
+    def lock_enabled(self) -> bool: ...
+
+    def set_default_retention(self, mode: str, seconds: float, exempt: tuple[str, ...]) -> None: ...
+
+    def written_until(self, key: str) -> float | None: ...
+
+    def retention(self, key: str, version_id: str | None = None) -> Retention | None: ...
+
+    def extend_retention(self, key: str, mode: str, until: float) -> None: ...
+
+    def versions(self, prefix: str = "") -> Iterator[ObjectVersion]: ...
+
+    def get_version(self, key: str, version_id: str, offset: int = 0, length: int | None = None) -> bytes: ...
 
 
 @runtime_checkable

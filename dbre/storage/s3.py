@@ -10,8 +10,11 @@ instance roles) and never appear in messages or reprs; the endpoint comes from
 
 from __future__ import annotations
 
+import math
 import re
+import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -21,12 +24,21 @@ import botocore.loaders
 import botocore.session
 
 from dbre.errors import UsageError
-from dbre.storage.base import AlreadyExists, NotFound, PermanentError, StorageError, TransientError
+from dbre.storage.base import (
+    AlreadyExists,
+    NotFound,
+    ObjectVersion,
+    PermanentError,
+    Retention,
+    StorageError,
+    TransientError,
+)
 
 _HINT_BUCKET = "create the bucket or fix the repository URL"
 _HINT_CREDENTIALS = "check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or the AWS profile in use"
 _HINT_DENIED = "grant the credentials s3:GetObject, s3:PutObject, s3:DeleteObject and s3:ListBucket"
 _HINT_ENDPOINT = "check AWS_ENDPOINT_URL and that the server is up"
+_WRITTEN_MAX = 100_000  # retain-untils remembered by one store object (a long replicate run forgets the oldest)
 
 _NOT_FOUND = {"NoSuchKey", "404", "NotFound"}
 _BAD_CREDENTIALS = {
@@ -70,6 +82,7 @@ class S3Store:
 
     S3 puts are atomic, so there are no temp objects; ``put(if_absent=True)`` uses
     ``If-None-Match: *``, which AWS and moto enforce (some other S3-compatible servers ignore it).
+    It is also a ``LockingStore`` (base.py): Object Lock retention on puts, extension, versions.
     """
 
     def __init__(
@@ -86,6 +99,8 @@ class S3Store:
         self.prefix = prefix.strip("/")
         self._base = f"{self.prefix}/" if self.prefix else ""
         self.url = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
+        self._retain: tuple[str, float, tuple[str, ...]] | None = None  # mode, seconds, exempt prefixes
+        self._written: dict[str, float] = {}
         config = botocore.config.Config(
             retries={"mode": "standard", "max_attempts": max_attempts},
             connect_timeout=connect_timeout,
@@ -124,8 +139,17 @@ class S3Store:
         args: dict[str, Any] = {"Bucket": self.bucket, "Key": self._key(key), "Body": data}
         if if_absent:
             args["IfNoneMatch"] = "*"
+        until = None
+        if self._retain is not None and not key.startswith(self._retain[2]):
+            until = float(math.ceil(time.time() + self._retain[1]))  # whole seconds: S3 keeps no more
+            args["ObjectLockMode"] = self._retain[0]
+            args["ObjectLockRetainUntilDate"] = datetime.fromtimestamp(until, UTC)
         try:
             self._client.put_object(**args)
+            if until is not None:
+                if len(self._written) >= _WRITTEN_MAX:
+                    self._written.pop(next(iter(self._written)))
+                self._written[key] = until
         except botocore.exceptions.ClientError as err:
             if if_absent and (_code(err) == "PreconditionFailed" or _status(err) == 412):
                 raise AlreadyExists(f"put {key}: already exists") from None
@@ -215,6 +239,90 @@ class S3Store:
             raise error from err
         except botocore.exceptions.BotoCoreError as err:
             raise self._error("exists", key, err) from err
+
+    # -- Object Lock (LockingStore) ----------------------------------------------------------------
+
+    def lock_enabled(self) -> bool:
+        try:
+            conf = self._client.get_object_lock_configuration(Bucket=self.bucket)
+        except botocore.exceptions.ClientError as err:
+            if _code(err) == "ObjectLockConfigurationNotFoundError":
+                return False
+            raise self._error("object lock configuration", "", err) from err
+        except botocore.exceptions.BotoCoreError as err:
+            raise self._error("object lock configuration", "", err) from err
+        return bool(conf.get("ObjectLockConfiguration", {}).get("ObjectLockEnabled") == "Enabled")
+
+    def set_default_retention(self, mode: str, seconds: float, exempt: tuple[str, ...]) -> None:
+        if mode not in ("GOVERNANCE", "COMPLIANCE") or seconds <= 0:
+            raise PermanentError(f"object lock on {self.url}: bad retention ({mode}, {seconds} s)")
+        self._retain = (mode, seconds, exempt)
+
+    def written_until(self, key: str) -> float | None:
+        return self._written.get(key)
+
+    def retention(self, key: str, version_id: str | None = None) -> Retention | None:
+        args: dict[str, Any] = {"Bucket": self.bucket, "Key": self._key(key)}
+        if version_id is not None:
+            args["VersionId"] = version_id
+        try:
+            head = self._client.head_object(**args)
+        except botocore.exceptions.ClientError as err:
+            if _status(err) in (404, 405):  # 405: the version named is a delete marker
+                raise NotFound(f"retention {key}: not found") from None
+            raise self._error("retention", key, err) from err
+        except botocore.exceptions.BotoCoreError as err:
+            raise self._error("retention", key, err) from err
+        mode, until = head.get("ObjectLockMode"), head.get("ObjectLockRetainUntilDate")
+        if not mode or until is None:
+            return None
+        return Retention(str(mode), float(until.timestamp()))
+
+    def extend_retention(self, key: str, mode: str, until: float) -> None:
+        try:
+            self._client.put_object_retention(
+                Bucket=self.bucket, Key=self._key(key),
+                Retention={"Mode": mode, "RetainUntilDate": datetime.fromtimestamp(math.ceil(until), UTC)})
+        except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as err:
+            raise self._error("extend retention", key, err) from err
+
+    def versions(self, prefix: str = "") -> Iterator[ObjectVersion]:
+        skip = len(self._base)
+        try:
+            pages = self._client.get_paginator("list_object_versions").paginate(
+                Bucket=self.bucket, Prefix=self._base + prefix)
+            for page in pages:
+                found = [(v, False) for v in page.get("Versions", ())]
+                found += [(v, True) for v in page.get("DeleteMarkers", ())]
+                # S3 lists each key's versions newest first, but gives versions and markers apart: merged
+                # by time (whole seconds: ties keep the listing's order), the latest of a key first
+                found.sort(key=lambda vm: (vm[0]["Key"], not vm[0].get("IsLatest"),
+                                           -vm[0]["LastModified"].timestamp()))
+                for v, marker in found:
+                    name = v["Key"][skip:]
+                    if name and not name.endswith("/"):
+                        yield ObjectVersion(name, str(v["VersionId"]), marker, float(v["LastModified"].timestamp()))
+        except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as err:
+            raise self._error("list versions", prefix, err) from err
+
+    def get_version(self, key: str, version_id: str, offset: int = 0, length: int | None = None) -> bytes:
+        args: dict[str, Any] = {"Bucket": self.bucket, "Key": self._key(key), "VersionId": version_id}
+        if length is not None:
+            if length <= 0:
+                return b""
+            args["Range"] = f"bytes={offset}-{offset + length - 1}"
+        elif offset:
+            args["Range"] = f"bytes={offset}-"
+        try:
+            return bytes(self._client.get_object(**args)["Body"].read())
+        except botocore.exceptions.ClientError as err:
+            if _code(err) == "InvalidRange" or _status(err) == 416:
+                return b""
+            if _code(err) in ("NoSuchVersion", "InvalidArgument") or _status(err) == 405:
+                raise NotFound(f"get {key} version {version_id}: not found") from None
+            raise self._error("get", key, err) from err
+        except botocore.exceptions.BotoCoreError as err:
+            raise self._error("get", key, err) from err
 
     def _error(self, op: str, key: str, err: Exception) -> StorageError:
         """Map a botocore exception to a store error; the message never carries SDK text verbatim."""
