@@ -75,6 +75,7 @@ def restore(
                                                        "namespace instead of a file (--to).",
                                                        rich_help_panel=_PROVIDER_PANEL)] = None,
     url: Annotated[str | None, typer.Option("--url", help="sqld: its HTTP address, to read the fork for --to "
+                                            "and to refuse an empty fork (a time before its history) "
                                             "(token in LIBSQL_AUTH_TOKEN).", rich_help_panel=_PROVIDER_PANEL)] = None,
     org: Annotated[str | None, typer.Option("--org", help="turso: the organization.",
                                             rich_help_panel=_PROVIDER_PANEL)] = None,

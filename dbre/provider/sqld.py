@@ -143,7 +143,13 @@ def restore_sqld(plan: ProviderRestore, admin: SqldAdmin, url: str | None, token
     admin.fork(plan.source, plan.created, plan.at)
     result = ProviderResult(plan, create_seconds=time.monotonic() - started)
     try:
-        if url is not None:
+        if url is not None and plan.to is None:  # (a look at the new namespace's schema, not a read of it)
+            result.tables = schema_objects(url, plan.created, token)
+            if not result.tables:
+                raise RestoreError(f"restore of namespace {plan.source} at {plan.describe()['at']}: sqld's history "
+                                   "holds no table then (the time is before its first bottomless backup, or it was "
+                                   "empty)", "give a later --at; the empty fork was deleted")
+        elif url is not None:
             read_started = time.monotonic()
             source = RemoteLibsqlSource(url, token, method="dump", namespace=plan.created)
             try:
@@ -154,8 +160,8 @@ def restore_sqld(plan: ProviderRestore, admin: SqldAdmin, url: str | None, token
                             f"restore of namespace {plan.source} at {plan.describe()['at']}: sqld's history holds "
                             "no table then (the time is before its first bottomless backup, or it was empty)",
                             "give a later --at; nothing was written")
-                    if plan.to is not None:
-                        result.size = write_database(conn, plan.to, plan.force)
+                    assert plan.to is not None
+                    result.size = write_database(conn, plan.to, plan.force)
             except SourceError as err:
                 raise RestoreError(f"restore of namespace {plan.source}: reading the fork failed: {err.message}",
                                    err.hint) from None
@@ -169,6 +175,40 @@ def restore_sqld(plan: ProviderRestore, admin: SqldAdmin, url: str | None, token
             result.cleanup_error = _delete_quietly(admin, plan.scratch)
     result.seconds = time.monotonic() - started
     return result
+
+
+def schema_objects(url: str, namespace: str, token: Secret | None) -> int:
+    """How many schema objects (tables, indexes, views, triggers) ``namespace`` holds, by one Hrana query."""
+    import base64
+
+    from dbre.sources.remote import RemoteLibsqlSource
+
+    base = RemoteLibsqlSource(url, token, namespace=namespace).base_url
+    headers = {"Content-Type": "application/json", "User-Agent": "dbre",
+               "x-namespace-bin": base64.b64encode(namespace.encode()).decode().rstrip("=")}
+    if token:
+        value = token.reveal()
+        headers["Authorization"] = "Bearer " + (value.decode() if isinstance(value, bytes) else value)
+    body = {"baton": None, "requests": [{"type": "execute", "stmt": {"sql": "SELECT count(*) FROM sqlite_schema"}},
+                                        {"type": "close"}]}
+    req = urllib.request.Request(base + "/v2/pipeline", data=json.dumps(body).encode(), headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            out = json.loads(resp.read())
+        first = out["results"][0]
+        if first.get("type") != "ok":
+            raise RestoreError(f"sqld {base}: namespace {namespace}: {first.get('error', {}).get('message')}",
+                               "check --url names the same sqld as --admin-url")
+        return int(first["response"]["result"]["rows"][0][0]["value"])
+    except urllib.error.HTTPError as err:
+        raise RestoreError(f"sqld {base}: namespace {namespace}: HTTP {err.code}: {_error_text(err)}",
+                           "check --url (and LIBSQL_AUTH_TOKEN) names the same sqld as --admin-url") from None
+    except (urllib.error.URLError, OSError) as err:
+        raise RestoreError(f"sqld {base}: cannot reach it: {getattr(err, 'reason', None) or err}",
+                           "check --url (sqld's --http-listen-addr)") from None
+    except (KeyError, IndexError, TypeError, ValueError):
+        raise RestoreError(f"sqld {base}: namespace {namespace}: unexpected answer to a query",
+                           "check --url names sqld's HTTP API") from None
 
 
 def _delete_quietly(admin: SqldAdmin, namespace: str) -> str | None:
