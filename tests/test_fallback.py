@@ -8,6 +8,7 @@ the object and both repositories, the target untouched. Real local directories a
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import shutil
@@ -339,3 +340,42 @@ def test_s3_primary_with_s3_fallback(setup: Setup, tmp_path: Path, s3_client: An
     assert {x["key"] for x in fb["taken"]} == {local.key, manifest.key}, fb
     assert _sha(out) == _sha(setup.ref_snapshot)
 
+
+
+def test_encrypted_config_and_forged_manifest(tmp_path: Path) -> None:
+    """An encrypted repository: its config's wrapped key damaged (the primary no longer opens with the
+    passphrase) and its newest manifest replaced by one sealed under another repository's key (an attacker
+    without the key). The copy's config opens with the same passphrase and the copy's manifest
+    authenticates; both lines say so, and the file is exact. The copy shares the primary's key: `dbre copy`
+    gives it the primary's config bytes, so a restore needs no other key."""
+    from dbre.secrets import Secret
+
+    env = {"DBRE_ENCRYPTION_KEY": "correct horse"}
+    src, primary, offsite = make_db(tmp_path / "src.db", mb=0.5), tmp_path / "primary", tmp_path / "offsite"
+    assert cli("backup", src, "--repo", primary, "--db", "app", env=env).returncode == 0
+    assert cli("copy", "--repo", primary, "--to", offsite, env=env).returncode == 0
+    assert (offsite / "config").read_bytes() == (primary / "config").read_bytes()
+    repo = Repository.open(str(primary), Secret("correct horse"))
+    (m,) = repo.snapshots("app")
+    (key,) = list(repo.store.list("snapshots/app/"))
+    evil = Repository.open_or_init(str(tmp_path / "evil"), Secret("attacker"))
+    (primary / key).write_bytes(evil.sealer.seal(m.to_json(), key))
+    config = json.loads((primary / "config").read_text())
+    wrapped = bytearray(base64.b64decode(config["encryption"]["wrapped_key"]))
+    wrapped[20] ^= 0x01  # the master key no longer unwraps: "wrong encryption key"
+    config["encryption"]["wrapped_key"] = base64.b64encode(bytes(wrapped)).decode()
+    (primary / "config").write_text(json.dumps(config, indent=1))
+
+    out = tmp_path / "out.db"
+    r = cli("restore", "--repo", primary, "--db", "app", "--to", out, env=env)
+    assert_one_line_error(r, 1)
+    r = cli("restore", "--repo", primary, "--db", "app", "--to", out, "--fallback", offsite, env=env)
+    assert r.returncode == 0, r
+    assert f"config: unusable in the primary; taken from {offsite}" in r.stdout, r.stdout
+    assert f"{key}: authentication failed" in r.stdout, r.stdout
+    assert_same_db(src, out)
+    # a wrong passphrase stays wrong: the copy does not open with it either
+    r = cli("restore", "--repo", primary, "--db", "app", "--to", tmp_path / "no.db", "--fallback", offsite,
+            env={"DBRE_ENCRYPTION_KEY": "wrong"})
+    assert_one_line_error(r, 1)
+    assert not (tmp_path / "no.db").exists()

@@ -2,7 +2,9 @@
 copy of a repository (a data pack, a manifest, a page-map run inside its pack, a replicated
 segment, the config). `dbre verify --read-data` exits 1 naming the damaged object's key, and
 `dbre restore` of a state that needs it refuses with exit 1 and one line, leaving the target as it
-was (an old database byte for byte; an absent path absent, with no temp file beside it)."""
+was (an old database byte for byte; an absent path absent, with no temp file beside it). With the
+offsite copy `dbre copy` made as `--fallback`, the same restore takes the damaged object from it, names
+it on its own line, and gives the file the intact repository gives, byte for byte."""
 
 from __future__ import annotations
 
@@ -106,9 +108,8 @@ def choose(repo: Path, kind: str) -> tuple[Damage, int, int]:
     raise AssertionError("no data pack in the newest snapshot")
 
 
-@pytest.mark.parametrize("how", ["flip", "truncate"])
-@pytest.mark.parametrize("kind", KINDS)
-def test_damage_is_named_and_refused(base: Base, tmp_path: Path, kind: str, how: str) -> None:
+def damaged_copy(base: Base, tmp_path: Path, kind: str, how: str) -> tuple[Path, Damage]:
+    """A copy of the base repository with one object of ``kind`` damaged (a bit flipped, or cut in half)."""
     repo = tmp_path / "repo"
     shutil.copytree(base.repo, repo)
     damage, lo, hi = choose(repo, kind)
@@ -120,6 +121,13 @@ def test_damage_is_named_and_refused(base: Base, tmp_path: Path, kind: str, how:
         path.write_bytes(bytes(raw))
     else:
         path.write_bytes(bytes(raw[: len(raw) // 2]))
+    return repo, damage
+
+
+@pytest.mark.parametrize("how", ["flip", "truncate"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_damage_is_named_and_refused(base: Base, tmp_path: Path, kind: str, how: str) -> None:
+    repo, damage = damaged_copy(base, tmp_path, kind, how)
 
     verified = cli("verify", "--repo", repo, "--read-data")
     assert verified.returncode == 1, verified
@@ -140,3 +148,39 @@ def test_damage_is_named_and_refused(base: Base, tmp_path: Path, kind: str, how:
     assert_one_line_error(r, 1)
     assert sorted(p.name for p in fresh.parent.iterdir()) == ["old.db"], "a refused restore left files"
 
+
+
+@pytest.fixture(scope="module")
+def offsite(base: Base, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The base repository's offsite copy (`dbre copy`), and each state's restore from the intact base."""
+    root = tmp_path_factory.mktemp("corruption_offsite")
+    r = cli("copy", "--repo", base.repo, "--to", root / "offsite")
+    assert r.returncode == 0, r
+    return root / "offsite"
+
+
+_INTACT: dict[tuple[str, ...], str] = {}
+
+
+def intact(base: Base, options: list[str], folder: Path) -> str:
+    """sha256 of the file the intact base repository restores with ``options`` (restored once per options)."""
+    if tuple(options) not in _INTACT:
+        out = folder / f"intact-{len(_INTACT)}.db"
+        r = cli("restore", "--repo", base.repo, "--db", "app", *options, "--to", out)
+        assert r.returncode == 0, r
+        _INTACT[tuple(options)] = hashlib.sha256(out.read_bytes()).hexdigest()
+    return _INTACT[tuple(options)]
+
+
+@pytest.mark.parametrize("how", ["flip", "truncate"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_damage_is_taken_from_the_offsite_copy(base: Base, offsite: Path, tmp_path: Path, kind: str,
+                                               how: str) -> None:
+    repo, damage = damaged_copy(base, tmp_path, kind, how)
+    out = tmp_path / "restored.db"
+    r = cli("restore", "--repo", repo, "--db", "app", *damage.restore, "--to", out, "--fallback", offsite)
+    assert r.returncode == 0, r
+    taken = [line for line in r.stdout.splitlines() if "taken from" in line]
+    assert taken and all(str(offsite) in line for line in taken), r.stdout
+    assert any(line.startswith(f"{damage.key}:") for line in taken), f"the restore does not name {damage.key}: {r}"
+    assert hashlib.sha256(out.read_bytes()).hexdigest() == intact(base, damage.restore, tmp_path)
