@@ -237,6 +237,10 @@ def copy(
         "--immutable", help="Copy from the locked versions alone (recovery after an attack on an Object Lock "
         "bucket: delete markers, overwritten and unlocked objects are ignored; nothing there is changed).",
     )] = False,
+    object_lock: Annotated[str | None, typer.Option(
+        "--object-lock", help="Make the offsite copy immutable (S3 Object Lock, MODE:PERIOD, e.g. compliance:30d) "
+        "before anything is copied; a copy that has a setting keeps it (it cannot change).",
+    )] = None,
     json_out: JsonOpt = False,
     key_file: KeyFileOpt = None,
 ) -> None:
@@ -244,12 +248,17 @@ def copy(
 
     def go() -> None:
         from dbre.repository.copy import copy_snapshots
+        from dbre.repository.immutable import ObjectLock, enable
         from dbre.repository.manifest import check_db_name
         from dbre.repository.repo import Repository
         from dbre.storage import open_store
 
         if db:
             check_db_name(db)
+        setting = ObjectLock.parse(object_lock) if object_lock else None
+        if setting is not None and not to.startswith("s3://"):
+            raise UsageError(f"--object-lock: repository {to} is not on S3: Object Lock needs an S3 bucket",
+                             "drop --object-lock, or copy to s3://bucket/prefix on a bucket with Object Lock enabled")
         src_store, dst_store = open_store(repo), open_store(to)
         # the same place however spelled: a trailing slash, a relative path, a symlinked folder, s3://b/p/
         src_root, dst_root = getattr(src_store, "root", None), getattr(dst_store, "root", None)
@@ -266,6 +275,8 @@ def copy(
         else:
             src = Repository.open(src_store, key)
         dst = Repository.init_copy_of(src, dst_store, key)
+        if setting is not None:
+            enable(dst, setting)
         with _progress("copy", not json_out) as bar:
             plan, copied = copy_snapshots(src, dst, db, bar)
         out = {**plan.describe(), "bytes_copied": copied}
