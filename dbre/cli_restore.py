@@ -101,7 +101,8 @@ def restore(
             repo_only = [o for o, v in (("--repo", repo), ("--db", db), ("--snapshot", snapshot), ("--txid", txid),
                                         ("--key-file", key_file), ("--follow", follow),
                                         ("--no-safety-snapshot", no_safety), ("--if-db-not-exists", if_db_not_exists),
-                                        ("--if-replica-exists", if_replica_exists)) if v]
+                                        ("--if-replica-exists", if_replica_exists), ("--fallback", fallback),
+                                        ("--policy", policy)) if v]
             if repo_only:
                 raise UsageError(f"{', '.join(repo_only)} cannot be used with --provider (it restores from the "
                                  "provider's history, not a repository)", "drop them, or drop --provider")
@@ -124,7 +125,8 @@ def restore(
 
             conflicts = [o for o, v in (("--snapshot", snapshot), ("--at", at), ("--txid", txid),
                                         ("--dry-run", dry_run), ("--json", json_out),
-                                        ("--if-db-not-exists", if_db_not_exists)) if v]
+                                        ("--if-db-not-exists", if_db_not_exists), ("--fallback", fallback),
+                                        ("--policy", policy)) if v]
             if not conflicts and if_replica_exists and _no_replica(repo, db, key_file):
                 return
             follow_standby(repo, db, to, interval, force, _key(key_file), conflicts)

@@ -379,3 +379,41 @@ def test_encrypted_config_and_forged_manifest(tmp_path: Path) -> None:
             env={"DBRE_ENCRYPTION_KEY": "wrong"})
     assert_one_line_error(r, 1)
     assert not (tmp_path / "no.db").exists()
+
+
+def test_unreadable_object_is_read_from_the_copy(setup: Setup, tmp_path: Path) -> None:
+    """A pack the primary's store cannot read (a permanent store error, e.g. EIO or access denied on
+    one object) is read from the copy, said as "unreadable"; the library API, as Prefect and drills use it."""
+    from dbre.repository.fallback import FallbackRepository, FallbackStore
+    from dbre.restore.full import apply_restore, plan_restore
+    from dbre.storage import open_store
+    from dbre.storage.base import PermanentError
+    from tests.stores import PassThroughStore
+
+    bad = target(setup.primary, setup.snapshot, "pack").key
+
+    class Failing(PassThroughStore):
+        def get_range(self, key: str, offset: int, length: int) -> bytes:
+            if key == bad:
+                raise PermanentError(f"get {key}: Input/output error")
+            return self.inner.get_range(key, offset, length)
+
+    primary = Repository.open(str(setup.primary))
+    repo = FallbackRepository(primary, FallbackStore(Failing(primary.store), [open_store(str(setup.offsite))]))
+    out = tmp_path / "out.db"
+    apply_restore(repo, plan_restore(repo, "app", out, snapshot=setup.snapshot))
+    assert [t.line for t in repo.taken] == [f"{bad}: unreadable (get {bad}: Input/output error) in the primary; "
+                                            f"taken from {setup.offsite}"]
+    assert _sha(out) == _sha(setup.ref_snapshot)
+    assert not any(k.startswith("locks/") for k in open_store(str(setup.offsite)).list("locks/")), \
+        "the restore wrote into the copy"
+
+
+def test_fallback_with_follow_or_provider_is_refused(setup: Setup, tmp_path: Path) -> None:
+    """--follow and --provider read no repository objects through copies: --fallback with them is bad input."""
+    r = cli("restore", "--repo", setup.primary, "--db", "app", "--to", tmp_path / "s.db", "--follow",
+            "--fallback", setup.offsite)
+    assert_one_line_error(r, 2, "--fallback")
+    r = cli("restore", "--provider", "sqld", "--to", tmp_path / "s.db", "--fallback", setup.offsite)
+    assert_one_line_error(r, 2, "--fallback")
+    assert not (tmp_path / "s.db").exists()

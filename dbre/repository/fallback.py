@@ -10,14 +10,14 @@ against the hashes the authenticated page map names; a segment against the hash 
 can write the primary can make a restore read the copy, never accept something the primary's own
 checks would refuse.
 
-How: ``FallbackStore`` wraps the primary store. Listings of `snapshots/`, `segments/` and `packs/` are
-the union of the primary's and the copies' (a manifest deleted from the primary is still found);
-a key missing in the primary is read from a copy; a key a restore found damaged is *routed* to the
-next copy. ``retrying`` runs a restore step again after each damaged object, routed, until it
-succeeds or an object is damaged (or missing) everywhere. Writes (locks, records) and the
-listings of `locks/`, `leases/`, `records/` go to the primary alone; a safety snapshot is taken with
-the primary repository itself (`primary_of`), so no snapshot in the primary ever points at an
-object only the copy holds.
+How: ``FallbackStore`` wraps the primary store. Listings of `snapshots/`, `segments/` and `packs/`
+are the union of the primary's and the copies' (a manifest deleted from the primary is still found);
+a key missing or unreadable (a store error after its retries) in the primary is read from a copy; a
+key a restore found damaged is *routed* to the next copy. ``retrying`` runs a restore step again
+after each damaged object, routed, until it succeeds or an object is damaged (or missing) everywhere.
+Writes (locks, records) and the listings of `locks/`, `leases/`, `records/` go to the primary alone;
+a safety snapshot is taken with the primary repository itself (`primary_of`), so no snapshot in the
+primary ever points at an object only the copy holds.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from dbre.repository.crypto import CONFIG_MAC_INFO, config_mac_ok
 from dbre.repository.repo import Repository
 from dbre.secrets import Secret
 from dbre.storage import NotFound, Store, open_store
-from dbre.storage.base import StorageError
+from dbre.storage.base import PermanentError, StorageError, TransientError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -64,6 +64,8 @@ def _why(err: Exception, key: str) -> str:
     """An error's message without the key it starts with: "checksum mismatch (...)", "missing"."""
     if isinstance(err, NotFound):
         return "missing"
+    if isinstance(err, StorageError):
+        return f"unreadable ({err.message})"
     text = getattr(err, "message", str(err))
     for prefix in (key, "packs/" + key.rsplit("/", 1)[-1]):
         if text.startswith(prefix):
@@ -144,7 +146,7 @@ class FallbackStore:
         if at < 0:
             try:
                 return read(self.primary)
-            except NotFound as err:
+            except (NotFound, PermanentError, TransientError) as err:  # missing, or unreadable (after retries)
                 if not self.copies:
                     raise
                 with self._mutex:
