@@ -121,9 +121,10 @@ def _show_result(result: ProviderResult, json_out: bool) -> None:
     else:
         p = result.plan
         kind = "namespace" if p.provider == "sqld" else "database"
-        where = (f"to {p.to}: {s['tables']} schema objects, {human_bytes(s['size'] or 0)}" if p.to is not None
+        objects = f"{s['tables']} schema object{'' if s['tables'] == 1 else 's'}"
+        where = (f"to {p.to}: {objects}, {human_bytes(s['size'] or 0)}" if p.to is not None
                  else f"into the new {kind} {p.into}" + (f" ({s['url']})" if s["url"] else "")
-                 + (f": {s['tables']} schema objects" if s["tables"] is not None else ""))
+                 + (f": {objects}" if s["tables"] is not None else ""))
         how = "fork" if p.provider == "sqld" else "create"
         timing = f"{how} {s['create_seconds']:.2f} s" + (
             f", read {s['read_seconds']:.2f} s" if s["read_seconds"] is not None else "")
