@@ -146,3 +146,29 @@ def test_replication_bases_and_segments_are_locked(lock_bucket: str, tmp_path: P
             assert mode is None, key  # rewritten and deleted as dbre runs: never locked
         else:
             assert mode == "GOVERNANCE" and until >= now + 7200 - 60, key
+
+
+def test_a_generation_lasts_at_most_a_lock_step(lock_bucket: str, tmp_path: Path, s3_client: Any) -> None:
+    """Segments are locked for period + step from their own write: a generation the replicator keeps
+    for at most a step keeps every state in it restorable from locked objects for the whole period."""
+    url = f"s3://{lock_bucket}/repo"
+    assert enable(Repository.open_or_init(url), ObjectLock.parse("governance:20s"))  # step: 2 s
+    src = tmp_path / "app.db"
+    conn = sqlite3.connect(src, isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT)")
+    stop = threading.Event()
+    rep = Replicator(Repository.open(url), src, "app", interval=0.2)
+    thread = threading.Thread(target=rep.run, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 25
+        while time.monotonic() < deadline and len(rep.stats.generations) < 3:
+            conn.execute("INSERT INTO t(v) VALUES ('x')")
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        thread.join(30)
+        conn.close()
+    assert not thread.is_alive()
+    assert len(rep.stats.generations) >= 3, rep.stats.generations

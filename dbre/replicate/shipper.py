@@ -206,6 +206,7 @@ class Replicator:
         self._bad_since: float | None = None
         self._uploader: _Uploader | None = None
         self._gen_segments = 0  # segments in the current generation
+        self._gen_born = float("-inf")  # monotonic start of the current generation (resumed: age unknown)
         self._calm_until = 0.0  # no second yield to the same checkpoint before this (monotonic)
         self._starting = False  # inside _new_generation: no generation starts from within it
         self.on_ship: Callable[[str], None] | None = None
@@ -501,6 +502,9 @@ class Replicator:
                 continue
             if self._gen_segments >= GENERATION_SEGMENTS:
                 self._want_base = self._want_base or f"{self._gen_segments} segments since the last base"
+            lock = self.repo.object_lock  # (FORMAT.md, Object Lock: a generation lasts at most a step)
+            if lock is not None and time.monotonic() - self._gen_born >= lock.step:
+                self._want_base = self._want_base or "Object Lock: the generation is a lock step old"
             if any(len(t.pages) >= max(VACUUM_MIN_PAGES, VACUUM_SHARE * t.page_count) for t in batch):
                 # (VACUUM, or a rewrite as large): a fresh base keeps later restores from replaying it
                 self._want_base = "a transaction rewrote most of the database"
@@ -699,6 +703,7 @@ class Replicator:
         self._uploader.submit(start)
         self._base_lock = None  # the start job lets it go; a later generation takes its own
         self.gen, self._shipped, self.pending, self._gen_segments = gen, snap, after, 0
+        self._gen_born = time.monotonic()
         self.stats.generations.append(gen_id)
         log.info("replicate %s: generation %s from snapshot %s%s", self.db, gen_id, manifest.id,
                  f" ({why})" if why else "")
