@@ -280,3 +280,15 @@ def test_verify_immutable_names_an_object_locked_too_short(lock_bucket: str, tmp
     out = cli("verify", "--repo", f"s3://{lock_bucket}/repo", "--immutable")
     assert out.returncode == 1 and f"NOT PROTECTED packs/{pack[:2]}/{pack}: locked until" in out.stderr, out
     assert locking_store(repo.store) is not None
+
+
+def test_a_hidden_setting_is_refused_not_a_silent_downgrade(lock_bucket: str, tmp_path: Path,
+                                                            s3_client: Any) -> None:
+    """An attacker puts a delete marker on `object-lock` (the only thing a governance lock lets them
+    do): the next backup must not write on unlocked, it stops with one line."""
+    _locked_repo(lock_bucket, "governance:1d")
+    s3_client.delete_object(Bucket=lock_bucket, Key="repo/object-lock")
+    db = make_db(tmp_path / "app.db", mb=0.2)
+    r = cli("backup", db, "--repo", f"s3://{lock_bucket}/repo", "--db", "app")
+    assert r.returncode == 1 and "was deleted (a delete marker)" in r.stderr, r
+    assert not s3_client.list_objects_v2(Bucket=lock_bucket, Prefix="repo/snapshots/").get("Contents")

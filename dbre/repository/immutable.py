@@ -140,6 +140,12 @@ def attach(repo: Repository, op: str) -> ObjectLock | None:
     """Read the setting and make the store lock what it writes; a bucket without Object Lock refuses."""
     setting = read_setting(repo)
     if setting is None:
+        locker = locking_store(repo.store)
+        if locker is not None and any(v.key == LOCK_KEY for v in locker.versions(LOCK_KEY)):
+            # hidden by a delete marker: writing on, unlocked, would be the downgrade an attacker wants
+            raise RepositoryError(
+                f"{op}: repository {repo.url}: its Object Lock setting `object-lock` was deleted (a delete marker)",
+                "someone with write access hid it: check the bucket, then recover with `dbre copy --immutable`")
         return None
     locker = _locker(repo, op)
     if not locker.lock_enabled():
