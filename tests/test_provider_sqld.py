@@ -5,6 +5,7 @@ had been committed by then. Nothing here is mocked."""
 from __future__ import annotations
 
 import json
+import re
 import time
 import urllib.error
 from collections.abc import Iterator
@@ -21,13 +22,13 @@ from tests.dbfactory import assert_one_line_error, cli
 from tests.sqld import SqldServer, sqld_namespaces, start_sqld  # noqa: F401 - the session fixture
 
 ADMIN_KEY = "admin-key-s3cr3t-0f-this-test"
-SPACING = 3.0  # seconds between commits: a batch goes every second, so each fork time is unambiguous
+_BATCH = re.compile(r"/(\d+)-(\d+)-(\d+)\.[a-z]+$")  # <first frame>-<last frame>-<upload unix seconds>.<compression>
 
 
 @dataclass
 class History:
     server: SqldServer
-    commits: list[float]  # commits[i]: when row i+1 was committed (after its INSERT returned)
+    times: list[float]  # times[k]: a time when state k (rows 1..k, state.n = k) is restorable, before commit k+1
 
     def env(self, **extra: str) -> dict[str, str | None]:
         return {"LIBSQL_ADMIN_AUTH_KEY": ADMIN_KEY, **extra}
@@ -37,11 +38,38 @@ class History:
         return ["restore", "--provider", "sqld", "--admin-url", self.server.admin_url, "--namespace", "app", *more]
 
 
+def _batches(s3: Any, bucket: str) -> dict[str, int]:
+    """The WAL batches bottomless has uploaded: key -> upload second."""
+    out: dict[str, int] = {}
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+        for obj in page.get("Contents", []):
+            m = _BATCH.search(obj["Key"])
+            if m:
+                out[obj["Key"]] = int(m.group(3))
+    return out
+
+
+def _restorable_after(s3: Any, bucket: str, seen: dict[str, int]) -> float:
+    """Wait for the batch of the commit just made; returns a time at which a fork includes it: the fork
+    keeps batches uploaded before the time's second (see dbre/provider/sqld.py), so upload second + 1.5 s."""
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        new = {k: v for k, v in _batches(s3, bucket).items() if k not in seen}
+        if new:
+            time.sleep(1.2)  # (a commit's frames could go in more than one batch: take the last)
+            new = {k: v for k, v in _batches(s3, bucket).items() if k not in seen}
+            seen.update(new)
+            return max(new.values()) + 1.5
+        time.sleep(0.1)
+    raise AssertionError("bottomless uploaded no batch in 20 s")
+
+
 @pytest.fixture(scope="module")
 def history(moto_server: str, s3_client: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[History]:
     """sqld (namespaces, admin API with a key, bottomless every second into a fresh bucket) and the
-    namespace ``app`` written to over about 12 s: row i inserted and ``state.n`` set to i, one commit
-    each, SPACING seconds apart."""
+    namespace ``app``: state 0, then four commits (row i inserted and ``state.n`` set to i in one
+    transaction). After each, the test waits for its batch in S3 and for the time it is restorable
+    to pass, so each state has a time of its own, whatever the upload lag."""
     bucket = f"bottomless-{int(time.time() * 1000) % 10**9}"
     s3_client.create_bucket(Bucket=bucket)
     env = {
@@ -57,16 +85,17 @@ def history(moto_server: str, s3_client: Any, tmp_path_factory: pytest.TempPathF
                             extra_args=["--enable-bottomless-replication", "--admin-auth-key", ADMIN_KEY])
     try:
         _admin(server, "POST", "/v1/namespaces/app/create")
+        seen: dict[str, int] = {}
         server.pipeline(["CREATE TABLE t(i INTEGER PRIMARY KEY, v TEXT)", "CREATE TABLE state(n INTEGER)",
                          "INSERT INTO state VALUES (0)"], namespace="app")
-        time.sleep(SPACING)
-        commits = []
+        times = [_restorable_after(s3_client, bucket, seen)]
         for i in range(1, 5):
+            time.sleep(max(0.0, times[-1] + 0.3 - time.time()))  # (commit i after state i-1's time)
             server.pipeline(["BEGIN", ("INSERT INTO t VALUES (?, ?)", (i, f"row {i}")),
                              ("UPDATE state SET n = ?", (i,)), "COMMIT"], namespace="app")
-            commits.append(time.time())
-            time.sleep(SPACING)
-        yield History(server, commits)
+            times.append(_restorable_after(s3_client, bucket, seen))
+        time.sleep(max(0.0, times[-1] - time.time()))
+        yield History(server, times)
     finally:
         server.stop()
 
@@ -97,10 +126,10 @@ def _at(t: float) -> str:
 
 
 def test_forks_at_several_times_hold_what_was_committed_by_then(history: History, tmp_path: Path) -> None:
-    """Each fork, between commit k and k+1 (k = 0 before the first), restores rows 1..k and state k:
-    nothing committed after the time, and commit k (2.5 s old, its batch uploaded within a second)."""
-    times = [(0, history.commits[0] - SPACING + 2.5)] + [(k, history.commits[k - 1] + 2.5) for k in (1, 2, 4)]
-    for k, t in times:
+    """A fork at state k's time (after commit k's batch was uploaded, before commit k+1) restores rows
+    1..k and state k exactly: commit k, and nothing committed after the time."""
+    for k in (0, 1, 2, 4):
+        t = history.times[k]
         out = tmp_path / f"at-{k}.db"
         started = time.monotonic()
         r = cli(*history.args("--at", _at(t), "--to", str(out), "--url", history.server.url, "--json"),
@@ -116,7 +145,7 @@ def test_forks_at_several_times_hold_what_was_committed_by_then(history: History
               f"cli {elapsed:.2f} s")
     # the scratch namespaces are gone: asking for the newest state works and lists no leftovers to clean
     out = tmp_path / "now.db"
-    r = cli(*history.args("--at", _at(time.time() - 1.5), "--to", str(out), "--url", history.server.url),
+    r = cli(*history.args("--at", _at(time.time()), "--to", str(out), "--url", history.server.url),
             env=history.env())
     assert r.returncode == 0, r
     assert _rows(out) == ([(i, f"row {i}") for i in range(1, 5)], 4)
@@ -124,14 +153,14 @@ def test_forks_at_several_times_hold_what_was_committed_by_then(history: History
 
 
 def test_into_namespace_leaves_the_fork_in_place(history: History) -> None:
-    t = history.commits[1] + 2.5
+    t = history.times[2]
     r = cli(*history.args("--at", _at(t), "--into-namespace", "app-before", "--url", history.server.url),
             env=history.env())
     assert r.returncode == 0, r
     assert "into the new namespace app-before" in r.stdout
     assert history.server.execute("SELECT i FROM t ORDER BY i", namespace="app-before") == [[1], [2]]
     # a fork never replaces a namespace: the same name again is refused, the fork untouched
-    again = cli(*history.args("--at", _at(t + SPACING), "--into-namespace", "app-before"), env=history.env())
+    again = cli(*history.args("--at", _at(history.times[3]), "--into-namespace", "app-before"), env=history.env())
     assert_one_line_error(again, 2, "app-before", "already exists", "choose a new name")
     assert history.server.execute("SELECT count(*) FROM t", namespace="app-before") == [[2]]
 
@@ -139,7 +168,7 @@ def test_into_namespace_leaves_the_fork_in_place(history: History) -> None:
 def test_a_time_before_the_history_is_refused_and_nothing_is_left(history: History, tmp_path: Path) -> None:
     """sqld forks an empty database for a time before the namespace's first backup; dbre refuses it."""
     out = tmp_path / "before.db"
-    t = history.commits[0] - 3600
+    t = history.times[0] - 3600
     r = cli(*history.args("--at", _at(t), "--to", str(out), "--url", history.server.url), env=history.env())
     assert_one_line_error(r, 1, "holds no table", "before its first bottomless backup", "later --at")
     assert not out.exists() and not list(tmp_path.iterdir())
@@ -153,7 +182,7 @@ def test_a_time_before_the_history_is_refused_and_nothing_is_left(history: Histo
 def test_existing_file_needs_force(history: History, tmp_path: Path) -> None:
     out = tmp_path / "live.db"
     out.write_bytes(b"do not touch")
-    args = history.args("--at", _at(history.commits[0] + 2.5), "--to", str(out), "--url", history.server.url)
+    args = history.args("--at", _at(history.times[1]), "--to", str(out), "--url", history.server.url)
     r = cli(*args, env=history.env())
     assert_one_line_error(r, 2, "already exists", "--force")
     assert out.read_bytes() == b"do not touch"
@@ -165,7 +194,7 @@ def test_existing_file_needs_force(history: History, tmp_path: Path) -> None:
 
 def test_dry_run_asks_nothing_and_shows_the_plan(history: History, tmp_path: Path) -> None:
     out = tmp_path / "plan.db"
-    r = cli(*history.args("--at", _at(history.commits[2]), "--to", str(out), "--url", history.server.url,
+    r = cli(*history.args("--at", _at(history.times[2]), "--to", str(out), "--url", history.server.url,
                           "--dry-run"), env=history.env(LIBSQL_ADMIN_AUTH_KEY="wrong"))  # (a wrong key: never used)
     assert r.returncode == 0, r
     assert "would restore namespace app as it was at" in r.stdout and "temporary namespace dbre-restore-" in r.stdout
@@ -175,7 +204,7 @@ def test_dry_run_asks_nothing_and_shows_the_plan(history: History, tmp_path: Pat
 
 def test_wrong_admin_key_is_refused_without_printing_it(history: History, tmp_path: Path) -> None:
     secret = "wrong-key-that-must-not-show"
-    r = cli(*history.args("--at", _at(history.commits[0] + 2.5), "--to", str(tmp_path / "x.db"), "--url",
+    r = cli(*history.args("--at", _at(history.times[1]), "--to", str(tmp_path / "x.db"), "--url",
                           history.server.url), env=history.env(LIBSQL_ADMIN_AUTH_KEY=secret))
     assert_one_line_error(r, 1, "refused (HTTP 401)", "LIBSQL_ADMIN_AUTH_KEY")
     assert secret not in r.stdout + r.stderr and ADMIN_KEY not in r.stdout + r.stderr
