@@ -66,12 +66,14 @@ def restore(
                                                  "instead of a repository: sqld (bottomless, a namespace fork) "
                                                  "or turso (Platform API, TURSO_API_TOKEN).",
                                                  rich_help_panel=_PROVIDER_PANEL)] = None,
-    admin_url: Annotated[str | None, typer.Option("--admin-url", help="sqld: its admin API (--admin-listen-addr; "
+    admin_url: Annotated[str | None, typer.Option("--admin-url", metavar="URL",
+                                                  help="sqld: its admin API (--admin-listen-addr; "
                                                   "key in LIBSQL_ADMIN_AUTH_KEY).",
                                                   rich_help_panel=_PROVIDER_PANEL)] = None,
     namespace: Annotated[str | None, typer.Option("--namespace", help="sqld: the namespace to restore.",
                                                   rich_help_panel=_PROVIDER_PANEL)] = None,
-    into_namespace: Annotated[str | None, typer.Option("--into-namespace", help="sqld: fork into this new "
+    into_namespace: Annotated[str | None, typer.Option("--into-namespace", metavar="NAME",
+                                                       help="sqld: fork into this new "
                                                        "namespace instead of a file (--to).",
                                                        rich_help_panel=_PROVIDER_PANEL)] = None,
     url: Annotated[str | None, typer.Option("--url", help="sqld: its HTTP address, to read the fork for --to "
@@ -81,7 +83,8 @@ def restore(
                                             rich_help_panel=_PROVIDER_PANEL)] = None,
     database: Annotated[str | None, typer.Option("--database", help="turso: the database to restore.",
                                                  rich_help_panel=_PROVIDER_PANEL)] = None,
-    into: Annotated[str | None, typer.Option("--into", help="turso: create this new database instead of a file "
+    into: Annotated[str | None, typer.Option("--into", metavar="NAME",
+                                             help="turso: create this new database instead of a file "
                                              "(--to).", rich_help_panel=_PROVIDER_PANEL)] = None,
 ) -> None:
     """Restore a database to a new file: its newest replicated state (else its newest snapshot), a
