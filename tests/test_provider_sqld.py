@@ -223,6 +223,8 @@ def test_future_time_and_mixed_options_are_one_line_each(history: History, tmp_p
         (history.args("--at", future, "--to", out), ["needs --url"]),
         (history.args("--at", future, "--to", out, "--url", "http://x", "--repo", "r", "--db", "d"),
          ["--repo, --db cannot be used with --provider"]),
+        (history.args("--at", future, "--to", out, "--url", "http://x", "--fallback", "r2"),
+         ["--fallback cannot be used with --provider"]),
         (history.args("--at", future, "--into", "x"), ["--into cannot be used with --provider sqld"]),
         (["restore", "--namespace", "app", "--repo", "r", "--db", "d", "--to", out], ["--namespace needs --provider"]),
         (history.args("--at", "yesterday", "--to", out, "--url", "http://x"), ["cannot parse time"]),
