@@ -176,7 +176,7 @@ def enable(repo: Repository, setting: ObjectLock) -> bool:
     except AlreadyExists:
         return enable(repo, setting)  # another run won: the same setting, or a refusal
     repo.object_lock = setting
-    ensure_locked(repo, ["config"], time.time() + setting.period)
+    ensure_locked(repo, ["config", LOCK_KEY], time.time() + setting.period)  # (and the cache learns both)
     return True
 
 
