@@ -292,3 +292,21 @@ def test_a_hidden_setting_is_refused_not_a_silent_downgrade(lock_bucket: str, tm
     r = cli("backup", db, "--repo", f"s3://{lock_bucket}/repo", "--db", "app")
     assert r.returncode == 1 and "was deleted (a delete marker)" in r.stderr, r
     assert not s3_client.list_objects_v2(Bucket=lock_bucket, Prefix="repo/snapshots/").get("Contents")
+
+
+def test_enabling_later_locks_what_new_snapshots_reuse(lock_bucket: str, tmp_path: Path, s3_client: Any) -> None:
+    """Object Lock added to a repository that already has snapshots: the old snapshot is named as
+    not protected, the next one is, with the old packs it reuses locked before its manifest."""
+    url = f"s3://{lock_bucket}/repo"
+    db = make_db(tmp_path / "app.db", mb=0.5)
+    old = backup(Repository.open_or_init(url), LocalFileSource(db), "app").manifest
+    assert _retention(s3_client, lock_bucket, f"repo/packs/{old.packs[0][:2]}/{old.packs[0]}")[0] is None
+    assert cli("init", "--repo", url, "--object-lock", "governance:1d").returncode == 0
+    change_rows(db, 3)
+    new = backup(Repository.open(url), LocalFileSource(db), "app").manifest
+    assert set(old.packs) & set(new.packs)
+    for key in snapshot_keys(Repository.open(url), new):
+        assert _retention(s3_client, lock_bucket, f"repo/{key}")[1] >= new.time.timestamp() + 86400, key
+    found = verify_immutable(url)
+    assert found.ok and found.protected == [f"app/{new.id}"]
+    assert [name for name, _ in found.outside] == [Repository.open(url).manifest_key(old)]
