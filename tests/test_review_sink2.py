@@ -163,9 +163,15 @@ def test_sink_records_point_at_their_pages(tmp_path: Path, seed: int, monkeypatc
         for i in in_wal:
             overlay[i] = len(wal)
             wal += pages[i] + os.urandom(24)
-        image = PageImage(ps, n, overlay, memoryview(bytes(db)), memoryview(bytes(wal)), file_pages, in_wal)
-        assert [bytes(v) for v in image.views(0, n) or []] == pages
-        sink.feed(image)
+        wal_file = tmp_path / f"wal-{seed}"  # the image reads overlaid pages from the WAL's descriptor
+        wal_file.write_bytes(bytes(wal))
+        wal_fd = os.open(wal_file, os.O_RDONLY)
+        try:
+            image = PageImage(ps, n, overlay, memoryview(bytes(db)), wal_fd, file_pages, in_wal)
+            assert [bytes(v) for v in image.views(0, n) or []] == pages
+            sink.feed(image)
+        finally:
+            os.close(wal_fd)
     else:
         for i in range(1, n):
             last = (i + 1) % sinkmod.RUN_PAGES == 0 or i == n - 1  # (its run would be stored in between)

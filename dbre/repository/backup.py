@@ -387,7 +387,11 @@ def backup(
                     writer.abort()
                     raise
             except apsw.Error as err:
-                raise SourceError(f"backup of {db}: {err}", "check that the source is a healthy database") from err
+                # (a failing read can leave SQLite's last message at "not an error": name the kind then)
+                what = str(err) if str(err).strip() not in ("", "not an error") else type(err).__name__
+                raise SourceError(f"backup of {db}: SQLite could not read the source ({what}); nothing was stored",
+                                  "check that the source is a healthy database, and that nothing but SQLite "
+                                  "writes its file or -wal") from err
             finally:
                 if conn.in_transaction:
                     conn.execute("COMMIT")

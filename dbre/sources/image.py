@@ -1,9 +1,12 @@
 """Read one committed transaction's pages straight from a SQLite file and its WAL (the fast backup path).
 
 SQLite's backup API hands a copy over one page at a time through a VFS callback: 6-7 s per GiB
-here, most of it per-page overhead. This module instead maps the database file (and, in WAL mode,
-the WAL) read-only and serves the pages of exactly the transaction that the caller's read
-transaction sees, for the engine to hash in bulk. The caller still holds its read transaction for
+here, most of it per-page overhead. This module instead maps the database file read-only (and, in
+WAL mode, reads the pages the WAL holds newer copies of) and serves the pages of exactly the
+transaction that the caller's read transaction sees, for the engine to hash in bulk. The WAL is
+read, never mapped: a file truncated by something other than SQLite (`: > app.db-wal`) would kill
+a process touching its map past the new end (SIGBUS); a read comes back short, and the backup
+stops with one line. The caller still holds its read transaction for
 the whole copy; that read transaction is what keeps the mapped bytes stable:
 
 Rollback-journal mode. The read transaction holds a SHARED lock, and no writer changes the
@@ -51,6 +54,7 @@ from dbre.sources.filemap import FileMap
 from dbre.sources.pins import Pin
 
 LOCK_WAIT = 2.0  # seconds to wait for the write lock before falling back to the backup API
+_WAL_READ = 4 * 1024 * 1024  # bytes of WAL frames read at a time while indexing them
 KEEP_MAPPED = 256 * 1024 * 1024  # a database up to this size stays mapped whole (dropping costs ~1 ms per 16 MiB)
 WAL_MAGIC = (0x377F0682, 0x377F0683)
 WAL_VERSION = 3007000
@@ -71,7 +75,7 @@ class PageImage:
     page_count: int
     overlay: dict[int, int] = field(default_factory=dict)  # page index -> byte offset of its WAL frame data
     _db: memoryview | None = None
-    _wal: memoryview | None = None
+    _wal: int | None = None  # the WAL's descriptor: overlaid pages are read from it (see _index_wal)
     _file_pages: int = 0  # pages of the snapshot that the database file holds
     _overlay_at: list[int] = field(default_factory=list)  # sorted keys of ``overlay``
     _map: FileMap | None = None  # the database file's map
@@ -82,8 +86,7 @@ class PageImage:
         ps = self.page_size
         off = self.overlay.get(index)
         if off is not None:
-            assert self._wal is not None
-            return self._wal[off : off + ps]
+            return self._wal_page(off)
         assert self._db is not None
         return self._db[index * ps : index * ps + ps]
 
@@ -95,19 +98,27 @@ class PageImage:
         out = [db[off : off + ps] for off in range(start * ps, min(stop, self._file_pages) * ps, ps)]
         if self._overlay_at:
             lo, hi = bisect_left(self._overlay_at, start), bisect_left(self._overlay_at, stop)
-            wal, overlay = self._wal, self.overlay
+            overlay = self.overlay
             for index in self._overlay_at[lo:hi]:
-                assert wal is not None
                 off = overlay[index]
                 if index - start < len(out):
-                    out[index - start] = wal[off : off + ps]
+                    out[index - start] = self._wal_page(off)
                 elif index - start == len(out):
-                    out.append(wal[off : off + ps])
+                    out.append(self._wal_page(off))
                 else:
                     break
         if len(out) != stop - start:
             raise SourceError(f"backup: page {start + len(out) + 1} is in neither the database file nor the WAL")
         return out
+
+    def _wal_page(self, off: int) -> memoryview:
+        assert self._wal is not None
+        page = os.pread(self._wal, self.page_size, off)
+        if len(page) != self.page_size:
+            raise SourceError("backup: the WAL was truncated while the backup read it (by something other than "
+                              "SQLite: a WAL is never cut under a reader); nothing was stored",
+                              "find what truncates the -wal file, then back up again")
+        return memoryview(page)
 
     def drop(self, stop: int) -> None:
         """Pages before ``stop`` are read: let their mapping go, so resident memory stays
@@ -121,9 +132,8 @@ class PageImage:
 
     def close(self) -> None:
         """Release the page views (the maps themselves belong to the session)."""
-        for view in (self._db, self._wal):
-            if view is not None:
-                view.release()
+        if self._db is not None:
+            self._db.release()
         self._db = self._wal = None
         self._map = None
 
@@ -211,37 +221,44 @@ def _read_wal_index(files: _Files) -> _WalState:
     return _WalState(mx_frame, n_page, backfilled, salt, (ck1, ck2), page_size)
 
 
-def _index_wal(files: _Files, st: _WalState, page_count: int) -> tuple[memoryview, dict[int, int]]:
-    """Map the WAL's first ``mxFrame`` frames and index the newest frame of each page."""
+def _index_wal(files: _Files, st: _WalState, page_count: int) -> dict[int, int]:
+    """Index the newest frame of each page among the WAL's first ``mxFrame`` frames (page index ->
+    byte offset of its data). The WAL is read, not mapped: a map of a file someone truncates kills
+    the process with SIGBUS when touched past the new end, where a read just comes back short."""
     ps = st.page_size
     frame = 24 + ps
     length = 32 + st.mx_frame * frame
     if files.size("-wal") < length:
         raise NoImage("WAL shorter than the wal-index says")
-    m = files.map("-wal", length).view()
+    head = files.read("-wal", 32)
     try:
-        magic, version, wal_ps, _seq, _s1, _s2 = _WAL_HDR.unpack_from(m, 0)
-        if magic not in WAL_MAGIC or version != WAL_VERSION or wal_ps != ps:
-            raise NoImage("WAL header does not match the wal-index")
-        if m[16:24] != st.salt:
-            raise NoImage("WAL salts do not match the wal-index")
-        overlay: dict[int, int] = {}
-        salt = st.salt
-        unpack = _FRAME_HDR.unpack_from
-        last: tuple[int, int, bytes, int, int] = (0, 0, b"", 0, 0)
-        for n in range(st.mx_frame):
-            off = 32 + n * frame
-            last = unpack(m, off)
-            pgno = last[0]
-            if last[2] != salt or pgno == 0:
-                raise NoImage(f"WAL frame {n + 1} is not of this WAL generation")
-            if pgno <= page_count:
-                overlay[pgno - 1] = off + 24
-        if last[1] != page_count or (last[3], last[4]) != st.frame_cksum:
-            raise NoImage("the last WAL frame is not the reader's commit")
+        magic, version, wal_ps, _seq, _s1, _s2 = _WAL_HDR.unpack_from(head, 0)
     except struct.error:
         raise NoImage("WAL too short") from None
-    return m, overlay
+    if magic not in WAL_MAGIC or version != WAL_VERSION or wal_ps != ps:
+        raise NoImage("WAL header does not match the wal-index")
+    if head[16:24] != st.salt:
+        raise NoImage("WAL salts do not match the wal-index")
+    overlay: dict[int, int] = {}
+    salt = st.salt
+    unpack = _FRAME_HDR.unpack_from
+    last: tuple[int, int, bytes, int, int] = (0, 0, b"", 0, 0)
+    per_read = max(1, _WAL_READ // frame)  # frames per read: the headers are taken from whole frames
+    for first in range(0, st.mx_frame, per_read):
+        count = min(per_read, st.mx_frame - first)
+        chunk = files.read("-wal", count * frame, 32 + first * frame)
+        if len(chunk) < count * frame:
+            raise NoImage("WAL shorter than the wal-index says (truncated while read)")
+        for k in range(count):
+            last = unpack(chunk, k * frame)
+            pgno = last[0]
+            if last[2] != salt or pgno == 0:
+                raise NoImage(f"WAL frame {first + k + 1} is not of this WAL generation")
+            if pgno <= page_count:
+                overlay[pgno - 1] = 32 + (first + k) * frame + 24
+    if last[1] != page_count or (last[3], last[4]) != st.frame_cksum:
+        raise NoImage("the last WAL frame is not the reader's commit")
+    return overlay
 
 
 class ImageSession:
@@ -358,8 +375,8 @@ class ImageSession:
                         raise NoImage("wal-index page size differs from the database's")
                     if st.n_page != count:
                         raise NoImage("wal-index page count differs from the reader's")
-                    wal_map, image.overlay = _index_wal(self._files, st, count)
-                    image._wal = memoryview(wal_map)
+                    image.overlay = _index_wal(self._files, st, count)
+                    image._wal = self._files.fd("-wal")
             missing = [i for i in range(file_pages, count) if i not in image.overlay]
             if missing:
                 raise NoImage(f"page {missing[0] + 1} is neither in the file nor in the WAL")
@@ -399,16 +416,15 @@ class ImageSession:
                 frame = 24 + ps
                 if st.page_size != ps or self._files.size("-wal") < 32 + st.mx_frame * frame:
                     raise NoImage("WAL does not match the wal-index")
-                wal = self._files.map("-wal", 32 + st.mx_frame * frame).view()
-                if wal[16:24] != st.salt:
+                if self._files.read("-wal", 8, 16) != st.salt:
                     raise NoImage("WAL salts do not match the wal-index")
-                for n in range(st.mx_frame - 1, -1, -1):
+                for n in range(st.mx_frame - 1, -1, -1):  # read, not mapped: see _index_wal
                     off = 32 + n * frame
-                    pgno, _, salt, _, _ = _FRAME_HDR.unpack_from(wal, off)
+                    pgno, _, salt, _, _ = _FRAME_HDR.unpack_from(self._files.read("-wal", 24, off))
                     if salt != st.salt:
                         raise NoImage(f"WAL frame {n + 1} is not of this WAL generation")
                     if pgno == 1:
-                        page = bytes(wal[off + 24 : off + 24 + ps])
+                        page = self._files.read("-wal", ps, off + 24)
                         break
             if len(page) != ps or _outside_header(page) != _outside_header(copied):
                 raise NoImage("the source's page 1 differs from the copy")
