@@ -36,7 +36,9 @@ from dbre.storage.base import (
 
 _HINT_BUCKET = "create the bucket or fix the repository URL"
 _HINT_CREDENTIALS = "check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or the AWS profile in use"
-_HINT_DENIED = "grant the credentials s3:GetObject, s3:PutObject, s3:DeleteObject and s3:ListBucket"
+_HINT_DENIED = ("grant the credentials s3:GetObject, s3:PutObject, s3:DeleteObject and s3:ListBucket (under Object "
+                "Lock also s3:GetBucketObjectLockConfiguration, s3:GetObjectRetention, s3:PutObjectRetention, "
+                "s3:ListBucketVersions and s3:GetObjectVersion)")
 _HINT_ENDPOINT = "check AWS_ENDPOINT_URL and that the server is up"
 _WRITTEN_MAX = 100_000  # retain-untils remembered by one store object (a long replicate run forgets the oldest)
 
