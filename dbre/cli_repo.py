@@ -108,7 +108,8 @@ def verify(
                 lock = found.setting.describe() if found.setting else "none"
                 print(("ok: " if found.ok else f"{len(found.problems)} problems: ")
                       + f"{len(found.protected)} snapshots restore from locked versions alone (Object Lock {lock}); "
-                      f"{len(found.outside)} outside the window")
+                      f"{len(found.outside)} outside the window"
+                      + (f"; {found.segments} replicated segments checked" if found.segments else ""))
             if not found.ok:
                 raise typer.Exit(1)
             return

@@ -16,7 +16,7 @@ import pytest
 
 from dbre.replicate.shipper import Replicator
 from dbre.repository.backup import backup
-from dbre.repository.immutable import ObjectLock, enable, snapshot_keys
+from dbre.repository.immutable import ObjectLock, enable, snapshot_keys, verify_immutable
 from dbre.repository.repo import Repository
 from dbre.sources.local import LocalFileSource
 from dbre.storage.s3 import S3Store
@@ -172,3 +172,8 @@ def test_a_generation_lasts_at_most_a_lock_step(lock_bucket: str, tmp_path: Path
         conn.close()
     assert not thread.is_alive()
     assert len(rep.stats.generations) >= 3, rep.stats.generations
+    # an attacker hides everything: the replicated chains still restore from the locked versions
+    for v in s3_client.list_object_versions(Bucket=lock_bucket).get("Versions", []):
+        s3_client.delete_object(Bucket=lock_bucket, Key=v["Key"])
+    found = verify_immutable(url)
+    assert found.ok and found.segments >= 3, found.summary()

@@ -446,6 +446,7 @@ class ImmutableReport:
     outside: list[tuple[str, str]] = field(default_factory=list)  # ("db/id", why): outside the window
     problems: list[tuple[str, str]] = field(default_factory=list)  # (object, detail): inside, not protected
     unlocked: list[str] = field(default_factory=list)  # keys that have no locked version at all
+    segments: int = 0  # replicated segments checked end to end on the locked versions
 
     @property
     def ok(self) -> bool:
@@ -455,7 +456,7 @@ class ImmutableReport:
         return {"ok": self.ok, "object_lock": self.setting.describe() if self.setting else None,
                 "protected": self.protected, "outside_window": [{"snapshot": s, "why": w} for s, w in self.outside],
                 "problems": [{"object": o, "detail": d} for o, d in self.problems],
-                "unlocked_objects": len(self.unlocked)}
+                "unlocked_objects": len(self.unlocked), "segments": self.segments}
 
 
 def verify_immutable(url: str | Store, key: Secret | None = None, now: float | None = None,
@@ -504,4 +505,27 @@ def verify_immutable(url: str | Store, key: Secret | None = None, now: float | N
         if hit or not p.snapshots:
             report.problems.append((p.object, p.detail))
     report.protected = sorted(n for n in inside if n not in checked.damaged)
+    _verify_segments(repo, setting, now, report)
     return report
+
+
+def _verify_segments(repo: Repository, setting: ObjectLock, now: float, report: ImmutableReport) -> None:
+    """Replicated chains on the locked versions: a generation whose newest state is inside the window
+    must restore end to end (base object, base snapshot, every segment); older ones are named."""
+    from dbre.replicate.check import verify_segments
+    from dbre.replicate.segment import parse_key
+
+    newest: dict[str, float] = {}
+    for key in repo.store.list("segments/"):
+        name = parse_key(key)
+        if name is not None:
+            where = f"segments/{name.db}/{name.generation}"
+            newest[where] = max(newest.get(where, 0.0), name.last_us / 1e6)
+    report.segments, problems = verify_segments(repo)
+    for obj, detail in problems:
+        last = newest.get(obj)
+        if last is not None and last + setting.period > now:
+            report.problems.append((obj, f"replicated states up to {iso_utc(last)} do not restore from locked "
+                                         f"versions alone: {detail}"))
+        else:
+            report.outside.append((obj, f"replicated chain outside the lock window: {detail}"))
