@@ -3,9 +3,7 @@ time must fall in, and the atomic write of the restored database to a file."""
 
 from __future__ import annotations
 
-import fcntl
 import os
-import secrets
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -154,15 +152,9 @@ def write_database(conn: apsw.Connection, target: Path, force: bool) -> int:
     """Copy the database open in ``conn`` to ``target``: into a flocked temp file beside it (the name
     a killed restore's leftover has, so the next restore removes it), fsync, then renamed over it the
     way `dbre restore` does (never over a file a process has open). Returns the size written."""
-    from dbre.restore.full import _replace, _temp_prefix  # (the same rails as restore from a repository)
+    from dbre.restore.full import _replace, open_temp_beside  # (the same rails as restore from a repository)
 
-    tmp = target.parent / f"{_temp_prefix(target)}{secrets.token_hex(4)}"
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    except OSError as err:
-        raise RestoreError(f"restore to {target}: cannot create a file there ({err.strerror})",
-                           "check the folder's permissions") from err
-    fcntl.flock(fd, fcntl.LOCK_EX)
+    tmp, fd = open_temp_beside(target)
     closed = False
 
     def release() -> None:

@@ -226,23 +226,30 @@ def safety_before_replace(repo: Repository, db: str, target: Path, wanted: bool)
                            "--no-safety-snapshot to replace it without one") from None
 
 
+def open_temp_beside(target: Path) -> tuple[Path, int]:
+    """A new temp file beside ``target`` (named so that the next restore removes it if this one dies),
+    open for writing and flocked. The flock is held until the rename: a restore that finds such a
+    file unlocked knows its writer is dead. A flock, not a POSIX lock: closing another descriptor of
+    the file never drops it, and SQLite's POSIX locks on the target do not see it. Taken before the
+    file grows (see _remove_leftovers)."""
+    tmp = target.parent / f"{_temp_prefix(target)}{secrets.token_hex(4)}"
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except OSError as err:
+        raise RestoreError(f"restore to {target}: cannot create a file there ({err.strerror})",
+                           "check the folder's permissions") from err
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    return tmp, fd
+
+
 def _write_restore(repo: Repository, plan: RestorePlan, progress: Progress | None) -> RestoreResult:
     started = time.perf_counter()
     m = plan.manifest
     ps = m.page_size
     _remove_leftovers(plan.target)
-    tmp = plan.target.parent / f"{_temp_prefix(plan.target)}{secrets.token_hex(4)}"
+    tmp, fd = open_temp_beside(plan.target)
     total = plan.bytes_to_read
     done = 0
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    except OSError as err:
-        raise RestoreError(f"restore to {plan.target}: cannot create a file there ({err.strerror})",
-                           "check the folder's permissions") from err
-    # held until the rename: a restore that finds this file unlocked knows its writer is dead. A
-    # flock, not a POSIX lock: closing another descriptor of the file never drops it, and SQLite's
-    # POSIX locks on the target do not see it. Taken before the file grows (see _remove_leftovers)
-    fcntl.flock(fd, fcntl.LOCK_EX)
     closed = False
 
     def release() -> None:
