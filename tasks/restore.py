@@ -116,3 +116,19 @@ def check_restored_file(target: str) -> dict[str, Any]:
     finally:
         conn.close()
     return {"ok": not problems, "problems": problems}
+
+
+@task(name="find the last good point", task_run_name="find the last good point of {db}", timeout_seconds=6 * HOUR,
+      **TASK_OPTIONS)
+def find_last_good_point(repo: str, db: str, checks: list[str], since: datetime | None = None,
+                         expectations: str | None = None, key: str | None = None) -> dict[str, Any]:
+    """Bisect ``db``'s timeline for the newest point passing integrity_check, ``checks`` and the GX suites under
+    ``expectations`` (dbre.restore.lastgood: each probe reads the state in place); restores nothing."""
+    from dbre.restore.lastgood import find_last_good
+    from dbre.validate.drill import drill_suites
+
+    suites = drill_suites(expectations, db) if expectations else None
+    repository = Repository.open(repo, resolve_key(key))
+    result = find_last_good(repository, db, checks, since=since, suites=suites)
+    return {"repository": repository.url, **result.describe(),
+            "restore_args": result.found.point.restore_args() if result.found else None}
