@@ -83,9 +83,16 @@ def restore(
                                             rich_help_panel=_PROVIDER_PANEL)] = None,
     database: Annotated[str | None, typer.Option("--database", help="turso: the database to restore.",
                                                  rich_help_panel=_PROVIDER_PANEL)] = None,
-    into: Annotated[str | None, typer.Option("--into", metavar="NAME",
+    into: Annotated[str | None, typer.Option("--into", metavar="NAME/URL",
                                              help="turso: create this new database instead of a file "
-                                             "(--to).", rich_help_panel=_PROVIDER_PANEL)] = None,
+                                             "(--to). With --repo, a URL (libsql://, http(s)://; token in "
+                                             "LIBSQL_AUTH_TOKEN / TURSO_AUTH_TOKEN): load the restore into that "
+                                             "empty remote database (sqld: --into-namespace NAME for a namespace) "
+                                             "in batches, one transaction each (a long one would hold the server's "
+                                             "write lock); a failed load drops what it created, leaving the target "
+                                             "empty. A non-empty target is refused; --force drops every user object "
+                                             "in it first (one transaction). Checked after: row counts and row "
+                                             "digests per table.", rich_help_panel=_PROVIDER_PANEL)] = None,
 ) -> None:
     """Restore a database to a new file: its newest replicated state (else its newest snapshot), a
     snapshot (--snapshot), or a point in time (--at, --txid). An existing file is replaced only with
@@ -110,6 +117,13 @@ def restore(
                 raise UsageError(f"{', '.join(repo_only)} cannot be used with --provider (it restores from the "
                                  "provider's history, not a repository)", "drop them, or drop --provider")
             run_provider_restore(popts)
+            return
+        from dbre.restore.remote_command import is_remote_url
+
+        if into is not None and is_remote_url(into):  # (--into NAME: a new Turso database; URL: a load)
+            _restore_into(repo, db, into, into_namespace, to, snapshot, at, txid, force, dry_run, json_out,
+                          key_file, fallback, policy, admin_url, url, org, database, follow, no_safety,
+                          if_db_not_exists, if_replica_exists)
             return
         if provider_options_given(popts):
             extra = provider_options_given(popts)
@@ -271,6 +285,31 @@ def last_good(
             raise DbreError(msg, "pass an earlier --since, or check the checks")
 
     _run(go)
+
+
+def _restore_into(repo: str | None, db: str | None, into: str, namespace: str | None, to: Path | None,
+                  snapshot: str | None, at: str | None, txid: int | None, force: bool, dry_run: bool,
+                  json_out: bool, key_file: Any, fallback: Any, policy: Any, *unused: Any) -> None:
+    """restore --repo R --db NAME --into URL: see dbre/restore/remote_command.py."""
+    from dbre.restore.remote_command import check_into_options, run_remote_restore
+
+    for opt, value in (("--repo", repo), ("--db", db)):
+        if value is None:
+            raise UsageError(f"--into URL needs '{opt}' (it loads a restore from a repository)",
+                             "or use --provider turso --into NAME for a Turso fork")
+    names = ("--admin-url", "--url", "--org", "--database", "--follow", "--no-safety-snapshot",
+             "--if-db-not-exists", "--if-replica-exists")
+    check_into_options(**{"--to": to, "--txid": txid, **dict(zip(names, unused, strict=True))})
+    assert repo is not None and db is not None
+    when = _when(db, snapshot, at)
+    from dbre.restore.remote import HranaTarget
+
+    HranaTarget(into, None)  # (a bad URL: refused before the repository is opened)
+    repository = _open(repo, key_file, fallback, policy)
+    run_remote_restore(repository, db, into, _token(), namespace=namespace,
+                       snapshot=None if snapshot == "latest" else snapshot, newest_snapshot=snapshot == "latest",
+                       at=when, force=force, dry_run=dry_run, json_out=json_out,
+                       progress=lambda: _progress("load", not json_out))
 
 
 def _say(json_out: bool, record: dict[str, Any], line: str) -> None:

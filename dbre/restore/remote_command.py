@@ -1,0 +1,93 @@
+"""`dbre restore --repo R --db NAME --into URL`: the options checked, the database restored to a
+scratch file, the load planned and shown (--dry-run) or applied, the result printed. Called by
+dbre/cli_restore.py; the token comes from the environment there."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from dbre.errors import UsageError
+from dbre.restore.remote import HranaTarget, LoadPlan, apply_load, plan_load, restore_scratch
+from dbre.secrets import Secret
+from dbre.units import human_bytes
+
+REMOTE_SCHEMES = ("libsql://", "http://", "https://", "ws://", "wss://")
+
+
+def is_remote_url(value: str | None) -> bool:
+    return value is not None and value.strip().lower().startswith(REMOTE_SCHEMES)
+
+
+def run_remote_restore(repository: Any, db: str, url: str, token: Secret | None, *, namespace: str | None,
+                       snapshot: str | None, newest_snapshot: bool, at: datetime | None, force: bool,
+                       dry_run: bool, json_out: bool,
+                       progress: Callable[[], Any]) -> None:
+    """Restore to a scratch file, then plan the load into ``url``; show it (dry run) or apply and verify."""
+    import apsw
+
+    target = HranaTarget(url, token, namespace=namespace)
+    with tempfile.TemporaryDirectory(prefix="dbre-into-") as tmp:
+        path = Path(tmp) / f"{db}.db"
+        what = restore_scratch(repository, db, path, snapshot=snapshot, at=at, newest_snapshot=newest_snapshot)
+        conn = apsw.Connection(str(path), flags=apsw.SQLITE_OPEN_READONLY)
+        try:
+            plan = plan_load(conn, target, force=force, source=what)
+            if dry_run:
+                _show_plan(plan, target, json_out)
+                return
+            with progress() as bar:
+                result = apply_load(conn, target, plan, bar)
+        finally:
+            conn.close()
+    s = result.summary()
+    if json_out:
+        print(json.dumps({**s, "target": target.label}, indent=2, default=str))
+    else:
+        if result.dropped:
+            print(f"dropped {result.dropped} user objects in {target.label} first (--force)")
+        print(f"loaded {what} into {target.label}: {len(plan.tables)} tables, {plan.rows} rows, "
+              f"{human_bytes(plan.bytes)} in {result.batches} batches, {s['indexes']} indexes, {s['views']} views, "
+              f"{s['triggers']} triggers ({s['load_seconds']:.2f} s, {s['rows_per_second']} rows/s, "
+              f"{s['mib_per_second']} MiB/s)")
+    differ = [c for c in result.checks if not c.equal]
+    if differ:
+        from dbre.errors import RestoreError
+
+        names = ", ".join(f"{c.name} ({c.remote_rows} rows, {c.rows} restored"
+                          + (", contents differ" if c.rows == c.remote_rows else "") + ")" for c in differ)
+        raise RestoreError(f"restore into {target.label}: the target differs from the restore: {names}",
+                           "the load is left in place for inspection; rerun with --force to load it again")
+    if not json_out:
+        print(f"target equals snapshot: {len(result.checks)} tables, same row counts and row digests "
+              f"({s['verify_seconds']:.2f} s)")
+
+
+def _show_plan(plan: LoadPlan, target: HranaTarget, json_out: bool) -> None:
+    d = plan.describe()
+    if json_out:
+        print(json.dumps({"dry_run": True, "target": target.label, **d}, indent=2, default=str))
+        return
+    if plan.force and plan.existing:
+        print(f"would drop {len(plan.existing)} user objects in {target.label} first (one transaction): "
+              + ", ".join(f"{k} {n}" for k, n in plan.existing))
+    print(f"would load {plan.source} into {target.label}: {len(plan.tables)} tables, {plan.rows} rows, "
+          f"{human_bytes(plan.bytes)} in batches of {human_bytes(plan.batch_bytes)}, then {d['indexes']} indexes, "
+          f"{d['views']} views, {d['triggers']} triggers"
+          + (f", {len(plan.sequences)} AUTOINCREMENT counters" if plan.sequences else "")
+          + (f", user_version {plan.user_version}" if plan.user_version else ""))
+    for t in plan.tables:
+        print(f"  {t.name}: {t.rows} rows, {human_bytes(t.bytes)}")
+    print("dry run: nothing changed in the target")
+
+
+def check_into_options(**given: object) -> None:
+    """Options that mean nothing for a load into a remote database: refused in one line."""
+    bad = [k for k, v in given.items() if v]
+    if bad:
+        raise UsageError(f"{', '.join(bad)} cannot be used with --into URL (a load into a remote database)",
+                         "drop them")
