@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import TypeVar
 
-from dbre.storage.base import AlreadyExists, Store, TransientError
+from dbre.storage.base import AlreadyExists, NotFound, Store, TransientError
 
 log = logging.getLogger(__name__)
 
@@ -27,14 +27,16 @@ class RetryingStore:
     A put resends the whole body, so it is safe to repeat. ``list`` restarts from the beginning
     after a failure and skips the keys it has already yielded.
 
-    A conditional put (``if_absent=True``) retried after a transient error can find *its own*
-    earlier write: the failed attempt may have reached the store before its connection broke.
-    So ``AlreadyExists`` after a retry does not prove that another writer won. This wrapper says
-    so in the error's message; the caller must read the key back and compare it with what it
-    wrote before treating the key as someone else's.
+    A conditional put (``if_absent=True``) can find *its own* earlier write: an attempt may reach
+    the store and lose its answer (a connection reset after the PUT), and the next attempt, ours
+    or the backend's own (the S3 client retries inside, unseen here), then meets the key. So on
+    ``AlreadyExists`` this wrapper reads the key back (at most ``len(data) + 1`` bytes): if it holds
+    exactly ``data`` the put succeeded and returns; only other content is a conflict.
 
     Backends may retry inside too (the S3 client makes up to 3 attempts per call): the
-    attempts multiply.
+    attempts multiply. Time is bounded all the same: no attempt of an operation starts later than
+    ``budget`` seconds after its first one began (the one then running is bounded by the backend's
+    own timeouts), so a run against a failing store ends with one error instead of waiting on.
     """
 
     def __init__(
@@ -44,6 +46,7 @@ class RetryingStore:
         base_delay: float = 0.2,
         *,
         max_delay: float = 10.0,
+        budget: float = 120.0,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         if attempts < 1:
@@ -53,6 +56,7 @@ class RetryingStore:
         self.attempts = attempts
         self.base_delay = base_delay
         self.max_delay = max_delay
+        self.budget = budget
         self._sleep = sleep
 
     def __repr__(self) -> str:
@@ -62,39 +66,44 @@ class RetryingStore:
         delay = min(self.max_delay, self.base_delay * 2 ** (failures - 1))
         return random.uniform(delay / 2, delay)
 
-    def _wait_or_give_up(self, failures: int, err: TransientError) -> None:
-        """Sleep before the next attempt, or raise once ``failures`` uses up every attempt."""
-        if failures >= self.attempts:
-            raise TransientError(f"{err.message} (gave up after {failures} attempts)", err.hint) from err
+    def _wait_or_give_up(self, failures: int, err: TransientError, began: float) -> None:
+        """Sleep before the next attempt, or raise once ``failures`` uses up every attempt or the next
+        attempt would start past the time budget of the operation begun at ``began`` (monotonic)."""
         delay = self._delay(failures)
+        spent = time.monotonic() - began
+        if failures >= self.attempts or spent + delay > self.budget:
+            raise TransientError(f"{err.message} (gave up after {failures} attempts in {spent:.0f} s)",
+                                 err.hint) from err
         log.info("%s; retrying in %.1f s (attempt %d of %d)", err.message, delay, failures + 1, self.attempts)
         self._sleep(delay)
 
     def _call(self, op: Callable[[], T]) -> T:
-        failures = 0
+        failures, began = 0, time.monotonic()
         while True:
             try:
                 return op()
             except TransientError as err:
                 failures += 1
-                self._wait_or_give_up(failures, err)
+                self._wait_or_give_up(failures, err, began)
 
     def put(self, key: str, data: bytes, *, if_absent: bool = False) -> None:
-        failures = 0
+        failures, began = 0, time.monotonic()
         while True:
             try:
                 self.store.put(key, data, if_absent=if_absent)
                 return
             except TransientError as err:
                 failures += 1
-                self._wait_or_give_up(failures, err)
-            except AlreadyExists as err:
-                if not failures:
-                    raise
-                raise AlreadyExists(
-                    f"{err.message} (after {failures} failed attempt(s): maybe this put's own earlier write)",
-                    "read the key back and compare it with the data written",
-                ) from err
+                self._wait_or_give_up(failures, err, began)
+            except AlreadyExists:
+                try:
+                    there = self.get_range(key, 0, len(data) + 1)
+                except NotFound:
+                    there = None  # deleted since: still not this put's write
+                if there == data:  # this put's own earlier attempt, its answer lost
+                    log.info("put %s: found its own earlier write (an answer lost); done", key)
+                    return
+                raise
 
     def get(self, key: str) -> bytes:
         return self._call(lambda: self.store.get(key))
@@ -104,17 +113,18 @@ class RetryingStore:
 
     def list(self, prefix: str = "", *, start_after: str | None = None, limit: int | None = None) -> Iterator[str]:
         seen: set[str] = set()
-        failures = 0
+        failures, began = 0, time.monotonic()
         while True:
             try:
                 for key in self.store.list(prefix, start_after=start_after, limit=limit):
                     if key not in seen:
                         seen.add(key)
                         yield key
+                        began = time.monotonic()  # the budget counts from the last progress, not the caller's work
                 return
             except TransientError as err:
                 failures += 1
-                self._wait_or_give_up(failures, err)
+                self._wait_or_give_up(failures, err, began)
 
     def modified(self, key: str) -> float:
         return self._call(lambda: self.store.modified(key))
