@@ -23,7 +23,7 @@ from dbre.cli import (
     _table,
     app,
 )
-from dbre.errors import UsageError
+from dbre.errors import DbreError, UsageError
 from dbre.units import human_bytes as human
 
 
@@ -59,10 +59,16 @@ def status(
                                                      help="Alert above this share of the quota.")] = 0.8,
     window: Annotated[str, typer.Option("--window", help="Period for success rate and RPO attainment.")] = "30d",
     webhook: Annotated[str | None, typer.Option("--webhook", help="POST alerts as JSON to a URL (env:NAME).")] = None,
+    offsite: Annotated[list[str] | None, typer.Option("--offsite", metavar="REPO", help="An offsite copy to compare "
+                                                      "with the primary (repeat; default: the policy's "
+                                                      "repositories.offsite).")] = None,
+    offsite_max_lag: Annotated[str, typer.Option("--offsite-max-lag", metavar="DURATION", help="Alert when the "
+                                                 "offsite copy lacks a snapshot older than this.")] = "1d",
     json_out: JsonOpt = False,
     key_file: KeyFileOpt = None,
 ) -> None:
-    """Backup health per database: success rate, RPO/RTO attainment, drills, storage; exit 1 on any alert."""
+    """Backup health per database: success rate, RPO/RTO attainment, drills, storage, how far each offsite copy
+    is behind; exit 1 on any alert."""
 
     def go() -> None:
         from datetime import timedelta
@@ -75,14 +81,25 @@ def status(
             span = timedelta(seconds=parse_duration(window))
         except ValueError as err:
             raise UsageError(f"--window: {err}", "e.g. --window 30d") from None
+        try:
+            max_lag = parse_duration(offsite_max_lag)
+        except ValueError as err:
+            raise UsageError(f"--offsite-max-lag: {err}", "e.g. --offsite-max-lag 1d") from None
         quota_bytes = parse_size(quota) if quota else None
         if not 0 < storage_threshold <= 1:
             raise UsageError("--storage-threshold must be in (0, 1]", "e.g. 0.8 for 80 %")
         pol = _policy(policy)
         hooks = _webhook_urls(webhook, pol)
-        repository = Repository.open(repo, _key(key_file))
+        key = _key(key_file)
+        repository = Repository.open(repo, key)
+        copies: list[tuple[str, Repository | Exception]] = []
+        for url in offsite or (list(pol.repositories.offsite) if pol is not None else []):
+            try:  # (the same key: `dbre copy` keeps the primary's config)
+                copies.append((url, Repository.open(url, key)))
+            except DbreError as err:  # reported as an alert of each database, not a failed command
+                copies.append((url, err))
         st = compute_status(repository, policy=pol, dbs=db or None, window=span, quota_bytes=quota_bytes,
-                            storage_threshold=storage_threshold)
+                            storage_threshold=storage_threshold, offsite=copies, offsite_max_lag=max_lag)
         if prom is not None:
             write_prometheus(prom, st)
         alerts = st.all_alerts
@@ -123,6 +140,18 @@ def status(
                 if d.replication_lag_seconds is not None:
                     print(f"replication: {d.db}: lag {seconds_text(d.replication_lag_seconds)} (newest segment "
                           f"{d.replication_newest_segment_at}, heartbeat {d.replication_heartbeat_at or 'none'})")
+            for d in st.databases:
+                for o in d.offsite:
+                    if o.error:
+                        state = f"cannot be read: {o.error}"
+                    elif not o.snapshots:
+                        state = "holds no snapshot of it"
+                    elif not o.missing_snapshots:
+                        state = f"current (newest {o.newest_snapshot_at})"
+                    else:
+                        state = (f"{o.missing_snapshots} snapshot{'s' if o.missing_snapshots != 1 else ''} behind, "
+                                 f"the oldest missing taken {o.oldest_missing_at}")
+                    print(f"offsite: {d.db}: {o.repository}: {state}")
             if notified:
                 print(f"notified: {', '.join(notified)}")
         for a in alerts:

@@ -42,6 +42,7 @@ import math
 import os
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -61,6 +62,7 @@ DRILL_WARN_DAYS = 90
 RTO_DRILLS = 12  # RTO attainment over this many recent drills (a year of monthly drills)
 GROWTH_DAYS = 7
 DEFAULT_WINDOW = timedelta(days=30)
+OFFSITE_MAX_LAG = 86400.0  # an offsite copy that lacks a snapshot older than this has stopped (alert)
 BACKUPS_KIND = "backups"
 
 
@@ -148,6 +150,19 @@ class Alert:
 
 
 @dataclass
+class OffsiteStatus:
+    """How far an offsite copy (the fourth layer) is behind the primary for one database."""
+
+    repository: str
+    snapshots: int = 0  # of this database, in the offsite copy
+    newest_snapshot_at: str | None = None
+    missing_snapshots: int = 0  # the primary's (schedule) snapshots the copy lacks
+    oldest_missing_at: str | None = None
+    behind_seconds: float | None = None  # the primary's newest snapshot time minus the copy's (0: current)
+    error: str | None = None  # the copy could not be read
+
+
+@dataclass
 class DatabaseStatus:
     db: str
     snapshots: int = 0
@@ -176,6 +191,7 @@ class DatabaseStatus:
     replication_newest_segment_at: str | None = None
     replication_heartbeat_at: str | None = None
     replication_lag_seconds: float | None = None
+    offsite: list[OffsiteStatus] = field(default_factory=list)
     alerts: list[Alert] = field(default_factory=list)
 
     @property
@@ -217,8 +233,12 @@ class Status:
 
 def compute_status(repo: Repository, *, policy: Policy | None = None, dbs: list[str] | None = None,
                    now: datetime | None = None, window: timedelta = DEFAULT_WINDOW, quota_bytes: int | None = None,
-                   storage_threshold: float = 0.8) -> Status:
-    """Status of every database in the repository (and every database the policy lists)."""
+                   storage_threshold: float = 0.8,
+                   offsite: Sequence[tuple[str, Repository | Exception]] = (),
+                   offsite_max_lag: float = OFFSITE_MAX_LAG) -> Status:
+    """Status of every database in the repository (and every database the policy lists). ``offsite``: the
+    offsite copies (url, the opened repository, or why it could not be opened), each compared with the
+    primary per database (`offsite_status`)."""
     now = now or now_utc()
     names = set(repo.databases())
     if policy is not None:
@@ -229,6 +249,9 @@ def compute_status(repo: Repository, *, policy: Policy | None = None, dbs: list[
     statuses = [database_status(repo, db, Expectations.from_policy(policy, db), now=now, window=window,
                                 storage=per_db.get(db))
                 for db in sorted(names)]
+    for url, copy in offsite:
+        for st in statuses:
+            offsite_status(repo, st, url, copy, now, offsite_max_lag)
     status = Status(repository=repo.url, generated_at=iso(now), databases=statuses, storage_bytes=storage,
                     storage_exact=exact, quota_bytes=quota_bytes,
                     storage_threshold=storage_threshold if quota_bytes else None)
@@ -274,6 +297,51 @@ def database_status(repo: Repository, db: str, exp: Expectations, *, now: dateti
     _alerts(st, exp)
     _replication(repo, st, exp, now)
     return st
+
+
+def offsite_status(repo: Repository, st: DatabaseStatus, url: str, copy: Repository | Exception, now: datetime,
+                   max_lag: float = OFFSITE_MAX_LAG) -> OffsiteStatus:
+    """Compare the offsite copy with the primary for one database: the primary's snapshots (safety ones aside)
+    the copy lacks (`dbre copy` keeps ids), the oldest of them, and how far the copy's newest is behind. An alert
+    when a missing snapshot is older than ``max_lag`` (the copy has stopped), or when the copy cannot be read."""
+    off = OffsiteStatus(repository=url)
+    st.offsite.append(off)
+    fix = f"run `dbre copy --repo {repo.url} --to {url}` (the backup flow's copy_offsite does it after each backup)"
+    if isinstance(copy, Exception):
+        off.error = str(copy)
+        st.alerts.append(Alert("offsite_unreadable", "critical", f"{st.db}: the offsite copy {url} cannot be read: "
+                               f"{copy}; the fourth layer is not there", st.db))
+        return off
+    try:
+        theirs = {m.id: m for m in copy.snapshots(st.db)} if st.db in set(copy.databases()) else {}
+    except Exception as err:  # noqa: BLE001 - a listing that fails is reported as the alert, not a traceback
+        off.error = str(err)
+        st.alerts.append(Alert("offsite_unreadable", "critical",
+                               f"{st.db}: the offsite copy {url} cannot be listed: {err}", st.db))
+        return off
+    ours = [m for m in repo.snapshots(st.db) if m.time <= now and not m.is_safety]
+    off.snapshots = len(theirs)
+    kept = sorted(theirs.values(), key=lambda m: m.time)
+    if kept:
+        off.newest_snapshot_at = kept[-1].taken_at
+    newest_copied = kept[-1].time if kept else None
+    # what the copy lacks: the primary's snapshots newer than the copy's newest (older ones the copy may have
+    # forgotten by its own retention; they are not a lag)
+    missing = [m for m in ours if m.id not in theirs and (newest_copied is None or m.time > newest_copied)]
+    off.missing_snapshots = len(missing)
+    if missing:
+        off.oldest_missing_at = missing[0].taken_at
+    if ours:
+        off.behind_seconds = round(max(0.0, (ours[-1].time - newest_copied).total_seconds()), 3) \
+            if newest_copied is not None else None
+    if missing and (now - missing[0].time).total_seconds() > max_lag:
+        age = (now - missing[0].time).total_seconds()
+        st.alerts.append(Alert(
+            "offsite_behind", "critical" if not kept else "warning",
+            f"{st.db}: the offsite copy {url} " + ("holds no snapshot of it; " if not kept else
+                                                   f"misses {len(missing)} snapshot{'s' if len(missing) != 1 else ''}"
+                                                   f", the oldest taken {_dur(age)} ago; ") + fix, st.db))
+    return off
 
 
 def _unchanged_since(repo: Repository, db: str, gen_id: str, names: list[Any], source: str, newest: float) -> bool:
@@ -547,6 +615,8 @@ _HELP = {
     "dbre_repository_storage_bytes": ("gauge", "Bytes the repository uses"),
     "dbre_repository_quota_bytes": ("gauge", "Storage quota of the repository"),
     "dbre_replication_lag_seconds": ("gauge", "Now minus the newest point the replicated segments hold"),
+    "dbre_offsite_behind_seconds": ("gauge", "The primary's newest snapshot time minus the offsite copy's newest"),
+    "dbre_offsite_missing_snapshots": ("gauge", "Snapshots of the primary newer than the offsite copy's newest"),
     "dbre_alert": ("gauge", "1 for each active alert"),
     "dbre_status_timestamp_seconds": ("gauge", "When this status was computed"),
 }
@@ -581,6 +651,10 @@ def prometheus_text(status: Status) -> str:
         add("dbre_database_size_bytes", lab, d.size_bytes)
         add("dbre_storage_added_bytes_per_day", lab, d.added_bytes_per_day)
         add("dbre_replication_lag_seconds", lab, d.replication_lag_seconds)
+        for o in d.offsite:
+            add("dbre_offsite_behind_seconds", {**lab, "offsite": o.repository}, o.behind_seconds)
+            add("dbre_offsite_missing_snapshots", {**lab, "offsite": o.repository},
+                None if o.error else o.missing_snapshots)
     add("dbre_repository_storage_bytes", {**repo, "exact": str(status.storage_exact).lower()}, status.storage_bytes)
     add("dbre_repository_quota_bytes", repo, status.quota_bytes)
     for a in status.all_alerts:

@@ -7,7 +7,7 @@ from typing import Any
 
 from prefect import flow
 
-from dbre.metrics import Alert, Status, parse_size
+from dbre.metrics import Alert, OffsiteStatus, Status, parse_size
 from dbre.policy import parse_duration
 from dbre.report.drill import seconds_text
 from dbre.units import human_bytes as human
@@ -28,7 +28,8 @@ def status_flow(policy: str | None = None, repo: str | None = None, key: KeyRef 
     pol = load(policy)
     r = repos(pol, repo, None, key)
     status: Status = compute_repository_status(r.primary, r.key, pol, parse_duration(window),
-                                               parse_size(quota) if quota else None, storage_threshold, prom)
+                                               parse_size(quota) if quota else None, storage_threshold, prom,
+                                               r.offsite)
     alerts = status.all_alerts
     sent, failed = [], []
     if alerts and notify:
@@ -63,12 +64,22 @@ def _days(v: float | None) -> str:
     return "-" if v is None else f"{v:.0f}"
 
 
+def _offsite(o: OffsiteStatus) -> str:
+    if o.error:
+        return f"{o.repository}: unreadable"
+    if not o.snapshots:
+        return f"{o.repository}: empty"
+    return f"{o.repository}: " + ("current" if not o.missing_snapshots else f"{o.missing_snapshots} behind")
+
+
 def _publish(status: Status, alerts: list[Alert], sent: list[str], failed: list[str]) -> None:
     rows = [{"db": d.db, "snapshots": d.snapshots, "newest point age": seconds_text(d.newest_restorable_age_seconds),
              "backup success": _pct(d.backup_success_rate), "RPO attained": _pct(d.rpo_attainment),
              "RTO attained": _pct(d.rto_attainment),
              "days since drill": _days(d.days_since_successful_drill),
-             "stored": human(d.storage_bytes), "state": "ok" if d.ok else "ALERT"} for d in status.databases]
+             "stored": human(d.storage_bytes),
+             **({"offsite": "; ".join(_offsite(o) for o in d.offsite)} if d.offsite else {}),
+             "state": "ok" if d.ok else "ALERT"} for d in status.databases]
     md = [f"# Backup health of `{status.repository}`", "",
           f"Storage: {human(status.storage_bytes)}" + ("" if status.storage_exact else " (estimated)")
           + (f" of {human(status.quota_bytes)}" if status.quota_bytes else ""), ""]

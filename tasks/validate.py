@@ -115,13 +115,23 @@ def integrity_validation(repo: str, key: str | None = None, databases: list[str]
 @task(name="compute status", task_run_name="status of {repo}", timeout_seconds=HOUR, **TASK_OPTIONS)
 def compute_repository_status(repo: str, key: str | None = None, policy: Any = None, window_seconds: int = 30 * 86400,
                               quota_bytes: int | None = None, storage_threshold: float = 0.8,
-                              prom: str | None = None) -> Status:
-    """Backup success rate, RPO/RTO attainment, drills and storage per database, with alerts."""
+                              prom: str | None = None, offsite: list[str] | None = None) -> Status:
+    """Backup success rate, RPO/RTO attainment, drills and storage per database, with alerts; how far each
+    ``offsite`` copy is behind (one that cannot be opened is an alert, not a failed task)."""
     from datetime import timedelta
 
-    status = compute_status(Repository.open(repo, resolve_key(key)), policy=policy,
+    from dbre.errors import DbreError
+
+    secret = resolve_key(key)
+    copies: list[tuple[str, Repository | Exception]] = []
+    for url in offsite or []:
+        try:
+            copies.append((url, Repository.open(url, secret)))
+        except DbreError as err:
+            copies.append((url, err))
+    status = compute_status(Repository.open(repo, secret), policy=policy,
                             window=timedelta(seconds=window_seconds), quota_bytes=quota_bytes,
-                            storage_threshold=storage_threshold)
+                            storage_threshold=storage_threshold, offsite=copies)
     if prom:
         Path(prom).parent.mkdir(parents=True, exist_ok=True)
         write_prometheus(prom, status)
