@@ -96,6 +96,23 @@ class RunRef:
     pages: int
 
 
+_HEX32 = re.compile(r"^[0-9a-f]{32}$")
+
+
+def _natural(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _run_ref(d: Any) -> RunRef:
+    """A RunRef from its JSON; its pack and hash are 32 hex digits, its numbers whole and not negative."""
+    r = RunRef(**d)
+    if not (isinstance(r.pack, str) and _HEX32.match(r.pack) and isinstance(r.hash, str) and _HEX32.match(r.hash)):
+        raise ValueError("a run names no pack id or hash")
+    if not all(_natural(v) for v in (r.offset, r.length, r.pages)):
+        raise TypeError("a run's offset, length or pages is not a whole number")
+    return r
+
+
 @dataclass
 class TableStats:
     rows: int
@@ -161,11 +178,26 @@ class Manifest:
 
     @classmethod
     def from_json(cls, raw: bytes) -> Manifest:
+        """Parse a manifest; ValueError or TypeError when a field has the wrong type, or a pack or run name is
+        not the 32 hex digits dbre writes (a name that is a path, `../x` or holds a NUL, never reaches a store)."""
         d = json.loads(raw)
-        d["runs"] = [RunRef(**r) for r in d["runs"]]
-        d["fast_runs"] = [RunRef(**r) for r in d.get("fast_runs", [])]
+        if not isinstance(d, dict):
+            raise TypeError("a manifest is a JSON object")
+        d["runs"] = [_run_ref(r) for r in d["runs"]]
+        d["fast_runs"] = [_run_ref(r) for r in d.get("fast_runs", [])]
         d["tables"] = {k: TableStats(**v) for k, v in d.get("tables", {}).items()}
-        return cls(**d)
+        m = cls(**d)
+        for name in ("id", "db", "taken_at"):
+            if not isinstance(getattr(m, name), str):
+                raise TypeError(f"{name} is not a string")
+        for name in ("page_size", "page_count", "run_pages", "user_version"):
+            if not _natural(getattr(m, name)):
+                raise TypeError(f"{name} is not a whole number")
+        if not isinstance(m.packs, list) or not all(isinstance(p, str) and _HEX32.match(p) for p in m.packs):
+            raise ValueError("packs are not pack ids")
+        if not isinstance(m.source, dict) or not isinstance(m.stats, dict) or not isinstance(m.schema, list):
+            raise TypeError("source, stats or schema has the wrong type")
+        return m
 
     def summary(self) -> dict[str, Any]:
         """The fields `dbre snapshots --json` prints."""
