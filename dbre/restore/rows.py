@@ -148,7 +148,7 @@ class RowRepairResult:
         ``--apply``: its dry run shows what it would do."""
         if self.safety_snapshot is None:
             return None
-        from dbre.restore.table import _absolute
+        from dbre.restore.table import absolute_url
 
         p = self.plan
         touched = p.inserts + p.updates + (p.extras if p.delete_extra else [])
@@ -160,8 +160,9 @@ class RowRepairResult:
             else:
                 rows = ", ".join(f"({', '.join(map(_literal, k))})" for k in touched)
                 where = f"({p.where}) AND ({', '.join(cols)}) IN (VALUES {rows})"
-        words = ["dbre", "repair-rows", "--repo", _absolute(p.repo.url), "--db", p.db, "--live", _absolute(str(p.live)),
-                 "--table", p.table, "--where", where, "--snapshot", self.safety_snapshot, "--delete-extra"]
+        words = ["dbre", "repair-rows", "--repo", absolute_url(p.repo.url), "--db", p.db,
+                 "--live", absolute_url(str(p.live)), "--table", p.table, "--where", where,
+                 "--snapshot", self.safety_snapshot, "--delete-extra"]
         if len(touched) <= UNDO_KEYS:
             words.append("--apply")
         if key_file is not None:

@@ -338,7 +338,7 @@ def undo_commands(plan: TableRestorePlan, safety: str | None, had_violations: bo
     out = []
     replaced = [a.table for a in plan.actions if a.live_rows is not None and a.target == a.table]
     if replaced and safety:
-        words = ["dbre", "restore-table", "--repo", _absolute(plan.repo.url), "--db", plan.db, "--live",
+        words = ["dbre", "restore-table", "--repo", absolute_url(plan.repo.url), "--db", plan.db, "--live",
                  str(plan.live), "--snapshot", safety, *[w for t in replaced for w in ("--table", t)], "--replace",
                  "--apply"]
         if had_violations:
@@ -352,7 +352,8 @@ def undo_commands(plan: TableRestorePlan, safety: str | None, had_violations: bo
     return out
 
 
-def _absolute(url: str) -> str:
+def absolute_url(url: str) -> str:
+    """A repository URL or local path as a printed command needs it: a relative path made absolute."""
     return url if "://" in url else str(Path(url).expanduser().absolute())
 
 
