@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -37,6 +37,7 @@ ExpectationsOpt = Annotated[
     Path | None,
     typer.Option("--expectations", help="GX suites: expectations/ (its <db>/ folder is used) or one db's folder."),
 ]
+_CROSS = "Cross-check with the provider's history (--cross-check)"
 ScratchOpt = Annotated[Path | None, typer.Option("--scratch-dir", help="Where checked restores go (then removed).")]
 
 
@@ -94,8 +95,30 @@ def drill(
     keep_namespace: Annotated[bool, typer.Option("--keep-namespace", help="Keep it after the drill.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print the drill record as JSON.")] = False,
     key_file: KeyFileOpt = None,
+    cross_check: Annotated[str | None, typer.Option(
+        "--cross-check", metavar="PROVIDER", rich_help_panel=_CROSS,
+        help="sqld or turso: after the drill, restore the provider's own history at the same time too, run the "
+        "same checks on it and compare the two restores table by table (rows and checksum); a disagreement "
+        "fails the drill and is named in the report.")] = None,
+    provider_admin_url: Annotated[str | None, typer.Option(
+        "--provider-admin-url", metavar="URL", rich_help_panel=_CROSS,
+        help="sqld: its admin API (key in LIBSQL_ADMIN_AUTH_KEY).")] = None,
+    provider_namespace: Annotated[str | None, typer.Option(
+        "--provider-namespace", metavar="NAME", rich_help_panel=_CROSS,
+        help="sqld: the namespace dbre backs up as --db.")] = None,
+    provider_url: Annotated[str | None, typer.Option(
+        "--provider-url", metavar="URL", rich_help_panel=_CROSS,
+        help="sqld: its HTTP address, to read the fork (token in LIBSQL_AUTH_TOKEN).")] = None,
+    provider_org: Annotated[str | None, typer.Option(
+        "--provider-org", metavar="ORG", rich_help_panel=_CROSS,
+        help="turso: the organization (Platform API token in TURSO_API_TOKEN).")] = None,
+    provider_database: Annotated[str | None, typer.Option(
+        "--provider-database", metavar="NAME", rich_help_panel=_CROSS,
+        help="turso: the database dbre backs up as --db.")] = None,
 ) -> None:
-    """Recovery drill: restore to scratch, validate, measure RTO and RPO; exit 1 naming every failure."""
+    """Recovery drill: restore to scratch, validate, measure RTO and RPO; exit 1 naming every failure.
+    With --cross-check, the provider's own history at the drill's time is restored and checked too, and
+    the drill says per table whether the two independent backups agree."""
 
     def go() -> None:
         import secrets
@@ -123,6 +146,8 @@ def drill(
             ns_target = NamespaceTarget(namespace_admin, namespace_url,
                                         namespace or f"drill-{db}-{time.strftime('%Y%m%d%H%M%S')}".replace(".", "-"),
                                         _token(), keep_namespace)
+        cc_target = _cross_check_target(cross_check, provider_admin_url, provider_namespace, provider_url,
+                                        provider_org, provider_database)
         repository = Repository.open(repo, _key(key_file))
         docs_tmp = None
         if report_dir is not None and data_docs and suites is not None:
@@ -130,7 +155,8 @@ def drill(
             docs_tmp = report_dir / f".data-docs-{secrets.token_hex(4)}"
         try:
             outcome = run_drill(repository, db, target=target, targets=targets, expectations=suites,
-                                scratch_dir=scratch, data_docs_dir=docs_tmp, namespace=ns_target)
+                                scratch_dir=scratch, data_docs_dir=docs_tmp, namespace=ns_target,
+                                cross_check=cc_target)
             record = outcome.record
             if report_dir is not None:
                 from dbre.report.drill import report_folder, write_drill_report
@@ -166,6 +192,9 @@ def drill(
                 print(f"point in time {pit['at'] or 'newest replicated state'}: {pit['transactions']} transactions "
                       f"from {pit['segments']} segments applied (last txid {pit['last_txid']}, committed "
                       f"{pit['last_committed']})")
+            cc = record.get("cross_check")
+            if cc:
+                print(cross_check_line(cc))
             if record.get("report"):
                 print(f"report: {record['report']}")
         if not record["passed"]:
@@ -174,6 +203,44 @@ def drill(
             raise typer.Exit(1)
 
     _run(go)
+
+
+def _cross_check_target(provider: str | None, admin_url: str | None, namespace: str | None, url: str | None,
+                        org: str | None, database: str | None) -> Any:
+    """The --cross-check target (None without it), with the keys from the environment."""
+    import os
+
+    from dbre.secrets import Secret
+
+    given = [o for o, v in (("--provider-admin-url", admin_url), ("--provider-namespace", namespace),
+                            ("--provider-url", url), ("--provider-org", org), ("--provider-database", database)) if v]
+    if provider is None:
+        if given:
+            raise UsageError(f"{', '.join(given)} {'needs' if len(given) == 1 else 'need'} --cross-check",
+                             "add --cross-check sqld or --cross-check turso")
+        return None
+    from dbre.validate.crosscheck import CrossCheckTarget
+
+    def env(name: str) -> Secret | None:
+        value = os.environ.get(name, "").strip()
+        return Secret(value) if value else None
+
+    return CrossCheckTarget(provider, admin_url, namespace, url, org, database, token=_token(),
+                            admin_key=env("LIBSQL_ADMIN_AUTH_KEY" if provider == "sqld" else "TURSO_API_TOKEN"),
+                            api_url=os.environ.get("TURSO_API_BASE_URL", "").strip() or None)
+
+
+def cross_check_line(cc: dict[str, Any]) -> str:
+    """The cross-check in one line: agree, or which tables differ and how."""
+    head = f"cross-check with {cc['provider']} ({cc['source']}) at {cc['at']}: "
+    if cc["error"]:
+        return head + f"not done: {cc['error']}"
+    if cc["agree"]:
+        return head + (f"agree: {cc['tables_agree']} tables with the same rows and checksum in both restores "
+                       "(two independent backups agree)")
+    differ = [f"{t['table']} ({t['how']})" for t in cc["tables"] if not t["agree"]]
+    return head + "DIFFER: " + "; ".join(differ + cc["checks_differ"] + [f"GX {g}" for g in
+                                                                       cc["expectations"]["differ"]])
 
 
 @app.command("validate")

@@ -5,12 +5,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from prefect import flow, get_run_logger
+from prefect import flow, get_run_logger, task
 
 from dbre.report.drill import seconds_text
+from dbre.validate.crosscheck import CrossCheckTarget
+from dbre.validate.drill import Drill, cross_check_step
+from dbre.validate.suites import Suite
 from flows.common import RunFailed, load, md_table, publish, repos
 from flows.names import drill_name, from_parameters
 from flows.references import KeyRef, TokenRef, refuse_literal_secrets, store_references_only
+from tasks.retry import HOUR, NO_RESULTS
+from tasks.secrets import resolve_secret, resolve_token
 from tasks.validate import (
     drill_report,
     load_drill_suites,
@@ -26,13 +31,21 @@ from tasks.validate import (
 def drill_flow(databases: list[str] | None = None, policy: str | None = None, repo: str | None = None,
                key: KeyRef = None, target: str | None = None, expectations: str | None = None,
                report_dir: str | None = None, scratch_dir: str | None = None, data_docs: bool = True,
-               namespace_admin: str | None = None, namespace_url: str | None = None, token: TokenRef = None
-               ) -> list[dict[str, Any]]:
+               namespace_admin: str | None = None, namespace_url: str | None = None, token: TokenRef = None,
+               cross_check: str | None = None, provider_admin_url: str | None = None,
+               provider_namespaces: dict[str, str] | None = None, provider_url: str | None = None,
+               provider_org: str | None = None, provider_databases: dict[str, str] | None = None,
+               provider_key: TokenRef = None) -> list[dict[str, Any]]:
     """Drill each database (the named ones, else the policy's). ``target``: newest, random or an ISO time
     (default: the policy's). ``expectations``: the GX suites folder (default: each database's in the policy).
     ``namespace_admin`` and ``namespace_url`` (sqld's admin API and HTTP URL; ``token`` a reference) also load
-    each restore into a new namespace ``drill-<db>-<time>``, left for inspection."""
-    refuse_literal_secrets("drill", key=key, token=token)
+    each restore into a new namespace ``drill-<db>-<time>``, left for inspection. ``cross_check`` (sqld or
+    turso) also restores the provider's own history at each drill's time and compares the two restores per
+    table: sqld needs ``provider_admin_url`` and ``provider_url`` (``provider_namespaces`` maps a database to
+    its namespace, default the same name; ``provider_key`` the admin key, else LIBSQL_ADMIN_AUTH_KEY), turso
+    ``provider_org`` (``provider_databases`` likewise; ``provider_key`` the Platform API token, else
+    TURSO_API_TOKEN)."""
+    refuse_literal_secrets("drill", key=key, token=token, provider_key=provider_key)
     log = get_run_logger()
     pol = load(policy)
     r = repos(pol, repo, None, key)
@@ -53,6 +66,10 @@ def drill_flow(databases: list[str] | None = None, policy: str | None = None, re
                             scratch_dir or (pol.drills.scratch_dir if pol else None))
         drill = restore_to_scratch(r.primary, drill, r.key)
         drill = validate_restore(drill, suites, namespace_admin, namespace_url, token)
+        if cross_check:
+            drill = cross_check_drill(drill, suites, _cross_target(
+                cross_check, provider_admin_url, (provider_namespaces or {}).get(db, db), provider_url,
+                provider_org, (provider_databases or {}).get(db, db), token, provider_key))
         record = record_drill(r.primary, drill, r.key, float(entry.rpo) if entry else None,
                               float(entry.rto) if entry else None)
         if report_dir:
@@ -67,6 +84,29 @@ def drill_flow(databases: list[str] | None = None, policy: str | None = None, re
         raise RunFailed(f"{len(bad)} of {len(records)} drills failed: "
                         + "; ".join(f"{rec['db']}: " + "; ".join(rec["failures"]) for rec in bad))
     return records
+
+
+@task(name="cross-check", task_run_name="cross-check {drill.db} with {target.provider}", timeout_seconds=6 * HOUR,
+      **NO_RESULTS)
+def cross_check_drill(drill: Drill, suites: list[Suite] | None, target: CrossCheckTarget) -> Drill:
+    """The provider's history at the drill's time: restored, checked the same way, compared per table."""
+    cross_check_step(drill, target, suites)
+    return drill
+
+
+def _cross_target(provider: str, admin_url: str | None, namespace: str, url: str | None, org: str | None,
+                  database: str, token: str | None, provider_key: str | None) -> CrossCheckTarget:
+    import os
+
+    from dbre.secrets import Secret
+
+    env = "LIBSQL_ADMIN_AUTH_KEY" if provider == "sqld" else "TURSO_API_TOKEN"
+    key = resolve_secret(provider_key) if provider_key else (
+        Secret(os.environ[env].strip()) if os.environ.get(env, "").strip() else None)
+    sqld = provider == "sqld"
+    return CrossCheckTarget(provider, admin_url if sqld else None, namespace if sqld else None, url if sqld else None,
+                            None if sqld else org, None if sqld else database, token=resolve_token(token),
+                            admin_key=key, api_url=os.environ.get("TURSO_API_BASE_URL", "").strip() or None)
 
 
 def _publish(records: list[dict[str, Any]]) -> None:

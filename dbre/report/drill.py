@@ -164,6 +164,7 @@ def _context(record: dict[str, Any], history: list[dict[str, Any]], checks: list
     phases = record.get("phases") or {}
     return {
         "r": record,
+        "cc": record.get("cross_check"),
         "title": f"Recovery drill of {record['db']}",
         "rto": seconds_text(record.get("rto_seconds")),
         "rpo": seconds_text(record.get("rpo_seconds")),
@@ -175,7 +176,8 @@ def _context(record: dict[str, Any], history: list[dict[str, Any]], checks: list
             ("SQLite and manifest checks", "checks_seconds"),
             ("Great Expectations suites", "expectations_seconds"),
             ("of which importing GX", "gx_import_seconds"),
-            ("load into a new sqld namespace and count its rows", "namespace_seconds"))
+            ("load into a new sqld namespace and count its rows", "namespace_seconds"),
+            ("cross-check with the provider's history (after the clock)", "cross_check_seconds"))
             if phases.get(key) is not None and (key != "gx_import_seconds" or phases[key] >= 0.05)],
         "checks": [c.to_dict() | {"where": c.where} for c in checks if not c.check.startswith("gx.")],
         "suites": suites,

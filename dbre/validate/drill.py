@@ -43,6 +43,7 @@ from dbre.validate.suites import Suite, load_suites, suites_dir_for
 
 if TYPE_CHECKING:
     from dbre.policy import Policy
+    from dbre.validate.crosscheck import CrossCheck, CrossCheckTarget
     from dbre.validate.namespace import NamespaceResult, NamespaceTarget
     from dbre.validate.suites import SuiteRun
 
@@ -106,6 +107,7 @@ class Drill:
     pitr: PointInTime | None = None  # a point in time restored from segments, not a snapshot
     replicated: datetime | None = None  # the newest transaction the segments hold (None: no segments)
     restored_stats: tuple[int, int, int] | None = None  # a point in time: (bytes, tables, rows), after the clock
+    cross_check: CrossCheck | None = None  # the provider's history at the same time, compared (after the clock)
 
     @property
     def newest_point(self) -> datetime:
@@ -277,6 +279,20 @@ def namespace_step(drill: Drill, target: NamespaceTarget) -> NamespaceResult:
     return drill.namespace
 
 
+def cross_check_step(drill: Drill, target: CrossCheckTarget, suites: list[Suite] | None) -> CrossCheck:
+    """Restore the provider's history at the drill's time, run the same checks, compare per table
+    (after the clock stopped: evidence about the backups, not part of the recovery)."""
+    from dbre.validate.crosscheck import CrossCheck, cross_check
+
+    if drill.error is not None or not drill.restored.exists():
+        drill.cross_check = CrossCheck(target, drill.data_time, error="dbre's restore failed: nothing to compare")
+        return drill.cross_check
+    drill.cross_check = cross_check(drill.restored, drill.data_time, target, drill.scratch,
+                                    manifest=None if drill.pitr is not None else drill.snapshot,
+                                    dbre_checks=drill.checks, suites=suites, dbre_gx=drill.suite_run)
+    return drill.cross_check
+
+
 def finish_drill(repo: Repository, drill: Drill, targets: DrillTargets, *, keep_scratch: bool = False,
                  write: bool = True) -> dict[str, Any]:
     """Stop the clock, compare with the targets, write the drill record, remove scratch."""
@@ -309,6 +325,9 @@ def drill_record(drill: Drill, targets: DrillTargets, rto: float, finished_at: d
     if not rpo_met:
         failures.append(f"RPO target missed: newest restorable point {rpo:.0f} s old, target "
                         f"{targets.rpo_seconds:.0f} s")
+    cc = drill.cross_check
+    if cc is not None:
+        failures += cc.failures()
     gx = drill.suite_run.summary() if drill.suite_run else None
     m = drill.snapshot
     return {
@@ -330,13 +349,15 @@ def drill_record(drill: Drill, targets: DrillTargets, rto: float, finished_at: d
         "rto_met": rto_met,
         "rpo_met": rpo_met,
         "validated": validated,
-        "passed": validated and rto_met and rpo_met,
+        "passed": validated and rto_met and rpo_met and (cc is None or cc.agree),
+        "cross_check": cc.summary() if cc is not None else None,
         "phases": {
             "restore_seconds": _round(drill.restore_seconds),
             "checks_seconds": _round(drill.checks_seconds),
             "expectations_seconds": gx["seconds"] if gx else None,
             "gx_import_seconds": gx["import_seconds"] if gx else None,
             "namespace_seconds": _round(drill.namespace.seconds) if drill.namespace else None,
+            "cross_check_seconds": _round(cc.seconds) if cc is not None else None,
         },
         "namespace": drill.namespace.summary() if drill.namespace else None,
         **({"size": drill.restored_stats[0], "tables": drill.restored_stats[1], "rows": drill.restored_stats[2]}
@@ -388,10 +409,11 @@ class DrillOutcome:
 def run_drill(repo: Repository, db: str, *, target: str = "newest", targets: DrillTargets | None = None,
               expectations: str | os.PathLike[str] | None = None, scratch_dir: str | os.PathLike[str] | None = None,
               data_docs_dir: str | os.PathLike[str] | None = None, seed: int | None = None,
-              keep_scratch: bool = False, write: bool = True, namespace: NamespaceTarget | None = None
-              ) -> DrillOutcome:
+              keep_scratch: bool = False, write: bool = True, namespace: NamespaceTarget | None = None,
+              cross_check: CrossCheckTarget | None = None) -> DrillOutcome:
     """A whole drill. A restore or validation that fails is recorded as a failed drill, not raised;
-    bad options (unknown database, unreadable suites) raise UsageError before the clock matters."""
+    bad options (unknown database, unreadable suites) raise UsageError before the clock matters.
+    ``cross_check``: after the clock, the provider's history at the same time, checked and compared."""
     suites = drill_suites(expectations, db) if expectations is not None else None
     drill = begin_drill(repo, db, target, scratch_dir=scratch_dir, seed=seed)
     try:
@@ -409,6 +431,8 @@ def run_drill(repo: Repository, db: str, *, target: str = "newest", targets: Dri
             from dbre.validate.namespace import delete_namespace
 
             drill.namespace.deleted = delete_namespace(namespace)  # before the record, after the clock
+        if cross_check is not None:
+            cross_check_step(drill, cross_check, suites)
         record = finish_drill(repo, drill, targets or DrillTargets(), keep_scratch=keep_scratch, write=write)
         if data_docs_dir is not None and drill.suite_run is not None:
             from dbre.validate.suites import build_data_docs
