@@ -49,6 +49,7 @@ from dbre.repository.tables import table_stats
 from dbre.sources.base import Source
 from dbre.sources.image import ImageSession
 from dbre.storage import NotFound
+from dbre.vfsfile import InProcessFile
 
 log = logging.getLogger(__name__)
 
@@ -181,7 +182,9 @@ _BLOB = struct.Struct("<16sQI")  # the blob part of a record: pack id, offset, l
 BLOB_LOCATION = _BLOB  # (public: what `verify.blob_groups` keys its blobs by)
 
 
-class _SinkFile:
+class _SinkFile(InProcessFile):
+    """The backup API's destination: each page written goes to the sink; only page 1 is kept (read back)."""
+
     def __init__(self, sink: PageSink | None) -> None:
         self.sink = sink
         self.size = 0
@@ -204,30 +207,6 @@ class _SinkFile:
 
     def xTruncate(self, newsize: int) -> None:
         self.size = newsize
-
-    def xSync(self, flags: int) -> None:
-        pass
-
-    def xClose(self) -> None:
-        pass
-
-    def xLock(self, level: int) -> None:
-        pass
-
-    def xUnlock(self, level: int) -> None:
-        pass
-
-    def xCheckReservedLock(self) -> bool:
-        return False
-
-    def xFileControl(self, op: int, ptr: int) -> bool:
-        return False
-
-    def xSectorSize(self) -> int:
-        return 4096
-
-    def xDeviceCharacteristics(self) -> int:
-        return 0
 
 
 class _SinkVFS(apsw.VFS):

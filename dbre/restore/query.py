@@ -41,6 +41,7 @@ from dbre.repository.repo import Repository, pack_key
 from dbre.repository.verify import blob_groups
 from dbre.restore.pitr import PitrPoint, checked_segments, find_point, segment_pages
 from dbre.storage import NotFound, Store
+from dbre.vfsfile import InProcessFile
 
 CACHE_BYTES = 64 * 1024 * 1024  # unsealed page batches kept (LRU): ~32 batches of 2 MiB
 OVERLAY_MEMORY = 256 * 1024 * 1024  # replicated pages held in memory; more go to an unnamed temporary file
@@ -461,7 +462,7 @@ class PageSource:
 # -- SQLite over a PageSource --------------------------------------------------------------------
 
 
-class _StateFile:
+class _StateFile(InProcessFile):
     """The database file SQLite reads: a `PageSource`; it never writes, locks or syncs."""
 
     def __init__(self, source: PageSource) -> None:
@@ -478,27 +479,6 @@ class _StateFile:
 
     def xTruncate(self, newsize: int) -> None:
         raise apsw.ReadOnlyError("the database of a query is read-only")
-
-    def xSync(self, flags: int) -> None:
-        pass
-
-    def xClose(self) -> None:
-        pass
-
-    def xLock(self, level: int) -> None:
-        pass
-
-    def xUnlock(self, level: int) -> None:
-        pass
-
-    def xCheckReservedLock(self) -> bool:
-        return False
-
-    def xFileControl(self, op: int, ptr: int) -> bool:
-        return False
-
-    def xSectorSize(self) -> int:
-        return 4096
 
     def xDeviceCharacteristics(self) -> int:
         return apsw.SQLITE_IOCAP_IMMUTABLE  # the file never changes: no locks, no journal looked for
