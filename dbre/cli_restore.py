@@ -87,7 +87,8 @@ def restore(
                                              help="turso: create this new database instead of a file "
                                              "(--to). With --repo, a URL (libsql://, http(s)://; token in "
                                              "LIBSQL_AUTH_TOKEN / TURSO_AUTH_TOKEN): load the restore into that "
-                                             "empty remote database (sqld: --into-namespace NAME for a namespace) "
+                                             "empty remote database (sqld: --into-namespace NAME for a namespace, "
+                                             "created first with --admin-url) "
                                              "in batches, one transaction each (a long one would hold the server's "
                                              "write lock); a failed load drops what it created, leaving the target "
                                              "empty. A non-empty target is refused; --force drops every user object "
@@ -121,8 +122,8 @@ def restore(
         from dbre.restore.remote_command import is_remote_url
 
         if into is not None and is_remote_url(into):  # (--into NAME: a new Turso database; URL: a load)
-            _restore_into(repo, db, into, into_namespace, to, snapshot, at, txid, force, dry_run, json_out,
-                          key_file, fallback, policy, admin_url, url, org, database, follow, no_safety,
+            _restore_into(repo, db, into, into_namespace, admin_url, to, snapshot, at, txid, force, dry_run,
+                          json_out, key_file, fallback, policy, url, org, database, follow, no_safety,
                           if_db_not_exists, if_replica_exists)
             return
         if provider_options_given(popts):
@@ -287,9 +288,9 @@ def last_good(
     _run(go)
 
 
-def _restore_into(repo: str | None, db: str | None, into: str, namespace: str | None, to: Path | None,
-                  snapshot: str | None, at: str | None, txid: int | None, force: bool, dry_run: bool,
-                  json_out: bool, key_file: Any, fallback: Any, policy: Any, *unused: Any) -> None:
+def _restore_into(repo: str | None, db: str | None, into: str, namespace: str | None, admin_url: str | None,
+                  to: Path | None, snapshot: str | None, at: str | None, txid: int | None, force: bool,
+                  dry_run: bool, json_out: bool, key_file: Any, fallback: Any, policy: Any, *unused: Any) -> None:
     """restore --repo R --db NAME --into URL: see dbre/restore/remote_command.py."""
     from dbre.restore.remote_command import check_into_options, run_remote_restore
 
@@ -297,7 +298,7 @@ def _restore_into(repo: str | None, db: str | None, into: str, namespace: str | 
         if value is None:
             raise UsageError(f"--into URL needs '{opt}' (it loads a restore from a repository)",
                              "or use --provider turso --into NAME for a Turso fork")
-    names = ("--admin-url", "--url", "--org", "--database", "--follow", "--no-safety-snapshot",
+    names = ("--url", "--org", "--database", "--follow", "--no-safety-snapshot",
              "--if-db-not-exists", "--if-replica-exists")
     check_into_options(**{"--to": to, "--txid": txid, **dict(zip(names, unused, strict=True))})
     assert repo is not None and db is not None
@@ -306,7 +307,7 @@ def _restore_into(repo: str | None, db: str | None, into: str, namespace: str | 
 
     HranaTarget(into, None)  # (a bad URL: refused before the repository is opened)
     repository = _open(repo, key_file, fallback, policy)
-    run_remote_restore(repository, db, into, _token(), namespace=namespace,
+    run_remote_restore(repository, db, into, _token(), namespace=namespace, admin_url=admin_url,
                        snapshot=None if snapshot == "latest" else snapshot, newest_snapshot=snapshot == "latest",
                        at=when, force=force, dry_run=dry_run, json_out=json_out,
                        progress=lambda: _progress("load", not json_out))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import urllib.error
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -193,3 +194,49 @@ def test_bad_options_in_one_line(repo: tuple[Path, Path], tmp_path: Path) -> Non
     assert_one_line_error(cli("restore", "--db", "app", "--into", "http://127.0.0.1:1"), 2, "--repo")
     assert_one_line_error(cli("restore", "--repo", repository, "--db", "app", "--into", "http://127.0.0.1:1"),
                           1, "cannot reach")
+
+
+def test_into_a_namespace_it_creates_at_a_time(repo: tuple[Path, Path], sqld_namespaces: SqldServer,  # noqa: F811
+                                               tmp_path: Path) -> None:
+    """--admin-url creates the namespace (--dry-run does not); --at picks the snapshot; an existing
+    namespace is refused by name and left alone."""
+    from datetime import UTC, datetime
+
+    repository, src = repo
+    ns = f"made-{secrets.token_hex(3)}"
+    assert sqld_namespaces.admin_url
+    base = ["restore", "--repo", repository, "--db", "app", "--into", sqld_namespaces.url, "--into-namespace", ns,
+            "--admin-url", sqld_namespaces.admin_url, "--at", datetime.now(UTC).isoformat()]
+    dry = cli(*base, "--dry-run")
+    assert dry.returncode == 0 and f"would create namespace {ns}" in dry.stdout, dry
+    with pytest.raises(urllib.error.HTTPError):  # not created by the dry run
+        sqld_namespaces.execute("SELECT 1", namespace=ns)
+    try:
+        r = cli(*base)
+        assert r.returncode == 0 and "target equals snapshot" in r.stdout, r
+        _assert_same(sqld_namespaces, src, ns)
+        again = cli(*base)
+        assert_one_line_error(again, 2, "already exists")
+        _assert_same(sqld_namespaces, src, ns)
+    finally:
+        sqld_namespaces.delete_namespace(ns)
+
+
+def test_big_blobs_page_under_the_response_limit(sqld: SqldServer, tmp_path: Path) -> None:  # noqa: F811
+    """12 rows of 1 MiB blobs (more than sqld's 10 MB response limit in all): loaded a row a batch, read
+    back in pages small enough, equal."""
+    from dbre.restore.remote import HranaTarget, apply_load, plan_load
+
+    _wipe(sqld)
+    path = tmp_path / "blobs.db"
+    conn = apsw.Connection(str(path))
+    conn.execute("CREATE TABLE big(id INTEGER PRIMARY KEY, b BLOB)")
+    with conn:
+        conn.executemany("INSERT INTO big(b) VALUES (?)", [(secrets.token_bytes(1 << 20),) for _ in range(12)])
+    try:
+        target = HranaTarget(sqld.url, None)
+        result = apply_load(conn, target, plan_load(conn, target, force=False, source="blobs"))
+        assert result.equal and result.batches >= 12 and result.checks[0].remote_rows == 12
+    finally:
+        conn.close()
+        _wipe(sqld)

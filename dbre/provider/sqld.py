@@ -72,6 +72,10 @@ class SqldAdmin:
         body = {"timestamp": fork_timestamp(at)} if at is not None else None
         self._call("POST", f"/v1/namespaces/{namespace}/fork/{new}", body, what=f"fork {namespace} into {new}")
 
+    def create(self, namespace: str) -> None:
+        """Create the new, empty namespace ``namespace`` (UsageError if it exists)."""
+        self._call("POST", f"/v1/namespaces/{namespace}/create", {}, what=f"create namespace {namespace}")
+
     def delete(self, namespace: str) -> None:
         self._call("DELETE", f"/v1/namespaces/{namespace}", None, what=f"delete namespace {namespace}")
 

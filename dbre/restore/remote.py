@@ -43,7 +43,8 @@ __all__ = ["HranaTarget", "LoadPlan", "LoadResult", "plan_load", "apply_load", "
 
 DEFAULT_BATCH_BYTES = 1 << 20  # rows sent per request (and per transaction), by their size
 _ROWS_PER_STATEMENT = 200  # rows of one multi-row INSERT (under SQLite's 32766 bound variables)
-_PAGE_ROWS = 2000  # rows read back per request by the verification (under sqld's response limit)
+_PAGE_ROWS = 2000  # rows read back per request by the verification, at most,
+_PAGE_BYTES = 2 << 20  # and about this many bytes (sqld's --max-response-size is 10 MB by default)
 _TOKEN_HINT = "check LIBSQL_AUTH_TOKEN / TURSO_AUTH_TOKEN"
 
 Progress = Callable[[int, int], None]
@@ -251,10 +252,11 @@ class LoadPlan:
 
 
 def plan_load(conn: apsw.Connection, target: HranaTarget, *, force: bool, source: str,
-              batch_bytes: int = DEFAULT_BATCH_BYTES) -> LoadPlan:
+              batch_bytes: int = DEFAULT_BATCH_BYTES, new: bool = False) -> LoadPlan:
     """Read the restored file's schema and sizes and the target's user objects; refuses a non-empty
-    target without ``force`` (UsageError: nothing changed)."""
-    existing = target.user_objects()
+    target without ``force`` (UsageError: nothing changed). ``new``: the target does not exist yet
+    (a namespace the load creates), so it holds nothing."""
+    existing = [] if new else target.user_objects()
     if existing and not force:
         names = ", ".join(n for _, n in existing[:5]) + (f" and {len(existing) - 5} more" if len(existing) > 5 else "")
         raise UsageError(f"restore into {target.label}: the target is not empty ({len(existing)} user objects: "
@@ -480,24 +482,26 @@ def table_digest_remote(target: HranaTarget, t: TablePlan) -> tuple[int, str]:
     h = xxhash.xxh3_128()
     n = 0
     select = ", ".join(qident(c) for c in t.columns) or "1"
+    # pages of about _PAGE_BYTES by the table's mean row (blobs come back as base64, text as JSON)
+    per = max(1, min(_PAGE_ROWS, _PAGE_BYTES * max(1, t.rows) // max(1, 2 * t.bytes)))
     if t.without_rowid:
         while True:
-            page = target.query(f"SELECT {select} FROM {qident(t.name)} LIMIT {_PAGE_ROWS} OFFSET {n}")
+            page = target.query(f"SELECT {select} FROM {qident(t.name)} LIMIT {per} OFFSET {n}")
             for row in page:
                 _update(h, row)
             n += len(page)
-            if len(page) < _PAGE_ROWS:
+            if len(page) < per:
                 break
     else:
         last: int | None = None
         while True:
             where = "" if last is None else " WHERE rowid > ?"
             page = target.query(f"SELECT rowid, {select} FROM {qident(t.name)}{where} ORDER BY rowid "
-                                f"LIMIT {_PAGE_ROWS}", () if last is None else (last,))
+                                f"LIMIT {per}", () if last is None else (last,))
             for row in page:
                 _update(h, row[1:])
             n += len(page)
-            if len(page) < _PAGE_ROWS:
+            if len(page) < per:
                 break
             last = int(page[-1][0])
     return n, h.hexdigest()

@@ -11,7 +11,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from dbre.errors import UsageError
+from dbre.errors import DbreError, UsageError
 from dbre.restore.remote import HranaTarget, LoadPlan, apply_load, plan_load, restore_scratch
 from dbre.secrets import Secret
 from dbre.units import human_bytes
@@ -25,23 +25,52 @@ def is_remote_url(value: str | None) -> bool:
 
 def run_remote_restore(repository: Any, db: str, url: str, token: Secret | None, *, namespace: str | None,
                        snapshot: str | None, newest_snapshot: bool, at: datetime | None, force: bool,
-                       dry_run: bool, json_out: bool,
-                       progress: Callable[[], Any]) -> None:
-    """Restore to a scratch file, then plan the load into ``url``; show it (dry run) or apply and verify."""
+                       dry_run: bool, json_out: bool, progress: Callable[[], Any],
+                       admin_url: str | None = None) -> None:
+    """Restore to a scratch file, then plan the load into ``url``; show it (dry run) or apply and verify.
+    ``admin_url`` (sqld's admin API, key in LIBSQL_ADMIN_AUTH_KEY): create ``namespace`` first, and delete
+    it again if the load fails."""
     import apsw
 
+    admin = None
+    if admin_url is not None:
+        import os
+
+        from dbre.provider.sqld import ADMIN_KEY_ENV, SqldAdmin, check_namespace
+
+        if namespace is None:
+            raise UsageError("--admin-url with --into URL creates a namespace: name it with --into-namespace",
+                             "or drop --admin-url to load into an existing database")
+        if force:
+            raise UsageError("--force with --admin-url: the namespace is new, there is nothing to replace",
+                             "drop --force")
+        check_namespace(namespace, "--into-namespace")
+        key = os.environ.get(ADMIN_KEY_ENV, "").strip()
+        admin = SqldAdmin(admin_url, Secret(key) if key else None)
     target = HranaTarget(url, token, namespace=namespace)
     with tempfile.TemporaryDirectory(prefix="dbre-into-") as tmp:
         path = Path(tmp) / f"{db}.db"
         what = restore_scratch(repository, db, path, snapshot=snapshot, at=at, newest_snapshot=newest_snapshot)
         conn = apsw.Connection(str(path), flags=apsw.SQLITE_OPEN_READONLY)
         try:
-            plan = plan_load(conn, target, force=force, source=what)
+            plan = plan_load(conn, target, force=force, source=what, new=admin is not None)
             if dry_run:
+                if admin is not None and not json_out:
+                    print(f"would create namespace {namespace} through {admin.url}")
                 _show_plan(plan, target, json_out)
                 return
-            with progress() as bar:
-                result = apply_load(conn, target, plan, bar)
+            if admin is not None:
+                admin.create(namespace or "")
+            try:
+                with progress() as bar:
+                    result = apply_load(conn, target, plan, bar)
+            except BaseException:
+                if admin is not None:  # (ours: created above) the target is as it was: not there
+                    try:
+                        admin.delete(namespace or "")
+                    except DbreError:
+                        pass
+                raise
         finally:
             conn.close()
     s = result.summary()
