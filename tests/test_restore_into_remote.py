@@ -14,7 +14,7 @@ import apsw
 import pytest
 
 from tests.dbfactory import assert_one_line_error, cli
-from tests.sqld import SqldServer, sqld, sqld_auth, sqld_namespaces  # noqa: F401 - session fixtures
+from tests.sqld import SqldServer, sqld_namespaces, start_sqld  # noqa: F401 - the session fixture
 
 SCHEMA = """
 CREATE TABLE items(id INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT, data BLOB, price REAL, note TEXT);
@@ -43,6 +43,21 @@ def _make_source(path: Path, rows: int = 300) -> Path:
     conn.execute("PRAGMA user_version=42")
     conn.close()
     return path
+
+
+@pytest.fixture(scope="module")
+def sqld(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SqldServer]:
+    """A plain sqld of this module's own: its default database is emptied by these tests (the session's
+    is shared with other modules' tables)."""
+    with start_sqld(tmp_path_factory.mktemp("sqld-into")) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def sqld_auth(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SqldServer]:
+    """A sqld of this module's own that requires a JWT (``.token``)."""
+    with start_sqld(tmp_path_factory.mktemp("sqld-into-auth"), jwt=True) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +101,7 @@ def _wipe(server: SqldServer, ns: str | None = None) -> None:
         server.execute(f'DROP {kind} IF EXISTS "{name}"', namespace=ns)
 
 
-def test_into_default_database_then_refused_then_force(repo: tuple[Path, Path], sqld: SqldServer) -> None:  # noqa: F811
+def test_into_default_database_then_refused_then_force(repo: tuple[Path, Path], sqld: SqldServer) -> None:
     repository, src = repo
     _wipe(sqld)
     dry = cli("restore", "--repo", repository, "--db", "app", "--into", sqld.url, "--dry-run")
@@ -134,7 +149,7 @@ def test_into_new_namespace(repo: tuple[Path, Path], sqld_namespaces: SqldServer
         sqld_namespaces.delete_namespace(ns)
 
 
-def test_many_batches_and_a_failed_load_leaves_the_target_empty(repo: tuple[Path, Path], sqld: SqldServer,  # noqa: F811
+def test_many_batches_and_a_failed_load_leaves_the_target_empty(repo: tuple[Path, Path], sqld: SqldServer,
                                                                 tmp_path: Path) -> None:
     """Tiny batches (many transactions); then a load that fails mid-way drops what it created."""
     from dbre.errors import RestoreError
@@ -167,7 +182,7 @@ def test_many_batches_and_a_failed_load_leaves_the_target_empty(repo: tuple[Path
     conn.close()
 
 
-def test_token_right_and_wrong(repo: tuple[Path, Path], sqld_auth: SqldServer) -> None:  # noqa: F811
+def test_token_right_and_wrong(repo: tuple[Path, Path], sqld_auth: SqldServer) -> None:
     repository, src = repo
     assert sqld_auth.token
     wrong = "eyJ0eXAi.wrong-token-value.xyz"
@@ -222,7 +237,7 @@ def test_into_a_namespace_it_creates_at_a_time(repo: tuple[Path, Path], sqld_nam
         sqld_namespaces.delete_namespace(ns)
 
 
-def test_big_blobs_page_under_the_response_limit(sqld: SqldServer, tmp_path: Path) -> None:  # noqa: F811
+def test_big_blobs_page_under_the_response_limit(sqld: SqldServer, tmp_path: Path) -> None:
     """12 rows of 1 MiB blobs (more than sqld's 10 MB response limit in all): loaded a row a batch, read
     back in pages small enough, equal."""
     from dbre.restore.remote import HranaTarget, apply_load, plan_load
