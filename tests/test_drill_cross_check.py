@@ -18,8 +18,9 @@ import apsw
 import pytest
 
 from tests.dbfactory import assert_one_line_error, cli
-from tests.sqld import SqldServer, start_sqld
+from tests.sqld import SqldServer, sqld_auth, start_sqld  # noqa: F401 - the session fixture
 from tests.test_provider_sqld import ADMIN_KEY, _restorable_after
+from tests.test_provider_turso import platform  # noqa: F401 - the Platform API contract server
 
 ENV = {"LIBSQL_ADMIN_AUTH_KEY": ADMIN_KEY}
 
@@ -192,3 +193,34 @@ def test_drill_flow_cross_check(world: World, prefect_harness: None, tmp_path: P
     cc = rec["cross_check"]
     assert rec["passed"] and cc["agree"] and cc["tables_agree"] == 2 and cc["source"] == "app", cc
     assert "Two independent backup systems that agree" in Path(rec["report"]).read_text()
+
+
+def test_cross_check_turso_contract(platform: Any, sqld_auth: SqldServer, tmp_path: Path) -> None:  # noqa: F811
+    """--cross-check turso against the Platform API contract server of tests/test_provider_turso.py (Turso
+    Cloud is out of reach): a database seeded at the drill's time, read with a read-only token, deleted;
+    its "history" is the real sqld behind it, so the two restores agree table by table."""
+    from dbre.repository.backup import backup
+    from dbre.repository.repo import Repository
+    from dbre.secrets import Secret
+    from dbre.sources.remote import RemoteLibsqlSource
+    from tests.test_provider_turso import API_TOKEN, ORG
+
+    assert sqld_auth.token
+    sqld_auth.pipeline(["DROP TABLE IF EXISTS cc_turso", "CREATE TABLE cc_turso(i INTEGER PRIMARY KEY, v TEXT)",
+                        *[("INSERT INTO cc_turso VALUES (?, ?)", (i, f"v{i} ✓")) for i in range(40)]])
+    repo = tmp_path / "repo"
+    assert cli("init", "--repo", repo).returncode == 0
+    backup(Repository.open(str(repo)), RemoteLibsqlSource(sqld_auth.url, Secret(sqld_auth.token), method="dump"),
+           "shop", checksums=True)
+    r = cli("drill", "--repo", repo, "--db", "shop", "--cross-check", "turso", "--provider-org", ORG,
+            "--provider-database", "shop", "--json",
+            env={"TURSO_API_BASE_URL": platform.url, "TURSO_API_TOKEN": API_TOKEN})
+    assert r.returncode == 0, r
+    assert platform.violations == [] and platform.existing == {"shop"}  # the seeded database is gone
+    cc = json.loads(r.stdout)["cross_check"]
+    assert cc["agree"] and cc["provider"] == "turso" and cc["source"] == f"{ORG}/shop", cc
+    assert {"table": "cc_turso", "rows": (40, 40)} == next(
+        {"table": t["table"], "rows": (t["dbre_rows"], t["provider_rows"])} for t in cc["tables"]
+        if t["table"] == "cc_turso")
+    assert API_TOKEN not in r.stdout + r.stderr and sqld_auth.token not in r.stdout + r.stderr
+    sqld_auth.pipeline(["DROP TABLE IF EXISTS cc_turso"])
