@@ -33,8 +33,9 @@ if TYPE_CHECKING:
     from dbre.validate.suites import Suite, SuiteRun
 
 AGREEMENT = ("Two independent backup systems that agree are stronger evidence than either alone: dbre and "
-             "{provider} share no code, storage or path from the database, so a table both restore with the same "
-             "rows and checksum is confirmed twice.")
+             "{provider} keep their histories with different code, in different storage, along different paths "
+             "from the database, so a table both restore with the same rows and checksum is confirmed twice, and "
+             "a fault of one shows as a disagreement instead of passing unseen.")
 
 
 @dataclass
