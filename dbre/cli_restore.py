@@ -42,7 +42,8 @@ def restore(
                                            "to it, else the newest snapshot at or before it; with --provider, the "
                                            "provider's history at that time.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing file at --to; refused while a process "
-                                        "has it open (stop the application first).")] = False,
+                                        "has it open (stop the application first). With --into URL: drop every "
+                                        "user object in the remote database first.")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Show the plan, restore nothing.")] = False,
     json_out: JsonOpt = False,
     key_file: KeyFileOpt = None,
@@ -98,7 +99,8 @@ def restore(
     """Restore a database to a new file: its newest replicated state (else its newest snapshot), a
     snapshot (--snapshot), or a point in time (--at, --txid). An existing file is replaced only with
     --force, and never while a process has it open. With --provider, from the provider's own
-    point-in-time history (sqld bottomless, Turso Cloud) instead of a repository."""
+    point-in-time history (sqld bottomless, Turso Cloud) instead of a repository. With --into URL, into an
+    empty remote libSQL database (sqld, a sqld namespace, Turso), checked table by table after the load."""
 
     def go() -> None:
         import os
