@@ -142,12 +142,12 @@ class _Group(TyperGroup):
         except ClickUsageError as err:
             if not standalone_mode:
                 raise
-            print(_usage_line(err, self, sys.argv[1:] if args is None else args), file=sys.stderr)
+            print(_one_line(_usage_line(err, self, sys.argv[1:] if args is None else args)), file=sys.stderr)
             sys.exit(2)
         except ClickException as err:
             if not standalone_mode:
                 raise
-            print(f"dbre: {err.format_message()}", file=sys.stderr)
+            print(_one_line(f"dbre: {err.format_message()}"), file=sys.stderr)
             sys.exit(err.exit_code)
         except typer.Abort:
             if not standalone_mode:
@@ -236,6 +236,15 @@ def _token() -> Secret | None:
     return Secret(raw) if raw else None
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f\u2028\u2029\x85]")
+
+
+def _one_line(text: str) -> str:
+    """An error line as one line: a control character a name or value brought in (a newline, a CR, a NUL) is
+    shown escaped, as Python writes it (`\\n`), so the message stays one line and says what was given."""
+    return _CONTROL.sub(lambda m: repr(m.group())[1:-1], text)
+
+
 def _run(fn: Callable[[], T]) -> T:
     try:
         return fn()
@@ -245,7 +254,7 @@ def _run(fn: Callable[[], T]) -> T:
         if _state["debug"]:
             raise
         msg = err.message + (f" ({err.hint})" if err.hint else "")
-        print(f"dbre: {msg}", file=sys.stderr)
+        print(_one_line(f"dbre: {msg}"), file=sys.stderr)
         raise typer.Exit(err.exit_code) from None
     except KeyboardInterrupt:
         print("dbre: interrupted; the repository is unchanged by the unfinished step", file=sys.stderr)
@@ -253,7 +262,7 @@ def _run(fn: Callable[[], T]) -> T:
     except Exception as err:  # noqa: BLE001 - the one-line promise covers the unexpected too
         if _state["debug"]:
             raise
-        print(f"dbre: unexpected error: {err.__class__.__name__}: {err} (run with --debug for details)",
+        print(_one_line(f"dbre: unexpected error: {err.__class__.__name__}: {err} (run with --debug for details)"),
               file=sys.stderr)
         raise typer.Exit(1) from None
 
