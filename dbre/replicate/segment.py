@@ -130,9 +130,20 @@ class Generation:
 
     @classmethod
     def from_json(cls, raw: bytes) -> Generation:
+        """Parse a base; ValueError, TypeError or KeyError when it is not one (a field missing, of the wrong type,
+        a state or time that does not parse)."""
         d = json.loads(raw)
+        if not isinstance(d, dict):
+            raise TypeError("a generation base is a JSON object")
         d["wal"] = WalPos.from_json(d["wal"])
-        return cls(**d)
+        gen = cls(**d)
+        texts = (gen.db, gen.id, gen.snapshot, gen.snapshot_key, gen.taken_at, gen.file_id, gen.state, gen.created)
+        if not all(isinstance(v, str) for v in texts) or not all(
+                isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (gen.base_txid, gen.page_size)):
+            raise TypeError("a field of the generation base has the wrong type")
+        bytes.fromhex(gen.state)
+        gen.time  # noqa: B018 - a time that does not parse is a damaged base
+        return gen
 
 
 def new_generation_id(taken_at: datetime) -> str:
@@ -243,10 +254,11 @@ class Segment:
                     pages[pgno] = page
                     off += 4 + ps
                 seg.transactions.append(Transaction(txid, obs, count, pages))
-        except (struct.error, ValueError, KeyError, TypeError):
+            first, last = head["first_txid"], head["last_txid"]
+        except (struct.error, ValueError, KeyError, TypeError, AttributeError, IndexError, RecursionError):
             raise bad from None
-        if off != len(raw) or not seg.transactions or seg.transactions[0].txid != head["first_txid"] \
-                or seg.transactions[-1].txid != head["last_txid"]:
+        if off != len(raw) or not seg.transactions or seg.transactions[0].txid != first \
+                or seg.transactions[-1].txid != last:
             raise bad
         return seg
 
@@ -258,7 +270,11 @@ def write_base(repo: Repository, gen: Generation) -> None:
 
 def read_base(repo: Repository, db: str, gen: str) -> Generation:
     key = generation_key(db, gen)
-    base = Generation.from_json(repo.sealer.unseal(get_capped(repo.store, key, BASE_CAP, "generation base"), key))
+    raw = repo.sealer.unseal(get_capped(repo.store, key, BASE_CAP, "generation base"), key)
+    try:
+        base = Generation.from_json(raw)
+    except (ValueError, TypeError, KeyError, AttributeError, IndexError, RecursionError) as err:
+        raise IntegrityError(f"{key}: generation base is damaged ({err.__class__.__name__})", _HINT) from None
     if base.db != db or base.id != gen:
         raise IntegrityError(f"{key}: generation base names {base.db}/{base.id}", _HINT)
     return base
