@@ -271,9 +271,6 @@ def test_verify_immutable_names_a_locked_manifest_hidden_by_a_delete_marker(lock
 # -- finding 7: the copy a fallback restore reads is not held by the restore's lock -----------------------
 
 
-@pytest.mark.xfail(strict=True, reason="finding 7: restore --fallback holds its lock in the primary only: a "
-                   "forget --prune on the offsite copy runs beside it and deletes the snapshot and packs it is "
-                   "reading from the copy")
 def test_a_fallback_restore_holds_what_it_reads_from_the_copy(tmp_path: Path) -> None:
     """The restore's shared lock is what keeps a prune from deleting a pack while its pages are read
     (full.py, apply_restore). With --fallback the objects come from the copy, whose own retention
@@ -464,3 +461,51 @@ def test_a_repository_without_object_lock_needs_no_new_permission(spawn_moto: An
     store = S3Store(bucket, "repo", endpoint_url=server.endpoint)
     m = backup(Repository.open_or_init(store), LocalFileSource(db), "app").manifest
     assert Repository.open(S3Store(bucket, "repo", endpoint_url=server.endpoint)).snapshots("app")[0].id == m.id
+
+
+# -- finding 12: a fallback restore of a wholly damaged primary plans once per damaged object ---------------
+
+
+def test_a_fallback_restore_of_a_ransomed_primary_does_not_retry_per_object(tmp_path: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """The likeliest attack rewrites every object, not one. Packs are made small here (64 KiB instead
+    of 32 MiB: each page batch a pack) so that a 12 MB database spans as many packs as a 1 GB one does
+    in production (~30);
+    every one is damaged in the primary and intact in the copy. The restore is right, but it plans
+    once per pack; a 40 GB database (>1000 packs) would not restore through --fallback at all."""
+    from dbre.repository import pack as pack_module
+    from dbre.repository.copy import copy_snapshots
+    from dbre.repository.fallback import open_with_fallbacks
+    from dbre.restore import full
+
+    monkeypatch.setattr(pack_module.PackWriter.__init__, "__defaults__", (64 * 1024, None))
+    primary, offsite = str(tmp_path / "primary"), str(tmp_path / "offsite")
+    db = tmp_path / "app.db"
+    with sqlite3.connect(db) as c:  # 12 MB that does not compress
+        c.execute("CREATE TABLE items(id INTEGER PRIMARY KEY, v BLOB)")
+        c.executemany("INSERT INTO items(v) VALUES (randomblob(1000))", [() for _ in range(12000)])
+    m = backup(Repository.open_or_init(primary), LocalFileSource(db), "app").manifest
+    copy_snapshots(Repository.open(primary), Repository.init_copy_of(Repository.open(primary), offsite, None))
+    assert len(m.packs) >= 20, len(m.packs)
+    for p in m.packs:  # the attacker: every pack rewritten (its last byte flipped)
+        path = tmp_path / "primary" / pack_key(p)
+        data = bytearray(path.read_bytes())
+        data[-1] ^= 0xFF
+        path.write_bytes(bytes(data))
+    plans = [0]
+    real = full._plan
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        plans[0] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(full, "_plan", counting)
+    fb = open_with_fallbacks(primary, None, [offsite])
+    full.apply_restore(fb, full.plan_restore(fb, "app", tmp_path / "out.db"))
+    assert query_count(tmp_path / "out.db") == query_count(db)
+    assert plans[0] <= 3, f"{plans[0]} plans for {len(m.packs)} damaged packs"
+
+
+def query_count(path: Path) -> int:
+    with sqlite3.connect(path) as c:
+        return int(c.execute("SELECT count(*) FROM items").fetchone()[0])

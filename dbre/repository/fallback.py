@@ -26,11 +26,14 @@ import logging
 import re
 import threading
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from dbre.errors import IntegrityError, RepositoryError, UsageError
+from dbre.errors import IntegrityError, LockedError, RepositoryError, UsageError
 from dbre.repository.crypto import CONFIG_MAC_INFO, config_mac_ok
+from dbre.repository.lock import Lock
+from dbre.repository.lock import hold as hold_lock
 from dbre.repository.repo import Repository
 from dbre.secrets import Secret
 from dbre.storage import NotFound, Store, open_store
@@ -41,6 +44,11 @@ T = TypeVar("T")
 
 UNION_PREFIXES = ("snapshots/", "segments/", "packs/")  # what a restore looks up by listing
 MAX_ROUTES = 1000  # damaged objects one restore takes from copies before it gives up (each costs a retry)
+# After this many objects found damaged in the primary, the primary is taken for compromised (an attacker
+# rarely rewrites one object): every object not read yet comes from the copies first, the primary last;
+# a restore then costs a few attempts, not one per damaged object.
+DISTRUST_AFTER = 2
+_PRIMARY_LAST = -2  # a route: the key was read from the copies first and comes from the primary now
 
 # an object key in an error message: the first one that names a stored object (not a generation)
 _KEY = re.compile(r"(packs/(?:[0-9a-f]{2}/)?[0-9a-f]{32}|snapshots/[^\s:@(),;]+/[^\s:@(),;]+"
@@ -102,7 +110,14 @@ class FallbackStore:
         self._why: dict[str, list[str]] = {}  # key -> why each repository before that copy was not used
         self._read: set[str] = set()  # routed keys actually read from their copy
         self._reroutes = 0
+        self._damaged_in_primary = 0
+        self._primary_skipped: set[str] = set()  # keys read from the copies first (the primary distrusted)
         self._mutex = threading.Lock()
+
+    @property
+    def distrusted(self) -> bool:
+        """The primary was found damaged often enough (DISTRUST_AFTER) to be read last from now on."""
+        return self._damaged_in_primary >= DISTRUST_AFTER
 
     def __repr__(self) -> str:
         return f"FallbackStore({self.url!r}, copies={[c.url for c in self.copies]!r})"
@@ -112,7 +127,7 @@ class FallbackStore:
         """Every object read from a copy, in key order."""
         with self._mutex:
             return [Taken(k, self.copies[self._route[k]].url, list(self._why.get(k, [])))
-                    for k in sorted(self._read)]
+                    for k in sorted(self._read) if self._route.get(k, -1) >= 0]
 
     def reroute(self, key: str, err: Exception) -> bool:
         """Read ``key`` from the next copy from now on, ``err`` saying why not from where it came from;
@@ -120,7 +135,16 @@ class FallbackStore:
         with self._mutex:
             at = self._route.get(key, -1)
             self._why.setdefault(key, []).append(_why(err, key))
-            if at + 1 >= len(self.copies) or self._reroutes >= MAX_ROUTES:
+            if at == -1:
+                self._damaged_in_primary += 1
+            if self._reroutes >= MAX_ROUTES:
+                return False
+            if at + 1 >= len(self.copies) or at == _PRIMARY_LAST:
+                if key in self._primary_skipped and at != _PRIMARY_LAST:  # damaged in every copy: the primary's
+                    self._reroutes += 1
+                    self._route[key] = _PRIMARY_LAST
+                    self._read.discard(key)
+                    return True
                 return False
             self._reroutes += 1
             self._route[key] = at + 1
@@ -134,7 +158,10 @@ class FallbackStore:
 
     def _everywhere(self, key: str) -> str:
         urls = [self.primary.url] + [c.url for c in self.copies]
-        return f"{key}: " + "; ".join(f"{w} in {u}" for w, u in zip(self._why.get(key, []), urls, strict=False))
+        why = self._why.get(key, [])
+        if key in self._primary_skipped and len(why) > len(urls):  # (read from the primary last, too)
+            why = [f"{why[0]}, then {why[-1]}", *why[1:-1]]
+        return f"{key}: " + "; ".join(f"{w} in {u}" for w, u in zip(why, urls, strict=False))
 
     # -- reads -----------------------------------------------------------------------------------
 
@@ -143,6 +170,13 @@ class FallbackStore:
             return read(self.primary)
         with self._mutex:
             at = self._route.get(key, -1)
+            if at == -1 and self.copies and self.distrusted and key.startswith(UNION_PREFIXES):
+                at = self._route[key] = 0
+                self._primary_skipped.add(key)
+                self._why.setdefault(key, []).append(
+                    f"not read ({self._damaged_in_primary} objects were damaged there)")
+        if at == _PRIMARY_LAST:
+            return read(self.primary)
         if at < 0:
             try:
                 return read(self.primary)
@@ -163,6 +197,9 @@ class FallbackStore:
                     if len(why) < at + 2:
                         why.append(_why(err, key))
                     if at + 1 >= len(self.copies):
+                        if key in self._primary_skipped:  # in no copy: the primary's, as a last resort
+                            self._route[key] = _PRIMARY_LAST
+                            return read(self.primary)
                         raise IntegrityError(self._everywhere(key),
                                              "nothing was restored; restore another snapshot or time") from None
                     at = self._route[key] = at + 1
@@ -217,6 +254,23 @@ class FallbackRepository(Repository):
     @property
     def taken(self) -> list[Taken]:
         return self.store.taken
+
+    @contextmanager
+    def lock(self, op: str, *, exclusive: bool = False) -> Iterator[Lock]:  # type: ignore[override]
+        """The primary's lock, and a shared lock in every copy read from: a `forget --prune` on the offsite
+        copy then waits for (or refuses beside) this restore instead of deleting what it reads. A copy that
+        refuses the lock (read-only credentials) is read without one, with a warning."""
+        with ExitStack() as stack:
+            held = stack.enter_context(hold_lock(self.store.primary, op, exclusive=exclusive))
+            for copy in self.store.copies:
+                try:
+                    stack.enter_context(hold_lock(copy, f"{op} (fallback of {self.store.primary.url})"))
+                except LockedError:
+                    raise
+                except StorageError as err:
+                    log.warning("fallback %s: no lock taken there (%s); a prune there during this restore could "
+                                "remove what it reads", copy.url, err.message)
+            yield held
 
     def fallback_lines(self) -> list[str]:
         """One line per object taken from a copy (the config first, when it was)."""
