@@ -70,13 +70,15 @@ def s3_operation(method: str, target: str, headers: dict[str, str]) -> str:
 class FaultPlan:
     """Which requests get which fault: each request draws once from a seeded generator; ``rates`` maps
     a kind to its probability (their sum at most 1). ``ops``: only these operations get faults (None:
-    all); ``paths``: only requests whose path holds one of these strings (None: all). ``limit``: at
+    all); ``paths``: only requests whose path holds one of these strings (None: all); ``after``: the
+    first ``after`` requests are forwarded whatever they are (a run that fails midway). ``limit``: at
     most this many faults in all (None: no limit). ``enabled`` off forwards all."""
 
     rates: dict[str, float] = field(default_factory=dict)
     seed: int | str = 0
     ops: frozenset[str] | None = None
     paths: tuple[str, ...] | None = None
+    after: int = 0
     limit: int | None = None
     max_delay: float = 1.0
     enabled: bool = True
@@ -88,6 +90,7 @@ class FaultPlan:
         self._rng = random.Random(self.seed)
         self._lock = threading.Lock()
         self.injected = 0
+        self.seen = 0
 
     @classmethod
     def uniform(cls, rate: float, seed: int | str, kinds: Iterable[str] = KINDS, **kw: Any) -> FaultPlan:
@@ -99,7 +102,8 @@ class FaultPlan:
         """The fault for one request of ``op`` on ``path`` (None: forward it) and, for a delay, its seconds."""
         with self._lock:
             r, pause = self._rng.random(), self._rng.uniform(0.1, self.max_delay)
-            if not self.enabled or (self.ops is not None and op not in self.ops) or \
+            self.seen += 1
+            if not self.enabled or self.seen <= self.after or (self.ops is not None and op not in self.ops) or \
                     (self.paths is not None and not any(p in path for p in self.paths)) or \
                     (self.limit is not None and self.injected >= self.limit):
                 return None, 0.0
@@ -118,10 +122,13 @@ class FaultLog:
     requests: Counter[str] = field(default_factory=Counter)
     faults: Counter[str] = field(default_factory=Counter)
     by_op: Counter[tuple[str, str]] = field(default_factory=Counter)
+    trace: list[tuple[str, str, str | None]] = field(default_factory=list)  # the first 5000: op, path, fault
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def add(self, op: str, kind: str | None) -> None:
+    def add(self, op: str, kind: str | None, path: str = "") -> None:
         with self.lock:
+            if len(self.trace) < 5000:
+                self.trace.append((op, path, kind))
             self.requests[op] += 1
             if kind is not None:
                 self.faults[kind] += 1
@@ -213,7 +220,7 @@ class _Handler(socketserver.BaseRequestHandler):
                 if kind == "truncate" and method == "HEAD":
                     kind = None  # no body to cut
                 if kind != "truncate":
-                    proxy.log.add(op, kind)
+                    proxy.log.add(op, kind, urlsplit(target).path)
                 if kind == "reset_before":
                     _reset(sock)
                     return
@@ -249,7 +256,7 @@ class _Handler(socketserver.BaseRequestHandler):
                 out = ("\r\n".join(head) + "\r\n\r\n").encode("latin-1")
                 if kind == "truncate":
                     cut = len(rbody) > 1
-                    proxy.log.add(op, kind if cut else None)  # an empty body cannot be cut
+                    proxy.log.add(op, kind if cut else None, urlsplit(target).path)  # an empty body cannot be cut
                     if cut:
                         wfile.write(out + rbody[: len(rbody) // 2])
                         wfile.flush()

@@ -3,21 +3,28 @@ through tests/faultproxy.py, which resets connections (before a request reaches 
 the PUT happened, its answer is lost), answers 500, 503 SlowDown and 429 without forwarding, delays
 answers and cuts bodies short, at ~8% of requests, seeded.
 
-For every run: exit 0, or a non-zero exit with exactly one "dbre: ..." line and no traceback, within
-`RUN_BOUND` seconds. The bound comes from the retry budget: each store operation is tried by
-`RetryingStore` at most 5 times (sleeps 0.1-1.6 s between), each try is botocore's 3 attempts, and
-no try starts more than `RetryingStore.budget` (120 s) after the first; an injected delay is at most
-1 s. After the faulty phase, with the proxy off: `verify --read-data` is clean, every snapshot listed
+For every run: exit 0, or a non-zero exit with exactly one "dbre: ..." line and no traceback (a
+warning that a lock could not be removed may precede it), within `RUN_BOUND` seconds. The bound comes
+from the retry budget: each store operation is tried by `RetryingStore` at most 5 times (sleeps
+0.1-1.6 s between), each try is botocore's 3 attempts (its backoff up to 2 and 4 s), and no try
+starts more than `RetryingStore.budget` (120 s) after the first; an injected delay is at most 1 s.
+Against a store that fails everything one operation gives up after 15-25 s; a failed run spends that
+on the failing operation and again on removing each lock it holds (a copy holds two: ~65 s measured).
+
+After the faulty phase, with the proxy off: `verify --read-data` is clean, every snapshot listed
 restores to the content recorded when it was taken, every commit the replicator reported shipped
 restores, and every object listed in either repository reads whole.
 
-`DBRE_TORTURE_TRIALS` (or --runslow) scales the rounds; DBRE_TORTURE_SEED picks another fault plan.
-The figures (runs, faults per kind and operation, failures with their line, data lost, the longest
-run) are printed and added to the torture tally.
+The CI part: 8% of requests (DBRE_S3_FAULT_RATE), 6 backups. --runslow adds 30% and the failing-store
+runs of every command; DBRE_TORTURE_TRIALS scales the rounds, DBRE_TORTURE_SEED picks another fault
+plan. The figures (runs, faults per kind and operation, failures with their line, data lost, the
+longest run) are printed and added to the torture tally.
 """
 
 from __future__ import annotations
 
+import os
+import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -27,20 +34,23 @@ from typing import Any
 import pytest
 
 from dbre.repository.repo import Repository
-from tests.dbfactory import make_db
+from tests.dbfactory import change_rows, make_db
 from tests.faultproxy import FaultPlan, FaultProxy
 from tests.replication import make_source, read_log, restored_seq, start_writer
 from tests.test_crash import rewrite_rows
-from tests.torture.harness import CI_TOTAL, SEED, TRIALS, Oracle, Tally, cli, content_digest, remove_db
+from tests.torture.harness import CI_TOTAL, SEED, TRIALS, Oracle, Tally, cli, content_digest, remove_db, verify_clean
 from tests.torture.launcher import Launcher, Run
 from tests.torture.test_kill_replicate import shipped_txids
 
-RATE = 0.08  # of requests that get a fault
+RATE = float(os.environ.get("DBRE_S3_FAULT_RATE", "0.08"))  # of requests that get a fault
 RUN_BOUND = 90.0  # s: the longest any run may take (see the module docstring)
 SCALE = max(1.0, TRIALS / CI_TOTAL)
 BACKUPS = round(4 * SCALE)  # backups before the prune (each through the faults)
 WRITE_SECONDS = 4.0 * min(SCALE, 5)
 BASE_ROWS = 200
+
+
+STALE_LOCK = re.compile(r"^lock locks/[0-9a-f]+: could not remove it \(.*\); it goes stale in ")
 
 
 @dataclass
@@ -51,8 +61,8 @@ class Figures:
     longest: tuple[float, str] = (0.0, "")
     data_lost: int = 0
 
-    def lines(self, proxy: FaultProxy) -> list[str]:
-        out = [f"storage faults (seed {SEED}, {RATE:.0%} of requests): {self.runs} runs, {self.succeeded} succeeded, "
+    def lines(self, proxy: FaultProxy, rate: float) -> list[str]:
+        out = [f"storage faults (seed {SEED}, {rate:.0%} of requests): {self.runs} runs, {self.succeeded} succeeded, "
                f"{len(self.failed)} failed with one line, data lost {self.data_lost}, "
                f"longest run {self.longest[0]:.1f} s ({self.longest[1]})"]
         out += [f"  failed: {line}" for line in self.failed]
@@ -86,8 +96,12 @@ def judge(run: Run, figures: Figures, bound: float = RUN_BOUND) -> int:
         figures.succeeded += 1
         return 0
     lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("dbre: "), f"{name} failed without one 'dbre:' line: {run}"
-    figures.failed.append(f"{name} (exit {code}): {lines[0]}")
+    # the one warning a failed run may print before its line: a lock it could not remove (it goes stale)
+    warnings = [line for line in lines if STALE_LOCK.search(line)]
+    errors = [line for line in lines if line not in warnings]
+    assert len(errors) == 1 and errors[0].startswith("dbre: "), f"{name} failed without one 'dbre:' line: {run}"
+    figures.failed.append(f"{name} (exit {code}): {errors[0]}" + (f" [+ {len(warnings)} stale-lock warning]"
+                                                                   if warnings else ""))
     return code
 
 
@@ -101,15 +115,16 @@ def readable(url: str) -> int:
     return n
 
 
-def test_s3_faults(launcher: Launcher, proxy: FaultProxy, s3_bucket: str, tally: Tally, tmp_path: Path,
-                   request: pytest.FixtureRequest) -> None:
+@pytest.mark.parametrize("rate", [RATE, pytest.param(0.3, marks=pytest.mark.slow)], ids=lambda r: f"{r:.0%}")
+def test_s3_faults(rate: float, launcher: Launcher, proxy: FaultProxy, s3_bucket: str, tally: Tally,
+                   tmp_path: Path, request: pytest.FixtureRequest) -> None:
     began = time.monotonic()
-    cell = tally.cell("storage faults", "s3")
+    cell = tally.cell(f"storage faults {rate:.0%}", "s3")
     figures = Figures()
     url, offsite = f"s3://{s3_bucket}/repo", f"s3://{s3_bucket}/offsite"
     src = make_db(tmp_path / "main.db", mb=1.5, journal="delete", seed=SEED % 1000)
     oracle = Oracle(url, tmp_path, cell)
-    proxy.plan = FaultPlan.uniform(RATE, f"{SEED}:s3-faults", max_delay=1.0)
+    proxy.plan = FaultPlan.uniform(rate, f"{SEED}:s3-faults:{rate}", max_delay=1.0)
     made: list[str] = []  # the backups' snapshots, oldest first
     copied = Oracle(offsite, tmp_path, cell)
     try:
@@ -179,7 +194,7 @@ def test_s3_faults(launcher: Launcher, proxy: FaultProxy, s3_bucket: str, tally:
         cell.finished_first += figures.succeeded
         cell.data_lost += figures.data_lost
         cell.next_run_max_s = max(cell.next_run_max_s, figures.longest[0])
-        report = figures.lines(proxy)
+        report = figures.lines(proxy, rate)
         print("\n" + "\n".join(report))
         request.node.user_properties.append(("storage_faults", report))
 
@@ -189,22 +204,24 @@ def test_s3_faults(launcher: Launcher, proxy: FaultProxy, s3_bucket: str, tally:
         copied.check()
         readable(offsite)
     assert readable(url) > 0
-    assert sum(proxy.log.faults.values()) > 0.5 * RATE * sum(proxy.log.requests.values()), "too few faults"
+    assert sum(proxy.log.faults.values()) > 0.5 * rate * sum(proxy.log.requests.values()), "too few faults"
     assert {"reset_before", "reset_after", "truncate"} <= set(proxy.log.faults), proxy.log.faults
     assert figures.data_lost == 0
 
 
 def check_replicated(url: str, out: Path, reported: int, last_seq: int | None) -> None:
     """Every commit up to the reported txid restores (the faults are off); ``last_seq``: the replicator
-    ended with 0 after the writer stopped, so every commit restores as the newest state."""
-    if not reported:
-        assert last_seq is None, "the replicator succeeded but reported no segment"
+    exited 0 on SIGTERM after the writer stopped ("ships what is committed"), so every commit restores
+    as the newest state (a base taken late may hold them all, with no segment reported)."""
+    top = 0
+    if reported:
+        remove_db(out)
+        r = cli("restore", "--repo", url, "--db", "app", "--txid", str(reported), "--to", out)
+        assert r.returncode == 0, r
+        count, top, n = restored_seq(out)
+        assert count == top == n, f"txid {reported}: not one consistent state ({count}, {top}, {n})"
+    if not reported and last_seq is None:
         return
-    remove_db(out)
-    r = cli("restore", "--repo", url, "--db", "app", "--txid", str(reported), "--to", out)
-    assert r.returncode == 0, r
-    count, top, n = restored_seq(out)
-    assert count == top == n, f"txid {reported}: not one consistent state ({count}, {top}, {n})"
     remove_db(out)
     r = cli("restore", "--repo", url, "--db", "app", "--to", out)
     assert r.returncode == 0, r
@@ -265,17 +282,81 @@ def test_replicate_conditional_put_answer_lost(path: str, launcher: Launcher, pr
     check_replicated(url, tmp_path / "restored.db", max(shipped_txids(rep)), commits[-1].seq)
 
 
-def test_backup_fails_in_one_line_within_the_budget(launcher: Launcher, proxy: FaultProxy, s3_bucket: str,
-                                                    tmp_path: Path) -> None:
-    """A store that answers 503 SlowDown to everything: the backup gives up with one line, in bounded time."""
+# a run against a store that answers 503 SlowDown to everything (from the start, or after its first
+# MIDWAY requests, about half of what it makes here): its argv (REPO, OFFSITE, SNAP, DB, OUT filled in)
+FAILING = {
+    "backup": ["backup", "DB", "--repo", "REPO", "--db", "main"],
+    "restore": ["restore", "--repo", "REPO", "--db", "main", "--snapshot", "SNAP", "--to", "OUT"],
+    "copy": ["copy", "--repo", "REPO", "--to", "OFFSITE"],
+    "forget --prune": ["forget", "--repo", "REPO", "--keep-last", "1", "--prune", "--grace", "0"],
+    "replicate": ["replicate", "DB", "--repo", "REPO", "--db", "app", "--interval", "200ms"],
+    "verify": ["verify", "--repo", "REPO", "--read-data"],
+}
+MIDWAY = {"backup": 12, "restore": 7, "copy": 25, "forget --prune": 15, "replicate": 10, "verify": 7}
+
+
+@pytest.mark.parametrize("command,after", [
+    pytest.param(c, after, id=f"{c}-{'midway' if after else 'start'}",
+                 marks=[] if (c, bool(after)) == ("backup", True) else pytest.mark.slow)
+    for c in FAILING for after in (0, MIDWAY[c])])
+def test_failing_store_one_line_within_the_budget(command: str, after: int, launcher: Launcher, proxy: FaultProxy,
+                                                  s3_bucket: str, tmp_path: Path) -> None:
+    """A store that answers 503 SlowDown to everything (from the start or midway): the run gives up with
+    one line naming the cause, within the retry budget; no snapshot appears or goes, no restore target
+    is left; with the store back the same run succeeds at once (no stale lock) and verify is clean."""
+    url, offsite = f"s3://{s3_bucket}/repo", f"s3://{s3_bucket}/offsite"
+    src = make_db(tmp_path / "main.db", mb=0.2, journal="wal" if command == "replicate" else "delete")
+    for i in range(2):
+        change_rows(src, seed=i)
+        assert cli("backup", src, "--repo", url, "--db", "main").returncode == 0
+    assert cli("copy", "--repo", url, "--to", offsite).returncode == 0
+    change_rows(src, seed=3)
+    if command == "copy":  # one snapshot the offsite lacks, for the copy to fail midway
+        assert cli("backup", src, "--repo", url, "--db", "main").returncode == 0
+    before = dict(_objects(url))
+    oracle, copied = Oracle(url, tmp_path, Tally().cell("x", "s3")), Oracle(offsite, tmp_path, Tally().cell("x", "s3"))
+    snaps, copies = oracle.ids(), copied.ids()
+    fill = {"REPO": url, "OFFSITE": offsite, "SNAP": sorted(snaps)[0], "DB": str(src), "OUT": str(tmp_path / "out.db")}
+    argv = [fill.get(a, a) for a in FAILING[command]]
+    proxy.plan = FaultPlan({"status_503": 1.0}, after=after)
+    figures = Figures()
+    run = through(launcher, proxy, argv)
+    if command == "replicate" and after:
+        time.sleep(1.0)  # started: the faults begin midway, a replicator must give up in the budget too
+    code = judge(run, figures)
+    print(f"\n{command} (faults after {after} requests): exit {code} after {run.seconds:.1f} s: {figures.failed}")
+    print("\n".join(f"  {op} {path} {kind or ''}" for op, path, kind in proxy.log.trace[max(0, after - 3):after + 4]))
+    assert code != 0 and "SlowDown" in figures.failed[0], figures.failed
+    assert run.seconds < RUN_BOUND, run.seconds
+    proxy.plan.enabled = False
+    assert oracle.ids() == snaps and copied.ids() == copies, "a failed run added or removed a snapshot"
+    assert not (tmp_path / "out.db").exists(), "a failed restore left its target"
+    if not after:
+        assert _objects(url) == before, "a run that could not read the config changed the repository"
+    if command != "replicate":
+        again = through(launcher, proxy, argv)
+        assert again.finish(RUN_BOUND) == 0, again
+        assert again.seconds < 15, f"the next run took {again.seconds:.1f} s: {again}"
+    verify_clean(url)
+    verify_clean(offsite)
+
+
+def _objects(url: str) -> dict[str, bytes]:
+    repo = Repository.open(url)
+    return {key: repo.store.get(key) for key in repo.store.list("")}
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="dbre/repository/lock.py: Lock._write's cleanup delete, failing too, "
+                   "replaces the error of the lock's HEAD: the line names 'delete locks/...', not the cause")
+def test_failed_lock_write_names_its_cause(launcher: Launcher, proxy: FaultProxy, s3_bucket: str,
+                                           tmp_path: Path) -> None:
+    """The lock's HEAD after its PUT fails (503), and so does the delete that cleans it up: the backup's
+    one line names the HEAD ("stat locks/..."), the cause, not the cleanup."""
     url = f"s3://{s3_bucket}/repo"
     src = make_db(tmp_path / "main.db", mb=0.2, journal="delete")
     assert cli("init", "--repo", url).returncode == 0
-    proxy.plan = FaultPlan({"status_503": 1.0})
+    proxy.plan = FaultPlan({"status_503": 1.0}, ops=frozenset({"HeadObject", "DeleteObject"}), paths=("/locks/",))
     figures = Figures()
-    code = judge(through(launcher, proxy, ["backup", src, "--repo", url, "--db", "main"]), figures)
-    assert code != 0 and "SlowDown" in figures.failed[0], figures.failed
-    assert figures.longest[0] < 60, figures.longest
-    proxy.plan.enabled = False
-    assert Oracle(url, tmp_path, Tally().cell("x", "s3")).ids() == set()
-
+    assert judge(through(launcher, proxy, ["backup", src, "--repo", url, "--db", "main"]), figures) != 0
+    assert "stat locks/" in figures.failed[0], figures.failed
