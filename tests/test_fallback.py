@@ -417,3 +417,43 @@ def test_fallback_with_follow_or_provider_is_refused(setup: Setup, tmp_path: Pat
     r = cli("restore", "--provider", "sqld", "--to", tmp_path / "s.db", "--fallback", setup.offsite)
     assert_one_line_error(r, 2, "--fallback")
     assert not (tmp_path / "s.db").exists()
+
+
+def test_a_distrusted_primary_is_still_read_last_for_what_every_copy_lost(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two packs damaged in the primary make it distrusted (review s8, finding 12: then every object comes from
+    the copy first); a third pack, intact in the primary but damaged in the copy, is still read from the primary,
+    last: the restore is exact, and names what it took from where."""
+    from dbre.repository import pack as pack_module
+    from dbre.repository.copy import copy_snapshots
+    from dbre.repository.fallback import DISTRUST_AFTER, open_with_fallbacks
+    from dbre.repository.repo import pack_key
+    from dbre.restore import full
+
+    monkeypatch.setattr(pack_module.PackWriter.__init__, "__defaults__", (64 * 1024, None))
+    primary, offsite = tmp_path / "primary", tmp_path / "offsite"
+    db = tmp_path / "app.db"
+    with sqlite3.connect(db) as c:
+        c.execute("CREATE TABLE items(id INTEGER PRIMARY KEY, v BLOB)")
+        c.executemany("INSERT INTO items(v) VALUES (randomblob(1000))", [() for _ in range(3000)])
+    assert cli("backup", db, "--repo", primary, "--db", "app").returncode == 0
+    m = Repository.open(str(primary)).snapshots("app")[-1]
+    copy_snapshots(Repository.open(str(primary)), Repository.init_copy_of(Repository.open(str(primary)), str(offsite),
+                                                                          None))
+    packs = sorted(m.packs)
+    assert len(packs) >= DISTRUST_AFTER + 2, len(packs)
+
+    def flip(root: Path, pack: str) -> None:
+        path = root / pack_key(pack)
+        data = bytearray(path.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        path.write_bytes(bytes(data))
+
+    for p in packs[:-1]:
+        flip(primary, p)
+    flip(offsite, packs[-1])  # lost in the copy only: the primary's is the one intact
+    fb = open_with_fallbacks(str(primary), None, [str(offsite)])
+    full.apply_restore(fb, full.plan_restore(fb, "app", tmp_path / "out.db"))
+    assert_same_db(db, tmp_path / "out.db")
+    taken = {t.key for t in fb.taken}  # type: ignore[attr-defined]
+    assert {pack_key(p) for p in packs[:-1]} <= taken and pack_key(packs[-1]) not in taken

@@ -151,6 +151,12 @@ class FallbackStore:
             self._read.discard(key)
             return True
 
+    def source_of(self, key: str) -> str:
+        """The URL of the repository ``key`` is read from now."""
+        with self._mutex:
+            at = self._route.get(key, -1)
+        return self.primary.url if at < 0 else self.copies[at].url
+
     def everywhere(self, key: str) -> str:
         """One line: why ``key`` could be used from none of the repositories."""
         with self._mutex:
@@ -306,7 +312,7 @@ def retrying(repo: Repository, attempt: Callable[[], T]) -> T:
                 raise IntegrityError(store.everywhere(key),
                                      "nothing was restored; restore another snapshot or time, and "
                                      "`dbre verify --read-data` both repositories") from err
-            log.info("%s: %s; reading it from %s", key, _why(err, key), store.copies[store._route[key]].url)
+            log.info("%s: %s; reading it from %s", key, _why(err, key), store.source_of(key))
 
 
 # -- opening -------------------------------------------------------------------------------------
