@@ -15,6 +15,10 @@ are the union of the primary's and the copies' (a manifest deleted from the prim
 a key missing or unreadable (a store error after its retries) in the primary is read from a copy; a
 key a restore found damaged is *routed* to the next copy. ``retrying`` runs a restore step again
 after each damaged object, routed, until it succeeds or an object is damaged (or missing) everywhere.
+After ``DISTRUST_AFTER`` objects found damaged in the primary (an attacker rarely rewrites one), every
+object not read yet comes from the copies first and from the primary last, so a ransomed primary
+costs a few attempts, not one per object. The restore's lock is held in every copy too (shared), so
+a `forget --prune` on the offsite copy never deletes what the restore reads.
 Writes (locks, records) and the listings of `locks/`, `leases/`, `records/` go to the primary alone;
 a safety snapshot is taken with the primary repository itself (`primary_of`), so no snapshot in the
 primary ever points at an object only the copy holds.
