@@ -268,14 +268,15 @@ def test_verify_immutable_names_a_locked_manifest_hidden_by_a_delete_marker(lock
     assert not found.ok or second.id in json.dumps(said), found.summary()
 
 
-# -- finding 7: the copy a fallback restore reads is not held by the restore's lock -----------------------
+# -- finding 7 (fixed in 13cb18c): the copy a fallback restore reads is held by the restore's lock --------
 
 
 def test_a_fallback_restore_holds_what_it_reads_from_the_copy(tmp_path: Path) -> None:
     """The restore's shared lock is what keeps a prune from deleting a pack while its pages are read
     (full.py, apply_restore). With --fallback the objects come from the copy, whose own retention
     (`forget --prune` on the offsite, FORMAT.md: 'a snapshot removed from the primary on purpose must
-    be forgotten offsite too') never sees that lock."""
+    be forgotten offsite too') must see that lock too: it refuses instead of deleting what the
+    restore reads (found by the review as finding 7; fixed in 13cb18c)."""
     from dbre.repository.copy import copy_snapshots
     from dbre.repository.fallback import open_with_fallbacks
 
@@ -463,16 +464,17 @@ def test_a_repository_without_object_lock_needs_no_new_permission(spawn_moto: An
     assert Repository.open(S3Store(bucket, "repo", endpoint_url=server.endpoint)).snapshots("app")[0].id == m.id
 
 
-# -- finding 12: a fallback restore of a wholly damaged primary plans once per damaged object ---------------
+# -- finding 12 (fixed in 13cb18c): a fallback restore of a ransomed primary plans a few times, not per object
 
 
 def test_a_fallback_restore_of_a_ransomed_primary_does_not_retry_per_object(tmp_path: Path,
                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     """The likeliest attack rewrites every object, not one. Packs are made small here (64 KiB instead
     of 32 MiB: each page batch a pack) so that a 12 MB database spans as many packs as a 1 GB one does
-    in production (~30);
-    every one is damaged in the primary and intact in the copy. The restore is right, but it plans
-    once per pack; a 40 GB database (>1000 packs) would not restore through --fallback at all."""
+    in production (~30); every one is damaged in the primary and intact in the copy. The review found
+    one plan per damaged pack (26 for 25: quadratic reads, and past MAX_ROUTES a 40 GB database would
+    not restore through --fallback at all; finding 12); since 13cb18c a primary found damaged twice
+    is distrusted and the restore takes a few plans."""
     from dbre.repository import pack as pack_module
     from dbre.repository.copy import copy_snapshots
     from dbre.repository.fallback import open_with_fallbacks
