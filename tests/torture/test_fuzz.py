@@ -388,19 +388,19 @@ def _mutating(repo: Repo, key: str, new: bytes) -> Iterator[None]:
 
 
 def test_stored_objects_byte_mutations(world: World, tmp_path: Path) -> None:
-    """Random byte mutations of manifests, generation bases and segments, plain and encrypted: restore, verify
+    """Random byte mutations of manifests, generation bases, segments and the config, plain and encrypted: restore, verify
     and snapshots fail in one line (verify: a line per damaged object) or, when the bytes still authenticate,
     restore exactly the intact state."""
     target = tmp_path / "restored.db"
     befores = {r.path: tree_hashes(r.path) for r in (world.plain, world.encrypted)}
     count = 0
 
-    @fuzz(150)
+    @fuzz(120)
     @given(data=st.data(), encrypted=st.booleans())
     def one(data: st.DataObject, encrypted: bool) -> None:
         nonlocal count
         repo = world.encrypted if encrypted else world.plain
-        key = data.draw(st.sampled_from(repo.objects))
+        key = data.draw(st.sampled_from([*repo.objects, "config"]))
         new = data.draw(byte_mutation((repo.path / key).read_bytes()))
         with contextlib.contextmanager(_mutating)(repo, key, new):
             count += 1
