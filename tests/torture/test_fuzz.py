@@ -388,8 +388,8 @@ def _mutating(repo: Repo, key: str, new: bytes) -> Iterator[None]:
 
 
 def test_stored_objects_byte_mutations(world: World, tmp_path: Path) -> None:
-    """Random byte mutations of manifests, generation bases, segments and the config, plain and encrypted: restore, verify
-    and snapshots fail in one line (verify: a line per damaged object) or, when the bytes still authenticate,
+    """Random byte mutations of manifests, generation bases, segments and the config, plain and encrypted: restore,
+    verify and snapshots fail in one line (verify: a line per damaged object) or, when the bytes still authenticate,
     restore exactly the intact state."""
     target = tmp_path / "restored.db"
     befores = {r.path: tree_hashes(r.path) for r in (world.plain, world.encrypted)}
