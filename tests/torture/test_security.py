@@ -15,6 +15,7 @@ logs about its secrets, and where names read from a repository can make dbre wri
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -175,6 +176,7 @@ def test_encrypted_repository_shows_no_names_values_or_pages(where: str, tmp_pat
     for args in (["backup", src, "--repo", url, "--db", "app"],
                  ["backup", src, "--repo", url, "--db", "zebra_ledger_tbl"],  # a db name is a key: shown on purpose
                  ["verify", "--repo", url],
+                 ["drill", "--repo", url, "--db", "app"],
                  ["restore-table", "--repo", url, "--db", "app", "--live", src, "--table", "zebra_ledger_tbl",
                   "--apply"],
                  ["repair-rows", "--repo", url, "--db", "app", "--live", src, "--table", "zebra_ledger_tbl",
@@ -236,12 +238,49 @@ def closed_port() -> int:
     return port
 
 
+@contextlib.contextmanager
+def refusing_server() -> Iterator[int]:
+    """An HTTP server on localhost answering every request 401 with a JSON error (what a wrong token meets)."""
+    import http.server
+    import threading
+
+    class Refuse(http.server.BaseHTTPRequestHandler):
+        def _answer(self) -> None:
+            body = b'{"error": "unauthorized: bad token"}'
+            self.send_response(401)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_GET = do_POST = do_PUT = do_DELETE = _answer
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Refuse)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield int(server.server_address[1])
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+
+
 def leaks(text: str) -> list[str]:
     return [name for name, value in {**SECRETS, "wrong": WRONG, "url token": URL_TOKEN}.items() if value in text]
 
 
 def test_secrets_never_printed_logged_or_raised(tmp_path: Path, s3_bucket: str) -> None:
-    """Every command that takes a secret, on success and failure paths, plain and --debug: no secret anywhere."""
+    """Every command that takes a secret, on success and failure paths (a closed port, a server refusing the token),
+    plain and --debug: no secret anywhere."""
+    with refusing_server() as refusing:
+        _secrets_never_printed(tmp_path, s3_bucket, refusing)
+
+
+def _secrets_never_printed(tmp_path: Path, s3_bucket: str, refusing: int) -> None:
     env: dict[str, str | None] = {**SECRETS, "DBRE_KEY_FILE": None, "DBRE_POLICY": None}
     port = closed_port()
     src = make_marked_db(tmp_path / "live.db", rows=50)
@@ -280,6 +319,14 @@ def test_secrets_never_printed_logged_or_raised(tmp_path: Path, s3_bucket: str) 
           "--at", "2026-11-30T00:00:00Z", "--to", out_dir / "p.db", "--url", f"http://127.0.0.1:{port}"], env, False),
         (["restore", "--provider", "turso", "--org", "o", "--database", "d", "--at", "2026-11-30T00:00:00Z",
           "--into", "d2"], {**env, "TURSO_API_BASE_URL": f"http://127.0.0.1:{port}"}, False),
+        # a server that answers: 401 to every request
+        (["backup", f"http://127.0.0.1:{refusing}/?authToken={URL_TOKEN}", "--repo", repo, "--db", "r401"], env,
+         False),
+        (["restore", "--provider", "sqld", "--admin-url", f"http://127.0.0.1:{refusing}", "--namespace", "ns",
+          "--at", "2026-11-30T00:00:00Z", "--to", out_dir / "p.db", "--url", f"http://127.0.0.1:{refusing}"], env,
+         False),
+        (["restore", "--provider", "turso", "--org", "o", "--database", "d", "--at", "2026-11-30T00:00:00Z",
+          "--into", "d2"], {**env, "TURSO_API_BASE_URL": f"http://127.0.0.1:{refusing}"}, False),
     ]
     seen = 0
     for args, run_env, ok in runs:
