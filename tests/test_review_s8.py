@@ -55,15 +55,12 @@ def _forget_cache(tmp_path: Path) -> None:
 # -- finding 1: the setting is read from the current version, which anyone can replace ----------------
 
 
-@pytest.mark.xfail(strict=True, reason="finding 1: writers follow the current version of `object-lock`: an "
-                   "attacker without the key replays the offsite copy's weaker setting (same master key) and every "
-                   "later backup is locked governance for 66 s instead of compliance for 1 day")
 def test_a_replayed_weaker_setting_does_not_downgrade_the_writers(lock_bucket: str, tmp_path: Path,
                                                                    s3_client: Any) -> None:
-    """FORMAT.md: the setting 'cannot be changed or removed (it is locked itself)'. A lock keeps a
-    version, not the key: a new version can always be put on top. In an encrypted repository the
-    offsite copy's `object-lock` is sealed under the same name with the same master key, so it opens
-    in the primary; a delete marker is refused (tested), a replaced setting is followed silently."""
+    """Finding 1, fixed: a writer takes the strongest of every authentic version of `object-lock`
+    (compliance if any says so, the longest period) and writes it back over a weaker current version,
+    so a replayed copy's setting (same master key; a copy's `config`, so its id, is the primary's byte
+    for byte) never downgrades the locks: every later backup is still locked compliance for 1 day."""
     key = Secret("correct horse battery staple")
     url, off = f"s3://{lock_bucket}/repo", f"s3://{lock_bucket}/off"
     assert enable(Repository.open_or_init(url, key), ObjectLock.parse("compliance:1d"))
@@ -371,11 +368,9 @@ def test_a_state_shipped_after_a_quiet_spell_stays_restorable_for_the_period(loc
 # -- finding 9: a damaged setting's hint names a command that does not exist ------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="finding 9: an `object-lock` overwritten with garbage stops every writer "
-                   "(right) with 'object-lock: unknown format byte 103 (run `dbre verify --read-data`...)', which "
-                   "does not say it is the Object Lock setting; its own message's hint names `dbre restore "
-                   "--immutable`, which does not exist")
 def test_a_damaged_setting_names_a_fix_that_exists(lock_bucket: str, tmp_path: Path, s3_client: Any) -> None:
+    """Finding 9, fixed: a setting that does not open stops every writer with one line naming the
+    Object Lock setting, whose hint names `dbre copy --immutable`, a command that exists."""
     from tests.dbfactory import cli
 
     url = f"s3://{lock_bucket}/repo"
@@ -433,13 +428,13 @@ def test_a_slow_host_clock_does_not_shorten_the_manifest_lock(lock_bucket: str, 
 # -- finding 11: every S3 write now needs s3:ListBucketVersions ------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="finding 11: every first write into any S3 repository lists the versions "
-                   "of `object-lock` (attach), so a repository without Object Lock, under the least-privilege "
-                   "policy that worked before (List/Get/Put/DeleteObject), fails its backups with AccessDenied")
 def test_a_repository_without_object_lock_needs_no_new_permission(spawn_moto: Any, tmp_path: Path,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    """FORMAT.md, Permissions, lists s3:ListBucketVersions for `verify`/`copy --immutable` only; the
-    first-write check of a hidden setting (68ca95e) made it a requirement of every backup on S3."""
+    """Finding 11, fixed: without a setting, the first write asks for the bucket's Object Lock
+    configuration and lists the versions of `object-lock` only on a bucket with Object Lock enabled;
+    credentials denied that configuration (s3:GetBucketObjectLockConfiguration, which every writer of a
+    locked repository needs) never wrote one and write on as before: the least-privilege policy
+    (List/Get/Put/DeleteObject) backs up and reads back."""
     import json
 
     import boto3

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import time
@@ -35,6 +36,8 @@ if TYPE_CHECKING:
     from dbre.repository.manifest import Manifest
     from dbre.repository.repo import Repository
     from dbre.secrets import Secret
+
+log = logging.getLogger(__name__)
 
 LOCK_KEY = "object-lock"
 MUTABLE = ("locks/", "leases/")  # rewritten or deleted as dbre runs: never locked
@@ -123,25 +126,51 @@ def _locker(repo: Repository, op: str) -> LockingStore:
 
 
 def read_setting(repo: Repository) -> ObjectLock | None:
-    """The repository's ``object-lock`` setting, None if it has none."""
-    key = LOCK_KEY
+    """The current version of the repository's ``object-lock`` setting, None if it has none."""
     try:
-        raw = repo.store.get_range(key, 0, 64 * 1024)
+        raw = repo.store.get_range(LOCK_KEY, 0, 64 * 1024)
     except NotFound:
         return None
+    return _open_setting(repo, raw, LOCK_KEY)
+
+
+def _open_setting(repo: Repository, raw: bytes, where: str) -> ObjectLock:
     try:
-        return ObjectLock.from_json(repo.sealer.unseal(raw, key))
-    except (ValueError, KeyError, TypeError, UsageError) as err:
-        raise IntegrityError(f"{key}: Object Lock setting is damaged ({type(err).__name__})",
-                             "restore it from its locked version (`dbre restore --immutable` reads those)") from None
+        return ObjectLock.from_json(repo.sealer.unseal(raw, LOCK_KEY, where=where))
+    except (IntegrityError, ValueError, KeyError, TypeError, UsageError) as err:
+        cause = err.message if isinstance(err, IntegrityError | UsageError) else type(err).__name__
+        raise IntegrityError(
+            f"{where}: the repository's Object Lock setting cannot be read ({cause}); no write was made",
+            "it was damaged or replaced: check the bucket, then recover with `dbre copy --repo URL --to NEW "
+            "--immutable` (it reads the locked versions)") from None
+
+
+def strongest(settings: Iterable[ObjectLock]) -> ObjectLock | None:
+    """The least setting at least as strong as each of ``settings``: compliance if any is, the
+    longest period (FORMAT.md, *Object Lock*: a writer never follows a weaker setting)."""
+    found = list(settings)
+    if not found:
+        return None
+    mode = "compliance" if any(s.mode == "compliance" for s in found) else "governance"
+    return ObjectLock(mode, max(s.period for s in found))
+
+
+def _denied(err: StorageError) -> bool:
+    return "access denied" in err.message
 
 
 def attach(repo: Repository, op: str) -> ObjectLock | None:
-    """Read the setting and make the store lock what it writes; a bucket without Object Lock refuses."""
-    setting = read_setting(repo)
-    if setting is None:
-        locker = locking_store(repo.store)
-        if locker is not None and any(v.key == LOCK_KEY for v in locker.versions(LOCK_KEY)):
+    """Read the setting and make the store lock what it writes; a bucket without Object Lock refuses.
+
+    The setting in force is the strongest of every authentic version of ``object-lock`` (anyone
+    with write access can put a new version on top, e.g. the offsite copy's weaker one, sealed with
+    the same key); a current version weaker than that is written over with it (logged)."""
+    current = read_setting(repo)
+    locker = locking_store(repo.store)
+    if current is None:
+        if locker is None or not _may_lock(locker, op):
+            return None
+        if any(v.key == LOCK_KEY for v in locker.versions(LOCK_KEY)):
             # hidden by a delete marker: writing on, unlocked, would be the downgrade an attacker wants
             raise RepositoryError(
                 f"{op}: repository {repo.url}: its Object Lock setting `object-lock` was deleted (a delete marker)",
@@ -150,10 +179,44 @@ def attach(repo: Repository, op: str) -> ObjectLock | None:
     locker = _locker(repo, op)
     if not locker.lock_enabled():
         raise RepositoryError(
-            f"{op}: repository {repo.url} asks for Object Lock ({setting.describe()}), but its bucket does "
+            f"{op}: repository {repo.url} asks for Object Lock ({current.describe()}), but its bucket does "
             "not have Object Lock enabled", _HINT_BUCKET)
+    setting = strongest([current, *_older_settings(repo, locker)])
+    assert setting is not None
     locker.set_default_retention(setting.s3_mode, setting.period + setting.step, MUTABLE)
+    if setting != current:
+        log.warning("%s: repository %s: the current `object-lock` says %s, an older version %s: the stronger "
+                    "is followed and written back (someone with write access replaced it)",
+                    op, repo.url, current.describe(), setting.describe())
+        repo.store.put(LOCK_KEY, repo.sealer.seal(setting.to_json(), LOCK_KEY))
     return setting
+
+
+def _may_lock(locker: LockingStore, op: str) -> bool:
+    """Whether the bucket may hold a hidden setting: it has Object Lock enabled. Credentials that may
+    not read that (s3:GetBucketObjectLockConfiguration) never wrote a locked repository (its every
+    writer reads it), so such a writer goes on as before, unlocked (FORMAT.md, *Permissions*)."""
+    try:
+        return locker.lock_enabled()
+    except PermanentError as err:
+        if not _denied(err):
+            raise
+        log.debug("%s: cannot read the bucket's Object Lock configuration (%s): no Object Lock", op, err.message)
+        return False
+
+
+def _older_settings(repo: Repository, locker: LockingStore) -> Iterator[ObjectLock]:
+    """Every authentic version of ``object-lock`` but the current one (one listing, one GET each);
+    versions that do not open (an attacker's garbage) are skipped, delete markers too."""
+    versions = [v for v in locker.versions(LOCK_KEY) if v.key == LOCK_KEY]
+    for v in versions[1:]:  # newest first: the first is the current version, read already
+        if v.delete_marker:
+            continue
+        try:
+            yield ObjectLock.from_json(repo.sealer.unseal(locker.get_version(LOCK_KEY, v.version_id, 0, 64 * 1024),
+                                                          LOCK_KEY))
+        except (NotFound, IntegrityError, ValueError, KeyError, TypeError, UsageError):
+            continue
 
 
 def enable(repo: Repository, setting: ObjectLock) -> bool:
