@@ -84,17 +84,14 @@ def test_a_replayed_weaker_setting_does_not_downgrade_the_writers(lock_bucket: s
 # -- finding 2: the lock mode is never compared --------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="finding 2: a governance lock counts as a compliance one: a compliance "
-                   "repository whose reused packs carry only the attacker's governance versions is extended "
-                   "nowhere, and verify --immutable says every snapshot is protected")
 def test_a_governance_lock_does_not_satisfy_a_compliance_repository(lock_bucket: str, tmp_path: Path,
                                                                      s3_client: Any) -> None:
     """A compliance repository exists so that nobody, not even bypass credentials, can delete what a
-    snapshot in the window needs. Once an old pack's compliance lock ran out (its snapshot left the
-    window, the pack is still reused), the attacker puts the same bytes back as a new version under a
-    long GOVERNANCE lock: the next backup (another host, no cache) HEADs it, sees a long lock and
-    extends nothing; LockedView takes it as the oldest version in force; `verify --immutable` passes.
-    Whoever holds s3:BypassGovernanceRetention can then delete the only version the snapshot has."""
+    snapshot in the window needs. Once an old pack's compliance lock ran out, the attacker puts the same
+    bytes back as a new version under a long GOVERNANCE lock. Finding 2, fixed: the mode is compared;
+    S3 turns governance into compliance only with the bypass header, which dbre never sends, so the
+    backup names those packs (a warning) and `verify --immutable` fails on them: "locked in governance
+    mode, but the setting is compliance"."""
     url = f"s3://{lock_bucket}/repo"
     assert enable(Repository.open_or_init(url), ObjectLock.parse("compliance:3s"))
     db = make_db(tmp_path / "app.db", mb=0.3)

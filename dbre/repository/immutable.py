@@ -253,6 +253,7 @@ class Extension:
     checked: int = 0  # HEAD requests: objects this host knew nothing about
     extended: int = 0  # PutObjectRetention requests
     cached: int = 0  # objects known (written or extended by this host) to be locked long enough
+    weaker: list[str] = field(default_factory=list)  # locked governance in a compliance repository
 
 
 class RetentionCache:
@@ -310,15 +311,26 @@ def ensure_locked(repo: Repository, keys: Iterable[str], need: float) -> Extensi
         else:
             todo.append((key, known is not None))
 
+    def weaker(current: Retention) -> bool:
+        # a governance lock where the setting says compliance: S3 turns it into compliance only with
+        # the bypass header, which dbre never sends (someone put the object back under governance)
+        return current.mode.upper() != setting.s3_mode and setting.mode == "compliance"
+
     def one(item: tuple[str, bool]) -> tuple[str, float | None, bool, bool]:
         key, known_short = item
         checked = False
+        current: Retention | None = None
         if not known_short:
             checked = True
             try:
                 current = locker.retention(key)
             except NotFound:
                 return key, None, checked, False
+            if current is not None and weaker(current):
+                stats.weaker.append(key)
+                if current.until < need:  # at least as long, in the mode it has
+                    locker.extend_retention(key, current.mode.upper(), target)
+                return key, None, checked, current.until < need
             if current is not None and current.until >= need:
                 return key, current.until, checked, False
         try:
@@ -328,6 +340,9 @@ def ensure_locked(repo: Repository, keys: Iterable[str], need: float) -> Extensi
                 raise
             # the cache was behind: another host may have locked it longer (S3 refuses to shorten)
             current = locker.retention(key)
+            if current is not None and weaker(current):
+                stats.weaker.append(key)
+                return key, None, True, False
             if current is None or current.until < need:
                 raise
             return key, current.until, True, False
@@ -342,6 +357,11 @@ def ensure_locked(repo: Repository, keys: Iterable[str], need: float) -> Extensi
                     cache.until[key] = until
     if todo or learned:
         cache.save()
+    if stats.weaker:
+        log.warning("object lock: %d object(s) of %s are locked in governance mode, but the repository's setting "
+                    "is compliance (e.g. %s): someone put them back under governance, and dbre cannot change the "
+                    "mode (that needs the bypass it never sends); `dbre verify --immutable` names them, a `backup "
+                    "--full` stores their pages again under compliance", len(stats.weaker), repo.url, stats.weaker[0])
     repo.lock_extensions.append(stats)
     return stats
 
@@ -560,6 +580,10 @@ def verify_immutable(url: str | Store, key: Secret | None = None, now: float | N
             elif r.until < need:
                 report.problems.append((k, f"locked until {iso_utc(r.until)}, but {name} needs it until "
                                            f"{iso_utc(need)}"))
+            elif r.mode.upper() != setting.s3_mode and setting.mode == "compliance":
+                report.problems.append((k, f"locked in {r.mode.lower()} mode, but the setting is compliance "
+                                           f"(needed by {name}): credentials allowed to bypass governance can "
+                                           "delete it"))
     for k, why in damaged:
         report.problems.append((k, f"locked manifest cannot be read: {why}"))
     checked = verify(repo, read_data=read_data)
