@@ -99,7 +99,8 @@ def drill(
         "--cross-check", metavar="PROVIDER", rich_help_panel=_CROSS,
         help="sqld or turso: after the drill, restore the provider's own history at the same time too, run the "
         "same checks on it and compare the two restores table by table (rows and checksum); a disagreement "
-        "fails the drill and is named in the report.")] = None,
+        "fails the drill and is named in the report. sqld 0.24: the fork stops the namespace's own bottomless "
+        "uploads until sqld restarts (a warning says so).")] = None,
     provider_admin_url: Annotated[str | None, typer.Option(
         "--provider-admin-url", metavar="URL", rich_help_panel=_CROSS,
         help="sqld: its admin API (key in LIBSQL_ADMIN_AUTH_KEY).")] = None,
@@ -195,6 +196,8 @@ def drill(
             cc = record.get("cross_check")
             if cc:
                 print(cross_check_line(cc))
+                if cc.get("warning"):
+                    print(f"dbre: warning: {cc['warning']}", file=sys.stderr)
             if record.get("report"):
                 print(f"report: {record['report']}")
         if not record["passed"]:

@@ -132,8 +132,13 @@ def _show_result(result: ProviderResult, json_out: bool) -> None:
               f"({timing}, {s['seconds']:.2f} s in all)")
         if p.to is not None and s["replaces_existing"]:
             print("the file it replaced is gone (no repository: no safety snapshot was taken)")
+    import sys
+
+    if result.plan.provider == "sqld":
+        from dbre.provider.sqld import FORK_WARNING
+
+        print("dbre: warning: " + FORK_WARNING.format(ns=result.plan.source), file=sys.stderr)
     if result.cleanup_error:
-        import sys
 
         print(f"dbre: warning: the temporary {result.plan.scratch} was not deleted: {result.cleanup_error} "
               f"(delete it by hand)", file=sys.stderr)

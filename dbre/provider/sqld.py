@@ -10,6 +10,12 @@ sqld reads the body as ``Option<Json<..>>``, so a value it cannot parse (``...Z`
 silently dropped and the fork is of the *current* state. A time before the first generation forks an
 empty database (no error), which this module reports instead of handing it over. The admin API takes
 ``Authorization: basic <key>`` when sqld runs with ``--admin-auth-key`` (``LIBSQL_ADMIN_AUTH_KEY``).
+
+A point-in-time fork stops the *source* namespace's own backups (observed with that binary, bottomless
+on an S3-compatible server; see tests/test_drill_cross_check.py): after a fork with a timestamp, sqld
+uploads no further WAL batch of the source namespace, however many commits follow, until sqld restarts
+(which starts a new generation). A fork without a timestamp does not. ``FORK_WARNING`` says so after
+every restore through a fork.
 """
 
 from __future__ import annotations
@@ -30,6 +36,8 @@ from dbre.secrets import Secret
 __all__ = ["SqldAdmin", "plan_sqld", "restore_sqld", "ADMIN_KEY_ENV"]
 
 ADMIN_KEY_ENV = "LIBSQL_ADMIN_AUTH_KEY"
+FORK_WARNING = ("sqld (0.24) uploads no further bottomless batch of namespace {ns} after a point-in-time fork "
+                "until it restarts: restart sqld to resume that namespace's own history")
 _NAMESPACE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
 
 

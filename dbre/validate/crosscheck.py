@@ -160,6 +160,15 @@ class CrossCheck:
         return sorted(f"{k} fails on {'dbre' if k in a else 'the provider'}'s restore only" for k in a ^ b)
 
     @property
+    def warning(self) -> str | None:
+        """What the provider restore did to the provider (sqld: a fork stops the source's own uploads)."""
+        if self.target.provider != "sqld" or self.restore is None:
+            return None
+        from dbre.provider.sqld import FORK_WARNING
+
+        return FORK_WARNING.format(ns=self.target.namespace)
+
+    @property
     def agree(self) -> bool:
         return (self.error is None and all(t.agree for t in self.tables) and not self.gx_differ
                 and not failed(self.provider_checks))
@@ -203,6 +212,7 @@ class CrossCheck:
                              "differ": self.gx_differ},
             "error": self.error,
             "statement": AGREEMENT.format(provider=self.target.provider),
+            "warning": self.warning,
         }
 
 
