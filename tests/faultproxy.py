@@ -122,6 +122,7 @@ class FaultLog:
     requests: Counter[str] = field(default_factory=Counter)
     faults: Counter[str] = field(default_factory=Counter)
     by_op: Counter[tuple[str, str]] = field(default_factory=Counter)
+    framing: Counter[str] = field(default_factory=Counter)  # how request bodies came (see _framing)
     trace: list[tuple[str, str, str | None]] = field(default_factory=list)  # the first 5000: op, path, fault
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -137,6 +138,7 @@ class FaultLog:
     def lines(self) -> list[str]:
         out = [f"requests {sum(self.requests.values())}, faults {sum(self.faults.values())}: " +
                ", ".join(f"{k} {self.faults[k]}" for k in KINDS if self.faults[k])]
+        out.append("  request bodies: " + ", ".join(f"{k} {n}" for k, n in sorted(self.framing.items())))
         for (kind, op), n in sorted(self.by_op.items()):
             out.append(f"  {kind:<13} {op:<26} {n}")
         return out
@@ -216,6 +218,8 @@ class _Handler(socketserver.BaseRequestHandler):
                     return
                 lower = {k.lower(): v for k, v in headers}
                 op = s3_operation(method, target, lower)
+                with proxy.log.lock:
+                    proxy.log.framing[_framing(lower, chunked, body)] += 1
                 kind, pause = proxy.plan.draw(op, urlsplit(target).path)
                 if kind == "truncate" and method == "HEAD":
                     kind = None  # no body to cut
@@ -275,6 +279,17 @@ class _Handler(socketserver.BaseRequestHandler):
                     f.close()
                 except OSError:
                     pass
+
+
+def _framing(headers: dict[str, str], chunked: bool, body: bytes) -> str:
+    """How a request's body came: "none", "content-length", "chunked", and "+aws-chunked" / "+streaming"
+    when botocore signed it in chunks (x-amz-content-sha256: STREAMING-...)."""
+    kind = "chunked" if chunked else ("content-length" if body else "none")
+    if "aws-chunked" in headers.get("content-encoding", ""):
+        kind += "+aws-chunked"
+    if headers.get("x-amz-content-sha256", "").startswith("STREAMING-"):
+        kind += "+streaming"
+    return kind
 
 
 def _forward(conn: http.client.HTTPConnection, method: str, target: str, headers: list[tuple[str, str]],

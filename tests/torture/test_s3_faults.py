@@ -23,6 +23,7 @@ longest run) are printed and added to the torture tally.
 
 from __future__ import annotations
 
+import http.client
 import os
 import re
 import time
@@ -31,6 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import boto3
+import botocore.exceptions
 import pytest
 
 from dbre.repository.repo import Repository
@@ -360,3 +363,46 @@ def test_failed_lock_write_names_its_cause(launcher: Launcher, proxy: FaultProxy
     figures = Figures()
     assert judge(through(launcher, proxy, ["backup", src, "--repo", url, "--db", "main"]), figures) != 0
     assert "stat locks/" in figures.failed[0], figures.failed
+
+
+# --------------------------------------------------------------------------- the proxy itself
+
+
+def test_proxy_forwards_what_the_client_sent(proxy: FaultProxy, s3_bucket: str, s3_client: Any) -> None:
+    """On one kept-alive connection: a chunked PUT, an aws-chunked PUT (botocore's streaming framing,
+    decoded by the server), a PUT with Expect: 100-continue arrive as sent; a HEAD and a GET after them
+    answer right; a
+    truncated answer keeps its Content-Length and is cut (the client sees an incomplete read)."""
+    conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=10)
+    try:
+        conn.request("PUT", f"/{s3_bucket}/chunked", body=iter([b"abc", b"defg"]), encode_chunked=True)
+        assert _status(conn) == 200
+        framed = b"5;chunk-signature=00\r\nhello\r\n6;chunk-signature=00\r\n world\r\n0;chunk-signature=00\r\n\r\n"
+        conn.request("PUT", f"/{s3_bucket}/aws-chunked", body=framed, headers={
+            "Content-Encoding": "aws-chunked", "x-amz-decoded-content-length": "11",
+            "x-amz-content-sha256": "STREAMING-AWS4-HMAC-SHA256-PAYLOAD"})
+        assert _status(conn) == 200
+        conn.request("PUT", f"/{s3_bucket}/expect", body=b"x" * 70000, headers={"Expect": "100-continue"})
+        assert _status(conn) == 200  # http.client skips the proxy's 100 Continue
+    finally:
+        conn.close()
+    # signed requests through the proxy: a HEAD's Content-Length is the object's, and no body follows
+    through_proxy = boto3.session.Session().client("s3", endpoint_url=proxy.endpoint)
+    assert through_proxy.head_object(Bucket=s3_bucket, Key="expect")["ContentLength"] == 70000
+    assert through_proxy.get_object(Bucket=s3_bucket, Key="chunked")["Body"].read() == b"abcdefg"
+    got = {k: s3_client.get_object(Bucket=s3_bucket, Key=k)["Body"].read()
+           for k in ("chunked", "aws-chunked", "expect")}
+    assert got == {"chunked": b"abcdefg", "aws-chunked": b"hello world", "expect": b"x" * 70000}
+    assert proxy.log.framing["chunked"] == 1 and proxy.log.framing["content-length+aws-chunked+streaming"] == 1
+    proxy.plan = FaultPlan({"truncate": 1.0}, ops=frozenset({"GetObject"}))
+    answer = through_proxy.get_object(Bucket=s3_bucket, Key="expect")
+    assert answer["ContentLength"] == 70000
+    with pytest.raises(botocore.exceptions.HTTPClientError):  # ResponseStreamingError: an incomplete read
+        answer["Body"].read()
+    assert proxy.log.faults["truncate"] == 1
+
+
+def _status(conn: http.client.HTTPConnection) -> int:
+    resp = conn.getresponse()
+    resp.read()
+    return resp.status
