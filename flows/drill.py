@@ -77,6 +77,13 @@ def drill_flow(databases: list[str] | None = None, policy: str | None = None, re
             record = {**record, "report": paths["html"]}
         log.info("drill of %s %s: RTO %s, RPO %s", db, "passed" if record["passed"] else "FAILED",
                  seconds_text(record["rto_seconds"]), seconds_text(record["rpo_seconds"]))
+        cc = record.get("cross_check") or {}
+        if cc:
+            log.info("cross-check of %s with %s at %s: %s", db, cc["provider"], cc["at"],
+                     "agree" if cc["agree"] else "DIFFER: " + ", ".join(cc["tables_differ"]) if not cc["error"]
+                     else f"not done: {cc['error']}")
+        if cc.get("warning"):
+            log.warning("%s", cc["warning"])
         records.append(record)
     _publish(records)
     bad = [rec for rec in records if not rec["passed"]]
