@@ -10,6 +10,7 @@ instance roles) and never appear in messages or reprs; the endpoint comes from
 
 from __future__ import annotations
 
+import email.utils
 import math
 import re
 import time
@@ -103,6 +104,7 @@ class S3Store:
         self.url = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
         self._retain: tuple[str, float, tuple[str, ...]] | None = None  # mode, seconds, exempt prefixes
         self._written: dict[str, float] = {}
+        self._ahead = 0.0  # seconds the store's clock is ahead of this host's (its Date headers), when it is
         config = botocore.config.Config(
             retries={"mode": "standard", "max_attempts": max_attempts},
             connect_timeout=connect_timeout,
@@ -143,12 +145,14 @@ class S3Store:
             args["IfNoneMatch"] = "*"
         until = None
         if self._retain is not None and not key.startswith(self._retain[2]):
-            until = float(math.ceil(time.time() + self._retain[1]))  # whole seconds: S3 keeps no more
+            # by the store's clock when it is ahead: a snapshot then takes the store's time (backup.snapshot_time)
+            until = float(math.ceil(time.time() + self._ahead + self._retain[1]))  # whole seconds: S3 keeps no more
             args["ObjectLockMode"] = self._retain[0]
             args["ObjectLockRetainUntilDate"] = datetime.fromtimestamp(until, UTC)
         try:
-            self._client.put_object(**args)
+            response = self._client.put_object(**args)
             if until is not None:
+                self._learn_clock(response)
                 if len(self._written) >= _WRITTEN_MAX:
                     self._written.pop(next(iter(self._written)))
                 self._written[key] = until
@@ -253,7 +257,18 @@ class S3Store:
             raise self._error("object lock configuration", "", err) from err
         except botocore.exceptions.BotoCoreError as err:
             raise self._error("object lock configuration", "", err) from err
+        self._learn_clock(conf)
         return bool(conf.get("ObjectLockConfiguration", {}).get("ObjectLockEnabled") == "Enabled")
+
+    def _learn_clock(self, response: dict[str, Any]) -> None:
+        """How far the store's clock is ahead of this host's, from a response's Date (whole seconds:
+        the store's time is below Date + 1); under 2 s it is taken as none (clocks agree, or latency)."""
+        date = response.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
+        try:
+            ahead = email.utils.parsedate_to_datetime(str(date)).timestamp() + 1.0 - time.time()
+        except (TypeError, ValueError, IndexError):
+            return
+        self._ahead = ahead if ahead > 2.0 else 0.0
 
     def set_default_retention(self, mode: str, seconds: float, exempt: tuple[str, ...]) -> None:
         if mode not in ("GOVERNANCE", "COMPLIANCE") or seconds <= 0:
