@@ -96,7 +96,8 @@ def test_a_governance_lock_does_not_satisfy_a_compliance_repository(lock_bucket:
     assert enable(Repository.open_or_init(url), ObjectLock.parse("compliance:3s"))
     db = make_db(tmp_path / "app.db", mb=0.3)
     first = backup(Repository.open(url), LocalFileSource(db), "app").manifest
-    time.sleep(max(0.0, first.time.timestamp() + 5.0 - time.time()))  # every compliance lock ran out
+    ran_out = max(_head(s3_client, lock_bucket, f"repo/{k}")[1] for k in snapshot_keys(Repository.open(url), first))
+    time.sleep(max(0.0, ran_out + 1.0 - time.time()))  # every compliance lock ran out
     later = datetime.now(UTC) + timedelta(days=1)
     for p in first.packs:
         k = f"repo/{pack_key(p)}"
@@ -501,3 +502,32 @@ def test_a_fallback_restore_of_a_ransomed_primary_does_not_retry_per_object(tmp_
 def query_count(path: Path) -> int:
     with sqlite3.connect(path) as c:
         return int(c.execute("SELECT count(*) FROM items").fetchone()[0])
+
+
+# -- finding 13: a replayed stronger setting is followed too ----------------------------------------------
+
+
+@pytest.mark.xfail(strict=True, reason="finding 13: writers follow a replayed `object-lock` that is stronger than "
+                   "the one the operator chose (at 7a48066 the current version; with the fix of finding 1 the "
+                   "strongest of all versions, written back): an attacker without the key turns a governance "
+                   "repository into a compliance one, whose objects nobody can delete until it runs out")
+def test_a_replayed_stronger_setting_does_not_escalate_the_writers(lock_bucket: str, tmp_path: Path,
+                                                                    s3_client: Any) -> None:
+    """The operator chose governance (deletable with s3:BypassGovernanceRetention: an erasure request,
+    a mistaken backup of secrets); the offsite copy is compliance, sealed with the same master key.
+    The attacker puts the copy's setting over the primary's: every later object is compliance-locked,
+    which no credential can undo, a cost and erasure denial the attacker chose. The setting to follow
+    is the one `dbre init --object-lock` wrote: the oldest locked version (as LockedView reads it)."""
+    key = Secret("correct horse battery staple")
+    url, off = f"s3://{lock_bucket}/repo", f"s3://{lock_bucket}/off"
+    assert enable(Repository.open_or_init(url, key), ObjectLock.parse("governance:1d"))
+    db = make_db(tmp_path / "app.db", mb=0.2)
+    backup(Repository.open(url, key), LocalFileSource(db), "app")
+    offsite = Repository.init_copy_of(Repository.open(url, key), off, key)
+    assert enable(offsite, ObjectLock.parse("compliance:2d"))
+    body = s3_client.get_object(Bucket=lock_bucket, Key="off/object-lock")["Body"].read()
+    s3_client.put_object(Bucket=lock_bucket, Key="repo/object-lock", Body=body)  # the attacker
+    change_rows(db, 20)
+    m = backup(Repository.open(url, key), LocalFileSource(db), "app").manifest
+    mode, until = _head(s3_client, lock_bucket, f"repo/{Repository.open(url, key).manifest_key(m)}")
+    assert mode == "GOVERNANCE" and until < m.time.timestamp() + 1.5 * 86400, (mode, until - time.time())
