@@ -507,17 +507,13 @@ def query_count(path: Path) -> int:
 # -- finding 13: a replayed stronger setting is followed too ----------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="finding 13: writers follow a replayed `object-lock` that is stronger than "
-                   "the one the operator chose (at 7a48066 the current version; with the fix of finding 1 the "
-                   "strongest of all versions, written back): an attacker without the key turns a governance "
-                   "repository into a compliance one, whose objects nobody can delete until it runs out")
 def test_a_replayed_stronger_setting_does_not_escalate_the_writers(lock_bucket: str, tmp_path: Path,
                                                                     s3_client: Any) -> None:
     """The operator chose governance (deletable with s3:BypassGovernanceRetention: an erasure request,
-    a mistaken backup of secrets); the offsite copy is compliance, sealed with the same master key.
-    The attacker puts the copy's setting over the primary's: every later object is compliance-locked,
-    which no credential can undo, a cost and erasure denial the attacker chose. The setting to follow
-    is the one `dbre init --object-lock` wrote: the oldest locked version (as LockedView reads it)."""
+    a mistaken backup of secrets); the offsite copy is compliance, sealed with the same master key, and
+    the attacker puts it over the primary's. Finding 13, fixed: writers follow the first version of
+    `object-lock` (the oldest that opens: dbre writes it once, nobody can insert an older one) and write
+    it back over the replayed one, so later objects stay governance-locked for the chosen period."""
     key = Secret("correct horse battery staple")
     url, off = f"s3://{lock_bucket}/repo", f"s3://{lock_bucket}/off"
     assert enable(Repository.open_or_init(url, key), ObjectLock.parse("governance:1d"))

@@ -18,7 +18,7 @@ import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from dbre.errors import IntegrityError, RepositoryError, UsageError
 from dbre.storage.base import (
@@ -145,16 +145,6 @@ def _open_setting(repo: Repository, raw: bytes, where: str) -> ObjectLock:
             "--immutable` (it reads the locked versions)") from None
 
 
-def strongest(settings: Iterable[ObjectLock]) -> ObjectLock | None:
-    """The least setting at least as strong as each of ``settings``: compliance if any is, the
-    longest period (FORMAT.md, *Object Lock*: a writer never follows a weaker setting)."""
-    found = list(settings)
-    if not found:
-        return None
-    mode = "compliance" if any(s.mode == "compliance" for s in found) else "governance"
-    return ObjectLock(mode, max(s.period for s in found))
-
-
 def _denied(err: StorageError) -> bool:
     return "access denied" in err.message
 
@@ -162,9 +152,10 @@ def _denied(err: StorageError) -> bool:
 def attach(repo: Repository, op: str) -> ObjectLock | None:
     """Read the setting and make the store lock what it writes; a bucket without Object Lock refuses.
 
-    The setting in force is the strongest of every authentic version of ``object-lock`` (anyone
-    with write access can put a new version on top, e.g. the offsite copy's weaker one, sealed with
-    the same key); a current version weaker than that is written over with it (logged)."""
+    The setting in force is the *oldest* authentic version of ``object-lock``: dbre writes it once
+    (conditional put), and anyone with write access can put new versions on top (e.g. the offsite
+    copy's, sealed with the same key) but never an older one. A current version that differs is
+    written over with it (logged), and that oldest version is kept locked (``ensure_locked``)."""
     current = read_setting(repo)
     locker = locking_store(repo.store)
     if current is None:
@@ -181,12 +172,11 @@ def attach(repo: Repository, op: str) -> ObjectLock | None:
         raise RepositoryError(
             f"{op}: repository {repo.url} asks for Object Lock ({current.describe()}), but its bucket does "
             "not have Object Lock enabled", _HINT_BUCKET)
-    setting = strongest([current, *_older_settings(repo, locker)])
-    assert setting is not None
+    setting, repo.object_lock_version = _oldest_setting(repo, locker) or (current, None)
     locker.set_default_retention(setting.s3_mode, setting.period + setting.step, MUTABLE)
     if setting != current:
-        log.warning("%s: repository %s: the current `object-lock` says %s, an older version %s: the stronger "
-                    "is followed and written back (someone with write access replaced it)",
+        log.warning("%s: repository %s: the current `object-lock` says %s, its first version %s: the first is "
+                    "followed and written back (someone with write access replaced it)",
                     op, repo.url, current.describe(), setting.describe())
         repo.store.put(LOCK_KEY, repo.sealer.seal(setting.to_json(), LOCK_KEY))
     return setting
@@ -205,18 +195,19 @@ def _may_lock(locker: LockingStore, op: str) -> bool:
         return False
 
 
-def _older_settings(repo: Repository, locker: LockingStore) -> Iterator[ObjectLock]:
-    """Every authentic version of ``object-lock`` but the current one (one listing, one GET each);
-    versions that do not open (an attacker's garbage) are skipped, delete markers too."""
-    versions = [v for v in locker.versions(LOCK_KEY) if v.key == LOCK_KEY]
-    for v in versions[1:]:  # newest first: the first is the current version, read already
-        if v.delete_marker:
-            continue
+def _oldest_setting(repo: Repository, locker: LockingStore) -> tuple[ObjectLock, str | None] | None:
+    """The oldest version of ``object-lock`` that opens, and its version id when it is not the
+    current one (one listing; one GET per older version tried). None if there is only the current."""
+    versions = [v for v in locker.versions(LOCK_KEY) if v.key == LOCK_KEY and not v.delete_marker]
+    for i, v in reversed(list(enumerate(versions))):  # newest first: the oldest is the last
+        if i == 0:
+            return None  # the current version, read already
         try:
-            yield ObjectLock.from_json(repo.sealer.unseal(locker.get_version(LOCK_KEY, v.version_id, 0, 64 * 1024),
-                                                          LOCK_KEY))
+            raw = locker.get_version(LOCK_KEY, v.version_id, 0, 64 * 1024)
+            return ObjectLock.from_json(repo.sealer.unseal(raw, LOCK_KEY)), v.version_id
         except (NotFound, IntegrityError, ValueError, KeyError, TypeError, UsageError):
-            continue
+            continue  # an attacker's garbage, or gone meanwhile
+    return None
 
 
 def enable(repo: Repository, setting: ObjectLock) -> bool:
@@ -254,6 +245,12 @@ class Extension:
     extended: int = 0  # PutObjectRetention requests
     cached: int = 0  # objects known (written or extended by this host) to be locked long enough
     weaker: list[str] = field(default_factory=list)  # locked governance in a compliance repository
+
+
+class _VersionLocking(Protocol):
+    """`S3Store.extend_retention` extends one version when given its id (the setting's first)."""
+
+    def extend_retention(self, key: str, mode: str, until: float, version_id: str | None = None) -> None: ...
 
 
 class RetentionCache:
@@ -301,7 +298,8 @@ def ensure_locked(repo: Repository, keys: Iterable[str], need: float) -> Extensi
     target = need + setting.step
     todo: list[tuple[str, bool]] = []  # key, retention known to be below need
     learned = False
-    for key in dict.fromkeys(keys):
+    keys = list(dict.fromkeys(keys))
+    for key in keys:
         known, written = cache.until.get(key), locker.written_until(key)
         if written is not None and (known is None or written > known):
             cache.until[key] = known = written  # written by this process: the next run knows it too
@@ -355,6 +353,17 @@ def ensure_locked(repo: Repository, keys: Iterable[str], need: float) -> Extensi
                 stats.extended += extended
                 if until is not None:
                     cache.until[key] = until
+    vid = repo.object_lock_version
+    if vid is not None and LOCK_KEY in keys and cache.until.get(f"{LOCK_KEY}@{vid}", 0.0) < need:
+        # the setting's first version, which writers follow, kept locked too (a newer one is on top)
+        current = locker.retention(LOCK_KEY, vid)
+        until = current.until if current is not None else 0.0
+        if until < need:
+            cast(_VersionLocking, locker).extend_retention(LOCK_KEY, setting.s3_mode, target, version_id=vid)
+            stats.extended += 1
+            until = target
+        cache.until[f"{LOCK_KEY}@{vid}"] = until
+        learned = True
     if todo or learned:
         cache.save()
     if stats.weaker:

@@ -90,6 +90,7 @@ class Repository:
         self._manifests: dict[str, Manifest] = {}  # by key
         self.object_lock: ObjectLock | None = None  # read by attach_object_lock, before the first write
         self._lock_attached = False
+        self.object_lock_version: str | None = None  # the version of `object-lock` followed, if not the current
         self.lock_extensions: list[Extension] = []  # what each ensure_locked asked of the store
 
     def __repr__(self) -> str:

@@ -295,11 +295,12 @@ class S3Store:
             return None
         return Retention(str(mode), float(until.timestamp()))
 
-    def extend_retention(self, key: str, mode: str, until: float) -> None:
+    def extend_retention(self, key: str, mode: str, until: float, version_id: str | None = None) -> None:
+        args: dict[str, Any] = {"VersionId": version_id} if version_id is not None else {}
         try:
             self._client.put_object_retention(
                 Bucket=self.bucket, Key=self._key(key),
-                Retention={"Mode": mode, "RetainUntilDate": datetime.fromtimestamp(math.ceil(until), UTC)})
+                Retention={"Mode": mode, "RetainUntilDate": datetime.fromtimestamp(math.ceil(until), UTC)}, **args)
         except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as err:
             raise self._error("extend retention", key, err) from err
 
