@@ -484,4 +484,9 @@ def load_policy(path: str | Path) -> Policy:
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         problem = getattr(err, "problem", None) or err.__class__.__name__
         raise UsageError(f"policy {p}: invalid YAML{where}: {problem}", "fix the YAML syntax") from None
-    return parse_policy(data, f"policy {p}")
+    except RecursionError:
+        raise UsageError(f"policy {p}: nested too deeply to be a policy", "fix the YAML structure") from None
+    try:
+        return parse_policy(data, f"policy {p}")
+    except RecursionError:
+        raise UsageError(f"policy {p}: nested too deeply to be a policy", "fix the YAML structure") from None

@@ -370,13 +370,18 @@ def _select(db: Db, shape: _Shape, where: str, max_rows: int, in_sql: bool) -> t
     kqs: list[str] = []
     hashes: list[str] = []
     digest = xxhash.xxh3_128_hexdigest
-    for kq, row, key in _scan(db, shape, where, in_sql):
-        if len(keys) >= max_rows:
-            raise UsageError(f"{OPERATION}: the WHERE selects more than {max_rows:,} rows of {shape.table} in "
-                             f"{db.label}", "narrow the WHERE, or raise --max-rows")
-        keys.append(key)
-        kqs.append(kq)
-        hashes.append(digest(row))
+    try:
+        for kq, row, key in _scan(db, shape, where, in_sql):
+            if len(keys) >= max_rows:
+                raise UsageError(f"{OPERATION}: the WHERE selects more than {max_rows:,} rows of {shape.table} in "
+                                 f"{db.label}", "narrow the WHERE, or raise --max-rows")
+            keys.append(key)
+            kqs.append(kq)
+            hashes.append(digest(row))
+    except (apsw.SQLError, apsw.AuthError) as err:  # what only running it finds (a function the guard refuses)
+        raise UsageError(f"{OPERATION}: bad WHERE for {shape.table} in {db.label}: {err}",
+                         "check the expression (a read-only one: no load_extension or other writing function)"
+                         ) from None
     frame = pd.DataFrame({"kq": pd.Series(kqs, dtype=object), "h": pd.Series(hashes, dtype=object),
                           "i": range(len(kqs))})
     if frame["kq"].duplicated().any():

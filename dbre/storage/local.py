@@ -9,6 +9,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from dbre.errors import UsageError
 from dbre.storage.base import AlreadyExists, NotFound, PermanentError, StorageError, TransientError
 
 _TMP = ".tmp"  # temp files live here, never under a key's own folder, so list() never sees them
@@ -28,6 +29,9 @@ class LocalStore:
     """Objects as files under ``root``. Safe against kill -9: a file appears only by rename."""
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
+        if "\x00" in os.fspath(root):
+            raise UsageError(f"repository path {os.fspath(root)!r} holds a NUL character",
+                             "check the --repo value (or the policy's repositories)")
         self.root = Path(root).expanduser().absolute()
         self.url = str(self.root)
 

@@ -467,8 +467,6 @@ def test_resealed_contents(world: World, tmp_path: Path) -> None:
     print("fuzz examples:", EXAMPLES, "restores after a mutation:", OUTCOMES)
 
 
-@pytest.mark.xfail(strict=True, reason="dbre/policy.py load_policy: yaml.safe_load's RecursionError on a deeply "
-                                       "nested document is not caught (exit 1, 'unexpected error'); reported")
 def test_deeply_nested_policy_is_one_line(tmp_path: Path) -> None:
     """A policy nested 5000 deep (what the raw-text fuzzer found): exit 2, one line naming the file."""
     policy = tmp_path / "deep.yaml"
@@ -493,9 +491,6 @@ def test_control_characters_stay_on_one_line(tmp_path: Path) -> None:
     assert "no\\nsuch" in r.stderr, r
 
 
-@pytest.mark.xfail(strict=True, reason="dbre/storage/local.py: a repository path holding a NUL (possible from a policy "
-                                       "file or the env, not from argv) raises ValueError: exit 1, 'unexpected error'; "
-                                       "reported")
 def test_repository_path_with_nul_is_one_line(tmp_path: Path) -> None:
     """What the URL fuzzer found: a NUL in a repository path is bad input (exit 2, one line)."""
     check_clean(run("snapshots", "--repo", str(tmp_path / "a\x00b")), (2,))
@@ -514,9 +509,6 @@ def test_damaged_generation_base_is_one_line(world: World, tmp_path: Path, body:
         assert "generation base is damaged" in r.stderr and key in r.stderr, r
 
 
-@pytest.mark.xfail(strict=True, reason="dbre/restore/rows.py: a WHERE the authorizer refuses only when it runs "
-                                       "(load_extension) leaves _scan as apsw.SQLError 'not authorized': exit 1, "
-                                       "'unexpected error'; reported")
 def test_where_refused_by_the_authorizer_is_one_line(world: World) -> None:
     """What the argument fuzzer found: repair-rows --where "load_extension('x')" is bad input (exit 2, one line),
     and the live database is unchanged (it is: the authorizer refuses the call)."""
