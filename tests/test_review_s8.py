@@ -115,18 +115,14 @@ def test_a_governance_lock_does_not_satisfy_a_compliance_repository(lock_bucket:
 # -- finding 3: a generation's later states outlive its base snapshot's reused packs ---------------------
 
 
-@pytest.mark.xfail(strict=True, reason="finding 3: a replication base snapshot's reused packs are only locked "
-                   "until base time + period (ensure_locked skips a lock >= need), but states up to a step after "
-                   "the base need them until their own time + period")
 def test_every_replicated_state_keeps_its_base_packs_locked_for_the_period(lock_bucket: str, tmp_path: Path,
                                                                            s3_client: Any) -> None:
     """FORMAT.md: 'Every state of a generation is then at most a step younger than its base object and
-    its segments, so each stays locked at least its own time + period; the base snapshot's packs are
-    extended like any snapshot's'. Like any snapshot's means until base time + period only, and not at
-    all when a recent backup left them locked a little longer than that (here a backup 3 s before the
-    base: its packs locked until their write + period + step): a state s shipped more than a step
-    after those packs were written has base packs locked until before s + period (here by ~1.5 s of
-    a 100 s period; in production by up to a step, 3 days of a 30-day period)."""
+    its segments'. Finding 3, fixed: before a generation's base object is written, what its base snapshot
+    needs (its reused packs too, here locked a little past the earlier backup's time + period + step) is
+    extended until the base's time + period + step, and the generation is replaced once half a step
+    old (counted from before its snapshot): every state shipped keeps its base packs locked until at
+    least its own time + period."""
     period = 100.0  # step 10 s
     url = f"s3://{lock_bucket}/repo"
     assert enable(Repository.open_or_init(url), ObjectLock.parse(f"governance:{period:g}s"))
@@ -296,18 +292,13 @@ def test_a_fallback_restore_holds_what_it_reads_from_the_copy(tmp_path: Path) ->
 # -- finding 8: a quiet generation's next commit lands in it, past the step ------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="finding 8: the replicator checks a generation's age only after it "
-                   "shipped a segment into it: the first commit after a quiet spell longer than a step is a state "
-                   "of the old generation, whose base object and first segments are locked until well before "
-                   "that state's time + period")
 def test_a_state_shipped_after_a_quiet_spell_stays_restorable_for_the_period(lock_bucket: str, tmp_path: Path,
                                                                              s3_client: Any) -> None:
-    """FORMAT.md: 'the replicator starts a new generation once the current one is a step old ...
-    Every state of a generation is then at most a step younger than its base object and its
-    segments'. A restore --at s needs the generation's base object and every segment up to s; each is
-    locked for period + step from its own write. A database quiet for 2.5 steps, then one commit: that
-    commit's segment goes into the old generation (the age check follows the submit), so its state
-    needs objects locked ~period + step from the base until its own time + period."""
+    """FORMAT.md: a restore --at s needs the generation's base object and every segment up to s; each
+    is locked for period + step from its own write. Finding 8, fixed: under Object Lock the replicator
+    also replaces an idle generation once it is half a step old (and a busy one right after its next
+    segment), so the first commit after a quiet spell of 2.5 steps lands in a fresh generation, and
+    every state stays restorable from locked objects until its time + period."""
     period = 20.0  # step 2 s
     url = f"s3://{lock_bucket}/repo"
     assert enable(Repository.open_or_init(url), ObjectLock.parse(f"governance:{period:g}s"))

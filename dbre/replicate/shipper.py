@@ -64,6 +64,7 @@ from dbre.replicate.segment import (
 )
 from dbre.replicate.wal import ContinuityLost, WalTail
 from dbre.repository.backup import backup
+from dbre.repository.immutable import ensure_base_locked
 from dbre.repository.lock import Lock
 from dbre.repository.manifest import check_db_name, iso
 from dbre.repository.repo import Repository
@@ -310,6 +311,8 @@ class Replicator:
                     self._yield()  # at once, not at the next ship: the checkpoint waits on this reader
                     self._calm_until = time.monotonic() + 0.05
                 big = sum(t.size for t in self.pending) >= MAX_SEGMENT_BYTES
+                if not self._want_base and self._lock_aged():  # (a quiet database too: its next commit is new)
+                    self._want_base = "Object Lock: the generation is half a lock step old"
                 if self.pending and (stopping or big or now - last_ship >= self.interval):
                     self._swap()
                     self._ship()
@@ -502,9 +505,8 @@ class Replicator:
                 continue
             if self._gen_segments >= GENERATION_SEGMENTS:
                 self._want_base = self._want_base or f"{self._gen_segments} segments since the last base"
-            lock = self.repo.object_lock  # (FORMAT.md, Object Lock: a generation lasts at most a step)
-            if lock is not None and time.monotonic() - self._gen_born >= lock.step:
-                self._want_base = self._want_base or "Object Lock: the generation is a lock step old"
+            if self._lock_aged():
+                self._want_base = self._want_base or "Object Lock: the generation is half a lock step old"
             if any(len(t.pages) >= max(VACUUM_MIN_PAGES, VACUUM_SHARE * t.page_count) for t in batch):
                 # (VACUUM, or a rewrite as large): a fresh base keeps later restores from replaying it
                 self._want_base = "a transaction rewrote most of the database"
@@ -512,6 +514,13 @@ class Replicator:
                 self.pending = txs + self.pending
                 self._new_generation(continued=True, why=self._want_base)
                 return
+
+    def _lock_aged(self) -> bool:
+        """Under Object Lock, whether the generation is half a step old: it is replaced then (idle or
+        after its next segment), so every state of it is at most a step younger than its base snapshot
+        while a base takes under half a step (FORMAT.md, *Object Lock*, Replication)."""
+        lock = self.repo.object_lock
+        return lock is not None and time.monotonic() - self._gen_born >= lock.step / 2
 
     def _submit_segment(self, gen: Generation, txs: list[Transaction]) -> None:
         assert self._uploader is not None and self.tail is not None
@@ -627,6 +636,7 @@ class Replicator:
             done: dict[str, object] = {}
             worker = threading.Thread(target=self._take_base, args=(done,), name="dbre-replicate-snapshot",
                                       daemon=True)
+            born = time.monotonic()  # before the snapshot's time: the generation's age is never under-counted
             worker.start()
             while worker.is_alive():
                 worker.join(POLL_SECONDS)
@@ -695,6 +705,8 @@ class Replicator:
             # another may have pruned meanwhile), as a backup's manifest (which this lock also covered)
             lock.check_alive(f"replicate {self.db}: generation {gen_id}", consequence="the generation was not started",
                              hint="restart replicate: it takes a new base")
+            # its states are up to a step younger than the base snapshot: what it needs, locked that long too
+            ensure_base_locked(self.repo, manifest)
             write_base(self.repo, gen)
             self._state = state
             self.lease.name(gen_id)  # before the lock goes: prune never deletes the generation it names
@@ -703,7 +715,7 @@ class Replicator:
         self._uploader.submit(start)
         self._base_lock = None  # the start job lets it go; a later generation takes its own
         self.gen, self._shipped, self.pending, self._gen_segments = gen, snap, after, 0
-        self._gen_born = time.monotonic()
+        self._gen_born = born
         self.stats.generations.append(gen_id)
         log.info("replicate %s: generation %s from snapshot %s%s", self.db, gen_id, manifest.id,
                  f" ({why})" if why else "")

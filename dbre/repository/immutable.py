@@ -391,6 +391,16 @@ def ensure_snapshot_locked(repo: Repository, manifest: Manifest) -> Extension:
     return ensure_locked(repo, keys, manifest.time.timestamp() + repo.object_lock.period)
 
 
+def ensure_base_locked(repo: Repository, manifest: Manifest) -> Extension:
+    """``ensure_locked`` for a replication base snapshot, before its generation starts: the states
+    of a generation are up to a step younger than its base, so what the base needs (its manifest
+    included) stays locked until its time + period + step."""
+    if repo.object_lock is None:
+        return Extension()
+    lock = repo.object_lock
+    return ensure_locked(repo, snapshot_keys(repo, manifest), manifest.time.timestamp() + lock.period + lock.step)
+
+
 def locked_until(repo: Repository, key: str, now: float) -> float | None:
     """The retain-until of ``key``'s current version if still in force (prune keeps it), else None."""
     if repo.object_lock is None:
