@@ -234,15 +234,13 @@ def test_the_cache_of_one_store_is_not_taken_for_another(lock_bucket: str, s3_cl
 # -- finding 6: verify --immutable does not say that locked manifests are hidden --------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="finding 6: a delete marker over the newest locked manifest makes restore "
-                   "silently take the older snapshot; verify --immutable, which lists the versions, says 'ok' and "
-                   "names the hidden snapshot only as protected")
 def test_verify_immutable_names_a_locked_manifest_hidden_by_a_delete_marker(lock_bucket: str, tmp_path: Path,
                                                                             s3_client: Any) -> None:
     """FORMAT.md: rolling back 'leaves an older, authentic, consistent history, and nothing inside the
-    bucket can prove that newer snapshots existed'. Under Object Lock the bucket does prove it, and
-    `verify --immutable` reads exactly that proof (every version), yet reports nothing: the operator
-    who runs it after a suspected attack is told all is well while `dbre restore` gives stale data."""
+    bucket can prove that newer snapshots existed'. Under Object Lock the bucket does prove it. Finding 6,
+    fixed: `verify --immutable` fails on a snapshot inside the window whose locked manifest is hidden by
+    a delete marker, naming it ("hidden by a delete marker", and under `hidden`), while `dbre restore`
+    takes the older one."""
     import json
 
     url = f"s3://{lock_bucket}/repo"

@@ -430,6 +430,8 @@ class LockedView:
             if not v.key.startswith(MUTABLE):
                 by_key.setdefault(v.key, []).append(v)
         self.chosen: dict[str, tuple[ObjectVersion, Retention]] = {}
+        # keys whose current version is a delete marker: what `dbre restore` does not see
+        self.hidden = {k for k, vs in by_key.items() if vs[0].delete_marker}
         self.unlocked: list[str] = []  # keys with versions, none of them locked now
 
         def pick(item: tuple[str, list[ObjectVersion]]) -> tuple[str, tuple[ObjectVersion, Retention] | None]:
@@ -548,6 +550,7 @@ class ImmutableReport:
     outside: list[tuple[str, str]] = field(default_factory=list)  # ("db/id", why): outside the window
     problems: list[tuple[str, str]] = field(default_factory=list)  # (object, detail): inside, not protected
     unlocked: list[str] = field(default_factory=list)  # keys that have no locked version at all
+    hidden: list[str] = field(default_factory=list)  # "db/id": locked, but hidden by a delete marker
     segments: int = 0  # replicated segments checked end to end on the locked versions
 
     @property
@@ -558,7 +561,7 @@ class ImmutableReport:
         return {"ok": self.ok, "object_lock": self.setting.describe() if self.setting else None,
                 "protected": self.protected, "outside_window": [{"snapshot": s, "why": w} for s, w in self.outside],
                 "problems": [{"object": o, "detail": d} for o, d in self.problems],
-                "unlocked_objects": len(self.unlocked), "segments": self.segments}
+                "unlocked_objects": len(self.unlocked), "hidden": self.hidden, "segments": self.segments}
 
 
 def verify_immutable(url: str | Store, key: Secret | None = None, now: float | None = None,
@@ -592,6 +595,11 @@ def verify_immutable(url: str | Store, key: Secret | None = None, now: float | N
             report.outside.append((name, f"taken {m.taken_at}: its lock window ended {iso_utc(need)}"))
             continue
         inside[name] = m
+        if repo.manifest_key(m) in view.hidden:
+            # rolled back: restore takes an older snapshot while the bucket proves this one existed
+            report.hidden.append(name)
+            report.problems.append((repo.manifest_key(m), f"snapshot {name} ({m.taken_at}) is hidden by a delete "
+                                    "marker: `dbre restore` no longer sees it; recover with `dbre copy --immutable`"))
         for k in snapshot_keys(repo, m):
             r = view.retention_of(k)
             if r is None:
