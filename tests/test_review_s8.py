@@ -204,16 +204,13 @@ def test_prune_frees_what_it_deletes_once_unlocked(lock_bucket: str, tmp_path: P
 # -- finding 5: the retain-until cache is keyed by a URL that does not name the store ----------------------
 
 
-@pytest.mark.xfail(strict=True, reason="finding 5: the retain-until cache is keyed by repository id + URL, and "
-                   "s3://bucket/prefix does not name the endpoint: an offsite copy at the same bucket/prefix on "
-                   "another S3 endpoint inherits the primary's retain-untils, and its config is never locked")
 def test_the_cache_of_one_store_is_not_taken_for_another(lock_bucket: str, s3_client: Any,
                                                          spawn_moto: Any) -> None:
-    """The primary on one S3 (AWS_ENDPOINT_URL), its offsite copy (same id: `config` copied byte for
-    byte) under the same bucket and prefix on another provider: both are `s3://bucket/repo`. `dbre
-    copy --object-lock` writes the copy's config, then enables the lock and extends the config, but
-    the cache, filled by the primary, says `config` is locked for a day: no request is sent, and the
-    copy's config stays unlocked (verify --immutable there: "has no locked config")."""
+    """The primary on one S3 (AWS_ENDPOINT_URL), its offsite copy (same id: `config` copied byte
+    for byte) under the same bucket and prefix on another provider: both are `s3://bucket/repo`. Finding
+    5, fixed: the retain-until cache is keyed by the repository id, URL and S3 endpoint, so the primary's
+    entries are not taken for the copy's, and `dbre copy --object-lock`'s extension of the copy's config
+    is sent: it is locked for a day."""
     import boto3
 
     from dbre.storage.s3 import S3Store

@@ -255,12 +255,15 @@ class _VersionLocking(Protocol):
 
 class RetentionCache:
     """retain-until per key, as this host last set or saw it: saves requests, never trusted for
-    safety (`dbre verify --immutable` reads the truth). ``$DBRE_CACHE_DIR/object-lock/<repo>.json``."""
+    safety (`dbre verify --immutable` reads the truth). ``$DBRE_CACHE_DIR/object-lock/<hash>.json``, the
+    hash of the repository id, URL and S3 endpoint."""
 
     def __init__(self, repo: Repository) -> None:
         from dbre.sources.remote import default_cache_root
 
-        name = hashlib.sha256(f"{repo.id} {repo.url}".encode()).hexdigest()[:24]
+        # the URL does not name the store: s3://bucket/prefix on another endpoint is another store
+        endpoint = getattr(locking_store(repo.store), "endpoint", "")
+        name = hashlib.sha256(f"{repo.id} {repo.url} {endpoint}".encode()).hexdigest()[:24]
         self.path = default_cache_root() / "object-lock" / f"{name}.json"
         self.until: dict[str, float] = {}
         try:

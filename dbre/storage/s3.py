@@ -117,6 +117,7 @@ class S3Store:
             session = botocore.session.Session()
             session.register_component("data_loader", _LOADER)
             self._client: Any = session.create_client("s3", endpoint_url=endpoint_url, config=config)
+            self.endpoint = str(self._client.meta.endpoint_url)  # the store's name with the URL (two S3s)
         except (botocore.exceptions.BotoCoreError, ValueError) as err:
             raise PermanentError(
                 f"open {self.url}: cannot set up the S3 client ({type(err).__name__})",
