@@ -103,13 +103,18 @@ def verify(
             else:
                 for obj, detail in found.problems:
                     print(f"NOT PROTECTED {obj}: {detail}", file=sys.stderr)
+                for name in found.hidden:
+                    print(f"HIDDEN {name}: its locked manifest is hidden by a delete marker, so `dbre restore` does "
+                          "not see it (a rollback): recover with `dbre copy --repo URL --to NEW --immutable`",
+                          file=sys.stderr)
                 for name, why in found.outside:
                     print(f"outside the lock window: {name}: {why}")
                 lock = found.setting.describe() if found.setting else "none"
                 print(("ok: " if found.ok else f"{len(found.problems)} problems: ")
                       + f"{len(found.protected)} snapshots restore from locked versions alone (Object Lock {lock}); "
                       f"{len(found.outside)} outside the window"
-                      + (f"; {found.segments} replicated segments checked" if found.segments else ""))
+                      + (f"; {found.segments} replicated segments checked" if found.segments else "")
+                      + (f"; {len(found.hidden)} hidden by delete markers" if found.hidden else ""))
             if not found.ok:
                 raise typer.Exit(1)
             return

@@ -235,9 +235,9 @@ def test_verify_immutable_names_a_locked_manifest_hidden_by_a_delete_marker(lock
                                                                             s3_client: Any) -> None:
     """FORMAT.md: rolling back 'leaves an older, authentic, consistent history, and nothing inside the
     bucket can prove that newer snapshots existed'. Under Object Lock the bucket does prove it. Finding 6,
-    fixed: `verify --immutable` fails on a snapshot inside the window whose locked manifest is hidden by
-    a delete marker, naming it ("hidden by a delete marker", and under `hidden`), while `dbre restore`
-    takes the older one."""
+    fixed: `verify --immutable` names a snapshot inside the window whose locked manifest is hidden by
+    a delete marker (a HIDDEN line, and under `hidden` in the summary), while `dbre restore` takes the
+    older one; it is still protected (it restores from the locked versions), so it does not fail the check."""
     import json
 
     url = f"s3://{lock_bucket}/repo"

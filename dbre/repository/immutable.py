@@ -553,7 +553,7 @@ class ImmutableReport:
     outside: list[tuple[str, str]] = field(default_factory=list)  # ("db/id", why): outside the window
     problems: list[tuple[str, str]] = field(default_factory=list)  # (object, detail): inside, not protected
     unlocked: list[str] = field(default_factory=list)  # keys that have no locked version at all
-    hidden: list[str] = field(default_factory=list)  # "db/id": locked, but hidden by a delete marker
+    hidden: list[str] = field(default_factory=list)  # "db/id": protected, but hidden by a delete marker
     segments: int = 0  # replicated segments checked end to end on the locked versions
 
     @property
@@ -599,10 +599,9 @@ def verify_immutable(url: str | Store, key: Secret | None = None, now: float | N
             continue
         inside[name] = m
         if repo.manifest_key(m) in view.hidden:
-            # rolled back: restore takes an older snapshot while the bucket proves this one existed
+            # rolled back: restore takes an older snapshot while the bucket proves this one existed (still
+            # protected: it restores from the locked versions, through `dbre copy --immutable`)
             report.hidden.append(name)
-            report.problems.append((repo.manifest_key(m), f"snapshot {name} ({m.taken_at}) is hidden by a delete "
-                                    "marker: `dbre restore` no longer sees it; recover with `dbre copy --immutable`"))
         for k in snapshot_keys(repo, m):
             r = view.retention_of(k)
             if r is None:
