@@ -310,3 +310,23 @@ def test_enabling_later_locks_what_new_snapshots_reuse(lock_bucket: str, tmp_pat
     found = verify_immutable(url)
     assert found.ok and found.protected == [f"app/{new.id}"]
     assert [name for name, _ in found.outside] == [Repository.open(url).manifest_key(old)]
+
+
+def test_a_deletion_frees_the_unlocked_versions_and_keeps_a_locked_one(lock_bucket: str, s3_client: Any) -> None:
+    """forget and prune delete version by version under Object Lock (a delete marker frees nothing):
+    a version whose lock ran out goes, an older one still locked stays and is the current one again
+    (the next prune finds it and keeps it while locked); no delete marker is left behind."""
+    from dbre.repository.immutable import delete_for_good
+
+    url = f"s3://{lock_bucket}/repo"
+    assert enable(Repository.open_or_init(url), ObjectLock.parse("governance:1d"))
+    repo = Repository.open(url)
+    repo.require_writable("test")
+    repo.store.put("packs/aa/old", b"locked")  # locked for a day (the repository's setting)
+    s3_client.put_object(Bucket=lock_bucket, Key="repo/packs/aa/old", Body=b"unlocked")  # a newer, unlocked version
+    s3_client.put_object(Bucket=lock_bucket, Key="repo/packs/bb/gone", Body=b"unlocked")
+    assert delete_for_good(repo, "packs/aa/old") and delete_for_good(repo, "packs/bb/gone")
+    versions, markers = _versions(s3_client, lock_bucket)
+    left = sorted(v["Key"] for v in versions if v["Key"].startswith("repo/packs/"))
+    assert left == ["repo/packs/aa/old"] and not markers, (left, markers)
+    assert repo.store.get("packs/aa/old") == b"locked"

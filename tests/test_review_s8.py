@@ -180,10 +180,10 @@ def iso(ts: float) -> str:
 # -- finding 4: prune on a versioned bucket hides, never frees ---------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="finding 4: prune and forget in an Object Lock bucket only put delete "
-                   "markers: the pack and manifest versions whose lock ran out are never deleted, so no space "
-                   "is ever freed (FORMAT.md suggests a lifecycle rule for locks/ and leases/ only)")
 def test_prune_frees_what_it_deletes_once_unlocked(lock_bucket: str, tmp_path: Path, s3_client: Any) -> None:
+    """Finding 4, fixed: under Object Lock, forget and prune delete every version of what they delete
+    (ListObjectVersions of the key, then DeleteObject by version id; a version still locked stays), so
+    once the locks ran out the pruned packs leave no noncurrent version behind and their space is freed."""
     url = f"s3://{lock_bucket}/repo"
     assert enable(Repository.open_or_init(url), ObjectLock.parse("governance:2s"))
     db = make_db(tmp_path / "app.db", mb=0.3)

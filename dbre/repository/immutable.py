@@ -404,6 +404,34 @@ def ensure_base_locked(repo: Repository, manifest: Manifest) -> Extension:
     return ensure_locked(repo, snapshot_keys(repo, manifest), manifest.time.timestamp() + lock.period + lock.step)
 
 
+class _VersionDeleting(Protocol):
+    """`S3Store.delete_version`: one version deleted for good."""
+
+    def delete_version(self, key: str, version_id: str) -> None: ...
+
+
+def delete_for_good(repo: Repository, key: str) -> bool:
+    """Delete ``key`` (prune, forget: its current version is not locked). Under Object Lock the bucket
+    is versioned, where a delete only adds a marker and frees nothing: each version is deleted by its
+    id instead (a version still locked stays, and shows again as the current one: a later prune sees
+    it). False when no version could be deleted (no s3:DeleteObjectVersion): then a delete marker."""
+    locker = locking_store(repo.store) if repo.object_lock is not None else None
+    if locker is None:
+        repo.store.delete(key)
+        return True
+    deleted, refused = 0, 0
+    for v in [v for v in locker.versions(key) if v.key == key]:
+        try:
+            cast(_VersionDeleting, locker).delete_version(key, v.version_id)
+            deleted += 1
+        except PermanentError:
+            refused += 1
+    if refused and not deleted:
+        repo.store.delete(key)
+        return False
+    return True
+
+
 def locked_until(repo: Repository, key: str, now: float) -> float | None:
     """The retain-until of ``key``'s current version if still in force (prune keeps it), else None."""
     if repo.object_lock is None:

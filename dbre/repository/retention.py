@@ -3,6 +3,7 @@ pruning unused packs and the generations of segments no restorable time needs.""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -22,7 +23,7 @@ from dbre.replicate.window import (
     window_start,
     write_pruned,
 )
-from dbre.repository.immutable import iso_utc, locked_until
+from dbre.repository.immutable import delete_for_good, iso_utc, locked_until
 from dbre.repository.keep import KeepPolicy as KeepPolicy  # re-exported: the keep rules live in keep.py
 from dbre.repository.keep import apply_policy as apply_policy
 from dbre.repository.lock import Lock
@@ -30,6 +31,8 @@ from dbre.repository.manifest import Manifest, iso
 from dbre.repository.repo import Repository, pack_key
 from dbre.storage import NotFound
 from dbre.storage.local import LocalStore
+
+log = logging.getLogger(__name__)
 
 PRUNE_GRACE_SECONDS = 2 * 3600.0  # prune never deletes an object younger than this (store's clock)
 LIVE_TEMP_SECONDS = 600.0  # with a replicator live, .tmp files go only once untouched this long, whatever --grace
@@ -119,7 +122,7 @@ def forget(repo: Repository, policy: KeepPolicy, db: str | None = None, *, dry_r
         if not dry_run:
             for m in plan.remove:
                 lock.check_alive("forget", consequence="the remaining snapshots were not forgotten")
-                repo.store.delete(repo.manifest_key(m))
+                _delete(repo, repo.manifest_key(m))
         pruned = None
         if prune:
             pruned = _prune(repo, lock, grace, dry_run, forgotten=plan.remove if dry_run else [], policy=policy)
@@ -270,13 +273,13 @@ def _prune(repo: Repository, lock: Lock, grace: float, dry_run: bool,
                 keys = keys[:-1] + parts + keys[-1:]
             for key in keys:
                 lock.check_alive("prune", consequence="the remaining segments were not deleted")
-                repo.store.delete(key)
+                _delete(repo, key)
         for key in seg.superseded:
             lock.check_alive("prune", consequence="the remaining compacted segments were not deleted")
-            repo.store.delete(key)
+            _delete(repo, key)
     for pack in plan.unused_packs:
         lock.check_alive("prune", consequence="the remaining packs were not deleted")
-        repo.store.delete(pack_key(pack))
+        _delete(repo, pack_key(pack))
     if isinstance(repo.store, LocalStore):
         # a live backup's pack still growing in .tmp stays (it holds a lock, and is touched at every
         # blob); a live replicator's segment put may be there at any moment (it holds no lock)
@@ -285,6 +288,13 @@ def _prune(repo: Repository, lock: Lock, grace: float, dry_run: bool,
                    for d in {k.split("/")[1] for k in repo.store.list("leases/") if k.count("/") == 2})
         repo.store.clean_temp(older_than=max(grace, LIVE_TEMP_SECONDS) if live else grace)
     return plan
+
+
+def _delete(repo: Repository, key: str) -> None:
+    """Delete ``key``; under Object Lock every version of it, so the space is freed (FORMAT.md, *Object Lock*)."""
+    if not delete_for_good(repo, key):
+        log.warning("%s: only hidden by a delete marker: these credentials may not delete versions "
+                    "(s3:DeleteObjectVersion), so its space is not freed", key)
 
 
 T = TypeVar("T")

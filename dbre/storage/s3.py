@@ -39,7 +39,7 @@ _HINT_BUCKET = "create the bucket or fix the repository URL"
 _HINT_CREDENTIALS = "check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or the AWS profile in use"
 _HINT_DENIED = ("grant the credentials s3:GetObject, s3:PutObject, s3:DeleteObject and s3:ListBucket (under Object "
                 "Lock also s3:GetBucketObjectLockConfiguration, s3:GetObjectRetention, s3:PutObjectRetention, "
-                "s3:ListBucketVersions and s3:GetObjectVersion)")
+                "s3:ListBucketVersions, s3:GetObjectVersion and s3:DeleteObjectVersion)")
 _HINT_ENDPOINT = "check AWS_ENDPOINT_URL and that the server is up"
 _WRITTEN_MAX = 100_000  # retain-untils remembered by one store object (a long replicate run forgets the oldest)
 
@@ -304,6 +304,16 @@ class S3Store:
                 Retention={"Mode": mode, "RetainUntilDate": datetime.fromtimestamp(math.ceil(until), UTC)}, **args)
         except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as err:
             raise self._error("extend retention", key, err) from err
+
+    def delete_version(self, key: str, version_id: str) -> None:
+        """Delete one version for good (a delete marker too); S3 refuses a version still locked
+        (AccessDenied: no bypass is ever sent), and so it does without s3:DeleteObjectVersion."""
+        try:
+            self._client.delete_object(Bucket=self.bucket, Key=self._key(key), VersionId=version_id)
+        except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as err:
+            error = self._error("delete version", key, err)
+            if not isinstance(error, NotFound):
+                raise error from err
 
     def versions(self, prefix: str = "") -> Iterator[ObjectVersion]:
         skip = len(self._base)
