@@ -410,3 +410,20 @@ def _status(conn: http.client.HTTPConnection) -> int:
     resp = conn.getresponse()
     resp.read()
     return resp.status
+
+
+@pytest.mark.xfail(strict=True, reason="dbre/storage/s3.py lock_enabled: a 404 whose error body was cut short "
+                   "(botocore falls back to the code '404') is taken for NotFound, so the backup fails with "
+                   "'object lock configuration: not found' instead of retrying (seen at 30% faults, seed 5)")
+def test_cut_object_lock_answer_is_retried(launcher: Launcher, proxy: FaultProxy, s3_bucket: str,
+                                           tmp_path: Path) -> None:
+    """The answer to GetObjectLockConfiguration (a 404 ObjectLockConfigurationNotFoundError on a bucket
+    without Object Lock) is cut short once: the backup still succeeds."""
+    url = f"s3://{s3_bucket}/repo"
+    src = make_db(tmp_path / "main.db", mb=0.2, journal="delete")
+    assert cli("init", "--repo", url).returncode == 0
+    proxy.plan = FaultPlan({"truncate": 1.0}, ops=frozenset({"GetObjectLockConfiguration"}), limit=1)
+    figures = Figures()
+    code = judge(through(launcher, proxy, ["backup", src, "--repo", url, "--db", "main"]), figures)
+    assert proxy.log.faults["truncate"] == 1, proxy.log.lines()
+    assert code == 0, figures.failed
