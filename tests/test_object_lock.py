@@ -330,3 +330,25 @@ def test_a_deletion_frees_the_unlocked_versions_and_keeps_a_locked_one(lock_buck
     left = sorted(v["Key"] for v in versions if v["Key"].startswith("repo/packs/"))
     assert left == ["repo/packs/aa/old"] and not markers, (left, markers)
     assert repo.store.get("packs/aa/old") == b"locked"
+
+
+def test_the_first_setting_version_is_followed_written_back_and_kept_locked(lock_bucket: str, tmp_path: Path,
+                                                                           s3_client: Any) -> None:
+    """A replayed setting (the offsite copy's, sealed the same way) on top of the primary's: writers
+    follow the first version, write it back over the replay, and extend that first version by its id
+    whenever a snapshot needs it longer, so it is never left to run out under newer versions."""
+    url, off = f"s3://{lock_bucket}/repo", f"s3://{lock_bucket}/off"
+    assert enable(Repository.open_or_init(url), ObjectLock.parse("governance:10s"))
+    first = s3_client.list_object_versions(Bucket=lock_bucket, Prefix="repo/object-lock")["Versions"][0]["VersionId"]
+    offsite = Repository.init_copy_of(Repository.open(url), off, None)
+    assert enable(offsite, ObjectLock.parse("compliance:3s"))
+    body = s3_client.get_object(Bucket=lock_bucket, Key="off/object-lock")["Body"].read()
+    s3_client.put_object(Bucket=lock_bucket, Key="repo/object-lock", Body=body)  # the replay
+    time.sleep(2.5)  # past the first version's lock step: the next snapshot needs it longer
+    db = make_db(tmp_path / "app.db", mb=0.1)
+    m = backup(Repository.open(url), LocalFileSource(db), "app").manifest
+    assert Repository.open(url).store.get(LOCK_KEY) != body  # written back
+    mode, until = _retention(s3_client, lock_bucket, "repo/object-lock", first)
+    assert mode == "GOVERNANCE" and until >= m.time.timestamp() + 10, (mode, until - m.time.timestamp())
+    mode, until = _retention(s3_client, lock_bucket, f"repo/{Repository.open(url).manifest_key(m)}")
+    assert mode == "GOVERNANCE", mode
