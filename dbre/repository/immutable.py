@@ -176,9 +176,9 @@ def attach(repo: Repository, op: str) -> ObjectLock | None:
     locker.set_default_retention(setting.s3_mode, setting.period + setting.step, MUTABLE)
     if setting != current:
         log.warning("%s: repository %s: the current `object-lock` says %s, its first version %s: the first is "
-                    "followed and written back (someone with write access replaced it)",
+                    "followed, and written back before the next snapshot (someone with write access replaced it)",
                     op, repo.url, current.describe(), setting.describe())
-        repo.store.put(LOCK_KEY, repo.sealer.seal(setting.to_json(), LOCK_KEY))
+        repo.object_lock_replaced = True
     return setting
 
 
@@ -299,9 +299,12 @@ def ensure_locked(repo: Repository, keys: Iterable[str], need: float) -> Extensi
     locker = _locker(repo, "object lock")
     cache = RetentionCache(repo)
     target = need + setting.step
+    keys = list(dict.fromkeys(keys))
+    if repo.object_lock_replaced and LOCK_KEY in keys:  # (a write: never in a dry run, which only attaches)
+        repo.store.put(LOCK_KEY, repo.sealer.seal(setting.to_json(), LOCK_KEY))
+        repo.object_lock_replaced = False
     todo: list[tuple[str, bool]] = []  # key, retention known to be below need
     learned = False
-    keys = list(dict.fromkeys(keys))
     for key in keys:
         known, written = cache.until.get(key), locker.written_until(key)
         if written is not None and (known is None or written > known):

@@ -91,6 +91,7 @@ class Repository:
         self.object_lock: ObjectLock | None = None  # read by attach_object_lock, before the first write
         self._lock_attached = False
         self.object_lock_version: str | None = None  # the version of `object-lock` followed, if not the current
+        self.object_lock_replaced = False  # its current version differs: written back at the next ensure_locked
         self.lock_extensions: list[Extension] = []  # what each ensure_locked asked of the store
 
     def __repr__(self) -> str:
