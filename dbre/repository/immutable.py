@@ -4,7 +4,7 @@ The setting lives in the repository (the sealed object ``object-lock``), so ever
 the store writes each object but locks/ and leases/ with ``mode`` and retain-until now + period +
 step; before a manifest is written, the objects it references that are locked for less than its
 time + period are extended (``ensure_locked``). ``LockedView`` reads a bucket's locked versions
-only: ``dbre verify --immutable`` and ``dbre restore --immutable`` (docs/FORMAT.md, *Object Lock*).
+only: ``dbre verify --immutable`` and ``dbre copy --immutable`` (docs/FORMAT.md, *Object Lock*).
 """
 
 from __future__ import annotations
