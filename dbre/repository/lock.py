@@ -222,7 +222,11 @@ class Lock:
         try:
             return key, began, (self.store.modified(key), after)
         except BaseException:
-            self.store.delete(key)
+            try:
+                self.store.delete(key)
+            except RepositoryError as err:  # (the cause is the stat's error, raised below, not this cleanup's)
+                log.warning("lock %s: could not remove it (%s); it goes stale in %.0f min", key, err,
+                            self.stale_seconds / 60)
             raise
 
     def store_now(self) -> float:

@@ -354,8 +354,6 @@ def _objects(url: str) -> dict[str, bytes]:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="dbre/repository/lock.py: Lock._write's cleanup delete, failing too, "
-                   "replaces the error of the lock's HEAD: the line names 'delete locks/...', not the cause")
 def test_failed_lock_write_names_its_cause(launcher: Launcher, proxy: FaultProxy, s3_bucket: str,
                                            tmp_path: Path) -> None:
     """The lock's HEAD after its PUT fails (503), and so does the delete that cleans it up: the backup's
