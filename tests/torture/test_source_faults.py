@@ -232,3 +232,74 @@ def test_wal_truncated_or_replaced_under_a_backup(tmp_path: Path, fault: str) ->
             outcomes.append(f"refused: {err}")
     verify_clean(str(repo.store.url))
     print(f"[{fault}] {outcomes}")
+
+
+def test_sqld_restarted_during_a_backup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """sqld killed (SIGKILL) and started again on the same port and data while `dbre backup http://...` syncs
+    its embedded replica (12 MB; the kill lands 0, 50 and 200 ms after the replica's file appears): each backup
+    either succeeds with exactly the server's rows,
+    or fails with one "dbre: ..." line (no traceback) and no snapshot; the next backup, with the server back,
+    succeeds and holds exactly its rows (the replica left by the interrupted sync is usable, or replaced)."""
+    import tests.sqld as sqld_mod
+    from tests.dbfactory import dbre_env, query
+    from tests.torture.harness import list_snapshots
+
+    port = sqld_mod.free_port()
+    monkeypatch.setattr(sqld_mod, "free_port", lambda: port)  # a restart listens where the source URL points
+    data = tmp_path / "sqld"
+    server = sqld_mod.start_sqld(data)
+    repo, env = tmp_path / "repo", dbre_env({"DBRE_CACHE_DIR": str(tmp_path / "cache"),
+                                             "LIBSQL_AUTH_TOKEN": None, "TURSO_AUTH_TOKEN": None})
+
+    def rows_on_server() -> list[tuple[object, ...]]:
+        return [tuple(r) for r in server.execute("SELECT id, hex(substr(payload, 1, 16)), note FROM big ORDER BY id")]
+
+    def backup_proc() -> subprocess.Popen[str]:
+        return subprocess.Popen([sys.executable, "-m", "dbre.cli", "backup", server.url, "--repo", str(repo),
+                                 "--db", "remote"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+    def restored_rows() -> list[tuple[object, ...]]:
+        out = tmp_path / "restored.db"
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{out}{suffix}").unlink(missing_ok=True)
+        r = subprocess.run([sys.executable, "-m", "dbre.cli", "restore", "--repo", str(repo), "--db", "remote",
+                            "--to", str(out)], capture_output=True, text=True, env=env, timeout=120)
+        assert r.returncode == 0, r.stderr
+        return [tuple(r) for r in query(out, "SELECT id, hex(substr(payload, 1, 16)), note FROM big ORDER BY id")]
+
+    outcomes = []
+    try:
+        server.execute("CREATE TABLE big (id INTEGER PRIMARY KEY, payload BLOB NOT NULL, note TEXT)")
+        for start in range(0, 3000, 500):
+            server.pipeline(["BEGIN", *[f"INSERT INTO big VALUES ({i}, randomblob(4000), 'row {i}')"
+                                        for i in range(start, start + 500)], "COMMIT"])
+        for i, delay in enumerate([0.0, 0.05, 0.2]):
+            server.execute(f"UPDATE big SET note = 'round {i}' WHERE id % 7 = {i}")
+            expected = rows_on_server()
+            before = len(list_snapshots(str(repo))) if repo.exists() else 0
+            proc = backup_proc()
+            deadline = time.monotonic() + 60  # the kill lands while the replica syncs: once its file grows
+            while time.monotonic() < deadline and proc.poll() is None and not any(
+                    f.is_file() and f.stat().st_size > 0 for f in (tmp_path / "cache").rglob("*")):
+                time.sleep(0.01)
+            time.sleep(delay)
+            synced_when_killed = proc.poll() is not None
+            server.proc.kill()
+            server.stop()
+            server = sqld_mod.start_sqld(data)
+            out, err = proc.communicate(timeout=180)
+            if proc.returncode == 0:
+                assert restored_rows() == expected, f"killed after {delay} s: the snapshot is not the server's rows"
+                outcomes.append("backed up" + (" (before the kill)" if synced_when_killed else ""))
+            else:
+                lines = [line for line in err.splitlines() if line.strip()]
+                assert len(lines) == 1 and lines[0].startswith("dbre: ") and "Traceback" not in err, err
+                assert (len(list_snapshots(str(repo))) if repo.exists() else 0) == before, "a failed backup left one"
+                outcomes.append(f"refused: {lines[0]}")
+            again = backup_proc()
+            _, err2 = again.communicate(timeout=180)
+            assert again.returncode == 0, f"the backup after sqld came back failed: {err2}"
+            assert restored_rows() == rows_on_server()
+    finally:
+        server.stop()
+    print(f"sqld killed during a backup: {outcomes}")
