@@ -352,3 +352,21 @@ def test_the_first_setting_version_is_followed_written_back_and_kept_locked(lock
     assert mode == "GOVERNANCE" and until >= m.time.timestamp() + 10, (mode, until - m.time.timestamp())
     mode, until = _retention(s3_client, lock_bucket, f"repo/{Repository.open(url).manifest_key(m)}")
     assert mode == "GOVERNANCE", mode
+
+
+def test_verify_immutable_names_a_hidden_snapshot_on_its_own_line(lock_bucket: str, tmp_path: Path,
+                                                                  s3_client: Any) -> None:
+    """A locked manifest hidden by a delete marker (a rollback: restore takes the older snapshot) is
+    named on a HIDDEN line with the way back; it still restores from the locked versions, so the
+    check passes (exit 0) and says how many are hidden."""
+    url = f"s3://{lock_bucket}/repo"
+    assert enable(Repository.open_or_init(url), ObjectLock.parse("governance:1d"))
+    db = make_db(tmp_path / "app.db", mb=0.1)
+    backup(Repository.open(url), LocalFileSource(db), "app")
+    change_rows(db, 10)
+    second = backup(Repository.open(url), LocalFileSource(db), "app").manifest
+    s3_client.delete_object(Bucket=lock_bucket, Key=f"repo/{Repository.open(url).manifest_key(second)}")
+    r = cli("verify", "--repo", url, "--immutable")
+    assert r.returncode == 0, r.stderr
+    assert f"HIDDEN app/{second.id}" in r.stderr and "copy --repo URL --to NEW --immutable" in r.stderr, r.stderr
+    assert "1 hidden by delete markers" in r.stdout, r.stdout
