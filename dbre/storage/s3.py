@@ -253,8 +253,8 @@ class S3Store:
         try:
             conf = self._client.get_object_lock_configuration(Bucket=self.bucket)
         except botocore.exceptions.ClientError as err:
-            if _code(err) == "ObjectLockConfigurationNotFoundError":
-                return False
+            if _code(err) in ("ObjectLockConfigurationNotFoundError", "NotImplemented"):
+                return False  # (a provider without the Object Lock API has no Object Lock)
             raise self._error("object lock configuration", "", err) from err
         except botocore.exceptions.BotoCoreError as err:
             raise self._error("object lock configuration", "", err) from err
