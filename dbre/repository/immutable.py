@@ -155,7 +155,8 @@ def attach(repo: Repository, op: str) -> ObjectLock | None:
     The setting in force is the *oldest* authentic version of ``object-lock``: dbre writes it once
     (conditional put), and anyone with write access can put new versions on top (e.g. the offsite
     copy's, sealed with the same key) but never an older one. A current version that differs is
-    written over with it (logged), and that oldest version is kept locked (``ensure_locked``)."""
+    logged, and written back before the next snapshot; that oldest version is kept locked by its id
+    (both in ``ensure_locked``)."""
     current = read_setting(repo)
     locker = locking_store(repo.store)
     if current is None:
