@@ -52,7 +52,7 @@ def _forget_cache(tmp_path: Path) -> None:
         f.unlink()
 
 
-# -- finding 1: the setting is read from the current version, which anyone can replace ----------------
+# -- finding 1 (fixed in ebbd0f6, 145db62): the setting is read from the current version, which anyone can replace ----
 
 
 def test_a_replayed_weaker_setting_does_not_downgrade_the_writers(lock_bucket: str, tmp_path: Path,
@@ -81,7 +81,7 @@ def test_a_replayed_weaker_setting_does_not_downgrade_the_writers(lock_bucket: s
         assert mode == "COMPLIANCE" and until >= m.time.timestamp() + 86400, (k, mode, until - time.time())
 
 
-# -- finding 2: the lock mode is never compared --------------------------------------------------------
+# -- finding 2 (fixed in fad0a41): the lock mode is never compared ----------------------------------------------------
 
 
 def test_a_governance_lock_does_not_satisfy_a_compliance_repository(lock_bucket: str, tmp_path: Path,
@@ -112,7 +112,7 @@ def test_a_governance_lock_does_not_satisfy_a_compliance_repository(lock_bucket:
     assert not found.ok, found.summary()  # not protected: governance where the setting says compliance
 
 
-# -- finding 3: a generation's later states outlive its base snapshot's reused packs ---------------------
+# -- finding 3 (fixed in b8fd1f9): a generation's later states outlive its base snapshot's reused packs ---------------
 
 
 def test_every_replicated_state_keeps_its_base_packs_locked_for_the_period(lock_bucket: str, tmp_path: Path,
@@ -177,7 +177,7 @@ def iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds")
 
 
-# -- finding 4: prune on a versioned bucket hides, never frees ---------------------------------------------
+# -- finding 4 (fixed in b0948ab): prune on a versioned bucket hides, never frees -------------------------------------
 
 
 def test_prune_frees_what_it_deletes_once_unlocked(lock_bucket: str, tmp_path: Path, s3_client: Any) -> None:
@@ -201,7 +201,7 @@ def test_prune_frees_what_it_deletes_once_unlocked(lock_bucket: str, tmp_path: P
     assert not kept, f"{len(kept)} pruned packs still stored as noncurrent versions"
 
 
-# -- finding 5: the retain-until cache is keyed by a URL that does not name the store ----------------------
+# -- finding 5 (fixed in 6fa47be): the retain-until cache is keyed by a URL that does not name the store --------------
 
 
 def test_the_cache_of_one_store_is_not_taken_for_another(lock_bucket: str, s3_client: Any,
@@ -228,7 +228,7 @@ def test_the_cache_of_one_store_is_not_taken_for_another(lock_bucket: str, s3_cl
     assert mode == "GOVERNANCE" and until >= time.time() + 86400 - 60, (mode, until)
 
 
-# -- finding 6: verify --immutable does not say that locked manifests are hidden --------------------------
+# -- finding 6 (fixed in 46c3705): verify --immutable does not say that locked manifests are hidden -------------------
 
 
 def test_verify_immutable_names_a_locked_manifest_hidden_by_a_delete_marker(lock_bucket: str, tmp_path: Path,
@@ -284,7 +284,7 @@ def test_a_fallback_restore_holds_what_it_reads_from_the_copy(tmp_path: Path) ->
     assert not missing, f"{len(missing)} packs the restore reads were deleted from the copy beside it"
 
 
-# -- finding 8: a quiet generation's next commit lands in it, past the step ------------------------------
+# -- finding 8 (fixed in b8fd1f9): a quiet generation's next commit lands in it, past the step ------------------------
 
 
 def test_a_state_shipped_after_a_quiet_spell_stays_restorable_for_the_period(lock_bucket: str, tmp_path: Path,
@@ -349,7 +349,7 @@ def test_a_state_shipped_after_a_quiet_spell_stays_restorable_for_the_period(loc
     assert checked >= 2
 
 
-# -- finding 9: a damaged setting's hint names a command that does not exist ------------------------------
+# -- finding 9 (fixed in ebbd0f6): a damaged setting's hint names a command that does not exist -----------------------
 
 
 def test_a_damaged_setting_names_a_fix_that_exists(lock_bucket: str, tmp_path: Path, s3_client: Any) -> None:
@@ -366,7 +366,7 @@ def test_a_damaged_setting_names_a_fix_that_exists(lock_bucket: str, tmp_path: P
     assert "restore --immutable" not in r.stderr or "--immutable" in cli("restore", "--help").stdout, r.stderr
 
 
-# -- finding 10: retain-until from the host's clock, snapshot time from the store's ------------------------
+# -- finding 10 (fixed in 1e730c8): retain-until from the host's clock, snapshot time from the store's ----------------
 
 
 class _SlowClock:
@@ -407,7 +407,7 @@ def test_a_slow_host_clock_does_not_shorten_the_manifest_lock(lock_bucket: str, 
         assert until >= need, f"{k} locked until {iso(until)}, needed until {iso(need)}"
 
 
-# -- finding 11: every S3 write now needs s3:ListBucketVersions ------------------------------------------
+# -- finding 11 (fixed in ebbd0f6): every S3 write now needs s3:ListBucketVersions ------------------------------------
 
 
 def test_a_repository_without_object_lock_needs_no_new_permission(spawn_moto: Any, tmp_path: Path,
@@ -490,7 +490,7 @@ def query_count(path: Path) -> int:
         return int(c.execute("SELECT count(*) FROM items").fetchone()[0])
 
 
-# -- finding 13: a replayed stronger setting is followed too ----------------------------------------------
+# -- finding 13 (fixed in 145db62): a replayed stronger setting is followed too ---------------------------------------
 
 
 def test_a_replayed_stronger_setting_does_not_escalate_the_writers(lock_bucket: str, tmp_path: Path,
