@@ -250,14 +250,23 @@ class S3Store:
     # -- Object Lock (LockingStore) ----------------------------------------------------------------
 
     def lock_enabled(self) -> bool:
-        try:
-            conf = self._client.get_object_lock_configuration(Bucket=self.bucket)
-        except botocore.exceptions.ClientError as err:
-            if _code(err) in ("ObjectLockConfigurationNotFoundError", "NotImplemented"):
-                return False  # (a provider without the Object Lock API has no Object Lock)
-            raise self._error("object lock configuration", "", err) from err
-        except botocore.exceptions.BotoCoreError as err:
-            raise self._error("object lock configuration", "", err) from err
+        # retried here (4 tries): the calls of Object Lock do not go through RetryingStore, and a 404 whose
+        # answer was cut short comes back as the bare code "404", which must not pass for "no Object Lock"
+        for attempt in range(4):
+            try:
+                conf = self._client.get_object_lock_configuration(Bucket=self.bucket)
+                break
+            except botocore.exceptions.ClientError as err:
+                code = _code(err)
+                if code in ("ObjectLockConfigurationNotFoundError", "NotImplemented"):
+                    return False  # (a provider without the Object Lock API has no Object Lock)
+                if code not in ("404", "NotFound") and self._error("", "", err).__class__ is not TransientError \
+                        or attempt == 3:
+                    raise self._error("object lock configuration", "", err) from err
+            except botocore.exceptions.BotoCoreError as err:
+                if attempt == 3:
+                    raise self._error("object lock configuration", "", err) from err
+            time.sleep(0.25 * 2**attempt)
         self._learn_clock(conf)
         return bool(conf.get("ObjectLockConfiguration", {}).get("ObjectLockEnabled") == "Enabled")
 

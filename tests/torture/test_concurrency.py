@@ -22,7 +22,7 @@ from pathlib import Path
 
 from dbre.repository.repo import Repository
 from tests.dbfactory import dbre_env, make_db
-from tests.replication import make_source, read_log, restore_at, restored_seq, start_writer, utc
+from tests.replication import make_source, read_log, restore_at, restored_seq, start_writer, utc, wait_for_generation
 from tests.test_crash import rewrite_rows
 from tests.torture.harness import content_digest, list_snapshots, restore_digest, verify_clean
 
@@ -45,6 +45,12 @@ def test_concurrent_runs_on_one_repository(backend: str, repo_url: Callable[[str
     rep = subprocess.Popen([sys.executable, "-m", "dbre.cli", "replicate", str(c), "--repo", url, "--db", "c",
                             "--interval", "200ms", "-q"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                            env=dbre_env())
+    try:  # the replicator creates the repository: forget and copy need it from the first round
+        wait_for_generation(url, "c", timeout=120, proc=rep)
+    except BaseException:
+        rep.kill()
+        rep.wait()
+        raise
     writer = start_writer(c, log, 5.0 * ROUNDS + 5, start_seq=200, pause=0.02)
     try:
         for round_ in range(ROUNDS):

@@ -410,9 +410,6 @@ def _status(conn: http.client.HTTPConnection) -> int:
     return resp.status
 
 
-@pytest.mark.xfail(strict=True, reason="dbre/storage/s3.py lock_enabled: a 404 whose error body was cut short "
-                   "(botocore falls back to the code '404') is taken for NotFound, so the backup fails with "
-                   "'object lock configuration: not found' instead of retrying (seen at 30% faults, seed 5)")
 def test_cut_object_lock_answer_is_retried(launcher: Launcher, proxy: FaultProxy, s3_bucket: str,
                                            tmp_path: Path) -> None:
     """The answer to GetObjectLockConfiguration (a 404 ObjectLockConfigurationNotFoundError on a bucket
