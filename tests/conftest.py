@@ -77,6 +77,10 @@ def pytest_configure(config: pytest.Config) -> None:
 # cannot group under pytest 9 (its group suffix on item._nodeid no longer reaches the nodeid), so
 # the grouping is decided here, from the module's text.
 _ONE_WORKER = re.compile(r"""scope\s*=\s*["']module["']|mark\.xdist_group""")
+# Modules whose tests load the machine hard (many processes, fault proxies, full-disk and concurrency
+# trials) name this group in a comment line: they run one after another on one worker, so the timing
+# of the other workers' tests (replication lag, kill instants) is not measured beside several of them.
+_HEAVY = re.compile(r"^# test-group: heavy$", re.M)
 
 
 @pytest.hookimpl(optionalhook=True)
@@ -87,16 +91,18 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
     from xdist.scheduler import LoadScopeScheduling
 
     @functools.cache
-    def one_worker(path: str) -> bool:
+    def text(path: str) -> str:
         try:
-            return bool(_ONE_WORKER.search((config.rootpath / path).read_text()))
+            return (config.rootpath / path).read_text()
         except OSError:
-            return False
+            return ""
 
     class ModuleFixtureScheduling(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
             path = nodeid.split("::", 1)[0]
-            return path if one_worker(path) else nodeid
+            if _HEAVY.search(text(path)):
+                return "heavy"
+            return path if _ONE_WORKER.search(text(path)) else nodeid
 
     return ModuleFixtureScheduling(config, log)
 

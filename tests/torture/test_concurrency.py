@@ -10,6 +10,8 @@ snapshot of each backed-up database is that round's state; the copy holds only w
 and at the end every commit the writer made restores, at its own time and as the newest state.
 """
 
+# test-group: heavy
+
 from __future__ import annotations
 
 import random

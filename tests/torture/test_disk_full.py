@@ -10,6 +10,8 @@ file-size limit instead (RLIMIT_FSIZE: write(2) fails with EFBIG at the limit, a
 disk); the test says which it used in every failure message.
 """
 
+# test-group: heavy
+
 from __future__ import annotations
 
 import os

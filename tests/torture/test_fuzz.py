@@ -8,6 +8,8 @@ succeeds gives exactly the state the intact repository gives. Examples are deran
 the counts are modest so the file stays under a minute.
 """
 
+# test-group: heavy
+
 from __future__ import annotations
 
 import contextlib

@@ -21,6 +21,8 @@ plan. The figures (runs, faults per kind and operation, failures with their line
 longest run) are printed and added to the torture tally.
 """
 
+# test-group: heavy
+
 from __future__ import annotations
 
 import http.client

@@ -13,6 +13,8 @@ logs about its secrets, and where names read from a repository can make dbre wri
   restore, restore-table or export read or write outside the repository and the target directory.
 """
 
+# test-group: heavy
+
 from __future__ import annotations
 
 import contextlib

@@ -4,6 +4,8 @@ either takes one committed state of the database exactly, or fails with one clea
 stores a state the database did not have, and the repository always verifies.
 """
 
+# test-group: heavy
+
 from __future__ import annotations
 
 import os
