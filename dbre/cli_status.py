@@ -23,7 +23,7 @@ from dbre.cli import (
     _table,
     app,
 )
-from dbre.errors import DbreError, UsageError
+from dbre.errors import UsageError
 from dbre.units import human_bytes as human
 
 
@@ -73,7 +73,15 @@ def status(
     def go() -> None:
         from datetime import timedelta
 
-        from dbre.metrics import NotifyError, alert_payload, compute_status, parse_size, send_webhook, write_prometheus
+        from dbre.metrics import (
+            NotifyError,
+            alert_payload,
+            compute_status,
+            open_offsite,
+            parse_size,
+            send_webhook,
+            write_prometheus,
+        )
         from dbre.policy import parse_duration
         from dbre.repository.repo import Repository
 
@@ -92,12 +100,7 @@ def status(
         hooks = _webhook_urls(webhook, pol)
         key = _key(key_file)
         repository = Repository.open(repo, key)
-        copies: list[tuple[str, Repository | Exception]] = []
-        for url in offsite or (list(pol.repositories.offsite) if pol is not None else []):
-            try:  # (the same key: `dbre copy` keeps the primary's config)
-                copies.append((url, Repository.open(url, key)))
-            except DbreError as err:  # reported as an alert of each database, not a failed command
-                copies.append((url, err))
+        copies = open_offsite(offsite or (list(pol.repositories.offsite) if pol is not None else []), key)
         st = compute_status(repository, policy=pol, dbs=db or None, window=span, quota_bytes=quota_bytes,
                             storage_threshold=storage_threshold, offsite=copies, offsite_max_lag=max_lag)
         if prom is not None:

@@ -299,6 +299,18 @@ def database_status(repo: Repository, db: str, exp: Expectations, *, now: dateti
     return st
 
 
+def open_offsite(urls: Sequence[str], key: Any) -> list[tuple[str, Repository | Exception]]:
+    """Each offsite copy opened with the primary's key (`dbre copy` keeps its config), or why it could not be:
+    for ``compute_status``, which reports that as an alert of each database, not a failed run."""
+    copies: list[tuple[str, Repository | Exception]] = []
+    for url in urls:
+        try:
+            copies.append((url, Repository.open(url, key)))
+        except DbreError as err:
+            copies.append((url, err))
+    return copies
+
+
 def offsite_status(repo: Repository, st: DatabaseStatus, url: str, copy: Repository | Exception, now: datetime,
                    max_lag: float = OFFSITE_MAX_LAG) -> OffsiteStatus:
     """Compare the offsite copy with the primary for one database: the primary's snapshots (safety ones aside)

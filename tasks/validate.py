@@ -120,15 +120,10 @@ def compute_repository_status(repo: str, key: str | None = None, policy: Any = N
     ``offsite`` copy is behind (one that cannot be opened is an alert, not a failed task)."""
     from datetime import timedelta
 
-    from dbre.errors import DbreError
+    from dbre.metrics import open_offsite
 
     secret = resolve_key(key)
-    copies: list[tuple[str, Repository | Exception]] = []
-    for url in offsite or []:
-        try:
-            copies.append((url, Repository.open(url, secret)))
-        except DbreError as err:
-            copies.append((url, err))
+    copies = open_offsite(offsite or [], secret)
     status = compute_status(Repository.open(repo, secret), policy=policy,
                             window=timedelta(seconds=window_seconds), quota_bytes=quota_bytes,
                             storage_threshold=storage_threshold, offsite=copies)
