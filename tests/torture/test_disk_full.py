@@ -230,13 +230,15 @@ def test_replicate_into_a_repository_whose_disk_fills(disk: Disk, tmp_path: Path
                                 "-q"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     out = tmp_path / "newest.db"
     try:  # until it has shipped the writer's last commit (a loaded machine starts it slowly)
-        deadline, top = time.monotonic() + 90, -1
+        deadline, top, last_err = time.monotonic() + 90, -1, ""
         while time.monotonic() < deadline and again.poll() is None:
             time.sleep(1.0)
+            out.unlink(missing_ok=True)  # each look restores afresh (a restore never replaces a file)
             try:
                 restore_at(Repository.open(str(repo)), "app", utc(time.time() + 1), out)
                 top = restored_seq(out)[1]
-            except Exception:  # noqa: BLE001 - a new generation being written: look again
+            except Exception as err:  # noqa: BLE001 - a new generation being written: look again
+                last_err = repr(err)
                 continue
             if top == commits[-1].seq:
                 break
@@ -244,9 +246,5 @@ def test_replicate_into_a_repository_whose_disk_fills(disk: Disk, tmp_path: Path
         again.send_signal(signal.SIGTERM)
         _, err2 = again.communicate(timeout=30)
     assert again.returncode == 0, err2.decode()
-    if top != commits[-1].seq:
-        # A known open finding (session 8 closing note, issue 11): twice in loaded clean-clone CI runs the
-        # replicator started again once space was back had not made the writer's later commits restorable
-        # within 90 s (328 of 511); alone it does in ~1 s. Everything above (the one line, nothing damaged,
-        # every commit shipped before the stop restorable) is asserted; this part is recorded, not hidden.
-        pytest.xfail(f"{disk}: the resumed replicator shipped up to {top} of {commits[-1].seq} in 90 s")
+    assert top == commits[-1].seq, \
+        f"{disk}: the resumed replicator shipped up to {top} of {commits[-1].seq} in 90 s ({last_err})"
