@@ -1,6 +1,10 @@
 """`dbre replicate` killed with SIGKILL at random instants while a writer commits: nothing already
-shipped is lost, the restarted replicator resumes the same generation without a gap (the WAL was
-not restarted while it was down), and restores stay exact wherever a replicator was watching.
+shipped is lost, the restarted replicator resumes the same generation without a gap, and restores
+stay exact wherever a replicator was watching. One kill instant cannot be resumed: between a swap
+that left the WAL wholly checkpointed (the next write restarts it) and the upload of the segment
+marked `restart_next`; the writer's next commit then restarts the WAL while no replicator watches,
+the commits of that segment are only in the database file, and a new generation (a fresh base)
+must start. The test accepts that, and only that, with every commit still restorable.
 Also: a second replicator for the same database refuses; SIGTERM exits 0 with all commits shipped;
 an idle database gets no segment."""
 
@@ -17,6 +21,7 @@ from tests.replication import (
     PRECISION,
     check_chains,
     check_exact,
+    check_oracle,
     make_source,
     observed_times,
     read_log,
@@ -44,6 +49,7 @@ def test_kill9_resumes_without_gap(tmp_path: Path) -> None:
     # while it is down, so every restart must resume the same generation
     writer = start_writer(src, log, 12, start_seq=BASE_ROWS, ckpt_every=0, autocheckpoint=False)
     blind: list[tuple[float, float]] = []  # (killed, restarted) windows: no replicator watching
+    logs: list[str] = []  # each replicator's stderr
     repo = Repository.open(repo_url)
     try:
         for _ in range(3):
@@ -52,6 +58,7 @@ def test_kill9_resumes_without_gap(tmp_path: Path) -> None:
             rep.send_signal(signal.SIGKILL)
             rep.wait()
             killed = time.time()
+            logs.append(rep.stderr.read().decode() if rep.stderr else "")
             assert before <= segment_keys(repo), "a shipped segment disappeared"
             rep = start_replicator(src, repo_url)
             blind.append((killed, 0.0))
@@ -59,10 +66,23 @@ def test_kill9_resumes_without_gap(tmp_path: Path) -> None:
         time.sleep(1.5)
     finally:
         code, err = stop_replicator(rep)
+        logs.append(err)
     assert code == 0, err
     commits, _ = read_log(log)
     chains = check_chains(repo)
-    assert len(chains) == 1, f"a kill made a new generation: {chains}"
+    if len(chains) > 1:
+        # the one instant a kill cannot be resumed from (module doc): the restarted replicator says why
+        restarted = sum(t.count("the WAL was restarted since the last shipped position") for t in logs)
+        assert len(chains) - 1 <= restarted, f"a kill made a new generation for another reason: {chains} {logs}"
+        lo, hi = commits[0].before, time.time()  # (the newest state: the last replicator stopped after the writer)
+        for i, at in enumerate(sorted(rng.uniform(lo, commits[-1].after) for _ in range(6)) + [hi]):
+            out = tmp_path / f"g{i}.db"
+            restore_at(repo, "app", utc(at), out)
+            top = check_oracle(out, commits, at, BASE_ROWS, watched=False)
+            assert at != hi or top == commits[-1].seq, f"{top} of {commits[-1].seq} restorable at the end"
+            out.unlink()
+        print(f"\na kill landed between a swap and its marked segment: {len(chains)} generations {chains}")
+        return
     (gen_id, last_txid), = chains.items()
     assert last_txid == len(commits), f"{len(commits)} commits, {last_txid} transactions shipped"
 
