@@ -164,6 +164,20 @@ class Manifest:
         return [str(t) for t in tags] if isinstance(tags, list) else []
 
     @property
+    def checksum_basis(self) -> tuple[int, dict[str, int]] | None:
+        """(reserved bytes per page, {table: root page}) as this snapshot's tables were read, from
+        ``stats.checksum_basis`` (kept in ``stats`` so that older readers load the manifest); None
+        when absent (an older snapshot) or malformed: then the next backup reads every table."""
+        basis = self.stats.get("checksum_basis") if isinstance(self.stats, dict) else None
+        if not isinstance(basis, dict) or not _natural(basis.get("reserved")):
+            return None
+        roots = basis.get("roots")
+        if not isinstance(roots, dict) or not all(isinstance(k, str) and _natural(v) and v > 0
+                                                  for k, v in roots.items()):
+            return None
+        return basis["reserved"], dict(roots)
+
+    @property
     def is_safety(self) -> bool:
         """A safety snapshot: skipped by the default choices of restore and drill, and by keep counts."""
         return SAFETY_TAG in self.tags
