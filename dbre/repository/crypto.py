@@ -242,20 +242,33 @@ SCRYPT_MAXMEM = 256 * 1024 * 1024  # 128·r·n = 128 MiB at the defaults; caps w
 _WRAP_AAD = b"dbre-master-key"
 
 
+class WrongKeyError(RepositoryError):
+    """The passphrase does not unwrap the repository's master key."""
+
+
 def new_key_params(passphrase: Secret) -> tuple[dict[str, object], Secret]:
     """Make a random master key wrapped by a key derived from ``passphrase``.
 
     Returns the config entry to store and the master key. A new passphrase can wrap the same
-    master key later without re-encrypting data.
+    master key later without re-encrypting data (``wrap_key``: `dbre key passwd`).
     """
+    master = Secret(os.urandom(32))
+    return wrap_key(master, passphrase), master
+
+
+def wrap_key(master: Secret, passphrase: Secret) -> dict[str, object]:
+    """The config entry wrapping ``master`` under ``passphrase``: a fresh salt and nonce, scrypt at
+    today's parameters (``SCRYPT_N``, ``SCRYPT_R``, ``SCRYPT_P``)."""
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+    raw = master.reveal()
+    if not isinstance(raw, bytes) or len(raw) != 32:
+        raise ValueError("a master key is 32 bytes")
     salt = os.urandom(16)
-    master = os.urandom(32)
     kek = _derive(passphrase, salt, SCRYPT_N, SCRYPT_R, SCRYPT_P)
     nonce = os.urandom(_NONCE)
-    wrapped = nonce + AESGCM(kek).encrypt(nonce, master, _WRAP_AAD)
-    params: dict[str, object] = {
+    wrapped = nonce + AESGCM(kek).encrypt(nonce, raw, _WRAP_AAD)
+    return {
         "cipher": "aes-256-gcm",
         "kdf": "scrypt",
         "n": SCRYPT_N,
@@ -264,7 +277,6 @@ def new_key_params(passphrase: Secret) -> tuple[dict[str, object], Secret]:
         "salt": base64.b64encode(salt).decode(),
         "wrapped_key": base64.b64encode(wrapped).decode(),
     }
-    return params, Secret(master)
 
 
 def open_key(params: dict[str, object], passphrase: Secret) -> Secret:
@@ -279,7 +291,7 @@ def open_key(params: dict[str, object], passphrase: Secret) -> Secret:
         kek = _derive(passphrase, salt, int(str(params["n"])), int(str(params["r"])), int(str(params["p"])))
         return Secret(AESGCM(kek).decrypt(wrapped[:_NONCE], wrapped[_NONCE:], _WRAP_AAD))
     except InvalidTag:
-        raise RepositoryError(
+        raise WrongKeyError(
             "wrong encryption key for this repository",
             "check DBRE_ENCRYPTION_KEY or the --key-file used when the repository was created "
             "(if the key is right, `config` was changed: restore it from the offsite copy)",

@@ -12,6 +12,7 @@ Object layout (docs/FORMAT.md has the full description):
 from __future__ import annotations
 
 import functools
+import hmac
 import json
 import secrets
 from collections.abc import Callable
@@ -30,10 +31,12 @@ from dbre.repository.crypto import (
     CONFIG_MAC_INFO,
     PAGE_HASH_INFO,
     Sealer,
+    WrongKeyError,
     config_mac,
     config_mac_ok,
     new_key_params,
     open_key,
+    wrap_key,
 )
 from dbre.repository.lock import Lock, read_locks
 from dbre.repository.lock import hold as hold_lock
@@ -176,8 +179,14 @@ class Repository:
             return None
         except StorageError as err:  # unreachable, denied, not a folder: say which repository (its URL, no keys)
             raise type(err)(f"repository {store.url}: {err.message}", err.hint) from err
+        return Repository._parse_config(raw, store.url), raw
+
+    @staticmethod
+    def _parse_config(raw: bytes, url: str) -> dict[str, Any]:
+        """The config in ``raw``; a damaged or newer one raises (a plain one's MAC is checked here)."""
+        store_url = url
         damaged = RepositoryError(
-            f"repository {store.url}: config was changed or damaged", "restore `config` from the offsite copy"
+            f"repository {store_url}: config was changed or damaged", "restore `config` from the offsite copy"
         )
         try:
             config = json.loads(raw)
@@ -186,7 +195,7 @@ class Repository:
             raise damaged from None
         if version > FORMAT_VERSION:
             raise RepositoryError(
-                f"repository {store.url}: format version {version} is newer than this dbre "
+                f"repository {store_url}: format version {version} is newer than this dbre "
                 f"supports ({FORMAT_VERSION})",
                 "upgrade dbre",
             )
@@ -200,7 +209,7 @@ class Repository:
                 raise damaged from None
             if len(hash_key) != 32 or not config_mac_ok(config, hash_key):
                 raise damaged
-        return config, raw
+        return config  # type: ignore[no-any-return]
 
     @staticmethod
     def new_config(key: Secret | None) -> tuple[dict[str, Any], Secret | None]:
@@ -234,7 +243,16 @@ class Repository:
                 f"no repository at {store.url}", "check --repo; `dbre backup` creates one"
             )
         config, raw = found
-        return cls(store, config, cls._sealer(config, key, store.url), raw)
+        try:
+            sealer = cls._sealer(config, key, store.url)
+        except WrongKeyError:
+            # `verify/copy --immutable` read the oldest locked `config`: after `dbre key passwd` that one
+            # still wraps the master key under the old passphrase, a newer locked version under the new
+            newer = _newer_locked_config(store, key, config)
+            if newer is None:
+                raise
+            config, raw, sealer = newer
+        return cls(store, config, sealer, raw)
 
     @classmethod
     def open_or_init(cls, url: str | Store, key: Secret | None = None) -> Repository:
@@ -306,6 +324,67 @@ class Repository:
                 f"repository {url}: config was changed or damaged", "restore `config` from the offsite copy"
             )
         return sealer
+
+    # -- the passphrase (`dbre key passwd`) -------------------------------------------------------
+
+    def change_passphrase(self, old: Secret, new: Secret) -> bytes:
+        """Wrap the same master key under ``new`` and replace `config` (no data is touched); returns
+        the new config's bytes. docs/FORMAT.md, *Changing the passphrase*.
+
+        Under the repository's exclusive lock: `config` is read again and must still be the bytes this
+        repository was opened with; the new config (every field as before but ``encryption``, with a
+        fresh salt, and ``mac``) must open with ``new`` and give the same master key; then
+        ``ReplacingStore.replace`` swaps it in only if `config` is still unchanged (one rename or one
+        PUT: a kill -9 leaves the old config or the new one, each valid), and it is read back."""
+        op = "key passwd"
+        if self.version < 2:
+            raise UsageError(f"{op}: repository {self.url} uses format {self.version}, which is read only",
+                             f"convert it with `dbre migrate --repo {self.url} --to NEW`, then change the passphrase")
+        enc = self.config.get("encryption")
+        if not enc or not self.sealer.encrypted:
+            raise UsageError(f"{op}: repository {self.url} is not encrypted: it has no passphrase to change",
+                             "nothing was changed")
+        if not new.reveal():
+            raise UsageError(f"{op}: the new passphrase is empty", "give a non-empty one; nothing was changed")
+        if _same_secret(old, new):
+            raise UsageError(f"{op}: the new passphrase is the old one", "give a different one; nothing was changed")
+        replace = getattr(self.store, "replace", None)
+        if replace is None:
+            raise RepositoryError(f"{op}: the store of {self.url} cannot replace `config` only if unchanged",
+                                  "nothing was changed")
+        master = open_key(enc, old)  # (WrongKeyError: the old passphrase is wrong)
+        mac_key = Sealer(master).derive_key(CONFIG_MAC_INFO)
+        assert mac_key is not None
+        if mac_key != self.sealer.derive_key(CONFIG_MAC_INFO):
+            raise WrongKeyError(f"{op}: the old passphrase opens another master key than this repository's",
+                                "nothing was changed")
+        self.attach_object_lock(op)  # under Object Lock the new version of `config` is locked like the first
+        with self.lock(op, exclusive=True) as lock:
+            raw_old = get_capped(self.store, "config", CONFIG_CAP, "config", "restore `config` from the offsite copy")
+            if raw_old != self.raw_config:
+                raise RepositoryError(f"{op}: `config` of {self.url} changed since it was read (another run "
+                                      "changed the passphrase?); nothing was changed",
+                                      "run it again, with the passphrase now in force as the old one")
+            config = {k: v for k, v in self.config.items() if k != "mac"}
+            config["encryption"] = wrap_key(master, new)
+            config["mac"] = config_mac(config, mac_key)
+            raw_new = json.dumps(config, indent=1).encode()
+            # the new config must open with the new passphrase, to the same keys, before it replaces the old
+            check = self._parse_config(raw_new, self.url)
+            sealer = self._sealer(check, new, self.url)
+            if (sealer.derive_key(CONFIG_MAC_INFO) != mac_key
+                    or sealer.derive_key(PAGE_HASH_INFO) != self.sealer.derive_key(PAGE_HASH_INFO)):
+                raise RepositoryError(f"{op}: the new config does not open to this repository's keys",
+                                      "nothing was changed; report this as a bug")
+            lock.check_alive(op, consequence="nothing was changed")
+            replace("config", raw_new, expected=raw_old)
+        there = get_capped(self.store, "config", CONFIG_CAP, "config", "restore `config` from the offsite copy")
+        if there != raw_new:
+            raise RepositoryError(f"{op}: `config` of {self.url} was replaced by another run right after this one "
+                                  "(the store does not honour If-Match?)",
+                                  "open it with the passphrase that run set; this one is not in force")
+        self.config, self.raw_config = check, raw_new
+        return raw_new
 
     # -- snapshots -------------------------------------------------------------------------------
 
@@ -602,6 +681,48 @@ class Repository:
 
     def read_locks(self) -> list[tuple[str, dict[str, Any]]]:
         return read_locks(self.store)
+
+
+def _same_secret(a: Secret, b: Secret) -> bool:
+    ra, rb = a.reveal(), b.reveal()
+    return hmac.compare_digest(ra.encode() if isinstance(ra, str) else ra, rb.encode() if isinstance(rb, str) else rb)
+
+
+def _newer_locked_config(store: Store, key: Secret | None, oldest: dict[str, Any]
+                         ) -> tuple[dict[str, Any], bytes, Sealer] | None:
+    """In the locked versions of a bucket (``LockedView``): the oldest locked version of `config` of the
+    same repository that opens with ``key``, now the view's `config` (reads and retention), or None.
+
+    After `dbre key passwd` the oldest locked `config` wraps the master key under the old passphrase
+    until its lock runs out; a newer locked version opens with the new one. A version opens only if
+    ``key`` unwraps a master key under which its MAC holds, so no one without the passphrase made it,
+    and every object read through it must still open under that master key."""
+    from dbre.repository.immutable import LockedView, locking_store
+
+    locker = locking_store(store.inner) if isinstance(store, LockedView) else None
+    if key is None or locker is None or not isinstance(store, LockedView):
+        return None
+    chosen = store.chosen.get("config")
+    versions = [v for v in locker.versions("config") if v.key == "config" and not v.delete_marker]
+    for v in reversed(versions):  # oldest first
+        if chosen is not None and v.version_id == chosen[0].version_id:
+            continue
+        try:
+            retention = locker.retention("config", v.version_id)
+            if retention is None or retention.until <= store.now:
+                continue
+            raw = locker.get_version("config", v.version_id, 0, CONFIG_CAP + 1)
+            if len(raw) > CONFIG_CAP:
+                continue
+            config = Repository._parse_config(raw, store.url)
+            if config.get("id") != oldest.get("id") or config.get("version") != oldest.get("version"):
+                continue
+            sealer = Repository._sealer(config, key, store.url)
+        except (NotFound, RepositoryError):
+            continue
+        store.chosen["config"] = (v, retention)
+        return config, raw, sealer
+    return None
 
 
 def _refuse_init_over_data(store: Store) -> None:

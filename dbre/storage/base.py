@@ -26,6 +26,10 @@ class AlreadyExists(StorageError):
     """A conditional put found the key already present; nothing was written."""
 
 
+class Conflict(StorageError):
+    """A conditional replace found the key no longer holding what the caller read; nothing was written."""
+
+
 class TransientError(StorageError):
     """A failure that may pass: network, throttling, a 5xx. Safe to retry."""
 
@@ -92,6 +96,28 @@ class LockingStore(Protocol):
     def versions(self, prefix: str = "") -> Iterator[ObjectVersion]: ...
 
     def get_version(self, key: str, version_id: str, offset: int = 0, length: int | None = None) -> bytes: ...
+
+
+@runtime_checkable
+class ReplacingStore(Protocol):
+    """A store that can replace an object only if it is unchanged: `LocalStore`, `S3Store`, `RetryingStore`.
+
+    Contract (tests/test_key_passwd.py, on a local directory and on moto): ``replace(key, data,
+    expected=old)`` writes ``data`` under ``key`` only if ``key`` holds exactly the bytes ``old``
+    at that moment, atomically (a reader, or a kill -9 at any instant, sees ``old`` or ``data``
+    whole, never a part and never neither); otherwise it raises ``Conflict`` and writes nothing
+    (``NotFound`` if the key is absent). Of two replaces racing from the same ``old``, at most one
+    succeeds. Local directory: an exclusive ``flock`` on the key's file (re-taken if the file was
+    renamed over meanwhile), a byte comparison, then temp file + fsync + rename. S3: a GET of the
+    object with its ETag, a byte comparison, then a single ``PutObject`` with ``If-Match: <ETag>``
+    (AWS since 2024-11; moto; a server that ignores If-Match loses this guarantee, and callers read
+    the key back). Only dbre's `config` is ever replaced (`dbre key passwd`); nothing else in a
+    repository is written twice.
+    """
+
+    url: str
+
+    def replace(self, key: str, data: bytes, *, expected: bytes) -> None: ...
 
 
 @runtime_checkable

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import secrets
 import time
@@ -10,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from dbre.errors import UsageError
-from dbre.storage.base import AlreadyExists, NotFound, PermanentError, StorageError, TransientError
+from dbre.storage.base import AlreadyExists, Conflict, NotFound, PermanentError, StorageError, TransientError
 
 _TMP = ".tmp"  # temp files live here, never under a key's own folder, so list() never sees them
 
@@ -47,6 +48,41 @@ class LocalStore:
         upload = LocalUpload(self, key)
         upload.write(data)
         upload.commit(if_absent=if_absent)
+
+    def replace(self, key: str, data: bytes, *, expected: bytes) -> None:
+        """Write ``data`` under ``key`` only if it holds exactly ``expected`` (``ReplacingStore``):
+        under an exclusive flock of the key's file, compare, then temp file + fsync + rename.
+
+        The flock is taken on the file the name points at; a replace that waited while another one
+        renamed a new file over the name finds its inode gone and locks the new file instead, whose
+        bytes then differ: ``Conflict``. Readers take no lock: the rename makes the swap atomic."""
+        path = self._path(key)
+        while True:
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except FileNotFoundError:
+                raise NotFound(f"replace {key}: not found") from None
+            except OSError as err:
+                raise _os_error("replace", key, err) from err
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                try:
+                    now = os.stat(path)
+                except FileNotFoundError:
+                    raise NotFound(f"replace {key}: not found") from None
+                held = os.fstat(fd)
+                if (now.st_ino, now.st_dev) != (held.st_ino, held.st_dev):
+                    continue  # renamed over while this waited: lock the file there now
+                current = os.pread(fd, min(held.st_size, len(expected) + 1), 0)
+                if current != expected:
+                    raise Conflict(f"replace {key}: it changed since it was read (another run wrote it); "
+                                   "nothing was written", "read it again and retry")
+                self.put(key, data)  # temp file, fsync, rename over the name, fsync of the folder
+                return
+            except OSError as err:
+                raise _os_error("replace", key, err) from err
+            finally:
+                os.close(fd)  # (releases the flock)
 
     def get(self, key: str) -> bytes:
         try:

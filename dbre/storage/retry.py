@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import TypeVar
 
-from dbre.storage.base import AlreadyExists, NotFound, Store, TransientError
+from dbre.storage.base import AlreadyExists, Conflict, NotFound, PermanentError, Store, TransientError
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +102,31 @@ class RetryingStore:
                     there = None  # deleted since: still not this put's write
                 if there == data:  # this put's own earlier attempt, its answer lost
                     log.info("put %s: found its own earlier write (an answer lost); done", key)
+                    return
+                raise
+
+    def replace(self, key: str, data: bytes, *, expected: bytes) -> None:
+        """The inner store's ``replace`` (``ReplacingStore``), retried on ``TransientError``. As with a
+        conditional put, an attempt whose answer was lost makes the next one meet a ``Conflict``: the
+        key is read back, and holding exactly ``data`` it was this replace's own write."""
+        inner = getattr(self.store, "replace", None)
+        if inner is None:
+            raise PermanentError(f"replace {key}: {self.url} cannot replace an object only if unchanged")
+        failures, began = 0, time.monotonic()
+        while True:
+            try:
+                inner(key, data, expected=expected)
+                return
+            except TransientError as err:
+                failures += 1
+                self._wait_or_give_up(failures, err, began)
+            except Conflict:
+                try:
+                    there = self.get_range(key, 0, len(data) + 1)
+                except NotFound:
+                    there = None
+                if there == data:
+                    log.info("replace %s: found its own earlier write (an answer lost); done", key)
                     return
                 raise
 

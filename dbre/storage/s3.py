@@ -27,6 +27,7 @@ import botocore.session
 from dbre.errors import UsageError
 from dbre.storage.base import (
     AlreadyExists,
+    Conflict,
     NotFound,
     ObjectVersion,
     PermanentError,
@@ -141,9 +142,26 @@ class S3Store:
         return self._base + key
 
     def put(self, key: str, data: bytes, *, if_absent: bool = False) -> None:
-        args: dict[str, Any] = {"Bucket": self.bucket, "Key": self._key(key), "Body": data}
-        if if_absent:
-            args["IfNoneMatch"] = "*"
+        self._put(key, data, {"IfNoneMatch": "*"} if if_absent else {})
+
+    def replace(self, key: str, data: bytes, *, expected: bytes) -> None:
+        """Write ``data`` under ``key`` only if it holds exactly ``expected`` (``ReplacingStore``): a
+        GET with the object's ETag, a byte comparison, then one PutObject with ``If-Match`` (a 412:
+        ``Conflict``). A single PUT: the object is the old one or the new one, whole, at every instant."""
+        try:
+            response = self._client.get_object(Bucket=self.bucket, Key=self._key(key))
+            current = bytes(response["Body"].read(len(expected) + 1))
+            etag = str(response["ETag"])
+        except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as err:
+            raise self._error("replace", key, err) from err
+        if current != expected:
+            raise Conflict(f"replace {key}: it changed since it was read (another run wrote it); nothing was written",
+                           "read it again and retry")
+        self._put(key, data, {"IfMatch": etag})
+
+    def _put(self, key: str, data: bytes, condition: dict[str, str]) -> None:
+        args: dict[str, Any] = {"Bucket": self.bucket, "Key": self._key(key), "Body": data, **condition}
+        if_absent = "IfNoneMatch" in condition
         until = None
         if self._retain is not None and not key.startswith(self._retain[2]):
             # by the store's clock when it is ahead: a snapshot then takes the store's time (backup.snapshot_time)
@@ -160,6 +178,9 @@ class S3Store:
         except botocore.exceptions.ClientError as err:
             if if_absent and (_code(err) == "PreconditionFailed" or _status(err) == 412):
                 raise AlreadyExists(f"put {key}: already exists") from None
+            if "IfMatch" in condition and (_code(err) == "PreconditionFailed" or _status(err) == 412):
+                raise Conflict(f"replace {key}: it changed since it was read (another run wrote it); "
+                               "nothing was written", "read it again and retry") from None
             raise self._error("put", key, err) from err
         except botocore.exceptions.BotoCoreError as err:
             raise self._error("put", key, err) from err
