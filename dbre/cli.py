@@ -390,3 +390,4 @@ else:
     import dbre.cli_inspect  # noqa: F401 - diff, stats
     import dbre.cli_sql  # noqa: F401 - sql
     import dbre.cli_export  # noqa: F401 - export
+    import dbre.cli_key  # noqa: F401 - the `key` group: key passwd
