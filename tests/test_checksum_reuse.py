@@ -250,8 +250,8 @@ def test_parent_without_checksums(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     counting.names.clear()
     _check(second, src)
     counting.names.clear()
-    third = _backup(repo, src, checksums=False)  # counts only: reused
-    assert counting.names == [] and third.stats["tables_reused"] == len(ALL)
+    third = _backup(repo, src, checksums=False)  # counts only: count(*) costs less than the page walk
+    assert counting.names == [] and third.stats["tables_reused"] == 0
     monkeypatch.undo()
     assert {k: v.rows for k, v in third.tables.items()} == {k: v[0] for k, v in _scratch(src).items()}
     assert all(v.checksum is None for v in third.tables.values())

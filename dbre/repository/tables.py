@@ -53,16 +53,16 @@ def table_stats(conn: apsw.Connection, with_checksums: bool,
                 prior: Callable[[str], Prior | None] | None = None,
                 reused: list[str] | None = None) -> dict[str, tuple[int, str | None]]:
     """Row count and checksum (None without ``with_checksums``) of every user table. With
-    ``prior``, a table that ``reusable`` accepts keeps its parent's values (not read again; its
-    name is appended to ``reused``)."""
+    ``prior`` and ``with_checksums``, a table that ``reusable`` accepts keeps its parent's values
+    (not read again; its name is appended to ``reused``). Row counts alone are always counted:
+    ``count(*)`` reads the smallest index, cheaper than the walk that ``reusable`` makes."""
     out: dict[str, tuple[int, str | None]] = {}
-    schema = _schema_rows(conn) if prior is not None else {}
+    schema = _schema_rows(conn) if prior is not None and with_checksums else {}
     for t in user_tables(conn):
         name = t["name"]
-        p = prior(name) if prior is not None else None
-        if p is not None and (p.checksum is not None or not with_checksums) \
-                and reusable(conn, schema.get(name), p):
-            out[name] = (p.rows, p.checksum if with_checksums else None)
+        p = prior(name) if prior is not None and with_checksums else None
+        if p is not None and p.checksum is not None and reusable(conn, schema.get(name), p):
+            out[name] = (p.rows, p.checksum)
             if reused is not None:
                 reused.append(name)
         elif with_checksums:
