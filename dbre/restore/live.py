@@ -1,8 +1,16 @@
-"""What table and row restores share: a scratch copy of a snapshot, the live database, audit records.
+"""What table and row restores share: the past state they read, the live database, audit records.
 
-A table or row restore never reads the repository while it writes to the live database: the
-snapshot is first restored whole (every page checked) into a scratch folder, then attached to
-the live connection, and rows move between the two inside one SQLite transaction.
+The past state (a snapshot, or a replicated point with ``--at``) is read in place: through the
+read-only VFS over the repository that `dbre sql` uses (dbre.restore.query), which fetches only the
+pages a statement touches and checks each against its keyed hash, under the repository's shared lock
+held from the plan to the end of the apply. It is attached read-only to the live connection, and rows
+move between the two inside one SQLite transaction. A damaged or missing page fails the statement
+that reads it: in the plan, nothing is written; in the apply, the transaction rolls back.
+
+One case still restores a scratch copy first (`restore_to_scratch`): a repository read through
+offsite copies (``--fallback``). There a damaged object is re-read from the copy and the whole read
+starts again (fallback.py), which a write transaction half way through cannot do; the copy is
+restored whole, every page checked, before the live database is touched.
 """
 
 from __future__ import annotations
@@ -21,18 +29,19 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Protocol, Self
 
 import apsw
 
 from dbre.errors import DbreError, RestoreError, UsageError
+from dbre.repository.fallback import FallbackRepository
 from dbre.repository.manifest import Manifest, check_db_name, iso, now_utc
 from dbre.repository.repo import TOOL, Repository
 from dbre.repository.tables import qident
 from dbre.restore.full import apply_restore, plan_restore
 
 BUSY_TIMEOUT_MS = 10_000  # wait this long for other writers of the live database
-SNAPSHOT_SCHEMA = "dbre_snapshot"  # the name the scratch copy is attached under
+SNAPSHOT_SCHEMA = "dbre_snapshot"  # the name the past state is attached under
 _MAGIC = b"SQLite format 3\x00"
 # one SQL token: blanks, a comment, a quoted name or string (whole, or to the end when unclosed),
 # a word, or one other character
@@ -65,6 +74,60 @@ def _redact(url: str) -> str:
     return url.split("?", 1)[0]
 
 
+class PastCopy(Protocol):
+    """The past state a table or row restore reads: ``connect()`` a read-only connection to it,
+    ``attach()`` it read-only to the live connection as ``dbre_snapshot``, ``close()`` when done."""
+
+    @property
+    def manifest(self) -> Manifest: ...
+
+    def connect(self) -> apsw.Connection: ...
+
+    def attach(self, conn: apsw.Connection) -> None: ...
+
+    def describe(self) -> dict[str, Any]: ...
+
+    def close(self) -> None: ...
+
+
+class InPlace:
+    """A past state read in place through the repository's VFS (dbre.restore.query.PastState)."""
+
+    def __init__(self, repo: Repository, db: str, operation: str, *, snapshot: str | None = None,
+                 at: datetime | None = None) -> None:
+        from dbre.restore.query import PastState
+
+        # no choice: the newest snapshot (the newest replicated state is the live database, mistakes and all)
+        self.past = PastState(repo, db, operation, snapshot=snapshot or (None if at else "latest"), at=at)
+
+    @property
+    def manifest(self) -> Manifest:
+        return self.past.manifest
+
+    @property
+    def stats(self) -> Any:
+        """What was read from the repository so far (dbre.restore.query.FetchStats)."""
+        return self.past.stats
+
+    def connect(self) -> apsw.Connection:
+        return self.past.connect()
+
+    def attach(self, conn: apsw.Connection) -> None:
+        conn.execute(f"ATTACH DATABASE ? AS {SNAPSHOT_SCHEMA}", (self.past.uri,))
+
+    def describe(self) -> dict[str, Any]:
+        """The state (its replicated point, if any) and what reading it has cost."""
+        s = self.past.state
+        out: dict[str, Any] = {"read": "in place", **self.past.stats.describe()}
+        if s.point is not None:
+            out.update(generation=s.point.generation.id, transactions=s.transactions, last_txid=s.last_txid,
+                       last_committed=s.last_committed)
+        return out
+
+    def close(self) -> None:
+        self.past.close()
+
+
 @dataclass
 class Scratch:
     """A snapshot restored into a private temp folder; ``close()`` removes it."""
@@ -79,14 +142,37 @@ class Scratch:
     def connect(self) -> apsw.Connection:
         return apsw.Connection(str(self.path), flags=apsw.SQLITE_OPEN_READWRITE)
 
+    def attach(self, conn: apsw.Connection) -> None:
+        """Attach the copy read-only as ``dbre_snapshot`` (outside any transaction)."""
+        conn.execute(f"ATTACH DATABASE ? AS {SNAPSHOT_SCHEMA}", (self.path.as_uri() + "?mode=ro",))
 
-class ScratchPlan:
-    """A plan holding a scratch copy of a snapshot: use it in a ``with`` block, or call ``close()``."""
+    def describe(self) -> dict[str, Any]:
+        return {"read": "scratch copy"}
 
-    scratch: Scratch
+
+def open_past(repo: Repository, db: str, operation: str, *, snapshot: str | None = None,
+              at: datetime | None = None, scratch_dir: str | os.PathLike[str] | None = None) -> PastCopy:
+    """The state a table or row restore reads: ``snapshot`` (an id prefix), else the state at ``at`` (a
+    replicated point when segments hold it better than a snapshot, as `restore --at`), else the newest
+    snapshot. Read in place, except through offsite copies (``--fallback``): a scratch copy of the
+    snapshot (``at``: the newest snapshot at or before it), as the module docstring says."""
+    check_db_name(db)
+    if isinstance(repo, FallbackRepository):
+        return restore_to_scratch(repo, db, snapshot=snapshot, at=at, scratch_dir=scratch_dir)
+    return InPlace(repo, db, operation, snapshot=snapshot, at=at)
+
+
+class PastPlan:
+    """A plan holding the past state open: use it in a ``with`` block, or call ``close()``."""
+
+    past: PastCopy
+
+    @property
+    def manifest(self) -> Manifest:
+        return self.past.manifest
 
     def close(self) -> None:
-        self.scratch.close()
+        self.past.close()
 
     def __enter__(self) -> Self:
         return self
@@ -129,21 +215,15 @@ def open_live(path: Path) -> apsw.Connection:
     return conn
 
 
-def attach_snapshot(conn: apsw.Connection, scratch: Scratch) -> None:
-    """Attach the scratch copy read-only as ``dbre_snapshot`` (outside any transaction)."""
-    uri = scratch.path.as_uri() + "?mode=ro"
-    conn.execute(f"ATTACH DATABASE ? AS {SNAPSHOT_SCHEMA}", (uri,))
-
-
 @contextmanager
-def write_transaction(live: Path, scratch: Scratch) -> Iterator[apsw.Connection]:
-    """A live connection with foreign keys off (checked by hand), the snapshot attached, BEGIN IMMEDIATE.
+def write_transaction(live: Path, past: PastCopy) -> Iterator[apsw.Connection]:
+    """A live connection with foreign keys off (checked by hand), the past state attached, BEGIN IMMEDIATE.
 
     Commits when the block ends normally, rolls back otherwise."""
     conn = open_live(live)
     try:
         conn.execute("PRAGMA foreign_keys=OFF")  # a DROP TABLE must not cascade into other tables
-        attach_snapshot(conn, scratch)
+        past.attach(conn)
         conn.execute("BEGIN IMMEDIATE")
         try:
             yield conn

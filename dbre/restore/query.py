@@ -24,10 +24,11 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
+from urllib.parse import quote
 
 import apsw
 import apsw.ext
@@ -490,12 +491,11 @@ class _StateVFS(apsw.VFS):
     def __init__(self, source: PageSource) -> None:
         self.source = source
         self.vfs_name = f"dbre-query-{secrets.token_hex(6)}"
-        self.opened = False
         super().__init__(self.vfs_name, "")
 
     def xOpen(self, name: object, flags: list[int]) -> _StateFile:  # type: ignore[override]
-        if flags[0] & apsw.SQLITE_OPEN_MAIN_DB and not self.opened:
-            self.opened = True
+        if flags[0] & apsw.SQLITE_OPEN_MAIN_DB:
+            # (a query opens it once; a row repair also attaches it, read-only, to the live connection)
             return _StateFile(self.source)
         # (temp storage is in memory; ATTACH is refused by the authorizer before it gets here)
         raise apsw.CantOpenError("a query opens no file but its database")
@@ -621,6 +621,52 @@ def open_query(repo: Repository, db: str, *, snapshot: str | None = None, at: da
                 yield QuerySession(conn, refused, state, stats)
         finally:
             state.overlay.close()
+
+
+class PastState:
+    """A state of a database held open to be read in place across several calls (a row repair's plan,
+    then its apply): the repository's shared lock, the chosen state and its `PageSource` stay until
+    ``close()``. ``connect()`` gives a read-only connection to it; ``uri`` names it for an ATTACH on
+    another connection opened with SQLITE_OPEN_URI (read-only and immutable: SQLite writes, locks and
+    journals nothing for it). Every read is counted in ``stats``; a damaged or missing page raises
+    IntegrityError from the statement that reads it."""
+
+    def __init__(self, repo: Repository, db: str, operation: str, *, snapshot: str | None = None,
+                 at: datetime | None = None, txid: int | None = None, cache_bytes: int = CACHE_BYTES) -> None:
+        self.stats = FetchStats()
+        self.closed = False
+        counted = Repository(CountingStore(repo.store, self.stats), repo.config, repo.sealer, repo.raw_config)
+        with ExitStack() as stack:
+            stack.enter_context(repo.lock(f"{operation} {db}"))  # (the repository's own: a fallback's too)
+            self.state = choose_state(counted, db, snapshot=snapshot, at=at, txid=txid)
+            stack.callback(self.state.overlay.close)
+            self.source = PageSource(counted, self.state, self.stats, cache_bytes=cache_bytes)
+            stack.callback(self.source.close)
+            self._vfs = _StateVFS(self.source)
+            stack.callback(self._vfs.unregister)
+            self._held = stack.pop_all()
+
+    @property
+    def manifest(self) -> Manifest:
+        return self.state.manifest
+
+    @property
+    def uri(self) -> str:
+        return f"file:{quote(self.state.db)}.db?vfs={self._vfs.vfs_name}&immutable=1&mode=ro"
+
+    def connect(self) -> apsw.Connection:
+        """A read-only connection to the state (temp storage in memory, query_only); the caller closes it
+        before ``close()``."""
+        conn = apsw.Connection(self.uri, flags=apsw.SQLITE_OPEN_READONLY | apsw.SQLITE_OPEN_URI)
+        conn.execute("PRAGMA temp_store=MEMORY")
+        conn.execute("PRAGMA query_only=1")
+        return conn
+
+    def close(self) -> None:
+        """Let the state go: its VFS, reader threads, replicated pages, and the shared lock."""
+        if not self.closed:
+            self.closed = True
+            self._held.close()
 
 
 def query(repo: Repository, db: str, sql: str, *, snapshot: str | None = None, at: datetime | None = None,

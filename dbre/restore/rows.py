@@ -1,15 +1,16 @@
 """Row-level repair: rows of one table, chosen by a WHERE, put back as a snapshot had them.
 
-The plan restores the snapshot to scratch, selects the rows the WHERE matches there and in the
-live database, and diffs them by primary key (the rowid when the table has none) with pandas:
-rows missing in live are inserted, rows that differ are updated back, rows only in live are
-reported (and deleted only with ``delete_extra``). The plan also names what applying it does
-beyond the table: rows of other tables whose foreign keys point at rows it deletes or re-keys
-(counted in live; a repair never runs ON DELETE/UPDATE actions, so they would be left pointing at
-nothing and the apply stops), and the table's triggers that fire (or stay suspended). Each row is
-compared by a hash of its stored values with their types, so 1, 1.0 and '1' differ as SQLite
-stores them. Applying re-reads the live selection inside the write transaction and stops if it is
-not what the plan saw.
+The plan reads the snapshot (or the replicated point ``--at`` names) in place, through the
+repository's read-only VFS (only the pages the selection touches are fetched, each checked), selects
+the rows the WHERE matches there and in the live database, and diffs them by primary key (the rowid
+when the table has none) with pandas: rows missing in live are inserted, rows that differ are
+updated back, rows only in live are reported (and deleted only with ``delete_extra``). The plan also
+names what applying it does beyond the table: rows of other tables whose foreign keys point at rows
+it deletes or re-keys (counted in live; a repair never runs ON DELETE/UPDATE actions, so they would
+be left pointing at nothing and the apply stops), and the table's triggers that fire (or stay
+suspended). Each row is compared by a hash of its stored values with their types, so 1, 1.0 and '1'
+differ as SQLite stores them. Applying re-reads the live selection inside the write transaction and
+stops if it is not what the plan saw.
 
 The live database is a local file, or a remote libSQL database (sqld, Turso) reached with
 libsql-client: then the rows are read in pages by key, and the repair is one interactive
@@ -31,24 +32,24 @@ from typing import Any
 import apsw
 import xxhash
 
-from dbre.errors import DbreError, RestoreError, UsageError
+from dbre.errors import DbreError, IntegrityError, RestoreError, UsageError
 from dbre.repository.fallback import primary_of, retrying
-from dbre.repository.manifest import Manifest, check_db_name
+from dbre.repository.manifest import check_db_name
 from dbre.repository.repo import Repository
 from dbre.repository.tables import qident
 from dbre.restore.connection import BadSql, LocalDb, RemoteDb, connect_remote, redact
 from dbre.restore.live import (
     SNAPSHOT_SCHEMA,
     SQL_TOKEN,
-    Scratch,
-    ScratchPlan,
+    PastCopy,
+    PastPlan,
     Violation,
     check_live_file,
     fk_message,
     is_remote,
     manifest_tables,
     new_fk_violations,
-    restore_to_scratch,
+    open_past,
     rowid_alias,
     show_value,
     unknown_table,
@@ -70,7 +71,7 @@ Db = LocalDb | RemoteDb
 
 
 @dataclass
-class RowRepairPlan(ScratchPlan):
+class RowRepairPlan(PastPlan):
     """The diff of one table's selected rows between a snapshot and live, ready to apply."""
 
     repo: Repository
@@ -78,7 +79,7 @@ class RowRepairPlan(ScratchPlan):
     live: str  # the file's path, or the server's URL without its query
     table: str
     where: str
-    scratch: Scratch
+    past: PastCopy  # the state the rows come from, held open (and the repository's shared lock) until closed
     columns: list[str]  # stored columns, in the snapshot's order
     key: list[str]  # key column names, or [rowid alias] when the table has no primary key
     key_is_rowid: bool
@@ -95,10 +96,6 @@ class RowRepairPlan(ScratchPlan):
     live_seen: Any = field(default=None, repr=False)  # DataFrame (kq, h) of the live selection
     live_url: str | None = field(default=None, repr=False)  # a remote database's full URL
     token: Secret | None = field(default=None, repr=False)
-
-    @property
-    def manifest(self) -> Manifest:
-        return self.scratch.manifest
 
     @property
     def unchanged(self) -> int:
@@ -118,7 +115,7 @@ class RowRepairPlan(ScratchPlan):
                 "where": self.where, "snapshot": m.id, "taken_at": m.taken_at, "key": self.key,
                 "snapshot_rows": self.snapshot_rows, "live_rows": self.live_rows, "delete_extra": self.delete_extra,
                 "counts": self.counts(), "fire_triggers": self.fire_triggers, "effects": self.effects,
-                "preview": self.preview}
+                "preview": self.preview, **self.past.describe()}
 
 
 
@@ -325,7 +322,7 @@ def _scan(db: Db, shape: _Shape, where: str, in_sql: bool) -> Iterator[tuple[str
     """(key text, row bytes to hash, key) of every selected row, in key order.
 
     ``in_sql``: SQLite writes both texts with ``quote()`` (fast; both sides must be the same SQLite
-    build, as a local file and its scratch copy are under apsw). Otherwise the raw values are
+    build, as a local file and the past state are under apsw). Otherwise the raw values are
     fetched and typed here: a server's ``quote()`` may print a float differently. A remote
     database is read page by page, by key."""
     n = len(shape.key)
@@ -415,7 +412,9 @@ def plan_row_repair(repo: Repository, db: str, live_path: str | os.PathLike[str]
                     max_rows: int = MAX_ROWS, preview_rows: int = PREVIEW_ROWS,
                     scratch_dir: str | os.PathLike[str] | None = None, token: Secret | None = None,
                     fire_triggers: bool = False) -> RowRepairPlan:
-    """Restore the snapshot to scratch, select the rows in both, diff them; the live database is only read.
+    """Open the snapshot (``at``: the state then, a replicated point when segments hold it) in place, select
+    the rows in both, diff them; the live database is only read. The plan holds the state and the
+    repository's shared lock until it is applied or closed.
 
     ``fire_triggers``: the apply lets the table's triggers fire (the plan's effects say which).
 
@@ -431,26 +430,26 @@ def plan_row_repair(repo: Repository, db: str, live_path: str | os.PathLike[str]
     path = None if remote else check_live_file(live_path, OPERATION)
     manifest = retrying(repo, lambda: repo.find_snapshot(db, snapshot, at))  # (fallback.py: offsite copies)
     known = manifest_tables(manifest)
-    if known and table.lower() not in {k.lower() for k in known}:
-        raise unknown_table(OPERATION, manifest, [table], known)
+    if known and at is None and table.lower() not in {k.lower() for k in known}:
+        raise unknown_table(OPERATION, manifest, [table], known)  # (at a time, the state's own schema decides)
     url = str(live_path) if remote else None
     client = connect_remote(str(live_path), token) if remote else None  # an unreachable server fails first
     try:
-        scratch = restore_to_scratch(repo, db, snapshot=manifest.id, scratch_dir=scratch_dir)
+        past = open_past(repo, db, OPERATION, snapshot=None if at else manifest.id, at=at, scratch_dir=scratch_dir)
         try:
-            src = LocalDb(scratch.connect(), "the snapshot")
+            src = LocalDb(past.connect(), "the snapshot")
             live: Db = (RemoteDb(client, "the live database") if client is not None else
                         LocalDb(keep_wal(apsw.Connection(str(path), flags=apsw.SQLITE_OPEN_READONLY)),
                                 "the live database"))
             try:
-                plan = _plan(repo, db, redact(url) if url else str(path), src, live, scratch, table, where,
+                plan = _plan(repo, db, redact(url) if url else str(path), src, live, past, table, where,
                              delete_extra, max_rows, preview_rows, fire_triggers)
             finally:
                 src.conn.close()
                 if isinstance(live, LocalDb):
                     live.conn.close()
         except BaseException:
-            scratch.close()
+            past.close()
             raise
     finally:
         if client is not None:
@@ -459,11 +458,11 @@ def plan_row_repair(repo: Repository, db: str, live_path: str | os.PathLike[str]
     return plan
 
 
-def _plan(repo: Repository, db: str, live_name: str, src: LocalDb, live: Db, scratch: Scratch, table: str,
+def _plan(repo: Repository, db: str, live_name: str, src: LocalDb, live: Db, past: PastCopy, table: str,
           where: str, delete_extra: bool, max_rows: int, preview_rows: int, fire_triggers: bool) -> RowRepairPlan:
     names = _tables(src)
     if table.lower() not in names:
-        raise unknown_table(OPERATION, scratch.manifest, [table], names.values())
+        raise unknown_table(OPERATION, past.manifest, [table], names.values())
     table = names[table.lower()]
     if table.lower() not in _tables(live):
         raise UsageError(f"{OPERATION}: table {table} is not in the live database",
@@ -479,12 +478,12 @@ def _plan(repo: Repository, db: str, live_name: str, src: LocalDb, live: Db, scr
                          "restore a copy with `dbre restore-table` and move the rows by hand")
     _prepare_where(src, table, where)
     _prepare_where(live, table, where)
-    in_sql = not live.remote  # the scratch copy and a local live file are read by the same SQLite
+    in_sql = not live.remote  # the past state and a local live file are read by the same SQLite (apsw's)
     snap_keys, snap = _select(src, shape, where, max_rows, in_sql)
     live_keys, live_frame = _select(live, shape, where, max_rows, in_sql)
     ins, upd, extra = _diff(snap, live_frame)
     plan = RowRepairPlan(  # (its writes, the safety snapshot and the audit record: the primary's)
-        repo=primary_of(repo), db=db, live=live_name, table=table, where=where, scratch=scratch, columns=shape.columns,
+        repo=primary_of(repo), db=db, live=live_name, table=table, where=where, past=past, columns=shape.columns,
         key=shape.key, key_is_rowid=shape.key_is_rowid, delete_extra=delete_extra, max_rows=max_rows,
         snapshot_rows=len(snap_keys), live_rows=len(live_keys), inserts=[snap_keys[i] for i in ins],
         updates=[snap_keys[i] for i in upd], extras=[live_keys[i] for i in extra], live_seen=live_frame[["kq", "h"]],
@@ -723,7 +722,8 @@ def apply_row_repair(plan: RowRepairPlan, *, allow_fk_violations: bool = False, 
     (they are dropped and recreated inside the transaction) unless ``fire_triggers``: an
     "updated_at" trigger would otherwise change the rows just put back. New foreign-key
     violations roll the transaction back unless ``allow_fk_violations`` (local files only: a
-    server enforces its foreign keys itself). The scratch copy is removed at the end, whatever happens.
+    server enforces its foreign keys itself). The past state is let go at the end, whatever happens: a
+    damaged page read from it in the transaction rolls it back.
     ``fire_triggers`` None: as the plan says. ``safety``: a local live file is snapshotted into the
     repository first, just before the write transaction (a repair that turns out wrong is undone
     with `repair-rows --snapshot` of it: ``RowRepairResult.undo_command``, also in the audit record);
@@ -764,17 +764,20 @@ def _apply_local(plan: RowRepairPlan, shape: _Shape, allow_fk_violations: bool,
     # changes are in this snapshot as they were when it wrote
     taken = safety_snapshot(plan.repo, plan.db, Path(plan.live), f"{OPERATION} of {plan.table}") if safety else None
     try:
-        with write_transaction(Path(plan.live), plan.scratch) as conn:
+        with write_transaction(Path(plan.live), plan.past) as conn:
             db = LocalDb(conn, "the live database")
             return _repair(db, plan, shape, allow_fk_violations, fire_triggers, None), taken
     except apsw.Error as err:
         raise RestoreError(f"{OPERATION} in {plan.live}: {err}; rolled back, nothing was changed") from err
+    except IntegrityError as err:  # a damaged or missing page of the past state, read in the transaction
+        raise IntegrityError(f"{OPERATION} in {plan.live}: {err.message}; rolled back, nothing was changed",
+                             err.hint) from err
 
 
 def _apply_remote(plan: RowRepairPlan, shape: _Shape, fire_triggers: bool) -> dict[str, int]:
     assert plan.live_url is not None
     client = connect_remote(plan.live_url, plan.token)
-    src = plan.scratch.connect()
+    src = plan.past.connect()
     try:
         tx = client.transaction()
         try:
@@ -863,7 +866,7 @@ def _write_rows(db: Db, shape: _Shape, plan: RowRepairPlan, values: LocalDb | No
         exprs = [c if shape.key_is_rowid and c == shape.key[0] else qident(c) for c in columns]
         found = values.rows(f"SELECT {', '.join(exprs)} FROM main.{t} WHERE {match}", key)
         if not found:
-            raise RestoreError(f"{OPERATION}: row {key} is missing from the snapshot copy")
+            raise RestoreError(f"{OPERATION}: row {key} is missing from the snapshot")
         return found[0]
 
     counts = {"insert": 0, "update": 0, "delete": 0}

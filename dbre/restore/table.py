@@ -6,8 +6,9 @@ was dropped), the table under its own name with its indexes and triggers; ``repl
 the live table and recreates it with the snapshot's indexes and triggers, after a safety snapshot
 of the live database, so the replace can be undone (the result carries the undo as shell
 commands). Either way the work is one transaction on the live file: the rows are copied with the
-snapshot attached, foreign keys are checked afterwards (``PRAGMA foreign_key_check``) and the
-transaction rolls back on a new violation.
+snapshot attached (read in place through the repository's VFS: only the pages of the tables restored,
+each checked, never the whole database first; see live.py), foreign keys are checked afterwards
+(``PRAGMA foreign_key_check``) and the transaction rolls back on a new violation.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import Any
 
 import apsw
 
-from dbre.errors import DbreError, RestoreError, UsageError
+from dbre.errors import DbreError, IntegrityError, RestoreError, UsageError
 from dbre.repository.fallback import primary_of, retrying
 from dbre.repository.manifest import Manifest, check_db_name
 from dbre.repository.repo import Repository
@@ -31,16 +32,16 @@ from dbre.repository.tables import qident
 from dbre.restore.live import (
     SNAPSHOT_SCHEMA,
     SQL_TOKEN,
-    Scratch,
-    ScratchPlan,
+    PastCopy,
+    PastPlan,
     check_live_file,
     fk_message,
     fk_violations,
     has_rowid,
     manifest_tables,
     new_fk_violations,
+    open_past,
     referencing_tables,
-    restore_to_scratch,
     rowid_alias,
     stored_columns,
     table_names,
@@ -79,25 +80,21 @@ class TableAction:
 
 
 @dataclass
-class TableRestorePlan(ScratchPlan):
-    """A table restore worked out and ready to apply; holds the scratch copy until applied or closed."""
+class TableRestorePlan(PastPlan):
+    """A table restore worked out and ready to apply; holds the past state open until applied or closed."""
 
     repo: Repository
     db: str
     live: Path
     mode: str
-    scratch: Scratch
+    past: PastCopy
     actions: list[TableAction]
-
-    @property
-    def manifest(self) -> Manifest:
-        return self.scratch.manifest
 
     def describe(self) -> dict[str, Any]:
         m = self.manifest
         return {"operation": OPERATION, "db": self.db, "live": str(self.live), "mode": self.mode,
                 "snapshot": m.id, "taken_at": m.taken_at, "safety_snapshot": self.mode == "replace",
-                "tables": [a.describe() for a in self.actions]}
+                "tables": [a.describe() for a in self.actions], **self.past.describe()}
 
 
 
@@ -118,7 +115,9 @@ def plan_table_restore(repo: Repository, db: str, live_path: str | os.PathLike[s
                        snapshot: str | None = None, at: datetime | None = None, mode: str = "rename",
                        suffix: str = "_restored", scratch_dir: str | os.PathLike[str] | None = None
                        ) -> TableRestorePlan:
-    """Restore the snapshot to scratch and work out every statement; the live database is only read."""
+    """Open the snapshot (``at``: the state then, a replicated point when segments hold it) in place and work
+    out every statement; the live database is only read. The plan holds the state and the repository's
+    shared lock until it is applied or closed."""
     check_db_name(db)
     if mode not in MODES:
         raise UsageError(f"{OPERATION}: mode {mode!r} is not one of {', '.join(MODES)}")
@@ -130,14 +129,16 @@ def plan_table_restore(repo: Repository, db: str, live_path: str | os.PathLike[s
         raise UsageError(f"{OPERATION}: an empty suffix would replace the live table", "pass --replace to do that")
     live = check_live_file(live_path, OPERATION)
     # a typo fails before the restore (a damaged manifest is read from an offsite copy: fallback.py)
-    _precheck_manifest(retrying(repo, lambda: repo.find_snapshot(db, snapshot, at)), tables)
-    scratch = restore_to_scratch(repo, db, snapshot=snapshot, at=at, scratch_dir=scratch_dir)
+    manifest = retrying(repo, lambda: repo.find_snapshot(db, snapshot, at))
+    if at is None:  # (at a time, the state's own schema decides: a replicated point may have more tables)
+        _precheck_manifest(manifest, tables)
+    past = open_past(repo, db, OPERATION, snapshot=None if at else manifest.id, at=at, scratch_dir=scratch_dir)
     try:
-        src = scratch.connect()
+        src = past.connect()
         try:
             conn = keep_wal(apsw.Connection(str(live), flags=apsw.SQLITE_OPEN_READONLY))
             try:
-                actions = [_plan_table(src, conn, t, mode, suffix) for t in _resolve(src, scratch.manifest, tables)]
+                actions = [_plan_table(src, conn, t, mode, suffix) for t in _resolve(src, past.manifest, tables)]
             finally:
                 conn.close()
         finally:
@@ -146,15 +147,15 @@ def plan_table_restore(repo: Repository, db: str, live_path: str | os.PathLike[s
         if len(set(targets)) != len(targets):
             raise UsageError(f"{OPERATION}: a table was named twice", "name each table once")
     except BaseException:
-        scratch.close()
+        past.close()
         raise
-    return TableRestorePlan(primary_of(repo), db, live, mode, scratch, actions)  # (its writes: the primary's)
+    return TableRestorePlan(primary_of(repo), db, live, mode, past, actions)  # (its writes: the primary's)
 
 
 def _precheck_manifest(manifest: Manifest, tables: list[str]) -> None:
     known = manifest_tables(manifest)
     missing = [t for t in tables if t.lower() not in {k.lower() for k in known}]
-    if known and missing:  # an old manifest without the schema: the scratch copy decides
+    if known and missing:  # an old manifest without the schema: the state's own schema decides
         raise unknown_table(OPERATION, manifest, missing, known)
 
 
@@ -292,14 +293,15 @@ def apply_table_restore(plan: TableRestorePlan, *, force_safety: bool = False, a
 
     ``replace`` always takes a safety snapshot of the live database first (inside the write
     transaction, so it holds exactly what gets replaced); ``force_safety`` takes one in
-    ``rename`` mode too. The scratch copy is removed at the end, whatever happens. ``key_file``
+    ``rename`` mode too. The past state is let go at the end, whatever happens: a damaged page read from
+    it in the transaction rolls it back. ``key_file``
     (the passphrase file the repository was opened with) goes into the undo command.
     """
     started = time.perf_counter()
     safety: str | None = None
     had_violations = False
     try:
-        with write_transaction(plan.live, plan.scratch) as conn:
+        with write_transaction(plan.live, plan.past) as conn:
             _recheck(conn, plan)
             if plan.mode == "replace" or force_safety:
                 # we hold the write lock: the snapshot sees exactly the state this restore replaces
@@ -318,6 +320,9 @@ def apply_table_restore(plan: TableRestorePlan, *, force_safety: bool = False, a
                                    "restore the tables they reference too, or allow the violations")
     except apsw.Error as err:
         raise RestoreError(f"{OPERATION} into {plan.live}: {err}; rolled back, nothing was changed") from err
+    except IntegrityError as err:  # a damaged or missing page of the past state, read in the transaction
+        raise IntegrityError(f"{OPERATION} into {plan.live}: {err.message}; rolled back, nothing was changed",
+                             err.hint) from err
     finally:
         plan.close()
     undo = undo_commands(plan, safety, had_violations, key_file)
