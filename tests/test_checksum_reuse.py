@@ -134,6 +134,7 @@ CASES: dict[str, tuple[Callable[[Path], None], set[str]]] = {
     "add column with a default": (lambda p: _exec(p, "ALTER TABLE other ADD COLUMN w TEXT DEFAULT 'dflt'"), {"other"}),
     "index only (rowid table)": (lambda p: _exec(p, "CREATE INDEX small_v ON small(v)"), set()),
     "covering index on WITHOUT ROWID": (lambda p: _exec(p, "CREATE INDEX wr_v ON wr(v)"), set()),
+    "update a WITHOUT ROWID row": (lambda p: _exec(p, "UPDATE wr SET v = -1 WHERE k = 'k0200'"), {"wr"}),
     "nothing": (lambda p: None, set()),
 }
 
@@ -255,6 +256,21 @@ def test_parent_without_checksums(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     monkeypatch.undo()
     assert {k: v.rows for k, v in third.tables.items()} == {k: v[0] for k, v in _scratch(src).items()}
     assert all(v.checksum is None for v in third.tables.values())
+
+
+def test_a_user_table_named_dbstat(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A table that hides SQLite's dbstat: no page walk, so every table is read (and is right)."""
+    src = tmp_path / "live.db"
+    _make(src)
+    _exec(src, "CREATE TABLE dbstat(name TEXT, pageno INTEGER)")
+    _exec(src, "INSERT INTO dbstat VALUES ('small', 1)")
+    repo = Repository.open_or_init(str(tmp_path / "repo"))
+    _backup(repo, src)
+    counting = Counting(monkeypatch)
+    second = _backup(repo, src)
+    assert set(counting.names) == ALL | {"dbstat"} and second.stats["tables_reused"] == 0
+    monkeypatch.undo()
+    _check(second, src)
 
 
 def test_full_and_backup_api_path_read_every_table(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
