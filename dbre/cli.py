@@ -246,6 +246,8 @@ def _one_line(text: str) -> str:
 
 
 def _run(fn: Callable[[], T]) -> T:
+    """Run a command's body: a DbreError (or the unexpected) prints one line on stderr and exits with its code;
+    under --json the same error is also printed on stdout as a JSON error document (docs/JSON.md)."""
     try:
         return fn()
     except typer.Exit:
@@ -255,20 +257,96 @@ def _run(fn: Callable[[], T]) -> T:
             raise
         msg = err.message + (f" ({err.hint})" if err.hint else "")
         print(_one_line(f"dbre: {msg}"), file=sys.stderr)
+        _json_error(err.message, err.hint, err.exit_code)
         raise typer.Exit(err.exit_code) from None
     except KeyboardInterrupt:
         print("dbre: interrupted; the repository is unchanged by the unfinished step", file=sys.stderr)
+        _json_error("interrupted; the repository is unchanged by the unfinished step", None, 130)
         raise typer.Exit(130) from None
     except Exception as err:  # noqa: BLE001 - the one-line promise covers the unexpected too
         if _state["debug"]:
             raise
         print(_one_line(f"dbre: unexpected error: {err.__class__.__name__}: {err} (run with --debug for details)"),
               file=sys.stderr)
+        _json_error(f"unexpected error: {err.__class__.__name__}: {err}", "run with --debug for details", 1)
         raise typer.Exit(1) from None
 
 
-def _print_json(obj: Any) -> None:
-    print(json.dumps(obj, indent=2, default=str))
+# -- JSON output: one schema version, one vocabulary (docs/JSON.md) ------------------------------------
+
+SCHEMA = "dbre/1"
+
+# The core's dicts keep their own keys (drill records are stored as they are; flows and tasks read them); the
+# CLI's JSON says one thing one way, so the few keys that differ are renamed here, at the one exit.
+_VOCABULARY = {
+    "passed": "ok", "last_drill_passed": "last_drill_ok", "verify_passed": "verify_ok",
+    "snapshot_taken_at": "taken_at", "size_bytes": "size",
+    "bytes_added": "added_bytes", "bytes_read": "read_bytes", "bytes_to_read": "to_read_bytes",
+    "bytes_written": "written_bytes", "bytes_to_replay": "to_replay_bytes", "bytes_copied": "copied_bytes",
+}
+# Values keyed by the user's names (columns, rows, GX kwargs): never renamed.
+_USER_KEYED = frozenset({"columns", "rows", "row", "before", "after", "values", "key", "keys", "parameters",
+                         "kwargs", "fallbacks", "counts", "targets"})
+# Keys whose value is a local path (or a list of them): written absolute and normalised; URLs are left as they are.
+_PATH_KEYS = frozenset({"path", "live", "out", "files", "written", "report", "report_markdown", "repository",
+                        "data_docs", "report_dir"})
+
+
+def _path(value: Any) -> Any:
+    if isinstance(value, Path) or (isinstance(value, str) and value and "://" not in value
+                                   and not value.startswith(("libsql:", "file:", ":memory:"))):
+        return os.path.normpath(os.path.abspath(os.path.expanduser(str(value))))
+    return value
+
+
+def _vocabulary(obj: Any, *, paths: bool = False) -> Any:
+    """``obj`` in docs/JSON.md's vocabulary: renamed keys, times as ISO-8601 UTC with Z, local paths absolute."""
+    from datetime import UTC, datetime
+
+    if isinstance(obj, dict):
+        out = {}
+        for k, v in obj.items():
+            key = _VOCABULARY.get(k, k) if isinstance(k, str) else k
+            if key in _USER_KEYED:
+                out[key] = v
+            else:
+                out[key] = _vocabulary(v, paths=key in _PATH_KEYS)
+        return out
+    if isinstance(obj, list | tuple):
+        return [_vocabulary(v, paths=paths) for v in obj]
+    if isinstance(obj, datetime):
+        moment = obj if obj.tzinfo else obj.replace(tzinfo=UTC)
+        return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
+    if isinstance(obj, Path) or paths:
+        return _path(obj) if isinstance(obj, Path | str) else obj
+    return obj
+
+
+def _document(obj: Any, key: str | None = None) -> dict[str, Any]:
+    """The JSON document a command prints: an object whose first key is "schema"; a list goes under ``key``."""
+    body = {key or "items": obj} if isinstance(obj, list) else dict(obj)
+    body.pop("schema", None)
+    return {"schema": SCHEMA, **_vocabulary(body)}
+
+
+def _print_json(obj: Any, key: str | None = None) -> None:
+    """Print ``obj`` as a JSON document (``_document``): a list needs ``key``, the name of what it lists."""
+    print(json.dumps(_document(obj, key), indent=2, default=str))
+
+
+def _wants_json() -> bool:
+    """Whether the running command was asked for JSON (--json, or `sql --format json`)."""
+    from typer._click.globals import get_current_context
+
+    ctx = get_current_context(silent=True)
+    return ctx is not None and (ctx.params.get("json_out") is True or ctx.params.get("fmt") == "json")
+
+
+def _json_error(message: str, hint: str | None, exit_code: int) -> None:
+    """Under --json, the failure as a document on stdout too: {"schema", "ok": false, "error": {...}}."""
+    if _wants_json():
+        print(json.dumps({"schema": SCHEMA, "ok": False,
+                          "error": {"message": message, "hint": hint, "exit_code": exit_code}}, indent=2))
 
 
 @contextmanager

@@ -70,7 +70,7 @@ def audit_list(
             raise UsageError("audit: --repo is missing", "pass --repo R (a local path or s3://bucket/prefix)")
         records = read_audits(Repository.open(repo, _key(key_file)), db, last)
         if json_out:
-            _print_json(records)
+            _print_json(records, "records")
             return
         if not records:
             print("no audit records" + (f" of {db}" if db else ""))

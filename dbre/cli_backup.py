@@ -106,7 +106,7 @@ def snapshots(
         for key, why in damaged:
             print(f"dbre: {why} (listed without {key}; run `dbre verify`)", file=sys.stderr)
         if json_out:
-            _print_json([m.summary() for m in snaps])
+            _print_json([m.summary() for m in snaps], "snapshots")
         else:
             _snapshot_table(repository.url, snaps)
         if damaged:

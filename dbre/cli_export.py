@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from dbre.cli import DbNameOpt, KeyFileOpt, RepoOpt, _key, _progress, _run, app
+from dbre.cli import DbNameOpt, JsonOpt, KeyFileOpt, RepoOpt, _key, _print_json, _progress, _run, app
 from dbre.cli_sql import SqlAtOpt, SqlSnapshotOpt, SqlTxidOpt, _when
 from dbre.units import human_bytes as human
 
@@ -31,6 +31,7 @@ def export(
     txid: SqlTxidOpt = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing file at --out.")] = False,
     key_file: KeyFileOpt = None,
+    json_out: JsonOpt = False,
 ) -> None:
     """Export one table of a past state of a database to a Parquet or CSV file without restoring it: the rows are
     read through `dbre sql`'s read-only view of the repository and written in batches, so memory stays bounded
@@ -50,9 +51,12 @@ def export(
         def warn(line: str) -> None:
             print(f"dbre: export: {line}", file=sys.stderr)
 
-        with _progress(f"export {table}", True) as progress:
+        with _progress(f"export {table}", not json_out) as progress:
             result = export_table(repository, db, table, out, fmt, snapshot=snapshot, at=when, txid=txid,
                                   force=force, progress=progress, warn=warn)
+        if json_out:
+            _print_json(result.describe())
+            return
         s = result.stats
         rate = result.rows / result.seconds if result.seconds > 0 else 0.0
         rows = f"{result.rows:,} row{'' if result.rows == 1 else 's'}"

@@ -40,6 +40,7 @@ def init(
     )] = None,
     policy: PolicyOpt = None,
     key_file: KeyFileOpt = None,
+    json_out: JsonOpt = False,
 ) -> None:
     """Create a repository (backup also creates one); --object-lock makes its objects immutable on S3."""
 
@@ -65,12 +66,19 @@ def init(
                                  "drop --object-lock, or use s3://bucket/prefix on a bucket with Object Lock enabled")
         key = _key(key_file)
         first: Repository | None = None
+        made = []
         for url, lock in targets:
             found = Repository.open_or_init(url, key) if first is None else Repository.init_copy_of(first, url, key)
             first = first or found
-            what = f"Object Lock {lock.describe()}" if lock and enable(found, lock) else (
+            enabled = bool(lock and enable(found, lock))
+            what = f"Object Lock {lock.describe()}" if enabled and lock else (
                 f"Object Lock {lock.describe()} (already)" if lock else "no Object Lock")
-            print(f"repository {found.url}: id {found.id[:8]}, {what}")
+            made.append({"repository": found.url, "id": found.id,
+                         "object_lock": lock.describe() if lock else None, "object_lock_set_now": enabled})
+            if not json_out:
+                print(f"repository {found.url}: id {found.id[:8]}, {what}")
+        if json_out:
+            _print_json(made, "repositories")
 
     _run(go)
 
@@ -132,7 +140,7 @@ def verify(
 
         segments, segment_problems = verify_segments(repository, db)  # replicated chains, end to end
         if json_out:
-            _print_json({**report.summary(), "segments": segments,
+            _print_json({"repository": repository.url, **report.summary(), "segments": segments,
                          "segment_problems": [{"object": o, "detail": d} for o, d in segment_problems]})
         else:
             for p in report.problems:
@@ -362,6 +370,7 @@ def migrate(
 def unlock(
     repo: RepoOpt,
     remove_all: Annotated[bool, typer.Option("--remove-all", help="Remove every lock, not only stale ones.")] = False,
+    json_out: JsonOpt = False,
 ) -> None:
     """Remove locks left by runs that died."""
 
@@ -373,6 +382,10 @@ def unlock(
         store = open_store(repo)
         if Repository.read_config(store) is None:
             raise UsageError(f"no repository at {store.url}", "check --repo")
-        print(f"removed {remove_locks(store, all_locks=remove_all)} locks")
+        removed = remove_locks(store, all_locks=remove_all)
+        if json_out:
+            _print_json({"repository": store.url, "removed": removed, "remove_all": remove_all})
+        else:
+            print(f"removed {removed} locks")
 
     _run(go)

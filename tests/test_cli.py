@@ -90,10 +90,10 @@ def test_backup_json(tmp_path: Path) -> None:
     out = json.loads(r.stdout)  # the whole of stdout is one JSON object
     assert isinstance(out, dict)
     for key, kind in [("id", str), ("db", str), ("taken_at", str), ("pages", int), ("pages_added", int),
-                      ("bytes_added", int), ("seconds", float)]:
+                      ("added_bytes", int), ("seconds", float)]:
         assert isinstance(out[key], kind), (key, out)
     assert out["db"] == "orders"  # the file's stem
-    assert out["pages"] == out["pages_added"] > 0 and out["bytes_added"] > 0
+    assert out["pages"] == out["pages_added"] > 0 and out["added_bytes"] > 0
     assert out["taken_at"].endswith("Z")
     assert r.stderr == ""  # no progress bar without a terminal
 
@@ -109,15 +109,17 @@ def test_snapshots_json(tmp_path: Path) -> None:
     assert cli("backup", b, "--repo", repo, "--db", "renamed").returncode == 0
     r = run_dbre("snapshots", "--repo", repo, "--json")
     assert r.returncode == 0, r
-    snaps = json.loads(r.stdout)
+    doc = json.loads(r.stdout)
+    assert doc["schema"] == "dbre/1", doc
+    snaps = doc["snapshots"]
     assert isinstance(snaps, list) and len(snaps) == 4
     for s in snaps:
-        for key in ("id", "db", "taken_at", "pages", "bytes_added"):
+        for key in ("id", "db", "taken_at", "pages", "added_bytes"):
             assert key in s, (key, s)
     assert [s["id"] for s in snaps[:3]] == ids  # oldest first
     assert [s["db"] for s in snaps] == ["sales", "my.data", "sales", "renamed"]
     assert [s["taken_at"] for s in snaps] == sorted(s["taken_at"] for s in snaps)
-    only = json.loads(cli("snapshots", "--repo", repo, "--db", "sales", "--json").stdout)
+    only = json.loads(cli("snapshots", "--repo", repo, "--db", "sales", "--json").stdout)["snapshots"]
     assert [s["id"] for s in only] == [ids[0], ids[2]]
     # off a terminal the table is not cut to 80 columns: ids and names are whole
     table = run_dbre("snapshots", "--repo", repo)

@@ -141,7 +141,7 @@ class Checker:
         assert json.loads(verified.stdout)["ok"]
         listed = cli("snapshots", "--repo", repo, "--json")
         assert listed.returncode == 0, listed
-        snaps: list[dict[str, object]] = json.loads(listed.stdout)
+        snaps: list[dict[str, object]] = json.loads(listed.stdout)["snapshots"]
         for i, snap in enumerate(snaps):
             key = f"{repo}:{snap['id']}"
             newest = i == len(snaps) - 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import sqlite3
 import subprocess
@@ -66,9 +67,9 @@ def test_drill_through_the_cli_passes_and_reports(shop: dict[str, Path]) -> None
                           "--report-dir", str(shop["reports"]), "--json")
     assert code == 0, err
     rec = json.loads(out)
-    for field in ("db", "snapshot", "started_at", "rto_seconds", "rpo_seconds", "passed", "failed_checks"):
+    for field in ("schema", "db", "snapshot", "started_at", "rto_seconds", "rpo_seconds", "ok", "failed_checks"):
         assert field in rec
-    assert rec["passed"] and rec["failed_checks"] == [] and rec["rto_met"] and rec["rpo_met"]
+    assert rec["ok"] and rec["failed_checks"] == [] and rec["rto_met"] and rec["rpo_met"]
     assert rec["rto_target_seconds"] == 600 and rec["rpo_target_seconds"] == 3600
     assert 0 < rec["rto_seconds"] < 600 and 0 <= rec["rpo_seconds"] < 3600
     assert rec["expectations"]["expectations"] > 15 and rec["expectations"]["failed"] == 0
@@ -78,6 +79,19 @@ def test_drill_through_the_cli_passes_and_reports(shop: dict[str, Path]) -> None
     html = (folder / "index.html").read_text()
     assert "PASSED" in html and "data:image/png;base64," in html
     assert "http://" not in html.replace('href="data-docs', "") and "https://" not in html  # no CDN, nothing remote
+    # GX's Data Docs are self-contained too: no page loads a script, stylesheet or font from a CDN (offline they
+    # rendered an empty index), and the index is plain HTML linking every result and suite page
+    docs = folder / "data-docs"
+    pages = list(docs.rglob("*.html"))
+    assert len(pages) > 2, pages
+    for page in pages:
+        text = page.read_text()
+        assert not re.search(r"<(script|link)\b[^>]*(src|href)=[\"']?(https?:)?//", text), page
+        assert "self-contained Data Docs" in text, page
+    index = (docs / "index.html").read_text()
+    links = re.findall(r'href="([^"]+[.]html)"', index)
+    assert len(links) == len(pages) - 1 and all((docs / link).exists() for link in links), links
+    assert "shop.customers" in index and 'class="ok"' in index and 'class="failed"' not in index, index
     stored = Repository.open(str(shop["repo"])).records("drills", "shop")
     assert [r["record_id"] for r in stored] == [rec["record_id"]]
     assert not list(shop["dir"].glob("dbre-drill-*")), "scratch is removed"

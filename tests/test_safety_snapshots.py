@@ -54,7 +54,7 @@ def ok(*args: Any) -> str:
 
 
 def snapshots(repo: str) -> list[dict[str, Any]]:
-    return list(json.loads(ok("snapshots", "--repo", repo, "--json")))
+    return list(json.loads(ok("snapshots", "--repo", repo, "--json"))["snapshots"])
 
 
 def test_safety_snapshot_is_tagged_shown_and_skipped_by_restore_and_drill(tmp_path: Path, repo_url: str) -> None:

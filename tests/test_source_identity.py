@@ -72,7 +72,7 @@ def test_a_different_file_under_the_same_name_is_refused_and_nothing_written(
     assert "users" in line and "items" in line  # what each holds
     assert listing(repo_url, request) == before  # no pack, no manifest, no lock left, no temp file
     # the name's newest snapshot is still app's; a plain restore brings app back
-    snaps = json.loads(cli("snapshots", "--repo", repo_url, "--json").stdout)
+    snaps = json.loads(cli("snapshots", "--repo", repo_url, "--json").stdout)["snapshots"]
     assert [s["id"] for s in snaps] == [first["id"]]
     assert snaps[0]["source"]["path"] == str(app)
     # under a name of its own it is welcome
@@ -171,7 +171,7 @@ def test_libsql_url_with_another_token_or_scheme_is_the_same_source(sqld: SqldSe
         snap = json.loads(r.stdout)
         assert snap["parent"] == prev  # chained on the previous snapshot
         prev = snap["id"]
-    snaps = json.loads(cli("snapshots", "--repo", repo, "--db", "remote", "--json").stdout)
+    snaps = json.loads(cli("snapshots", "--repo", repo, "--db", "remote", "--json").stdout)["snapshots"]
     assert len(snaps) == 3 and all(s["parent"] for s in snaps[1:])
     assert {s["source"]["kind"] for s in snaps} == {"libsql"}
     text = json.dumps(snaps) + "".join(p.read_text(errors="replace") for p in repo.rglob("*") if p.is_file())

@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from dbre.cli import _document
 from dbre.repository.backup import backup
 from dbre.repository.repo import Repository
 from dbre.sources.local import LocalFileSource
@@ -200,7 +201,7 @@ def test_printed_undo_of_a_replace_puts_the_live_table_back(tmp_path: Path) -> N
     assert [a["mode"] for a in audits] == ["replace", "replace"]
     listed = run_dbre("audit", "--repo", repo, "--key-file", key, "--json")  # encrypted records read back
     assert listed.returncode == 0, listed
-    assert json.loads(listed.stdout) == audits
+    assert json.loads(listed.stdout) == _document(audits, "records")  # the records, in docs/JSON.md's vocabulary
     assert audits[0]["undo"] == undo and audits[0]["safety_snapshot"] in undo
 
 
@@ -304,8 +305,8 @@ def test_audit_lists_and_shows_the_records_of_restores_and_repairs(shop: tuple[P
 
     listed = cli("audit", "--repo", repo, "--json")
     assert listed.returncode == 0, listed
-    records = json.loads(listed.stdout)
-    assert records == stored  # the records as written, in time order
+    records = json.loads(listed.stdout)["records"]
+    assert records == _document(stored, "records")["records"]  # the records as written, in time order
     assert [(r["operation"], r["db"]) for r in records] == [("restore-table", "shop"), ("repair-rows", "shop")]
     safety = records[0]["safety_snapshot"]
     assert safety and safety in replaced.stdout and records[0]["record_id"] in replaced.stdout
@@ -314,14 +315,15 @@ def test_audit_lists_and_shows_the_records_of_restores_and_repairs(shop: tuple[P
     for word in ("restore-table", "repair-rows", "notes (replace, 20 rows)", "customers: 0 inserted, 1 updated",
                  safety, records[1]["record_id"], records[0]["time"]):
         assert word in text, (word, text)
-    assert [r["operation"] for r in json.loads(cli("audit", "--repo", repo, "--last", "1", "--json").stdout)] == [
-        "repair-rows"]
-    assert json.loads(cli("audit", "--repo", repo, "--db", "other", "--json").stdout) == []
+    newest = json.loads(cli("audit", "--repo", repo, "--last", "1", "--json").stdout)["records"]
+    assert [r["operation"] for r in newest] == ["repair-rows"]
+    none = json.loads(cli("audit", "--repo", repo, "--db", "other", "--json").stdout)
+    assert none == {"schema": "dbre/1", "records": []}
 
     rec_id = records[0]["record_id"]
     shown = cli("audit", "show", rec_id[:-3], "--repo", repo, "--json")
     assert shown.returncode == 0, shown
-    assert json.loads(shown.stdout) == records[0]
+    assert json.loads(shown.stdout) == {"schema": "dbre/1", **records[0]}
     full = cli("audit", "show", rec_id, "--repo", repo).stdout
     for word in ("tables[0].target", "notes", "undo", "dbre restore-table", "safety_snapshot", safety, "who"):
         assert word in full, (word, full)

@@ -67,7 +67,7 @@ def lines_of(text: str) -> list[str]:
 def test_at_80_columns_ids_and_names_are_whole_and_no_line_is_wider(repo: str, command: str) -> None:
     """Every snapshot id (in `snapshots`) and every database name appears uncut on one line; nothing is wider
     than 80 columns; the columns that did not fit are counted in a note."""
-    ids = [m["id"] for m in json.loads(run_dbre("snapshots", "--repo", repo, "--json").stdout)]
+    ids = [m["id"] for m in json.loads(run_dbre("snapshots", "--repo", repo, "--json").stdout)["snapshots"]]
     assert len(ids) == 6
     result = run_dbre(command, "--repo", repo, env={"COLUMNS": "80"})
     assert result.returncode == 0, result
@@ -103,7 +103,7 @@ def test_at_200_columns_every_column_is_shown_on_one_header_line(repo: str, comm
     header = next(line for line in lines if line.startswith("┃"))
     assert [c for c in columns if f" {c} " in header] == columns, header
     if command == "snapshots":
-        ids = [m["id"] for m in json.loads(run_dbre("snapshots", "--repo", repo, "--json").stdout)]
+        ids = [m["id"] for m in json.loads(run_dbre("snapshots", "--repo", repo, "--json").stdout)["snapshots"]]
         rows = [line for line in lines if line.startswith("│")]
         assert len(rows) == len(ids) and all(snap_id in row for snap_id, row in zip(ids, rows, strict=True))
         assert all(repo.rsplit("/", 2)[0] in row for row in rows)  # the source path, whole

@@ -220,7 +220,7 @@ def remove_db(path: Path) -> None:
 def list_snapshots(url: str, *, db: str | None = None) -> list[dict[str, Any]]:
     r = cli("snapshots", "--repo", url, "--json", *(["--db", db] if db else []))
     assert r.returncode == 0, r
-    snaps: list[dict[str, Any]] = json.loads(r.stdout)
+    snaps: list[dict[str, Any]] = json.loads(r.stdout)["snapshots"]
     return snaps
 
 
