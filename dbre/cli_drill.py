@@ -86,7 +86,8 @@ def drill(
     report_dir: Annotated[Path | None, typer.Option("--report-dir", help="Write the drill report here.")] = None,
     scratch_dir: ScratchOpt = None,
     data_docs: Annotated[bool, typer.Option("--data-docs/--no-data-docs",
-                                            help="Also build GX Data Docs into the report folder.")] = True,
+                                            help="Also build GX Data Docs into the report folder (self-contained: "
+                                                 "they render offline).")] = True,
     namespace_admin: Annotated[str | None, typer.Option(
         "--namespace-admin", help="sqld admin API: also load the restore into a new namespace there.")] = None,
     namespace_url: Annotated[str | None, typer.Option(

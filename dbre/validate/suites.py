@@ -284,9 +284,13 @@ def run_suites(db_path: str | os.PathLike[str], suites: list[Suite], *, snapshot
 
 
 def build_data_docs(run: SuiteRun, out_dir: str | os.PathLike[str]) -> str | None:
-    """GX's own Data Docs for a finished run, into ``out_dir``; returns index.html's path (None if no run).
+    """GX's own Data Docs for a finished run, into ``out_dir``, made self-contained; returns index.html's path
+    (None if no run).
 
-    Offline they render unstyled: their CSS and JS come from CDNs."""
+    GX's pages load Bootstrap, jQuery, bootstrap-table and Vega from CDNs, and its index builds its tables in
+    JavaScript from them: offline (a drill host, a recovery site) the index is empty and the pages unstyled.
+    So every page loses its CDN tags and gains a small inline stylesheet, and the index is written again as
+    plain HTML (``_offline_docs``): nothing a page shows then needs the internet."""
     if run.context is None or not run.results:
         return None
     docs_dir = Path(out_dir).absolute()
@@ -296,8 +300,69 @@ def build_data_docs(run: SuiteRun, out_dir: str | os.PathLike[str]) -> str | Non
         "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
     })
     run.context.build_data_docs(site_names=["dbre"])
+    _offline_docs(docs_dir, run)
     run.data_docs = str(docs_dir / "index.html")
     return run.data_docs
+
+
+# A <script src="http..."></script> or <link href="http..."> (stylesheets, fonts): what GX loads from CDNs
+_REMOTE_TAG = re.compile(r"<script\b[^>]*\bsrc=[\"']?(?:https?:)?//[^>]*>\s*</script>|"
+                         r"<link\b[^>]*\bhref=[\"']?(?:https?:)?//[^>]*>", re.IGNORECASE)
+_OFFLINE_CSS = """<style>/* dbre: self-contained Data Docs (GX's CDN styles removed) */
+body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:1.5rem auto;max-width:1100px;
+color:#222;line-height:1.4;padding:0 1rem}
+table{border-collapse:collapse;margin:.5rem 0 1rem}
+th,td{border:1px solid #ccc;padding:.25rem .5rem;text-align:left;vertical-align:top}
+th{background:#f3f3f3}
+.text-success,.ge-success-icon{color:#2e8540}.text-danger,.ge-failed-icon{color:#c0392b}
+.tooltip-text,.cooltip .top{display:none}
+img[src*="logo"]{display:none}
+nav,footer,.ge-footer{font-size:.85rem;color:#666}
+code,pre{background:#f6f6f6;padding:0 .2rem}
+.ok{color:#2e8540}.failed{color:#c0392b}
+.fa-check-circle::before{content:"\\2714";color:#2e8540}.fa-times::before{content:"\\2718";color:#c0392b}
+.fa-times-circle::before{content:"\\2718";color:#c0392b}.fa-exclamation-triangle::before{content:"\\26A0"}
+</style>"""
+
+
+def _offline_docs(docs_dir: Path, run: SuiteRun) -> None:
+    """Make the Data Docs under ``docs_dir`` render without the internet: CDN tags out, an inline stylesheet in,
+    and a plain-HTML index of the validation results and suites instead of GX's JavaScript-built one."""
+    import html
+
+    for page in docs_dir.rglob("*.html"):
+        text = _REMOTE_TAG.sub("", page.read_text(encoding="utf-8"))
+        text = re.sub(r"</head>", lambda _: _OFFLINE_CSS + "</head>", text, count=1, flags=re.IGNORECASE)
+        page.write_text(text, encoding="utf-8")
+    failed: dict[str, int] = {}
+    total: dict[str, int] = {}
+    for o in run.outcomes:
+        total[o.suite] = total.get(o.suite, 0) + 1
+        failed[o.suite] = failed.get(o.suite, 0) + (not o.success)
+
+    def suite_of(rel: Path, base: str) -> str:  # validations/<suite parts>/<run>/<time>/<batch>.html
+        parts = rel.relative_to(base).parts
+        return ".".join(parts[:-3] if base == "validations" else (*parts[:-1], Path(parts[-1]).stem))
+
+    rows = []
+    for page in sorted(docs_dir.glob("validations/**/*.html")):
+        rel = page.relative_to(docs_dir)
+        suite = suite_of(rel, "validations")
+        n, bad = total.get(suite), failed.get(suite, 0)
+        verdict = "-" if n is None else (f'<span class="ok">passed</span> ({n} expectations)' if not bad
+                                         else f'<span class="failed">failed</span> ({bad} of {n} expectations)')
+        rows.append(f'<tr><td><a href="{html.escape(rel.as_posix())}">{html.escape(suite)}</a></td>'
+                    f"<td>{html.escape(rel.parts[-2])}</td><td>{verdict}</td></tr>")
+    suites = [f'<li><a href="{html.escape(p.relative_to(docs_dir).as_posix())}">'
+              f"{html.escape(suite_of(p.relative_to(docs_dir), 'expectations'))}</a></li>"
+              for p in sorted(docs_dir.glob("expectations/**/*.html"))]
+    (docs_dir / "index.html").write_text(
+        "<!doctype html><html><head><meta charset=\"utf-8\"><title>Data Docs</title>" + _OFFLINE_CSS + "</head><body>"
+        f"<h1>Data Docs</h1><p>Great Expectations {html.escape(run.gx_version)}: what the drill's suites checked "
+        "on the restored database. Self-contained: nothing here needs the internet.</p>"
+        "<h2>Validation results</h2><table><tr><th>suite</th><th>run</th><th>result</th></tr>"
+        + "".join(rows) + "</table><h2>Expectation suites</h2><ul>" + "".join(suites) + "</ul></body></html>",
+        encoding="utf-8")
 
 
 def _outcome(suite: str, table: str, r: dict[str, Any]) -> ExpectationOutcome:
