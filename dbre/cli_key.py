@@ -115,8 +115,9 @@ def passwd(
         locked = repository.object_lock is not None or store.exists(LOCK_KEY)
         notes = [
             "runs already going keep working (they hold the master key); every new run needs the new passphrase",
-            "offsite copies (`dbre copy` targets) keep their own config and passphrase: restoring from one "
-            "directly still takes the old passphrase (change it there with `dbre key passwd --repo COPY`)",
+            "offsite copies (`dbre copy` targets) keep their own config and the OLD passphrase (`dbre copy` into "
+            "them goes on): `dbre status` reports them unreadable and a restore from one needs the old passphrase "
+            "until you run `dbre key passwd --repo COPY` with the same new passphrase",
         ]
         if locked:
             notes.append("Object Lock: the old version of `config` stays in the bucket, locked, and keeps opening "
