@@ -517,3 +517,69 @@ def test_on_a_terminal_both_passphrases_are_typed_hidden(tmp_path: Path) -> None
     assert "passphrase changed" in shown, shown
     _no_secret(shown)  # nothing typed is echoed
     assert _opens_with(url) == [NEW]
+
+
+# -- failure paths in the core ------------------------------------------------------------------------
+
+
+def _encrypted_repo(tmp_path: Path) -> str:
+    url = str(tmp_path / "repo")
+    assert cli("backup", make_db(tmp_path / "app.db", mb=0.1), "--repo", url,
+               env={"DBRE_ENCRYPTION_KEY": OLD}).returncode == 0
+    return url
+
+
+def test_config_changed_after_open_is_refused_and_kept(tmp_path: Path) -> None:
+    """A run that opened the repository before another one changed the passphrase finds `config` changed
+    under its lock: refused, the other run's config stays (no lost update)."""
+    url = _encrypted_repo(tmp_path)
+    slow = Repository.open(LocalStore(url), Secret(OLD))
+    assert _passwd(url, OLD, NEW).returncode == 0
+    winner = _config(url)
+    with pytest.raises(Exception, match="changed since it was read") as err:
+        slow.change_passphrase(Secret(OLD), Secret(OTHER))
+    assert OLD not in str(err.value) and OTHER not in str(err.value)
+    assert _config(url) == winner and _opens_with(url) == [NEW]
+    assert not list(LocalStore(url).list("locks/"))
+
+
+def test_a_lost_lock_writes_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from dbre.repository.lock import Lock, LockLostError
+
+    url = _encrypted_repo(tmp_path)
+    before = _config(url)
+
+    def lost(self: Lock, what: str, **kwargs: Any) -> None:
+        raise LockLostError(f"{what}: the repository lock was removed by another run", "run it again")
+
+    monkeypatch.setattr(Lock, "check_alive", lost)
+    repo = Repository.open(LocalStore(url), Secret(OLD))
+    with pytest.raises(LockLostError):
+        repo.change_passphrase(Secret(OLD), Secret(NEW))
+    assert _config(url) == before and not list(LocalStore(url).list("locks/"))
+    assert not list((Path(url) / ".tmp").glob("*"))  # nothing half-written either
+
+
+def test_a_replace_whose_answer_was_lost_is_recognised_as_its_own(tmp_path: Path) -> None:
+    """The first attempt wrote, then its answer was lost (a TransientError): the retry meets a Conflict, reads
+    the key back, finds exactly its bytes, and succeeds; different bytes there stay a Conflict."""
+    from dbre.storage.base import TransientError
+    from tests.stores import PassThroughStore
+
+    class LosesFirstAnswer(PassThroughStore):
+        calls = 0
+
+        def replace(self, key: str, data: bytes, *, expected: bytes) -> None:
+            self.calls += 1
+            self.inner.replace(key, data, expected=expected)  # type: ignore[attr-defined]
+            if self.calls == 1:
+                raise TransientError(f"replace {key}: connection reset")
+
+    inner = LocalStore(tmp_path / "r")
+    inner.put("config", b"old")
+    flaky = LosesFirstAnswer(inner)
+    RetryingStore(flaky, base_delay=0.01).replace("config", b"new", expected=b"old")  # type: ignore[arg-type]
+    assert flaky.calls == 2 and inner.get("config") == b"new"
+    with pytest.raises(Conflict):
+        RetryingStore(inner).replace("config", b"newer", expected=b"old")
+    assert inner.get("config") == b"new"
