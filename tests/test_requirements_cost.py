@@ -178,7 +178,7 @@ def test_report_prices_the_measured_segments_in_both_documents(replicated: tuple
     costs = d.cost_per_rpo
     assert costs is not None and costs.measured is not None
     labels = [o.label for o in costs.options]
-    assert labels[:3] == ["replication every 500 ms + backups every 1 d", "replication every 1 s + backups every 1 d",
+    assert labels[:3] == ["replication every 750 ms + backups every 1 d", "replication every 1 s + backups every 1 d",
                           "replication every 10 s + backups every 1 d"]  # dbre replicate's default first
     assert {"backups every 15 min", "backups every 1 h", "backups every 1 d"} <= set(labels)
     assert [o.label for o in costs.options if o.current] == ["backups every 1 d"]  # the snapshots' interval
@@ -212,7 +212,7 @@ def test_replicated_policy_marks_replication_current(replicated: tuple[Path, Pat
     report = analyze(Repository.open(str(repo_dir)), policy=policy, restore_throughput=5e7, expectations_dir=None)
     costs = report.databases[0].cost_per_rpo
     assert costs is not None
-    assert [o.label for o in costs.options if o.current] == ["replication every 500 ms + backups every 1 d"]
+    assert [o.label for o in costs.options if o.current] == ["replication every 750 ms + backups every 1 d"]
     assert any("replicate: true" in a for a in costs.assumptions)
 
 

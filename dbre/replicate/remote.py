@@ -17,10 +17,9 @@ How it works, and why it is exact (checked against sqld 0.24 and libsql-experime
 - A commit on the server is seen here only when a sync brings it: its stamp (``restore --at``) is
   when the replicator read it from the replica, and it is durable in the repository at the next
   ship. RPO: a commit waits up to one interval for the sync, the sync's own time, then the ship and
-  the segment's put. The replicator ships once its last ship is an interval old; that ship followed
-  the previous sync, so the two loops fall in step and a sync's commits wait for the ship at most
-  about the difference of two syncs' times: one interval plus about twice the sync, a poll and the
-  put (measured figures in docs/replication.md).
+  the segment's put. The syncs pace the shipping here (commits arrive only with them), so the
+  replicator is given a quarter of the interval: a sync's commits ship within about that, in one
+  segment per sync that brought any (measured figures in docs/replication.md).
 - SIGINT/SIGTERM: one last sync, then the replicator ships everything the replica holds and stops.
   Syncs failing for ``SYNC_STALL_SECONDS`` in a row (the server down, the network gone) stop the run
   with the cause (exit 1); a refused token stops it at once.
@@ -208,7 +207,7 @@ class RemoteReplicator:
         self.source = RemoteLibsqlSource(url, token, replica_dir=state, sync_timeout=SYNC_TIMEOUT)
         # its bases record the remote database as their source (not the replica file): they join
         # the chain of `dbre backup URL` under the same name, and it theirs
-        self.replicator = Replicator(repo, self.source.replica_path, db, interval, base_identity=where.identity(),
+        self.replicator = Replicator(repo, self.source.replica_path, db, interval / 4, base_identity=where.identity(),
                                      accept_new_source=accept_new_source)
         self.db = self.replicator.db
         self.sync_stats = SyncStats()

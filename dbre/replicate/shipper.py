@@ -5,7 +5,12 @@ How no frame is lost (Litestream's method, read in its db.go, made exact by SQLi
   checkpoint copies frames past its read mark into the file and no writer restarts the WAL past
   frames it has not read (a restart needs every reader off read marks 1..N-1, and a reader on
   mark 0 blocks every backfill, so a WAL restarted under it held nothing unread).
-- Every ``interval`` with changes it *swaps*: with the write lock taken for a moment by a second
+- Pacing: ``interval`` is the most a commit should wait to be durable. Pending commits are shipped
+  when the oldest of them has waited the interval less the time a segment's seal and put take now
+  (a moving average, ``upload_seconds``) and a poll, so a slow store makes segments come sooner
+  rather than later and a fast one lets them carry more commits (fewer requests for the same lag);
+  the first commit after a quiet spell (none shipped for an interval) goes at once.
+- When it ships it *swaps*: with the write lock taken for a moment by a second
   connection (``BEGIN IMMEDIATE``: no commit can land), it reads the last commits, ends its read
   transaction and begins a new one at the newest commit, then lets writers go. Once the WAL is
   over ``CHECKPOINT_FRAMES`` frames it also runs a PASSIVE checkpoint in that moment, so its new
@@ -171,7 +176,7 @@ def _salt1(salt: bytes) -> int:
 class Replicator:
     """Ships the WAL of the database at ``path`` into ``repo`` as database ``db``."""
 
-    def __init__(self, repo: Repository, path: str | Path, db: str, interval: float = 0.5, *,
+    def __init__(self, repo: Repository, path: str | Path, db: str, interval: float = 0.75, *,
                  accept_new_source: bool = False, base_identity: dict[str, Any] | None = None) -> None:
         self.repo = repo
         self.accept_new_source = accept_new_source  # the bases' backups: ``db`` moved to ``path``
@@ -181,6 +186,8 @@ class Replicator:
         self.path = str(Path(path).expanduser().absolute())
         self.db = check_db_name(db)
         self.interval = interval
+        self.upload_seconds = 0.0  # moving average of a segment's seal + put (uploader thread)
+        self._pending_since: float | None = None  # monotonic: the poll that read the oldest pending commit
         self.stats = ReplicateStats()
         self.tail: WalTail | None = None
         self._pin: Pin | None = None
@@ -313,7 +320,7 @@ class Replicator:
                 big = sum(t.size for t in self.pending) >= MAX_SEGMENT_BYTES
                 if not self._want_base and self._lock_aged():  # (a quiet database too: its next commit is new)
                     self._want_base = "Object Lock: the generation is half a lock step old"
-                if self.pending and (stopping or big or now - last_ship >= self.interval):
+                if self.pending and (stopping or big or now - last_ship >= self.interval or self._due(now)):
                     self._swap()
                     self._ship()
                     last_ship = time.monotonic()
@@ -326,6 +333,14 @@ class Replicator:
                 self._uploader.submit(self.lease.refresh)  # a store request: never on the polling thread
             if stopping:
                 return
+
+    def _due(self, now: float) -> bool:
+        """Whether the oldest pending commit has waited long enough that shipping now keeps it within
+        the interval (module doc, *Pacing*); never sooner than a quarter of the interval."""
+        if self._pending_since is None:
+            return False
+        budget = max(self.interval / 4, self.interval - self.upload_seconds - POLL_SECONDS)
+        return now - self._pending_since >= budget
 
     # -- the source ------------------------------------------------------------------------------
 
@@ -406,6 +421,8 @@ class Replicator:
                                   "check the database; restart replicate to begin a new generation") from None
             return
         self._bad_since = None
+        if tail.transactions and not self.pending:
+            self._pending_since = time.monotonic()
         self.pending.extend(tail.transactions)
         self.next_txid += len(tail.transactions)
         self.pos = tail.end
@@ -493,6 +510,7 @@ class Replicator:
         assert self._uploader is not None and self.gen is not None
         if txs is None:
             txs, self.pending = self.pending, []
+            self._pending_since = None
         while txs:
             size, n = 0, 0
             while n < len(txs) and (n == 0 or size + txs[n].size <= MAX_SEGMENT_BYTES):
@@ -512,6 +530,8 @@ class Replicator:
                 self._want_base = "a transaction rewrote most of the database"
             if self._want_base and time.monotonic() >= self._base_after:
                 self.pending = txs + self.pending
+                if txs and self._pending_since is None:
+                    self._pending_since = time.monotonic()
                 self._new_generation(continued=True, why=self._want_base)
                 return
 
@@ -541,7 +561,10 @@ class Replicator:
             # only refuses when they stopped succeeding in time. The lease, not a repository lock,
             # keeps prune off this generation (it never deletes the one a live lease names)
             self.lease.verify(what)
+            began = time.monotonic()
             key, size = write_segment(self.repo, seg)
+            took = time.monotonic() - began
+            self.upload_seconds = took if not self.stats.segments else 0.8 * self.upload_seconds + 0.2 * took
             self._state = state
             self.stats.segments += 1
             self.stats.transactions += len(txs)
@@ -595,7 +618,7 @@ class Replicator:
                 why = str(err)
         if why is not None:
             log.warning("replicate %s: %s: a new generation starts", self.db, why)
-            self.gen, self.pending = None, []
+            self.gen, self.pending, self._pending_since = None, [], None
             self.next_txid += 1  # the new base is a state of its own, not the old generation's last
             return False
         self.stats.generations.append(base.id)
@@ -629,7 +652,7 @@ class Replicator:
                 self._end_read()
                 self._begin_read()
                 st = self.tail.index()
-                self.pending = []
+                self.pending, self._pending_since = [], None
                 self.pos = self._shipped = WalPos(st.salt, st.mx_frame, st.frame_cksum)
                 self.page_size = st.page_size if st.mx_frame else self._page_size()
                 self.restarts = "any"

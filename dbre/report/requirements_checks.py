@@ -85,7 +85,8 @@ def _check_rpo_replicated(d: DatabaseReport, objective: str, lag: float) -> Chec
                      "(`dbre status` shows its heartbeat)")
     if d.rpo < REPLICATION_WORST:
         return Check(d.name, "RPO", objective, measured, AT_RISK,
-                     f"segments ship every interval (500 ms by default); under heavy writes the lag p99 reached "
+                     f"a commit ships within about the interval (750 ms by default); under heavy writes the lag "
+                     f"p99 reached "
                      f"{fmt_seconds(REPLICATION_WORST)} in benchmarks, over this target")
     return Check(d.name, "RPO", objective, measured, MET,
                  f"continuous replication: an incident loses about the shipping interval plus one upload, "

@@ -24,7 +24,7 @@ from dbre.report.requirements_model import DAY, GIB, Prices, StorageProjection, 
 from dbre.repository.repo import Repository
 
 MONTH_DAYS = 30.44
-REPLICATION_INTERVALS = (0.5, 1.0, 10.0)  # `dbre replicate --interval`: the default and two cheaper ones
+REPLICATION_INTERVALS = (0.75, 1.0, 10.0)  # `dbre replicate --interval`: the default and two cheaper ones
 BACKUP_INTERVALS = (15 * 60.0, 3600.0, DAY)
 SEGMENT_SAMPLE = 48  # segments read to measure stored bytes per transaction...
 SAMPLE_BYTES = 256 * 1024 * 1024  # ... until this much was read (compacted segments reach 64 MiB)
