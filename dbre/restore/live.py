@@ -118,7 +118,7 @@ class InPlace:
     def describe(self) -> dict[str, Any]:
         """The state (its replicated point, if any) and what reading it has cost."""
         s = self.past.state
-        out: dict[str, Any] = {"read": "in place", **self.past.stats.describe()}
+        out: dict[str, Any] = {"read": "in place", "repository_reads": self.past.stats.describe()}
         if s.point is not None:
             out.update(generation=s.point.generation.id, transactions=s.transactions, last_txid=s.last_txid,
                        last_committed=s.last_committed)
