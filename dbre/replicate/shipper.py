@@ -90,7 +90,7 @@ VACUUM_MIN_PAGES = 64
 STALL_SECONDS = 10.0  # the WAL failing its checks this long in a row stops the replicator
 LOCK_RETRY_SECONDS = float(os.environ.get("DBRE_REPLICATE_LOCK_RETRY", "5"))  # a base put off by prune: retried
 # a generation this long gets a fresh base snapshot (an incremental backup): a restore then reads at
-# most this many segments after its base (5 min of constant writes at the default interval)
+# most this many segments after its base (~7 min of constant writes at the default interval)
 GENERATION_SEGMENTS = int(os.environ.get("DBRE_REPLICATE_GENERATION_SEGMENTS", "600"))  # (tests set it low)
 BUSY_BASES = 10  # base snapshots in a row without a WAL position (a busy source) before replicate gives up
 
