@@ -196,3 +196,15 @@ def test_a_usage_error_stays_one_plain_line(world: Path) -> None:
     """click's usage errors happen before a command runs: one line on stderr, exit 2, nothing on stdout."""
     result = cli("snapshots", "--repo", str(world / "repo"), "--json", "--no-such-option")
     assert result.returncode == 2 and result.stdout == "" and "no such option" in result.stderr, result
+
+
+def test_sql_rows_stay_a_list_and_its_failure_is_the_error_document(world: Path) -> None:
+    """`sql --format json` prints the query's rows (no schema key: the keys are the user's columns); a failure
+    under it is the same error document as under --json."""
+    rows = cli("sql", "--repo", str(world / "repo"), "--db", "app", "--format", "json",
+               "SELECT id FROM items WHERE id < 3 ORDER BY id")
+    assert rows.returncode == 0 and json.loads(rows.stdout) == [{"id": 1}, {"id": 2}], rows
+    bad = cli("sql", "--repo", str(world / "nowhere"), "--db", "app", "--format", "json", "SELECT 1")
+    doc = json.loads(bad.stdout)
+    assert bad.returncode == 1 and doc["schema"] == SCHEMA and doc["ok"] is False, bad
+    assert doc["error"]["exit_code"] == 1 and "no repository" in doc["error"]["message"], doc
