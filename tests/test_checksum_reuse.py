@@ -10,6 +10,7 @@ ROWID table's checksum does not depend on its secondary indexes.
 
 from __future__ import annotations
 
+import itertools
 import random
 import shutil
 from collections.abc import Callable
@@ -286,12 +287,17 @@ def test_full_and_backup_api_path_read_every_table(tmp_path: Path, monkeypatch: 
     assert set(counting.names) == ALL
 
 
-def test_random_changes(tmp_path: Path) -> None:
-    """A random walk of writes, schema changes and vacuums; after each backup every table's count
-    and checksum equal a fresh computation."""
-    rnd = random.Random(1414)
+@pytest.mark.parametrize("seed,wal,steps", [
+    (1414, True, 24),
+    *[pytest.param(seed, seed % 2 == 0, 60, marks=pytest.mark.slow) for seed in range(6)],
+])
+def test_random_changes(tmp_path: Path, seed: int, wal: bool, steps: int) -> None:
+    """A random walk of writes, in-place blob writes, schema changes and vacuums; after each
+    backup every table's count and checksum equal a fresh computation."""
+    rnd = random.Random(seed)
+    columns = itertools.count()
     src = tmp_path / "live.db"
-    _make(src, wal=True)
+    _make(src, wal=wal)
     repo = Repository.open_or_init(str(tmp_path / "repo"))
     _backup(repo, src)
     ops = [
@@ -303,10 +309,14 @@ def test_random_changes(tmp_path: Path) -> None:
                       f"k{rnd.randrange(0, 800):04d}", rnd.randrange(99)),
         lambda: _exec(src, "VACUUM"),
         lambda: _exec(src, "PRAGMA wal_checkpoint(TRUNCATE)"),
+        lambda: _exec(src, f"ALTER TABLE other ADD COLUMN c{next(columns)} DEFAULT {rnd.randrange(9)}"),
+        lambda: _exec(src, "CREATE INDEX IF NOT EXISTS wr_v ON wr(v)"),
+        lambda: _exec(src, "DROP INDEX IF EXISTS wr_v"),
+        lambda: _exec(src, "DROP TABLE IF EXISTS empty; CREATE TABLE empty(id INTEGER PRIMARY KEY, v TEXT)"),
         lambda: None,
     ]
     reused = 0
-    for _ in range(24):
+    for _ in range(steps):
         for _ in range(rnd.randrange(0, 3)):
             rnd.choice(ops)()
         m = _backup(repo, src)
