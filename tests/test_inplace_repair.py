@@ -5,7 +5,8 @@ is a real local one, read through a counting wrapper of its real store (nothing 
 behaviour is mocked). Each in-place result is compared with the same operation done from a full
 restore of the same point (what the scratch path gave). Also: a replicated point (``at``), a damaged
 page met in the plan or first in the write transaction (one line, the live file byte-identical, the
-lock let go), and a plan that went stale.
+lock let go), a plan that went stale, the shared lock held from plan to apply, and an S3 repository
+(moto_server).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import Any
 import apsw
 import pytest
 
-from dbre.errors import IntegrityError, RestoreError
+from dbre.errors import IntegrityError, LockedError, RestoreError
 from dbre.replicate.segment import list_generations, open_segment, read_base, to_time
 from dbre.replicate.shipper import Replicator
 from dbre.repository.backup import backup, read_run
@@ -337,3 +338,38 @@ def test_a_stale_plan_changes_nothing_and_lets_the_state_go(shop: Shop, tmp_path
     with pytest.raises(RestoreError, match="changed in the live database since the plan"):
         apply_row_repair(plan)
     assert sha(live) == changed and plan.past.past.closed and no_locks(shop)
+
+
+def test_the_shared_lock_is_held_from_the_plan_to_the_end_of_the_apply(shop: Shop, tmp_path: Path) -> None:
+    """Between a plan and its apply, prune's exclusive lock is refused: nothing the apply reads in place
+    can be deleted under it. Once applied (or closed), the lock is gone."""
+    live = live_copy(shop, tmp_path)
+    sqlite3.connect(live, isolation_level=None).execute("DELETE FROM small WHERE id = 1")
+    for make in (lambda: plan_row_repair(shop.repo, "shop", live, "small", "id < 3"),
+                 lambda: plan_table_restore(shop.repo, "shop", live, ["small"])):
+        plan: Any = make()
+        held = [p.read_text() for p in Path(shop.url, "locks").glob("*")]
+        assert len(held) == 1 and '"exclusive": false' in held[0], held
+        with pytest.raises(LockedError), shop.repo.lock("prune", exclusive=True):
+            pass
+        plan.close()
+        assert no_locks(shop)
+        with shop.repo.lock("prune", exclusive=True):
+            pass
+
+
+def test_restore_table_in_place_from_s3_reads_a_small_part(s3_bucket: str, tmp_path: Path) -> None:
+    """The same on a real S3 server (moto_server): ranged reads of the pages the small table needs."""
+    src = _make(tmp_path / "src.db", 12, "delete")
+    repo = Repository.open_or_init(f"s3://{s3_bucket}/repo", None)
+    snap = backup(repo, open_source(str(src)), "shop", checksums=False).manifest
+    live = tmp_path / "live.db"
+    shutil.copy(src, live)
+    sqlite3.connect(live, isolation_level=None).execute("DROP TABLE small")
+    counted_repo, stats = counted(repo)
+    with plan_table_restore(counted_repo, "shop", live, ["small"]) as plan:
+        assert plan.actions[0].action == "recreate (dropped in live)"
+        apply_table_restore(plan)
+    assert 0 < stats.bytes < src.stat().st_size / 3, (stats.describe(), src.stat().st_size)
+    full = restored(repo, tmp_path, snapshot=snap.id)
+    assert rows(live, "SELECT * FROM small ORDER BY id") == rows(full, "SELECT * FROM small ORDER BY id")
