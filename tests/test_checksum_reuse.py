@@ -241,6 +241,31 @@ def test_no_reuse_across_sources_or_without_a_basis(tmp_path: Path, monkeypatch:
     assert counting.names == []  # and the next one reuses again
 
 
+def test_other_reserved_bytes_read_every_table(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A parent whose pages had another usable size (reserved bytes) lends nothing."""
+    src = tmp_path / "live.db"
+    _make(src)
+    repo = Repository.open_or_init(str(tmp_path / "repo"))
+    real = backup_mod._basis
+    monkeypatch.setattr(backup_mod, "_basis", lambda conn, image: {**(real(conn, image) or {}), "reserved": 8})
+    _backup(repo, src)
+    monkeypatch.undo()
+    counting = Counting(monkeypatch)
+    assert _backup(repo, src).stats["tables_reused"] == 0 and set(counting.names) == ALL
+
+
+@pytest.mark.parametrize("basis", [
+    None, [], {"roots": {"t": 2}}, {"reserved": -1, "roots": {"t": 2}}, {"reserved": True, "roots": {"t": 2}},
+    {"reserved": 0, "roots": {"t": 0}}, {"reserved": 0, "roots": {"t": "2"}}, {"reserved": 0, "roots": [2]},
+])
+def test_a_malformed_basis_is_none(basis: object) -> None:
+    m = Manifest(id="a" * 16, db="db", taken_at="2026-01-01T00:00:00Z", page_size=4096, page_count=1, runs=[],
+                 packs=[], stats={"checksum_basis": basis})
+    assert m.checksum_basis is None
+    m.stats["checksum_basis"] = {"reserved": 0, "roots": {"t": 2}}
+    assert m.checksum_basis == (0, {"t": 2})
+
+
 def test_parent_without_checksums(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     src = tmp_path / "live.db"
     _make(src)
