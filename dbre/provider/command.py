@@ -4,7 +4,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,13 +110,20 @@ def run_provider_restore(o: ProviderOptions) -> None:
 
 
 def _show_plan(describe: dict[str, object], text: str, json_out: bool) -> None:
-    print(json.dumps(describe, indent=2, default=str) if json_out else text)
+    if json_out:
+        from dbre.cli import _print_json  # (the CLI's one JSON interface: schema, vocabulary)
+
+        _print_json(describe)
+    else:
+        print(text)
 
 
 def _show_result(result: ProviderResult, json_out: bool) -> None:
     s = result.summary()
     if json_out:
-        print(json.dumps(s, indent=2, default=str))
+        from dbre.cli import _print_json
+
+        _print_json(s)
     else:
         p = result.plan
         kind = "namespace" if p.provider == "sqld" else "database"

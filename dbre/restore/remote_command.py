@@ -4,7 +4,6 @@ dbre/cli_restore.py; the token comes from the environment there."""
 
 from __future__ import annotations
 
-import json
 import tempfile
 from collections.abc import Callable
 from datetime import datetime
@@ -75,7 +74,9 @@ def run_remote_restore(repository: Any, db: str, url: str, token: Secret | None,
             conn.close()
     s = result.summary()
     if json_out:
-        print(json.dumps({**s, "target": target.label}, indent=2, default=str))
+        from dbre.cli import _print_json  # (the CLI's one JSON interface: schema, vocabulary)
+
+        _print_json({**s, "target": target.label})
     else:
         if result.dropped:
             print(f"dropped {result.dropped} user objects in {target.label} first (--force)")
@@ -99,7 +100,9 @@ def run_remote_restore(repository: Any, db: str, url: str, token: Secret | None,
 def _show_plan(plan: LoadPlan, target: HranaTarget, json_out: bool) -> None:
     d = plan.describe()
     if json_out:
-        print(json.dumps({"dry_run": True, "target": target.label, **d}, indent=2, default=str))
+        from dbre.cli import _print_json
+
+        _print_json({"dry_run": True, "target": target.label, **d})
         return
     if plan.force and plan.existing:
         print(f"would drop {len(plan.existing)} user objects in {target.label} first (one transaction): "
