@@ -485,8 +485,7 @@ def restore_table(
                     _print_json({"dry_run": True, **d})
                     return
                 _said_fallback(repository)
-                print(f"restore of {', '.join(table)} into {d['live']} from snapshot {d['snapshot']} "
-                      f"(taken {d['taken_at']}) (dry run)")
+                print(f"restore of {', '.join(table)} into {d['live']} {_read_from(d)} (dry run)")
                 _table(f"{d['mode']} mode", ["table", "action", "as", "rows", "live rows"],
                        [[a["table"], a["action"], a["target"], a["snapshot_rows"],
                          "-" if a["live_rows"] is None else a["live_rows"]] for a in d["tables"]],
@@ -558,9 +557,9 @@ def repair_rows(
                     _print_json({"dry_run": not apply, **d})
                     return
                 _said_fallback(repository)
-                print(f"repair of {d['table']} where {d['where']} in {d['live']} from snapshot {d['snapshot']} "
-                      f"(taken {d['taken_at']})" + ("" if apply else " (dry run)") + f": {d['snapshot_rows']} rows "
-                      f"selected in the snapshot, {d['live_rows']} in live")
+                print(f"repair of {d['table']} where {d['where']} in {d['live']} {_read_from(d)}"
+                      + ("" if apply else " (dry run)") + f": {d['snapshot_rows']} rows "
+                      f"selected in the past state, {d['live_rows']} in live")
                 _table("diff", ["kind", "rows"], [[k.replace("_", " "), v] for k, v in d["counts"].items()])
                 if d["preview"]:
                     _table(f"first {preview} rows of each kind", ["action", "key", "values"],
@@ -588,3 +587,11 @@ def repair_rows(
             print(f"safety snapshot {s['safety_snapshot']} holds the database as it was; to undo{dry}:\n  {s['undo']}")
 
     _run(go)
+
+
+def _read_from(d: dict[str, Any]) -> str:
+    """Where a table restore or row repair reads its past state: a snapshot, or a replicated point."""
+    if d.get("last_txid") is not None:
+        return (f"at transaction {d['last_txid']} (committed {d.get('last_committed')}; generation "
+                f"{d.get('generation')}, {d.get('transactions')} transactions over snapshot {d['snapshot']})")
+    return f"from snapshot {d['snapshot']} (taken {d['taken_at']})"

@@ -40,7 +40,7 @@ def restore_whole(repo: str, db: str, target: str, snapshot: str | None = None, 
       **TASK_OPTIONS)
 def plan_tables(repo: str, db: str, live: str, tables: list[str], snapshot: str | None = None,
                 at: datetime | None = None, replace: bool = False, key: str | None = None) -> dict[str, Any]:
-    """What restoring ``tables`` into the live database would do (restores to scratch, reads live only)."""
+    """What restoring ``tables`` into the live database would do (reads the past state in place, reads live only)."""
     repository = Repository.open(repo, resolve_key(key))
     mode = "replace" if replace else "rename"
     with plan_table_restore(repository, db, live, tables, snapshot=snapshot, at=at, mode=mode) as plan:
