@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import secrets
 import struct
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -45,7 +46,7 @@ from dbre.repository.manifest import (
 from dbre.repository.pack import PackWriter, read_index_tail
 from dbre.repository.repo import TOOL, Repository
 from dbre.repository.sink import FAST_HASH, LOST, REPACK, PageSink, column, stretches, value
-from dbre.repository.tables import Prior, table_stats
+from dbre.repository.tables import CHECKSUM_VERSION, Prior, table_stats
 from dbre.sources.base import Source
 from dbre.sources.image import ImageSession, PageImage
 from dbre.storage import NotFound
@@ -422,6 +423,7 @@ def backup(
             "page1": page_one,  # "source", or "rebuilt header" (backup API path: see ImageSession.page_one)
             "wal": session.wal_position(),  # where in the WAL this snapshot ends (for `dbre replicate`)
         }
+        manifest.stats["checksum_version"] = CHECKSUM_VERSION  # what its checksums mean (validation, reuse)
         if basis is not None:
             manifest.stats["checksum_basis"] = basis  # what the next backup's reuse compares with
             manifest.stats["tables_reused"] = len(reused)
@@ -458,13 +460,15 @@ def _priors(parent: Manifest | None, parent_fast: Entries | None, image: PageIma
     table's pages changed: "unchanged" is this snapshot's page (from the direct image) having
     the xxh3 the parent's fast runs give for the same page number. None (every table read) without
     a parent, its fast hashes or its ``checksum_basis`` (older snapshots), without the direct
-    image, or when the page size, reserved bytes or text encoding differ."""
+    image, when the page size, reserved bytes or text encoding differ, or when the parent's
+    checksums have another meaning (``stats.checksum_version``) or came from another SQLite."""
     if parent is None or parent_fast is None or image is None or parent.page_size != image.page_size \
             or parent.encoding != encoding:
         return None
     basis = parent.checksum_basis
-    if basis is None or basis[0] != image.view(0)[20]:
-        return None
+    if basis is None or basis[0] != image.view(0)[20] or parent.checksum_version != CHECKSUM_VERSION \
+            or parent.stats["checksum_basis"].get("sqlite") != _engine():
+        return None  # (another SQLite may render a REAL differently in quote(): 3.43 changed it)
     roots = basis[1]
     schema = {o.get("name"): o for o in parent.schema if isinstance(o, dict) and o.get("type") == "table"}
     fast, limit = parent_fast.buf, min(len(parent_fast), image.page_count)
@@ -485,12 +489,18 @@ def _priors(parent: Manifest | None, parent_fast: Entries | None, image: PageIma
 
 def _basis(conn: apsw.Connection, image: PageImage | None) -> dict[str, Any] | None:
     """What a later backup needs to reuse this one's table checksums: the reserved bytes per
-    page and each table's root page (direct path only: page 1 is in hand)."""
+    page, each table's root page (direct path only: page 1 is in hand) and the SQLite that read them."""
     if image is None:
         return None
     roots = {str(r[0]): int(r[1]) for r in conn.execute("SELECT name, rootpage FROM sqlite_schema WHERE type='table'")
              if isinstance(r[1], int) and r[1] > 0}
-    return {"reserved": image.view(0)[20], "roots": roots}
+    return {"reserved": image.view(0)[20], "roots": roots, "sqlite": _engine()}
+
+
+def _engine() -> str:
+    """The SQLite that computed a snapshot's checksums (version and platform): a parent's are reused
+    only by the same one, so a reused checksum is the one this SQLite would compute."""
+    return f"{apsw.sqlite_lib_version()} {sys.platform}"
 
 
 def _source_reference(repo: Repository, db: str, newest: Manifest | None) -> Manifest | None:

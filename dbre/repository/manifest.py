@@ -178,6 +178,14 @@ class Manifest:
         return basis["reserved"], dict(roots)
 
     @property
+    def checksum_version(self) -> int | None:
+        """What this snapshot's table checksums mean (``stats.checksum_version``, see
+        ``dbre.repository.tables.CHECKSUM_VERSION``); None when absent (written before it: a WITHOUT
+        ROWID table was read in SQLite's scan order) or malformed."""
+        v = self.stats.get("checksum_version") if isinstance(self.stats, dict) else None
+        return v if isinstance(v, int) and _natural(v) and v > 0 else None
+
+    @property
     def is_safety(self) -> bool:
         """A safety snapshot: skipped by the default choices of restore and drill, and by keep counts."""
         return SAFETY_TAG in self.tags

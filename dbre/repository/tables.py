@@ -20,6 +20,12 @@ import xxhash
 
 _CHUNK = 4096  # rows hashed per update: one bytes.join instead of two updates a row
 
+# What a manifest's table checksums mean (``stats.checksum_version``). 2: a WITHOUT ROWID table read
+# ORDER BY its primary key with its collations. Manifests without the field (version None) were
+# written before it: their WITHOUT ROWID tables were read in whatever order SQLite scanned them
+# (the key, or a covering index): ``scan_order_matches`` checks those. Rowid tables: the same in both.
+CHECKSUM_VERSION = 2
+
 
 def qident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
@@ -110,9 +116,11 @@ def table_pages(conn: apsw.Connection, name: str) -> Iterator[int]:
         cur.close()
 
 
-def table_checksum(conn: apsw.Connection, name: str, without_rowid: bool) -> tuple[int, str]:
+def table_checksum(conn: apsw.Connection, name: str, without_rowid: bool, scan: str | None = None) -> tuple[int, str]:
+    """Row count and checksum of one table (``CHECKSUM_VERSION``). ``scan``: what follows the
+    table's name in the query instead of the defined order (``scan_order_matches``)."""
     cols = [r[1] for r in conn.execute(f"PRAGMA table_info({qident(name)})")]
-    order = _key_order(conn, name) if without_rowid else " ORDER BY rowid"
+    order = scan if scan is not None else _key_order(conn, name) if without_rowid else " ORDER BY rowid"
     quoted = [f"quote({qident(c)})" for c in cols]
     if str(conn.execute("PRAGMA encoding").fetchone()[0]).upper() == "UTF-8":  # type: ignore[index]
         # the row's bytes straight from SQLite (no str in between: the bytes the text path below hashes,
@@ -126,6 +134,23 @@ def table_checksum(conn: apsw.Connection, name: str, without_rowid: bool) -> tup
         # TEXT that is not valid UTF-8 (SQLite stores what it is given): the same bytes, read as a
         # BLOB (for valid text in a UTF-8 database these are the bytes hashed above: equal checksums)
         return _checksum(conn, f"SELECT CAST({expr} AS BLOB) FROM {qident(name)}{order}")
+
+
+def scan_order_matches(conn: apsw.Connection, name: str, want: str) -> bool:
+    """Whether a WITHOUT ROWID table's checksum in a manifest without ``stats.checksum_version``
+    is this table's: those were read with no ORDER BY, so in the order SQLite chose to scan it
+    (its key, or a covering secondary index). Tried: the same query (the same plan on the same
+    schema and statistics), then each order SQLite could have chosen (the key b-tree, each index);
+    one equal is the same rows in the same order. Every order not possible here (a partial index,
+    a collation not registered) is skipped."""
+    for scan in ("", " NOT INDEXED", *(f" INDEXED BY {qident(r[1])}"
+                                        for r in conn.execute(f"PRAGMA index_list({qident(name)})") if r[3] != "pk")):
+        try:
+            if table_checksum(conn, name, True, scan)[1] == want:
+                return True
+        except apsw.Error:
+            continue
+    return False
 
 
 def _key_order(conn: apsw.Connection, name: str) -> str:
