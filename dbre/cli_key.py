@@ -31,6 +31,9 @@ def _new_key(path: Path | None, interactive: bool) -> Secret:
             raw = path.read_text().strip()  # as --key-file reads it
         except OSError as err:
             raise UsageError(f"new key file {path}: {err.strerror}", "check the --new-key-file path") from None
+        except UnicodeDecodeError as err:  # (its message names a byte of the secret and where: not shown)
+            raise UsageError(f"new key file {path} is not {err.encoding.upper()} text",
+                             "write the passphrase in it as UTF-8 text; nothing was changed") from None
         if not raw:
             raise UsageError(f"new key file {path} is empty", "put the new passphrase in it; nothing was changed")
         return Secret(raw)
@@ -110,9 +113,11 @@ def passwd(
         if new is None:
             new = _new_key(None, True)
             began = time.monotonic()
+        # asked before the change: a failed request after it must not look like a failed change
+        locked = repository.object_lock is not None or store.exists(LOCK_KEY)
         repository.change_passphrase(old, new)
         seconds = time.monotonic() - began
-        locked = repository.object_lock is not None or store.exists(LOCK_KEY)
+        versions = 0 if locked else _config_versions(store)
         notes = [
             "runs already going keep working (they hold the master key); every new run needs the new passphrase",
             "offsite copies (`dbre copy` targets) keep their own config and the OLD passphrase (`dbre copy` into "
@@ -124,6 +129,10 @@ def passwd(
                          "with the OLD passphrase for whoever can read versions, until its retention ends "
                          "(and after, until deleted); `verify --immutable` opens the newest locked version the new "
                          "passphrase opens")
+        if versions > 1:
+            notes.append(f"the bucket keeps versions: the old `config` stays as a noncurrent version ({versions} "
+                         "versions now) and opens with the OLD passphrase for whoever can read versions, until a "
+                         "lifecycle rule or you delete it")
         if json_out:
             _print_json({"repository": repository.url, "changed": True, "seconds": round(seconds, 2),
                          "object_lock": locked, "notes": notes})
@@ -133,3 +142,17 @@ def passwd(
             print(f"- {note}")
 
     _run(go)
+
+
+def _config_versions(store: object) -> int:
+    """How many versions of `config` the bucket holds (0 when not on S3 or when listing versions is denied)."""
+    from dbre.repository.immutable import locking_store
+    from dbre.storage.base import StorageError
+
+    locker = locking_store(store)  # type: ignore[arg-type]
+    if locker is None:
+        return 0
+    try:
+        return sum(1 for v in locker.versions("config") if v.key == "config" and not v.delete_marker)
+    except StorageError:
+        return 0

@@ -296,7 +296,7 @@ def open_key(params: dict[str, object], passphrase: Secret) -> Secret:
             "check DBRE_ENCRYPTION_KEY or the --key-file used when the repository was created "
             "(if the key is right, `config` was changed: restore it from the offsite copy)",
         ) from None
-    except (KeyError, ValueError) as err:
+    except (KeyError, ValueError, TypeError) as err:  # (TypeError: an entry that is not an object, e.g. `1`)
         raise RepositoryError(f"repository config: bad encryption entry ({err})",
                               "restore `config` from the offsite copy") from None
 

@@ -53,7 +53,15 @@ from dbre.repository.manifest import (
 )
 from dbre.secrets import Secret
 from dbre.storage import AlreadyExists, NotFound, Store, open_store
-from dbre.storage.base import CONFIG_CAP, MANIFEST_CAP, RECORD_CAP, StorageError, get_capped
+from dbre.storage.base import (
+    CONFIG_CAP,
+    MANIFEST_CAP,
+    RECORD_CAP,
+    Conflict,
+    StorageError,
+    TransientError,
+    get_capped,
+)
 
 if TYPE_CHECKING:
     from dbre.repository.immutable import Extension, ObjectLock
@@ -377,8 +385,25 @@ class Repository:
                 raise RepositoryError(f"{op}: the new config does not open to this repository's keys",
                                       "nothing was changed; report this as a bug")
             lock.check_alive(op, consequence="nothing was changed")
-            replace("config", raw_new, expected=raw_old)
-        there = get_capped(self.store, "config", CONFIG_CAP, "config", "restore `config` from the offsite copy")
+            try:
+                replace("config", raw_new, expected=raw_old)
+            except Conflict:
+                raise RepositoryError(f"{op}: `config` of {self.url} changed while this run replaced it (another "
+                                      "run changed the passphrase?); nothing was changed",
+                                      "run it again, with the passphrase now in force as the old one") from None
+            except TransientError as err:  # (retries used up) an attempt may have reached the store, its answer lost
+                raise RepositoryError(f"{op}: replacing `config` of {self.url} failed ({err.message}); it may have "
+                                      "been replaced all the same",
+                                      "try the NEW passphrase (`dbre snapshots`); if it is refused, the old one is "
+                                      "still in force: run passwd again") from err
+        try:
+            there = get_capped(self.store, "config", CONFIG_CAP, "config", "restore `config` from the offsite copy")
+        except StorageError as err:
+            # the replace answered: the new config is in place. Say so, or the operator takes it for a failure
+            # and keeps (or goes back to) the old passphrase, which no longer opens the repository
+            raise RepositoryError(f"{op}: the passphrase of {self.url} was changed (`config` replaced), but reading "
+                                  f"it back failed: {err.message}",
+                                  "the NEW passphrase is in force: keep it; `dbre snapshots` with it confirms") from err
         if there != raw_new:
             raise RepositoryError(f"{op}: `config` of {self.url} was replaced by another run right after this one "
                                   "(the store does not honour If-Match?)",

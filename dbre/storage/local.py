@@ -6,6 +6,7 @@ import errno
 import fcntl
 import os
 import secrets
+import stat
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -55,17 +56,34 @@ class LocalStore:
 
         The flock is taken on the file the name points at; a replace that waited while another one
         renamed a new file over the name finds its inode gone and locks the new file instead, whose
-        bytes then differ: ``Conflict``. Readers take no lock: the rename makes the swap atomic."""
+        bytes then differ: ``Conflict``. Readers take no lock: the rename makes the swap atomic.
+        The file is opened for writing when it may be (NFS grants an exclusive flock only then),
+        else read only (a file made read-only). The new file keeps the old one's mode, and its owner
+        and group when this process may give them (root): a `sudo dbre key passwd` must not leave a
+        `config` the repository's own user cannot read."""
         path = self._path(key)
         while True:
             try:
-                fd = os.open(path, os.O_RDONLY)
+                try:
+                    fd = os.open(path, os.O_RDWR)
+                except OSError as err:
+                    if not isinstance(err, PermissionError) and err.errno != errno.EROFS:
+                        raise
+                    fd = os.open(path, os.O_RDONLY)
             except FileNotFoundError:
                 raise NotFound(f"replace {key}: not found") from None
             except OSError as err:
                 raise _os_error("replace", key, err) from err
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX)
+                except OSError as err:
+                    if err.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EBADF, errno.EINVAL):
+                        raise PermanentError(f"replace {key}: this file system cannot lock the file "
+                                             f"({err.strerror}); nothing was written",
+                                             "on NFS, enable locking (lockd, or mount with local_lock=flock on "
+                                             "the one host that writes the repository)") from err
+                    raise
                 try:
                     now = os.stat(path)
                 except FileNotFoundError:
@@ -77,7 +95,10 @@ class LocalStore:
                 if current != expected:
                     raise Conflict(f"replace {key}: it changed since it was read (another run wrote it); "
                                    "nothing was written", "read it again and retry")
-                self.put(key, data)  # temp file, fsync, rename over the name, fsync of the folder
+                upload = LocalUpload(self, key)
+                upload.write(data)
+                _same_mode_and_owner(upload, held, key)
+                upload.commit()  # fsync, rename over the name, fsync of the folder
                 return
             except OSError as err:
                 raise _os_error("replace", key, err) from err
@@ -259,6 +280,22 @@ class LocalUpload:
             os.close(self._fd)
             self._fd = None
         self.tmp.unlink(missing_ok=True)
+
+
+def _same_mode_and_owner(upload: LocalUpload, old: os.stat_result, key: str) -> None:
+    """Give ``upload``'s temp file the mode of the file it replaces, and its owner and group where allowed."""
+    fd = upload._open()
+    try:
+        os.fchmod(fd, stat.S_IMODE(old.st_mode))
+        mine = os.fstat(fd)
+        if (mine.st_uid, mine.st_gid) != (old.st_uid, old.st_gid):
+            try:
+                os.fchown(fd, old.st_uid, old.st_gid)
+            except PermissionError:  # not root: the file stays ours (its mode is the old one)
+                pass
+    except OSError as err:
+        upload.abort()
+        raise _os_error("replace", key, err) from err
 
 
 def _fsync_dir(path: Path) -> None:
