@@ -230,7 +230,7 @@ def test_no_reuse_across_sources_or_without_a_basis(tmp_path: Path, monkeypatch:
     third = backup(repo, LocalFileSource(moved), "db", accept_new_source=True).manifest
     assert set(counting.names) == ALL and third.stats["tables_reused"] == 0
     # a parent without the basis (an older dbre's): every table is read
-    monkeypatch.setattr(backup_mod, "_basis", lambda conn, image: None)
+    monkeypatch.setattr(backup_mod, "_basis", lambda *args: None)
     _backup(repo, moved)
     monkeypatch.undo()
     counting = Counting(monkeypatch)
@@ -247,7 +247,7 @@ def test_other_reserved_bytes_read_every_table(tmp_path: Path, monkeypatch: pyte
     _make(src)
     repo = Repository.open_or_init(str(tmp_path / "repo"))
     real = backup_mod._basis
-    monkeypatch.setattr(backup_mod, "_basis", lambda conn, image: {**(real(conn, image) or {}), "reserved": 8})
+    monkeypatch.setattr(backup_mod, "_basis", lambda *args: {**(real(*args) or {}), "reserved": 8})
     _backup(repo, src)
     monkeypatch.undo()
     counting = Counting(monkeypatch)

@@ -264,3 +264,50 @@ def test_requirements_write_rate_across_definitions(tmp_path: Path, monkeypatch:
     assert old.tables["w"].rows == new.tables["w"].rows and old.tables["w"].checksum != new.tables["w"].checksum
     rate, _ = _write_rate([old, new], "w")
     assert rate == 0.0
+
+
+def test_a_fast_hash_collision_is_caught_by_a_later_checksum(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Finding: the fast hash (xxh3, not keyed) that proves a page unchanged can be collided by
+    whoever writes a blob (an overflow page is its bytes but 4) and knows the old bytes: the backup
+    keeps the old page. Before reuse the table checksum, read from the source, disagreed with that
+    stored page and the next drill failed; a reused checksum agrees with it, so every later snapshot
+    validated while the source held other data. Simulated: the fast hash of the new overflow pages
+    made equal to the old ones'. Fixed: a checksum is carried over at most REUSE_LIMIT backups in a
+    row, so a snapshot within that many fails validation (found), not none."""
+    import dbre.repository.backup as backup_mod
+    import dbre.repository.sink as sink_mod
+
+    monkeypatch.setattr(backup_mod, "REUSE_LIMIT", 3)
+    src = tmp_path / "live.db"
+    conn = apsw.Connection(str(src))
+    conn.execute("CREATE TABLE blobs(id INTEGER PRIMARY KEY, b BLOB); CREATE TABLE t(x)")
+    conn.execute("INSERT INTO blobs(b) VALUES (zeroblob(20000))")
+    conn.close()
+    repo = Repository.open_or_init(str(tmp_path / "repo"))
+    backup(repo, LocalFileSource(src), "db")
+    ps = 4096
+    before = src.read_bytes()
+    conn = apsw.Connection(str(src))
+    with conn.blob_open("main", "blobs", "b", 1, True) as blob:
+        blob.seek(10000)
+        blob.write(b"\xee" * 3000)  # in place: only overflow pages change
+    conn.close()
+    after = src.read_bytes()
+    changed = {after[i:i + ps]: before[i:i + ps] for i in range(0, len(after), ps)
+               if after[i:i + ps] != before[i:i + ps]}
+    assert changed
+    real = xxhash.xxh3_128_digest
+
+    def colliding(data: Any) -> bytes:
+        return real(changed.get(bytes(data), data))
+
+    monkeypatch.setattr(sink_mod, "FAST_HASH", colliding)
+    monkeypatch.setattr(backup_mod, "FAST_HASH", colliding)
+    found = []
+    for i in range(5):
+        _exec(src, f"INSERT INTO t VALUES ({i})")  # each backup sees some change
+        m = backup(repo, LocalFileSource(src), "db").manifest
+        results = run_checks(_restore(repo, m, tmp_path / f"r{i}.db"), m)
+        found.append([r.table for r in failed(results)])
+    assert found[0] == []  # the window: a snapshot taken under the collision validates
+    assert ["blobs"] in found[:4], found  # caught within REUSE_LIMIT + 1 backups

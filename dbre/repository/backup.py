@@ -55,6 +55,10 @@ from dbre.vfsfile import InProcessFile
 log = logging.getLogger(__name__)
 
 CHECKSUM_AUTO_BYTES = 256 * 1024 * 1024  # table checksums by default up to this database size
+# a table's checksum is carried over from the parent at most this many backups in a row, then read
+# again: the fast hash that proves its pages unchanged is not keyed, and a crafted collision (a page
+# kept with its old bytes while the source holds new ones) is caught by the next checksum read
+REUSE_LIMIT = 24
 RUN_READERS = 4  # page-map runs fetched at once (a run is one ranged GET of ~20-200 KB)
 RUNS_IN_FLIGHT = 8  # runs fetched ahead of the one being used: bounds memory, keeps order
 PARENT_CHECKERS = 16  # the parent's pack tails read at once (one small ranged GET each)
@@ -365,7 +369,7 @@ def backup(
                     prior = _priors(parent_manifest, parent_fast, image, encoding) \
                         if not moved and replay is None else None
                     stats = table_stats(conn, checksums, prior, reused)
-                    basis = _basis(conn, image)
+                    basis = _basis(conn, image, reused, parent_manifest if prior is not None else None)
                     runs, fast_runs = sink.finish()  # (the page map and fast runs went into the packs as they filled)
                     path = "direct" if image is not None else f"backup API ({session.reason or 'asked'})"
                     wal_pages = len(image.overlay) if image is not None else 0
@@ -477,9 +481,12 @@ def _priors(parent: Manifest | None, parent_fast: Entries | None, image: PageIma
         i = pageno - 1
         return 0 <= i < limit and fast[16 * i : 16 * i + 16] == FAST_HASH(image.view(i))
 
+    ages = _reuse_ages(parent)
+
     def prior(name: str) -> Prior | None:
         t, root, row = parent.tables.get(name), roots.get(name), schema.get(name)
         if t is None or root is None or row is None or type(t.rows) is not int or t.rows < 0 \
+                or ages.get(name, 0) >= REUSE_LIMIT \
                 or not (t.checksum is None or isinstance(t.checksum, str) and len(t.checksum) == 32):
             return None
         return Prior(t.rows, t.checksum, row, root, unchanged)
@@ -487,14 +494,27 @@ def _priors(parent: Manifest | None, parent_fast: Entries | None, image: PageIma
     return prior
 
 
-def _basis(conn: apsw.Connection, image: PageImage | None) -> dict[str, Any] | None:
+def _basis(conn: apsw.Connection, image: PageImage | None, reused: list[str],
+           parent: Manifest | None) -> dict[str, Any] | None:
     """What a later backup needs to reuse this one's table checksums: the reserved bytes per
-    page, each table's root page (direct path only: page 1 is in hand) and the SQLite that read them."""
+    page, each table's root page (direct path only: page 1 is in hand), the SQLite that read them,
+    and how many backups in a row each reused table's checksum has been carried (``REUSE_LIMIT``)."""
     if image is None:
         return None
     roots = {str(r[0]): int(r[1]) for r in conn.execute("SELECT name, rootpage FROM sqlite_schema WHERE type='table'")
              if isinstance(r[1], int) and r[1] > 0}
-    return {"reserved": image.view(0)[20], "roots": roots, "sqlite": _engine()}
+    ages = _reuse_ages(parent) if parent is not None else {}
+    return {"reserved": image.view(0)[20], "roots": roots, "sqlite": _engine(),
+            "reused": {name: ages.get(name, 0) + 1 for name in reused}}
+
+
+def _reuse_ages(parent: Manifest) -> dict[str, int]:
+    """For each table whose checksum the parent carried over, in how many backups in a row (absent: read)."""
+    basis = parent.stats.get("checksum_basis") if isinstance(parent.stats, dict) else None
+    ages = basis.get("reused") if isinstance(basis, dict) else None
+    if not isinstance(ages, dict):
+        return {}
+    return {k: v for k, v in ages.items() if isinstance(k, str) and isinstance(v, int) and v >= 0}
 
 
 def _engine() -> str:
