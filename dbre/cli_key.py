@@ -119,7 +119,9 @@ def passwd(
         seconds = time.monotonic() - began
         versions = 0 if locked else _config_versions(store)
         notes = [
-            "runs already going keep working (they hold the master key); every new run needs the new passphrase",
+            "commands already running keep working (they hold the master key); every new run needs the new "
+            "passphrase, and so does each later task of a Prefect flow run already going (each task opens the "
+            "repository again): pause the deployments that use it, change it, update their key, resume",
             "offsite copies (`dbre copy` targets) keep their own config and the OLD passphrase (`dbre copy` into "
             "them goes on): `dbre status` reports them unreadable and a restore from one needs the old passphrase "
             "until you run `dbre key passwd --repo COPY` with the same new passphrase",

@@ -222,3 +222,83 @@ def test_disk_full_while_the_new_config_is_written_changes_nothing(tmp_path: Pat
     assert (Path(url) / "config").read_bytes() == before
     assert not list((Path(url) / ".tmp").iterdir())
     assert not list(LocalStore(url).list("locks/"))
+
+
+# -- attacker: a locked version of `config` that asks for a dear scrypt ------------------------------
+
+
+def test_a_dear_scrypt_in_an_attackers_locked_config_version_is_not_derived(
+        s3_client: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Finding (low): `_newer_locked_config` ran one scrypt per locked version of `config` at the version's own
+    parameters. An attacker who can write the bucket adds locked versions with the repository's id asking for
+    p=16 at the memory cap (16 derivations of 256 MiB each, ~20-30 s a version here): after a passwd, every
+    `verify --immutable` pays that for each such version. Fixed: a version asking for more than today's
+    parameters or the oldest config's (the most a passwd writes) is skipped without deriving. Shown with p=16
+    at a small n (the test counts derivations rather than paying for them)."""
+    import hashlib
+
+    from dbre.repository.immutable import verify_immutable
+
+    bucket = unique_bucket_name("dbre-review-dear")
+    s3_client.create_bucket(Bucket=bucket, ObjectLockEnabledForBucket=True)
+    url = f"s3://{bucket}/repo"
+    assert cli("init", "--repo", url, "--object-lock", "governance:1d",
+               env={"DBRE_ENCRYPTION_KEY": OLD}).returncode == 0
+    _encrypted_repo(tmp_path, url)
+    real = s3_client.get_object(Bucket=bucket, Key="repo/config")["Body"].read()
+    dear = json.loads(real)
+    dear["encryption"] = {**dear["encryption"], "n": 2**13, "r": 8, "p": 16}
+    until = datetime.now(UTC) + timedelta(days=2)
+    for body in (json.dumps(dear).encode(), real):
+        s3_client.put_object(Bucket=bucket, Key="repo/config", Body=body, ObjectLockMode="GOVERNANCE",
+                             ObjectLockRetainUntilDate=until)
+    assert _passwd(url, OLD, NEW).returncode == 0
+    calls: list[tuple[int, int, int]] = []
+    real_scrypt = hashlib.scrypt
+
+    def counted(password: bytes, *, salt: bytes, n: int, r: int, p: int, **kw: Any) -> bytes:
+        calls.append((n, r, p))
+        return real_scrypt(password, salt=salt, n=n, r=r, p=p, **kw)
+
+    monkeypatch.setattr(hashlib, "scrypt", counted)
+    report = verify_immutable(url, Secret(NEW))
+    assert report.ok, report.summary()
+    assert (2**13, 8, 16) not in calls, calls
+
+
+# -- operator: a stronger scrypt is kept ----------------------------------------------------------------
+
+
+def test_passwd_never_weakens_the_stored_scrypt_parameters(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Finding (low): the new config was always wrapped at this dbre's parameters, so a repository made with
+    stronger ones (a newer dbre, or one tuned up) was silently weakened by a passwd run with this one. Fixed:
+    the dearer of the two is kept."""
+    monkeypatch.setattr("dbre.repository.crypto.SCRYPT_N", FAST_N * 2)
+    url = _encrypted_repo(tmp_path)
+    monkeypatch.setattr("dbre.repository.crypto.SCRYPT_N", FAST_N)
+    assert _passwd(url, OLD, NEW).returncode == 0
+    assert json.loads((Path(url) / "config").read_bytes())["encryption"]["n"] == FAST_N * 2
+    monkeypatch.setattr("dbre.repository.crypto.SCRYPT_N", FAST_N * 4)  # and today's when they are dearer
+    assert _passwd(url, NEW, OLD).returncode == 0
+    assert json.loads((Path(url) / "config").read_bytes())["encryption"]["n"] == FAST_N * 4
+
+
+# -- operator: a flow run already going ---------------------------------------------------------------
+
+
+def test_a_flows_later_task_needs_the_new_passphrase_and_the_output_says_so(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Finding (low, the output): passwd said "runs already going keep working (they hold the master key)".
+    True of a command, not of a Prefect flow run: each task opens the repository again with the key its block
+    or env gives, so a flow run going during the change fails at its next task. Fixed (the notes): they say so
+    and give the order (pause the deployments, change, update their key, resume)."""
+    from tasks.verify import verify_repository
+
+    url = _encrypted_repo(tmp_path)
+    monkeypatch.setenv("DBRE_ENCRYPTION_KEY", OLD)
+    assert verify_repository.fn(url)["ok"] is True  # the flow's first task, before the change
+    r = _passwd(url, OLD, NEW)
+    assert r.returncode == 0
+    with pytest.raises(RepositoryError, match="wrong encryption key"):
+        verify_repository.fn(url)  # its next task, after it
+    assert "Prefect flow" in r.stdout and "pause the deployments" in r.stdout, r.stdout

@@ -256,24 +256,41 @@ def new_key_params(passphrase: Secret) -> tuple[dict[str, object], Secret]:
     return wrap_key(master, passphrase), master
 
 
-def wrap_key(master: Secret, passphrase: Secret) -> dict[str, object]:
+def scrypt_params(params: object) -> tuple[int, int, int] | None:
+    """The scrypt ``(n, r, p)`` of a config's ``encryption`` entry, or None if it has none readable."""
+    try:
+        return int(str(params["n"])), int(str(params["r"])), int(str(params["p"]))  # type: ignore[index]
+    except (KeyError, ValueError, TypeError):
+        return None
+
+
+def scrypt_work(n: int, r: int, p: int) -> tuple[int, int]:
+    """What one derivation at ``(n, r, p)`` costs, in scrypt's units: (memory ~ r·n, time ~ r·n·p)."""
+    return r * n, r * n * p
+
+
+def wrap_key(master: Secret, passphrase: Secret, keep: tuple[int, int, int] | None = None) -> dict[str, object]:
     """The config entry wrapping ``master`` under ``passphrase``: a fresh salt and nonce, scrypt at
-    today's parameters (``SCRYPT_N``, ``SCRYPT_R``, ``SCRYPT_P``)."""
+    today's parameters (``SCRYPT_N``, ``SCRYPT_R``, ``SCRYPT_P``), or at ``keep`` (the parameters the
+    entry it replaces had) when those cost more: a new passphrase never weakens the derivation."""
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
     raw = master.reveal()
     if not isinstance(raw, bytes) or len(raw) != 32:
         raise ValueError("a master key is 32 bytes")
+    n, r, p = SCRYPT_N, SCRYPT_R, SCRYPT_P
+    if keep is not None and scrypt_work(*keep)[1] > scrypt_work(n, r, p)[1]:
+        n, r, p = keep  # (it opened, so it is within SCRYPT_MAXMEM)
     salt = os.urandom(16)
-    kek = _derive(passphrase, salt, SCRYPT_N, SCRYPT_R, SCRYPT_P)
+    kek = _derive(passphrase, salt, n, r, p)
     nonce = os.urandom(_NONCE)
     wrapped = nonce + AESGCM(kek).encrypt(nonce, raw, _WRAP_AAD)
     return {
         "cipher": "aes-256-gcm",
         "kdf": "scrypt",
-        "n": SCRYPT_N,
-        "r": SCRYPT_R,
-        "p": SCRYPT_P,
+        "n": n,
+        "r": r,
+        "p": p,
         "salt": base64.b64encode(salt).decode(),
         "wrapped_key": base64.b64encode(wrapped).decode(),
     }

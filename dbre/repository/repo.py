@@ -36,6 +36,8 @@ from dbre.repository.crypto import (
     config_mac_ok,
     new_key_params,
     open_key,
+    scrypt_params,
+    scrypt_work,
     wrap_key,
 )
 from dbre.repository.lock import Lock, read_locks
@@ -374,7 +376,7 @@ class Repository:
                                       "changed the passphrase?); nothing was changed",
                                       "run it again, with the passphrase now in force as the old one")
             config = {k: v for k, v in self.config.items() if k != "mac"}
-            config["encryption"] = wrap_key(master, new)
+            config["encryption"] = wrap_key(master, new, keep=scrypt_params(enc))
             config["mac"] = config_mac(config, mac_key)
             raw_new = json.dumps(config, indent=1).encode()
             # the new config must open with the new passphrase, to the same keys, before it replaces the old
@@ -388,8 +390,8 @@ class Repository:
             try:
                 replace("config", raw_new, expected=raw_old)
             except Conflict:
-                raise RepositoryError(f"{op}: `config` of {self.url} changed while this run replaced it (another "
-                                      "run changed the passphrase?); nothing was changed",
+                raise RepositoryError(f"{op}: `config` of {self.url} changed since it was read, while this run "
+                                      "replaced it (another run changed the passphrase?); nothing was changed",
                                       "run it again, with the passphrase now in force as the old one") from None
             except TransientError as err:  # (retries used up) an attempt may have reached the store, its answer lost
                 raise RepositoryError(f"{op}: replacing `config` of {self.url} failed ({err.message}); it may have "
@@ -722,12 +724,18 @@ def _newer_locked_config(store: Store, key: Secret | None, oldest: dict[str, Any
     until its lock runs out; a newer locked version opens with the new one. A version opens only if
     ``key`` unwraps a master key under which its MAC holds, so no one without the passphrase made it,
     and every object read through it must still open under that master key."""
+    from dbre.repository import crypto
     from dbre.repository.immutable import LockedView, locking_store
 
     locker = locking_store(store.inner) if isinstance(store, LockedView) else None
     if key is None or locker is None or not isinstance(store, LockedView):
         return None
     chosen = store.chosen.get("config")
+    # an attacker's locked versions could ask for scrypt at the 256 MiB cap and p=16 each: one derivation
+    # per version costs at most what today's parameters or the oldest config's do, the most a passwd writes
+    today = scrypt_work(crypto.SCRYPT_N, crypto.SCRYPT_R, crypto.SCRYPT_P)
+    before = scrypt_work(*(scrypt_params(oldest.get("encryption")) or (1, 1, 1)))
+    limit = (max(today[0], before[0]), max(today[1], before[1]))  # (memory, time)
     versions = [v for v in locker.versions("config") if v.key == "config" and not v.delete_marker]
     for v in reversed(versions):  # oldest first
         if chosen is not None and v.version_id == chosen[0].version_id:
@@ -742,6 +750,9 @@ def _newer_locked_config(store: Store, key: Secret | None, oldest: dict[str, Any
             config = Repository._parse_config(raw, store.url)
             if config.get("id") != oldest.get("id") or config.get("version") != oldest.get("version"):
                 continue
+            params = scrypt_params(config.get("encryption"))
+            if params is None or any(a > b for a, b in zip(scrypt_work(*params), limit, strict=True)):
+                continue  # not a passwd's: it wraps at today's parameters or the ones before, never dearer
             sealer = Repository._sealer(config, key, store.url)
         except (NotFound, RepositoryError):
             continue
