@@ -3,9 +3,12 @@
 The past state (a snapshot, or a replicated point with ``--at``) is read in place: through the
 read-only VFS over the repository that `dbre sql` uses (dbre.restore.query), which fetches only the
 pages a statement touches and checks each against its keyed hash, under the repository's shared lock
-held from the plan to the end of the apply. It is attached read-only to the live connection, and rows
-move between the two inside one SQLite transaction. A damaged or missing page fails the statement
-that reads it: in the plan, nothing is written; in the apply, the transaction rolls back.
+held from the plan to the end of the apply (checked live again before an apply writes anything: a plan
+kept past the lock's stale limit is planned again). It is attached read-only to the live connection,
+and rows move between the two inside one SQLite transaction; a table restore stages its rows into a
+private temporary database first, before the write lock, so the application's writers never wait on a
+repository read. A damaged or missing page, or a store that gives up, fails the statement that reads it:
+in the plan, nothing is written; in the apply, the transaction rolls back.
 
 One case still restores a scratch copy first (`restore_to_scratch`): a repository read through
 offsite copies (``--fallback``). There a damaged object is re-read from the copy and the whole read
@@ -23,7 +26,7 @@ import shutil
 import socket
 import tempfile
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -33,7 +36,7 @@ from typing import Any, Protocol, Self
 
 import apsw
 
-from dbre.errors import DbreError, RestoreError, UsageError
+from dbre.errors import DbreError, RepositoryError, RestoreError, UsageError
 from dbre.repository.fallback import FallbackRepository
 from dbre.repository.manifest import Manifest, check_db_name, iso, now_utc
 from dbre.repository.repo import TOOL, Repository
@@ -87,6 +90,8 @@ class PastCopy(Protocol):
 
     def describe(self) -> dict[str, Any]: ...
 
+    def check_alive(self, what: str) -> None: ...
+
     def close(self) -> None: ...
 
 
@@ -124,6 +129,12 @@ class InPlace:
                        last_committed=s.last_committed)
         return out
 
+    def check_alive(self, what: str) -> None:
+        """LockLostError unless the shared lock taken with the plan is still live (refreshed now): a plan
+        kept past the lock's stale limit (a paused VM) may have had the packs it reads pruned meanwhile."""
+        self.past.lock.check_alive(what, consequence="nothing was changed",
+                                   hint="plan again: the plan was kept too long before its apply")
+
     def close(self) -> None:
         self.past.close()
 
@@ -148,6 +159,9 @@ class Scratch:
 
     def describe(self) -> dict[str, Any]:
         return {"read": "scratch copy"}
+
+    def check_alive(self, what: str) -> None:
+        """Nothing to check: the copy was restored whole, every page checked, and holds no lock."""
 
 
 def open_past(repo: Repository, db: str, operation: str, *, snapshot: str | None = None,
@@ -216,14 +230,19 @@ def open_live(path: Path) -> apsw.Connection:
 
 
 @contextmanager
-def write_transaction(live: Path, past: PastCopy) -> Iterator[apsw.Connection]:
+def write_transaction(live: Path, past: PastCopy, stage: Callable[[apsw.Connection], None] | None = None
+                      ) -> Iterator[apsw.Connection]:
     """A live connection with foreign keys off (checked by hand), the past state attached, BEGIN IMMEDIATE.
 
+    ``stage(conn)`` runs before BEGIN IMMEDIATE, the past state attached: what it reads from the repository
+    (network reads, retried for up to minutes when the store fails) does not hold the application's writers.
     Commits when the block ends normally, rolls back otherwise."""
     conn = open_live(live)
     try:
         conn.execute("PRAGMA foreign_keys=OFF")  # a DROP TABLE must not cascade into other tables
         past.attach(conn)
+        if stage is not None:
+            stage(conn)
         conn.execute("BEGIN IMMEDIATE")
         try:
             yield conn
@@ -236,6 +255,13 @@ def write_transaction(live: Path, past: PastCopy) -> Iterator[apsw.Connection]:
                            "try again when it is quieter; nothing was changed") from err
     finally:
         conn.close()
+
+
+def rolled_back(err: RepositoryError, where: str) -> RepositoryError:
+    """``err`` (the past state could not be read: a damaged or missing object, a store that gave up) as an
+    apply says it: the operation and live database named, and that nothing was changed; its class kept (a
+    transient one may be retried: nothing was written)."""
+    return type(err)(f"{where}: {err.message}; rolled back, nothing was changed", err.hint)
 
 
 def stored_columns(conn: apsw.Connection, table: str, schema: str = "main") -> list[str]:

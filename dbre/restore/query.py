@@ -629,7 +629,8 @@ class PastState:
     ``close()``. ``connect()`` gives a read-only connection to it; ``uri`` names it for an ATTACH on
     another connection opened with SQLITE_OPEN_URI (read-only and immutable: SQLite writes, locks and
     journals nothing for it). Every read is counted in ``stats``; a damaged or missing page raises
-    IntegrityError from the statement that reads it."""
+    IntegrityError from the statement that reads it. ``lock``: the shared lock held (a caller about to
+    write elsewhere from what it reads checks it is still live: ``lock.check_alive``)."""
 
     def __init__(self, repo: Repository, db: str, operation: str, *, snapshot: str | None = None,
                  at: datetime | None = None, txid: int | None = None, cache_bytes: int = CACHE_BYTES) -> None:
@@ -637,7 +638,7 @@ class PastState:
         self.closed = False
         counted = Repository(CountingStore(repo.store, self.stats), repo.config, repo.sealer, repo.raw_config)
         with ExitStack() as stack:
-            stack.enter_context(repo.lock(f"{operation} {db}"))  # (the repository's own: a fallback's too)
+            self.lock = stack.enter_context(repo.lock(f"{operation} {db}"))  # (the repository's own: a fallback's too)
             self.state = choose_state(counted, db, snapshot=snapshot, at=at, txid=txid)
             stack.callback(self.state.overlay.close)
             self.source = PageSource(counted, self.state, self.stats, cache_bytes=cache_bytes)

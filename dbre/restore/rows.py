@@ -32,7 +32,7 @@ from typing import Any
 import apsw
 import xxhash
 
-from dbre.errors import DbreError, IntegrityError, RestoreError, UsageError
+from dbre.errors import DbreError, RepositoryError, RestoreError, UsageError
 from dbre.repository.fallback import primary_of, retrying
 from dbre.repository.manifest import check_db_name
 from dbre.repository.repo import Repository
@@ -50,6 +50,7 @@ from dbre.restore.live import (
     manifest_tables,
     new_fk_violations,
     open_past,
+    rolled_back,
     rowid_alias,
     show_value,
     unknown_table,
@@ -722,8 +723,9 @@ def apply_row_repair(plan: RowRepairPlan, *, allow_fk_violations: bool = False, 
     (they are dropped and recreated inside the transaction) unless ``fire_triggers``: an
     "updated_at" trigger would otherwise change the rows just put back. New foreign-key
     violations roll the transaction back unless ``allow_fk_violations`` (local files only: a
-    server enforces its foreign keys itself). The past state is let go at the end, whatever happens: a
-    damaged page read from it in the transaction rolls it back.
+    server enforces its foreign keys itself). The shared lock the plan took is checked first (LockLostError:
+    plan again). The past state is let go at the end, whatever happens: a damaged page read from it in the
+    transaction, or a store that gives up, rolls it back.
     ``fire_triggers`` None: as the plan says. ``safety``: a local live file is snapshotted into the
     repository first, just before the write transaction (a repair that turns out wrong is undone
     with `repair-rows --snapshot` of it: ``RowRepairResult.undo_command``, also in the audit record);
@@ -733,6 +735,8 @@ def apply_row_repair(plan: RowRepairPlan, *, allow_fk_violations: bool = False, 
     fire_triggers = plan.fire_triggers if fire_triggers is None else fire_triggers
     shape = _Shape(plan.table, plan.columns, plan.key, plan.key_is_rowid)
     try:
+        # before the safety snapshot and any write: a plan kept past the lock's stale limit is planned again
+        plan.past.check_alive(f"{OPERATION} in {plan.live}")
         if plan.live_url is not None:
             if allow_fk_violations:
                 raise UsageError(f"{OPERATION}: a remote database enforces its own foreign keys",
@@ -769,9 +773,8 @@ def _apply_local(plan: RowRepairPlan, shape: _Shape, allow_fk_violations: bool,
             return _repair(db, plan, shape, allow_fk_violations, fire_triggers, None), taken
     except apsw.Error as err:
         raise RestoreError(f"{OPERATION} in {plan.live}: {err}; rolled back, nothing was changed") from err
-    except IntegrityError as err:  # a damaged or missing page of the past state, read in the transaction
-        raise IntegrityError(f"{OPERATION} in {plan.live}: {err.message}; rolled back, nothing was changed",
-                             err.hint) from err
+    except RepositoryError as err:  # the past state could not be read (damaged, missing, the store gave up)
+        raise rolled_back(err, f"{OPERATION} in {plan.live}") from err
 
 
 def _apply_remote(plan: RowRepairPlan, shape: _Shape, fire_triggers: bool) -> dict[str, int]:

@@ -5,10 +5,12 @@ way, no triggers: they would fire on the copy), or, when the live database has n
 was dropped), the table under its own name with its indexes and triggers; ``replace`` mode drops
 the live table and recreates it with the snapshot's indexes and triggers, after a safety snapshot
 of the live database, so the replace can be undone (the result carries the undo as shell
-commands). Either way the work is one transaction on the live file: the rows are copied with the
-snapshot attached (read in place through the repository's VFS: only the pages of the tables restored,
-each checked, never the whole database first; see live.py), foreign keys are checked afterwards
-(``PRAGMA foreign_key_check``) and the transaction rolls back on a new violation.
+commands). Either way the work is one transaction on the live file: the rows are read from the
+snapshot in place (through the repository's VFS: only the pages of the tables restored, each checked,
+never the whole database first; see live.py) into a private temporary database *before* the write lock,
+so the application's writers never wait on the network; then, under the lock, they are copied from
+there, foreign keys are checked (``PRAGMA foreign_key_check``) and the transaction rolls back on a new
+violation.
 """
 
 from __future__ import annotations
@@ -24,8 +26,9 @@ from typing import Any
 
 import apsw
 
-from dbre.errors import DbreError, IntegrityError, RestoreError, UsageError
+from dbre.errors import DbreError, RepositoryError, RestoreError, UsageError
 from dbre.repository.fallback import primary_of, retrying
+from dbre.repository.lock import LockLostError
 from dbre.repository.manifest import Manifest, check_db_name
 from dbre.repository.repo import Repository
 from dbre.repository.tables import qident
@@ -42,6 +45,7 @@ from dbre.restore.live import (
     new_fk_violations,
     open_past,
     referencing_tables,
+    rolled_back,
     rowid_alias,
     stored_columns,
     table_names,
@@ -53,6 +57,7 @@ from dbre.sources.local import keep_wal
 
 MODES = ("rename", "replace")
 OPERATION = "restore-table"
+STAGE_SCHEMA = "dbre_stage"  # a private temporary database the rows are staged in before the write lock
 
 
 @dataclass
@@ -293,15 +298,17 @@ def apply_table_restore(plan: TableRestorePlan, *, force_safety: bool = False, a
 
     ``replace`` always takes a safety snapshot of the live database first (inside the write
     transaction, so it holds exactly what gets replaced); ``force_safety`` takes one in
-    ``rename`` mode too. The past state is let go at the end, whatever happens: a damaged page read from
-    it in the transaction rolls it back. ``key_file``
-    (the passphrase file the repository was opened with) goes into the undo command.
+    ``rename`` mode too. The shared lock the plan took is checked first (LockLostError: plan again); the rows
+    are staged from the past state before the write lock (``_stage``); a damaged or missing page, or a
+    store that gives up, fails the apply with nothing changed. The past state is let go at the end,
+    whatever happens. ``key_file`` (the passphrase file the repository was opened with) goes into the undo.
     """
     started = time.perf_counter()
     safety: str | None = None
     had_violations = False
     try:
-        with write_transaction(plan.live, plan.past) as conn:
+        plan.past.check_alive(f"{OPERATION} into {plan.live}")
+        with write_transaction(plan.live, plan.past, lambda conn: _stage(conn, plan)) as conn:
             _recheck(conn, plan)
             if plan.mode == "replace" or force_safety:
                 # we hold the write lock: the snapshot sees exactly the state this restore replaces
@@ -310,8 +317,8 @@ def apply_table_restore(plan: TableRestorePlan, *, force_safety: bool = False, a
             targets = [a.target for a in plan.actions]
             related = referencing_tables(conn, targets) | set(targets)
             before = fk_violations(conn, related)
-            for action in plan.actions:
-                _restore_one(conn, action, plan.mode)
+            for i, action in enumerate(plan.actions):
+                _restore_one(conn, action, plan.mode, _staged(i))
             had_violations = any(before.values())
             new = new_fk_violations(before, fk_violations(conn, related | referencing_tables(conn, targets)))
             if new and not allow_fk_violations:
@@ -320,9 +327,10 @@ def apply_table_restore(plan: TableRestorePlan, *, force_safety: bool = False, a
                                    "restore the tables they reference too, or allow the violations")
     except apsw.Error as err:
         raise RestoreError(f"{OPERATION} into {plan.live}: {err}; rolled back, nothing was changed") from err
-    except IntegrityError as err:  # a damaged or missing page of the past state, read in the transaction
-        raise IntegrityError(f"{OPERATION} into {plan.live}: {err.message}; rolled back, nothing was changed",
-                             err.hint) from err
+    except LockLostError:
+        raise  # (says what and that nothing was changed itself)
+    except RepositoryError as err:  # the past state could not be read (damaged, missing, the store gave up)
+        raise rolled_back(err, f"{OPERATION} into {plan.live}") from err
     finally:
         plan.close()
     undo = undo_commands(plan, safety, had_violations, key_file)
@@ -375,7 +383,28 @@ def _recheck(conn: apsw.Connection, plan: TableRestorePlan) -> None:
                                "database after the plan", "plan again")
 
 
-def _restore_one(conn: apsw.Connection, action: TableAction, mode: str) -> None:
+def _staged(i: int) -> str:
+    return f"{STAGE_SCHEMA}.rows_{i}"
+
+
+def _stage(conn: apsw.Connection, plan: TableRestorePlan) -> None:
+    """Copy each table's rows from the past state into a private temporary database (``ATTACH ''``: on disk
+    in the temp folder, removed when the connection closes; the table's size, never held in memory), then
+    detach the past state, all before the write lock: a repository read is a network read, retried for up to
+    minutes when the store fails, and the application's writers must not wait on it. The columns are
+    untyped, so every value stays as stored; the rowid leads when the table has one."""
+    conn.execute(f"ATTACH DATABASE '' AS {STAGE_SCHEMA}")
+    for i, action in enumerate(plan.actions):
+        cols = stored_columns(conn, action.table, SNAPSHOT_SCHEMA)
+        alias = rowid_alias(cols) if has_rowid(conn, action.table, SNAPSHOT_SCHEMA) else None
+        names = ([alias] if alias else []) + [qident(c) for c in cols]
+        conn.execute(f"CREATE TABLE {_staged(i)}({', '.join(f'c{j}' for j in range(len(names)))})")
+        conn.execute(f"INSERT INTO {_staged(i)} SELECT {', '.join(names)} "
+                     f"FROM {SNAPSHOT_SCHEMA}.{qident(action.table)}")
+    conn.execute(f"DETACH DATABASE {SNAPSHOT_SCHEMA}")  # the write transaction cannot read the repository
+
+
+def _restore_one(conn: apsw.Connection, action: TableAction, mode: str, staged: str) -> None:
     live_seq = None
     if mode == "replace" and action.live_rows is not None:
         if _has_sequence_table(conn):
@@ -389,10 +418,10 @@ def _restore_one(conn: apsw.Connection, action: TableAction, mode: str) -> None:
     alias = rowid_alias(cols) if has_rowid(conn, action.target) else None
     if alias:
         names.insert(0, alias)
-    col_list = ", ".join(names)
     before = conn.total_changes()
-    conn.execute(f"INSERT INTO main.{qident(action.target)} ({col_list}) "
-                 f"SELECT {col_list} FROM {SNAPSHOT_SCHEMA}.{qident(action.table)}")
+    # (the staged columns are the snapshot table's, in the same order: the CREATE statement is its own)
+    conn.execute(f"INSERT INTO main.{qident(action.target)} ({', '.join(names)}) "
+                 f"SELECT {', '.join(f'c{j}' for j in range(len(names)))} FROM {staged}")
     copied = conn.total_changes() - before
     if copied != action.snapshot_rows:
         raise RestoreError(f"{OPERATION}: copied {copied} rows of {action.table!r}, the snapshot has "
