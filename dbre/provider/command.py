@@ -1,6 +1,7 @@
-"""`dbre restore --provider sqld|turso`: the options checked (one message each), the plan shown
-(--dry-run) or carried out, the result printed. Called by dbre/cli_restore.py; reads the environment
-(tokens, the Turso API base URL) here, at the edge, and hands typed objects to the clients."""
+"""`dbre restore --provider sqld|turso` and the restore flow's provider source: the options checked (one
+message each) and planned (`prepare_provider_restore`, which prints nothing: the flow shares it), then
+shown (--dry-run) or carried out and printed (`run_provider_restore`, the CLI's). The CLI reads its
+secrets from the environment here, at the edge (`ProviderSecrets.from_env`); the flow resolves references."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dbre.errors import UsageError
-from dbre.provider.plan import PROVIDERS, ProviderResult, check_at
+from dbre.provider.plan import PROVIDERS, ProviderRestore, ProviderResult, check_at
 from dbre.secrets import Secret
 from dbre.units import human_bytes
 
@@ -52,8 +53,52 @@ def _env_secret(name: str) -> Secret | None:
     return Secret(value) if value else None
 
 
-def run_provider_restore(o: ProviderOptions) -> None:
-    """Check the options, plan, then show the plan (--dry-run) or restore and print the result."""
+@dataclass
+class ProviderSecrets:
+    """What a provider restore authenticates with, resolved by the caller: the CLI from the environment,
+    the restore flow from references (None: not set)."""
+
+    admin_key: Secret | None = None  # sqld's --admin-auth-key
+    read_token: Secret | None = None  # sqld's HTTP API, to read a fork to a file
+    api_token: Secret | None = None  # Turso's Platform API
+    api_url: str | None = None  # Turso's Platform API base URL (None: the public one)
+
+    @classmethod
+    def from_env(cls) -> ProviderSecrets:
+        from dbre.provider.sqld import ADMIN_KEY_ENV
+        from dbre.provider.turso import API_TOKEN_ENV, API_URL_ENV
+        from dbre.sources.remote import token_from_env
+
+        return cls(_env_secret(ADMIN_KEY_ENV), token_from_env(), _env_secret(API_TOKEN_ENV),
+                   os.environ.get(API_URL_ENV, "").strip() or None)
+
+
+@dataclass
+class PreparedRestore:
+    """A checked provider restore: its plan (to show), and the client that carries it out (``run``)."""
+
+    plan: ProviderRestore
+    secrets: ProviderSecrets
+    url: str | None = None
+
+    def run(self) -> ProviderResult:
+        """Carry out the plan: a fork or a seeded create, then (to a file) the read and the delete."""
+        s = self.secrets
+        if self.plan.provider == "sqld":
+            from dbre.provider.sqld import SqldAdmin, restore_sqld
+
+            return restore_sqld(self.plan, SqldAdmin(self.plan.endpoint, s.admin_key), self.url, s.read_token)
+        from dbre.provider.turso import API_TOKEN_ENV, TursoPlatform, restore_turso
+
+        if s.api_token is None:
+            raise UsageError(f"--provider turso needs a Platform API token in {API_TOKEN_ENV}",
+                             "create one with `turso auth api-tokens mint dbre`")
+        org = self.plan.source.split("/", 1)[0]
+        return restore_turso(self.plan, TursoPlatform(org, s.api_token, base_url=s.api_url))
+
+
+def prepare_provider_restore(o: ProviderOptions, secrets: ProviderSecrets) -> PreparedRestore:
+    """Check the options (one UsageError each, in the CLI's option names) and plan; asks the provider nothing."""
     from dbre.repository.manifest import parse_time
 
     if o.provider not in PROVIDERS:
@@ -82,31 +127,26 @@ def run_provider_restore(o: ProviderOptions) -> None:
     at = check_at(parse_time(o.at), o.provider)
 
     if o.provider == "sqld":
-        from dbre.provider.sqld import ADMIN_KEY_ENV, SqldAdmin, plan_sqld, restore_sqld
+        from dbre.provider.sqld import SqldAdmin, plan_sqld
 
         assert o.admin_url is not None and o.namespace is not None
-        admin = SqldAdmin(o.admin_url, _env_secret(ADMIN_KEY_ENV))
-        plan = plan_sqld(admin.url, o.namespace, at, to=o.to, into=into, force=o.force)
-        if o.dry_run:
-            return _show_plan(plan.describe(), plan.text(), o.json_out)
-        from dbre.cli import _token
+        admin = SqldAdmin(o.admin_url, secrets.admin_key)
+        return PreparedRestore(plan_sqld(admin.url, o.namespace, at, to=o.to, into=into, force=o.force), secrets,
+                               o.url)
+    from dbre.provider.turso import TursoPlatform, plan_turso
 
-        result = restore_sqld(plan, admin, o.url, _token())
-    else:
-        from dbre.provider.turso import API_TOKEN_ENV, API_URL_ENV, TursoPlatform, plan_turso, restore_turso
+    assert o.org is not None and o.database is not None
+    api = TursoPlatform(o.org, secrets.api_token or Secret(""), base_url=secrets.api_url)
+    return PreparedRestore(plan_turso(api.base_url, o.org, o.database, at, to=o.to, into=into, force=o.force),
+                           secrets)
 
-        assert o.org is not None and o.database is not None
-        base_url = os.environ.get(API_URL_ENV, "").strip() or None
-        token = _env_secret(API_TOKEN_ENV)
-        api = TursoPlatform(o.org, token or Secret(""), base_url=base_url)
-        plan = plan_turso(api.base_url, o.org, o.database, at, to=o.to, into=into, force=o.force)
-        if o.dry_run:
-            return _show_plan(plan.describe(), plan.text(), o.json_out)
-        if token is None:
-            raise UsageError(f"--provider turso needs a Platform API token in {API_TOKEN_ENV}",
-                             "create one with `turso auth api-tokens mint dbre`")
-        result = restore_turso(plan, api)
-    _show_result(result, o.json_out)
+
+def run_provider_restore(o: ProviderOptions) -> None:
+    """Check the options, plan, then show the plan (--dry-run) or restore and print the result."""
+    prepared = prepare_provider_restore(o, ProviderSecrets.from_env())
+    if o.dry_run:
+        return _show_plan(prepared.plan.describe(), prepared.plan.text(), o.json_out)
+    _show_result(prepared.run(), o.json_out)
 
 
 def _show_plan(describe: dict[str, object], text: str, json_out: bool) -> None:
