@@ -311,3 +311,79 @@ def test_a_fast_hash_collision_is_caught_by_a_later_checksum(tmp_path: Path, mon
         found.append([r.table for r in failed(results)])
     assert found[0] == []  # the window: a snapshot taken under the collision validates
     assert ["blobs"] in found[:4], found  # caught within REUSE_LIMIT + 1 backups
+
+
+def _collation_in_sql_only(p: Path) -> None:
+    conn = apsw.Connection(str(p))
+    try:
+        conn.execute("PRAGMA writable_schema=ON")
+        conn.execute("UPDATE sqlite_schema SET sql = replace(sql, 'v INTEGER', 'v INTEGER COLLATE RTRIM') "
+                     "WHERE name='w'")
+    finally:
+        conn.close()
+
+
+def _incremental_vacuum(p: Path) -> None:
+    _exec(p, "DELETE FROM plain WHERE id < 150")
+    _exec(p, "PRAGMA incremental_vacuum")
+
+
+BAD_DAY = {
+    # pages moved to the front of the file, pointers to them rewritten: every moved table read again
+    "incremental_vacuum": (_incremental_vacuum, "PRAGMA auto_vacuum=INCREMENTAL", None),
+    # the same pages, another meaning (edited sql): read again
+    "collation edited in sql only": (_collation_in_sql_only, "", {"w"}),
+    # FTS5 shadow tables are b-trees like any other: an insert reads the ones it changed
+    "fts5 shadow tables": (lambda p: _exec(p, "INSERT INTO f VALUES ('new words here')"),
+                           "CREATE VIRTUAL TABLE f USING fts5(body);"
+                           "INSERT INTO f SELECT 'body ' || v FROM plain", None),
+    # every page another size: nothing lent
+    "page size changed": (lambda p: _exec(p, "PRAGMA page_size=8192; VACUUM"), "", None),
+    # uncheckpointed WAL frames hold the change
+    "WAL frames": (lambda p: _exec(p, "UPDATE w SET v = 0 WHERE j = 3"), "PRAGMA journal_mode=WAL", {"w"}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_DAY))
+def test_bad_day_reuse_matches_a_fresh_computation(tmp_path: Path, case: str) -> None:
+    """Review cases that hold: each second snapshot's counts and checksums equal a fresh
+    computation on the source, its restore validates, and a table that had to be read was."""
+    change, setup, must_read = BAD_DAY[case]
+    src = tmp_path / "live.db"
+    if setup.startswith("PRAGMA"):
+        _exec(src, setup)
+        setup = ""
+    _make(src)
+    if setup:
+        _exec(src, setup)
+    repo = Repository.open_or_init(str(tmp_path / "repo"))
+    first = backup(repo, LocalFileSource(src), "db").manifest
+    keep = None
+    if case == "WAL frames":
+        keep = apsw.Connection(str(src))  # holds the WAL open: the frames stay uncheckpointed
+        keep.execute("PRAGMA wal_autocheckpoint=0")
+        keep.execute("UPDATE w SET v = 0 WHERE j = 3")
+    else:
+        change(src)
+    try:
+        second = backup(repo, LocalFileSource(src), "db").manifest
+        if case == "WAL frames":
+            assert second.stats["wal_pages"] > 0
+        conn = apsw.Connection(str(src))
+        try:
+            conn.execute("BEGIN")
+            fresh = table_stats(conn, True)
+            conn.execute("COMMIT")
+        finally:
+            conn.close()
+    finally:
+        if keep is not None:
+            keep.close()
+    assert {k: (v.rows, v.checksum) for k, v in second.tables.items()} == fresh
+    reused = set(second.stats["checksum_basis"]["reused"])
+    if must_read is not None:
+        assert not (must_read & reused)
+    if case == "page size changed":
+        assert (first.page_size, second.page_size, reused) == (4096, 8192, set())
+    assert set(first.tables) - set(second.tables) == set()
+    assert failed(run_checks(_restore(repo, second, tmp_path / "r.db"), second)) == []
