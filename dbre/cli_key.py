@@ -61,6 +61,11 @@ def _usable(secret: Secret, where: str) -> Secret:
     if text != text.strip():
         raise UsageError(f"{where}: the new passphrase begins or ends with white space",
                          "a --key-file is read without it, so it could not be given that way; nothing was changed")
+    try:
+        text.encode()
+    except UnicodeEncodeError:  # (bytes that are not UTF-8, from the env: its message would name one)
+        raise UsageError(f"{where}: the new passphrase is not UTF-8 text",
+                         "give it as UTF-8 text (a --key-file is read so); nothing was changed") from None
     return secret
 
 

@@ -302,3 +302,19 @@ def test_a_flows_later_task_needs_the_new_passphrase_and_the_output_says_so(
     with pytest.raises(RepositoryError, match="wrong encryption key"):
         verify_repository.fn(url)  # its next task, after it
     assert "Prefect flow" in r.stdout and "pause the deployments" in r.stdout, r.stdout
+
+
+# -- operator: a passphrase in the env that is not UTF-8 ------------------------------------------
+
+
+def test_a_passphrase_in_the_env_that_is_not_utf8_is_one_line_without_its_bytes(tmp_path: Path) -> None:
+    """Finding (low): a DBRE_NEW_ENCRYPTION_KEY (or DBRE_ENCRYPTION_KEY) holding bytes that are not UTF-8 (a
+    Latin-1 "é", which Python keeps as a surrogate) ended in "unexpected error: UnicodeEncodeError: 'utf-8'
+    codec can't encode character '\\udce9' in position 5", exit 1: a byte of the secret and where it is.
+    Fixed: one line, exit 2, no byte shown (the old passphrase's case in every command, through `_derive`)."""
+    url = _encrypted_repo(tmp_path)
+    before = (Path(url) / "config").read_bytes()
+    for old, new in ((OLD, "passw\udce9rd-new"), ("passw\udce9rd-old", NEW)):
+        line = assert_one_line_error(_passwd(url, old, new), 2, "not UTF-8")
+        assert "udce9" not in line and "position" not in line, line
+    assert (Path(url) / "config").read_bytes() == before

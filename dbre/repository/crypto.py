@@ -23,7 +23,7 @@ from typing import Any
 import xxhash
 import zstandard
 
-from dbre.errors import IntegrityError, RepositoryError
+from dbre.errors import IntegrityError, RepositoryError, UsageError
 from dbre.secrets import Secret
 
 PLAIN_V1 = 1
@@ -330,7 +330,11 @@ def _derive(passphrase: Secret, salt: bytes, n: int, r: int, p: int) -> bytes:
     if not (1 <= p <= 16 and 1 <= r <= 64):
         raise ValueError("scrypt parameters out of range")
     raw = passphrase.reveal()
-    pw = raw.encode() if isinstance(raw, str) else raw
+    try:
+        pw = raw.encode() if isinstance(raw, str) else raw
+    except UnicodeEncodeError:  # bytes that are not UTF-8 from the env; the codec's message would show one
+        raise UsageError("the passphrase is not UTF-8 text", "give DBRE_ENCRYPTION_KEY or the key file as UTF-8 "
+                         "text") from None
     tag = hmac.digest(_KEK_CACHE_KEY, b"%d,%d,%d,%d," % (n, r, p, len(salt)) + salt + pw, "sha256")
     with _KEK_LOCK:
         kek = _KEK_CACHE.get(tag)

@@ -291,8 +291,11 @@ def _same_mode_and_owner(upload: LocalUpload, old: os.stat_result, key: str) -> 
         if (mine.st_uid, mine.st_gid) != (old.st_uid, old.st_gid):
             try:
                 os.fchown(fd, old.st_uid, old.st_gid)
-            except PermissionError:  # not root: the file stays ours (its mode is the old one)
-                pass
+            except PermissionError:  # not root: the file stays ours, in the old group if we are in it
+                try:
+                    os.fchown(fd, -1, old.st_gid)
+                except PermissionError:
+                    pass
     except OSError as err:
         upload.abort()
         raise _os_error("replace", key, err) from err
