@@ -387,3 +387,22 @@ def test_bad_day_reuse_matches_a_fresh_computation(tmp_path: Path, case: str) ->
         assert (first.page_size, second.page_size, reused) == (4096, 8192, set())
     assert set(first.tables) - set(second.tables) == set()
     assert failed(run_checks(_restore(repo, second, tmp_path / "r.db"), second)) == []
+
+
+def test_old_checksum_from_another_plan_matches() -> None:
+    """An old snapshot's WITHOUT ROWID checksum follows the plan of the SQLite that took it: one
+    that scanned the key b-tree where this one scans the covering index (or the reverse) still
+    matches, through the orders ``scan_order_matches`` tries; other rows do not."""
+    conn = apsw.Connection(":memory:")
+    conn.execute(SCHEMA)
+    conn.executemany("INSERT INTO w VALUES (?, ?, ?)", [(f"k{i}", i, (i * 37) % 101) for i in range(300)])
+    plan = " ".join(str(r[3]) for r in conn.execute("EXPLAIN QUERY PLAN SELECT k, j, v FROM w"))
+    assert "w_v" in plan  # this SQLite scans the index: an older one took the key order
+    by_key = tables_mod.table_checksum(conn, "w", True)[1]  # (NOT INDEXED still scans w_v)
+    by_index = tables_mod.table_checksum(conn, "w", True, " INDEXED BY w_v")[1]
+    assert by_key != by_index
+    assert tables_mod.scan_order_matches(conn, "w", by_key)
+    assert tables_mod.scan_order_matches(conn, "w", by_index)
+    conn.execute("UPDATE w SET v = 0 WHERE j = 5")
+    assert not tables_mod.scan_order_matches(conn, "w", by_key)
+    assert not tables_mod.scan_order_matches(conn, "w", by_index)
