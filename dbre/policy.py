@@ -326,6 +326,33 @@ class Drills(_Model):
     scratch_dir: str | None = None
 
 
+def _absolute_dir(value: str) -> str:
+    path = Path(value).expanduser()
+    if not path.is_absolute():
+        raise ValueError(f"must be an absolute path (or start with ~), not {value!r}: reports go to one known place")
+    return str(path)
+
+
+def check_base_url(value: str) -> str:
+    """An http(s) URL without credentials or query, without a trailing slash (ValueError otherwise)."""
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError(f"must be an http(s) URL, e.g. https://reports.example.com/dbre, not {value!r}")
+    if parts.username or parts.password or parts.query:
+        raise ValueError("credentials or a query in the URL are not allowed")
+    return value.rstrip("/")
+
+
+class Reports(_Model):
+    """Where drill and requirements reports are written, and the URL that serves that folder (if any):
+    a report under ``dir`` is linked in the Prefect UI as ``base_url`` + its path below ``dir``."""
+
+    dir: Annotated[str, AfterValidator(_absolute_dir)] | None = Field(
+        default=None, description="Absolute folder for reports (default: ~/.local/share/dbre/reports on the worker)")
+    base_url: Annotated[str, AfterValidator(check_base_url)] | None = Field(
+        default=None, description="http(s) URL at which dir is served; unset: reports are not linked")
+
+
 AlertEvent = Literal["backup_failure", "backup_delay", "storage_capacity", "verify_failure", "drill_failure",
                      "drill_missed"]
 ALERT_EVENTS: tuple[AlertEvent, ...] = ("backup_failure", "backup_delay", "storage_capacity", "verify_failure",
@@ -395,6 +422,7 @@ class Policy(_Model):
     contacts: list[Contact] = Field(default_factory=list)
     compliance: list[str] = Field(default_factory=list, description="Installation-wide regulations and contracts")
     costs: Costs = Costs()
+    reports: Reports = Reports()
 
     @model_validator(mode="after")
     def _retention_timezone(self) -> Policy:

@@ -3,6 +3,8 @@ against the policy, store the drill record, render the report; the run fails nam
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
@@ -11,7 +13,18 @@ from dbre.report.drill import seconds_text
 from dbre.validate.crosscheck import CrossCheckTarget
 from dbre.validate.drill import Drill, cross_check_step
 from dbre.validate.suites import Suite
-from flows.common import RunFailed, load, md_table, publish, repos
+from flows.common import (
+    MARKDOWN_LIMIT,
+    ReportSite,
+    RunFailed,
+    load,
+    publish,
+    report_folder,
+    reports_site,
+    repos,
+    truncate,
+    where,
+)
 from flows.names import drill_name, from_parameters
 from flows.references import KeyRef, TokenRef, refuse_literal_secrets, store_references_only
 from tasks.retry import HOUR, NO_RESULTS
@@ -44,7 +57,8 @@ def drill_flow(databases: list[str] | None = None, policy: str | None = None, re
     table: sqld needs ``provider_admin_url`` and ``provider_url`` (``provider_namespaces`` maps a database to
     its namespace, default the same name; ``provider_key`` the admin key, else LIBSQL_ADMIN_AUTH_KEY), turso
     ``provider_org`` (``provider_databases`` likewise; ``provider_key`` the Platform API token, else
-    TURSO_API_TOKEN)."""
+    TURSO_API_TOKEN). Reports go to ``report_dir``, else ``drills/`` in the reports folder (the policy's
+    reports.dir, else the worker's data dir); the run's markdown artifact holds each report."""
     refuse_literal_secrets("drill", key=key, token=token, provider_key=provider_key)
     log = get_run_logger()
     pol = load(policy)
@@ -57,7 +71,9 @@ def drill_flow(databases: list[str] | None = None, policy: str | None = None, re
         from dbre.errors import UsageError
 
         raise UsageError("no databases to drill", "pass databases, or a policy")
-    records = []
+    site = reports_site(pol)
+    out = report_folder(site, report_dir, "drills")
+    records, reports = [], {}
     for db in names:
         entry = next((d for d in pol.databases if d.name == db), None) if pol else None
         suites_dir = expectations or (entry.expectations if entry else None)
@@ -72,9 +88,9 @@ def drill_flow(databases: list[str] | None = None, policy: str | None = None, re
                 provider_org, (provider_databases or {}).get(db, db), token, provider_key))
         record = record_drill(r.primary, drill, r.key, float(entry.rpo) if entry else None,
                               float(entry.rto) if entry else None)
-        if report_dir:
-            paths = drill_report(r.primary, drill, record, report_dir, r.key, data_docs)
-            record = {**record, "report": paths["html"]}
+        paths = drill_report(r.primary, drill, record, str(out), r.key, data_docs)
+        record = {**record, "report": paths["html"]}
+        reports[db] = paths
         log.info("drill of %s %s: RTO %s, RPO %s", db, "passed" if record["passed"] else "FAILED",
                  seconds_text(record["rto_seconds"]), seconds_text(record["rpo_seconds"]))
         cc = record.get("cross_check") or {}
@@ -85,7 +101,7 @@ def drill_flow(databases: list[str] | None = None, policy: str | None = None, re
         if cc.get("warning"):
             log.warning("%s", cc["warning"])
         records.append(record)
-    _publish(records)
+    _publish(records, reports, site, out)
     bad = [rec for rec in records if not rec["passed"]]
     if bad:
         raise RunFailed(f"{len(bad)} of {len(records)} drills failed: "
@@ -116,7 +132,9 @@ def _cross_target(provider: str, admin_url: str | None, namespace: str, url: str
                             admin_key=key, api_url=os.environ.get("TURSO_API_BASE_URL", "").strip() or None)
 
 
-def _publish(records: list[dict[str, Any]]) -> None:
+def _publish(records: list[dict[str, Any]], reports: dict[str, dict[str, str]], site: ReportSite, out: Path) -> None:
+    """The run's artifacts: a summary with each database's report in it (read in the UI, nothing to open),
+    the figures as a table, links to the report files only when the reports folder is served over http."""
     rows = [{"db": rec["db"], "snapshot": rec["snapshot"], "RTO": seconds_text(rec["rto_seconds"]),
              "RTO target": seconds_text(rec["rto_target_seconds"]), "RPO": seconds_text(rec["rpo_seconds"]),
              "RPO target": seconds_text(rec["rpo_target_seconds"]),
@@ -124,9 +142,26 @@ def _publish(records: list[dict[str, Any]]) -> None:
              "result": "passed" if rec["passed"] else "FAILED"} for rec in records]
     md = ["# Recovery drill", "",
           f"{sum(1 for rec in records if rec['passed'])} of {len(records)} databases restored, validated and "
-          "within their RTO and RPO.", "", md_table(rows, list(rows[0]) if rows else ["db"]), ""]
+          "within their RTO and RPO (figures in the table artifact).", "",
+          f"Reports are in {where(out, 'the reports folder', site)} ({site.origin}).", ""]
+    budget = (MARKDOWN_LIMIT - 2000) // max(1, len(reports))
     for rec in records:
-        if rec["failures"]:
-            md += [f"## {rec['db']}: why it failed", "", *[f"- {f}" for f in rec["failures"]], ""]
-    links = [(rec["report"], f"drill report {rec['db']}") for rec in records if rec.get("report")]
-    publish("drill", "\n".join(md), rows, links, description="recovery drill")
+        paths = reports.get(rec["db"])
+        if paths is None:
+            continue
+        md += [f"## {rec['db']}", "", where(paths["html"], "HTML report", site)
+               + (" · " + where(paths["data-docs"], "Data Docs", site) if "data-docs" in paths else ""), "",
+               truncate(_served_images(Path(paths["markdown"]), site), budget, paths["markdown"]), ""]
+    publish("drill", "\n".join(md), rows, description="recovery drill", site=site)
+
+
+def _served_images(report: Path, site: ReportSite) -> str:
+    """report.md with its images (files beside it) pointed at their URLs when served, else left out."""
+    def image(m: re.Match[str]) -> str:
+        url = site.url(report.parent / m.group(2))
+        return f"![{m.group(1)}]({url})" if url else ""
+
+    return _IMAGE.sub(image, report.read_text(encoding="utf-8")).replace("\n\n\n", "\n\n")
+
+
+_IMAGE = re.compile(r"!\[([^\]]*)\]\(([^)\s:]+)\)")

@@ -13,7 +13,7 @@ from prefect import flow, get_run_logger
 from dbre.report.requirements_docs import action_command, installation
 from dbre.report.requirements_model import MET, NO_TARGET, RequirementsReport
 from dbre.units import human_bytes as fmt_bytes
-from flows.common import POLICY_ENV, load, md_table, publish, repos
+from flows.common import POLICY_ENV, ReportSite, load, md_table, publish, report_folder, reports_site, repos, where
 from flows.names import from_parameters, requirements_name
 from flows.references import KeyRef, refuse_literal_secrets, store_references_only
 from tasks.report import analyze_requirements, cli_commands, write_requirements_documents
@@ -26,13 +26,14 @@ DOCUMENTS = [("report.html", "requirements report (HTML)"), ("report.md", "requi
 @store_references_only
 @flow(name="dbre-requirements-report", flow_run_name=from_parameters(requirements_name, "requirements report"),
       persist_result=False)
-def requirements_report_flow(out_dir: str = "reports/requirements", policy: str | None = None,
+def requirements_report_flow(out_dir: str | None = None, policy: str | None = None,
                              repo: str | None = None, key: KeyRef = None, sources: dict[str, str] | None = None,
                              expectations: str | None = "expectations", storage_gb_month: float | None = None,
                              put_per_1000: float | None = None, get_per_1000: float | None = None,
                              restore_throughput: float | None = None, dated: bool = True) -> dict[str, Any]:
     """Analyse every database (the policy's, given ``sources`` {name: path or URL}, and those in the
-    repository) and write the documents into ``out_dir`` (a dated subfolder unless ``dated`` is false).
+    repository) and write the documents into ``out_dir`` (a dated subfolder unless ``dated`` is false; default
+    ``requirements/`` in the reports folder: the policy's reports.dir, else the worker's data dir).
     Prices default to the policy's ``costs``; ``restore_throughput`` (bytes/s) skips the restore probe."""
     refuse_literal_secrets("requirements", key=key)
     log = get_run_logger()
@@ -43,17 +44,19 @@ def requirements_report_flow(out_dir: str = "reports/requirements", policy: str 
                                 ("get_per_1000", get_per_1000)) if v is not None}
     report = analyze_requirements(r.primary, r.key, policy_path, sources, expectations, prices or None,
                                   restore_throughput)
-    target = Path(out_dir) / datetime.now(UTC).strftime("%Y-%m-%d") if dated else Path(out_dir)
+    site = reports_site(pol)
+    folder = report_folder(site, out_dir, "requirements")
+    target = folder / datetime.now(UTC).strftime("%Y-%m-%d") if dated else folder
     paths = write_requirements_documents(report, str(target), policy_path)
     counts = report.status_counts()
     log.info("requirements of %d databases: %d targets met, %d at risk, %d not met; documents in %s",
              len(report.databases), counts[MET], counts["at risk"], counts["not met"], target)
-    _publish(report, paths, pol)
+    _publish(report, paths, pol, site, target)
     return {"out_dir": str(target), "files": paths, "targets": counts,
             "recommendations": len(report.recommendations)}
 
 
-def _publish(report: RequirementsReport, paths: dict[str, str], pol: Any) -> None:
+def _publish(report: RequirementsReport, paths: dict[str, str], pol: Any, site: ReportSite, target: Path) -> None:
     counts = report.status_counts()
     stor = [d.storage for d in report.databases if d.storage]
     cur = report.prices.currency
@@ -76,6 +79,6 @@ def _publish(report: RequirementsReport, paths: dict[str, str], pol: Any) -> Non
     for i, rec in enumerate(report.recommendations, 1):
         cmd = action_command(rec, inst, report)
         md.append(f"{i}. **{rec.db or 'installation'} · {rec.area}**: {rec.text}" + (f" — `{cmd}`" if cmd else ""))
-    md += ["", "Documents: " + ", ".join(f"`{paths[name]}`" for name, _ in DOCUMENTS if name in paths)]
+    md += ["", f"Documents in {where(target, 'the report folder', site)} ({site.origin}):"]
     links = [(paths[name], text) for name, text in DOCUMENTS if name in paths]
-    publish("requirements", "\n".join(md), rows, links, description="requirements report")
+    publish("requirements", "\n".join(md), rows, links, description="requirements report", site=site)

@@ -41,7 +41,7 @@ def test_demo_runs_end_to_end_as_flow_runs(tmp_path: Path) -> None:
     assert "temporary API server" in proc.stdout and f"PREFECT_HOME={out / 'prefect'}" in proc.stdout
     for line in ("flow run backup shop of dbre-backup: Completed", "of dbre-verify: Completed",
                  "flow run restore shop @ newest of dbre-restore: Completed", "artifact backup-shop-summary (markdown)",
-                 "artifact verify-table (table): 1 row", "artifact restore-shop-link-restored-database",
+                 "artifact verify-table (table): 1 row", "artifact restore-shop-summary (markdown)",
                  "5 flow runs, all Completed"):
         assert line in proc.stdout, line
     packs = len(pack_files(out / "repo"))
@@ -60,6 +60,7 @@ def test_demo_runs_end_to_end_as_flow_runs(tmp_path: Path) -> None:
         ("dbre-restore", "COMPLETED"), ("dbre-restore", "COMPLETED")]
     assert {"backup-shop-summary", "backup-shop-table", "verify-summary", "verify-table", "restore-shop-summary",
             "restore-shop-table"} <= keys
+    assert not [k for k in keys if k and "-link" in k]  # locations are in the summaries, not one key per link
 
 
 def test_demo_cli_path_never_imports_prefect(tmp_path: Path) -> None:

@@ -130,12 +130,12 @@ def test_backup_flow_backs_up_then_copies_offsite(tmp_path: Path, s3_repo_url: s
         Repository.open(repo)
 
     arts = by_kind(artifacts_of(state.state_details.flow_run_id))
-    assert set(arts) == {"summary", "table", "link"}
+    assert set(arts) == {"summary", "table"}  # locations are text in the summary, not link artifacts
     summary = arts["summary"][0]
     assert summary.key == "backup-shop-summary" and ids[1] in summary.data and "incremental" in summary.data
     rows = json.loads(arts["table"][0].data)
     assert [r["step"] for r in rows] == ["backup", "copy"] and all(r["result"] == "ok" for r in rows)
-    assert any(s3_repo_url in a.data for a in arts["link"])
+    assert f"repository {s3_repo_url}: `{s3_repo_url}`" in summary.data
     with get_client(sync_client=True) as client:  # the run records the reference, never the key
         params = client.read_flow_run(state.state_details.flow_run_id).parameters
     assert params["key"] == "env:DBRE_TEST_KEY"
@@ -194,7 +194,7 @@ def test_restore_flow_dry_run_then_apply(tmp_path: Path) -> None:
     assert content(target) == at_snapshot
     arts = by_kind(artifacts_of(done.state_details.flow_run_id))
     assert [r["step"] for r in json.loads(arts["table"][0].data)] == ["plan", "restore", "validate"]
-    assert target.as_uri() in arts["link"][0].data
+    assert f"`{target}` on host" in arts["summary"][0].data and "link" not in arts
     assert "row counts and checksums match" in arts["summary"][0].data
 
     again = restore_flow(apply, repo=repo, return_state=True)  # never over an existing file without force
