@@ -66,9 +66,9 @@ class LocalStore:
             try:
                 try:
                     fd = os.open(path, os.O_RDWR)
-                except OSError as err:
-                    if not isinstance(err, PermissionError) and err.errno != errno.EROFS:
-                        raise
+                except FileNotFoundError:
+                    raise
+                except OSError:  # read-only file or file system, a FUSE mount that will not: read only
                     fd = os.open(path, os.O_RDONLY)
             except FileNotFoundError:
                 raise NotFound(f"replace {key}: not found") from None
