@@ -9,8 +9,9 @@ for every run) and a writer process committing numbered, timestamped transaction
 logging each commit's number and wall-clock time after COMMIT. Each tool replicates it in turn
 (Litestream: ``litestream replicate -config``, sync interval 1 s; dbre: ``dbre replicate`` at its
 default interval, or ``--dbre-interval``), to a directory and to S3 (a moto_server on loopback),
-both through their CLIs as child processes (interpreter start-up included for dbre, as for Litestream's binary). A run with no
-replicator gives the application's own checkpoint latency and WAL growth for comparison.
+both through their CLIs as child processes (interpreter start-up included for dbre, as for
+Litestream's binary). A run with no replicator gives the application's own checkpoint latency and
+WAL growth for comparison.
 
 How each figure is measured, the same way for both tools:
 - Observing the replica: a poller lists the replica every 50 ms (directory walk; S3 ListObjectsV2)
