@@ -307,13 +307,12 @@ def test_nothing_is_left_registered_or_running_after_an_apply_or_a_failed_one(sh
     assert {p for p in Path(tempfile.gettempdir()).iterdir() if "dbre" in p.name} <= temp_before
 
 
-@pytest.mark.xfail(strict=True, reason="pre-existing, not from the in-place change: restore-table --replace "
-                   "takes its safety snapshot (a backup of the whole live file into the repository: network "
-                   "writes) inside the live write transaction, so the application's writers wait on the upload; "
-                   "repair-rows takes it before the lock and rechecks, restore-table would need a recheck of "
-                   "the replaced tables to do the same")
 def test_restore_table_replace_writes_no_repository_while_it_holds_the_live_write_lock(
         shop: Shop, tmp_path: Path) -> None:
+    """Finding (medium, older than the in-place change): restore-table --replace took its safety snapshot (a
+    backup of the whole live file, uploaded to the repository) inside the live write transaction, so the
+    application's writers waited on the upload. It is now taken before the write lock and kept when no
+    other connection committed before BEGIN IMMEDIATE (PRAGMA data_version; see the next test)."""
     live = live_copy(shop, tmp_path)
     sqlite3.connect(live, isolation_level=None).execute("DELETE FROM small WHERE id < 5")
     repo, store = watched(shop, live)
@@ -330,3 +329,35 @@ def test_restore_table_replace_writes_no_repository_while_it_holds_the_live_writ
         result = apply_table_restore(plan)
     assert result.safety_snapshot
     assert puts == [], f"{len(puts)} repository writes while the live database was write-locked"
+
+
+def test_a_commit_after_the_safety_snapshot_has_it_taken_again_under_the_lock(
+        shop: Shop, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Holds: when another connection commits between the safety snapshot taken before the write lock and the
+    lock, the snapshot is taken again under the lock: the undo puts back what was replaced, the late commit
+    included."""
+    from dbre.restore import table
+
+    live = live_copy(shop, tmp_path)
+    sqlite3.connect(live, isolation_level=None).execute("DELETE FROM small WHERE id < 5")
+    taken: list[str] = []
+    original = table.safety_snapshot
+
+    def then_a_commit(*args: Any) -> str:
+        taken.append(original(*args))
+        if len(taken) == 1:  # an application's write, just after the first snapshot read the file
+            conn = apsw.Connection(str(live))
+            conn.execute("UPDATE small SET v = 'late' WHERE id = 100")
+            conn.close()
+        return taken[-1]
+
+    monkeypatch.setattr(table, "safety_snapshot", then_a_commit)
+    with plan_table_restore(shop.repo, "shop", live, ["small"], mode="replace") as plan:
+        result = apply_table_restore(plan)
+    assert len(taken) == 2 and result.safety_snapshot == taken[1]
+    assert rows(live, "SELECT v FROM small WHERE id = 100") == [("v100",)]  # replaced from the snapshot
+    with plan_table_restore(shop.repo, "shop", live, ["small"], snapshot=taken[1], mode="replace",
+                            suffix="_undo") as undo:
+        apply_table_restore(undo)
+    assert rows(live, "SELECT v FROM small WHERE id = 100") == [("late",)]  # the undo has the late commit
+    assert rows(live, "SELECT count(*) FROM small")[0][0] == 195

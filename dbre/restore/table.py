@@ -296,8 +296,9 @@ def apply_table_restore(plan: TableRestorePlan, *, force_safety: bool = False, a
                         who: str | None = None, key_file: str | os.PathLike[str] | None = None) -> TableRestoreResult:
     """Do what the plan says in one transaction on the live file, then write the audit record.
 
-    ``replace`` always takes a safety snapshot of the live database first (inside the write
-    transaction, so it holds exactly what gets replaced); ``force_safety`` takes one in
+    ``replace`` always takes a safety snapshot of the live database first: before the write lock, kept
+    when no other connection committed between it and the lock (``PRAGMA data_version``), else taken again
+    inside the write transaction; either way it holds exactly what gets replaced. ``force_safety`` takes one in
     ``rename`` mode too. The shared lock the plan took is checked first (LockLostError: plan again); the rows
     are staged from the past state before the write lock (``_stage``); a damaged or missing page, or a
     store that gives up, fails the apply with nothing changed. The past state is let go at the end,
@@ -306,14 +307,27 @@ def apply_table_restore(plan: TableRestorePlan, *, force_safety: bool = False, a
     started = time.perf_counter()
     safety: str | None = None
     had_violations = False
+    take_safety = plan.mode == "replace" or force_safety
+    purpose = f"{OPERATION} {plan.mode} of {', '.join(a.table for a in plan.actions)}"
+    seen: list[int] = []  # the live file's data_version when the safety snapshot began
+
+    def stage(conn: apsw.Connection) -> None:
+        nonlocal safety
+        _stage(conn, plan)
+        if take_safety:
+            # before the write lock too (a backup of the whole file, uploaded: the application's writers must not
+            # wait on it); kept if no other connection commits before BEGIN IMMEDIATE (data_version), else
+            # taken again under the lock
+            seen.append(_data_version(conn))
+            safety = safety_snapshot(plan.repo, plan.db, plan.live, purpose)
+
     try:
         plan.past.check_alive(f"{OPERATION} into {plan.live}")
-        with write_transaction(plan.live, plan.past, lambda conn: _stage(conn, plan)) as conn:
+        with write_transaction(plan.live, plan.past, stage) as conn:
             _recheck(conn, plan)
-            if plan.mode == "replace" or force_safety:
-                # we hold the write lock: the snapshot sees exactly the state this restore replaces
-                safety = safety_snapshot(plan.repo, plan.db, plan.live,
-                                         f"{OPERATION} {plan.mode} of {', '.join(a.table for a in plan.actions)}")
+            if take_safety and (safety is None or _data_version(conn) != seen[0]):
+                # the live file changed since: under the write lock, the snapshot sees exactly what is replaced
+                safety = safety_snapshot(plan.repo, plan.db, plan.live, purpose)
             targets = [a.target for a in plan.actions]
             related = referencing_tables(conn, targets) | set(targets)
             before = fk_violations(conn, related)
@@ -381,6 +395,11 @@ def _recheck(conn: apsw.Connection, plan: TableRestorePlan) -> None:
         if plan.mode == "replace" and exists != (a.live_rows is not None):
             raise RestoreError(f"{OPERATION}: {a.target!r} was {'created' if exists else 'dropped'} in the live "
                                "database after the plan", "plan again")
+
+
+def _data_version(conn: apsw.Connection) -> int:
+    """SQLite's count of commits to the live file by other connections, as this connection last saw it."""
+    return int(conn.execute("PRAGMA main.data_version").fetchone()[0])  # type: ignore[index]
 
 
 def _staged(i: int) -> str:
