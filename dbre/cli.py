@@ -222,6 +222,9 @@ def _key(key_file: Path | None) -> Secret | None:
             raw = key_file.read_text().strip()
         except OSError as err:
             raise UsageError(f"key file {key_file}: {err.strerror}", "check the --key-file path") from None
+        except UnicodeDecodeError:  # (its message would quote a byte of the passphrase)
+            raise UsageError(f"key file {key_file} is not UTF-8 text",
+                             "write the passphrase as text in it") from None
         if not raw:
             raise UsageError(f"key file {key_file} is empty", "put the passphrase in it")
         return Secret(raw)

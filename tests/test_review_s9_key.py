@@ -318,3 +318,17 @@ def test_a_passphrase_in_the_env_that_is_not_utf8_is_one_line_without_its_bytes(
         line = assert_one_line_error(_passwd(url, old, new), 2, "not UTF-8")
         assert "udce9" not in line and "position" not in line, line
     assert (Path(url) / "config").read_bytes() == before
+
+
+def test_a_key_file_that_is_not_text_is_one_line_without_its_bytes(tmp_path: Path) -> None:
+    """--key-file for any command: a file that is not UTF-8 is one line, exit 2, no byte of it shown."""
+    from typer.testing import CliRunner
+
+    from dbre.cli import app
+
+    bad = tmp_path / "key"
+    bad.write_bytes(b"pass\xe9word\n")
+    result = CliRunner().invoke(app, ["snapshots", "--repo", str(tmp_path / "repo"), "--key-file", str(bad)])
+    lines = [x for x in result.output.splitlines() if x.strip()]
+    assert result.exit_code == 2 and len(lines) == 1 and "not UTF-8" in lines[0], result.output
+    assert "xe9" not in result.output and "position" not in result.output, result.output
