@@ -4,9 +4,9 @@ The database has one big table (``items``, ~24 MiB of random payloads) and small
 is a real local one, read through a counting wrapper of its real store (nothing about the store's
 behaviour is mocked). Each in-place result is compared with the same operation done from a full
 restore of the same point (what the scratch path gave). Also: a replicated point (``at``), a damaged
-page met in the plan or first in the write transaction (one line, the live file byte-identical, the
-lock let go), a plan that went stale, the shared lock held from plan to apply, and an S3 repository
-(moto_server).
+page met in the plan or first in the apply (one line, the live file byte-identical, the lock let go;
+restore-table reads its rows before the write lock since session 9: tests/test_review_s9_inplace.py), a
+plan that went stale, the shared lock held from plan to apply, and an S3 repository (moto_server).
 """
 
 from __future__ import annotations
@@ -309,8 +309,9 @@ def test_a_damaged_page_met_in_the_plan_is_one_line_and_changes_nothing(shop: Sh
 
 
 def test_a_damaged_page_first_read_in_the_write_transaction_rolls_it_back(shop: Shop, tmp_path: Path) -> None:
-    """The plan counts ``docs`` through its index; the copy then reads a leaf page of the table that the
-    plan never fetched, and it is damaged: the transaction rolls back, the live file is byte-identical."""
+    """The plan counts ``docs`` through its index; the apply then reads a leaf page of the table that the
+    plan never fetched (staging the rows, just before the write lock), and it is damaged: nothing is
+    written, the live file is byte-identical."""
     repo_dir = tmp_path / "repo"
     shutil.copytree(shop.url, repo_dir)
     repo = Repository.open(str(repo_dir))
