@@ -149,19 +149,22 @@ def _publish(records: list[dict[str, Any]], reports: dict[str, dict[str, str]], 
         paths = reports.get(rec["db"])
         if paths is None:
             continue
-        md += [f"## {rec['db']}", "", where(paths["html"], "HTML report", site)
-               + (" · " + where(paths["data-docs"], "Data Docs", site) if "data-docs" in paths else ""), "",
-               truncate(_served_images(Path(paths["markdown"]), site), budget, paths["markdown"]), ""]
+        title, _, body = _served_images(Path(paths["markdown"]), site).partition("\n")
+        md += [title, "", where(paths["html"], "HTML report", site)
+               + (" · " + where(paths["data-docs"], "Data Docs", site) if "data-docs" in paths else ""),
+               truncate(body, budget, paths["markdown"]), ""]
     publish("drill", "\n".join(md), rows, description="recovery drill", site=site)
 
 
 def _served_images(report: Path, site: ReportSite) -> str:
-    """report.md with its images (files beside it) pointed at their URLs when served, else left out."""
+    """report.md one heading level down (under the run's title), its images (files beside it) pointed at
+    their URLs when served, else left out."""
     def image(m: re.Match[str]) -> str:
         url = site.url(report.parent / m.group(2))
         return f"![{m.group(1)}]({url})" if url else ""
 
-    return _IMAGE.sub(image, report.read_text(encoding="utf-8")).replace("\n\n\n", "\n\n")
+    text = _IMAGE.sub(image, report.read_text(encoding="utf-8")).replace("\n\n\n", "\n\n")
+    return re.sub(r"(?m)^#", "##", text)
 
 
 _IMAGE = re.compile(r"!\[([^\]]*)\]\(([^)\s:]+)\)")

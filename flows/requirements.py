@@ -23,8 +23,13 @@ DOCUMENTS = [("report.html", "requirements report (HTML)"), ("report.md", "requi
              ("dr-plan.md", "disaster-recovery plan")]
 
 
+def _run_name(out_dir: str | None = None, **params: Any) -> str:
+    """The run's name: without out_dir, the report goes to the reports folder (not "to None")."""
+    return requirements_name(out_dir or "the reports folder", **params)
+
+
 @store_references_only
-@flow(name="dbre-requirements-report", flow_run_name=from_parameters(requirements_name, "requirements report"),
+@flow(name="dbre-requirements-report", flow_run_name=from_parameters(_run_name, "requirements report"),
       persist_result=False)
 def requirements_report_flow(out_dir: str | None = None, policy: str | None = None,
                              repo: str | None = None, key: KeyRef = None, sources: dict[str, str] | None = None,

@@ -134,6 +134,10 @@ def test_requirements_artifact_without_base_url_says_where(tmp_path: Path, monke
                                      return_state=True)  # no out_dir: the policy's reports.dir
     assert state.is_completed(), state.message
     out = Path(state.result()["out_dir"])
+    from prefect import get_client
+    with get_client(sync_client=True) as client:
+        assert client.read_flow_run(state.state_details.flow_run_id).name == "requirements report of app to the " \
+            "reports folder"
     assert out.parent == tmp_path / "reports" / "requirements" and (out / "recovery-runbook.md").exists()
     arts = artifacts_of(state.state_details.flow_run_id)
     assert sorted(a.key for a in arts) == ["requirements-summary", "requirements-table"] and _file_links(arts) == []
