@@ -248,11 +248,9 @@ def test_no_reuse_from_another_sqlite(tmp_path: Path, monkeypatch: pytest.Monkey
     assert again.stats["tables_reused"] == 3
 
 
-@pytest.mark.xfail(strict=True, reason="finding: dbre/report/requirements.py _write_rate compares checksums of two "
-                   "definitions (stats.checksum_version) as a change; not this reviewer's file")
 def test_requirements_write_rate_across_definitions(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Finding (report only): `dbre requirements`' write rate counts an interval as a change when a
-    WITHOUT ROWID table's two checksums differ only because they are of two definitions."""
+    """Finding (fixed): `dbre requirements`' write rate counted an interval as a change when a
+    WITHOUT ROWID table's two checksums differed only because they are of two definitions."""
     from dbre.report.requirements import _write_rate
 
     src = tmp_path / "live.db"

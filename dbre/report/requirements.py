@@ -371,7 +371,8 @@ def _write_rate(snaps: Sequence[Manifest], name: str) -> tuple[float | None, flo
         pairs += 1
         span += (b.time - a.time).total_seconds() / DAY
         churn += abs(tb.rows - ta.rows)
-        if tb.rows != ta.rows or (ta.checksum and tb.checksum and ta.checksum != tb.checksum):
+        same_meaning = a.checksum_version == b.checksum_version  # (two definitions differ on equal data)
+        if tb.rows != ta.rows or (ta.checksum and tb.checksum and same_meaning and ta.checksum != tb.checksum):
             changed += 1
     if not pairs:
         return None, None
