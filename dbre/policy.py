@@ -170,6 +170,49 @@ class Tier(StrEnum):
     low = "low"
 
 
+def _check_admin_url(value: str) -> str:
+    parts = urlsplit(value.strip())
+    if parts.scheme not in ("http", "https") or not parts.netloc or parts.username or parts.password:
+        raise ValueError("must be an http(s) URL without credentials, e.g. http://127.0.0.1:9090")
+    return value.strip().rstrip("/")
+
+
+_SQLD_FIELDS = ("admin_url", "namespace", "url", "admin_key")
+_TURSO_FIELDS = ("org", "database", "api_token")
+
+
+class ProviderPolicy(_Model):
+    """The provider's own history of a database, for a restore from it (`dbre restore --provider`, the
+    restore form's provider source): a self-hosted sqld with bottomless, or Turso Cloud."""
+
+    kind: Literal["sqld", "turso"]
+    admin_url: Annotated[str, AfterValidator(_check_admin_url)] | None = Field(
+        default=None, description="sqld: its admin API (--admin-listen-addr), e.g. http://127.0.0.1:9090")
+    namespace: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$",
+                                  description="sqld: the namespace restored; default: the database's namespace")
+    url: Location | None = Field(default=None, description="sqld: its HTTP API, to read a fork to a file")
+    admin_key: SecretRef | None = Field(default=None, description="sqld: --admin-auth-key, env:VAR or "
+                                        "prefect-secret:BLOCK; default: $LIBSQL_ADMIN_AUTH_KEY")
+    org: str | None = Field(default=None, pattern=r"^[a-z0-9][a-z0-9-]{0,63}$", description="turso: organization")
+    database: str | None = Field(default=None, pattern=r"^[a-z0-9][a-z0-9-]{0,63}$",
+                                 description="turso: the database's name in Turso")
+    api_token: SecretRef | None = Field(default=None, description="turso: Platform API token, env:VAR or "
+                                        "prefect-secret:BLOCK; default: $TURSO_API_TOKEN")
+
+    @model_validator(mode="after")
+    def _fields_of_its_kind(self) -> ProviderPolicy:
+        own, other = (_SQLD_FIELDS, _TURSO_FIELDS) if self.kind == "sqld" else (_TURSO_FIELDS, _SQLD_FIELDS)
+        foreign = [f for f in other if getattr(self, f) is not None]
+        if foreign:
+            raise ValueError(f"{', '.join(foreign)} {'is' if len(foreign) == 1 else 'are'} not a {self.kind} "
+                             f"setting (a {self.kind} entry takes {', '.join(own)})")
+        needed = ["admin_url"] if self.kind == "sqld" else ["org", "database"]
+        missing = [f for f in needed if getattr(self, f) is None]
+        if missing:
+            raise ValueError(f"kind {self.kind} needs {' and '.join(missing)}")
+        return self
+
+
 class DatabasePolicy(_Model):
     """One database to protect."""
 
@@ -192,6 +235,8 @@ class DatabasePolicy(_Model):
     critical_tables: list[str] = Field(default_factory=list, description="Tables whose loss stops the business")
     compliance: list[str] = Field(default_factory=list, description="Regulations and contracts, e.g. 'GDPR: ...'")
     min_retention: Duration | None = Field(default=None, description="Shortest retention a regulation allows, e.g. 1y")
+    provider: ProviderPolicy | None = Field(default=None, description="The provider's own history (sqld or "
+                                            "turso): defaults of a restore from it")
 
 
 class ObjectLockPolicy(_Model):
