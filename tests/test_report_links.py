@@ -145,3 +145,18 @@ def test_requirements_artifact_without_base_url_says_where(tmp_path: Path, monke
     assert "## Recommendations" in summary and "**Targets**" in summary
     assert f"recovery runbook: `{out / 'recovery-runbook.md'}` on host `{socket.gethostname()}`" in summary
     assert "](" not in summary.split("## Recommendations")[-1]  # no link when nothing serves the folder
+
+
+def test_scheduled_drill_and_report_default_to_the_reports_folder() -> None:
+    """The monthly drill and quarterly report deployments set no folder: the flows then write under the
+    reports folder (absolute), never a path relative to wherever the worker was started."""
+    import inspect
+
+    from deployments.serve import deployment_specs
+    from flows.drill import drill_flow
+    from flows.requirements import requirements_report_flow
+
+    specs = {s["name"]: s.get("parameters") or {} for s in deployment_specs()}
+    assert "report_dir" not in specs["drill-monthly"] and "out_dir" not in specs["report-quarterly"]
+    assert inspect.signature(drill_flow.fn).parameters["report_dir"].default is None
+    assert inspect.signature(requirements_report_flow.fn).parameters["out_dir"].default is None
