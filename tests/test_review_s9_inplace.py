@@ -361,3 +361,27 @@ def test_a_commit_after_the_safety_snapshot_has_it_taken_again_under_the_lock(
         apply_table_restore(undo)
     assert rows(live, "SELECT v FROM small WHERE id = 100") == [("late",)]  # the undo has the late commit
     assert rows(live, "SELECT count(*) FROM small")[0][0] == 195
+
+
+def test_repair_rows_reads_no_repository_under_the_live_write_lock_when_its_rows_left_the_cache(
+        shop: Shop, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Finding (low): a repair whose rows no longer sat in the state's cache (a selection larger than the
+    64 MiB of batches it keeps; here the cache is made 1 MiB) read them again from the repository inside
+    BEGIN IMMEDIATE. The rows to write are now staged into a private temporary database before the lock."""
+    from dbre.restore import query
+
+    monkeypatch.setitem(query.PastState.__init__.__kwdefaults__, "cache_bytes", 1 << 20)
+    live = live_copy(shop, tmp_path)
+    keys = [1, 9000, 21000, 33000, 45000, 59999]
+    c = sqlite3.connect(live, isolation_level=None)
+    c.execute(f"DELETE FROM big WHERE id IN ({', '.join(map(str, keys[:3]))})")
+    c.execute(f"UPDATE big SET t = -1 WHERE id IN ({', '.join(map(str, keys[3:]))})")
+    c.close()
+    repo, store = watched(shop, live)
+    where = f"id IN ({', '.join(map(str, keys))})"
+    with plan_row_repair(repo, "shop", live, "big", where) as plan:
+        assert plan.counts()["insert"] == 3 and plan.counts()["update"] == 3
+        apply_row_repair(plan, safety=False)
+    assert store.locked_reads == 0, f"{store.locked_reads} pack reads while the live database was write-locked"
+    select = f"SELECT * FROM big WHERE {where} ORDER BY id"
+    assert rows(live, select) == rows(shop.src, select)

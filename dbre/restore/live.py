@@ -5,10 +5,10 @@ read-only VFS over the repository that `dbre sql` uses (dbre.restore.query), whi
 pages a statement touches and checks each against its keyed hash, under the repository's shared lock
 held from the plan to the end of the apply (checked live again before an apply writes anything: a plan
 kept past the lock's stale limit is planned again). It is attached read-only to the live connection,
-and rows move between the two inside one SQLite transaction; a table restore stages its rows into a
-private temporary database first, before the write lock, so the application's writers never wait on a
-repository read. A damaged or missing page, or a store that gives up, fails the statement that reads it:
-in the plan, nothing is written; in the apply, the transaction rolls back.
+and the rows to write are staged from it into a private temporary database before the write lock (the
+application's writers never wait on a repository read), then moved inside one SQLite transaction. A
+damaged or missing page, or a store that gives up, fails the statement that reads it: in the plan or
+the apply, nothing is written.
 
 One case still restores a scratch copy first (`restore_to_scratch`): a repository read through
 offsite copies (``--fallback``). There a damaged object is re-read from the copy and the whole read

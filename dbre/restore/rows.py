@@ -10,7 +10,8 @@ it deletes or re-keys (counted in live; a repair never runs ON DELETE/UPDATE act
 be left pointing at nothing and the apply stops), and the table's triggers that fire (or stay
 suspended). Each row is compared by a hash of its stored values with their types, so 1, 1.0 and '1'
 differ as SQLite stores them. Applying re-reads the live selection inside the write transaction and
-stops if it is not what the plan saw.
+stops if it is not what the plan saw; the rows it writes were staged from the past state just before
+the write lock (``_stage_rows``), so the lock is never held over a repository read.
 
 The live database is a local file, or a remote libSQL database (sqld, Turso) reached with
 libsql-client: then the rows are read in pages by key, and the repair is one interactive
@@ -65,6 +66,7 @@ OPERATION = "repair-rows"
 MAX_ROWS = 1_000_000  # a selection larger than this needs max_rows raised: the diff holds it in memory
 PREVIEW_ROWS = 10
 CHUNK_ROWS = 50_000  # rows hashed and added to the diff at a time
+STAGE_SCHEMA = "dbre_stage"  # a private temporary database the rows to write are staged in before the write lock
 REMOTE_PAGE_ROWS = 2_000  # rows per request to a remote database (sqld caps a response at 10 MB)
 
 Key = tuple[Any, ...]
@@ -768,13 +770,30 @@ def _apply_local(plan: RowRepairPlan, shape: _Shape, allow_fk_violations: bool,
     # changes are in this snapshot as they were when it wrote
     taken = safety_snapshot(plan.repo, plan.db, Path(plan.live), f"{OPERATION} of {plan.table}") if safety else None
     try:
-        with write_transaction(Path(plan.live), plan.past) as conn:
+        with write_transaction(Path(plan.live), plan.past, lambda conn: _stage_rows(conn, plan, shape)) as conn:
             db = LocalDb(conn, "the live database")
             return _repair(db, plan, shape, allow_fk_violations, fire_triggers, None), taken
     except apsw.Error as err:
         raise RestoreError(f"{OPERATION} in {plan.live}: {err}; rolled back, nothing was changed") from err
     except RepositoryError as err:  # the past state could not be read (damaged, missing, the store gave up)
         raise rolled_back(err, f"{OPERATION} in {plan.live}") from err
+
+
+def _stage_rows(conn: apsw.Connection, plan: RowRepairPlan, shape: _Shape) -> None:
+    """The rows the repair writes (its inserts and updates), copied from the past state into a private
+    temporary database (``ATTACH ''``: on disk in the temp folder, gone with the connection) under the table's
+    name, then the past state detached, all before the write lock: rows that left the state's cache since the
+    plan are read from the repository (network reads, retried for minutes when the store fails) while the
+    application's writers go on. Untyped columns keep every value as stored; a rowid key is the row's rowid."""
+    t = qident(plan.table)
+    cols = [qident(c) for c in shape.columns]
+    names = ", ".join(([shape.key[0]] if shape.key_is_rowid else []) + cols)
+    conn.execute(f"ATTACH DATABASE '' AS {STAGE_SCHEMA}")
+    conn.execute(f"CREATE TABLE {STAGE_SCHEMA}.{t}({', '.join(cols)})")
+    for key in [*plan.inserts, *(plan.updates if shape.value_columns else [])]:
+        conn.execute(f"INSERT INTO {STAGE_SCHEMA}.{t} ({names}) SELECT {names} FROM {SNAPSHOT_SCHEMA}.{t} "
+                     f"WHERE {shape.key_match}", key)
+    conn.execute(f"DETACH DATABASE {SNAPSHOT_SCHEMA}")  # the write transaction cannot read the repository
 
 
 def _apply_remote(plan: RowRepairPlan, shape: _Shape, fire_triggers: bool) -> dict[str, int]:
@@ -819,8 +838,8 @@ def _repair(db: Db, plan: RowRepairPlan, shape: _Shape, allow_fk_violations: boo
             values: LocalDb | None) -> dict[str, int]:
     """Inside the open transaction: check that live is as planned, then write.
 
-    ``values`` is where the snapshot's rows are read (remote), or None when the snapshot is
-    attached to the live connection (local) and rows are copied in SQL."""
+    ``values`` is where the snapshot's rows are read (remote), or None when they were staged on the live
+    connection (local: ``_stage_rows``) and are copied in SQL."""
     _, now = _select(db, shape, plan.where, plan.max_rows, not db.remote)
     changed = _changed_since(plan.live_seen, now)
     if changed:
@@ -884,14 +903,14 @@ def _write_rows(db: Db, shape: _Shape, plan: RowRepairPlan, values: LocalDb | No
     col_list = ", ".join(names)
     for key in plan.inserts:
         if values is None:
-            run("insert", f"INSERT INTO main.{t} ({col_list}) SELECT {col_list} FROM {SNAPSHOT_SCHEMA}.{t} "
+            run("insert", f"INSERT INTO main.{t} ({col_list}) SELECT {col_list} FROM {STAGE_SCHEMA}.{t} "
                           f"WHERE {match}", key, key)
         else:
             run("insert", f"INSERT INTO main.{t} ({col_list}) VALUES ({', '.join('?' * len(cols))})",
                 snapshot_row(key, cols), key)
     for key in plan.updates if sets else []:
         if values is None:
-            run("update", f"UPDATE main.{t} SET ({set_list}) = (SELECT {set_list} FROM {SNAPSHOT_SCHEMA}.{t} "
+            run("update", f"UPDATE main.{t} SET ({set_list}) = (SELECT {set_list} FROM {STAGE_SCHEMA}.{t} "
                           f"WHERE {match}) WHERE {match}", key + key, key)
         else:
             run("update", f"UPDATE main.{t} SET ({set_list}) = ({', '.join('?' * len(sets))}) WHERE {match}",
