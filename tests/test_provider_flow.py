@@ -25,7 +25,8 @@ from dbre.policy import parse_policy
 from deployments.serve import load_flow
 from flows.references import REFUSED, SECRET_REF_PATTERN
 from flows.restore import RestoreRequest, restore_flow, run_name
-from tests.sqld import SqldServer, sqld_auth  # noqa: F401 - the session fixture
+from tests.sqld import SqldServer, sqld_auth, start_sqld  # noqa: F401 - the session fixture
+from tests.test_provider_sqld import ADMIN_KEY, _admin, _restorable_after
 from tests.test_provider_turso import API_TOKEN, ORG, FakePlatform, platform  # noqa: F401 - the contract server
 
 TOKEN_ENV = "DBRE_FLOW_TEST_TURSO_TOKEN"
@@ -273,3 +274,57 @@ def test_form_errors_are_one_line_and_a_literal_token_is_refused_before_any_work
     bad = restore_flow({"database": "shop", "source": "provider", "target": str(target)}, return_state=True)
     assert bad.is_failed() and "source provider needs at" in (bad.message or "")
     assert platform.calls == [] and not target.exists()
+
+
+# --------------------------------------------------------------------------- sqld: a real one, with bottomless
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_sqld_fork_at_a_time_to_a_file_and_into_a_namespace(moto_server: str, s3_client: Any, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """sqld (namespaces, admin key, bottomless every second on the S3 test server): state 1 committed and
+    uploaded, its time taken, then state 2; the form restores the time of state 1, exactly."""
+    bucket = f"flow-bottomless-{int(time.time() * 1000) % 10**9}"
+    s3_client.create_bucket(Bucket=bucket)
+    env = {"BUCKET": bucket, "ENDPOINT": moto_server, "DATABASE_ID": "dbre-flow-test", "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1", "BATCH_INTERVAL_SECS": "1"}
+    for k, v in env.items():
+        monkeypatch.setenv(f"LIBSQL_BOTTOMLESS_{k}", v)
+    server = start_sqld(tmp_path / "sqld", namespaces=True, admin=True,
+                        extra_args=["--enable-bottomless-replication", "--admin-auth-key", ADMIN_KEY])
+    try:
+        assert server.admin_url
+        _admin(server, "POST", "/v1/namespaces/app/create")
+        seen: dict[str, int] = {}
+        server.pipeline(["CREATE TABLE t(i INTEGER PRIMARY KEY)", "INSERT INTO t VALUES (1)"], namespace="app")
+        t1 = _restorable_after(s3_client, bucket, seen)
+        time.sleep(max(0.0, t1 + 0.3 - time.time()))
+        server.pipeline(["INSERT INTO t VALUES (2)"], namespace="app")
+        _restorable_after(s3_client, bucket, seen)
+        monkeypatch.setenv("DBRE_FLOW_TEST_ADMIN_KEY", ADMIN_KEY)
+        policy = _policy(tmp_path, {"kind": "sqld", "admin_url": server.admin_url, "namespace": "app",
+                                    "url": server.url, "admin_key": "env:DBRE_FLOW_TEST_ADMIN_KEY"})
+        at = datetime.fromtimestamp(t1, UTC)
+        target = tmp_path / "app-at-1.db"
+        request = RestoreRequest(database="shop", source="provider", at=at, target=str(target))
+        dry = restore_flow(request, policy=policy, return_state=True)
+        assert dry.is_completed(), dry.message
+        assert not target.exists() and _run(dry).name.endswith("(sqld)")
+        assert "temporary namespace `dbre-restore-" in _summary(dry, "restore-shop-provider-summary")
+        done = restore_flow(_with(request, dry_run=False), policy=policy, return_state=True)
+        assert done.is_completed(), done.message
+        conn = apsw.Connection(str(target), flags=apsw.SQLITE_OPEN_READONLY)
+        try:
+            assert [r[0] for r in conn.execute("SELECT i FROM t ORDER BY i")] == [1]  # not the later commit
+        finally:
+            conn.close()
+        md = _summary(done, "restore-shop-provider-summary")
+        assert "integrity_check and foreign_key_check pass" in md and "restart sqld" in md
+        # into a new namespace, from the form (target empty); the fork stays
+        into = restore_flow(_with(request, target="", dry_run=False, provider={"into_namespace": "app-before"}),
+                            policy=policy, return_state=True)
+        assert into.is_completed(), into.message
+        assert server.execute("SELECT i FROM t ORDER BY i", namespace="app-before") == [[1]]
+        assert ADMIN_KEY not in json.dumps(_run(done).parameters) + md
+    finally:
+        server.stop()
