@@ -67,6 +67,7 @@ def _publish(report: RequirementsReport, paths: dict[str, str], pol: Any, site: 
     cur = report.prices.currency
     rows = [{"db": c.db, "target": c.target, "objective": c.objective, "measured": c.measured, "status": c.status,
              "reason": c.reason} for d in report.databases for c in d.checks]
+    missed = [x for x in rows if x["status"] not in (MET, NO_TARGET)]
     inst = installation(report, pol, cli_commands())
     md = ["# Backup and recovery requirements", "",
           f"Repository `{report.repository}`: {len(report.databases)} databases, "
@@ -77,9 +78,10 @@ def _publish(report: RequirementsReport, paths: dict[str, str], pol: Any, site: 
           + (f", {counts[NO_TARGET]} without a target" if counts[NO_TARGET] else "") + ".", "",
           f"**Storage** under the retention policy: {cur} {sum(s.total_month_now for s in stor):.4f}/month now, "
           f"{cur} {sum(s.total_month_12m for s in stor):.4f}/month in 12 months.", "",
-          "## Targets against measurements", "",
-          md_table([x for x in rows if x["status"] != MET] or rows,
-                   ["db", "target", "objective", "measured", "status", "reason"]), "",
+          "## Targets not met or at risk", "",
+          # the table artifact has every target: the summary shows only those that need work
+          md_table(missed, ["db", "target", "objective", "measured", "status", "reason"]) if missed
+          else f"All {len(rows)} targets met (each is in the table artifact).", "",
           "## Recommendations", ""]
     for i, rec in enumerate(report.recommendations, 1):
         cmd = action_command(rec, inst, report)

@@ -143,6 +143,9 @@ def test_requirements_artifact_without_base_url_says_where(tmp_path: Path, monke
     assert sorted(a.key for a in arts) == ["requirements-summary", "requirements-table"] and _file_links(arts) == []
     summary = next(a for a in arts if a.key == "requirements-summary").data
     assert "## Recommendations" in summary and "**Targets**" in summary
+    assert "| not met |" in summary and "| met |" not in summary  # met targets only in the table artifact
+    table = json.loads(next(a for a in arts if a.key == "requirements-table").data)
+    assert {"met", "not met"} <= {r["status"] for r in table}
     assert f"recovery runbook: `{out / 'recovery-runbook.md'}` on host `{socket.gethostname()}`" in summary
     assert "](" not in summary.split("## Recommendations")[-1]  # no link when nothing serves the folder
 
