@@ -469,8 +469,9 @@ def plan_provider_restore(options: ProviderOptions) -> dict[str, Any]:
 def restore_provider(options: ProviderOptions, refs: dict[str, str | None]) -> dict[str, Any]:
     """Plan again and carry it out: a fork or a seeded create, then (to a file) the read and the delete."""
     prepared: PreparedRestore = prepare_provider_restore(options, _secrets(refs))
+    prepared.plan_window = True  # (turso: the organization's plan is looked up, its window checked first)
     result = prepared.run()
-    return result.summary()
+    return {**result.summary(), "plan_note": result.plan_note}
 
 
 def _secrets(refs: dict[str, str | None]) -> ProviderSecrets:
@@ -599,6 +600,8 @@ def _publish_provider(req: RestoreRequest, plan: dict[str, Any], result: dict[st
                 f"Restored {what} in {result['seconds']:.2f} s ({timing})."]
         if result["url"]:
             head += ["", f"The new {kind} answers at `{result['url']}`."]
+        if result.get("plan_note"):
+            head += ["", f"Turso {result['plan_note']}."]
         if result["tables"] is not None:
             head += ["", f"It holds {result['tables']} schema objects"
                      + (f", {human(result['size'])}." if result["size"] else ".")]

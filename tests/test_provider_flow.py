@@ -1,8 +1,10 @@
 """The restore form's provider source: a restore from the provider's own history (`dbre restore --provider`)
 started from the Prefect UI. The Turso path is a CONTRACT test against the local HTTP server of
 tests/test_provider_turso.py (it checks every request against the documented Platform API and hands out a
-real sqld as the "new database"); the sqld path (one test, slow) forks a real sqld with bottomless on the
-S3 test server. Flows run under the session's ``prefect_test_harness``."""
+real sqld as the "new database"), which here also answers the documented organization lookup
+(api-reference/organizations/retrieve: the plan_id the flow checks the time against); the sqld path (one test,
+slow) forks a real sqld with bottomless on the S3 test server. Flows run under the session's
+``prefect_test_harness``."""
 
 from tests.prefect_fixtures import artifacts_of  # noqa: I001 - sets Prefect's environment first
 
@@ -11,9 +13,11 @@ from tests.prefect_fixtures import artifacts_of  # noqa: I001 - sets Prefect's e
 import json
 import re
 import time
+import urllib.error
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import apsw
 import pytest
@@ -31,6 +35,31 @@ from tests.test_provider_turso import API_TOKEN, ORG, FakePlatform, platform  # 
 
 TOKEN_ENV = "DBRE_FLOW_TEST_TURSO_TOKEN"
 LITERAL = "tur-literal-api-token-typed-into-the-form-7c1d"
+
+
+@pytest.fixture
+def turso(platform: FakePlatform) -> FakePlatform:  # noqa: F811
+    """The contract server, also answering ``GET /v1/organizations/{org}`` as documented, with the plan in
+    ``turso.plan_id`` (default developer: 10 days)."""
+    documented = platform.handle
+    platform.plan_id = "developer"  # type: ignore[attr-defined]
+
+    def handle(method: str, raw_path: str, headers: dict[str, str], raw: bytes) -> tuple[int, Any]:
+        path = urlsplit(raw_path).path
+        if not (method == "GET" and path == f"/v1/organizations/{ORG}"):
+            return documented(method, raw_path, headers, raw)
+        platform.calls.append((method, path))
+        if raw or urlsplit(raw_path).query:
+            platform.violations.append(f"organization lookup with a body or query: {raw_path}")
+        if headers.get("authorization") != f"Bearer {API_TOKEN}":
+            return 401, {"error": "unauthorized"}
+        return 200, {"organization": {"name": ORG, "slug": ORG, "type": "team", "overages": False,
+                                      "blocked_reads": False, "blocked_writes": False,
+                                      "plan_id": platform.plan_id, "plan_timeline": "monthly",  # type: ignore
+                                      "platform": ""}}
+
+    platform.handle = handle  # type: ignore[method-assign]
+    return platform
 
 
 def _policy(tmp_path: Path, provider: dict[str, Any] | None) -> str:
@@ -141,11 +170,11 @@ def test_form_schema_shows_the_provider_fields_described() -> None:
 
 
 @pytest.mark.usefixtures("prefect_harness")
-def test_turso_dry_run_then_restore_to_a_file(platform: FakePlatform, sqld_auth: SqldServer,  # noqa: F811
+def test_turso_dry_run_then_restore_to_a_file(turso: FakePlatform, sqld_auth: SqldServer,  # noqa: F811
                                               tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     sqld_auth.pipeline(["DROP TABLE IF EXISTS flow_contract", "CREATE TABLE flow_contract(i INTEGER PRIMARY KEY)",
                         "INSERT INTO flow_contract VALUES (7), (8)"])
-    monkeypatch.setenv("TURSO_API_BASE_URL", platform.url)
+    monkeypatch.setenv("TURSO_API_BASE_URL", turso.url)
     monkeypatch.setenv(TOKEN_ENV, API_TOKEN)
     monkeypatch.delenv("TURSO_API_TOKEN", raising=False)
     policy = _turso_policy(tmp_path)
@@ -154,7 +183,7 @@ def test_turso_dry_run_then_restore_to_a_file(platform: FakePlatform, sqld_auth:
     request = RestoreRequest(database="shop", source="provider", at=at, target=str(target))  # kind: the policy's
     dry = restore_flow(request, policy=policy, return_state=True)
     assert dry.is_completed(), dry.message
-    assert platform.calls == [] and not target.exists()  # a dry run asks the provider nothing
+    assert turso.calls == [] and not target.exists()  # a dry run asks the provider nothing
     assert _run(dry).name == f"dry run: provider restore of shop @ {at:%Y-%m-%dT%H:%M}Z (turso)"
     plan = dry.result()["plan"]
     assert plan["source"] == f"{ORG}/shop" and re.fullmatch(r"dbre-pitr-[0-9a-f]{8}", plan["scratch"])
@@ -166,13 +195,14 @@ def test_turso_dry_run_then_restore_to_a_file(platform: FakePlatform, sqld_auth:
 
     done = restore_flow(request.model_copy(update={"dry_run": False}), policy=policy, return_state=True)
     assert done.is_completed(), done.message
-    assert platform.violations == []
+    assert turso.violations == []
     scratch = done.result()["result"]["scratch"]
-    assert platform.calls == [("GET", f"/v1/organizations/{ORG}/databases/shop"),
+    assert turso.calls == [("GET", f"/v1/organizations/{ORG}"),  # the plan, checked before anything is created
+                              ("GET", f"/v1/organizations/{ORG}/databases/shop"),
                               ("POST", f"/v1/organizations/{ORG}/databases"),
                               ("POST", f"/v1/organizations/{ORG}/databases/{scratch}/auth/tokens"),
                               ("DELETE", f"/v1/organizations/{ORG}/databases/{scratch}")]
-    assert platform.bodies[1]["seed"]["timestamp"] == f"{at:%Y-%m-%dT%H:%M:%S}Z" and platform.existing == {"shop"}
+    assert turso.bodies[1]["seed"]["timestamp"] == f"{at:%Y-%m-%dT%H:%M:%S}Z" and turso.existing == {"shop"}
     conn = apsw.Connection(str(target), flags=apsw.SQLITE_OPEN_READONLY)
     try:
         assert [r[0] for r in conn.execute("SELECT i FROM flow_contract ORDER BY i")] == [7, 8]
@@ -181,34 +211,35 @@ def test_turso_dry_run_then_restore_to_a_file(platform: FakePlatform, sqld_auth:
     assert _run(done).name == f"provider restore of shop @ {at:%Y-%m-%dT%H:%M}Z (turso)"
     md = _summary(done, "restore-shop-provider-summary")
     assert md.startswith("# Provider restore of `shop` (turso)") and "integrity_check and foreign_key_check pass" in md
+    assert "Turso plan developer: restores the last 10 days; the time is inside it." in md
     assert [r["step"] for r in json.loads(_summary(done, "restore-shop-provider-table"))] == ["plan", "restore",
                                                                                              "validate"]
     everything = json.dumps(_run(done).parameters) + md + str(done.message)
-    assert API_TOKEN not in everything and platform.db_jwt not in everything
+    assert API_TOKEN not in everything and turso.db_jwt not in everything
     # the same file again without force: refused before the provider is asked, with what to do
-    calls = len(platform.calls)
+    calls = len(turso.calls)
     again = restore_flow(request.model_copy(update={"dry_run": False}), policy=policy, return_state=True)
-    assert again.is_failed() and "already exists" in (again.message or "") and len(platform.calls) == calls
+    assert again.is_failed() and "already exists" in (again.message or "") and len(turso.calls) == calls
     failed = _summary(again, "restore-shop-provider-failed-summary")
     assert "What to do:" in failed and "force" in failed and "--force" not in failed
 
 
 @pytest.mark.usefixtures("prefect_harness")
-def test_turso_into_a_new_database_from_the_form_alone(platform: FakePlatform, tmp_path: Path,  # noqa: F811
+def test_turso_into_a_new_database_from_the_form_alone(turso: FakePlatform, tmp_path: Path,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """No policy: everything from the form, the token as a reference to an environment variable."""
-    monkeypatch.setenv("TURSO_API_BASE_URL", platform.url)
+    monkeypatch.setenv("TURSO_API_BASE_URL", turso.url)
     monkeypatch.setenv(TOKEN_ENV, API_TOKEN)
     at = _an_hour_ago()
     request = RestoreRequest(database="shop", source="provider", at=at, dry_run=False, provider={
         "kind": "turso", "org": ORG, "turso_database": "shop", "into": "shop-before", "api_token": f"env:{TOKEN_ENV}"})
     done = restore_flow(request, return_state=True)
     assert done.is_completed(), done.message
-    assert platform.calls == [("GET", f"/v1/organizations/{ORG}/databases/shop"),
-                              ("POST", f"/v1/organizations/{ORG}/databases")] and platform.violations == []
-    assert "shop-before" in platform.existing
+    assert turso.calls == [("GET", f"/v1/organizations/{ORG}"), ("GET", f"/v1/organizations/{ORG}/databases/shop"),
+                              ("POST", f"/v1/organizations/{ORG}/databases")] and turso.violations == []
+    assert "shop-before" in turso.existing
     md = _summary(done, "restore-shop-provider-summary")
-    assert "into the new database `shop-before` (left in place)" in md and f"libsql://{platform.db_host}" in md
+    assert "into the new database `shop-before` (left in place)" in md and f"libsql://{turso.db_host}" in md
     # Turso refuses (the name is taken now): the run fails with one line and an artifact saying what to do
     taken = restore_flow(request, return_state=True)
     assert taken.is_failed()
@@ -217,13 +248,29 @@ def test_turso_into_a_new_database_from_the_form_alone(platform: FakePlatform, t
     failed = _summary(taken, "restore-shop-provider-failed-summary")
     assert "What to do:" in failed and "Choose a new name for provider.into" in failed
     # Turso refuses a time outside the plan's window: its words, and the other way back (dbre's own backups)
-    platform.seed_error = (400, "timestamp is outside of the retention window of your plan")
+    turso.seed_error = (400, "timestamp is outside of the retention window of your plan")
     window = restore_flow(request.model_copy(update={"provider": request.provider.model_copy(
         update={"into": "shop-before-2"})}), return_state=True)
     assert window.is_failed() and "outside of the retention window" in (window.message or "")
     failed = _summary(window, "restore-shop-provider-failed-summary")
     assert "turso plan show" in failed and "source* to repository" in failed and "dbre-pitr-" in failed
     assert API_TOKEN not in failed + (window.message or "")
+    # the organization's plan keeps less than asked: refused after the lookup, before anything is created
+    turso.seed_error = None
+    turso.plan_id = "free"  # type: ignore[attr-defined]
+    del turso.calls[:]
+    two_days_ago = datetime.fromtimestamp(time.time() - 2 * 86400, UTC)
+    old = restore_flow(_with(request, at=two_days_ago, provider={**request.provider.model_dump(), "into": "shop-old"}),
+                       return_state=True)
+    assert old.is_failed() and "older than the 24 hours organization acme's free plan restores" in (old.message or "")
+    assert turso.calls == [("GET", f"/v1/organizations/{ORG}")] and "shop-old" not in turso.existing
+    # a plan dbre has no documented window for: said, and Turso is left to check
+    turso.plan_id = "enterprise"  # type: ignore[attr-defined]
+    ent = restore_flow(_with(request, at=two_days_ago, provider={**request.provider.model_dump(), "into": "shop-old"}),
+                       return_state=True)
+    assert ent.is_completed(), ent.message
+    assert "plan enterprise: its window is not documented to dbre" in _summary(ent, "restore-shop-provider-summary")
+    assert turso.violations == []
 
 
 @pytest.mark.usefixtures("prefect_harness")
@@ -311,6 +358,8 @@ def test_sqld_fork_at_a_time_to_a_file_and_into_a_namespace(moto_server: str, s3
         assert dry.is_completed(), dry.message
         assert not target.exists() and _run(dry).name.endswith("(sqld)")
         assert "temporary namespace `dbre-restore-" in _summary(dry, "restore-shop-provider-summary")
+        with pytest.raises(urllib.error.HTTPError):  # the dry run forked nothing: no such namespace
+            server.execute("SELECT 1", namespace=dry.result()["plan"]["scratch"])
         done = restore_flow(_with(request, dry_run=False), policy=policy, return_state=True)
         assert done.is_completed(), done.message
         conn = apsw.Connection(str(target), flags=apsw.SQLITE_OPEN_READONLY)

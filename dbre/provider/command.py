@@ -80,6 +80,7 @@ class PreparedRestore:
     plan: ProviderRestore
     secrets: ProviderSecrets
     url: str | None = None
+    plan_window: bool = False  # turso: look up the organization's plan and check the time against its window
 
     def run(self) -> ProviderResult:
         """Carry out the plan: a fork or a seeded create, then (to a file) the read and the delete."""
@@ -94,7 +95,8 @@ class PreparedRestore:
             raise UsageError(f"--provider turso needs a Platform API token in {API_TOKEN_ENV}",
                              "create one with `turso auth api-tokens mint dbre`")
         org = self.plan.source.split("/", 1)[0]
-        return restore_turso(self.plan, TursoPlatform(org, s.api_token, base_url=s.api_url))
+        return restore_turso(self.plan, TursoPlatform(org, s.api_token, base_url=s.api_url),
+                             plan_window=self.plan_window)
 
 
 def prepare_provider_restore(o: ProviderOptions, secrets: ProviderSecrets) -> PreparedRestore:

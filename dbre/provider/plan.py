@@ -128,6 +128,7 @@ class ProviderResult:
     url: str | None = None
     cleanup_error: str | None = None
     seconds: float = 0.0
+    plan_note: str | None = None  # what the provider's plan allows, when it was looked up (not in ``summary``)
 
     def summary(self) -> dict[str, Any]:
         return {

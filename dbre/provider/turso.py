@@ -9,6 +9,10 @@ The requests, as docs.turso.tech documents them (api-reference/databases/*, feat
   <source>, "timestamp": "<RFC 3339>"}}`` -> ``{"database": {"DbId", "Hostname", "Name"}}`` (409: the name is taken)
 - ``POST /v1/organizations/{org}/databases/{db}/auth/tokens?expiration=..&authorization=read-only`` -> ``{"jwt"}``
 - ``DELETE /v1/organizations/{org}/databases/{db}`` -> ``{"database": <name>}``
+- ``GET /v1/organizations/{org}`` -> ``{"organization": {"name", "slug", "type", "plan_id", "plan_timeline", ...}}``
+  (api-reference/organizations/retrieve): the plan's name only. No endpoint gives the plan's point-in-time
+  window (``/plans`` lists quotas of rows, storage, databases, locations, groups, bytes synced, not it), so
+  ``PLAN_WINDOWS`` holds the windows features/point-in-time-recovery documents per plan name.
 
 Every request carries ``Authorization: Bearer <TURSO_API_TOKEN>``; errors come as ``{"error": "..."}``.
 ``TURSO_API_BASE_URL`` points the client elsewhere (contract tests, an on-prem API); a plain-http base
@@ -24,7 +28,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +44,10 @@ DEFAULT_API_URL = "https://api.turso.tech"
 _NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,63}$")
 _READ_TOKEN_LIFETIME = "1h"  # long enough to read the new database, short if it leaks
 _READ_ATTEMPTS = 6  # a database created a moment ago may not answer at once
+# How far back each plan restores (docs.turso.tech features/point-in-time-recovery; "starter" is the free
+# plan's older name). A plan not listed (enterprise, a new one) is not checked here: Turso refuses for it.
+PLAN_WINDOWS = {"free": timedelta(days=1), "starter": timedelta(days=1), "developer": timedelta(days=10),
+                "scaler": timedelta(days=30), "pro": timedelta(days=90)}
 
 
 def check_name(name: str, option: str) -> str:
@@ -104,6 +112,13 @@ class TursoPlatform:
             raise RestoreError(f"Turso API: create a token for {name}: the answer has no jwt",
                                "check TURSO_API_BASE_URL points at the Platform API")
         return Secret(jwt)
+
+    def plan_id(self) -> str | None:
+        """The organization's plan (``plan_id`` of GET /v1/organizations/{org}), None if the answer has none."""
+        out = self._call("GET", "", what=f"look up organization {self.org}")
+        org = out.get("organization")
+        plan = org.get("plan_id") if isinstance(org, dict) else None
+        return plan if isinstance(plan, str) and plan else None
 
     def delete_database(self, name: str) -> None:
         self._call("DELETE", f"/databases/{name}", what=f"delete database {name}")
@@ -189,15 +204,35 @@ def plan_turso(base_url: str, org: str, database: str, at: datetime, *, to: Path
                            replaces=target is not None and target.exists())
 
 
-def restore_turso(plan: ProviderRestore, api: TursoPlatform) -> ProviderResult:
-    """Create the database at the time; to a file: mint a read-only token, read it, delete it."""
+def check_plan_window(api: TursoPlatform, at: datetime, now: datetime | None = None) -> str:
+    """Look up the organization's plan and refuse a time outside its window (UsageError, before anything is
+    created); returns what was found, in a sentence. A lookup that fails is said, not raised: Turso checks too."""
+    try:
+        plan_id = api.plan_id()
+    except (RestoreError, UsageError) as err:
+        return f"the organization's plan could not be looked up ({err.message}): Turso checks the window itself"
+    window = PLAN_WINDOWS.get((plan_id or "").lower())
+    if window is None:
+        return f"plan {plan_id or '(none given)'}: its window is not documented to dbre: Turso checks it itself"
+    now = now or datetime.now(UTC)
+    days = f"{window.days} days" if window.days > 1 else "24 hours"
+    if now - at > window:
+        raise UsageError(f"Turso: {seed_timestamp(at)} is older than the {days} organization {api.org}'s {plan_id} "
+                         "plan restores", "give a later time, or restore it from a dbre repository")
+    return f"plan {plan_id}: restores the last {days}; the time is inside it"
+
+
+def restore_turso(plan: ProviderRestore, api: TursoPlatform, *, plan_window: bool = False) -> ProviderResult:
+    """Create the database at the time; to a file: mint a read-only token, read it, delete it. ``plan_window``:
+    first look up the organization's plan and refuse a time outside its window (``ProviderResult.plan_note``)."""
     from dbre.sources.remote import RemoteLibsqlSource
 
     source_name = plan.source.split("/", 1)[1]
+    note = check_plan_window(api, plan.at) if plan_window else None
     started = time.monotonic()
     src = api.get_database(source_name)
     new = api.create_from_timestamp(plan.created, src.group or "default", source_name, plan.at)
-    result = ProviderResult(plan, create_seconds=time.monotonic() - started, url=api.database_url(new))
+    result = ProviderResult(plan, create_seconds=time.monotonic() - started, url=api.database_url(new), plan_note=note)
     if plan.to is None:
         result.seconds = time.monotonic() - started
         return result
