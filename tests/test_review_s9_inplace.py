@@ -29,6 +29,7 @@ from dbre.restore.rows import apply_row_repair, plan_row_repair
 from dbre.restore.table import apply_table_restore, plan_table_restore
 from dbre.sources import open_source
 from dbre.storage.base import TransientError
+from tests.sqld import SqldServer, sqld  # noqa: F401 - the session's sqld
 from tests.stores import PassThroughStore
 
 
@@ -385,3 +386,50 @@ def test_repair_rows_reads_no_repository_under_the_live_write_lock_when_its_rows
     assert store.locked_reads == 0, f"{store.locked_reads} pack reads while the live database was write-locked"
     select = f"SELECT * FROM big WHERE {where} ORDER BY id"
     assert rows(live, select) == rows(shop.src, select)
+
+
+def test_a_remote_repair_reads_no_repository_once_the_server_transaction_is_open(
+        sqld: SqldServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+    """Finding (low): against a libSQL server, the rows to write were read from the past state inside the
+    server's interactive transaction (its write lock): rows that had left the state's cache meant network
+    reads from the repository there (each up to the store's retry budget). They are now staged locally before
+    the transaction opens: once it is open, every pack read fails, and the repair still succeeds."""
+    import uuid
+
+    from dbre.restore import query
+    from dbre.restore import rows as rows_mod
+    from dbre.sources.remote import RemoteLibsqlSource
+
+    monkeypatch.setitem(query.PastState.__init__.__kwdefaults__, "cache_bytes", 1 << 16)
+    t = "rv9_" + uuid.uuid4().hex[:8]
+    sqld.pipeline([f"CREATE TABLE {t}(id INTEGER PRIMARY KEY, v TEXT, p BLOB)",  # ~6 MiB: several sealed batches
+                   f"WITH RECURSIVE k(v) AS (SELECT 1 UNION ALL SELECT v + 1 FROM k WHERE v < 4000) "
+                   f"INSERT INTO {t} SELECT v, 'v' || v, randomblob(1500) FROM k"])
+    repo = Repository.open_or_init(str(tmp_path / "repo"))
+    backup(repo, RemoteLibsqlSource(sqld.url, cache_dir=tmp_path / "cache", method="dump"), "remote")
+    original = [tuple(r) for r in sqld.execute(f"SELECT * FROM {t} ORDER BY id")]
+    sqld.pipeline([f"DELETE FROM {t} WHERE id IN (3, 1500, 3900)", f"UPDATE {t} SET v = 'x' WHERE id IN (700, 2600)"])
+    store = WatchedStore(repo.store, tmp_path / "unused.db")
+    counted = Repository(store, repo.config, repo.sealer, repo.raw_config)
+    in_tx: list[int] = []
+
+    class Watched(rows_mod.RemoteDb):
+        def __init__(self, target: Any, label: str) -> None:
+            super().__init__(target, label)
+            if hasattr(target, "commit"):  # a transaction: from now on the server holds its write lock
+                in_tx.append(store.reads)
+                store.fail_packs = True  # a read the transaction waits on fails it (a read-ahead's is dropped)
+
+    monkeypatch.setattr(rows_mod, "RemoteDb", Watched)
+    audit = rows_mod.write_audit
+
+    def after_the_commit(*args: Any) -> str:
+        store.fail_packs = False  # (the audit record is written to the repository after the commit)
+        return audit(*args)
+
+    monkeypatch.setattr(rows_mod, "write_audit", after_the_commit)
+    with plan_row_repair(counted, "remote", sqld.url, t, "id IN (3, 700, 1500, 2600, 3900)") as plan:
+        assert plan.counts()["insert"] == 3 and plan.counts()["update"] == 2
+        apply_row_repair(plan)
+    assert in_tx, "no server transaction was seen"
+    assert [tuple(r) for r in sqld.execute(f"SELECT * FROM {t} ORDER BY id")] == original

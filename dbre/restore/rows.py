@@ -799,8 +799,12 @@ def _stage_rows(conn: apsw.Connection, plan: RowRepairPlan, shape: _Shape) -> No
 def _apply_remote(plan: RowRepairPlan, shape: _Shape, fire_triggers: bool) -> dict[str, int]:
     assert plan.live_url is not None
     client = connect_remote(plan.live_url, plan.token)
-    src = plan.past.connect()
+    src: apsw.Connection | None = None
     try:
+        # the rows to write, staged before the server's transaction opens (it holds the server's write lock)
+        src = apsw.Connection("", flags=apsw.SQLITE_OPEN_READWRITE | apsw.SQLITE_OPEN_CREATE | apsw.SQLITE_OPEN_URI)
+        plan.past.attach(src)
+        _stage_rows(src, plan, shape)
         tx = client.transaction()
         try:
             db = RemoteDb(tx, "the live database")
@@ -830,7 +834,8 @@ def _apply_remote(plan: RowRepairPlan, shape: _Shape, fire_triggers: bool) -> di
         raise RestoreError(f"{OPERATION} in {plan.live}: {err.__class__.__name__}: {err}; rolled back, nothing was "
                            "changed", "check the server and try again") from None
     finally:
-        src.close()
+        if src is not None:
+            src.close()
         client.close()
 
 
@@ -838,8 +843,8 @@ def _repair(db: Db, plan: RowRepairPlan, shape: _Shape, allow_fk_violations: boo
             values: LocalDb | None) -> dict[str, int]:
     """Inside the open transaction: check that live is as planned, then write.
 
-    ``values`` is where the snapshot's rows are read (remote), or None when they were staged on the live
-    connection (local: ``_stage_rows``) and are copied in SQL."""
+    ``values`` is the connection the snapshot's rows were staged on (remote), or None when they were staged
+    on the live connection (local) and are copied in SQL (``_stage_rows`` either way)."""
     _, now = _select(db, shape, plan.where, plan.max_rows, not db.remote)
     changed = _changed_since(plan.live_seen, now)
     if changed:
@@ -886,7 +891,7 @@ def _write_rows(db: Db, shape: _Shape, plan: RowRepairPlan, values: LocalDb | No
     def snapshot_row(key: Key, columns: list[str]) -> Key:
         assert values is not None
         exprs = [c if shape.key_is_rowid and c == shape.key[0] else qident(c) for c in columns]
-        found = values.rows(f"SELECT {', '.join(exprs)} FROM main.{t} WHERE {match}", key)
+        found = values.rows(f"SELECT {', '.join(exprs)} FROM {STAGE_SCHEMA}.{t} WHERE {match}", key)
         if not found:
             raise RestoreError(f"{OPERATION}: row {key} is missing from the snapshot")
         return found[0]
