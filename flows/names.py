@@ -68,8 +68,9 @@ def retention_name(databases: list[str] | None = None, prune: bool = True, dry_r
     return _with("retention" + (f" of {databases_text(databases)}" if databases else ""), notes)
 
 
-def requirements_name(out_dir: str = "reports/requirements", policy: str | None = None, **_: Any) -> str:
-    return f"requirements report of {databases_text(_policy_databases(None, policy))} to {out_dir}"
+def requirements_name(out_dir: str | None = None, policy: str | None = None, **_: Any) -> str:
+    where = out_dir or "the reports folder"
+    return f"requirements report of {databases_text(_policy_databases(None, policy))} to {where}"
 
 
 def from_parameters(name: Callable[..., str], fallback: str) -> Callable[[], str]:

@@ -20,6 +20,9 @@ os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "120"
 os.environ["DBRE_TASK_RETRY_DELAYS"] = "1,1,2"
 os.environ.pop("DBRE_POLICY", None)  # flows must not pick up a developer's policy
+# drills and requirements reports without a folder go to the reports folder: a temporary one, not ~/.local/share
+os.environ["DBRE_REPORTS_DIR"] = tempfile.mkdtemp(prefix="dbre-test-reports-")
+os.environ.pop("DBRE_REPORTS_URL", None)
 
 import pytest  # noqa: E402
 from prefect.testing.utilities import prefect_test_harness  # noqa: E402
