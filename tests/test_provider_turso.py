@@ -46,6 +46,7 @@ class FakePlatform:
     violations: list[str] = field(default_factory=list)
     seed_error: tuple[int, str] | None = None  # answer the create with this (status, error)
     url: str = ""
+    plan_id: str = "developer"  # the organization's plan (GET /v1/organizations/{org}): a 10-day window
 
     def handle(self, method: str, raw_path: str, headers: dict[str, str], raw: bytes) -> tuple[int, Any]:
         parts = urlsplit(raw_path)
@@ -53,6 +54,12 @@ class FakePlatform:
         self.calls.append((method, path))
         if headers.get("authorization") != f"Bearer {API_TOKEN}":
             return 401, {"error": "unauthorized"}
+        if method == "GET" and path == f"/v1/organizations/{ORG}":  # api-reference/organizations/retrieve
+            if raw or parts.query:
+                self.violations.append(f"organization lookup with a body or query: {raw_path}")
+            return 200, {"organization": {"name": ORG, "slug": ORG, "type": "team", "overages": False,
+                                          "blocked_reads": False, "blocked_writes": False, "plan_id": self.plan_id,
+                                          "plan_timeline": "monthly", "platform": ""}}
         prefix = f"/v1/organizations/{ORG}/databases"
         body: Any = None
         if raw:
@@ -164,6 +171,7 @@ def test_to_file_creates_reads_with_a_read_only_token_and_deletes(platform: Fake
     scratch = s["scratch"]
     assert re.fullmatch(r"dbre-pitr-[0-9a-f]{8}", scratch)
     assert [c for c in platform.calls] == [
+        ("GET", f"/v1/organizations/{ORG}"),  # the plan: the time is checked against its window first
         ("GET", f"/v1/organizations/{ORG}/databases/shop"),
         ("POST", f"/v1/organizations/{ORG}/databases"),
         ("POST", f"/v1/organizations/{ORG}/databases/{scratch}/auth/tokens"),
@@ -185,7 +193,7 @@ def test_into_creates_the_database_and_leaves_it(platform: FakePlatform) -> None
     r = cli(*_args("--at", at, "--into", "shop-restored"), env=_env(platform))
     assert r.returncode == 0, r
     assert platform.violations == []
-    assert platform.calls == [("GET", f"/v1/organizations/{ORG}/databases/shop"),
+    assert platform.calls == [("GET", f"/v1/organizations/{ORG}"), ("GET", f"/v1/organizations/{ORG}/databases/shop"),
                               ("POST", f"/v1/organizations/{ORG}/databases")]
     assert platform.bodies[1] == {"name": "shop-restored", "group": "default",
                                   "seed": {"type": "database", "name": "shop", "timestamp": "2026-11-30T09:46:08Z"}}
@@ -252,3 +260,16 @@ def test_client_repr_hides_the_token() -> None:
 
     api = TursoPlatform(ORG, Secret(API_TOKEN), base_url="http://127.0.0.1:1")
     assert API_TOKEN not in repr(api) and API_TOKEN not in str(vars(api))
+
+
+def test_a_time_outside_the_plans_window_is_refused_before_anything_is_created(platform: FakePlatform,
+                                                                               tmp_path: Path) -> None:
+    """The CLI looks the organization's plan up (documented: GET /v1/organizations/{org}, plan_id) and refuses a
+    time older than the plan keeps (free: 24 h), one line, before any database is created."""
+    platform.plan_id = "free"
+    two_days_ago = iso(datetime.fromtimestamp(time.time() - 2 * 86400, UTC))
+    r = cli(*_args("--at", two_days_ago, "--to", str(tmp_path / "x.db")), env=_env(platform))
+    line = assert_one_line_error(r, 2, "free")
+    assert API_TOKEN not in line
+    assert platform.calls == [("GET", f"/v1/organizations/{ORG}")] and platform.existing == {"shop"}
+    assert not list(tmp_path.iterdir()) and platform.violations == []

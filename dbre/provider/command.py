@@ -146,6 +146,7 @@ def prepare_provider_restore(o: ProviderOptions, secrets: ProviderSecrets) -> Pr
 def run_provider_restore(o: ProviderOptions) -> None:
     """Check the options, plan, then show the plan (--dry-run) or restore and print the result."""
     prepared = prepare_provider_restore(o, ProviderSecrets.from_env())
+    prepared.plan_window = True  # turso: the organization's plan looked up, a time outside its window refused
     if o.dry_run:
         return _show_plan(prepared.plan.describe(), prepared.plan.text(), o.json_out)
     _show_result(prepared.run(), o.json_out)
