@@ -8,7 +8,10 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -247,3 +250,50 @@ class SecondsWindow(KeepPolicy):
 
     def within_duration(self) -> Seconds:  # type: ignore[override]
         return Seconds(self.seconds)
+
+
+@contextmanager
+def replicating(repo: Repository, src: Path, db: str = "app", interval: float = 0.2) -> Iterator[None]:
+    """An in-process Replicator thread on ``src`` for the body of the block, its generation's base
+    written before the body runs; at the end it ships what is committed and stops, and any error it
+    met is raised."""
+    from dbre.replicate.shipper import Replicator
+
+    rep = Replicator(repo, src, db, interval)
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            rep.run(stop)
+        except BaseException as err:  # noqa: BLE001 - reported below
+            errors.append(err)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not any(k.endswith("/base") for k in repo.store.list(f"segments/{db}/")):
+            assert not errors and time.monotonic() < deadline, errors or "no generation within 30 s"
+            time.sleep(0.05)
+        time.sleep(0.3)  # resumed or started, polling
+        yield
+        time.sleep(interval * 2 + 0.3)
+    finally:
+        stop.set()
+        thread.join(60)
+    assert not errors, errors
+
+
+def shipped_transactions(repo: Repository, db: str = "app") -> list[tuple[str, int, int]]:
+    """(segment key, txid, observed µs) of every transaction of the database's one generation, chain-checked."""
+    from dbre.replicate.segment import list_generations, open_segment, read_base
+
+    (gen_id, names), = list_generations(repo, db).items()
+    state = bytes.fromhex(read_base(repo, db, gen_id).state)
+    out = []
+    for name in names:
+        seg = open_segment(repo, name, state)
+        state = seg.state_after
+        out.extend((name.key, tx.txid, tx.observed_us) for tx in seg.transactions)
+    return out

@@ -14,7 +14,6 @@ import json
 import shutil
 import sqlite3
 import struct
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,10 +22,9 @@ from typing import Any
 import pytest
 
 from dbre.replicate.segment import list_generations
-from dbre.replicate.shipper import Replicator
 from dbre.repository.repo import Repository
 from tests.dbfactory import assert_one_line_error, assert_same_db, cli, make_db
-from tests.replication import make_source
+from tests.replication import make_source, replicating
 
 
 @dataclass
@@ -46,37 +44,15 @@ def _sha(path: Path) -> str:
 
 def _replicate(repo: Repository, src: Path, commits: int) -> None:
     """A Replicator thread ships ``commits`` transactions of ``src`` as a few segments, then stops."""
-    rep = Replicator(repo, src, "app", 0.2)
-    stop = threading.Event()
-    errors: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            rep.run(stop)
-        except BaseException as err:  # noqa: BLE001 - reported below
-            errors.append(err)
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 30
-        while not any(k.endswith("/base") for k in repo.store.list("segments/app/")):
-            assert not errors and time.monotonic() < deadline, errors or "no generation within 30 s"
-            time.sleep(0.05)
-        time.sleep(0.3)
-        conn = sqlite3.connect(src, isolation_level=None)
+    conn = sqlite3.connect(src, isolation_level=None)
+    with replicating(repo, src):
         for k in range(commits):
             conn.execute("BEGIN IMMEDIATE")
             conn.execute("INSERT INTO t(seq, pad) VALUES (?, randomblob(3000))", (10_000 + k,))
             conn.execute("UPDATE counter SET n = ?", (10_000 + k,))
             conn.execute("COMMIT")
             time.sleep(0.12)
-        conn.close()
-        time.sleep(0.8)
-    finally:
-        stop.set()
-        thread.join(60)
-    assert not errors, errors
+    conn.close()
 
 
 @pytest.fixture(scope="module")

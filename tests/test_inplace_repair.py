@@ -15,7 +15,6 @@ import hashlib
 import shutil
 import sqlite3
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,8 +25,7 @@ import apsw
 import pytest
 
 from dbre.errors import IntegrityError, LockedError, RestoreError
-from dbre.replicate.segment import list_generations, open_segment, read_base, to_time
-from dbre.replicate.shipper import Replicator
+from dbre.replicate.segment import to_time
 from dbre.repository.backup import backup, read_run
 from dbre.repository.manifest import RECORD, Manifest
 from dbre.repository.repo import Repository, pack_key
@@ -37,7 +35,7 @@ from dbre.restore.rows import apply_row_repair, plan_row_repair
 from dbre.restore.table import apply_table_restore, plan_table_restore
 from dbre.sources import open_source
 from tests.dbfactory import assert_one_line_error, cli
-from tests.replication import restore_at
+from tests.replication import replicating, restore_at, shipped_transactions
 
 
 @dataclass
@@ -188,43 +186,16 @@ def replicated(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Repos
     src = _make(tmp / "src.db", 2, "wal")
     repo = Repository.open_or_init(str(tmp / "repo"), None)
     backup(repo, open_source(str(src)), "shop", checksums=False)
-    rep = Replicator(repo, src, "shop", 0.2)
-    stop = threading.Event()
-    errors: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            rep.run(stop)
-        except BaseException as err:  # noqa: BLE001 - reported below
-            errors.append(err)
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 30
-        while not any(k.endswith("/base") for k in repo.store.list("segments/shop/")):
-            assert not errors and time.monotonic() < deadline, errors or "no generation within 30 s"
-            time.sleep(0.05)
-        time.sleep(0.3)
-        conn = sqlite3.connect(src, isolation_level=None)
+    conn = sqlite3.connect(src, isolation_level=None)
+    with replicating(repo, src, "shop"):
         for k in range(6):
             conn.execute("BEGIN IMMEDIATE")
             conn.execute("INSERT INTO small(id, v, n) VALUES (?, ?, ?)", (1000 + k, f"late {k}", k))
             conn.execute("UPDATE small SET v = ? WHERE id = ?", (f"changed {k}", k + 1))
             conn.execute("COMMIT")
             time.sleep(0.15)
-        conn.close()
-        time.sleep(0.8)
-    finally:
-        stop.set()
-        thread.join(60)
-    assert not errors, errors
-    (gen_id, names), = list_generations(repo, "shop").items()
-    state, times = bytes.fromhex(read_base(repo, "shop", gen_id).state), []
-    for name in names:
-        seg = open_segment(repo, name, state)
-        state = seg.state_after
-        times.extend(tx.observed_us for tx in seg.transactions)
+    conn.close()
+    times = [observed for _, _, observed in shipped_transactions(repo, "shop")]
     assert len(times) == 6, times
     yield repo, tmp, times
 

@@ -10,7 +10,6 @@ import json
 import math
 import shlex
 import sqlite3
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -18,15 +17,13 @@ from pathlib import Path
 
 import pytest
 
-from dbre.replicate.segment import list_generations, open_segment, read_base
-from dbre.replicate.shipper import Replicator
 from dbre.repository.backup import backup
 from dbre.repository.manifest import Manifest
 from dbre.repository.repo import Repository
 from dbre.restore.lastgood import find_last_good, list_points
 from dbre.sources import open_source
 from tests.dbfactory import assert_one_line_error, run_dbre
-from tests.replication import make_source
+from tests.replication import make_source, replicating, shipped_transactions
 
 GOOD_ROWS = 1000
 CHECK = f"SELECT count(*) >= {GOOD_ROWS} FROM t"
@@ -228,25 +225,8 @@ def replicated(tmp_path: Path) -> Iterator[Replicated]:
     make_source(src, 50)
     url = str(tmp_path / "repo")
     repo = Repository.open_or_init(url)
-    rep = Replicator(repo, src, "app", 0.2)
-    stop = threading.Event()
-    errors: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            rep.run(stop)
-        except BaseException as err:  # noqa: BLE001 - reported below
-            errors.append(err)
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 30
-        while not any(k.endswith("/base") for k in repo.store.list("segments/app/")):
-            assert not errors and time.monotonic() < deadline, errors or "no generation within 30 s"
-            time.sleep(0.05)
-        time.sleep(0.3)
-        conn = sqlite3.connect(src, isolation_level=None)
+    conn = sqlite3.connect(src, isolation_level=None)
+    with replicating(repo, src):
         for k in range(COMMITS):
             conn.execute("BEGIN IMMEDIATE")
             conn.execute("INSERT INTO t(seq, pad) VALUES (?, randomblob(300))", (51 + k,))
@@ -255,19 +235,8 @@ def replicated(tmp_path: Path) -> Iterator[Replicated]:
             conn.execute("UPDATE counter SET n = ?", (51 + k,))
             conn.execute("COMMIT")
             time.sleep(0.07)
-        conn.close()
-        time.sleep(0.8)
-    finally:
-        stop.set()
-        thread.join(60)
-    assert not errors, errors
-    (gen_id, names), = list_generations(repo, "app").items()
-    base = read_base(repo, "app", gen_id)
-    state, txids = bytes.fromhex(base.state), []
-    for name in names:
-        seg = open_segment(repo, name, state)
-        state = seg.state_after
-        txids.extend(tx.txid for tx in seg.transactions)
+    conn.close()
+    txids = [txid for _, txid, _ in shipped_transactions(repo)]
     assert len(txids) == COMMITS, txids
     yield Replicated(repo, url, txids, BAD)
 

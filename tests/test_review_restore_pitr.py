@@ -13,8 +13,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from dbre.repository.repo import Repository
 from dbre.restore.full import apply_restore, plan_restore
 from dbre.restore.pitr import apply_pitr, plan_pitr
 from tests.replication import make_source, restore_at, restored_seq
+from tests.replication import replicating as shared_replicating
 
 BASE_ROWS = 50
 
@@ -37,34 +37,9 @@ def LATER() -> datetime:  # noqa: N802 - a time after every commit of these test
     return datetime.now(UTC) + timedelta(hours=2)
 
 
-@contextmanager
-def replicating(repo: Repository, src: Path, interval: float = 0.3) -> Iterator[None]:
-    """A Replicator thread on ``src`` for the body of the block; it ships what is committed and
-    stops at the end."""
-    rep = Replicator(repo, src, "app", interval)
-    stop = threading.Event()
-    errors: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            rep.run(stop)
-        except BaseException as err:  # noqa: BLE001 - reported below
-            errors.append(err)
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not any(k.endswith("/base") for k in repo.store.list("segments/app/")):
-        assert not errors and time.monotonic() < deadline, errors or "no generation within 30 s"
-        time.sleep(0.05)
-    time.sleep(0.3)  # resumed or started, polling
-    try:
-        yield
-    finally:
-        time.sleep(interval * 2 + 0.3)
-        stop.set()
-        thread.join(60)
-    assert not errors, errors
+def replicating(repo: Repository, src: Path, interval: float = 0.3) -> AbstractContextManager[None]:
+    """tests.replication.replicating of database "app" at this file's default interval."""
+    return shared_replicating(repo, src, "app", interval)
 
 
 def commit(conn: sqlite3.Connection, seq: int, pad: int = 300) -> None:

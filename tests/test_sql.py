@@ -27,8 +27,7 @@ from typing import Any
 import pytest
 
 from dbre.errors import IntegrityError, UsageError
-from dbre.replicate.segment import list_generations, open_segment, read_base, to_time
-from dbre.replicate.shipper import Replicator
+from dbre.replicate.segment import to_time
 from dbre.repository.backup import backup
 from dbre.repository.manifest import RECORD, Manifest
 from dbre.repository.repo import Repository, pack_key
@@ -38,7 +37,7 @@ from dbre.restore.query import query
 from dbre.secrets import Secret
 from dbre.sources import open_source
 from tests.dbfactory import assert_one_line_error, change_rows, make_db, run_dbre
-from tests.replication import dbre_cmd, make_source, restore_at, restored_seq
+from tests.replication import dbre_cmd, make_source, replicating, restore_at, restored_seq, shipped_transactions
 
 KEY = "correct horse battery staple"
 
@@ -332,44 +331,16 @@ def replicated(tmp_path: Path) -> Iterator[tuple[Repository, Path, list[tuple[in
     src = tmp_path / "src.db"
     make_source(src, 50)
     repo = Repository.open_or_init(str(tmp_path / "repo"))
-    rep = Replicator(repo, src, "app", 0.2)
-    stop = threading.Event()
-    errors: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            rep.run(stop)
-        except BaseException as err:  # noqa: BLE001 - reported below
-            errors.append(err)
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 30
-        while not any(k.endswith("/base") for k in repo.store.list("segments/app/")):
-            assert not errors and time.monotonic() < deadline, errors or "no generation within 30 s"
-            time.sleep(0.05)
-        time.sleep(0.3)
-        conn = sqlite3.connect(src, isolation_level=None)
+    conn = sqlite3.connect(src, isolation_level=None)
+    with replicating(repo, src):
         for seq in range(51, 59):
             conn.execute("BEGIN IMMEDIATE")
             conn.execute("INSERT INTO t(seq, pad) VALUES (?, randomblob(300))", (seq,))
             conn.execute("UPDATE counter SET n = ?", (seq,))
             conn.execute("COMMIT")
             time.sleep(0.15)
-        conn.close()
-        time.sleep(0.8)
-    finally:
-        stop.set()
-        thread.join(60)
-    assert not errors, errors
-    (gen_id, names), = list_generations(repo, "app").items()
-    base = read_base(repo, "app", gen_id)
-    state, txs = bytes.fromhex(base.state), []
-    for name in names:
-        seg = open_segment(repo, name, state)
-        state = seg.state_after
-        txs.extend((tx.txid, tx.observed_us) for tx in seg.transactions)
+    conn.close()
+    txs = [(txid, observed) for _, txid, observed in shipped_transactions(repo)]
     assert len(txs) == 8, txs
     yield repo, tmp_path, txs
 
