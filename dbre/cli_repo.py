@@ -188,10 +188,12 @@ def forget(
     their space."""
 
     def go() -> None:
+        from dbre.metrics import store_bytes
         from dbre.repository.keep import parse_count
         from dbre.repository.manifest import check_db_name
         from dbre.repository.repo import Repository
         from dbre.repository.retention import KeepPolicy, forget
+        from dbre.units import human_bytes
 
         counts = {"last": keep_last, "hourly": keep_hourly, "daily": keep_daily, "weekly": keep_weekly,
                   "monthly": keep_monthly, "yearly": keep_yearly}
@@ -202,11 +204,17 @@ def forget(
         if db:
             check_db_name(db)
         repository = Repository.open(repo, _key(key_file))
+        measure = prune_packs and not dry_run
+        before = store_bytes(repository) if measure else None  # what the prune frees, said after it
         # planned and applied under one exclusive lock (a dry run: a shared one, deleting nothing)
         plan, pplan = forget(repository, policy, db, dry_run=dry_run, prune=prune_packs, grace=grace_seconds)
         out: dict[str, Any] = {"dry_run": dry_run, **plan.describe()}
         if pplan is not None:
             out["prune"] = pplan.describe()
+            after = store_bytes(repository) if before is not None else None
+            if before is not None and after is not None:  # (net: a backup running beside it adds meanwhile)
+                out["prune"].update(storage_bytes_before=before, storage_bytes_after=after,
+                                    freed_bytes=max(0, before - after))
         if json_out:
             _print_json(out)
             return
@@ -223,6 +231,11 @@ def forget(
             verb = "would delete" if dry_run else "deleted"
             print(f"prune: {verb} {p['delete_packs']} unused packs, kept {p['keep_packs']} in use and "
                   f"{p['grace_kept_packs']} unused but younger than the grace period ({grace})")
+            if "freed_bytes" in p:
+                kept = (" (their locked versions stay billed until retention ends)"
+                        if repository.object_lock is not None else "")
+                print(f"prune: freed {human_bytes(p['freed_bytes'])}: the repository went from "
+                      f"{human_bytes(p['storage_bytes_before'])} to {human_bytes(p['storage_bytes_after'])}{kept}")
             if p["locked_kept"]:
                 last = max(x["locked_until"] for x in p["locked_kept"])
                 print(f"prune: kept {len(p['locked_kept'])} unused objects under Object Lock (locked until {last} "

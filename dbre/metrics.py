@@ -580,12 +580,20 @@ def storage_used(repo: Repository) -> tuple[int, bool, dict[str, int]]:
     per_db: dict[str, int] = {}
     for m in repo.snapshots():
         per_db[m.db] = per_db.get(m.db, 0) + int(m.stats.get("bytes_added", 0))
+    total = store_bytes(repo)
+    if total is not None:
+        return total, True, per_db
+    return sum(per_db.values()), False, per_db
+
+
+def store_bytes(repo: Repository) -> int | None:
+    """The bytes the repository's store holds, when it can say (a ``usage()`` method, or a local directory)."""
     store: Any = repo.store
     inner = getattr(store, "store", None)  # RetryingStore wraps the backend
     for s in (store, inner):
         usage = getattr(s, "usage", None)
         if callable(usage):
-            return int(usage()), True, per_db
+            return int(usage())
         root = getattr(s, "root", None)
         if isinstance(root, Path) and root.is_dir():
             total = 0
@@ -595,8 +603,8 @@ def storage_used(repo: Repository) -> tuple[int, bool, dict[str, int]]:
                         total += (Path(dirpath) / f).stat().st_size
                     except OSError:
                         continue  # removed meanwhile (a prune, a temp file renamed)
-            return total, True, per_db
-    return sum(per_db.values()), False, per_db
+            return total
+    return None
 
 
 # -- output --------------------------------------------------------------------------------------

@@ -233,6 +233,18 @@ class S3Store:
         except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as err:
             raise self._error("list", prefix, err) from err
 
+    def usage(self) -> int:
+        """Bytes of the current objects under the prefix (one LIST per 1,000 objects). A versioned bucket
+        also keeps (and bills) noncurrent versions until its lifecycle or Object Lock lets them go."""
+        total = 0
+        try:
+            for page in self._client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket,
+                                                                                Prefix=self._base):
+                total += sum(int(obj.get("Size", 0)) for obj in page.get("Contents", ()))
+        except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as err:
+            raise self._error("list", "", err) from err
+        return total
+
     def modified(self, key: str) -> float:
         try:
             head = self._client.head_object(Bucket=self.bucket, Key=self._key(key))
