@@ -58,6 +58,10 @@ def verify_name(databases: list[str] | None = None, policy: str | None = None, r
     return _with(f"verify {databases_text(_policy_databases(databases, policy))}", notes)
 
 
+def snapshots_name(database: str | None = None, last: int = 20, **_: Any) -> str:
+    return f"snapshots of {database or 'all databases'} (newest {last})"
+
+
 def status_name(policy: str | None = None, notify: bool = True, **_: Any) -> str:
     return _with(f"status of {databases_text(_policy_databases(None, policy))}", [] if notify else ["no alerts"])
 
