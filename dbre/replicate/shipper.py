@@ -6,8 +6,9 @@ How no frame is lost (Litestream's method, read in its db.go, made exact by SQLi
   frames it has not read (a restart needs every reader off read marks 1..N-1, and a reader on
   mark 0 blocks every backfill, so a WAL restarted under it held nothing unread).
 - Pacing: ``interval`` is the most a commit should wait to be durable. Pending commits are shipped
-  when the oldest of them has waited the interval less the time a segment's seal and put take now
-  (a moving average, ``upload_seconds``) and a poll, so a slow store makes segments come sooner
+  when the oldest of them has waited the interval less the time shipping takes now (from the decision
+  to the durable segment: swap, queue, seal and put; ``upload_seconds``, following a rise at once and a
+  fall slowly) and a poll, so a slow store makes segments come sooner
   rather than later and a fast one lets them carry more commits (fewer requests for the same lag);
   the first commit after a quiet spell (none shipped for an interval) goes at once.
 - When it ships it *swaps*: with the write lock taken for a moment by a second
@@ -186,7 +187,10 @@ class Replicator:
         self.path = str(Path(path).expanduser().absolute())
         self.db = check_db_name(db)
         self.interval = interval
-        self.upload_seconds = 0.0  # moving average of a segment's seal + put (uploader thread)
+        # how long shipping takes: from the decision to ship (the swap, the queue, the chain steps, the seal and
+        # the put) until the segment is durable; a moving average that follows a rise at once (uploader thread)
+        self.upload_seconds = 0.0
+        self._decided = 0.0  # monotonic: when the segments being submitted were decided on (polling thread)
         self._pending_since: float | None = None  # monotonic: the poll that read the oldest pending commit
         self.stats = ReplicateStats()
         self.tail: WalTail | None = None
@@ -321,8 +325,10 @@ class Replicator:
                 if not self._want_base and self._lock_aged():  # (a quiet database too: its next commit is new)
                     self._want_base = "Object Lock: the generation is half a lock step old"
                 if self.pending and (stopping or big or now - last_ship >= self.interval or self._due(now)):
+                    self._decided = time.monotonic()
                     self._swap()
                     self._ship()
+                    self._decided = 0.0  # (segments submitted elsewhere count from their submission)
                     last_ship = time.monotonic()
                 elif self._want_base and not self.pending and not stopping and now >= self._base_after:
                     self._new_generation(continued=True, why=self._want_base)  # (put off by a prune: idle now)
@@ -549,6 +555,7 @@ class Replicator:
             end = self.pos  # this segment ends where the swap left the WAL wholly backfilled
         start, self._shipped = self._shipped, end
         file_id = self.tail.file_id()
+        decided = self._decided or time.monotonic()
 
         def job() -> None:
             assert self.lease is not None
@@ -561,10 +568,10 @@ class Replicator:
             # only refuses when they stopped succeeding in time. The lease, not a repository lock,
             # keeps prune off this generation (it never deletes the one a live lease names)
             self.lease.verify(what)
-            began = time.monotonic()
             key, size = write_segment(self.repo, seg)
-            took = time.monotonic() - began
-            self.upload_seconds = took if not self.stats.segments else 0.8 * self.upload_seconds + 0.2 * took
+            took = time.monotonic() - decided
+            # a rise counts at once (the lag budget must hold at p99), a fall slowly
+            self.upload_seconds = max(took, 0.8 * self.upload_seconds + 0.2 * took)
             self._state = state
             self.stats.segments += 1
             self.stats.transactions += len(txs)
