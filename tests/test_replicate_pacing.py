@@ -14,7 +14,9 @@ from pathlib import Path
 from dbre.replicate.segment import parse_key
 from dbre.replicate.shipper import Replicator
 from dbre.repository.repo import Repository
+from dbre.storage.local import LocalStore
 from tests.replication import check_chains, make_source, read_log, start_writer
+from tests.stores import PassThroughStore
 
 INTERVAL = 1.0
 BASE_ROWS = 300
@@ -98,3 +100,65 @@ def _base_txid(url: str) -> int:
     repo = Repository.open(url)
     (gen_id, _), = list_generations(repo, "app").items()
     return read_base(repo, "app", gen_id).base_txid
+
+
+class _SlowSegments(PassThroughStore):
+    """The real local store, with every segment put taking ``seconds`` longer (a store slower than the budget)."""
+
+    def __init__(self, inner: LocalStore, seconds: float) -> None:
+        super().__init__(inner)
+        self.seconds = seconds
+
+    def put(self, key: str, data: bytes, *, if_absent: bool = False) -> None:
+        if key.startswith("segments/") and not key.endswith("/base"):
+            time.sleep(self.seconds)
+        super().put(key, data, if_absent=if_absent)
+
+
+def test_a_store_slower_than_the_budget_gets_larger_segments_not_a_queue(tmp_path: Path) -> None:
+    """Each segment put takes 0.6 s against a 0.5 s interval: the pacing cuts no early segment while one
+    waits behind the upload, so segments grow instead of queueing, and the last commit is durable within
+    about two puts and an interval of its commit (a queue of 0.125 s segments would have kept growing)."""
+    src, log = tmp_path / "src.db", tmp_path / "writer.log"
+    make_source(src, BASE_ROWS)
+    Repository.open_or_init(str(tmp_path / "repo"))
+    repo = Repository.open(_SlowSegments(LocalStore(tmp_path / "repo"), 0.6))
+    rep = Replicator(repo, src, "app", 0.5)
+    shipped: list[tuple[float, str]] = []
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            rep.run(stop, lambda key: shipped.append((time.time(), key)))
+        except BaseException as err:  # noqa: BLE001 - reported by the test
+            errors.append(err)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not (tmp_path / "repo" / "segments" / "app").is_dir():
+            assert not errors and time.monotonic() < deadline, errors or "no generation within 60 s"
+            time.sleep(0.05)
+        time.sleep(1.0)
+        assert start_writer(src, log, 5.0, start_seq=BASE_ROWS, pause=0.01, ckpt_every=0).wait(timeout=60) == 0
+        commits, _ = read_log(log)
+        base_txid = _base_txid(str(tmp_path / "repo"))
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:  # until the last commit is durable
+            names = [parse_key(k) for _, k in shipped]
+            if names and max(n.last for n in names if n is not None) >= base_txid + len(commits):
+                break
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        thread.join(timeout=60)
+    assert not errors, errors
+    last_durable = shipped[-1][0]
+    lag = last_durable - commits[-1].after
+    span = commits[-1].after - commits[0].before
+    assert lag <= 0.5 + 2 * 0.6 + 0.8, f"the last commit was durable {lag:.2f} s after it: the segments queued"
+    during = [k for t, k in shipped if t >= commits[0].before]  # (not the start-up's own segment)
+    # one put at a time, back to back, while commits come and until the last is durable (no queue behind it)
+    assert len(during) <= (span + lag) / 0.6 + 2, f"{len(during)} segments in {span + lag:.1f} s at 0.6 s a put"

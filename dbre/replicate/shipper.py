@@ -10,7 +10,9 @@ How no frame is lost (Litestream's method, read in its db.go, made exact by SQLi
   to the durable segment: swap, queue, seal and put; ``upload_seconds``, following a rise at once and a
   fall slowly) and a poll, so a slow store makes segments come sooner
   rather than later and a fast one lets them carry more commits (fewer requests for the same lag);
-  the first commit after a quiet spell (none shipped for an interval) goes at once.
+  the first commit after a quiet spell (none shipped for an interval) goes at once. While a segment
+  waits behind the one being uploaded, no early one is cut: a store slower than the budget gets
+  larger segments, not a growing queue (the interval still ships at least once per interval).
 - When it ships it *swaps*: with the write lock taken for a moment by a second
   connection (``BEGIN IMMEDIATE``: no commit can land), it reads the last commits, ends its read
   transaction and begins a new one at the newest commit, then lets writers go. Once the WAL is
@@ -156,6 +158,10 @@ class _Uploader:
     def submit(self, job: Callable[[], None]) -> None:
         self.check()
         self._q.put(job)
+
+    def waiting(self) -> int:
+        """Jobs submitted and not yet started (the one running is not counted)."""
+        return self._q.qsize()
 
     def drain(self) -> None:
         self._q.join()
@@ -344,6 +350,10 @@ class Replicator:
         """Whether the oldest pending commit has waited long enough that shipping now keeps it within
         the interval (module doc, *Pacing*); never sooner than a quarter of the interval."""
         if self._pending_since is None:
+            return False
+        if self._uploader is not None and self._uploader.waiting():
+            # a store slower than the budget: more, smaller segments would only queue behind each other
+            # (one PUT each); wait for the uploader, so the commits meanwhile go into one larger segment
             return False
         budget = max(self.interval / 4, self.interval - self.upload_seconds - POLL_SECONDS)
         return now - self._pending_since >= budget
