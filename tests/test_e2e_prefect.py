@@ -226,7 +226,7 @@ def test_ui_shows_deployments_restore_form_and_artifacts(served: Served) -> None
     artifacts = api_call(served.api, "POST", "/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [run_id]}}})
     summary = next(a for a in artifacts if a["key"] == "restore-shop-summary")
     pages = {
-        "prefect-deployments": (f"{served.ui}/deployments", ["backup-hourly", "restore", "verify-weekly"]),
+        "prefect-deployments": (f"{served.ui}/deployments", ["backup-hourly", "restore", "drill-monthly"]),
         "prefect-restore-form": (f"{served.ui}/deployments/deployment/{dep['id']}/run",
                                  ["Database to restore", "Dry Run", "whole"]),
         "prefect-restore-run": (f"{served.ui}/runs/flow-run/{run_id}", ["restore shop @ newest", "Completed"]),

@@ -73,13 +73,18 @@ def rows(path: Path, sql: str) -> list[tuple[Any, ...]]:
 
 
 def write_locked(live: Path) -> bool:
-    """Another writer of ``live`` would be refused now (its write lock is held)."""
+    """Another writer of ``live`` would be refused now (its write lock is held). Asked three times 10 ms apart:
+    a connection taking a shared lock holds the PENDING byte for a moment (rollback journal), which refuses a
+    writer too but is no write lock; a write transaction holds its lock across the read being watched."""
     conn = apsw.Connection(str(live))
     try:
-        conn.execute("BEGIN IMMEDIATE")
-        conn.execute("ROLLBACK")
-        return False
-    except apsw.BusyError:
+        for _ in range(3):
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                conn.execute("ROLLBACK")
+                return False
+            except apsw.BusyError:
+                time.sleep(0.01)
         return True
     finally:
         conn.close()

@@ -109,7 +109,7 @@ def history(request: pytest.FixtureRequest) -> History:
 
 def restored(h: History, tmp: Path, **choice: Any) -> Path:
     """A full restore of the point ``choice`` (snapshot= or at=) names, to a new file."""
-    out = tmp / f"restored-{len(list(tmp.glob('restored-*')))}.db"
+    out = tmp / f"restored-{len(list(tmp.glob('restored-*.db')))}.db"  # (not its -wal and -shm: names repeat)
     apply_restore(h.repo, plan_restore(h.repo, "app", out, **choice))
     return out
 

@@ -243,6 +243,9 @@ def write_transaction(live: Path, past: PastCopy, stage: Callable[[apsw.Connecti
         past.attach(conn)
         if stage is not None:
             stage(conn)
+            settle = getattr(getattr(getattr(past, "past", None), "source", None), "settle", None)
+            if settle is not None:
+                settle()  # a read-ahead the staging started ends before the write lock, not under it
         conn.execute("BEGIN IMMEDIATE")
         try:
             yield conn

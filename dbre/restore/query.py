@@ -290,6 +290,16 @@ class PageSource:
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
+    def settle(self) -> None:
+        """Stop every read in flight (a read-ahead the last statement started) and wait for the running ones
+        to end: after it, nothing reads the repository until SQLite asks for a page again."""
+        with self._mutex:
+            pool, self._pool = self._pool, ThreadPoolExecutor(READERS, thread_name_prefix="dbre-query")
+        pool.shutdown(wait=True, cancel_futures=True)
+        with self._mutex:  # (a cancelled read is started again if its pages are asked for)
+            for key in [k for k, fut in self._pending.items() if fut.cancelled()]:
+                del self._pending[key]
+
     # -- reads as SQLite asks ------------------------------------------------------------------
 
     def read(self, amount: int, offset: int) -> bytes:
