@@ -10,12 +10,13 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from dbre.replicate.shipper import Replicator
 from dbre.repository.keep import KeepPolicy
 from dbre.repository.repo import Repository
 from dbre.restore.full import apply_restore, plan_restore
@@ -253,19 +254,18 @@ class SecondsWindow(KeepPolicy):
 
 
 @contextmanager
-def replicating(repo: Repository, src: Path, db: str = "app", interval: float = 0.2) -> Iterator[None]:
-    """An in-process Replicator thread on ``src`` for the body of the block, its generation's base
-    written before the body runs; at the end it ships what is committed and stops, and any error it
-    met is raised."""
-    from dbre.replicate.shipper import Replicator
-
+def replicating(repo: Repository, src: Path, db: str = "app", interval: float = 0.2,
+                on_ship: Callable[[str], None] | None = None) -> Iterator[Replicator]:
+    """An in-process Replicator thread on ``src`` for the body of the block (which gets it), its
+    generation's base written before the body runs; ``on_ship`` is called with each segment's key once
+    it is durable; at the end it ships what is committed and stops, and any error it met is raised."""
     rep = Replicator(repo, src, db, interval)
     stop = threading.Event()
     errors: list[BaseException] = []
 
     def run() -> None:
         try:
-            rep.run(stop)
+            rep.run(stop, on_ship)
         except BaseException as err:  # noqa: BLE001 - reported below
             errors.append(err)
 
@@ -277,7 +277,7 @@ def replicating(repo: Repository, src: Path, db: str = "app", interval: float = 
             assert not errors and time.monotonic() < deadline, errors or "no generation within 30 s"
             time.sleep(0.05)
         time.sleep(0.3)  # resumed or started, polling
-        yield
+        yield rep
         time.sleep(interval * 2 + 0.3)
     finally:
         stop.set()

@@ -7,15 +7,13 @@ once. Real replicator on a real local repository; the writer is a separate proce
 from __future__ import annotations
 
 import statistics
-import threading
 import time
 from pathlib import Path
 
 from dbre.replicate.segment import parse_key
-from dbre.replicate.shipper import Replicator
 from dbre.repository.repo import Repository
 from dbre.storage.local import LocalStore
-from tests.replication import check_chains, make_source, read_log, start_writer
+from tests.replication import check_chains, make_source, read_log, replicating, start_writer
 from tests.stores import PassThroughStore
 
 INTERVAL = 1.0
@@ -26,24 +24,8 @@ def test_segments_follow_the_lag_budget_and_a_lone_commit_ships_at_once(tmp_path
     src, log, url = tmp_path / "src.db", tmp_path / "writer.log", str(tmp_path / "repo")
     make_source(src, BASE_ROWS)
     repo = Repository.open_or_init(url)
-    rep = Replicator(repo, src, "app", INTERVAL)
     shipped: list[tuple[float, str]] = []  # (wall time the segment was durable, key)
-    stop = threading.Event()
-    errors: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            rep.run(stop, lambda key: shipped.append((time.time(), key)))
-        except BaseException as err:  # noqa: BLE001 - reported by the test
-            errors.append(err)
-
-    thread = threading.Thread(target=run)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 60
-        while not (tmp_path / "repo" / "segments" / "app").is_dir():
-            assert not errors and time.monotonic() < deadline, errors or "no generation within 60 s"
-            time.sleep(0.05)
+    with replicating(repo, src, "app", INTERVAL, lambda key: shipped.append((time.time(), key))) as rep:
         time.sleep(INTERVAL * 2)  # the start-up's own segment, if any, is out of the way
         # steady writes: ~100 commits a second for 6 s
         first = len(shipped)
@@ -60,10 +42,6 @@ def test_segments_follow_the_lag_budget_and_a_lone_commit_ships_at_once(tmp_path
         deadline = time.monotonic() + 10
         while len(shipped) == lone and time.monotonic() < deadline:
             time.sleep(0.01)
-    finally:
-        stop.set()
-        thread.join(timeout=60)
-    assert not errors, errors
     assert len(check_chains(Repository.open(url))) == 1
 
     # steady state: fewer segments than a fixed half-interval clock would make, no more than the budget allows
@@ -123,24 +101,8 @@ def test_a_store_slower_than_the_budget_gets_larger_segments_not_a_queue(tmp_pat
     make_source(src, BASE_ROWS)
     Repository.open_or_init(str(tmp_path / "repo"))
     repo = Repository.open(_SlowSegments(LocalStore(tmp_path / "repo"), 0.6))
-    rep = Replicator(repo, src, "app", 0.5)
     shipped: list[tuple[float, str]] = []
-    stop = threading.Event()
-    errors: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            rep.run(stop, lambda key: shipped.append((time.time(), key)))
-        except BaseException as err:  # noqa: BLE001 - reported by the test
-            errors.append(err)
-
-    thread = threading.Thread(target=run)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 60
-        while not (tmp_path / "repo" / "segments" / "app").is_dir():
-            assert not errors and time.monotonic() < deadline, errors or "no generation within 60 s"
-            time.sleep(0.05)
+    with replicating(repo, src, "app", 0.5, lambda key: shipped.append((time.time(), key))):
         time.sleep(1.0)
         assert start_writer(src, log, 5.0, start_seq=BASE_ROWS, pause=0.01, ckpt_every=0).wait(timeout=60) == 0
         commits, _ = read_log(log)
@@ -151,10 +113,6 @@ def test_a_store_slower_than_the_budget_gets_larger_segments_not_a_queue(tmp_pat
             if names and max(n.last for n in names if n is not None) >= base_txid + len(commits):
                 break
             time.sleep(0.05)
-    finally:
-        stop.set()
-        thread.join(timeout=60)
-    assert not errors, errors
     last_durable = shipped[-1][0]
     lag = last_durable - commits[-1].after
     span = commits[-1].after - commits[0].before
