@@ -92,6 +92,8 @@ class PastCopy(Protocol):
 
     def check_alive(self, what: str) -> None: ...
 
+    def settle(self) -> None: ...
+
     def close(self) -> None: ...
 
 
@@ -135,6 +137,10 @@ class InPlace:
         self.past.lock.check_alive(what, consequence="nothing was changed",
                                    hint="plan again: the plan was kept too long before its apply")
 
+    def settle(self) -> None:
+        """End the reads in flight (a read-ahead): called before the live write lock."""
+        self.past.source.settle()
+
     def close(self) -> None:
         self.past.close()
 
@@ -162,6 +168,9 @@ class Scratch:
 
     def check_alive(self, what: str) -> None:
         """Nothing to check: the copy was restored whole, every page checked, and holds no lock."""
+
+    def settle(self) -> None:
+        """Nothing in flight: the copy is a local file."""
 
 
 def open_past(repo: Repository, db: str, operation: str, *, snapshot: str | None = None,
@@ -243,9 +252,7 @@ def write_transaction(live: Path, past: PastCopy, stage: Callable[[apsw.Connecti
         past.attach(conn)
         if stage is not None:
             stage(conn)
-            settle = getattr(getattr(getattr(past, "past", None), "source", None), "settle", None)
-            if settle is not None:
-                settle()  # a read-ahead the staging started ends before the write lock, not under it
+            past.settle()  # a read-ahead the staging started ends before the write lock, not under it
         conn.execute("BEGIN IMMEDIATE")
         try:
             yield conn
