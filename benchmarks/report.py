@@ -53,6 +53,8 @@ def table(doc: dict[str, Any]) -> Table:
     row("dbre full backup (checksums on)", lambda r: f"{r['seconds']['full_backup_checksums']:.2f} s")
     row("dbre incremental backup (1% rows updated)", lambda r: f"{r['seconds']['incremental_backup']:.2f} s")
     row("dbre restore of the incremental", lambda r: f"{r['seconds']['restore']:.2f} s")
+    row("dbre full / incremental, default settings", lambda r: f"{r['seconds']['full_backup_defaults']:.2f} / "
+        f"{r['seconds']['incremental_backup_defaults']:.2f} s")
     t.add_section()
     row("full backup: bytes added", lambda r: _mib(r["bytes"]["full_backup_added"]))
     row("changed pages x page size", lambda r: _mib(r["bytes"]["changed_page_bytes"]))
@@ -64,6 +66,7 @@ def table(doc: dict[str, Any]) -> Table:
     checks = [
         ("full_vs_sqlite_backup", "full / .backup", ".2f", "<= 1.5"),
         ("incremental_vs_full", "incremental time / full", ".2f", "<= 0.35"),
+        ("incremental_vs_full_defaults", "  the same, default settings", ".2f", "<= 0.35"),
         ("incremental_bytes_vs_changed_pages", "bytes added / changed-page bytes", ".2f", "<= 0.6"),
         ("restore_vs_cp_fsync", "restore / (cp + fsync)", ".2f", "<= 2.5"),
         ("backup_rss_mb", "peak RSS of backup (MB)", ".0f", "<= 300"),
@@ -72,6 +75,8 @@ def table(doc: dict[str, Any]) -> Table:
     for key, label, fmt, target in checks:
         row(label, lambda r, k=key, f=fmt: _mark(r["checks"][k], f), target)
     t.add_section()
+    row("  default settings, whole commands (info)",
+        lambda r: f"{r['ratios'].get('incremental_vs_full_defaults_command', float('nan')):.2f}")
     row("full with checksums / .backup (info)", lambda r: f"{r['ratios']['full_checksums_vs_sqlite_backup']:.2f}")
     row("sub-page deltas / changed-page bytes (info)",
         lambda r: f"{r['ratios']['subpage_delta_vs_changed_pages']:.2f}")

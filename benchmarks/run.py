@@ -30,6 +30,7 @@ MB = 1_000_000
 TARGETS: dict[str, tuple[float, str]] = {
     "full_vs_sqlite_backup": (1.5, "full backup time / sqlite3 .backup time"),
     "incremental_vs_full": (0.35, "incremental backup time / full backup time"),
+    "incremental_vs_full_defaults": (0.35, "the same with default settings (table checksums up to 256 MiB)"),
     "incremental_bytes_vs_changed_pages": (0.6, "bytes added / bytes of changed pages"),
     "restore_vs_cp_fsync": (2.5, "restore time / (cp + fsync) time"),
     "backup_rss_mb": (300.0, "peak RSS of backup (MB)"),
@@ -45,6 +46,14 @@ def _rm(path: Path) -> None:
     else:
         for suffix in ("", "-wal", "-shm", "-journal"):
             Path(str(path) + suffix).unlink(missing_ok=True)
+
+
+def _place(src: Path, dst: Path) -> None:
+    """``src`` (with its -wal, if any) copied to ``dst``, replacing what was there."""
+    _rm(dst)
+    for suffix in ("", "-wal"):
+        if Path(str(src) + suffix).exists():
+            shutil.copyfile(str(src) + suffix, str(dst) + suffix)
 
 
 def _tree_bytes(path: Path) -> int:
@@ -98,6 +107,19 @@ def one_round(db: BenchDatabase, work: Path) -> dict[str, dict[str, Any]]:
     _rm(target)
     _rm(repo)
 
+    # with the default settings (table checksums up to 256 MiB), the updated twin copied over the
+    # same path: one source, as a user's backups are (a moved source reuses no table checksum)
+    src, repo_d = work / "source.db", work / "repo-defaults"
+    _rm(repo_d)
+    _place(db.base, src)
+    out["full_backup_defaults"] = run_child(["backup", "--repo", str(repo_d), "--source", str(src), "--db", DB_NAME,
+                                             "--default-checksums"])
+    _place(db.updated, src)
+    out["incremental_backup_defaults"] = run_child(["backup", "--repo", str(repo_d), "--source", str(src),
+                                                    "--db", DB_NAME, "--default-checksums"])
+    _rm(repo_d)
+    _rm(src)
+
     repo_c = work / "repo-checksums"
     _rm(repo_c)
     out["full_backup_checksums"] = run_child(["backup", "--repo", str(repo_c), "--source", str(db.base),
@@ -122,7 +144,8 @@ def measure(db: BenchDatabase, work: Path, runs: int, warmup: int, log: Log) -> 
     def med(key: str, field: str = "seconds") -> float:
         return float(statistics.median(r[key][field] for r in rounds))
 
-    keys = ["sqlite_backup", "cp_fsync", "full_backup", "full_backup_checksums", "incremental_backup", "restore"]
+    keys = ["sqlite_backup", "cp_fsync", "full_backup", "full_backup_checksums", "incremental_backup", "restore",
+            "full_backup_defaults", "incremental_backup_defaults"]
     seconds = {k: med(k) for k in keys}
     incr_bytes = med("incremental_backup", "repo_bytes_added")
     rss = {k: max(r[k]["rss_bytes"] for r in rounds) / MB
@@ -136,6 +159,10 @@ def measure(db: BenchDatabase, work: Path, runs: int, warmup: int, log: Log) -> 
         "full_vs_sqlite_backup": paired("full_backup", "sqlite_backup"),
         "full_checksums_vs_sqlite_backup": paired("full_backup_checksums", "sqlite_backup"),
         "incremental_vs_full": paired("incremental_backup", "full_backup"),
+        "incremental_vs_full_defaults": paired("incremental_backup_defaults", "full_backup_defaults"),
+        # the same as whole commands (the child's wall time, interpreter start and imports included)
+        "incremental_vs_full_defaults_command": float(statistics.median(
+            r["incremental_backup_defaults"]["wall"] / r["full_backup_defaults"]["wall"] for r in rounds)),
         "incremental_bytes_vs_changed_pages": incr_bytes / max(1, diff.changed_page_bytes),
         "subpage_delta_vs_changed_pages": diff.subpage_delta_zstd_bytes / max(1, diff.changed_page_bytes),
         "page_minimum_vs_changed_pages": diff.changed_pages_zstd_bytes / max(1, diff.changed_page_bytes),

@@ -67,7 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--repo", required=True)
     b.add_argument("--source", required=True)
     b.add_argument("--db", required=True)
-    b.add_argument("--checksums", action="store_true")
+    b.add_argument("--checksums", action="store_const", const=True, default=False)
+    b.add_argument("--default-checksums", dest="checksums", action="store_const", const=None,
+                   help="dbre's default: table checksums up to 256 MiB")
     b.add_argument("--profile")
     b.add_argument("--profile-lines", type=int, default=25)
     r = sub.add_parser("restore")

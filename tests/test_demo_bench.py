@@ -118,7 +118,9 @@ def test_benchmark_smoke(tmp_path: Path) -> None:
     (result,) = doc["results"]
     assert result["size_mib"] == 20
     assert {"sqlite_backup", "cp_fsync", "full_backup", "full_backup_checksums", "incremental_backup",
-            "restore"} == result["seconds"].keys()
+            "restore", "full_backup_defaults", "incremental_backup_defaults"} == result["seconds"].keys()
+    # with the defaults (checksums on at this size) the incremental reuses the leaves that did not change
+    assert result["ratios"]["incremental_vs_full_defaults"] < 1
     assert all(v > 0 for v in result["seconds"].values())
     assert set(doc["targets"]) == set(result["checks"])
     for check in result["checks"].values():

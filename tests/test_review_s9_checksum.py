@@ -29,8 +29,8 @@ from dbre.validate.checks import equivalence_check, failed, run_checks
 # ----------------------------------------------------------------------------- the old definition
 
 
-def _old_table_checksum(conn: apsw.Connection, name: str, without_rowid: bool) -> tuple[int, str]:
-    """``table_checksum`` as of 02c8fcb (verbatim but for names)."""
+def _old_table_checksum(conn: apsw.Connection, name: str, without_rowid: bool, **_: object) -> tuple[int, str]:
+    """``table_checksum`` as of 02c8fcb (verbatim but for names; later keywords ignored)."""
     cols = [r[1] for r in conn.execute(f"PRAGMA table_info({qident(name)})")]
     expr = "||x'1f'||".join(f"quote({qident(c)})" for c in cols) or "''"
     order = "" if without_rowid else " ORDER BY rowid"  # WITHOUT ROWID tables scan in key order
@@ -80,10 +80,11 @@ def _old_backup(repo: Repository, src: Path, monkeypatch: pytest.MonkeyPatch) ->
     """A snapshot as the code before checksum_version wrote it."""
     with monkeypatch.context() as mp:
         mp.setattr(tables_mod, "table_checksum", _old_table_checksum)
+        mp.setattr(tables_mod, "_summed_by_page", lambda *a, **k: None)  # (no page sums then)
         real = repo.write_manifest
 
         def old_stats(manifest: Manifest) -> int:
-            for key in ("checksum_version", "checksum_basis", "tables_reused"):
+            for key in ("checksum_version", "checksum_basis", "tables_reused", "checksum_pages"):
                 manifest.stats.pop(key, None)
             return real(manifest)
 
@@ -396,7 +397,7 @@ def test_old_checksum_from_another_plan_matches() -> None:
     conn.executemany("INSERT INTO w VALUES (?, ?, ?)", [(f"k{i}", i, (i * 37) % 101) for i in range(300)])
     plan = " ".join(str(r[3]) for r in conn.execute("EXPLAIN QUERY PLAN SELECT k, j, v FROM w"))
     assert "w_v" in plan  # this SQLite scans the index: an older one took the key order
-    by_key = tables_mod.table_checksum(conn, "w", True)[1]  # (NOT INDEXED still scans w_v)
+    by_key = tables_mod.table_checksum(conn, "w", True, version=2)[1]  # (NOT INDEXED still scans w_v)
     by_index = tables_mod.table_checksum(conn, "w", True, " INDEXED BY w_v")[1]
     assert by_key != by_index
     assert tables_mod.scan_order_matches(conn, "w", by_key)

@@ -21,7 +21,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -46,7 +46,7 @@ from dbre.repository.manifest import (
 from dbre.repository.pack import PackWriter, read_index_tail
 from dbre.repository.repo import TOOL, Repository
 from dbre.repository.sink import FAST_HASH, LOST, REPACK, PageSink, column, stretches, value
-from dbre.repository.tables import CHECKSUM_VERSION, Prior, table_stats
+from dbre.repository.tables import CHECKSUM_VERSION, PAGE_SUM, PageSums, Prior, table_stats
 from dbre.sources.base import Source
 from dbre.sources.image import ImageSession, PageImage
 from dbre.storage import NotFound
@@ -366,10 +366,19 @@ def backup(
                     # a table none of whose pages changed keeps the parent's count and checksum
                     # (never across sources, in a replay, with --full, or on the backup-API path)
                     reused: list[str] = []
-                    prior = _priors(parent_manifest, parent_fast, image, encoding) \
-                        if not moved and replay is None else None
-                    stats = table_stats(conn, checksums, prior, reused)
+                    carry = not moved and replay is None
+                    # per-leaf partial sums of the checksums (direct path): the next backup re-reads
+                    # only the rows of leaves that changed
+                    sums = PageSums(_page_of(image), bytearray(PAGE_SUM.size * page_count)) \
+                        if checksums and image is not None else None
+                    parent_sums = load_page_sums(repo, parent_manifest) if sums is not None and carry else None
+                    prior = _priors(parent_manifest, parent_fast, image, encoding, parent_sums, sink.same) \
+                        if carry else None
+                    stats = table_stats(conn, checksums, prior, reused, sums, version=CHECKSUM_VERSION)
                     basis = _basis(conn, image, reused, parent_manifest if prior is not None else None)
+                    if sums is not None and sums.used:
+                        sink.store_sums(sums.out, PAGE_SUM.size, parent_manifest.sum_runs
+                                        if parent_sums is not None and parent_manifest is not None else [])
                     runs, fast_runs = sink.finish()  # (the page map and fast runs went into the packs as they filled)
                     path = "direct" if image is not None else f"backup API ({session.reason or 'asked'})"
                     wal_pages = len(image.overlay) if image is not None else 0
@@ -396,7 +405,9 @@ def backup(
             progress(page_count, page_count)
         referenced = set(sink.packs)
         referenced.discard(bytes(16))
-        all_packs = sorted({p.hex() for p in referenced} | {r.pack for r in runs} | {r.pack for r in fast_runs})
+        sum_runs = [r for r in sink.sum_runs if r is not None]
+        all_packs = sorted({p.hex() for p in referenced} | {r.pack for r in runs} | {r.pack for r in fast_runs}
+                           | {r.pack for r in sum_runs})
         manifest = Manifest(
             id=new_snapshot_id(),
             db=db,
@@ -431,6 +442,11 @@ def backup(
         if basis is not None:
             manifest.stats["checksum_basis"] = basis  # what the next backup's reuse compares with
             manifest.stats["tables_reused"] = len(reused)
+        if sum_runs:  # the checksums' per-page partial sums (a hint for the next backup, like fast runs)
+            manifest.stats["checksum_pages"] = {"entry": PAGE_SUM.size, "runs": [asdict(r) for r in sum_runs]}
+        if sums is not None and sums.leaves:  # how much of the rowid tables' checksums was read again
+            manifest.stats["checksum_leaves"] = {"read": sum(r for r, _ in sums.leaves.values()),
+                                                 "of": sum(n for _, n in sums.leaves.values())}
         if tags:
             manifest.stats["tags"] = list(tags)
         if moved and reference is not None:
@@ -458,8 +474,25 @@ def backup(
     return BackupResult(manifest, sink.pages_added, writer.bytes_written + sink.cold_bytes + sink.run_bytes, seconds)
 
 
+def _page_of(image: PageImage) -> Callable[[int], memoryview]:
+    return lambda pageno: image.view(pageno - 1)
+
+
+def load_page_sums(repo: Repository, parent: Manifest | None) -> bytearray | None:
+    """A snapshot's per-page partial sums of its table checksums (``PAGE_SUM`` entries), checked
+    like page-map runs; None when it has none or they cannot be read (then every table is read)."""
+    if parent is None or not parent.sum_runs:
+        return None
+    try:
+        return _gather(_run_bytes(repo, parent, parent.sum_runs, PAGE_SUM.size), PAGE_SUM.size * parent.page_count)
+    except (IntegrityError, NotFound) as err:
+        log.warning("snapshot %s: %s; every table's checksum is read whole", parent.id, err.message)
+        return None
+
+
 def _priors(parent: Manifest | None, parent_fast: Entries | None, image: PageImage | None,
-            encoding: str) -> Callable[[str], Prior | None] | None:
+            encoding: str, parent_sums: bytearray | None = None,
+            same: bytearray | None = None) -> Callable[[str], Prior | None] | None:
     """What the parent recorded of each table, for ``table_stats`` to reuse when none of the
     table's pages changed: "unchanged" is this snapshot's page (from the direct image) having
     the xxh3 the parent's fast runs give for the same page number. None (every table read) without
@@ -479,6 +512,8 @@ def _priors(parent: Manifest | None, parent_fast: Entries | None, image: PageIma
 
     def unchanged(pageno: int) -> bool:
         i = pageno - 1
+        if same is not None:  # (the sink compared each page's xxh3 with the parent's as it read it)
+            return 0 <= i < limit and same[i] == 1
         return 0 <= i < limit and fast[16 * i : 16 * i + 16] == FAST_HASH(image.view(i))
 
     ages = _reuse_ages(parent)
@@ -489,7 +524,7 @@ def _priors(parent: Manifest | None, parent_fast: Entries | None, image: PageIma
                 or ages.get(name, 0) >= REUSE_LIMIT \
                 or not (t.checksum is None or isinstance(t.checksum, str) and len(t.checksum) == 32):
             return None
-        return Prior(t.rows, t.checksum, row, root, unchanged)
+        return Prior(t.rows, t.checksum, row, root, unchanged, parent_sums, same)
 
     return prior
 

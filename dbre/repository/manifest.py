@@ -178,6 +178,22 @@ class Manifest:
         return basis["reserved"], dict(roots)
 
     @property
+    def sum_runs(self) -> list[RunRef]:
+        """Runs of this snapshot's per-page partial sums of its table checksums (``PAGE_SUM``
+        entries, see dbre.repository.tables), from ``stats.checksum_pages``: the next backup's way
+        to re-read only the changed leaves (a hint, never restored from); [] when absent, malformed,
+        or not covering every page (then the next backup reads every table whole)."""
+        pages = self.stats.get("checksum_pages") if isinstance(self.stats, dict) else None
+        runs = pages.get("runs") if isinstance(pages, dict) else None
+        if not isinstance(runs, list) or not runs:
+            return []
+        try:
+            out = [_run_ref(r) for r in runs]
+        except (TypeError, ValueError):
+            return []
+        return out if sum(r.pages for r in out) == self.page_count else []
+
+    @property
     def checksum_version(self) -> int | None:
         """What this snapshot's table checksums mean (``stats.checksum_version``, see
         ``dbre.repository.tables.CHECKSUM_VERSION``); None when absent (written before it: a WITHOUT

@@ -117,6 +117,9 @@ class PageSink:
         nruns = -(-page_count // RUN_PAGES)
         self.runs: list[RunRef | None] = [None] * nruns
         self.fast_runs: list[RunRef | None] = [None] * nruns
+        self.sum_runs: list[RunRef | None] = []  # (store_sums: the table checksums' page sums)
+        # 1 where a page fed by ``feed`` has the parent's xxh3 at its place (unchanged), else 0
+        self.same = bytearray(page_count)
         self.stored = bytearray(nruns)  # 1: the run is stored (or held, see _store_run)
         self.run_writer: PackWriter | None = None  # runs' own packs
         self.held: list[tuple[bytes, str, int, list[RunRef | None], int]] = []  # sealed runs not yet placed
@@ -236,7 +239,9 @@ class PageSink:
         now = np.frombuffer(joined, dtype="<u8", count=2 * k).reshape(k, 2)
         before = np.frombuffer(pf.buf, dtype="<u8", count=2 * k, offset=16 * start).reshape(k, 2)
         marks = np.ndarray((k, 2), dtype="<u8", buffer=parent.buf, offset=start * _SIZE, strides=(_SIZE, 8))
-        todo = np.flatnonzero((now != before).any(axis=1) | ~marks.any(axis=1)).tolist()
+        differ = (now != before).any(axis=1)
+        self.same[start:stop] = (~differ).view(np.uint8).tobytes()
+        todo = np.flatnonzero(differ | ~marks.any(axis=1)).tolist()
         todo += range(k, m)  # pages past the parent's end
         hashes = [NO_HASH] * m  # (only the entries in todo are read)
         for j in todo:
@@ -481,6 +486,20 @@ class PageSink:
     def run_bytes(self) -> int:
         return self.run_writer.bytes_written if self.run_writer is not None else 0
 
+    def store_sums(self, raw: bytes | bytearray, size: int, parent_runs: Sequence[RunRef]) -> None:
+        """This snapshot's per-page partial sums of its table checksums (``size``-byte entries, one per
+        page) as runs of RUN_PAGES pages beside the fast runs (``sum_runs``); a run identical to the
+        parent's at the same place is reused (``parent_runs``: only when read back whole). Before
+        ``finish``."""
+        nruns = len(self.runs)
+        self.sum_runs = [None] * nruns
+        if len(raw) != size * self.page_count:
+            raise SourceError("backup: the page sums do not cover the database")  # (a bug, never a state)
+        step = RUN_PAGES * size
+        for r in range(nruns):
+            self._store_run(bytes(raw[r * step : (r + 1) * step]), size, list(parent_runs), r, self.avoid_fast,
+                            self.sum_runs)
+
     def finish(self) -> tuple[list[RunRef], list[RunRef]]:
         """Seal what is left and store the last runs: (page-map runs, fast runs), in page order."""
         self._flush_buffered()
@@ -494,7 +513,8 @@ class PageSink:
             self.run_writer.finish()
         if self.cold_writer is not None:
             self.cold_packs = self.cold_writer.finish()
-        if any(r is None for r in self.runs) or any(r is None for r in self.fast_runs):
+        if any(r is None for r in self.runs) or any(r is None for r in self.fast_runs) \
+                or any(r is None for r in self.sum_runs):
             raise SourceError("backup: a run of the page map was not stored")  # (a bug, never a state)
         return self.runs, self.fast_runs  # type: ignore[return-value]
 

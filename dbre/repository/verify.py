@@ -29,6 +29,7 @@ from dbre.repository.entries import Entries
 from dbre.repository.manifest import RECORD, Manifest, RunRef
 from dbre.repository.pack import BlobInfo, read_pack_tail
 from dbre.repository.repo import Repository, pack_key
+from dbre.repository.tables import PAGE_SUM
 from dbre.storage import NotFound
 
 Progress = Callable[[int, int], None]
@@ -317,6 +318,7 @@ def check_blob_pages(index: Index, blob: SnapshotBlob, pages: SnapshotPages, man
 
 RunKey = tuple[str, int, int, str, int]  # pack, offset, length, hash, pages
 _FAST_NOTE = "no restore needs it: the next backup and restore hash every page with the keyed hash instead"
+_SUM_NOTE = "no restore needs it: the next backup reads every table's rows for its checksums instead"
 
 
 def _run_key(run: RunRef) -> RunKey:
@@ -336,6 +338,8 @@ def verify(repo: Repository, db: str | None = None, *, read_data: bool = False,
     # fast runs (xxh3 per page, read only by the next backup): damage breaks no restore, but is reported
     fast_users: dict[RunKey, set[str]] = defaultdict(set)
     by_fast: dict[RunKey, tuple[RunRef, Manifest]] = {}
+    sum_users: dict[RunKey, set[str]] = defaultdict(set)  # (the table checksums' page sums: hints too)
+    by_sum: dict[RunKey, tuple[RunRef, Manifest]] = {}
     listed_by: dict[str, set[str]] = {}  # snapshot -> the packs its manifest lists
     for ref in sorted(repo.list_snapshot_refs(db), key=lambda r: r.key):
         name = f"{ref.db}/{ref.id}"
@@ -365,8 +369,16 @@ def verify(repo: Repository, db: str | None = None, *, read_data: bool = False,
             if run.pack not in listed:
                 report.add(ref.key, f"fast run in {pack_key(run.pack)}, which the manifest does not list "
                                     f"({_FAST_NOTE})", [])
+        for run in manifest.sum_runs:
+            key = _run_key(run)
+            sum_users[key].add(name)
+            by_sum.setdefault(key, (run, manifest))
+            if run.pack not in listed:
+                report.add(ref.key, f"page-sum run in {pack_key(run.pack)}, which the manifest does not list "
+                                    f"({_SUM_NOTE})", [])
     runs = _read_runs(repo, by_run, users, report)
     _read_runs(repo, by_fast, fast_users, report, size=16)
+    _read_runs(repo, by_sum, sum_users, report, size=PAGE_SUM.size)
 
     # 2. which snapshots use each pack, how far into it; records outside their manifest's packs
     ends: dict[str, int] = defaultdict(int)
@@ -374,7 +386,7 @@ def verify(repo: Repository, db: str | None = None, *, read_data: bool = False,
     for key in users:
         ends[key[0]] = max(ends[key[0]], key[1] + key[2])
         pack_users[key[0]] |= users[key]
-    for key in fast_users:
+    for key in (*fast_users, *sum_users):
         ends[key[0]] = max(ends[key[0]], key[1] + key[2])
     groups: dict[RunKey, list[tuple[bytes, np.ndarray]]] = {}
     for key, raw in runs.items():
@@ -411,6 +423,13 @@ def verify(repo: Repository, db: str | None = None, *, read_data: bool = False,
             if why:
                 report.add(pack_key(key[0]), f"fast run: {why} ({_FAST_NOTE}; used by "
                                              f"{', '.join(sorted(fast_users[key])[:3])})", [])
+    for key in sum_users:
+        idx = indexes[key[0]]
+        if isinstance(idx, dict):
+            why = run_mismatch(idx, by_sum[key][0])
+            if why:
+                report.add(pack_key(key[0]), f"page-sum run: {why} ({_SUM_NOTE}; used by "
+                                             f"{', '.join(sorted(sum_users[key])[:3])})", [])
     for key, raw in runs.items():
         rows = np.frombuffer(raw, dtype=np.uint8).reshape(-1, RECORD.size)
         bad: dict[str, list[str]] = defaultdict(list)
@@ -476,7 +495,8 @@ def _read_runs(repo: Repository, by_run: dict[RunKey, tuple[RunRef, Manifest]], 
     out = {}
     for key, raw in got.items():
         if isinstance(raw, RepositoryError) and size != RECORD.size:
-            report.add(f"{pack_key(key[0])}@{key[1]}", f"cannot read fast run: {raw.message} ({_FAST_NOTE}; used by "
+            what, note = ("fast run", _FAST_NOTE) if size == 16 else ("page-sum run", _SUM_NOTE)
+            report.add(f"{pack_key(key[0])}@{key[1]}", f"cannot read {what}: {raw.message} ({note}; used by "
                        f"{', '.join(sorted(users[key])[:3])})", [])
         elif isinstance(raw, RepositoryError):
             report.add(f"{pack_key(key[0])}@{key[1]}", f"cannot read page-map run: {raw.message}", users[key])
