@@ -8,7 +8,7 @@ from prefect import flow, get_run_logger
 
 from dbre.errors import UsageError
 from dbre.units import human_bytes as human
-from flows.common import RunFailed, load, md_table, outcome, publish, repos
+from flows.common import RunFailed, failures, load, outcome, publish, repos
 from flows.names import backup_name, from_parameters
 from flows.references import KeyRef, TokenRef, refuse_literal_secrets, store_references_only
 from tasks.backup import backup_database, copy_to_offsite
@@ -38,9 +38,13 @@ def backup_flow(db: str, source: str | None = None, policy: str | None = None, r
     if not src:
         raise UsageError(f"no source for database {db!r}", "pass source, or list the database in the policy")
     r = repos(pol, repo, offsite, key)
-    snap = backup_database(db, src, r.primary, r.key, token or (entry.auth_token if entry else None),
-                           checksums if checksums is not None else (entry.checksums if entry else None),
-                           entry.namespace if entry else None, full, accept_new_source)
+    try:
+        snap = backup_database(db, src, r.primary, r.key, token or (entry.auth_token if entry else None),
+                               checksums if checksums is not None else (entry.checksums if entry else None),
+                               entry.namespace if entry else None, full, accept_new_source)
+    except Exception as err:  # the run still fails with this error; the summary says it and what to do first
+        _publish_failure(db, r.primary, str(err) or type(err).__name__)
+        raise
     if snap.get("note"):
         log.warning("%s: %s", db, snap["note"])
     log.info("snapshot %s of %s: %s, %s added", snap["id"], db, human(snap["size"]), human(snap["bytes_added"]))
@@ -49,20 +53,34 @@ def backup_flow(db: str, source: str | None = None, policy: str | None = None, r
         ok, res = outcome(copy_to_offsite(r.primary, target, r.key, db, return_state=True))
         copies.append(res if ok else {"offsite": target, "error": res})
     failed = [c for c in copies if "error" in c]
+    kind = "incremental" if snap["parent"] else "first"
     rows = [{"step": "backup", "repository": r.primary, "snapshot": snap["id"],
-             "kind": "incremental" if snap["parent"] else "first", "size": human(snap["size"]),
+             "kind": kind, "size": human(snap["size"]),
              "added": human(snap["bytes_added"]), "seconds": snap["seconds"], "result": "ok"}]
     rows += [{"step": "copy", "repository": c["offsite"], "snapshot": snap["id"],
               "added": human(c.get("bytes_copied")), "result": c.get("error", "ok")} for c in copies]
-    md = [f"# Backup of `{db}`", "",
-          f"Snapshot **{snap['id']}** taken {snap['taken_at']}: {snap['pages']} pages, {human(snap['size'])}; "
-          f"{snap['pages_added']} new pages ({human(snap['bytes_added'])}) in {snap['seconds']:.2f} s.", ""]
+    md = [f"# Backup of `{db}`: " + (f"{len(failed)} of {len(copies)} offsite copies FAILED" if failed else "ok"), "",
+          f"Snapshot **{snap['id']}** ({kind}) taken {snap['taken_at']}: {snap['pages']} pages, "
+          f"{human(snap['size'])}; {snap['pages_added']} new pages ({human(snap['bytes_added'])} added) in "
+          f"{snap['seconds']:.2f} s.", ""]
     if copies:
         md += [f"Offsite copies: {len(copies) - len(failed)} of {len(copies)} up to date.", ""]
-    md.append(md_table(rows, ["step", "repository", "snapshot", "kind", "size", "added", "seconds", "result"]))
+    md += failures([(f"copy to {c['offsite']}", c["error"]) for c in failed], [
+        "The snapshot is in the primary repository: only the offsite copy is behind.",
+        "Fix what the error names (credentials, network, the bucket), then start this run again, or copy now: "
+        f"`dbre copy --repo {r.primary} --to <offsite> --db {db}`."])
     publish(f"backup-{db}", "\n".join(md), rows, [(u, f"repository {u}") for u in [r.primary, *r.offsite]],
             description=f"backup of {db}")
     if failed:
         raise RunFailed(f"backup of {db} succeeded but {len(failed)} offsite copies failed: "
                         + "; ".join(f"{c['offsite']}: {c['error']}" for c in failed))
     return {"snapshot": snap, "copies": copies}
+
+
+def _publish_failure(db: str, primary: str, error: str) -> None:
+    """The summary of a backup that failed: the error and what to do (there is no table: no step finished)."""
+    md = [f"# Backup of `{db}`: FAILED", "", *failures([(f"backup of {db}", error)], [
+        "Fix what the error names (the source, its token, the repository), then start this run again.",
+        f"Until then the newest restorable point is an earlier one: `dbre snapshots --repo {primary} --db {db}` "
+        "lists them."])]
+    publish(f"backup-{db}", "\n".join(md), links=[(primary, f"repository {primary}")], description=f"backup of {db}")

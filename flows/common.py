@@ -145,6 +145,15 @@ def publish(key: str, markdown: str, table: list[dict[str, Any]] | None = None,
         create_table_artifact(table, key=artifact_key(key, "table"), description=description)
 
 
+def failures(failed: Sequence[tuple[str, Any]], todo: Sequence[str]) -> list[str]:
+    """A summary's failures, for whoever is called at night: each failed step with its error, then what to do
+    (the summary names them even though the table artifact has them too: a failure must not need a second look)."""
+    if not failed:
+        return []
+    return ["## Failed", "", *[f"- **{what}**: {str(err).replace(chr(10), ' ')}" for what, err in failed], "",
+            "What to do:", "", *[f"{i}. {step}" for i, step in enumerate(todo, 1)], ""]
+
+
 def md_table(rows: list[dict[str, Any]], columns: Sequence[str]) -> str:
     """A markdown table of ``rows`` with ``columns`` (missing values as '-')."""
     out = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]

@@ -21,7 +21,7 @@ from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from dbre.errors import UsageError
 from dbre.policy import Policy
 from dbre.units import human_bytes as human
-from flows.common import RunFailed, load, md_table, outcome, publish, repos
+from flows.common import RunFailed, failures, load, md_table, outcome, publish, repos
 from flows.names import fleet_name, from_parameters
 from flows.references import KeyRef, refuse_literal_secrets, store_references_only
 from tasks.backup import backup_database_limited, copy_to_offsite
@@ -150,18 +150,27 @@ def _publish(rows: list[dict[str, Any]], steps: list[dict[str, Any]], primary: s
               "kind": ("incremental" if r.get("parent") else "first") if r["status"] == "ok" else None,
               "size": r.get("size"), "bytes_added": r.get("bytes_added"), "seconds": r.get("seconds"),
               "error": r.get("error")} for r in rows]
-    md = [f"# Fleet backup: {len(ok)} of {len(rows)} databases backed up",
-          "",
-          f"Repository `{primary}`; {kind} task runner, {workers} at once"
-          + (f", global concurrency limit `{limit}`" if limit else "") + f"; {seconds} s in all; "
-          f"{human(sum(r.get('bytes_added', 0) for r in ok))} added.", ""]
     failed = [r for r in rows if r["status"] != "ok"]
+    failed_steps = [s for s in steps if s["result"] != "ok"]
+    md = [f"# Fleet backup: {len(ok)} of {len(rows)} databases backed up, "
+          f"{human(sum(r.get('bytes_added', 0) for r in ok))} added"
+          + (f"; {len(failed_steps)} of {len(steps)} copy and retention steps FAILED" if failed_steps else ""), "",
+          f"Repository `{primary}`; {kind} task runner, {workers} at once"
+          + (f", global concurrency limit `{limit}`" if limit else "") + f"; {seconds} s in all. "
+          "Each database's snapshot and figures are in the table artifact.", ""]
+    todo = []
     if failed:
-        md += ["## Failed", ""] + [f"- **{r['db']}**: {r['error']}" for r in failed] + [""]
-    md += ["## Backups", "", md_table([{**t, "size": human(t["size"]), "bytes_added": human(t["bytes_added"])}
-                                       if t["status"] == "ok" else t for t in table],
-                                      ["db", "status", "snapshot", "kind", "size", "bytes_added", "seconds", "error"])]
-    if steps:
-        md += ["", "## Offsite copy and retention", "", md_table(steps, ["step", "repository", "result", "detail"])]
+        todo.append("A failed backup does not stop the others: fix what its error names (the source, its token), "
+                    "then run the fleet backup again, or back up that database alone with the dbre-backup flow.")
+    if failed_steps:
+        now = [f"`dbre copy --repo {primary} --to {s['repository']}`" for s in failed_steps if s["step"] == "copy"]
+        now += ["the dbre-retention flow (the policy's retention)"] if any(s["step"] != "copy" for s in failed_steps) \
+            else []
+        todo.append("A failed copy, forget or prune is tried again by the next nightly run; to run it now, once what "
+                    "its error names is fixed: " + ", ".join(now) + ".")
+    md += failures([(f"backup of {r['db']}", r["error"]) for r in failed]
+                   + [(f"{s['step']} {s['repository']}", s["result"]) for s in failed_steps], todo)
+    if steps:  # the table artifact has the backups only: these rows are here alone
+        md += ["## Offsite copy and retention", "", md_table(steps, ["step", "repository", "result", "detail"])]
     publish("fleet-backup", "\n".join(md), table, [(u, f"repository {u}") for u in [primary, *offsite]],
             description=f"fleet backup of {len(rows)} databases")

@@ -13,7 +13,7 @@ from prefect import flow, get_run_logger
 
 from dbre.repository.manifest import check_db_name
 from dbre.restore.lastgood import check_syntax
-from flows.common import RunFailed, load, md_table, publish, repos
+from flows.common import RunFailed, failures, load, publish, repos
 from flows.names import from_parameters
 from flows.references import KeyRef, refuse_literal_secrets, store_references_only
 from tasks.restore import check_restored_file, find_last_good_point, restore_pitr, restore_whole
@@ -82,17 +82,33 @@ def _publish(db: str, found: dict[str, Any], command: str | None, restored: dict
                "failed check": f"{p['failed']}: {p['detail']}" if p["failed"] else (p["integrity"] or ""),
                "read": p["bytes_read"], "seconds": p["seconds"]} for p in found["probes"]]
     point = found["found"]
+    bad = found["first_bad"]
+    why = (f"{bad['failed'] or 'a check'}" + (f": {bad['detail']}" if bad["detail"] else "")) if bad else ""
     when = {_label(p): p["time"] for p in found["probes"]}
-    md = [f"# Last good point of `{db}`", "",
+    good = sum(1 for p in probes if p["result"] == "good")
+    md = [f"# Last good point of `{db}`: " + (f"**{_label(point)}**" if point else "**none found**"), "",
           f"- Searched {found['points']} points ({'since ' + found['since'] if found['since'] else 'all of them'}) "
-          f"in {len(probes)} probes, {found['seconds']} s; each state read in place, nothing restored to probe it",
-          f"- Found: **{_label(point)}** ({when.get(_label(point))})" if point else "- Found: **no good point**"]
-    if point and found["first_bad"]:
-        md.append(f"- The next point, {_label(found['first_bad'])}, is bad")
+          f"in {len(probes)} probes ({good} good, {len(probes) - good} bad; each in the table artifact), "
+          f"{found['seconds']} s; each state read in place, nothing restored to probe it"]
+    if point:
+        md.append(f"- Found: **{_label(point)}** ({when.get(_label(point))})")
+    if point and bad:
+        md.append(f"- The next point, {_label(bad)}, is bad: {why}")
     if command:
         md.append(f"- To restore it: `{command}`")
     if restored:
         md.append(f"- Restored to `{restored['target']}`: checks {'ok' if restored['check']['ok'] else 'FAILED'}")
-    md += [f"- Assumes: {found['assumes']}", "",
-           md_table(probes, ["time", "point", "result", "failed check", "read", "seconds"])]
+    md += [f"- Assumes: {found['assumes']}", ""]
+    failed, todo = [], []
+    if point is None:
+        failed.append((f"no good point since {found['since'] or 'the oldest point'}",
+                       f"the oldest point probed, {_label(bad)}, fails {why}" if bad else "every probe failed"))
+        todo += ["If the check is right, the damage is older than the search: start it again with an earlier "
+                 "*since*, or restore from an offsite repository that keeps older snapshots.",
+                 "If the check is wrong (it must be true on a good state), correct it and start again."]
+    if restored and not restored["check"]["ok"]:
+        failed.append((f"restored file {restored['target']}", "; ".join(restored["check"]["problems"][:3])))
+        todo.append(f"Do not use `{restored['target']}`: the point passed its probe but the restored file fails its "
+                    "checks; restore the same point again to a new file, or an earlier point.")
+    md += failures(failed, todo)
     publish("last-good", "\n".join(md), probes, description=f"last good point of {db}")

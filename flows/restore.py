@@ -397,7 +397,8 @@ def _publish_whole(req: RestoreRequest, plan: dict[str, Any], result: dict[str, 
     else:
         rows.append({"step": "restore", **{k: result[k] for k in ("repository", "snapshot", "taken_at", "target")},
                      "size": result.get("size"), "seconds": result["seconds"], "result": "ok"})
-        head = [f"# Restore of `{req.database}`", "", f"Restored {what} in {result['seconds']:.2f} s."]
+        head = [f"# Restore of `{req.database}`" + (": validation FAILED" if problems else ""), "",
+                f"Restored {what} in {result['seconds']:.2f} s."]
         if pitr:
             head += ["", f"Applied {result['transactions']} transactions, the last txid {result['last_txid']} "
                          f"(committed {result['last_committed']})."]
@@ -411,9 +412,12 @@ def _publish_whole(req: RestoreRequest, plan: dict[str, Any], result: dict[str, 
                       "integrity_check, foreign_key_check, schema, row counts and checksums match the manifest.")
             head += ["", "Validation: " + ("**failed**" if problems else passed)]
             head += [f"- {p}" for p in problems]
+            if problems:
+                head += ["", f"What to do: do not use `{req.target}`. Run the dbre-verify flow on "
+                             f"`{plan['repository']}`, then restore an earlier snapshot (or from an offsite "
+                             "copy) to a new file."]
     head += _tried(tried)
-    md = "\n".join([*head, "", md_table(rows, ["step", "repository", "snapshot", "taken_at", "target", "size",
-                                               "seconds", "result"])])
+    md = "\n".join(head)  # the steps (plan, restore, validate) are the table artifact's rows
     links = [(plan["target"], "restored database")] if result is not None else []
     publish(f"restore-{req.database}", md, rows, links, description=f"restore of {req.database}")
 
@@ -429,7 +433,8 @@ def _publish_live(req: RestoreRequest, done: dict[str, Any], tried: list[str]) -
                 ("Would restore " if req.dry_run else "Restored ") + f"{len(rows)} tables of {source}"
                 + (" after safety snapshot **" + str(done.get("safety_snapshot")) + "**" if done.get("safety_snapshot")
                    else "") + "."]
-        table = md_table(rows, ["table", "target", "action", "snapshot_rows", "live_rows"])
+        head += ["", "Tables: " + ", ".join(f"`{t['table']}` → `{t['target']}` ({t['action']})" for t in rows)
+                 + " (row counts in the table artifact)."]
     else:
         counts = done["counts"]
         rows = [{"table": req.tables[0], "where": req.where, **counts}]
@@ -438,15 +443,14 @@ def _publish_live(req: RestoreRequest, done: dict[str, Any], tried: list[str]) -
         head = [f"# {verb}row repair of `{req.database}`.`{req.tables[0]}`", "",
                 ("Would repair " if req.dry_run else "Repaired ") + f"rows `WHERE {req.where}` from {source}: "
                 + ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in counts.items()) + "." + applied]
-        table = md_table(rows, ["table", "where", *counts])
-        if done.get("preview"):
+        if done.get("preview"):  # the rows themselves, which the table artifact (the counts) does not hold
             head += ["", "Preview:", "", md_table(done["preview"], list(done["preview"][0]))]
     if not req.dry_run:
         head += ["", f"Audit record `{done['audit_record']}` is in the repository."]
     else:
         head += ["", "Start the run again with *dry_run* unticked to apply it (it is planned again then)."]
     head += _tried(tried)
-    publish(f"restore-{req.database}-{req.scenario}", "\n".join([*head, "", table]), rows,
+    publish(f"restore-{req.database}-{req.scenario}", "\n".join(head), rows,
             [(done["live"], "live database")], description=f"{req.scenario} restore of {req.database}")
 
 
@@ -578,9 +582,6 @@ def _provider_rows(plan: dict[str, Any], result: dict[str, Any] | None, problems
     return rows
 
 
-_PROVIDER_COLUMNS = ["step", "provider", "source", "at", "to", "into", "scratch", "size", "seconds", "result"]
-
-
 def _publish_provider(req: RestoreRequest, plan: dict[str, Any], result: dict[str, Any] | None,
                       problems: list[str]) -> None:
     kind = "namespace" if plan["provider"] == "sqld" else "database"
@@ -596,7 +597,8 @@ def _publish_provider(req: RestoreRequest, plan: dict[str, Any], result: dict[st
     else:
         timing = (f"{'fork' if plan['provider'] == 'sqld' else 'create'} {result['create_seconds']:.2f} s"
                   + (f", read {result['read_seconds']:.2f} s" if result["read_seconds"] is not None else ""))
-        head = [f"# Provider restore of `{req.database}` ({plan['provider']})", "",
+        head = [f"# Provider restore of `{req.database}` ({plan['provider']})"
+                + (": validation FAILED" if validated and problems else ""), "",
                 f"Restored {what} in {result['seconds']:.2f} s ({timing})."]
         if result["url"]:
             head += ["", f"The new {kind} answers at `{result['url']}`."]
@@ -617,10 +619,13 @@ def _publish_provider(req: RestoreRequest, plan: dict[str, Any], result: dict[st
         if validated:
             head += ["", "Validation: " + ("**failed**" if problems else "integrity_check and foreign_key_check pass.")]
             head += [f"- {p}" for p in problems]
+            if problems:
+                head += ["", f"What to do: do not use `{result['to']}`; restore an earlier time, or from dbre's own "
+                             "backups (set *source* to repository), to a new file."]
     head += ["", f"Granularity: {plan['granularity']}.", f"Retention: {plan['retention']}."]
     rows = _provider_rows(plan, result, problems, validated)
     links = [(result["to"], "restored database")] if result is not None and result["to"] else []
-    publish(f"restore-{req.database}-provider", "\n".join([*head, "", md_table(rows, _PROVIDER_COLUMNS)]), rows,
+    publish(f"restore-{req.database}-provider", "\n".join(head), rows,
             links, description=f"provider restore of {req.database}")
 
 

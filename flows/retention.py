@@ -11,7 +11,7 @@ from prefect import flow
 
 from dbre.errors import UsageError
 from dbre.repository.retention import KeepPolicy
-from flows.common import RunFailed, load, md_table, outcome, publish, repos
+from flows.common import RunFailed, failures, load, outcome, publish, repos
 from flows.names import from_parameters, retention_name
 from flows.references import KeyRef, refuse_literal_secrets, store_references_only
 from tasks.retention import forget_snapshots, prune_repository
@@ -51,11 +51,20 @@ def retention_flow(databases: list[str] | None = None, policy: str | None = None
                           "packs_deleted": res["delete_packs"] if ok else None,
                           "packs_kept": res["keep_packs"] if ok else None})
     rules = ", ".join(f"keep {k} {v}" for k, v in vars(keep).items() if v)
-    md = [f"# Retention{' (dry run)' if dry_run else ''}", "", f"Rules: {rules}.", "",
-          md_table(steps, ["step", "repository", "forgotten", "kept", "packs_deleted", "packs_kept", "result"])]
+    failed = [s for s in steps if s["result"] != "ok"]
+    repos_failed = len({s["repository"] for s in failed})
+    would = "would be " if dry_run else ""
+    md = [f"# Retention{' (dry run)' if dry_run else ''}: {1 + len(r.offsite) - repos_failed} of "
+          f"{1 + len(r.offsite)} repositories done" + (f", {repos_failed} FAILED" if repos_failed else ""), "",
+          f"{sum(s.get('forgotten') or 0 for s in steps)} snapshots {would}forgotten, "
+          f"{sum(s.get('kept') or 0 for s in steps)} kept"
+          + (f"; {sum(s.get('packs_deleted') or 0 for s in steps)} packs {would}deleted" if prune else "")
+          + " (per repository in the table artifact).", "", f"Rules: {rules}.", ""]
+    md += failures([(f"{s['step']} {s['repository']}", s["result"]) for s in failed], [
+        "Fix what the error names (a lock held by another run, credentials, network), then start this run again "
+        "(the nightly fleet backup applies retention too)."])
     publish("retention", "\n".join(md), steps, [(u, f"repository {u}") for u in [r.primary, *r.offsite]],
             description="retention")
-    failed = [s for s in steps if s["result"] != "ok"]
     if failed:
         raise RunFailed("retention failed: " + "; ".join(f"{s['step']} {s['repository']}: {s['result']}"
                                                           for s in failed))

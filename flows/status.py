@@ -11,7 +11,7 @@ from dbre.metrics import Alert, OffsiteStatus, Status, parse_size
 from dbre.policy import parse_duration
 from dbre.report.drill import seconds_text
 from dbre.units import human_bytes as human
-from flows.common import RunFailed, load, md_table, outcome, publish, repos
+from flows.common import RunFailed, failures, load, outcome, publish, repos
 from flows.names import from_parameters, status_name
 from flows.references import KeyRef, refuse_literal_secrets, store_references_only
 from tasks.validate import compute_repository_status, notify_block, notify_webhook
@@ -80,15 +80,35 @@ def _publish(status: Status, alerts: list[Alert], sent: list[str], failed: list[
              "stored": human(d.storage_bytes),
              **({"offsite": "; ".join(_offsite(o) for o in d.offsite)} if d.offsite else {}),
              "state": "ok" if d.ok else "ALERT"} for d in status.databases]
-    md = [f"# Backup health of `{status.repository}`", "",
+    healthy = sum(1 for d in status.databases if d.ok)
+    md = [f"# Backup health of `{status.repository}`: {healthy} of {len(status.databases)} databases ok"
+          + (f", {len(alerts)} alerts" if alerts else ""), "",
           f"Storage: {human(status.storage_bytes)}" + ("" if status.storage_exact else " (estimated)")
-          + (f" of {human(status.quota_bytes)}" if status.quota_bytes else ""), ""]
-    if rows:
-        md += [md_table(rows, list(rows[0])), ""]
+          + (f" of {human(status.quota_bytes)}" if status.quota_bytes else "")
+          + ". Each database's figures are in the table artifact.", ""]
     if alerts:
-        md += ["## Alerts", "", *[f"- **{a.event}** ({a.severity}): {a.message}" for a in alerts], ""]
+        md += ["## Alerts", "", *[f"- **{a.event}** ({a.severity}): {a.message}" for a in alerts], "",
+               "What to do:", "", *[f"- {event}: {_TODO.get(event, 'see the message above')}"
+                                    for event in dict.fromkeys(a.event for a in alerts)], ""]
     if sent:
         md.append(f"Notified: {', '.join(sent)}.")
-    if failed:
-        md.append(f"Notification failed: {'; '.join(failed)}.")
+    md += failures([(f"notification {name}", err) for name, _, err in (f.partition(": ") for f in failed)],
+                   ["The alerts above reached no one through that channel: check its URL or block, and the "
+                    "receiver; the next status run sends them again while they last."])
     publish("status", "\n".join(md), rows, description="backup health")
+
+
+_TODO = {  # what the person on call does about each alert (the message says which database and why)
+    "backup_failure": "read the failed backup run's error, fix its cause (the source, its token, the repository), "
+                      "then run the backup again",
+    "backup_delay": "the newest restorable point is older than the RPO: check that the backup deployment runs "
+                    "(its schedule, a worker polling its pool) and that its last runs passed",
+    "replication_lag": "check that `dbre replicate` runs for the database and can write to the repository",
+    "storage_capacity": "raise the quota, or tighten retention and run the dbre-retention flow",
+    "offsite_unreadable": "check the offsite repository's credentials and network from the worker",
+    "offsite_behind": "copy now (the message has the command), and check that the backups' offsite copies pass",
+    "drill_failure": "read the drill's report (the dbre-drill run's summary): it names each failed check",
+    "drill_missed": "run the dbre-drill flow, and check its monthly schedule",
+    "rto_at_risk": "a restore would now take longer than the RTO: make the restore path faster (storage nearer "
+                   "the worker) or agree a longer RTO, then run a drill to measure again",
+}

@@ -10,7 +10,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from dbre.units import human_bytes as human
 from dbre.validate.subset import subset_for_week
-from flows.common import RunFailed, load, md_table, outcome, publish, repos
+from flows.common import RunFailed, failures, load, outcome, publish, repos
 from flows.names import from_parameters, verify_name
 from flows.references import KeyRef, refuse_literal_secrets, store_references_only
 from tasks.backup import list_snapshots
@@ -56,19 +56,26 @@ def verify_flow(databases: list[str] | None = None, policy: str | None = None, r
 
 def _publish(primary: str, report: dict[str, Any], checks: list[dict[str, Any]], read_data: bool) -> None:
     ok_checks = sum(1 for c in checks if c["ok"])
-    md = [f"# Integrity validation of `{primary}`", "",
+    bad = [c for c in checks if not c["ok"]]
+    passed = report["ok"] and not bad
+    md = [f"# Integrity validation of `{primary}`: " + ("ok" if passed else "FAILED"), "",
           f"- Repository: {'ok' if report['ok'] else '**damaged**'} ({report['snapshots']} snapshots, "
           f"{report['packs']} packs" + (f", read {report.get('packs_read', 0)} packs, "
                                          f"{human(report.get('bytes_read', 0))}" if read_data else "")
           + (f" of this week's subset {report['read_data_subset']}" if report.get("read_data_subset") else "") + ")",
-          f"- Restore checks: {ok_checks} of {len(checks)} databases restored and passed", ""]
-    md += [f"- DAMAGED {p['object']}: {p['detail']}" for p in report["problems"]]
+          f"- Restore checks: {ok_checks} of {len(checks)} databases restored and passed"
+          + (" (each with its figures in the table artifact)" if checks else ""), ""]
+    todo = []
+    if not report["ok"]:
+        todo.append(f"Run `dbre verify --repo {primary}` for every damaged object; restore a snapshot that needs "
+                    "one from an offsite copy (the dbre-restore flow tries the offsite repositories in turn).")
+    if bad or not report["ok"]:
+        todo.append("Take a new backup of each database named (the dbre-backup flow with *full* ticked stores every "
+                    "page again in new packs), then run this validation again.")
+    md += failures([(p["object"], p["detail"]) for p in report["problems"]]
+                   + [(f"restore check of {c['db']}", "; ".join(c["problems"])) for c in bad], todo)
     table = [{"db": c["db"], "snapshot": c.get("snapshot"), "taken_at": c.get("taken_at"), "size": c.get("size"),
               "tables": c.get("tables"), "restore_seconds": c.get("restore_seconds"),
               "check_seconds": c.get("check_seconds"), "result": "ok" if c["ok"] else "; ".join(c["problems"])}
              for c in checks]
-    if table:
-        md += ["", md_table([{**t, "size": human(t["size"])} for t in table],
-                            ["db", "snapshot", "taken_at", "size", "tables", "restore_seconds", "check_seconds",
-                             "result"])]
     publish("verify", "\n".join(md), table, [(primary, f"repository {primary}")], description="integrity validation")
