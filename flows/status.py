@@ -82,7 +82,7 @@ def _publish(status: Status, alerts: list[Alert], sent: list[str], failed: list[
              "state": "ok" if d.ok else "ALERT"} for d in status.databases]
     healthy = sum(1 for d in status.databases if d.ok)
     md = [f"# Backup health of `{status.repository}`: {healthy} of {len(status.databases)} databases ok"
-          + (f", {len(alerts)} alerts" if alerts else ""), "",
+          + (f", {len(alerts)} alert{'s' if len(alerts) != 1 else ''}" if alerts else ""), "",
           f"Storage: {human(status.storage_bytes)}" + ("" if status.storage_exact else " (estimated)")
           + (f" of {human(status.quota_bytes)}" if status.quota_bytes else "")
           + ". Each database's figures are in the table artifact.", ""]
