@@ -118,6 +118,7 @@ class PageSink:
         self.runs: list[RunRef | None] = [None] * nruns
         self.fast_runs: list[RunRef | None] = [None] * nruns
         self.sum_runs: list[RunRef | None] = []  # (store_sums: the table checksums' page sums)
+        self.sums: tuple[bytes | bytearray, int, list[RunRef]] | None = None
         # 1 where a page fed by ``feed`` has the parent's xxh3 at its place (unchanged), else 0
         self.same = bytearray(page_count)
         self.stored = bytearray(nruns)  # 1: the run is stored (or held, see _store_run)
@@ -489,16 +490,11 @@ class PageSink:
     def store_sums(self, raw: bytes | bytearray, size: int, parent_runs: Sequence[RunRef]) -> None:
         """This snapshot's per-page partial sums of its table checksums (``size``-byte entries, one per
         page) as runs of RUN_PAGES pages beside the fast runs (``sum_runs``); a run identical to the
-        parent's at the same place is reused (``parent_runs``: only when read back whole). Before
-        ``finish``."""
-        nruns = len(self.runs)
-        self.sum_runs = [None] * nruns
+        parent's at the same place is reused (``parent_runs``: only when read back whole). Stored
+        by ``finish``, after the page map's and fast runs."""
         if len(raw) != size * self.page_count:
             raise SourceError("backup: the page sums do not cover the database")  # (a bug, never a state)
-        step = RUN_PAGES * size
-        for r in range(nruns):
-            self._store_run(bytes(raw[r * step : (r + 1) * step]), size, list(parent_runs), r, self.avoid_fast,
-                            self.sum_runs)
+        self.sums = (raw, size, list(parent_runs))  # (stored by finish, after the page map's runs)
 
     def finish(self) -> tuple[list[RunRef], list[RunRef]]:
         """Seal what is left and store the last runs: (page-map runs, fast runs), in page order."""
@@ -507,6 +503,13 @@ class PageSink:
             if not self.stored[r] and r not in self.open:
                 self._run(r)  # (a run no page reached: every page of it never written)
         self._emit_ready(final=True)
+        if self.sums is not None:
+            raw, size, parent_runs = self.sums
+            self.sum_runs = [None] * len(self.runs)
+            step = RUN_PAGES * size
+            for r in range(len(self.runs)):
+                self._store_run(bytes(raw[r * step : (r + 1) * step]), size, parent_runs, r, self.avoid_fast,
+                                self.sum_runs)
         self.pool.shutdown()
         self._place_held(self.run_writer or self.writer)
         if self.run_writer is not None:
