@@ -632,10 +632,10 @@ def _parent_records(repo: Repository, parent: Manifest | None, full: bool,
 
 
 def _sparse_run_packs(parent: Manifest, records: Entries, slots: dict[str, int]) -> set[str]:
-    """The packs of the parent's runs (page map and fast) in which fewer than ``REPACK_BELOW`` of
-    the page slots are still used by the parent's records: a run reused there would keep the pack
-    alive after its pages die, so the run is written again instead (a few KB)."""
-    packs = {run.pack for run in (*parent.runs, *parent.fast_runs)}
+    """The packs of the parent's runs (page map, fast and page sums) in which fewer than
+    ``REPACK_BELOW`` of the page slots are still used by the parent's records: a run reused there
+    would keep the pack alive after its pages die, so the run is written again instead (a few KB)."""
+    packs = {run.pack for run in (*parent.runs, *parent.fast_runs, *parent.sum_runs)}
     refs: Counter[str] = Counter()
     for pack, start, stop in stretches(_column(records, 16, 16)):
         p = value(pack, 16).hex()
