@@ -100,8 +100,9 @@ def _lane(key: bytes, high: int) -> bytes:
 
 @pytest.mark.xfail(strict=True, reason="the unchanged test is unkeyed xxh3: someone who writes 16 bytes "
                    "of a blob (no other byte of the page known) keeps its page's xxh3; the leaf keeps the "
-                   "parent's partial sum while the rest of the table is read again (fix: a keyed fast "
-                   "hash in dbre.repository.sink, a format change)")
+                   "parent's partial sum while the rest of the table is read again (fix: keep a leaf only "
+                   "when its and its overflow pages' keyed hash equal the parent's page-map records, "
+                   "or a keyed fast hash in dbre.repository.sink, a format change)")
 def test_a_crafted_xxh3_collision_in_a_busy_table(tmp_path: Path) -> None:
     """Someone who can write a blob through the application (here: incremental blob I/O, as an
     app that patches uploads in place does) changes 16 of its bytes so that its overflow page keeps
