@@ -163,7 +163,9 @@ def test_extreme_and_negative_rowids(tmp_path: Path) -> None:
     for rowid in (-(2**63), 2**63 - 1, 700):
         _exec(src, "UPDATE t SET v = 'changed' WHERE id = ?", rowid)
         m = _backup(repo, src)
-        assert m.stats["checksum_leaves"]["read"] == 1
+        # the changed leaf, and any whose parent record is being repacked (its keyed hash is not
+        # at hand then: read again rather than trusted)
+        assert 1 <= m.stats["checksum_leaves"]["read"] <= 1 + m.stats.get("repacked_pages", 0)
         assert _recorded(m) == _fresh(src)
 
 

@@ -385,8 +385,8 @@ def backup(
                     sums = PageSums(_page_of(image), bytearray(PAGE_SUM.size * page_count)) \
                         if checksums and image is not None else None
                     parent_sums = load_page_sums(repo, parent_manifest) if sums is not None and carry else None
-                    prior = _priors(parent_manifest, parent_fast, image, encoding, parent_sums, sink.same) \
-                        if carry else None
+                    prior = _priors(parent_manifest, parent_fast, image, encoding, parent_sums, sink.same,
+                                    parent, repo.page_hash) if carry else None
                     stats = table_stats(conn, checksums, prior, reused, sums, version=CHECKSUM_VERSION)
                     basis = _basis(conn, image, reused, parent_manifest if prior is not None else None)
                     if sums is not None and sums.used:
@@ -507,7 +507,8 @@ def load_page_sums(repo: Repository, parent: Manifest | None) -> bytearray | Non
 
 def _priors(parent: Manifest | None, parent_fast: Entries | None, image: PageImage | None,
             encoding: str, parent_sums: bytearray | None = None,
-            same: bytearray | None = None) -> Callable[[str], Prior | None] | None:
+            same: bytearray | None = None, records: Entries | None = None,
+            page_hash: Callable[[bytes | memoryview], bytes] | None = None) -> Callable[[str], Prior | None] | None:
     """What the parent recorded of each table, for ``table_stats`` to reuse when none of the
     table's pages changed: "unchanged" is this snapshot's page (from the direct image) having
     the xxh3 the parent's fast runs give for the same page number. None (every table read) without
@@ -531,6 +532,16 @@ def _priors(parent: Manifest | None, parent_fast: Entries | None, image: PageIma
             return 0 <= i < limit and same[i] == 1
         return 0 <= i < limit and fast[16 * i : 16 * i + 16] == FAST_HASH(image.view(i))
 
+    def verified(pageno: int) -> bool:
+        """The page's keyed hash is the parent's record's: the bytes the parent stored and summed. The
+        xxh3 of ``unchanged`` is unkeyed: someone who writes part of a page (a blob) could keep it
+        while changing the rows (the sink then keeps the parent's page: the fast runs' residual), and
+        a kept sum would make the stale page validate; read again, the drill finds it."""
+        i = pageno - 1
+        if records is None or page_hash is None or not 0 <= i < min(len(records), image.page_count):
+            return False
+        return bool(records.buf[records.size * i : records.size * i + 16] == page_hash(image.view(i)))
+
     ages = _reuse_ages(parent)
 
     def prior(name: str) -> Prior | None:
@@ -539,7 +550,7 @@ def _priors(parent: Manifest | None, parent_fast: Entries | None, image: PageIma
                 or ages.get(name, 0) >= REUSE_LIMIT \
                 or not (t.checksum is None or isinstance(t.checksum, str) and len(t.checksum) == 32):
             return None
-        return Prior(t.rows, t.checksum, row, root, unchanged, parent_sums, same)
+        return Prior(t.rows, t.checksum, row, root, unchanged, parent_sums, same, verified)
 
     return prior
 

@@ -73,6 +73,8 @@ class Prior:
     # snapshot, 1 where ``unchanged`` holds (the same test, all at once; None: ask ``unchanged``)
     sums: bytes | bytearray | None = None
     same: bytes | bytearray | None = None
+    # the page's keyed hash equals the parent's record (what the parent stored); None: not asked
+    verified: Callable[[int], bool] | None = None
 
 
 @dataclass
@@ -148,7 +150,7 @@ def reusable(conn: apsw.Connection, now: dict[str, Any] | None, prior: Prior) ->
     pages = 0
     try:
         for pageno in table_pages(conn, prior.schema["name"]):
-            if not prior.unchanged(pageno):
+            if not prior.unchanged(pageno) or (prior.verified is not None and not prior.verified(pageno)):
                 return False
             pages += 1
     except apsw.Error:
@@ -289,6 +291,10 @@ def _summed_by_page(conn: apsw.Connection, name: str, root: int, sums: PageSums,
         for i in overflow:  # (leaves with overflow pages: each of those unchanged too)
             if ok[i] and not all(prior.unchanged(o) for o in overflow[i]):
                 ok[i] = False
+        if prior.verified is not None:  # (and each of those pages is what the parent stored: keyed hash)
+            for i in np.flatnonzero(ok).tolist():
+                if not (prior.verified(leaves[i]) and all(prior.verified(o) for o in overflow.get(i, ()))):
+                    ok[i] = False
         part[ok] = entries["sum"][at[ok]]
         keep = ok.tolist()
     firsts: dict[int, int | None] = {}  # leaf -> its first rowid (None: no cell), parsed only where needed
