@@ -427,7 +427,12 @@ class RemoteLibsqlSource:
         one request, not a /dump). None without an admin URL and a namespace, or when sqld does not
         answer as expected: then the database is read as always. (The replication index alone, which
         sqld also returns with every statement, is not enough: a namespace deleted and created again
-        reaches the same index with other rows.)"""
+        reaches the same index with other rows; and after a crash sqld recovers a namespace into a
+        new log whose index starts again near 1 under the same id. So the marker also holds the
+        namespace's ``rows_written_count``, which sqld keeps in its stats.json: it does not start
+        again, only loses the rows of the last seconds before a crash (persisted every 5 s), so an
+        index brought back to the parent's by later writes differs in it; tested in
+        tests/test_review_s10_unchanged.py, with the hole that remains.)"""
         if not (self.admin_url and self.namespace):
             return None
         headers = {"User-Agent": "dbre"}
@@ -446,7 +451,10 @@ class RemoteLibsqlSource:
             return None
         if not isinstance(instance, str) or not instance or type(index) is not int or index <= 0:
             return None  # (index 0: never written)
-        return {"instance": instance, "replication_index": index}
+        written = doc.get("rows_written_count")
+        if type(written) is not int or written < 0:
+            return None  # (a marker that cannot tell a recovered log from no change)
+        return {"instance": instance, "replication_index": index, "rows_written": written}
 
     # ------------------------------------------------------------------ dump
 
