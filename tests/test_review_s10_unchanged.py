@@ -113,8 +113,6 @@ def test_an_index_that_starts_again_after_a_crash_is_not_taken_for_no_change(tmp
         server.stop()
 
 
-
-
 @pytest.mark.xfail(strict=True, reason=(
     "the hole rows_written_count leaves: rows written in the 5 s before a crash that sqld had not yet "
     "persisted in stats.json, with no write after it, give the parent's marker again when the "
