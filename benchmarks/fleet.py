@@ -5,9 +5,7 @@ fleet-backup flow at 1, 2 and 4 concurrent backups, and print the fleet time of 
     python -m benchmarks.fleet --dbs 20 --concurrency 1,4 --runner dask --global-limit
 
 Each level backs up into a fresh local repository (the first, full backup of every database), then
-once more after a few rows changed in every namespace (the incremental), then once more after rows
-changed in only ``--changed`` of them (the hourly case of a big fleet: the policy names sqld's admin
-API, so an unchanged namespace costs one request, not a /dump). Flow runs
+once more after a few rows changed in every namespace (the incremental, the hourly case). Flow runs
 go to a temporary Prefect API (prefect_test_harness), so the figures include Prefect's own per-task
 cost. Results go to bench-output/fleet.json.
 """
@@ -37,9 +35,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--runner", choices=["thread", "dask"], default="thread", help="task runner (default thread)")
     p.add_argument("--global-limit", action="store_true",
                    help="also hold a Prefect global concurrency limit slot per backup (sized to the level)")
-    p.add_argument("--changed", type=float, default=0.1,
-                   help="share of the namespaces written before the last round (default 0.1): the others are "
-                        "snapshotted from sqld's change marker, without a /dump")
     p.add_argument("--out", type=Path, default=Path("bench-output"), help="results folder (default ./bench-output)")
     return p.parse_args(argv)
 
@@ -97,9 +92,7 @@ def main(argv: list[str] | None = None) -> None:
         t0 = time.perf_counter()
         names = build_fleet(server, args.dbs, args.rows)
         console.print(f"built {len(names)} namespaces on sqld {server.url} in {time.perf_counter() - t0:.1f} s")
-        policy = server.write_fleet_policy(work / "policy.yaml", work / "unused", names, rto="15m", keep_last=10,
-                                           admin=True)
-        some = names[: max(1, round(len(names) * args.changed))]
+        policy = server.write_fleet_policy(work / "policy.yaml", work / "unused", names, rto="15m", keep_last=10)
         results = []
         with prefect_test_harness(server_startup_timeout=120):
             for level in levels:
@@ -108,25 +101,19 @@ def main(argv: list[str] | None = None) -> None:
                 full = measure(str(policy), repo, level, args.runner, limit)
                 change_fleet(server, names)
                 incr = measure(str(policy), repo, level, args.runner, limit)
-                change_fleet(server, some)
-                few = measure(str(policy), repo, level, args.runner, limit)
                 results.append({"concurrency": level, "full_seconds": full["seconds"],
-                                "incremental_seconds": incr["seconds"], "some_changed_seconds": few["seconds"],
-                                "changed": len(some), "backups": full["backups"]})
-                console.print(f"concurrency {level}: full {full['seconds']} s, incremental {incr['seconds']} s, "
-                              f"{len(some)} changed {few['seconds']} s")
+                                "incremental_seconds": incr["seconds"], "backups": full["backups"]})
+                console.print(f"concurrency {level}: full {full['seconds']} s, incremental {incr['seconds']} s")
     finally:
         server.stop()
     base = results[0]["full_seconds"] if results else 1.0
     table = Table(title=f"fleet backup of {args.dbs} databases ({args.runner} runner"
                   + (", global concurrency limit" if args.global_limit else "") + ")", title_justify="left")
-    for col in ("concurrent backups", "full: fleet s", "per db s", "speed-up", "incremental: fleet s",
-                f"{len(some)} of {args.dbs} changed: fleet s"):
+    for col in ("concurrent backups", "full: fleet s", "per db s", "speed-up", "incremental: fleet s"):
         table.add_column(col, justify="right")
     for r in results:
         table.add_row(str(r["concurrency"]), f"{r['full_seconds']:.1f}", f"{r['full_seconds'] / args.dbs:.2f}",
-                      f"{base / r['full_seconds']:.2f}x", f"{r['incremental_seconds']:.1f}",
-                      f"{r['some_changed_seconds']:.1f}")
+                      f"{base / r['full_seconds']:.2f}x", f"{r['incremental_seconds']:.1f}")
     console.print(table)
     args.out.mkdir(parents=True, exist_ok=True)
     out = {"when": datetime.now(UTC).isoformat(timespec="seconds"), "dbs": args.dbs, "rows": args.rows,

@@ -8,7 +8,7 @@ from prefect import flow, get_run_logger
 
 from dbre.errors import UsageError
 from dbre.units import human_bytes as human
-from flows.common import RunFailed, failures, load, outcome, publish, repos, sqld_admin
+from flows.common import RunFailed, failures, load, outcome, publish, repos
 from flows.names import backup_name, from_parameters
 from flows.references import KeyRef, TokenRef, refuse_literal_secrets, store_references_only
 from tasks.backup import backup_database, copy_to_offsite
@@ -41,8 +41,7 @@ def backup_flow(db: str, source: str | None = None, policy: str | None = None, r
     try:
         snap = backup_database(db, src, r.primary, r.key, token or (entry.auth_token if entry else None),
                                checksums if checksums is not None else (entry.checksums if entry else None),
-                               entry.namespace if entry else None, full, accept_new_source,
-                               **(sqld_admin(entry) if entry is not None else {}))
+                               entry.namespace if entry else None, full, accept_new_source)
     except Exception as err:  # the run still fails with this error; the summary says it and what to do first
         _publish_failure(db, r.primary, str(err) or type(err).__name__)
         raise

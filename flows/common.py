@@ -183,13 +183,3 @@ def outcome(state: Any) -> tuple[bool, Any]:
     if isinstance(exc, BaseException):
         return False, str(exc) or type(exc).__name__
     return False, state.message or state.name
-
-
-def sqld_admin(entry: Any) -> dict[str, Any]:
-    """A namespace's sqld admin API from its policy entry's ``provider`` (sqld) section, as backup task
-    arguments (``admin_url``, ``admin_key`` reference): an unchanged namespace is then snapshotted
-    without a /dump (dbre.repository.unchanged). Empty for any other database."""
-    p = entry.provider
-    if entry.namespace and p is not None and p.kind == "sqld" and p.admin_url:
-        return {"admin_url": p.admin_url, "admin_key": p.admin_key}
-    return {}

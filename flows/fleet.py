@@ -21,7 +21,7 @@ from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from dbre.errors import UsageError
 from dbre.policy import Policy
 from dbre.units import human_bytes as human
-from flows.common import RunFailed, failures, load, md_table, outcome, publish, repos, sqld_admin
+from flows.common import RunFailed, failures, load, md_table, outcome, publish, repos
 from flows.names import fleet_name, from_parameters
 from flows.references import KeyRef, refuse_literal_secrets, store_references_only
 from tasks.backup import backup_database_limited, copy_to_offsite
@@ -70,8 +70,7 @@ def back_up_all(jobs: list[dict[str, Any]], repo: str, key: str | None, limit: s
                 count: int, full: bool = False) -> list[dict[str, Any]]:
     """Submit one backup task per database and wait for all; a failure is a row, not an exception."""
     futures = [backup_database_limited.submit(j["db"], j["source"], repo, key, j["token"], j["checksums"],
-                                              j["namespace"], limit, full, False, j.get("admin_url"),
-                                              j.get("admin_key")) for j in jobs]
+                                              j["namespace"], limit, full) for j in jobs]
     rows = []
     for job, future in zip(jobs, futures, strict=True):
         future.wait()
@@ -105,7 +104,7 @@ def fleet_backup_flow(databases: list[str] | None = None, policy: str | None = N
         slots = ensure_concurrency_limit(limit, pol.fleet.concurrency_limit_slots)
         log.info("global concurrency limit %r: %d slots", limit, slots)
     jobs = [{"db": d.name, "source": d.source, "token": d.auth_token, "checksums": d.checksums,
-             "namespace": d.namespace, **sqld_admin(d)} for d in dbs]
+             "namespace": d.namespace} for d in dbs]
     runner = make_task_runner(kind, workers, pol.fleet.dask_address or os.environ.get(DASK_ADDRESS_ENV))
     rows = back_up_all.with_options(task_runner=runner)(jobs, r.primary, r.key, limit, len(jobs), full)
     failed = [row for row in rows if row["status"] != "ok"]
@@ -175,4 +174,3 @@ def _publish(rows: list[dict[str, Any]], steps: list[dict[str, Any]], primary: s
         md += ["## Offsite copy and retention", "", md_table(steps, ["step", "repository", "result", "detail"])]
     publish("fleet-backup", "\n".join(md), table, [(u, f"repository {u}") for u in [primary, *offsite]],
             description=f"fleet backup of {len(rows)} databases")
-

@@ -18,24 +18,19 @@ from dbre.repository.repo import Repository
 from dbre.sources import Source, open_source
 from dbre.sources.remote import RemoteLibsqlSource
 from tasks.retry import HOUR, RETRY_DELAYS, TASK_OPTIONS, is_transient
-from tasks.secrets import resolve_admin_key, resolve_key, resolve_token
+from tasks.secrets import resolve_key, resolve_token
 
 
 @task(name="backup", task_run_name="backup {db}", timeout_seconds=2 * HOUR, **TASK_OPTIONS)
 def backup_database(db: str, source: str, repo: str, key: str | None = None, token: str | None = None,
                     checksums: bool | None = None, namespace: str | None = None, full: bool = False,
-                    accept_new_source: bool = False, admin_url: str | None = None,
-                    admin_key: str | None = None) -> dict[str, Any]:
+                    accept_new_source: bool = False) -> dict[str, Any]:
     """Take one snapshot of ``source`` (a ``namespace`` of it) into ``repo`` as ``db`` (``full``: reuse nothing
-    of the previous snapshot; ``accept_new_source``: ``db`` moved to ``source``); returns its summary.
-    ``admin_url`` (sqld's admin API, from the database's ``provider`` entry) and its ``admin_key``
-    reference let an unchanged namespace be snapshotted without a /dump (dbre.repository.unchanged)."""
+    of the previous snapshot; ``accept_new_source``: ``db`` moved to ``source``); returns its summary."""
     repository = Repository.open_or_init(repo, resolve_key(key))
     if namespace:
         # sqld addresses a namespace by Host header: only /dump can, an embedded replica cannot
-        src: Source = RemoteLibsqlSource(source, resolve_token(token), namespace=namespace, method="dump",
-                                         admin_url=admin_url, admin_key=resolve_admin_key(admin_key) if admin_url
-                                         else None)
+        src: Source = RemoteLibsqlSource(source, resolve_token(token), namespace=namespace, method="dump")
     else:
         src = open_source(source, resolve_token(token))
     started, clock = now_utc(), time.perf_counter()
@@ -69,12 +64,10 @@ def _note(repository: Repository, db: str, **fields: Any) -> None:
 def backup_database_limited(db: str, source: str, repo: str, key: str | None = None, token: str | None = None,
                             checksums: bool | None = None, namespace: str | None = None,
                             limit: str | None = None, full: bool = False,
-                            accept_new_source: bool = False, admin_url: str | None = None,
-                            admin_key: str | None = None) -> dict[str, Any]:
+                            accept_new_source: bool = False) -> dict[str, Any]:
     """``backup_database`` holding a slot of the Prefect global concurrency limit ``limit`` (if any)."""
     with concurrency(limit, occupy=1, strict=False) if limit else nullcontext():
-        return backup_database.fn(db, source, repo, key, token, checksums, namespace, full, accept_new_source,
-                                  admin_url, admin_key)
+        return backup_database.fn(db, source, repo, key, token, checksums, namespace, full, accept_new_source)
 
 
 @task(name="copy to offsite", task_run_name="copy to {offsite}", timeout_seconds=6 * HOUR, **TASK_OPTIONS)

@@ -47,11 +47,3 @@ def resolve_key(ref: str | None) -> Secret | None:
 def resolve_token(ref: str | None) -> Secret | None:
     """A remote source's token: the reference, else LIBSQL_AUTH_TOKEN / TURSO_AUTH_TOKEN, else none."""
     return resolve_secret(ref) if ref else token_from_env()
-
-
-def resolve_admin_key(ref: str | None) -> Secret | None:
-    """sqld's admin key (--admin-auth-key): the reference, else $LIBSQL_ADMIN_AUTH_KEY, else none."""
-    if ref:
-        return resolve_secret(ref)
-    env = os.environ.get("LIBSQL_ADMIN_AUTH_KEY")
-    return Secret(env) if env else None

@@ -283,16 +283,13 @@ class SqldServer:
     def delete_namespace(self, ns: str) -> None:
         self.admin("DELETE", f"/v1/namespaces/{ns}")
 
-    def write_fleet_policy(self, path: Path, repo: Path, names: Sequence[str], *, rto: str, keep_last: int,
-                           admin: bool = False) -> Path:
-        """A dbre policy file backing up these namespaces of this server into ``repo`` (``admin``: each
-        with a sqld ``provider`` entry naming the admin API, so unchanged namespaces are not read)."""
+    def write_fleet_policy(self, path: Path, repo: Path, names: Sequence[str], *, rto: str, keep_last: int) -> Path:
+        """A dbre policy file backing up these namespaces of this server into ``repo``."""
         import yaml
 
-        provider = {"provider": {"kind": "sqld", "admin_url": self.admin_url}} if admin and self.admin_url else {}
         path.write_text(yaml.safe_dump({
             "repositories": {"primary": str(repo)},
-            "databases": [{"name": ns, "source": self.url, "namespace": ns, "rpo": "1h", "rto": rto, **provider}
+            "databases": [{"name": ns, "source": self.url, "namespace": ns, "rpo": "1h", "rto": rto}
                           for ns in names],
             "retention": {"keep_last": keep_last},
         }))

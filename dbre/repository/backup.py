@@ -47,7 +47,6 @@ from dbre.repository.pack import PackWriter, read_index_tail
 from dbre.repository.repo import TOOL, Repository
 from dbre.repository.sink import FAST_HASH, LOST, REPACK, PageSink, column, stretches, value
 from dbre.repository.tables import CHECKSUM_VERSION, PAGE_SUM, PageSums, Prior, table_stats
-from dbre.repository.unchanged import marker_of, unchanged_manifest, unchanged_since
 from dbre.sources.base import Source
 from dbre.sources.image import ImageSession, PageImage
 from dbre.storage import NotFound
@@ -327,18 +326,6 @@ def backup(
             if check is not None:
                 check()  # a missing or unreadable file says so, rather than "another source"
             raise _refusal(db, reference, source)
-        # a source that can say it did not change since the parent's read (dbre.repository.unchanged):
-        # asked before anything is read, so a write after it makes the next marker differ
-        asked_at = snapshot_time(lock)
-        marker = marker_of(source) if replay is None and not full and not tags and not moved else None
-        if unchanged_since(parent_manifest, marker) and not skipped:
-            assert parent_manifest is not None and marker is not None
-            records, check = _parent_records(repo, parent_manifest, False, repack=False)
-            if records is not None and not check.lost and check.unused is None:
-                manifest = unchanged_manifest(parent_manifest, marker, asked_at, time.perf_counter() - started)
-                lock.check_alive(f"backup of {db}", hint="run the backup again")
-                repo.write_manifest(manifest)
-                return BackupResult(manifest, 0, 0, manifest.stats["seconds"])
         # read the parent's page map before the read transaction: in rollback mode writers wait
         # records into lost packs are dropped (their pages are stored again); --full drops them all
         parent_records, chain = _parent_records(repo, parent_manifest, full, repack)
@@ -479,8 +466,6 @@ def backup(
             # pages of the parent's sparse packs stored again (unless changed anyway): see _repack
             manifest.stats["repacked_packs"] = len(chain.repacked)
             manifest.stats["repacked_pages"] = _count(parent, REPACK, page_count)
-        if marker is not None:  # what the source said before this read: the next backup compares
-            manifest.stats["change_marker"] = marker
         # never commit after the lock stopped being refreshed: another host may have pruned meanwhile
         lock.check_alive(f"backup of {db}", hint="run the backup again")
         repo.write_manifest(manifest)

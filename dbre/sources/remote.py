@@ -49,7 +49,7 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import IO, Any
-from urllib.parse import parse_qsl, quote, urlencode, urlsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import apsw
 
@@ -133,8 +133,6 @@ class RemoteLibsqlSource:
         lock_timeout: float = 600.0,
         sync_timeout: float | None = 3600.0,
         replica_dir: Path | None = None,
-        admin_url: str | None = None,
-        admin_key: Secret | None = None,
     ) -> None:
         if method not in METHODS:
             raise SourceError(f"unknown remote source method {method!r}", f"use one of {', '.join(METHODS)}")
@@ -182,9 +180,6 @@ class RemoteLibsqlSource:
         key_src = self.base_url + (f"#ns={self.namespace}" if self.namespace else "")
         self.cache_key = hashlib.sha256(key_src.encode()).hexdigest()[:16]
         self._replica_dir = Path(replica_dir).expanduser().absolute() if replica_dir is not None else None
-        # sqld's admin API (with namespaces): where change_marker asks what state a namespace is in
-        self.admin_url = admin_url.rstrip("/") if admin_url else None
-        self._admin_key = Secret(admin_key) if isinstance(admin_key, str) else admin_key
 
         self.last_method: str | None = None
         self.last_seconds: float | None = None
@@ -417,44 +412,6 @@ class RemoteLibsqlSource:
         except (urllib.error.URLError, OSError) as err:
             if unreachable_is_error:
                 raise self._net_error(err) from None
-
-    def change_marker(self) -> dict[str, Any] | None:
-        """What sqld says of the namespace's state, asked before it is read: its instance id (new
-        when the namespace is deleted and created again, kept across restarts) and its replication
-        index (the position of the last write in its log: it moves with every write, never with a
-        read), from the admin API's ``/v1/namespaces/<ns>/stats``. Equal markers before two reads
-        mean no write came in between (``dbre.repository.unchanged``: an unchanged namespace costs
-        one request, not a /dump). None without an admin URL and a namespace, or when sqld does not
-        answer as expected: then the database is read as always. (The replication index alone, which
-        sqld also returns with every statement, is not enough: a namespace deleted and created again
-        reaches the same index with other rows; and after a crash sqld recovers a namespace into a
-        new log whose index starts again near 1 under the same id. So the marker also holds the
-        namespace's ``rows_written_count``, which sqld keeps in its stats.json: it does not start
-        again, only loses the rows of the last seconds before a crash (persisted every 5 s), so an
-        index brought back to the parent's by later writes differs in it; tested in
-        tests/test_review_s10_unchanged.py, with the hole that remains.)"""
-        if not (self.admin_url and self.namespace):
-            return None
-        headers = {"User-Agent": "dbre"}
-        if self._admin_key:
-            key = self._admin_key.reveal()
-            headers["Authorization"] = "basic " + (key.decode() if isinstance(key, bytes) else key)
-        req = urllib.request.Request(f"{self.admin_url}/v1/namespaces/{quote(self.namespace, safe='')}/stats",
-                                     headers=headers)
-        try:
-            with urllib.request.urlopen(req, timeout=min(self.timeout, 15.0)) as resp:
-                doc = json.loads(resp.read(1 << 20))
-            instance, index = doc["id"], doc["replication_index"]
-        except (urllib.error.URLError, OSError, ValueError, KeyError, TypeError) as err:
-            log.info("source %s: no change marker from the admin API (%s): the namespace is read",
-                     self.url, type(err).__name__)
-            return None
-        if not isinstance(instance, str) or not instance or type(index) is not int or index <= 0:
-            return None  # (index 0: never written)
-        written = doc.get("rows_written_count")
-        if type(written) is not int or written < 0:
-            return None  # (a marker that cannot tell a recovered log from no change)
-        return {"instance": instance, "replication_index": index, "rows_written": written}
 
     # ------------------------------------------------------------------ dump
 
