@@ -75,7 +75,9 @@ def test_cli_backup_with_retry_lock_waits_for_prune(repo_url: str, src: Path) ->
     is a usage error (exit 2)."""
     assert cli("backup", src, "--repo", repo_url, "--db", "app").returncode == 0
     repo = Repository.open(repo_url)
-    prune = _hold_exclusive_for(repo, 9.0)  # the two refused runs take ~2 s each on S3
+    # the two refused runs take ~2 s each on S3, and much longer on a loaded machine: the third must
+    # still find the lock held (9 s was not enough once in CI)
+    prune = _hold_exclusive_for(repo, 25.0)
     try:
         r = run_dbre("backup", src, "--repo", repo_url, "--db", "app")
         assert_one_line_error(r, 1, "locked by prune", "--retry-lock")

@@ -371,7 +371,9 @@ def backup(
                     # only the rows of leaves that changed
                     sums = PageSums(_page_of(image), bytearray(PAGE_SUM.size * page_count)) \
                         if checksums and image is not None else None
-                    parent_sums = load_page_sums(repo, parent_manifest) if sums is not None and carry else None
+                    # (nothing of the parent with --full, or when its page map is not usable)
+                    parent_sums = load_page_sums(repo, parent_manifest) \
+                        if sums is not None and carry and parent is not None else None
                     prior = _priors(parent_manifest, parent_fast, image, encoding, parent_sums, sink.same,
                                     parent, repo.page_hash) if carry else None
                     stats = table_stats(conn, checksums, prior, reused, sums, version=CHECKSUM_VERSION)
