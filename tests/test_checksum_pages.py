@@ -22,24 +22,12 @@ from dbre.repository.keep import KeepPolicy
 from dbre.repository.manifest import Manifest
 from dbre.repository.repo import Repository
 from dbre.repository.retention import forget, prune
-from dbre.repository.tables import CHECKSUM_VERSION, PAGE_SUM, table_checksum, table_stats
+from dbre.repository.tables import CHECKSUM_VERSION, PAGE_SUM, table_checksum
 from dbre.repository.verify import verify
 from dbre.restore.full import apply_restore, plan_restore
 from dbre.sources.local import LocalFileSource
 from dbre.validate.checks import equivalence_check, failed
-
-
-def _fresh(path: Path) -> dict[str, tuple[int, str | None]]:
-    conn = apsw.Connection(str(path), flags=apsw.SQLITE_OPEN_READONLY)
-    try:
-        conn.execute("BEGIN")
-        return table_stats(conn, True)
-    finally:
-        conn.close()
-
-
-def _recorded(m: Manifest) -> dict[str, tuple[int, str | None]]:
-    return {k: (v.rows, v.checksum) for k, v in m.tables.items()}
+from tests.checksums import fresh_stats, recorded, run_sql
 
 
 def _backup(repo: Repository, src: Path, **kw: object) -> Manifest:
@@ -58,11 +46,6 @@ def _make(path: Path, rows: int = 3000) -> None:
     con.close()
 
 
-def _exec(path: Path, sql: str, *args: object) -> None:
-    con = sqlite3.connect(path)
-    con.execute(sql, args)
-    con.commit()
-    con.close()
 
 
 def test_the_checksum_is_of_the_rows_not_their_layout_or_order(tmp_path: Path) -> None:
@@ -75,19 +58,19 @@ def test_the_checksum_is_of_the_rows_not_their_layout_or_order(tmp_path: Path) -
         con.executemany("INSERT INTO t VALUES (?, ?, ?)", order)
         con.commit()
         con.close()
-    assert _fresh(a) == _fresh(b)
-    _exec(b, "VACUUM")
-    assert _fresh(a) == _fresh(b)
-    _exec(b, "UPDATE t SET v = 'x' WHERE v = 'v5'")
-    assert _fresh(a)["t"] != _fresh(b)["t"]
+    assert fresh_stats(a) == fresh_stats(b)
+    run_sql(b, "VACUUM")
+    assert fresh_stats(a) == fresh_stats(b)
+    run_sql(b, "UPDATE t SET v = 'x' WHERE v = 'v5'")
+    assert fresh_stats(a)["t"] != fresh_stats(b)["t"]
     # a duplicate row counts twice (a multiset, not a set)
-    _exec(b, "UPDATE t SET v = 'v5' WHERE v = 'x'")
-    assert _fresh(a) == _fresh(b)
-    _exec(a, "INSERT INTO t SELECT * FROM t WHERE v = 'v0'")
-    _exec(b, "INSERT INTO t SELECT * FROM t WHERE v = 'v0'")
-    assert _fresh(a) == _fresh(b)
-    _exec(b, "INSERT INTO t SELECT * FROM t WHERE v = 'v0' LIMIT 1")
-    assert _fresh(a)["t"][1] != _fresh(b)["t"][1]
+    run_sql(b, "UPDATE t SET v = 'v5' WHERE v = 'x'")
+    assert fresh_stats(a) == fresh_stats(b)
+    run_sql(a, "INSERT INTO t SELECT * FROM t WHERE v = 'v0'")
+    run_sql(b, "INSERT INTO t SELECT * FROM t WHERE v = 'v0'")
+    assert fresh_stats(a) == fresh_stats(b)
+    run_sql(b, "INSERT INTO t SELECT * FROM t WHERE v = 'v0' LIMIT 1")
+    assert fresh_stats(a)["t"][1] != fresh_stats(b)["t"][1]
 
 
 def test_an_incremental_reads_only_the_leaves_that_changed(tmp_path: Path) -> None:
@@ -98,16 +81,16 @@ def test_an_incremental_reads_only_the_leaves_that_changed(tmp_path: Path) -> No
     assert first.stats["checksum_version"] == CHECKSUM_VERSION == 3
     leaves = first.stats["checksum_leaves"]
     assert leaves["read"] == leaves["of"] > 20
-    assert _recorded(first) == _fresh(src)
-    _exec(src, "UPDATE t SET v = 'changed' WHERE id IN (10, 2500)")
+    assert recorded(first) == fresh_stats(src)
+    run_sql(src, "UPDATE t SET v = 'changed' WHERE id IN (10, 2500)")
     second = _backup(repo, src)
     assert second.stats["checksum_leaves"] == {"read": 2, "of": leaves["of"]}
-    assert _recorded(second) == _fresh(src) != _recorded(first)
+    assert recorded(second) == fresh_stats(src) != recorded(first)
     # nothing changed: nothing read, and the page sums' runs are the parent's
     third = _backup(repo, src)
     assert third.stats["checksum_leaves"]["read"] == 0
     assert third.stats["checksum_pages"] == second.stats["checksum_pages"]
-    assert _recorded(third) == _recorded(second)
+    assert recorded(third) == recorded(second)
 
 
 def test_a_blob_written_in_place_rereads_its_leaf(tmp_path: Path) -> None:
@@ -123,7 +106,7 @@ def test_a_blob_written_in_place_rereads_its_leaf(tmp_path: Path) -> None:
     con.close()
     m = _backup(repo, src)
     assert m.stats["checksum_leaves"]["read"] == 1
-    assert _recorded(m) == _fresh(src)
+    assert recorded(m) == fresh_stats(src)
 
 
 @pytest.mark.parametrize("columns", [
@@ -141,10 +124,10 @@ def test_tables_whose_columns_hide_the_rowid(tmp_path: Path, columns: str) -> No
     con.close()
     repo = Repository.open_or_init(str(tmp_path / "repo"))
     first = _backup(repo, src)
-    assert _recorded(first) == _fresh(src)
-    _exec(src, "UPDATE h SET v = 'new' WHERE v = 'v1500'")
+    assert recorded(first) == fresh_stats(src)
+    run_sql(src, "UPDATE h SET v = 'new' WHERE v = 'v1500'")
     second = _backup(repo, src)
-    assert _recorded(second) == _fresh(src) != _recorded(first)
+    assert recorded(second) == fresh_stats(src) != recorded(first)
     hidden = len(names) == 4
     assert ("checksum_leaves" in second.stats) is not hidden
 
@@ -159,14 +142,14 @@ def test_extreme_and_negative_rowids(tmp_path: Path) -> None:
     con.commit()
     con.close()
     repo = Repository.open_or_init(str(tmp_path / "repo"))
-    assert _recorded(_backup(repo, src)) == _fresh(src)
+    assert recorded(_backup(repo, src)) == fresh_stats(src)
     for rowid in (-(2**63), 2**63 - 1, 700):
-        _exec(src, "UPDATE t SET v = 'changed' WHERE id = ?", rowid)
+        run_sql(src, "UPDATE t SET v = 'changed' WHERE id = ?", rowid)
         m = _backup(repo, src)
         # the changed leaf, and any whose parent record is being repacked (its keyed hash is not
         # at hand then: read again rather than trusted)
         assert 1 <= m.stats["checksum_leaves"]["read"] <= 1 + m.stats.get("repacked_pages", 0)
-        assert _recorded(m) == _fresh(src)
+        assert recorded(m) == fresh_stats(src)
 
 
 def test_unreadable_parent_sums_mean_every_table_is_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -182,10 +165,10 @@ def test_unreadable_parent_sums_mean_every_table_is_read(tmp_path: Path, monkeyp
         return real(repo, manifest, run, size)  # type: ignore[arg-type]
 
     monkeypatch.setattr(backup_mod, "read_run", damaged)
-    _exec(src, "UPDATE t SET v = 'changed' WHERE id = 10")
+    run_sql(src, "UPDATE t SET v = 'changed' WHERE id = 10")
     m = _backup(repo, src)
     assert m.stats["checksum_leaves"]["read"] == m.stats["checksum_leaves"]["of"]
-    assert _recorded(m) == _fresh(src)
+    assert recorded(m) == fresh_stats(src)
     monkeypatch.undo()
     assert load_page_sums(repo, m) is not None  # written anew
 
@@ -195,7 +178,7 @@ def test_prune_keeps_the_page_sums_and_verify_reads_them(tmp_path: Path) -> None
     _make(src)
     repo = Repository.open_or_init(str(tmp_path / "repo"))
     for i in range(3):
-        _exec(src, "UPDATE t SET v = ? WHERE id % 97 = 0", f"round {i}")
+        run_sql(src, "UPDATE t SET v = ? WHERE id % 97 = 0", f"round {i}")
         _backup(repo, src)
     forget(repo, KeepPolicy(last=1))
     prune(repo, grace=0)
@@ -203,9 +186,9 @@ def test_prune_keeps_the_page_sums_and_verify_reads_them(tmp_path: Path) -> None
     assert load_page_sums(repo, kept) is not None
     report = verify(repo, read_data=True)
     assert report.ok, report.problems
-    _exec(src, "UPDATE t SET v = 'after prune' WHERE id = 5")
+    run_sql(src, "UPDATE t SET v = 'after prune' WHERE id = 5")
     m = _backup(repo, src)
-    assert m.stats["checksum_leaves"]["read"] == 1 and _recorded(m) == _fresh(src)
+    assert m.stats["checksum_leaves"]["read"] == 1 and recorded(m) == fresh_stats(src)
 
 
 def test_a_version_2_parent_lends_nothing_and_still_validates(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -233,7 +216,7 @@ def test_a_version_2_parent_lends_nothing_and_still_validates(tmp_path: Path, mo
     new = _backup(repo, src)
     assert new.stats["checksum_version"] == 3
     assert new.stats["checksum_leaves"]["read"] == new.stats["checksum_leaves"]["of"]
-    assert _recorded(new) == _fresh(src)
+    assert recorded(new) == fresh_stats(src)
 
 
 def test_a_tampered_version_3_checksum_fails_validation(tmp_path: Path) -> None:

@@ -26,8 +26,8 @@ import dbre.repository.tables as tables_mod
 from dbre.repository.backup import backup
 from dbre.repository.manifest import Manifest
 from dbre.repository.repo import Repository
-from dbre.repository.tables import table_stats
 from dbre.sources.local import LocalFileSource
+from tests.checksums import fresh_stats
 
 SCHEMA = """
 CREATE TABLE small(id INTEGER PRIMARY KEY, v TEXT, n REAL);
@@ -53,13 +53,6 @@ def _make(path: Path, *, wal: bool = False, auto_vacuum: bool = False) -> None:
     conn.close()
 
 
-def _scratch(path: Path) -> dict[str, tuple[int, str | None]]:
-    conn = apsw.Connection(str(path), flags=apsw.SQLITE_OPEN_READONLY)
-    try:
-        conn.execute("BEGIN")
-        return table_stats(conn, True)
-    finally:
-        conn.close()
 
 
 class Counting:
@@ -94,7 +87,7 @@ def _backup(repo: Repository, src: Path, **kw: object) -> Manifest:
 
 def _check(m: Manifest, src: Path) -> None:
     got = {k: (v.rows, v.checksum) for k, v in m.tables.items()}
-    assert got == _scratch(src)
+    assert got == fresh_stats(src)
 
 
 def _exec(path: Path, sql: str, *params: object) -> None:
@@ -168,7 +161,7 @@ def test_reuse_matches_a_fresh_computation(tmp_path: Path, monkeypatch: pytest.M
     second = _backup(repo, src)
     assert set(counting.names) == read
     _check(second, src)
-    names = set(_scratch(src))
+    names = set(fresh_stats(src))
     # (a rowid table read leaf by leaf keeps the leaves that did not change: it counts as reused too)
     partly = {n for n in read if 0 < counting.leaves.get(n, (0, 0))[0] < counting.leaves[n][1]}
     assert second.stats["tables_reused"] == len(names - read) + len(partly)
@@ -297,7 +290,7 @@ def test_parent_without_checksums(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     third = _backup(repo, src, checksums=False)  # counts only: count(*) costs less than the page walk
     assert counting.names == [] and third.stats["tables_reused"] == 0
     monkeypatch.undo()
-    assert {k: v.rows for k, v in third.tables.items()} == {k: v[0] for k, v in _scratch(src).items()}
+    assert {k: v.rows for k, v in third.tables.items()} == {k: v[0] for k, v in fresh_stats(src).items()}
     assert all(v.checksum is None for v in third.tables.values())
 
 

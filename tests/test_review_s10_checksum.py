@@ -16,32 +16,14 @@ import pytest
 from dbre.repository.backup import backup
 from dbre.repository.manifest import Manifest
 from dbre.repository.repo import Repository
-from dbre.repository.tables import table_stats
 from dbre.sources.local import LocalFileSource
-
-
-def _fresh(path: Path) -> dict[str, tuple[int, str | None]]:
-    conn = apsw.Connection(str(path), flags=apsw.SQLITE_OPEN_READONLY)
-    try:
-        conn.execute("BEGIN")
-        return table_stats(conn, True)
-    finally:
-        conn.close()
-
-
-def _recorded(m: Manifest) -> dict[str, tuple[int, str | None]]:
-    return {k: (v.rows, v.checksum) for k, v in m.tables.items()}
+from tests.checksums import fresh_stats, recorded, run_sql
 
 
 def _backup(repo: Repository, src: Path) -> Manifest:
     return backup(repo, LocalFileSource(src), "db").manifest
 
 
-def _exec(path: Path, sql: str, *args: object) -> None:
-    con = sqlite3.connect(path)
-    con.execute(sql, args)
-    con.commit()
-    con.close()
 
 
 def test_a_table_named_json_each_does_not_stop_the_backup(tmp_path: Path) -> None:
@@ -59,10 +41,10 @@ def test_a_table_named_json_each_does_not_stop_the_backup(tmp_path: Path) -> Non
     con.close()
     repo = Repository.open_or_init(str(tmp_path / "repo"))
     first = _backup(repo, src)
-    assert _recorded(first) == _fresh(src)
-    _exec(src, "UPDATE t SET v = 'changed' WHERE id = 1500")
+    assert recorded(first) == fresh_stats(src)
+    run_sql(src, "UPDATE t SET v = 'changed' WHERE id = 1500")
     second = _backup(repo, src)
-    assert _recorded(second) == _fresh(src) != _recorded(first)
+    assert recorded(second) == fresh_stats(src) != recorded(first)
 
 
 @pytest.mark.parametrize("kind", ["VIRTUAL", "STORED"])
@@ -80,10 +62,10 @@ def test_a_generated_column_named_rowid(tmp_path: Path, kind: str) -> None:
     con.close()
     repo = Repository.open_or_init(str(tmp_path / "repo"))
     first = _backup(repo, src)
-    assert _recorded(first) == _fresh(src)
-    _exec(src, "UPDATE g SET v = 'new' WHERE a = 1500")
+    assert recorded(first) == fresh_stats(src)
+    run_sql(src, "UPDATE g SET v = 'new' WHERE a = 1500")
     second = _backup(repo, src)
-    assert _recorded(second) == _fresh(src) != _recorded(first)
+    assert recorded(second) == fresh_stats(src) != recorded(first)
 
 
 # XXH3's default secret, bytes 16..31 (public: xxhash.h's kSecret). In a long input's stripe s, lane
@@ -146,14 +128,14 @@ def test_a_crafted_xxh3_collision_in_a_busy_table(tmp_path: Path) -> None:
     patch(1000, 2000)
     repo = Repository.open_or_init(str(tmp_path / "repo"))
     first = _backup(repo, src)
-    assert _recorded(first) == _fresh(src)
+    assert recorded(first) == fresh_stats(src)
     before = xxhash.xxh3_128_digest(overflow_page())
     patch(1001, 1999)  # the blob's content changed...
     assert xxhash.xxh3_128_digest(overflow_page()) == before  # ...its page's xxh3 did not
-    _exec(src, "UPDATE t SET v = 'busy' WHERE id = 10")  # another leaf of the same table changes
+    run_sql(src, "UPDATE t SET v = 'busy' WHERE id = 10")  # another leaf of the same table changes
     second = _backup(repo, src)
     assert second.stats["checksum_leaves"]["read"] >= 1  # (the table was not kept whole)
-    assert _recorded(second) == _fresh(src)
+    assert recorded(second) == fresh_stats(src)
     # the stale page the sink kept (the fast runs' residual) no longer validates: a drill finds it
     from dbre.restore.full import apply_restore, plan_restore
     from dbre.validate.checks import equivalence_check, failed
@@ -189,9 +171,9 @@ def test_a_page_sum_run_does_not_keep_a_dead_data_pack(tmp_path: Path) -> None:
     repo = Repository.open_or_init(str(tmp_path / "repo"))
     _backup(repo, src)
     for r in range(4):  # every page of w written again, the page count the same
-        _exec(src, "UPDATE w SET v = ?", chr(ord("b") + r) * 40)
+        run_sql(src, "UPDATE w SET v = ?", chr(ord("b") + r) * 40)
         m = _backup(repo, src)
-        assert _recorded(m) == _fresh(src)
+        assert recorded(m) == fresh_stats(src)
     forget(repo, KeepPolicy(last=1))
     prune(repo, grace=0)
     (kept,) = repo.snapshots()

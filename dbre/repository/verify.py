@@ -362,20 +362,17 @@ def verify(repo: Repository, db: str | None = None, *, read_data: bool = False,
         if manifest.fast_runs and sum(r.pages for r in manifest.fast_runs) != manifest.page_count:
             report.add(ref.key, f"fast runs cover {sum(r.pages for r in manifest.fast_runs)} pages, manifest says "
                                 f"{manifest.page_count} ({_FAST_NOTE})", [])
-        for run in manifest.fast_runs:
-            key = _run_key(run)
-            fast_users[key].add(name)
-            by_fast.setdefault(key, (run, manifest))
-            if run.pack not in listed:
-                report.add(ref.key, f"fast run in {pack_key(run.pack)}, which the manifest does not list "
-                                    f"({_FAST_NOTE})", [])
-        for run in manifest.sum_runs:
-            key = _run_key(run)
-            sum_users[key].add(name)
-            by_sum.setdefault(key, (run, manifest))
-            if run.pack not in listed:
-                report.add(ref.key, f"page-sum run in {pack_key(run.pack)}, which the manifest does not list "
-                                    f"({_SUM_NOTE})", [])
+        # the hints (fast runs, page sums): a problem there breaks no snapshot
+        for hint_runs, hint_users, by_hint, what, note in (
+                (manifest.fast_runs, fast_users, by_fast, "fast run", _FAST_NOTE),
+                (manifest.sum_runs, sum_users, by_sum, "page-sum run", _SUM_NOTE)):
+            for run in hint_runs:
+                key = _run_key(run)
+                hint_users[key].add(name)
+                by_hint.setdefault(key, (run, manifest))
+                if run.pack not in listed:
+                    report.add(ref.key, f"{what} in {pack_key(run.pack)}, which the manifest does not list ({note})",
+                               [])
     runs = _read_runs(repo, by_run, users, report)
     _read_runs(repo, by_fast, fast_users, report, size=16)
     _read_runs(repo, by_sum, sum_users, report, size=PAGE_SUM.size)
@@ -416,20 +413,14 @@ def verify(repo: Repository, db: str | None = None, *, read_data: bool = False,
             why = run_mismatch(idx, by_run[key][0])
             if why:
                 report.add(pack_key(key[0]), why, users[key])
-    for key in fast_users:
-        idx = indexes[key[0]]
-        if isinstance(idx, dict):
-            why = run_mismatch(idx, by_fast[key][0])
+    for hint_users, by_hint, what, note in ((fast_users, by_fast, "fast run", _FAST_NOTE),
+                                            (sum_users, by_sum, "page-sum run", _SUM_NOTE)):
+        for key in hint_users:
+            idx = indexes[key[0]]
+            why = run_mismatch(idx, by_hint[key][0]) if isinstance(idx, dict) else None
             if why:
-                report.add(pack_key(key[0]), f"fast run: {why} ({_FAST_NOTE}; used by "
-                                             f"{', '.join(sorted(fast_users[key])[:3])})", [])
-    for key in sum_users:
-        idx = indexes[key[0]]
-        if isinstance(idx, dict):
-            why = run_mismatch(idx, by_sum[key][0])
-            if why:
-                report.add(pack_key(key[0]), f"page-sum run: {why} ({_SUM_NOTE}; used by "
-                                             f"{', '.join(sorted(sum_users[key])[:3])})", [])
+                report.add(pack_key(key[0]), f"{what}: {why} ({note}; used by "
+                                             f"{', '.join(sorted(hint_users[key])[:3])})", [])
     for key, raw in runs.items():
         rows = np.frombuffer(raw, dtype=np.uint8).reshape(-1, RECORD.size)
         bad: dict[str, list[str]] = defaultdict(list)
