@@ -369,13 +369,14 @@ def backup(
                     carry = not moved and replay is None
                     # per-leaf partial sums of the checksums (direct path): the next backup re-reads
                     # only the rows of leaves that changed
-                    sums = PageSums(_page_of(image), bytearray(PAGE_SUM.size * page_count)) \
-                        if checksums and image is not None else None
+                    reread = _Reread(image) if image is not None else None
+                    sums = PageSums(_page_of(reread), bytearray(PAGE_SUM.size * page_count)) \
+                        if checksums and reread is not None else None
                     # (nothing of the parent with --full, or when its page map is not usable)
                     parent_sums = load_page_sums(repo, parent_manifest) \
                         if sums is not None and carry and parent is not None else None
                     prior = _priors(parent_manifest, parent_fast, image, encoding, parent_sums, sink.same,
-                                    parent, repo.page_hash) if carry else None
+                                    parent, repo.page_hash, reread) if carry else None
                     stats = table_stats(conn, checksums, prior, reused, sums, version=CHECKSUM_VERSION)
                     basis = _basis(conn, image, reused, parent_manifest if prior is not None else None)
                     if sums is not None and sums.used:
@@ -476,8 +477,27 @@ def backup(
     return BackupResult(manifest, sink.pages_added, writer.bytes_written + sink.cold_bytes + sink.run_bytes, seconds)
 
 
-def _page_of(image: PageImage) -> Callable[[int], memoryview]:
-    return lambda pageno: image.view(pageno - 1)
+class _Reread:
+    """Pages read again after the sink's pass (the table checksums' leaves and keyed checks), by
+    index: every ``UNMAP_EVERY`` pages their mapping is let go again, so resident memory stays
+    bounded (the sink's pass already unmapped them once; touched again, a 1 GiB database's leaves
+    stayed resident: 1.2 GB peak)."""
+
+    UNMAP_EVERY = 4096
+
+    def __init__(self, image: PageImage) -> None:
+        self.image = image
+        self.count = 0
+
+    def __call__(self, index: int) -> memoryview:
+        self.count += 1
+        if not self.count % self.UNMAP_EVERY:
+            self.image.unmap()
+        return self.image.view(index)
+
+
+def _page_of(reread: _Reread) -> Callable[[int], memoryview]:
+    return lambda pageno: reread(pageno - 1)
 
 
 def load_page_sums(repo: Repository, parent: Manifest | None) -> bytearray | None:
@@ -495,7 +515,8 @@ def load_page_sums(repo: Repository, parent: Manifest | None) -> bytearray | Non
 def _priors(parent: Manifest | None, parent_fast: Entries | None, image: PageImage | None,
             encoding: str, parent_sums: bytearray | None = None,
             same: bytearray | None = None, records: Entries | None = None,
-            page_hash: Callable[[bytes | memoryview], bytes] | None = None) -> Callable[[str], Prior | None] | None:
+            page_hash: Callable[[bytes | memoryview], bytes] | None = None,
+            reread: Callable[[int], memoryview] | None = None) -> Callable[[str], Prior | None] | None:
     """What the parent recorded of each table, for ``table_stats`` to reuse when none of the
     table's pages changed: "unchanged" is this snapshot's page (from the direct image) having
     the xxh3 the parent's fast runs give for the same page number. None (every table read) without
@@ -512,12 +533,13 @@ def _priors(parent: Manifest | None, parent_fast: Entries | None, image: PageIma
     roots = basis[1]
     schema = {o.get("name"): o for o in parent.schema if isinstance(o, dict) and o.get("type") == "table"}
     fast, limit = parent_fast.buf, min(len(parent_fast), image.page_count)
+    page = reread or image.view
 
     def unchanged(pageno: int) -> bool:
         i = pageno - 1
         if same is not None:  # (the sink compared each page's xxh3 with the parent's as it read it)
             return 0 <= i < limit and same[i] == 1
-        return 0 <= i < limit and fast[16 * i : 16 * i + 16] == FAST_HASH(image.view(i))
+        return 0 <= i < limit and fast[16 * i : 16 * i + 16] == FAST_HASH(page(i))
 
     def verified(pageno: int) -> bool:
         """The page's keyed hash is the parent's record's: the bytes the parent stored and summed. The
@@ -527,7 +549,7 @@ def _priors(parent: Manifest | None, parent_fast: Entries | None, image: PageIma
         i = pageno - 1
         if records is None or page_hash is None or not 0 <= i < min(len(records), image.page_count):
             return False
-        return bool(records.buf[records.size * i : records.size * i + 16] == page_hash(image.view(i)))
+        return bool(records.buf[records.size * i : records.size * i + 16] == page_hash(page(i)))
 
     ages = _reuse_ages(parent)
 

@@ -130,6 +130,15 @@ class PageImage:
             self._map.madvise(mmap.MADV_DONTNEED, self._dropped, end - self._dropped)
             self._dropped = end
 
+    def unmap(self) -> None:
+        """Let every page's mapping go again: pages ``view`` touched after ``drop`` passed them (the
+        table checksums read leaves again) would otherwise stay resident until ``close``."""
+        if self._db is None or self._map is None or self._file_pages * self.page_size <= KEEP_MAPPED:
+            return
+        end = self._file_pages * self.page_size // mmap.PAGESIZE * mmap.PAGESIZE
+        if end:
+            self._map.madvise(mmap.MADV_DONTNEED, 0, end)
+
     def close(self) -> None:
         """Release the page views (the maps themselves belong to the session)."""
         if self._db is not None:
