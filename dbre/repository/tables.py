@@ -96,7 +96,8 @@ def table_stats(conn: apsw.Connection, with_checksums: bool,
     ``version`` defines them (older versions: for validating older snapshots). With ``sums`` (a
     backup reading its pages directly), each rowid table's checksum is summed leaf page by leaf
     page and the partial sums written to ``sums.out``; with ``prior`` too, a leaf that is byte for
-    byte the parent's, overflow pages included, keeps the parent's partial sum (not read again), and
+    byte the parent's (xxh3 and keyed hash), overflow pages included, keeps the parent's partial sum
+    (not read again), and
     a table whose pages are all unchanged keeps the parent's values; each table that kept anything
     is appended to ``reused``. Row counts alone are always counted: ``count(*)`` reads the smallest
     index, cheaper than any walk."""
@@ -252,9 +253,10 @@ def _summed_by_page(conn: apsw.Connection, name: str, root: int, sums: PageSums,
     those whose rowid lies from its first cell's rowid to the next leaf's, so each run of leaves to
     read is one ranged query. A leaf keeps the parent's partial sum when the parent's entry for the
     page names this table's root and the page and each of its overflow pages has the parent's fast
-    hash at its place (the same cells, the same payloads: the same rows under the same schema,
-    which ``prior`` was checked for). None (the caller reads the whole table) when the tree is not
-    what this expects, the rowid is not reachable by name, or the database is not UTF-8."""
+    hash at its place and the parent's keyed hash (``Prior.verified``: the same cells, the same
+    payloads, the same rows under the same schema, which ``prior`` was checked for). None (the
+    caller reads the whole table) when the tree is not what this expects, the rowid is not reachable
+    by name, or the database is not UTF-8."""
     # (table_xinfo: generated columns too, which table_info leaves out and which hide the rowid as well)
     cols = {str(r[1]).lower() for r in conn.execute(f"PRAGMA table_xinfo({qident(name)})")}
     alias = next((a for a in ("rowid", "_rowid_", "oid") if a not in cols), None)
