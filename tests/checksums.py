@@ -1,5 +1,5 @@
 """Helpers of the table-checksum tests: a from-scratch computation on a file, what a manifest recorded,
-one statement run on a file."""
+one statement run on a file, and a backup / change / backup round checked against both."""
 
 from __future__ import annotations
 
@@ -8,8 +8,11 @@ from pathlib import Path
 
 import apsw
 
+from dbre.repository.backup import backup
 from dbre.repository.manifest import Manifest
+from dbre.repository.repo import Repository
 from dbre.repository.tables import table_stats
+from dbre.sources.local import LocalFileSource
 
 
 def fresh_stats(path: Path) -> dict[str, tuple[int, str | None]]:
@@ -33,3 +36,15 @@ def run_sql(path: Path, sql: str, *args: object) -> None:
     con.execute(sql, args)
     con.commit()
     con.close()
+
+
+def backup_change_backup(repo_dir: Path, src: Path, sql: str, *args: object) -> tuple[Manifest, Manifest]:
+    """Back ``src`` up as "db", run ``sql`` on it, back it up again: each snapshot records what a
+    from-scratch computation gives, and the change changed it. Returns both snapshots."""
+    repo = Repository.open_or_init(str(repo_dir))
+    first = backup(repo, LocalFileSource(src), "db").manifest
+    assert recorded(first) == fresh_stats(src)
+    run_sql(src, sql, *args)
+    second = backup(repo, LocalFileSource(src), "db").manifest
+    assert recorded(second) == fresh_stats(src) != recorded(first)
+    return first, second

@@ -29,7 +29,7 @@ from dbre.repository.verify import verify
 from dbre.restore.full import apply_restore, plan_restore
 from dbre.sources.local import LocalFileSource
 from dbre.validate.checks import equivalence_check, failed
-from tests.checksums import fresh_stats, recorded, run_sql
+from tests.checksums import backup_change_backup, fresh_stats, recorded, run_sql
 
 
 def _backup(repo: Repository, src: Path, **kw: object) -> Manifest:
@@ -124,12 +124,7 @@ def test_tables_whose_columns_hide_the_rowid(tmp_path: Path, columns: str) -> No
                     [tuple(f"{n}{i}" for n in names) for i in range(2000)])
     con.commit()
     con.close()
-    repo = Repository.open_or_init(str(tmp_path / "repo"))
-    first = _backup(repo, src)
-    assert recorded(first) == fresh_stats(src)
-    run_sql(src, "UPDATE h SET v = 'new' WHERE v = 'v1500'")
-    second = _backup(repo, src)
-    assert recorded(second) == fresh_stats(src) != recorded(first)
+    _, second = backup_change_backup(tmp_path / "repo", src, "UPDATE h SET v = 'new' WHERE v = 'v1500'")
     hidden = len(names) == 4
     assert ("checksum_leaves" in second.stats) is not hidden
 

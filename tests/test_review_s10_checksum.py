@@ -17,7 +17,7 @@ from dbre.repository.backup import backup
 from dbre.repository.manifest import Manifest
 from dbre.repository.repo import Repository
 from dbre.sources.local import LocalFileSource
-from tests.checksums import fresh_stats, recorded, run_sql
+from tests.checksums import backup_change_backup, fresh_stats, recorded, run_sql
 
 
 def _backup(repo: Repository, src: Path) -> Manifest:
@@ -39,12 +39,7 @@ def test_a_table_named_json_each_does_not_stop_the_backup(tmp_path: Path) -> Non
     con.executemany("INSERT INTO json_each VALUES (?, ?)", [(f"k{i}", f"v{i}") for i in range(50)])
     con.commit()
     con.close()
-    repo = Repository.open_or_init(str(tmp_path / "repo"))
-    first = _backup(repo, src)
-    assert recorded(first) == fresh_stats(src)
-    run_sql(src, "UPDATE t SET v = 'changed' WHERE id = 1500")
-    second = _backup(repo, src)
-    assert recorded(second) == fresh_stats(src) != recorded(first)
+    backup_change_backup(tmp_path / "repo", src, "UPDATE t SET v = 'changed' WHERE id = 1500")
 
 
 @pytest.mark.parametrize("kind", ["VIRTUAL", "STORED"])
@@ -60,12 +55,7 @@ def test_a_generated_column_named_rowid(tmp_path: Path, kind: str) -> None:
     con.executemany("INSERT INTO g(a, v) VALUES (?, ?)", [(i, f"row {i} " + "x" * 30) for i in range(2000)])
     con.commit()
     con.close()
-    repo = Repository.open_or_init(str(tmp_path / "repo"))
-    first = _backup(repo, src)
-    assert recorded(first) == fresh_stats(src)
-    run_sql(src, "UPDATE g SET v = 'new' WHERE a = 1500")
-    second = _backup(repo, src)
-    assert recorded(second) == fresh_stats(src) != recorded(first)
+    backup_change_backup(tmp_path / "repo", src, "UPDATE g SET v = 'new' WHERE a = 1500")
 
 
 # XXH3's default secret, bytes 16..31 (public: xxhash.h's kSecret). In a long input's stripe s, lane
