@@ -27,7 +27,9 @@ Metrics (targets and warning levels from the seed's table):
                         segments, so a live heartbeat means everything committed a moment before it
                         was shipped. When the policy's source is a local file whose WAL ends where
                         the newest segment does (its wal-index header; without -shm: file and -wal
-                        not modified since), nothing is unshipped: lag 0.
+                        not modified since), or where the lease says the replicator stood with
+                        nothing unshipped (a WAL emptied by a TRUNCATE checkpoint), nothing is
+                        unshipped: lag 0.
 Alerts: backup_failure, backup_delay (newest restorable point older than the RPO),
 replication_lag (replication lag over the RPO), rto_at_risk (predicted RTO over the RTO),
 storage_capacity (over ``storage_threshold`` of the quota), drill_missed, drill_failure. Any
@@ -358,8 +360,9 @@ def offsite_status(repo: Repository, st: DatabaseStatus, url: str, copy: Reposit
 
 def _unchanged_since(repo: Repository, db: str, gen_id: str, names: list[Any], source: str, newest: float) -> bool:
     """The source has committed nothing after the newest segment: its WAL (wal-index header) ends
-    exactly where that segment does, or, with no -shm to read, neither the file nor its -wal was
-    modified after it."""
+    exactly where that segment does, or where the replicator's lease says it stood with nothing
+    unshipped (``wal``: a WAL restarted empty, as by a TRUNCATE checkpoint, after the segment), or,
+    with no -shm to read, neither the file nor its -wal was modified after it."""
     from dbre.replicate.segment import open_segment, read_base
     from dbre.replicate.wal import WalTail
 
@@ -371,11 +374,34 @@ def _unchanged_since(repo: Repository, db: str, gen_id: str, names: list[Any], s
                 pos = tail.position()
             finally:
                 tail.close()
-            return (pos.salt, pos.frame, pos.cksum) == (end.salt, end.frame, end.cksum)
+            if (pos.salt, pos.frame, pos.cksum) == (end.salt, end.frame, end.cksum):
+                return True
+            followed = _followed(repo, db, gen_id)  # (a WAL emptied and restarted after the segment)
+            return followed is not None and (pos.salt, pos.frame, pos.cksum) == (
+                followed.salt, followed.frame, followed.cksum)
         changed = max(os.stat(source + sfx).st_mtime for sfx in ("", "-wal") if os.path.exists(source + sfx))
         return changed <= newest
     except Exception:  # noqa: BLE001 - unreadable: judged by the segments and the heartbeat alone
         return False
+
+
+def _followed(repo: Repository, db: str, gen_id: str) -> Any:
+    """The WAL position the newest lease of ``db`` records (``Lease.followed``) for generation
+    ``gen_id``; None when it records none (or is unreadable). A lease's record is trusted no more than
+    a segment is: someone who can write leases can also hide or delete segments."""
+    from dbre.replicate.segment import WalPos
+    from dbre.storage.base import LOCK_CAP, get_capped
+
+    leases = sorted(repo.store.list(f"leases/{db}/"))
+    if not leases:
+        return None
+    try:
+        record = json.loads(get_capped(repo.store, leases[-1], LOCK_CAP, "lease"))
+        if record.get("generation") != gen_id or not isinstance(record.get("wal"), dict):
+            return None
+        return WalPos.from_json(record["wal"])
+    except Exception:  # noqa: BLE001 - gone, damaged or of an older dbre: no position recorded
+        return None
 
 
 @dataclass

@@ -12,7 +12,7 @@ from pathlib import Path
 from dbre.metrics import compute_status, prometheus_text
 from dbre.policy import load_policy
 from dbre.repository.repo import Repository
-from tests.replication import check_chains, dbre_cmd, make_source, start_writer, stop_replicator
+from tests.replication import check_chains, dbre_cmd, make_source, start_writer, stop_replicator, wait_for_generation
 
 RPO = 3.0
 
@@ -101,3 +101,55 @@ def test_replicate_policy_and_lag_in_status(tmp_path: Path) -> None:
     r = subprocess.run(dbre_cmd("status", "--repo", repo_url, "--policy", str(policy)), capture_output=True,
                        timeout=120)
     assert r.returncode == 1 and b"ALERT replication_lag" in r.stderr and b"replication: alpha: lag" in r.stdout, r
+
+
+def _truncated(path: Path, timeout: float = 30) -> None:
+    """Checkpoint ``path`` with TRUNCATE until its WAL is empty (the replicator's reader may make
+    the first tries busy)."""
+    con = sqlite3.connect(path, isolation_level=None, timeout=5)
+    try:
+        deadline = time.time() + timeout
+        while con.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0] != 0:
+            assert time.time() < deadline, "the TRUNCATE checkpoint stayed busy"
+            time.sleep(0.05)
+    finally:
+        con.close()
+    assert (path.parent / (path.name + "-wal")).stat().st_size == 0
+
+
+def test_an_idle_source_whose_wal_was_truncated_after_shipping_has_no_lag(tmp_path: Path) -> None:
+    """An application that ends with ``wal_checkpoint(TRUNCATE)`` and then goes quiet restarts its WAL
+    at new salts with no frame: the replicator follows and ships nothing (there is nothing), so the
+    WAL no longer ends where the newest segment does. Status must still see that nothing is
+    unshipped (it failed CI once: a false replication_lag alert 5 s into an idle period); and once a
+    commit lands that no replicator ships, the lag shows again."""
+    repo_url = str(tmp_path / "repo")
+    a, b, c = tmp_path / "a.db", tmp_path / "b.db", tmp_path / "c.db"
+    for p in (a, b, c):
+        make_source(p, 100)
+    policy = tmp_path / "dbre.yaml"
+    policy.write_text(POLICY.format(repo=repo_url, a=a, b=b, c=c))
+    rep = subprocess.Popen(dbre_cmd("replicate", "--policy", str(policy), "--interval", "200ms", "-q"),
+                           stderr=subprocess.PIPE)
+    try:
+        for db in ("alpha", "beta"):
+            wait_for_generation(repo_url, db, timeout=40, proc=rep)
+        con = sqlite3.connect(a, isolation_level=None)
+        for i in range(5):
+            con.execute("INSERT INTO t(seq, pad) VALUES (?, x'00')", (1000 + i,))
+        con.close()
+        time.sleep(1.0)  # shipped
+        _truncated(a)
+        time.sleep(RPO + 1)
+        lags, alerts, _ = _lags(policy, repo_url)
+        assert not alerts and lags["alpha"] == 0, (lags, alerts)
+    finally:
+        code, err = stop_replicator(rep)
+    assert code == 0, err
+    # the replicator is gone: a commit after the truncation is unshipped, and shows
+    con = sqlite3.connect(a, isolation_level=None)
+    con.execute("INSERT INTO t(seq, pad) VALUES (5000, x'00')")
+    con.close()
+    time.sleep(RPO + 1)
+    lags, alerts, _ = _lags(policy, repo_url)
+    assert "replication_lag alpha" in alerts and lags["alpha"] is not None and lags["alpha"] > RPO, (lags, alerts)

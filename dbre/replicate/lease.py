@@ -1,6 +1,8 @@
 """The per-database replication lease: one replicator per database, by conditional put.
 
-A lease is ``leases/<db>/<epoch 016x>`` (plain JSON: host, pid, boot id, pid namespace, created).
+A lease is ``leases/<db>/<epoch 016x>`` (plain JSON: host, pid, boot id, pid namespace, created;
+``generation``, below; ``wal``, the WAL position the replicator stands at with nothing unshipped
+when no segment ends there, see ``Lease.followed``).
 Taking it: list the database's leases; if any of them is live (every one is judged, not only the
 newest epoch's: a stale lease planted above a live one hides nothing), refuse; else write the newest
 epoch + 1 with a conditional put — of two replicators racing for the same epoch exactly one wins. Every
@@ -36,7 +38,9 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
+from typing import Any
 
 from dbre.errors import LockedError
 from dbre.repository.lock import Lock, LockInfo, LockLostError, boottime, this_process
@@ -159,14 +163,29 @@ class Lease:
             return True
         return False
 
-    def refresh(self) -> None:
+    def followed(self, wal: dict[str, Any]) -> None:
+        """The replicator has shipped every transaction it read and now stands at WAL position
+        ``wal`` without a segment ending there (the WAL restarted with no frame, as after a TRUNCATE
+        checkpoint): the lease records it (``wal``) at its next write, which comes at once, so
+        `dbre status` can tell an idle source from one with unshipped commits."""
+        if self.record.get("wal") != wal:
+            self.record["wal"] = wal
+            self._written = boottime() - REFRESH_SECONDS  # due now
+
+    def refresher(self) -> Callable[[], None]:
+        """``refresh`` of the record as it is now, for the ordered uploader: a ``wal`` position is
+        written only after every segment submitted before it."""
+        record = dict(self.record)
+        return lambda: self.refresh(record)
+
+    def refresh(self, record: dict[str, Any] | None = None) -> None:
         """Renew the lease (see ``_renew``: three HEADs and a PUT). A lease found gone, taken over,
         or gone unwritten too long by the store's clock marks the lease lost and raises
         ``LockLostError``; any other failure is logged, and only ages the lease (``verify`` judges
         the age)."""
         began = (boottime(), time.time())
         try:
-            self._renew("replicate")
+            self._renew("replicate", record)
         except LockLostError as err:
             self._lost, self._why = True, err.message.split(": ", 1)[-1]
             raise
@@ -188,7 +207,7 @@ class Lease:
             raise
         self._ok = began
 
-    def _renew(self, what: str) -> None:
+    def _renew(self, what: str, record: dict[str, Any] | None = None) -> None:
         """Rewrite the lease as Lock.refresh judges a lock, by the store's clock, never by this
         host's: the lease object must still exist (one HEAD: a lease that is gone, superseded by a
         takeover then released, is never written again), no newer epoch may exist (one HEAD), then
@@ -206,7 +225,7 @@ class Lease:
                                 "while this one was paused or cut off, or it was removed); it is not written "
                                 "again", "nothing more is shipped by this one; restart replicate") from None
         self.check(what)
-        self.store.put(key, json.dumps(self.record | {"time": time.time()}).encode())
+        self.store.put(key, json.dumps((self.record if record is None else record) | {"time": time.time()}).encode())
         gap = self.store.modified(key) - seen
         if gap > STALE_SECONDS - CLOCK_MARGIN_SECONDS:
             try:

@@ -306,7 +306,7 @@ class Replicator:
                 raise _Stopped
             waited += time.monotonic() - began
             if self.lease is not None and self._uploader is not None and self.lease.due():
-                self._uploader.submit(self.lease.refresh)
+                self._uploader.submit(self.lease.refresher())
 
     def _loop(self, stop: threading.Event) -> None:
         assert self.tail is not None and self._uploader is not None and self.lease is not None
@@ -341,8 +341,10 @@ class Replicator:
             except ContinuityLost as err:
                 self._continuity_lost(str(err))
                 continue
+            if not self.pending and not _same(self.pos, self._shipped):
+                self.lease.followed(replace(self.pos, restart_next=False).to_json())  # (an emptied WAL, restarted)
             if self.lease.due():
-                self._uploader.submit(self.lease.refresh)  # a store request: never on the polling thread
+                self._uploader.submit(self.lease.refresher())  # a store request: never on the polling thread
             if stopping:
                 return
 
@@ -683,7 +685,7 @@ class Replicator:
                 if self.lease is not None:
                     self.lease.tick()
                     if self.lease.due():  # a base of a large database takes minutes: the lease stays renewed
-                        self._uploader.submit(self.lease.refresh)
+                        self._uploader.submit(self.lease.refresher())
                 self._poll()
             lock = self._base_lock
             if "result" in done and not done["result"].manifest.stats.get("wal"):  # type: ignore[attr-defined]
