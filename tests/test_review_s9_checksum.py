@@ -18,7 +18,7 @@ import xxhash
 
 import dbre.repository.tables as tables_mod
 from dbre.cli_inspect import diff_snapshots
-from dbre.repository.backup import backup
+from dbre.repository.backup import backup, load_page_sums
 from dbre.repository.manifest import Manifest
 from dbre.repository.repo import Repository
 from dbre.repository.tables import CHECKSUM_VERSION, qident, table_stats
@@ -239,12 +239,14 @@ def test_no_reuse_from_another_sqlite(tmp_path: Path, monkeypatch: pytest.Monkey
         return real(manifest)
 
     monkeypatch.setattr(repo, "write_manifest", other_sqlite)
-    backup(repo, LocalFileSource(src), "db")
+    parent = backup(repo, LocalFileSource(src), "db").manifest
     monkeypatch.setattr(repo, "write_manifest", real)
+    assert parent.sum_runs and load_page_sums(repo, parent) is None  # its page sums are not even read
     _exec(src, "UPDATE plain SET v='x' WHERE id=1")
     new = backup(repo, LocalFileSource(src), "db").manifest
     assert new.stats["tables_reused"] == 0
     assert failed(run_checks(_restore(repo, new, tmp_path / "r.db"), new)) == []
+    assert load_page_sums(repo, new) is not None
     again = backup(repo, LocalFileSource(src), "db").manifest  # the same SQLite lends again
     assert again.stats["tables_reused"] == 3
 

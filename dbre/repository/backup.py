@@ -500,11 +500,20 @@ def _page_of(reread: _Reread) -> Callable[[int], memoryview]:
     return lambda pageno: reread(pageno - 1)
 
 
+def _lends_checksums(parent: Manifest) -> bool:
+    """The parent's table checksums can be reused: they have this dbre's meaning
+    (``stats.checksum_version``) and came from this SQLite (another may render a REAL differently
+    in quote(): 3.43 changed it)."""
+    basis = parent.checksum_basis
+    return basis is not None and parent.checksum_version == CHECKSUM_VERSION \
+        and parent.stats["checksum_basis"].get("sqlite") == _engine()
+
+
 def load_page_sums(repo: Repository, parent: Manifest | None) -> bytearray | None:
     """A snapshot's per-page partial sums of its table checksums (``PAGE_SUM`` entries), checked
     like page-map runs; None when it has none or they cannot be read (then every table is read)."""
-    if parent is None or not parent.sum_runs:
-        return None
+    if parent is None or not parent.sum_runs or not _lends_checksums(parent):
+        return None  # (a parent whose checksums ``_priors`` would not reuse: its sums are not read)
     try:
         return _gather(_run_bytes(repo, parent, parent.sum_runs, PAGE_SUM.size), PAGE_SUM.size * parent.page_count)
     except (IntegrityError, NotFound) as err:
@@ -527,9 +536,8 @@ def _priors(parent: Manifest | None, parent_fast: Entries | None, image: PageIma
             or parent.encoding != encoding:
         return None
     basis = parent.checksum_basis
-    if basis is None or basis[0] != image.view(0)[20] or parent.checksum_version != CHECKSUM_VERSION \
-            or parent.stats["checksum_basis"].get("sqlite") != _engine():
-        return None  # (another SQLite may render a REAL differently in quote(): 3.43 changed it)
+    if basis is None or basis[0] != image.view(0)[20] or not _lends_checksums(parent):
+        return None
     roots = basis[1]
     schema = {o.get("name"): o for o in parent.schema if isinstance(o, dict) and o.get("type") == "table"}
     fast, limit = parent_fast.buf, min(len(parent_fast), image.page_count)
