@@ -116,7 +116,9 @@ def test_a_store_slower_than_the_budget_gets_larger_segments_not_a_queue(tmp_pat
     last_durable = shipped[-1][0]
     lag = last_durable - commits[-1].after
     span = commits[-1].after - commits[0].before
-    assert lag <= 0.5 + 2 * 0.6 + 0.8, f"the last commit was durable {lag:.2f} s after it: the segments queued"
+    # (a queue of 0.125 s segments at 0.6 s a put would be ~20 s behind after 5 s of commits; 1.3 s of
+    # slack for a loaded machine: 2.54 s was seen once with two workers replicating beside it)
+    assert lag <= 0.5 + 2 * 0.6 + 1.3, f"the last commit was durable {lag:.2f} s after it: the segments queued"
     during = [k for t, k in shipped if t >= commits[0].before]  # (not the start-up's own segment)
     # one put at a time, back to back, while commits come and until the last is durable (no queue behind it)
     assert len(during) <= (span + lag) / 0.6 + 2, f"{len(during)} segments in {span + lag:.1f} s at 0.6 s a put"
