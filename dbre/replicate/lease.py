@@ -130,6 +130,11 @@ class Lease:
         self._why = ""  # what a renewal found when it lost the lease
         self._tick: tuple[float, float] | None = None  # (boottime(), time.time()) of the polling loop's last round
         self._suspect = False  # the polling loop saw a gap: renew before the next segment
+        # ``wal`` (see ``followed``): the newest position the polling loop followed, and the one every
+        # segment submitted before it is durable for (set by its renewal, in the uploader, in order):
+        # only the latter is ever written, whichever write comes first (verify's, name's)
+        self._following: dict[str, Any] | None = None
+        self._wal: dict[str, Any] | None = None
 
     def key(self, epoch: int | None = None) -> str:
         return f"leases/{self.db}/{(self.epoch if epoch is None else epoch):016x}"
@@ -164,28 +169,36 @@ class Lease:
         return False
 
     def followed(self, wal: dict[str, Any]) -> None:
-        """The replicator has shipped every transaction it read and now stands at WAL position
+        """The replicator has submitted every transaction it read and now stands at WAL position
         ``wal`` without a segment ending there (the WAL restarted with no frame, as after a TRUNCATE
-        checkpoint): the lease records it (``wal``) at its next write, which comes at once, so
-        `dbre status` can tell an idle source from one with unshipped commits."""
-        if self.record.get("wal") != wal:
-            self.record["wal"] = wal
+        checkpoint): the lease records it (``wal``) at once, by the renewal submitted next (``refresher``),
+        so `dbre status` can tell an idle source from one with unshipped commits. Polling thread."""
+        if self._following != wal:
+            self._following = wal
             self._written = boottime() - REFRESH_SECONDS  # due now
 
     def refresher(self) -> Callable[[], None]:
-        """``refresh`` of the record as it is now, for the ordered uploader: a ``wal`` position is
-        written only after every segment submitted before it."""
-        record = dict(self.record)
-        return lambda: self.refresh(record)
+        """``refresh``, for the ordered uploader: it runs after every segment submitted before it, so
+        the position followed when it was submitted is written from then on (and by no write before:
+        ``verify``'s renewal inside an earlier segment's job, ``name`` in an earlier start job). The
+        rest of the record is written as it is then (``generation``: the one named last)."""
+        wal = self._following
 
-    def refresh(self, record: dict[str, Any] | None = None) -> None:
+        def job() -> None:
+            if wal is not None:
+                self._wal = wal
+            self.refresh()
+
+        return job
+
+    def refresh(self) -> None:
         """Renew the lease (see ``_renew``: three HEADs and a PUT). A lease found gone, taken over,
         or gone unwritten too long by the store's clock marks the lease lost and raises
         ``LockLostError``; any other failure is logged, and only ages the lease (``verify`` judges
         the age)."""
         began = (boottime(), time.time())
         try:
-            self._renew("replicate", record)
+            self._renew("replicate")
         except LockLostError as err:
             self._lost, self._why = True, err.message.split(": ", 1)[-1]
             raise
@@ -207,7 +220,7 @@ class Lease:
             raise
         self._ok = began
 
-    def _renew(self, what: str, record: dict[str, Any] | None = None) -> None:
+    def _renew(self, what: str) -> None:
         """Rewrite the lease as Lock.refresh judges a lock, by the store's clock, never by this
         host's: the lease object must still exist (one HEAD: a lease that is gone, superseded by a
         takeover then released, is never written again), no newer epoch may exist (one HEAD), then
@@ -225,7 +238,8 @@ class Lease:
                                 "while this one was paused or cut off, or it was removed); it is not written "
                                 "again", "nothing more is shipped by this one; restart replicate") from None
         self.check(what)
-        self.store.put(key, json.dumps((self.record if record is None else record) | {"time": time.time()}).encode())
+        record = self.record if self._wal is None else self.record | {"wal": self._wal}
+        self.store.put(key, json.dumps(record | {"time": time.time()}).encode())
         gap = self.store.modified(key) - seen
         if gap > STALE_SECONDS - CLOCK_MARGIN_SECONDS:
             try:

@@ -1,0 +1,169 @@
+"""Cold review of ff57d53 (the replication lease records ``wal``, the WAL position the replicator
+stands at with nothing unshipped, and `dbre status` reports lag 0 for a source whose WAL stands there).
+
+Findings tested here:
+- ``wal`` was set in the lease's record by the polling thread, and every lease write wrote the record
+  as it stood: the renewal ``verify`` makes inside a segment's job (after a pause) and ``name`` in a new
+  generation's start job wrote the position before the segments submitted ahead of it were durable. A
+  replicator killed (or a host lost) then leaves a lease that says "nothing unshipped" over commits that
+  are not in the repository: status reports lag 0 for good.
+- ``refresher`` snapshotted the whole record at submit time, ``generation`` included: a renewal
+  submitted while a new generation's start job was queued wrote the old generation back after that
+  job named the new one (the lease named a generation it no longer ships into until the next renewal).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from dbre.metrics import replication_lag
+from dbre.replicate.lease import Lease
+from dbre.replicate.wal import WalTail
+from dbre.repository.repo import Repository
+from dbre.storage.local import LocalStore
+from tests.replication import make_source, replicating
+from tests.stores import PassThroughStore
+
+W = {"salt": "0102030405060708", "frame": 0, "cksum": [7, 9]}
+
+
+def _record(repo: Repository, lease: Lease) -> dict[str, Any]:
+    return dict(json.loads(repo.store.get(lease.key())))
+
+
+def test_the_followed_position_is_written_only_by_the_renewal_submitted_after_it(tmp_path: Path) -> None:
+    """``followed`` comes from the polling thread while segments submitted before it may still wait in
+    the uploader; a lease write that runs before them (the renewal ``verify`` makes after a pause, inside
+    the job of such a segment; ``name`` in a new generation's start job) must not write the position.
+    Only the renewal submitted after ``followed`` (``refresher``), which runs after those segments, does."""
+    repo = Repository.open_or_init(str(tmp_path / "repo"))
+    with repo.lock("replicate app") as lock:
+        lease = Lease(repo.store, "app", lock)
+        lease.acquire()
+        lease.name("g1")
+        lease.followed(W)  # polling thread: every transaction read is submitted, none durable yet
+        after = lease.refresher()  # submitted behind those segments
+        lease.refresh()  # verify's renewal, in the job of a segment submitted before ``followed``
+        assert "wal" not in _record(repo, lease), "the position was written before the segments ahead of it"
+        lease.name("g2")  # a start job queued before those segments
+        assert "wal" not in _record(repo, lease), "name wrote a position whose segments are not written"
+        after()  # the segments ahead of it are durable now
+        rec = _record(repo, lease)
+        assert rec["wal"] == W and rec["generation"] == "g2", rec
+        lease.refresh()  # later renewals keep it
+        assert _record(repo, lease)["wal"] == W
+
+
+def test_a_renewal_queued_before_a_new_generation_is_named_does_not_name_the_old_one_again(tmp_path: Path) -> None:
+    """A renewal submitted while the start job of a new generation waits in the uploader runs after that
+    job named the new generation: the lease must go on naming the new one (prune and forget keep the
+    generation a live lease names), not the one the renewal's submitter saw."""
+    repo = Repository.open_or_init(str(tmp_path / "repo"))
+    with repo.lock("replicate app") as lock:
+        lease = Lease(repo.store, "app", lock)
+        lease.acquire()
+        lease.name("g1")
+        renewal = lease.refresher()  # the polling loop's periodic renewal, behind the start job of g2
+        lease.name("g2")  # the start job
+        renewal()
+        assert _record(repo, lease)["generation"] == "g2", _record(repo, lease)
+
+
+class _Gates(PassThroughStore):
+    """The real local store; a base put, or every segment put, can be held at a gate (an upload in
+    flight: what a kill -9 at that moment leaves in the store is what the store holds meanwhile)."""
+
+    def __init__(self, inner: LocalStore) -> None:
+        super().__init__(inner)
+        self.hold_base: threading.Event | None = None
+        self.hold_segments: threading.Event | None = None
+        self.base_held = threading.Event()
+        self.segment_held = threading.Event()
+        self.held_base_key = ""
+
+    def put(self, key: str, data: bytes, *, if_absent: bool = False) -> None:
+        if key.startswith("segments/"):
+            gate = self.hold_base if key.endswith("/base") else self.hold_segments
+            if gate is not None:
+                if key.endswith("/base"):
+                    self.held_base_key = key
+                    self.base_held.set()
+                else:
+                    self.segment_held.set()
+                assert gate.wait(30), f"gate of {key} never opened"
+        super().put(key, data, if_absent=if_absent)
+
+
+def _truncate(path: Path) -> None:
+    con = sqlite3.connect(path, isolation_level=None, timeout=5)
+    try:
+        deadline = time.time() + 20
+        while con.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0] != 0:
+            assert time.time() < deadline, "the TRUNCATE checkpoint stayed busy"
+            time.sleep(0.05)
+    finally:
+        con.close()
+
+
+def test_a_kill_while_a_segment_is_in_flight_never_leaves_a_lease_that_hides_it(tmp_path: Path) -> None:
+    """End to end, real replicator and local store: a VACUUM starts a new generation whose start job
+    waits (a slow base put); meanwhile a commit is shipped into a segment queued behind it, and a
+    TRUNCATE checkpoint empties the WAL (the replicator follows: ``followed``). The start job then names
+    the new generation in the lease while that segment is still in flight. A replicator killed there
+    must leave a lease status cannot mistake for "nothing unshipped" (it said lag 0 for good); once the
+    segment is durable the lease names the new generation and the position, and status says lag 0."""
+    src, url = tmp_path / "src.db", str(tmp_path / "repo")
+    make_source(src, 2000)  # ~150 pages: a VACUUM rewrites more than the replicator's threshold
+    Repository.open_or_init(url)
+    gates = _Gates(LocalStore(url))
+    plain = Repository.open(url)
+    later = datetime.now(UTC) + timedelta(seconds=600)  # judged as if nothing wrote the lease since
+    con = sqlite3.connect(src, isolation_level=None, timeout=5)
+    try:
+        with replicating(Repository.open(gates), src, "app", 0.2) as rep:
+            gates.hold_base = threading.Event()
+            con.execute("VACUUM")
+            assert gates.base_held.wait(30), "no new generation after the VACUUM"
+            new_gen = gates.held_base_key.split("/")[2]
+            gates.hold_segments = threading.Event()  # (the old generation's segments are written by now)
+            try:
+                con.execute("INSERT INTO t(seq, pad) VALUES (9000, x'00')")  # shipped behind the start job
+                time.sleep(0.8)
+                assert not rep.pending, "the commit was not submitted"
+                _truncate(src)
+                tail = WalTail(str(src))
+                try:
+                    here = tail.position()
+                finally:
+                    tail.close()
+                assert here.frame == 0
+                time.sleep(0.5)  # the polling loop follows the emptied WAL
+                gates.hold_base.set()  # the start job names the new generation
+                assert gates.segment_held.wait(30), "the commit's segment never came"
+                time.sleep(0.3)
+                rec = json.loads(plain.store.get(next(iter(plain.store.list("leases/app/")))))
+                assert rec.get("generation") == new_gen, rec
+                found = replication_lag(plain, "app", later, str(src))
+                assert found is not None and found.seconds > 300, \
+                    f"a lease written while commit 9000 was in flight says nothing is unshipped: {rec}"
+            finally:
+                gates.hold_base.set()
+                gates.hold_segments.set()
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                rec = json.loads(plain.store.get(next(iter(plain.store.list("leases/app/")))))
+                if rec.get("wal") is not None and rec["wal"]["salt"] == here.salt.hex():
+                    break
+                time.sleep(0.05)
+            assert rec.get("wal", {}).get("salt") == here.salt.hex(), rec
+            assert rec.get("generation") == new_gen, f"the lease names a generation it no longer ships into: {rec}"
+            found = replication_lag(plain, "app", later, str(src))
+            assert found is not None and found.seconds == 0, (found, rec)
+    finally:
+        con.close()
