@@ -221,6 +221,10 @@ class DatabasePolicy(_Model):
     auth_token: SecretRef | None = Field(default=None, description="Token: env:VAR or prefect-secret:BLOCK")
     namespace: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$",
                                   description="Namespace on a sqld run with --enable-namespaces (source is its URL)")
+    replica_url: str | None = Field(
+        default=None, description="The namespace addressed by hostname, e.g. http://{namespace}.sqld.internal:8080 "
+        "(a wildcard DNS record): backups then sync an embedded replica and read only what changed, "
+        "instead of a full /dump each time")
     tier: Tier = Tier.standard
     rpo: Duration = Field(description="Recovery point objective, e.g. 1h: the most data one may lose")
     rto: Duration = Field(description="Recovery time objective, e.g. 15m: the longest a restore may take")
@@ -237,6 +241,18 @@ class DatabasePolicy(_Model):
     min_retention: Duration | None = Field(default=None, description="Shortest retention a regulation allows, e.g. 1y")
     provider: ProviderPolicy | None = Field(default=None, description="The provider's own history (sqld or "
                                             "turso): defaults of a restore from it")
+
+    @model_validator(mode="after")
+    def _replica_url(self) -> DatabasePolicy:
+        if self.replica_url is not None:
+            from dbre.errors import DbreError
+            from dbre.sources.remote import _namespace_url
+
+            try:
+                _namespace_url(self.replica_url, self.namespace)
+            except DbreError as err:
+                raise ValueError(f"{err.message}; {err.hint}" if err.hint else err.message) from None
+        return self
 
 
 class ObjectLockPolicy(_Model):

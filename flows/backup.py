@@ -41,7 +41,8 @@ def backup_flow(db: str, source: str | None = None, policy: str | None = None, r
     try:
         snap = backup_database(db, src, r.primary, r.key, token or (entry.auth_token if entry else None),
                                checksums if checksums is not None else (entry.checksums if entry else None),
-                               entry.namespace if entry else None, full, accept_new_source)
+                               entry.namespace if entry else None, full, accept_new_source,
+                               entry.replica_url if entry else None)
     except Exception as err:  # the run still fails with this error; the summary says it and what to do first
         _publish_failure(db, r.primary, str(err) or type(err).__name__)
         raise

@@ -70,7 +70,8 @@ def back_up_all(jobs: list[dict[str, Any]], repo: str, key: str | None, limit: s
                 count: int, full: bool = False) -> list[dict[str, Any]]:
     """Submit one backup task per database and wait for all; a failure is a row, not an exception."""
     futures = [backup_database_limited.submit(j["db"], j["source"], repo, key, j["token"], j["checksums"],
-                                              j["namespace"], limit, full) for j in jobs]
+                                              j["namespace"], limit, full, False, j.get("replica_url"))
+               for j in jobs]
     rows = []
     for job, future in zip(jobs, futures, strict=True):
         future.wait()
@@ -104,7 +105,7 @@ def fleet_backup_flow(databases: list[str] | None = None, policy: str | None = N
         slots = ensure_concurrency_limit(limit, pol.fleet.concurrency_limit_slots)
         log.info("global concurrency limit %r: %d slots", limit, slots)
     jobs = [{"db": d.name, "source": d.source, "token": d.auth_token, "checksums": d.checksums,
-             "namespace": d.namespace} for d in dbs]
+             "namespace": d.namespace, "replica_url": d.replica_url} for d in dbs]
     runner = make_task_runner(kind, workers, pol.fleet.dask_address or os.environ.get(DASK_ADDRESS_ENV))
     rows = back_up_all.with_options(task_runner=runner)(jobs, r.primary, r.key, limit, len(jobs), full)
     failed = [row for row in rows if row["status"] != "ok"]

@@ -24,13 +24,16 @@ from tasks.secrets import resolve_key, resolve_token
 @task(name="backup", task_run_name="backup {db}", timeout_seconds=2 * HOUR, **TASK_OPTIONS)
 def backup_database(db: str, source: str, repo: str, key: str | None = None, token: str | None = None,
                     checksums: bool | None = None, namespace: str | None = None, full: bool = False,
-                    accept_new_source: bool = False) -> dict[str, Any]:
+                    accept_new_source: bool = False, replica_url: str | None = None) -> dict[str, Any]:
     """Take one snapshot of ``source`` (a ``namespace`` of it) into ``repo`` as ``db`` (``full``: reuse nothing
-    of the previous snapshot; ``accept_new_source``: ``db`` moved to ``source``); returns its summary."""
+    of the previous snapshot; ``accept_new_source``: ``db`` moved to ``source``; ``replica_url``: the
+    namespace by hostname, for an embedded replica); returns its summary."""
     repository = Repository.open_or_init(repo, resolve_key(key))
     if namespace:
-        # sqld addresses a namespace by Host header: only /dump can, an embedded replica cannot
-        src: Source = RemoteLibsqlSource(source, resolve_token(token), namespace=namespace, method="dump")
+        # by header only /dump reaches a namespace (a full read each time); an embedded replica
+        # reaches it by hostname (replica_url), then /dump is the fallback
+        src: Source = RemoteLibsqlSource(source, resolve_token(token), namespace=namespace,
+                                         method="auto" if replica_url else "dump", replica_url=replica_url)
     else:
         src = open_source(source, resolve_token(token))
     started, clock = now_utc(), time.perf_counter()
@@ -64,10 +67,11 @@ def _note(repository: Repository, db: str, **fields: Any) -> None:
 def backup_database_limited(db: str, source: str, repo: str, key: str | None = None, token: str | None = None,
                             checksums: bool | None = None, namespace: str | None = None,
                             limit: str | None = None, full: bool = False,
-                            accept_new_source: bool = False) -> dict[str, Any]:
+                            accept_new_source: bool = False, replica_url: str | None = None) -> dict[str, Any]:
     """``backup_database`` holding a slot of the Prefect global concurrency limit ``limit`` (if any)."""
     with concurrency(limit, occupy=1, strict=False) if limit else nullcontext():
-        return backup_database.fn(db, source, repo, key, token, checksums, namespace, full, accept_new_source)
+        return backup_database.fn(db, source, repo, key, token, checksums, namespace, full, accept_new_source,
+                                  replica_url)
 
 
 @task(name="copy to offsite", task_run_name="copy to {offsite}", timeout_seconds=6 * HOUR, **TASK_OPTIONS)

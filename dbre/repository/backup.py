@@ -442,6 +442,10 @@ def backup(
             "wal": session.wal_position(),  # where in the WAL this snapshot ends (for `dbre replicate`)
         }
         manifest.stats["checksum_version"] = CHECKSUM_VERSION  # what its checksums mean (validation, reuse)
+        if getattr(source, "last_method", None):  # a remote source: "replica" (what changed) or "dump" (all)
+            manifest.stats["source_method"] = source.last_method  # type: ignore[attr-defined]
+            if getattr(source, "last_fallback_reason", None):
+                manifest.stats["source_fallback"] = source.last_fallback_reason  # type: ignore[attr-defined]
         if basis is not None:
             manifest.stats["checksum_basis"] = basis  # what the next backup's reuse compares with
             manifest.stats["tables_reused"] = len(reused)

@@ -16,6 +16,14 @@ Two ways to get a consistent local copy, both yielding an apsw connection to a S
 ``auto`` tries the replica and falls back to the dump when the replica path fails for any reason
 other than a refused token or an unreachable server (those would fail the dump too).
 
+A namespace of a sqld run with ``--enable-namespaces`` is addressed two ways: by a header
+(``namespace``: every HTTP request, /dump included) or by hostname (sqld reads the namespace from
+the first label of the host). The embedded replica knows only the second, so a namespace gets one
+only with ``replica_url`` (e.g. ``http://{namespace}.sqld.internal:8080``: a wildcard DNS record
+for the server); its host's first label must be the namespace. Without it, a namespace is always
+read through /dump, a full transfer each time; with it, a round reads what changed (and /dump
+stays the fallback when that hostname does not answer).
+
 URLs: ``libsql://host`` means ``https://host`` (``?tls=0`` for plain HTTP, as in the libSQL
 clients), ``ws(s)://`` means ``http(s)://``. A token may come as ``?authToken=`` in the URL;
 it never appears in ``identity()``, ``repr()`` or an error message.
@@ -89,6 +97,25 @@ sys.stdout.write(json.dumps(out) + "\n")
 """
 
 
+def _namespace_url(template: str, namespace: str | None) -> str:
+    """The HTTP base URL of ``namespace`` addressed by hostname, from ``template`` ("{namespace}"
+    filled in; libsql:// and ws(s):// mapped as for the source; no token in it). Its host's first
+    label must be the namespace: that is the label sqld reads the namespace from."""
+    if not namespace:
+        raise SourceError("replica_url is set without a namespace",
+                          "set the namespace too, or give the namespace's own URL as the source")
+    url = template.replace("{namespace}", namespace)
+    parts = urlsplit(url.strip())
+    if parts.query and any(k == "authToken" for k, _ in parse_qsl(parts.query)):
+        raise SourceError("replica_url carries a token", "give the token as the source's token, not in replica_url")
+    host = (parts.netloc.rsplit("@", 1)[-1].split(":", 1)[0]) if parts.netloc else ""
+    if host.split(".", 1)[0] != namespace or "." not in host:
+        raise SourceError(f"replica_url's host {host or '(none)'} does not start with the namespace {namespace!r}",
+                          "sqld reads the namespace from the host's first label: use e.g. "
+                          "http://{namespace}.sqld.internal:8080")
+    return RemoteLibsqlSource(url).base_url
+
+
 def token_from_env(environ: dict[str, str] | None = None) -> Secret | None:
     """The token in ``LIBSQL_AUTH_TOKEN``, else ``TURSO_AUTH_TOKEN``, else None."""
     env = os.environ if environ is None else environ
@@ -133,6 +160,7 @@ class RemoteLibsqlSource:
         lock_timeout: float = 600.0,
         sync_timeout: float | None = 3600.0,
         replica_dir: Path | None = None,
+        replica_url: str | None = None,
     ) -> None:
         if method not in METHODS:
             raise SourceError(f"unknown remote source method {method!r}", f"use one of {', '.join(METHODS)}")
@@ -177,7 +205,11 @@ class RemoteLibsqlSource:
         self.cache_root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_root()
         raw_name = self.namespace or (f"{host}-{port}" if port else host)
         self.name = re.sub(r"[^A-Za-z0-9._-]+", "-", raw_name).strip("-.") or "libsql"
-        key_src = self.base_url + (f"#ns={self.namespace}" if self.namespace else "")
+        # a namespace's embedded replica syncs from the namespace's own hostname (sqld reads the
+        # namespace from the first label of the host): ``replica_url``, "{namespace}" filled in
+        self.replica_base = _namespace_url(replica_url, self.namespace) if replica_url else None
+        key_src = self.base_url + (f"#ns={self.namespace}" if self.namespace else "") \
+            + (f"#replica={self.replica_base}" if self.replica_base else "")
         self.cache_key = hashlib.sha256(key_src.encode()).hexdigest()[:16]
         self._replica_dir = Path(replica_dir).expanduser().absolute() if replica_dir is not None else None
 
@@ -234,9 +266,10 @@ class RemoteLibsqlSource:
     # ------------------------------------------------------------------ replica
 
     def _open_replica(self, stack: ExitStack) -> apsw.Connection:
-        if self.namespace:
+        if self.namespace and not self.replica_base:
             raise _ReplicaUnavailable(
-                "an embedded replica addresses a namespace only by hostname (<namespace>.<host>)"
+                "an embedded replica addresses a namespace only by hostname (<namespace>.<host>): "
+                "set replica_url (e.g. http://{namespace}.sqld.internal:8080)"
             )
         rdir = self.replica_dir
         try:
@@ -278,6 +311,7 @@ class RemoteLibsqlSource:
 
     def _write_meta(self) -> None:
         meta = {"url": self.url, "base_url": self.base_url, "namespace": self.namespace,
+                "replica_url": self.replica_base,
                 "last_used": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         try:
             (self.replica_dir / "source.json").write_text(json.dumps(meta, indent=1) + "\n")
@@ -302,7 +336,8 @@ class RemoteLibsqlSource:
 
     def sync_request(self) -> str:
         """The line a sync child reads first (path, URL, token): sent over its stdin, never argv."""
-        return json.dumps({"path": str(self.replica_path), "url": self.base_url, "token": self._token_str()})
+        return json.dumps({"path": str(self.replica_path), "url": self.replica_base or self.base_url,
+                           "token": self._token_str()})
 
     def _sync_once(self) -> str | None:
         """One sync in a child process; None on success, else libsql's error message."""
@@ -382,6 +417,10 @@ class RemoteLibsqlSource:
                 time.sleep(0.3 * attempt)
                 continue
             failure = self.sync_failure(msg)
+            if failure is not None and self.replica_base and not _AUTH_FAILURE.search(low):
+                # the namespace's own hostname does not answer (DNS, routing): the source's URL may
+                raise _ReplicaUnavailable(f"the replica URL {self.replica_base} cannot be reached: "
+                                          f"{_after_colon(msg)}") from None
             if failure is not None:
                 raise failure from None
             if _AUTH_FAILURE.search(low):  # the token is accepted: something else went wrong
