@@ -3,11 +3,17 @@ fleet-backup flow at 1, 2 and 4 concurrent backups, and print the fleet time of 
 
     python -m benchmarks.fleet                          # 100 namespaces; concurrency 1, 2, 4; thread runner
     python -m benchmarks.fleet --dbs 20 --concurrency 1,4 --runner dask --global-limit
+    python -m benchmarks.fleet --replica                # also: each namespace through an embedded replica
 
 Each level backs up into a fresh local repository (the first, full backup of every database), then
 once more after a few rows changed in every namespace (the incremental, the hourly case). Flow runs
 go to a temporary Prefect API (prefect_test_harness), so the figures include Prefect's own per-task
 cost. Results go to bench-output/fleet.json.
+
+``--replica`` measures the same levels a second time with the policy's ``replica_url``: each
+namespace is read through an embedded replica addressed by hostname (``<namespace>.fleet.test``),
+kept between rounds, instead of a full /dump. Those hostnames need DNS; the benchmark runs itself
+again in a private mount namespace (``unshare -rm``) whose /etc/hosts maps them to 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -35,13 +42,39 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--runner", choices=["thread", "dask"], default="thread", help="task runner (default thread)")
     p.add_argument("--global-limit", action="store_true",
                    help="also hold a Prefect global concurrency limit slot per backup (sized to the level)")
+    p.add_argument("--replica", action="store_true",
+                   help="also measure each namespace read through an embedded replica (replica_url)")
     p.add_argument("--out", type=Path, default=Path("bench-output"), help="results folder (default ./bench-output)")
     return p.parse_args(argv)
 
 
+DOMAIN = "fleet.test"
+_IN_NS = "DBRE_BENCH_FLEET_HOSTS"
+
+
+def _in_mount_namespace(args: argparse.Namespace, argv: list[str] | None) -> None:
+    """Run this benchmark again in a private mount namespace whose /etc/hosts names every tenant
+    (``<tenant>.fleet.test``: what a wildcard DNS record gives in production); never returns."""
+    hosts = Path(tempfile.mkdtemp(prefix="dbre-fleet-hosts-")) / "hosts"
+    names = " ".join(f"{ns}.{DOMAIN}" for ns in tenant_names(args.dbs))
+    hosts.write_text(Path("/etc/hosts").read_text() + f"\n127.0.0.1 {names}\n")
+    cmd = " ".join([sys.executable, "-m", "benchmarks.fleet", *(sys.argv[1:] if argv is None else argv)])
+    env = {**os.environ, _IN_NS: "1"}
+    try:
+        code = subprocess.run(["unshare", "-rm", "sh", "-c", f'mount --bind "{hosts}" /etc/hosts && exec {cmd}'],
+                              env=env, cwd=ROOT, check=False).returncode
+    except FileNotFoundError:
+        sys.exit("--replica needs unshare (util-linux) to give the tenants hostnames; run without --replica")
+    sys.exit(code)
+
+
+def tenant_names(n: int) -> list[str]:
+    return [f"tenant-{i:03d}" for i in range(n)]
+
+
 def build_fleet(server: Any, n: int, rows: int) -> list[str]:
     """``n`` namespaces, each with a customers and an orders table of ``rows`` rows."""
-    names = [f"tenant-{i:03d}" for i in range(n)]
+    names = tenant_names(n)
     for i, ns in enumerate(names):
         server.create_namespace(ns)
         server.pipeline([
@@ -74,6 +107,8 @@ def measure(policy: str, repo: str, level: int, runner: str, limit: str) -> dict
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.replica and not os.environ.get(_IN_NS):
+        _in_mount_namespace(args, argv)
     levels = [int(x) for x in args.concurrency.split(",") if x.strip()]
     work = Path(tempfile.mkdtemp(prefix="dbre-fleet-bench-"))
     os.environ.update({"PREFECT_HOME": str(work / "prefect-home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
@@ -92,28 +127,41 @@ def main(argv: list[str] | None = None) -> None:
         t0 = time.perf_counter()
         names = build_fleet(server, args.dbs, args.rows)
         console.print(f"built {len(names)} namespaces on sqld {server.url} in {time.perf_counter() - t0:.1f} s")
-        policy = server.write_fleet_policy(work / "policy.yaml", work / "unused", names, rto="15m", keep_last=10)
+        port = server.url.rsplit(":", 1)[1]
+        policies = {"dump": server.write_fleet_policy(work / "policy.yaml", work / "unused", names, rto="15m",
+                                                      keep_last=10)}
+        if args.replica:
+            policies["replica"] = server.write_fleet_policy(
+                work / "policy-replica.yaml", work / "unused", names, rto="15m", keep_last=10,
+                replica_url=f"http://{{namespace}}.{DOMAIN}:{port}")
         results = []
         with prefect_test_harness(server_startup_timeout=120):
-            for level in levels:
-                repo = str(work / f"repo-{level}")
-                limit = f"dbre-bench-{level}" if args.global_limit else ""
-                full = measure(str(policy), repo, level, args.runner, limit)
-                change_fleet(server, names)
-                incr = measure(str(policy), repo, level, args.runner, limit)
-                results.append({"concurrency": level, "full_seconds": full["seconds"],
-                                "incremental_seconds": incr["seconds"], "backups": full["backups"]})
-                console.print(f"concurrency {level}: full {full['seconds']} s, incremental {incr['seconds']} s")
+            for read, policy in policies.items():
+                for level in levels:
+                    repo = str(work / f"repo-{read}-{level}")
+                    os.environ["DBRE_CACHE_DIR"] = str(work / f"cache-{read}-{level}")  # (replicas: made anew)
+                    limit = f"dbre-bench-{level}" if args.global_limit else ""
+                    full = measure(str(policy), repo, level, args.runner, limit)
+                    change_fleet(server, names)
+                    incr = measure(str(policy), repo, level, args.runner, limit)
+                    methods = _methods(repo)
+                    results.append({"read": read, "concurrency": level, "full_seconds": full["seconds"],
+                                    "incremental_seconds": incr["seconds"], "backups": full["backups"],
+                                    "methods": methods})
+                    console.print(f"{read}, concurrency {level}: full {full['seconds']} s, incremental "
+                                  f"{incr['seconds']} s (sources read by {methods})")
     finally:
         server.stop()
     base = results[0]["full_seconds"] if results else 1.0
     table = Table(title=f"fleet backup of {args.dbs} databases ({args.runner} runner"
                   + (", global concurrency limit" if args.global_limit else "") + ")", title_justify="left")
-    for col in ("concurrent backups", "full: fleet s", "per db s", "speed-up", "incremental: fleet s"):
+    for col in ("read through", "concurrent backups", "full: fleet s", "per db s", "speed-up",
+                "incremental: fleet s", "incremental / full"):
         table.add_column(col, justify="right")
     for r in results:
-        table.add_row(str(r["concurrency"]), f"{r['full_seconds']:.1f}", f"{r['full_seconds'] / args.dbs:.2f}",
-                      f"{base / r['full_seconds']:.2f}x", f"{r['incremental_seconds']:.1f}")
+        table.add_row(r["read"], str(r["concurrency"]), f"{r['full_seconds']:.1f}",
+                      f"{r['full_seconds'] / args.dbs:.2f}", f"{base / r['full_seconds']:.2f}x",
+                      f"{r['incremental_seconds']:.1f}", f"{r['incremental_seconds'] / r['full_seconds']:.2f}")
     console.print(table)
     args.out.mkdir(parents=True, exist_ok=True)
     out = {"when": datetime.now(UTC).isoformat(timespec="seconds"), "dbs": args.dbs, "rows": args.rows,
@@ -122,6 +170,17 @@ def main(argv: list[str] | None = None) -> None:
            "results": results}
     (args.out / "fleet.json").write_text(json.dumps(out, indent=2))
     console.print(f"results: {args.out / 'fleet.json'}")
+
+
+def _methods(repo: str) -> dict[str, int]:
+    """How the snapshots of ``repo`` read their sources (``stats.source_method``), counted."""
+    from dbre.repository.repo import Repository
+
+    counts: dict[str, int] = {}
+    for m in Repository.open(repo).snapshots():
+        key = str(m.stats.get("source_method"))
+        counts[key] = counts.get(key, 0) + 1
+    return counts
 
 
 if __name__ == "__main__":

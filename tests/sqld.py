@@ -283,14 +283,16 @@ class SqldServer:
     def delete_namespace(self, ns: str) -> None:
         self.admin("DELETE", f"/v1/namespaces/{ns}")
 
-    def write_fleet_policy(self, path: Path, repo: Path, names: Sequence[str], *, rto: str, keep_last: int) -> Path:
-        """A dbre policy file backing up these namespaces of this server into ``repo``."""
+    def write_fleet_policy(self, path: Path, repo: Path, names: Sequence[str], *, rto: str, keep_last: int,
+                           replica_url: str | None = None) -> Path:
+        """A dbre policy file backing up these namespaces of this server into ``repo`` (``replica_url``:
+        each namespace by hostname, for an embedded replica)."""
         import yaml
 
         path.write_text(yaml.safe_dump({
             "repositories": {"primary": str(repo)},
-            "databases": [{"name": ns, "source": self.url, "namespace": ns, "rpo": "1h", "rto": rto}
-                          for ns in names],
+            "databases": [{"name": ns, "source": self.url, "namespace": ns, "rpo": "1h", "rto": rto,
+                           **({"replica_url": replica_url} if replica_url else {})} for ns in names],
             "retention": {"keep_last": keep_last},
         }))
         return path
