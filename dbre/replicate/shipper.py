@@ -226,6 +226,10 @@ class Replicator:
         self._gen_segments = 0  # segments in the current generation
         self._gen_born = float("-inf")  # monotonic start of the current generation (resumed: age unknown)
         self._calm_until = 0.0  # no second yield to the same checkpoint before this (monotonic)
+        # (position, monotonic since): an emptied WAL the loop stands at with nothing pending; the lease
+        # records it once it stood an interval (an application that truncates after every commit
+        # would otherwise add a lease write, three HEADs and a PUT, in front of every segment)
+        self._standing: tuple[WalPos, float] | None = None
         self._starting = False  # inside _new_generation: no generation starts from within it
         self.on_ship: Callable[[str], None] | None = None
 
@@ -341,8 +345,12 @@ class Replicator:
             except ContinuityLost as err:
                 self._continuity_lost(str(err))
                 continue
-            if not self.pending and not _same(self.pos, self._shipped):
-                self.lease.followed(replace(self.pos, restart_next=False).to_json())  # (an emptied WAL, restarted)
+            if self.pending or _same(self.pos, self._shipped):
+                self._standing = None
+            elif self._standing is None or not _same(self._standing[0], self.pos):
+                self._standing = (self.pos, now)
+            elif now - self._standing[1] >= self.interval:  # (an emptied WAL, restarted, idle since)
+                self.lease.followed(replace(self.pos, restart_next=False).to_json())
             if self.lease.due():
                 self._uploader.submit(self.lease.refresher())  # a store request: never on the polling thread
             if stopping:
