@@ -224,3 +224,34 @@ def test_an_application_that_truncates_after_every_commit_gets_no_lease_write_pe
     assert busy_segments >= 5, busy_segments
     assert busy_leases <= 2, f"{busy_leases} lease writes for {busy_segments} segments"
     assert "wal" in rec and found is not None and found.seconds == 0, (found, rec)
+
+
+def test_a_replayed_or_forged_lease_position_never_hides_a_commit(tmp_path: Path) -> None:
+    """Attacker with write access to the repository (no key): the lease is plain JSON, so the position
+    it records can be read and written back later, or forged. It is only ever a position the source
+    stood at with nothing unshipped, and any commit moves the WAL off it: replayed after a commit it
+    hides nothing; forged with the wrong types it is ignored (no crash). (Writing any lease object
+    already makes the heartbeat fresh: the field adds no way to hide lag that was not there.)"""
+    src, url = tmp_path / "src.db", str(tmp_path / "repo")
+    make_source(src, 200)
+    repo = Repository.open_or_init(url)
+    with replicating(repo, src, "app", 0.2):
+        _app(src, "INSERT INTO t(seq, pad) VALUES (9000, x'00')", "TRUNCATE")
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            rec = json.loads(repo.store.get(next(iter(repo.store.list("leases/app/")))))
+            if "wal" in rec:
+                break
+            time.sleep(0.05)
+    assert "wal" in rec, rec
+    later = datetime.now(UTC) + timedelta(seconds=600)
+    key = "leases/app/00000000000000ff"
+    repo.store.put(key, json.dumps(rec).encode())  # replayed while the source still stands there: true
+    found = replication_lag(repo, "app", later, str(src))
+    assert found is not None and found.seconds == 0, found
+    _app(src, "INSERT INTO t(seq, pad) VALUES (9001, x'00')")  # unshipped: no replicator runs
+    for forged in (rec, rec | {"wal": "x"}, rec | {"wal": {"salt": "zz", "frame": 0}}, rec | {"wal": {}},
+                   rec | {"wal": rec["wal"] | {"cksum": [1]}}, [rec], rec | {"generation": 7}):
+        repo.store.put(key, json.dumps(forged).encode())
+        found = replication_lag(repo, "app", later, str(src))
+        assert found is not None and found.seconds > 300, (forged, found)
