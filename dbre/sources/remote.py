@@ -53,6 +53,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -285,6 +286,8 @@ class RemoteLibsqlSource:
 
         started = time.monotonic()
         self.sync_replica()
+        if self.replica_base:
+            self._check_replica_log()
         self.last_seconds = time.monotonic() - started
         log.info("source %s: replica synced in %.2fs", self.url, self.last_seconds)
 
@@ -431,6 +434,72 @@ class RemoteLibsqlSource:
                 self._wipe_replica()
                 continue
             raise _ReplicaUnavailable(msg)
+
+    def _check_replica_log(self) -> None:
+        """The replica synced from ``replica_url`` (another hostname: DNS decides which server answers)
+        holds the database id the source itself reports for the namespace (its replication Hello); else it is another
+        database's (e.g. a staging sqld behind the same wildcard record): wiped, and the dump is read."""
+        try:
+            meta = (self.replica_dir / "replica.db-client_wal_index").read_bytes()
+            mine: str | None = str(uuid.UUID(int=int.from_bytes(meta[:16], "little"))) if len(meta) >= 16 else None
+        except OSError:
+            mine = None
+        try:
+            theirs = self._source_database_id()
+        except (OSError, ValueError, ssl.SSLError) as err:
+            raise _ReplicaUnavailable(f"cannot check that {self.replica_base} serves the source's namespace: "
+                                      f"{self.scrub(str(err)) or type(err).__name__}") from None
+        if mine is None or theirs is None or mine != theirs:
+            self._wipe_replica()
+            raise _ReplicaUnavailable(
+                f"the replica URL {self.replica_base} serves another database than the source (database id "
+                f"{mine or 'unknown'}, the source's {theirs or 'unknown'}): check its DNS record")
+
+    def _source_database_id(self) -> str | None:
+        """The database id (what a replica's ``-client_wal_index`` starts with) the source reports for
+        the namespace (addressed by header, as /dump): one gRPC ``Hello`` over HTTP/2 (prior
+        knowledge, or ALPN h2 over TLS); None if it gives none."""
+        parts = urlsplit(self.base_url)
+        host, port = parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80)
+        headers = [(":method", "POST"), (":scheme", parts.scheme), (":path", "/wal_log.ReplicationLog/Hello"),
+                   (":authority", parts.netloc), ("content-type", "application/grpc"), ("te", "trailers"),
+                   *((k.lower(), v) for k, v in self._headers().items() if k.lower() in
+                     ("authorization", "x-namespace-bin"))]
+        block = b"".join(b"\x00" + _hpack_int(len(k.encode())) + k.encode() + _hpack_int(len(v.encode())) + v.encode()
+                         for k, v in headers)
+        sock: socket.socket = socket.create_connection((host, port), timeout=min(self.timeout, 15.0))
+        try:
+            if parts.scheme == "https":
+                ctx = ssl.create_default_context()
+                ctx.set_alpn_protocols(["h2"])
+                sock = ctx.wrap_socket(sock, server_hostname=host)
+            sock.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + _h2_frame(4, 0, 0, b"")
+                         + _h2_frame(1, 0x4, 1, block) + _h2_frame(0, 0x1, 1, b"\x00\x00\x00\x00\x00"))
+            buf, body = b"", b""
+            while True:
+                while len(buf) < 9 or len(buf) < 9 + int.from_bytes(buf[:3], "big"):
+                    chunk = sock.recv(65536)
+                    if not chunk:
+                        raise ValueError("the connection closed before an answer")
+                    buf += chunk
+                size, ftype, flags = int.from_bytes(buf[:3], "big"), buf[3], buf[4]
+                stream, payload, buf = int.from_bytes(buf[5:9], "big") & 0x7FFFFFFF, buf[9:9 + size], buf[9 + size:]
+                if ftype == 4 and not flags & 0x1:  # the server's SETTINGS: acknowledge
+                    sock.sendall(_h2_frame(4, 0x1, 0, b""))
+                elif ftype == 7 or (ftype == 3 and stream == 1):
+                    raise ValueError("the server refused the request (HTTP/2 GOAWAY or RST_STREAM)")
+                elif ftype == 0 and stream == 1:
+                    body += payload[1:len(payload) - payload[0]] if flags & 0x8 else payload
+                if stream == 1 and ftype in (0, 1) and flags & 0x1:
+                    break
+        finally:
+            sock.close()
+        if len(body) < 5:
+            raise ValueError("no answer to a replication Hello (a refused token, or no such namespace)")
+        try:
+            return _proto_string(body[5:5 + int.from_bytes(body[1:5], "big")], 3)  # HelloResponse.database_id
+        except (IndexError, UnicodeDecodeError):
+            raise ValueError("an unreadable answer to a replication Hello") from None
 
     def check(self) -> None:
         """Fail before anything is created for this source: the server must answer and accept
@@ -619,6 +688,55 @@ def _after_colon(msg: str) -> str:
     -> ``Connection refused (os error 111)``"""
     tail = msg.rsplit(": ", 1)[-1]
     return tail or msg
+
+
+def _hpack_int(n: int) -> bytes:
+    """An HPACK string length (7-bit prefix, no Huffman)."""
+    if n < 127:
+        return bytes([n])
+    out, n = bytearray([127]), n - 127
+    while n >= 128:
+        out.append(n % 128 + 128)
+        n //= 128
+    return bytes(out + bytes([n]))
+
+
+def _h2_frame(ftype: int, flags: int, stream: int, payload: bytes) -> bytes:
+    return len(payload).to_bytes(3, "big") + bytes([ftype, flags]) + stream.to_bytes(4, "big") + payload
+
+
+def _proto_string(msg: bytes, field: int) -> str | None:
+    """The string field ``field`` of a protobuf message (None if absent)."""
+    i = 0
+
+    def varint() -> int:
+        nonlocal i
+        shift = value = 0
+        while True:
+            b = msg[i]
+            i += 1
+            value |= (b & 0x7F) << shift
+            shift += 7
+            if not b & 0x80:
+                return value
+
+    while i < len(msg):
+        key = varint()
+        wire = key & 7
+        if wire == 0:
+            varint()
+        elif wire == 1:
+            i += 8
+        elif wire == 5:
+            i += 4
+        elif wire == 2:
+            n = varint()
+            if key >> 3 == field:
+                return msg[i:i + n].decode()
+            i += n
+        else:
+            raise ValueError("not a protobuf message")
+    return None
 
 
 def _remove_stale(parent: Path, pattern: str, max_age: float) -> None:

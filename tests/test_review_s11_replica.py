@@ -1,0 +1,160 @@
+"""Review of 36755b5 (a sqld namespace backed up through an embedded replica at ``replica_url``).
+
+The replica syncs from another hostname than the source: which server answers is up to DNS (a
+wildcard record). When that name points at another sqld that has a namespace of the same name (a
+staging server behind the same record, or a server of whoever controls DNS), the replica follows
+that server's log. Each test runs the backup in a child process in a private mount namespace
+(``unshare -rm``) whose /etc/hosts says where the namespace's hostname points (as in
+tests/test_fleet_replica.py); the "other server" is a second real sqld reached at 127.0.0.2 on the
+first one's port through a small TCP relay, so only the address differs, as a DNS record would.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import apsw
+import pytest
+
+from dbre.repository.repo import Repository
+from dbre.restore.full import apply_restore, plan_restore
+from tests.sqld import SqldServer, start_sqld
+
+DOMAIN = "dbre-review.test"
+NS = "rv-shop"
+
+CHILD = r'''
+import json, sys
+from dbre.repository.backup import backup
+from dbre.repository.repo import Repository
+from dbre.sources.remote import RemoteLibsqlSource
+source, template, repo, cache = sys.argv[1:5]
+src = RemoteLibsqlSource(source, namespace="rv-shop", replica_url=template, cache_dir=cache)
+snap = backup(Repository.open_or_init(repo), src, "rv-shop").manifest
+print(json.dumps({"id": snap.id, "method": snap.stats.get("source_method"),
+                  "fallback": snap.stats.get("source_fallback")}), flush=True)
+'''
+
+
+class _Relay:
+    """Accepts on (host, port) and pipes each connection to 127.0.0.1:target (stands in for a DNS
+    record that points the hostname at another machine)."""
+
+    def __init__(self, host: str, port: int, target: int) -> None:
+        self.sock = socket.create_server((host, port))
+        self.target = target
+        self.stopped = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self.stopped:
+            try:
+                client, _ = self.sock.accept()
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.target))
+            except OSError:
+                client.close()
+                continue
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(a: socket.socket, b: socket.socket) -> None:
+        try:
+            while data := a.recv(65536):
+                b.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (a, b):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def stop(self) -> None:
+        self.stopped = True
+        self.sock.close()
+
+
+@pytest.fixture
+def prod_and_staging(tmp_path: Path) -> Iterator[tuple[SqldServer, SqldServer]]:
+    prod = start_sqld(tmp_path / "prod", namespaces=True, admin=True)
+    try:
+        staging = start_sqld(tmp_path / "staging", namespaces=True, admin=True)
+        try:
+            for server, tag, rows in ((prod, "prod", 300), (staging, "staging", 200)):
+                server.create_namespace(NS)
+                server.pipeline([
+                    "CREATE TABLE orders(id INTEGER PRIMARY KEY, who TEXT, note TEXT)",
+                    f"WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < {rows}) "
+                    f"INSERT INTO orders SELECT x, '{tag}', hex(randomblob(30)) FROM c",
+                ], namespace=NS)
+            yield prod, staging
+        finally:
+            staging.stop()
+    finally:
+        prod.stop()
+
+
+def _backup(tmp_path: Path, prod: SqldServer, address: str) -> dict[str, object]:
+    """One backup of the namespace in a child whose /etc/hosts points its hostname at ``address``."""
+    hosts = tmp_path / f"hosts-{address}"
+    hosts.write_text(Path("/etc/hosts").read_text() + f"\n{address} {NS}.{DOMAIN}\n")
+    script = tmp_path / "child.py"
+    script.write_text(textwrap.dedent(CHILD))
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    template = f"http://{{namespace}}.{DOMAIN}:{prod.port}"
+    out = subprocess.run(
+        ["unshare", "-rm", "sh", "-c", f'mount --bind "{hosts}" /etc/hosts && exec "{sys.executable}" "{script}" '
+                                       f'"{prod.url}" "{template}" "{tmp_path / "repo"}" "{tmp_path / "cache"}"'],
+        capture_output=True, text=True, env=env, timeout=60, check=False)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return dict(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+def _restored(tmp_path: Path, snap_id: str) -> list[tuple[object, ...]]:
+    r = Repository.open(str(tmp_path / "repo"))
+    out = tmp_path / f"restored-{snap_id}.db"
+    apply_restore(r, plan_restore(r, NS, str(out), snapshot=snap_id))
+    conn = apsw.Connection(str(out))
+    try:
+        return [tuple(row) for row in conn.execute("SELECT id, who, note FROM orders ORDER BY id")]
+    finally:
+        conn.close()
+
+
+def test_a_replica_hostname_pointing_at_another_sqld_is_not_backed_up_as_the_namespace(
+        prod_and_staging: tuple[SqldServer, SqldServer], tmp_path: Path) -> None:
+    """The wildcard record sends the namespace's hostname to another sqld (staging) that has a
+    namespace of the same name: before the review the replica synced staging's log (first thing, or
+    after a good round, wiping the prod replica as "foreign") and the backup held staging's rows as
+    the namespace's, silently. Now the replica's database id must be the one the source itself
+    (its URL, namespace by header) reports: else it is dropped and /dump reads the namespace, the
+    reason recorded in stats.source_fallback."""
+    prod, staging = prod_and_staging
+    relay = _Relay("127.0.0.2", prod.port, staging.port)
+    try:
+        theirs = [tuple(r) for r in prod.execute("SELECT id, who, note FROM orders ORDER BY id", namespace=NS)]
+        good = _backup(tmp_path, prod, "127.0.0.1")  # the record is right: the replica reads prod
+        assert good["method"] == "replica" and not good["fallback"], good
+        assert _restored(tmp_path, str(good["id"])) == theirs
+        for _round in range(2):  # the record now points at staging: a synced replica, then none at all
+            bad = _backup(tmp_path, prod, "127.0.0.2")
+            assert _restored(tmp_path, str(bad["id"])) == theirs, "staging's rows backed up as the namespace's"
+            assert bad["method"] == "dump", bad
+            assert "serves another database" in str(bad["fallback"]), bad
+        again = _backup(tmp_path, prod, "127.0.0.1")  # the record fixed: the replica is used again
+        assert again["method"] == "replica" and _restored(tmp_path, str(again["id"])) == theirs
+    finally:
+        relay.stop()
