@@ -87,24 +87,27 @@ class _Relay:
         self.sock.close()
 
 
+def _fill(server: SqldServer, tag: str, rows: int) -> None:
+    server.create_namespace(NS)
+    server.pipeline([
+        "CREATE TABLE orders(id INTEGER PRIMARY KEY, who TEXT, note TEXT)",
+        f"WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < {rows}) "
+        f"INSERT INTO orders SELECT x, '{tag}', hex(randomblob(30)) FROM c",
+    ], namespace=NS)
+
+
 @pytest.fixture
-def prod_and_staging(tmp_path: Path) -> Iterator[tuple[SqldServer, SqldServer]]:
-    prod = start_sqld(tmp_path / "prod", namespaces=True, admin=True)
-    try:
-        staging = start_sqld(tmp_path / "staging", namespaces=True, admin=True)
-        try:
-            for server, tag, rows in ((prod, "prod", 300), (staging, "staging", 200)):
-                server.create_namespace(NS)
-                server.pipeline([
-                    "CREATE TABLE orders(id INTEGER PRIMARY KEY, who TEXT, note TEXT)",
-                    f"WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < {rows}) "
-                    f"INSERT INTO orders SELECT x, '{tag}', hex(randomblob(30)) FROM c",
-                ], namespace=NS)
-            yield prod, staging
-        finally:
-            staging.stop()
-    finally:
-        prod.stop()
+def prod(tmp_path: Path) -> Iterator[SqldServer]:
+    with start_sqld(tmp_path / "prod", namespaces=True, admin=True) as server:
+        _fill(server, "prod", 300)
+        yield server
+
+
+@pytest.fixture
+def prod_and_staging(prod: SqldServer, tmp_path: Path) -> Iterator[tuple[SqldServer, SqldServer]]:
+    with start_sqld(tmp_path / "staging", namespaces=True, admin=True) as staging:
+        _fill(staging, "staging", 200)
+        yield prod, staging
 
 
 def _backup(tmp_path: Path, prod: SqldServer, address: str) -> dict[str, object]:
@@ -158,3 +161,31 @@ def test_a_replica_hostname_pointing_at_another_sqld_is_not_backed_up_as_the_nam
         assert again["method"] == "replica" and _restored(tmp_path, str(again["id"])) == theirs
     finally:
         relay.stop()
+
+
+def _rows(server: SqldServer) -> list[tuple[object, ...]]:
+    return [tuple(r) for r in server.execute("SELECT id, who, note FROM orders ORDER BY id", namespace=NS)]
+
+
+def test_a_replica_cache_others_can_write_is_not_backed_up(prod: SqldServer, tmp_path: Path) -> None:
+    """The cached replica's pages become the snapshot: whoever can write there chooses what is backed
+    up (a page changed in it stays until the server rewrites that page). dbre makes the directory
+    0700; before the review a loosened one (a shared DBRE_CACHE_DIR, a chmod) was used as it was, so
+    a row changed in the replica was backed up as the namespace's, silently. Now such a replica is
+    dropped and /dump reads the namespace, saying why; once the directory is private again a fresh
+    replica is synced (never the one others could change)."""
+    good = _backup(tmp_path, prod, "127.0.0.1")
+    assert good["method"] == "replica", good
+    (rdir,) = (tmp_path / "cache" / "replicas").iterdir()
+    rdir.chmod(0o777)  # e.g. a cache directory shared with another account
+    conn = apsw.Connection(str(rdir / "replica.db"))  # what that account could do
+    conn.execute("UPDATE orders SET who = 'forged' WHERE id = 7")
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    conn.close()
+    theirs = _rows(prod)
+    bad = _backup(tmp_path, prod, "127.0.0.1")
+    assert _restored(tmp_path, str(bad["id"])) == theirs, "a row changed in the cache backed up as the namespace's"
+    assert bad["method"] == "dump" and "can be changed by others" in str(bad["fallback"]), bad
+    rdir.chmod(0o700)
+    again = _backup(tmp_path, prod, "127.0.0.1")
+    assert again["method"] == "replica" and _restored(tmp_path, str(again["id"])) == theirs, again

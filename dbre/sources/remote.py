@@ -47,6 +47,7 @@ import re
 import shutil
 import socket
 import ssl
+import stat
 import subprocess
 import sys
 import tempfile
@@ -282,6 +283,8 @@ class RemoteLibsqlSource:
                 "check DBRE_CACHE_DIR and its permissions",
             ) from None
         self._lock(lock)
+        if self._replica_dir is None:
+            self._check_private()
         self._write_meta()
 
         started = time.monotonic()
@@ -295,6 +298,23 @@ class RemoteLibsqlSource:
         stack.callback(conn.close)
         self.last_method = "replica"
         return conn
+
+    def _check_private(self) -> None:
+        """The cached replica is backed up as the database: only this user may change it. Its
+        directory (made 0700) must be this user's and writable by no one else; if others may enter
+        it, so must its files. Else the replica is dropped and the dump read, saying why."""
+        uid = os.geteuid()
+        rdir = self.replica_dir
+        try:
+            for p in (rdir, *(sorted(rdir.glob("replica.db*")) if rdir.stat().st_mode & 0o011 else ())):
+                st = p.lstat()
+                if st.st_uid != uid or st.st_mode & 0o022 or stat.S_ISLNK(st.st_mode):
+                    self._wipe_replica()  # whatever is in it may not be the database's: never read it again
+                    raise _ReplicaUnavailable(
+                        f"the replica cache {p} can be changed by others (owner uid {st.st_uid}, mode "
+                        f"{stat.S_IMODE(st.st_mode):o}): make it this user's alone (chmod 700 {rdir})")
+        except OSError as err:
+            raise _ReplicaUnavailable(f"cannot check the replica cache {rdir}: {err.strerror}") from None
 
     def _lock(self, lock: IO[str]) -> None:
         deadline = time.monotonic() + self.lock_timeout
