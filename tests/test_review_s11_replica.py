@@ -110,24 +110,27 @@ def prod_and_staging(prod: SqldServer, tmp_path: Path) -> Iterator[tuple[SqldSer
         yield prod, staging
 
 
-def _backup(tmp_path: Path, prod: SqldServer, address: str) -> dict[str, object]:
-    """One backup of the namespace in a child whose /etc/hosts points its hostname at ``address``."""
+def _backup(tmp_path: Path, prod: SqldServer, address: str, repo: str = "repo",
+            via: tuple[str, int] | None = None) -> dict[str, object]:
+    """One backup of the namespace in a child whose /etc/hosts points its hostname at ``address``
+    (``via``: the source URL and port to use instead of the server's)."""
+    url, port = via or (prod.url, prod.port)
     hosts = tmp_path / f"hosts-{address}"
     hosts.write_text(Path("/etc/hosts").read_text() + f"\n{address} {NS}.{DOMAIN}\n")
     script = tmp_path / "child.py"
     script.write_text(textwrap.dedent(CHILD))
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    template = f"http://{{namespace}}.{DOMAIN}:{prod.port}"
+    template = f"http://{{namespace}}.{DOMAIN}:{port}"
     out = subprocess.run(
         ["unshare", "-rm", "sh", "-c", f'mount --bind "{hosts}" /etc/hosts && exec "{sys.executable}" "{script}" '
-                                       f'"{prod.url}" "{template}" "{tmp_path / "repo"}" "{tmp_path / "cache"}"'],
+                                       f'"{url}" "{template}" "{tmp_path / repo}" "{tmp_path / "cache"}"'],
         capture_output=True, text=True, env=env, timeout=60, check=False)
     assert out.returncode == 0, out.stderr[-3000:]
     return dict(json.loads(out.stdout.strip().splitlines()[-1]))
 
 
-def _restored(tmp_path: Path, snap_id: str) -> list[tuple[object, ...]]:
-    r = Repository.open(str(tmp_path / "repo"))
+def _restored(tmp_path: Path, snap_id: str, repo: str = "repo") -> list[tuple[object, ...]]:
+    r = Repository.open(str(tmp_path / repo))
     out = tmp_path / f"restored-{snap_id}.db"
     apply_restore(r, plan_restore(r, NS, str(out), snapshot=snap_id))
     conn = apsw.Connection(str(out))
@@ -189,3 +192,69 @@ def test_a_replica_cache_others_can_write_is_not_backed_up(prod: SqldServer, tmp
     rdir.chmod(0o700)
     again = _backup(tmp_path, prod, "127.0.0.1")
     assert again["method"] == "replica" and _restored(tmp_path, str(again["id"])) == theirs, again
+
+
+def test_a_replica_a_plain_sqlite_reader_opened_stays_in_use(prod: SqldServer, tmp_path: Path) -> None:
+    """(A guard, no finding.) An operator looks into the cached replica with a plain SQLite connection
+    (which checkpoints the WAL on close, unlike dbre's own reads): the next rounds still sync that
+    replica and back up the namespace as it is."""
+    assert _backup(tmp_path, prod, "127.0.0.1")["method"] == "replica"
+    (rdir,) = (tmp_path / "cache" / "replicas").iterdir()
+    conn = apsw.Connection(str(rdir / "replica.db"))  # `sqlite3 replica.db 'select count(*) from orders'`
+    assert conn.execute("SELECT count(*) FROM orders").fetchall() == [(300,)]
+    conn.close()
+    for i in range(2):
+        prod.pipeline([f"UPDATE orders SET who = 'prod{i}' WHERE id = {300 - i}"], namespace=NS)
+        snap = _backup(tmp_path, prod, "127.0.0.1")
+        assert _restored(tmp_path, str(snap["id"])) == _rows(prod)
+    assert snap["method"] == "replica", snap
+
+
+def test_a_sqld_restored_from_an_older_copy_is_not_mixed_into_the_replica(tmp_path: Path) -> None:
+    """(A guard, no finding.) sqld's data directory is restored from an older copy (same database id,
+    a shorter log) and written to again: the replica, synced past that point, does not apply the new
+    log's frames over pages of the abandoned history (libsql starts it over: sqld's log changed)."""
+    import shutil
+
+    data = tmp_path / "prod"
+    relay: _Relay | None = None
+    server = start_sqld(data, namespaces=True, admin=True)
+    try:
+        _fill(server, "prod", 300)
+        server.stop()
+        shutil.copytree(data, tmp_path / "older")
+        server = start_sqld(data, namespaces=True, admin=True)
+        for i in range(20):
+            server.pipeline([f"UPDATE orders SET who = 'lost{i}' WHERE id % 20 = {i}",
+                             "INSERT INTO orders(who, note) VALUES ('lost', hex(randomblob(500)))"], namespace=NS)
+        relay = _Relay("127.0.0.2", 0, server.port)  # one address and port for the source across restarts
+        port = relay.sock.getsockname()[1]
+        via = (f"http://127.0.0.2:{port}", port)
+        first = _backup(tmp_path, server, "127.0.0.2", via=via)
+        assert first["method"] == "replica" and _restored(tmp_path, str(first["id"])) == _rows(server)
+        server.stop()
+        shutil.rmtree(data)
+        shutil.copytree(tmp_path / "older", data)
+        server = start_sqld(data, namespaces=True, admin=True)
+        for i in range(40):
+            server.pipeline([f"UPDATE orders SET who = 'kept{i}' WHERE id % 40 = {i}"], namespace=NS)
+        relay.target = server.port
+        snap = _backup(tmp_path, server, "127.0.0.2", via=via)
+        assert len(list((tmp_path / "cache" / "replicas").iterdir())) == 1  # the same replica, kept
+        assert _restored(tmp_path, str(snap["id"])) == _rows(server), "two histories mixed in the snapshot"
+    finally:
+        server.stop()
+        if relay is not None:
+            relay.stop()
+
+
+def test_a_namespace_deleted_and_created_again_is_not_read_from_the_old_replica(prod: SqldServer,
+                                                                                  tmp_path: Path) -> None:
+    """(A guard, no finding.) The namespace is deleted and created again under the same name, and
+    written to more than before: the cached replica, synced from the old namespace, is started over
+    (sqld gives the new one another database id, which libsql compares), never mixed with it."""
+    assert _backup(tmp_path, prod, "127.0.0.1")["method"] == "replica"
+    prod.delete_namespace(NS)
+    _fill(prod, "reborn", 600)
+    snap = _backup(tmp_path, prod, "127.0.0.1")
+    assert snap["method"] == "replica" and _restored(tmp_path, str(snap["id"])) == _rows(prod), snap
