@@ -258,3 +258,22 @@ def test_a_namespace_deleted_and_created_again_is_not_read_from_the_old_replica(
     _fill(prod, "reborn", 600)
     snap = _backup(tmp_path, prod, "127.0.0.1")
     assert snap["method"] == "replica" and _restored(tmp_path, str(snap["id"])) == _rows(prod), snap
+
+
+@pytest.mark.xfail(strict=True, reason="the fallback is told only in a log line and the manifest's stats: "
+                   "BackupResult.summary() (the fleet's rows, the Prefect summary) leaves it out; "
+                   "dbre/repository/backup.py is not this review's file")
+def test_a_replica_path_that_always_falls_back_shows_in_the_backup_summary(prod: SqldServer,
+                                                                          tmp_path: Path) -> None:
+    """A replica URL that never answers (a DNS record missing for good) makes every round a full
+    /dump: the namespace is backed up right, but the replica path is broken for good. Whoever reads
+    a fleet run (its result rows, the Prefect summary built from backup summaries) should see how
+    each database was read and why the replica was not used."""
+    from dbre.repository.backup import backup
+    from dbre.sources.remote import RemoteLibsqlSource
+
+    src = RemoteLibsqlSource(prod.url, namespace=NS, replica_url=f"http://{{namespace}}.{DOMAIN}:{prod.port}",
+                             cache_dir=tmp_path / "cache")  # (this process has no record for that name)
+    summary = backup(Repository.open_or_init(str(tmp_path / "repo")), src, NS).summary()
+    assert summary["source_method"] == "dump"
+    assert f"{NS}.{DOMAIN}" in summary["source_fallback"]
