@@ -22,7 +22,10 @@ the first label of the host). The embedded replica knows only the second, so a n
 only with ``replica_url`` (e.g. ``http://{namespace}.sqld.internal:8080``: a wildcard DNS record
 for the server); its host's first label must be the namespace. Without it, a namespace is always
 read through /dump, a full transfer each time; with it, a round reads what changed (and /dump
-stays the fallback when that hostname does not answer).
+stays the fallback when that hostname does not answer). DNS decides which server answers that
+hostname: after each sync the replica's database id must be the one the source URL itself reports
+for the namespace (a gRPC ``Hello``), else the replica is dropped and /dump reads the namespace.
+A cached replica is used only while its directory is this user's alone (it is made 0700).
 
 URLs: ``libsql://host`` means ``https://host`` (``?tls=0`` for plain HTTP, as in the libSQL
 clients), ``ws(s)://`` means ``http(s)://``. A token may come as ``?authToken=`` in the URL;
@@ -290,7 +293,7 @@ class RemoteLibsqlSource:
         started = time.monotonic()
         self.sync_replica()
         if self.replica_base:
-            self._check_replica_log()
+            self._check_replica_database()
         self.last_seconds = time.monotonic() - started
         log.info("source %s: replica synced in %.2fs", self.url, self.last_seconds)
 
@@ -455,7 +458,7 @@ class RemoteLibsqlSource:
                 continue
             raise _ReplicaUnavailable(msg)
 
-    def _check_replica_log(self) -> None:
+    def _check_replica_database(self) -> None:
         """The replica synced from ``replica_url`` (another hostname: DNS decides which server answers)
         holds the database id the source itself reports for the namespace (its replication Hello); else it is another
         database's (e.g. a staging sqld behind the same wildcard record): wiped, and the dump is read."""
