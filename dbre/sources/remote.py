@@ -480,43 +480,19 @@ class RemoteLibsqlSource:
 
     def _source_database_id(self) -> str | None:
         """The database id (what a replica's ``-client_wal_index`` starts with) the source reports for
-        the namespace (addressed by header, as /dump): one gRPC ``Hello`` over HTTP/2 (prior
-        knowledge, or ALPN h2 over TLS); None if it gives none."""
-        parts = urlsplit(self.base_url)
-        host, port = parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80)
-        headers = [(":method", "POST"), (":scheme", parts.scheme), (":path", "/wal_log.ReplicationLog/Hello"),
-                   (":authority", parts.netloc), ("content-type", "application/grpc"), ("te", "trailers"),
-                   *((k.lower(), v) for k, v in self._headers().items() if k.lower() in
-                     ("authorization", "x-namespace-bin"))]
-        block = b"".join(b"\x00" + _hpack_int(len(k.encode())) + k.encode() + _hpack_int(len(v.encode())) + v.encode()
-                         for k, v in headers)
-        sock: socket.socket = socket.create_connection((host, port), timeout=min(self.timeout, 15.0))
+        the namespace (addressed by header, as /dump): one gRPC ``Hello`` of sqld's replication
+        service over HTTP/2 (httpx: prior knowledge on http, ALPN over TLS); None if it gives none."""
+        import httpx
+
+        headers = {"content-type": "application/grpc", "te": "trailers",
+                   **{k.lower(): v for k, v in self._headers().items() if k.lower() in ("authorization",
+                                                                                       "x-namespace-bin")}}
         try:
-            if parts.scheme == "https":
-                ctx = ssl.create_default_context()
-                ctx.set_alpn_protocols(["h2"])
-                sock = ctx.wrap_socket(sock, server_hostname=host)
-            sock.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + _h2_frame(4, 0, 0, b"")
-                         + _h2_frame(1, 0x4, 1, block) + _h2_frame(0, 0x1, 1, b"\x00\x00\x00\x00\x00"))
-            buf, body = b"", b""
-            while True:
-                while len(buf) < 9 or len(buf) < 9 + int.from_bytes(buf[:3], "big"):
-                    chunk = sock.recv(65536)
-                    if not chunk:
-                        raise ValueError("the connection closed before an answer")
-                    buf += chunk
-                size, ftype, flags = int.from_bytes(buf[:3], "big"), buf[3], buf[4]
-                stream, payload, buf = int.from_bytes(buf[5:9], "big") & 0x7FFFFFFF, buf[9:9 + size], buf[9 + size:]
-                if ftype == 4 and not flags & 0x1:  # the server's SETTINGS: acknowledge
-                    sock.sendall(_h2_frame(4, 0x1, 0, b""))
-                elif ftype == 7 or (ftype == 3 and stream == 1):
-                    raise ValueError("the server refused the request (HTTP/2 GOAWAY or RST_STREAM)")
-                elif ftype == 0 and stream == 1:
-                    body += payload[1:len(payload) - payload[0]] if flags & 0x8 else payload
-                if stream == 1 and ftype in (0, 1) and flags & 0x1:
-                    break
-        finally:
-            sock.close()
+            with httpx.Client(http1=False, http2=True, timeout=min(self.timeout, 15.0)) as client:
+                body = client.post(self.base_url + "/wal_log.ReplicationLog/Hello", content=b"\x00" * 5,
+                                   headers=headers).content  # (an empty HelloRequest, gRPC-framed)
+        except httpx.HTTPError as err:
+            raise ValueError(f"no answer to a replication Hello: {type(err).__name__}") from None
         if len(body) < 5:
             raise ValueError("no answer to a replication Hello (a refused token, or no such namespace)")
         try:
@@ -711,21 +687,6 @@ def _after_colon(msg: str) -> str:
     -> ``Connection refused (os error 111)``"""
     tail = msg.rsplit(": ", 1)[-1]
     return tail or msg
-
-
-def _hpack_int(n: int) -> bytes:
-    """An HPACK string length (7-bit prefix, no Huffman)."""
-    if n < 127:
-        return bytes([n])
-    out, n = bytearray([127]), n - 127
-    while n >= 128:
-        out.append(n % 128 + 128)
-        n //= 128
-    return bytes(out + bytes([n]))
-
-
-def _h2_frame(ftype: int, flags: int, stream: int, payload: bytes) -> bytes:
-    return len(payload).to_bytes(3, "big") + bytes([ftype, flags]) + stream.to_bytes(4, "big") + payload
 
 
 def _proto_string(msg: bytes, field: int) -> str | None:
