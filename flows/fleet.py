@@ -150,7 +150,8 @@ def _publish(rows: list[dict[str, Any]], steps: list[dict[str, Any]], primary: s
     table = [{"db": r["db"], "status": r["status"], "snapshot": r.get("id"),
               "kind": ("incremental" if r.get("parent") else "first") if r["status"] == "ok" else None,
               "size": r.get("size"), "bytes_added": r.get("bytes_added"), "seconds": r.get("seconds"),
-              "error": r.get("error")} for r in rows]
+              "read": r.get("source_method"), "error": r.get("error")} for r in rows]
+    fell_back = [r for r in ok if r.get("source_fallback")]
     failed = [r for r in rows if r["status"] != "ok"]
     failed_steps = [s for s in steps if s["result"] != "ok"]
     md = [f"# Fleet backup: {len(ok)} of {len(rows)} databases backed up, "
@@ -171,6 +172,12 @@ def _publish(rows: list[dict[str, Any]], steps: list[dict[str, Any]], primary: s
                     "its error names is fixed: " + ", ".join(now) + ".")
     md += failures([(f"backup of {r['db']}", r["error"]) for r in failed]
                    + [(f"{s['step']} {s['repository']}", s["result"]) for s in failed_steps], todo)
+    if fell_back:  # backed up, but not as configured: the reason is in no table column
+        md += ["## Read through /dump instead of the replica", ""] + [
+            f"- {r['db']}: {r['source_fallback']}" for r in fell_back] + [
+            "", "Backed up whole, and so every round until the replica works: check that the replica URL's "
+            "hostname resolves to this sqld (its DNS record) and that the replica cache folder is this user's "
+            "alone.", ""]
     if steps:  # the table artifact has the backups only: these rows are here alone
         md += ["## Offsite copy and retention", "", md_table(steps, ["step", "repository", "result", "detail"])]
     publish("fleet-backup", "\n".join(md), table, [(u, f"repository {u}") for u in [primary, *offsite]],

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from uuid import UUID
 
 import apsw
 import pytest
@@ -26,6 +27,7 @@ from dbre.policy import load_policy
 from dbre.repository.repo import Repository
 from dbre.restore.full import apply_restore, plan_restore
 from dbre.sources.remote import RemoteLibsqlSource
+from tests.prefect_fixtures import artifacts_of
 from tests.sqld import SqldServer, sqld_namespaces  # noqa: F401 - the session's sqld with namespaces
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
@@ -37,8 +39,10 @@ import json, sys
 from flows.fleet import fleet_backup_flow
 policy, repo = sys.argv[1], sys.argv[2]
 for round_ in ("full", "incremental"):
-    result = fleet_backup_flow(policy=policy, repo=repo, max_concurrency=2, concurrency_limit="")
-    print(json.dumps({"round": round_, "backups": result["backups"], "failed": result.get("failed")}), flush=True)
+    state = fleet_backup_flow(policy=policy, repo=repo, max_concurrency=2, concurrency_limit="", return_state=True)
+    result = state.result()
+    print(json.dumps({"round": round_, "backups": result["backups"], "failed": result.get("failed"),
+                      "run": str(state.state_details.flow_run_id)}), flush=True)
     if round_ == "full":
         sys.stdin.readline()  # the test changes the namespaces meanwhile
 '''
@@ -107,6 +111,13 @@ def test_a_fleet_round_reads_each_namespace_through_its_replica(sqld_namespaces:
         if child.poll() is None:
             child.kill()
             child.wait()
+    # the run's summary says which database was read whole, and why; its table how each was read
+    artifacts = artifacts_of(UUID(second["run"]))
+    summary = next(a.data for a in artifacts if (a.key or "").endswith("-summary"))
+    assert "## Read through /dump instead of the replica" in summary and f"fr-gamma.{DOMAIN}" in summary, summary
+    assert "fr-alpha:" not in summary and "fr-beta:" not in summary
+    rows = next(json.loads(a.data) for a in artifacts if a.type == "table")
+    assert {r["db"]: r["read"] for r in rows} == {"fr-alpha": "replica", "fr-beta": "replica", "fr-gamma": "dump"}
     # the replicas were kept and synced again, not made anew
     assert {p: p.stat().st_ino for p in replicas} == inodes
     r = Repository.open(str(repo))

@@ -285,15 +285,14 @@ def test_a_first_sync_killed_midway_is_resumed_not_trusted(tmp_path: Path) -> No
         assert snap["method"] == "replica" and _restored(tmp_path, str(snap["id"])) == _rows(server), snap
 
 
-@pytest.mark.xfail(strict=True, reason="the fallback is told only in a log line and the manifest's stats: "
-                   "BackupResult.summary() (the fleet's rows, the Prefect summary) leaves it out; "
-                   "dbre/repository/backup.py is not this review's file")
 def test_a_replica_path_that_always_falls_back_shows_in_the_backup_summary(prod: SqldServer,
                                                                           tmp_path: Path) -> None:
     """A replica URL that never answers (a DNS record missing for good) makes every round a full
     /dump: the namespace is backed up right, but the replica path is broken for good. Whoever reads
     a fleet run (its result rows, the Prefect summary built from backup summaries) should see how
-    each database was read and why the replica was not used."""
+    each database was read and why the replica was not used. Fixed: the backup summary carries
+    ``source_method`` and ``source_fallback``; the fleet's table has a "read" column and its summary a
+    "Read through /dump instead of the replica" section (tests/test_fleet_replica.py)."""
     from dbre.repository.backup import backup
     from dbre.sources.remote import RemoteLibsqlSource
 

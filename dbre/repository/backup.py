@@ -118,6 +118,9 @@ class BackupResult:
             "repaired_pages": m.stats.get("repaired_pages", 0),
             "missing_packs": m.stats.get("missing_packs", []),
             "note": self.chain_note,
+            # a remote source: read through its embedded replica or /dump, and why not the replica
+            "source_method": m.stats.get("source_method"),
+            "source_fallback": m.stats.get("source_fallback"),
         }
 
 
