@@ -434,7 +434,11 @@ def test_a_distrusted_primary_is_still_read_last_for_what_every_copy_lost(tmp_pa
 
     for p in packs[:-1]:
         flip(primary, p)
-    flip(offsite, packs[-1])  # lost in the copy only: the primary's is the one intact
+    # lost in the copy only, every byte of it: the primary's is the one intact. (One flipped byte in
+    # the middle was not enough: once the primary is distrusted, a blob of that pack away from the
+    # byte reads fine from the copy, and when the pack order put one there it was "taken" from it.)
+    lost = offsite / pack_key(packs[-1])
+    lost.write_bytes(bytes(b ^ 0xFF for b in lost.read_bytes()))
     fb = open_with_fallbacks(str(primary), None, [str(offsite)])
     full.apply_restore(fb, full.plan_restore(fb, "app", tmp_path / "out.db"))
     assert_same_db(db, tmp_path / "out.db")
