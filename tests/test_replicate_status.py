@@ -47,15 +47,22 @@ def _lags(policy_path: Path, repo_url: str) -> tuple[dict[str, float | None], li
     return lags, alerts, prometheus_text(st)
 
 
-def test_replicate_policy_and_lag_in_status(tmp_path: Path) -> None:
+def _replicating(tmp_path: Path, rows: int) -> tuple[str, tuple[Path, Path, Path], Path, subprocess.Popen[bytes]]:
+    """Three sources (alpha and beta replicated, gamma not), their policy, and `dbre replicate --policy`
+    running over them: (repository URL, sources, policy, the replicator)."""
     repo_url = str(tmp_path / "repo")
     a, b, c = tmp_path / "a.db", tmp_path / "b.db", tmp_path / "c.db"
     for p in (a, b, c):
-        make_source(p, 300)
+        make_source(p, rows)
     policy = tmp_path / "dbre.yaml"
     policy.write_text(POLICY.format(repo=repo_url, a=a, b=b, c=c))
     rep = subprocess.Popen(dbre_cmd("replicate", "--policy", str(policy), "--interval", "200ms", "-q"),
                            stderr=subprocess.PIPE)
+    return repo_url, (a, b, c), policy, rep
+
+
+def test_replicate_policy_and_lag_in_status(tmp_path: Path) -> None:
+    repo_url, (a, b, _), policy, rep = _replicating(tmp_path, 300)
     try:
         deadline = time.time() + 40
         while True:
@@ -123,14 +130,7 @@ def test_an_idle_source_whose_wal_was_truncated_after_shipping_has_no_lag(tmp_pa
     WAL no longer ends where the newest segment does. Status must still see that nothing is
     unshipped (it failed CI once: a false replication_lag alert 5 s into an idle period); and once a
     commit lands that no replicator ships, the lag shows again."""
-    repo_url = str(tmp_path / "repo")
-    a, b, c = tmp_path / "a.db", tmp_path / "b.db", tmp_path / "c.db"
-    for p in (a, b, c):
-        make_source(p, 100)
-    policy = tmp_path / "dbre.yaml"
-    policy.write_text(POLICY.format(repo=repo_url, a=a, b=b, c=c))
-    rep = subprocess.Popen(dbre_cmd("replicate", "--policy", str(policy), "--interval", "200ms", "-q"),
-                           stderr=subprocess.PIPE)
+    repo_url, (a, _, _), policy, rep = _replicating(tmp_path, 100)
     try:
         for db in ("alpha", "beta"):
             wait_for_generation(repo_url, db, timeout=40, proc=rep)

@@ -488,7 +488,9 @@ class RemoteLibsqlSource:
                    **{k.lower(): v for k, v in self._headers().items() if k.lower() in ("authorization",
                                                                                        "x-namespace-bin")}}
         try:
-            with httpx.Client(http1=False, http2=True, timeout=min(self.timeout, 15.0)) as client:
+            # (plain http has no TLS to verify: skipping the context's CA load saves ~50-100 ms a backup)
+            with httpx.Client(http1=False, http2=True, timeout=min(self.timeout, 15.0),
+                              verify=self.base_url.startswith("https://")) as client:
                 body = client.post(self.base_url + "/wal_log.ReplicationLog/Hello", content=b"\x00" * 5,
                                    headers=headers).content  # (an empty HelloRequest, gRPC-framed)
         except httpx.HTTPError as err:
