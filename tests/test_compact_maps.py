@@ -94,12 +94,15 @@ def _peak(repo: Path, src: Path) -> tuple[int, Path]:
 
 @pytest.mark.parametrize("incremental", [False, True])
 def test_backup_memory_per_page_is_a_few_dozen_bytes(tmp_path: Path, incremental: bool) -> None:
-    """Python-traced peak memory of a backup grows by under 130 bytes per page of the database
+    """Python-traced peak memory of a backup grows by under 150 bytes per page of the database
     between a small and a 4x larger one (the parent's record, 46 bytes, its fast hash, 16, and the
     sorted lookups; the dict of recent hashes is capped at 32,768 entries, which the small one does
     not fill: 120.1 measured for a first backup in a process of its own). Page maps as lists of
     `bytes` cost ~190 bytes per page and more. Measured in a subprocess: in the test process other
-    tests' threads allocate during the window too (it failed 3 of 4 suite runs at 121-139)."""
+    tests' threads allocate during the window too (it failed 3 of 4 suite runs at 121-139). Quiet,
+    121 in 4 of 4 runs; with other tests using both cores, the pipeline's queues are full at the peak
+    of the larger backup and not of the smaller (up to ~1 MB more): 140 twice in CI, the smaller of two
+    runs. 150 leaves that margin and still fails a page map of per-page objects."""
     peaks = []
     for rows in (40000, 160000):
         src = _db(tmp_path / f"src{rows}.db", rows)
@@ -117,4 +120,4 @@ def test_backup_memory_per_page_is_a_few_dozen_bytes(tmp_path: Path, incremental
     (small, n_small), (big, n_big) = peaks
     assert n_big > 3 * n_small > 0
     per_page = (big - small) / (n_big - n_small)
-    assert per_page < 130, f"{per_page:.0f} bytes per page"
+    assert per_page < 150, f"{per_page:.0f} bytes per page"
