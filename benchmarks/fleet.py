@@ -55,14 +55,15 @@ _IN_NS = "DBRE_BENCH_FLEET_HOSTS"
 def _in_mount_namespace(args: argparse.Namespace, argv: list[str] | None) -> None:
     """Run this benchmark again in a private mount namespace whose /etc/hosts names every tenant
     (``<tenant>.fleet.test``: what a wildcard DNS record gives in production); never returns."""
+    sys.path.insert(0, str(ROOT))
+    from tests.sqld import with_hostnames
+
     hosts = Path(tempfile.mkdtemp(prefix="dbre-fleet-hosts-")) / "hosts"
-    names = " ".join(f"{ns}.{DOMAIN}" for ns in tenant_names(args.dbs))
-    hosts.write_text(Path("/etc/hosts").read_text() + f"\n127.0.0.1 {names}\n")
-    cmd = " ".join([sys.executable, "-m", "benchmarks.fleet", *(sys.argv[1:] if argv is None else argv)])
+    cmd = [sys.executable, "-m", "benchmarks.fleet", *(sys.argv[1:] if argv is None else argv)]
     env = {**os.environ, _IN_NS: "1"}
     try:
-        code = subprocess.run(["unshare", "-rm", "sh", "-c", f'mount --bind "{hosts}" /etc/hosts && exec {cmd}'],
-                              env=env, cwd=ROOT, check=False).returncode
+        code = subprocess.run(with_hostnames(cmd, "127.0.0.1", [f"{ns}.{DOMAIN}" for ns in tenant_names(args.dbs)],
+                                             hosts), env=env, cwd=ROOT, check=False).returncode
     except FileNotFoundError:
         sys.exit("--replica needs unshare (util-linux) to give the tenants hostnames; run without --replica")
     sys.exit(code)

@@ -23,6 +23,7 @@ import base64
 import fcntl
 import json
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -296,6 +297,15 @@ class SqldServer:
             "retention": {"keep_last": keep_last},
         }))
         return path
+
+
+def with_hostnames(argv: Sequence[str], address: str, names: Sequence[str], hosts: Path) -> list[str]:
+    """``argv`` run in a private mount namespace (``unshare -rm``) whose /etc/hosts, written to
+    ``hosts``, also maps ``names`` to ``address``: a namespace's own hostname, as a wildcard DNS
+    record gives in production, on a machine without one."""
+    hosts.write_text(Path("/etc/hosts").read_text() + f"\n{address} {' '.join(names)}\n")
+    command = " ".join(shlex.quote(str(a)) for a in argv)
+    return ["unshare", "-rm", "sh", "-c", f"mount --bind {shlex.quote(str(hosts))} /etc/hosts && exec {command}"]
 
 
 def _hrana_value(v: Any) -> dict[str, Any]:

@@ -28,7 +28,7 @@ from dbre.repository.repo import Repository
 from dbre.restore.full import apply_restore, plan_restore
 from dbre.sources.remote import RemoteLibsqlSource
 from tests.prefect_fixtures import artifacts_of
-from tests.sqld import SqldServer, sqld_namespaces  # noqa: F401 - the session's sqld with namespaces
+from tests.sqld import SqldServer, sqld_namespaces, with_hostnames  # noqa: F401 - the session's sqld
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
@@ -78,9 +78,6 @@ def test_a_fleet_round_reads_each_namespace_through_its_replica(sqld_namespaces:
         "retention": {"keep_last": 5},
     }))
     # fr-gamma's hostname does not resolve: its replica cannot sync, /dump reads it (the fallback)
-    hosts = tmp_path / "hosts"
-    hosts.write_text(Path("/etc/hosts").read_text() + "\n127.0.0.1 "
-                     + " ".join(f"{ns}.{DOMAIN}" for ns in names[:2]) + "\n")
     from prefect.settings import PREFECT_API_URL
 
     env = {**os.environ, "PREFECT_API_URL": str(PREFECT_API_URL.value()), "DBRE_CACHE_DIR": str(tmp_path / "cache"),
@@ -88,8 +85,8 @@ def test_a_fleet_round_reads_each_namespace_through_its_replica(sqld_namespaces:
     script = tmp_path / "child.py"
     script.write_text(textwrap.dedent(CHILD))
     child = subprocess.Popen(
-        ["unshare", "-rm", "sh", "-c", f'mount --bind "{hosts}" /etc/hosts && exec "{sys.executable}" "{script}" '
-                                       f'"{policy}" "{repo}"'],
+        with_hostnames([sys.executable, script, policy, repo], "127.0.0.1", [f"{ns}.{DOMAIN}" for ns in names[:2]],
+                       tmp_path / "hosts"),
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         assert child.stdout is not None and child.stdin is not None

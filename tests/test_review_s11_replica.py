@@ -26,7 +26,7 @@ import pytest
 
 from dbre.repository.repo import Repository
 from dbre.restore.full import apply_restore, plan_restore
-from tests.sqld import SqldServer, start_sqld
+from tests.sqld import SqldServer, start_sqld, with_hostnames
 
 DOMAIN = "dbre-review.test"
 NS = "rv-shop"
@@ -121,16 +121,13 @@ def _backup(tmp_path: Path, prod: SqldServer, address: str, repo: str = "repo",
     """One backup of the namespace in a child whose /etc/hosts points its hostname at ``address``
     (``via``: the source URL and port to use instead of the server's)."""
     url, port = via or (prod.url, prod.port)
-    hosts = tmp_path / f"hosts-{address}"
-    hosts.write_text(Path("/etc/hosts").read_text() + f"\n{address} {NS}.{DOMAIN}\n")
     script = tmp_path / "child.py"
     script.write_text(textwrap.dedent(CHILD))
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     template = f"http://{{namespace}}.{DOMAIN}:{port}"
     out = subprocess.run(
-        ["unshare", "-rm", "sh", "-c", f'mount --bind "{hosts}" /etc/hosts && exec "{sys.executable}" "{script}" '
-                                       f'"{url}" "{template}" "{tmp_path / repo}" "{tmp_path / "cache"}" '
-                                       f'"{sync_timeout}"'],
+        with_hostnames([sys.executable, script, url, template, tmp_path / repo, tmp_path / "cache", sync_timeout],
+                       address, [f"{NS}.{DOMAIN}"], tmp_path / f"hosts-{address}"),
         capture_output=True, text=True, env=env, timeout=60, check=False)
     assert out.returncode == 0, out.stderr[-3000:]
     return dict(json.loads(out.stdout.strip().splitlines()[-1]))
