@@ -257,3 +257,35 @@ def test_result_of_the_flag_json_is_json(world: World) -> None:
     r = run_dbre("snapshots", "--repo", world.repo, "--json")
     assert r.returncode == 0 and json.loads(r.stdout)["snapshots"], r
 
+
+
+# -- one command built per run ------------------------------------------------------------------------
+
+
+def test_a_run_builds_only_the_command_it_names() -> None:
+    """`main` builds typer's parameters for the named command (or group) alone: every top-level name
+    narrows to exactly itself, past the group's own options; no name, or an unknown one, keeps all."""
+    from dbre.cli import _first_word, _narrowed
+
+    names = sorted(typer.main.get_command(app).commands)  # type: ignore[attr-defined]
+    assert {"backup", "restore", "key", "report"} <= set(names)
+    for name in names:
+        built = typer.main.get_command(_narrowed(name))
+        assert sorted(built.commands) == [name], name  # type: ignore[attr-defined]
+    assert _first_word(["--retry-lock", "5m", "--debug", "key", "passwd"]) == "key"
+    assert _first_word(["--retry-lock=5m", "snapshots"]) == "snapshots"
+    assert _first_word(["--version"]) is None
+    assert _narrowed(None) is app and _narrowed("bakup") is app
+
+
+def test_help_and_suggestions_are_those_of_the_whole_cli(tmp_path: Path) -> None:
+    """Narrowing changes nothing a user sees: a misspelt command is still suggested, a group's help and a
+    command's help behind the group's options print as before."""
+    r = run_dbre("bakup", cwd=tmp_path)
+    assert r.returncode == 2 and "Did you mean 'backup'?" in r.stderr
+    r = run_dbre("--retry-lock", "5m", "snapshots", "--help", cwd=tmp_path, env=WIDE)
+    assert r.returncode == 0 and "Usage: dbre snapshots" in r.stdout
+    r = run_dbre("key", "--help", cwd=tmp_path, env=WIDE)
+    assert r.returncode == 0 and "passwd" in r.stdout
+    r = run_dbre("--help", cwd=tmp_path, env=WIDE)
+    assert r.returncode == 0 and all(f" {n} " in r.stdout for n in ("backup", "restore", "drill", "status"))
