@@ -6,6 +6,7 @@
     python -m benchmarks --history         # also cost against history (benchmarks/history.py)
     python -m benchmarks --churn           # also size under churn and retention (benchmarks/churn.py)
     python -m benchmarks --memory          # also peak RSS at 1 and 8 GiB (benchmarks/memory.py)
+    python -m benchmarks --large           # also the ratios at 8 GiB, default settings (benchmarks/large.py)
     python -m benchmarks --pitr            # also replication against Litestream 0.5.17 (benchmarks/pitr.py)
     python -m benchmarks --s3              # also restore from S3 against a local one (benchmarks/s3restore.py)
     python -m benchmarks --sql             # also a point query in place on S3 (benchmarks/sqlquery.py)
@@ -52,6 +53,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--memory", action="store_true",
                    help="also the memory part: peak RSS of backup, incremental and restore at 1 and 8 GiB")
     p.add_argument("--memory-gib", type=float, nargs="+", help=argparse.SUPPRESS)  # small sizes for the tests
+    p.add_argument("--large", action="store_true",
+                   help="also full / .backup, incremental / full and restore / cp at 8 GiB with the default "
+                        "settings, whole commands (needs ~35 GB free)")
+    p.add_argument("--large-gib", type=float, default=8.0, help=argparse.SUPPRESS)  # small sizes for the tests
     p.add_argument("--pitr", action="store_true",
                    help="also continuous replication and point-in-time restores, dbre vs Litestream "
                         "(256 MiB, 100 and 1000 commits/s, directory and S3; with --quick: 4 MiB, 100/s, directory)")
@@ -110,6 +115,11 @@ def main(argv: list[str] | None = None) -> int:
 
         doc["memory"] = memory.measure(out / "data", console.print, tuple(args.memory_gib or memory.SIZES_GIB))
         memory.print_result(doc["memory"], console.print)  # type: ignore[arg-type]
+    if args.large:
+        from benchmarks import large
+
+        doc["large"] = large.measure(out / "data", console.print, args.large_gib, args.runs)
+        large.print_result(doc["large"], console.print)  # type: ignore[arg-type]
     if args.churn:
         from benchmarks import churn
 
@@ -140,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
         missed.append(doc["churn"])
     if args.memory and not doc["memory"]["pass"]:  # type: ignore[index]
         missed.append(doc["memory"])
+    if args.large and not doc["large"]["pass"]:  # type: ignore[index]
+        missed.append(doc["large"])
     if args.s3 and not doc["s3_restore"]["pass"]:  # type: ignore[index]
         missed.append(doc["s3_restore"])
     if args.pitr:
