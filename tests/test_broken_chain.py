@@ -262,8 +262,7 @@ def test_incremental_keyed_hash_only_for_changed_pages(store: Store, tmp_path: P
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """An incremental hashes every page with xxh3 and only the pages that changed with the keyed
     hash; the snapshot still restores byte-identical and verifies clean (fast runs included).
-    (Table checksums off: with them, the pages of the rowid tables whose partial sums are carried
-    over also get the keyed hash, see tests/test_review_s10_checksum.py.)"""
+    (Table checksums off: with them every page gets the keyed hash, see the next test.)"""
     repo = Repository.open_or_init(store)
     src = make_db(tmp_path / "src.db", mb=2)
     first = _backup(repo, src, checksums=False)
@@ -279,6 +278,28 @@ def test_incremental_keyed_hash_only_for_changed_pages(store: Store, tmp_path: P
     assert 0 < changed < pages // 4
     # keyed calls: the changed pages, plus runs and fast runs (a few), never every page
     assert counter.calls < changed + pages // 8, (counter.calls, changed, pages)
+    assert _restores(repo, second, tmp_path / "out.db") == src.read_bytes()
+    assert verify(repo, read_data=True).ok
+
+
+def test_with_carried_table_checksums_every_page_is_keyed_once(store: Store, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """With table checksums that keep the partial sums of unchanged leaves (the default up to
+    256 MiB), the sink gives every page the keyed hash and tells unchanged pages by it; the table
+    checksums then hash no page again (before: the sink hashed the changed pages, and the checksums
+    each kept leaf and overflow page a second time, at ~3x the cost per page)."""
+    repo = Repository.open_or_init(store)
+    src = make_db(tmp_path / "src.db", mb=2)
+    _backup(repo, src)
+    change_rows(src, 3, seed=11)
+    counter = _CountingHash(repo)
+    monkeypatch.setattr(Repository, "page_hash", property(lambda self: counter))
+    second = _backup(repo, src)
+    monkeypatch.undo()
+    pages = _page_count(src)
+    leaves = second.manifest.stats["checksum_leaves"]
+    assert 0 < leaves["read"] < leaves["of"] // 2, leaves  # (most leaves kept their partial sums)
+    assert pages <= counter.calls < pages + pages // 8, (counter.calls, pages)  # (plus runs, a few)
     assert _restores(repo, second, tmp_path / "out.db") == src.read_bytes()
     assert verify(repo, read_data=True).ok
 

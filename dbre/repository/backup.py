@@ -360,6 +360,10 @@ def backup(
                                 # (fast runs never into a lost pack)
                                 avoid_runs={*chain.repacked, *chain.run_packs},
                                 avoid_fast={*chain.repacked, *chain.run_packs, *chain.lost})
+                # (kept leaves keep their partial sums: the sink then tells unchanged pages by keyed hash)
+                carry = not moved and replay is None
+                sink.keyed_same = bool(checksums) and direct and carry and parent is not None \
+                    and parent_manifest is not None and _lends_checksums(parent_manifest)
                 try:
                     image = session.image() if direct else None
                     if image is not None:
@@ -369,7 +373,6 @@ def backup(
                     # a table none of whose pages changed keeps the parent's count and checksum
                     # (never across sources, in a replay, with --full, or on the backup-API path)
                     reused: list[str] = []
-                    carry = not moved and replay is None
                     # per-leaf partial sums of the checksums (direct path): the next backup re-reads
                     # only the rows of leaves that changed
                     reread = _Reread(image) if image is not None else None
@@ -379,7 +382,7 @@ def backup(
                     parent_sums = load_page_sums(repo, parent_manifest) \
                         if sums is not None and carry and parent is not None else None
                     prior = _priors(parent_manifest, parent_fast, image, encoding, parent_sums, sink.same,
-                                    parent, repo.page_hash, reread) if carry else None
+                                    parent, repo.page_hash, reread, sink.keyed_same) if carry else None
                     stats = table_stats(conn, checksums, prior, reused, sums, version=CHECKSUM_VERSION)
                     basis = _basis(conn, image, reused, parent_manifest if prior is not None else None)
                     if sums is not None and sums.used:
@@ -532,13 +535,16 @@ def _priors(parent: Manifest | None, parent_fast: Entries | None, image: PageIma
             encoding: str, parent_sums: bytearray | None = None,
             same: bytearray | None = None, records: Entries | None = None,
             page_hash: Callable[[bytes | memoryview], bytes] | None = None,
-            reread: Callable[[int], memoryview] | None = None) -> Callable[[str], Prior | None] | None:
+            reread: Callable[[int], memoryview] | None = None,
+            keyed_same: bool = False) -> Callable[[str], Prior | None] | None:
     """What the parent recorded of each table, for ``table_stats`` to reuse when none of the
     table's pages changed: "unchanged" is this snapshot's page (from the direct image) having
     the xxh3 the parent's fast runs give for the same page number. None (every table read) without
     a parent, its fast hashes or its ``checksum_basis`` (older snapshots), without the direct
     image, when the page size, reserved bytes or text encoding differ, or when the parent's
-    checksums have another meaning (``stats.checksum_version``) or came from another SQLite."""
+    checksums have another meaning (``stats.checksum_version``) or came from another SQLite.
+    ``keyed_same``: ``same`` marks pages whose keyed hash is the parent's record (the sink hashed
+    every page), so no page is hashed again here."""
     if parent is None or parent_fast is None or image is None or parent.page_size != image.page_size \
             or parent.encoding != encoding:
         return None
@@ -574,7 +580,8 @@ def _priors(parent: Manifest | None, parent_fast: Entries | None, image: PageIma
                 or ages.get(name, 0) >= REUSE_LIMIT \
                 or not (t.checksum is None or isinstance(t.checksum, str) and len(t.checksum) == 32):
             return None
-        return Prior(t.rows, t.checksum, row, root, unchanged, parent_sums, same, verified)
+        return Prior(t.rows, t.checksum, row, root, unchanged, parent_sums, same,
+                     None if keyed_same and same is not None else verified)
 
     return prior
 

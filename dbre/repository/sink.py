@@ -90,6 +90,9 @@ class PageSink:
     number, the page is unchanged and keeps the parent's record without paying for the keyed
     hash. Every other page gets the keyed hash, which alone decides identity across places and
     snapshots (dedup by hash), so a page crafted to collide with another never takes its place.
+    With ``keyed_same`` (a backup whose table checksums keep the partial sums of unchanged leaves)
+    every page gets the keyed hash, and a page is unchanged only when that equals the parent's
+    record too: the table checksums then rest on the keyed hash, not on xxh3.
     A run of the page map (and of the fast hashes) is stored as soon as all its pages are in and
     the batches holding its new pages are placed; one identical to the parent's at the same place
     is reused (unless its pack is in ``avoid_runs`` / ``avoid_fast``).
@@ -149,6 +152,9 @@ class PageSink:
         self.cold_no = -1  # their batches are numbered -1, -2, ...
         self.cold_writer: PackWriter | None = None
         self.cold_packs: list[str] = []
+        # keyed: a page is unchanged only when its keyed hash is the parent's record too, not its
+        # xxh3 alone (set by a backup whose table checksums keep the sums of unchanged leaves)
+        self.keyed_same = False
 
     # -- pages in --------------------------------------------------------------------------
 
@@ -241,9 +247,17 @@ class PageSink:
         before = np.frombuffer(pf.buf, dtype="<u8", count=2 * k, offset=16 * start).reshape(k, 2)
         marks = np.ndarray((k, 2), dtype="<u8", buffer=parent.buf, offset=start * _SIZE, strides=(_SIZE, 8))
         differ = (now != before).any(axis=1)
+        if self.keyed_same:
+            # every page gets the keyed hash: one whose xxh3 was kept while its bytes changed (a
+            # crafted collision) differs from the parent's record and is stored like any change
+            hashes = list(map(keyed, pages))
+            mine = np.frombuffer(b"".join(hashes[:k]), dtype="<u8", count=2 * k).reshape(k, 2)
+            differ |= (mine != marks).any(axis=1)
         self.same[start:stop] = (~differ).view(np.uint8).tobytes()
         todo = np.flatnonzero(differ | ~marks.any(axis=1)).tolist()
         todo += range(k, m)  # pages past the parent's end
+        if self.keyed_same:
+            return hashes, todo
         hashes = [NO_HASH] * m  # (only the entries in todo are read)
         for j in todo:
             hashes[j] = keyed(pages[j])
