@@ -347,9 +347,10 @@ def _summed_by_page(conn: apsw.Connection, name: str, root: int, sums: PageSums,
                 np.add.at(part, where[at], _lanes(map(itemgetter(1), rows)))
         except apsw.Error:
             return None  # (a user table or view named json_each hides the function: the table is read whole)
-    for i, pageno in enumerate(leaves):
-        k = (pageno - 1) * PAGE_SUM.size
-        sums.out[k : k + PAGE_SUM.size] = PAGE_SUM.pack(root, part[i].astype("<u8").tobytes())
+    out = np.frombuffer(sums.out, dtype=_ENTRY)  # (a view: written in place, every leaf at once)
+    at_leaf = np.array(leaves, dtype=np.int64) - 1
+    out["root"][at_leaf] = root
+    out["sum"][at_leaf] = part
     sums.used = True
     sums.leaves[name] = (keep.count(False), len(leaves))
     (n,) = conn.execute(f"SELECT count(*) FROM {qident(name)}").fetchone()  # type: ignore[misc]
