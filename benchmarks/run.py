@@ -49,11 +49,19 @@ def _rm(path: Path) -> None:
 
 
 def _place(src: Path, dst: Path) -> None:
-    """``src`` (with its -wal, if any) copied to ``dst``, replacing what was there."""
+    """``src`` (with its -wal, if any) copied to ``dst``, replacing what was there, and flushed: on
+    ext3/ext4 (data=ordered) the first fsync of the measured command would otherwise write the
+    copy's dirty pages too (~0.15 s for 100 MiB here), which an application's own file, written over
+    time, does not leave behind."""
     _rm(dst)
     for suffix in ("", "-wal"):
         if Path(str(src) + suffix).exists():
             shutil.copyfile(str(src) + suffix, str(dst) + suffix)
+            fd = os.open(str(dst) + suffix, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
 
 def _tree_bytes(path: Path) -> int:
