@@ -368,8 +368,9 @@ def start_sqld(
         log_path = base / "sqld.log"
         log = open(log_path, "ab")
         env = {**os.environ, "RUST_LOG": os.environ.get("DBRE_SQLD_LOG", "info")}
+        # (cwd: with bottomless replication sqld leaves an empty folder named after the bucket in its cwd)
         proc = subprocess.Popen(cmd + args, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                env=env)
+                                env=env, cwd=base)
         server = SqldServer(
             proc=proc,
             url=f"http://127.0.0.1:{port}",
