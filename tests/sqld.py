@@ -347,7 +347,7 @@ def start_sqld(
     ``<ns>.local``); ``admin`` an admin API (``.admin_url``); ``jwt`` requires a JWT (``.token``).
     Call ``.stop()`` (or use it as a context manager).
     """
-    base = Path(tmpdir)
+    base = Path(tmpdir).absolute()  # (sqld runs with cwd=base)
     base.mkdir(parents=True, exist_ok=True)
     binary = sqld_binary()
     token = None
