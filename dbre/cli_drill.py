@@ -152,8 +152,9 @@ def drill(
                                         provider_org, provider_database)
         repository = Repository.open(repo, _key(key_file))
         docs_tmp = None
+        if report_dir is not None:
+            _writable(report_dir)  # before the drill: a folder it cannot write says so now, not after the restore
         if report_dir is not None and data_docs and suites is not None:
-            report_dir.mkdir(parents=True, exist_ok=True)
             docs_tmp = report_dir / f".data-docs-{secrets.token_hex(4)}"
         try:
             outcome = run_drill(repository, db, target=target, targets=targets, expectations=suites,
@@ -163,14 +164,20 @@ def drill(
             if report_dir is not None:
                 from dbre.report.drill import report_folder, write_drill_report
 
-                folder = report_folder(report_dir, record)
-                folder.mkdir(parents=True, exist_ok=True)
-                if docs_tmp is not None and docs_tmp.exists():
-                    shutil.rmtree(folder / "data-docs", ignore_errors=True)
-                    docs_tmp.rename(folder / "data-docs")
-                paths = write_drill_report(report_dir, record, repository.records("drills", db), outcome.checks,
-                                           outcome.suite_run)
-                record = {**record, "report": paths["html"], "report_markdown": paths["markdown"]}
+                try:
+                    folder = report_folder(report_dir, record)
+                    folder.mkdir(parents=True, exist_ok=True)
+                    if docs_tmp is not None and docs_tmp.exists():
+                        shutil.rmtree(folder / "data-docs", ignore_errors=True)
+                        docs_tmp.rename(folder / "data-docs")
+                    paths = write_drill_report(report_dir, record, repository.records("drills", db),
+                                               outcome.checks, outcome.suite_run)
+                    record = {**record, "report": paths["html"], "report_markdown": paths["markdown"]}
+                except OSError as err:  # (a full disk, a folder made read-only during the drill)
+                    # the drill happened and its record is in the repository: its verdict still counts
+                    print(f"warning: the drill report could not be written to {report_dir} "
+                          f"({err.strerror or err}); its record is in the repository (`dbre status` "
+                          f"shows the last drill)", file=sys.stderr)
         finally:
             if docs_tmp is not None:
                 shutil.rmtree(docs_tmp, ignore_errors=True)
@@ -207,6 +214,19 @@ def drill(
             raise typer.Exit(1)
 
     _run(go)
+
+
+def _writable(folder: Path) -> None:
+    """Refuse, in one line, a report folder the drill could not write, before the drill's restore runs."""
+    import tempfile
+
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".dbre-write-test-"):
+            pass
+    except OSError as err:
+        raise UsageError(f"report folder {folder} cannot be written ({err.strerror or err})",
+                         "pass a --report-dir this user can write, or leave it out") from None
 
 
 def _cross_check_target(provider: str | None, admin_url: str | None, namespace: str | None, url: str | None,

@@ -228,3 +228,36 @@ def test_report_screenshots(shop: dict[str, Path], tmp_path: Path) -> None:
     paths = write_drill_report(shop["reports"], bad.record, repo.records("drills", "shop"), bad.checks,
                                bad.suite_run)
     _screenshot(Path(paths["html"]), img / "drill-report-failed.png", 1400)
+
+
+def test_a_report_folder_that_cannot_be_written_is_refused_before_the_drill(shop: dict[str, Path]) -> None:
+    """A --report-dir the drill cannot write (here: under a file; as root no mode bit stops a write)
+    is refused in one line with exit 2 before any restore: no drill record, no scratch left."""
+    blocker = shop["dir"] / "not-a-folder"
+    blocker.write_text("x")
+    code, out, err = _cli("drill", "--repo", str(shop["repo"]), "--db", "shop", "--policy", str(shop["policy"]),
+                          "--no-data-docs", "--report-dir", str(blocker / "reports"))
+    assert code == 2, err
+    assert err.strip().count("\n") == 0 and "cannot be written" in err and "--report-dir" in err
+    assert Repository.open(str(shop["repo"])).records("drills", "shop") == []
+    assert not list(shop["dir"].glob("dbre-drill-*"))
+
+
+def test_a_report_that_fails_to_write_after_the_drill_keeps_its_verdict(shop: dict[str, Path],
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The disk fills while the drill runs: writing its report fails, and the drill still prints its
+    verdict, exits by it (0: passed) and keeps its record in the repository, with one warning line."""
+    import errno
+
+    import dbre.report.drill as report_mod
+
+    def full(*args: object, **kwargs: object) -> dict[str, str]:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(report_mod, "write_drill_report", full)
+    code, out, err = _cli("drill", "--repo", str(shop["repo"]), "--db", "shop", "--policy", str(shop["policy"]),
+                          "--no-data-docs", "--report-dir", str(shop["reports"]))
+    assert code == 0, err
+    assert "drill of shop passed" in out
+    assert "warning: the drill report could not be written" in err and "No space left on device" in err
+    assert len(Repository.open(str(shop["repo"])).records("drills", "shop")) == 1
