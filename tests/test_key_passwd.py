@@ -583,3 +583,36 @@ def test_a_replace_whose_answer_was_lost_is_recognised_as_its_own(tmp_path: Path
     with pytest.raises(Conflict):
         RetryingStore(inner).replace("config", b"newer", expected=b"old")
     assert inner.get("config") == b"new"
+
+
+def test_a_lock_held_past_the_wait_is_named_not_waited_on_forever(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A local replace waits for another's flock on the same file at most REPLACE_LOCK_WAIT seconds:
+    a holder stopped mid-replace (here: a child process holding it, then stopped with SIGSTOP) is
+    named in one line, and the file is unchanged; once the holder is gone the replace goes through."""
+    import dbre.storage.local as local_mod
+    from dbre.storage.base import TransientError
+
+    monkeypatch.setattr(local_mod, "REPLACE_LOCK_WAIT", 0.5)
+    store = LocalStore(str(tmp_path / "r"))
+    store.put("config", b"old")
+    path = tmp_path / "r" / "config"
+    holder = subprocess.Popen([sys.executable, "-c",
+                               "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR); "
+                               "fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)",
+                               str(path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        holder.send_signal(signal.SIGSTOP)
+        started = time.monotonic()
+        with pytest.raises(TransientError) as caught:
+            store.replace("config", b"new", expected=b"old")
+        assert 0.4 < time.monotonic() - started < 5
+        assert "held its lock" in caught.value.message and str(path) in caught.value.hint
+        assert "\n" not in str(caught.value)
+        assert path.read_bytes() == b"old"
+    finally:
+        holder.kill()
+        holder.wait()
+    store.replace("config", b"new", expected=b"old")
+    assert path.read_bytes() == b"new"

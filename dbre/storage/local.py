@@ -14,6 +14,7 @@ from pathlib import Path
 from dbre.errors import UsageError
 from dbre.storage.base import AlreadyExists, Conflict, NotFound, PermanentError, StorageError, TransientError
 
+REPLACE_LOCK_WAIT = 30.0  # seconds a conditional replace waits for another's lock on the same file
 _TMP = ".tmp"  # temp files live here, never under a key's own folder, so list() never sees them
 
 
@@ -76,7 +77,7 @@ class LocalStore:
                 raise _os_error("replace", key, err) from err
             try:
                 try:
-                    fcntl.flock(fd, fcntl.LOCK_EX)
+                    _lock_within(fd, key, path)
                 except OSError as err:
                     if err.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EBADF, errno.EINVAL):
                         raise PermanentError(f"replace {key}: this file system cannot lock the file "
@@ -307,3 +308,20 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _lock_within(fd: int, key: str, path: Path) -> None:
+    """An exclusive flock of ``fd``, waited for at most ``REPLACE_LOCK_WAIT`` seconds: the holder
+    keeps it for milliseconds (compare and write), so a longer wait is a holder paused or stuck
+    (a stopped process, a VM paused, a lost NFS lock), which one line names instead of a hang."""
+    deadline = time.monotonic() + REPLACE_LOCK_WAIT
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise TransientError(f"replace {key}: another process has held its lock for "
+                                     f"{REPLACE_LOCK_WAIT:.0f} s (a paused or stuck run); nothing was written",
+                                     f"find it (fuser -v {path}), let it finish or stop it, then retry") from None
+            time.sleep(0.05)
