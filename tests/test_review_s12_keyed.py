@@ -177,12 +177,6 @@ def _parent_that_lends_nothing(how: str, db: Crafted, repo: Repository, tmp_path
     return moved
 
 
-_RESIDUAL = ("a checksums-on backup whose parent lends no checksums (read through the backup API, "
-             "another SQLite or checksum version, or a moved source) leaves PageSink.keyed_same off: "
-             "its sink keeps the crafted page's old bytes by xxh3 alone")
-
-
-@pytest.mark.xfail(strict=True, reason=_RESIDUAL)
 @pytest.mark.parametrize("how", ["backup-api", "new-source"])
 def test_with_checksums_on_the_crafted_page_is_stored_whatever_the_parent(tmp_path: Path, how: str) -> None:
     """FORMAT.md (*Threat model*): "A backup that carries table checksums over (on by default up to
@@ -190,7 +184,8 @@ def test_with_checksums_on_the_crafted_page_is_stored_whatever_the_parent(tmp_pa
     ``keyed_same`` also needs a parent that lends its checksums: the first direct backup after a
     backup-API one (or after an SQLite upgrade, or after --accept-new-source) has checksums on,
     compares xxh3 alone, and keeps the parent's bytes of the crafted page. Its checksum is read from
-    the source, so its restore fails validation (detected, not hidden)."""
+    the source, so its restore fails validation (detected, not hidden). Fixed (review finding):
+    every direct checksums-on backup with a parent keys its sink."""
     db = Crafted(tmp_path / "live.db")
     repo = Repository.open_or_init(str(tmp_path / "repo"))
     src = _parent_that_lends_nothing(how, db, repo, tmp_path)
@@ -199,8 +194,6 @@ def test_with_checksums_on_the_crafted_page_is_stored_whatever_the_parent(tmp_pa
     assert _restore(repo, second, tmp_path / "out.db") == src.read_bytes()
 
 
-@pytest.mark.xfail(strict=True, reason=_RESIDUAL + "; the next backup, which does carry sums, then keeps "
-                   "that snapshot's partial sum of the crafted rows for the parent's old bytes")
 @pytest.mark.parametrize("how", ["backup-api", "new-source"])
 def test_a_kept_partial_sum_is_the_rows_of_the_page_kept(tmp_path: Path, how: str) -> None:
     """The snapshot after the one above (same source, so its sink is keyed): the blob is patched
@@ -209,7 +202,7 @@ def test_a_kept_partial_sum_is_the_rows_of_the_page_kept(tmp_path: Path, how: st
     snapshot stores the right page but records a checksum of rows it does not hold: every restore
     of it fails validation (a false alarm for up to 24 backups, or until that leaf changes). Fixed
     by keying the sink of every direct checksums-on backup that has a parent (what the next one
-    carries must rest on the keyed hash), not only of those that carry sums themselves."""
+    carries must rest on the keyed hash), not only of those that carry sums themselves: done."""
     db = Crafted(tmp_path / "live.db")
     repo = Repository.open_or_init(str(tmp_path / "repo"))
     src = _parent_that_lends_nothing(how, db, repo, tmp_path)

@@ -360,10 +360,10 @@ def backup(
                                 # (fast runs never into a lost pack)
                                 avoid_runs={*chain.repacked, *chain.run_packs},
                                 avoid_fast={*chain.repacked, *chain.run_packs, *chain.lost})
-                # (kept leaves keep their partial sums: the sink then tells unchanged pages by keyed hash)
+                # with table checksums the sink tells unchanged pages by the keyed hash, whatever the
+                # parent lends: the partial sums this snapshot records are carried over by the next one
                 carry = not moved and replay is None
-                sink.keyed_same = bool(checksums) and direct and carry and parent is not None \
-                    and parent_manifest is not None and _lends_checksums(parent_manifest)
+                sink.keyed_same = bool(checksums) and direct and parent is not None
                 try:
                     image = session.image() if direct else None
                     if image is not None:
