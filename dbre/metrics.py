@@ -362,18 +362,24 @@ def _unchanged_since(repo: Repository, db: str, gen_id: str, names: list[Any], s
     """The source has committed nothing after the newest segment: its WAL (wal-index header) ends
     exactly where that segment does, or where the replicator's lease says it stood with nothing
     unshipped (``wal``: a WAL restarted empty, as by a TRUNCATE checkpoint, after the segment), or,
-    with no -shm to read, neither the file nor its -wal was modified after it."""
+    with no -shm to read, neither the file nor its -wal was modified after it. Either way the file must
+    be the one the replicator followed (its device and inode, the segment's ``file_id``): a file
+    restored or copied over the path, with an old -wal and -shm beside it, may show a recorded
+    position and hold other commits."""
     from dbre.replicate.segment import open_segment, read_base
     from dbre.replicate.wal import WalTail
 
     try:
         if os.path.exists(source + "-shm") and os.path.exists(source + "-wal"):
-            end = open_segment(repo, names[-1], None).wal_end if names else read_base(repo, db, gen_id).wal
+            ref = open_segment(repo, names[-1], None) if names else read_base(repo, db, gen_id)
+            end = ref.wal_end if names else ref.wal  # type: ignore[union-attr]
             tail = WalTail(source)
             try:
-                pos = tail.position()
+                pos, file_id = tail.position(), tail.file_id()
             finally:
                 tail.close()
+            if file_id != ref.file_id:
+                return False  # another file than the one followed: nothing known of its commits
             if (pos.salt, pos.frame, pos.cksum) == (end.salt, end.frame, end.cksum):
                 return True
             followed = _followed(repo, db, gen_id)  # (a WAL emptied and restarted after the segment)

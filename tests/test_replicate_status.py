@@ -4,6 +4,8 @@ when a source has committed and nothing shipped it for longer than the RPO."""
 
 from __future__ import annotations
 
+import os
+import shutil
 import sqlite3
 import subprocess
 import time
@@ -150,6 +152,34 @@ def test_an_idle_source_whose_wal_was_truncated_after_shipping_has_no_lag(tmp_pa
     con = sqlite3.connect(a, isolation_level=None)
     con.execute("INSERT INTO t(seq, pad) VALUES (5000, x'00')")
     con.close()
+    time.sleep(RPO + 1)
+    lags, alerts, _ = _lags(policy, repo_url)
+    assert "replication_lag alpha" in alerts and lags["alpha"] is not None and lags["alpha"] > RPO, (lags, alerts)
+
+
+def test_a_file_copied_over_the_source_is_not_taken_for_the_one_followed(tmp_path: Path) -> None:
+    """Status reads the source's WAL position to say nothing is unshipped; a file copied over the
+    path (a restore from elsewhere, `cp` of an old copy) with its -wal and -shm shows the same
+    position but is another file whose commits no replicator saw. The device and inode recorded in
+    the newest segment (``file_id``) must be the file's: here they are not, and the lag counts from
+    the heartbeat again (an alert once it passes the RPO), where it said 0 before."""
+    repo_url, (a, _, _), policy, rep = _replicating(tmp_path, 100)
+    try:
+        wait_for_generation(repo_url, "alpha", timeout=40, proc=rep)
+        con = sqlite3.connect(a, isolation_level=None)
+        for i in range(5):
+            con.execute("INSERT INTO t(seq, pad) VALUES (?, x'00')", (1000 + i,))
+        con.close()
+        time.sleep(1.0)  # shipped
+    finally:
+        code, err = stop_replicator(rep)
+    assert code == 0, err
+    lags, _, _ = _lags(policy, repo_url)
+    assert lags["alpha"] == 0, lags  # the file followed, unchanged since: nothing unshipped
+    for suffix in ("", "-wal", "-shm"):  # the same bytes under new inodes, renamed over the path
+        copy = tmp_path / f"copy{suffix}"
+        shutil.copyfile(f"{a}{suffix}", copy)
+        os.replace(copy, f"{a}{suffix}")
     time.sleep(RPO + 1)
     lags, alerts, _ = _lags(policy, repo_url)
     assert "replication_lag alpha" in alerts and lags["alpha"] is not None and lags["alpha"] > RPO, (lags, alerts)
