@@ -40,11 +40,12 @@ TORTURE_TRIALS ?= 2000
 torture: $(STAMP)
 	DBRE_TORTURE_TRIALS=$(TORTURE_TRIALS) $(BIN)/python -m pytest -q -p no:cacheprovider tests/torture
 
-# the history (S3, 5 vs 200 snapshots), churn (24 rounds, repack off/on), memory (1 and 8 GiB) and PITR
+# the history (S3, 5 vs 200 snapshots), churn (24 rounds, repack off/on), memory (1 and 8 GiB), the ratios at
+# 8 GiB (--large, ~35 GB free) and PITR
 # (replication vs Litestream 0.5.17), S3 restore (1 GiB from moto_server vs local) and dbre sql (a point
 # query in place on S3) parts too;
 # BENCH_ARGS= for the core only
-BENCH_ARGS ?= --history --churn --memory --pitr --s3 --sql
+BENCH_ARGS ?= --history --churn --memory --large --pitr --s3 --sql
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks $(BENCH_ARGS)
 
