@@ -1,5 +1,6 @@
 """Helpers of the table-checksum tests: a from-scratch computation on a file, what a manifest recorded,
-one statement run on a file, and a backup / change / backup round checked against both."""
+one statement run on a file, a backup / change / backup round checked against both, and a counter of
+keyed page hashes."""
 
 from __future__ import annotations
 
@@ -48,3 +49,15 @@ def backup_change_backup(repo_dir: Path, src: Path, sql: str, *args: object) -> 
     second = backup(repo, LocalFileSource(src), "db").manifest
     assert recorded(second) == fresh_stats(src) != recorded(first)
     return first, second
+
+
+class CountingHash:
+    """Counts calls of a repository's keyed page hash (the function backup uses per page)."""
+
+    def __init__(self, repo: Repository) -> None:
+        self.inner = repo.page_hash
+        self.calls = 0
+
+    def __call__(self, data: bytes | memoryview) -> bytes:
+        self.calls += 1
+        return self.inner(data)

@@ -19,6 +19,7 @@ from dbre.repository.verify import verify
 from dbre.restore.full import apply_restore, plan_restore
 from dbre.sources.local import LocalFileSource
 from dbre.storage.base import PermanentError, Store
+from tests.checksums import CountingHash
 from tests.dbfactory import change_rows, cli, make_db
 
 DB = "shop"
@@ -239,18 +240,6 @@ def test_backup_task_and_flow_take_full(tmp_path: Path) -> None:
 # -- the quick "unchanged" test: only changed pages pay for the keyed hash -------------------------
 
 
-class _CountingHash:
-    """Counts calls of a repository's keyed page hash (the function backup uses per page)."""
-
-    def __init__(self, repo: Repository) -> None:
-        self.inner = repo.page_hash
-        self.calls = 0
-
-    def __call__(self, data: bytes | memoryview) -> bytes:
-        self.calls += 1
-        return self.inner(data)
-
-
 def _page_count(path: Path) -> int:
     import sqlite3
 
@@ -268,7 +257,7 @@ def test_incremental_keyed_hash_only_for_changed_pages(store: Store, tmp_path: P
     first = _backup(repo, src, checksums=False)
     assert first.manifest.fast_runs, "format 2 snapshots carry their xxh3 runs"
     change_rows(src, 3, seed=11)
-    counter = _CountingHash(repo)
+    counter = CountingHash(repo)
     monkeypatch.setattr(Repository, "page_hash", property(lambda self: counter))
     second = _backup(repo, src, checksums=False)
     monkeypatch.undo()
@@ -292,7 +281,7 @@ def test_with_carried_table_checksums_every_page_is_keyed_once(store: Store, tmp
     src = make_db(tmp_path / "src.db", mb=2)
     _backup(repo, src)
     change_rows(src, 3, seed=11)
-    counter = _CountingHash(repo)
+    counter = CountingHash(repo)
     monkeypatch.setattr(Repository, "page_hash", property(lambda self: counter))
     second = _backup(repo, src)
     monkeypatch.undo()

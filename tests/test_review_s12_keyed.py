@@ -27,7 +27,7 @@ from dbre.repository.verify import verify
 from dbre.restore.full import apply_restore, plan_restore
 from dbre.sources.local import LocalFileSource
 from dbre.validate.checks import equivalence_check, failed
-from tests.checksums import fresh_stats, recorded, run_sql
+from tests.checksums import CountingHash, fresh_stats, recorded, run_sql
 from tests.dbfactory import change_rows, make_db
 
 DB = "db"
@@ -326,16 +326,6 @@ def test_after_a_full_backup_and_a_backup_api_one(tmp_path: Path) -> None:
 # -- cost: every page keyed once ----------------------------------------------------------------
 
 
-class _CountingHash:
-    def __init__(self, repo: Repository) -> None:
-        self.inner = repo.page_hash
-        self.calls = 0
-
-    def __call__(self, data: bytes | memoryview) -> bytes:
-        self.calls += 1
-        return self.inner(data)
-
-
 def test_overflow_pages_and_whole_tables_are_not_hashed_again(tmp_path: Path,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     """A database of overflow chains (a rowid table with 3 KB blobs: each kept leaf's overflow pages
@@ -354,7 +344,7 @@ def test_overflow_pages_and_whole_tables_are_not_hashed_again(tmp_path: Path,
     repo = Repository.open_or_init(str(tmp_path / "repo"))
     _backup(repo, src)
     run_sql(src, "UPDATE files SET name = 'renamed' WHERE id = 150")
-    counter = _CountingHash(repo)
+    counter = CountingHash(repo)
     monkeypatch.setattr(Repository, "page_hash", property(lambda self: counter))
     second = _backup(repo, src)
     monkeypatch.undo()
