@@ -153,7 +153,9 @@ def drill(
         repository = Repository.open(repo, _key(key_file))
         docs_tmp = None
         if report_dir is not None:
-            _writable(report_dir)  # before the drill: a folder it cannot write says so now, not after the restore
+            from dbre.report.drill import check_writable
+
+            check_writable(report_dir, "--report-dir")  # before the drill, not after its restore
         if report_dir is not None and data_docs and suites is not None:
             docs_tmp = report_dir / f".data-docs-{secrets.token_hex(4)}"
         try:
@@ -214,19 +216,6 @@ def drill(
             raise typer.Exit(1)
 
     _run(go)
-
-
-def _writable(folder: Path) -> None:
-    """Refuse, in one line, a report folder the drill could not write, before the drill's restore runs."""
-    import tempfile
-
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".dbre-write-test-"):
-            pass
-    except OSError as err:
-        raise UsageError(f"report folder {folder} cannot be written ({err.strerror or err})",
-                         "pass a --report-dir this user can write, or leave it out") from None
 
 
 def _cross_check_target(provider: str | None, admin_url: str | None, namespace: str | None, url: str | None,

@@ -9,7 +9,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger, task
 
-from dbre.report.drill import seconds_text
+from dbre.report.drill import check_writable, seconds_text
 from dbre.validate.crosscheck import CrossCheckTarget
 from dbre.validate.drill import Drill, cross_check_step
 from dbre.validate.suites import Suite
@@ -73,6 +73,7 @@ def drill_flow(databases: list[str] | None = None, policy: str | None = None, re
         raise UsageError("no databases to drill", "pass databases, or a policy")
     site = reports_site(pol)
     out = report_folder(site, report_dir, "drills")
+    check_writable(out, "report_dir")  # before any restore: not a failed run after the drills
     records, reports = [], {}
     for db in names:
         entry = next((d for d in pol.databases if d.name == db), None) if pol else None

@@ -112,3 +112,18 @@ def test_status_flow_notifies_through_a_prefect_block(prefect_api: None, site: d
         status_flow(policy=site["policy"])
     (got,) = receiver["got"]
     assert got["path"] == "/block" and "backup_failure: shop: the last backup" in got["body"]["body"]
+
+
+def test_drill_flow_refuses_a_report_folder_it_cannot_write_before_any_restore(prefect_api: None,
+                                                                              site: dict[str, Any]) -> None:
+    """The flow checks its report folder first (here under a file: as root no mode bit stops a
+    write): one line naming it and the parameter, and no drill ran (no record, no scratch)."""
+    from dbre.errors import UsageError
+    from flows.drill import drill_flow
+
+    blocker = site["dir"] / "not-a-folder"
+    blocker.write_text("x")
+    with pytest.raises(UsageError, match=r"report folder .*not-a-folder/reports cannot be written.*report_dir"):
+        drill_flow(policy=site["policy"], report_dir=str(blocker / "reports"))
+    assert Repository.open(str(site["repo"])).records("drills", "shop") == []
+    assert not (site["dir"] / "scratch").exists() or list((site["dir"] / "scratch").iterdir()) == []

@@ -257,3 +257,19 @@ def write_drill_report(report_dir: str | os.PathLike[str], record: dict[str, Any
     paths["html"] = paths.pop("index")
     paths["markdown"] = paths.pop("report")
     return paths
+
+
+def check_writable(folder: Path, option: str) -> None:
+    """Refuse, in one line, a report folder the drill could not write (created if missing), before the
+    drill's restore runs: a report that cannot be written is found now, not after the drill."""
+    import tempfile
+
+    from dbre.errors import UsageError
+
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".dbre-write-test-"):
+            pass
+    except OSError as err:
+        raise UsageError(f"report folder {folder} cannot be written ({err.strerror or err})",
+                         f"pass a {option} this user can write, or leave it out") from None
