@@ -488,12 +488,9 @@ def backup(
 
 
 class _Reread:
-    """Pages read again after the sink's pass (the table checksums' leaves and keyed checks), by
-    index: every ``UNMAP_EVERY`` pages their mapping is let go again, so resident memory stays
-    bounded (the sink's pass already unmapped them once; touched again, a 1 GiB database's leaves
-    stayed resident: 1.2 GB peak)."""
-
-    UNMAP_EVERY = 4096
+    """Pages read again after the sink's pass (the table checksums' leaves), by index, each read
+    into memory of its own (``PageImage.read_page``): read through the map, every page touched
+    mapped its neighbours too, and a 1 GiB backup with checksums peaked at 390 MB resident."""
 
     def __init__(self, image: PageImage) -> None:
         self.image = image
@@ -501,9 +498,7 @@ class _Reread:
 
     def __call__(self, index: int) -> memoryview:
         self.count += 1
-        if not self.count % self.UNMAP_EVERY:
-            self.image.unmap()
-        return self.image.view(index)
+        return self.image.read_page(index)
 
 
 def _page_of(reread: _Reread) -> Callable[[int], memoryview]:

@@ -80,6 +80,7 @@ class PageImage:
     _overlay_at: list[int] = field(default_factory=list)  # sorted keys of ``overlay``
     _map: FileMap | None = None  # the database file's map
     _dropped: int = 0  # bytes at the start of that map already let go
+    _fd: int | None = None  # the database file's descriptor (``read_page``)
 
     def view(self, index: int) -> memoryview:
         """Page ``index + 1``, valid until ``close``."""
@@ -111,6 +112,21 @@ class PageImage:
             raise SourceError(f"backup: page {start + len(out) + 1} is in neither the database file nor the WAL")
         return out
 
+    def read_page(self, index: int) -> memoryview:
+        """Page ``index + 1`` read into memory of its own (``pread``), not through the map: pages read
+        again in no order (the table checksums' leaves) would each map their neighbours too (the
+        kernel's fault-around, 64 KiB), and the map of a 1 GiB file grew to 250 MB resident."""
+        off = self.overlay.get(index)
+        if off is not None:
+            return self._wal_page(off)
+        assert self._fd is not None
+        page = os.pread(self._fd, self.page_size, index * self.page_size)
+        if len(page) != self.page_size:
+            raise SourceError(f"backup: page {index + 1} could not be read again (the file was cut short "
+                              "by something other than SQLite); nothing was stored",
+                              "find what truncates the database file, then back up again")
+        return memoryview(page)
+
     def _wal_page(self, off: int) -> memoryview:
         assert self._wal is not None
         page = os.pread(self._wal, self.page_size, off)
@@ -130,20 +146,11 @@ class PageImage:
             self._map.madvise(mmap.MADV_DONTNEED, self._dropped, end - self._dropped)
             self._dropped = end
 
-    def unmap(self) -> None:
-        """Let every page's mapping go again: pages ``view`` touched after ``drop`` passed them (the
-        table checksums read leaves again) would otherwise stay resident until ``close``."""
-        if self._db is None or self._map is None or self._file_pages * self.page_size <= KEEP_MAPPED:
-            return
-        end = self._file_pages * self.page_size // mmap.PAGESIZE * mmap.PAGESIZE
-        if end:
-            self._map.madvise(mmap.MADV_DONTNEED, 0, end)
-
     def close(self) -> None:
         """Release the page views (the maps themselves belong to the session)."""
         if self._db is not None:
             self._db.release()
-        self._db = self._wal = None
+        self._db = self._wal = self._fd = None
         self._map = None
 
 
@@ -395,6 +402,7 @@ class ImageSession:
                 raise NoImage("empty database file")
             image._map = self._files.map("", image._file_pages * ps)
             image._db = image._map.view()
+            image._fd = self._files.fd("")
         except (NoImage, OSError, ValueError) as err:
             image.close()
             self.reason = str(err)
