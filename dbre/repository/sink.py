@@ -90,9 +90,9 @@ class PageSink:
     number, the page is unchanged and keeps the parent's record without paying for the keyed
     hash. Every other page gets the keyed hash, which alone decides identity across places and
     snapshots (dedup by hash), so a page crafted to collide with another never takes its place.
-    With ``keyed_same`` (a backup whose table checksums keep the partial sums of unchanged leaves)
-    every page gets the keyed hash, and a page is unchanged only when that equals the parent's
-    record too: the table checksums then rest on the keyed hash, not on xxh3.
+    With ``keyed_same`` (a direct backup with table checksums on and a parent) every page gets the
+    keyed hash, and a page is unchanged only when that equals the parent's record too: the table
+    checksums' partial sums, kept now or by the next backup, then rest on the keyed hash, not on xxh3.
     A run of the page map (and of the fast hashes) is stored as soon as all its pages are in and
     the batches holding its new pages are placed; one identical to the parent's at the same place
     is reused (unless its pack is in ``avoid_runs`` / ``avoid_fast``).
@@ -153,7 +153,7 @@ class PageSink:
         self.cold_writer: PackWriter | None = None
         self.cold_packs: list[str] = []
         # keyed: a page is unchanged only when its keyed hash is the parent's record too, not its
-        # xxh3 alone (set by a backup whose table checksums keep the sums of unchanged leaves)
+        # xxh3 alone (set by a direct backup with table checksums and a parent)
         self.keyed_same = False
 
     # -- pages in --------------------------------------------------------------------------
