@@ -241,7 +241,7 @@ from dbre.repository.repo import Repository
 from dbre.sources.local import LocalFileSource
 image.KEEP_MAPPED = 0  # (the sink's unmapping starts at 256 MiB: here at any size)
 if sys.argv[3] == "mapped":  # the leaves read again through the map, never let go
-    b._Reread.__call__ = lambda self, index: self.image.view(index)
+    image.PageImage.read_page = image.PageImage.view
 b.backup(Repository.open_or_init(sys.argv[1]), LocalFileSource(sys.argv[2]), "x", checksums=True)
 print(next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")))
 """

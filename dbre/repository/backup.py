@@ -45,7 +45,7 @@ from dbre.repository.manifest import (
 )
 from dbre.repository.pack import PackWriter, read_index_tail
 from dbre.repository.repo import TOOL, Repository
-from dbre.repository.sink import FAST_HASH, LOST, REPACK, PageSink, column, stretches, value
+from dbre.repository.sink import LOST, REPACK, PageSink, column, stretches, value
 from dbre.repository.tables import CHECKSUM_VERSION, PAGE_SUM, PageSums, Prior, table_stats
 from dbre.sources.base import Source
 from dbre.sources.image import ImageSession, PageImage
@@ -375,14 +375,14 @@ def backup(
                     reused: list[str] = []
                     # per-leaf partial sums of the checksums (direct path): the next backup re-reads
                     # only the rows of leaves that changed
-                    reread = _Reread(image) if image is not None else None
-                    sums = PageSums(_page_of(reread), bytearray(PAGE_SUM.size * page_count)) \
-                        if checksums and reread is not None else None
+                    sums = PageSums(_page_of(image), bytearray(PAGE_SUM.size * page_count)) \
+                        if checksums and image is not None else None
                     # (nothing of the parent with --full, or when its page map is not usable)
                     parent_sums = load_page_sums(repo, parent_manifest) \
                         if sums is not None and carry and parent is not None else None
-                    prior = _priors(parent_manifest, parent_fast, image, encoding, parent_sums, sink.same,
-                                    parent, repo.page_hash, reread, sink.keyed_same) if carry else None
+                    # (carried only over the keyed sink's marks; without it nothing is, or checksums are off)
+                    prior = _priors(parent_manifest, parent_fast, image, encoding, parent_sums, sink.same) \
+                        if carry and sink.keyed_same else None
                     stats = table_stats(conn, checksums, prior, reused, sums, version=CHECKSUM_VERSION)
                     basis = _basis(conn, image, reused, parent_manifest if prior is not None else None)
                     if sums is not None and sums.used:
@@ -487,22 +487,10 @@ def backup(
     return BackupResult(manifest, sink.pages_added, writer.bytes_written + sink.cold_bytes + sink.run_bytes, seconds)
 
 
-class _Reread:
-    """Pages read again after the sink's pass (the table checksums' leaves), by index, each read
-    into memory of its own (``PageImage.read_page``): read through the map, every page touched
-    mapped its neighbours too, and a 1 GiB backup with checksums peaked at 390 MB resident."""
-
-    def __init__(self, image: PageImage) -> None:
-        self.image = image
-        self.count = 0
-
-    def __call__(self, index: int) -> memoryview:
-        self.count += 1
-        return self.image.read_page(index)
-
-
-def _page_of(reread: _Reread) -> Callable[[int], memoryview]:
-    return lambda pageno: reread(pageno - 1)
+def _page_of(image: PageImage) -> Callable[[int], memoryview]:
+    """Page ``pageno`` (1-based) read again after the sink's pass (the table checksums' leaves), into
+    memory of its own (``PageImage.read_page``, not through the map: see there)."""
+    return lambda pageno: image.read_page(pageno - 1)
 
 
 def _lends_checksums(parent: Manifest) -> bool:
@@ -527,19 +515,14 @@ def load_page_sums(repo: Repository, parent: Manifest | None) -> bytearray | Non
 
 
 def _priors(parent: Manifest | None, parent_fast: Entries | None, image: PageImage | None,
-            encoding: str, parent_sums: bytearray | None = None,
-            same: bytearray | None = None, records: Entries | None = None,
-            page_hash: Callable[[bytes | memoryview], bytes] | None = None,
-            reread: Callable[[int], memoryview] | None = None,
-            keyed_same: bool = False) -> Callable[[str], Prior | None] | None:
+            encoding: str, parent_sums: bytearray | None, same: bytearray) -> Callable[[str], Prior | None] | None:
     """What the parent recorded of each table, for ``table_stats`` to reuse when none of the
-    table's pages changed: "unchanged" is this snapshot's page (from the direct image) having
-    the xxh3 the parent's fast runs give for the same page number. None (every table read) without
-    a parent, its fast hashes or its ``checksum_basis`` (older snapshots), without the direct
-    image, when the page size, reserved bytes or text encoding differ, or when the parent's
-    checksums have another meaning (``stats.checksum_version``) or came from another SQLite.
-    ``keyed_same``: ``same`` marks pages whose keyed hash is the parent's record (the sink hashed
-    every page), so no page is hashed again here."""
+    table's pages changed: "unchanged" is ``same``, the keyed sink's marks (``PageSink.keyed_same``:
+    the page's keyed hash is the parent's record, so the bytes the parent stored and summed; the
+    unkeyed xxh3 alone can be collided by someone who writes part of a page). None (every table
+    read) without a parent, its fast hashes or its ``checksum_basis`` (older snapshots), without
+    the direct image, when the page size, reserved bytes or text encoding differ, or when the
+    parent's checksums have another meaning (``stats.checksum_version``) or came from another SQLite."""
     if parent is None or parent_fast is None or image is None or parent.page_size != image.page_size \
             or parent.encoding != encoding:
         return None
@@ -548,24 +531,11 @@ def _priors(parent: Manifest | None, parent_fast: Entries | None, image: PageIma
         return None
     roots = basis[1]
     schema = {o.get("name"): o for o in parent.schema if isinstance(o, dict) and o.get("type") == "table"}
-    fast, limit = parent_fast.buf, min(len(parent_fast), image.page_count)
-    page = reread or image.view
+    limit = min(len(parent_fast), image.page_count)
 
     def unchanged(pageno: int) -> bool:
         i = pageno - 1
-        if same is not None:  # (the sink compared each page's xxh3 with the parent's as it read it)
-            return 0 <= i < limit and same[i] == 1
-        return 0 <= i < limit and fast[16 * i : 16 * i + 16] == FAST_HASH(page(i))
-
-    def verified(pageno: int) -> bool:
-        """The page's keyed hash is the parent's record's: the bytes the parent stored and summed. The
-        xxh3 of ``unchanged`` is unkeyed: someone who writes part of a page (a blob) could keep it
-        while changing the rows (the sink then keeps the parent's page: the fast runs' residual), and
-        a kept sum would make the stale page validate; read again, the drill finds it."""
-        i = pageno - 1
-        if records is None or page_hash is None or not 0 <= i < min(len(records), image.page_count):
-            return False
-        return bool(records.buf[records.size * i : records.size * i + 16] == page_hash(page(i)))
+        return 0 <= i < limit and same[i] == 1
 
     ages = _reuse_ages(parent)
 
@@ -575,8 +545,7 @@ def _priors(parent: Manifest | None, parent_fast: Entries | None, image: PageIma
                 or ages.get(name, 0) >= REUSE_LIMIT \
                 or not (t.checksum is None or isinstance(t.checksum, str) and len(t.checksum) == 32):
             return None
-        return Prior(t.rows, t.checksum, row, root, unchanged, parent_sums, same,
-                     None if keyed_same and same is not None else verified)
+        return Prior(t.rows, t.checksum, row, root, unchanged, parent_sums, same)
 
     return prior
 

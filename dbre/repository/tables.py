@@ -62,7 +62,8 @@ class Prior:
 
     ``rows``/``checksum``: the parent's; ``schema``: the parent's sqlite_schema row of the table
     (type, name, tbl_name, sql); ``root``: its root page in the parent; ``unchanged(pageno)``: the
-    page (1-based) holds exactly the bytes it held in the parent."""
+    page (1-based) holds exactly the bytes it held in the parent, by a test no one can collide (a
+    backup passes its sink's keyed-hash marks: ``PageSink.keyed_same``)."""
 
     rows: int
     checksum: str | None
@@ -73,8 +74,6 @@ class Prior:
     # snapshot, 1 where ``unchanged`` holds (the same test, all at once; None: ask ``unchanged``)
     sums: bytes | bytearray | None = None
     same: bytes | bytearray | None = None
-    # the page's keyed hash equals the parent's record (what the parent stored); None: not asked
-    verified: Callable[[int], bool] | None = None
 
 
 @dataclass
@@ -96,7 +95,7 @@ def table_stats(conn: apsw.Connection, with_checksums: bool,
     ``version`` defines them (older versions: for validating older snapshots). With ``sums`` (a
     backup reading its pages directly), each rowid table's checksum is summed leaf page by leaf
     page and the partial sums written to ``sums.out``; with ``prior`` too, a leaf that is byte for
-    byte the parent's (xxh3 and keyed hash), overflow pages included, keeps the parent's partial sum
+    byte the parent's (``Prior.unchanged``), overflow pages included, keeps the parent's partial sum
     (not read again), and
     a table whose pages are all unchanged keeps the parent's values; each table that kept anything
     is appended to ``reused``. Row counts alone are always counted: ``count(*)`` reads the smallest
@@ -151,7 +150,7 @@ def reusable(conn: apsw.Connection, now: dict[str, Any] | None, prior: Prior) ->
     pages = 0
     try:
         for pageno in table_pages(conn, prior.schema["name"]):
-            if not prior.unchanged(pageno) or (prior.verified is not None and not prior.verified(pageno)):
+            if not prior.unchanged(pageno):
                 return False
             pages += 1
     except apsw.Error:
@@ -252,9 +251,9 @@ def _summed_by_page(conn: apsw.Connection, name: str, root: int, sums: PageSums,
     overflow pages (path: the leaf's path, the cell, "+", the overflow index). A leaf's rows are
     those whose rowid lies from its first cell's rowid to the next leaf's, so each run of leaves to
     read is one ranged query. A leaf keeps the parent's partial sum when the parent's entry for the
-    page names this table's root and the page and each of its overflow pages has the parent's fast
-    hash at its place and the parent's keyed hash (``Prior.verified``: the same cells, the same
-    payloads, the same rows under the same schema, which ``prior`` was checked for). None (the
+    page names this table's root and the page and each of its overflow pages is unchanged at its
+    place (``Prior.same`` / ``Prior.unchanged``: the same cells, the same payloads, the same rows
+    under the same schema, which ``prior`` was checked for). None (the
     caller reads the whole table) when the tree is not what this expects, the rowid is not reachable
     by name, or the database is not UTF-8."""
     # (table_xinfo: generated columns too, which table_info leaves out and which hide the rowid as well)
@@ -293,10 +292,6 @@ def _summed_by_page(conn: apsw.Connection, name: str, root: int, sums: PageSums,
         for i in overflow:  # (leaves with overflow pages: each of those unchanged too)
             if ok[i] and not all(prior.unchanged(o) for o in overflow[i]):
                 ok[i] = False
-        if prior.verified is not None:  # (and each of those pages is what the parent stored: keyed hash)
-            for i in np.flatnonzero(ok).tolist():
-                if not (prior.verified(leaves[i]) and all(prior.verified(o) for o in overflow.get(i, ()))):
-                    ok[i] = False
         part[ok] = entries["sum"][at[ok]]
         keep = ok.tolist()
     firsts: dict[int, int | None] = {}  # leaf -> its first rowid (None: no cell), parsed only where needed
