@@ -57,11 +57,15 @@ def _place(src: Path, dst: Path) -> None:
     for suffix in ("", "-wal"):
         if Path(str(src) + suffix).exists():
             shutil.copyfile(str(src) + suffix, str(dst) + suffix)
-            fd = os.open(str(dst) + suffix, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            _fsync(Path(str(dst) + suffix))
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _tree_bytes(path: Path) -> int:
@@ -83,11 +87,7 @@ def cp_fsync(src: Path, out: Path) -> float:
     _rm(out)
     started = time.perf_counter()
     subprocess.run(["cp", str(src), str(out)], check=True)
-    fd = os.open(out, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    _fsync(out)
     seconds = time.perf_counter() - started
     _rm(out)
     return seconds
