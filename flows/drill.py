@@ -89,9 +89,15 @@ def drill_flow(databases: list[str] | None = None, policy: str | None = None, re
                 provider_org, (provider_databases or {}).get(db, db), token, provider_key))
         record = record_drill(r.primary, drill, r.key, float(entry.rpo) if entry else None,
                               float(entry.rto) if entry else None)
-        paths = drill_report(r.primary, drill, record, str(out), r.key, data_docs)
-        record = {**record, "report": paths["html"]}
-        reports[db] = paths
+        try:
+            paths = drill_report(r.primary, drill, record, str(out), r.key, data_docs)
+        except OSError as err:  # (a full disk, a folder made read-only during the drill)
+            # the drill happened and its record is in the repository: its verdict still decides the run
+            log.warning("the drill report of %s could not be written to %s (%s); its record is in the "
+                        "repository (the status flow shows the last drill)", db, out, err.strerror or err)
+        else:
+            record = {**record, "report": paths["html"]}
+            reports[db] = paths
         log.info("drill of %s %s: RTO %s, RPO %s", db, "passed" if record["passed"] else "FAILED",
                  seconds_text(record["rto_seconds"]), seconds_text(record["rpo_seconds"]))
         cc = record.get("cross_check") or {}

@@ -127,3 +127,30 @@ def test_drill_flow_refuses_a_report_folder_it_cannot_write_before_any_restore(p
         drill_flow(policy=site["policy"], report_dir=str(blocker / "reports"))
     assert Repository.open(str(site["repo"])).records("drills", "shop") == []
     assert not (site["dir"] / "scratch").exists() or list((site["dir"] / "scratch").iterdir()) == []
+
+
+def test_drill_flow_keeps_its_verdict_when_the_report_fails_to_write(prefect_api: None, site: dict[str, Any],
+                                                                      monkeypatch: pytest.MonkeyPatch,
+                                                                      caplog: pytest.LogCaptureFixture) -> None:
+    """The disk fills while the drill runs: writing its report fails after the drill (the folder was
+    writable when checked). The run still completes by the drill's verdict (passed), with one warning
+    naming the folder and the cause, and the drill's record stays in the repository."""
+    import errno
+    import logging
+
+    import dbre.report.drill as report_mod
+    from flows.drill import drill_flow
+
+    def full(*args: object, **kwargs: object) -> dict[str, str]:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(report_mod, "write_drill_report", full)
+    with caplog.at_level(logging.WARNING):
+        state = drill_flow(policy=site["policy"], report_dir=str(site["reports"]), data_docs=False,
+                           return_state=True)
+    assert state.is_completed(), state.message
+    (rec,) = state.result()
+    assert rec["passed"] and "report" not in rec
+    assert any("drill report of shop could not be written" in m and "No space left on device" in m
+               for m in caplog.messages), caplog.messages
+    assert len(Repository.open(str(site["repo"])).records("drills", "shop")) == 1
