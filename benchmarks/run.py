@@ -29,6 +29,7 @@ MB = 1_000_000
 # the targets of the performance section of the backup-engine issue: (ratio key, limit, label)
 TARGETS: dict[str, tuple[float, str]] = {
     "full_vs_sqlite_backup": (1.5, "full backup time / sqlite3 .backup time"),
+    "full_vs_sqlite_backup_defaults": (1.5, "the same with default settings (table checksums up to 256 MiB)"),
     "incremental_vs_full": (0.35, "incremental backup time / full backup time"),
     "incremental_vs_full_defaults": (0.35, "the same with default settings (table checksums up to 256 MiB)"),
     "incremental_bytes_vs_changed_pages": (0.6, "bytes added / bytes of changed pages"),
@@ -166,6 +167,13 @@ def measure(db: BenchDatabase, work: Path, runs: int, warmup: int, log: Log) -> 
     ratios = {
         "full_vs_sqlite_backup": paired("full_backup", "sqlite_backup"),
         "full_checksums_vs_sqlite_backup": paired("full_backup_checksums", "sqlite_backup"),
+        "full_vs_sqlite_backup_defaults": paired("full_backup_defaults", "sqlite_backup"),
+        # whole commands: the child's wall time (interpreter start and imports included) against the
+        # anchors' (each a whole command: the sqlite3 CLI, cp + fsync)
+        "full_vs_sqlite_backup_defaults_command": float(statistics.median(
+            r["full_backup_defaults"]["wall"] / r["sqlite_backup"]["seconds"] for r in rounds)),
+        "restore_vs_cp_fsync_command": float(statistics.median(
+            r["restore"]["wall"] / r["cp_fsync"]["seconds"] for r in rounds)),
         "incremental_vs_full": paired("incremental_backup", "full_backup"),
         "incremental_vs_full_defaults": paired("incremental_backup_defaults", "full_backup_defaults"),
         # the same as whole commands (the child's wall time, interpreter start and imports included)

@@ -129,6 +129,10 @@ def test_benchmark_smoke(tmp_path: Path) -> None:
     assert 0 < result["bytes"]["subpage_delta_zstd"] <= result["bytes"]["changed_page_bytes"]
     assert result["restore_size_ok"]
     assert "full / .backup" in proc.stdout
+    # the default-settings figures the README states: engine and whole commands (wall time >= engine time)
+    ratios = result["ratios"]
+    assert ratios["full_vs_sqlite_backup_defaults_command"] >= ratios["full_vs_sqlite_backup_defaults"] > 0
+    assert ratios["restore_vs_cp_fsync_command"] >= ratios["restore_vs_cp_fsync"] > 0
 
 
 def test_demo_comparison_without_sqldiff(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
