@@ -85,6 +85,10 @@ def table(doc: dict[str, Any]) -> Table:
     row("full with checksums / .backup (info)", lambda r: f"{r['ratios']['full_checksums_vs_sqlite_backup']:.2f}")
     row("sub-page deltas / changed-page bytes (info)",
         lambda r: f"{r['ratios']['subpage_delta_vs_changed_pages']:.2f}")
+    row("  their cost: the parent's changed pages read back",
+        lambda r: f"{r['seconds'].get('parent_readback', float('nan')):.2f} s")
+    row("  incremental + that read / full (info)",
+        lambda r: f"{r['ratios'].get('incremental_with_readback_vs_full', float('nan')):.2f}")
     return t
 
 

@@ -19,6 +19,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from benchmarks.dataset import BenchDatabase
 from benchmarks.pages import compare
 from benchmarks.worker import run_child
@@ -94,8 +96,46 @@ def cp_fsync(src: Path, out: Path) -> float:
     return seconds
 
 
-def one_round(db: BenchDatabase, work: Path) -> dict[str, dict[str, Any]]:
-    """Measure everything once; each value is a dict with at least ``seconds``."""
+def changed_pages(old: Path, new: Path, page_size: int) -> np.ndarray:
+    """The 0-based numbers of the pages both files have whose bytes differ (pages past the end of
+    the old file have no earlier version to be a delta against), compared 64 MiB at a time."""
+    a = np.memmap(old, dtype=np.uint64, mode="r")
+    b = np.memmap(new, dtype=np.uint64, mode="r")
+    words = page_size // 8
+    pages = min(a.size, b.size) // words
+    step = max(1, (64 << 20) // page_size)
+    found = []
+    for first in range(0, pages, step):
+        last = min(pages, first + step)
+        x = a[first * words : last * words].reshape(-1, words)
+        y = b[first * words : last * words].reshape(-1, words)
+        found.append(first + np.flatnonzero((x != y).any(axis=1)))
+    return np.concatenate(found) if found else np.zeros(0, dtype=np.int64)
+
+
+def parent_readback(repo: Path, snapshot: str, changed: np.ndarray) -> dict[str, Any]:
+    """What sub-page deltas would add to an incremental: reading back from the repository the parent
+    snapshot's version of every page that changed (the page batches holding them, fetched 4 at a
+    time, unsealed and decompressed, as a restore reads them), to XOR the new pages against. The
+    compression of the deltas is left out: about what compressing the whole pages costs now."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from dbre.repository.repo import Repository
+    from dbre.repository.verify import snapshot_blobs
+
+    started = time.perf_counter()
+    r = Repository.open(str(repo))
+    blobs = snapshot_blobs(r, r.find_snapshot(DB_NAME, snapshot)).blobs
+    need = [b for b in blobs if np.isin(np.frombuffer(b.pages, dtype=np.uint32), changed).any()]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        raw = sum(pool.map(lambda b: len(r.read_blob(b.pack, b.offset, b.length, "page-batch")), need))
+    return {"seconds": time.perf_counter() - started, "blobs": len(need), "blobs_of": len(blobs),
+            "bytes_read": sum(b.length for b in need), "raw_bytes": raw}
+
+
+def one_round(db: BenchDatabase, work: Path, changed: np.ndarray | None = None) -> dict[str, dict[str, Any]]:
+    """Measure everything once; each value is a dict with at least ``seconds``. ``changed``: the
+    pages the update changed (``changed_pages``), for ``parent_readback``."""
     out: dict[str, dict[str, Any]] = {}
     out["sqlite_backup"] = {"seconds": sqlite_backup(db.base, work / "anchor.db")}
     out["cp_fsync"] = {"seconds": cp_fsync(db.base, work / "copy.db")}
@@ -114,6 +154,8 @@ def one_round(db: BenchDatabase, work: Path) -> dict[str, dict[str, Any]]:
     rest["size_ok"] = target.stat().st_size == db.updated.stat().st_size
     out["restore"] = rest
     _rm(target)
+    if changed is not None:
+        out["parent_readback"] = parent_readback(repo, out["full_backup"]["snapshot"], changed)
     _rm(repo)
 
     # with the default settings (table checksums up to 256 MiB), the updated twin copied over the
@@ -140,11 +182,12 @@ def one_round(db: BenchDatabase, work: Path) -> dict[str, dict[str, Any]]:
 def measure(db: BenchDatabase, work: Path, runs: int, warmup: int, log: Log) -> dict[str, Any]:
     work.mkdir(parents=True, exist_ok=True)
     diff = compare(db.base, db.updated, db.page_size)
+    changed = changed_pages(db.base, db.updated, db.page_size)
     rounds: list[dict[str, dict[str, Any]]] = []
     for i in range(warmup + runs):
         label = "warm-up" if i < warmup else f"run {i - warmup + 1}/{runs}"
         started = time.perf_counter()
-        r = one_round(db, work)
+        r = one_round(db, work, changed)
         log(f"  {db.size_mib} MiB {label}: " + ", ".join(f"{k} {v['seconds']:.2f}s" for k, v in r.items())
             + f" ({time.perf_counter() - started:.0f} s)")
         if i >= warmup:
@@ -154,7 +197,7 @@ def measure(db: BenchDatabase, work: Path, runs: int, warmup: int, log: Log) -> 
         return float(statistics.median(r[key][field] for r in rounds))
 
     keys = ["sqlite_backup", "cp_fsync", "full_backup", "full_backup_checksums", "incremental_backup", "restore",
-            "full_backup_defaults", "incremental_backup_defaults"]
+            "full_backup_defaults", "incremental_backup_defaults", "parent_readback"]
     seconds = {k: med(k) for k in keys}
     incr_bytes = med("incremental_backup", "repo_bytes_added")
     rss = {k: max(r[k]["rss_bytes"] for r in rounds) / MB
@@ -181,6 +224,10 @@ def measure(db: BenchDatabase, work: Path, runs: int, warmup: int, log: Log) -> 
             r["incremental_backup_defaults"]["wall"] / r["full_backup_defaults"]["wall"] for r in rounds)),
         "incremental_bytes_vs_changed_pages": incr_bytes / max(1, diff.changed_page_bytes),
         "subpage_delta_vs_changed_pages": diff.subpage_delta_zstd_bytes / max(1, diff.changed_page_bytes),
+        # the time side of sub-page deltas: the incremental plus reading the parent's changed pages back
+        "incremental_with_readback_vs_full": float(statistics.median(
+            (r["incremental_backup"]["seconds"] + r["parent_readback"]["seconds"]) / r["full_backup"]["seconds"]
+            for r in rounds)),
         "page_minimum_vs_changed_pages": diff.changed_pages_zstd_bytes / max(1, diff.changed_page_bytes),
         "restore_vs_cp_fsync": paired("restore", "cp_fsync"),
         "backup_rss_mb": max(rss["full_backup"], rss["full_backup_checksums"], rss["incremental_backup"]),
@@ -203,6 +250,7 @@ def measure(db: BenchDatabase, work: Path, runs: int, warmup: int, log: Log) -> 
             "differing_bytes": diff.differing_bytes,
         },
         "pages": diff.as_dict(),
+        "parent_readback": {k: med("parent_readback", k) for k in ("blobs", "blobs_of", "bytes_read", "raw_bytes")},
         "rss_mb": {k: round(v, 1) for k, v in rss.items()},
         "restore_size_ok": all(r["restore"]["size_ok"] for r in rounds),
         "ratios": {k: round(v, 4) for k, v in ratios.items()},

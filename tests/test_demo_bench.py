@@ -118,7 +118,8 @@ def test_benchmark_smoke(tmp_path: Path) -> None:
     (result,) = doc["results"]
     assert result["size_mib"] == 20
     assert {"sqlite_backup", "cp_fsync", "full_backup", "full_backup_checksums", "incremental_backup",
-            "restore", "full_backup_defaults", "incremental_backup_defaults"} == result["seconds"].keys()
+            "restore", "full_backup_defaults", "incremental_backup_defaults",
+            "parent_readback"} == result["seconds"].keys()
     # with the defaults (checksums on at this size) the incremental reuses the leaves that did not change
     assert result["ratios"]["incremental_vs_full_defaults"] < 1
     assert all(v > 0 for v in result["seconds"].values())
@@ -133,6 +134,8 @@ def test_benchmark_smoke(tmp_path: Path) -> None:
     ratios = result["ratios"]
     assert ratios["full_vs_sqlite_backup_defaults_command"] >= ratios["full_vs_sqlite_backup_defaults"] > 0
     assert ratios["restore_vs_cp_fsync_command"] >= ratios["restore_vs_cp_fsync"] > 0
+    # the cost side of sub-page deltas: the incremental plus reading the parent's changed pages back
+    assert ratios["incremental_with_readback_vs_full"] > ratios["incremental_vs_full"]
 
 
 def test_demo_comparison_without_sqldiff(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
