@@ -6,6 +6,17 @@ TURSO_AUTH_TOKEN (or the policy's ``auth_token: env:VAR``).
 
 Registered on the main app by dbre/cli.py. SIGINT and SIGTERM ship what is committed and exit 0;
 any failure prints one line and exits non-zero (1; 2 for bad input).
+
+Stopping is bounded. After the signal, the replicator ships for at most ``SHUTDOWN_SECONDS`` (10 s:
+the last segments, a base a new generation needs); what it cannot ship by then — a generation that
+must start while prune holds the repository lock or an application holds the source's write lock,
+a store that does not take the last segments — it does not wait for: one line on stderr says what
+is not in the repository, exit 1 (the SIGTERM contract not met is a failure: a supervisor must not
+read it as "everything shipped"). Should the process still be running ``HARD_STOP_SECONDS`` (15 s)
+after the signal (a request or a read that does not return), or on a second signal, it exits at
+once, exit 1, with one line: the repository is then left as after kill -9 (every object in it whole;
+the lease and the lock objects go stale, a replicator restarted on this host takes them over at
+once). A remote source adds its last sync (up to 30 s) to both bounds.
 """
 
 from __future__ import annotations
@@ -24,6 +35,7 @@ from dbre.cli import KeyFileOpt, PolicyOpt, _key, _policy, _run, _token, app
 from dbre.errors import UsageError
 from dbre.secrets import Secret
 
+HARD_STOP_SECONDS = 15.0  # after a signal, the process exits as it stands (the shipper's SHUTDOWN_SECONDS + 5 s)
 LOCAL_INTERVAL = "750ms"  # a commit durable within about this: p99 lag under 1 s at 1000 commits/s (README)
 REMOTE_INTERVAL = "500ms"  # an embedded replica's sync period: the sync itself adds to the lag
 
@@ -112,8 +124,13 @@ def replicate(
             else:
                 LocalFileSource(spec).check()
         stop = threading.Event()
+        from dbre.replicate.remote import LAST_SYNC_TIMEOUT
+        from dbre.replicate.shipper import SHUTDOWN_SECONDS
+
+        bound = max(HARD_STOP_SECONDS, SHUTDOWN_SECONDS + 1.0) + (
+            LAST_SYNC_TIMEOUT if any(_is_remote(c[0]) for c in chosen) else 0.0)
         for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda *_: stop.set())
+            signal.signal(sig, lambda *_: _stop_within(stop, bound))
         repository = Repository.open_or_init(url, key)
 
         def shipped(key: str) -> None:
@@ -165,6 +182,25 @@ def replicate(
             raise failed
 
     _run(go)
+
+
+def _stop_within(stop: threading.Event, bound: float) -> None:
+    """The signal handler: ask the replicators to stop (they ship what is committed, within their own
+    bound), and exit the process as it stands ``bound`` seconds later or at a second signal."""
+    if stop.is_set():
+        _hard_exit("a second signal")
+        return
+    stop.set()
+    timer = threading.Timer(bound, _hard_exit, args=(f"still stopping {bound:.0f} s after the signal",))
+    timer.daemon = True
+    timer.start()
+
+
+def _hard_exit(why: str) -> None:
+    print(f"dbre: replicate: {why}: exiting now, without waiting for what was being shipped; the repository "
+          "is consistent (as after kill -9: commits not shipped yet are not in it) (run replicate again: "
+          "it resumes)", file=sys.stderr, flush=True)
+    os._exit(1)
 
 
 def _is_remote(spec: str) -> bool:

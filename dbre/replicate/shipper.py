@@ -37,6 +37,16 @@ The segments in between are kept from prune by the lease (``dbre.replicate.lease
 exclusive lock (prune) holds the repository, a periodic base is put off (``LOCK_RETRY_SECONDS``)
 and shipping goes on in the current generation; a generation that must start (none yet, or
 continuity lost) waits, its read transaction ended, refreshing the lease.
+
+Stopping (``stop`` set: the CLI's SIGINT/SIGTERM): the next polling round swaps, ships what is
+committed and waits for the uploader; no base snapshot starts for a periodic generation any more
+(one under way is cut short at its next run of pages: the pending commits go into the current
+generation). What cannot be shipped then is not waited for past ``SHUTDOWN_SECONDS`` after the
+stop was seen: a generation that must start and finds the repository locked (prune) or the
+source's write lock busy is not tried again, a base it needs is cut short at the deadline, and an
+uploader still putting segments then is left behind (as by kill -9: every put is whole or absent,
+the lease and the lock objects go stale). Those raise ``StoppedUnshipped`` (exit 1, one line that
+says what is not in the repository), never a clean return.
 """
 
 from __future__ import annotations
@@ -53,7 +63,7 @@ from typing import Any
 
 import apsw
 
-from dbre.errors import IntegrityError, LockedError, SourceError
+from dbre.errors import IntegrityError, LockedError, RepositoryError, SourceError
 from dbre.replicate.lease import Lease
 from dbre.replicate.segment import (
     Generation,
@@ -96,6 +106,9 @@ LOCK_RETRY_SECONDS = float(os.environ.get("DBRE_REPLICATE_LOCK_RETRY", "5"))  # 
 # most this many segments after its base (~7 min of constant writes at the default interval)
 GENERATION_SEGMENTS = int(os.environ.get("DBRE_REPLICATE_GENERATION_SEGMENTS", "600"))  # (tests set it low)
 BUSY_BASES = 10  # base snapshots in a row without a WAL position (a busy source) before replicate gives up
+# once stop is seen, the longest the replicator keeps trying to ship (a base a new generation needs,
+# the segments queued for the store); then it gives up, saying what is not shipped (StoppedUnshipped)
+SHUTDOWN_SECONDS = 10.0
 
 
 @dataclass
@@ -126,7 +139,18 @@ class _ReplicaFile(LocalFileSource):
 
 
 class _Stopped(Exception):
-    """Stop was asked while a generation waited for the repository lock: nothing more to ship."""
+    """Stop was asked while a generation could not start (why: ``args[0]``): nothing more can be shipped."""
+
+
+class _BaseCut(Exception):
+    """Raised through a base snapshot's progress callback: the stop came and that base is not waited for."""
+
+
+class StoppedUnshipped(RepositoryError):
+    """The replicator stopped (SIGINT/SIGTERM) without shipping every commit: a generation could not
+    start in time (prune held the repository, the source's write lock stayed busy) or the store did
+    not take the last segments within ``SHUTDOWN_SECONDS``. The repository is consistent (what is in
+    it is whole); the commits it names are not in it until a replicator runs again."""
 
 
 class _Uploader:
@@ -135,6 +159,7 @@ class _Uploader:
     def __init__(self) -> None:
         self._q: queue.Queue[Callable[[], None] | None] = queue.Queue()
         self._error: BaseException | None = None
+        self._left = False  # left behind (``drain`` timed out): no further job starts
         self._thread = threading.Thread(target=self._loop, name="dbre-replicate-upload", daemon=True)
         self._thread.start()
 
@@ -144,7 +169,7 @@ class _Uploader:
             try:
                 if job is None:
                     return
-                if self._error is None:
+                if self._error is None and not self._left:
                     job()
             except BaseException as err:  # noqa: BLE001 - handed to the main thread by check()
                 self._error = err
@@ -163,13 +188,20 @@ class _Uploader:
         """Jobs submitted and not yet started (the one running is not counted)."""
         return self._q.qsize()
 
-    def drain(self) -> None:
-        self._q.join()
+    def drain(self, timeout: float | None = None) -> bool:
+        """Wait for every job submitted (raising the first error); False when ``timeout`` seconds
+        passed first: the uploader is then left behind (the job running goes on, no other starts)."""
+        with self._q.all_tasks_done:
+            if not self._q.all_tasks_done.wait_for(lambda: not self._q.unfinished_tasks, timeout):
+                self._left = True
+                return False
         self.check()
+        return True
 
     def close(self) -> None:
         self._q.put(None)
-        self._thread.join()
+        if not self._left:
+            self._thread.join()
 
 
 def _same(a: WalPos, b: WalPos) -> bool:
@@ -212,6 +244,8 @@ class Replicator:
         self._put_off = 0  # tries of the base due that a prune refused
         self._busy_bases = 0  # bases in a row the source's busy write lock left without a WAL position
         self._stop = threading.Event()
+        self._stopped_at: float | None = None  # monotonic: when stop was first seen set
+        self._durable: tuple[str, int] | None = None  # (generation, txid) of the last state this run made durable
         self.gen: Generation | None = None
         self.page_size = 0
         self.pos = WalPos(b"", 0)  # read up to here (the end of ``pending``)
@@ -236,11 +270,14 @@ class Replicator:
     # -- the loop --------------------------------------------------------------------------------
 
     def run(self, stop: threading.Event, on_ship: Callable[[str], None] | None = None) -> ReplicateStats:
-        """Replicate until ``stop`` is set; then ship what is committed and return."""
+        """Replicate until ``stop`` is set; then ship what is committed and return. What cannot be
+        shipped within ``SHUTDOWN_SECONDS`` of the stop raises ``StoppedUnshipped`` (module doc, *Stopping*)."""
         self.on_ship = on_ship
         self._stop = stop
         self.repo.require_writable(f"replicate {self.db}")
         self._uploader = _Uploader()
+        unshipped: list[str] = []
+        left = False
         try:
             try:
                 lock = self._wait_for_lock()
@@ -257,16 +294,35 @@ class Replicator:
                     self._loop(stop)
                 finally:
                     self._close()
-            except _Stopped:
-                log.warning("replicate %s: stopped while waiting for the repository lock (prune)", self.db)
-            self._uploader.drain()
+            except _Stopped as err:
+                unshipped.append(str(err))
+            age = self._stop_age()
+            if not self._uploader.drain(None if age is None else max(1.0, SHUTDOWN_SECONDS - age)):
+                left = True
+                unshipped.append(f"the store had not taken the last segments {SHUTDOWN_SECONDS:.0f} s after the stop")
         finally:
             self._uploader.close()
-            if self.lease is not None:
+            # left behind, a put may still be under way: the lease and the locks stay, as after kill -9
+            # (they go stale; a replicator restarted on this host takes them over at once)
+            if self.lease is not None and not left:
                 self.lease.release()
-            for held in list(self._locks):
+            for held in list(self._locks) if not left else []:
                 self._let_go(held)
+        if unshipped:
+            gen_txid = self._durable
+            what = (f"commits after txid {gen_txid[1]} (generation {gen_txid[0]}) are not in the repository"
+                    if gen_txid else "no commit read by this run is in the repository")
+            raise StoppedUnshipped(f"replicate {self.db}: stopped before shipping every commit: "
+                                   f"{'; '.join(unshipped)}; {what}", "run replicate again: it ships them")
         return self.stats
+
+    def _stop_age(self) -> float | None:
+        """Seconds since stop was first seen set (None while it is not)."""
+        if not self._stop.is_set():
+            return None
+        if self._stopped_at is None:
+            self._stopped_at = time.monotonic()
+        return time.monotonic() - self._stopped_at
 
     # -- the repository lock (held only while a generation starts) ---------------------------------
 
@@ -301,13 +357,14 @@ class Replicator:
                     log.warning("replicate %s: repository lock taken after %.0f s", self.db, waited)
                 return self._base_lock
             except LockedError as err:
-                if not waited:
+                if not waited and not self._stop.is_set():
                     log.warning("replicate %s: waiting to start a generation: %s", self.db, err.message)
+                why = err.message
             if self.conn is not None:
                 self._end_read()  # nothing to pin: the generation starts from a snapshot taken later
             began = time.monotonic()
             if self._stop.wait(LOCK_RETRY_SECONDS):
-                raise _Stopped
+                raise _Stopped(f"a new generation could not start ({why})")
             waited += time.monotonic() - began
             if self.lease is not None and self._uploader is not None and self.lease.due():
                 self._uploader.submit(self.lease.refresher())
@@ -318,6 +375,8 @@ class Replicator:
         last_poll = time.monotonic()
         while True:
             stopping = stop.wait(POLL_SECONDS)
+            if stopping:
+                self._stop_age()  # (the shutdown budget counts from here)
             now = time.monotonic()
             self.stats.max_poll_gap_ms = max(self.stats.max_poll_gap_ms, (now - last_poll) * 1000)
             last_poll = now
@@ -554,7 +613,7 @@ class Replicator:
             if any(len(t.pages) >= max(VACUUM_MIN_PAGES, VACUUM_SHARE * t.page_count) for t in batch):
                 # (VACUUM, or a rewrite as large): a fresh base keeps later restores from replaying it
                 self._want_base = "a transaction rewrote most of the database"
-            if self._want_base and time.monotonic() >= self._base_after:
+            if self._want_base and time.monotonic() >= self._base_after and not self._stop.is_set():
                 self.pending = txs + self.pending
                 if txs and self._pending_since is None:
                     self._pending_since = time.monotonic()
@@ -593,6 +652,7 @@ class Replicator:
             # a rise counts at once (the lag budget must hold at p99), a fall slowly
             self.upload_seconds = max(took, 0.8 * self.upload_seconds + 0.2 * took)
             self._state = state
+            self._durable = (gen.id, txs[-1].txid)
             self.stats.segments += 1
             self.stats.transactions += len(txs)
             self.stats.bytes += size
@@ -650,6 +710,7 @@ class Replicator:
             return False
         self.stats.generations.append(base.id)
         self._gen_segments = len(names)
+        self._durable = (base.id, txid)
         return True
 
     def _continuity_lost(self, why: str) -> None:
@@ -684,12 +745,13 @@ class Replicator:
                 self.page_size = st.page_size if st.mx_frame else self._page_size()
                 self.restarts = "any"
             done: dict[str, object] = {}
-            worker = threading.Thread(target=self._take_base, args=(done,), name="dbre-replicate-snapshot",
+            worker = threading.Thread(target=self._take_base, args=(done, continued), name="dbre-replicate-snapshot",
                                       daemon=True)
             born = time.monotonic()  # before the snapshot's time: the generation's age is never under-counted
             worker.start()
             while worker.is_alive():
                 worker.join(POLL_SECONDS)
+                self._stop_age()  # (a base cut short at the deadline counts from the stop)
                 if self.lease is not None:
                     self.lease.tick()
                     if self.lease.due():  # a base of a large database takes minutes: the lease stays renewed
@@ -717,6 +779,8 @@ class Replicator:
                 self._let_go(lock)
             if "error" in done:
                 raise done["error"]  # type: ignore[misc]
+            if continued and "cut" in done:
+                return  # stopping: the pending commits go into the current generation, no base is needed for them
             if continued:
                 # the current generation stays exact: ship on in it, try again later
                 self._base_after = time.monotonic() + LOCK_RETRY_SECONDS
@@ -725,6 +789,9 @@ class Replicator:
                     log.warning("replicate %s: new base put off (%s): %s; retried every %.0f s", self.db, why,
                                 done["locked"], LOCK_RETRY_SECONDS)
                 return
+            if self._stop.is_set():  # not tried again: the next run takes the base
+                cause = done.get("cut") or getattr(done["locked"], "message", done["locked"])
+                raise _Stopped(f"a new generation could not start ({cause})")
             log.warning("replicate %s: %s: retrying", self.db, done["locked"])
         if self._put_off:
             log.warning("replicate %s: new base taken after %d tries", self.db, self._put_off + 1)
@@ -759,6 +826,7 @@ class Replicator:
             ensure_base_locked(self.repo, manifest)
             write_base(self.repo, gen)
             self._state = state
+            self._durable = (gen_id, base_txid)
             self.lease.name(gen_id)  # before the lock goes: prune never deletes the generation it names
             self._let_go(lock)
 
@@ -770,9 +838,9 @@ class Replicator:
         log.info("replicate %s: generation %s from snapshot %s%s", self.db, gen_id, manifest.id,
                  f" ({why})" if why else "")
 
-    def _take_base(self, done: dict[str, object]) -> None:
+    def _take_base(self, done: dict[str, object], continued: bool) -> None:
         """The worker thread of ``_new_generation``: the repository lock (one try, unless held), then
-        the base snapshot; the outcome in ``done`` ("result", "locked" or "error")."""
+        the base snapshot; the outcome in ``done`` ("result", "locked", "cut" or "error")."""
         try:
             if self._base_lock is None:
                 self._base_lock = self._try_lock()  # a periodic base: one try
@@ -781,11 +849,26 @@ class Replicator:
             # pin, closed only after our connections: the reader keeps its locks throughout
             source = LocalFileSource(self.path) if self.base_identity is None \
                 else _ReplicaFile(self.path, self.base_identity)
-            done["result"] = backup(self.repo, source, self.db, accept_new_source=self.accept_new_source)
+            done["result"] = backup(self.repo, source, self.db, accept_new_source=self.accept_new_source,
+                                    progress=self._cut_when_stopped(continued))
+        except _BaseCut:
+            done["cut"] = f"its base snapshot was not done {SHUTDOWN_SECONDS:.0f} s after the stop"
         except LockedError as err:  # prune holds the repository (or was taking it just then)
             done["locked"] = err
         except BaseException as err:  # noqa: BLE001 - re-raised in the main thread
             done["error"] = err
+
+    def _cut_when_stopped(self, continued: bool) -> Callable[[int, int], None]:
+        """A base snapshot's progress callback: once stop is seen, a periodic base (``continued``: not
+        needed to ship) is cut short at its next run of pages, one a new generation needs at
+        ``SHUTDOWN_SECONDS``; the backup then removes what it wrote and stores no manifest."""
+
+        def progress(done: int, total: int) -> None:
+            age = self._stop_age()
+            if age is not None and (continued or age >= SHUTDOWN_SECONDS):
+                raise _BaseCut
+
+        return progress
 
     def _page_size(self) -> int:
         assert self.conn is not None
