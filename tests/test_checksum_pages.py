@@ -266,3 +266,38 @@ def test_pages_read_again_for_checksums_do_not_stay_resident(tmp_path: Path) -> 
                              capture_output=True, text=True, timeout=300, check=True)
         peaks[mode] = int(out.stdout.split()[-1])  # KiB
     assert peaks["mapped"] - peaks["default"] > 30 * 1024, peaks
+
+
+def test_a_mismatch_on_a_table_with_real_values_names_another_sqlite(tmp_path: Path) -> None:
+    """quote() of a REAL is not the same text in every SQLite (3.40.1: 3.33333333333333314829e-01,
+    3.54.1: 0.33333333333333332 for 1.0/3). A checksum mismatch on a table holding a REAL value, in
+    a snapshot whose checksums another SQLite computed, says so; it stays a failure. Not said: the
+    same SQLite, or a table with no REAL value."""
+    src = tmp_path / "live.db"
+    with sqlite3.connect(src) as con:
+        con.execute("CREATE TABLE prices (id INTEGER PRIMARY KEY, amount REAL, label TEXT)")
+        con.execute("CREATE TABLE labels (id INTEGER PRIMARY KEY, label TEXT)")
+        con.executemany("INSERT INTO prices VALUES (?, ?, ?)", [(i, i / 3, f"p{i}") for i in range(500)])
+        con.executemany("INSERT INTO labels VALUES (?, ?)", [(i, f"l{i}") for i in range(500)])
+    con.close()
+    repo = Repository.open_or_init(str(tmp_path / "repo"))
+    m = _backup(repo, src)
+    assert m.stats["checksum_basis"]["sqlite"] == backup_mod._engine()
+    target = tmp_path / "restored.db"
+    apply_restore(repo, plan_restore(repo, "db", target, snapshot=m.id))
+    for t in ("prices", "labels"):
+        m.tables[t].checksum = "0" * 32
+
+    def details() -> dict[str, str]:
+        con = apsw.Connection(str(target))
+        try:
+            return {r.table: r.detail for r in failed(equivalence_check(con, m)) if r.check == "checksum"}
+        finally:
+            con.close()
+
+    same = details()
+    assert same.keys() == {"prices", "labels"} and not any("SQLite" in d for d in same.values()), same
+    m.stats["checksum_basis"]["sqlite"] = "3.40.1 linux"
+    other = details()
+    assert "computed by SQLite 3.40.1" in other["prices"] and "REAL" in other["prices"], other
+    assert other["labels"] == same["labels"]  # no REAL value there: nothing to say

@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import secrets
 import struct
-import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -46,7 +45,7 @@ from dbre.repository.manifest import (
 from dbre.repository.pack import PackWriter, read_index_tail
 from dbre.repository.repo import TOOL, Repository
 from dbre.repository.sink import LOST, REPACK, PageSink, column, stretches, value
-from dbre.repository.tables import CHECKSUM_VERSION, PAGE_SUM, PageSums, Prior, table_stats
+from dbre.repository.tables import CHECKSUM_VERSION, PAGE_SUM, PageSums, Prior, sqlite_engine, table_stats
 from dbre.sources.base import Source
 from dbre.sources.image import ImageSession, PageImage
 from dbre.storage import NotFound
@@ -576,7 +575,7 @@ def _reuse_ages(parent: Manifest) -> dict[str, int]:
 def _engine() -> str:
     """The SQLite that computed a snapshot's checksums (version and platform): a parent's are reused
     only by the same one, so a reused checksum is the one this SQLite would compute."""
-    return f"{apsw.sqlite_lib_version()} {sys.platform}"
+    return sqlite_engine()
 
 
 def _source_reference(repo: Repository, db: str, newest: Manifest | None) -> Manifest | None:

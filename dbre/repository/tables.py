@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import struct
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from itertools import islice
@@ -41,6 +42,13 @@ CHECKSUM_VERSION = 3
 # rows stored on that leaf (their overflow pages included), as two little-endian 64-bit lanes.
 PAGE_SUM = struct.Struct("<I16s")
 _ENTRY = np.dtype([("root", "<u4"), ("sum", "<u8", (2,))])  # PAGE_SUM, for numpy
+
+
+def sqlite_engine() -> str:
+    """The SQLite computing checksums here (version and platform), as ``stats.checksum_basis.sqlite``
+    records it: ``quote()`` of a REAL is not the same text in every SQLite (3.40.1 gives
+    0.1/3 as 3.33333333333333314829e-01 where 3.54.1 gives 0.33333333333333332)."""
+    return f"{apsw.sqlite_lib_version()} {sys.platform}"
 
 
 def qident(name: str) -> str:

@@ -20,7 +20,14 @@ import apsw
 
 from dbre.errors import RestoreError
 from dbre.repository.manifest import Manifest
-from dbre.repository.tables import CHECKSUM_VERSION, qident, scan_order_matches, table_stats, user_tables
+from dbre.repository.tables import (
+    CHECKSUM_VERSION,
+    qident,
+    scan_order_matches,
+    sqlite_engine,
+    table_stats,
+    user_tables,
+)
 
 
 @dataclass
@@ -150,10 +157,34 @@ def equivalence_check(conn: apsw.Connection, manifest: Manifest) -> list[CheckRe
             elif checksum != want.checksum:
                 out.append(CheckResult("checksum", False, name, None,
                                        f"content differs from the backup (xxh3 {str(checksum)[:12]}, "
-                                       f"expected {want.checksum[:12]})"))
+                                       f"expected {want.checksum[:12]})" + _real_text_hint(conn, name, manifest)))
             else:
                 out.append(CheckResult("checksum", True, name, None, "content as backed up"))
     return out
+
+
+def _real_text_hint(conn: apsw.Connection, name: str, manifest: Manifest) -> str:
+    """A checksum mismatch's other possible cause, said where it applies: a row's checksum hashes
+    its ``quote()`` text, and SQLite's text of a REAL changed between versions. When the snapshot
+    says another SQLite computed its checksums and the table holds a REAL value, the failure says
+    so (it stays a failure: the rows may differ too)."""
+    basis = manifest.stats.get("checksum_basis") if isinstance(manifest.stats, dict) else None
+    then = basis.get("sqlite") if isinstance(basis, dict) else None
+    now = sqlite_engine()
+    if not isinstance(then, str) or then == now:
+        return ""
+    try:
+        cols = [str(r[1]) for r in conn.execute(f"PRAGMA table_info({qident(name)})")]
+        real = bool(cols) and conn.execute(
+            f"SELECT 1 FROM {qident(name)} WHERE "
+            + " OR ".join(f"typeof({qident(c)}) = 'real'" for c in cols) + " LIMIT 1").fetchone() is not None
+    except apsw.Error:
+        return ""
+    if not real:
+        return ""
+    return (f"; it holds REAL values, and the backup's checksums were computed by SQLite {then.split()[0]}, "
+            f"this check by {now.split()[0]}, whose text of a REAL may differ: compare the rows "
+            "(`dbre sql`) before trusting this one")
 
 
 def run_checks(path: str | os.PathLike[str], manifest: Manifest | None) -> list[CheckResult]:
