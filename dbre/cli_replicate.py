@@ -35,7 +35,8 @@ from dbre.cli import KeyFileOpt, PolicyOpt, _key, _policy, _run, _token, app
 from dbre.errors import UsageError
 from dbre.secrets import Secret
 
-HARD_STOP_SECONDS = 15.0  # after a signal, the process exits as it stands (the shipper's SHUTDOWN_SECONDS + 5 s)
+# a signal: the process exits as it stands this much later (the shipper's SHUTDOWN_SECONDS + 5 s; tests set it low)
+HARD_STOP_SECONDS = float(os.environ.get("DBRE_REPLICATE_HARD_STOP", "15"))
 LOCAL_INTERVAL = "750ms"  # a commit durable within about this: p99 lag under 1 s at 1000 commits/s (README)
 REMOTE_INTERVAL = "500ms"  # an embedded replica's sync period: the sync itself adds to the lag
 
@@ -125,10 +126,8 @@ def replicate(
                 LocalFileSource(spec).check()
         stop = threading.Event()
         from dbre.replicate.remote import LAST_SYNC_TIMEOUT
-        from dbre.replicate.shipper import SHUTDOWN_SECONDS
 
-        bound = max(HARD_STOP_SECONDS, SHUTDOWN_SECONDS + 1.0) + (
-            LAST_SYNC_TIMEOUT if any(_is_remote(c[0]) for c in chosen) else 0.0)
+        bound = HARD_STOP_SECONDS + (LAST_SYNC_TIMEOUT if any(_is_remote(c[0]) for c in chosen) else 0.0)
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: _stop_within(stop, bound))
         repository = Repository.open_or_init(url, key)

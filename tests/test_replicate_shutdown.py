@@ -5,11 +5,13 @@ holds the source's write lock, cannot ship: it used to exit 0 as if it had shipp
 base nine more times, about 2 s each, before exiting (the write lock: 18.6 s measured, minutes on a
 loaded machine). Now it exits within ``SHUTDOWN_SECONDS``, exit 1, one line saying what is not in the
 repository, and the repository verifies clean. A replicator that has a generation ships its commits under
-prune's lock (segments need none) and exits 0. A second signal exits at once.
+prune's lock (segments need none) and exits 0. A second signal exits at once, and so does a process still
+stopping ``HARD_STOP_SECONDS`` after the signal (a store request that does not return).
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import sqlite3
 import threading
@@ -37,8 +39,8 @@ def repo_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 class Replicator:
     """`dbre replicate` as a subprocess, its stderr read line by line as it comes."""
 
-    def __init__(self, src: Path, url: str) -> None:
-        self.proc = start_replicator(src, url, db="c", interval="200ms")
+    def __init__(self, src: Path, url: str, env: dict[str, str] | None = None) -> None:
+        self.proc = start_replicator(src, url, db="c", interval="200ms", env=env)
         self.lines: list[str] = []
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -202,6 +204,46 @@ def test_second_signal_exits_at_once(tmp_path: Path, replicators: list[Replicato
     assert code == 1, rep.lines
     assert took < 1.5, f"exited {took:.1f} s after the first SIGTERM"
     assert rep.lines[-1].startswith("dbre: replicate: a second signal: exiting now"), rep.lines
+    _verify_clean(url)
+
+
+HANG_RELEASE = """
+import time
+import dbre.replicate.lease as lease
+
+def _hang(self):  # the lease's removal, a store request that never returns
+    time.sleep(3600)
+
+lease.Lease.release = _hang
+"""
+
+
+def test_a_stop_that_hangs_exits_at_the_hard_bound(tmp_path: Path, replicators: list[Replicator]) -> None:
+    """The replicator ships at SIGTERM, then its last store request (the lease's removal) never returns:
+    the process exits at ``HARD_STOP_SECONDS`` (3 s here), exit 1, one line; what it shipped restores, and
+    the repository verifies clean (the lease is left behind, as by kill -9)."""
+    src, url, shim = tmp_path / "c.db", str(tmp_path / "repo"), tmp_path / "shim"
+    make_source(src, 50)
+    shim.mkdir()
+    (shim / "sitecustomize.py").write_text(HANG_RELEASE)
+    path = os.pathsep.join(p for p in (str(shim), os.environ.get("PYTHONPATH", "")) if p)
+    rep = Replicator(src, url, env={"PYTHONPATH": path, "DBRE_REPLICATE_HARD_STOP": "3"})
+    replicators.append(rep)
+    wait_for_generation(url, "c", timeout=60, proc=rep.proc)
+    app = sqlite3.connect(src, isolation_level=None)
+    try:
+        app.execute("INSERT INTO t(seq, pad) VALUES (51, randomblob(100))")
+        app.execute("UPDATE counter SET n = 51")
+    finally:
+        app.close()
+    code, took = rep.stop()
+    assert code == 1, rep.lines
+    assert 3.0 <= took < 3.0 + PROMPT, f"exited {took:.1f} s after SIGTERM"
+    assert rep.lines[-1].startswith("dbre: replicate: still stopping 3 s after the signal: exiting now"), rep.lines
+    assert list(Repository.open(url).store.list("leases/c/")), "the hung removal removed the lease"
+    out = tmp_path / "newest.db"
+    restore_at(Repository.open(url), "c", utc(time.time() + 1), out)
+    assert restored_seq(out) == (51, 51, 51)
     _verify_clean(url)
 
 
