@@ -82,7 +82,7 @@ def replicate(
     A remote libSQL source: through an embedded replica (--state-dir) synced every interval."""
 
     def go() -> None:
-        from dbre.replicate.remote import RemoteReplicator
+        from dbre.replicate.remote import LAST_SYNC_TIMEOUT, RemoteReplicator
         from dbre.replicate.shipper import Replicator
         from dbre.repository.manifest import check_db_name
         from dbre.repository.repo import Repository
@@ -125,8 +125,6 @@ def replicate(
             else:
                 LocalFileSource(spec).check()
         stop = threading.Event()
-        from dbre.replicate.remote import LAST_SYNC_TIMEOUT
-
         bound = HARD_STOP_SECONDS + (LAST_SYNC_TIMEOUT if any(_is_remote(c[0]) for c in chosen) else 0.0)
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: _stop_within(stop, bound))
