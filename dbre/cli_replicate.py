@@ -125,9 +125,10 @@ def replicate(
             else:
                 LocalFileSource(spec).check()
         stop = threading.Event()
-        bound = HARD_STOP_SECONDS + (LAST_SYNC_TIMEOUT if any(_is_remote(c[0]) for c in chosen) else 0.0)
+        stopping = _Stopping(stop, HARD_STOP_SECONDS + (
+            LAST_SYNC_TIMEOUT if any(_is_remote(c[0]) for c in chosen) else 0.0))
         for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda *_: _stop_within(stop, bound))
+            signal.signal(sig, stopping.on_signal)
         repository = Repository.open_or_init(url, key)
 
         def shipped(key: str) -> None:
@@ -159,6 +160,7 @@ def replicate(
             while any(t.is_alive() for t in threads):  # the main thread stays free for the signals
                 for t in threads:
                     t.join(0.2)
+        stopping.finished()  # (what is left is printing the outcome)
         failed = None
         for _spec, name, _tok in chosen:
             stats = results.get(name)
@@ -181,16 +183,30 @@ def replicate(
     _run(go)
 
 
-def _stop_within(stop: threading.Event, bound: float) -> None:
-    """The signal handler: ask the replicators to stop (they ship what is committed, within their own
-    bound), and exit the process as it stands ``bound`` seconds later or at a second signal."""
-    if stop.is_set():
-        _hard_exit("a second signal")
-        return
-    stop.set()
-    timer = threading.Timer(bound, _hard_exit, args=(f"still stopping {bound:.0f} s after the signal",))
-    timer.daemon = True
-    timer.start()
+class _Stopping:
+    """SIGINT/SIGTERM: the first asks the replicators to stop (they ship what is committed, within
+    their own bound); the process exits as it stands ``bound`` seconds later, or at a second signal."""
+
+    def __init__(self, stop: threading.Event, bound: float) -> None:
+        self.stop = stop
+        self.bound = bound
+        self.signals = 0
+        self.timer: threading.Timer | None = None
+
+    def on_signal(self, *_: object) -> None:
+        self.signals += 1
+        if self.signals > 1:
+            _hard_exit("a second signal")
+        self.stop.set()
+        self.timer = threading.Timer(self.bound, _hard_exit,
+                                     args=(f"still stopping {self.bound:.0f} s after the signal",))
+        self.timer.daemon = True
+        self.timer.start()
+
+    def finished(self) -> None:
+        """The replicators have returned: the outcome they reached is the one reported."""
+        if self.timer is not None:
+            self.timer.cancel()
 
 
 def _hard_exit(why: str) -> None:
