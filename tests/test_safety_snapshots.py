@@ -208,3 +208,28 @@ def test_status_ages_the_schedule_not_a_repair(tmp_path: Path) -> None:
     assert st.newest_snapshot_at == first["taken_at"]
     assert st.newest_restorable_age_seconds is not None and st.newest_restorable_age_seconds >= 4
     assert any("over the RPO" in a.message for a in st.alerts), st.alerts
+
+
+def test_restore_at_a_time_after_a_recovery_skips_its_safety_snapshot(tmp_path: Path, repo_url: str) -> None:
+    """The on-call's recovery: rows deleted by mistake, the backup restored over the live file with
+    --force (which snapshots the damaged database first, tagged safety). A later `restore --at` or
+    `sql --at` a time after that must give the backup history's state, not the damage the recovery
+    replaced; --snapshot ID still reaches the safety snapshot."""
+    live = make_shop(tmp_path / "shop.db")
+    regular = json.loads(ok("backup", live, "--repo", repo_url, "--json"))["id"]
+    sql(live, "DELETE FROM orders")
+    ok("restore", "--repo", repo_url, "--db", "shop", "--to", live, "--force")
+    snaps = snapshots(repo_url)
+    assert [s["tags"] for s in snaps] == [[], ["safety"]]
+    assert sql(live, "SELECT count(*) FROM orders") == [(50,)]
+    time.sleep(0.01)
+    now = iso(datetime.now(UTC))
+    at = tmp_path / "at.db"
+    out = ok("restore", "--repo", repo_url, "--db", "shop", "--at", now, "--to", at)
+    assert out.startswith(f"restored snapshot {regular}"), out
+    assert sql(at, "SELECT count(*) FROM orders") == [(50,)]
+    counted = ok("sql", "--repo", repo_url, "--db", "shop", "--at", now, "SELECT count(*) FROM orders")
+    assert "50" in counted, counted
+    damage = tmp_path / "damage.db"
+    ok("restore", "--repo", repo_url, "--db", "shop", "--snapshot", snaps[1]["id"], "--to", damage)
+    assert sql(damage, "SELECT count(*) FROM orders") == [(0,)]

@@ -580,8 +580,8 @@ class Repository:
         raise UsageError(f"no snapshots of database {db!r} in {self.url}", f"known databases: {known}")
 
     def find_snapshot(self, db: str, snap_id: str | None = None, at: datetime | None = None) -> Manifest:
-        """The snapshot an ID prefix names, or the newest at or before ``at``, or the newest that is
-        not a safety snapshot (see ``Manifest.is_safety``).
+        """The snapshot an ID prefix names, or the newest at or before ``at`` / the newest, either
+        skipping safety snapshots (see ``Manifest.is_safety``) unless there is nothing else.
 
         Format 2 reads exactly one manifest: the listing of names finds it (one request with
         ``at`` or for the newest; an id prefix lists the database's names)."""
@@ -603,14 +603,14 @@ class Repository:
         if self.version < 2:
             snaps = self.require_db(db)
             if at is not None:
-                before = [m for m in snaps if m.time <= at]
-                if not before:
+                snaps = [m for m in snaps if m.time <= at]
+                if not snaps:
                     raise UsageError(
-                        f"{iso(at)} is before the first snapshot of {db!r} ({snaps[0].taken_at})",
+                        f"{iso(at)} is before the first snapshot of {db!r} ({self.require_db(db)[0].taken_at})",
                         "pick a later time",
                     )
-                return before[-1]
-            return snaps[-1]
+            regular = [m for m in snaps if not m.is_safety]  # (as in format 2, below)
+            return (regular or snaps)[-1]
         check_db_name(db)
         prefix = f"snapshots/{db}/"
         # names at or before ``at`` sort at or after prefix + inv(at): the first of them is the one
@@ -623,9 +623,11 @@ class Repository:
             first = min(r.time for r in refs if r.time is not None)
             raise UsageError(f"{iso(at)} is before the first snapshot of {db!r} ({iso(first)})", "pick a later time")
         chosen = self.load_ref(ref)
-        if at is None and chosen.is_safety:
-            # the default "newest" skips safety snapshots (a repair's undo, not the backup history;
-            # --snapshot ID still names one); a database with nothing else restores the newest of them
+        if chosen.is_safety:
+            # the newest, and the newest at or before a time, skip safety snapshots: a repair's undo,
+            # the state it replaced, not the backup history (after a recovery, `--at` a later time
+            # must not bring back what was just repaired; --snapshot ID still names one); a database
+            # with nothing else at that time restores the newest of them
             older = self._first_ref(prefix, ref.key)
             while older is not None:
                 m = self.load_ref(older)
