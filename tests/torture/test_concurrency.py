@@ -99,7 +99,12 @@ def test_concurrent_runs_on_one_repository(backend: str, repo_url: Callable[[str
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)
         writer.wait(timeout=30)
-        _, err = rep.communicate(timeout=60)
+        try:
+            _, err = rep.communicate(timeout=60)
+        except subprocess.TimeoutExpired:  # (never leave it running; its stderr says where it was)
+            rep.kill()
+            _, err = rep.communicate()
+            raise AssertionError(f"{backend}: replicate did not exit within 60 s of SIGTERM: {err}") from None
     assert rep.returncode == 0, f"{backend}: replicate exited {rep.returncode}: {err}"
     commits, _ = read_log(log)
     r = Repository.open(url)
