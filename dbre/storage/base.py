@@ -38,6 +38,17 @@ class PermanentError(StorageError):
     """A failure a retry will not fix: denied, no such bucket, disk full, bad request."""
 
 
+class WriteRefused(PermanentError):
+    """The store refuses writes: a read-only file system or mount, permission denied, a full disk or
+    quota; on S3, AccessDenied (a 403) on a put or delete. Reads may still work: the read-only
+    operations go on without a lock (``Repository.read_lock``), nothing that writes does.
+    ``cause`` names it in a few words ("read-only file system", "disk full", "access denied")."""
+
+    def __init__(self, message: str, hint: str = "", cause: str = "writes refused") -> None:
+        super().__init__(message, hint)
+        self.cause = cause
+
+
 class ObjectLocked(PermanentError):
     """The object's version is under an Object Lock retention that is still in force."""
 
@@ -142,7 +153,9 @@ class Store(Protocol):
       staleness is judged by it, so two hosts' clocks never have to agree.
     - ``delete`` removes a key; deleting a missing key is not an error.
     - ``exists`` says whether a key is present.
-    All other failures raise ``TransientError`` or ``PermanentError``; no SDK exception escapes.
+    All other failures raise ``TransientError`` or ``PermanentError``; no SDK exception escapes. A
+    write (``put``, ``delete``) the store refuses for good (read-only, permission denied, disk full,
+    AccessDenied) raises ``WriteRefused``, a ``PermanentError``.
     """
 
     url: str

@@ -19,9 +19,20 @@ _TMP = ".tmp"  # temp files live here, never under a key's own folder, so list()
 
 
 def _os_error(op: str, key: str, err: OSError) -> StorageError:
+    """The store error for ``err``: a write refused for good (disk full, read-only, not permitted) is
+    ``WriteRefused``, which read-only operations survive by reading without a lock."""
+    from dbre.storage.base import WriteRefused
+
     if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-        return PermanentError(f"{op} {key}: disk full ({err.strerror})", "free space on the repository disk")
-    if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return WriteRefused(f"{op} {key}: disk full ({err.strerror})", "free space on the repository disk",
+                            cause="disk full")
+    if err.errno == errno.EROFS:
+        return WriteRefused(f"{op} {key}: {err.strerror}", "check the repository's permissions and mount",
+                            cause="read-only file system")
+    if err.errno in (errno.EACCES, errno.EPERM) and op in ("put", "replace", "delete"):
+        return WriteRefused(f"{op} {key}: {err.strerror}", "check the repository's permissions",
+                            cause="permission denied")
+    if err.errno in (errno.EACCES, errno.EPERM):
         return PermanentError(f"{op} {key}: {err.strerror}", "check the repository's permissions")
     if err.errno in (errno.EAGAIN, errno.EINTR, errno.EBUSY):
         return TransientError(f"{op} {key}: {err.strerror}")
