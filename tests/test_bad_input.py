@@ -236,6 +236,26 @@ def test_damaged_manifest_does_not_block_the_others(world: World) -> None:
     assert not (world.tmp / "bad.db").exists()
 
 
+def test_a_planted_snapshot_name_out_of_range_is_named_not_a_crash(world: World) -> None:
+    """A file named like a format-2 snapshot whose time lies past year 9999 (someone with write
+    access, or a stray copy): each command says in one line which file it is, instead of an
+    OverflowError; backup still runs (with a note), the other snapshots still list and restore."""
+    planted = world.repo / "snapshots" / "src" / f"{0:016x}-{'a' * 16}"  # sorts first: the "newest"
+    planted.write_bytes(b"")
+    backed = cli("backup", world.src, "--repo", world.repo, "--json")
+    assert backed.returncode == 0 and planted.name in backed.stdout + backed.stderr, backed
+    listed = cli("snapshots", "--repo", world.repo)
+    assert world.snap_id in listed.stdout and "OverflowError" not in listed.stderr + listed.stdout, listed
+    for r in (cli(*restore_args(world, world.tmp / "out.db")), cli("forget", "--repo", world.repo, "--keep-last", "1")):
+        assert_one_line_error(r, 1, planted.name)
+        assert "not a snapshot name" in r.stderr and "OverflowError" not in r.stderr, r
+    verified = cli("verify", "--repo", world.repo)  # (a report: one DAMAGED line for it)
+    assert verified.returncode == 1 and f"DAMAGED snapshots/src/{planted.name}" in verified.stderr, verified
+    assert "not a snapshot name" in verified.stderr and "OverflowError" not in verified.stderr, verified
+    ok = cli(*restore_args(world, world.tmp / "old.db", "--snapshot", world.snap_id))
+    assert ok.returncode == 0 and integrity(world.tmp / "old.db") == "ok", ok
+
+
 def test_damaged_config(world: World) -> None:
     (world.repo / "config").write_text("{not json")
     with world.unchanged():

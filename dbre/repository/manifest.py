@@ -59,11 +59,15 @@ def snapshot_key_id(taken_at: datetime, snap_id: str) -> str:
 
 
 def parse_key_id(name: str) -> tuple[str, datetime] | None:
-    """(id, taken_at) of a format-2 snapshot name; None when ``name`` is not one."""
+    """(id, taken_at) of a format-2 snapshot name; None when ``name`` is not one (also a name of
+    the right shape whose time is past year 9999: planted, never written by dbre)."""
     m = _KEY_ID.match(name)
     if m is None:
         return None
-    return m.group(2), _EPOCH + timedelta(microseconds=_INV_MAX - int(m.group(1), 16))
+    try:
+        return m.group(2), _EPOCH + timedelta(microseconds=_INV_MAX - int(m.group(1), 16))
+    except OverflowError:
+        return None
 
 
 def now_utc() -> datetime:
