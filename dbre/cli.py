@@ -120,6 +120,27 @@ def _usage_line(err: ClickUsageError, group: Any, args: Sequence[str]) -> str:
     return f"dbre: {what} (see '{path} --help')"
 
 
+# options whose empty value a shell gives for an unset variable (`--at "$BEFORE"`), and which would then mean
+# their default ("the newest"): refused instead, before any command runs
+_NOT_EMPTY = ("--snapshot", "--at", "--txid", "--since", "--target", "--repo", "-r", "--db", "--to", "--live",
+              "--table", "--where", "--key-file", "--fallback", "--policy")
+
+
+def _empty_option(args: list[str]) -> str | None:
+    """The first of ``_NOT_EMPTY`` given an empty (or blank) value, as ``--at ''`` or ``--at=``."""
+    for i, word in enumerate(args):
+        if word == "--":
+            return None
+        name, eq, value = word.partition("=")
+        if name not in _NOT_EMPTY:
+            continue
+        if eq and name.startswith("--") and not value.strip():
+            return name
+        if not eq and i + 1 < len(args) and not args[i + 1].strip():
+            return name
+    return None
+
+
 class _Group(TyperGroup):
     """The `dbre` command: builds the conventional help of every command and prints errors in one line."""
 
@@ -131,6 +152,13 @@ class _Group(TyperGroup):
              complete_var: str | None = None, standalone_mode: bool = True, windows_expand_args: bool = True,
              **extra: Any) -> Any:
         """Run a command. A usage error prints one line and exits 2 (click's code), not typer's rich box."""
+        empty = _empty_option(list(sys.argv[1:] if args is None else args))
+        if empty is not None:
+            if not standalone_mode:
+                raise ClickUsageError(f"{empty} is empty")
+            print(f"dbre: {empty} is empty (an unset shell variable?): give it a value, or leave it out to mean "
+                  "the default", file=sys.stderr)
+            sys.exit(2)
         try:
             result = super().main(args, prog_name or "dbre", complete_var, standalone_mode=False,
                                   windows_expand_args=windows_expand_args, **extra)

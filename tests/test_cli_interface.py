@@ -79,6 +79,13 @@ EXIT_CASES: list[tuple[str, int, list[str], list[str]]] = [
      ["cannot parse time"]),
     ("existing target", 2, ["restore", "--repo", "{repo}", "--db", "shop", "--to", "{tmp}/existing.db"],
      ["already exists", "--force"]),
+    # an unset shell variable (`--at "$BEFORE"`) must not mean "the newest": found by a cold tester
+    ("empty --at", 2, ["restore", "--repo", "{repo}", "--db", "shop", "--to", "{tmp}/out.db", "--at", ""],
+     ["--at is empty", "unset shell variable"]),
+    ("empty --snapshot=", 2, ["restore", "--repo", "{repo}", "--db", "shop", "--to", "{tmp}/out.db", "--snapshot="],
+     ["--snapshot is empty"]),
+    ("blank --snapshot of sql", 2, ["sql", "--repo", "{repo}", "--db", "shop", "--snapshot", " ", "SELECT 1"],
+     ["--snapshot is empty"]),
 ]
 
 
