@@ -260,6 +260,10 @@ def _key(key_file: Path | None) -> Secret | None:
     env = os.environ.get("DBRE_ENCRYPTION_KEY")
     if env is None and os.environ.get("DBRE_KEY_FILE"):
         return _key(Path(os.environ["DBRE_KEY_FILE"]))
+    if env is not None and not env.strip():
+        # (a secret that failed to load: an empty key must not create or open a plain repository)
+        raise UsageError("DBRE_ENCRYPTION_KEY is set but empty",
+                         "set it to the passphrase, or unset it for a repository without encryption")
     return Secret(env) if env else None
 
 

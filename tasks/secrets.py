@@ -41,6 +41,10 @@ def resolve_key(ref: str | None) -> Secret | None:
     if ref:
         return resolve_secret(ref)
     env = os.environ.get("DBRE_ENCRYPTION_KEY")
+    if env is not None and not env.strip():
+        # (a secret that failed to load on the worker: an empty key must not create or open a plain repository)
+        raise UsageError("DBRE_ENCRYPTION_KEY is set but empty",
+                         "set it to the passphrase, or unset it for a repository without encryption")
     return Secret(env) if env else None
 
 

@@ -158,6 +158,26 @@ def flip_middle(path: Path, count: int = 16) -> None:
     path.write_bytes(bytes(data))
 
 
+@pytest.mark.parametrize("blank", ["", "  \n"])
+def test_an_empty_encryption_key_is_refused_not_a_plain_repository(tmp_path: Path, blank: str,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """DBRE_ENCRYPTION_KEY set but empty (a secret that failed to load) must not create a repository
+    without encryption, nor open one: one line, exit 2, nothing written; the Prefect tasks' key
+    resolution refuses it the same way. Found by a cold tester: `init` made a plain repository."""
+    from dbre.errors import UsageError
+    from tasks.secrets import resolve_key
+
+    src = make_db(tmp_path / "src.db", mb=0.1)
+    repo = tmp_path / "repo"
+    for args in (["init", "--repo", repo], ["backup", src, "--repo", repo]):
+        r = cli(*args, env={"DBRE_ENCRYPTION_KEY": blank})
+        assert_one_line_error(r, 2, "DBRE_ENCRYPTION_KEY is set but empty")
+    assert not repo.exists()
+    monkeypatch.setenv("DBRE_ENCRYPTION_KEY", blank)
+    with pytest.raises(UsageError, match="set but empty"):
+        resolve_key(None)
+
+
 def test_corrupted_pack(world: World) -> None:
     pack = max(pack_files(world.repo), key=lambda p: p.stat().st_size)
     flip_middle(pack)
