@@ -84,6 +84,8 @@ EXIT_CASES: list[tuple[str, int, list[str], list[str]]] = [
      ["--at is empty", "unset shell variable"]),
     ("empty --snapshot=", 2, ["restore", "--repo", "{repo}", "--db", "shop", "--to", "{tmp}/out.db", "--snapshot="],
      ["--snapshot is empty"]),
+    ("mistyped s3 URL", 2, ["backup", "{src}", "--repo", "s3:/bucket/prefix"],
+     ["looks like a mistyped URL", "s3://bucket/prefix"]),
     ("blank --snapshot of sql", 2, ["sql", "--repo", "{repo}", "--db", "shop", "--snapshot", " ", "SELECT 1"],
      ["--snapshot is empty"]),
 ]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from dbre.storage.base import AlreadyExists, NotFound, PermanentError, StorageError, Store, TransientError
 
 __all__ = ["AlreadyExists", "NotFound", "PermanentError", "StorageError", "Store", "TransientError", "open_store"]
@@ -23,6 +25,13 @@ def open_store(url: str) -> Store:
         from dbre.errors import UsageError
 
         raise UsageError(f"repository {url!r}: unsupported scheme", "use a local path or s3://bucket/prefix")
+    if re.match(r"(?i)[a-z][a-z0-9+.-]+:", url) and not url.lower().startswith("file:"):
+        # `s3:/bucket/x`, `s3:bucket/x`, `S3://...` typed by hand would otherwise make a local folder `s3:`
+        from dbre.errors import UsageError
+
+        scheme = url.split(":", 1)[0]
+        raise UsageError(f"repository {url!r} looks like a mistyped URL ({scheme}: without //)",
+                         "use s3://bucket/prefix, or ./" + url + " for a local folder of that name")
     from dbre.storage.local import LocalStore
 
     store = LocalStore(url)
