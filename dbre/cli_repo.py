@@ -134,11 +134,12 @@ def verify(
         if db:
             check_db_name(db)
             repository.require_db(db)
-        with _progress("verify", not json_out) as bar:
-            report = run_verify(repository, db, read_data=read_data, progress=bar)
         from dbre.replicate.check import verify_segments
 
-        segments, segment_problems = verify_segments(repository, db)  # replicated chains, end to end
+        with repository.read_lock("verify"):  # (over both: a prune waits for, or is refused beside, the segments too)
+            with _progress("verify", not json_out) as bar:
+                report = run_verify(repository, db, read_data=read_data, progress=bar)
+            segments, segment_problems = verify_segments(repository, db)  # replicated chains, end to end
         if json_out:
             _print_json({"repository": repository.url, **report.summary(), "segments": segments,
                          "segment_problems": [{"object": o, "detail": d} for o, d in segment_problems]})
@@ -155,7 +156,8 @@ def verify(
             print(("ok: " if not n else f"{n} problems: ") + what)
             if report.damaged:
                 print(f"snapshots that cannot be restored: {', '.join(sorted(report.damaged))}; the next "
-                      "`dbre backup` stores lost pages again (`--full` stores every page again)")
+                      "`dbre backup` stores the pages of missing packs again, but an incremental one reuses a "
+                      "damaged page batch as it is: run `dbre backup --full` to store every page again")
         if not report.ok or segment_problems:
             raise typer.Exit(1)
 
