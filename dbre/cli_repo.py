@@ -390,7 +390,9 @@ def unlock(
     """Remove locks left by runs that died."""
 
     def go() -> None:
-        from dbre.repository.lock import remove_locks
+        import time
+
+        from dbre.repository.lock import STALE_SECONDS, list_locks, remove_locks
         from dbre.repository.repo import Repository
         from dbre.storage import open_store
 
@@ -398,9 +400,22 @@ def unlock(
         if Repository.read_config(store) is None:
             raise UsageError(f"no repository at {store.url}", "check --repo")
         removed = remove_locks(store, all_locks=remove_all)
+        left = list_locks(store)  # live (or young) ones: say whose, and what removes them
         if json_out:
-            _print_json({"repository": store.url, "removed": removed, "remove_all": remove_all})
-        else:
-            print(f"removed {removed} locks")
+            _print_json({"repository": store.url, "removed": removed, "remove_all": remove_all,
+                         "remaining": [{"key": i.key, "op": i.record.get("op"), "host": i.record.get("host"),
+                                        "pid": i.record.get("pid"), "modified": i.modified} for i in left]})
+            return
+        print(f"removed {removed} locks")
+        if left:
+            now = time.time()
+            for info in left:
+                age = now - info.modified
+                when = (f"written {age:.0f} s ago" if age >= 0 else
+                        f"dated {-age:.0f} s in the future (a clock ahead, or planted)")
+                print(f"kept: {info.describe()}, {when}")
+            print(f"{len(left)} locks kept: their runs may be alive (a lock is stale {STALE_SECONDS:.0f} s after "
+                  "its last refresh, or at once when its process on this host is gone); if you know they "
+                  "are dead, `dbre unlock --remove-all` removes them")
 
     _run(go)
