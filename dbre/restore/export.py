@@ -16,6 +16,7 @@ said through ``warn``. CSV has a header line; NULL is an empty field, blobs are 
 from __future__ import annotations
 
 import csv
+import errno
 import os
 import tempfile
 import time
@@ -30,7 +31,7 @@ from typing import Any
 import apsw
 import apsw.ext
 
-from dbre.errors import DbreError, UsageError
+from dbre.errors import DbreError, RestoreError, UsageError
 from dbre.repository.repo import Repository
 from dbre.restore.query import CACHE_BYTES, FetchStats, QueryState, open_query
 
@@ -131,7 +132,8 @@ def export_table(repo: Repository, db: str, table: str, out: Path, fmt: str, *, 
     out = Path(out)
     check_target(out, fmt, force)
     started = time.perf_counter()
-    with open_query(repo, db, snapshot=snapshot, at=at, txid=txid, cache_bytes=cache_bytes) as session:
+    with open_query(repo, db, snapshot=snapshot, at=at, txid=txid, cache_bytes=cache_bytes,
+                    operation="export") as session:
         conn = session.conn
         name, kind = _find_table(conn, table)
         try:
@@ -222,9 +224,16 @@ def _atomic(out: Path, force: bool) -> Iterator[Path]:
     os.close(fd)
     tmp = Path(name)
     try:
-        yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
+        try:
+            yield tmp
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        except OSError as err:  # (a full disk, a quota, the folder gone: the file is not written)
+            full = err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) or "No space left" in str(err)
+            raise RestoreError(f"export: --out {out}: " + ("disk full" if full else "cannot write")
+                               + f" ({err.strerror or err})",
+                               ("free space there, or export to another disk" if full else "check the output "
+                                "folder") + f"; {out} was not written") from None
         if force:
             os.replace(tmp, out)
         else:

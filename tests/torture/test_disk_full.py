@@ -180,6 +180,29 @@ def test_restore_onto_a_disk_that_fills_leaves_the_target_untouched(disk: Disk, 
     assert_same_db(src, target)
 
 
+@pytest.mark.parametrize("fmt", ["csv", "parquet"])
+def test_export_onto_a_disk_that_fills(disk: Disk, tmp_path: Path, fmt: str) -> None:
+    """A table exported onto a disk with 64 KiB free: exit 1, one line ("disk full", naming the
+    file and that it was not written), no partial or temp file; an existing file given with --force
+    keeps its bytes. A cold tester saw `unexpected error: OSError` here."""
+    src, repo = make_db(tmp_path / "src.db", mb=3.0, seed=3), tmp_path / "repo"
+    assert disk.run("backup", src, "--repo", repo, "--db", "app").returncode == 0
+    out, existing = disk.root / f"t.{fmt}", disk.root / f"old.{fmt}"
+    existing.write_bytes(b"yesterday's export" * 100)
+    before = tree_hashes(repo, existing)
+    disk.fill(64 << 10)
+    table = "items"
+    r = disk.run("export", "--repo", repo, "--db", "app", "--table", table, "--format", fmt, "--out", out)
+    assert_one_line_error(r, 1, "disk full", str(out), "was not written")
+    r = disk.run("export", "--repo", repo, "--db", "app", "--table", table, "--format", fmt, "--out", existing,
+                 "--force")
+    assert_one_line_error(r, 1, "disk full")
+    assert tree_hashes(repo, existing) == before, f"{disk}: the repository or the existing file changed"
+    assert sorted(p.name for p in disk.root.iterdir()) == sorted([existing.name, disk.filler.name] if
+                                                                 disk.mode == "tmpfs" else [existing.name]), \
+        f"{disk}: leftovers {sorted(p.name for p in disk.root.iterdir())}"
+
+
 def test_replicate_into_a_repository_whose_disk_fills(disk: Disk, tmp_path: Path) -> None:
     """A replicator ships into a repository on a small disk while a writer commits; the disk is then
     filled. The replicator stops within seconds, exit 1, one line ("disk full", "free space"), and
