@@ -205,7 +205,7 @@ def copy_snapshots(src: Repository, dst: Repository, db: str | None = None,
     """
     copied = 0
     dst.require_writable("copy")
-    with src.lock("copy (source)"), dst.lock("copy") as dst_lock:
+    with src.read_lock("copy (source)"), dst.lock("copy") as dst_lock:
         plan = plan_copy(src, dst, db)
         failed: dict[str, str] = {}
         for i, pack in enumerate(plan.packs):

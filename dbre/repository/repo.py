@@ -14,10 +14,11 @@ from __future__ import annotations
 import functools
 import hmac
 import json
+import logging
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import AbstractContextManager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -40,7 +41,7 @@ from dbre.repository.crypto import (
     scrypt_work,
     wrap_key,
 )
-from dbre.repository.lock import Lock, read_locks
+from dbre.repository.lock import Lock, LockLostError, read_locks
 from dbre.repository.lock import hold as hold_lock
 from dbre.repository.manifest import (
     Manifest,
@@ -62,11 +63,14 @@ from dbre.storage.base import (
     Conflict,
     StorageError,
     TransientError,
+    WriteRefused,
     get_capped,
 )
 
 if TYPE_CHECKING:
     from dbre.repository.immutable import Extension, ObjectLock
+
+log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 2  # new repositories; format 1 is still read (never written)
 MANIFEST_READERS = 32  # manifests read at once when a history is listed (small GETs: latency-bound)
@@ -106,6 +110,7 @@ class Repository:
         self.object_lock_version: str | None = None  # the version of `object-lock` followed, if not the current
         self.object_lock_replaced = False  # its current version differs: written back at the next ensure_locked
         self.lock_extensions: list[Extension] = []  # what each ensure_locked asked of the store
+        self._read_unlocked = False  # read_lock warned that this repository refused its lock
 
     def __repr__(self) -> str:
         return f"Repository({self.store.url!r}, encrypted={self.sealer.encrypted})"
@@ -702,14 +707,75 @@ class Repository:
 
     # -- locks -----------------------------------------------------------------------------------
 
-    def lock(self, op: str, *, exclusive: bool = False) -> AbstractContextManager[Lock]:
+    @contextmanager
+    def lock(self, op: str, *, exclusive: bool = False) -> Iterator[Lock]:
         """Hold a lock for ``op`` (dbre.repository.lock): backups, copies and restores share;
         forget and prune are exclusive. ``with repo.lock("backup app") as lock:`` and
-        ``lock.check_alive(what)`` immediately before each commit."""
-        return hold_lock(self.store, op, exclusive=exclusive)
+        ``lock.check_alive(what)`` immediately before each commit. A repository that refuses the
+        lock object (``WriteRefused``) refuses the run; read-only runs use ``read_lock``."""
+        with ExitStack() as stack:
+            try:
+                held = stack.enter_context(hold_lock(self.store, op, exclusive=exclusive))
+            except WriteRefused as err:
+                if not exclusive:
+                    raise
+                fix = ("free space on the repository disk: a few KiB (outside the repository) is enough"
+                       if err.cause == "disk full" else err.hint or "make the repository writable")
+                raise WriteRefused(f"{op}: cannot write its exclusive lock ({err.message})",
+                                   f"{op} writes a lock object of a few hundred bytes before it changes anything, "
+                                   f"and never changes anything without it; {fix}, then run it again",
+                                   cause=err.cause) from err
+            yield held
+
+    @contextmanager
+    def read_lock(self, op: str) -> Iterator[Lock]:
+        """A shared lock for ``op``, which only reads the repository (restore, sql, export, verify,
+        copy's source): as ``lock``, except that a repository that refuses to store the lock object
+        (``WriteRefused``: a read-only mount or credentials, a full disk) is read without a lock, with
+        one warning (per repository object). A prune elsewhere could then make the run fail (an
+        object gone), never read wrong bytes: every object read is checked. The ``UnlockedRead``
+        yielded then refuses ``check_alive``: a run about to write elsewhere what it read would write
+        into the repository too (an audit record, a safety snapshot), which refuses writes."""
+        with ExitStack() as stack:
+            try:
+                held = stack.enter_context(self.lock(op))
+            except WriteRefused as err:
+                if not self._read_unlocked:
+                    self._read_unlocked = True
+                    log.warning("dbre: warning: cannot lock %s (%s): %s reads it without a lock; a prune running "
+                                "elsewhere now could make it fail (never read wrong bytes: every object is checked)",
+                                self.url, err.cause, op.split(" ", 1)[0])
+                held = UnlockedRead(self.store, op, err)
+            yield held
 
     def read_locks(self) -> list[tuple[str, dict[str, Any]]]:
         return read_locks(self.store)
+
+
+class UnlockedRead(Lock):
+    """What ``Repository.read_lock`` yields when the repository refused the lock object: no object
+    to refresh or release. ``check_alive`` refuses (nothing is committed without a lock)."""
+
+    def __init__(self, store: Store, op: str, refused: WriteRefused) -> None:
+        super().__init__(store, op)
+        self.refused = refused
+
+    def acquire(self) -> None:
+        raise self.refused
+
+    def refresh(self) -> None:
+        pass
+
+    def release(self) -> None:
+        pass
+
+    def check_alive(self, what: str, *, consequence: str = "nothing was committed",
+                    hint: str = "run it again", refresh: bool = True) -> None:
+        raise LockLostError(
+            f"{what}: the repository refuses writes ({self.refused.message}), and this would write into it "
+            f"(an audit record, a safety snapshot) — {consequence}",
+            "make the repository writable (or `dbre copy` it to one and use that), or restore the whole "
+            "database with `dbre restore --to` and take what you need from that file")
 
 
 def _same_secret(a: Secret, b: Secret) -> bool:

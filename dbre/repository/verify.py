@@ -330,7 +330,15 @@ def verify(repo: Repository, db: str | None = None, *, read_data: bool = False,
     """Check the snapshots (of ``db``); with ``read_data`` read and check every pack they use.
 
     ``packs_filter(pack_id)`` limits ``read_data`` to the packs it accepts (a rotating subset, see
-    ``dbre.validate.subset``); the structure is always checked in full."""
+    ``dbre.validate.subset``); the structure is always checked in full. Under the repository's shared
+    lock (``read_lock``): a prune waits for it, or is refused, instead of removing a pack it is about to
+    read (a false "not found")."""
+    with repo.read_lock("verify"):
+        return _verify(repo, db, read_data=read_data, progress=progress, packs_filter=packs_filter)
+
+
+def _verify(repo: Repository, db: str | None, *, read_data: bool, progress: Progress | None,
+            packs_filter: Callable[[str], bool] | None) -> VerifyReport:
     report = VerifyReport()
     # 1. manifests; the runs they use, each read once however many snapshots share it
     users: dict[RunKey, set[str]] = defaultdict(set)

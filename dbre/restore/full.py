@@ -34,6 +34,7 @@ from dbre.repository.manifest import Manifest
 from dbre.repository.repo import Repository
 from dbre.repository.sink import FAST_HASH
 from dbre.repository.verify import SnapshotBlob, check_locations, snapshot_blobs
+from dbre.storage.base import WriteRefused
 from dbre.units import human_bytes
 
 log = logging.getLogger(__name__)
@@ -190,7 +191,7 @@ def apply_restore(repo: Repository, plan: RestorePlan, progress: Progress | None
         p = plans.pop() if plans else replan(repo, plan)
         return _write_restore(repo, p, progress)
 
-    with repo.lock(f"restore {plan.manifest.db}"):
+    with repo.read_lock(f"restore {plan.manifest.db}"):
         started = time.perf_counter()
         result = retrying(repo, attempt)
         result.seconds = time.perf_counter() - started  # (every attempt: one more per object read from a copy)
@@ -220,7 +221,10 @@ def safety_before_replace(repo: Repository, db: str, target: Path, wanted: bool)
     try:
         return safety_snapshot(repo, db, target, f"restore --force over {target}")
     except (DbreError, apsw.Error) as err:  # (SQLite's own errors: a damaged database)
-        why = err.message.split(": ", 1)[-1] if isinstance(err, DbreError) else f"{type(err).__name__}: {err}"
+        inner = err.__cause__ if isinstance(err.__cause__, DbreError) else err  # (what the backup said)
+        why = inner.message if isinstance(inner, DbreError) else f"{type(err).__name__}: {err}"
+        if isinstance(inner, WriteRefused):
+            why = f"the repository refuses writes: {why}"
         raise RestoreError(f"restore to {target}: the safety snapshot of the database there failed ({why})",
                            "nothing was changed; restore to another path and swap it in, or pass "
                            "--no-safety-snapshot to replace it without one") from None

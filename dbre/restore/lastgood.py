@@ -302,7 +302,7 @@ def find_last_good(repo: Repository, db: str, checks: list[str] | None = None, *
     check_db_name(db)
     check_syntax(checks)
     started = time.perf_counter()
-    with repo.lock(f"last-good {db}"):
+    with repo.read_lock(f"last-good {db}"):
         points = list_points(repo, db)
         lo = 0
         if since is not None:

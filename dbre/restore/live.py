@@ -214,7 +214,7 @@ def restore_to_scratch(repo: Repository, db: str, *, snapshot: str | None = None
     folder = Path(tempfile.mkdtemp(prefix=f"dbre-scratch-{db}-", dir=scratch_dir))
     scratch = Scratch(manifest, folder, folder / f"{db}.db")
     try:
-        with repo.lock(f"restore {db} to scratch"):  # shared: keeps a prune from removing packs mid-restore
+        with repo.read_lock(f"restore {db} to scratch"):  # shared: keeps a prune from removing packs mid-restore
             apply_restore(repo, plan_restore(repo, db, scratch.path, snapshot=manifest.id))
         conn = scratch.connect()
         try:

@@ -298,7 +298,7 @@ def apply_pitr(repo: Repository, plan: PitrPlan) -> PitrResult:
         return _apply_segments(repo, plan, scratch, fd)
 
     try:
-        with repo.lock(f"restore {plan.db}"):
+        with repo.read_lock(f"restore {plan.db}"):
             applied, last, last_obs = retrying(repo, attempt)
         _replace(scratch, target, plan.force, release, only_empty=plan.only_empty)
     except BaseException as err:

@@ -618,13 +618,15 @@ class QuerySession:
 
 @contextmanager
 def open_query(repo: Repository, db: str, *, snapshot: str | None = None, at: datetime | None = None,
-               txid: int | None = None, cache_bytes: int = CACHE_BYTES) -> Iterator[QuerySession]:
+               txid: int | None = None, cache_bytes: int = CACHE_BYTES,
+               operation: str = "sql") -> Iterator[QuerySession]:
     """A read-only connection to the state of ``db`` that `restore` would restore with the same
-    ``snapshot`` / ``at`` / ``txid``, under the repository's shared lock (held until the block ends); every
-    read is counted in the session's ``stats``."""
+    ``snapshot`` / ``at`` / ``txid``, under the repository's shared lock (held until the block ends; none, with a
+    warning, where the repository refuses writes: ``Repository.read_lock``); every read is counted in the
+    session's ``stats``. ``operation`` names the run in its lock ("sql", "export")."""
     stats = FetchStats()
     counted = Repository(CountingStore(repo.store, stats), repo.config, repo.sealer, repo.raw_config)
-    with counted.lock(f"sql {db}"):
+    with counted.read_lock(f"{operation} {db}"):
         state = choose_state(counted, db, snapshot=snapshot, at=at, txid=txid)
         try:
             with open_state(counted, state, stats, cache_bytes=cache_bytes) as (conn, refused):
@@ -640,7 +642,8 @@ class PastState:
     another connection opened with SQLITE_OPEN_URI (read-only and immutable: SQLite writes, locks and
     journals nothing for it). Every read is counted in ``stats``; a damaged or missing page raises
     IntegrityError from the statement that reads it. ``lock``: the shared lock held (a caller about to
-    write elsewhere from what it reads checks it is still live: ``lock.check_alive``)."""
+    write elsewhere from what it reads checks it is still live: ``lock.check_alive``, which an
+    ``UnlockedRead`` refuses: a repository that refused the lock would refuse the audit record too)."""
 
     def __init__(self, repo: Repository, db: str, operation: str, *, snapshot: str | None = None,
                  at: datetime | None = None, txid: int | None = None, cache_bytes: int = CACHE_BYTES) -> None:
@@ -648,7 +651,8 @@ class PastState:
         self.closed = False
         counted = Repository(CountingStore(repo.store, self.stats), repo.config, repo.sealer, repo.raw_config)
         with ExitStack() as stack:
-            self.lock = stack.enter_context(repo.lock(f"{operation} {db}"))  # (the repository's own: a fallback's too)
+            # (the repository's own: a fallback's too)
+            self.lock = stack.enter_context(repo.read_lock(f"{operation} {db}"))
             self.state = choose_state(counted, db, snapshot=snapshot, at=at, txid=txid)
             stack.callback(self.state.overlay.close)
             self.source = PageSource(counted, self.state, self.stats, cache_bytes=cache_bytes)

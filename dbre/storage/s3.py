@@ -2,10 +2,10 @@
 
 botocore is boto3's own client layer (same credential chain, config files and AWS_ENDPOINT_URL).
 This is the only module that imports boto3/botocore: every SDK exception is turned here into
-``NotFound``, ``AlreadyExists``, ``TransientError`` or ``PermanentError`` with a message
-"op key: cause" and a hint. Credentials come from the usual AWS chain (env, config files,
-instance roles) and never appear in messages or reprs; the endpoint comes from
-``AWS_ENDPOINT_URL`` unless one is given.
+``NotFound``, ``AlreadyExists``, ``TransientError`` or ``PermanentError`` (``WriteRefused`` for a
+put or delete denied) with a message "op key: cause" and a hint. Credentials come from the usual
+AWS chain (env, config files, instance roles) and never appear in messages or reprs; the endpoint
+comes from ``AWS_ENDPOINT_URL`` unless one is given.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from dbre.storage.base import (
     Retention,
     StorageError,
     TransientError,
+    WriteRefused,
 )
 
 _HINT_BUCKET = "create the bucket or fix the repository URL"
@@ -55,6 +56,8 @@ _BAD_CREDENTIALS = {
     "InvalidClientTokenId",
 }
 _DENIED = {"AccessDenied", "AllAccessDisabled", "AccountProblem", "403"}
+# ops whose AccessDenied is WriteRefused (a version's deletion or retention: Object Lock denies those too)
+_WRITES = {"put", "replace", "delete"}
 # Retryable codes a server may send with a 4xx status; any 5xx is retryable too. A 409
 # ConditionalRequestConflict means a concurrent operation kept S3 from evaluating If-None-Match:
 # nothing was written and AWS documents that the write should be retried.
@@ -407,6 +410,9 @@ class S3Store:
                 return PermanentError(f"{where}: bucket {self.bucket!r} does not exist", _HINT_BUCKET)
             if code in _BAD_CREDENTIALS:
                 return PermanentError(f"{where}: credentials rejected ({code})", _HINT_CREDENTIALS)
+            if code in _DENIED and op in _WRITES:  # (credentials that may read: read-only operations go on)
+                return WriteRefused(f"{where}: access denied to {self.url} (these credentials may not write)",
+                                    _HINT_DENIED, cause="access denied")
             if code in _DENIED:
                 return PermanentError(f"{where}: access denied to {self.url}", _HINT_DENIED)
             if code in _TRANSIENT or status >= 500 or status == 429:
