@@ -154,6 +154,11 @@ def verify(
                 what += f", read {report.packs_read} packs ({human(report.bytes_read)})"
             n = len(report.problems) + len(segment_problems)
             print(("ok: " if not n else f"{n} problems: ") + what)
+            unopened = sum(1 for p in report.problems if p.detail.startswith("cannot read manifest"))
+            if report.snapshots == 0 and unopened >= 2:  # (as backup refuses then: see _refuse_if_no_manifest_opens)
+                print(f"no snapshot manifest opens ({unopened} tried): the config may be another repository's or "
+                      "replaced; put this repository's config back (`dbre copy` keeps one offsite) before anything "
+                      "else")
             if report.damaged:
                 print(f"snapshots that cannot be restored: {', '.join(sorted(report.damaged))}; the next "
                       "`dbre backup` stores the pages of missing packs again, but an incremental one reuses a "

@@ -276,6 +276,36 @@ def test_a_planted_snapshot_name_out_of_range_is_named_not_a_crash(world: World)
     assert ok.returncode == 0 and integrity(world.tmp / "old.db") == "ok", ok
 
 
+def test_a_config_from_another_repository_stops_backups_and_verify_says_so(world: World) -> None:
+    """Someone (or a bad restore of the folder) puts another repository's config in place: every
+    manifest fails to open. A backup must not add a full snapshot on top (no one could restore it
+    with the right config): refused in one line, nothing written; verify says the config is the
+    likely cause. With the right config back, everything verifies. Found by a cold tester."""
+    assert cli("backup", world.src, "--repo", world.repo).returncode == 0  # two manifests
+    other = world.tmp / "other"
+    assert cli("backup", make_db(world.tmp / "o.db", mb=0.1), "--repo", other).returncode == 0
+    mine = (world.repo / "config").read_bytes()
+    (world.repo / "config").write_bytes((other / "config").read_bytes())
+    with world.unchanged():
+        r = cli("backup", world.src, "--repo", world.repo)
+        assert_one_line_error(r, 1, "no snapshot manifest", "opens", "config")
+        verified = cli("verify", "--repo", world.repo)
+    assert verified.returncode == 1 and "no snapshot manifest opens (2 tried)" in verified.stdout, verified
+    (world.repo / "config").write_bytes(mine)
+    assert cli("verify", "--repo", world.repo).returncode == 0
+
+
+def test_the_only_manifest_damaged_the_next_backup_starts_again(world: World) -> None:
+    """One manifest, damaged, and no other in the repository: the backup cannot tell a swapped config
+    from that damage, and goes on with a full snapshot (the history starts again), saying what it
+    skipped."""
+    (manifest,) = snapshot_files(world.repo)
+    manifest.write_bytes(manifest.read_bytes()[:40])
+    r = cli("backup", world.src, "--repo", world.repo, "--json")
+    assert r.returncode == 0 and manifest.name in r.stdout, r
+    assert json.loads(r.stdout)["parent"] is None
+
+
 def test_damaged_config(world: World) -> None:
     (world.repo / "config").write_text("{not json")
     with world.unchanged():
@@ -321,10 +351,11 @@ def test_unparseable_at(world: World, when: str) -> None:
     with world.unchanged():
         r = cli(*restore_args(world, world.tmp / "out.db", "--at", when))
     if when == "":
-        # an empty --at means no time at all: the newest snapshot
-        assert r.returncode == 0, r
-        return
-    assert_one_line_error(r, 2, "cannot parse time", "ISO-8601")
+        # an empty --at (an unset shell variable) is refused: it meant the newest snapshot, the state an
+        # on-call restoring "before the incident" least wants (changed 2026-12-02 after a cold tester's finding)
+        assert_one_line_error(r, 2, "--at is empty")
+    else:
+        assert_one_line_error(r, 2, "cannot parse time", "ISO-8601")
     assert not (world.tmp / "out.db").exists()
 
 
@@ -401,8 +432,9 @@ def test_locked_by_another_run(world: World) -> None:
             for args in commands:
                 r = (cli if args[0] == "copy" else run_dbre)(*args)
                 assert_one_line_error(r, 1, "locked", "prune", f"pid {os.getpid()}", "dbre unlock")
-            # verify reads without a lock; a whole restore shares one, so it waits for prune to end
-            assert cli("verify", "--repo", world.repo).returncode == 0
+            # verify and a whole restore share a lock, so they wait for prune to end (verify read without one
+            # until 2026-12-02, and a prune running meanwhile made it report packs "not found")
+            assert_one_line_error(cli("verify", "--repo", world.repo), 1, "locked", "prune")
             assert_one_line_error(cli(*restore_args(world, world.tmp / "ro.db")), 1, "locked", "prune")
     assert not list((world.repo / "locks").iterdir())
 

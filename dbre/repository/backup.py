@@ -27,7 +27,7 @@ from typing import Any
 import apsw
 import numpy as np
 
-from dbre.errors import IntegrityError, SourceError, UsageError
+from dbre.errors import IntegrityError, RepositoryError, SourceError, UsageError
 from dbre.repository.entries import Entries
 from dbre.repository.identity import refuse_new_source, same_source, table_names
 from dbre.repository.lock import Lock
@@ -318,6 +318,8 @@ def backup(
         # (format 2 reads one manifest, or one more per damaged newer one)
         skipped: list[tuple[str, str]] = []  # newer manifests that could not be read: said in the result
         parent_manifest = repo.newest_snapshot(db, damaged=skipped)
+        if parent_manifest is None and skipped:
+            _refuse_if_no_manifest_opens(repo, skipped)
         # the source must be the one this name's snapshots came from (checked before anything is written);
         # the parent stays the newest snapshot whatever its tags: it is only what the pages dedup against
         reference = _source_reference(repo, db, parent_manifest) if replay is None and not tags else None
@@ -561,6 +563,29 @@ def _basis(conn: apsw.Connection, image: PageImage | None, reused: list[str],
     ages = _reuse_ages(parent) if parent is not None else {}
     return {"reserved": image.view(0)[20], "roots": roots, "sqlite": _engine(),
             "reused": {name: ages.get(name, 0) + 1 for name in reused}}
+
+
+def _refuse_if_no_manifest_opens(repo: Repository, skipped: list[tuple[str, str]], tries: int = 32) -> None:
+    """Every manifest of this database failed to open: if no other manifest of the repository opens
+    either (up to ``tries`` of them; two or more in all), the likely cause is the config, not the
+    manifests (one copied from another repository, or replaced), and a full backup on top of it would
+    only add snapshots no one can restore with the right config. Refused, nothing written. One that
+    opens, or a repository whose only manifest is damaged: the backup goes on (its result says what
+    it skipped)."""
+    seen = {key for key, _ in skipped}
+    others = [r for r in repo.list_snapshot_refs() if r.key not in seen][:tries]
+    for ref in others:
+        try:
+            repo.load_ref(ref)
+            return
+        except RepositoryError:
+            continue
+    n = len(seen) + len(others)
+    if n < 2:
+        return  # (one damaged manifest, the only one: the backup starts again with a full snapshot)
+    raise IntegrityError(f"no snapshot manifest in {repo.url} opens ({n} tried, e.g. {skipped[0][1]})",
+                         "the config may be another repository's or replaced: put this repository's config back "
+                         "(`dbre copy` keeps one offsite) and run `dbre verify`; nothing was written")
 
 
 def _reuse_ages(parent: Manifest) -> dict[str, int]:
