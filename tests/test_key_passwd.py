@@ -318,10 +318,10 @@ if point == "before-replace":  # the lock is held, the new config checked: nothi
         cls.replace = wrap(cls.replace)
 elif point == "before-rename":  # local: the new config written and fsynced in .tmp, not yet renamed
     real = os.replace
-    def replace(src, dst):
-        if str(dst).endswith("/config"):
+    def replace(src, dst, **k):  # (LocalStore renames by name within folder descriptors)
+        if str(dst) == "config" or str(dst).endswith("/config"):
             pause()
-        return real(src, dst)
+        return real(src, dst, **k)
     os.replace = replace
 elif point == "after-rename":  # local: renamed into place (and the folder fsynced), the lock still held
     orig = local.LocalUpload.commit

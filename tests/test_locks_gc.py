@@ -375,7 +375,9 @@ def test_unreadable_snapshots_folder_aborts_prune(tmp_path: Path, src: Path, mon
     real = os.scandir
 
     def scandir(path: Any = ".") -> Any:
-        if str(path) == blocked:
+        # LocalStore walks folders by descriptor (no link followed): name the folder behind it
+        named = os.readlink(f"/proc/self/fd/{path}") if isinstance(path, int) else str(path)
+        if named == blocked:
             raise PermissionError(13, "Permission denied", blocked)
         return real(path)
 

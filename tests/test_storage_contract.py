@@ -106,7 +106,7 @@ def test_local_list_of_an_unreadable_folder_raises(tmp_path: Path, monkeypatch: 
     """A folder that cannot be read must not list as empty (prune would conclude from it).
 
     Tests run as root here, which reads any folder whatever its mode, so the refusal is injected
-    at os.scandir, the call os.walk makes; a non-root run also checks it with chmod 000."""
+    at os.scandir, the call LocalStore's walk makes; a non-root run also checks it with chmod 000."""
     store = LocalStore(tmp_path / "repo")
     store.put("snapshots/app/1", b"x")
     store.put("snapshots/other/1", b"x")
@@ -114,7 +114,9 @@ def test_local_list_of_an_unreadable_folder_raises(tmp_path: Path, monkeypatch: 
     real = os.scandir
 
     def scandir(path: object = ".") -> object:
-        if str(path) == blocked:
+        # LocalStore walks folders by descriptor (no link followed): name the folder behind it
+        named = os.readlink(f"/proc/self/fd/{path}") if isinstance(path, int) else str(path)
+        if named == blocked:
             raise PermissionError(13, "Permission denied", blocked)
         return real(path)  # type: ignore[arg-type]
 
