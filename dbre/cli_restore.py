@@ -334,9 +334,9 @@ def _no_replica(repo: str, db: str, key_file: Any, json_out: bool = False) -> bo
     check_db_name(db)
     try:
         repository = Repository.open(repo, _key(key_file))
-    except RepositoryError:
-        if open_store(repo).exists("config"):
-            raise
+    except RepositoryError as err:
+        if open_store(repo).exists("config") or "holds data but no config" in err.message:
+            raise  # (a repository that lost its config is not "no replica": the on-call must hear of it)
         missing = True
     else:
         missing = not repository.list_snapshot_refs(db)

@@ -306,6 +306,19 @@ def test_the_only_manifest_damaged_the_next_backup_starts_again(world: World) ->
     assert json.loads(r.stdout)["parent"] is None
 
 
+def test_a_repository_without_its_config_says_so_to_every_command(world: World) -> None:
+    """config deleted (or never copied back): verify, snapshots and restore say the repository holds
+    data but no config and how to get it back, instead of "no repository at" (found by a cold
+    tester); restore --if-replica-exists does not call it "no replica"."""
+    (world.repo / "config").unlink()
+    with world.unchanged():
+        for args in (["verify", "--repo", world.repo], ["snapshots", "--repo", world.repo],
+                     restore_args(world, world.tmp / "out.db"),
+                     restore_args(world, world.tmp / "out.db", "--if-replica-exists")):
+            assert_one_line_error(cli(*args), 1, "holds data but no config", "offsite copy")
+    assert not (world.tmp / "out.db").exists()
+
+
 def test_damaged_config(world: World) -> None:
     (world.repo / "config").write_text("{not json")
     with world.unchanged():

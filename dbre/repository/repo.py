@@ -254,6 +254,7 @@ class Repository:
         store = open_store(url) if isinstance(url, str) else url
         found = cls._read_config(store)
         if found is None:
+            _refuse_init_over_data(store)  # (data without a config: say so, not "no repository")
             raise RepositoryError(
                 f"no repository at {store.url}", "check --repo; `dbre backup` creates one"
             )
