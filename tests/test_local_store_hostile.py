@@ -94,6 +94,7 @@ def test_no_operation_goes_through_a_linked_key_folder(world: tuple[Path, Path, 
     store = LocalStore(repo)
     (repo / "packs" / "zz").symlink_to(victim)
     before = tree_hashes(victim)
+    fds = len(os.listdir("/proc/self/fd"))
     for call in (lambda: store.put("packs/zz/new", b"x"), lambda: store.delete("packs/zz/precious.txt"),
                  lambda: list(store.list("packs/")), lambda: list(store.list("packs/zz/")),
                  lambda: store.get("packs/zz/precious.txt"), lambda: store.get_range("packs/zz/precious.txt", 0, 4),
@@ -103,6 +104,8 @@ def test_no_operation_goes_through_a_linked_key_folder(world: tuple[Path, Path, 
             call()
         assert "symbolic link" in str(info.value) and "\n" not in str(info.value)
     assert tree_hashes(victim) == before
+    assert len(os.listdir("/proc/self/fd")) == fds, "every folder descriptor is closed on refusal"
+    assert not [p for p in (repo / ".tmp").iterdir()], "the refused upload left no temp file"
     assert list(store.list("snapshots/")), "a link elsewhere does not stop other listings"
 
 

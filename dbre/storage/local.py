@@ -390,6 +390,7 @@ class LocalUpload:
                 self._fd = os.open(self.tmp.name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644,
                                    dir_fd=self._dir)
             except OSError as err:
+                self._close_dir()  # no temp file was made
                 raise _os_error("put", self.key, err) from err
         return self._fd
 
