@@ -164,6 +164,24 @@ def test_dropped_table_whose_index_name_is_taken_is_refused(shop: tuple[Path, Pa
     assert_one_line_error(res, 2, "index 'orders_customer' on 'reviews'")
 
 
+def test_a_live_file_that_is_another_database_is_refused(shop: tuple[Path, Path, str], tmp_path: Path) -> None:
+    """--live naming a database that shares no table with the snapshot (a wrong path, or --db naming
+    another database) is refused before any plan, nothing changed; an empty database is a new one to
+    fill and is planned. A cold tester's restore-table created a table in an unrelated database."""
+    _, repo, _ = shop
+    other = tmp_path / "other.db"
+    script(other, "CREATE TABLE kv(k TEXT PRIMARY KEY, v TEXT); INSERT INTO kv VALUES ('a', 'b');")
+    before, objects = other.read_bytes(), names(other)
+    for extra in ([], ["--apply"]):
+        res = cli("restore-table", "--repo", repo, "--db", "shop", "--live", other, "--table", "orders", *extra)
+        assert_one_line_error(res, 2, "shares no table with snapshot", "kv", "--live and --db")
+    assert other.read_bytes() == before and names(other) == objects
+    empty = tmp_path / "empty.db"
+    script(empty, "PRAGMA user_version = 1;")
+    res = cli("restore-table", "--repo", repo, "--db", "shop", "--live", empty, "--table", "customers", "--apply")
+    assert res.returncode == 0 and "customers" in names(empty), res
+
+
 # --------------------------------------------------------------------------- 2: the undo of a replace
 
 

@@ -143,6 +143,7 @@ def plan_table_restore(repo: Repository, db: str, live_path: str | os.PathLike[s
         try:
             conn = keep_wal(apsw.Connection(str(live), flags=apsw.SQLITE_OPEN_READONLY))
             try:
+                _check_same_database(src, conn, live, past.manifest)
                 actions = [_plan_table(src, conn, t, mode, suffix) for t in _resolve(src, past.manifest, tables)]
             finally:
                 conn.close()
@@ -155,6 +156,18 @@ def plan_table_restore(repo: Repository, db: str, live_path: str | os.PathLike[s
         past.close()
         raise
     return TableRestorePlan(primary_of(repo), db, live, mode, past, actions)  # (its writes: the primary's)
+
+
+def _check_same_database(src: apsw.Connection, live: apsw.Connection, path: Path, manifest: Manifest) -> None:
+    """A --live file that holds tables, none of them the snapshot's, is another database (a wrong
+    path, or --db naming another one): refused before anything is planned. One with no table at all
+    is a new database to fill, and is planned as usual."""
+    mine, theirs = table_names(src), table_names(live)
+    if theirs and not mine.keys() & theirs.keys():
+        shown = ", ".join(sorted(theirs.values())[:5]) + (", ..." if len(theirs) > 5 else "")
+        raise UsageError(f"{OPERATION}: --live {path} shares no table with snapshot {manifest.id} of "
+                         f"{manifest.db} (it has {shown})",
+                         f"check --live and --db: is it the database backed up as {manifest.db}?")
 
 
 def _precheck_manifest(manifest: Manifest, tables: list[str]) -> None:
