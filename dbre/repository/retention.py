@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, TypeVar
 
-from dbre.errors import LockedError, RepositoryError, UsageError
+from dbre.errors import IntegrityError, LockedError, RepositoryError, UsageError
 from dbre.replicate.lease import live_generation
 from dbre.replicate.segment import is_part_key
 from dbre.replicate.window import (
@@ -307,5 +307,10 @@ def _reading(what: str, consequence: str, read: Callable[[], T]) -> T:
     except (LockedError, UsageError):
         raise
     except RepositoryError as err:
-        raise type(err)(f"{what}: {err.message}; {consequence}",
-                        err.hint or "check it with `dbre verify`, then run again") from err
+        hint = err.hint or "check it with `dbre verify`, then run again"
+        if isinstance(err, IntegrityError) and err.message.startswith("snapshots/"):
+            # (forget and prune must know every snapshot's packs: one manifest that does not open stops them)
+            key = err.message.split(":", 1)[0]
+            hint = (f"{key} holds no restorable snapshot: put it back from the offsite copy (`dbre copy` keeps "
+                    "one), or delete that object, then run this again; `dbre verify` lists every such one")
+        raise type(err)(f"{what}: {err.message}; {consequence}", hint) from err
