@@ -414,7 +414,7 @@ def test_damaged_manifest_aborts_forget_and_prune(repo_url: str, src: Path) -> N
     with pytest.raises(IntegrityError, match=f"forget: {victim}.*no snapshot was forgotten"):
         forget(Repository.open(repo_url), KeepPolicy(last=1), prune=True, grace=0)
     r = cli("forget", "--repo", repo_url, "--keep-last", "1", "--prune", "--grace", "0")
-    assert_one_line_error(r, 1, victim)
+    assert_one_line_error(r, 1, victim, "offsite copy", "delete that object")  # the way out, named
     assert all_keys(Repository.open(repo_url)) == before
 
 
