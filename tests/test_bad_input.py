@@ -319,6 +319,34 @@ def test_a_repository_without_its_config_says_so_to_every_command(world: World) 
     assert not (world.tmp / "out.db").exists()
 
 
+def test_a_rollback_source_held_by_a_writer_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A rollback-mode database under another process's exclusive lock past the busy timeout: the backup
+    fails saying a writer held it and to run again, not "check that the source is a healthy database"
+    (a cold tester's finding); nothing is stored."""
+    import dbre.sources.local as local_mod
+    from dbre.errors import SourceError
+    from dbre.repository.backup import backup
+    from dbre.sources.local import LocalFileSource
+
+    src = make_db(tmp_path / "src.db", mb=0.1, journal="delete")
+    repo = Repository.open_or_init(str(tmp_path / "repo"))
+    monkeypatch.setattr(local_mod, "BUSY_TIMEOUT", 1.0)
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sqlite3, sys, time\n"
+        f"c = sqlite3.connect({str(src)!r}, isolation_level=None)\n"
+        "c.execute('BEGIN EXCLUSIVE'); c.execute('CREATE TABLE held(x)')\n"
+        "print('held', flush=True); time.sleep(30)\n")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        with pytest.raises(SourceError, match="stayed locked by a writer") as err:
+            backup(repo, LocalFileSource(str(src)), "src")
+        assert "run the backup again" in (err.value.hint or "")
+    finally:
+        holder.kill()
+        holder.wait()
+    assert repo.list_snapshot_refs("src") == []
+
+
 def test_damaged_config(world: World) -> None:
     (world.repo / "config").write_text("{not json")
     with world.unchanged():

@@ -400,6 +400,12 @@ def backup(
             except apsw.Error as err:
                 # (a failing read can leave SQLite's last message at "not an error": name the kind then)
                 what = str(err) if str(err).strip() not in ("", "not an error") else type(err).__name__
+                if isinstance(err, (apsw.BusyError, apsw.LockedError)):
+                    # (a rollback-mode writer holding its lock past the busy timeout: nothing is wrong with the file)
+                    raise SourceError(f"backup of {db}: the source stayed locked by a writer ({what}); nothing was "
+                                      "stored", "run the backup again when that write is done (a long transaction "
+                                      "or an exclusive lock holds it; WAL mode lets readers in beside "
+                                      "writers)") from err
                 raise SourceError(f"backup of {db}: SQLite could not read the source ({what}); nothing was stored",
                                   "check that the source is a healthy database, and that nothing but SQLite "
                                   "writes its file or -wal") from err
