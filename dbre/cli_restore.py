@@ -197,7 +197,7 @@ def restore(
             _said_fallback(repository)
             print(f"restored snapshot {s['snapshot']} of {s['db']} (taken {s['taken_at']}) to {s['target']}: "
                   f"{human(s['size'])} in {s['seconds']:.2f} s")
-            _said_safety(s)
+            _said_safety(s, repository.url)
 
     _run(go)
 
@@ -346,11 +346,17 @@ def _no_replica(repo: str, db: str, key_file: Any, json_out: bool = False) -> bo
     return missing
 
 
-def _said_safety(s: dict[str, Any]) -> None:
-    """The line that says where the replaced database went (restore --force over a database)."""
+def _said_safety(s: dict[str, Any], url: str) -> None:
+    """The line that says where the replaced database went (restore --force over a database), with the
+    whole command that brings it back (to a new file beside the target: nothing is replaced again)."""
     if s.get("safety_snapshot"):
-        print(f"the database it replaced is safety snapshot {s['safety_snapshot']} (tagged safety, kept 7 days): "
-              f"dbre restore --snapshot {s['safety_snapshot']} brings it back")
+        import shlex
+
+        target = Path(s["target"])
+        back = target.with_name(target.stem + "-replaced" + target.suffix)
+        print(f"the database it replaced is safety snapshot {s['safety_snapshot']} (tagged safety, kept 7 days); "
+              f"to get it back: dbre restore --repo {shlex.quote(url)} --db {shlex.quote(s['db'])} "
+              f"--snapshot {s['safety_snapshot']} --to {shlex.quote(str(back))}")
 
 
 FallbackOpt = Annotated[list[str] | None, typer.Option(
@@ -425,7 +431,7 @@ def _restore_pitr(repository: Any, db: str, to: Path, when: Any, txid: int | Non
                 f"at {s['at']}" if s["at"] else f"at txid {s['txid']}")
         print(f"restored {db} {what} to {s['target']}: snapshot {s['snapshot']} + {s['transactions']} transactions "
               f"(last txid {s['last_txid']}, committed {s['last_committed']}) in {s['seconds']:.2f} s")
-        _said_safety(s)
+        _said_safety(s, repository.url)
     return True
 
 

@@ -7,6 +7,7 @@ forget keeps it out of the count rules and keeps it at least 7 days."""
 from __future__ import annotations
 
 import json
+import shlex
 import sqlite3
 import time
 from datetime import UTC, datetime, timedelta
@@ -218,9 +219,15 @@ def test_restore_at_a_time_after_a_recovery_skips_its_safety_snapshot(tmp_path: 
     live = make_shop(tmp_path / "shop.db")
     regular = json.loads(ok("backup", live, "--repo", repo_url, "--json"))["id"]
     sql(live, "DELETE FROM orders")
-    ok("restore", "--repo", repo_url, "--db", "shop", "--to", live, "--force")
+    out = ok("restore", "--repo", repo_url, "--db", "shop", "--to", live, "--force")
     snaps = snapshots(repo_url)
     assert [s["tags"] for s in snaps] == [[], ["safety"]]
+    # the line names the whole command that brings the replaced database back, to a new file beside it
+    back = out.split("to get it back: ", 1)[1].splitlines()[0]
+    words = shlex.split(back)
+    assert words[:2] == ["dbre", "restore"] and snaps[1]["id"] in words, back
+    ok(*words[1:])
+    assert sql(tmp_path / "shop-replaced.db", "SELECT count(*) FROM orders") == [(0,)]
     assert sql(live, "SELECT count(*) FROM orders") == [(50,)]
     time.sleep(0.01)
     now = iso(datetime.now(UTC))
