@@ -6,6 +6,7 @@ Registered on the main app by dbre/cli.py, which holds the shared options and he
 from __future__ import annotations
 
 import json
+import sys
 from typing import Annotated, Any
 
 import typer
@@ -77,8 +78,14 @@ def audit_list(
             return
         _table("audit records", ["time", "id", "command", "db", "touched", "safety snapshot", "who"],
                [[r.get("time", "-"), r["record_id"], r.get("operation", "-"), r["db"], touched(r),
-                 r.get("safety_snapshot") or "-", r.get("who", "-")] for r in records],
+                 r.get("safety_snapshot") or "-", r.get("who", "-")] if "damaged" not in r else
+                ["-", r["record_id"], "DAMAGED", r["db"], r["damaged"], "-", "-"] for r in records],
                whole={"time", "id", "db", "safety snapshot"}, priority=["command", "touched", "who"])
+        bad = [r["record_id"] for r in records if "damaged" in r]
+        if bad:
+            print(f"dbre: {len(bad)} audit records could not be read ({', '.join(bad[:3])}"
+                  f"{', ...' if len(bad) > 3 else ''}): damaged or planted; the offsite copy has them",
+                  file=sys.stderr)
 
     _run(go)
 

@@ -347,6 +347,28 @@ def test_a_rollback_source_held_by_a_writer_says_so(tmp_path: Path, monkeypatch:
     assert repo.list_snapshot_refs("src") == []
 
 
+def test_a_damaged_record_hides_no_other(world: World, caplog: pytest.LogCaptureFixture) -> None:
+    """One record altered in the repository (an audit, a drill): `dbre audit` still lists the others,
+    shows that one as DAMAGED and says so on stderr (exit 0); the drill history and status read the rest
+    with a warning. A cold tester's damaged audit record made `dbre audit` fail outright."""
+    import logging
+
+    repo = Repository.open(str(world.repo))
+    for kind in ("audits", "drills"):
+        for i in range(2):
+            repo.put_record(kind, "src", {"operation": "restore-table", "time": f"2026-12-02T0{i}:00:00Z", "n": i})
+    victim = sorted((world.repo / "records" / "audits" / "src").iterdir())[0]
+    victim.write_bytes(victim.read_bytes()[:-3] + b"xyz")
+    drill = sorted((world.repo / "records" / "drills" / "src").iterdir())[1]
+    drill.write_bytes(b"\x01 planted")
+    r = cli("audit", "--repo", world.repo)
+    assert r.returncode == 0 and "DAMAGED" in r.stdout and victim.name in r.stdout, r
+    assert "1 audit records could not be read" in r.stderr and "Traceback" not in r.stderr, r
+    with caplog.at_level(logging.WARNING):
+        assert [rec["n"] for rec in Repository.open(str(world.repo)).records("drills", "src")] == [0]
+    assert any(drill.name in m and "skipped" in m for m in caplog.messages), caplog.messages
+
+
 def test_damaged_config(world: World) -> None:
     (world.repo / "config").write_text("{not json")
     with world.unchanged():

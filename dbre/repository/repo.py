@@ -686,7 +686,16 @@ class Repository:
         prefix = f"records/{kind}/{db}/" if db else f"records/{kind}/"
         out = []
         for key in sorted(self.store.list(prefix), key=lambda k: k.rsplit("/", 1)[1]):
-            rec = json.loads(self.sealer.unseal(get_capped(self.store, key, RECORD_CAP, "record"), key))
+            try:
+                rec = json.loads(self.sealer.unseal(get_capped(self.store, key, RECORD_CAP, "record"), key))
+                if not isinstance(rec, dict):
+                    raise ValueError("not an object")
+            except (IntegrityError, ValueError) as err:
+                # one damaged (or planted) record must not hide the others: a drill's history, the backup
+                # success rate and status go on from the rest, and say so
+                log.warning("dbre: record %s could not be read (%s): skipped", key,
+                            err.message if isinstance(err, IntegrityError) else err)
+                continue
             rec["record_id"] = key.rsplit("/", 1)[1]
             out.append(rec)
         return out

@@ -392,7 +392,15 @@ def read_audits(repo: Repository, db: str | None = None, last: int | None = None
     Read as ``Repository.records`` reads them (sealed JSON named by time), listing first so that
     only the records shown are fetched. Each gets its "record_id" and "db"."""
     keys = _audit_keys(repo, db)
-    return [_read_audit(repo, k) for k in (keys[-last:] if last else keys)]
+    out = []
+    for key in keys[-last:] if last else keys:
+        try:
+            out.append(_read_audit(repo, key))
+        except (RepositoryError, ValueError) as err:  # (damaged: shown as such, the others still listed)
+            _, _, kdb, rec_id = key.split("/", 3)
+            why = err.message if isinstance(err, RepositoryError) else f"not a record ({err})"
+            out.append({"record_id": rec_id, "db": kdb, "damaged": why})
+    return out
 
 
 def find_audit(repo: Repository, record_id: str, db: str | None = None) -> dict[str, Any]:
