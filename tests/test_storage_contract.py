@@ -23,6 +23,7 @@ from dbre.storage.base import (
     StorageError,
     Store,
     TransientError,
+    WriteRefused,
     open_upload,
 )
 from dbre.storage.local import LocalStore, LocalUpload
@@ -367,7 +368,7 @@ def test_s3_rejected_credentials_are_permanent(
         ("SlowDown", 503, TransientError, ""),
         ("InternalError", 500, TransientError, ""),
         ("ConditionalRequestConflict", 409, TransientError, ""),
-        ("AccessDenied", 403, PermanentError, "s3:PutObject"),
+        ("AccessDenied", 403, WriteRefused, "s3:PutObject"),  # (a read-only key: readers go on without a lock)
         ("SignatureDoesNotMatch", 403, PermanentError, "AWS_SECRET_ACCESS_KEY"),
         ("NoSuchBucket", 404, PermanentError, "create the bucket"),
         ("InvalidArgument", 400, PermanentError, ""),
