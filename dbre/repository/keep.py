@@ -125,7 +125,7 @@ class KeepPolicy:
         try:
             return KeepDuration.parse(self.within)
         except ValueError as err:
-            raise UsageError(f"--keep-within: {err}", DURATION_HINT) from None
+            raise UsageError(f"--keep-within: {err}".replace(f" ({DURATION_HINT})", ""), DURATION_HINT) from None
 
     def zone(self) -> ZoneInfo:
         return parse_zone(self.timezone or "UTC")
