@@ -19,6 +19,7 @@ import csv
 import json
 import os
 import resource
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -419,3 +420,23 @@ def test_a_readable_repository_takes_the_lock_and_warns_nothing(backed_up: tuple
     assert_same_db(src, tmp_path / "out.db")
     with sqlite3.connect(tmp_path / "out.db") as conn:
         assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+
+
+def test_a_restore_into_a_folder_it_cannot_write_adds_no_safety_snapshot(tmp_path: Path,
+                                                                          backed_up: tuple[Path, Path]) -> None:
+    """restore --force over a live database in a folder that takes no new file (a read-only mount; else
+    no write permission): refused in one line naming the folder's problem, and the repository gains no
+    safety snapshot (a cold tester saw one written before the refusal)."""
+    repo, src = backed_up
+    place = tmp_path / "live"
+    place.mkdir()
+    shutil.copy(src, place / "app.db")
+    before = tree_hashes(repo)
+    ro = ReadOnly(place, tmp_path / "live-ro")
+    try:
+        r = ro.run("restore", "--repo", repo, "--db", "app", "--to", ro.path / "app.db", "--force")
+        assert r.returncode == 1 and "cannot create a file there" in r.stderr, r
+        assert r.stderr.strip().count("\n") == 0 and "safety snapshot" not in r.stderr, r
+    finally:
+        ro.close()
+    assert tree_hashes(repo) == before, "the refused restore changed the repository"

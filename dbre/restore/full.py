@@ -14,6 +14,7 @@ import re
 import secrets
 import stat
 import struct
+import tempfile
 import time
 from array import array
 from collections.abc import Callable
@@ -216,6 +217,7 @@ def safety_before_replace(repo: Repository, db: str, target: Path, wanted: bool)
     repository, a damaged database) refuses the restore, the hint naming the way round."""
     if not wanted or not target.exists() or is_empty_database(target) or not _sqlite_header(target):
         return None  # (nothing there, no database, or a file that is not SQLite's: nothing to snapshot)
+    _check_folder_takes_files(target)  # (a restore that cannot write there must not add a snapshot first)
     from dbre.restore.table import safety_snapshot
 
     try:
@@ -228,6 +230,18 @@ def safety_before_replace(repo: Repository, db: str, target: Path, wanted: bool)
         raise RestoreError(f"restore to {target}: the safety snapshot of the database there failed ({why})",
                            "nothing was changed; restore to another path and swap it in, or pass "
                            "--no-safety-snapshot to replace it without one") from None
+
+
+def _check_folder_takes_files(target: Path) -> None:
+    """The target's folder accepts a new file (where the restore writes its temp file): tried, not
+    judged from mode bits (root, ACLs, a read-only mount)."""
+    try:
+        fd, name = tempfile.mkstemp(prefix=_temp_prefix(target), dir=target.parent)
+    except OSError as err:
+        raise RestoreError(f"restore to {target}: cannot create a file there ({err.strerror})",
+                           "check the folder's permissions; nothing was changed") from None
+    os.close(fd)
+    os.unlink(name)
 
 
 def open_temp_beside(target: Path) -> tuple[Path, int]:
