@@ -440,3 +440,29 @@ def test_a_restore_into_a_folder_it_cannot_write_adds_no_safety_snapshot(tmp_pat
     finally:
         ro.close()
     assert tree_hashes(repo) == before, "the refused restore changed the repository"
+
+
+def test_verify_names_every_pack_it_cannot_read_and_goes_on(tmp_path: Path) -> None:
+    """One pack the store refuses to give (mode 000, read without CAP_DAC_OVERRIDE as an unprivileged
+    reader would), another deleted: verify reports both, each in its own line, and exits 1; it used to
+    stop at the first with `get packs/..: Permission denied` and never name the missing one."""
+    repo = tmp_path / "repo"
+    for i in range(3):  # three backups of three databases: three packs at least
+        src = make_db(tmp_path / f"db{i}.db", mb=0.3, seed=i)
+        assert run_dbre("backup", src, "--repo", repo, "--db", f"db{i}").returncode == 0
+    packs = sorted((repo / "packs").glob("*/*"))
+    assert len(packs) >= 3
+    denied, gone = packs[0], packs[1]
+    gone.unlink()
+    denied.chmod(0)
+    prefix = NO_CAPS if os.geteuid() == 0 else []
+    try:
+        proc = subprocess.run([*prefix, sys.executable, "-m", "dbre.cli", "verify", "--repo", str(repo)],
+                              capture_output=True, text=True, timeout=120, env=dbre_env())
+    finally:
+        denied.chmod(0o644)
+    assert proc.returncode == 1, proc
+    damaged = [line for line in proc.stderr.splitlines() if line.startswith("DAMAGED")]
+    assert any(denied.name in line and "cannot be read" in line for line in damaged), proc.stderr
+    assert any(gone.name in line and "missing" in line for line in damaged), proc.stderr
+    assert "Traceback" not in proc.stderr
