@@ -291,6 +291,9 @@ def _run(fn: Callable[[], T]) -> T:
     except DbreError as err:
         if _state["debug"]:
             raise
+        if not err.hint and type(err).__name__ == "NotFound":  # (dbre.storage.base.NotFound, not imported here)
+            err.hint = ("the repository lacks an object this needs: `dbre verify` names every missing one; use "
+                        "another snapshot (`dbre snapshots`) or the offsite copy (`--fallback URL`)")
         msg = err.message + (f" ({err.hint})" if err.hint else "")
         print(_one_line(f"dbre: {msg}"), file=sys.stderr)
         _json_error(err.message, err.hint, err.exit_code)

@@ -221,7 +221,7 @@ def test_missing_pack(world: World) -> None:
     target = world.tmp / "out.db"
     with world.unchanged():
         restore = cli(*restore_args(world, target))
-    assert_one_line_error(restore, 1, pack.name)
+    assert_one_line_error(restore, 1, pack.name, "dbre verify", "--fallback")  # (the way on, named)
     assert not target.exists() and not world.leftovers()
 
 
