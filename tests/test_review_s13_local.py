@@ -476,3 +476,22 @@ def test_a_failing_close_at_commit_is_a_store_error_and_closes_once(world: tuple
     monkeypatch.undo()
     assert closes == [target], closes
     assert not store.exists("packs/37/eio") and os.listdir(root / ".tmp") == []
+
+
+@pytest.mark.xfail(strict=True, reason="commit(if_absent=True) calls os.link with its default follow_symlinks=True "
+                   "(linkat AT_SYMLINK_FOLLOW): a temp file in .tmp swapped for a symbolic link before the commit "
+                   "makes dbre hard-link the link's target, any file on the same file system (as root: any at all, "
+                   "protected_hardlinks does not apply), under the key; fix: follow_symlinks=False and check the "
+                   "linked inode is the one written (fstat before close)")
+def test_a_temp_file_swapped_for_a_link_is_never_followed_at_commit(world: tuple[LocalStore, Path, Path]) -> None:
+    store, root, victim = world
+    up = store.open_upload("snapshots/app/m1")
+    up.write(b"manifest")
+    tmp = root / ".tmp" / up.tmp.name
+    os.unlink(tmp)
+    os.symlink(victim, tmp)  # the writer of the repository, watching .tmp with inotify
+    with contextlib.suppress(StorageError, IntegrityError):
+        up.commit(if_absent=True)
+    assert os.stat(victim).st_nlink == 1, "dbre hard-linked a file outside the repository under a key"
+    key = root / "snapshots/app/m1"
+    assert not key.exists() or os.stat(key, follow_symlinks=False).st_ino != os.stat(victim).st_ino
