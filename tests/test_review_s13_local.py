@@ -339,9 +339,6 @@ def test_put_fsyncs_the_file_then_places_it_then_fsyncs_its_folder(
     assert events == [("fsync", ino), (place, 0), ("fsync", folder)]
 
 
-@pytest.mark.xfail(strict=True, reason="a folder made by a put (packs/xx, snapshots/<db>) is never fsynced in its "
-                   "parent: after a power loss the folder, and the fsynced object in it, can be gone while a "
-                   "later manifest survives (power loss only, not kill -9; the old local.py had the same gap)")
 def test_a_new_folder_is_fsynced_in_its_parent(world: tuple[LocalStore, Path, Path],
                                                monkeypatch: pytest.MonkeyPatch) -> None:
     store, root, _ = world
@@ -432,12 +429,9 @@ def test_replace_waits_for_a_held_lock_at_most_replace_lock_wait(world: tuple[Lo
     assert store.get("config") == b"new"
 
 
-# -- findings: hardening gaps (strict xfails) -----------------------------------------------------------
+# -- findings: hardening gaps (strict xfails until fixed the same day in dbre/storage/local.py) ----------
 
 
-@pytest.mark.xfail(strict=True, reason="list() does not check its prefix as _path checks keys: a '..' part opens "
-                   "the root's parent and lists its files as keys (unreachable today: every prefix is built from a "
-                   "constant and a checked db name, and listed names are never '..')")
 def test_list_never_leaves_the_root(world: tuple[LocalStore, Path, Path]) -> None:
     store, root, victim = world
     leaked: list[str] = []
@@ -446,10 +440,6 @@ def test_list_never_leaves_the_root(world: tuple[LocalStore, Path, Path]) -> Non
     assert not any(victim.name in k for k in leaked), leaked
 
 
-@pytest.mark.xfail(strict=True, reason="commit closes the temp descriptor before clearing self._fd: a close that "
-                   "fails (EIO: NFS, a full quota reported at close) makes abort close the same number again, so a "
-                   "raw OSError (EBADF) escapes instead of a store error, and in a pack upload thread the second "
-                   "close can hit a descriptor another thread just opened (same pattern in the old local.py)")
 def test_a_failing_close_at_commit_is_a_store_error_and_closes_once(world: tuple[LocalStore, Path, Path],
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     import errno
@@ -478,11 +468,6 @@ def test_a_failing_close_at_commit_is_a_store_error_and_closes_once(world: tuple
     assert not store.exists("packs/37/eio") and os.listdir(root / ".tmp") == []
 
 
-@pytest.mark.xfail(strict=True, reason="commit(if_absent=True) calls os.link with its default follow_symlinks=True "
-                   "(linkat AT_SYMLINK_FOLLOW): a temp file in .tmp swapped for a symbolic link before the commit "
-                   "makes dbre hard-link the link's target, any file on the same file system (as root: any at all, "
-                   "protected_hardlinks does not apply), under the key; fix: follow_symlinks=False and check the "
-                   "linked inode is the one written (fstat before close)")
 def test_a_temp_file_swapped_for_a_link_is_never_followed_at_commit(world: tuple[LocalStore, Path, Path]) -> None:
     store, root, victim = world
     up = store.open_upload("snapshots/app/m1")

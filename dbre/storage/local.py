@@ -96,8 +96,11 @@ class LocalStore:
                     except FileNotFoundError:
                         if not create or attempt:
                             raise
-                        with contextlib.suppress(FileExistsError):
+                        try:
                             os.mkdir(part, dir_fd=fd)
+                            os.fsync(fd)  # (its name in the parent survives a power loss before the object's)
+                        except FileExistsError:
+                            pass
                     except OSError as err:
                         if err.errno in (errno.ELOOP, errno.ENOTDIR):
                             raise _not_a_folder(fd, part, "/".join(parts[: i + 1]), op, key) from None
@@ -234,6 +237,8 @@ class LocalStore:
 
     def _walk(self, prefix: str) -> Iterator[str]:
         # walk only the deepest folder the prefix names, and below it only folders the prefix admits
+        if prefix.startswith("/") or ".." in prefix.split("/"):
+            raise PermanentError(f"invalid prefix {prefix!r}")
         folder, _, _ = prefix.rpartition("/")
         if folder == _TMP or folder.startswith(_TMP + "/"):
             return  # temp files are never keys
@@ -417,14 +422,16 @@ class LocalUpload:
         folder, _, name = self.key.rpartition("/")
         try:
             os.fsync(fd)
+            written = os.fstat(fd)
+            self._fd = None  # (cleared first: a close that fails is not closed again by abort)
             os.close(fd)
-            self._fd = None
             dest = self.store._folder(folder, "put", self.key, create=True)
             try:
                 if if_absent:
-                    # link() fails if the name exists: an atomic create-if-absent on POSIX
+                    # link() fails if the name exists: an atomic create-if-absent on POSIX; never through
+                    # a link put in the temp file's place (linkat without AT_SYMLINK_FOLLOW)
                     try:
-                        os.link(self.tmp.name, name, src_dir_fd=tmp_dir, dst_dir_fd=dest)
+                        os.link(self.tmp.name, name, src_dir_fd=tmp_dir, dst_dir_fd=dest, follow_symlinks=False)
                     except FileExistsError:
                         raise AlreadyExists(f"put {self.key}: already exists") from None
                     finally:
@@ -432,6 +439,15 @@ class LocalUpload:
                             os.unlink(self.tmp.name, dir_fd=tmp_dir)
                 else:
                     os.replace(self.tmp.name, name, src_dir_fd=tmp_dir, dst_dir_fd=dest)
+                placed = os.stat(name, dir_fd=dest, follow_symlinks=False)
+                if (placed.st_dev, placed.st_ino) != (written.st_dev, written.st_ino):
+                    # someone swapped the temp file for another file or a link while it was written:
+                    # what is under the key is not what this run wrote, so it goes again
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(name, dir_fd=dest)
+                    raise IntegrityError(f"put {self.key}: its temp file in .tmp was replaced while written "
+                                         "(planted?); nothing was stored", "check who else writes the "
+                                         "repository's folder, then run it again")
                 os.fsync(dest)
             finally:
                 os.close(dest)
@@ -453,8 +469,9 @@ class LocalUpload:
     def abort(self) -> None:
         self._failed = True
         if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+            fd, self._fd = self._fd, None
+            with contextlib.suppress(OSError):
+                os.close(fd)
         if self._dir is not None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.tmp.name, dir_fd=self._dir)
