@@ -437,17 +437,20 @@ class LocalUpload:
                     finally:
                         with contextlib.suppress(FileNotFoundError):  # the temp name goes, linked or not
                             os.unlink(self.tmp.name, dir_fd=tmp_dir)
+                    placed = os.stat(name, dir_fd=dest, follow_symlinks=False)
+                    if (placed.st_dev, placed.st_ino) != (written.st_dev, written.st_ino):
+                        # someone swapped the temp file for another file or a link while it was written: the
+                        # key this link just made is not what this run wrote, so it goes again (no other run
+                        # can have made it: link() refuses an existing name)
+                        with contextlib.suppress(FileNotFoundError):
+                            os.unlink(name, dir_fd=dest)
+                        raise IntegrityError(f"put {self.key}: its temp file in .tmp was replaced while written "
+                                             "(planted?); nothing was stored", "check who else writes the "
+                                             "repository's folder, then run it again")
                 else:
+                    # (rename never follows a link; two runs may put the same key at once, as two copies of
+                    # one pack do, so the name is not checked against this run's file here)
                     os.replace(self.tmp.name, name, src_dir_fd=tmp_dir, dst_dir_fd=dest)
-                placed = os.stat(name, dir_fd=dest, follow_symlinks=False)
-                if (placed.st_dev, placed.st_ino) != (written.st_dev, written.st_ino):
-                    # someone swapped the temp file for another file or a link while it was written:
-                    # what is under the key is not what this run wrote, so it goes again
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(name, dir_fd=dest)
-                    raise IntegrityError(f"put {self.key}: its temp file in .tmp was replaced while written "
-                                         "(planted?); nothing was stored", "check who else writes the "
-                                         "repository's folder, then run it again")
                 os.fsync(dest)
             finally:
                 os.close(dest)
