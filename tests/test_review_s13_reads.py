@@ -130,3 +130,39 @@ def test_append_only_backup_beside_a_prune_says_locked_and_waits(spawn_moto: Any
     finally:
         with _as(writer):
             prune.release()
+
+
+# -- finding 2: restore --fallback from a read-only primary drops the copy's lock too ----------------
+
+
+@pytest.mark.xfail(strict=True, reason="review s13 finding 2: FallbackRepository.lock takes the primary's lock "
+                   "first; its WriteRefused makes read_lock yield an UnlockedRead for the whole run, so the "
+                   "writable offsite copy is read without its shared lock (a prune there is not kept off)")
+def test_fallback_from_a_read_only_primary_still_locks_the_writable_copy(tmp_path: Path) -> None:
+    """A primary that refuses writes (read-only bind mount, or chmod + setpriv) and an offsite copy that
+    takes writes, held by a live exclusive lock (a prune) there. With a writable primary the restore is
+    refused by the copy's prune lock (the control); with the read-only primary it must be refused too,
+    not read the copy unlocked while its prune deletes."""
+    from dbre.repository.lock import Lock
+    from dbre.storage.local import LocalStore
+    from tests.test_readonly_repository import ReadOnly
+
+    src, repo, offsite = make_db(tmp_path / "app.db", mb=0.5), tmp_path / "repo", tmp_path / "offsite"
+    assert run_dbre("backup", src, "--repo", repo, "--db", "app").returncode == 0
+    r = run_dbre("copy", "--repo", repo, "--to", offsite)
+    assert r.returncode == 0, r
+    prune = Lock(LocalStore(offsite), "prune", exclusive=True)
+    prune.acquire()
+    try:
+        r = run_dbre("restore", "--repo", repo, "--db", "app", "--to", tmp_path / "a.db", "--fallback", offsite)
+        assert r.returncode != 0 and "locked by prune" in r.stderr, f"control: {r}"
+        ro = ReadOnly(repo, tmp_path / "ro")
+        try:
+            out = tmp_path / "b.db"
+            r = ro.run("restore", "--repo", ro.path, "--db", "app", "--to", out, "--fallback", offsite)
+            assert "reads it without a lock" in r.stderr, f"{ro.mode}: {r}"  # (the primary's: as designed)
+            assert r.returncode != 0 and "locked by prune" in r.stderr and not out.exists(), f"{ro.mode}: {r}"
+        finally:
+            ro.close()
+    finally:
+        prune.release()
