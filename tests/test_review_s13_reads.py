@@ -166,3 +166,62 @@ def test_fallback_from_a_read_only_primary_still_locks_the_writable_copy(tmp_pat
             ro.close()
     finally:
         prune.release()
+
+
+# -- checked sound: verify --read-data beside a store-wide failure concludes nothing -------------------
+
+
+def test_credentials_revoked_mid_verify_conclude_nothing(spawn_moto: Any, tmp_path: Path) -> None:
+    """verify --read-data of two snapshots with no pack in common; after the first pack is read, the access
+    key in use is deleted (a rotation, a revoked key: every later request is InvalidAccessKeyId). Nothing
+    in the repository changed: verify raises naming the credentials (c808e34's 'cannot be read' must not
+    report intact snapshots as damaged). (The structure check's pack-index and run reads turn any
+    PermanentError into 'cannot be read' damage: not reachable here without a hook; see the review.)"""
+    import boto3
+
+    from dbre.errors import RepositoryError
+    from dbre.repository.repo import Repository
+    from dbre.repository.verify import verify
+
+    server = spawn_moto(env={"INITIAL_NO_AUTH_ACTION_COUNT": "8"})
+    bucket = unique_bucket_name("dbre-rv")
+    boto3.session.Session().client("s3", endpoint_url=server.endpoint).create_bucket(Bucket=bucket)
+    iam = boto3.session.Session().client("iam", endpoint_url=server.endpoint, region_name="us-east-1")
+    iam.create_user(UserName="admin")
+    iam.put_user_policy(UserName="admin", PolicyName="all", PolicyDocument=json.dumps({
+        "Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}))
+    key = iam.create_access_key(UserName="admin")["AccessKey"]
+    iam_admin = boto3.session.Session(aws_access_key_id=key["AccessKeyId"],
+                                      aws_secret_access_key=key["SecretAccessKey"]).client(
+        "iam", endpoint_url=server.endpoint, region_name="us-east-1")
+    user = _iam_user(iam, "verifier", ["s3:*"], bucket)
+    env = {**user, "AWS_ENDPOINT_URL": server.endpoint}
+    url = f"s3://{bucket}/repo"
+    src = tmp_path / "app.db"
+    for seed in (1, 2):  # new rows throughout: the snapshots share no pack
+        src.unlink(missing_ok=True)
+        make_db(src, mb=0.5, seed=seed)
+        r = run_dbre("backup", src, "--repo", url, "--db", "app", env=env)
+        assert r.returncode == 0, r
+
+    revoked: list[int] = []
+
+    def revoke(done: int, total: int) -> None:
+        if not revoked:
+            assert total >= 2, total
+            iam_admin.delete_access_key(UserName="verifier", AccessKeyId=user["AWS_ACCESS_KEY_ID"])
+            revoked.append(done)
+
+    saved_url = os.environ.get("AWS_ENDPOINT_URL")
+    os.environ["AWS_ENDPOINT_URL"] = server.endpoint
+    try:
+        with _as(user):
+            repo = Repository.open(url)
+            with pytest.raises(RepositoryError, match="credentials rejected"):
+                verify(repo, read_data=True, progress=revoke)
+    finally:
+        if saved_url is None:
+            os.environ.pop("AWS_ENDPOINT_URL", None)
+        else:
+            os.environ["AWS_ENDPOINT_URL"] = saved_url
+    assert revoked
