@@ -1,7 +1,8 @@
 """Cold review (session 13) of the reads that go on without a lock (``Repository.read_lock``,
 ``WriteRefused``): real parts only (a moto server checking IAM, CLI subprocesses).
 
-Finding 1 (strict xfail): credentials that may put but not delete (an "append-only" backup key, a
+Finding 1 (strict xfail until fixed the same day in Lock.acquire): credentials that may put but not
+delete (an "append-only" backup key, a
 common anti-ransomware policy: s3:GetObject, s3:ListBucket, s3:PutObject, no s3:DeleteObject). A run
 taking a shared lock while a prune holds its exclusive one writes its lock object, sees the prune's,
 and in ``Lock.acquire``'s clean-up deletes its own: that delete is AccessDenied -> ``WriteRefused``,
@@ -50,9 +51,6 @@ def _as(creds: dict[str, str]) -> Iterator[None]:
                 os.environ[k] = v
 
 
-@pytest.mark.xfail(strict=True, reason="review s13 finding 1: with put-but-not-delete credentials the clean-up "
-                   "delete in Lock.acquire raises WriteRefused over the LockedError, so read_lock reads without "
-                   "a lock beside a live exclusive (prune) lock")
 def test_append_only_credentials_do_not_turn_a_held_prune_lock_into_an_unlocked_read(
         spawn_moto: Any, tmp_path: Path) -> None:
     """A live exclusive lock (a prune, held in this process with full credentials) must stop a restore
@@ -90,15 +88,14 @@ def test_append_only_credentials_do_not_turn_a_held_prune_lock_into_an_unlocked_
             left = [k for k in store.list("locks/") if k != prune.key]
         assert not out.exists(), f"the restore ran beside a live prune lock, without its own: {r}"
         assert r.returncode != 0 and "locked by prune" in r.stderr, r
-        assert left == [], f"the refused run left its lock object behind: {left}"
+        # credentials that may not delete cannot remove the run's own lock object: it stays, said so, and goes
+        # stale like any other (nothing else can be done with them)
+        assert len(left) <= 1 and (not left or "could not remove it" in r.stderr), (left, r)
     finally:
         with _as(writer):
             prune.release()
 
 
-@pytest.mark.xfail(strict=True, reason="review s13 finding 1b: a backup with put-but-not-delete credentials "
-                   "beside a live prune lock says 'access denied (these credentials may not write)', not "
-                   "'locked by prune', and --retry-lock does not wait for the prune")
 def test_append_only_backup_beside_a_prune_says_locked_and_waits(spawn_moto: Any, tmp_path: Path) -> None:
     """The backup is refused either way (nothing is written without a lock); what is wrong is the cause
     it names, which sends the operator to the bucket policy instead of to the running prune."""
@@ -135,9 +132,6 @@ def test_append_only_backup_beside_a_prune_says_locked_and_waits(spawn_moto: Any
 # -- finding 2: restore --fallback from a read-only primary drops the copy's lock too ----------------
 
 
-@pytest.mark.xfail(strict=True, reason="review s13 finding 2: FallbackRepository.lock takes the primary's lock "
-                   "first; its WriteRefused makes read_lock yield an UnlockedRead for the whole run, so the "
-                   "writable offsite copy is read without its shared lock (a prune there is not kept off)")
 def test_fallback_from_a_read_only_primary_still_locks_the_writable_copy(tmp_path: Path) -> None:
     """A primary that refuses writes (read-only bind mount, or chmod + setpriv) and an offsite copy that
     takes writes, held by a live exclusive lock (a prune) there. With a writable primary the restore is

@@ -41,7 +41,7 @@ from dbre.repository.lock import hold as hold_lock
 from dbre.repository.repo import Repository
 from dbre.secrets import Secret
 from dbre.storage import NotFound, Store, open_store
-from dbre.storage.base import PermanentError, StorageError, TransientError
+from dbre.storage.base import PermanentError, StorageError, TransientError, WriteRefused
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -272,15 +272,32 @@ class FallbackRepository(Repository):
         refuses the lock (read-only credentials) is read without one, with a warning."""
         with ExitStack() as stack:
             held = stack.enter_context(hold_lock(self.store.primary, op, exclusive=exclusive))
-            for copy in self.store.copies:
-                try:
-                    stack.enter_context(hold_lock(copy, f"{op} (fallback of {self.store.primary.url})"))
-                except LockedError:
-                    raise
-                except StorageError as err:
-                    log.warning("fallback %s: no lock taken there (%s); a prune there during this restore could "
-                                "remove what it reads", copy.url, err.message)
+            self._lock_copies(stack, op)
             yield held
+
+    @contextmanager
+    def read_lock(self, op: str) -> Iterator[Lock]:
+        """As ``lock``, for a run that only reads: a primary that refuses the lock object (read-only) is
+        read without one, after a warning, and every copy read from still gets its shared lock (a prune
+        on the offsite copy is kept off, or refuses this run, as with a writable primary)."""
+        with ExitStack() as stack:
+            try:
+                held = stack.enter_context(hold_lock(self.store.primary, op))
+            except WriteRefused as err:
+                held = self.unlocked_read(op, err)
+            self._lock_copies(stack, op)
+            yield held
+
+    def _lock_copies(self, stack: ExitStack, op: str) -> None:
+        """A shared lock in every copy (held by ``stack``); a copy's live conflicting lock refuses."""
+        for copy in self.store.copies:
+            try:
+                stack.enter_context(hold_lock(copy, f"{op} (fallback of {self.store.primary.url})"))
+            except LockedError:
+                raise
+            except StorageError as err:
+                log.warning("fallback %s: no lock taken there (%s); a prune there during this restore could "
+                            "remove what it reads", copy.url, err.message)
 
     def fallback_lines(self) -> list[str]:
         """One line per object taken from a copy (the config first, when it was)."""

@@ -264,7 +264,12 @@ class Lock:
                         "or run `dbre unlock` if that run is dead",
                     )
         except BaseException:
-            self.store.delete(self._key)
+            try:
+                self.store.delete(self._key)
+            except Exception as err:  # noqa: BLE001 - the refusal (a live lock) is what the caller must see,
+                # not a failure to clean up after it (credentials that may put but not delete): it goes stale
+                log.warning("lock %s: could not remove it (%s); it goes stale in %s", self._key, err,
+                            _span(self.stale_seconds))
             raise
         self._thread = threading.Thread(target=self._refresh_loop, daemon=True, name="dbre-lock-refresh")
         self._thread.start()

@@ -750,13 +750,17 @@ class Repository:
             try:
                 held = stack.enter_context(self.lock(op))
             except WriteRefused as err:
-                if not self._read_unlocked:
-                    self._read_unlocked = True
-                    log.warning("dbre: warning: cannot lock %s (%s): %s reads it without a lock; a prune running "
-                                "elsewhere now could make it fail (never read wrong bytes: every object is checked)",
-                                self.url, err.cause, op.split(" ", 1)[0])
-                held = UnlockedRead(self.store, op, err)
+                held = self.unlocked_read(op, err)
             yield held
+
+    def unlocked_read(self, op: str, err: WriteRefused) -> UnlockedRead:
+        """The ``UnlockedRead`` of ``read_lock`` when the store refused the lock object, said once."""
+        if not self._read_unlocked:
+            self._read_unlocked = True
+            log.warning("dbre: warning: cannot lock %s (%s): %s reads it without a lock; a prune running "
+                        "elsewhere now could make it fail (never read wrong bytes: every object is checked)",
+                        self.url, err.cause, op.split(" ", 1)[0])
+        return UnlockedRead(self.store, op, err)
 
     def read_locks(self) -> list[tuple[str, dict[str, Any]]]:
         return read_locks(self.store)
