@@ -30,7 +30,8 @@ from dbre.repository.manifest import RECORD, Manifest, RunRef
 from dbre.repository.pack import BlobInfo, read_pack_tail
 from dbre.repository.repo import Repository, pack_key
 from dbre.repository.tables import PAGE_SUM
-from dbre.storage import NotFound, PermanentError
+from dbre.storage import NotFound
+from dbre.storage.base import ReadRefused
 
 Progress = Callable[[int, int], None]
 Index = dict[int, BlobInfo]  # a pack's index: blob offset -> blob
@@ -116,15 +117,16 @@ def _read_index(repo: Repository, pack: str, start: int) -> tuple[Index | Reposi
                               "again) and `dbre verify`"), b""
     except IntegrityError as err:
         return err, b""
-    except PermanentError as err:  # (this object only: the listing and the manifests were read)
+    except ReadRefused as err:  # (this object only: the store answers; a store-wide failure still raises)
         return _unreadable(pack_key(pack), err), b""
     return {b.offset: b for b in tail.blobs}, tail.data
 
 
-def _unreadable(key: str, err: PermanentError) -> IntegrityError:
-    """A pack the store refuses to give (a file mode, an object ACL) while it gave the listing and the
-    manifests: reported like damage, so verify goes on and names every such object (and a restore
-    with --fallback takes it from the copy); a transient failure still raises, concluding nothing."""
+def _unreadable(key: str, err: ReadRefused) -> IntegrityError:
+    """A pack the store refuses to give (a file mode, an object ACL: ``ReadRefused``) while it answers:
+    reported like damage, so verify goes on and names every such object (and a restore with --fallback
+    takes it from the copy); a transient or store-wide failure (credentials, bucket, TLS, I/O) still
+    raises, concluding nothing."""
     return IntegrityError(f"{key}: cannot be read ({err.message})", err.hint or "check its permissions")
 
 
@@ -497,7 +499,7 @@ def _read_runs(repo: Repository, by_run: dict[RunKey, tuple[RunRef, Manifest]], 
             return IntegrityError(f"{pack_key(run.pack)} is missing")
         except IntegrityError as err:
             return err
-        except PermanentError as err:
+        except ReadRefused as err:
             return _unreadable(pack_key(run.pack), err)
 
     with ThreadPoolExecutor(max_workers=READERS, thread_name_prefix="dbre-runs") as pool:

@@ -49,6 +49,12 @@ class WriteRefused(PermanentError):
         self.cause = cause
 
 
+class ReadRefused(PermanentError):
+    """The store refuses to give this object (its permissions: a local file's mode, EACCES/EPERM on a
+    read; on S3 AccessDenied on a get) while the store itself answers: ``verify`` reports such an
+    object and goes on. A store-wide failure (credentials rejected, no bucket, TLS, I/O) is not one."""
+
+
 class ObjectLocked(PermanentError):
     """The object's version is under an Object Lock retention that is still in force."""
 

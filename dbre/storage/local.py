@@ -34,7 +34,9 @@ def _os_error(op: str, key: str, err: OSError) -> StorageError:
         return WriteRefused(f"{op} {key}: {err.strerror}", "check the repository's permissions",
                             cause="permission denied")
     if err.errno in (errno.EACCES, errno.EPERM):
-        return PermanentError(f"{op} {key}: {err.strerror}", "check the repository's permissions")
+        from dbre.storage.base import ReadRefused
+
+        return ReadRefused(f"{op} {key}: {err.strerror}", "check the repository's permissions")
     if err.errno in (errno.EAGAIN, errno.EINTR, errno.EBUSY):
         return TransientError(f"{op} {key}: {err.strerror}")
     return PermanentError(f"{op} {key}: {err.strerror or err}")

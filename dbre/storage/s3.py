@@ -31,6 +31,7 @@ from dbre.storage.base import (
     NotFound,
     ObjectVersion,
     PermanentError,
+    ReadRefused,
     Retention,
     StorageError,
     TransientError,
@@ -413,6 +414,8 @@ class S3Store:
             if code in _DENIED and op in _WRITES:  # (credentials that may read: read-only operations go on)
                 return WriteRefused(f"{where}: access denied to {self.url} (these credentials may not write)",
                                     _HINT_DENIED, cause="access denied")
+            if code in _DENIED and op in ("get", "get_range"):  # (this object: the store itself answers)
+                return ReadRefused(f"{where}: access denied to {self.url}", _HINT_DENIED)
             if code in _DENIED:
                 return PermanentError(f"{where}: access denied to {self.url}", _HINT_DENIED)
             if code in _TRANSIENT or status >= 500 or status == 429:
