@@ -6,6 +6,7 @@ fsynced and renamed over the target: a crash or a full disk leaves the target as
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import logging
@@ -241,7 +242,8 @@ def _check_folder_takes_files(target: Path) -> None:
         raise RestoreError(f"restore to {target}: cannot create a file there ({err.strerror})",
                            "check the folder's permissions; nothing was changed") from None
     os.close(fd)
-    os.unlink(name)
+    with contextlib.suppress(FileNotFoundError):  # (another restore's clean-up beside it may have taken it)
+        os.unlink(name)
 
 
 def open_temp_beside(target: Path) -> tuple[Path, int]:
