@@ -335,7 +335,10 @@ def test_failing_store_one_line_within_the_budget(command: str, after: int, laun
     code = judge(run, figures)
     print(f"\n{command} (faults after {after} requests): exit {code} after {run.seconds:.1f} s: {figures.failed}")
     print("\n".join(f"  {op} {path} {kind or ''}" for op, path, kind in proxy.log.trace[max(0, after - 3):after + 4]))
-    assert code != 0 and "SlowDown" in figures.failed[0], figures.failed
+    # the cause named: SlowDown, or 503 where the failing request was a HEAD (a HEAD's answer has no body to
+    # carry the code; which request meets the first fault moves whenever a run's request sequence does)
+    assert code != 0 and ("SlowDown" in figures.failed[0] or "server busy or failing (503" in figures.failed[0]), \
+        figures.failed
     assert run.seconds < RUN_BOUND, run.seconds
     proxy.plan.enabled = False
     assert oracle.ids() == snaps and copied.ids() == copies, "a failed run added or removed a snapshot"
