@@ -291,7 +291,7 @@ def test_prune_on_a_full_repository_disk_is_refused_and_restore_still_works(full
 # -- S3 credentials that may only read -------------------------------------------------------------
 
 
-def _iam_user(iam: Any, name: str, actions: Sequence[str], bucket: str) -> dict[str, str]:
+def iam_user(iam: Any, name: str, actions: Sequence[str], bucket: str) -> dict[str, str]:
     iam.create_user(UserName=name)
     iam.put_user_policy(UserName=name, PolicyName="dbre", PolicyDocument=json.dumps({
         "Version": "2012-10-17", "Statement": [{
@@ -317,8 +317,8 @@ def test_s3_credentials_that_may_only_read(spawn_moto: Any, tmp_path: Path) -> N
     bucket = unique_bucket_name("dbre-ro")
     boto3.session.Session().client("s3", endpoint_url=server.endpoint).create_bucket(Bucket=bucket)
     iam = boto3.session.Session().client("iam", endpoint_url=server.endpoint, region_name="us-east-1")
-    writer = {**_iam_user(iam, "writer", ["s3:*"], bucket), "AWS_ENDPOINT_URL": server.endpoint}
-    reader = {**_iam_user(iam, "reader", ["s3:GetObject", "s3:ListBucket"], bucket),
+    writer = {**iam_user(iam, "writer", ["s3:*"], bucket), "AWS_ENDPOINT_URL": server.endpoint}
+    reader = {**iam_user(iam, "reader", ["s3:GetObject", "s3:ListBucket"], bucket),
               "AWS_ENDPOINT_URL": server.endpoint}
     url = f"s3://{bucket}/repo"
     src = make_db(tmp_path / "app.db", mb=0.5)

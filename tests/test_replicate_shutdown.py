@@ -129,10 +129,11 @@ def test_sigterm_while_prune_holds_the_repository(repo_url: str, tmp_path: Path,
     _verify_clean(repo_url)
 
 
-def test_sigterm_while_the_source_write_lock_is_busy(tmp_path: Path, replicators: list[Replicator]) -> None:
-    """An application holds the source's write lock: every base falls back to the backup API, without a WAL
-    position, and was tried again up to 10 times (~2 s each) after SIGTERM. Now: no retry once stopping."""
-    src, url = tmp_path / "c.db", str(tmp_path / "repo")
+def _stopped_while_busy(tmp_path: Path, url: str, replicators: list[Replicator],
+                        again: float | None = None) -> tuple[Replicator, int, float]:
+    """A replicator of a new source whose write lock an application holds, signalled once its first base
+    found the lock busy (``again``: signalled a second time that many seconds later): (it, exit, seconds)."""
+    src = tmp_path / "c.db"
     make_source(src, 50)
     app = sqlite3.connect(src, isolation_level=None)
     try:
@@ -141,10 +142,18 @@ def test_sigterm_while_the_source_write_lock_is_busy(tmp_path: Path, replicators
         rep = Replicator(src, url)
         replicators.append(rep)
         rep.wait_for_line("stayed busy during the base snapshot (try 1 of 10)")
-        code, took = rep.stop()
+        code, took = rep.stop() if again is None else rep.stop(again)
     finally:
         app.execute("ROLLBACK")
         app.close()
+    return rep, code, took
+
+
+def test_sigterm_while_the_source_write_lock_is_busy(tmp_path: Path, replicators: list[Replicator]) -> None:
+    """An application holds the source's write lock: every base falls back to the backup API, without a WAL
+    position, and was tried again up to 10 times (~2 s each) after SIGTERM. Now: no retry once stopping."""
+    url = str(tmp_path / "repo")
+    rep, code, took = _stopped_while_busy(tmp_path, url, replicators)
     assert code == 1, rep.lines
     # the base under way when the signal came may finish its 2 s wait for the write lock; no other starts
     assert took < PROMPT, f"exited {took:.1f} s after SIGTERM: {rep.lines}"
@@ -188,19 +197,8 @@ def test_sigterm_under_prune_ships_what_is_committed(repo_url: str, tmp_path: Pa
 def test_second_signal_exits_at_once(tmp_path: Path, replicators: list[Replicator]) -> None:
     """A second SIGTERM while the first is being handled (a base waiting 2 s for the source's write lock):
     exit 1 at once, one line saying the process did not wait; the repository verifies clean."""
-    src, url = tmp_path / "c.db", str(tmp_path / "repo")
-    make_source(src, 50)
-    app = sqlite3.connect(src, isolation_level=None)
-    try:
-        app.execute("BEGIN IMMEDIATE")
-        app.execute("UPDATE counter SET n = n + 1")
-        rep = Replicator(src, url)
-        replicators.append(rep)
-        rep.wait_for_line("stayed busy during the base snapshot (try 1 of 10)")  # the second try starts now
-        code, took = rep.stop(0.3)
-    finally:
-        app.execute("ROLLBACK")
-        app.close()
+    url = str(tmp_path / "repo")
+    rep, code, took = _stopped_while_busy(tmp_path, url, replicators, again=0.3)  # (the second try starts now)
     assert code == 1, rep.lines
     assert took < 1.5, f"exited {took:.1f} s after the first SIGTERM"
     assert rep.lines[-1].startswith("dbre: replicate: a second signal: exiting now"), rep.lines

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -25,16 +25,22 @@ import pytest
 
 from tests.conftest import unique_bucket_name
 from tests.dbfactory import make_db, run_dbre
+from tests.test_readonly_repository import iam_user
 
 
-def _iam_user(iam: Any, name: str, actions: Sequence[str], bucket: str) -> dict[str, str]:
-    iam.create_user(UserName=name)
-    iam.put_user_policy(UserName=name, PolicyName="dbre", PolicyDocument=json.dumps({
-        "Version": "2012-10-17", "Statement": [{
-            "Effect": "Allow", "Action": list(actions),
-            "Resource": [f"arn:aws:s3:::{bucket}", f"arn:aws:s3:::{bucket}/*"]}]}))
-    key = iam.create_access_key(UserName=name)["AccessKey"]
-    return {"AWS_ACCESS_KEY_ID": key["AccessKeyId"], "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"]}
+def _append_only_bucket(spawn_moto: Any) -> tuple[Any, str, dict[str, str], dict[str, str]]:
+    """A moto server checking IAM, a bucket, and two users' environments: a writer (s3:*) and an
+    appender that may get, list and put but not delete."""
+    import boto3
+
+    server = spawn_moto(env={"INITIAL_NO_AUTH_ACTION_COUNT": "8"})
+    bucket = unique_bucket_name("dbre-ao")
+    boto3.session.Session().client("s3", endpoint_url=server.endpoint).create_bucket(Bucket=bucket)
+    iam = boto3.session.Session().client("iam", endpoint_url=server.endpoint, region_name="us-east-1")
+    writer = {**iam_user(iam, "writer", ["s3:*"], bucket), "AWS_ENDPOINT_URL": server.endpoint}
+    appender = {**iam_user(iam, "appender", ["s3:GetObject", "s3:ListBucket", "s3:PutObject"], bucket),
+                "AWS_ENDPOINT_URL": server.endpoint}
+    return server, bucket, writer, appender
 
 
 @contextmanager
@@ -56,18 +62,11 @@ def test_append_only_credentials_do_not_turn_a_held_prune_lock_into_an_unlocked_
     """A live exclusive lock (a prune, held in this process with full credentials) must stop a restore
     run with append-only credentials ("locked by"), as it stops one with full credentials; it must not
     be read as "the repository refuses writes" and run unlocked."""
-    import boto3
 
     from dbre.repository.lock import Lock
     from dbre.storage.s3 import S3Store
 
-    server = spawn_moto(env={"INITIAL_NO_AUTH_ACTION_COUNT": "8"})
-    bucket = unique_bucket_name("dbre-ao")
-    boto3.session.Session().client("s3", endpoint_url=server.endpoint).create_bucket(Bucket=bucket)
-    iam = boto3.session.Session().client("iam", endpoint_url=server.endpoint, region_name="us-east-1")
-    writer = {**_iam_user(iam, "writer", ["s3:*"], bucket), "AWS_ENDPOINT_URL": server.endpoint}
-    appender = {**_iam_user(iam, "appender", ["s3:GetObject", "s3:ListBucket", "s3:PutObject"], bucket),
-                "AWS_ENDPOINT_URL": server.endpoint}
+    server, bucket, writer, appender = _append_only_bucket(spawn_moto)
     url = f"s3://{bucket}/repo"
     src = make_db(tmp_path / "app.db", mb=0.3)
     r = run_dbre("backup", src, "--repo", url, "--db", "app", env=writer)
@@ -99,18 +98,11 @@ def test_append_only_credentials_do_not_turn_a_held_prune_lock_into_an_unlocked_
 def test_append_only_backup_beside_a_prune_says_locked_and_waits(spawn_moto: Any, tmp_path: Path) -> None:
     """The backup is refused either way (nothing is written without a lock); what is wrong is the cause
     it names, which sends the operator to the bucket policy instead of to the running prune."""
-    import boto3
 
     from dbre.repository.lock import Lock
     from dbre.storage.s3 import S3Store
 
-    server = spawn_moto(env={"INITIAL_NO_AUTH_ACTION_COUNT": "8"})
-    bucket = unique_bucket_name("dbre-ao")
-    boto3.session.Session().client("s3", endpoint_url=server.endpoint).create_bucket(Bucket=bucket)
-    iam = boto3.session.Session().client("iam", endpoint_url=server.endpoint, region_name="us-east-1")
-    writer = {**_iam_user(iam, "writer", ["s3:*"], bucket), "AWS_ENDPOINT_URL": server.endpoint}
-    appender = {**_iam_user(iam, "appender", ["s3:GetObject", "s3:ListBucket", "s3:PutObject"], bucket),
-                "AWS_ENDPOINT_URL": server.endpoint}
+    server, bucket, writer, appender = _append_only_bucket(spawn_moto)
     url = f"s3://{bucket}/repo"
     src = make_db(tmp_path / "app.db", mb=0.3)
     r = run_dbre("backup", src, "--repo", url, "--db", "app", env=appender)
@@ -188,7 +180,7 @@ def test_credentials_revoked_mid_verify_conclude_nothing(spawn_moto: Any, tmp_pa
     iam_admin = boto3.session.Session(aws_access_key_id=key["AccessKeyId"],
                                       aws_secret_access_key=key["SecretAccessKey"]).client(
         "iam", endpoint_url=server.endpoint, region_name="us-east-1")
-    user = _iam_user(iam, "verifier", ["s3:*"], bucket)
+    user = iam_user(iam, "verifier", ["s3:*"], bucket)
     env = {**user, "AWS_ENDPOINT_URL": server.endpoint}
     url = f"s3://{bucket}/repo"
     src = tmp_path / "app.db"
