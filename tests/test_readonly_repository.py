@@ -26,6 +26,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -301,6 +302,21 @@ def iam_user(iam: Any, name: str, actions: Sequence[str], bucket: str) -> dict[s
     return {"AWS_ACCESS_KEY_ID": key["AccessKeyId"], "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"]}
 
 
+@contextmanager
+def as_user(creds: dict[str, str]) -> Iterator[None]:
+    """This process's AWS credentials are ``creds``'s while the block runs (for an S3Store made in it)."""
+    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
+    os.environ.update({k: creds[k] for k in saved})
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def test_s3_credentials_that_may_only_read(spawn_moto: Any, tmp_path: Path) -> None:
     """moto checking IAM: a writer (s3:*) backs up; a reader allowed only s3:GetObject and s3:ListBucket
     gets AccessDenied on every PUT. The store says WriteRefused ("access denied") for the put and the
@@ -325,9 +341,7 @@ def test_s3_credentials_that_may_only_read(spawn_moto: Any, tmp_path: Path) -> N
     r = run_dbre("backup", src, "--repo", url, "--db", "app", env=writer)
     assert r.returncode == 0, r
 
-    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
-    os.environ.update({k: reader[k] for k in saved})
-    try:
+    with as_user(reader):
         store = S3Store(bucket, "repo", endpoint_url=server.endpoint)
         with pytest.raises(WriteRefused, match="put locks/x: access denied") as put:
             store.put("locks/x", b"{}")
@@ -335,12 +349,6 @@ def test_s3_credentials_that_may_only_read(spawn_moto: Any, tmp_path: Path) -> N
         with pytest.raises(WriteRefused, match="delete config: access denied"):
             store.delete("config")
         assert store.get("config") and list(store.list("snapshots/app/"))
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
     out = tmp_path / "restored.db"
     r = run_dbre("restore", "--repo", url, "--db", "app", "--to", out, env=reader)

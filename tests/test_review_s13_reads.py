@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +23,7 @@ import pytest
 
 from tests.conftest import unique_bucket_name
 from tests.dbfactory import make_db, run_dbre
-from tests.test_readonly_repository import iam_user
+from tests.test_readonly_repository import as_user, iam_user
 
 
 def _append_only_bucket(spawn_moto: Any) -> tuple[Any, str, dict[str, str], dict[str, str]]:
@@ -43,20 +41,6 @@ def _append_only_bucket(spawn_moto: Any) -> tuple[Any, str, dict[str, str], dict
     return server, bucket, writer, appender
 
 
-@contextmanager
-def _as(creds: dict[str, str]) -> Iterator[None]:
-    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
-    os.environ.update({k: creds[k] for k in saved})
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
 def test_append_only_credentials_do_not_turn_a_held_prune_lock_into_an_unlocked_read(
         spawn_moto: Any, tmp_path: Path) -> None:
     """A live exclusive lock (a prune, held in this process with full credentials) must stop a restore
@@ -72,7 +56,7 @@ def test_append_only_credentials_do_not_turn_a_held_prune_lock_into_an_unlocked_
     r = run_dbre("backup", src, "--repo", url, "--db", "app", env=writer)
     assert r.returncode == 0, r
 
-    with _as(writer):
+    with as_user(writer):
         store = S3Store(bucket, "repo", endpoint_url=server.endpoint)
         prune = Lock(store, "prune", exclusive=True)
         prune.acquire()
@@ -83,7 +67,7 @@ def test_append_only_credentials_do_not_turn_a_held_prune_lock_into_an_unlocked_
         # the same restore with append-only credentials
         out = tmp_path / "b.db"
         r = run_dbre("restore", "--repo", url, "--db", "app", "--to", out, env=appender)
-        with _as(writer):
+        with as_user(writer):
             left = [k for k in store.list("locks/") if k != prune.key]
         assert not out.exists(), f"the restore ran beside a live prune lock, without its own: {r}"
         assert r.returncode != 0 and "locked by prune" in r.stderr, r
@@ -91,7 +75,7 @@ def test_append_only_credentials_do_not_turn_a_held_prune_lock_into_an_unlocked_
         # stale like any other (nothing else can be done with them)
         assert len(left) <= 1 and (not left or "could not remove it" in r.stderr), (left, r)
     finally:
-        with _as(writer):
+        with as_user(writer):
             prune.release()
 
 
@@ -108,7 +92,7 @@ def test_append_only_backup_beside_a_prune_says_locked_and_waits(spawn_moto: Any
     r = run_dbre("backup", src, "--repo", url, "--db", "app", env=appender)
     assert r.returncode == 0, r  # (append-only credentials back up: nothing in a backup deletes)
 
-    with _as(writer):
+    with as_user(writer):
         store = S3Store(bucket, "repo", endpoint_url=server.endpoint)
         prune = Lock(store, "prune", exclusive=True)
         prune.acquire()
@@ -117,7 +101,7 @@ def test_append_only_backup_beside_a_prune_says_locked_and_waits(spawn_moto: Any
         assert r.returncode != 0, r
         assert "locked by prune" in r.stderr, r
     finally:
-        with _as(writer):
+        with as_user(writer):
             prune.release()
 
 
@@ -201,7 +185,7 @@ def test_credentials_revoked_mid_verify_conclude_nothing(spawn_moto: Any, tmp_pa
     saved_url = os.environ.get("AWS_ENDPOINT_URL")
     os.environ["AWS_ENDPOINT_URL"] = server.endpoint
     try:
-        with _as(user):
+        with as_user(user):
             repo = Repository.open(url)
             with pytest.raises(RepositoryError, match="credentials rejected"):
                 verify(repo, read_data=True, progress=revoke)
