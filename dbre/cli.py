@@ -291,7 +291,9 @@ def _run(fn: Callable[[], T]) -> T:
     except DbreError as err:
         if _state["debug"]:
             raise
-        if not err.hint and type(err).__name__ == "NotFound":  # (dbre.storage.base.NotFound, not imported here)
+        from dbre.storage.base import NotFound  # (loaded already whenever one was raised)
+
+        if not err.hint and isinstance(err, NotFound):
             err.hint = ("the repository lacks an object this needs: `dbre verify` names every missing one; use "
                         "another snapshot (`dbre snapshots`) or the offsite copy (`--fallback URL`)")
         msg = err.message + (f" ({err.hint})" if err.hint else "")
