@@ -382,32 +382,41 @@ def _unchanged_since(repo: Repository, db: str, gen_id: str, names: list[Any], s
                 return False  # another file than the one followed: nothing known of its commits
             if (pos.salt, pos.frame, pos.cksum) == (end.salt, end.frame, end.cksum):
                 return True
-            followed = _followed(repo, db, gen_id)  # (a WAL emptied and restarted after the segment)
-            return followed is not None and (pos.salt, pos.frame, pos.cksum) == (
-                followed.salt, followed.frame, followed.cksum)
+            # (a WAL emptied and restarted after the segment, by a live replicator or before a clean stop)
+            return any((pos.salt, pos.frame, pos.cksum) == (f.salt, f.frame, f.cksum)
+                       for f in _followed(repo, db, gen_id))
         changed = max(os.stat(source + sfx).st_mtime for sfx in ("", "-wal") if os.path.exists(source + sfx))
         return changed <= newest
     except Exception:  # noqa: BLE001 - unreadable: judged by the segments and the heartbeat alone
         return False
 
 
-def _followed(repo: Repository, db: str, gen_id: str) -> Any:
-    """The WAL position the newest lease of ``db`` records (``Lease.followed``) for generation
-    ``gen_id``; None when it records none (or is unreadable). A lease's record is trusted no more than
-    a segment is: someone who can write leases can also hide or delete segments."""
+def _followed(repo: Repository, db: str, gen_id: str) -> list[Any]:
+    """The WAL positions recorded for generation ``gen_id`` as standing with nothing unshipped: the
+    newest lease's (``Lease.followed``) and the last clean stop's (``Lease.stopped``); none when they
+    record none (or are unreadable). Either record is trusted no more than a segment is: someone who
+    can write leases can also hide or delete segments."""
+    from dbre.replicate.lease import stopped_key
     from dbre.replicate.segment import WalPos
     from dbre.storage.base import LOCK_CAP, get_capped
 
-    leases = sorted(repo.store.list(f"leases/{db}/"))
-    if not leases:
-        return None
-    try:
-        record = json.loads(get_capped(repo.store, leases[-1], LOCK_CAP, "lease"))
-        if record.get("generation") != gen_id or not isinstance(record.get("wal"), dict):
-            return None
-        return WalPos.from_json(record["wal"])
-    except Exception:  # noqa: BLE001 - gone, damaged or of an older dbre: no position recorded
-        return None
+    leases = _epoch_leases(repo, db)
+    out = []
+    for key in [*leases[-1:], stopped_key(db)]:
+        try:
+            record = json.loads(get_capped(repo.store, key, LOCK_CAP, "lease"))
+            if record.get("generation") == gen_id and isinstance(record.get("wal"), dict):
+                out.append(WalPos.from_json(record["wal"]))
+        except Exception:  # noqa: BLE001 - gone, damaged or of an older dbre: no position recorded
+            continue
+    return out
+
+
+def _epoch_leases(repo: Repository, db: str) -> list[str]:
+    """The keys of ``db``'s leases, oldest epoch first (not the clean stop's record)."""
+    from dbre.replicate.lease import stopped_key
+
+    return sorted(k for k in repo.store.list(f"leases/{db}/") if k != stopped_key(db))
 
 
 @dataclass
@@ -438,7 +447,7 @@ def replication_lag(repo: Repository, db: str, now: datetime, source: str | None
         except NotFound:
             return None
     known, beat = newest, None
-    leases = sorted(repo.store.list(f"leases/{db}/"))
+    leases = _epoch_leases(repo, db)
     if leases:
         try:
             beat = datetime.fromtimestamp(repo.store.modified(leases[-1]), newest.tzinfo)

@@ -157,6 +157,37 @@ def test_an_idle_source_whose_wal_was_truncated_after_shipping_has_no_lag(tmp_pa
     assert "replication_lag alpha" in alerts and lags["alpha"] is not None and lags["alpha"] > RPO, (lags, alerts)
 
 
+def test_a_wal_truncated_just_before_a_clean_stop_leaves_no_lag(tmp_path: Path) -> None:
+    """The same truncation, then the replicator stopped at once (a writer that ends with a TRUNCATE
+    checkpoint, then a deploy): the lease that recorded the restarted WAL is released at the stop, so
+    the stop itself records where it stood (``leases/<db>/stopped``). Status must still say nothing is
+    unshipped: it failed CI once (beta, idle since the writer's last TRUNCATE, lag 9.4 s, a false
+    replication_lag alert). A commit after the stop still shows."""
+    repo_url, (a, _, _), policy, rep = _replicating(tmp_path, 100)
+    try:
+        wait_for_generation(repo_url, "alpha", timeout=40, proc=rep)
+        con = sqlite3.connect(a, isolation_level=None)
+        for i in range(5):
+            con.execute("INSERT INTO t(seq, pad) VALUES (?, x'00')", (1000 + i,))
+        con.close()
+        time.sleep(1.0)  # shipped
+        _truncated(a)
+    finally:
+        code, err = stop_replicator(rep)
+    assert code == 0, err
+    store = Repository.open(repo_url).store
+    assert [k for k in store.list("leases/alpha/")] == ["leases/alpha/stopped"]  # the lease itself released
+    time.sleep(RPO + 1)
+    lags, alerts, _ = _lags(policy, repo_url)
+    assert not alerts and lags["alpha"] == 0 and lags["beta"] == 0, (lags, alerts)
+    con = sqlite3.connect(a, isolation_level=None)
+    con.execute("INSERT INTO t(seq, pad) VALUES (5000, x'00')")
+    con.close()
+    time.sleep(RPO + 1)
+    lags, alerts, _ = _lags(policy, repo_url)
+    assert "replication_lag alpha" in alerts and lags["alpha"] is not None and lags["alpha"] > RPO, (lags, alerts)
+
+
 def test_a_file_copied_over_the_source_is_not_taken_for_the_one_followed(tmp_path: Path) -> None:
     """Status reads the source's WAL position to say nothing is unshipped; a file copied over the
     path (a restore from elsewhere, `cp` of an old copy) with its -wal and -shm shows the same

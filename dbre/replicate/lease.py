@@ -67,6 +67,12 @@ def _epochs(store: Store, db: str) -> list[int]:
     return sorted(out)
 
 
+def stopped_key(db: str) -> str:
+    """Where a replicator's clean stop records its last WAL position (``Lease.stopped``); not an epoch
+    (not hex), so no lease listing takes it for a lease."""
+    return f"leases/{db}/stopped"
+
+
 def _read(store: Store, key: str) -> LockInfo | None:
     """The lease at ``key`` with its time of last write (store's clock); None when it is gone. A
     damaged record counts as a lease of an unknown replicator, live (naming the newest generation)
@@ -294,6 +300,19 @@ class Lease:
             raise LockLostError(f"{what}: the lease of {self.db} was last written {age:.0f} s ago, within "
                                 f"{SAFETY_SECONDS:.0f} s of its stale limit ({STALE_SECONDS:.0f} s): another "
                                 "replicator may take it over", "check the store's reachability; restart replicate")
+
+    def stopped(self, generation: str, wal: dict[str, Any]) -> None:
+        """A clean stop, every transaction read shipped and durable, at WAL position ``wal`` of
+        ``generation``: ``leases/<db>/stopped`` records it (before ``release``), so `dbre status` still
+        tells an idle source from unshipped commits when the WAL restarted empty after the last segment
+        and the lease that recorded it is gone (``stopped_position``). Never raises: a record lost
+        only makes status judge the lag by the newest segment and heartbeat."""
+        record = {"generation": generation, "wal": wal,
+                  "stopped": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")}
+        try:
+            self.store.put(stopped_key(self.db), json.dumps(record).encode())
+        except Exception as err:  # noqa: BLE001 - the stop itself went well
+            log.warning("lease %s: could not record the stop (%s)", stopped_key(self.db), err)
 
     def release(self) -> None:
         if self.epoch >= 0:

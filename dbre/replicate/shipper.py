@@ -277,7 +277,7 @@ class Replicator:
         self.repo.require_writable(f"replicate {self.db}")
         self._uploader = _Uploader()
         unshipped: list[str] = []
-        left = False
+        left = drained = False
         try:
             try:
                 lock = self._wait_for_lock()
@@ -300,11 +300,14 @@ class Replicator:
             if not self._uploader.drain(None if age is None else max(1.0, SHUTDOWN_SECONDS - age)):
                 left = True
                 unshipped.append(f"the store had not taken the last segments {SHUTDOWN_SECONDS:.0f} s after the stop")
+            drained = not unshipped and not self.pending  # a clean stop: every commit read is durable
         finally:
             self._uploader.close()
             # left behind, a put may still be under way: the lease and the locks stay, as after kill -9
             # (they go stale; a replicator restarted on this host takes them over at once)
             if self.lease is not None and not left:
+                if drained and self.gen is not None and self.pos.salt:
+                    self.lease.stopped(self.gen.id, replace(self.pos, restart_next=False).to_json())
                 self.lease.release()
             for held in list(self._locks) if not left else []:
                 self._let_go(held)
