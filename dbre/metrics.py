@@ -365,7 +365,10 @@ def _unchanged_since(repo: Repository, db: str, gen_id: str, names: list[Any], s
     with no -shm to read, neither the file nor its -wal was modified after it. Either way the file must
     be the one the replicator followed (its device and inode, the segment's ``file_id``): a file
     restored or copied over the path, with an old -wal and -shm beside it, may show a recorded
-    position and hold other commits."""
+    position and hold other commits. A position with salts of zeros is a wal-index rebuilt over an
+    empty WAL (every connection closed, the commits checkpointed into the file, -wal and -shm
+    deleted, then opened again): it reads the same whatever the file holds, so it is judged by the
+    files' times, as without -shm."""
     from dbre.replicate.segment import open_segment, read_base
     from dbre.replicate.wal import WalTail
 
@@ -380,11 +383,12 @@ def _unchanged_since(repo: Repository, db: str, gen_id: str, names: list[Any], s
                 tail.close()
             if file_id != ref.file_id:
                 return False  # another file than the one followed: nothing known of its commits
-            if (pos.salt, pos.frame, pos.cksum) == (end.salt, end.frame, end.cksum):
-                return True
-            # (a WAL emptied and restarted after the segment, by a live replicator or before a clean stop)
-            return any((pos.salt, pos.frame, pos.cksum) == (f.salt, f.frame, f.cksum)
-                       for f in _followed(repo, db, gen_id))
+            if any(pos.salt):  # (salts of zeros: a wal-index rebuilt over an empty WAL, for any content)
+                if (pos.salt, pos.frame, pos.cksum) == (end.salt, end.frame, end.cksum):
+                    return True
+                # (a WAL emptied and restarted after the segment, by a live replicator or before a clean stop)
+                return any((pos.salt, pos.frame, pos.cksum) == (f.salt, f.frame, f.cksum)
+                           for f in _followed(repo, db, gen_id))
         changed = max(os.stat(source + sfx).st_mtime for sfx in ("", "-wal") if os.path.exists(source + sfx))
         return changed <= newest
     except Exception:  # noqa: BLE001 - unreadable: judged by the segments and the heartbeat alone

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -301,18 +302,33 @@ class Lease:
                                 f"{SAFETY_SECONDS:.0f} s of its stale limit ({STALE_SECONDS:.0f} s): another "
                                 "replicator may take it over", "check the store's reachability; restart replicate")
 
-    def stopped(self, generation: str, wal: dict[str, Any]) -> None:
+    def stopped(self, generation: str, wal: dict[str, Any], within: float) -> None:
         """A clean stop, every transaction read shipped and durable, at WAL position ``wal`` of
         ``generation``: ``leases/<db>/stopped`` records it (before ``release``), so `dbre status` still
         tells an idle source from unshipped commits when the WAL restarted empty after the last segment
-        and the lease that recorded it is gone (``stopped_position``). Never raises: a record lost
-        only makes status judge the lag by the newest segment and heartbeat."""
+        and the lease that recorded it is gone (``metrics._followed``). Nothing is written by a holder
+        whose lease was found lost (another replicator may have shipped past it). Never raises, and
+        waits at most ``within`` seconds (the rest of the stop's budget: a store slow right then must
+        not push a clean stop past the CLI's hard stop); a put still under way then completes or not,
+        whole either way. A record missing only makes status judge the lag by the segments and the
+        heartbeat."""
+        if self._lost:
+            return
         record = {"generation": generation, "wal": wal,
                   "stopped": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")}
-        try:
-            self.store.put(stopped_key(self.db), json.dumps(record).encode())
-        except Exception as err:  # noqa: BLE001 - the stop itself went well
-            log.warning("lease %s: could not record the stop (%s)", stopped_key(self.db), err)
+
+        def put() -> None:
+            try:
+                self.store.put(stopped_key(self.db), json.dumps(record).encode())
+            except Exception as err:  # noqa: BLE001 - the stop itself went well
+                log.warning("lease %s: could not record the stop (%s)", stopped_key(self.db), err)
+
+        writer = threading.Thread(target=put, name=f"dbre-stopped-{self.db}", daemon=True)
+        writer.start()
+        writer.join(max(0.0, within))
+        if writer.is_alive():
+            log.warning("lease %s: the store had not taken the stop's record after %.1f s; left to finish",
+                        stopped_key(self.db), within)
 
     def release(self) -> None:
         if self.epoch >= 0:

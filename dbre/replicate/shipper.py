@@ -109,6 +109,7 @@ BUSY_BASES = 10  # base snapshots in a row without a WAL position (a busy source
 # once stop is seen, the longest the replicator keeps trying to ship (a base a new generation needs,
 # the segments queued for the store); then it gives up, saying what is not shipped (StoppedUnshipped)
 SHUTDOWN_SECONDS = 10.0
+STOP_RECORD_SECONDS = 2.0  # the longest a clean stop waits for its record (Lease.stopped) before it lets go
 
 
 @dataclass
@@ -306,8 +307,11 @@ class Replicator:
             # left behind, a put may still be under way: the lease and the locks stay, as after kill -9
             # (they go stale; a replicator restarted on this host takes them over at once)
             if self.lease is not None and not left:
-                if drained and self.gen is not None and self.pos.salt:
-                    self.lease.stopped(self.gen.id, replace(self.pos, restart_next=False).to_json())
+                # (not at salts of zeros: a wal-index rebuilt over an empty WAL reads so whatever the file holds)
+                if drained and self.gen is not None and any(self.pos.salt):
+                    age = self._stop_age() or 0.0
+                    self.lease.stopped(self.gen.id, replace(self.pos, restart_next=False).to_json(),
+                                       within=min(STOP_RECORD_SECONDS, max(0.0, SHUTDOWN_SECONDS - age)))
                 self.lease.release()
             for held in list(self._locks) if not left else []:
                 self._let_go(held)
