@@ -15,10 +15,11 @@ from __future__ import annotations
 import logging
 import secrets
 import struct
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -367,10 +368,6 @@ def backup(
                 sink.keyed_same = bool(checksums) and direct and parent is not None
                 try:
                     image = session.image() if direct else None
-                    if image is not None:
-                        sink.feed(image)
-                    else:
-                        page_one = _copy_pages(conn, sink, session)
                     # a table none of whose pages changed keeps the parent's count and checksum
                     # (never across sources, in a replay, with --full, or on the backup-API path)
                     reused: list[str] = []
@@ -378,13 +375,28 @@ def backup(
                     # only the rows of leaves that changed
                     sums = PageSums(_page_of(image), bytearray(PAGE_SUM.size * page_count)) \
                         if checksums and image is not None else None
+                    # with nothing of the parent to carry over (a first or --full backup: the sink's
+                    # marks are not needed), the checksums are computed while the sink stores the pages
+                    early = _checksums_beside(conn, reused, sums) \
+                        if image is not None and checksums and not (carry and sink.keyed_same) else None
+                    try:
+                        if image is not None:
+                            sink.feed(image)
+                        else:
+                            page_one = _copy_pages(conn, sink, session)
+                    finally:
+                        if early is not None and not early.done():
+                            if sys.exc_info()[0] is not None:
+                                conn.interrupt()  # (the backup failed: the checksums are not wanted)
+                            wait([early])
                     # (nothing of the parent with --full, or when its page map is not usable)
                     parent_sums = load_page_sums(repo, parent_manifest) \
                         if sums is not None and carry and parent is not None else None
                     # (carried only over the keyed sink's marks; without it nothing is, or checksums are off)
                     prior = _priors(parent_manifest, parent_fast, image, encoding, parent_sums, sink.same) \
                         if carry and sink.keyed_same else None
-                    stats = table_stats(conn, checksums, prior, reused, sums, version=CHECKSUM_VERSION)
+                    stats = early.result() if early is not None else \
+                        table_stats(conn, checksums, prior, reused, sums, version=CHECKSUM_VERSION)
                     basis = _basis(conn, image, reused, parent_manifest if prior is not None else None)
                     if sums is not None and sums.used:
                         sink.store_sums(sums.out, PAGE_SUM.size, parent_manifest.sum_runs
@@ -492,6 +504,20 @@ def backup(
     # bytes_added counts packs (pages and page-map runs), as the manifest's stats do; the manifest
     # itself (a few hundred bytes) is not counted, so `backup --json` and `snapshots` agree
     return BackupResult(manifest, sink.pages_added, writer.bytes_written + sink.cold_bytes + sink.run_bytes, seconds)
+
+
+def _checksums_beside(conn: apsw.Connection, reused: list[str],
+                      sums: PageSums | None) -> Future[dict[str, tuple[int, str | None]]]:
+    """``table_stats`` with checksums and nothing of a parent, on a thread of its own, in ``conn``'s
+    read transaction, while the caller stores the pages of the same snapshot from its image (which
+    never touches ``conn``). SQLite (its memory statistics off: see ``dbre``) and zstd work without
+    the GIL: on two cores the checksums of a first backup cost little more than its copy. The caller
+    must not use ``conn`` before the future is done (it waits for it, even on failure)."""
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dbre-checksums")
+    try:
+        return pool.submit(table_stats, conn, True, None, reused, sums, version=CHECKSUM_VERSION)
+    finally:
+        pool.shutdown(wait=False)  # (the one job still runs; its thread ends with it)
 
 
 def _page_of(image: PageImage) -> Callable[[int], memoryview]:
