@@ -25,7 +25,9 @@ import typer
 from typer._click.core import Context
 from typer._click.exceptions import ClickException, NoArgsIsHelpError
 from typer._click.exceptions import UsageError as ClickUsageError
+from typer._click.types import FloatParamType, IntParamType, StringParamType
 from typer.core import TyperArgument, TyperGroup, TyperOption
+from typer.models import TyperPath
 
 from dbre import __version__
 from dbre.errors import DbreError, UsageError
@@ -37,15 +39,21 @@ from dbre.secrets import Secret
 class _Argument(TyperArgument):
     """A positional argument in click's style: SOURCE (required) or [SOURCE] in the usage line, no type.
 
-    typer 0.29 writes `{source}` and `<str>`; every argument of every command gets this class (`_conventional`).
+    typer writes `{SOURCE}` and `<str>`; every argument of every command gets this class (`_conventional`).
     """
 
-    def _usage_display_name(self) -> str:
-        name = self.display_name_raw + ("..." if self.nargs != 1 else "")
-        return name if self.required else f"[{name}]"
+    def make_metavar(self, ctx: Context, *, usage: bool = False) -> str:
+        name = (self.metavar or (self.name or "").upper()) + ("..." if self.nargs != 1 else "")
+        return name if self.required or not usage else f"[{name}]"
 
-    def display_type_rich(self, ctx: Any) -> str | None:
-        return None
+
+class _Untyped(StringParamType):
+    """Text, as an argument's help shows its type: not at all (typer writes `<str>`)."""
+
+    name = "text"
+
+    def get_metavar(self, param: Any, ctx: Any = None) -> str:  # type: ignore[override]
+        return ""
 
 
 # What a value is, by the parameter's name, wherever it appears (restic: `--keep-last n`, git: `<path>`)
@@ -61,12 +69,12 @@ _METAVARS = {
 
 def _metavar(param: TyperOption | TyperArgument) -> str:
     """The placeholder of a value whose definition names none: PATH, by name (--at TIME), N, or its name."""
-    if param.type_descriptor.is_path:
+    if isinstance(param.type, TyperPath):
         return "PATH"
     name = param.name or "value"
     if name in _METAVARS:
         return _METAVARS[name]
-    if param.type_descriptor.annotation in (int, float, int | None, float | None):
+    if isinstance(param.type, (IntParamType, FloatParamType)):
         return "N"
     return name.upper()
 
@@ -74,13 +82,15 @@ def _metavar(param: TyperOption | TyperArgument) -> str:
 def _conventional(command: Any) -> None:
     """Give every parameter below ``command`` a git-style placeholder, once, when the CLI is built.
 
-    typer 0.29's help shows a type for every parameter, flags included (`--json <bool>`, `--table
+    typer's help shows a type for every parameter, flags included (`--json <bool>`, `--table
     <list[str]>`), although a flag takes no value; here a flag shows none, an option an uppercase metavar
     (its own, else `_metavar`), an argument its name; a help paragraph is one line, wrapped by the console.
     """
     for param in command.params:
         if isinstance(param, TyperArgument):
             param.__class__ = _Argument
+            if type(param.type) is StringParamType:  # (only text: an argument of another type keeps its conversion)
+                param.type = _Untyped()
             name = param.name or "arg"
             param.metavar = param.metavar or _METAVARS.get(name, name.upper())
         elif getattr(param, "is_flag", False) or getattr(param, "count", False):
