@@ -474,3 +474,18 @@ def test_verify_names_every_pack_it_cannot_read_and_goes_on(tmp_path: Path) -> N
     assert any(denied.name in line and "cannot be read" in line for line in damaged), proc.stderr
     assert any(gone.name in line and "missing" in line for line in damaged), proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_a_dry_run_of_forget_plans_on_a_read_only_repository(read_only: ReadOnly,
+                                                              backed_up: tuple[Path, Path]) -> None:
+    """`forget --dry-run` (and with --prune) writes nothing, so a repository it may only read is no
+    reason to refuse: the plan, one warning line, the repository unchanged."""
+    repo, _ = backed_up
+    ro, where = read_only, read_only.mode
+    before = tree_hashes(repo)
+    for extra in ([], ["--prune"]):
+        r = ro.run("forget", "--repo", ro.path, "--keep-last", "1", "--dry-run", *extra)
+        assert_one_warning(r, ro.cause, f"{where}: forget --dry-run {extra}")
+        assert r.stdout.count("would forget") == 1 and r.stdout.count(" keep ") == 1, r
+        assert ("prune: would delete 0 unused packs" in r.stdout) == bool(extra), r
+    assert tree_hashes(repo) == before, f"{where}: the repository changed"

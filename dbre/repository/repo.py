@@ -16,6 +16,7 @@ import hmac
 import json
 import logging
 import secrets
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
@@ -776,6 +777,11 @@ class UnlockedRead(Lock):
 
     def acquire(self) -> None:
         raise self.refused
+
+    def store_now(self) -> float:
+        """This host's clock: with no object written, the store's time cannot be learnt (what it
+        judges, a dry run's grace period or a replicator's lease, is judged by this host's clock)."""
+        return time.time()
 
     def refresh(self) -> None:
         pass

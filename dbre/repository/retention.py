@@ -107,7 +107,8 @@ def forget(repo: Repository, policy: KeepPolicy, db: str | None = None, *, dry_r
     if not dry_run:
         repo.require_writable("forget")
     repo.attach_object_lock("forget")
-    with repo.lock("forget", exclusive=not dry_run) as lock:
+    # (a dry run writes nothing: a repository that refuses the lock object is planned on without one)
+    with (repo.read_lock("forget") if dry_run else repo.lock("forget", exclusive=True)) as lock:
         plan = _reading("forget", "no snapshot was forgotten", lambda: plan_forget(repo, policy, db, lock.store_now()))
         if repo.object_lock is not None:
             # a manifest still locked is never deleted nor hidden by a delete marker: it stays, named
@@ -223,7 +224,7 @@ def prune(repo: Repository, *, dry_run: bool = False, grace: float = PRUNE_GRACE
     a shared one, deleting nothing)."""
     if not dry_run:
         repo.require_writable("prune")
-    with repo.lock("prune", exclusive=not dry_run) as lock:
+    with (repo.read_lock("prune") if dry_run else repo.lock("prune", exclusive=True)) as lock:
         return _prune(repo, lock, grace, dry_run)
 
 
