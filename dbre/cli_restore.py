@@ -5,6 +5,7 @@ Registered on the main app by dbre/cli.py, which holds the shared options and he
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -187,6 +188,7 @@ def restore(
                 print(f"would restore snapshot {d['snapshot']} of {d['db']} taken {d['taken_at']} to {d['target']}: "
                       f"{d['pages']} pages, {human(d['size'])}, reading {human(d['bytes_to_read'])} "
                       f"from {d['packs']} packs" + (" (replacing the existing file)" if d["replaces_existing"] else ""))
+                _said_skipped(d)
             return
         with _progress("restore", not json_out, unit_bytes=True) as bar:
             result = apply_restore(repository, plan, bar)
@@ -197,9 +199,23 @@ def restore(
             _said_fallback(repository)
             print(f"restored snapshot {s['snapshot']} of {s['db']} (taken {s['taken_at']}) to {s['target']}: "
                   f"{human(s['size'])} in {s['seconds']:.2f} s")
+            _said_skipped(s)
             _said_safety(s, repository.url)
 
     _run(go)
+
+
+def _said_skipped(described: dict[str, Any]) -> None:
+    """One line on stderr when the choice passed over newer safety snapshots (the states a recovery
+    replaced): they exist, and how to get one back."""
+    skipped = described.get("skipped_safety_snapshots") or []
+    if skipped:
+        newest = skipped[0]
+        more = f" and {len(skipped) - 1} older" if len(skipped) > 1 else ""
+        sid = newest["snapshot"]
+        print(f"note: passed over safety snapshot {sid} (taken {newest['taken_at']}){more}: the database a "
+              f"restore --force or repair replaced, not the backup history; --snapshot {sid} restores it",
+              file=sys.stderr)
 
 
 # `last-good` is a command of its own, not `restore --last-good`: restore requires --to and writes a file,

@@ -232,8 +232,16 @@ def test_restore_at_a_time_after_a_recovery_skips_its_safety_snapshot(tmp_path: 
     time.sleep(0.01)
     now = iso(datetime.now(UTC))
     at = tmp_path / "at.db"
-    out = ok("restore", "--repo", repo_url, "--db", "shop", "--at", now, "--to", at)
-    assert out.startswith(f"restored snapshot {regular}"), out
+    r = cli("restore", "--repo", repo_url, "--db", "shop", "--at", now, "--to", at)
+    assert r.returncode == 0 and r.stdout.startswith(f"restored snapshot {regular}"), r
+    # it says what it passed over, and how to get that back (one line, stderr; in --json too)
+    safety = snaps[1]["id"]
+    assert f"note: passed over safety snapshot {safety}" in r.stderr and f"--snapshot {safety}" in r.stderr, r
+    plan = json.loads(ok("restore", "--repo", repo_url, "--db", "shop", "--at", now, "--to", tmp_path / "x.db",
+                         "--dry-run", "--json"))
+    assert [s["snapshot"] for s in plan["skipped_safety_snapshots"]] == [safety], plan
+    r = cli("restore", "--repo", repo_url, "--db", "shop", "--snapshot", regular, "--to", tmp_path / "y.db")
+    assert r.returncode == 0 and "passed over" not in r.stderr, r  # (named: nothing passed over)
     assert sql(at, "SELECT count(*) FROM orders") == [(50,)]
     counted = ok("sql", "--repo", repo_url, "--db", "shop", "--at", now, "SELECT count(*) FROM orders")
     assert "50" in counted, counted

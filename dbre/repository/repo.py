@@ -586,9 +586,11 @@ class Repository:
         known = ", ".join(self.databases()) or "none"
         raise UsageError(f"no snapshots of database {db!r} in {self.url}", f"known databases: {known}")
 
-    def find_snapshot(self, db: str, snap_id: str | None = None, at: datetime | None = None) -> Manifest:
+    def find_snapshot(self, db: str, snap_id: str | None = None, at: datetime | None = None,
+                      skipped: list[Manifest] | None = None) -> Manifest:
         """The snapshot an ID prefix names, or the newest at or before ``at`` / the newest, either
-        skipping safety snapshots (see ``Manifest.is_safety``) unless there is nothing else.
+        skipping safety snapshots (see ``Manifest.is_safety``) unless there is nothing else; those
+        skipped (newer than the one chosen) are appended to ``skipped``, newest first.
 
         Format 2 reads exactly one manifest: the listing of names finds it (one request with
         ``at`` or for the newest; an id prefix lists the database's names)."""
@@ -617,7 +619,10 @@ class Repository:
                         "pick a later time",
                     )
             regular = [m for m in snaps if not m.is_safety]  # (as in format 2, below)
-            return (regular or snaps)[-1]
+            found = (regular or snaps)[-1]
+            if skipped is not None:
+                skipped.extend(m for m in reversed(snaps) if m.is_safety and m.time > found.time)
+            return found
         check_db_name(db)
         prefix = f"snapshots/{db}/"
         # names at or before ``at`` sort at or after prefix + inv(at): the first of them is the one
@@ -636,10 +641,14 @@ class Repository:
             # must not bring back what was just repaired; --snapshot ID still names one); a database
             # with nothing else at that time restores the newest of them
             older = self._first_ref(prefix, ref.key)
+            passed = [chosen]
             while older is not None:
                 m = self.load_ref(older)
                 if not m.is_safety:
+                    if skipped is not None:
+                        skipped.extend(passed)
                     return m
+                passed.append(m)
                 older = self._first_ref(prefix, older.key)
         return chosen
 

@@ -65,6 +65,9 @@ class RestorePlan:
     only_empty: bool = False  # replace what is at the target only while it holds no database (--if-db-not-exists)
     safety: bool = False  # with force: snapshot the database being replaced first (on at the edges: CLI, Prefect)
     existed: bool = False  # a file was at the target when planned (what the restore replaces)
+    # safety snapshots newer than ``manifest`` that the choice of the newest (at a time) passed over
+    # (the states a recovery replaced), newest first: (id, taken_at)
+    skipped_safety: list[tuple[str, str]] = field(default_factory=list)
 
     @property
     def bytes_to_read(self) -> int:
@@ -83,6 +86,7 @@ class RestorePlan:
             "size": m.size,
             "packs": len({b.pack for b in self.blobs}),
             "bytes_to_read": self.bytes_to_read,
+            "skipped_safety_snapshots": [{"snapshot": i, "taken_at": t} for i, t in self.skipped_safety],
         }
 
 
@@ -112,7 +116,8 @@ def plan_restore(repo: Repository, db: str, target: str | os.PathLike[str], *, s
 
 def _plan(repo: Repository, db: str, path: Path, snapshot: str | None, at: datetime | None, force: bool,
           only_empty: bool, safety: bool) -> RestorePlan:
-    manifest = repo.find_snapshot(db, snapshot, at)
+    skipped: list[Manifest] = []
+    manifest = repo.find_snapshot(db, snapshot, at, skipped)
     # pages never written (zero) restore as the sparse file's zeros; then the structure `dbre verify`
     # checks: every pack listed, present, its index authentic and holding each page where the page
     # map says (one ranged read of each pack's tail; of a small pack's used blobs and tail, kept).
@@ -134,7 +139,8 @@ def _plan(repo: Repository, db: str, path: Path, snapshot: str | None, at: datet
     blobs = sorted(pages.blobs, key=lambda b: (b.pack, b.offset))
     return RestorePlan(manifest, path, force, blobs, pages.zero, fast if fast is not None else pages.hashes,
                        quick_check=fast is not None, kept=kept, only_empty=only_empty,
-                       safety=safety, existed=path.exists())
+                       safety=safety, existed=path.exists(),
+                       skipped_safety=[(m.id, m.taken_at) for m in skipped])
 
 
 def check_target(target: str | os.PathLike[str], force: bool) -> Path:
