@@ -126,6 +126,25 @@ def _truncated(path: Path, timeout: float = 30) -> None:
     assert (path.parent / (path.name + "-wal")).stat().st_size == 0
 
 
+def _five_commits_shipped(src: Path) -> None:
+    """Five commits into ``src``, then a second for the replicator (200 ms interval) to ship them."""
+    con = sqlite3.connect(src, isolation_level=None)
+    for i in range(5):
+        con.execute("INSERT INTO t(seq, pad) VALUES (?, x'00')", (1000 + i,))
+    con.close()
+    time.sleep(1.0)
+
+
+def _an_unshipped_commit_shows(src: Path, seq: int, policy: Path, repo_url: str) -> None:
+    """A commit into ``src`` (alpha) that no replicator ships: past the RPO, its lag and alert show."""
+    con = sqlite3.connect(src, isolation_level=None)
+    con.execute("INSERT INTO t(seq, pad) VALUES (?, x'00')", (seq,))
+    con.close()
+    time.sleep(RPO + 1)
+    lags, alerts, _ = _lags(policy, repo_url)
+    assert "replication_lag alpha" in alerts and lags["alpha"] is not None and lags["alpha"] > RPO, (lags, alerts)
+
+
 def test_an_idle_source_whose_wal_was_truncated_after_shipping_has_no_lag(tmp_path: Path) -> None:
     """An application that ends with ``wal_checkpoint(TRUNCATE)`` and then goes quiet restarts its WAL
     at new salts with no frame: the replicator follows and ships nothing (there is nothing), so the
@@ -136,11 +155,7 @@ def test_an_idle_source_whose_wal_was_truncated_after_shipping_has_no_lag(tmp_pa
     try:
         for db in ("alpha", "beta"):
             wait_for_generation(repo_url, db, timeout=40, proc=rep)
-        con = sqlite3.connect(a, isolation_level=None)
-        for i in range(5):
-            con.execute("INSERT INTO t(seq, pad) VALUES (?, x'00')", (1000 + i,))
-        con.close()
-        time.sleep(1.0)  # shipped
+        _five_commits_shipped(a)
         _truncated(a)
         time.sleep(RPO + 1)
         lags, alerts, _ = _lags(policy, repo_url)
@@ -149,12 +164,7 @@ def test_an_idle_source_whose_wal_was_truncated_after_shipping_has_no_lag(tmp_pa
         code, err = stop_replicator(rep)
     assert code == 0, err
     # the replicator is gone: a commit after the truncation is unshipped, and shows
-    con = sqlite3.connect(a, isolation_level=None)
-    con.execute("INSERT INTO t(seq, pad) VALUES (5000, x'00')")
-    con.close()
-    time.sleep(RPO + 1)
-    lags, alerts, _ = _lags(policy, repo_url)
-    assert "replication_lag alpha" in alerts and lags["alpha"] is not None and lags["alpha"] > RPO, (lags, alerts)
+    _an_unshipped_commit_shows(a, 5000, policy, repo_url)
 
 
 def test_a_wal_truncated_just_before_a_clean_stop_leaves_no_lag(tmp_path: Path) -> None:
@@ -166,11 +176,7 @@ def test_a_wal_truncated_just_before_a_clean_stop_leaves_no_lag(tmp_path: Path) 
     repo_url, (a, _, _), policy, rep = _replicating(tmp_path, 100)
     try:
         wait_for_generation(repo_url, "alpha", timeout=40, proc=rep)
-        con = sqlite3.connect(a, isolation_level=None)
-        for i in range(5):
-            con.execute("INSERT INTO t(seq, pad) VALUES (?, x'00')", (1000 + i,))
-        con.close()
-        time.sleep(1.0)  # shipped
+        _five_commits_shipped(a)
         _truncated(a)
     finally:
         code, err = stop_replicator(rep)
@@ -180,12 +186,7 @@ def test_a_wal_truncated_just_before_a_clean_stop_leaves_no_lag(tmp_path: Path) 
     time.sleep(RPO + 1)
     lags, alerts, _ = _lags(policy, repo_url)
     assert not alerts and lags["alpha"] == 0 and lags["beta"] == 0, (lags, alerts)
-    con = sqlite3.connect(a, isolation_level=None)
-    con.execute("INSERT INTO t(seq, pad) VALUES (5000, x'00')")
-    con.close()
-    time.sleep(RPO + 1)
-    lags, alerts, _ = _lags(policy, repo_url)
-    assert "replication_lag alpha" in alerts and lags["alpha"] is not None and lags["alpha"] > RPO, (lags, alerts)
+    _an_unshipped_commit_shows(a, 5000, policy, repo_url)
 
 
 def test_a_file_copied_over_the_source_is_not_taken_for_the_one_followed(tmp_path: Path) -> None:
@@ -197,11 +198,7 @@ def test_a_file_copied_over_the_source_is_not_taken_for_the_one_followed(tmp_pat
     repo_url, (a, _, _), policy, rep = _replicating(tmp_path, 100)
     try:
         wait_for_generation(repo_url, "alpha", timeout=40, proc=rep)
-        con = sqlite3.connect(a, isolation_level=None)
-        for i in range(5):
-            con.execute("INSERT INTO t(seq, pad) VALUES (?, x'00')", (1000 + i,))
-        con.close()
-        time.sleep(1.0)  # shipped
+        _five_commits_shipped(a)
     finally:
         code, err = stop_replicator(rep)
     assert code == 0, err

@@ -26,7 +26,7 @@ import io, json, os, signal, sys, traceback
 import dbre.cli  # every command module
 import dbre.repository.backup, dbre.repository.copy, dbre.repository.verify, dbre.repository.retention  # noqa
 import dbre.restore.full, dbre.restore.pitr, dbre.replicate.shipper, dbre.storage.s3  # noqa
-import botocore.session, pydantic.fields, pydantic.types, typer._adapters, typer.main  # noqa: lazily imported by a run
+import botocore.session, pydantic.fields, pydantic.types, typer.main  # noqa: lazily imported by a run
 botocore.session.get_session().get_service_model("s3")  # the loader's JSON parsing, once
 command = typer.main.get_command(dbre.cli.app)  # what `dbre.cli.main()` builds at each call
 signal.signal(signal.SIGCHLD, signal.SIG_IGN)
