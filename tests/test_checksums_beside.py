@@ -123,3 +123,25 @@ def test_dbre_turns_sqlite_memory_statistics_off() -> None:
     without = subprocess.run([sys.executable, "-c", probe.format(imp="")],
                              capture_output=True, text=True, check=True, timeout=60)
     assert int(with_dbre.stdout) == 0 and int(without.stdout) > 50_000, (with_dbre.stdout, without.stdout)
+
+
+def test_a_backup_called_while_the_caller_handles_an_exception_keeps_its_checksums(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A caller inside an ``except`` block (a retry, a fallback) has an exception being handled all
+    along: the copy must still let its checksums finish (a check of "is an exception in flight" there
+    interrupted them, and the backup failed)."""
+    src = _source(tmp_path / "src.db")
+    repo = Repository.open_or_init(str(tmp_path / "repo"))
+    original = backup_mod.table_stats
+
+    def slow_stats(conn: apsw.Connection, *a: object, **kw: object) -> object:
+        for _ in range(40):  # (still running SQL when the copy ends)
+            conn.execute("SELECT count(*) FROM t, (SELECT 1 FROM u LIMIT 50)").fetchall()
+        return original(conn, *a, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(backup_mod, "table_stats", slow_stats)
+    try:
+        raise LookupError("the caller's own, being handled")
+    except LookupError:
+        m = backup(repo, LocalFileSource(str(src)), "db", checksums=True).manifest
+    assert m.tables["t"].rows == 20_001 and m.tables["t"].checksum and m.tables["u"].checksum

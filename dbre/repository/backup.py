@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import secrets
 import struct
-import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -384,11 +383,13 @@ def backup(
                             sink.feed(image)
                         else:
                             page_one = _copy_pages(conn, sink, session)
+                    except BaseException:
+                        if early is not None:
+                            conn.interrupt()  # (the backup failed: the checksums are not wanted)
+                        raise
                     finally:
-                        if early is not None and not early.done():
-                            if sys.exc_info()[0] is not None:
-                                conn.interrupt()  # (the backup failed: the checksums are not wanted)
-                            wait([early])
+                        if early is not None:
+                            wait([early])  # (conn is the thread's until then)
                     # (nothing of the parent with --full, or when its page map is not usable)
                     parent_sums = load_page_sums(repo, parent_manifest) \
                         if sums is not None and carry and parent is not None else None
