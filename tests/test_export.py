@@ -225,6 +225,7 @@ import json, resource, sys, tracemalloc
 from pathlib import Path
 from dbre.repository.repo import Repository
 from dbre.restore.export import export_table
+import pyarrow, pyarrow.parquet  # (imported by the export: their own allocations, ~3 MB either way, are no row's)
 tracemalloc.start()
 r = export_table(Repository.open(sys.argv[1], None), "app", sys.argv[2], Path(sys.argv[3]), "parquet",
                  cache_bytes=4 * 1024 * 1024, batch_rows=int(sys.argv[4]))
@@ -253,8 +254,9 @@ def test_memory_does_not_grow_with_the_rows(tmp_path: Path) -> None:
     small, large = figures["small"], figures["large"]
     assert (small["rows"], large["rows"]) == (50_000, 200_000)
     # the large table's rows are ~60 MB more of Python objects than the small one's (~40 MB more values),
-    # held all at once; a batch of 8192 rows (the query's page cache cut to 4 MiB) either way: the same peaks
-    assert large["py_peak"] - small["py_peak"] < 4 * 1024 * 1024, figures
+    # held all at once; a batch of 8192 rows (the query's page cache cut to 4 MiB) either way: the same peaks,
+    # give or take one batch (~2.5 MB of values: two alive at once now and then; 5.3 MB apart once in CI)
+    assert large["py_peak"] - small["py_peak"] < 10 * 1024 * 1024, figures
     assert large["rss"] - small["rss"] < 12 * 1024 * 1024, figures
     print("export memory figures:", figures)
 
