@@ -358,7 +358,8 @@ def offsite_status(repo: Repository, st: DatabaseStatus, url: str, copy: Reposit
     return off
 
 
-def _unchanged_since(repo: Repository, db: str, gen_id: str, names: list[Any], source: str, newest: float) -> bool:
+def _unchanged_since(repo: Repository, db: str, gen_id: str, names: list[Any], source: str, newest: float,
+                     leases: list[str]) -> bool:
     """The source has committed nothing after the newest segment: its WAL (wal-index header) ends
     exactly where that segment does, or where the replicator's lease says it stood with nothing
     unshipped (``wal``: a WAL restarted empty, as by a TRUNCATE checkpoint, after the segment), or,
@@ -388,23 +389,22 @@ def _unchanged_since(repo: Repository, db: str, gen_id: str, names: list[Any], s
                     return True
                 # (a WAL emptied and restarted after the segment, by a live replicator or before a clean stop)
                 return any((pos.salt, pos.frame, pos.cksum) == (f.salt, f.frame, f.cksum)
-                           for f in _followed(repo, db, gen_id))
+                           for f in _followed(repo, db, gen_id, leases))
         changed = max(os.stat(source + sfx).st_mtime for sfx in ("", "-wal") if os.path.exists(source + sfx))
         return changed <= newest
     except Exception:  # noqa: BLE001 - unreadable: judged by the segments and the heartbeat alone
         return False
 
 
-def _followed(repo: Repository, db: str, gen_id: str) -> list[Any]:
+def _followed(repo: Repository, db: str, gen_id: str, leases: list[str]) -> list[Any]:
     """The WAL positions recorded for generation ``gen_id`` as standing with nothing unshipped: the
-    newest lease's (``Lease.followed``) and the last clean stop's (``Lease.stopped``); none when they
-    record none (or are unreadable). Either record is trusted no more than a segment is: someone who
-    can write leases can also hide or delete segments."""
+    newest of ``leases``' (``Lease.followed``) and the last clean stop's (``Lease.stopped``); none when
+    they record none (or are unreadable). Either record is trusted no more than a segment is: someone
+    who can write leases can also hide or delete segments."""
     from dbre.replicate.lease import stopped_key
     from dbre.replicate.segment import WalPos
     from dbre.storage.base import LOCK_CAP, get_capped
 
-    leases = _epoch_leases(repo, db)
     out = []
     for key in [*leases[-1:], stopped_key(db)]:
         try:
@@ -414,13 +414,6 @@ def _followed(repo: Repository, db: str, gen_id: str) -> list[Any]:
         except Exception:  # noqa: BLE001 - gone, damaged or of an older dbre: no position recorded
             continue
     return out
-
-
-def _epoch_leases(repo: Repository, db: str) -> list[str]:
-    """The keys of ``db``'s leases, oldest epoch first (not the clean stop's record)."""
-    from dbre.replicate.lease import stopped_key
-
-    return sorted(k for k in repo.store.list(f"leases/{db}/") if k != stopped_key(db))
 
 
 @dataclass
@@ -436,6 +429,7 @@ def replication_lag(repo: Repository, db: str, now: datetime, source: str | None
     """The replication lag of ``db`` (None: no segments): now minus the newest point the segments
     certainly hold (the newest segment's last observed commit, or the replicator's heartbeat if
     later); 0 when the local ``source`` has committed nothing since the newest segment."""
+    from dbre.replicate.lease import lease_keys
     from dbre.replicate.segment import list_generations, read_base, to_time
     from dbre.storage import NotFound
 
@@ -451,7 +445,7 @@ def replication_lag(repo: Repository, db: str, now: datetime, source: str | None
         except NotFound:
             return None
     known, beat = newest, None
-    leases = _epoch_leases(repo, db)
+    leases = lease_keys(repo.store, db)  # (one listing: the heartbeat, and the positions they record)
     if leases:
         try:
             beat = datetime.fromtimestamp(repo.store.modified(leases[-1]), newest.tzinfo)
@@ -459,7 +453,8 @@ def replication_lag(repo: Repository, db: str, now: datetime, source: str | None
         except NotFound:
             pass
     lag = max(0.0, (now - known).total_seconds())
-    if source and "://" not in source and _unchanged_since(repo, db, gen_id, names, source, newest.timestamp()):
+    if source and "://" not in source and \
+            _unchanged_since(repo, db, gen_id, names, source, newest.timestamp(), leases):
         lag = 0.0  # nothing committed since the newest segment
     return ReplicationLag(round(lag, 3), newest, beat)
 

@@ -26,8 +26,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from dbre.metrics import _epoch_leases, _followed, replication_lag
-from dbre.replicate.lease import _epochs, live_generation, live_leases, stopped_key
+from dbre.metrics import _followed, replication_lag
+from dbre.replicate.lease import _epochs, lease_keys, live_generation, live_leases, stopped_key
 from dbre.replicate.segment import list_generations
 from dbre.repository.repo import Repository
 from dbre.storage.local import LocalStore
@@ -50,9 +50,9 @@ def test_the_marker_is_no_lease_for_any_listing(tmp_path: Path) -> None:
     assert _epochs(store, "app") == []
     now = time.time() + 1
     assert live_leases(store, "app", now) == [] and live_generation(store, "app", now) is None
-    assert _epoch_leases(repo, "app") == []
+    assert lease_keys(store, "app") == []
     store.put("leases/app/0000000000000003", b"{}")
-    assert _epochs(store, "app") == [3] and _epoch_leases(repo, "app") == ["leases/app/0000000000000003"]
+    assert _epochs(store, "app") == [3] and lease_keys(store, "app") == ["leases/app/0000000000000003"]
 
 
 @pytest.mark.parametrize("raw", [b"[1, 2]", b"null", b"\xff\xfe", b"{\"generation\": \"g\", \"wal\": []}",
@@ -61,7 +61,7 @@ def test_the_marker_is_no_lease_for_any_listing(tmp_path: Path) -> None:
 def test_a_damaged_or_hostile_marker_records_nothing(tmp_path: Path, raw: bytes) -> None:
     store = _store(tmp_path)
     store.put(stopped_key("app"), raw)
-    assert _followed(SimpleNamespace(store=store), "app", "g") == []  # type: ignore[arg-type]
+    assert _followed(SimpleNamespace(store=store), "app", "g", []) == []  # type: ignore[arg-type]
 
 
 # -- 3. a failed or slow put at the stop ---------------------------------------------------------

@@ -68,6 +68,12 @@ def _epochs(store: Store, db: str) -> list[int]:
     return sorted(out)
 
 
+def lease_keys(store: Store, db: str) -> list[str]:
+    """The keys of ``db``'s leases, oldest epoch first: only names that are epochs (``_epochs``), never
+    the clean stop's record (``stopped_key``) nor anything else planted beside them."""
+    return [f"leases/{db}/{epoch:016x}" for epoch in _epochs(store, db)]
+
+
 def stopped_key(db: str) -> str:
     """Where a replicator's clean stop records its last WAL position (``Lease.stopped``); not an epoch
     (not hex), so no lease listing takes it for a lease."""
