@@ -4,7 +4,9 @@ real process per command, so a trial costs the command's work, not ~1 s of inter
 Each run is an ordinary process running ``dbre.cli.main()`` with its own argv, environment, cwd,
 stdout and stderr; the test holds a pidfd on it and kills it with SIGKILL like any other process.
 The fork server ignores SIGCHLD (the kernel reaps its children); a run that ends by itself writes
-its exit code to a status file first, so "ended without a status" means "killed".
+its exit code to a status file first (to a temporary name, renamed into place: a SIGKILL between the
+file's creation and its write once left it empty, and the kill was then taken for "finished first"),
+so "ended without a status" means "killed".
 """
 
 from __future__ import annotations
@@ -62,8 +64,9 @@ for line in sys.stdin:
     finally:
         try:
             sys.stdout.flush(); sys.stderr.flush()
-            with open(req["status"], "w") as f:
+            with open(req["status"] + ".tmp", "w") as f:  # renamed into place: a kill never leaves it empty
                 f.write(str(code))
+            os.rename(req["status"] + ".tmp", req["status"])
         finally:
             os._exit(code)
 '''
@@ -113,7 +116,7 @@ class Run:
             except ProcessLookupError:
                 pass
             self.wait(30)
-        self.killed = not self.status.exists()
+        self.killed = self._written() is None
         return self.killed
 
     def terminate(self, timeout: float = 60) -> int:
@@ -143,11 +146,18 @@ class Run:
     @property
     def returncode(self) -> int | None:
         """Its exit code, -9 once killed, None while it runs."""
-        if self.status.exists():
-            text = self.status.read_text()
-            if text:
-                return int(text)
+        code = self._written()
+        if code is not None:
+            return code
         return -9 if self.killed else None
+
+    def _written(self) -> int | None:
+        """The exit code its status file holds, None if it has none (yet)."""
+        try:
+            text = self.status.read_text()
+        except FileNotFoundError:
+            return None
+        return int(text) if text.strip() else None
 
     def finish(self, timeout: float = 120) -> int:
         """Wait for the end; the exit code (a run still going after ``timeout`` is killed, and fails)."""
