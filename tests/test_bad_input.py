@@ -81,6 +81,28 @@ def test_missing_source(world: World) -> None:
     assert_one_line_error(r, 1, "nosuch.db", "no such file", "check the path")
 
 
+def test_a_database_gone_with_its_wal_left_says_so(world: World) -> None:
+    """The file deleted (or moved) while its -wal stays: commits may live only in that WAL, so the
+    error names it and says not to delete it; the WAL is left byte for byte."""
+    db = world.tmp / "gone.db"
+    leave = ("import sqlite3, os, sys\n"
+             "c = sqlite3.connect(sys.argv[1], isolation_level=None)\n"
+             "c.execute('PRAGMA journal_mode=WAL'); c.execute('CREATE TABLE t(x)')\n"
+             "c.execute('INSERT INTO t VALUES (1)')\n"
+             "os._exit(0)\n")  # (no close: the last connection's close would checkpoint the WAL away)
+    subprocess.run([sys.executable, "-c", leave, str(db)], check=True, timeout=60)
+    wal = Path(f"{db}-wal")
+    held = wal.read_bytes()
+    assert held
+    db.unlink()
+    with world.unchanged():
+        r = run_dbre("backup", db, "--repo", world.repo)
+    assert_one_line_error(r, 1, "gone.db: no such file", "gone.db-wal", "moved or deleted", "do not delete")
+    assert wal.read_bytes() == held
+    wal.write_bytes(b"")  # an empty WAL holds nothing: the plain message
+    assert_one_line_error(run_dbre("backup", db, "--repo", world.repo), 1, "no such file", "check the path")
+
+
 def test_failed_backup_creates_no_repository(world: World) -> None:
     fresh = world.tmp / "fresh-repo"
     r = cli("backup", world.tmp / "nosuch.db", "--repo", fresh)

@@ -15,6 +15,7 @@ import apsw
 
 from dbre.errors import SourceError
 from dbre.sources.pins import Pin
+from dbre.units import human_bytes
 
 _MAGIC = b"SQLite format 3\x00"
 BUSY_TIMEOUT = 10.0  # seconds to wait for a lock before the backup gives up
@@ -70,6 +71,12 @@ class LocalFileSource:
 
     def _pin(self) -> Pin:
         if not self.path.exists():
+            wal = Path(f"{self.path}-wal")
+            if wal.is_file() and wal.stat().st_size > 0:  # its commits may live only there now
+                raise SourceError(
+                    f"source {self.path}: no such file, but its WAL {wal.name} ({human_bytes(wal.stat().st_size)}) is "
+                    "there: the database file was moved or deleted",
+                    f"put the database file back beside it; do not delete {wal.name}: commits may be only there")
             raise SourceError(f"source {self.path}: no such file", "check the path to the database")
         if not self.path.is_file():
             raise SourceError(f"source {self.path}: not a file", "give the path of a database file")
