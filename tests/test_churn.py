@@ -98,6 +98,9 @@ def test_repack_keeps_the_repository_near_what_retention_keeps(store: Store, tmp
     size = stored_bytes(store)
     dense = dense_bytes(repo, tmp_path)
     assert sum(r.manifest.stats.get("repacked_pages", 0) for r in results) > 0
+    for r in results:  # a repacking backup says why it added unchanged pages
+        n = r.manifest.stats.get("repacked_pages", 0)
+        assert (f"{n} of the added pages are unchanged pages of" in (r.summary()["note"] or "")) == (n > 0), r.summary()
     assert size <= LIMIT * dense, f"{size} bytes stored, {dense} needed: {size / dense:.2f}x"
     kept = repo.snapshots()
     assert len(kept) == KEEP

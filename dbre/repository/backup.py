@@ -99,6 +99,10 @@ class BackupResult:
         if missing:
             n = len(missing)
             return f"parent referenced {n} missing or damaged pack{'s' if n > 1 else ''}: {repaired} pages stored again"
+        if st.get("repacked_pages"):  # (else "added N pages" reads as N pages changed)
+            k = st.get("repacked_packs", 0)
+            return (f"{st['repacked_pages']} of the added pages are unchanged pages of {k} sparse "
+                    f"pack{'s' if k != 1 else ''}, stored again so that prune can free {'them' if k != 1 else 'it'}")
         return None
 
     def summary(self) -> dict[str, Any]:
