@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from dbre.errors import LockedError
 from dbre.replicate.shipper import SHUTDOWN_SECONDS
 from dbre.repository.lock import Lock
 from dbre.repository.repo import Repository
@@ -92,11 +93,22 @@ def held_locks() -> Iterator[list[Lock]]:
 
 
 def _prune_lock(url: str, held: list[Lock]) -> Lock:
-    """An exclusive repository lock, as `forget --prune` holds it (this process is alive: never stale)."""
-    lock = Lock(Repository.open_or_init(url, None).store, "forget --prune", exclusive=True)
-    lock.acquire()
-    held.append(lock)
-    return lock
+    """An exclusive repository lock, as `forget --prune` holds it (this process is alive: never stale).
+    The replicator holds its own lock while it writes a generation's base, and lets go just after the
+    base appears: on a loaded machine that took long enough for the first try to meet it, so this tries
+    again for a while, as `dbre --retry-lock` would."""
+    deadline = time.monotonic() + 30
+    while True:
+        lock = Lock(Repository.open_or_init(url, None).store, "forget --prune", exclusive=True)
+        try:
+            lock.acquire()
+        except LockedError as err:
+            if "replicate" not in str(err) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+            continue
+        held.append(lock)
+        return lock
 
 
 def _verify_clean(url: str) -> None:
