@@ -14,7 +14,8 @@ a store that does not take the last segments — it does not wait for: one line 
 is not in the repository, exit 1 (the SIGTERM contract not met is a failure: a supervisor must not
 read it as "everything shipped"). Should the process still be running ``HARD_STOP_SECONDS`` (15 s)
 after the signal (a request or a read that does not return), or on a second signal, it exits at
-once, exit 1, with one line: the repository is then left as after kill -9 (every object in it whole;
+once, exit 1, with one line (both counted by a thread, so they hold while the main thread is stuck
+in one C call: see ``_Stopping``): the repository is then left as after kill -9 (every object in it whole;
 the lease and the lock objects go stale, a replicator restarted on this host takes them over at
 once). A remote source adds its last sync (up to 30 s) to both bounds.
 """
@@ -127,9 +128,12 @@ def replicate(
         stop = threading.Event()
         stopping = _Stopping(stop, HARD_STOP_SECONDS + (
             LAST_SYNC_TIMEOUT if any(_is_remote(c[0]) for c in chosen) else 0.0))
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, stopping.on_signal)
-        repository = Repository.open_or_init(url, key)
+        stopping.install()
+        try:
+            repository = Repository.open_or_init(url, key)
+        except BaseException:
+            stopping.finished()  # (the wakeup fd given back, the watch thread ended)
+            raise
 
         def shipped(key: str) -> None:
             if not quiet:
@@ -185,28 +189,84 @@ def replicate(
 
 class _Stopping:
     """SIGINT/SIGTERM: the first asks the replicators to stop (they ship what is committed, within
-    their own bound); the process exits as it stands ``bound`` seconds later, or at a second signal."""
+    their own bound); the process exits as it stands ``bound`` seconds later, or at a second signal.
+
+    The signals are counted by a watch thread reading the interpreter's wakeup fd, where Python's C
+    handler writes each signal's number the moment it arrives. A Python handler runs only in the
+    main thread, between bytecodes, and with one database the main thread is the replicator's: an
+    fsync or an SQLite call that does not return for a while (a busy wait, a stalled disk) would
+    hold back the stop request, the hard-stop timer and the second signal with it."""
 
     def __init__(self, stop: threading.Event, bound: float) -> None:
         self.stop = stop
         self.bound = bound
         self.signals = 0
         self.timer: threading.Timer | None = None
+        self._lock = threading.Lock()
+        self._watched = False
+        self._done = False
+        self._wakeup: tuple[int, int] | None = None  # (the previous wakeup fd, the watch pipe's write end)
+
+    def install(self, signals: tuple[signal.Signals, ...] = (signal.SIGINT, signal.SIGTERM)) -> None:
+        """Take ``signals`` (from the main thread): counted by the watch thread where the wakeup fd can
+        be had, else by the Python handler."""
+        for sig in signals:
+            signal.signal(sig, self._python_handler)
+        try:
+            r, w = os.pipe()
+            os.set_blocking(w, False)  # (the wakeup fd must not block the C handler)
+            previous = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+        except (OSError, ValueError):
+            return  # (no pipe, or not the main thread: the Python handler counts)
+        self._wakeup = (previous, w)
+        self._watched = True
+        wanted = {int(sig) for sig in signals}
+        threading.Thread(target=self._watch, args=(r, wanted), name="dbre-stop-watch", daemon=True).start()
+
+    def _watch(self, fd: int, wanted: set[int]) -> None:
+        while True:
+            try:
+                got = os.read(fd, 64)
+            except InterruptedError:
+                continue
+            except OSError:
+                return
+            if not got:  # (finished: the write end closed)
+                os.close(fd)
+                return
+            for number in got:
+                if number in wanted:
+                    self.on_signal()
+
+    def _python_handler(self, *_: object) -> None:
+        if not self._watched:
+            self.on_signal()
 
     def on_signal(self, *_: object) -> None:
-        self.signals += 1
-        if self.signals > 1:
-            _hard_exit("a second signal")
-        self.stop.set()
-        self.timer = threading.Timer(self.bound, _hard_exit,
-                                     args=(f"still stopping {self.bound:.0f} s after the signal",))
-        self.timer.daemon = True
-        self.timer.start()
+        with self._lock:
+            self.signals += 1
+            if self.signals > 1:
+                _hard_exit("a second signal")
+            self.stop.set()
+            if not self._done:
+                self.timer = threading.Timer(self.bound, _hard_exit,
+                                             args=(f"still stopping {self.bound:.0f} s after the signal",))
+                self.timer.daemon = True
+                self.timer.start()
 
     def finished(self) -> None:
-        """The replicators have returned: the outcome they reached is the one reported."""
-        if self.timer is not None:
-            self.timer.cancel()
+        """The replicators have returned (called from the main thread): the outcome they reached is the
+        one reported. A signal from now on is counted by the Python handler again."""
+        with self._lock:
+            self._done = True
+            if self.timer is not None:
+                self.timer.cancel()
+        if self._wakeup is not None:
+            previous, w = self._wakeup
+            self._wakeup = None
+            self._watched = False
+            signal.set_wakeup_fd(previous)
+            os.close(w)
 
 
 def _hard_exit(why: str) -> None:
