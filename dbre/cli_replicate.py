@@ -14,13 +14,16 @@ a store that does not take the last segments — it does not wait for: one line 
 is not in the repository, exit 1 (the SIGTERM contract not met is a failure: a supervisor must not
 read it as "everything shipped"). Should the process still be running ``HARD_STOP_SECONDS`` (15 s)
 after the signal (a request or a read that does not return), or on a second signal, it exits at
-once, exit 1, with one line: the repository is then left as after kill -9 (every object in it whole;
-the lease and the lock objects go stale, a replicator restarted on this host takes them over at
-once). A remote source adds its last sync (up to 30 s) to both bounds.
+once, exit 1, with one line: the repository is then left as after kill -9 (every object in it
+whole; the lease and the lock objects go stale, a replicator restarted on this host takes them over
+at once). Both hold while the main thread is stuck in one call, and the line never waits on a
+stalled log (see ``_Stopping`` and ``_hard_exit``). A remote source adds its last sync (up to 30 s) to both bounds.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import re
 import signal
@@ -37,6 +40,7 @@ from dbre.secrets import Secret
 
 # a signal: the process exits as it stands this much later (the shipper's SHUTDOWN_SECONDS + 5 s; tests set it low)
 HARD_STOP_SECONDS = float(os.environ.get("DBRE_REPLICATE_HARD_STOP", "15"))
+log = logging.getLogger(__name__)
 LOCAL_INTERVAL = "750ms"  # a commit durable within about this: p99 lag under 1 s at 1000 commits/s (README)
 REMOTE_INTERVAL = "500ms"  # an embedded replica's sync period: the sync itself adds to the lag
 
@@ -127,8 +131,7 @@ def replicate(
         stop = threading.Event()
         stopping = _Stopping(stop, HARD_STOP_SECONDS + (
             LAST_SYNC_TIMEOUT if any(_is_remote(c[0]) for c in chosen) else 0.0))
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, stopping.on_signal)
+        stopping.install()
         repository = Repository.open_or_init(url, key)
 
         def shipped(key: str) -> None:
@@ -185,35 +188,104 @@ def replicate(
 
 class _Stopping:
     """SIGINT/SIGTERM: the first asks the replicators to stop (they ship what is committed, within
-    their own bound); the process exits as it stands ``bound`` seconds later, or at a second signal."""
+    their own bound); the process exits as it stands ``bound`` seconds later, or at a second signal.
+
+    A Python signal handler runs only in the main thread, between bytecodes, and with one database the
+    main thread is the replicator's: a call that does not return for a while (an SQLite busy wait, a
+    write to a stalled log pipe) would hold back the stop request, the hard-stop timer and the second
+    signal with it. So the signals are also counted by a watch thread reading the interpreter's wakeup
+    fd, where Python's C handler writes each signal's number the moment it arrives, and kept to the end
+    of the process. Each signal is seen by both (the Python handler late, or never while the main thread
+    is stuck; the pipe only once the wakeup fd is set, not at all where none can be had): the number of
+    signals received is the larger of the two counts, never their sum."""
 
     def __init__(self, stop: threading.Event, bound: float) -> None:
         self.stop = stop
         self.bound = bound
         self.signals = 0
         self.timer: threading.Timer | None = None
+        self._lock = threading.RLock()  # (re-entered by a Python handler nested in itself)
+        self._seen = {"handler": 0, "pipe": 0}
+        self._done = False
 
-    def on_signal(self, *_: object) -> None:
-        self.signals += 1
-        if self.signals > 1:
-            _hard_exit("a second signal")
-        self.stop.set()
-        self.timer = threading.Timer(self.bound, _hard_exit,
-                                     args=(f"still stopping {self.bound:.0f} s after the signal",))
-        self.timer.daemon = True
-        self.timer.start()
+    def install(self, signals: tuple[signal.Signals, ...] = (signal.SIGINT, signal.SIGTERM)) -> None:
+        """Take ``signals`` (from the main thread)."""
+        for sig in signals:
+            signal.signal(sig, self._python_handler)
+        r = w = -1
+        try:
+            r, w = os.pipe()
+            os.set_blocking(w, False)  # (the wakeup fd must not block the C handler)
+            signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+        except (OSError, ValueError):  # (no pipe: too many open files; not the main thread)
+            for fd in (r, w):
+                if fd >= 0:
+                    os.close(fd)
+            return
+        wanted = {int(sig) for sig in signals}
+        threading.Thread(target=self._watch, args=(r, wanted), name="dbre-stop-watch", daemon=True).start()
+
+    def _watch(self, fd: int, wanted: set[int]) -> None:
+        while True:
+            try:
+                got = os.read(fd, 64)
+            except InterruptedError:
+                continue
+            except OSError:
+                return
+            for number in got:
+                if number in wanted:
+                    try:
+                        self._count("pipe")
+                    except Exception:  # noqa: BLE001 - (no thread for the timer): the next signal still counts
+                        log.exception("replicate: handling a signal")
+
+    def _python_handler(self, *_: object) -> None:
+        self._count("handler")
+
+    def _count(self, source: str) -> None:
+        with self._lock:
+            self._seen[source] += 1
+            received = max(self._seen.values())
+            if received <= self.signals:
+                return  # (the other side saw this one first)
+            self.signals = received
+            if received > 1:
+                _hard_exit("a second signal")
+            self.stop.set()
+            if not self._done:
+                self.timer = threading.Timer(self.bound, _hard_exit,
+                                             args=(f"still stopping {self.bound:.0f} s after the signal",))
+                self.timer.daemon = True
+                self.timer.start()
 
     def finished(self) -> None:
-        """The replicators have returned: the outcome they reached is the one reported."""
-        if self.timer is not None:
-            self.timer.cancel()
+        """The replicators have returned: the outcome they reached is the one reported (no timer from
+        now on; a second signal still ends the process at once)."""
+        with self._lock:
+            self._done = True
+            if self.timer is not None:
+                self.timer.cancel()
 
 
 def _hard_exit(why: str) -> None:
-    print(f"dbre: replicate: {why}: exiting now, without waiting for what was being shipped; the repository "
-          "is consistent (as after kill -9: commits not shipped yet are not in it) (run replicate again: "
-          "it resumes)", file=sys.stderr, flush=True)
-    os._exit(1)
+    """Exit 1 now, saying why on stderr if stderr takes it within a second: the line is written by a
+    thread of its own, straight to fd 2, so a stalled or broken log pipe (or sys.stderr's lock, held
+    by a main thread blocked in a write) never keeps the process alive."""
+    line = (f"dbre: replicate: {why}: exiting now, without waiting for what was being shipped; the repository "
+            "is consistent (as after kill -9: commits not shipped yet are not in it) (run replicate again: "
+            "it resumes)\n").encode()
+
+    def say() -> None:
+        with contextlib.suppress(OSError):
+            os.write(2, line)
+
+    try:
+        t = threading.Thread(target=say, name="dbre-hard-exit", daemon=True)
+        t.start()
+        t.join(1.0)
+    finally:
+        os._exit(1)
 
 
 def _is_remote(spec: str) -> bool:

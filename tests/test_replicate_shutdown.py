@@ -257,6 +257,53 @@ def test_a_stop_that_hangs_exits_at_the_hard_bound(tmp_path: Path, replicators: 
     _verify_clean(url)
 
 
+HANG_IN_C = """
+import os
+import apsw
+import dbre.replicate.wal as wal
+
+_replaced = wal.WalTail.replaced
+
+def _stuck(self):  # once the test says so, a poll stuck in a C call that never comes back to Python
+    if os.path.exists(os.environ["DBRE_TEST_STICK"]):
+        apsw.Connection(":memory:").execute(
+            "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT count(*) FROM c").fetchall()
+    return _replaced(self)
+
+wal.WalTail.replaced = _stuck
+"""
+
+
+@pytest.mark.parametrize("second", [False, True], ids=["hard-bound", "second-signal"])
+def test_a_stop_stuck_in_c_still_exits(tmp_path: Path, replicators: list[Replicator], second: bool) -> None:
+    """The main thread stuck in one C call (an SQLite statement here; an fsync on a stalled disk, a busy
+    wait) when SIGTERM comes: no Python signal handler can run until it returns. The signals are counted
+    by the watch thread on the wakeup fd, so the hard bound (3 s here) and a second signal still end the
+    process, exit 1, one line, and the repository verifies clean. (With the handler alone this process
+    never exited.)"""
+    src, url, shim, stick = tmp_path / "c.db", str(tmp_path / "repo"), tmp_path / "shim", tmp_path / "stick"
+    make_source(src, 50)
+    shim.mkdir()
+    (shim / "sitecustomize.py").write_text(HANG_IN_C)
+    path = os.pathsep.join(p for p in (str(shim), os.environ.get("PYTHONPATH", "")) if p)
+    rep = Replicator(src, url, env={"PYTHONPATH": path, "DBRE_REPLICATE_HARD_STOP": "3",
+                                    "DBRE_TEST_STICK": str(stick)})
+    replicators.append(rep)
+    wait_for_generation(url, "c", timeout=60, proc=rep.proc)
+    stick.touch()
+    time.sleep(1.0)  # (a poll every 20 ms: stuck by now)
+    code, took = rep.stop(1.0) if second else rep.stop()
+    assert code == 1, rep.lines
+    if second:
+        assert 1.0 <= took < 1.0 + PROMPT, f"exited {took:.1f} s after the first SIGTERM"
+        assert rep.lines[-1].startswith("dbre: replicate: a second signal: exiting now"), rep.lines
+    else:
+        assert 3.0 <= took < 3.0 + PROMPT, f"exited {took:.1f} s after SIGTERM"
+        assert rep.lines[-1].startswith("dbre: replicate: still stopping 3 s after the signal: exiting now"), \
+            rep.lines
+    _verify_clean(url)
+
+
 def test_the_documented_bounds() -> None:
     """The bounds the command's docstring states are the ones the code applies."""
     from dbre import cli_replicate
