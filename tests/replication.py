@@ -115,10 +115,9 @@ def start_replicator(src: Path, repo: str, db: str = "app", interval: str = "1s"
 
 def stop_replicator(proc: subprocess.Popen[bytes], timeout: float = 60) -> tuple[int, str]:
     """SIGTERM, then its exit code and stderr. (60 s: one CI run saw a replicator not exit, nor print
-    anything, within 30 s. Its own hard stop is 15 s after the signal, but the signal is handled only
-    once the main thread leaves the C call it is in: most likely an fsync, which on ext3 waits for
-    every dirty page of the file system, with other tests writing beside it. Not reproduced in 21
-    tries here, loaded or not.)"""
+    anything, within 30 s, although its hard stop is 15 s after the signal. The signal was then
+    counted only once the main thread left the C call it was in; a watch thread on the wakeup fd
+    counts it now (`cli_replicate._Stopping`, tests/test_review_s15_stopping.py). Not reproduced.)"""
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=timeout)
     return proc.returncode, err.decode()
