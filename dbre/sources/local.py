@@ -72,10 +72,14 @@ class LocalFileSource:
     def _pin(self) -> Pin:
         if not self.path.exists():
             wal = Path(f"{self.path}-wal")
-            if wal.is_file() and wal.stat().st_size > 0:  # its commits may live only there now
+            try:
+                held = wal.stat().st_size if wal.is_file() else 0
+            except OSError:
+                held = 0
+            if held:  # its commits may live only there now
                 raise SourceError(
-                    f"source {self.path}: no such file, but its WAL {wal.name} ({human_bytes(wal.stat().st_size)}) is "
-                    "there: the database file was moved or deleted",
+                    f"source {self.path}: no such file, but its WAL {wal.name} ({human_bytes(held)}) is there: "
+                    "the database file was moved or deleted",
                     f"put the database file back beside it; do not delete {wal.name}: commits may be only there")
             raise SourceError(f"source {self.path}: no such file", "check the path to the database")
         if not self.path.is_file():
