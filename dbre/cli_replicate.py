@@ -199,9 +199,10 @@ class _Stopping:
     is stuck; the pipe only once the wakeup fd is set, not at all where none can be had): the number of
     signals received is the larger of the two counts, never their sum."""
 
-    def __init__(self, stop: threading.Event, bound: float) -> None:
+    def __init__(self, stop: threading.Event, bound: float | None, command: str = "replicate") -> None:
         self.stop = stop
-        self.bound = bound
+        self.bound = bound  # (None: no hard stop after the first signal; a second one still ends it)
+        self.command = command
         self.signals = 0
         self.timer: threading.Timer | None = None
         self._lock = threading.RLock()  # (re-entered by a Python handler nested in itself)
@@ -251,11 +252,12 @@ class _Stopping:
                 return  # (the other side saw this one first)
             self.signals = received
             if received > 1:
-                _hard_exit("a second signal")
+                _hard_exit("a second signal", self.command)
             self.stop.set()
-            if not self._done:
+            if not self._done and self.bound is not None:
                 self.timer = threading.Timer(self.bound, _hard_exit,
-                                             args=(f"still stopping {self.bound:.0f} s after the signal",))
+                                             args=(f"still stopping {self.bound:.0f} s after the signal",
+                                                   self.command))
                 self.timer.daemon = True
                 self.timer.start()
 
@@ -268,13 +270,21 @@ class _Stopping:
                 self.timer.cancel()
 
 
-def _hard_exit(why: str) -> None:
+# what a hard exit leaves, by command
+_LEFT = {
+    "replicate": "without waiting for what was being shipped; the repository is consistent (as after kill -9: "
+                 "commits not shipped yet are not in it) (run replicate again: it resumes)",
+    "restore --follow": "without waiting for the apply in progress; the standby is consistent (as after kill -9: "
+                        "SQLite rolls back a half-applied segment when the file is next opened) (start the "
+                        "standby again: it restores the newest state)",
+}
+
+
+def _hard_exit(why: str, command: str = "replicate") -> None:
     """Exit 1 now, saying why on stderr if stderr takes it within a second: the line is written by a
     thread of its own, straight to fd 2, so a stalled or broken log pipe (or sys.stderr's lock, held
     by a main thread blocked in a write) never keeps the process alive."""
-    line = (f"dbre: replicate: {why}: exiting now, without waiting for what was being shipped; the repository "
-            "is consistent (as after kill -9: commits not shipped yet are not in it) (run replicate again: "
-            "it resumes)\n").encode()
+    line = f"dbre: {command}: {why}: exiting now, {_LEFT[command]}\n".encode()
 
     def say() -> None:
         with contextlib.suppress(OSError):
@@ -316,10 +326,13 @@ def follow_standby(repo: str, db: str, to: Path, interval: str, force: bool, key
     if target.exists() and not force:
         raise UsageError(f"restore target {target} already exists", "choose a new path or pass --force")
     stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+    # the first signal: stop after the apply in progress, however long (a new generation's base is a whole
+    # restore); a second one, even while the main thread is stuck in one call: exit 1 at once
+    stopping = _Stopping(stop, None, "restore --follow")
+    stopping.install()
     follower = Follower(Repository.open(repo, key), db, target, seconds, force=force)
     stats = follower.run(stop)
+    stopping.finished()
     print(f"follow {db}: stopped at txid {stats.last_txid}; {stats.transactions} transactions from "
           f"{stats.segments} segments applied in place, {stats.restores} restores "
           f"(generations {', '.join(stats.generations)}), {stats.polls} polls", file=sys.stderr, flush=True)

@@ -187,3 +187,63 @@ def test_periodic_bases_are_followed_in_place(tmp_path: Path) -> None:
     gens = line.split("(generations ")[1].split(")")[0].split(", ")
     assert len(gens) >= 3, line  # the writer's 4 s at 200 ms made several periodic bases
     assert " 1 restores " in line, line
+
+
+STUCK_POLL = """
+import os
+import apsw
+import dbre.restore.follow as follow
+
+_poll = follow.Follower.poll
+
+def _stuck(self):  # once the test says so, a poll stuck in a C call that never comes back to Python
+    if os.path.exists(os.environ["DBRE_TEST_STICK"]):
+        apsw.Connection(":memory:").execute(
+            "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT count(*) FROM c").fetchall()
+    return _poll(self)
+
+follow.Follower.poll = _stuck
+"""
+
+
+def test_a_second_signal_ends_a_stuck_standby_at_once(tmp_path: Path) -> None:
+    """The first SIGTERM asks the standby to stop after the apply in progress, however long; a second one
+    ends it at once, exit 1, one line saying the standby is consistent, even while its main thread is
+    stuck in one C call (where no Python handler runs: a second signal used to do nothing at all). The
+    standby then reads whole."""
+    repo_url, src, standby = str(tmp_path / "repo"), tmp_path / "src.db", tmp_path / "sb.db"
+    shim, stick = tmp_path / "shim", tmp_path / "stick"
+    shim.mkdir()
+    (shim / "sitecustomize.py").write_text(STUCK_POLL)
+    make_source(src, 500)
+    rep = start_replicator(src, repo_url, interval="200ms")
+    follower: subprocess.Popen[bytes] | None = None
+    try:
+        wait_for_generation(repo_url, proc=rep)
+        path = os.pathsep.join(p for p in (str(shim), os.environ.get("PYTHONPATH", "")) if p)
+        follower = subprocess.Popen(dbre_cmd("restore", "--repo", repo_url, "--db", "app", "--to", str(standby),
+                                             "--follow", "--interval", "100ms"), stderr=subprocess.PIPE,
+                                    env={**os.environ, "PYTHONPATH": path, "DBRE_TEST_STICK": str(stick)})
+        deadline = time.time() + 30
+        while not standby.exists():
+            assert follower.poll() is None and time.time() < deadline, "no standby"
+            time.sleep(0.05)
+        stick.touch()
+        time.sleep(1.0)  # (a poll every 0.1 s: stuck by now)
+        follower.send_signal(signal.SIGTERM)
+        time.sleep(1.0)
+        assert follower.poll() is None, "the first signal waits for the apply in progress"
+        began = time.monotonic()
+        follower.send_signal(signal.SIGTERM)
+        _, err = follower.communicate(timeout=30)
+        took = time.monotonic() - began
+    finally:
+        if follower is not None and follower.poll() is None:
+            follower.kill()
+        stop_replicator(rep)
+    assert follower.returncode == 1, err.decode()
+    assert took < 3.0, f"exited {took:.1f} s after the second SIGTERM"
+    line = err.decode().strip().splitlines()[-1]
+    assert line.startswith("dbre: restore --follow: a second signal: exiting now"), line
+    assert "the standby is consistent" in line
+    assert _state(standby)[0] == 500

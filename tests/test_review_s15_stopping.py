@@ -172,7 +172,7 @@ def stopping_env(monkeypatch: pytest.MonkeyPatch):
 
     assert threading.current_thread() is threading.main_thread()
     exits: list[str] = []
-    monkeypatch.setattr(cli_replicate, "_hard_exit", exits.append)
+    monkeypatch.setattr(cli_replicate, "_hard_exit", lambda why, command="replicate": exits.append(why))
     saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     previous = signal.set_wakeup_fd(-1)
     signal.set_wakeup_fd(previous)
