@@ -275,8 +275,8 @@ _LEFT = {
     "replicate": "without waiting for what was being shipped; the repository is consistent (as after kill -9: "
                  "commits not shipped yet are not in it) (run replicate again: it resumes)",
     "restore --follow": "without waiting for the apply in progress; the standby is consistent (as after kill -9: "
-                        "SQLite rolls back a half-applied segment when the file is next opened) (start the "
-                        "standby again: it restores the newest state)",
+                        "SQLite rolls back a half-applied segment when the file is next opened) (start it "
+                        "again, with --force: it restores the newest state over it)",
 }
 
 
