@@ -301,3 +301,22 @@ def shipped_transactions(repo: Repository, db: str = "app") -> list[tuple[str, i
         state = seg.state_after
         out.extend((name.key, tx.txid, tx.observed_us) for tx in seg.transactions)
     return out
+
+
+def stuck_in_c_shim(folder: Path, module: str, cls: str, method: str, stick: Path) -> dict[str, str]:
+    """A sitecustomize.py in ``folder`` that makes ``module.cls.method`` hang in one C call (an endless
+    SQLite statement, where no Python signal handler can run) once ``stick`` exists; the env that loads it."""
+    folder.mkdir(exist_ok=True)
+    (folder / "sitecustomize.py").write_text(
+        "import os\n"
+        "import apsw\n"
+        f"import {module} as m\n"
+        f"_real = m.{cls}.{method}\n"
+        "def _stuck(self, *a, **k):\n"
+        f"    if os.path.exists({str(stick)!r}):\n"
+        "        apsw.Connection(':memory:').execute('WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL '\n"
+        "                                            'SELECT x + 1 FROM c) SELECT count(*) FROM c').fetchall()\n"
+        "    return _real(self, *a, **k)\n"
+        f"m.{cls}.{method} = _stuck\n")
+    return {"PYTHONPATH": os.pathsep.join(p for p in (str(folder), os.environ.get("PYTHONPATH", "")) if p)}
+

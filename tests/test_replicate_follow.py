@@ -21,6 +21,7 @@ from tests.replication import (
     start_replicator,
     start_writer,
     stop_replicator,
+    stuck_in_c_shim,
     wait_for_generation,
 )
 
@@ -189,41 +190,21 @@ def test_periodic_bases_are_followed_in_place(tmp_path: Path) -> None:
     assert " 1 restores " in line, line
 
 
-STUCK_POLL = """
-import os
-import apsw
-import dbre.restore.follow as follow
-
-_poll = follow.Follower.poll
-
-def _stuck(self):  # once the test says so, a poll stuck in a C call that never comes back to Python
-    if os.path.exists(os.environ["DBRE_TEST_STICK"]):
-        apsw.Connection(":memory:").execute(
-            "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT count(*) FROM c").fetchall()
-    return _poll(self)
-
-follow.Follower.poll = _stuck
-"""
-
-
 def test_a_second_signal_ends_a_stuck_standby_at_once(tmp_path: Path) -> None:
     """The first SIGTERM asks the standby to stop after the apply in progress, however long; a second one
     ends it at once, exit 1, one line saying the standby is consistent, even while its main thread is
     stuck in one C call (where no Python handler runs: a second signal used to do nothing at all). The
     standby then reads whole."""
-    repo_url, src, standby = str(tmp_path / "repo"), tmp_path / "src.db", tmp_path / "sb.db"
-    shim, stick = tmp_path / "shim", tmp_path / "stick"
-    shim.mkdir()
-    (shim / "sitecustomize.py").write_text(STUCK_POLL)
+    repo_url, src, standby, stick = str(tmp_path / "repo"), tmp_path / "src.db", tmp_path / "sb.db", tmp_path / "stick"
+    env = stuck_in_c_shim(tmp_path / "shim", "dbre.restore.follow", "Follower", "poll", stick)
     make_source(src, 500)
     rep = start_replicator(src, repo_url, interval="200ms")
     follower: subprocess.Popen[bytes] | None = None
     try:
         wait_for_generation(repo_url, proc=rep)
-        path = os.pathsep.join(p for p in (str(shim), os.environ.get("PYTHONPATH", "")) if p)
         follower = subprocess.Popen(dbre_cmd("restore", "--repo", repo_url, "--db", "app", "--to", str(standby),
                                              "--follow", "--interval", "100ms"), stderr=subprocess.PIPE,
-                                    env={**os.environ, "PYTHONPATH": path, "DBRE_TEST_STICK": str(stick)})
+                                    env={**os.environ, **env})
         deadline = time.time() + 30
         while not standby.exists():
             assert follower.poll() is None and time.time() < deadline, "no standby"

@@ -26,7 +26,15 @@ from dbre.replicate.shipper import SHUTDOWN_SECONDS
 from dbre.repository.lock import Lock
 from dbre.repository.repo import Repository
 from tests.dbfactory import run_dbre
-from tests.replication import make_source, restore_at, restored_seq, start_replicator, utc, wait_for_generation
+from tests.replication import (
+    make_source,
+    restore_at,
+    restored_seq,
+    start_replicator,
+    stuck_in_c_shim,
+    utc,
+    wait_for_generation,
+)
 
 # the replicators below have nothing left to wait for once the signal is handled: well under the bound
 PROMPT = SHUTDOWN_SECONDS / 2
@@ -257,23 +265,6 @@ def test_a_stop_that_hangs_exits_at_the_hard_bound(tmp_path: Path, replicators: 
     _verify_clean(url)
 
 
-HANG_IN_C = """
-import os
-import apsw
-import dbre.replicate.wal as wal
-
-_replaced = wal.WalTail.replaced
-
-def _stuck(self):  # once the test says so, a poll stuck in a C call that never comes back to Python
-    if os.path.exists(os.environ["DBRE_TEST_STICK"]):
-        apsw.Connection(":memory:").execute(
-            "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT count(*) FROM c").fetchall()
-    return _replaced(self)
-
-wal.WalTail.replaced = _stuck
-"""
-
-
 @pytest.mark.parametrize("second", [False, True], ids=["hard-bound", "second-signal"])
 def test_a_stop_stuck_in_c_still_exits(tmp_path: Path, replicators: list[Replicator], second: bool) -> None:
     """The main thread stuck in one C call (an SQLite statement here; an fsync on a stalled disk, a busy
@@ -281,13 +272,10 @@ def test_a_stop_stuck_in_c_still_exits(tmp_path: Path, replicators: list[Replica
     by the watch thread on the wakeup fd, so the hard bound (3 s here) and a second signal still end the
     process, exit 1, one line, and the repository verifies clean. (With the handler alone this process
     never exited.)"""
-    src, url, shim, stick = tmp_path / "c.db", str(tmp_path / "repo"), tmp_path / "shim", tmp_path / "stick"
+    src, url, stick = tmp_path / "c.db", str(tmp_path / "repo"), tmp_path / "stick"
     make_source(src, 50)
-    shim.mkdir()
-    (shim / "sitecustomize.py").write_text(HANG_IN_C)
-    path = os.pathsep.join(p for p in (str(shim), os.environ.get("PYTHONPATH", "")) if p)
-    rep = Replicator(src, url, env={"PYTHONPATH": path, "DBRE_REPLICATE_HARD_STOP": "3",
-                                    "DBRE_TEST_STICK": str(stick)})
+    env = stuck_in_c_shim(tmp_path / "shim", "dbre.replicate.wal", "WalTail", "replaced", stick)  # (every poll)
+    rep = Replicator(src, url, env={**env, "DBRE_REPLICATE_HARD_STOP": "3"})
     replicators.append(rep)
     wait_for_generation(url, "c", timeout=60, proc=rep.proc)
     stick.touch()

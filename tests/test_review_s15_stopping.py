@@ -22,8 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.replication import dbre_cmd, make_source, wait_for_generation
-from tests.test_replicate_shutdown import HANG_IN_C, PROMPT
+from tests.replication import dbre_cmd, make_source, stuck_in_c_shim, wait_for_generation
+from tests.test_replicate_shutdown import PROMPT
 
 
 def _start(src: Path, url: str, shim: Path, *, env: dict[str, str], stdout: object, stderr: object,
@@ -41,10 +41,34 @@ def _wait_exit(proc: subprocess.Popen[bytes], timeout: float) -> int | None:
         return None
 
 
+def _two_signals(proc: subprocess.Popen[bytes], gap: float, timeout: float) -> tuple[int | None, float]:
+    """SIGTERM, another ``gap`` seconds later; (the exit code or None, seconds from the first signal)."""
+    began = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(gap)
+    proc.send_signal(signal.SIGTERM)
+    return _wait_exit(proc, timeout), time.monotonic() - began
+
+
 def _kill(proc: subprocess.Popen[bytes]) -> None:
     if proc.poll() is None:
         proc.kill()
         proc.wait()
+
+
+def _fill_pipe(w: int) -> None:
+    """Fill the pipe whose write end is ``w``, through an open file description of our own (O_NONBLOCK on
+    ``w`` itself would be the child's too)."""
+    filler = os.open(f"/proc/self/fd/{w}", os.O_WRONLY | os.O_NONBLOCK)
+    try:
+        for size in (4096, 1):
+            while True:
+                try:
+                    os.write(filler, b"x" * size)
+                except BlockingIOError:
+                    break
+    finally:
+        os.close(filler)
 
 
 def test_hard_stop_holds_when_stderr_is_a_broken_pipe(tmp_path: Path) -> None:
@@ -54,9 +78,8 @@ def test_hard_stop_holds_when_stderr_is_a_broken_pipe(tmp_path: Path) -> None:
     more signals, and the process never exits."""
     src, url, shim, stick = tmp_path / "c.db", str(tmp_path / "repo"), tmp_path / "shim", tmp_path / "stick"
     make_source(src, 50)
-    shim.mkdir()
-    (shim / "sitecustomize.py").write_text(HANG_IN_C)
-    proc = _start(src, url, shim, env={"DBRE_REPLICATE_HARD_STOP": "3", "DBRE_TEST_STICK": str(stick)},
+    stuck_in_c_shim(shim, "dbre.replicate.wal", "WalTail", "replaced", stick)
+    proc = _start(src, url, shim, env={"DBRE_REPLICATE_HARD_STOP": "3"},
                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         assert proc.stderr is not None
@@ -65,12 +88,8 @@ def test_hard_stop_holds_when_stderr_is_a_broken_pipe(tmp_path: Path) -> None:
         assert proc.poll() is None
         stick.touch()
         time.sleep(1.0)
-        began = time.monotonic()
-        proc.send_signal(signal.SIGTERM)
-        time.sleep(1.0)
-        proc.send_signal(signal.SIGTERM)
-        code = _wait_exit(proc, 3.0 + PROMPT)
-        assert code == 1, f"no exit {time.monotonic() - began:.1f} s after two SIGTERMs (hard bound 3 s): {code}"
+        code, took = _two_signals(proc, 1.0, 3.0 + PROMPT)
+        assert code == 1, f"no exit {took:.1f} s after two SIGTERMs (hard bound 3 s): {code}"
     finally:
         _kill(proc)
 
@@ -87,18 +106,7 @@ def test_hard_stop_holds_when_the_log_pipe_is_full(tmp_path: Path) -> None:
     try:
         wait_for_generation(url, "c", timeout=60)
         assert proc.poll() is None
-        # fill the pipe (the reader has stalled), through an open file description of our own: O_NONBLOCK on
-        # ``w`` would be the child's too
-        filler = os.open(f"/proc/self/fd/{w}", os.O_WRONLY | os.O_NONBLOCK)
-        try:
-            for size in (4096, 1):
-                while True:
-                    try:
-                        os.write(filler, b"x" * size)
-                    except BlockingIOError:
-                        break
-        finally:
-            os.close(filler)
+        _fill_pipe(w)  # (the reader has stalled)
         c = sqlite3.connect(src, isolation_level=None)
         for i in range(5):  # a commit or two: its `shipped` line blocks
             c.execute("UPDATE counter SET n = ?", (1000 + i,))
@@ -150,12 +158,8 @@ def test_fallback_second_signal_inside_on_signal(tmp_path: Path) -> None:
                   stderr=subprocess.PIPE)
     try:
         wait_for_generation(url, "c", timeout=60, proc=proc)
-        began = time.monotonic()
-        proc.send_signal(signal.SIGTERM)
-        time.sleep(0.4)
-        proc.send_signal(signal.SIGTERM)
-        code = _wait_exit(proc, 3.0 + PROMPT)
-        assert code == 1, f"no exit {time.monotonic() - began:.1f} s after two SIGTERMs: {code}"
+        code, took = _two_signals(proc, 0.4, 3.0 + PROMPT)
+        assert code == 1, f"no exit {took:.1f} s after two SIGTERMs: {code}"
         assert proc.stderr is not None
         err = proc.stderr.read().decode()
         assert "a second signal: exiting now" in err, err
@@ -244,16 +248,7 @@ def test_second_signal_while_the_summary_blocks_on_a_stalled_stderr(tmp_path: Pa
     try:
         wait_for_generation(url, "c", timeout=60)
         assert proc.poll() is None
-        filler = os.open(f"/proc/self/fd/{w}", os.O_WRONLY | os.O_NONBLOCK)
-        try:
-            for size in (4096, 1):
-                while True:
-                    try:
-                        os.write(filler, b"x" * size)
-                    except BlockingIOError:
-                        break
-        finally:
-            os.close(filler)
+        _fill_pipe(w)
         proc.send_signal(signal.SIGTERM)
         time.sleep(2.0)  # (a clean stop is well under a second: it is now writing the summary)
         assert proc.poll() is None
