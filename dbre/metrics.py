@@ -42,6 +42,7 @@ import bisect
 import json
 import math
 import os
+import stat
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
@@ -637,12 +638,14 @@ def store_bytes(repo: Repository) -> int | None:
         root = getattr(s, "root", None)
         if isinstance(root, Path) and root.is_dir():
             total = 0
-            for dirpath, _, files in os.walk(root):
+            for dirpath, _, files in os.walk(root):  # (links to folders are not walked)
                 for f in files:
                     try:
-                        total += (Path(dirpath) / f).stat().st_size
+                        st = os.lstat(os.path.join(dirpath, f))
                     except OSError:
                         continue  # removed meanwhile (a prune, a temp file renamed)
+                    if stat.S_ISREG(st.st_mode):  # (a link planted in the repository points at bytes it does not hold)
+                        total += st.st_size
             return total
     return None
 

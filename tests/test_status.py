@@ -215,3 +215,19 @@ def test_status_cli_names_an_unreachable_webhook(history: dict[str, Any]) -> Non
     assert result.exit_code == 1
     assert "alert channel --webhook: webhook: cannot reach it" in result.stderr
     assert "nothing-listens-here" not in result.stderr, "a webhook URL may hold a token: never printed"
+
+
+def test_storage_counts_no_bytes_behind_a_planted_link(tmp_path: Path) -> None:
+    """A local repository's size is the bytes of its own files: a symbolic link planted in it (to a big
+    file elsewhere) adds nothing, where following it counted the other file's size."""
+    from dbre.metrics import store_bytes
+
+    src = make_shop(tmp_path / "shop.db", seed=3)
+    repo = Repository.open_or_init(str(tmp_path / "repo"))
+    backup(repo, open_source(str(src)), "shop")
+    before = store_bytes(repo)
+    assert before is not None and before > 0
+    big = tmp_path / "elsewhere.bin"
+    big.write_bytes(b"\0" * (4 << 20))
+    (tmp_path / "repo" / "packs" / "planted").symlink_to(big)
+    assert store_bytes(repo) == before
