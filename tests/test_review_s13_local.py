@@ -195,6 +195,7 @@ def test_emfile_is_a_store_error_and_leaks_nothing(world: tuple[LocalStore, Path
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     before = _fds()
     outcomes: list[str] = []
+    hints: list[str] = []
     fillers: list[int] = []
     try:
         resource.setrlimit(resource.RLIMIT_NOFILE, (max(int(x) for x in before) + 16, hard))
@@ -214,12 +215,14 @@ def test_emfile_is_a_store_error_and_leaks_nothing(world: tuple[LocalStore, Path
                     outcomes.append("ok")
                 except StorageError as err:
                     outcomes.append(str(err).splitlines()[0])
+                    hints.append(err.hint or "")
             assert _open_count() == len(before) - 1 + len(fillers), (spare, outcomes)  # (-1: listdir's own)
     finally:
         for fd in fillers:
             os.close(fd)
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     assert any("Too many open files" in o for o in outcomes)
+    assert any("ulimit -n" in h for h in hints), hints  # the fix is named (a retry would meet the same limit)
     assert _fds() == before
     assert not os.listdir(root / ".tmp")
 

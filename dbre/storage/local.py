@@ -37,6 +37,10 @@ def _os_error(op: str, key: str, err: OSError) -> StorageError:
         from dbre.storage.base import ReadRefused
 
         return ReadRefused(f"{op} {key}: {err.strerror}", "check the repository's permissions")
+    if err.errno in (errno.EMFILE, errno.ENFILE):  # (a retry meets the same limit: the operator raises it)
+        return PermanentError(f"{op} {key}: {err.strerror}",
+                              "raise the open-file limit (`ulimit -n`, or LimitNOFILE= in a systemd unit), or run "
+                              "fewer backups at once in this process")
     if err.errno in (errno.EAGAIN, errno.EINTR, errno.EBUSY):
         return TransientError(f"{op} {key}: {err.strerror}")
     return PermanentError(f"{op} {key}: {err.strerror or err}")
