@@ -15,7 +15,7 @@ from typing import Annotated
 import typer
 
 from dbre.cli import JsonOpt, KeyFileOpt, RepoOpt, _key, _print_json, _run, app
-from dbre.errors import UsageError
+from dbre.errors import RepositoryError, UsageError
 from dbre.secrets import Secret
 
 key_app = typer.Typer(help="The repository's passphrase: `dbre key passwd --repo R` changes it.", no_args_is_help=True)
@@ -101,7 +101,7 @@ def passwd(
         store = open_store(repo)
         config = Repository.read_config(store)
         if config is None:
-            raise UsageError(f"no repository at {store.url}", "check --repo")
+            raise RepositoryError(f"no repository at {store.url}", "check --repo")  # (exit 1, as every command)
         if not config.get("encryption"):
             raise UsageError(f"repository {store.url} is not encrypted: it has no passphrase to change",
                              "nothing was changed")

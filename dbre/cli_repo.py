@@ -4,7 +4,6 @@ Registered on the main app by dbre/cli.py, which holds the shared options and he
 
 from __future__ import annotations
 
-import os
 import sys
 from typing import Annotated, Any
 
@@ -25,7 +24,7 @@ from dbre.cli import (
     _table,
     app,
 )
-from dbre.errors import UsageError
+from dbre.errors import RepositoryError, UsageError
 from dbre.units import human_bytes as human
 
 
@@ -118,7 +117,8 @@ def verify(
                 for name, why in found.outside:
                     print(f"outside the lock window: {name}: {why}")
                 lock = found.setting.describe() if found.setting else "none"
-                print(("ok: " if found.ok else f"{len(found.problems)} problems: ")
+                n = len(found.problems)
+                print(("ok: " if found.ok else f"{n} problem{'s' if n != 1 else ''}: ")
                       + f"{len(found.protected)} snapshots restore from locked versions alone (Object Lock {lock}); "
                       f"{len(found.outside)} outside the window"
                       + (f"; {found.segments} replicated segments checked" if found.segments else "")
@@ -153,7 +153,7 @@ def verify(
             if read_data:
                 what += f", read {report.packs_read} packs ({human(report.bytes_read)})"
             n = len(report.problems) + len(segment_problems)
-            print(("ok: " if not n else f"{n} problems: ") + what)
+            print(("ok: " if not n else f"{n} problem{'s' if n != 1 else ''}: ") + what)
             unopened = sum(1 for p in report.problems if p.detail.startswith("cannot read manifest"))
             if report.snapshots == 0 and unopened >= 2:  # (as backup refuses then: see _refuse_if_no_manifest_opens)
                 print(f"no snapshot manifest opens ({unopened} tried): the config may be another repository's or "
@@ -285,7 +285,7 @@ def copy(
         from dbre.repository.immutable import ObjectLock, enable
         from dbre.repository.manifest import check_db_name
         from dbre.repository.repo import Repository
-        from dbre.storage import open_store
+        from dbre.storage import open_store, overlap
 
         if db:
             check_db_name(db)
@@ -294,13 +294,15 @@ def copy(
             raise UsageError(f"--object-lock: repository {to} is not on S3: Object Lock needs an S3 bucket",
                              "drop --object-lock, or copy to s3://bucket/prefix on a bucket with Object Lock enabled")
         src_store, dst_store = open_store(repo), open_store(to)
-        # the same place however spelled: a trailing slash, a relative path, a symlinked folder, s3://b/p/
-        src_root, dst_root = getattr(src_store, "root", None), getattr(dst_store, "root", None)
-        if (src_store.url == dst_store.url if src_root is None or dst_root is None
-                else os.path.realpath(src_root) == os.path.realpath(dst_root)
-                or (dst_root.exists() and src_root.exists() and os.path.samefile(src_root, dst_root))):
+        # the same place however spelled (a trailing slash, a relative path, a symlinked folder, s3://b/p/),
+        # or one inside the other: a copy in the primary's folder is lost with it, and counted in its size
+        where = overlap(src_store, dst_store)
+        if where == "same":
             raise UsageError(f"copy: --to is the repository being copied from ({src_store.url})",
                              "name another location for the offsite copy: a folder or s3://bucket/prefix")
+        if where == "inside":
+            raise UsageError(f"copy: --to {dst_store.url} and the repository {src_store.url} lie one inside the other",
+                             "name a location outside the repository for the offsite copy (another disk or bucket)")
         key = _key(key_file)
         if immutable:
             from dbre.repository.immutable import open_locked
@@ -403,7 +405,7 @@ def unlock(
 
         store = open_store(repo)
         if Repository.read_config(store) is None:
-            raise UsageError(f"no repository at {store.url}", "check --repo")
+            raise RepositoryError(f"no repository at {store.url}", "check --repo")  # (exit 1, as every command)
         removed = remove_locks(store, all_locks=remove_all)
         left = list_locks(store)  # live (or young) ones: say whose, and what removes them
         if json_out:

@@ -76,6 +76,7 @@ def status(
         from dbre.metrics import (
             NotifyError,
             alert_payload,
+            check_prometheus_path,
             compute_status,
             open_offsite,
             parse_size,
@@ -94,6 +95,8 @@ def status(
         except ValueError as err:
             raise UsageError(f"--offsite-max-lag: {err}", "e.g. --offsite-max-lag 1d") from None
         quota_bytes = parse_size(quota) if quota else None
+        if prom is not None:
+            check_prometheus_path(prom)  # (before the status is computed: a typo costs nothing)
         if not 0 < storage_threshold <= 1:
             raise UsageError("--storage-threshold must be in (0, 1]", "e.g. 0.8 for 80 %")
         pol = _policy(policy)
@@ -146,7 +149,7 @@ def status(
             for d in st.databases:
                 for o in d.offsite:
                     if o.error:
-                        state = f"cannot be read: {o.error}"
+                        state = o.error if o.error.startswith("no copy:") else f"cannot be read: {o.error}"
                     elif not o.snapshots:
                         state = "holds no snapshot of it"
                     elif not o.missing_snapshots:

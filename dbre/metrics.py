@@ -51,9 +51,10 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dbre.errors import DbreError
+from dbre.errors import DbreError, UsageError
 from dbre.repository.manifest import Manifest, iso, now_utc, parse_time
 from dbre.repository.repo import Repository
+from dbre.storage import overlap
 from dbre.units import human_bytes as _size
 from dbre.validate.rto import estimate_rto
 
@@ -326,6 +327,14 @@ def offsite_status(repo: Repository, st: DatabaseStatus, url: str, copy: Reposit
         off.error = str(copy)
         st.alerts.append(Alert("offsite_unreadable", "critical", f"{st.db}: the offsite copy {url} cannot be read: "
                                f"{copy}; the fourth layer is not there", st.db))
+        return off
+    where = overlap(repo.store, copy.store)
+    if where is not None:
+        # (a policy or --offsite naming the primary, or a folder inside it, would otherwise read "current")
+        off.error = ("no copy: it is the primary repository itself" if where == "same"
+                     else f"no copy: it and the primary repository {repo.url} lie one inside the other")
+        st.alerts.append(Alert("offsite_unreadable", "critical", f"{st.db}: the offsite copy {url} is {off.error}; "
+                               "the fourth layer is not there (name another disk or bucket)", st.db))
         return off
     try:
         theirs = {m.id: m for m in copy.snapshots(st.db)} if st.db in set(copy.databases()) else {}
@@ -734,9 +743,24 @@ def prometheus_text(status: Status) -> str:
 def write_prometheus(path: str | os.PathLike[str], status: Status) -> None:
     """Write the textfile atomically: the collector never reads half a file."""
     p = Path(path)
+    check_prometheus_path(p)
     tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
-    tmp.write_text(prometheus_text(status))
-    os.replace(tmp, p)
+    try:
+        tmp.write_text(prometheus_text(status))
+        os.replace(tmp, p)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise UsageError(f"--prom {p}: cannot write it: {err.strerror or err}",
+                         "give a file in a folder this user can write (the exporter's textfile folder)") from None
+
+
+def check_prometheus_path(path: str | os.PathLike[str]) -> None:
+    """Refuse, before any work, a textfile path that cannot be one: a folder, or in a folder that is not there."""
+    p = Path(path)
+    if p.is_dir():
+        raise UsageError(f"--prom {p} is a folder", f"give a file name in it, e.g. --prom {p}/dbre.prom")
+    if not p.parent.is_dir():
+        raise UsageError(f"--prom {p}: the folder {p.parent} does not exist", "create it, or give another path")
 
 
 def alert_payload(status: Status, alerts: list[Alert] | None = None) -> dict[str, Any]:

@@ -225,7 +225,7 @@ def test_plain_missing_and_format_1_repositories_are_refused(tmp_path: Path, s3_
         for old in (None, OLD):
             assert_one_line_error(_passwd(url, old, NEW), 2, "is not encrypted", "no passphrase to change")
         assert _config(url) == before
-    assert_one_line_error(_passwd(str(tmp_path / "nothing"), OLD, NEW), 2, "no repository")
+    assert_one_line_error(_passwd(str(tmp_path / "nothing"), OLD, NEW), 1, "no repository")
     assert not (tmp_path / "nothing").exists()
     v1 = tmp_path / "v1"
     shutil.copytree(Path(__file__).parent / "data" / "v1" / "encrypted", v1)

@@ -82,9 +82,12 @@ class KeepDuration:
         year, month0 = divmod(local.year * 12 + local.month - 1 - self.years * 12 - self.months, 12)
         if year < 1:
             return datetime.min.replace(tzinfo=UTC)
-        day = date(year, month0 + 1, 1) + timedelta(days=local.day - 1 - self.days)
-        wall = datetime.combine(day, local.time(), tzinfo=tz)
-        return wall.astimezone(UTC) - timedelta(hours=self.hours)
+        try:  # (days or hours past year 1, or past what timedelta holds: everything is within)
+            day = date(year, month0 + 1, 1) + timedelta(days=local.day - 1 - self.days)
+            wall = datetime.combine(day, local.time(), tzinfo=tz)
+            return wall.astimezone(UTC) - timedelta(hours=self.hours)
+        except (OverflowError, ValueError):
+            return datetime.min.replace(tzinfo=UTC)
 
 
 SAFETY_KEEP = KeepDuration(days=7)  # every safety snapshot is kept at least this long (see the module doc)

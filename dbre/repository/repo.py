@@ -241,6 +241,12 @@ class Repository:
         }
         master = None
         if key:
+            raw = key.reveal()
+            text = raw.decode(errors="replace") if isinstance(raw, bytes) else raw
+            if text != text.strip():  # (as `dbre key passwd` refuses it: nothing is created)
+                raise UsageError("the passphrase of the new repository begins or ends with white space",
+                                 "a --key-file is read without it, so it could never be given that way: "
+                                 "remove the spaces from DBRE_ENCRYPTION_KEY; nothing was created")
             config["encryption"], master = new_key_params(key)
             mac_key = Sealer(master).derive_key(CONFIG_MAC_INFO)
             assert mac_key is not None

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, TypeVar
 
-from dbre.errors import IntegrityError, LockedError, RepositoryError, UsageError
+from dbre.errors import DbreError, IntegrityError, LockedError, RepositoryError, UsageError
 from dbre.replicate.lease import live_generation
 from dbre.replicate.segment import is_part_key
 from dbre.replicate.window import (
@@ -110,6 +110,10 @@ def forget(repo: Repository, policy: KeepPolicy, db: str | None = None, *, dry_r
     # (a dry run writes nothing: a repository that refuses the lock object is planned on without one)
     with (repo.read_lock("forget") if dry_run else repo.lock("forget", exclusive=True)) as lock:
         plan = _reading("forget", "no snapshot was forgotten", lambda: plan_forget(repo, policy, db, lock.store_now()))
+        if prune and db:
+            # the prune reads every database's manifests: one that does not open stops it, so it is read
+            # before anything is forgotten (the plan above read only ``db``'s), and the command fails whole
+            _reading("forget", "no snapshot was forgotten", repo.snapshots)
         if repo.object_lock is not None:
             # a manifest still locked is never deleted nor hidden by a delete marker: it stays, named
             now, remove = lock.store_now(), []
@@ -126,7 +130,15 @@ def forget(repo: Repository, policy: KeepPolicy, db: str | None = None, *, dry_r
                 _delete(repo, repo.manifest_key(m))
         pruned = None
         if prune:
-            pruned = _prune(repo, lock, grace, dry_run, forgotten=plan.remove if dry_run else [], policy=policy)
+            try:
+                pruned = _prune(repo, lock, grace, dry_run, forgotten=plan.remove if dry_run else [], policy=policy)
+            except DbreError as err:
+                if dry_run or not plan.remove:
+                    raise
+                # the snapshots are forgotten already: the failure must not read as "nothing happened"
+                gone = ", ".join(f"{m.db}/{m.id}" for m in plan.remove[:5]) + (" ..." if len(plan.remove) > 5 else "")
+                raise type(err)(f"{err.message} (forget had already forgotten {len(plan.remove)} snapshots: "
+                                f"{gone}; their packs go at the next prune)", err.hint) from err
     return plan, pruned
 
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import re
+from pathlib import Path
 
 from dbre.storage.base import AlreadyExists, NotFound, PermanentError, StorageError, Store, TransientError
 
-__all__ = ["AlreadyExists", "NotFound", "PermanentError", "StorageError", "Store", "TransientError", "open_store"]
+__all__ = ["AlreadyExists", "NotFound", "PermanentError", "StorageError", "Store", "TransientError", "open_store",
+           "overlap"]
 
 
 def open_store(url: str) -> Store:
@@ -43,3 +46,22 @@ def open_store(url: str) -> Store:
         raise RepositoryError(f"repository {store.url}: not a repository: {what}",
                               "a repository is a folder or s3://bucket/prefix")
     return store
+
+
+def overlap(a: Store, b: Store) -> str | None:
+    """Whether two stores are one place however spelled (a trailing slash, a relative path, a symbolic
+    link: "same"), one lies inside the other ("inside": a copy nested in the repository it copies,
+    counted in its size, or a repository planted in another's prefix), or neither (None). S3
+    stores are compared by bucket and prefix (the endpoint is not known here)."""
+    ra, rb = getattr(a, "root", None), getattr(b, "root", None)
+    if ra is None and rb is None:
+        ua, ub = a.url.rstrip("/"), b.url.rstrip("/")
+        if ua == ub:
+            return "same"
+        return "inside" if ua.startswith(ub + "/") or ub.startswith(ua + "/") else None
+    if ra is None or rb is None:
+        return None
+    pa, pb = Path(os.path.realpath(ra)), Path(os.path.realpath(rb))
+    if pa == pb or (pa.exists() and pb.exists() and os.path.samefile(pa, pb)):
+        return "same"
+    return "inside" if pa in pb.parents or pb in pa.parents else None

@@ -43,6 +43,9 @@ def _os_error(op: str, key: str, err: OSError) -> StorageError:
                               "fewer backups at once in this process")
     if err.errno in (errno.EAGAIN, errno.EINTR, errno.EBUSY):
         return TransientError(f"{op} {key}: {err.strerror}")
+    if op in ("put", "replace"):  # (e.g. a --repo under /proc: its folders cannot be made)
+        return PermanentError(f"{op} {key}: {err.strerror or err}",
+                              "check the repository path (--repo): a folder this user can create and write")
     return PermanentError(f"{op} {key}: {err.strerror or err}")
 
 
