@@ -151,6 +151,34 @@ def _empty_option(args: list[str]) -> str | None:
     return None
 
 
+# options naming a file to write, per command: a value ending in "/" that is no folder would otherwise become a
+# file of the folder's name (a path type drops the slash)
+_FILE_OPTIONS = {"restore": ("--to",), "export": ("--out",)}
+
+
+def _folder_for_file(args: list[str]) -> tuple[str, str] | None:
+    """(option, value) of the first ``_FILE_OPTIONS`` value that ends with "/" and is not a folder."""
+    words = iter(args)
+    command = None
+    for word in words:
+        if word == "--retry-lock":
+            next(words, None)
+        elif not word.startswith("-"):
+            command = word
+            break
+    names = _FILE_OPTIONS.get(command or "", ())
+    rest = list(words)
+    for i, word in enumerate(rest):
+        if word == "--":
+            break
+        name, eq, value = word.partition("=")
+        if name in names:
+            value = value if eq else (rest[i + 1] if i + 1 < len(rest) else "")
+            if value.endswith("/") and not os.path.isdir(value):
+                return name, value
+    return None
+
+
 class _Group(TyperGroup):
     """The `dbre` command: builds the conventional help of every command and prints errors in one line."""
 
@@ -166,8 +194,16 @@ class _Group(TyperGroup):
         if empty is not None:
             if not standalone_mode:
                 raise ClickUsageError(f"{empty} is empty")
-            print(f"dbre: {empty} is empty (an unset shell variable?): give it a value, or leave it out to mean "
-                  "the default", file=sys.stderr)
+            print(f"dbre: {empty} is empty (an unset shell variable?): give it a value (an empty one is refused, "
+                  "never read as the default)", file=sys.stderr)
+            sys.exit(2)
+        folder = _folder_for_file(list(sys.argv[1:] if args is None else args))
+        if folder is not None:
+            name, value = folder
+            if not standalone_mode:
+                raise ClickUsageError(f"{name} {value} names a folder")
+            print(f"dbre: {name} {value} names a folder, which does not exist: give a file path, e.g. "
+                  f"{name} {value}restored.db (create the folder first)", file=sys.stderr)
             sys.exit(2)
         try:
             result = super().main(args, prog_name or "dbre", complete_var, standalone_mode=False,

@@ -9,6 +9,7 @@ with parameters, so the row repair need not know which it talks to.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator, Sequence
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
@@ -30,6 +31,19 @@ class BadSql(Exception):
         self.parameters = parameters
 
 
+@contextlib.contextmanager
+def text_as_utf8(what: str) -> Iterator[None]:
+    """A TEXT value that is not valid UTF-8 (legacy data; apsw reads TEXT as str) becomes one line naming
+    the way round, not an unexpected error."""
+    try:
+        yield
+    except UnicodeDecodeError as err:
+        bad = err.object[err.start : err.start + 1].hex() if isinstance(err.object, bytes) else "?"
+        raise RestoreError(f"{what}: a TEXT value is not valid UTF-8 (byte 0x{bad}), so it cannot be read as text",
+                           "read that column in SQL as CAST(column AS BLOB) or hex(column); `dbre restore` and "
+                           "`restore-table` copy such values byte for byte") from None
+
+
 class LocalDb:
     """A database file through apsw."""
 
@@ -40,11 +54,13 @@ class LocalDb:
         self.label = label
 
     def rows(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
-        return [tuple(r) for r in self.conn.execute(sql, tuple(params))]
+        with text_as_utf8(self.label):
+            return [tuple(r) for r in self.conn.execute(sql, tuple(params))]
 
     def scan(self, sql: str, params: Sequence[Any] = ()) -> Iterator[Row]:
         """Rows one at a time, for selections too large to hold twice."""
-        yield from self.conn.execute(sql, tuple(params))  # apsw rows are tuples already
+        with text_as_utf8(self.label):
+            yield from self.conn.execute(sql, tuple(params))  # apsw rows are tuples already
 
     def write(self, sql: str, params: Sequence[Any] = ()) -> int:
         self.conn.execute(sql, tuple(params))
@@ -53,6 +69,8 @@ class LocalDb:
     def check(self, sql: str) -> None:
         try:
             self.conn.execute("EXPLAIN " + sql).fetchall()
+        except UnicodeDecodeError:
+            pass  # (it compiled: the program lists a blob literal, x'9f..', as text that is not UTF-8)
         except apsw.BindingsError as err:
             raise BadSql(str(err), parameters=True) from None
         except apsw.Error as err:

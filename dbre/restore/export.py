@@ -110,6 +110,9 @@ def check_target(out: Path, fmt: str, force: bool) -> None:
     if out.is_dir():
         raise UsageError(f"export: --out {out} is a directory", "name a file to write")
     if not out.parent.is_dir():
+        if out.parent.exists():
+            raise UsageError(f"export: --out {out}: {out.parent} is a file, not a directory",
+                             "name a file in a directory")
         raise UsageError(f"export: --out {out}: directory {out.parent} does not exist", "create it first")
     if out.exists() and not force:
         raise UsageError(f"export: --out {out} exists", "pass --force to replace it, or choose another file")

@@ -18,7 +18,7 @@ import struct
 import tempfile
 import time
 from array import array
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -149,6 +149,17 @@ def check_target(target: str | os.PathLike[str], force: bool) -> Path:
     path = Path(target).expanduser().absolute()
     if path.is_dir():
         raise UsageError(f"restore target {path} is a directory", "give a file path, e.g. --to restored.db")
+    if str(target).endswith(("/", os.sep)):  # (Path drops it: `--to restored/` would become a file `restored`)
+        raise UsageError(f"restore target {target} names a folder, which does not exist",
+                         f"give a file path, e.g. --to {path}/restored.db (create the folder first)")
+    try:
+        st = os.lstat(path)
+    except OSError:
+        st = None
+    if st is not None and not (stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode)):
+        # (a FIFO would hang the first open, a device would get a -journal beside it: refused before any open)
+        raise UsageError(f"restore target {path} is not a regular file ({_file_kind(st.st_mode)})",
+                         "give the path of a database file, or a new one")
     if path.exists() and not force:
         raise UsageError(f"restore target {path} already exists", "choose a new path or pass --force")
     if not force and os.path.islink(path):  # (a volume not mounted yet: not a free name)
@@ -159,8 +170,17 @@ def check_target(target: str | os.PathLike[str], force: bool) -> Path:
     else:
         check_no_leftovers(path)
     if not path.parent.is_dir():
+        if path.parent.exists():
+            raise UsageError(f"restore target folder {path.parent} is a file, not a folder",
+                             "give a path in an existing folder")
         raise UsageError(f"restore target folder {path.parent} does not exist", "create it first")
     return path
+
+
+def _file_kind(mode: int) -> str:
+    kinds = [(stat.S_ISFIFO, "a named pipe"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+             (stat.S_ISSOCK, "a socket")]
+    return next((name for test, name in kinds if test(mode)), "not a file")
 
 
 def _lacks_hash(fast: Entries, blobs: list[SnapshotBlob]) -> bool:
@@ -191,7 +211,8 @@ def apply_restore(repo: Repository, plan: RestorePlan, progress: Progress | None
     """Write the snapshot to a temp file beside the target, check every page, then rename; under
     a shared lock, so no prune deletes a pack while its pages are read."""
     # (into the primary itself when reading through offsite copies: see dbre/repository/fallback.py)
-    safety = safety_before_replace(primary_of(repo), plan.manifest.db, plan.target, plan.force and plan.safety)
+    safety = safety_before_replace(primary_of(repo), plan.manifest.db, plan.target, plan.force and plan.safety,
+                                   plan.manifest.size)
     plans = [plan]
 
     def attempt() -> RestoreResult:
@@ -199,12 +220,24 @@ def apply_restore(repo: Repository, plan: RestorePlan, progress: Progress | None
         p = plans.pop() if plans else replan(repo, plan)
         return _write_restore(repo, p, progress)
 
-    with repo.read_lock(f"restore {plan.manifest.db}"):
+    with repo.read_lock(f"restore {plan.manifest.db}"), said_safety(safety):
         started = time.perf_counter()
         result = retrying(repo, attempt)
         result.seconds = time.perf_counter() - started  # (every attempt: one more per object read from a copy)
     result.safety_snapshot = safety
     return result
+
+
+@contextlib.contextmanager
+def said_safety(safety: str | None) -> Iterator[None]:
+    """A restore that fails after its safety snapshot was taken says so (the snapshot stays, kept 7 days)."""
+    try:
+        yield
+    except DbreError as err:
+        if safety is None:
+            raise
+        raise type(err)(f"{err.message} (the safety snapshot {safety} of the database there was taken first; "
+                        "it stays, kept 7 days)", err.hint) from err
 
 
 def replan(repo: Repository, plan: RestorePlan) -> RestorePlan:
@@ -215,16 +248,24 @@ def replan(repo: Repository, plan: RestorePlan) -> RestorePlan:
     return again
 
 
-def safety_before_replace(repo: Repository, db: str, target: Path, wanted: bool) -> str | None:
+def safety_before_replace(repo: Repository, db: str, target: Path, wanted: bool, size: int | None = None) -> str | None:
     """With ``wanted`` (restore --force) and a database at ``target``: snapshot it into ``repo`` under
     ``db``, tagged safety (kept 7 days, skipped by the default choices of restore and drill), before
     anything is written, and return its id: a wrong --at or --snapshot over the live database then
     loses nothing. The target was found unused at the plan (`check_not_in_use`), so the snapshot holds
     what gets replaced. None when nothing there holds a database. A snapshot that fails (a read-only
     repository, a damaged database) refuses the restore, the hint naming the way round."""
-    if not wanted or not target.exists() or is_empty_database(target) or not _sqlite_header(target):
-        return None  # (nothing there, no database, or a file that is not SQLite's: nothing to snapshot)
+    if not wanted or not target.exists() or is_empty_database(target):
+        return None  # (nothing there, or no database: nothing to snapshot)
+    if not _sqlite_header(target):
+        # (an SQLCipher database, another program's file, a mistyped --to: no snapshot can hold it, and
+        # replacing it silently would lose it)
+        raise RestoreError(f"restore to {target}: the file there is not an SQLite database, so no safety "
+                           "snapshot can keep it", "nothing was changed; move it aside first, or pass "
+                           "--no-safety-snapshot to replace it without one")
     _check_folder_takes_files(target)  # (a restore that cannot write there must not add a snapshot first)
+    if size is not None:
+        _check_free_space(target, size)  # (nor one that cannot fit: a disk full is found before the snapshot)
     from dbre.restore.table import safety_snapshot
 
     try:
@@ -237,6 +278,18 @@ def safety_before_replace(repo: Repository, db: str, target: Path, wanted: bool)
         raise RestoreError(f"restore to {target}: the safety snapshot of the database there failed ({why})",
                            "nothing was changed; restore to another path and swap it in, or pass "
                            "--no-safety-snapshot to replace it without one") from None
+
+
+def _check_free_space(target: Path, size: int) -> None:
+    """The target's file system has room for a ``size``-byte file beside the one it replaces."""
+    try:
+        vfs = os.statvfs(target.parent)
+    except OSError:
+        return  # (the write says why)
+    free = vfs.f_bavail * vfs.f_frsize
+    if free < size:
+        raise RestoreError(f"restore to {target}: disk full ({size} bytes needed, {free} free)",
+                           "free space or restore to another disk; nothing was changed")
 
 
 def _check_folder_takes_files(target: Path) -> None:

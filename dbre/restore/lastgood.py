@@ -37,6 +37,7 @@ from dbre.errors import RepositoryError, UsageError
 from dbre.replicate.segment import list_generations, to_time
 from dbre.repository.manifest import check_db_name, iso, micros
 from dbre.repository.repo import Repository
+from dbre.restore.connection import text_as_utf8
 from dbre.restore.query import CountingStore, FetchStats, QueryState, choose_state, open_state
 
 if TYPE_CHECKING:
@@ -201,7 +202,8 @@ def _run_checks(conn: apsw.Connection, refused: list[str], checks: list[str]) ->
         if missing is not None:
             return f"check {n}", missing
         try:
-            row = next(iter(conn.execute(sql)), None)
+            with text_as_utf8(f"check {n}"):
+                row = next(iter(conn.execute(sql)), None)
         except apsw.SQLError as err:
             return f"check {n}", str(err).removeprefix("SQLError: ")
         if row is None:

@@ -50,6 +50,7 @@ from dbre.restore.full import (
     pitr_scratch_name,
     plan_restore,
     safety_before_replace,
+    said_safety,
 )
 from dbre.storage import NotFound
 
@@ -275,7 +276,7 @@ def apply_pitr(repo: Repository, plan: PitrPlan) -> PitrResult:
     """Restore the base to a temp file, apply the transactions up to the plan's limit, rename."""
     started = time.perf_counter()
     target = plan.target
-    safety = safety_before_replace(primary_of(repo), plan.db, target, plan.force and plan.safety)
+    safety = safety_before_replace(primary_of(repo), plan.db, target, plan.force and plan.safety, plan.base.size)
     _remove_leftovers(target)  # a killed restore's scratch copy (and its base restore's temp file)
     scratch = target.parent / pitr_scratch_name(target, secrets.token_hex(4))
     fd = -1
@@ -298,14 +299,16 @@ def apply_pitr(repo: Repository, plan: PitrPlan) -> PitrResult:
         return _apply_segments(repo, plan, scratch, fd)
 
     try:
-        with repo.read_lock(f"restore {plan.db}"):
-            applied, last, last_obs = retrying(repo, attempt)
-        _replace(scratch, target, plan.force, release, only_empty=plan.only_empty)
-    except BaseException as err:
+        with said_safety(safety):
+            try:
+                with repo.read_lock(f"restore {plan.db}"):
+                    applied, last, last_obs = retrying(repo, attempt)
+                _replace(scratch, target, plan.force, release, only_empty=plan.only_empty)
+            except OSError as err:
+                raise RestoreError(f"restore to {target}: {err.strerror}") from err
+    except BaseException:
         scratch.unlink(missing_ok=True)
         release()
-        if isinstance(err, OSError):
-            raise RestoreError(f"restore to {target}: {err.strerror}") from err
         raise
     release()
     return PitrResult(plan, time.perf_counter() - started, applied, last,

@@ -40,6 +40,7 @@ from dbre.repository.backup import BLOB_LOCATION, read_run
 from dbre.repository.manifest import RECORD, Manifest, check_db_name, iso, micros
 from dbre.repository.repo import Repository, pack_key
 from dbre.repository.verify import blob_groups
+from dbre.restore.connection import text_as_utf8
 from dbre.restore.pitr import PitrPoint, checked_segments, find_point, segment_pages
 from dbre.storage import NotFound, Store
 from dbre.vfsfile import InProcessFile
@@ -698,12 +699,13 @@ def query(repo: Repository, db: str, sql: str, *, snapshot: str | None = None, a
     with open_query(repo, db, snapshot=snapshot, at=at, txid=txid, cache_bytes=cache_bytes) as session:
         columns = check_statement(session.conn, session.refused, sql)
         try:
-            for row in session.conn.execute(sql, bindings):
-                count += 1
-                if sink is None:
-                    rows.append(row)
-                else:
-                    sink(columns, row)
+            with text_as_utf8("sql"):
+                for row in session.conn.execute(sql, bindings):
+                    count += 1
+                    if sink is None:
+                        rows.append(row)
+                    else:
+                        sink(columns, row)
         except apsw.BindingsError:
             raise UsageError("sql: the statement has parameters (?, :name) and none were given",
                              "write the values into the statement") from None
