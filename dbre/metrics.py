@@ -754,6 +754,20 @@ def write_prometheus(path: str | os.PathLike[str], status: Status) -> None:
                          "give a file in a folder this user can write (the exporter's textfile folder)") from None
 
 
+def prepare_prometheus_path(path: str | os.PathLike[str]) -> None:
+    """Make the textfile's folder if it is missing (the status flow's way), then check the path."""
+    p = Path(path)
+    if not p.parent.is_dir():
+        if p.parent.exists():
+            raise UsageError(f"prom {p}: {p.parent} is a file, not a folder", "give a path in a folder")
+        try:
+            p.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise UsageError(f"prom {p}: cannot make its folder {p.parent} ({err.strerror or err})",
+                             "give a path in a folder this user can write") from None
+    check_prometheus_path(p)
+
+
 def check_prometheus_path(path: str | os.PathLike[str]) -> None:
     """Refuse, before any work, a textfile path that cannot be one: a folder, or in a folder that is not there."""
     p = Path(path)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from prefect import flow, get_run_logger
+from prefect.states import Failed
 
 from dbre.errors import UsageError
 from dbre.units import human_bytes as human
@@ -32,12 +33,19 @@ def backup_flow(db: str, source: str | None = None, policy: str | None = None, r
     log = get_run_logger()
     pol = load(policy)
     entry = None
-    if pol is not None:  # an explicit source may name a database the policy does not list
-        entry = pol.database(db) if source is None else next((d for d in pol.databases if d.name == db), None)
-    src = source or (entry.source if entry else None)
-    if not src:
-        raise UsageError(f"no source for database {db!r}", "pass source, or list the database in the policy")
-    r = repos(pol, repo, offsite, key)
+    primary = repo or "R"
+    try:  # a name or setting typed into the form: one line and the summary, no traceback, before any work
+        r = repos(pol, repo, offsite, key)
+        primary = r.primary
+        if pol is not None:  # an explicit source may name a database the policy does not list
+            entry = pol.database(db) if source is None else next((d for d in pol.databases if d.name == db), None)
+        src = source or (entry.source if entry else None)
+        if not src:
+            raise UsageError(f"no source for database {db!r}", "pass source, or list the database in the policy")
+    except UsageError as err:
+        log.error("%s", err)
+        _publish_failure(db, primary, str(err))
+        return Failed(message=str(err))  # type: ignore[return-value]
     try:
         snap = backup_database(db, src, r.primary, r.key, token or (entry.auth_token if entry else None),
                                checksums if checksums is not None else (entry.checksums if entry else None),

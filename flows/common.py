@@ -183,3 +183,20 @@ def outcome(state: Any) -> tuple[bool, Any]:
     if isinstance(exc, BaseException):
         return False, str(exc) or type(exc).__name__
     return False, state.message or state.name
+
+
+def check_known(names: list[str], pol: Policy | None, primary: str, key: str | None, what: str) -> None:
+    """Names typed into a run's form that neither the policy lists nor the repository holds: refused before
+    any work (a typo must not complete having done nothing, nor let a retention run prune everything)."""
+    from tasks.backup import known_databases
+
+    listed = {d.name for d in pol.databases} if pol is not None else set()
+    unknown = [n for n in names if n not in listed]
+    if not unknown:
+        return
+    held = known_databases(primary, key)
+    unknown = [n for n in unknown if n not in held]
+    if unknown:
+        choices = sorted(listed | set(held))
+        raise UsageError(f"{what}: no database {unknown[0]!r} in the policy or in {primary}",
+                         "choose one of " + ", ".join(choices) if choices else "the repository holds no database yet")

@@ -9,6 +9,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger, task
 
+from dbre.errors import DbreError
 from dbre.report.drill import check_writable, seconds_text
 from dbre.validate.crosscheck import CrossCheckTarget
 from dbre.validate.drill import Drill, cross_check_step
@@ -79,8 +80,15 @@ def drill_flow(databases: list[str] | None = None, policy: str | None = None, re
         entry = next((d for d in pol.databases if d.name == db), None) if pol else None
         suites_dir = expectations or (entry.expectations if entry else None)
         suites = load_drill_suites(suites_dir, db) if suites_dir else None
-        drill = start_drill(r.primary, db, r.key, target or (pol.drills.target if pol else "newest"),
-                            scratch_dir or (pol.drills.scratch_dir if pol else None))
+        try:
+            drill = start_drill(r.primary, db, r.key, target or (pol.drills.target if pol else "newest"),
+                                scratch_dir or (pol.drills.scratch_dir if pol else None))
+        except DbreError as err:
+            # one database that cannot be drilled (no snapshot yet, a name the repository does not hold, a
+            # scratch folder that cannot be made) is one failed row: the others are still drilled
+            log.error("drill of %s not started: %s", db, err)
+            records.append(_not_started(db, entry, str(err)))
+            continue
         drill = restore_to_scratch(r.primary, drill, r.key)
         drill = validate_restore(drill, suites, namespace_admin, namespace_url, token)
         if cross_check:
@@ -114,6 +122,15 @@ def drill_flow(databases: list[str] | None = None, policy: str | None = None, re
         raise RunFailed(f"{len(bad)} of {len(records)} drills failed: "
                         + "; ".join(f"{rec['db']}: " + "; ".join(rec["failures"]) for rec in bad))
     return records
+
+
+def _not_started(db: str, entry: Any, why: str) -> dict[str, Any]:
+    """The record of a drill that could not start (not stored in the repository: no restore was measured)."""
+    return {"db": db, "snapshot": None, "passed": False, "failures": [f"not started: {why}"],
+            "rto_seconds": None, "rpo_seconds": None,
+            "rto_target_seconds": float(entry.rto) if entry else None,
+            "rpo_target_seconds": float(entry.rpo) if entry else None,
+            "checks": {"total": 0, "failed": 0}, "started": False}
 
 
 @task(name="cross-check", task_run_name="cross-check {drill.db} with {target.provider}", timeout_seconds=6 * HOUR,
@@ -153,6 +170,9 @@ def _publish(records: list[dict[str, Any]], reports: dict[str, dict[str, str]], 
           f"Reports are in {where(out, 'the reports folder', site)} ({site.origin}).", ""]
     budget = (MARKDOWN_LIMIT - 2000) // max(1, len(reports))
     for rec in records:
+        if rec.get("started") is False:
+            md += [f"## {rec['db']}: FAILED, not started", "", rec["failures"][0], ""]
+            continue
         paths = reports.get(rec["db"])
         if paths is None:
             continue

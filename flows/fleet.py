@@ -16,6 +16,7 @@ from typing import Any, Literal
 from prefect import flow, get_client, get_run_logger
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+from prefect.states import Failed
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from dbre.errors import UsageError
@@ -96,8 +97,15 @@ def fleet_backup_flow(databases: list[str] | None = None, policy: str | None = N
     if pol is None:
         raise UsageError("the fleet backup needs a policy", "pass the policy parameter or set DBRE_POLICY")
     started = time.perf_counter()
-    dbs = pol.select(databases)
-    r = repos(pol, repo, offsite, key)
+    try:  # a name typed into the form: one line and the summary, no traceback, before any work
+        dbs = pol.select(databases)
+        r = repos(pol, repo, offsite, key)
+    except UsageError as err:
+        log.error("%s", err)
+        publish("fleet", "\n".join(["# Fleet backup: refused, nothing was backed up", "", f"**{err}**", "",
+                                     "Start the run again with *databases* naming databases of the policy "
+                                     "(empty: all of them)."]), description="fleet backup refused")
+        return Failed(message=str(err))  # type: ignore[return-value]
     kind = task_runner or os.environ.get(RUNNER_ENV) or pol.fleet.task_runner
     workers = max_concurrency or pol.fleet.max_concurrency
     limit = pol.fleet.concurrency_limit if concurrency_limit is None else (concurrency_limit or None)

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from prefect import flow
+from prefect import flow, get_run_logger
+from prefect.states import Failed
 
 from dbre.errors import UsageError
 from dbre.repository.retention import KeepPolicy
-from flows.common import RunFailed, failures, load, outcome, publish, repos
+from flows.common import RunFailed, check_known, failures, load, outcome, publish, repos
 from flows.names import from_parameters, retention_name
 from flows.references import KeyRef, refuse_literal_secrets, store_references_only
 from tasks.retention import forget_snapshots, prune_repository
@@ -39,6 +40,12 @@ def retention_flow(databases: list[str] | None = None, policy: str | None = None
     else:
         raise UsageError("no retention rule given", "pass keep_* parameters or a policy with a retention section")
     keep.check()
+    if databases:
+        try:  # (a typo: one line naming the known databases, no traceback, the run Failed, nothing pruned)
+            check_known(list(databases), pol, r.primary, r.key, "retention")
+        except UsageError as err:
+            get_run_logger().error("%s", err)
+            return Failed(message=str(err))  # type: ignore[return-value]
     names = databases or ([d.name for d in pol.databases] if pol else None)
     steps: list[dict[str, Any]] = []
     for target in [r.primary, *r.offsite]:

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from prefect import flow
+from prefect import flow, get_run_logger
+from prefect.states import Failed
 
+from dbre.errors import UsageError
 from dbre.units import human_bytes
-from flows.common import load, publish, repos
+from flows.common import check_known, load, publish, repos
 from flows.names import from_parameters, snapshots_name
 from flows.references import KeyRef, refuse_literal_secrets, store_references_only
 from tasks.backup import list_snapshots
@@ -30,6 +32,12 @@ def snapshots_flow(database: str | None = None, last: int = 20, policy: str | No
     refuse_literal_secrets("snapshots", key=key)
     pol = load(policy)
     r = repos(pol, repo, None, key)
+    if database:
+        try:  # (a typo: one line naming the known databases, no traceback, the run Failed)
+            check_known([database], pol, r.primary, r.key, "snapshots")
+        except UsageError as err:
+            get_run_logger().error("%s", err)
+            return Failed(message=str(err))  # type: ignore[return-value]
     every = list_snapshots(r.primary, r.key, database or None)
     names = sorted({s["db"] for s in every})
     shown: list[dict[str, Any]] = []
@@ -48,8 +56,8 @@ def snapshots_flow(database: str | None = None, last: int = 20, policy: str | No
     if not names:
         md.append(f"No snapshots{f' of `{database}`' if database else ''} in `{r.primary}`.")
     md += ["", "Paste an id into the restore form's *snapshot*, or give a time in *at* (a replicated database "
-           "restores any moment of its PITR window exactly: `dbre stats` shows the window). The table artifact "
-           "lists them."]
+           "restores any moment of its PITR window exactly: `dbre stats` shows the window)."
+           + (" The table artifact lists them." if shown else "")]
     publish(f"snapshots-{database or 'all'}", "\n".join(md), shown,
             description=f"snapshots of {database or 'every database'} in {r.primary}")
     return shown

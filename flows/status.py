@@ -5,9 +5,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from prefect import flow
+from prefect import flow, get_run_logger
+from prefect.states import Failed
 
-from dbre.metrics import Alert, OffsiteStatus, Status, parse_size
+from dbre.errors import UsageError
+from dbre.metrics import Alert, OffsiteStatus, Status, parse_size, prepare_prometheus_path
 from dbre.policy import parse_duration
 from dbre.report.drill import seconds_text
 from dbre.units import human_bytes as human
@@ -27,7 +29,17 @@ def status_flow(policy: str | None = None, repo: str | None = None, key: KeyRef 
     refuse_literal_secrets("status", key=key)
     pol = load(policy)
     r = repos(pol, repo, None, key)
-    status: Status = compute_repository_status(r.primary, r.key, pol, parse_duration(window),
+    try:  # (parameters typed into the form: one line, no traceback, before any work)
+        try:
+            span = parse_duration(window)
+        except ValueError as err:
+            raise UsageError(f"status: window: {err}", "e.g. 30d or 12h") from None
+        if prom:
+            prepare_prometheus_path(prom)
+    except UsageError as err:
+        get_run_logger().error("%s", err)
+        return Failed(message=str(err))  # type: ignore[return-value]
+    status: Status = compute_repository_status(r.primary, r.key, pol, span,
                                                parse_size(quota) if quota else None, storage_threshold, prom,
                                                r.offsite)
     alerts = status.all_alerts

@@ -89,6 +89,12 @@ def copy_to_offsite(repo: str, offsite: str, key: str | None = None, db: str | N
             "bytes_copied": copied, "already_there": plan.already}
 
 
+@task(name="known databases", task_run_name="known databases", timeout_seconds=HOUR, **TASK_OPTIONS)
+def known_databases(repo: str, key: str | None = None) -> list[str]:
+    """The databases ``repo`` holds snapshots of."""
+    return sorted(Repository.open(repo, resolve_key(key)).databases())
+
+
 @task(name="list snapshots", task_run_name="list snapshots", timeout_seconds=HOUR, **TASK_OPTIONS)
 def list_snapshots(repo: str, key: str | None = None, db: str | None = None) -> list[dict[str, Any]]:
     """Summaries of the snapshots (of ``db``) in ``repo``, oldest first."""

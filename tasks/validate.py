@@ -10,13 +10,20 @@ runs from ``start drill`` to the end of ``validate restore``.
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Any
 
 from prefect import task
 
 from dbre.errors import DbreError, UsageError
-from dbre.metrics import Alert, Status, alert_payload, compute_status, send_webhook, write_prometheus
+from dbre.metrics import (
+    Alert,
+    Status,
+    alert_payload,
+    compute_status,
+    prepare_prometheus_path,
+    send_webhook,
+    write_prometheus,
+)
 from dbre.repository.repo import Repository
 from dbre.validate.drill import (
     Drill,
@@ -128,7 +135,7 @@ def compute_repository_status(repo: str, key: str | None = None, policy: Any = N
                             window=timedelta(seconds=window_seconds), quota_bytes=quota_bytes,
                             storage_threshold=storage_threshold, offsite=copies)
     if prom:
-        Path(prom).parent.mkdir(parents=True, exist_ok=True)
+        prepare_prometheus_path(prom)
         write_prometheus(prom, status)
     return status
 

@@ -56,6 +56,15 @@ def _png(fig: Any) -> bytes:
     return buf.getvalue()
 
 
+def target_on_scale(values: list[float], targets: list[float]) -> tuple[bool, list[float]]:
+    """Whether the current target (the last of ``targets``) is drawn, and the targets the axis makes room
+    for. A target far above every value would flatten the points to the axis: it is named instead of drawn.
+    Judged by the current target: an older, looser one just runs off the top of the chart."""
+    top = 3 * max(max(values, default=0.0), 1e-9)
+    on_scale = bool(targets) and targets[-1] <= top
+    return on_scale, [t for t in targets if t <= top] if on_scale else []
+
+
 def history_chart(history: list[dict[str, Any]]) -> bytes:
     """RTO and RPO of each drill over time, targets as dashed lines, failed drills in red."""
     from matplotlib.dates import AutoDateLocator, ConciseDateFormatter
@@ -68,10 +77,8 @@ def history_chart(history: list[dict[str, Any]]) -> bytes:
                                        (axes[1], "rpo_seconds", "rpo_target_seconds", "RPO")):
         values = [float(r.get(key) or 0.0) for r in history]
         known = [float(r[target_key]) for r in history if r.get(target_key) is not None]
-        top = max(values) if values else 0.0
-        # a target far above every value would flatten the points to the axis: name it instead of drawing it
-        on_scale = bool(known) and max(known) <= 3 * max(top, 1e-9)
-        unit, scale = _unit([*values, *(known if on_scale else [])])
+        on_scale, near = target_on_scale(values, known)
+        unit, scale = _unit([*values, *near])
         ys = [v / scale for v in values]
         ax.plot(times, ys, color="#4a6fa5", linewidth=1.2, zorder=1)
         colors = ["#2e8540" if r.get("passed") else "#c0392b" for r in history]
@@ -83,6 +90,9 @@ def history_chart(history: list[dict[str, Any]]) -> bytes:
             else:
                 ax.step(times, [float(t) / scale if t is not None else float("nan") for t in targets], where="post",
                         color="#888888", linestyle="--", linewidth=1, label="target")
+                # (the step reaches the current target only at the last drill: a line says what it is now)
+                ax.axhline(known[-1] / scale, color="#888888", linestyle=":", linewidth=1,
+                           label=f"target now ({seconds_text(known[-1])})")
             ax.legend(loc="upper left", fontsize=8, frameon=False)
         elif known:
             ax.text(0.01, 0.97, f"target {seconds_text(known[-1])} (far above every drill)", transform=ax.transAxes,

@@ -30,7 +30,12 @@ from typing import TYPE_CHECKING, Any
 
 from dbre.errors import DbreError
 from dbre.report.inventory import DatabaseInventory, TableInventory, inspect_database, inventory_from_schema
-from dbre.report.requirements_checks import checks_for, db_recommendations, installation_recommendations
+from dbre.report.requirements_checks import (
+    checks_for,
+    db_recommendations,
+    installation_recommendations,
+    scheduled_interval,
+)
 from dbre.report.requirements_cost import (
     BACKUP_INTERVALS,
     MONTH_DAYS,
@@ -229,6 +234,11 @@ def _drill_time(rec: dict[str, Any]) -> datetime | None:
     return None
 
 
+def _validated(drill: dict[str, Any]) -> bool:
+    """The drill's restore was validated (older records lack the field: their verdict stands in)."""
+    return bool(drill.get("validated", drill.get("passed")))
+
+
 def _restore_time(drills: list[dict[str, Any]], target: int | None, size: int, size_12m: float,
                   throughput: float | None, throughput_detail: str) -> RestoreTime:
     measured = [d for d in drills if d.get("rto_seconds") is not None]
@@ -238,7 +248,7 @@ def _restore_time(drills: list[dict[str, Any]], target: int | None, size: int, s
         passed = [d for d in measured if d.get("passed")]
         attain = None
         if target is not None:
-            attain = sum(1 for d in measured if d.get("passed") and float(d["rto_seconds"]) <= target) / len(measured)
+            attain = sum(1 for d in measured if _validated(d) and float(d["rto_seconds"]) <= target) / len(measured)
         when = _drill_time(last)
         # the size-proportional phases scale, the fixed ones (tool start, imports) do not
         est = estimate_rto(measured, int(size_12m)) if size_12m else None
@@ -249,7 +259,7 @@ def _restore_time(drills: list[dict[str, Any]], target: int | None, size: int, s
                    + (f"; {est.fixed_seconds:.1f} s of it fixed" if est is not None else ""),
             projected_seconds=projected, drills=len(measured),
             drills_passed=len(passed), last_drill_at=iso(when) if when else None,
-            last_drill_passed=bool(last.get("passed")), attainment=attain,
+            last_drill_passed=bool(last.get("passed")), last_drill_validated=_validated(last), attainment=attain,
         )
     if throughput and size:
         seconds = size / throughput
@@ -572,7 +582,8 @@ def _analyze_db(repo: Repository, name: str, snaps: list[Manifest], source: Sour
                 retention_assumed=policy is None, copies=copies, puts_per_backup=puts,
                 page_count=snaps[-1].page_count, prices=prices)
 
-        storage = project(interval_spread.p50 if interval_spread else DAY)
+        # (one snapshot has no measured interval: the policy's schedule says what it will be, else a day)
+        storage = project(interval_spread.p50 if interval_spread else (scheduled_interval(policy) or DAY))
         if ratio is None:
             notes.append("the first full snapshot was forgotten: storage assumes no compression")
         inputs = CostInputs(

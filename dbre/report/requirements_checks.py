@@ -104,7 +104,7 @@ def _check_rto(d: DatabaseReport, warn_days: int, now: datetime) -> Check:
     if d.rto is None:
         return Check(d.name, "RTO", objective, measured, NO_TARGET, "set rto for this database in the policy")
     if r.basis == "drill":
-        if not r.last_drill_passed:
+        if not r.last_drill_validated:
             return Check(d.name, "RTO", objective, measured, NOT_MET, "the last drill failed its validation")
         if r.seconds > d.rto:
             return Check(d.name, "RTO", objective, measured, NOT_MET,

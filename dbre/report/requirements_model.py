@@ -111,6 +111,8 @@ class RestoreTime:
     drills_passed: int = 0
     last_drill_at: str | None = None
     last_drill_passed: bool | None = None
+    # the last drill's restore was validated (its RTO a real one), whatever its RPO or cross-check said
+    last_drill_validated: bool | None = None
     attainment: float | None = None
 
 

@@ -203,9 +203,15 @@ def begin_drill(repo: Repository, db: str, target: str = "newest", *, scratch_di
     point = pick_point(span, snaps[-1], target, seed) if span is not None else None
     # (a point in time restores its generation's base, set by restore_step; until then the newest)
     snapshot = snaps[-1] if point is not None else pick_snapshot(repo, db, target, seed=seed)
-    if scratch_dir is not None:
-        Path(scratch_dir).mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=f"dbre-drill-{db}-", dir=scratch_dir))
+    try:
+        if scratch_dir is not None:
+            Path(scratch_dir).mkdir(parents=True, exist_ok=True)
+        scratch = Path(tempfile.mkdtemp(prefix=f"dbre-drill-{db}-", dir=scratch_dir))
+    except OSError as err:  # (a path under a file, a read-only or full disk: named, not a bare OSError)
+        where = scratch_dir if scratch_dir is not None else tempfile.gettempdir()
+        raise UsageError(f"drill scratch folder {where}: cannot make a folder there ({err.strerror or err})",
+                         "set --scratch-dir (or the policy's drills.scratch_dir) to a writable folder with room "
+                         "for a restore") from None
     return Drill(db=db, repository=repo.url, target=target, snapshot=snapshot, newest=snaps[-1],
                  started_at=started_at, started=started, scratch=scratch, restored=scratch / f"{db}.db",
                  pitr=point, replicated=span[1] if span is not None else None)
