@@ -174,7 +174,7 @@ def _folder_for_file(args: list[str]) -> tuple[str, str] | None:
         name, eq, value = word.partition("=")
         if name in names:
             value = value if eq else (rest[i + 1] if i + 1 < len(rest) else "")
-            if value.endswith("/") and not os.path.isdir(value):
+            if value.endswith(("/", "/.", "/..")) and not os.path.isdir(value):
                 return name, value
     return None
 
@@ -202,8 +202,13 @@ class _Group(TyperGroup):
             name, value = folder
             if not standalone_mode:
                 raise ClickUsageError(f"{name} {value} names a folder")
-            print(f"dbre: {name} {value} names a folder, which does not exist: give a file path, e.g. "
-                  f"{name} {value}restored.db (create the folder first)", file=sys.stderr)
+            bare = value.rstrip("/.") or value
+            if os.path.exists(bare) and not os.path.isdir(bare):
+                print(f"dbre: {name} {value} names a folder, but {bare} is a file: give {name} {bare} to name "
+                      "that file", file=sys.stderr)
+            else:
+                print(f"dbre: {name} {value} names a folder, which does not exist: give a file path, e.g. "
+                      f"{name} {value.rstrip('.').rstrip('/')}/restored.db (create the folder first)", file=sys.stderr)
             sys.exit(2)
         try:
             result = super().main(args, prog_name or "dbre", complete_var, standalone_mode=False,

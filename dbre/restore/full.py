@@ -160,6 +160,11 @@ def check_target(target: str | os.PathLike[str], force: bool) -> Path:
         # (a FIFO would hang the first open, a device would get a -journal beside it: refused before any open)
         raise UsageError(f"restore target {path} is not a regular file ({_file_kind(st.st_mode)})",
                          "give the path of a database file, or a new one")
+    if st is not None and stat.S_ISLNK(st.st_mode):
+        pointed = _mode_through(path)  # (a link to a disk would get SQLite's first page written over it)
+        if pointed is not None and not stat.S_ISREG(pointed):
+            raise UsageError(f"restore target {path} is a symbolic link to {os.readlink(path)}, which is not a "
+                             f"regular file ({_file_kind(pointed)})", "give the path of a database file, or a new one")
     if path.exists() and not force:
         raise UsageError(f"restore target {path} already exists", "choose a new path or pass --force")
     if not force and os.path.islink(path):  # (a volume not mounted yet: not a free name)
@@ -175,6 +180,23 @@ def check_target(target: str | os.PathLike[str], force: bool) -> Path:
                              "give a path in an existing folder")
         raise UsageError(f"restore target folder {path.parent} does not exist", "create it first")
     return path
+
+
+def _mode_through(path: Path) -> int | None:
+    """The mode of what ``path`` names, through symbolic links; None when nothing is there."""
+    try:
+        return os.stat(path).st_mode
+    except OSError:
+        return None
+
+
+def _still_a_file(target: Path) -> None:
+    """Just before the old database is opened to be held: what the target names (through a link) is still
+    a regular file, or nothing. Swapped meanwhile for a device or a FIFO, it is not opened nor written."""
+    mode = _mode_through(target)
+    if mode is not None and not stat.S_ISREG(mode):
+        raise RestoreError(f"restore to {target}: it is no longer a regular file ({_file_kind(mode)})",
+                           "nothing was changed; check who changed it, then give the path of a database file")
 
 
 def _file_kind(mode: int) -> str:
@@ -255,8 +277,11 @@ def safety_before_replace(repo: Repository, db: str, target: Path, wanted: bool,
     loses nothing. The target was found unused at the plan (`check_not_in_use`), so the snapshot holds
     what gets replaced. None when nothing there holds a database. A snapshot that fails (a read-only
     repository, a damaged database) refuses the restore, the hint naming the way round."""
-    if not wanted or not target.exists() or is_empty_database(target):
-        return None  # (nothing there, or no database: nothing to snapshot)
+    if not wanted or not target.exists():
+        return None  # (nothing there: nothing to snapshot)
+    _still_a_file(target)  # (swapped for a FIFO or a device since the plan: never opened)
+    if is_empty_database(target):
+        return None  # (no database: nothing to snapshot)
     if not _sqlite_header(target):
         # (an SQLCipher database, another program's file, a mistyped --to: no snapshot can hold it, and
         # replacing it silently would lose it)
@@ -286,6 +311,8 @@ def _check_free_space(target: Path, size: int) -> None:
         vfs = os.statvfs(target.parent)
     except OSError:
         return  # (the write says why)
+    if not vfs.f_blocks:
+        return  # (some FUSE and network mounts report zeros: unknown, the write says if it is full)
     free = vfs.f_bavail * vfs.f_frsize
     if free < size:
         raise RestoreError(f"restore to {target}: disk full ({size} bytes needed, {free} free)",
@@ -531,6 +558,7 @@ def _replace(tmp: Path, target: Path, force: bool, release_tmp: Callable[[], Non
     if only_empty and not is_empty_database(target):
         _written_meanwhile(target)
     link = os.path.islink(target)
+    _still_a_file(target)
     held = _hold_still(target) if target.exists() and not _nothing_to_keep(target) else None
     was_wal = renamed = False
     try:

@@ -334,8 +334,10 @@ def _scan(db: Db, shape: _Shape, where: str, in_sql: bool) -> Iterator[tuple[str
     if in_sql:
         kq = "||char(31)||".join(f"quote({k})" for k in shape.key_exprs)
         row = "||char(31)||".join(f"quote({qident(c)})" for c in shape.columns) or "''"
-        for r in db.scan(f"SELECT {kq}, {row}, {keys} FROM {table} WHERE ({where}) ORDER BY {keys}"):
-            yield r[0], r[1].encode("utf-8", "surrogatepass"), r[2:]
+        # (the row's text as bytes: a TEXT value that is not valid UTF-8, legacy data or the damage being
+        # repaired, is hashed as it is stored instead of stopping the repair; its quote() is those bytes)
+        for r in db.scan(f"SELECT {kq}, CAST({row} AS BLOB), {keys} FROM {table} WHERE ({where}) ORDER BY {keys}"):
+            yield r[0], r[1], r[2:]
         return
     select = f"SELECT {keys}, {', '.join(qident(c) for c in shape.columns)} FROM {table} WHERE ({where})"
     for r in (_pages(db, select, keys, n) if db.remote else db.scan(f"{select} ORDER BY {keys}")):
@@ -678,11 +680,37 @@ def _trigger_parts(sql: str) -> tuple[str, list[str]]:
     return event, writes
 
 
+class NotUtf8Text(str):
+    """A TEXT value whose bytes are not valid UTF-8 (legacy data, or the damage being repaired), as the
+    preview shows it: never equal to a decoded value, so the row shows as changed."""
+
+    def __new__(cls, raw: bytes) -> NotUtf8Text:
+        return super().__new__(cls, f"text, not UTF-8: x'{raw[:20].hex()}{'…' if len(raw) > 20 else ''}'")
+
+
 def _row(db: Db, shape: _Shape, key: Key, columns: list[str] | None = None) -> dict[str, Any]:
     cols = shape.columns if columns is None else columns
-    found = db.rows(f"SELECT {', '.join(qident(c) for c in cols)} FROM main.{qident(shape.table)} "
-                    f"WHERE {shape.key_match}", key)
+    table = f"main.{qident(shape.table)}"
+    try:
+        found = db.rows(f"SELECT {', '.join(qident(c) for c in cols)} FROM {table} WHERE {shape.key_match}", key)
+    except RestoreError as err:
+        if db.remote or "not valid UTF-8" not in err.message:
+            raise
+        # (read again with TEXT as its bytes: the row can still be shown, and repaired)
+        exprs = [f"typeof({qident(c)}) = 'text', CASE WHEN typeof({qident(c)}) = 'text' "
+                 f"THEN CAST({qident(c)} AS BLOB) ELSE {qident(c)} END" for c in cols]
+        raw = db.rows(f"SELECT {', '.join(exprs)} FROM {table} WHERE {shape.key_match}", key)
+        found = [tuple(_as_text(is_text, v) for is_text, v in zip(r[0::2], r[1::2], strict=True)) for r in raw]
     return dict(zip(cols, found[0] if found else (), strict=False))
+
+
+def _as_text(is_text: int, value: Any) -> Any:
+    if not is_text or not isinstance(value, bytes):
+        return value
+    try:
+        return value.decode()
+    except UnicodeDecodeError:
+        return NotUtf8Text(value)
 
 
 def _same(a: Any, b: Any) -> bool:

@@ -64,4 +64,10 @@ def overlap(a: Store, b: Store) -> str | None:
     pa, pb = Path(os.path.realpath(ra)), Path(os.path.realpath(rb))
     if pa == pb or (pa.exists() and pb.exists() and os.path.samefile(pa, pb)):
         return "same"
-    return "inside" if pa in pb.parents or pb in pa.parents else None
+    if pa in pb.parents or pb in pa.parents:
+        return "inside"
+    # (the same folder reached another way, a bind mount: compared by device and inode, folder by folder)
+    for inner, outer in ((pa, pb), (pb, pa)):
+        if outer.exists() and any(p.exists() and os.path.samefile(p, outer) for p in inner.parents):
+            return "inside"
+    return None
