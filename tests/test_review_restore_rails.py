@@ -353,9 +353,9 @@ def test_a_reader_that_outlasts_the_hold_is_named(backed_up: tuple[str, Path], t
     readers: list[subprocess.Popen[str]] = []
     hold_still = full._hold_still
 
-    def late_reader(target: Path) -> object:
+    def late_reader(target: Path, nofollow: bool = False) -> object:
         readers.append(_hold(target, "delete", "read"))  # (opened after the first look: /proc missed it)
-        return hold_still(target)
+        return hold_still(target, nofollow)
 
     repository = Repository.open(repo)
     plan = full.plan_restore(repository, "app", live, force=True)

@@ -189,3 +189,29 @@ def test_an_empty_required_option_does_not_speak_of_a_default(backed_up: tuple[P
     result = run_dbre("restore", "--repo", repo, "--db", "app", "--to", "")
     line = assert_one_line_error(result, 2, "--to is empty")
     assert "leave it out" not in line
+
+
+def test_a_link_put_in_place_after_the_last_check_is_not_followed(backed_up: tuple[Path, Path], tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """The old database is opened to be held with SQLITE_OPEN_NOFOLLOW when it was no link at the check: a
+    link swapped in between (to a file SQLite would write into) is refused, and what it points at untouched."""
+    import dbre.restore.full as full
+
+    src, repo = backed_up
+    target, victim = tmp_path / "live.db", tmp_path / "victim.db"
+    target.write_bytes(src.read_bytes())
+    victim.write_bytes(src.read_bytes())
+    before = victim.read_bytes()
+    checked = full._still_a_file
+
+    def swap_after_check(path: Path) -> None:
+        checked(path)
+        if path == target and not path.is_symlink():
+            path.unlink()
+            path.symlink_to(victim)
+
+    monkeypatch.setattr(full, "_still_a_file", swap_after_check)
+    plan = full.plan_restore(Repository.open(str(repo)), "app", target, force=True, safety=False)
+    with pytest.raises(full.RestoreError, match="could not be opened to hold it still"):
+        full.apply_restore(Repository.open(str(repo)), plan)
+    assert victim.read_bytes() == before and target.is_symlink()

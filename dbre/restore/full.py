@@ -559,7 +559,7 @@ def _replace(tmp: Path, target: Path, force: bool, release_tmp: Callable[[], Non
         _written_meanwhile(target)
     link = os.path.islink(target)
     _still_a_file(target)
-    held = _hold_still(target) if target.exists() and not _nothing_to_keep(target) else None
+    held = _hold_still(target, nofollow=not link) if target.exists() and not _nothing_to_keep(target) else None
     was_wal = renamed = False
     try:
         _crash_point("held")
@@ -843,11 +843,13 @@ def _comm(pid: int) -> str:
         return ""
 
 
-def _hold_still(target: Path) -> apsw.Connection | None:
+def _hold_still(target: Path, nofollow: bool = False) -> apsw.Connection | None:
     """An exclusive lock on the old database, with its WAL checkpointed and truncated; None when
-    the old file is not a database (it is then simply replaced)."""
+    the old file is not a database (it is then simply replaced). ``nofollow``: the target was no link
+    when it was checked (`_still_a_file`), so one put there since is refused, not followed."""
+    flags = apsw.SQLITE_OPEN_READWRITE | (apsw.SQLITE_OPEN_NOFOLLOW if nofollow else 0)
     try:
-        conn = apsw.Connection(str(target), flags=apsw.SQLITE_OPEN_READWRITE)
+        conn = apsw.Connection(str(target), flags=flags)
     except apsw.Error as err:  # (not readable and writable by this user: its users could not be seen either)
         raise RestoreError(f"restore to {target}: the old database could not be opened to hold it still ({err})",
                            "run the restore as the user that owns it, or restore to another path; "
