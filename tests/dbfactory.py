@@ -263,3 +263,33 @@ def copy_db(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> Path:
         b.close()
         a.close()
     return Path(dst)
+
+
+def backed_up_db(tmp: Path, name: str = "app", mb: float = 0.3) -> tuple[Path, Path]:
+    """A database ``tmp/NAME.db`` (``make_db``) backed up as NAME into ``tmp/repo``: (source, repository)."""
+    src = make_db(tmp / f"{name}.db", mb=mb)
+    repo = tmp / "repo"
+    assert cli("backup", src, "--repo", repo, "--db", name).returncode == 0
+    return src, repo
+
+
+def two_databases_repo(tmp: Path) -> tuple[Path, Path, Path]:
+    """A repository ``tmp/repo`` with database ``app`` (two snapshots) and ``b`` (one): (repo, app, b)."""
+    repo, app, b = tmp / "repo", tmp / "app.db", tmp / "b.db"
+    make_db(app, mb=0.2)
+    make_db(b, mb=0.2, seed=1)
+    for src in (app, b):
+        assert cli("backup", src, "--repo", repo).returncode == 0
+    change_rows(app)
+    assert cli("backup", app, "--repo", repo).returncode == 0
+    return repo, app, b
+
+
+def sql_file(path: Path, *statements: str) -> Path:
+    """Run ``statements`` on the SQLite file at ``path`` (created if missing) in one transaction, and close it."""
+    conn = sqlite3.connect(path)
+    with conn:
+        for statement in statements:
+            conn.execute(statement)
+    conn.close()
+    return path

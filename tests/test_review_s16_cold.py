@@ -15,12 +15,14 @@ import pytest
 from dbre.storage import open_store, overlap
 from tests.dbfactory import (
     assert_one_line_error,
+    backed_up_db,
     change_rows,
     cli,
     make_db,
     run_dbre,
     snapshot_files,
     tree_hashes,
+    two_databases_repo,
 )
 
 ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
@@ -28,10 +30,7 @@ ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 
 @pytest.fixture
 def backed_up(tmp_path: Path) -> tuple[Path, Path]:
-    src = make_db(tmp_path / "app.db", mb=0.3)
-    repo = tmp_path / "repo"
-    assert cli("backup", src, "--repo", repo, "--db", "app").returncode == 0
-    return src, repo
+    return backed_up_db(tmp_path)
 
 
 # ------------------------------------------------------------------ restore targets behind a symbolic link
@@ -239,13 +238,7 @@ def test_copy_into_the_primary_through_a_bind_mount_is_refused(tmp_path: Path) -
 def test_forget_fails_whole_on_another_databases_manifest_every_way(tmp_path: Path) -> None:
     """Fine: with b's manifest damaged, `forget --prune` without --db, and `--db app --prune --dry-run`, exit
     1 in one line naming the manifest, and nothing in the repository changes."""
-    repo, app, b = tmp_path / "repo", tmp_path / "app.db", tmp_path / "b.db"
-    make_db(app, mb=0.2)
-    make_db(b, mb=0.2, seed=1)
-    for src in (app, b):
-        assert cli("backup", src, "--repo", repo).returncode == 0
-    change_rows(app)
-    assert cli("backup", app, "--repo", repo).returncode == 0
+    repo, app, _ = two_databases_repo(tmp_path)
     (damaged,) = [p for p in snapshot_files(repo) if p.parent.name == "b"]
     data = bytearray(damaged.read_bytes())
     data[20] ^= 0xFF

@@ -17,20 +17,13 @@ from dbre.repository.repo import Repository
 from dbre.repository.retention import KeepPolicy, forget
 from dbre.storage import PermanentError
 from dbre.storage.local import LocalStore
-from tests.dbfactory import assert_one_line_error, change_rows, cli, make_db, snapshot_files, tree_hashes
+from tests.dbfactory import assert_one_line_error, cli, make_db, snapshot_files, tree_hashes, two_databases_repo
 
 
 @pytest.fixture
 def two_dbs(tmp_path: Path) -> tuple[Path, Path, Path]:
     """A repository with database ``app`` (two snapshots) and ``b`` (one)."""
-    repo, app, b = tmp_path / "repo", tmp_path / "app.db", tmp_path / "b.db"
-    make_db(app, mb=0.2)
-    make_db(b, mb=0.2, seed=1)
-    for src in (app, b):
-        assert cli("backup", src, "--repo", repo).returncode == 0
-    change_rows(app)
-    assert cli("backup", app, "--repo", repo).returncode == 0
-    return repo, app, b
+    return two_databases_repo(tmp_path)
 
 
 def test_forget_with_prune_reads_every_manifest_before_it_forgets(two_dbs: tuple[Path, Path, Path]) -> None:

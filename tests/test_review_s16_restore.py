@@ -14,15 +14,20 @@ from typing import Any
 import pytest
 
 from dbre.repository.repo import Repository
-from tests.dbfactory import assert_one_line_error, cli, make_db, pack_files, run_dbre, tree_hashes
+from tests.dbfactory import (
+    assert_one_line_error,
+    backed_up_db,
+    cli,
+    pack_files,
+    run_dbre,
+    sql_file,
+    tree_hashes,
+)
 
 
 @pytest.fixture
 def backed_up(tmp_path: Path) -> tuple[Path, Path]:
-    src = make_db(tmp_path / "app.db", mb=0.3)
-    repo = tmp_path / "repo"
-    assert cli("backup", src, "--repo", repo, "--db", "app").returncode == 0
-    return src, repo
+    return backed_up_db(tmp_path)
 
 
 def _safety_snapshots(repo: Path) -> list[str]:
@@ -129,11 +134,8 @@ def test_a_failed_restore_says_its_safety_snapshot_stays(backed_up: tuple[Path, 
 @pytest.fixture
 def legacy_text(tmp_path: Path) -> tuple[Path, Path]:
     """A database with a TEXT value that is not valid UTF-8, backed up."""
-    src = tmp_path / "u.db"
-    with sqlite3.connect(src) as conn:
-        conn.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, name TEXT)")
-        conn.execute("INSERT INTO t VALUES (1, CAST(x'ff6869' AS TEXT)), (2, 'ok')")
-    conn.close()
+    src = sql_file(tmp_path / "u.db", "CREATE TABLE t(id INTEGER PRIMARY KEY, name TEXT)",
+                   "INSERT INTO t VALUES (1, CAST(x'ff6869' AS TEXT)), (2, 'ok')")
     repo = tmp_path / "repo"
     assert cli("backup", src, "--repo", repo, "--db", "u").returncode == 0
     return src, repo
@@ -166,11 +168,8 @@ def test_text_that_is_not_utf8_is_one_line_with_the_way_round(legacy_text: tuple
 def test_a_blob_literal_in_where_is_a_where_like_any(tmp_path: Path) -> None:
     """Before: `--where "id = x'9f3c01'"` (a blob key) gave "unexpected error: UnicodeDecodeError" from the
     EXPLAIN that checks the WHERE."""
-    src = tmp_path / "b.db"
-    with sqlite3.connect(src) as conn:
-        conn.execute("CREATE TABLE u(id BLOB PRIMARY KEY, name TEXT) WITHOUT ROWID")
-        conn.execute("INSERT INTO u VALUES (x'9f3c01', 'alice'), (x'41', 'bob')")
-    conn.close()
+    src = sql_file(tmp_path / "b.db", "CREATE TABLE u(id BLOB PRIMARY KEY, name TEXT) WITHOUT ROWID",
+                   "INSERT INTO u VALUES (x'9f3c01', 'alice'), (x'41', 'bob')")
     repo = tmp_path / "repo"
     assert cli("backup", src, "--repo", repo, "--db", "b").returncode == 0
     with sqlite3.connect(src) as conn:

@@ -848,8 +848,11 @@ def _hold_still(target: Path, nofollow: bool = False) -> apsw.Connection | None:
     the old file is not a database (it is then simply replaced). ``nofollow``: the target was no link
     when it was checked (`_still_a_file`), so one put there since is refused, not followed."""
     flags = apsw.SQLITE_OPEN_READWRITE | (apsw.SQLITE_OPEN_NOFOLLOW if nofollow else 0)
+    # (SQLite's NOFOLLOW refuses a link anywhere in the path: the folders are given resolved, a symlinked
+    # folder being the operator's choice; only the last name must not have become a link)
+    name = str(Path(os.path.realpath(target.parent)) / target.name) if nofollow else str(target)
     try:
-        conn = apsw.Connection(str(target), flags=flags)
+        conn = apsw.Connection(name, flags=flags)
     except apsw.Error as err:  # (not readable and writable by this user: its users could not be seen either)
         raise RestoreError(f"restore to {target}: the old database could not be opened to hold it still ({err})",
                            "run the restore as the user that owns it, or restore to another path; "
