@@ -36,6 +36,7 @@ import xxhash
 
 from dbre.errors import RestoreError, UsageError
 from dbre.repository.tables import qident
+from dbre.restore.connection import exact_floats
 from dbre.secrets import Secret
 
 __all__ = ["HranaTarget", "LoadPlan", "LoadResult", "plan_load", "apply_load", "table_digests_local",
@@ -142,7 +143,7 @@ class HranaTarget:
         if foreign_keys_off:  # (a no-op inside a transaction: before BEGIN) rows load in table order
             steps.append({"stmt": {"sql": "PRAGMA foreign_keys=OFF"}})
         steps.append({"stmt": {"sql": "BEGIN"}})
-        for sql, args in stmts:
+        for sql, args in (exact_floats(sql, args) for sql, args in stmts):
             steps.append({"stmt": {"sql": sql, "args": [_value(a) for a in args]},
                           "condition": {"type": "ok", "step": len(steps) - 1}})
         commit = len(steps)
