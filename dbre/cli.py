@@ -16,6 +16,7 @@ import json
 import os
 import re
 import sys
+import traceback
 from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -340,8 +341,8 @@ def _run(fn: Callable[[], T]) -> T:
     except typer.Exit:
         raise
     except DbreError as err:
-        if _state["debug"]:
-            raise
+        if _state["debug"]:  # the traceback too, then the same line, JSON document and exit code as without
+            traceback.print_exc(file=sys.stderr)
         from dbre.storage.base import NotFound  # (loaded already whenever one was raised)
 
         if not err.hint and isinstance(err, NotFound):
@@ -357,7 +358,7 @@ def _run(fn: Callable[[], T]) -> T:
         raise typer.Exit(130) from None
     except Exception as err:  # noqa: BLE001 - the one-line promise covers the unexpected too
         if _state["debug"]:
-            raise
+            traceback.print_exc(file=sys.stderr)
         print(_one_line(f"dbre: unexpected error: {err.__class__.__name__}: {err} (run with --debug for details)"),
               file=sys.stderr)
         _json_error(f"unexpected error: {err.__class__.__name__}: {err}", "run with --debug for details", 1)

@@ -129,6 +129,10 @@ def restore(
                           json_out, key_file, fallback, policy, url, org, database, follow, no_safety,
                           if_db_not_exists, if_replica_exists)
             return
+        if into is not None and "://" in into:  # (a URL, but not a libSQL one: not a provider's database name)
+            raise UsageError(f"--into {into.split('://', 1)[0]}://...: not a libSQL URL",
+                             "use libsql://, https://, http://, wss:// or ws:// (a Turso database name needs "
+                             "--provider turso)")
         if provider_options_given(popts):
             extra = provider_options_given(popts)
             raise UsageError(f"{', '.join(extra)} {'needs' if len(extra) == 1 else 'need'} --provider",

@@ -298,3 +298,14 @@ def test_help_and_suggestions_are_those_of_the_whole_cli(tmp_path: Path) -> None
     assert r.returncode == 0 and "passwd" in r.stdout
     r = run_dbre("--help", cwd=tmp_path, env=WIDE)
     assert r.returncode == 0 and all(f" {n} " in r.stdout for n in ("backup", "restore", "drill", "status"))
+
+
+def test_debug_keeps_the_exit_code_and_the_json_document(world: World) -> None:
+    """--debug adds the traceback; the exit code, the one line and the --json error document stay (before, a
+    usage refusal exited 1 under --debug, and --json printed nothing)."""
+    r = run_dbre("--debug", "restore", "--repo", world.repo, "--db", "no-such-db", "--to", world.tmp / "x.db",
+                 "--json")
+    assert r.returncode == 2, r
+    assert "Traceback" in r.stderr and "dbre: no snapshots of database 'no-such-db'" in r.stderr, r
+    doc = json.loads(r.stdout)
+    assert doc["ok"] is False and doc["error"]["exit_code"] == 2, doc

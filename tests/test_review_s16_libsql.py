@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from dbre.restore.connection import exact_floats
-from tests.dbfactory import cli, sql_file
+from tests.dbfactory import CliResult, assert_one_line_error, cli, sql_file
 from tests.sqld import SqldServer, start_sqld
 
 
@@ -90,3 +90,60 @@ def test_repair_rows_on_sqld_writes_the_snapshots_reals(plain: SqldServer, tmp_p
     assert [struct.pack("<d", v) for v in back] == [struct.pack("<d", v) for v in values]
     again = cli(*args, "--json")
     assert again.returncode == 0 and json.loads(again.stdout)["counts"]["update"] == 0, again
+
+
+def _load(server: SqldServer, tmp_path: Path, ns: str, *statements: str, force: bool = False) -> CliResult:
+    """A source of ``statements`` backed up, then `restore --into` the namespace ``ns`` (made if missing)."""
+    src = sql_file(tmp_path / f"{ns}.db", *statements)
+    assert cli("backup", src, "--repo", tmp_path / "repo", "--db", ns).returncode == 0
+    if ns not in _namespaces:
+        server.create_namespace(ns)
+        _namespaces.add(ns)
+    return cli("restore", "--repo", tmp_path / "repo", "--db", ns, "--into", server.url, "--into-namespace", ns,
+               *(["--force"] if force else []))
+
+
+_namespaces: set[str] = set()
+
+
+def test_a_column_named_rowid_is_loaded_and_checked(server: SqldServer, tmp_path: Path) -> None:
+    """Before: the check after the load paged by `rowid`, the user's text column: "unexpected error: ValueError"."""
+    rows = [f"INSERT INTO rc VALUES ('r{i}', {i})" for i in range(2500)]
+    result = _load(server, tmp_path, "rowidcol", "CREATE TABLE rc(rowid TEXT, v)", *rows)
+    assert result.returncode == 0 and "target equals snapshot" in result.stdout, result
+    assert server.execute("SELECT count(*), max(v) FROM rc", namespace="rowidcol") == [[2500, 2499]]
+
+
+def test_force_leaves_the_snapshots_user_version(server: SqldServer, tmp_path: Path) -> None:
+    """Before: the snapshot's user_version 0 was not written, so the target kept its 42."""
+    server.create_namespace("uv")
+    _namespaces.add("uv")
+    server.pipeline(["CREATE TABLE old(x)", "PRAGMA user_version=42"], namespace="uv")
+    result = _load(server, tmp_path, "uv", "CREATE TABLE t(x)", "INSERT INTO t VALUES (1)", force=True)
+    assert result.returncode == 0, result
+    assert server.execute("PRAGMA user_version", namespace="uv") == [[0]]
+
+
+def test_a_source_table_named_libsql_is_the_loads_own(server: SqldServer, tmp_path: Path) -> None:
+    """Before: a failed load dropped everything but the source's own table libsql_meta, and every later load,
+    --force too, failed on "table libsql_meta already exists"."""
+    statements = ["CREATE TABLE libsql_meta(k, v)", "INSERT INTO libsql_meta VALUES ('a', 1)",
+                  "CREATE TABLE big(id INTEGER PRIMARY KEY, b BLOB)",
+                  "INSERT INTO big VALUES (1, randomblob(6 * 1024 * 1024))"]  # (over sqld's ~5 MB a value)
+    failed = _load(server, tmp_path, "meta", *statements)
+    assert failed.returncode == 1 and "the target is empty" in failed.stderr, failed
+    assert "larger than the server takes" in failed.stderr, failed
+    assert server.execute("SELECT name FROM sqlite_schema WHERE name = 'libsql_meta'", namespace="meta") == []
+    (tmp_path / "again").mkdir()  # (a smaller source: the same namespace, now empty again, loads it)
+    ok = _load(server, tmp_path / "again", "meta", "CREATE TABLE libsql_meta(k, v)",
+               "INSERT INTO libsql_meta VALUES ('a', 1)")
+    assert ok.returncode == 0, ok
+    assert server.execute("SELECT * FROM libsql_meta", namespace="meta") == [["a", 1]]
+
+
+@pytest.mark.parametrize("url", ["ftp://db.example.com/app", "postgres://h/app", "htps://h"])
+def test_into_a_url_that_is_not_libsql_says_so(tmp_path: Path, url: str) -> None:
+    src = sql_file(tmp_path / "a.db", "CREATE TABLE t(x)")
+    assert cli("backup", src, "--repo", tmp_path / "repo", "--db", "a").returncode == 0
+    assert_one_line_error(cli("restore", "--repo", tmp_path / "repo", "--db", "a", "--into", url), 2,
+                          "not a libSQL URL")

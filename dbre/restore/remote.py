@@ -26,7 +26,7 @@ import json
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
@@ -160,17 +160,21 @@ class HranaTarget:
         for i, err in enumerate(errors):
             if err is not None and i < commit + 1:
                 sql = steps[i]["stmt"]["sql"]
-                raise RestoreError(f"load into {self.label}: {sql[:80]}: {err.get('message', err)}",
-                                   "see the server's log")
+                message = str(err.get("message", err))
+                hint = ("a value is larger than the server takes in one request (sqld: about 5 MB): restore to a "
+                        "file (--to) instead, or raise the server's limit" if "too big" in message.lower()
+                        else "see the server's log")
+                raise RestoreError(f"load into {self.label}: {sql[:80]}: {message}", hint)
         if result["step_results"][commit] is None:
             raise RestoreError(f"load into {self.label}: the transaction was not committed", "retry")
 
-    def user_objects(self) -> list[tuple[str, str]]:
-        """(type, name) of every user object (not sqlite_* nor libSQL's internal _litestream*/libsql_*)."""
+    def user_objects(self, also: Collection[str] = ()) -> list[tuple[str, str]]:
+        """(type, name) of every user object (not sqlite_* nor libSQL's internal _litestream*/libsql_*, unless
+        named in ``also``: a source's own table called libsql_meta is the load's, dropped and checked as any)."""
         rows = self.query("SELECT type, name FROM sqlite_schema WHERE name NOT LIKE 'sqlite\\_%' ESCAPE '\\' "
-                          "AND name NOT LIKE 'libsql\\_%' ESCAPE '\\' AND name NOT LIKE '\\_litestream%' ESCAPE '\\' "
                           "ORDER BY rowid")
-        return [(str(r[0]), str(r[1])) for r in rows]
+        return [(str(r[0]), str(r[1])) for r in rows
+                if str(r[1]) in also or not str(r[1]).lower().startswith(("libsql_", "_litestream"))]
 
 
 def _value(v: Any) -> dict[str, Any]:
@@ -215,6 +219,9 @@ class TablePlan:
     without_rowid: bool
     rows: int
     bytes: int  # the size of its values as sent (text as UTF-8, blobs raw, 8 a number)
+    # the name its rowid is read by: rowid, or _rowid_ / oid when a column takes that name (None: WITHOUT ROWID,
+    # or all three taken; its rows are then read in scan order)
+    key: str | None = "rowid"
 
 
 @dataclass
@@ -233,6 +240,11 @@ class LoadPlan:
     @property
     def rows(self) -> int:
         return sum(t.rows for t in self.tables)
+
+    @property
+    def names(self) -> list[str]:
+        """The names of everything the load creates."""
+        return [t.name for t in self.tables] + [name for _, name, _ in self.after]
 
     @property
     def bytes(self) -> int:
@@ -257,7 +269,8 @@ def plan_load(conn: apsw.Connection, target: HranaTarget, *, force: bool, source
     """Read the restored file's schema and sizes and the target's user objects; refuses a non-empty
     target without ``force`` (UsageError: nothing changed). ``new``: the target does not exist yet
     (a namespace the load creates), so it holds nothing."""
-    existing = [] if new else target.user_objects()
+    mine = [str(r[0]) for r in conn.execute("SELECT name FROM sqlite_schema WHERE sql IS NOT NULL")]
+    existing = [] if new else target.user_objects(also=mine)
     if existing and not force:
         names = ", ".join(n for _, n in existing[:5]) + (f" and {len(existing) - 5} more" if len(existing) > 5 else "")
         raise UsageError(f"restore into {target.label}: the target is not empty ({len(existing)} user objects: "
@@ -289,11 +302,13 @@ def _table_plan(conn: apsw.Connection, name: str, sql: str) -> TablePlan:
                                 (name,)).fetchone()[0])  # type: ignore[index]
     pks = [r for r in info if r[5]]
     alias = len(pks) == 1 and str(pks[0][2]).upper() == "INTEGER"  # (the rowid is that column: loaded with it)
-    rowid = not without and not alias and not ({c.lower() for c in columns} & {"rowid"})
+    taken = {str(r[1]).lower() for r in info}
+    key = None if without else next((k for k in ("rowid", "_rowid_", "oid") if k not in taken), None)
+    rowid = key is not None and not alias
     sizes = "+".join(f"CASE typeof({qident(c)}) WHEN 'text' THEN length(CAST({qident(c)} AS BLOB)) "
                      f"WHEN 'blob' THEN length({qident(c)}) WHEN 'null' THEN 0 ELSE 8 END" for c in columns) or "0"
     rows, size = conn.execute(f"SELECT count(*), total({sizes}) FROM {qident(name)}").fetchone()  # type: ignore[misc]
-    return TablePlan(name, sql, columns, rowid, without, int(rows), int(size))
+    return TablePlan(name, sql, columns, rowid, without, int(rows), int(size), key)
 
 
 # --------------------------------------------------------------------------- the load
@@ -345,11 +360,11 @@ def apply_load(conn: apsw.Connection, target: HranaTarget, plan: LoadPlan,
     started = time.perf_counter()
     result = LoadResult(plan)
     if plan.force:
-        now = target.user_objects()  # (again: what is there now, not what was planned)
+        now = target.user_objects(also=plan.names)  # (again: what is there now, not what was planned)
         if now:
             target.transaction(_drops(now))
             result.dropped = len(now)
-    elif target.user_objects():
+    elif target.user_objects(also=plan.names):
         raise RestoreError(f"restore into {target.label}: the target is no longer empty", "nothing was loaded")
     try:
         target.transaction([(t.sql, ()) for t in plan.tables])
@@ -365,11 +380,11 @@ def apply_load(conn: apsw.Connection, target: HranaTarget, plan: LoadPlan,
             tail += [("DELETE FROM sqlite_sequence WHERE name=?", (name,)),
                      ("INSERT INTO sqlite_sequence(name, seq) VALUES (?, ?)", (name, seq))]
         target.transaction(tail)
-        if plan.user_version:
-            target.query(f"PRAGMA user_version={int(plan.user_version)}")
+        # (always: a --force over a target whose user_version was 42 must leave the snapshot's 0)
+        target.query(f"PRAGMA user_version={int(plan.user_version)}")
         result.load_seconds = time.perf_counter() - started
     except BaseException as err:
-        undo = _undo(target)
+        undo = _undo(target, plan.names)
         if isinstance(err, RestoreError):
             raise RestoreError(f"{err.message}; {undo}", err.hint) from None
         raise
@@ -394,10 +409,10 @@ def _drops(objects: Sequence[tuple[str, str]]) -> list[tuple[str, Sequence[Any]]
     return out
 
 
-def _undo(target: HranaTarget) -> str:
+def _undo(target: HranaTarget, names: Collection[str] = ()) -> str:
     """Drop every user object (the target was empty before the load): the words that say what happened."""
     try:
-        objects = target.user_objects()
+        objects = target.user_objects(also=names)
         if objects:
             target.transaction(_drops(objects))
     except RestoreError as err:
@@ -410,9 +425,9 @@ def _batches(conn: apsw.Connection, plan: LoadPlan) -> Iterator[tuple[list[tuple
     stmts: list[tuple[str, Sequence[Any]]] = []
     size = rows = 0
     for t in plan.tables:
-        cols = (["rowid"] if t.rowid else []) + t.columns
+        cols = ([t.key] if t.rowid and t.key else []) + t.columns
         select = ", ".join(qident(c) for c in cols)
-        order = "" if t.without_rowid else " ORDER BY rowid"
+        order = f" ORDER BY {t.key}" if t.key else ""
         head = f"INSERT INTO {qident(t.name)} ({select}) VALUES "
         one = "(" + ", ".join("?" * len(cols)) + ")"
         per = max(1, min(_ROWS_PER_STATEMENT, 30000 // max(1, len(cols))))
@@ -470,7 +485,7 @@ def table_digests_local(conn: apsw.Connection, tables: Sequence[TablePlan]) -> d
         h = xxhash.xxh3_128()
         n = 0
         select = ", ".join(qident(c) for c in t.columns) or "1"
-        order = "" if t.without_rowid else " ORDER BY rowid"
+        order = f" ORDER BY {t.key}" if t.key else ""
         for row in conn.execute(f"SELECT {select} FROM {qident(t.name)}{order}"):
             _update(h, row)
             n += 1
@@ -485,7 +500,7 @@ def table_digest_remote(target: HranaTarget, t: TablePlan) -> tuple[int, str]:
     select = ", ".join(qident(c) for c in t.columns) or "1"
     # pages of about _PAGE_BYTES by the table's mean row (blobs come back as base64, text as JSON)
     per = max(1, min(_PAGE_ROWS, _PAGE_BYTES * max(1, t.rows) // max(1, 2 * t.bytes)))
-    if t.without_rowid:
+    if t.key is None:
         while True:
             page = target.query(f"SELECT {select} FROM {qident(t.name)} LIMIT {per} OFFSET {n}")
             for row in page:
@@ -496,8 +511,8 @@ def table_digest_remote(target: HranaTarget, t: TablePlan) -> tuple[int, str]:
     else:
         last: int | None = None
         while True:
-            where = "" if last is None else " WHERE rowid > ?"
-            page = target.query(f"SELECT rowid, {select} FROM {qident(t.name)}{where} ORDER BY rowid "
+            where = "" if last is None else f" WHERE {t.key} > ?"
+            page = target.query(f"SELECT {t.key}, {select} FROM {qident(t.name)}{where} ORDER BY {t.key} "
                                 f"LIMIT {per}", () if last is None else (last,))
             for row in page:
                 _update(h, row[1:])
