@@ -390,10 +390,15 @@ def apply_load(conn: apsw.Connection, target: HranaTarget, plan: LoadPlan,
         raise
     verify_started = time.perf_counter()
     local = table_digests_local(conn, plan.tables)
-    for t in plan.tables:
-        rows, digest = local[t.name]
-        remote_rows, remote_digest = table_digest_remote(target, t)
-        result.checks.append(TableCheck(t.name, rows, remote_rows, digest, remote_digest))
+    try:
+        for t in plan.tables:
+            rows, digest = local[t.name]
+            remote_rows, remote_digest = table_digest_remote(target, t)
+            result.checks.append(TableCheck(t.name, rows, remote_rows, digest, remote_digest))
+    except RestoreError as err:  # (the load is complete: what is there must be said, not "nothing changed")
+        raise RestoreError(f"{err.message}; every row was loaded and committed, but the check after the load "
+                           "did not finish: the target holds the whole load, unchecked",
+                           "run the same restore with --force to load and check it again") from None
     result.verify_seconds = time.perf_counter() - verify_started
     result.seconds = time.perf_counter() - started
     return result
