@@ -461,6 +461,42 @@ class Replicator:
             self._close()
             raise
 
+    def _let_go_of_replaced(self) -> None:
+        """The path names another file now (moved or copied over): before anything opens that new file,
+        the old database's -wal must not be left at the path with frames in it. This process kept it
+        there (its read transaction holds it after the application closed), and the next opener of the
+        new file would replay those frames into it (a malformed database). So: its last commits are read
+        (through the pinned descriptors: they go with this generation), the read transaction ends, and a
+        TRUNCATE checkpoint through the connection to the old file copies the frames into it (unlinked,
+        or moved aside: then complete) and empties the -wal. (SQLite's own checkpoint-on-close does
+        nothing for a moved database.) When the -wal at the path still holds frames of the old file
+        (another process has it open), nothing opens the new file: one line says what to do."""
+        assert self.tail is not None
+        try:
+            self._poll()
+        except (ContinuityLost, SourceError):
+            pass  # (a new generation starts anyway)
+        if self.conn is not None:
+            try:
+                self._end_read()
+                self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+            except apsw.Error:
+                pass  # (judged below by what is left at the path)
+        wal = self.path + "-wal"
+        pinned = self.tail.files.fds.get("-wal")  # (never opened by path here: that would be the new file's)
+        if pinned is None:
+            return  # (the old -wal was never read: none of its frames is known to be there)
+        try:
+            here, old = os.stat(wal), os.fstat(pinned)
+        except OSError:
+            return  # (no -wal at the path: nothing stale)
+        if here.st_size and (here.st_dev, here.st_ino) == (old.st_dev, old.st_ino):
+            raise SourceError(f"replicate {self.db}: {self.path} was replaced while the old database's -wal "
+                              f"({here.st_size} bytes) is still beside it, held by another process: SQLite would "
+                              "replay it into the new file",
+                              f"stop every process that has the old database open, move {wal} and "
+                              f"{self.path}-shm aside, then start replicate again")
+
     def _close(self) -> None:
         for conn in (self.locker, self.conn):
             if conn is not None:
@@ -723,6 +759,9 @@ class Replicator:
     def _continuity_lost(self, why: str) -> None:
         """Ship what was read, then start a new generation from a fresh snapshot."""
         log.warning("replicate %s: %s: a new generation starts", self.db, why)
+        if self.tail is not None and self.tail.replaced():
+            self._let_go_of_replaced()
+            self._want_base = ""  # (a new generation follows at once: the ship below must not start one)
         if self.pending:
             self._ship()
         assert self._uploader is not None

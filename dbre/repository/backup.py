@@ -341,6 +341,7 @@ def backup(
             session = ImageSession(clock=lambda: snapshot_time(lock))  # looked up at call time (tests fake history)
             stack.callback(session.close)  # after the connection: see dbre.sources.image on POSIX locks
             conn = stack.enter_context(source.connect())
+            read_ok = False
             try:
                 session.begin(conn)  # the read transaction: everything below sees this one commit
                 page_size, page_count = session.page_size, session.page_count
@@ -414,6 +415,7 @@ def backup(
                     sink.abort()
                     writer.abort()
                     raise
+                read_ok = True
             except apsw.Error as err:
                 # (a failing read can leave SQLite's last message at "not an error": name the kind then)
                 what = str(err) if str(err).strip() not in ("", "not an error") else type(err).__name__
@@ -428,7 +430,13 @@ def backup(
                                   "writes its file or -wal") from err
             finally:
                 if conn.in_transaction:
-                    conn.execute("COMMIT")
+                    try:
+                        conn.execute("COMMIT")
+                    except apsw.Error:
+                        # (a read transaction on a damaged file can fail its COMMIT too: the error above,
+                        # which names the cause and the fix, is the one to see; after a good read it is raised)
+                        if read_ok:
+                            raise
         try:
             packs = writer.finish()
         except BaseException:
