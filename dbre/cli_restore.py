@@ -450,7 +450,7 @@ def _restore_pitr(repository: Any, db: str, to: Path, when: Any, txid: int | Non
         what = ("the newest replicated state" if newest else
                 f"at {s['at']}" if s["at"] else f"at txid {s['txid']}")
         print(f"restored {db} {what} to {s['target']}: snapshot {s['snapshot']} + {s['transactions']} transactions "
-              f"(last txid {s['last_txid']}, committed {s['last_committed']}) in {s['seconds']:.2f} s")
+              f"(last txid {s['last_txid']}, {_committed(s.get('last_committed'))}) in {s['seconds']:.2f} s")
         _said_safety(s, repository.url)
     return True
 
@@ -615,9 +615,14 @@ def repair_rows(
     _run(go)
 
 
+def _committed(when: str | None) -> str:
+    """When the last applied transaction was committed (none applied: the base snapshot's state)."""
+    return f"committed {when}" if when else "no transaction after the base"
+
+
 def _read_from(d: dict[str, Any]) -> str:
     """Where a table restore or row repair reads its past state: a snapshot, or a replicated point."""
     if d.get("last_txid") is not None:
-        return (f"at transaction {d['last_txid']} (committed {d.get('last_committed')}; generation "
+        return (f"at transaction {d['last_txid']} ({_committed(d.get('last_committed'))}; generation "
                 f"{d.get('generation')}, {d.get('transactions')} transactions over snapshot {d['snapshot']})")
     return f"from snapshot {d['snapshot']} (taken {d['taken_at']})"

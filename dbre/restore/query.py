@@ -209,7 +209,8 @@ class QueryState:
         if self.point is None:
             return f"{self.db} at snapshot {m.id} (taken {m.taken_at})"
         return (f"{self.db} at snapshot {m.id} + {self.transactions} replicated transactions (last txid "
-                f"{self.last_txid}, committed {self.last_committed})")
+                f"{self.last_txid}, " + (f"committed {self.last_committed})" if self.last_committed
+                                         else "no transaction after the base)"))
 
 
 def choose_state(repo: Repository, db: str, *, snapshot: str | None = None, at: datetime | None = None,
