@@ -147,3 +147,15 @@ def test_into_a_url_that_is_not_libsql_says_so(tmp_path: Path, url: str) -> None
     assert cli("backup", src, "--repo", tmp_path / "repo", "--db", "a").returncode == 0
     assert_one_line_error(cli("restore", "--repo", tmp_path / "repo", "--db", "a", "--into", url), 2,
                           "not a libSQL URL")
+
+
+def test_a_grpc_status_gives_its_message_not_its_metadata() -> None:
+    """Before: a server killed mid-backup read "cannot reach the server: {} }" (the tail of MetadataMap)."""
+    from dbre.sources.remote import _after_colon
+
+    status = ('status: Unknown, message: "h2 protocol error: error reading a body from connection", details: [], '
+              "metadata: MetadataMap { headers: {} }")
+    assert _after_colon(status) == "error reading a body from connection"
+    assert _after_colon("sync error: tcp connect error: Connection refused (os error 111)") == \
+        "Connection refused (os error 111)"
+    assert _after_colon("odd: {} }") == "odd: {} }"

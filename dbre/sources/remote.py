@@ -687,8 +687,11 @@ class RemoteLibsqlSource:
 def _after_colon(msg: str) -> str:
     """``sync error: error trying to connect: tcp connect error: Connection refused (os error 111)``
     -> ``Connection refused (os error 111)``"""
+    quoted = re.search(r'message: "((?:[^"\\]|\\.)*)"', msg)  # (a gRPC status: its message, not its metadata)
+    if quoted:
+        msg = quoted.group(1)
     tail = msg.rsplit(": ", 1)[-1]
-    return tail or msg
+    return tail if re.search(r"[A-Za-z]", tail) else (msg[:200] or tail)
 
 
 def _proto_string(msg: bytes, field: int) -> str | None:
