@@ -9,7 +9,6 @@ from tests.prefect_fixtures import artifacts_of  # noqa: I001 - sets Prefect's e
 # isort: split
 
 import json
-import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -22,18 +21,13 @@ from flows.fleet import fleet_backup_flow
 from flows.retention import retention_flow
 from flows.snapshots import snapshots_flow
 from flows.status import status_flow
-from tests.dbfactory import cli
+from tests.dbfactory import cli, make_db
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
 
-def _db(path: Path, rows: int = 200) -> Path:
-    conn = sqlite3.connect(path)
-    conn.execute("CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT)")
-    conn.executemany("INSERT INTO t(v) VALUES (?)", [("x" * (i % 100),) for i in range(rows)])
-    conn.commit()
-    conn.close()
-    return path
+def _db(path: Path) -> Path:
+    return make_db(path, mb=0.05)
 
 
 def _policy(tmp_path: Path, names: list[str], **extra: Any) -> Path:
