@@ -86,6 +86,7 @@ from dbre.repository.immutable import ensure_base_locked
 from dbre.repository.lock import Lock
 from dbre.repository.manifest import check_db_name, iso
 from dbre.repository.repo import Repository
+from dbre.restore.full import open_by, process_name
 from dbre.sources.image import NoImage
 from dbre.sources.local import LocalFileSource, _poll_busy, keep_wal
 from dbre.sources.pins import Pin
@@ -439,6 +440,7 @@ class Replicator:
     def _open(self) -> None:
         src = LocalFileSource(self.path)
         src.check()
+        self._check_no_stale_wal()
         # the pin, before any connection and released after the last one closes: while it is held
         # no descriptor dbre opens on this database (the WAL tail's, a snapshot's maps) is closed,
         # so none can drop the POSIX locks of the connections below (see dbre.sources.pins)
@@ -476,6 +478,17 @@ class Replicator:
             self._poll()
         except (ContinuityLost, SourceError):
             pass  # (a new generation starts anyway)
+        if self.pending and self.gen is not None:
+            self._ship()  # (before anything below can stop the run: the old file's last commits are kept)
+        pinned = self.tail.files.fds.get("-wal")
+        if pinned is not None:
+            # another process with the old -wal open (the application reopened the new path and attached to
+            # it, or a pool still holds the old file): a checkpoint now would move what it commits there into
+            # the old file. Nothing is touched; one line says what to do.
+            st = os.fstat(pinned)
+            others = [pid for pid in open_by({(st.st_dev, st.st_ino): ("-wal", "")}) if pid != os.getpid()]
+            if others:
+                raise self._stale_wal(others[0], "was replaced")
         if self.conn is not None:
             try:
                 self._end_read()
@@ -491,11 +504,32 @@ class Replicator:
         except OSError:
             return  # (no -wal at the path: nothing stale)
         if here.st_size and (here.st_dev, here.st_ino) == (old.st_dev, old.st_ino):
-            raise SourceError(f"replicate {self.db}: {self.path} was replaced while the old database's -wal "
-                              f"({here.st_size} bytes) is still beside it, held by another process: SQLite would "
-                              "replay it into the new file",
-                              f"stop every process that has the old database open, move {wal} and "
-                              f"{self.path}-shm aside, then start replicate again")
+            raise self._stale_wal(None, "was replaced")
+
+    def _stale_wal(self, pid: int | None, what: str) -> SourceError:
+        """The one line for a -wal at the path that belongs to another database file than the one there."""
+        who = f" (process {pid}{process_name(pid)})" if pid is not None else ""
+        return SourceError(f"replicate {self.db}: {self.path} {what} while the -wal beside it belongs to the old "
+                           f"database, held by another process{who}: SQLite would mix its frames into the file",
+                           f"stop every process that has {self.path} open, move {self.path}-wal and "
+                           f"{self.path}-shm aside, then start replicate again")
+
+    def _check_no_stale_wal(self) -> None:
+        """Before the first connection: a -wal at the path held open by a process that does not have the file
+        at the path open is another database's (it was moved or copied over while that process kept the old
+        one open); opening the file beside it would mix the two. (A SQLite connection keeps its database file
+        open as long as its -wal.)"""
+        try:
+            wal, db = os.stat(self.path + "-wal"), os.stat(self.path)
+        except OSError:
+            return
+        if not wal.st_size:
+            return
+        holders = open_by({(wal.st_dev, wal.st_ino): ("-wal", "")})
+        with_db = open_by({(db.st_dev, db.st_ino): ("", "")})
+        stale = [pid for pid in holders if pid != os.getpid() and pid not in with_db]
+        if stale:
+            raise self._stale_wal(stale[0], "is not the file its -wal was written for")
 
     def _close(self) -> None:
         for conn in (self.locker, self.conn):

@@ -759,7 +759,7 @@ def check_not_in_use(target: Path, *, holding: bool = False) -> None:
                 files.setdefault((st.st_dev, st.st_ino), (suffix, base + suffix))
     if not files:
         return
-    holders = _open_by(files)
+    holders = open_by(files)
     me = os.getpid()
     if holding:
         holders.pop(me, None)
@@ -769,7 +769,7 @@ def check_not_in_use(target: Path, *, holding: bool = False) -> None:
     cause = None if holding else _lock_holder(target, files)
     if cause is None and holders:
         pid, suffix = next(iter(holders.items()))
-        cause = f"process {pid}{_comm(pid)} has {target.name}{suffix} open"
+        cause = f"process {pid}{process_name(pid)} has {target.name}{suffix} open"
     if cause is not None:
         raise RestoreError(f"restore to {target}: the database is in use: {cause}",
                            "stop the application using it, or restore to another path; nothing was changed")
@@ -805,12 +805,12 @@ def _lock_holder(target: Path, files: dict[tuple[int, int], tuple[str, str]]) ->
                         ("open", "has it open in WAL mode"), ("lock", "holds a lock on it")):
         if what in found:
             pid = found[what]
-            who = f"process {pid}{_comm(pid)}" if pid > 0 else "a process not visible here"
+            who = f"process {pid}{process_name(pid)}" if pid > 0 else "a process not visible here"
             return f"{who} {label}"
     return None
 
 
-def _open_by(files: dict[tuple[int, int], tuple[str, str]]) -> dict[int, str]:
+def open_by(files: dict[tuple[int, int], tuple[str, str]]) -> dict[int, str]:
     """The processes /proc shows with one of ``files`` open (pid -> the file's suffix); those this
     user cannot inspect are skipped."""
     out: dict[int, str] = {}
@@ -836,7 +836,7 @@ def _open_by(files: dict[tuple[int, int], tuple[str, str]]) -> dict[int, str]:
     return out
 
 
-def _comm(pid: int) -> str:
+def process_name(pid: int) -> str:
     try:
         return f" ({Path(f'/proc/{pid}/comm').read_text().strip()})"
     except OSError:
