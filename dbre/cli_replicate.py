@@ -205,9 +205,10 @@ class _Stopping:
         self.command = command
         self.signals = 0
         self.timer: threading.Timer | None = None
-        self._lock = threading.RLock()  # (re-entered by a Python handler nested in itself)
+        self._lock = threading.RLock()
         self._seen = {"handler": 0, "pipe": 0}
         self._done = False
+        self._poke = -1  # the wakeup pipe's write end: the Python handler wakes the watch thread through it
 
     def install(self, signals: tuple[signal.Signals, ...] = (signal.SIGINT, signal.SIGTERM)) -> None:
         """Take ``signals`` (from the main thread)."""
@@ -225,6 +226,7 @@ class _Stopping:
             return
         wanted = {int(sig) for sig in signals}
         threading.Thread(target=self._watch, args=(r, wanted), name="dbre-stop-watch", daemon=True).start()
+        self._poke = w
 
     def _watch(self, fd: int, wanted: set[int]) -> None:
         while True:
@@ -235,18 +237,34 @@ class _Stopping:
             except OSError:
                 return
             for number in got:
-                if number in wanted:
-                    try:
+                try:
+                    if number in wanted:
                         self._count("pipe")
-                    except Exception:  # noqa: BLE001 - (no thread for the timer): the next signal still counts
-                        log.exception("replicate: handling a signal")
+                    elif number == 0:  # (the Python handler's poke)
+                        self._act()
+                except Exception:  # noqa: BLE001 - (no thread for the timer): the next signal still counts
+                    log.exception("replicate: handling a signal")
 
     def _python_handler(self, *_: object) -> None:
-        self._count("handler")
+        """Count, and leave the acting to another thread. This runs in the main thread between any two
+        bytecodes, also inside code holding a lock it would need: a handler that set the stop event itself
+        deadlocked forever when the signal came while the main thread was inside that event's wait,
+        re-taking its condition's lock (a replicator hung after SIGTERM, all threads waiting; seen in CI)."""
+        self._seen["handler"] += 1  # (only this handler writes it: no lock)
+        if self._poke >= 0:
+            with contextlib.suppress(OSError):
+                os.write(self._poke, b"\0")
+                return
+        threading.Thread(target=self._act, name="dbre-stop", daemon=True).start()
 
     def _count(self, source: str) -> None:
         with self._lock:
             self._seen[source] += 1
+        self._act()
+
+    def _act(self) -> None:
+        """Act on the signals received so far (from a thread other than the interrupted main thread's code)."""
+        with self._lock:
             received = max(self._seen.values())
             if received <= self.signals:
                 return  # (the other side saw this one first)

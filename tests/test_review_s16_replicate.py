@@ -77,3 +77,28 @@ def test_a_file_moved_over_the_database_is_not_given_the_old_wal(tmp_path: Path)
     out = tmp_path / "old-end.db"
     assert cli("restore", "--repo", repo_url, "--db", "app", "--txid", str(last), "--to", out).returncode == 0
     assert restored_seq(out) == (500, 500, 500)
+
+
+def test_a_signal_while_the_main_thread_waits_on_the_stop_event_does_not_deadlock() -> None:
+    """Seen live in a CI run: a replicator hung forever after SIGTERM, every thread waiting on a futex. The
+    signal came while the main thread, in `stop.wait(0.02)`, was re-taking the event's condition lock; the
+    Python handler, run right there, set that same event and waited for the lock its own thread held (and
+    the watch thread then waited for the handler's). The handler now only counts and hands over."""
+    import threading
+
+    from dbre.cli_replicate import _Stopping
+
+    stop = threading.Event()
+    stopping = _Stopping(stop, None)  # (not installed: the handler's fallback, a thread of its own, acts)
+    done = threading.Event()
+
+    def interrupted_inside_wait() -> None:
+        with stop._cond:  # what Event.wait holds while it re-takes its lock
+            stopping._python_handler(15, None)
+        done.set()
+
+    t = threading.Thread(target=interrupted_inside_wait, daemon=True)
+    t.start()
+    t.join(5)
+    assert done.is_set(), "the signal handler deadlocked on the stop event's lock"
+    assert stop.wait(5) and stopping.signals == 1
