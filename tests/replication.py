@@ -114,10 +114,10 @@ def start_replicator(src: Path, repo: str, db: str = "app", interval: str = "1s"
 
 
 def stop_replicator(proc: subprocess.Popen[bytes], timeout: float = 60) -> tuple[int, str]:
-    """SIGTERM, then its exit code and stderr. (60 s: one CI run saw a replicator not exit, nor print
-    anything, within 30 s, although its hard stop is 15 s after the signal. The signal was then
-    counted only once the main thread left the C call it was in; a watch thread on the wakeup fd
-    counts it now (`cli_replicate._Stopping`, tests/test_review_s15_stopping.py). Not reproduced.)"""
+    """SIGTERM, then its exit code and stderr. (60 s: CI runs in sessions 14 and 16 saw a replicator not exit,
+    nor print anything. Session 16 caught one live: the Python signal handler had set the stop event while
+    the main thread was inside that event's wait, holding its lock, and deadlocked; the handler now only
+    counts and hands over: `cli_replicate._Stopping`, tests/test_review_s16_replicate.py.)"""
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=timeout)
     return proc.returncode, err.decode()
