@@ -464,7 +464,7 @@ class Replicator:
             raise
 
     def _let_go_of_replaced(self) -> None:
-        """The path names another file now (moved or copied over): before anything opens that new file,
+        """The path names another file now (moved over it: a new inode): before anything opens that new file,
         the old database's -wal must not be left at the path with frames in it. This process kept it
         there (its read transaction holds it after the application closed), and the next opener of the
         new file would replay those frames into it (a malformed database). So: its last commits are read
@@ -516,8 +516,8 @@ class Replicator:
 
     def _check_no_stale_wal(self) -> None:
         """Before the first connection: a -wal at the path held open by a process that does not have the file
-        at the path open is another database's (it was moved or copied over while that process kept the old
-        one open); opening the file beside it would mix the two. (A SQLite connection keeps its database file
+        at the path open is another database's (a file was moved over it while that process kept the old one
+        open); opening the file beside it would mix the two. (A SQLite connection keeps its database file
         open as long as its -wal.)"""
         try:
             wal, db = os.stat(self.path + "-wal"), os.stat(self.path)
@@ -794,8 +794,8 @@ class Replicator:
         """Ship what was read, then start a new generation from a fresh snapshot."""
         log.warning("replicate %s: %s: a new generation starts", self.db, why)
         if self.tail is not None and self.tail.replaced():
+            self._want_base = ""  # (a new generation follows at once: no ship may start one on the old file)
             self._let_go_of_replaced()
-            self._want_base = ""  # (a new generation follows at once: the ship below must not start one)
         if self.pending:
             self._ship()
         assert self._uploader is not None
