@@ -17,6 +17,7 @@ from urllib.parse import parse_qsl, urlsplit, urlunsplit
 import apsw
 
 from dbre.errors import RestoreError, UsageError
+from dbre.restore.live import SQL_TOKEN  # (quoted text, identifiers and comments: one token each)
 from dbre.secrets import Secret
 
 Row = tuple[Any, ...]
@@ -33,45 +34,20 @@ def exact_floats(sql: str, args: Sequence[Any]) -> tuple[str, list[Any]]:
     Only the ``?`` placeholders outside quoted text, identifiers and comments are counted."""
     if not any(isinstance(a, float) for a in args):
         return sql, list(args)
-    out: list[str] = []
+    tokens = [m.group() for m in SQL_TOKEN.finditer(sql)]
     values = list(args)
-    n = i = 0
-    while i < len(sql):
-        c = sql[i]
-        if c in "'\"`[":
-            close = "]" if c == "[" else c
-            j = i + 1
-            while j < len(sql):
-                if sql[j] == close:
-                    if close != "]" and j + 1 < len(sql) and sql[j + 1] == close:
-                        j += 2  # ('' or "" inside: one quote)
-                        continue
-                    break
-                j += 1
-            out.append(sql[i : j + 1])
-            i = j + 1
+    n = 0
+    for i, tok in enumerate(tokens):
+        if tok != "?":
             continue
-        if sql.startswith("--", i) or sql.startswith("/*", i):
-            j = sql.find("\n" if c == "-" else "*/", i + 2)
-            j = len(sql) if j < 0 else j + (1 if c == "-" else 2)
-            out.append(sql[i:j])
-            i = j
-            continue
-        if c == "?" and i + 1 < len(sql) and sql[i + 1].isdigit():
+        if i + 1 < len(tokens) and tokens[i + 1][:1].isdigit():
             return sql, list(args)  # (numbered parameters: never in the statements dbre writes; left as they are)
-        if c == "?":
-            if n < len(values) and isinstance(values[n], float) and values[n] == values[n]:
-                v = values[n]
-                values[n] = repr(v) if abs(v) != float("inf") else ("9e999" if v > 0 else "-9e999")
-                out.append("CAST(? AS REAL)")
-            else:
-                out.append("?")
-            n += 1
-            i += 1
-            continue
-        out.append(c)
-        i += 1
-    return "".join(out), values
+        v = values[n] if n < len(values) else None
+        if isinstance(v, float) and v == v:
+            values[n] = repr(v) if abs(v) != float("inf") else ("9e999" if v > 0 else "-9e999")
+            tokens[i] = "CAST(? AS REAL)"
+        n += 1
+    return "".join(tokens), values
 
 
 class BadSql(Exception):
