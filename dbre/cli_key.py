@@ -16,7 +16,7 @@ import typer
 
 from dbre.cli import JsonOpt, KeyFileOpt, RepoOpt, _key, _print_json, _run, app
 from dbre.errors import RepositoryError, UsageError
-from dbre.secrets import Secret
+from dbre.secrets import Secret, edge_spaces
 
 key_app = typer.Typer(help="The repository's passphrase: `dbre key passwd --repo R` changes it.", no_args_is_help=True)
 app.add_typer(key_app, name="key")
@@ -56,11 +56,11 @@ def _new_key(path: Path | None, interactive: bool) -> Secret:
 
 def _usable(secret: Secret, where: str) -> Secret:
     """Refuse a passphrase with spaces at either end: a --key-file is read stripped, so it could not be given there."""
-    raw = secret.reveal()
-    text = raw.decode(errors="replace") if isinstance(raw, bytes) else raw
-    if text != text.strip():
+    if edge_spaces(secret):
         raise UsageError(f"{where}: the new passphrase begins or ends with white space",
                          "a --key-file is read without it, so it could not be given that way; nothing was changed")
+    raw = secret.reveal()
+    text = raw.decode(errors="replace") if isinstance(raw, bytes) else raw
     try:
         text.encode()
     except UnicodeEncodeError:  # (bytes that are not UTF-8, from the env: its message would name one)

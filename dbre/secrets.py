@@ -24,3 +24,11 @@ class Secret:
 
     def __reduce__(self) -> str | tuple[object, ...]:  # never pickle a secret into a result store
         raise TypeError("a Secret cannot be pickled")
+
+
+def edge_spaces(secret: Secret) -> bool:
+    """Whether the passphrase begins or ends with white space: a --key-file is read stripped, so such a
+    passphrase could never be given that way (refused where one is set: a new repository, `key passwd`)."""
+    raw = secret.reveal()
+    text = raw.decode(errors="replace") if isinstance(raw, bytes) else raw
+    return text != text.strip()

@@ -55,7 +55,7 @@ from dbre.repository.manifest import (
     parse_time,
     snapshot_key_id,
 )
-from dbre.secrets import Secret
+from dbre.secrets import Secret, edge_spaces
 from dbre.storage import AlreadyExists, NotFound, Store, open_store
 from dbre.storage.base import (
     CONFIG_CAP,
@@ -241,9 +241,7 @@ class Repository:
         }
         master = None
         if key:
-            raw = key.reveal()
-            text = raw.decode(errors="replace") if isinstance(raw, bytes) else raw
-            if text != text.strip():  # (as `dbre key passwd` refuses it: nothing is created)
+            if edge_spaces(key):  # (as `dbre key passwd` refuses it: nothing is created)
                 raise UsageError("the passphrase of the new repository begins or ends with white space",
                                  "a --key-file is read without it, so it could never be given that way: "
                                  "remove the spaces from DBRE_ENCRYPTION_KEY; nothing was created")
