@@ -5,11 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 from prefect import flow, get_run_logger
-from prefect.states import Failed
 
 from dbre.errors import UsageError
 from dbre.units import human_bytes as human
-from flows.common import RunFailed, failures, load, outcome, publish, repos
+from flows.common import RunFailed, failures, load, outcome, publish, refused, repos
 from flows.names import backup_name, from_parameters
 from flows.references import KeyRef, TokenRef, refuse_literal_secrets, store_references_only
 from tasks.backup import backup_database, copy_to_offsite
@@ -43,9 +42,8 @@ def backup_flow(db: str, source: str | None = None, policy: str | None = None, r
         if not src:
             raise UsageError(f"no source for database {db!r}", "pass source, or list the database in the policy")
     except UsageError as err:
-        log.error("%s", err)
         _publish_failure(db, primary, str(err))
-        return Failed(message=str(err))  # type: ignore[return-value]
+        return refused(err)
     try:
         snap = backup_database(db, src, r.primary, r.key, token or (entry.auth_token if entry else None),
                                checksums if checksums is not None else (entry.checksums if entry else None),

@@ -200,3 +200,13 @@ def check_known(names: list[str], pol: Policy | None, primary: str, key: str | N
         choices = sorted(listed | set(held))
         raise UsageError(f"{what}: no database {unknown[0]!r} in the policy or in {primary}",
                          "choose one of " + ", ".join(choices) if choices else "the repository holds no database yet")
+
+
+def refused(err: UsageError) -> Any:
+    """A run refused before any work (a form's value that cannot be used): one line in its log, no traceback,
+    and the Failed state the flow returns, with that line as its message."""
+    from prefect import get_run_logger
+    from prefect.states import Failed
+
+    get_run_logger().error("%s", err)
+    return Failed(message=str(err))

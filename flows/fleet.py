@@ -16,13 +16,12 @@ from typing import Any, Literal
 from prefect import flow, get_client, get_run_logger
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
-from prefect.states import Failed
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from dbre.errors import UsageError
 from dbre.policy import Policy
 from dbre.units import human_bytes as human
-from flows.common import RunFailed, failures, load, md_table, outcome, publish, repos
+from flows.common import RunFailed, failures, load, md_table, outcome, publish, refused, repos
 from flows.names import fleet_name, from_parameters
 from flows.references import KeyRef, refuse_literal_secrets, store_references_only
 from tasks.backup import backup_database_limited, copy_to_offsite
@@ -101,11 +100,10 @@ def fleet_backup_flow(databases: list[str] | None = None, policy: str | None = N
         dbs = pol.select(databases)
         r = repos(pol, repo, offsite, key)
     except UsageError as err:
-        log.error("%s", err)
         publish("fleet", "\n".join(["# Fleet backup: refused, nothing was backed up", "", f"**{err}**", "",
                                      "Start the run again with *databases* naming databases of the policy "
                                      "(empty: all of them)."]), description="fleet backup refused")
-        return Failed(message=str(err))  # type: ignore[return-value]
+        return refused(err)
     kind = task_runner or os.environ.get(RUNNER_ENV) or pol.fleet.task_runner
     workers = max_concurrency or pol.fleet.max_concurrency
     limit = pol.fleet.concurrency_limit if concurrency_limit is None else (concurrency_limit or None)

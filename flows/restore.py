@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from prefect import flow, get_run_logger, task
-from prefect.states import Failed, State
+from prefect.states import State
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema, model_validator
 
 from dbre.errors import DbreError, RepositoryError, UsageError
@@ -35,7 +35,7 @@ from dbre.policy import DatabasePolicy, Policy
 from dbre.provider.command import PreparedRestore, ProviderOptions, ProviderSecrets, prepare_provider_restore
 from dbre.repository.manifest import iso
 from dbre.units import human_bytes as human
-from flows.common import Repos, RunFailed, load, md_table, outcome, publish, repos
+from flows.common import Repos, RunFailed, load, md_table, outcome, publish, refused, repos
 from flows.references import KeyRef, as_reference, refuse_literal_secrets, store_references_only
 from tasks.restore import (
     check_restored_file,
@@ -286,8 +286,7 @@ def restore_flow(request: RestoreRequest, policy: str | None = None, repo: str |
             return _restore_from_provider(req, pol)
         r = repos(pol, repo, None, key)
     except UsageError as err:
-        get_run_logger().error("%s", err)
-        return Failed(message=str(err))
+        return refused(err)
     common = {"db": req.database, "snapshot": req.snapshot or None, "at": req.at, "key": r.key}
     if req.scenario == "whole":
         return _restore_whole(req, r, common)
@@ -545,8 +544,7 @@ def _restore_from_provider(req: RestoreRequest, pol: Policy | None) -> dict[str,
     except DbreError as raised:
         err = type(raised)(_form_words(raised.message), _form_words(raised.hint))
         _publish_provider_failure(req, plan, err)
-        get_run_logger().error("%s", err)
-        return Failed(message=str(err))
+        return refused(err)
     problems: list[str] = []
     if result["to"] and req.validate_result:
         problems = list(check_restored_file(result["to"])["problems"])

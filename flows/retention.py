@@ -7,12 +7,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from prefect import flow, get_run_logger
-from prefect.states import Failed
+from prefect import flow
 
 from dbre.errors import UsageError
 from dbre.repository.retention import KeepPolicy
-from flows.common import RunFailed, check_known, failures, load, outcome, publish, repos
+from flows.common import RunFailed, check_known, failures, load, outcome, publish, refused, repos
 from flows.names import from_parameters, retention_name
 from flows.references import KeyRef, refuse_literal_secrets, store_references_only
 from tasks.retention import forget_snapshots, prune_repository
@@ -44,8 +43,7 @@ def retention_flow(databases: list[str] | None = None, policy: str | None = None
         try:  # (a typo: one line naming the known databases, no traceback, the run Failed, nothing pruned)
             check_known(list(databases), pol, r.primary, r.key, "retention")
         except UsageError as err:
-            get_run_logger().error("%s", err)
-            return Failed(message=str(err))  # type: ignore[return-value]
+            return refused(err)
     names = databases or ([d.name for d in pol.databases] if pol else None)
     steps: list[dict[str, Any]] = []
     for target in [r.primary, *r.offsite]:

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from prefect import flow, get_run_logger
-from prefect.states import Failed
+from prefect import flow
 
 from dbre.errors import UsageError
 from dbre.units import human_bytes
-from flows.common import check_known, load, publish, repos
+from flows.common import check_known, load, publish, refused, repos
 from flows.names import from_parameters, snapshots_name
 from flows.references import KeyRef, refuse_literal_secrets, store_references_only
 from tasks.backup import list_snapshots
@@ -36,8 +35,7 @@ def snapshots_flow(database: str | None = None, last: int = 20, policy: str | No
         try:  # (a typo: one line naming the known databases, no traceback, the run Failed)
             check_known([database], pol, r.primary, r.key, "snapshots")
         except UsageError as err:
-            get_run_logger().error("%s", err)
-            return Failed(message=str(err))  # type: ignore[return-value]
+            return refused(err)
     every = list_snapshots(r.primary, r.key, database or None)
     names = sorted({s["db"] for s in every})
     shown: list[dict[str, Any]] = []

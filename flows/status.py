@@ -5,15 +5,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from prefect import flow, get_run_logger
-from prefect.states import Failed
+from prefect import flow
 
 from dbre.errors import UsageError
 from dbre.metrics import Alert, OffsiteStatus, Status, parse_size, prepare_prometheus_path
 from dbre.policy import parse_duration
 from dbre.report.drill import seconds_text
 from dbre.units import human_bytes as human
-from flows.common import RunFailed, failures, load, outcome, publish, repos
+from flows.common import RunFailed, failures, load, outcome, publish, refused, repos
 from flows.names import from_parameters, status_name
 from flows.references import KeyRef, refuse_literal_secrets, store_references_only
 from tasks.validate import compute_repository_status, notify_block, notify_webhook
@@ -37,8 +36,7 @@ def status_flow(policy: str | None = None, repo: str | None = None, key: KeyRef 
         if prom:
             prepare_prometheus_path(prom)
     except UsageError as err:
-        get_run_logger().error("%s", err)
-        return Failed(message=str(err))  # type: ignore[return-value]
+        return refused(err)
     status: Status = compute_repository_status(r.primary, r.key, pol, span,
                                                parse_size(quota) if quota else None, storage_threshold, prom,
                                                r.offsite)
