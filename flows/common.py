@@ -202,7 +202,7 @@ def check_known(names: list[str], pol: Policy | None, primary: str, key: str | N
                          "choose one of " + ", ".join(choices) if choices else "the repository holds no database yet")
 
 
-def refused(err: UsageError) -> Any:
+def refused(err: DbreError) -> Any:
     """A run refused before any work (a form's value that cannot be used): one line in its log, no traceback,
     and the Failed state the flow returns, with that line as its message."""
     from prefect import get_run_logger

@@ -480,7 +480,7 @@ class Replicator:
             pass  # (a new generation starts anyway)
         if self.pending and self.gen is not None:
             self._ship()  # (before anything below can stop the run: the old file's last commits are kept)
-        pinned = self.tail.files.fds.get("-wal")
+        pinned = self.tail.files.fds.get("-wal")  # (never opened by path here: that would be the new file's)
         if pinned is not None:
             # another process with the old -wal open (the application reopened the new path and attached to
             # it, or a pool still holds the old file): a checkpoint now would move what it commits there into
@@ -495,12 +495,10 @@ class Replicator:
                 self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
             except apsw.Error:
                 pass  # (judged below by what is left at the path)
-        wal = self.path + "-wal"
-        pinned = self.tail.files.fds.get("-wal")  # (never opened by path here: that would be the new file's)
         if pinned is None:
             return  # (the old -wal was never read: none of its frames is known to be there)
         try:
-            here, old = os.stat(wal), os.fstat(pinned)
+            here, old = os.stat(self.path + "-wal"), os.fstat(pinned)
         except OSError:
             return  # (no -wal at the path: nothing stale)
         if here.st_size and (here.st_dev, here.st_ino) == (old.st_dev, old.st_ino):
