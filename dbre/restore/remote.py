@@ -37,6 +37,7 @@ import xxhash
 from dbre.errors import RestoreError, UsageError
 from dbre.repository.tables import qident
 from dbre.restore.connection import exact_floats
+from dbre.restore.live import has_rowid, rowid_alias
 from dbre.secrets import Secret
 
 __all__ = ["HranaTarget", "LoadPlan", "LoadResult", "plan_load", "apply_load", "table_digests_local",
@@ -216,7 +217,6 @@ class TablePlan:
     sql: str
     columns: list[str]  # the stored columns an INSERT names (no generated ones)
     rowid: bool  # a rowid table whose rowid is loaded too (kept as it is)
-    without_rowid: bool
     rows: int
     bytes: int  # the size of its values as sent (text as UTF-8, blobs raw, 8 a number)
     # the name its rowid is read by: rowid, or _rowid_ / oid when a column takes that name (None: WITHOUT ROWID,
@@ -269,14 +269,13 @@ def plan_load(conn: apsw.Connection, target: HranaTarget, *, force: bool, source
     """Read the restored file's schema and sizes and the target's user objects; refuses a non-empty
     target without ``force`` (UsageError: nothing changed). ``new``: the target does not exist yet
     (a namespace the load creates), so it holds nothing."""
-    mine = [str(r[0]) for r in conn.execute("SELECT name FROM sqlite_schema WHERE sql IS NOT NULL")]
-    existing = [] if new else target.user_objects(also=mine)
+    schema = conn.execute("SELECT type, name, tbl_name, sql FROM sqlite_schema WHERE sql IS NOT NULL "
+                          "AND name NOT LIKE 'sqlite\\_%' ESCAPE '\\' ORDER BY rowid").fetchall()
+    existing = [] if new else target.user_objects(also=[str(r[1]) for r in schema])
     if existing and not force:
         names = ", ".join(n for _, n in existing[:5]) + (f" and {len(existing) - 5} more" if len(existing) > 5 else "")
         raise UsageError(f"restore into {target.label}: the target is not empty ({len(existing)} user objects: "
                          f"{names})", "load into an empty database, or pass --force to drop everything in it first")
-    schema = conn.execute("SELECT type, name, tbl_name, sql FROM sqlite_schema WHERE sql IS NOT NULL "
-                          "AND name NOT LIKE 'sqlite\\_%' ESCAPE '\\' ORDER BY rowid").fetchall()
     tables: list[TablePlan] = []
     after: dict[str, list[tuple[str, str, str]]] = {"index": [], "view": [], "trigger": []}
     for kind, name, _tbl, sql in schema:
@@ -298,17 +297,14 @@ def plan_load(conn: apsw.Connection, target: HranaTarget, *, force: bool, source
 def _table_plan(conn: apsw.Connection, name: str, sql: str) -> TablePlan:
     info = conn.execute(f"PRAGMA table_xinfo({qident(name)})").fetchall()
     columns = [str(r[1]) for r in info if r[6] == 0]
-    without = bool(conn.execute("SELECT wr FROM pragma_table_list WHERE schema='main' AND name=?",
-                                (name,)).fetchone()[0])  # type: ignore[index]
     pks = [r for r in info if r[5]]
     alias = len(pks) == 1 and str(pks[0][2]).upper() == "INTEGER"  # (the rowid is that column: loaded with it)
-    taken = {str(r[1]).lower() for r in info}
-    key = None if without else next((k for k in ("rowid", "_rowid_", "oid") if k not in taken), None)
+    key = rowid_alias(str(r[1]) for r in info) if has_rowid(conn, name) else None
     rowid = key is not None and not alias
     sizes = "+".join(f"CASE typeof({qident(c)}) WHEN 'text' THEN length(CAST({qident(c)} AS BLOB)) "
                      f"WHEN 'blob' THEN length({qident(c)}) WHEN 'null' THEN 0 ELSE 8 END" for c in columns) or "0"
     rows, size = conn.execute(f"SELECT count(*), total({sizes}) FROM {qident(name)}").fetchone()  # type: ignore[misc]
-    return TablePlan(name, sql, columns, rowid, without, int(rows), int(size), key)
+    return TablePlan(name, sql, columns, rowid, int(rows), int(size), key)
 
 
 # --------------------------------------------------------------------------- the load
