@@ -187,7 +187,8 @@ def outcome(state: Any) -> tuple[bool, Any]:
 
 def check_known(names: list[str], pol: Policy | None, primary: str, key: str | None, what: str) -> None:
     """Names typed into a run's form that neither the policy lists nor the repository holds: refused before
-    any work (a typo must not complete having done nothing, nor let a retention run prune everything)."""
+    any work (a typo must not complete having done nothing, nor run a repository-wide prune having forgotten
+    nothing)."""
     from tasks.backup import known_databases
 
     listed = {d.name for d in pol.databases} if pol is not None else set()

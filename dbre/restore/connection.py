@@ -58,6 +58,10 @@ class BadSql(Exception):
         self.parameters = parameters
 
 
+class TextNotUtf8(RestoreError):
+    """A TEXT value read as text is not valid UTF-8 (see ``text_as_utf8``)."""
+
+
 @contextlib.contextmanager
 def text_as_utf8(what: str) -> Iterator[None]:
     """A TEXT value that is not valid UTF-8 (legacy data; apsw reads TEXT as str) becomes one line naming
@@ -66,7 +70,7 @@ def text_as_utf8(what: str) -> Iterator[None]:
         yield
     except UnicodeDecodeError as err:
         bad = err.object[err.start : err.start + 1].hex() if isinstance(err.object, bytes) else "?"
-        raise RestoreError(f"{what}: a TEXT value is not valid UTF-8 (byte 0x{bad}), so it cannot be read as text",
+        raise TextNotUtf8(f"{what}: a TEXT value is not valid UTF-8 (byte 0x{bad}), so it cannot be read as text",
                            "read that column in SQL as CAST(column AS BLOB) or hex(column); `dbre restore` and "
                            "`restore-table` copy such values byte for byte") from None
 

@@ -38,7 +38,7 @@ from dbre.repository.fallback import primary_of, retrying
 from dbre.repository.manifest import check_db_name
 from dbre.repository.repo import Repository
 from dbre.repository.tables import qident
-from dbre.restore.connection import BadSql, LocalDb, RemoteDb, connect_remote, redact
+from dbre.restore.connection import BadSql, LocalDb, RemoteDb, TextNotUtf8, connect_remote, redact
 from dbre.restore.live import (
     SNAPSHOT_SCHEMA,
     SQL_TOKEN,
@@ -693,8 +693,8 @@ def _row(db: Db, shape: _Shape, key: Key, columns: list[str] | None = None) -> d
     table = f"main.{qident(shape.table)}"
     try:
         found = db.rows(f"SELECT {', '.join(qident(c) for c in cols)} FROM {table} WHERE {shape.key_match}", key)
-    except RestoreError as err:
-        if db.remote or "not valid UTF-8" not in err.message:
+    except TextNotUtf8:
+        if db.remote:
             raise
         # (read again with TEXT as its bytes: the row can still be shown, and repaired)
         exprs = [f"typeof({qident(c)}) = 'text', CASE WHEN typeof({qident(c)}) = 'text' "
