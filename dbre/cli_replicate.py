@@ -208,6 +208,7 @@ class _Stopping:
         self._lock = threading.RLock()
         self._seen = {"handler": 0, "pipe": 0}
         self._done = False
+        self._exiting = False
         self._poke = -1  # the wakeup pipe's write end: the Python handler wakes the watch thread through it
 
     def install(self, signals: tuple[signal.Signals, ...] = (signal.SIGINT, signal.SIGTERM)) -> None:
@@ -263,14 +264,17 @@ class _Stopping:
         self._act()
 
     def _act(self) -> None:
-        """Act on the signals received so far (from a thread other than the interrupted main thread's code)."""
+        """Act on the signals received so far (from a thread other than the interrupted main thread's code).
+        A second signal ends the process at once, without waiting for the lock a first one's acting holds."""
+        if max(self._seen.values()) > 1:
+            self._second()
         with self._lock:
             received = max(self._seen.values())
             if received <= self.signals:
                 return  # (the other side saw this one first)
             self.signals = received
             if received > 1:
-                _hard_exit("a second signal", self.command)
+                self._second()
             self.stop.set()
             if not self._done and self.bound is not None:
                 self.timer = threading.Timer(self.bound, _hard_exit,
@@ -278,6 +282,11 @@ class _Stopping:
                                                    self.command))
                 self.timer.daemon = True
                 self.timer.start()
+
+    def _second(self) -> None:
+        if not self._exiting:  # (once: a hard exit does not return)
+            self._exiting = True
+            _hard_exit("a second signal", self.command)
 
     def finished(self) -> None:
         """The replicators have returned: the outcome they reached is the one reported (no timer from
